@@ -1,0 +1,191 @@
+"""Command line: argparse subcommands that only parse and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .config import TrainConfig, UserError, field_help, field_names, make_config, parse_set
+
+EXAMPLES = {
+    "demo": "transferlab demo                       # ~10 min on 2 CPU cores, no download",
+    "run": "transferlab run recipes/tiny-imagenet.yaml --set data=tiny-imagenet:~/tiny-imagenet-200\n"
+           "  transferlab run recipes/tiny-imagenet.yaml --limit 400 --set epochs=1   # smoke test",
+    "train": "transferlab train --data digits --model resnet50 --input-size 32 --epochs 10 "
+             "--out runs/r50\n  transferlab train --data folder:~/photos --model tf_efficientnet_lite0 "
+             "--weights imagenet --out runs/lite0",
+    "finetune": "transferlab finetune --from runs/r50 --epochs 5 --out runs/r50-ft\n"
+                "  transferlab finetune --from runs/r50 --data folder:~/new --freeze backbone "
+                "--out runs/r50-new",
+    "evaluate": "transferlab evaluate runs/r50 --split test --json",
+    "ensemble": "transferlab ensemble runs/r50 runs/dcnn runs/lite0 --method weighted --out runs/ens",
+    "report": "transferlab report runs/demo",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _sub(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        name, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One option per TrainConfig field, its help taken from the field's comment."""
+    helps = field_help()
+    defaults = TrainConfig()
+    group = p.add_argument_group("training options (defaults in brackets)")
+    for name in field_names(TrainConfig):
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        text = f"{helps.get(name, '')} [{default}]"
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)
+        else:
+            group.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="transferlab",
+        description="Train, fine-tune, evaluate and ensemble image classifiers; write the report.",
+        epilog="Start with `transferlab demo`; every command has --help with an example.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = _sub(sub, "demo", "the seed experiment on the bundled digits data (no download)")
+    p.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    p = _sub(sub, "run", "run a YAML recipe (train, finetune, ensemble and report steps)")
+    p.add_argument("recipe", help="path to a recipe .yaml")
+    p.add_argument("--out", help="output folder [runs/<recipe name>]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value: a training option, data=, or steps.N.key=")
+    p.add_argument("--limit", help="at most N images per split (smoke test)")
+
+    p = _sub(sub, "train", "train one model into a run folder")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _config_options(p)
+
+    p = _sub(sub, "finetune", "continue training from a run's weights (new data: new head)")
+    p.add_argument("--from", dest="source", required=True, help="the run folder to start from")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _config_options(p, skip=("model", "weights"))
+
+    p = _sub(sub, "evaluate", "score a run or ensemble from its saved files")
+    p.add_argument("path", help="a run folder or an ensemble folder")
+    p.add_argument("--data", help="dataset spec [the one it was trained on]")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+
+    p = _sub(sub, "ensemble", "combine runs (any architecture, input size, channels)")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--method", default="soft", help="soft | hard | logit | weighted [soft]")
+    p.add_argument("--out", required=True, help="ensemble folder to write")
+    p.add_argument("--data", help="dataset spec [the members' own]")
+
+    p = _sub(sub, "report", "write report.md and results.csv for every run under a folder")
+    p.add_argument("path", help="a folder holding run and ensemble folders")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k in field_names(TrainConfig)}
+
+
+def cmd_demo(args) -> None:
+    from . import recipe
+
+    path = resources.files("transferlab") / "recipes" / "seed-demo.yaml"
+    with resources.as_file(path) as p:
+        recipe.run(p, args.out, parse_set(args.set), quiet=args.quiet)
+
+
+def cmd_run(args) -> None:
+    from . import recipe
+
+    overrides = parse_set(args.set)
+    if args.limit is not None:
+        overrides["limit"] = args.limit
+    recipe.run(args.recipe, args.out, overrides, quiet=args.quiet)
+
+
+def cmd_train(args) -> None:
+    from . import train
+
+    train.fit(make_config(_overrides(args)), args.out, args.resume, args.overwrite, args.quiet)
+
+
+def cmd_finetune(args) -> None:
+    from . import train
+
+    cfg = train.finetune_config(args.source, _overrides(args))
+    train.fit(cfg, args.out, args.resume, args.overwrite, args.quiet)
+
+
+def cmd_evaluate(args) -> None:
+    from . import ensemble
+
+    result = ensemble.evaluate_path(args.path, args.data, args.split, quiet=args.quiet)
+    m = result["metrics"]
+    print(f"{args.path} on {result['data']} [{args.split}]: top-1 {m['top1']:.2%}  "
+          f"top-5 {m['top5']:.2%}  loss {m['loss']:.4f}  n={m['n']}")
+    print(f"confusion matrix -> {result['confusion']}")
+    if args.json:
+        print(json.dumps(m))
+
+
+def cmd_ensemble(args) -> None:
+    from . import ensemble, recipe
+
+    info = ensemble.build(args.runs, args.method, args.out, args.data, quiet=args.quiet)
+    recipe.print_ensemble(info)
+    print(f"ensemble -> {args.out}")
+
+
+def cmd_report(args) -> None:
+    from . import report
+
+    if not Path(args.path).is_dir():
+        raise UserError(f"report folder not found: {args.path}")
+    path, table = report.write(args.path)
+    print(table)
+    print(f"report -> {path}")
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "train": cmd_train, "finetune": cmd_finetune,
+            "evaluate": cmd_evaluate, "ensemble": cmd_ensemble, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"transferlab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"transferlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

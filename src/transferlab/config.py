@@ -1,0 +1,145 @@
+"""Typed configuration: frozen dataclasses, YAML/CLI overrides, and the user-error type."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the CLI prints it as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides how one model is trained or fine-tuned."""
+
+    data: str = "digits"  # dataset spec: digits | tiny-imagenet:PATH | folder:PATH
+    model: str = "resnet50"  # any timm model name, or "dcnn"
+    weights: str | None = None  # None (scratch) | imagenet | a run folder | a .safetensors/.pt file
+    input_size: int | None = None  # None: the data's native size (scratch) or the weights' own
+    channels: int | None = None  # 1 or 3; None: 3 for timm models, the data's own for dcnn
+    epochs: int = 10  # maximum number of passes over the training split
+    batch_size: int = 64  # images per optimizer step
+    optimizer: str = "adamw"  # adam | adamw | sgd
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.05  # decoupled for adamw, L2 for adam/sgd
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine | plateau | constant
+    warmup_epochs: float = 0.0  # linear warm-up before the schedule (fraction of epochs allowed)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    flip: bool = True  # random horizontal flip (off for digits and text)
+    crop_pad: int = -1  # random-crop padding in pixels; -1: input_size // 8, 0: off
+    patience: int = 0  # early stopping: epochs without val improvement (0: off)
+    freeze: str = "none"  # none | backbone (train the head only, BatchNorm kept in eval mode)
+    val_fraction: float = 0.1  # share of train carved out as the validation split
+    limit: int | None = None  # at most this many images per split (smoke tests)
+    seed: int = 0  # seeds init, sampler order and augmentation (splits are fixed)
+    precision: str = "auto"  # auto | bf16 | fp32
+    num_workers: int = 0  # DataLoader worker processes (0 is fastest on 2 cores)
+    eval_batch_size: int = 256  # images per forward pass when predicting
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(name: str, value: object, hint: object) -> object:
+    """Convert a YAML/CLI value to the annotated type, or raise UserError naming the key."""
+    optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
+    base = next((a for a in hint.__args__ if a is not type(None)), str) if optional else hint
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise UserError(f"{name} may not be empty")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise UserError(f"{name} must be true or false, got {value!r}")
+    if base in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"{name} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{name} must be a number, got {value!r}") from None
+        if base is int:
+            if number != int(number):
+                raise UserError(f"{name} must be a whole number, got {value!r}")
+            return int(number)
+        return number
+    return str(value)
+
+
+def make_config(overrides: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """Apply a dict of overrides to a config; unknown keys and wrong types raise UserError."""
+    base = base or TrainConfig()
+    names = field_names(TrainConfig)
+    hints = typing.get_type_hints(TrainConfig)
+    clean = {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"unknown config key '{key}'{hint}")
+        clean[key] = _coerce(key, value, hints[key])
+    cfg = dataclasses.replace(base, **clean)
+    validate(cfg)
+    return cfg
+
+
+CHOICES = {
+    "optimizer": ("adam", "adamw", "sgd"),
+    "schedule": ("cosine", "plateau", "constant"),
+    "freeze": ("none", "backbone"),
+    "precision": ("auto", "bf16", "fp32"),
+}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check ranges and choices so mistakes fail before any work starts."""
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.channels not in (None, 1, 3):
+        raise UserError(f"channels must be 1 or 3, got {cfg.channels}")
+    if cfg.input_size is not None and not 8 <= cfg.input_size <= 1024:
+        raise UserError(f"input_size must be between 8 and 1024, got {cfg.input_size}")
+    if cfg.lr <= 0:
+        raise UserError(f"lr must be positive, got {cfg.lr}")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UserError("epochs and batch_size must be at least 1")
+    if not 0 < cfg.val_fraction < 0.9:
+        raise UserError(f"val_fraction must be in (0, 0.9), got {cfg.val_fraction}")
+
+
+def field_help(cls: type = TrainConfig) -> dict[str, str]:
+    """The one-line comment after each field in the class source: the CLI's --help text."""
+    lines = inspect.getsource(cls).splitlines()
+    pattern = re.compile(r"^\s+(\w+): .*?#\s*(.+)$")
+    return {m[1]: m[2] for m in map(pattern.match, lines) if m}
+
+
+def to_dict(cfg: object) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_set(pairs: list[str]) -> dict:
+    """Parse CLI `--set key=value` pairs into a dict (values stay strings; coerced later)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+

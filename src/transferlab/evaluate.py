@@ -1,0 +1,132 @@
+"""Predict, then score: predict() returns logits; metrics are pure functions of saved logits."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from . import checkpoint, data, models
+from .config import UserError
+
+
+def bf16_supported() -> bool:
+    """bf16 autocast pays off only with native bf16 matmuls (AVX512-BF16/AMX, or CUDA)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_supported() else "fp32"
+    return precision
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(precision: str):
+    if precision == "bf16":
+        return torch.autocast(device().type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, prep: dict, precision: str = "fp32",
+            batch_size: int = 256, desc: str = "predict", quiet: bool = True) -> np.ndarray:
+    """Logits (N, K) float32 for a decoded uint8 array (N, H, W, C), in eval mode."""
+    model.eval()
+    dev = device()
+    out = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, disable=quiet, leave=False, unit="batch"):
+        x = torch.from_numpy(np.array(images[start:start + batch_size]))  # (B, H, W, C) uint8
+        x = data.normalize(x, prep["mean"], prep["std"]).to(dev)
+        with autocast(precision):
+            out.append(model(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+_DECODED: dict = {}  # decoded splits shared by members with the same preprocessing
+
+
+def decoded(ds: data.Dataset, split: str, prep: dict, quiet: bool = True) -> np.ndarray:
+    """A split decoded at a member's size/channels, decoded once per process and shape."""
+    key = (ds.spec, split, len(ds.splits[split]), prep["input_size"], prep["channels"],
+           prep["interpolation"])
+    if key not in _DECODED:
+        if len(_DECODED) >= 4:
+            _DECODED.clear()
+        _DECODED[key] = data.decode(ds.splits[split], prep["input_size"], prep["channels"],
+                                    prep["interpolation"], desc=f"decode {split}", quiet=quiet)
+    return _DECODED[key]
+
+
+def load_run_model(run, meta: dict) -> nn.Module:
+    """The trained model of a run folder (weights from safetensors, no pickle)."""
+    model = models.create(meta["arch"], meta["num_classes"], meta["preprocessing"]["channels"])
+    model.load_state_dict(checkpoint.load_state_dict_file(checkpoint.weights_path(run)))
+    return model.to(device()).to(memory_format=torch.channels_last)
+
+
+def predict_run(run, meta: dict, ds: data.Dataset, split: str, quiet: bool = True) -> np.ndarray:
+    """Logits of one run on a split, through the run's own preprocessing and precision."""
+    images = decoded(ds, split, meta["preprocessing"], quiet)
+    return predict(load_run_model(run, meta), images, meta["preprocessing"],
+                   meta.get("precision", "fp32"), meta.get("eval_batch_size", 256),
+                   desc=f"predict {split}", quiet=quiet)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
+    """top1, top5 (fractions), mean NLL loss and n, from logits or log-probabilities."""
+    n = len(targets)
+    if n == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
+    logp = log_softmax(logits.astype(np.float64))
+    k = min(5, logits.shape[1])
+    topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return {
+        "top1": float((topk[:, 0] == targets).mean()),
+        "top5": float((topk == targets[:, None]).any(axis=1).mean()),
+        "loss": float(-logp[np.arange(n), targets].mean()),
+        "n": int(n),
+    }
+
+
+def confusion(pred: np.ndarray, targets: np.ndarray, num_classes: int) -> np.ndarray:
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(targets, pred, labels=np.arange(num_classes))
+
+
+def class_map(model_classes: list[str], model_names: list[str], data_classes: list[str],
+              data_names: list[str], who: str) -> np.ndarray:
+    """For each dataset class, the model's output index: matched by id, then by name.
+
+    A dataset class the model does not know is refused, naming it.
+    """
+    by_id = {c: i for i, c in enumerate(model_classes)}
+    by_name = {n.lower(): i for i, n in enumerate(model_names)}
+    out, unknown = [], []
+    for cid, name in zip(data_classes, data_names, strict=True):
+        idx = by_id.get(cid, by_name.get(str(name).lower()))
+        if idx is None:
+            unknown.append(cid if cid == name else f"{cid} ({name})")
+        out.append(idx)
+    if unknown:
+        few = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise UserError(f"{who} does not know class(es) {few} of this dataset")
+    return np.array(out, dtype=np.int64)
+
+
+__all__ = ["predict", "metrics", "confusion", "class_map", "resolve_precision", "autocast"]

@@ -1,0 +1,91 @@
+"""The comparison table of every run and ensemble under a folder, as Markdown and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from . import checkpoint, ensemble
+
+COLUMNS = ["model", "arch", "weights", "input", "params", "train top-1", "val top-1",
+           "test top-1", "test top-5", "epochs", "seconds"]
+
+
+def collect(root: Path) -> list[dict]:
+    """One row per run folder and ensemble folder found under `root` (sorted by path)."""
+    rows = []
+    for meta_path in sorted(root.rglob(checkpoint.META)):
+        rows.append(_run_row(meta_path.parent, root, checkpoint.read_meta(meta_path.parent)))
+    for ens_path in sorted(root.rglob(ensemble.ENSEMBLE)):
+        rows.append(_ensemble_row(ens_path.parent, root, ensemble.read(ens_path.parent)))
+    return rows
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _run_row(path: Path, root: Path, meta: dict) -> dict:
+    m, src, prep = meta["metrics"], meta["source"], meta["preprocessing"]
+    weights = src["weights"]
+    if weights == "run":
+        weights = f"from {Path(src['parent']).name}"
+    return {
+        "model": str(path.relative_to(root)) or path.name, "arch": meta["arch"], "weights": weights,
+        "input": f"{prep['input_size']}px x{prep['channels']}",
+        "params": f"{meta['params'] / 1e6:.2f}M", "train top-1": _pct(m["train"]["top1"]),
+        "val top-1": _pct(m["val"]["top1"]), "test top-1": _pct(m["test"]["top1"]),
+        "test top-5": _pct(m["test"]["top5"]), "epochs": str(meta["epochs_run"]),
+        "seconds": f"{meta['seconds']:.0f}", "_curves": path / "curves.png",
+        "_test": m["test"]["top1"],
+    }
+
+
+def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
+    m = info["metrics"]
+    names = ", ".join(Path(x["run"]).name for x in info["members"])
+    return {
+        "model": str(path.relative_to(root)) or path.name, "arch": f"ensemble ({info['method']})",
+        "weights": names, "input": "per member", "params": "-", "train top-1": "-",
+        "val top-1": _pct(m["val"]["top1"]), "test top-1": _pct(m["test"]["top1"]),
+        "test top-5": _pct(m["test"]["top5"]), "epochs": "-", "seconds": f"{info['seconds']:.0f}",
+        "_curves": None, "_test": m["test"]["top1"],
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write(root: str | Path) -> tuple[Path, str]:
+    """Write report.md and results.csv under `root`; returns (path, table)."""
+    root = Path(root)
+    rows = collect(root)
+    table = markdown_table(rows)
+    best_single = max((r for r in rows if r["_curves"] is not None), key=lambda r: r["_test"],
+                      default=None)
+    best_ens = max((r for r in rows if r["_curves"] is None), key=lambda r: r["_test"], default=None)
+    parts = [f"# transferlab report: {root.name}", "", "Top-1 on the held-out test split; "
+             "val is carved from train. Train top-1 is measured on augmented batches during "
+             "training.", "", table, ""]
+    if best_single and best_ens:
+        gain = 100 * (best_ens["_test"] - best_single["_test"])
+        parts += [f"Best single model: **{best_single['model']}** {best_single['test top-1']}; "
+                  f"best ensemble: **{best_ens['model']}** {best_ens['test top-1']} "
+                  f"({gain:+.2f} points).", ""]
+    parts += ["## Curves", ""]
+    for r in rows:
+        if r["_curves"] is not None and r["_curves"].is_file():
+            rel = r["_curves"].relative_to(root)
+            parts += [f"### {r['model']}", "", f"![{r['model']} curves]({rel})", ""]
+    path = root / "report.md"
+    checkpoint.write_text(path, "\n".join(parts))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint.write_text(root / "results.csv", buf.getvalue())
+    return path, table

@@ -1,0 +1,81 @@
+"""Synthetic image datasets made on the fly, tiny models, and the shared-data skip rule."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if SHARED_DATA.is_dir():
+        return
+    skip = pytest.mark.skip(reason=f"shared data not found at {SHARED_DATA}")
+    for item in items:
+        if "shared_data" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return SHARED_DATA
+
+
+COLORS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (200, 40, 200),
+          (40, 200, 200), (230, 230, 230), (120, 120, 120)]
+
+
+def make_image(cls: int, i: int, size: int = 24, mode: str = "RGB") -> Image.Image:
+    """A learnable synthetic image: the class is the colour of a central square (flip-proof)."""
+    rng = np.random.default_rng(cls * 1000 + i)
+    arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    q = size // 4
+    arr[q:size - q, q:size - q] = COLORS[cls % len(COLORS)]
+    return Image.fromarray(arr).convert(mode)
+
+
+def make_folder(root: Path, classes: list[str], per_class: int, size: int = 24,
+                subsets: tuple[str, ...] = ("train", "test")) -> Path:
+    """A folder dataset: root/<subset>/<class>/<i>.png (or root/<class>/... with no subsets)."""
+    for s_i, subset in enumerate(subsets or ("",)):
+        for c_i, name in enumerate(classes):
+            d = root / subset / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                make_image(c_i, i + 100 * s_i, size).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_data(tmp_path_factory) -> Path:
+    """4 classes, 30 train + 10 test images each, 24x24 RGB."""
+    root = tmp_path_factory.mktemp("folder")
+    make_folder(root / "train", ["a", "b", "c", "d"], 30, subsets=("",))
+    make_folder(root / "test", ["a", "b", "c", "d"], 10, subsets=("",))
+    return root
+
+
+def tiny_cfg(data: str, **kw):
+    """A config that trains a tiny timm ResNet in about a second."""
+    from transferlab.config import make_config
+
+    base = {"data": data, "model": "test_resnet", "epochs": 2, "batch_size": 16, "lr": 0.01,
+            "input_size": 24, "precision": "fp32", **kw}
+    return make_config(base)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, folder_data) -> Path:
+    """One finished run of a tiny ResNet on the synthetic folder data."""
+    from transferlab.train import fit
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    fit(tiny_cfg(f"folder:{folder_data}", epochs=3), out, quiet=True)
+    return out

@@ -1,0 +1,132 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import make_folder
+
+from transferlab.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(capsys, argv, pattern):
+    import re
+
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2, (out, err)
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("command", ["demo", "run", "train", "finetune", "evaluate", "ensemble",
+                                     "report"])
+def test_every_subcommand_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "example:" in capsys.readouterr().out
+
+
+def test_missing_path(capsys, tmp_path):
+    assert_one_line_error(capsys, ["train", "--data", f"folder:{tmp_path / 'nope'}", "--out",
+                                   tmp_path / "r"], r"dataset path does not exist: .*nope")
+    assert_one_line_error(capsys, ["evaluate", tmp_path / "missing-run"],
+                          r"run folder not found: .*missing-run")
+
+
+def test_unknown_dataset_kind(capsys, tmp_path):
+    assert_one_line_error(capsys, ["train", "--data", "cifar:/x", "--out", tmp_path / "r"],
+                          r"unknown dataset kind 'cifar'.*digits, tiny-imagenet, folder")
+
+
+def test_unknown_model_suggests_close_matches(capsys, tmp_path):
+    assert_one_line_error(capsys, ["train", "--model", "resnet-50", "--out", tmp_path / "r"],
+                          r"unknown model 'resnet-50' \(did you mean resnet50")
+
+
+def test_non_numeric_learning_rate(capsys, tmp_path):
+    assert_one_line_error(capsys, ["train", "--lr", "fast", "--out", tmp_path / "r"],
+                          r"lr must be a number, got 'fast'")
+
+
+def test_unknown_recipe_key(capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nepochz: 3\nsteps: [report]\n")
+    assert_one_line_error(capsys, ["run", recipe], r"unknown recipe key 'epochz'")
+    recipe.write_text("data: digits\nsteps:\n  - train: a\n    learning_rate: 0.1\n")
+    assert_one_line_error(capsys, ["run", recipe], r"unknown key 'learning_rate' in step 0")
+
+
+def test_class_mismatch(capsys, trained_run, tmp_path):
+    make_folder(tmp_path / "d", ["a", "zebra"], 3)
+    assert_one_line_error(capsys, ["evaluate", trained_run, "--data", f"folder:{tmp_path / 'd'}"],
+                          r"does not know class\(es\) zebra")
+
+
+def test_usage_mistake_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0]
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "transferlab.cli", "train", "--data",
+                           "nope:/x", "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("transferlab train: error: unknown dataset kind")
+
+
+def test_recipe_end_to_end_then_evaluate_json_and_report(capsys, tmp_path):
+    make_folder(tmp_path / "data", ["a", "b", "c"], 12)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        data: folder:{tmp_path / 'data'}
+        defaults: {{epochs: 2, batch_size: 16, precision: fp32}}
+        steps:
+          - train: net
+            model: test_resnet
+            input_size: 32
+            lr: 0.01
+          - finetune: net-ft
+            from: net
+            epochs: 1
+          - train: dcnn
+            model: dcnn
+            channels: 1
+            input_size: 16
+            optimizer: adam
+          - ensemble: ens
+            members: [net, net-ft, dcnn]
+            method: weighted
+          - report
+    """))
+    code, out, err = run_cli(capsys, "--quiet", "run", recipe, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "weighted ensemble: test top-1" in out and "| model |" in out
+    report = (tmp_path / "out" / "report.md").read_text()
+    for name in ("net", "net-ft", "dcnn", "ens", "curves.png"):
+        assert name in report
+    code, out, _ = run_cli(capsys, "evaluate", tmp_path / "out" / "net", "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    meta = json.loads((tmp_path / "out" / "net" / "meta.json").read_text())
+    assert result["top1"] == meta["metrics"]["test"]["top1"] and result["n"] == 36
+    # rerunning the recipe skips finished steps instead of redoing them
+    code, out, _ = run_cli(capsys, "--quiet", "run", recipe, "--out", tmp_path / "out")
+    assert code == 0 and out.count("skipped") == 3
+
+
+def test_demo_recipe_runs_with_a_smoke_override(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "--quiet", "demo", "--out", tmp_path / "demo", "--set",
+                             "limit=120", "--set", "epochs=1")
+    assert code == 0, err
+    assert out.count("ensemble: test top-1") == 3
+    assert (tmp_path / "demo" / "report.md").is_file()

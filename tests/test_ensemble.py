@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+from conftest import make_folder, tiny_cfg
+
+from transferlab import checkpoint, ensemble, evaluate, train
+from transferlab.config import UserError, make_config
+
+
+def logp(rows):
+    """Member log-probs (M, N, K) from probability rows."""
+    return np.log(np.array(rows, dtype=np.float64))
+
+
+def test_soft_is_the_mean_probability():
+    lp = logp([[[0.6, 0.4]], [[0.2, 0.8]]])
+    np.testing.assert_allclose(np.exp(ensemble.combine_soft(lp)), [[0.4, 0.6]])
+
+
+def test_logit_is_the_renormalised_geometric_mean():
+    lp = logp([[[0.9, 0.1]], [[0.1, 0.9]]])
+    np.testing.assert_allclose(np.exp(ensemble.combine_logit(lp)), [[0.5, 0.5]])
+
+
+def test_hard_votes_and_breaks_ties_by_summed_probability():
+    lp = logp([[[0.6, 0.3, 0.1]], [[0.1, 0.5, 0.4]], [[0.55, 0.4499, 0.0001]]])
+    assert ensemble.combine_hard(lp).argmax(1).tolist() == [0]  # two votes for class 0
+    tie = logp([[[0.51, 0.49]], [[0.02, 0.98]]])  # one vote each; class 1 has more mass
+    assert ensemble.combine_hard(tie).argmax(1).tolist() == [1]
+    np.testing.assert_allclose(np.exp(ensemble.combine_hard(lp)).sum(1), 1.0)
+
+
+def test_weighted_fits_weights_that_prefer_the_good_member_and_never_on_test():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 3, 200)
+    good = np.full((200, 3), 0.1)
+    good[np.arange(200), targets] = 0.8
+    bad = rng.dirichlet(np.ones(3), 200)
+    lp = np.log(np.stack([bad, good]))
+    w = ensemble.fit_weights(lp, targets, "val")
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all() and w[1] > 0.9
+    with pytest.raises(ValueError, match="test split"):
+        ensemble.fit_weights(lp, targets, "test")
+
+
+def test_identical_members_equal_one_member(trained_run, tmp_path):
+    info = ensemble.build([trained_run, trained_run], "soft", tmp_path / "e", quiet=True)
+    assert info["metrics"]["test"]["top1"] == checkpoint.read_meta(trained_run)["metrics"]["test"]["top1"]
+
+
+@pytest.fixture(scope="module")
+def hetero_runs(tmp_path_factory):
+    """A grayscale 28x28 DCNN and an RGB 64x64 ResNet on the same data."""
+    root = tmp_path_factory.mktemp("hetero")
+    make_folder(root / "data", ["a", "b", "c"], 16)
+    spec = f"folder:{root / 'data'}"
+    gray = make_config({"model": "dcnn", "channels": 1, "input_size": 28, "epochs": 2,
+                        "batch_size": 16, "optimizer": "adam", "lr": 3e-3, "data": spec})
+    train.fit(gray, root / "dcnn", quiet=True)
+    train.fit(tiny_cfg(spec, input_size=64), root / "resnet", quiet=True)
+    return root
+
+
+def test_members_with_different_sizes_and_channels_ensemble(hetero_runs, tmp_path):
+    runs = [hetero_runs / "dcnn", hetero_runs / "resnet"]
+    for method in ("soft", "hard", "weighted", "logit"):
+        info = ensemble.build(runs, method, tmp_path / method, quiet=True)
+        assert {(m["input_size"], m["channels"]) for m in info["members"]} == {(28, 1), (64, 3)}
+        assert info["fitted_on"] == ("val" if method == "weighted" else None)
+        # recomputing from the members' saved weights and raw images gives the same numbers
+        again = ensemble.evaluate_path(tmp_path / method, split="test")
+        assert again["metrics"]["top1"] == pytest.approx(info["metrics"]["test"]["top1"])
+
+
+def test_members_with_other_classes_are_refused_naming_them(hetero_runs, trained_run, tmp_path):
+    with pytest.raises(UserError, match=r"different classes: .*tiny.*only in .*\['d'\]"):
+        ensemble.build([hetero_runs / "dcnn", trained_run], "soft", tmp_path / "x", quiet=True)
+
+
+def test_unknown_method_is_refused(trained_run, tmp_path):
+    with pytest.raises(UserError, match="unknown ensemble method 'avg'"):
+        ensemble.build([trained_run, trained_run], "avg", tmp_path / "x")
+
+
+def test_metrics_known_answer():
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]))
+    m = evaluate.metrics(logits, np.array([0, 1]))
+    assert m["top1"] == 0.5 and m["top5"] == 1.0 and m["n"] == 2
+    assert m["loss"] == pytest.approx(-(np.log(0.7) + np.log(0.3)) / 2)

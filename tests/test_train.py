@@ -1,0 +1,126 @@
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_folder, tiny_cfg
+from safetensors.torch import load_file
+
+from transferlab import checkpoint, ensemble, train
+from transferlab.config import UserError, make_config
+
+
+def test_run_folder_has_everything(trained_run):
+    for name in ("model.safetensors", "meta.json", "history.csv", "state/last.pt",
+                 "state/last.pt.sha256", "curves.png", "logits/val.npz", "logits/test.npz"):
+        assert (trained_run / name).is_file(), name
+    meta = json.loads((trained_run / "meta.json").read_text())
+    assert meta["arch"] == "test_resnet" and meta["classes"] == ["a", "b", "c", "d"]
+    assert set(meta["preprocessing"]) == {"input_size", "channels", "mean", "std", "interpolation"}
+    assert meta["metrics"]["test"]["n"] == 40 and meta["config"]["seed"] == 0
+    rows = list(csv.DictReader((trained_run / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+                            "seconds"}
+    assert meta["metrics"]["test"]["top1"] > 0.5  # learnable synthetic data
+    state = torch.load(trained_run / "state/last.pt", weights_only=True)
+    assert state["epoch"] == 3
+
+
+def test_evaluate_recomputes_recorded_test_top1_exactly(trained_run):
+    meta = checkpoint.read_meta(trained_run)
+    result = ensemble.evaluate_path(trained_run, split="test")
+    assert result["metrics"]["top1"] == meta["metrics"]["test"]["top1"]
+    assert result["metrics"]["loss"] == pytest.approx(meta["metrics"]["test"]["loss"], abs=1e-6)
+    assert (trained_run / "confusion.png").is_file()
+
+
+def test_evaluate_remaps_classes_by_name_and_refuses_unknown(trained_run, tmp_path):
+    meta = checkpoint.read_meta(trained_run)
+    src = meta["data"].split(":", 1)[1]
+    # the same classes, renamed so that sorted order changes: a->z_a keeps names matchable? no:
+    # instead copy with one class missing: a subset of classes is fine and remapped
+    sub = tmp_path / "sub"
+    for split in ("train", "test"):
+        for c in ("b", "d"):
+            shutil.copytree(f"{src}/{split}/{c}", sub / split / c)
+    r = ensemble.evaluate_path(trained_run, f"folder:{sub}", "test")
+    assert r["metrics"]["n"] == 20
+    make_folder(tmp_path / "other", ["a", "zebra"], 3)
+    with pytest.raises(UserError, match="does not know class.*zebra"):
+        ensemble.evaluate_path(trained_run, f"folder:{tmp_path / 'other'}", "test")
+
+
+def test_existing_run_folder_is_never_clobbered(trained_run, folder_data):
+    with pytest.raises(UserError, match="already exists.*--resume.*--overwrite"):
+        train.fit(tiny_cfg(f"folder:{folder_data}"), trained_run, quiet=True)
+
+
+def test_finetune_to_new_classes_replaces_only_the_head(trained_run, tmp_path):
+    make_folder(tmp_path / "new", ["x", "y", "z"], 8)
+    cfg = train.finetune_config(trained_run, {"data": f"folder:{tmp_path / 'new'}", "epochs": 1,
+                                              "freeze": "backbone"})
+    assert cfg.model == "test_resnet" and cfg.lr == pytest.approx(0.001)
+    meta = train.fit(cfg, tmp_path / "ft", quiet=True)
+    src = load_file(trained_run / "model.safetensors")
+    new = load_file(tmp_path / "ft" / "model.safetensors")
+    assert new["fc.weight"].shape[0] == 3
+    for k, v in src.items():
+        if not k.startswith("fc."):
+            assert torch.equal(v, new[k]), k  # frozen backbone: weights and BN stats unchanged
+    assert meta["source"]["weights"] == "run" and meta["trainable_params"] < meta["params"]
+
+
+def test_finetune_same_classes_continues_from_the_weights(trained_run, tmp_path):
+    cfg = train.finetune_config(trained_run, {"epochs": 1, "lr": 1e-9, "schedule": "constant"})
+    train.fit(cfg, tmp_path / "ft", quiet=True)
+    src = load_file(trained_run / "model.safetensors")
+    new = load_file(tmp_path / "ft" / "model.safetensors")
+    assert torch.allclose(src["fc.weight"], new["fc.weight"], atol=1e-6)
+
+
+def test_freeze_backbone_keeps_batchnorm_statistics(folder_data, tmp_path):
+    cfg = tiny_cfg(f"folder:{folder_data}", epochs=1)
+    from transferlab import models
+
+    model = models.create("test_resnet", 4, 3)
+    frozen = train.freeze(model, "backbone")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train.set_train_mode(model, frozen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = train.make_optimizer(cfg, params)
+    assert {id(p) for p in params} == {id(p) for p in model.get_classifier().parameters()}
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 3, 24, 24)).sum().backward()
+        opt.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+
+
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(folder_data, tmp_path):
+    cfg = tiny_cfg(f"folder:{folder_data}", epochs=2, schedule="constant")
+    train.fit(cfg, tmp_path / "full", quiet=True)
+    # a run that died after epoch 1: its state is there, its final files are not
+    train.fit(make_config({"epochs": 1}, cfg), tmp_path / "r", quiet=True)
+    for name in ("meta.json", "model.safetensors"):
+        (tmp_path / "r" / name).unlink()
+    resumed = train.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    assert resumed["epochs_run"] == 2
+    full, again = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "r"))
+    assert all(torch.equal(full[k], again[k]) for k in full)
+
+
+def test_non_finite_loss_stops_naming_the_step(folder_data, tmp_path):
+    cfg = tiny_cfg(f"folder:{folder_data}", epochs=1, lr=1e30, optimizer="sgd")
+    with pytest.raises(UserError, match="non-finite loss .* at epoch 1 step"):
+        train.fit(cfg, tmp_path / "nan", quiet=True)
+
+
+def test_dcnn_on_grayscale_digits_learns(tmp_path):
+    cfg = make_config({"model": "dcnn", "input_size": 16, "epochs": 2, "optimizer": "adam",
+                       "lr": 3e-3, "weight_decay": 0, "flip": False, "precision": "fp32"})
+    meta = train.fit(cfg, tmp_path / "dcnn", quiet=True)
+    assert meta["preprocessing"]["channels"] == 1 and meta["metrics"]["test"]["top1"] > 0.85
