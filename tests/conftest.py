@@ -28,8 +28,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-COLORS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (200, 40, 200),
-          (40, 200, 200), (230, 230, 230), (120, 120, 120)]
+COLORS = [
+    (200, 40, 40),
+    (40, 200, 40),
+    (40, 40, 200),
+    (200, 200, 40),
+    (200, 40, 200),
+    (40, 200, 200),
+    (230, 230, 230),
+    (120, 120, 120),
+]
 
 
 def make_image(cls: int, i: int, size: int = 24, mode: str = "RGB") -> Image.Image:
@@ -37,12 +45,17 @@ def make_image(cls: int, i: int, size: int = 24, mode: str = "RGB") -> Image.Ima
     rng = np.random.default_rng(cls * 1000 + i)
     arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
     q = size // 4
-    arr[q:size - q, q:size - q] = COLORS[cls % len(COLORS)]
+    arr[q : size - q, q : size - q] = COLORS[cls % len(COLORS)]
     return Image.fromarray(arr).convert(mode)
 
 
-def make_folder(root: Path, classes: list[str], per_class: int, size: int = 24,
-                subsets: tuple[str, ...] = ("train", "test")) -> Path:
+def make_folder(
+    root: Path,
+    classes: list[str],
+    per_class: int,
+    size: int = 24,
+    subsets: tuple[str, ...] = ("train", "test"),
+) -> Path:
     """A folder dataset: root/<subset>/<class>/<i>.png (or root/<class>/... with no subsets)."""
     for s_i, subset in enumerate(subsets or ("",)):
         for c_i, name in enumerate(classes):
@@ -66,8 +79,16 @@ def tiny_cfg(data: str, **kw):
     """A config that trains a tiny timm ResNet in about a second."""
     from transferlab.config import make_config
 
-    base = {"data": data, "model": "test_resnet", "epochs": 2, "batch_size": 16, "lr": 0.01,
-            "input_size": 24, "precision": "fp32", **kw}
+    base = {
+        "data": data,
+        "model": "test_resnet",
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 0.01,
+        "input_size": 24,
+        "precision": "fp32",
+        **kw,
+    }
     return make_config(base)
 
 

@@ -2,10 +2,11 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
-from conftest import make_folder
 
+from conftest import make_folder
 from transferlab.cli import main
 
 
@@ -25,8 +26,9 @@ def assert_one_line_error(capsys, argv, pattern):
     assert re.search(pattern, lines[0]), lines[0]
 
 
-@pytest.mark.parametrize("command", ["demo", "run", "train", "finetune", "evaluate", "ensemble",
-                                     "report"])
+@pytest.mark.parametrize(
+    "command", ["demo", "run", "train", "finetune", "evaluate", "ensemble", "report"]
+)
 def test_every_subcommand_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -35,25 +37,38 @@ def test_every_subcommand_has_help_with_an_example(command, capsys):
 
 
 def test_missing_path(capsys, tmp_path):
-    assert_one_line_error(capsys, ["train", "--data", f"folder:{tmp_path / 'nope'}", "--out",
-                                   tmp_path / "r"], r"dataset path does not exist: .*nope")
-    assert_one_line_error(capsys, ["evaluate", tmp_path / "missing-run"],
-                          r"run folder not found: .*missing-run")
+    assert_one_line_error(
+        capsys,
+        ["train", "--data", f"folder:{tmp_path / 'nope'}", "--out", tmp_path / "r"],
+        r"dataset path does not exist: .*nope",
+    )
+    assert_one_line_error(
+        capsys, ["evaluate", tmp_path / "missing-run"], r"run folder not found: .*missing-run"
+    )
 
 
 def test_unknown_dataset_kind(capsys, tmp_path):
-    assert_one_line_error(capsys, ["train", "--data", "cifar:/x", "--out", tmp_path / "r"],
-                          r"unknown dataset kind 'cifar'.*digits, tiny-imagenet, folder")
+    assert_one_line_error(
+        capsys,
+        ["train", "--data", "cifar:/x", "--out", tmp_path / "r"],
+        r"unknown dataset kind 'cifar'.*digits, tiny-imagenet, folder",
+    )
 
 
 def test_unknown_model_suggests_close_matches(capsys, tmp_path):
-    assert_one_line_error(capsys, ["train", "--model", "resnet-50", "--out", tmp_path / "r"],
-                          r"unknown model 'resnet-50' \(did you mean resnet50")
+    assert_one_line_error(
+        capsys,
+        ["train", "--model", "resnet-50", "--out", tmp_path / "r"],
+        r"unknown model 'resnet-50' \(did you mean resnet50",
+    )
 
 
 def test_non_numeric_learning_rate(capsys, tmp_path):
-    assert_one_line_error(capsys, ["train", "--lr", "fast", "--out", tmp_path / "r"],
-                          r"lr must be a number, got 'fast'")
+    assert_one_line_error(
+        capsys,
+        ["train", "--lr", "fast", "--out", tmp_path / "r"],
+        r"lr must be a number, got 'fast'",
+    )
 
 
 def test_unknown_recipe_key(capsys, tmp_path):
@@ -66,8 +81,11 @@ def test_unknown_recipe_key(capsys, tmp_path):
 
 def test_class_mismatch(capsys, trained_run, tmp_path):
     make_folder(tmp_path / "d", ["a", "zebra"], 3)
-    assert_one_line_error(capsys, ["evaluate", trained_run, "--data", f"folder:{tmp_path / 'd'}"],
-                          r"does not know class\(es\) zebra")
+    assert_one_line_error(
+        capsys,
+        ["evaluate", trained_run, "--data", f"folder:{tmp_path / 'd'}"],
+        r"does not know class\(es\) zebra",
+    )
 
 
 def test_usage_mistake_is_one_line_exit_2(capsys):
@@ -79,8 +97,20 @@ def test_usage_mistake_is_one_line_exit_2(capsys):
 
 
 def test_console_script_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "transferlab.cli", "train", "--data",
-                           "nope:/x", "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transferlab.cli",
+            "train",
+            "--data",
+            "nope:/x",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("transferlab train: error: unknown dataset kind")
 
@@ -88,8 +118,9 @@ def test_console_script_prints_no_traceback(tmp_path):
 def test_recipe_end_to_end_then_evaluate_json_and_report(capsys, tmp_path):
     make_folder(tmp_path / "data", ["a", "b", "c"], 12)
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(textwrap.dedent(f"""
-        data: folder:{tmp_path / 'data'}
+    recipe.write_text(
+        textwrap.dedent(f"""
+        data: folder:{tmp_path / "data"}
         defaults: {{epochs: 2, batch_size: 16, precision: fp32}}
         steps:
           - train: net
@@ -108,7 +139,8 @@ def test_recipe_end_to_end_then_evaluate_json_and_report(capsys, tmp_path):
             members: [net, net-ft, dcnn]
             method: weighted
           - report
-    """))
+    """)
+    )
     code, out, err = run_cli(capsys, "--quiet", "run", recipe, "--out", tmp_path / "out")
     assert code == 0, err
     assert "weighted ensemble: test top-1" in out and "| model |" in out
@@ -125,8 +157,41 @@ def test_recipe_end_to_end_then_evaluate_json_and_report(capsys, tmp_path):
 
 
 def test_demo_recipe_runs_with_a_smoke_override(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "--quiet", "demo", "--out", tmp_path / "demo", "--set",
-                             "limit=120", "--set", "epochs=1")
+    code, out, err = run_cli(
+        capsys,
+        "--quiet",
+        "demo",
+        "--out",
+        tmp_path / "demo",
+        "--set",
+        "limit=120",
+        "--set",
+        "epochs=1",
+    )
     assert code == 0, err
     assert out.count("ensemble: test top-1") == 3
     assert (tmp_path / "demo" / "report.md").is_file()
+
+
+@pytest.mark.shared_data
+def test_tiny_imagenet_recipe_smoke_run(capsys, shared_data, tmp_path):
+    """The reference's full Tiny ImageNet experiment, cut to 200 images per split and 1 epoch."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-imagenet.yaml"
+    code, out, err = run_cli(
+        capsys,
+        "--quiet",
+        "run",
+        recipe,
+        "--limit",
+        200,
+        "--set",
+        "epochs=1",
+        "--set",
+        f"data=tiny-imagenet:{shared_data / 'tiny-imagenet-200'}",
+        "--out",
+        tmp_path / "tin",
+    )
+    assert code == 0, err
+    meta = json.loads((tmp_path / "tin" / "lite0" / "meta.json").read_text())
+    assert meta["num_classes"] == 200 and meta["metrics"]["test"]["n"] == 200
+    assert (tmp_path / "tin" / "report.md").is_file()

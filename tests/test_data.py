@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder, make_image
 from PIL import Image
 
+from conftest import make_folder, make_image
 from transferlab import data
 from transferlab.config import UserError
 
@@ -56,8 +56,9 @@ def test_folder_errors_name_the_problem(tmp_path):
 def make_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=6):
     root.mkdir(parents=True, exist_ok=True)
     (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    (root / "words.txt").write_text("".join(f"{w}\tthing {w}, other\n" for w in wnids)
-                                    + "n99\tunused\n")
+    (root / "words.txt").write_text(
+        "".join(f"{w}\tthing {w}, other\n" for w in wnids) + "n99\tunused\n"
+    )
     lines = []
     (root / "val" / "images").mkdir(parents=True)
     for c, w in enumerate(wnids):
@@ -107,8 +108,9 @@ def test_corrupt_images_are_all_listed(tmp_path):
     (tmp_path / "train" / "a" / "0.png").write_bytes(b"")
     (tmp_path / "train" / "b" / "1.png").write_bytes(b"not an image at all")
     ds = data.load(f"folder:{tmp_path}", val_fraction=0.25)
-    everything = data.Split(np.zeros(8, dtype=np.int64),
-                            paths=ds.splits["train"].paths + ds.splits["val"].paths)
+    everything = data.Split(
+        np.zeros(8, dtype=np.int64), paths=ds.splits["train"].paths + ds.splits["val"].paths
+    )
     with pytest.raises(UserError, match=r"2 unreadable image\(s\).*0\.png.*1\.png|1\.png.*0\.png"):
         data.decode(everything, 16, 3)
 
@@ -155,8 +157,11 @@ def test_loader_yields_every_index_with_workers():
     images = np.zeros((20, 4, 4, 1), np.uint8)
     labels = np.arange(20)
     for workers in (0, 2):
-        seen = [i for _, _, idx in data.loader(images, labels, 6, 0, 1, True, workers)
-                for i in idx.tolist()]
+        seen = [
+            i
+            for _, _, idx in data.loader(images, labels, 6, 0, 1, True, workers)
+            for i in idx.tolist()
+        ]
         assert sorted(seen) == list(range(20))
 
 

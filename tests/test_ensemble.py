@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-from conftest import make_folder, tiny_cfg
 
+from conftest import make_folder, tiny_cfg
 from transferlab import checkpoint, ensemble, evaluate, train
 from transferlab.config import UserError, make_config
 
@@ -44,7 +44,10 @@ def test_weighted_fits_weights_that_prefer_the_good_member_and_never_on_test():
 
 def test_identical_members_equal_one_member(trained_run, tmp_path):
     info = ensemble.build([trained_run, trained_run], "soft", tmp_path / "e", quiet=True)
-    assert info["metrics"]["test"]["top1"] == checkpoint.read_meta(trained_run)["metrics"]["test"]["top1"]
+    assert (
+        info["metrics"]["test"]["top1"]
+        == checkpoint.read_meta(trained_run)["metrics"]["test"]["top1"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +56,18 @@ def hetero_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hetero")
     make_folder(root / "data", ["a", "b", "c"], 16)
     spec = f"folder:{root / 'data'}"
-    gray = make_config({"model": "dcnn", "channels": 1, "input_size": 28, "epochs": 2,
-                        "batch_size": 16, "optimizer": "adam", "lr": 3e-3, "data": spec})
+    gray = make_config(
+        {
+            "model": "dcnn",
+            "channels": 1,
+            "input_size": 28,
+            "epochs": 2,
+            "batch_size": 16,
+            "optimizer": "adam",
+            "lr": 3e-3,
+            "data": spec,
+        }
+    )
     train.fit(gray, root / "dcnn", quiet=True)
     train.fit(tiny_cfg(spec, input_size=64), root / "resnet", quiet=True)
     return root

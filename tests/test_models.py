@@ -53,8 +53,10 @@ def test_weights_file_loads_and_strips_ddp_prefixes(tmp_path):
 
 
 def test_wrong_architecture_names_keys(tmp_path):
-    save_file({k: v.contiguous() for k, v in models.create("dcnn", 4, 3).state_dict().items()},
-              tmp_path / "dcnn.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in models.create("dcnn", 4, 3).state_dict().items()},
+        tmp_path / "dcnn.safetensors",
+    )
     cfg = make_config({"model": "test_resnet", "weights": str(tmp_path / "dcnn.safetensors")})
     with pytest.raises(UserError, match="weights do not fit the model: missing .*unexpected"):
         models.build(cfg, ["a", "b"], 32, 3)
@@ -64,7 +66,9 @@ def test_nan_weights_are_refused(tmp_path):
     state = models.create("dcnn", 4, 3).state_dict()
     state["features.0.weight"][0, 0, 0, 0] = float("nan")
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "nan.safetensors")
-    cfg = make_config({"model": "dcnn", "channels": 3, "weights": str(tmp_path / "nan.safetensors")})
+    cfg = make_config(
+        {"model": "dcnn", "channels": 3, "weights": str(tmp_path / "nan.safetensors")}
+    )
     with pytest.raises(UserError, match="NaN/Inf in tensor features.0.weight"):
         models.build(cfg, ["a", "b", "c", "d"], 32, 3)
 
@@ -72,7 +76,9 @@ def test_nan_weights_are_refused(tmp_path):
 def test_hub_weights_fail_fast_and_clearly_when_offline(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
     t0 = time.time()
-    with pytest.raises(UserError, match="cannot download ImageNet weights for resnet18.*unreachable"):
+    with pytest.raises(
+        UserError, match="cannot download ImageNet weights for resnet18.*unreachable"
+    ):
         models.build(make_config({"model": "resnet18", "weights": "imagenet"}), ["a"], 64, 3)
     assert time.time() - t0 < 10
 
@@ -98,14 +104,27 @@ def test_offline_efficientnet_lite_weights_are_really_imagenet(arch):
     logits = predict(model, _china(prep["input_size"]), prep)
     names = models.imagenet_names()
     top5 = [names[i] for i in np.argsort(-logits[0])[:5]]
-    plausible = ("palace", "monastery", "pagoda", "church", "dome", "bell cote", "stupa",
-                 "boathouse", "castle", "mosque", "cinema", "triumphal arch")
+    plausible = (
+        "palace",
+        "monastery",
+        "pagoda",
+        "church",
+        "dome",
+        "bell cote",
+        "stupa",
+        "boathouse",
+        "castle",
+        "mosque",
+        "cinema",
+        "triumphal arch",
+    )
     assert any(any(p in n.lower() for p in plausible) for n in top5[:2]), top5
 
 
 def test_grayscale_input_adapts_pretrained_first_conv():
-    cfg = make_config({"model": "tf_efficientnet_lite0", "weights": "imagenet", "channels": 1,
-                       "input_size": 64})
+    cfg = make_config(
+        {"model": "tf_efficientnet_lite0", "weights": "imagenet", "channels": 1, "input_size": 64}
+    )
     model, prep, _ = models.build(cfg, ["a", "b"], 64, 1)
     rgb, _, _ = models.build(make_config({"channels": 3}, cfg), ["a", "b"], 64, 3)
     assert model.conv_stem.weight.shape[1] == 1 and prep["channels"] == 1

@@ -4,16 +4,24 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_folder, tiny_cfg
 from safetensors.torch import load_file
 
+from conftest import make_folder, tiny_cfg
 from transferlab import checkpoint, ensemble, train
 from transferlab.config import UserError, make_config
 
 
 def test_run_folder_has_everything(trained_run):
-    for name in ("model.safetensors", "meta.json", "history.csv", "state/last.pt",
-                 "state/last.pt.sha256", "curves.png", "logits/val.npz", "logits/test.npz"):
+    for name in (
+        "model.safetensors",
+        "meta.json",
+        "history.csv",
+        "state/last.pt",
+        "state/last.pt.sha256",
+        "curves.png",
+        "logits/val.npz",
+        "logits/test.npz",
+    ):
         assert (trained_run / name).is_file(), name
     meta = json.loads((trained_run / "meta.json").read_text())
     assert meta["arch"] == "test_resnet" and meta["classes"] == ["a", "b", "c", "d"]
@@ -21,11 +29,18 @@ def test_run_folder_has_everything(trained_run):
     assert meta["metrics"]["test"]["n"] == 40 and meta["config"]["seed"] == 0
     rows = list(csv.DictReader((trained_run / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
-                            "seconds"}
+    assert set(rows[0]) == {
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "seconds",
+    }
     assert meta["metrics"]["test"]["top1"] > 0.5  # learnable synthetic data
     state = torch.load(trained_run / "state/last.pt", weights_only=True)
-    assert state["epoch"] == 3
+    assert state["progress"]["epoch"] == 4 and len(state["progress"]["history"]) == 3
 
 
 def test_evaluate_recomputes_recorded_test_top1_exactly(trained_run):
@@ -59,8 +74,9 @@ def test_existing_run_folder_is_never_clobbered(trained_run, folder_data):
 
 def test_finetune_to_new_classes_replaces_only_the_head(trained_run, tmp_path):
     make_folder(tmp_path / "new", ["x", "y", "z"], 8)
-    cfg = train.finetune_config(trained_run, {"data": f"folder:{tmp_path / 'new'}", "epochs": 1,
-                                              "freeze": "backbone"})
+    cfg = train.finetune_config(
+        trained_run, {"data": f"folder:{tmp_path / 'new'}", "epochs": 1, "freeze": "backbone"}
+    )
     assert cfg.model == "test_resnet" and cfg.lr == pytest.approx(0.001)
     meta = train.fit(cfg, tmp_path / "ft", quiet=True)
     src = load_file(trained_run / "model.safetensors")
@@ -120,7 +136,17 @@ def test_non_finite_loss_stops_naming_the_step(folder_data, tmp_path):
 
 
 def test_dcnn_on_grayscale_digits_learns(tmp_path):
-    cfg = make_config({"model": "dcnn", "input_size": 16, "epochs": 2, "optimizer": "adam",
-                       "lr": 3e-3, "weight_decay": 0, "flip": False, "precision": "fp32"})
+    cfg = make_config(
+        {
+            "model": "dcnn",
+            "input_size": 16,
+            "epochs": 2,
+            "optimizer": "adam",
+            "lr": 3e-3,
+            "weight_decay": 0,
+            "flip": False,
+            "precision": "fp32",
+        }
+    )
     meta = train.fit(cfg, tmp_path / "dcnn", quiet=True)
     assert meta["preprocessing"]["channels"] == 1 and meta["metrics"]["test"]["top1"] > 0.85

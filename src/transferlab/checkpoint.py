@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,6 @@ from .config import UserError
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
-STATE = "state/last.pt"
 
 
 @contextlib.contextmanager
@@ -85,6 +86,15 @@ def save_weights(run: Path, model: torch.nn.Module, arch: str, classes: list[str
         save_file(state, str(tmp), metadata={"arch": arch, "classes": json.dumps(classes)})
 
 
+def load_run_weights(run: Path, meta: dict) -> dict:
+    """A run's weights, verified against the sha256 recorded in its meta.json."""
+    path = weights_path(run)
+    expected = meta.get("weights_sha256")
+    if path.is_file() and expected and sha256(path) != expected:
+        raise UserError(f"{path} does not match the sha256 in {Path(run) / META} (corrupt)")
+    return load_state_dict_file(path)
+
+
 def load_state_dict_file(path: str | Path, trust_pickle: bool = False) -> dict:
     """Load weights from .safetensors, or a state dict saved by torch.save (weights only)."""
     path = Path(path)
@@ -107,21 +117,40 @@ def load_state_dict_file(path: str | Path, trust_pickle: bool = False) -> dict:
 
 
 def torch_load(path: Path, trust_pickle: bool = False):
-    """torch.load that refuses pickled code unless the user explicitly trusts the file."""
+    """torch.load with weights_only=True, always: pickled code is refused, naming its globals.
+
+    Only `trust_pickle` (the CLI's --trust-pickle) admits the globals a file names, with a
+    warning; even then the loader stays the weights-only one, told to allow just those names.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if trust_pickle:
-            import warnings
-
-            warnings.warn(f"loading {path} with full pickle (--trust-pickle): it can run code",
-                          stacklevel=2)
-            return torch.load(path, map_location="cpu", weights_only=False)  # noqa: S614
-        reason = str(err).split("\n")[0][:300]
-        raise UserError(f"refusing to load {path}: it needs unsafe unpickling ({reason}); "
-                        "pass --trust-pickle only if you trust its author") from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except pickle.UnpicklingError:
+        names = unsafe_globals(path)
+        if not trust_pickle:
+            raise UserError(
+                f"refusing to load {path}: it holds pickled objects ({', '.join(names)}) that "
+                "could run code; pass --trust-pickle only if you trust its author"
+            ) from None
+        warnings.warn(
+            f"--trust-pickle: loading {path} with {', '.join(names)} allowed; this can run code",
+            stacklevel=2,
+        )
+        with torch.serialization.safe_globals([_resolve(n) for n in names]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or ["unknown"]
+    except Exception:  # a file too broken to list is reported as such by the caller
+        return ["unreadable"]
+
+
+def _resolve(name: str):
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
 # ----------------------------------------------------------------------------- meta
@@ -147,23 +176,79 @@ def is_run(path: Path) -> bool:
 # ----------------------------------------------------------------------------- resume state
 
 
-def save_state(path: Path, state: dict) -> None:
+def save_state(path: Path, state: dict, step: int = 0) -> None:
     """Save training state atomically, then its sha256 manifest (the completeness marker)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    write_text(path.with_name(path.name + ".sha256"), sha256(path) + "\n")
+    write_text(_manifest(path), f"{sha256(path)}  step={int(step)}\n")
 
 
-def load_state(path: Path) -> dict:
+def _manifest(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _manifest_step(path: Path) -> int | None:
+    try:
+        return int(_manifest(path).read_text().split("step=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def save_checkpoint(folder: Path, state: dict, step: int, keep_last: int = 2) -> Path:
+    """Write `last.pt`; the previous one is kept as `step-N.pt`; only `keep_last` are kept.
+
+    A crash at any point leaves at least one complete, verified checkpoint behind.
+    """
+    folder = Path(folder)
+    last = folder / "last.pt"
+    previous = _manifest_step(last) if last.is_file() else None
+    if previous is not None and previous != step:
+        older = folder / f"step-{previous:09d}.pt"
+        os.replace(last, older)
+        os.replace(_manifest(last), _manifest(older))
+    save_state(last, state, step)
+    for old in sorted(folder.glob("step-*.pt"), reverse=True)[max(keep_last - 1, 0) :]:
+        old.unlink(missing_ok=True)
+        _manifest(old).unlink(missing_ok=True)
+    return last
+
+
+def candidates(folder: Path) -> list[Path]:
+    """Checkpoint files, newest first."""
+    folder = Path(folder)
+    found = sorted(folder.glob("step-*.pt"), reverse=True)
+    return ([folder / "last.pt"] if (folder / "last.pt").exists() else []) + found
+
+
+def newest_checkpoint(folder: Path, trust_pickle: bool = False) -> tuple[dict, Path] | None:
+    """The newest checkpoint that is complete and verified; skipped ones are named in warnings.
+
+    Returns None when there is no checkpoint at all; raises when there are some but none is valid
+    (never a silent restart from scratch).
+    """
+    paths, skipped = candidates(folder), []
+    for path in paths:
+        try:
+            return load_state(path, trust_pickle), path
+        except UserError as err:
+            skipped.append(str(err))
+            warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
+    if skipped:
+        raise UserError("no valid checkpoint to resume from: " + "; ".join(skipped))
+    return None
+
+
+def load_state(path: Path, trust_pickle: bool = False) -> dict:
     """Load a training state only if its manifest matches; weights-only unpickling."""
     path = Path(path)
-    manifest = path.with_name(path.name + ".sha256")
-    if not path.is_file() or not manifest.is_file():
-        raise UserError(f"no complete checkpoint at {path}")
-    if manifest.read_text().strip() != sha256(path):
-        raise UserError(f"checkpoint {path} does not match its sha256 manifest (corrupt)")
-    return torch_load(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise UserError(f"{path} is empty or missing")
+    if not _manifest(path).is_file():
+        raise UserError(f"{path} has no sha256 manifest (unfinished save)")
+    if _manifest(path).read_text().split()[0] != sha256(path):
+        raise UserError(f"{path} does not match its sha256 manifest (corrupt)")
+    return torch_load(path, trust_pickle)
 
 
 # ----------------------------------------------------------------------------- logits

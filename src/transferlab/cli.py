@@ -8,18 +8,26 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .config import TrainConfig, UserError, field_help, field_names, make_config, parse_set
+from .config import (
+    Preempted,
+    TrainConfig,
+    UserError,
+    field_help,
+    field_names,
+    make_config,
+    parse_set,
+)
 
 EXAMPLES = {
     "demo": "transferlab demo                       # ~10 min on 2 CPU cores, no download",
     "run": "transferlab run recipes/tiny-imagenet.yaml --set data=tiny-imagenet:~/tiny-imagenet-200\n"
-           "  transferlab run recipes/tiny-imagenet.yaml --limit 400 --set epochs=1   # smoke test",
+    "  transferlab run recipes/tiny-imagenet.yaml --limit 400 --set epochs=1   # smoke test",
     "train": "transferlab train --data digits --model resnet50 --input-size 32 --epochs 10 "
-             "--out runs/r50\n  transferlab train --data folder:~/photos --model tf_efficientnet_lite0 "
-             "--weights imagenet --out runs/lite0",
+    "--out runs/r50\n  transferlab train --data folder:~/photos --model tf_efficientnet_lite0 "
+    "--weights imagenet --out runs/lite0",
     "finetune": "transferlab finetune --from runs/r50 --epochs 5 --out runs/r50-ft\n"
-                "  transferlab finetune --from runs/r50 --data folder:~/new --freeze backbone "
-                "--out runs/r50-new",
+    "  transferlab finetune --from runs/r50 --data folder:~/new --freeze backbone "
+    "--out runs/r50-new",
     "evaluate": "transferlab evaluate runs/r50 --split test --json",
     "ensemble": "transferlab ensemble runs/r50 runs/dcnn runs/lite0 --method weighted --out runs/ens",
     "report": "transferlab report runs/demo",
@@ -35,8 +43,12 @@ class Parser(argparse.ArgumentParser):
 
 def _sub(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     return subparsers.add_parser(
-        name, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=f"example:\n  {EXAMPLES[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -51,8 +63,9 @@ def _config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
         default = getattr(defaults, name)
         text = f"{helps.get(name, '')} [{default}]"
         if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=text)
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
+            )
         else:
             group.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
 
@@ -61,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="transferlab",
         description="Train, fine-tune, evaluate and ensemble image classifiers; write the report.",
-        epilog="Start with `transferlab demo`; every command has --help with an example.")
+        epilog="Start with `transferlab demo`; every command has --help with an example.",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -72,8 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "run", "run a YAML recipe (train, finetune, ensemble and report steps)")
     p.add_argument("recipe", help="path to a recipe .yaml")
     p.add_argument("--out", help="output folder [runs/<recipe name>]")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value: a training option, data=, or steps.N.key=")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value: a training option, data=, or steps.N.key=",
+    )
     p.add_argument("--limit", help="at most N images per split (smoke test)")
 
     p = _sub(sub, "train", "train one model into a run folder")
@@ -145,8 +164,10 @@ def cmd_evaluate(args) -> None:
 
     result = ensemble.evaluate_path(args.path, args.data, args.split, quiet=args.quiet)
     m = result["metrics"]
-    print(f"{args.path} on {result['data']} [{args.split}]: top-1 {m['top1']:.2%}  "
-          f"top-5 {m['top5']:.2%}  loss {m['loss']:.4f}  n={m['n']}")
+    print(
+        f"{args.path} on {result['data']} [{args.split}]: top-1 {m['top1']:.2%}  "
+        f"top-5 {m['top5']:.2%}  loss {m['loss']:.4f}  n={m['n']}"
+    )
     print(f"confusion matrix -> {result['confusion']}")
     if args.json:
         print(json.dumps(m))
@@ -170,8 +191,15 @@ def cmd_report(args) -> None:
     print(f"report -> {path}")
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "train": cmd_train, "finetune": cmd_finetune,
-            "evaluate": cmd_evaluate, "ensemble": cmd_ensemble, "report": cmd_report}
+COMMANDS = {
+    "demo": cmd_demo,
+    "run": cmd_run,
+    "train": cmd_train,
+    "finetune": cmd_finetune,
+    "evaluate": cmd_evaluate,
+    "ensemble": cmd_ensemble,
+    "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"transferlab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(f"transferlab {args.command}: {err}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"transferlab {args.command}: interrupted", file=sys.stderr)
         return 130

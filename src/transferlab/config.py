@@ -15,6 +15,10 @@ class UserError(Exception):
     """A mistake the user can fix; the CLI prints it as one line and exits 2."""
 
 
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving its state; the CLI exits 143."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides how one model is trained or fine-tuned."""
@@ -40,9 +44,13 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of train carved out as the validation split
     limit: int | None = None  # at most this many images per split (smoke tests)
     seed: int = 0  # seeds init, sampler order and augmentation (splits are fixed)
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp16 (CUDA) | fp32
     num_workers: int = 0  # DataLoader worker processes (0 is fastest on 2 cores)
     eval_batch_size: int = 256  # images per forward pass when predicting
+    checkpoint_every: int = 0  # also save the training state every N steps (0: each epoch)
+    keep_last: int = 2  # training-state checkpoints kept (newest first)
+    skip_bad_images: bool = False  # drop unreadable images (listed) instead of stopping
+    trust_pickle: bool = False  # allow pickled objects in .pt files (can run code!)
 
 
 def field_names(cls: type) -> list[str]:
@@ -60,7 +68,16 @@ def _coerce(name: str, value: object, hint: object) -> object:
     if base is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "yes",
+            "1",
+            "on",
+            "false",
+            "no",
+            "0",
+            "off",
+        ):
             return value.lower() in ("true", "yes", "1", "on")
         raise UserError(f"{name} must be true or false, got {value!r}")
     if base in (int, float):
@@ -100,7 +117,7 @@ CHOICES = {
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("cosine", "plateau", "constant"),
     "freeze": ("none", "backbone"),
-    "precision": ("auto", "bf16", "fp32"),
+    "precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
 
@@ -115,6 +132,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"input_size must be between 8 and 1024, got {cfg.input_size}")
     if cfg.lr <= 0:
         raise UserError(f"lr must be positive, got {cfg.lr}")
+    if cfg.keep_last < 1 or cfg.checkpoint_every < 0:
+        raise UserError("keep_last must be at least 1 and checkpoint_every at least 0")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("epochs and batch_size must be at least 1")
     if not 0 < cfg.val_fraction < 0.9:
@@ -141,5 +160,3 @@ def parse_set(pairs: list[str]) -> dict:
         key, value = pair.split("=", 1)
         out[key.strip()] = value.strip()
     return out
-
-

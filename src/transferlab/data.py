@@ -212,8 +212,7 @@ def carve(split: Split, fraction: float) -> tuple[Split, Split]:
         n_held, stratify = max(n_held, n_classes), split.labels
     if len(idx) - n_held < 1:
         raise UserError(f"too few images ({len(idx)}) to hold out {fraction:.0%} of them")
-    rest, held = train_test_split(idx, test_size=n_held, random_state=SPLIT_SEED,
-                                  stratify=stratify)
+    rest, held = train_test_split(idx, test_size=n_held, random_state=SPLIT_SEED, stratify=stratify)
     return split.subset(np.sort(rest)), split.subset(np.sort(held))
 
 
@@ -267,30 +266,70 @@ def resize(im: Image.Image, size: int, interpolation: str) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def decode(split: Split, size: int, channels: int, interpolation: str = "bilinear",
-           desc: str = "decode", quiet: bool = False) -> np.ndarray:
-    """Decode and resize a split once into a uint8 array (N, size, size, channels)."""
+def decode(
+    split: Split,
+    size: int,
+    channels: int,
+    interpolation: str = "bilinear",
+    desc: str = "decode",
+    quiet: bool = False,
+) -> np.ndarray:
+    """Decode and resize a split once into a uint8 array (N, size, size, channels).
+
+    Unreadable images (corrupt, truncated, decompression bombs) stop it, every one listed.
+    """
+    return decode_checked(split, size, channels, interpolation, False, desc, quiet)[0]
+
+
+def decode_checked(
+    split: Split,
+    size: int,
+    channels: int,
+    interpolation: str = "bilinear",
+    skip_bad: bool = False,
+    desc: str = "decode",
+    quiet: bool = False,
+) -> tuple[np.ndarray, Split, list[str]]:
+    """Like decode(); with skip_bad, unreadable images are dropped and reported instead.
+
+    Returns (images, the split without the dropped images, one line per dropped image).
+    """
     out = np.empty((len(split), size, size, channels), dtype=np.uint8)
+    mode = "L" if channels == 1 else "RGB"
     if split.arrays is not None:
         for i, arr in enumerate(split.arrays):
-            im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-            out[i] = _to_array(resize(im.convert("L" if channels == 1 else "RGB"), size,
-                                      interpolation), channels)
-        return out
-    bad = []
+            im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert(mode)
+            out[i] = _to_array(resize(im, size, interpolation), channels)
+        return out, split, []
+    bad, bad_idx = [], []
+    show = not quiet and len(split) >= 500
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        for i, path in enumerate(tqdm(split.paths, desc=desc, disable=quiet or len(split) < 500,
-                                      leave=False, unit="img")):
+        for i, path in enumerate(
+            tqdm(split.paths, desc=desc, disable=not show, leave=False, unit="img")
+        ):
             try:
-                out[i] = _to_array(resize(open_image(path, channels), size, interpolation), channels)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-                    Image.DecompressionBombWarning) as err:
+                out[i] = _to_array(
+                    resize(open_image(path, channels), size, interpolation), channels
+                )
+            except (
+                OSError,
+                ValueError,
+                SyntaxError,
+                Image.DecompressionBombError,
+                Image.DecompressionBombWarning,
+            ) as err:
                 bad.append(f"{path} ({type(err).__name__}: {err})")
-    if bad:
-        listed = "; ".join(bad[:20]) + (f"; ... {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise UserError(f"{len(bad)} unreadable image(s): {listed}")
-    return out
+                bad_idx.append(i)
+    if bad and not skip_bad:
+        raise UserError(
+            f"{len(bad)} unreadable image(s), fix or remove them or pass "
+            f"--skip-bad-images: " + "; ".join(bad)
+        )
+    if not bad:
+        return out, split, []
+    keep = np.setdiff1d(np.arange(len(split)), bad_idx)
+    return out[keep], split.subset(keep), bad
 
 
 def _to_array(im: Image.Image, channels: int) -> np.ndarray:
@@ -309,8 +348,9 @@ def augment_params(n: int, seed: int, epoch: int, pad: int) -> tuple[torch.Tenso
     return flips, offsets[0], offsets[1]
 
 
-def augment(x: torch.Tensor, flips: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
-            pad: int, flip: bool) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, flips: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int, flip: bool
+) -> torch.Tensor:
     """Random crop (reflect padding) and horizontal flip of a uint8 batch (B, H, W, C)."""
     b, h, w, _ = x.shape
     if pad > 0:
@@ -339,8 +379,9 @@ class EpochSampler(torch.utils.data.Sampler):
     into the previous batch, since BatchNorm cannot train on a single sample.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
-                 start: int = 0):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0
+    ):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.shuffle, self.start = shuffle, start
 
@@ -357,7 +398,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return out
 
     def __iter__(self):
-        yield from (b.tolist() for b in self.batches()[self.start:])
+        yield from (b.tolist() for b in self.batches()[self.start :])
 
     def __len__(self) -> int:
         return max(0, len(self.batches()) - self.start)
@@ -378,13 +419,25 @@ class ArrayDataset(torch.utils.data.Dataset):
         return self.images[i], self.labels[i], i
 
 
-def loader(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, epoch: int,
-           shuffle: bool, num_workers: int = 0, start: int = 0) -> torch.utils.data.DataLoader:
+def loader(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    start: int = 0,
+) -> torch.utils.data.DataLoader:
     """A DataLoader over a decoded split, with its own generator (no global RNG use)."""
     sampler = EpochSampler(len(labels), batch_size, seed, epoch, shuffle, start)
     return torch.utils.data.DataLoader(
-        ArrayDataset(images, labels), sampler=sampler, batch_size=None, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+        ArrayDataset(images, labels),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
     )
 
 

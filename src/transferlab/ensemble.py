@@ -62,8 +62,12 @@ def fit_weights(logp: np.ndarray, targets: np.ndarray, split: str) -> np.ndarray
     return softmax(res.x)
 
 
-COMBINERS = {"soft": combine_soft, "hard": combine_hard, "logit": combine_logit,
-             "weighted": combine_weighted}
+COMBINERS = {
+    "soft": combine_soft,
+    "hard": combine_hard,
+    "logit": combine_logit,
+    "weighted": combine_weighted,
+}
 FITTED = {"weighted"}  # methods whose parameters are fitted on the validation split
 
 
@@ -78,15 +82,18 @@ def check_classes(metas: list[dict], runs: list[str]) -> list[np.ndarray]:
         if set(meta["classes"]) != set(ref):
             extra = sorted(set(meta["classes"]) - set(ref))[:5]
             missing = sorted(set(ref) - set(meta["classes"]))[:5]
-            raise UserError(f"members have different classes: {run} vs {runs[0]} "
-                            f"(only in {run}: {extra}; only in {runs[0]}: {missing})")
+            raise UserError(
+                f"members have different classes: {run} vs {runs[0]} "
+                f"(only in {run}: {extra}; only in {runs[0]}: {missing})"
+            )
         index = {c: i for i, c in enumerate(meta["classes"])}
         orders.append(np.array([index[c] for c in ref]))
     return orders
 
 
-def member_logp(runs: list[str], data_spec: str | None = None, quiet: bool = False
-                ) -> tuple[dict, dict, list[dict], str]:
+def member_logp(
+    runs: list[str], data_spec: str | None = None, quiet: bool = False
+) -> tuple[dict, dict, list[dict], str]:
     """Member log-probs per split, aligned to the first member's classes.
 
     Uses each run's cached logits when the data agree; otherwise each member predicts the raw
@@ -102,8 +109,9 @@ def member_logp(runs: list[str], data_spec: str | None = None, quiet: bool = Fal
     if cached and all(checkpoint.load_logits(r, s) is not None for r in runs for s in SPLITS):
         for split in SPLITS:
             pairs = [checkpoint.load_logits(r, split) for r in runs]
-            logp[split] = np.stack([evaluate.log_softmax(lg[:, o]) for (lg, _), o
-                                    in zip(pairs, orders, strict=True)])
+            logp[split] = np.stack(
+                [evaluate.log_softmax(lg[:, o]) for (lg, _), o in zip(pairs, orders, strict=True)]
+            )
             targets[split] = pairs[0][1]
         return logp, targets, metas, spec
     ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
@@ -111,8 +119,9 @@ def member_logp(runs: list[str], data_spec: str | None = None, quiet: bool = Fal
         per_member = []
         for run, meta in zip(runs, metas, strict=True):
             lg = evaluate.predict_run(run, meta, ds, split, quiet)
-            cols = evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names,
-                                      f"run {run}")
+            cols = evaluate.class_map(
+                meta["classes"], meta["class_names"], ds.classes, ds.names, f"run {run}"
+            )
             per_member.append(evaluate.log_softmax(lg[:, cols]))
         logp[split] = np.stack(per_member)
         targets[split] = ds.splits[split].labels
@@ -122,8 +131,9 @@ def member_logp(runs: list[str], data_spec: str | None = None, quiet: bool = Fal
 # ----------------------------------------------------------------------------- ensemble folder
 
 
-def build(runs: list[str], method: str, out: str | Path, data_spec: str | None = None,
-          quiet: bool = False) -> dict:
+def build(
+    runs: list[str], method: str, out: str | Path, data_spec: str | None = None, quiet: bool = False
+) -> dict:
     """Combine runs with `method`, fit what needs fitting on val, write the ensemble folder."""
     if method not in COMBINERS:
         raise UserError(f"unknown ensemble method '{method}' (known: {', '.join(COMBINERS)})")
@@ -132,8 +142,11 @@ def build(runs: list[str], method: str, out: str | Path, data_spec: str | None =
     t0 = time.time()
     runs = [str(r) for r in runs]
     logp, targets, metas, spec = member_logp(runs, data_spec, quiet)
-    weights = (fit_weights(logp["val"], targets["val"], "val") if method in FITTED
-               else np.full(len(runs), 1.0 / len(runs)))
+    weights = (
+        fit_weights(logp["val"], targets["val"], "val")
+        if method in FITTED
+        else np.full(len(runs), 1.0 / len(runs))
+    )
     out = Path(out)
     results, members = {}, []
     for split in SPLITS:
@@ -141,17 +154,29 @@ def build(runs: list[str], method: str, out: str | Path, data_spec: str | None =
         checkpoint.save_logits(out, split, combined, targets[split])
         results[split] = evaluate.metrics(combined, targets[split])
     for run, meta, i in zip(runs, metas, range(len(runs)), strict=True):
-        members.append({"run": str(Path(run).resolve()), "arch": meta["arch"],
-                        "input_size": meta["preprocessing"]["input_size"],
-                        "channels": meta["preprocessing"]["channels"],
-                        "weight": float(weights[i]),
-                        "test": evaluate.metrics(logp["test"][i], targets["test"])})
+        members.append(
+            {
+                "run": str(Path(run).resolve()),
+                "arch": meta["arch"],
+                "input_size": meta["preprocessing"]["input_size"],
+                "channels": meta["preprocessing"]["channels"],
+                "weight": float(weights[i]),
+                "test": evaluate.metrics(logp["test"][i], targets["test"]),
+            }
+        )
     best = max(m["test"]["top1"] for m in members)
-    info = {"format": 1, "method": method, "members": members, "fitted_on": "val"
-            if method in FITTED else None, "data": spec, "classes": metas[0]["classes"],
-            "class_names": metas[0]["class_names"], "metrics": results,
-            "gain_over_best_member": results["test"]["top1"] - best,
-            "seconds": round(time.time() - t0, 2)}
+    info = {
+        "format": 1,
+        "method": method,
+        "members": members,
+        "fitted_on": "val" if method in FITTED else None,
+        "data": spec,
+        "classes": metas[0]["classes"],
+        "class_names": metas[0]["class_names"],
+        "metrics": results,
+        "gain_over_best_member": results["test"]["top1"] - best,
+        "seconds": round(time.time() - t0, 2),
+    }
     checkpoint.write_json(out / ENSEMBLE, info)
     return info
 
@@ -169,28 +194,32 @@ def read(path: str | Path) -> dict:
         raise UserError(f"cannot read {Path(path) / ENSEMBLE}: {err}") from None
 
 
-def evaluate_ensemble(path: str | Path, data_spec: str | None, split: str,
-                      quiet: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+def evaluate_ensemble(
+    path: str | Path, data_spec: str | None, split: str, quiet: bool = True
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Recompute an ensemble's combined log-probs on a split from its members' runs."""
     info = read(path)
     runs = [m["run"] for m in info["members"]]
     metas = [checkpoint.read_meta(r) for r in runs]
     orders = check_classes(metas, runs)
-    ds = data.load(data_spec or info["data"], metas[0].get("val_fraction", 0.1),
-                   metas[0].get("limit"))
+    ds = data.load(
+        data_spec or info["data"], metas[0].get("val_fraction", 0.1), metas[0].get("limit")
+    )
     per_member = []
     for run, meta, order in zip(runs, metas, orders, strict=True):
         lg = evaluate.predict_run(run, meta, ds, split, quiet)[:, order]
-        cols = evaluate.class_map(info["classes"], info["class_names"], ds.classes, ds.names,
-                                  f"ensemble {path}")
+        cols = evaluate.class_map(
+            info["classes"], info["class_names"], ds.classes, ds.names, f"ensemble {path}"
+        )
         per_member.append(evaluate.log_softmax(lg[:, cols]))
     weights = np.array([m["weight"] for m in info["members"]])
     combined = COMBINERS[info["method"]](np.stack(per_member), weights)
     return combined, ds.splits[split].labels, info
 
 
-def evaluate_path(path: str | Path, data_spec: str | None = None, split: str = "test",
-                  quiet: bool = True) -> dict:
+def evaluate_path(
+    path: str | Path, data_spec: str | None = None, split: str = "test", quiet: bool = True
+) -> dict:
     """Score a run or an ensemble folder from its saved files; writes its confusion matrix."""
     path = Path(path)
     if is_ensemble(path):
@@ -200,13 +229,15 @@ def evaluate_path(path: str | Path, data_spec: str | None = None, split: str = "
         meta = checkpoint.read_meta(path)
         spec = data_spec or meta["data"]
         ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
-        cols = evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names,
-                                  f"run {path}")
+        cols = evaluate.class_map(
+            meta["classes"], meta["class_names"], ds.classes, ds.names, f"run {path}"
+        )
         logp = evaluate.predict_run(path, meta, ds, split, quiet)[:, cols]
         targets, names = ds.splits[split].labels, ds.names
     result = evaluate.metrics(logp, targets)
     figure = path / ("confusion.png" if split == "test" else f"confusion-{split}.png")
     matrix = evaluate.confusion(logp.argmax(1), targets, len(names))
-    plots.confusion(matrix, names, figure, f"{path.name} on {spec} [{split}]: "
-                    f"top-1 {result['top1']:.2%}")
+    plots.confusion(
+        matrix, names, figure, f"{path.name} on {spec} [{split}]: top-1 {result['top1']:.2%}"
+    )
     return {"metrics": result, "data": spec, "confusion": str(figure)}

@@ -17,7 +17,9 @@ def bf16_supported() -> bool:
     """bf16 autocast pays off only with native bf16 matmuls (AVX512-BF16/AMX, or CUDA)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def resolve_precision(precision: str) -> str:
@@ -31,21 +33,27 @@ def device() -> torch.device:
 
 
 def autocast(precision: str):
-    if precision == "bf16":
-        return torch.autocast(device().type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device().type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, prep: dict, precision: str = "fp32",
-            batch_size: int = 256, desc: str = "predict", quiet: bool = True) -> np.ndarray:
+def predict(
+    model: nn.Module,
+    images: np.ndarray,
+    prep: dict,
+    precision: str = "fp32",
+    batch_size: int = 256,
+    desc: str = "predict",
+    quiet: bool = True,
+) -> np.ndarray:
     """Logits (N, K) float32 for a decoded uint8 array (N, H, W, C), in eval mode."""
     model.eval()
     dev = device()
     out = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, disable=quiet, leave=False, unit="batch"):
-        x = torch.from_numpy(np.array(images[start:start + batch_size]))  # (B, H, W, C) uint8
+        x = torch.from_numpy(np.array(images[start : start + batch_size]))  # (B, H, W, C) uint8
         x = data.normalize(x, prep["mean"], prep["std"]).to(dev)
         with autocast(precision):
             out.append(model(x).float().cpu())
@@ -57,29 +65,47 @@ _DECODED: dict = {}  # decoded splits shared by members with the same preprocess
 
 def decoded(ds: data.Dataset, split: str, prep: dict, quiet: bool = True) -> np.ndarray:
     """A split decoded at a member's size/channels, decoded once per process and shape."""
-    key = (ds.spec, split, len(ds.splits[split]), prep["input_size"], prep["channels"],
-           prep["interpolation"])
+    key = (
+        ds.spec,
+        split,
+        len(ds.splits[split]),
+        prep["input_size"],
+        prep["channels"],
+        prep["interpolation"],
+    )
     if key not in _DECODED:
         if len(_DECODED) >= 4:
             _DECODED.clear()
-        _DECODED[key] = data.decode(ds.splits[split], prep["input_size"], prep["channels"],
-                                    prep["interpolation"], desc=f"decode {split}", quiet=quiet)
+        _DECODED[key] = data.decode(
+            ds.splits[split],
+            prep["input_size"],
+            prep["channels"],
+            prep["interpolation"],
+            desc=f"decode {split}",
+            quiet=quiet,
+        )
     return _DECODED[key]
 
 
 def load_run_model(run, meta: dict) -> nn.Module:
     """The trained model of a run folder (weights from safetensors, no pickle)."""
     model = models.create(meta["arch"], meta["num_classes"], meta["preprocessing"]["channels"])
-    model.load_state_dict(checkpoint.load_state_dict_file(checkpoint.weights_path(run)))
+    model.load_state_dict(checkpoint.load_run_weights(run, meta))
     return model.to(device()).to(memory_format=torch.channels_last)
 
 
 def predict_run(run, meta: dict, ds: data.Dataset, split: str, quiet: bool = True) -> np.ndarray:
     """Logits of one run on a split, through the run's own preprocessing and precision."""
     images = decoded(ds, split, meta["preprocessing"], quiet)
-    return predict(load_run_model(run, meta), images, meta["preprocessing"],
-                   meta.get("precision", "fp32"), meta.get("eval_batch_size", 256),
-                   desc=f"predict {split}", quiet=quiet)
+    return predict(
+        load_run_model(run, meta),
+        images,
+        meta["preprocessing"],
+        meta.get("precision", "fp32"),
+        meta.get("eval_batch_size", 256),
+        desc=f"predict {split}",
+        quiet=quiet,
+    )
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -109,8 +135,13 @@ def confusion(pred: np.ndarray, targets: np.ndarray, num_classes: int) -> np.nda
     return confusion_matrix(targets, pred, labels=np.arange(num_classes))
 
 
-def class_map(model_classes: list[str], model_names: list[str], data_classes: list[str],
-              data_names: list[str], who: str) -> np.ndarray:
+def class_map(
+    model_classes: list[str],
+    model_names: list[str],
+    data_classes: list[str],
+    data_names: list[str],
+    who: str,
+) -> np.ndarray:
     """For each dataset class, the model's output index: matched by id, then by name.
 
     A dataset class the model does not know is refused, naming it.

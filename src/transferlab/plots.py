@@ -44,8 +44,15 @@ def confusion(matrix: np.ndarray, names: list[str], path: Path, title: str) -> N
             for i in range(k):
                 for j in range(k):
                     if matrix[i, j]:
-                        ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                                color="white" if norm[i, j] > 0.5 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{norm[i, j]:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black",
+                        )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)

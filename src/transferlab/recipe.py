@@ -75,8 +75,9 @@ def validate(recipe: dict) -> None:
     make_config(recipe.get("overrides") or {})
     for i, step in enumerate(recipe["steps"]):
         kind, name, keys = parse_step(step, i)
-        allowed = set(EXTRA_KEYS.get(kind, ())) | ({*field_names(TrainConfig)} - {"data"}
-                                                   if kind in ("train", "finetune") else set())
+        allowed = set(EXTRA_KEYS.get(kind, ())) | (
+            {*field_names(TrainConfig)} - {"data"} if kind in ("train", "finetune") else set()
+        )
         allowed |= {"data"} if kind in ("train", "finetune", "ensemble") else set()
         for key in keys:
             if key.replace("-", "_") not in allowed:
@@ -92,15 +93,21 @@ def parse_step(step, index: int) -> tuple[str, str, dict]:
         raise UserError(f"step {index} must be a mapping like '- train: NAME'")
     kinds = [k for k in step if k in STEP_KINDS]
     if len(kinds) != 1:
-        raise UserError(f"step {index} needs exactly one of {', '.join(STEP_KINDS)}; "
-                        f"got keys {', '.join(map(str, step))}")
+        raise UserError(
+            f"step {index} needs exactly one of {', '.join(STEP_KINDS)}; "
+            f"got keys {', '.join(map(str, step))}"
+        )
     kind = kinds[0]
     name = step[kind] if isinstance(step[kind], str) else kind
     return kind, str(name), {k: v for k, v in step.items() if k != kind}
 
 
-def run(path: str | Path, out: str | Path | None = None, overrides: dict | None = None,
-        quiet: bool = False) -> Path:
+def run(
+    path: str | Path,
+    out: str | Path | None = None,
+    overrides: dict | None = None,
+    quiet: bool = False,
+) -> Path:
     """Run every step of a recipe into `out`; returns the output folder."""
     recipe = apply_overrides(load(path), overrides or {})
     validate(recipe)
@@ -117,8 +124,12 @@ def run(path: str | Path, out: str | Path | None = None, overrides: dict | None 
 
 
 def _train(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
-    settings = {"data": recipe.get("data", "digits"), **(recipe.get("defaults") or {}), **keys,
-                **recipe["overrides"]}
+    settings = {
+        "data": recipe.get("data", "digits"),
+        **(recipe.get("defaults") or {}),
+        **keys,
+        **recipe["overrides"],
+    }
     _fit(make_config(settings), out / name, quiet)
 
 
@@ -148,11 +159,15 @@ def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> No
 
 def print_ensemble(info: dict) -> None:
     for m in info["members"]:
-        print(f"   member {Path(m['run']).name:<24} test top-1 {m['test']['top1']:.2%}  "
-              f"weight {m['weight']:.3f}")
+        print(
+            f"   member {Path(m['run']).name:<24} test top-1 {m['test']['top1']:.2%}  "
+            f"weight {m['weight']:.3f}"
+        )
     test = info["metrics"]["test"]
-    print(f"   {info['method']} ensemble: test top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%} "
-          f"({100 * info['gain_over_best_member']:+.2f} points over the best member)")
+    print(
+        f"   {info['method']} ensemble: test top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%} "
+        f"({100 * info['gain_over_best_member']:+.2f} points over the best member)"
+    )
 
 
 def _report(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:

@@ -8,8 +8,19 @@ from pathlib import Path
 
 from . import checkpoint, ensemble
 
-COLUMNS = ["model", "arch", "weights", "input", "params", "train top-1", "val top-1",
-           "test top-1", "test top-5", "epochs", "seconds"]
+COLUMNS = [
+    "model",
+    "arch",
+    "weights",
+    "input",
+    "params",
+    "train top-1",
+    "val top-1",
+    "test top-1",
+    "test top-5",
+    "epochs",
+    "seconds",
+]
 
 
 def collect(root: Path) -> list[dict]:
@@ -32,12 +43,18 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
     if weights == "run":
         weights = f"from {Path(src['parent']).name}"
     return {
-        "model": str(path.relative_to(root)) or path.name, "arch": meta["arch"], "weights": weights,
+        "model": str(path.relative_to(root)) or path.name,
+        "arch": meta["arch"],
+        "weights": weights,
         "input": f"{prep['input_size']}px x{prep['channels']}",
-        "params": f"{meta['params'] / 1e6:.2f}M", "train top-1": _pct(m["train"]["top1"]),
-        "val top-1": _pct(m["val"]["top1"]), "test top-1": _pct(m["test"]["top1"]),
-        "test top-5": _pct(m["test"]["top5"]), "epochs": str(meta["epochs_run"]),
-        "seconds": f"{meta['seconds']:.0f}", "_curves": path / "curves.png",
+        "params": f"{meta['params'] / 1e6:.2f}M",
+        "train top-1": _pct(m["train"]["top1"]),
+        "val top-1": _pct(m["val"]["top1"]),
+        "test top-1": _pct(m["test"]["top1"]),
+        "test top-5": _pct(m["test"]["top5"]),
+        "epochs": str(meta["epochs_run"]),
+        "seconds": f"{meta['seconds']:.0f}",
+        "_curves": path / "curves.png",
         "_test": m["test"]["top1"],
     }
 
@@ -46,11 +63,19 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
     m = info["metrics"]
     names = ", ".join(Path(x["run"]).name for x in info["members"])
     return {
-        "model": str(path.relative_to(root)) or path.name, "arch": f"ensemble ({info['method']})",
-        "weights": names, "input": "per member", "params": "-", "train top-1": "-",
-        "val top-1": _pct(m["val"]["top1"]), "test top-1": _pct(m["test"]["top1"]),
-        "test top-5": _pct(m["test"]["top5"]), "epochs": "-", "seconds": f"{info['seconds']:.0f}",
-        "_curves": None, "_test": m["test"]["top1"],
+        "model": str(path.relative_to(root)) or path.name,
+        "arch": f"ensemble ({info['method']})",
+        "weights": names,
+        "input": "per member",
+        "params": "-",
+        "train top-1": "-",
+        "val top-1": _pct(m["val"]["top1"]),
+        "test top-1": _pct(m["test"]["top1"]),
+        "test top-5": _pct(m["test"]["top5"]),
+        "epochs": "-",
+        "seconds": f"{info['seconds']:.0f}",
+        "_curves": None,
+        "_test": m["test"]["top1"],
     }
 
 
@@ -65,17 +90,30 @@ def write(root: str | Path) -> tuple[Path, str]:
     root = Path(root)
     rows = collect(root)
     table = markdown_table(rows)
-    best_single = max((r for r in rows if r["_curves"] is not None), key=lambda r: r["_test"],
-                      default=None)
-    best_ens = max((r for r in rows if r["_curves"] is None), key=lambda r: r["_test"], default=None)
-    parts = [f"# transferlab report: {root.name}", "", "Top-1 on the held-out test split; "
-             "val is carved from train. Train top-1 is measured on augmented batches during "
-             "training.", "", table, ""]
+    best_single = max(
+        (r for r in rows if r["_curves"] is not None), key=lambda r: r["_test"], default=None
+    )
+    best_ens = max(
+        (r for r in rows if r["_curves"] is None), key=lambda r: r["_test"], default=None
+    )
+    parts = [
+        f"# transferlab report: {root.name}",
+        "",
+        "Top-1 on the held-out test split; "
+        "val is carved from train. Train top-1 is measured on augmented batches during "
+        "training.",
+        "",
+        table,
+        "",
+    ]
     if best_single and best_ens:
         gain = 100 * (best_ens["_test"] - best_single["_test"])
-        parts += [f"Best single model: **{best_single['model']}** {best_single['test top-1']}; "
-                  f"best ensemble: **{best_ens['model']}** {best_ens['test top-1']} "
-                  f"({gain:+.2f} points).", ""]
+        parts += [
+            f"Best single model: **{best_single['model']}** {best_single['test top-1']}; "
+            f"best ensemble: **{best_ens['model']}** {best_ens['test top-1']} "
+            f"({gain:+.2f} points).",
+            "",
+        ]
     parts += ["## Curves", ""]
     for r in rows:
         if r["_curves"] is not None and r["_curves"].is_file():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import platform
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,122 +23,336 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint, data, evaluate, models, plots
-from .config import TrainConfig, UserError, to_dict
+from .config import Preempted, TrainConfig, UserError, to_dict
 
 
-def fit(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-        quiet: bool = False) -> dict:
+def fit(
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict:
     """Train (or fine-tune, when cfg.weights names a run) one model into the run folder `out`."""
     out = Path(out)
     _prepare_out(out, resume, overwrite)
+    log = (lambda *a: print(*a, flush=True)) if not quiet else (lambda *a: None)
     ds = data.load(cfg.data, cfg.val_fraction, cfg.limit)
     torch.manual_seed(cfg.seed)  # model init
     model, prep, source = models.build(cfg, ds.classes, ds.native_size, ds.native_channels)
     frozen = freeze(model, cfg.freeze)
     precision = evaluate.resolve_precision(cfg.precision)
-    dev = evaluate.device()
-    model.to(dev).to(memory_format=torch.channels_last)
-    log = (lambda *a: print(*a, flush=True)) if not quiet else (lambda *a: None)
-    log(f"[{out.name}] {cfg.model if source['weights'] != 'run' else 'from ' + source['parent']} "
-        f"on {ds.spec}: {len(ds.classes)} classes, {models.describe(model)}, "
-        f"input {prep['input_size']}px x{prep['channels']}, weights={source['weights']}, "
-        f"precision={precision}")
+    model.to(evaluate.device()).to(memory_format=torch.channels_last)
+    origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
+    log(
+        f"[{out.name}] {origin} on {ds.spec}: {len(ds.classes)} classes, "
+        f"{models.describe(model)}, input {prep['input_size']}px x{prep['channels']}, "
+        f"weights={source['weights']}, precision={precision}"
+    )
+    images, labels = decode_splits(ds, prep, cfg, out.name, log, quiet)
 
-    images = {s: data.decode(ds.splits[s], prep["input_size"], prep["channels"],
-                             prep["interpolation"], desc=f"decode {s}", quiet=quiet)
-              for s in ("train", "val", "test")}
-    labels = {s: ds.splits[s].labels for s in images}
-    log(f"[{out.name}] train {len(labels['train'])}, val {len(labels['val'])}, "
-        f"test {len(labels['test'])} images")
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     steps_per_epoch = len(data.EpochSampler(len(labels["train"]), cfg.batch_size, 0, 0, True))
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
-    history, best = [], {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
-    start_epoch, stale = 1, 0
-    if resume and (out / checkpoint.STATE).is_file():
-        state = checkpoint.load_state(out / checkpoint.STATE)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        history, best, stale = state["history"], state["best"], state["stale"]
-        start_epoch = state["epoch"] + 1
-        log(f"[{out.name}] resumed after epoch {state['epoch']}")
+    scaler = torch.amp.GradScaler(evaluate.device().type, enabled=precision == "fp16")
+    progress = new_progress()
+    if resume:
+        progress = restore(out, model, optimizer, scheduler, scaler, cfg, log) or progress
 
-    t_start = time.time() - sum(r["seconds"] for r in history)
     pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep["input_size"] // 8
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.time()
-        loader = data.loader(images["train"], labels["train"], cfg.batch_size, cfg.seed, epoch,
-                             shuffle=True, num_workers=cfg.num_workers)
-        aug = data.augment_params(len(labels["train"]), cfg.seed, epoch, pad)
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=quiet, leave=False,
-                   unit="batch")
-        train_loss, train_acc = train_one_epoch(model, frozen, bar, optimizer, scheduler, prep,
-                                                aug, pad, cfg, precision, epoch)
-        val_logits = evaluate.predict(model, images["val"], prep, precision, cfg.eval_batch_size)
-        val = evaluate.metrics(val_logits, labels["val"])
-        if cfg.schedule == "plateau":
-            scheduler.step(val["loss"])
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-               "train_acc": train_acc, "val_loss": val["loss"], "val_acc": val["top1"],
-               "seconds": time.time() - t0}
-        history.append(row)
-        improved = val["top1"] > best["val_acc"] or (
-            val["top1"] == best["val_acc"] and val["loss"] < best["val_loss"])
-        if improved:
-            best = {"val_acc": val["top1"], "val_loss": val["loss"], "epoch": epoch,
-                    "state": {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}}
-        stale = 0 if improved else stale + 1
-        log(f"[{out.name}] epoch {epoch:>3}  loss {train_loss:.4f}  train {train_acc:.2%}  "
-            f"val loss {val['loss']:.4f}  val {val['top1']:.2%}  {row['seconds']:.1f}s")
-        checkpoint.save_state(out / checkpoint.STATE, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-            "history": history, "best": best, "stale": stale})
-        if cfg.patience and stale >= cfg.patience:
-            log(f"[{out.name}] early stop: val top-1 has not improved for {stale} epochs")
-            break
+    t_start = time.time() - progress["seconds"]
+    with stop_on_sigterm() as stop:
 
+        def save() -> None:
+            progress["seconds"] = time.time() - t_start
+            checkpoint.save_checkpoint(
+                out / "state",
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "progress": progress,
+                    "config": to_dict(cfg),
+                },
+                progress["global_step"],
+                cfg.keep_last,
+            )
+
+        def after_step() -> None:  # a step boundary: periodic save, pre-emption
+            if cfg.checkpoint_every and progress["global_step"] % cfg.checkpoint_every == 0:
+                save()
+            if stop["requested"]:
+                save()
+                raise Preempted(
+                    f"stopped by SIGTERM at epoch {progress['epoch']} step "
+                    f"{progress['step']}; state saved in {out / 'state'}: "
+                    "rerun with --resume to continue"
+                )
+
+        while progress["epoch"] <= cfg.epochs and not progress["stopped_early"]:
+            epoch, t0 = progress["epoch"], time.time()
+            loader = data.loader(
+                images["train"],
+                labels["train"],
+                cfg.batch_size,
+                cfg.seed,
+                epoch,
+                shuffle=True,
+                num_workers=cfg.num_workers,
+                start=progress["step"],
+            )
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                disable=quiet,
+                leave=False,
+                unit="batch",
+                initial=progress["step"],
+                total=progress["step"] + len(loader),
+            )
+            aug = data.augment_params(len(labels["train"]), cfg.seed, epoch, pad)
+            with out_of_memory_hint(cfg.batch_size):
+                train_one_epoch(
+                    model,
+                    frozen,
+                    bar,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    prep,
+                    aug,
+                    pad,
+                    cfg,
+                    precision,
+                    progress,
+                    after_step,
+                )
+            end_epoch(
+                model,
+                images,
+                labels,
+                prep,
+                precision,
+                cfg,
+                optimizer,
+                scheduler,
+                progress,
+                time.time() - t0,
+                out.name,
+                log,
+            )
+            save()
+
+    best = progress["best"]
     model.load_state_dict(best["state"])
-    meta = finish(out, model, cfg, ds, images, labels, prep, source, precision, history, best,
-                  time.time() - t_start)
+    meta = finish(
+        out,
+        model,
+        cfg,
+        ds,
+        images,
+        labels,
+        prep,
+        source,
+        precision,
+        progress["history"],
+        best,
+        time.time() - t_start,
+    )
     m = meta["metrics"]
-    log(f"[{out.name}] best epoch {best['epoch']}: val {m['val']['top1']:.2%}  "
-        f"test {m['test']['top1']:.2%} (top-5 {m['test']['top5']:.2%})  -> {out}")
+    log(
+        f"[{out.name}] best epoch {best['epoch']}: val {m['val']['top1']:.2%}  "
+        f"test {m['test']['top1']:.2%} (top-5 {m['test']['top5']:.2%})  -> {out}"
+    )
     return meta
 
 
-def train_one_epoch(model, frozen, batches, optimizer, scheduler, prep, aug, pad, cfg,
-                    precision, epoch) -> tuple[float, float]:
-    """One pass over the training batches; returns (mean loss, accuracy) on augmented data."""
+def train_one_epoch(
+    model,
+    frozen,
+    batches,
+    optimizer,
+    scheduler,
+    scaler,
+    prep,
+    aug,
+    pad,
+    cfg,
+    precision,
+    progress,
+    after_step,
+) -> None:
+    """Train on the remaining batches of an epoch; `progress` holds the running totals."""
     set_train_mode(model, frozen)
     dev = evaluate.device()
     flips, dy, dx = aug
-    total_loss, correct, seen = 0.0, 0, 0
-    for step, (x, y, idx) in enumerate(batches):
-        x = data.augment(x, flips[idx], dy[idx], dx[idx], pad, cfg.flip)
-        x = data.normalize(x, prep["mean"], prep["std"]).to(dev)
+    for x, y, idx in batches:
+        x = data.augment(x, flips[idx], dy[idx], dx[idx], pad, cfg.flip)  # (B, H, W, C) uint8
+        x = data.normalize(x, prep["mean"], prep["std"]).to(dev)  # (B, C, H, W) float
         y = y.to(dev)
         with evaluate.autocast(precision):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
-            raise UserError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}; "
-                            f"try a lower --lr (now {cfg.lr:g})")
+            raise UserError(
+                f"non-finite loss ({loss.item()}) at epoch {progress['epoch']} step "
+                f"{progress['step']}; try a lower --lr (now {cfg.lr:g}); "
+                "checkpoints written before this step are intact"
+            )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if cfg.schedule != "plateau":
             scheduler.step()
-        total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-        if hasattr(batches, "set_postfix"):
-            batches.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.2%}")
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+        totals = progress["totals"]  # [summed loss, correct, seen] of this epoch so far
+        totals[0] += loss.item() * len(y)
+        totals[1] += int((logits.argmax(1) == y).sum())
+        totals[2] += len(y)
+        progress["losses"].append(loss.item())
+        progress["step"] += 1
+        progress["global_step"] += 1
+        batches.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.2%}")
+        after_step()
+
+
+def end_epoch(
+    model, images, labels, prep, precision, cfg, optimizer, scheduler, progress, seconds, name, log
+) -> None:
+    """Validate, record the epoch, keep the best weights, decide on early stopping."""
+    val = evaluate.metrics(
+        evaluate.predict(model, images["val"], prep, precision, cfg.eval_batch_size), labels["val"]
+    )
+    if cfg.schedule == "plateau":
+        scheduler.step(val["loss"])
+    loss_sum, correct, seen = progress["totals"]
+    row = {
+        "epoch": progress["epoch"],
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "val_loss": val["loss"],
+        "val_acc": val["top1"],
+        "seconds": seconds,
+    }
+    progress["history"].append(row)
+    best = progress["best"]
+    if improves(val, best):
+        progress["best"] = {
+            "val_acc": val["top1"],
+            "val_loss": val["loss"],
+            "epoch": row["epoch"],
+            "state": {k: v.detach().clone().cpu() for k, v in model.state_dict().items()},
+        }
+        progress["stale"] = 0
+    else:
+        progress["stale"] += 1
+    log(
+        f"[{name}] epoch {row['epoch']:>3}  loss {row['train_loss']:.4f}  "
+        f"train {row['train_acc']:.2%}  val loss {val['loss']:.4f}  val {val['top1']:.2%}  "
+        f"{seconds:.1f}s"
+    )
+    if cfg.patience and progress["stale"] >= cfg.patience:
+        log(f"[{name}] early stop: val top-1 has not improved for {progress['stale']} epochs")
+        progress["stopped_early"] = True
+    progress.update(epoch=row["epoch"] + 1, step=0, totals=[0.0, 0, 0])
+
+
+def improves(val: dict, best: dict) -> bool:
+    """Higher val top-1, or equal top-1 and lower loss. A NaN metric is never an improvement."""
+    if not (math.isfinite(val["top1"]) and math.isfinite(val["loss"])):
+        return False
+    return val["top1"] > best["val_acc"] or (
+        val["top1"] == best["val_acc"] and val["loss"] < best["val_loss"]
+    )
+
+
+def new_progress() -> dict:
+    """Where training stands: plain types and tensors only (weights-only loadable)."""
+    return {
+        "epoch": 1,
+        "step": 0,
+        "global_step": 0,
+        "totals": [0.0, 0, 0],
+        "losses": [],
+        "history": [],
+        "stale": 0,
+        "stopped_early": False,
+        "seconds": 0.0,
+        "best": {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None},
+    }
+
+
+def restore(out, model, optimizer, scheduler, scaler, cfg, log) -> dict | None:
+    """Load the newest valid checkpoint into the training objects; None when there is none."""
+    found = checkpoint.newest_checkpoint(out / "state", trust_pickle=cfg.trust_pickle)
+    if found is None:
+        log(f"[{out.name}] nothing to resume in {out / 'state'}: starting from scratch")
+        return None
+    state, path = found
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    p = state["progress"]
+    log(f"[{out.name}] resumed from {path.name}: epoch {p['epoch']}, step {p['step']}")
+    return p
+
+
+def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
+    """Decode every split at the model's size; bad images stop the run or, if asked, are dropped."""
+    images, labels = {}, {}
+    for split in ("train", "val", "test"):
+        arr, kept, bad = data.decode_checked(
+            ds.splits[split],
+            prep["input_size"],
+            prep["channels"],
+            prep["interpolation"],
+            skip_bad=cfg.skip_bad_images,
+            quiet=quiet,
+        )
+        if bad:
+            log(f"[{name}] skipped {len(bad)} unreadable {split} image(s): " + "; ".join(bad))
+        images[split], labels[split] = arr, kept.labels
+    log(
+        f"[{name}] train {len(labels['train'])}, val {len(labels['val'])}, "
+        f"test {len(labels['test'])} images"
+    )
+    return images, labels
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM into a request to stop at the next step boundary (main thread only)."""
+    flag = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["requested"] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_size: int):
+    """Turn an out-of-memory error into advice; the last checkpoint on disk stays intact."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory: reduce --batch-size (now {batch_size})") from None
+    except RuntimeError as err:
+        if "can't allocate memory" in str(err) or "out of memory" in str(err).lower():
+            raise UserError(f"out of memory: reduce --batch-size (now {batch_size})") from None
+        raise
 
 
 def freeze(model: nn.Module, what: str) -> list[nn.Module]:
@@ -158,8 +375,9 @@ def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
     return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -180,30 +398,52 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def finish(out, model, cfg, ds, images, labels, prep, source, precision, history, best,
-           seconds) -> dict:
+def finish(
+    out, model, cfg, ds, images, labels, prep, source, precision, history, best, seconds
+) -> dict:
     """Write weights, logits, history, curves and meta.json (last: it marks the run complete)."""
-    arch = cfg.model if source["weights"] != "run" else checkpoint.read_meta(source["parent"])["arch"]
+    arch = (
+        cfg.model if source["weights"] != "run" else checkpoint.read_meta(source["parent"])["arch"]
+    )
     checkpoint.save_weights(out, model, arch, ds.classes)
+    weights_sha256 = checkpoint.sha256(checkpoint.weights_path(out))
     results = {}
     for split in ("val", "test"):
         logits = evaluate.predict(model, images[split], prep, precision, cfg.eval_batch_size)
         checkpoint.save_logits(out, split, logits, labels[split])
         results[split] = evaluate.metrics(logits, labels[split])
     best_row = next(r for r in history if r["epoch"] == best["epoch"])
-    results["train"] = {"top1": best_row["train_acc"], "loss": best_row["train_loss"],
-                        "n": len(labels["train"]), "note": "augmented, during training"}
+    results["train"] = {
+        "top1": best_row["train_acc"],
+        "loss": best_row["train_loss"],
+        "n": len(labels["train"]),
+        "note": "augmented, during training",
+    }
     write_history(out / "history.csv", history)
     plots.curves(history, out / "curves.png", f"{out.name}: {arch} on {ds.spec}")
     meta = {
-        "format": 1, "arch": arch, "num_classes": len(ds.classes), "classes": ds.classes,
-        "class_names": ds.names, "preprocessing": prep, "source": source, "data": ds.spec,
-        "val_fraction": cfg.val_fraction, "limit": cfg.limit, "config": to_dict(cfg),
-        "seed": cfg.seed, "precision": precision, "eval_batch_size": cfg.eval_batch_size,
+        "format": 1,
+        "arch": arch,
+        "num_classes": len(ds.classes),
+        "classes": ds.classes,
+        "class_names": ds.names,
+        "preprocessing": prep,
+        "source": source,
+        "data": ds.spec,
+        "val_fraction": cfg.val_fraction,
+        "limit": cfg.limit,
+        "config": to_dict(cfg),
+        "seed": cfg.seed,
+        "precision": precision,
+        "eval_batch_size": cfg.eval_batch_size,
         "params": models.count_params(model),
         "trainable_params": models.count_params(model, trainable=True),
-        "epochs_run": len(history), "best_epoch": best["epoch"], "seconds": round(seconds, 1),
-        "metrics": results, "versions": versions(),
+        "weights_sha256": weights_sha256,
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"],
+        "seconds": round(seconds, 1),
+        "metrics": results,
+        "versions": versions(),
     }
     checkpoint.write_json(out / checkpoint.META, meta)
     return meta
@@ -222,20 +462,36 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         if overwrite:
             shutil.rmtree(out)
         elif not resume:
-            raise UserError(f"run folder {out} already exists: pass --resume to continue it "
-                            "or --overwrite to replace it")
+            raise UserError(
+                f"run folder {out} already exists: pass --resume to continue it "
+                "or --overwrite to replace it"
+            )
     out.mkdir(parents=True, exist_ok=True)
 
 
 def versions() -> dict:
-    return {"transferlab": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "python": platform.python_version(), "git": git_sha()}
+    return {
+        "transferlab": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "git": git_sha(),
+    }
 
 
 def git_sha() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -245,9 +501,13 @@ def finetune_config(run: str | Path, overrides: dict) -> TrainConfig:
     from .config import make_config
 
     meta = checkpoint.read_meta(run)
-    base = replace(TrainConfig(), **{k: v for k, v in meta["config"].items()
-                                     if k in TrainConfig.__dataclass_fields__})
-    base = replace(base, weights=str(run), model=meta["arch"], lr=base.lr / 10, limit=meta.get("limit"))
+    base = replace(
+        TrainConfig(),
+        **{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__},
+    )
+    base = replace(
+        base, weights=str(run), model=meta["arch"], lr=base.lr / 10, limit=meta.get("limit")
+    )
     return make_config(overrides, base)
 
 
