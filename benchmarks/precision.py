@@ -46,9 +46,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=6)
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"native bf16: {bf16_supported()}, ResNet-50 train step at {args.size}px, "
-          f"batch {args.batch}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"native bf16: {bf16_supported()}, ResNet-50 train step at {args.size}px, "
+        f"batch {args.batch}"
+    )
     base = None
     for bf16 in (False, True):
         for cl in (False, True):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_folder
 from transferlab.cli import main
+
+from conftest import make_folder
 
 
 def run_cli(capsys, *argv):

@@ -3,9 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_folder, make_image
 from transferlab import data
 from transferlab.config import UserError
+
+from conftest import make_folder, make_image
 
 
 def test_digits_splits_are_fixed_stratified_and_disjoint():

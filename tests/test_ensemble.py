@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from conftest import make_folder, tiny_cfg
 from transferlab import checkpoint, ensemble, evaluate, train
 from transferlab.config import UserError, make_config
+
+from conftest import make_folder, tiny_cfg
 
 
 def logp(rows):

@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_folder, tiny_cfg
 from transferlab import checkpoint, ensemble, train
 from transferlab.config import UserError, make_config
+
+from conftest import make_folder, tiny_cfg
 
 
 def test_run_folder_has_everything(trained_run):

@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "train", "train one model into a run folder")
     p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--log-json", metavar="PATH", help="append one JSON object per step/epoch")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     _config_options(p)
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "finetune", "continue training from a run's weights (new data: new head)")
     p.add_argument("--from", dest="source", required=True, help="the run folder to start from")
     p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--log-json", metavar="PATH", help="append one JSON object per step/epoch")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     _config_options(p, skip=("model", "weights"))
@@ -149,14 +151,15 @@ def cmd_run(args) -> None:
 def cmd_train(args) -> None:
     from . import train
 
-    train.fit(make_config(_overrides(args)), args.out, args.resume, args.overwrite, args.quiet)
+    cfg = make_config(_overrides(args))
+    train.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 
 def cmd_finetune(args) -> None:
     from . import train
 
     cfg = train.finetune_config(args.source, _overrides(args))
-    train.fit(cfg, args.out, args.resume, args.overwrite, args.quiet)
+    train.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 
 def cmd_evaluate(args) -> None:

@@ -102,6 +102,8 @@ def member_logp(
     """
     metas = [checkpoint.read_meta(r) for r in runs]
     orders = check_classes(metas, runs)
+    for run, meta in zip(runs, metas, strict=True):  # every member must be a sound, safe run
+        checkpoint.load_run_weights(run, meta)
     spec = data_spec or metas[0]["data"]
     key0 = (spec, metas[0].get("val_fraction"), metas[0].get("limit"))
     cached = all((m["data"], m.get("val_fraction"), m.get("limit")) == key0 for m in metas)

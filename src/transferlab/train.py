@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
+import os
 import platform
 import shutil
 import signal
@@ -32,8 +34,12 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
+    log_json: str | Path | None = None,
 ) -> dict:
-    """Train (or fine-tune, when cfg.weights names a run) one model into the run folder `out`."""
+    """Train (or fine-tune, when cfg.weights names a run) one model into the run folder `out`.
+
+    `log_json` appends one JSON object per step and per epoch to that file.
+    """
     out = Path(out)
     _prepare_out(out, resume, overwrite)
     log = (lambda *a: print(*a, flush=True)) if not quiet else (lambda *a: None)
@@ -61,7 +67,8 @@ def fit(
 
     pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep["input_size"] // 8
     t_start = time.time() - progress["seconds"]
-    with stop_on_sigterm() as stop:
+    fault = injected_fault()
+    with stop_on_sigterm() as stop, EventLog(log_json) as events:
 
         def save() -> None:
             progress["seconds"] = time.time() - t_start
@@ -80,9 +87,19 @@ def fit(
                 cfg.keep_last,
             )
 
-        def after_step() -> None:  # a step boundary: periodic save, pre-emption
+        def after_step(indices: list[int]) -> None:  # a step boundary: log, save, pre-emption
+            events.write(
+                event="step",
+                epoch=progress["epoch"],
+                step=progress["step"],
+                global_step=progress["global_step"],
+                loss=progress["losses"][-1],
+                indices=indices,
+            )
             if cfg.checkpoint_every and progress["global_step"] % cfg.checkpoint_every == 0:
                 save()
+            if fault and progress["global_step"] == fault[1]:
+                os.kill(os.getpid(), fault[0])  # test hook: die or be pre-empted right here
             if stop["requested"]:
                 save()
                 raise Preempted(
@@ -215,7 +232,7 @@ def train_one_epoch(
         progress["step"] += 1
         progress["global_step"] += 1
         batches.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.2%}")
-        after_step()
+        after_step(idx.tolist())
 
 
 def end_epoch(
@@ -322,6 +339,37 @@ def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
         f"test {len(labels['test'])} images"
     )
     return images, labels
+
+
+class EventLog:
+    """One JSON object per line (steps, epochs); appended to across resumes. No-op without path."""
+
+    def __init__(self, path: str | Path | None):
+        self.file = open(path, "a") if path else None  # noqa: SIM115 (closed in __exit__)
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file:
+            self.file.close()
+
+    def write(self, **event) -> None:
+        if self.file:
+            self.file.write(json.dumps(event) + "\n")
+            self.file.flush()
+
+
+def injected_fault() -> tuple[int, int] | None:
+    """TRANSFERLAB_FAULT=kill:N or term:N sends SIGKILL/SIGTERM to this process after step N.
+
+    A fault-injection hook for the reliability tests (kill -9 and pre-emption at an exact step).
+    """
+    spec = os.environ.get("TRANSFERLAB_FAULT")
+    if not spec:
+        return None
+    kind, _, step = spec.partition(":")
+    return {"kill": signal.SIGKILL, "term": signal.SIGTERM}[kind], int(step)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,582 @@
+"""The fault and bad-input scenarios of ../shared/RELIABILITY.md (numbers in test names: S1..S24).
+
+docs/RELIABILITY.md maps each scenario to the tests here.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transferlab import checkpoint, data, ensemble, models, train
+from transferlab.cli import main
+from transferlab.config import UserError, make_config
+
+from conftest import make_folder, make_image, tiny_cfg
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def cli(*args, env=None) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh process (what kill -9 and SIGTERM hit)."""
+    environ = {**os.environ, **(env or {})}
+    environ.pop("TRANSFERLAB_FAULT", None) if not env or "TRANSFERLAB_FAULT" not in env else None
+    return subprocess.run(
+        [sys.executable, "-m", "transferlab.cli", "--quiet", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=300,
+    )
+
+
+def train_args(data_dir, workers=0, model="dcnn"):
+    return [
+        "train",
+        "--data",
+        f"folder:{data_dir}",
+        "--model",
+        model,
+        "--input-size",
+        24,
+        "--epochs",
+        3,
+        "--batch-size",
+        16,
+        "--lr",
+        0.003,
+        "--optimizer",
+        "adam",
+        "--precision",
+        "fp32",
+        "--checkpoint-every",
+        4,
+        "--num-workers",
+        workers,
+    ]
+
+
+def final_state(run: Path) -> tuple[dict, list[float]]:
+    state = torch.load(run / "state" / "last.pt", weights_only=True)
+    return load_file(run / "model.safetensors"), state["progress"]["losses"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    (wa, la), (wb, lb) = final_state(a), final_state(b)
+    assert la == lb, "per-step losses differ"
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def steps_by_position(log: Path) -> dict:
+    """(epoch, step) -> indices; a step redone after a resume replaces its earlier record."""
+    out = {}
+    for line in log.read_text().splitlines():
+        event = json.loads(line)
+        if event["event"] == "step":
+            out[(event["epoch"], event["step"])] = event["indices"]
+    return out
+
+
+# ----------------------------------------------------------------------------- A. resume
+
+
+@pytest.fixture(scope="module")
+def reference(folder_data, tmp_path_factory):
+    """Uninterrupted runs to compare against, for num_workers 0 and 2."""
+    root = tmp_path_factory.mktemp("ref")
+    for workers in (0, 2):
+        proc = cli(
+            *train_args(folder_data, workers),
+            "--out",
+            root / f"w{workers}",
+            "--log-json",
+            root / f"w{workers}.jsonl",
+        )
+        assert proc.returncode == 0, proc.stderr
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_S1_S2_kill9_mid_epoch_then_resume_is_bitwise_identical(
+    folder_data, reference, tmp_path, workers
+):
+    args = [
+        *train_args(folder_data, workers),
+        "--out",
+        tmp_path / "run",
+        "--log-json",
+        tmp_path / "run.jsonl",
+    ]
+    killed = cli(*args, env={"TRANSFERLAB_FAULT": "kill:10"})  # epoch 2, between checkpoints
+    assert killed.returncode == -9
+    assert not (tmp_path / "run" / "meta.json").exists()
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(reference / f"w{workers}", tmp_path / "run")
+    # S2: every training index exactly once per epoch, steps 9-10 redone from the step-8 state
+    steps = steps_by_position(tmp_path / "run.jsonl")
+    assert steps == steps_by_position(reference / f"w{workers}.jsonl")
+    n_train = len(data.load(f"folder:{folder_data}").splits["train"])
+    for epoch in (1, 2, 3):
+        seen = sorted(i for (e, _), idx in steps.items() if e == epoch for i in idx)
+        assert seen == list(range(n_train))
+    raw = [json.loads(x) for x in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "step" for e in raw) == 21 + 2  # two steps ran twice
+
+
+def test_S1_negative_control_a_changed_resume_is_detected(folder_data, reference, tmp_path):
+    args = [*train_args(folder_data), "--out", tmp_path / "run"]
+    assert cli(*args, env={"TRANSFERLAB_FAULT": "kill:10"}).returncode == -9
+    assert cli(*args, "--resume", "--seed", 1).returncode == 0  # another sampler order
+    with pytest.raises(AssertionError):
+        assert_same_run(reference / "w0", tmp_path / "run")
+
+
+def test_S1_finetune_resume_after_kill9_is_bitwise_identical(folder_data, reference, tmp_path):
+    args = [
+        "finetune",
+        "--from",
+        reference / "w0",
+        "--epochs",
+        2,
+        "--checkpoint-every",
+        3,
+        "--precision",
+        "fp32",
+    ]
+    assert cli(*args, "--out", tmp_path / "ref").returncode == 0
+    assert (
+        cli(*args, "--out", tmp_path / "run", env={"TRANSFERLAB_FAULT": "kill:8"}).returncode == -9
+    )
+    assert cli(*args, "--out", tmp_path / "run", "--resume").returncode == 0
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_S24_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(
+    folder_data, reference, tmp_path
+):
+    args = [*train_args(folder_data), "--out", tmp_path / "run"]
+    term = cli(*args, env={"TRANSFERLAB_FAULT": "term:9"})
+    assert term.returncode == 143, term.stderr
+    assert "stopped by SIGTERM at epoch 2 step 2" in term.stderr
+    state = torch.load(tmp_path / "run" / "state" / "last.pt", weights_only=True)
+    assert state["progress"]["global_step"] == 9
+    assert cli(*args, "--resume").returncode == 0
+    assert_same_run(reference / "w0", tmp_path / "run")
+
+
+def test_S3_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    folder = tmp_path / "state"
+    checkpoint.save_checkpoint(folder, {"w": torch.ones(3)}, step=1)
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("PytorchStreamWriter failed writing file: No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(RuntimeError, match="No space left"):
+        checkpoint.save_checkpoint(folder, {"w": torch.zeros(3)}, step=2)
+    state, path = checkpoint.newest_checkpoint(folder)
+    assert torch.equal(state["w"], torch.ones(3))
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*"))
+
+
+def test_S4_resume_skips_empty_truncated_and_unmarked_checkpoints_naming_them(tmp_path):
+    folder = tmp_path / "state"
+    for step in (1, 2, 3, 4):
+        checkpoint.save_checkpoint(
+            folder, {"step": step, "w": torch.full((100,), step)}, step, keep_last=4
+        )
+    newest = checkpoint.candidates(folder)
+    assert [p.name for p in newest] == [
+        "last.pt",
+        "step-000000003.pt",
+        "step-000000002.pt",
+        "step-000000001.pt",
+    ]
+    newest[0].write_bytes(newest[0].read_bytes()[:200])  # truncated
+    newest[1].write_bytes(b"")  # empty
+    Path(str(newest[2]) + ".sha256").unlink()  # unmarked: the save never finished
+    with pytest.warns(UserWarning) as caught:
+        state, path = checkpoint.newest_checkpoint(folder)
+    assert state["step"] == 1 and path.name == "step-000000001.pt"
+    text = " ".join(str(w.message) for w in caught)
+    assert "last.pt" in text and "step-000000003.pt" in text and "step-000000002.pt" in text
+    newest[3].write_bytes(b"")
+    with pytest.raises(UserError, match="no valid checkpoint"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checkpoint.newest_checkpoint(folder)
+
+
+def test_S5_a_flipped_byte_is_detected_before_use(tmp_path, trained_run):
+    path = checkpoint.save_checkpoint(tmp_path / "s", {"w": torch.full((4096,), 7.0)}, 1)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    flipped = torch.load(path, weights_only=True)  # negative control: torch.load does not notice
+    assert not torch.equal(flipped["w"], torch.full((4096,), 7.0))
+    with pytest.raises(UserError, match="does not match its sha256 manifest"):
+        checkpoint.load_state(path)
+    # the same for a run's weights: their sha256 is in meta.json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    raw = bytearray((run / "model.safetensors").read_bytes())
+    raw[-10] ^= 0x01
+    (run / "model.safetensors").write_bytes(bytes(raw))
+    load_file(run / "model.safetensors")  # safetensors does not notice either
+    with pytest.raises(UserError, match="does not match the sha256"):
+        ensemble.evaluate_path(run)
+
+
+def test_S6_everything_saved_is_plain_and_weights_only_loadable(trained_run):
+    state = torch.load(trained_run / "state" / "last.pt", weights_only=True)
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            assert all(isinstance(k, (str, int)) for k in obj)
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+        else:
+            assert obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)), type(obj)
+
+    walk(state)
+    json.loads((trained_run / "meta.json").read_text())
+
+
+def test_S7_retention_keeps_last_n_and_nan_is_never_best(folder_data, tmp_path):
+    cfg = tiny_cfg(f"folder:{folder_data}", checkpoint_every=1, keep_last=3)
+    train.fit(cfg, tmp_path / "r", quiet=True)
+    names = sorted(p.name for p in (tmp_path / "r" / "state").glob("*.pt"))
+    assert len(names) == 3 and "last.pt" in names
+    best = {"val_acc": 0.5, "val_loss": 1.0}
+    assert not train.improves({"top1": float("nan"), "loss": 0.1}, best)
+    assert not train.improves({"top1": 0.9, "loss": float("nan")}, best)
+    assert train.improves({"top1": 0.6, "loss": 2.0}, best)
+    assert train.improves({"top1": 0.5, "loss": 0.9}, best)
+
+
+def test_S8_no_clobbering(trained_run, capsys):
+    assert main(["train", "--out", str(trained_run)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- B. untrusted files
+
+
+class Payload:
+    """Unpickling this runs a shell command that would create the canary file."""
+
+    def __init__(self, canary: Path):
+        self.canary = canary
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.canary}",))
+
+
+def plant_run(trained_run: Path, tmp_path: Path, canary: Path) -> Path:
+    """A copy of a run whose weights file is a malicious pickle (with a matching sha256)."""
+    import shutil
+
+    run = tmp_path / "evil-run"
+    shutil.copytree(trained_run, run)
+    torch.save({"fc.weight": torch.zeros(1), "x": Payload(canary)}, run / "model.safetensors")
+    meta = json.loads((run / "meta.json").read_text())
+    meta["weights_sha256"] = checkpoint.sha256(run / "model.safetensors")
+    (run / "meta.json").write_text(json.dumps(meta))
+    return run
+
+
+def test_S9_S10_malicious_pickle_is_refused_on_every_load_path(
+    trained_run, folder_data, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # makes plain torch.load unsafe
+    canary = tmp_path / "CANARY"
+    evil_pt = tmp_path / "evil.pt"
+    torch.save({"fc.weight": torch.zeros(1), "x": Payload(canary)}, evil_pt)
+    evil_run = plant_run(trained_run, tmp_path, canary)
+    resume_run = tmp_path / "resume"
+    (resume_run / "state").mkdir(parents=True)
+    (resume_run / "state" / "last.pt").write_bytes(evil_pt.read_bytes())
+    (resume_run / "state" / "last.pt.sha256").write_text(checkpoint.sha256(evil_pt) + "  step=3\n")
+    data_args = ["--data", f"folder:{folder_data}", "--model", "test_resnet"]
+    paths = {
+        "--weights": ["train", *data_args, "--weights", evil_pt, "--out", tmp_path / "a"],
+        "resume": ["train", *data_args, "--out", resume_run, "--resume"],
+        "finetune --from": ["finetune", "--from", evil_run, "--out", tmp_path / "b"],
+        "evaluate": ["evaluate", evil_run],
+        "ensemble member": ["ensemble", trained_run, evil_run, "--out", tmp_path / "c"],
+    }
+    for name, argv in paths.items():
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2, (name, err)
+        assert re.search(
+            r"refusing to load .*posix\.system|cannot read .*model\.safetensors", err
+        ), (name, err)
+        assert not canary.exists(), name
+    # the same through a real process, where the environment variable is read at start-up
+    proc = cli(
+        "train",
+        *data_args,
+        "--weights",
+        evil_pt,
+        "--out",
+        tmp_path / "d",
+        env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},
+    )
+    assert proc.returncode == 2 and "posix.system" in proc.stderr and not canary.exists()
+
+
+def test_S10_only_trust_pickle_loads_unsafely_with_a_warning(tmp_path, capsys):
+    model = models.create("test_resnet", 4, 3)
+    path = tmp_path / "with-args.pt"
+    torch.save({"state_dict": model.state_dict(), "args": Namespace(lr=0.1)}, path)
+    with pytest.raises(UserError, match="argparse.Namespace.*--trust-pickle"):
+        checkpoint.load_state_dict_file(path)
+    with pytest.warns(UserWarning, match="--trust-pickle.*argparse.Namespace"):
+        state = checkpoint.load_state_dict_file(path, trust_pickle=True)
+    assert torch.equal(state["fc.weight"], model.state_dict()["fc.weight"])
+    cfg = make_config({"model": "test_resnet", "weights": str(path), "trust_pickle": True})
+    with pytest.warns(UserWarning):
+        models.build(cfg, ["a", "b", "c", "d"], 24, 3)
+
+
+def test_S11_safetensors_round_trip_bitwise_and_broken_files_fail_clearly(tmp_path):
+    model = models.create("dcnn", 5, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    checkpoint.save_weights(tmp_path, model, "dcnn", list("abcde"))
+    loaded = checkpoint.load_state_dict_file(checkpoint.weights_path(tmp_path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype
+    good = checkpoint.weights_path(tmp_path).read_bytes()
+    cases = {
+        "truncated.safetensors": good[: len(good) // 2],
+        "empty.safetensors": b"",
+        "renamed.safetensors": b"PK\x03\x04 this is a zip, not safetensors",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=re.escape(str(tmp_path / name))):
+            checkpoint.load_state_dict_file(tmp_path / name)
+
+
+def test_S12_torch_is_new_enough_for_a_safe_weights_only_unpickler():
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    assert (major, minor) >= (2, 10)
+
+
+def test_S9_every_torch_load_in_the_source_passes_weights_only_true():
+    offenders = []
+    for path in [
+        *SRC.rglob("*.py"),
+        *Path(__file__).parent.glob("*.py"),
+        *(SRC.parent / "benchmarks").glob("*.py"),
+    ]:
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path}:{no}")
+    assert not offenders
+
+
+# ----------------------------------------------------------------------------- C. mismatches
+
+
+def test_S13_ddp_prefixes_are_stripped_and_strict_loading_names_missing_keys(tmp_path):
+    model = models.create("test_resnet", 4, 3)
+    state = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    target = models.create("test_resnet", 4, 3)
+    assert models.load_into(target, state, list("abcd"), list("abcd"))["head_replaced"] is False
+    first = next(iter(model.state_dict()))
+    state.pop(f"module._orig_mod.{first}")
+    with pytest.raises(UserError, match=f"missing {re.escape(first)}"):
+        models.load_into(target, state, list("abcd"), list("abcd"))
+
+
+def test_S15_same_classes_in_another_order_are_remapped_by_name(trained_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    perm = [2, 0, 3, 1]
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(trained_run, shuffled)
+    meta = json.loads((shuffled / "meta.json").read_text())
+    meta["classes"] = [meta["classes"][i] for i in perm]
+    meta["class_names"] = [meta["class_names"][i] for i in perm]
+    weights = load_file(shuffled / "model.safetensors")
+    weights["fc.weight"], weights["fc.bias"] = weights["fc.weight"][perm], weights["fc.bias"][perm]
+    save_file({k: v.contiguous() for k, v in weights.items()}, shuffled / "model.safetensors")
+    meta["weights_sha256"] = checkpoint.sha256(shuffled / "model.safetensors")
+    (shuffled / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(shuffled / "logits")  # force real predictions through the permuted head
+    both = ensemble.build([trained_run, shuffled], "soft", tmp_path / "e", quiet=True)
+    single = checkpoint.read_meta(trained_run)["metrics"]["test"]
+    assert both["metrics"]["test"]["top1"] == single["top1"]
+    assert both["metrics"]["test"]["loss"] == pytest.approx(single["loss"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- D. bad data
+
+
+def broken_dataset(root: Path) -> tuple[Path, list[str]]:
+    make_folder(root, ["a", "b"], 10)
+    png = (root / "train" / "a" / "0.png").read_bytes()
+    jpg = root / "train" / "b" / "3.jpg"
+    make_image(1, 3, 64).save(jpg, quality=95)
+    cut = jpg.read_bytes()
+    bad = {
+        "train/a/1.png": b"",
+        "train/a/2.png": b"this is not an image",
+        "train/b/1.png": png[:24],
+        "train/b/2.jpg": cut[: int(len(cut) * 0.6)],
+    }
+    for rel, content in bad.items():
+        (root / rel).write_bytes(content)
+    return root, list(bad)
+
+
+def test_S16_corrupt_images_stop_before_the_first_step_listing_every_path(tmp_path, capsys):
+    root, bad = broken_dataset(tmp_path / "d")
+    argv = [
+        "train",
+        "--data",
+        f"folder:{root}",
+        "--model",
+        "test_resnet",
+        "--input-size",
+        "24",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "4 unreadable image(s)" in err and all(b in err for b in bad)
+    assert not (tmp_path / "r" / "state").exists()  # stopped before the first step
+    # the truncated JPEG passes open() and verify(): only load() notices
+    from PIL import Image
+
+    with Image.open(root / bad[3]) as im:
+        im.verify()
+
+
+def test_S16_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, capsys):
+    root, bad = broken_dataset(tmp_path / "d")
+    argv = [
+        "train",
+        "--data",
+        f"folder:{root}",
+        "--model",
+        "test_resnet",
+        "--input-size",
+        "24",
+        "--epochs",
+        "1",
+        "--skip-bad-images",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and all(b.split("/")[-1] in out for b in bad)
+    meta = checkpoint.read_meta(tmp_path / "r")
+    assert meta["metrics"]["test"]["n"] == 20
+
+
+def test_S18_decompression_bombs_are_reported_with_the_path(tmp_path, monkeypatch):
+    from PIL import Image
+
+    make_folder(tmp_path, ["a", "b"], 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 24x24 images now count as bombs
+    ds = data.load(f"folder:{tmp_path}", val_fraction=0.4)
+    with pytest.raises(UserError, match=r"DecompressionBomb.*\.png"):
+        data.decode(ds.splits["test"], 16, 3)
+    arr, kept, bad = data.decode_checked(ds.splits["test"], 16, 3, skip_bad=True)
+    assert len(kept) == 0 and len(bad) == 6
+
+
+def test_S19_empty_root_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no class folders"):
+        data.load(f"folder:{tmp_path / 'empty'}")
+
+
+def test_S20_a_last_batch_of_one_trains_and_evaluation_counts_every_image(folder_data, tmp_path):
+    n_train = len(data.load(f"folder:{folder_data}").splits["train"])
+    cfg = tiny_cfg(f"folder:{folder_data}", epochs=1, batch_size=n_train - 1)
+    meta = train.fit(cfg, tmp_path / "r", quiet=True)
+    assert meta["metrics"]["test"]["n"] == 40 and meta["metrics"]["val"]["n"] == 12
+
+
+# ----------------------------------------------------------------------------- E. numbers, memory
+
+
+def failing_loss_at(call: int, exc):
+    real = train.F.cross_entropy
+    count = {"n": 0}
+
+    def loss(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == call:
+            if exc is None:
+                return real(*args, **kwargs) * float("nan")
+            raise exc
+        return real(*args, **kwargs)
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "exc, message",
+    [
+        (None, r"non-finite loss \(nan\) at epoch 1 step 4"),
+        (
+            torch.OutOfMemoryError("CUDA out of memory"),
+            r"out of memory: reduce --batch-size \(now 16\)",
+        ),
+    ],
+)
+def test_S21_S23_nan_loss_and_oom_stop_clearly_and_keep_earlier_checkpoints(
+    folder_data, tmp_path, monkeypatch, exc, message
+):
+    cfg = tiny_cfg(f"folder:{folder_data}", checkpoint_every=1)
+    monkeypatch.setattr(train.F, "cross_entropy", failing_loss_at(5, exc))
+    with pytest.raises(UserError, match=message):
+        train.fit(cfg, tmp_path / "r", quiet=True)
+    state, path = checkpoint.newest_checkpoint(tmp_path / "r" / "state")
+    assert path.name == "last.pt" and state["progress"]["global_step"] == 4
+
+
+def test_S22_amp_scaler_state_survives_resume(folder_data, tmp_path):
+    cfg = tiny_cfg(f"folder:{folder_data}", precision="fp16", epochs=2, schedule="constant")
+    full = train.fit(cfg, tmp_path / "full", quiet=True)
+    train.fit(make_config({"epochs": 1}, cfg), tmp_path / "r", quiet=True)
+    state = torch.load(tmp_path / "r" / "state" / "last.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
+    for name in ("meta.json", "model.safetensors"):
+        (tmp_path / "r" / name).unlink()
+    resumed = train.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    assert resumed["metrics"]["test"]["top1"] == full["metrics"]["test"]["top1"]
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "r"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    np.testing.assert_equal(
+        torch.load(tmp_path / "r" / "state" / "last.pt", weights_only=True)["scaler"]["scale"],
+        torch.load(tmp_path / "full" / "state" / "last.pt", weights_only=True)["scaler"]["scale"],
+    )
