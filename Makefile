@@ -20,8 +20,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-bench: setup
-	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+bench: setup  # CPU benchmarks (need ../shared/data); the GPU one is benchmarks/gpu_check.sh
+	@for b in precision train_throughput inference_throughput scaling; do \
+	  echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 lint: setup
 	$(BIN)/ruff format --check src tests benchmarks

@@ -44,7 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -14,6 +14,13 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    """Tests never write to the user's ~/.cache: the decoded-image cache goes to a temp dir."""
+    import tempfile
+
+    os.environ.setdefault("TRANSFERLAB_CACHE", tempfile.mkdtemp(prefix="transferlab-cache-"))
+
+
 def pytest_collection_modifyitems(config, items):
     if SHARED_DATA.is_dir():
         return

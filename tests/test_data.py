@@ -121,25 +121,35 @@ def test_resize_keeps_aspect_by_centre_crop():
     assert data.resize(im, 16, "bilinear").size == (16, 16)
 
 
-def test_augmentation_is_a_pure_function_of_seed_epoch_index():
-    x = torch.arange(4 * 8 * 8 * 3, dtype=torch.int64).reshape(4, 8, 8, 3).to(torch.uint8)
-    a = data.augment_params(10, seed=1, epoch=2, pad=2)
-    b = data.augment_params(10, seed=1, epoch=2, pad=2)
-    c = data.augment_params(10, seed=1, epoch=3, pad=2)
-    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
-    assert not all(torch.equal(u, v) for u, v in zip(a, c, strict=True))
+@pytest.mark.parametrize("crop", ["pad", "rrc"])
+def test_augmentation_is_a_pure_function_of_seed_epoch_index(crop):
+    aug = data.Augment(crop=crop, pad=2, flip=True)
+    x = torch.randint(0, 255, (4, 8, 8, 3), dtype=torch.uint8)
+    a, b, c = (aug.params(10, 8, seed=1, epoch=e) for e in (2, 2, 3))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
     idx = torch.tensor([3, 7, 0, 9])
-    out = data.augment(x, a[0][idx], a[1][idx], a[2][idx], pad=2, flip=True)
+    out = aug(x, {k: v[idx] for k, v in a.items()})
     assert out.shape == x.shape and out.dtype == torch.uint8
     # the same index gets the same crop whatever batch it lands in
-    one = data.augment(x[1:2], a[0][idx[1:2]], a[1][idx[1:2]], a[2][idx[1:2]], pad=2, flip=True)
+    one = aug(x[1:2], {k: v[idx[1:2]] for k, v in a.items()})
     assert torch.equal(one[0], out[1])
 
 
-def test_no_pad_no_flip_is_identity():
+def test_no_crop_no_flip_is_identity_and_full_box_rrc_is_identity():
     x = torch.randint(0, 255, (3, 8, 8, 1), dtype=torch.uint8)
-    p = data.augment_params(3, 0, 1, 0)
-    assert torch.equal(data.augment(x, *p, pad=0, flip=False), x)
+    plain = data.Augment(crop="none", flip=False)
+    assert torch.equal(plain(x, plain.params(3, 8, 0, 1)), x)
+    rrc = data.Augment(crop="rrc", flip=False)
+    full = {"flip": torch.zeros(3, dtype=torch.bool), "box": torch.tensor([[0.0, 0, 8, 8]] * 3)}
+    assert torch.equal(rrc(x, full), x)
+
+
+def test_rrc_boxes_stay_inside_the_image():
+    box = data.Augment(crop="rrc").params(1000, 64, 0, 1)["box"]
+    assert (box[:, :2] >= 0).all() and (box[:, 2:] <= 64 + 1e-4).all()
+    area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]) / 64**2
+    assert 0.3 < area.min() and area.max() <= 1.0 + 1e-4
 
 
 def test_sampler_order_depends_on_seed_and_epoch_and_never_yields_a_batch_of_one():
@@ -182,3 +192,37 @@ def test_shared_15_scene_counts(shared_data):
     assert len(ds.classes) == 15 and "bedroom" in ds.classes
     assert len(ds.splits["train"]) + len(ds.splits["val"]) == 1500
     assert len(ds.splits["test"]) == 2985
+
+
+def test_decode_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
+    import os
+
+    make_folder(tmp_path / "d", ["a", "b"], 4)
+    ds = data.load(f"folder:{tmp_path / 'd'}", val_fraction=0.25)
+    cache = tmp_path / "cache"
+    first = data.decode(ds.splits["train"], 16, 3, cache=cache)
+    assert isinstance(first, np.memmap) and len(list(cache.glob("*.npy"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(data, "open_image", no_decoding)
+        again = data.decode(ds.splits["train"], 16, 3, cache=cache)  # reused: nothing decoded
+    np.testing.assert_array_equal(first, again)
+    changed = ds.splits["train"].paths[0]
+    make_image(1, 99).save(changed)  # new content, new mtime
+    os.utime(changed, ns=(1, 1))
+    rebuilt = data.decode(ds.splits["train"], 16, 3, cache=cache)
+    assert len(list(cache.glob("*.npy"))) == 2
+    assert not np.array_equal(rebuilt[0], first[0])
+    np.testing.assert_array_equal(rebuilt, data.decode(ds.splits["train"], 16, 3))  # = uncached
+    data.decode(ds.splits["train"], 24, 3, cache=cache)  # another size: another file
+    assert len(list(cache.glob("*.npy"))) == 3
+
+
+def test_cache_location_is_configurable(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "c"))
+    assert data.resolve_cache(None) == tmp_path / "c"
+    assert data.resolve_cache("off") is None
+    assert data.resolve_cache(str(tmp_path / "x")) == tmp_path / "x"

@@ -38,17 +38,22 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warm-up before the schedule (fraction of epochs allowed)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     flip: bool = True  # random horizontal flip (off for digits and text)
-    crop_pad: int = -1  # random-crop padding in pixels; -1: input_size // 8, 0: off
+    crop: str = "pad"  # pad (random crop with padding) | rrc (random-resized-crop) | none
+    crop_pad: int = -1  # padding in pixels for crop=pad; -1: input_size // 8
     patience: int = 0  # early stopping: epochs without val improvement (0: off)
     freeze: str = "none"  # none | backbone (train the head only, BatchNorm kept in eval mode)
     val_fraction: float = 0.1  # share of train carved out as the validation split
     limit: int | None = None  # at most this many images per split (smoke tests)
     seed: int = 0  # seeds init, sampler order and augmentation (splits are fixed)
     precision: str = "auto"  # auto | bf16 | fp16 (CUDA) | fp32
+    compile: bool = False  # torch.compile the training model (for GPUs; no gain seen on CPU)
     num_workers: int = 0  # DataLoader worker processes (0 is fastest on 2 cores)
     eval_batch_size: int = 256  # images per forward pass when predicting
     checkpoint_every: int = 0  # also save the training state every N steps (0: each epoch)
     keep_last: int = 2  # training-state checkpoints kept (newest first)
+    cache_dir: str | None = (
+        None  # decoded-image cache; None: $TRANSFERLAB_CACHE or ~/.cache/transferlab; off
+    )
     skip_bad_images: bool = False  # drop unreadable images (listed) instead of stopping
     trust_pickle: bool = False  # allow pickled objects in .pt files (can run code!)
 
@@ -117,6 +122,7 @@ CHOICES = {
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("cosine", "plateau", "constant"),
     "freeze": ("none", "backbone"),
+    "crop": ("pad", "rrc", "none"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
 }
 

@@ -8,6 +8,9 @@ batches of uint8 tensors, its randomness a pure function of (seed, epoch, index)
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -61,7 +64,7 @@ def load(spec: str, val_fraction: float = 0.1, limit: int | None = None) -> Data
     kind, _, arg = spec.partition(":")
     if kind not in SOURCES:
         raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)})")
-    if kind != "digits" and not arg:
+    if kind in ("tiny-imagenet", "folder") and not arg:
         raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
     classes, names, train, test, native_size, channels = SOURCES[kind](arg)
     train, val = carve(train, val_fraction)
@@ -80,6 +83,25 @@ def _digits(_: str):
     train, test = carve(everything, TEST_FRACTION)
     classes = [str(c) for c in bunch.target_names]
     return classes, classes, train, test, 8, 1
+
+
+def _synthetic(arg: str):
+    """`synthetic:N` or `synthetic:NxSIZE`: N random RGB images whose class is the colour of
+    a central square (10 classes), made in memory; for benchmarks and smoke tests."""
+    count, _, size = arg.partition("x")
+    try:
+        n, size = int(count or 2000), int(size or 64)
+    except ValueError:
+        raise UserError(f"synthetic data is synthetic:N or synthetic:NxSIZE, got '{arg}'") from None
+    rng = np.random.default_rng(SPLIT_SEED)
+    labels = np.arange(n) % 10
+    arrays = rng.integers(0, 80, (n, size, size, 3), dtype=np.uint8)
+    colours = rng.integers(60, 255, (10, 3), dtype=np.uint8)
+    q = size // 4
+    arrays[:, q : size - q, q : size - q] = colours[labels][:, None, None, :]
+    train, test = carve(Split(labels.astype(np.int64), arrays=arrays), TEST_FRACTION)
+    classes = [f"class{i}" for i in range(10)]
+    return classes, classes, train, test, size, 3
 
 
 def _tiny_imagenet(root: str):
@@ -137,7 +159,12 @@ def _folder(root: str):
     return classes, classes, train, test, size, 3
 
 
-SOURCES = {"digits": _digits, "tiny-imagenet": _tiny_imagenet, "folder": _folder}
+SOURCES = {
+    "digits": _digits,
+    "tiny-imagenet": _tiny_imagenet,
+    "folder": _folder,
+    "synthetic": _synthetic,
+}
 
 
 def _existing_dir(path: str) -> Path:
@@ -273,12 +300,13 @@ def decode(
     interpolation: str = "bilinear",
     desc: str = "decode",
     quiet: bool = False,
+    cache: Path | None = None,
 ) -> np.ndarray:
     """Decode and resize a split once into a uint8 array (N, size, size, channels).
 
     Unreadable images (corrupt, truncated, decompression bombs) stop it, every one listed.
     """
-    return decode_checked(split, size, channels, interpolation, False, desc, quiet)[0]
+    return decode_checked(split, size, channels, interpolation, False, desc, quiet, cache)[0]
 
 
 def decode_checked(
@@ -289,25 +317,56 @@ def decode_checked(
     skip_bad: bool = False,
     desc: str = "decode",
     quiet: bool = False,
+    cache: Path | None = None,
 ) -> tuple[np.ndarray, Split, list[str]]:
     """Like decode(); with skip_bad, unreadable images are dropped and reported instead.
 
+    With `cache`, the decoded array lives in a memory-mapped .npy file there, keyed by the file
+    list, sizes, mtimes and target size: later runs and models of the same size reuse it.
     Returns (images, the split without the dropped images, one line per dropped image).
     """
-    out = np.empty((len(split), size, size, channels), dtype=np.uint8)
-    mode = "L" if channels == 1 else "RGB"
     if split.arrays is not None:
-        for i, arr in enumerate(split.arrays):
-            im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert(mode)
-            out[i] = _to_array(resize(im, size, interpolation), channels)
+        return _decode_arrays(split.arrays, size, channels, interpolation), split, []
+    if cache is not None:
+        out, bad_idx, bad = _cached_decode(split, size, channels, interpolation, desc, quiet, cache)
+    else:
+        out = np.empty((len(split), size, size, channels), dtype=np.uint8)
+        bad_idx, bad = _decode_files(split.paths, out, size, channels, interpolation, desc, quiet)
+    if bad and not skip_bad:
+        raise UserError(
+            f"{len(bad)} unreadable image(s), fix or remove them or pass "
+            f"--skip-bad-images: " + "; ".join(bad)
+        )
+    if not bad:
         return out, split, []
+    keep = np.setdiff1d(np.arange(len(split)), bad_idx)
+    return out[keep], split.subset(keep), bad
+
+
+def _decode_arrays(arrays: np.ndarray, size: int, channels: int, interpolation: str) -> np.ndarray:
+    out = np.empty((len(arrays), size, size, channels), dtype=np.uint8)
+    mode = "L" if channels == 1 else "RGB"
+    for i, arr in enumerate(arrays):
+        im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert(mode)
+        out[i] = _to_array(resize(im, size, interpolation), channels)
+    return out
+
+
+def _decode_files(
+    paths: list[str],
+    out: np.ndarray,
+    size: int,
+    channels: int,
+    interpolation: str,
+    desc: str,
+    quiet: bool,
+) -> tuple[list[int], list[str]]:
+    """Decode image files into `out` (an array or memmap); returns the unreadable ones."""
     bad, bad_idx = [], []
-    show = not quiet and len(split) >= 500
+    show = not quiet and len(paths) >= 500
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        for i, path in enumerate(
-            tqdm(split.paths, desc=desc, disable=not show, leave=False, unit="img")
-        ):
+        for i, path in enumerate(tqdm(paths, desc=desc, disable=not show, leave=False, unit="img")):
             try:
                 out[i] = _to_array(
                     resize(open_image(path, channels), size, interpolation), channels
@@ -321,15 +380,62 @@ def decode_checked(
             ) as err:
                 bad.append(f"{path} ({type(err).__name__}: {err})")
                 bad_idx.append(i)
-    if bad and not skip_bad:
-        raise UserError(
-            f"{len(bad)} unreadable image(s), fix or remove them or pass "
-            f"--skip-bad-images: " + "; ".join(bad)
+    return bad_idx, bad
+
+
+CACHE_VERSION = 1  # bump when decoding changes, so old cache files are not reused
+
+
+def resolve_cache(setting: str | None) -> Path | None:
+    """None: $TRANSFERLAB_CACHE or ~/.cache/transferlab; "off": no cache; else that folder."""
+    if setting in ("off", "none", "false", "0"):
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    env = os.environ.get("TRANSFERLAB_CACHE")
+    if env in ("off", "none", "false", "0"):
+        return None
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "transferlab"
+
+
+def cache_key(paths: list[str], size: int, channels: int, interpolation: str) -> str:
+    """A digest of what the decoded array depends on: files (path, size, mtime) and target."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, size, channels, interpolation]).encode())
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _cached_decode(
+    split: Split, size: int, channels: int, interpolation: str, desc: str, quiet: bool, cache: Path
+) -> tuple[np.ndarray, list[int], list[str]]:
+    try:
+        key = cache_key(split.paths, size, channels, interpolation)
+    except OSError as err:  # a file vanished: report it like any unreadable image
+        raise UserError(f"cannot read {err.filename}: {err.strerror}") from None
+    array_path, info_path = cache / f"{key}.npy", cache / f"{key}.json"
+    if array_path.is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        return np.load(array_path, mmap_mode="r"), info["bad_idx"], info["bad"]
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{key}.{os.getpid()}.npy.tmp"
+    try:
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(split), size, size, channels)
         )
-    if not bad:
-        return out, split, []
-    keep = np.setdiff1d(np.arange(len(split)), bad_idx)
-    return out[keep], split.subset(keep), bad
+        bad_idx, bad = _decode_files(split.paths, out, size, channels, interpolation, desc, quiet)
+        out.flush()
+        del out
+        os.replace(tmp, array_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info_path.write_text(
+        json.dumps(
+            {"n": len(split), "size": size, "channels": channels, "bad_idx": bad_idx, "bad": bad}
+        )
+    )
+    return np.load(array_path, mmap_mode="r"), bad_idx, bad
 
 
 def _to_array(im: Image.Image, channels: int) -> np.ndarray:
@@ -340,35 +446,71 @@ def _to_array(im: Image.Image, channels: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- batches
 
 
-def augment_params(n: int, seed: int, epoch: int, pad: int) -> tuple[torch.Tensor, ...]:
-    """Per-index flip and crop offsets for one epoch: a pure function of (seed, epoch, index)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    flips = torch.rand(n, generator=g) < 0.5
-    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
-    return flips, offsets[0], offsets[1]
+@dataclass(frozen=True)
+class Augment:
+    """Batched training augmentation of uint8 images; randomness from (seed, epoch, index)."""
 
+    crop: str = "pad"  # pad (random crop with reflect padding) | rrc (random-resized-crop) | none
+    pad: int = 4  # padding in pixels for crop="pad"
+    flip: bool = True  # random horizontal flip
+    scale: tuple[float, float] = (0.35, 1.0)  # area fraction range for crop="rrc"
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range for crop="rrc"
 
-def augment(
-    x: torch.Tensor, flips: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int, flip: bool
-) -> torch.Tensor:
-    """Random crop (reflect padding) and horizontal flip of a uint8 batch (B, H, W, C)."""
-    b, h, w, _ = x.shape
-    if pad > 0:
-        x = torch.nn.functional.pad(x.permute(0, 3, 1, 2).float(), (pad,) * 4, mode="reflect")
-        x = x.permute(0, 2, 3, 1).to(torch.uint8)  # (B, H+2p, W+2p, C)
-        rows = dy[:, None] + torch.arange(h)  # (B, H)
-        cols = dx[:, None] + torch.arange(w)  # (B, W)
-        x = x[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    if flip:
-        x = torch.where(flips[:, None, None, None], x.flip(2), x)
-    return x
+    def params(self, n: int, size: int, seed: int, epoch: int) -> dict[str, torch.Tensor]:
+        """Per-index parameters for one epoch: index them with a batch's sample indices."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out = {"flip": torch.rand(n, generator=g) < 0.5}
+        if self.crop == "pad":
+            out["dy"], out["dx"] = torch.randint(0, 2 * self.pad + 1, (2, n), generator=g)
+        elif self.crop == "rrc":
+            area = size * size * torch.empty(n).uniform_(*self.scale, generator=g)
+            log_r = torch.empty(n).uniform_(
+                math.log(self.ratio[0]), math.log(self.ratio[1]), generator=g
+            )
+            w = (area * log_r.exp()).sqrt().clamp(max=size)
+            h = (area / log_r.exp()).sqrt().clamp(max=size)
+            x0 = torch.rand(n, generator=g) * (size - w)
+            y0 = torch.rand(n, generator=g) * (size - h)
+            out["box"] = torch.stack([x0, y0, x0 + w, y0 + h], dim=1)  # (N, 4) pixels
+        return out
+
+    def __call__(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Augment a uint8 batch (B, H, W, C) with its samples' parameters `p`."""
+        b, h, w, _ = x.shape
+        p = {k: v.to(x.device) for k, v in p.items()}
+        if self.crop == "pad" and self.pad > 0:
+            x = torch.nn.functional.pad(
+                x.permute(0, 3, 1, 2).float(), (self.pad,) * 4, mode="reflect"
+            )
+            x = x.permute(0, 2, 3, 1).to(torch.uint8)  # (B, H+2p, W+2p, C)
+            rows = p["dy"][:, None] + torch.arange(h, device=x.device)  # (B, H)
+            cols = p["dx"][:, None] + torch.arange(w, device=x.device)  # (B, W)
+            batch = torch.arange(b, device=x.device)[:, None, None]
+            x = x[batch, rows[:, :, None], cols[:, None, :]]
+        elif self.crop == "rrc":
+            from torchvision.ops import roi_align
+
+            index = torch.arange(b, dtype=torch.float32, device=x.device)[:, None]
+            boxes = torch.cat([index, p["box"]], dim=1)
+            crops = roi_align(
+                x.permute(0, 3, 1, 2).float(),
+                boxes,
+                output_size=(h, w),
+                spatial_scale=1.0,
+                sampling_ratio=1,
+                aligned=True,
+            )  # (B, C, H, W)
+            x = crops.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        if self.flip:
+            x = torch.where(p["flip"][:, None, None, None], x.flip(2), x)
+        return x.contiguous()
 
 
 def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """uint8 (B, H, W, C) -> float (B, C, H, W) in channels_last memory, normalised."""
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return ((x - m) / s).contiguous(memory_format=torch.channels_last)
 
 
@@ -376,47 +518,63 @@ class EpochSampler(torch.utils.data.Sampler):
     """Yields batches of indices whose order is a pure function of (seed, epoch).
 
     `start` skips the first batches (mid-epoch resume). A last batch of one sample is merged
-    into the previous batch, since BatchNorm cannot train on a single sample.
+    into the previous batch, since BatchNorm cannot train on a single sample. Under
+    DistributedDataParallel, rank r of `world` takes the r-th stride of every global batch.
     """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        start: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
-        self.shuffle, self.start = shuffle, start
+        self.shuffle, self.start, self.rank, self.world = shuffle, start, rank, world
 
     def batches(self) -> list[torch.Tensor]:
+        """The global batches of this epoch (every rank's samples)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
         out = list(order.split(self.batch_size))
-        if self.shuffle and len(out) > 1 and len(out[-1]) == 1:
+        if self.shuffle and len(out) > 1 and len(out[-1]) <= self.world:
             out[-2] = torch.cat(out[-2:])
             out.pop()
         return out
 
     def __iter__(self):
-        yield from (b.tolist() for b in self.batches()[self.start :])
+        yield from (b[self.rank :: self.world].tolist() for b in self.batches()[self.start :])
 
     def __len__(self) -> int:
         return max(0, len(self.batches()) - self.start)
 
 
 class ArrayDataset(torch.utils.data.Dataset):
-    """Indexable by a list of indices: returns (uint8 images, labels, indices) for a batch."""
+    """Indexable by a list of indices: returns (uint8 images, labels, indices) for a batch.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images = torch.from_numpy(images if images.flags.writeable else images.copy())
-        self.labels = torch.from_numpy(labels)
+    `images` may be a read-only memmap of the decode cache: only the batch is read into memory.
+    """
+
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray):
+        self.images, self.labels = images, torch.from_numpy(np.asarray(labels))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, idx: list[int]):
-        i = torch.as_tensor(idx)
-        return self.images[i], self.labels[i], i
+        i = np.asarray(idx, dtype=np.int64)
+        if isinstance(self.images, torch.Tensor):  # resident on the GPU: index it there
+            batch = self.images[torch.from_numpy(i).to(self.images.device)]
+        else:
+            batch = torch.from_numpy(self.images[i])
+        return batch, self.labels[i], torch.from_numpy(i)
 
 
 def loader(
@@ -428,9 +586,11 @@ def loader(
     shuffle: bool,
     num_workers: int = 0,
     start: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over a decoded split, with its own generator (no global RNG use)."""
-    sampler = EpochSampler(len(labels), batch_size, seed, epoch, shuffle, start)
+    sampler = EpochSampler(len(labels), batch_size, seed, epoch, shuffle, start, rank, world)
     return torch.utils.data.DataLoader(
         ArrayDataset(images, labels),
         sampler=sampler,
@@ -439,7 +599,3 @@ def loader(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
     )
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TRANSFERLAB_CACHE", Path.home() / ".cache" / "transferlab"))

@@ -83,6 +83,7 @@ def decoded(ds: data.Dataset, split: str, prep: dict, quiet: bool = True) -> np.
             prep["interpolation"],
             desc=f"decode {split}",
             quiet=quiet,
+            cache=data.resolve_cache(None),
         )
     return _DECODED[key]
 

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint, data, evaluate, models, plots
+from . import __version__, checkpoint, data, distributed, evaluate, models, plots
 from .config import Preempted, TrainConfig, UserError, to_dict
+
+
+@dataclass
+class Loop:
+    """The objects one training run works with, bundled so the loop reads in plain sight."""
+
+    model: nn.Module  # the bare model: state dicts, evaluation
+    ddp: nn.Module  # what trains: the model, or DistributedDataParallel around it
+    frozen: list[nn.Module]  # modules kept in eval mode (frozen BatchNorm)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    prep: dict  # preprocessing: size, channels, mean, std, interpolation
+    augment: data.Augment
+    cfg: TrainConfig
+    precision: str
+    dist: distributed.Dist
 
 
 def fit(
@@ -38,11 +55,13 @@ def fit(
 ) -> dict:
     """Train (or fine-tune, when cfg.weights names a run) one model into the run folder `out`.
 
-    `log_json` appends one JSON object per step and per epoch to that file.
+    `log_json` appends one JSON object per step and per epoch to that file. Launched by
+    torchrun, every rank trains its share of each batch and only rank 0 writes.
     """
-    out = Path(out)
-    _prepare_out(out, resume, overwrite)
+    out, d = Path(out), distributed.setup()
+    quiet = quiet or not d.main
     log = (lambda *a: print(*a, flush=True)) if not quiet else (lambda *a: None)
+    _prepare_out(out, resume, overwrite, d)
     ds = data.load(cfg.data, cfg.val_fraction, cfg.limit)
     torch.manual_seed(cfg.seed)  # model init
     model, prep, source = models.build(cfg, ds.classes, ds.native_size, ds.native_channels)
@@ -54,38 +73,40 @@ def fit(
         f"[{out.name}] {origin} on {ds.spec}: {len(ds.classes)} classes, "
         f"{models.describe(model)}, input {prep['input_size']}px x{prep['channels']}, "
         f"weights={source['weights']}, precision={precision}"
+        + (f", {d.world} processes" if d.world > 1 else "")
     )
     images, labels = decode_splits(ds, prep, cfg, out.name, log, quiet)
 
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     steps_per_epoch = len(data.EpochSampler(len(labels["train"]), cfg.batch_size, 0, 0, True))
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
-    scaler = torch.amp.GradScaler(evaluate.device().type, enabled=precision == "fp16")
-    progress = new_progress()
-    if resume:
-        progress = restore(out, model, optimizer, scheduler, scaler, cfg, log) or progress
-
     pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep["input_size"] // 8
+    loop = Loop(
+        model,
+        distributed.wrap(model, d),
+        frozen,
+        optimizer,
+        make_scheduler(cfg, optimizer, steps_per_epoch),
+        torch.amp.GradScaler(evaluate.device().type, enabled=precision == "fp16"),
+        prep,
+        data.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip),
+        cfg,
+        precision,
+        d,
+    )
+    progress = (restore(out, loop, log) if resume else None) or new_progress()
     t_start = time.time() - progress["seconds"]
-    fault = injected_fault()
-    with stop_on_sigterm() as stop, EventLog(log_json) as events:
+    fault = injected_fault(d.rank) if progress["global_step"] == 0 else None  # fresh runs only
+    with stop_on_sigterm() as stop, EventLog(log_json if d.main else None) as events:
 
         def save() -> None:
             progress["seconds"] = time.time() - t_start
-            checkpoint.save_checkpoint(
-                out / "state",
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "progress": progress,
-                    "config": to_dict(cfg),
-                },
-                progress["global_step"],
-                cfg.keep_last,
-            )
+            if d.main:
+                checkpoint.save_checkpoint(
+                    out / "state",
+                    training_state(loop, progress),
+                    progress["global_step"],
+                    cfg.keep_last,
+                )
 
         def after_step(indices: list[int]) -> None:  # a step boundary: log, save, pre-emption
             events.write(
@@ -100,7 +121,7 @@ def fit(
                 save()
             if fault and progress["global_step"] == fault[1]:
                 os.kill(os.getpid(), fault[0])  # test hook: die or be pre-empted right here
-            if stop["requested"]:
+            if d.any(stop["requested"]):  # every rank stops at the same step
                 save()
                 raise Preempted(
                     f"stopped by SIGTERM at epoch {progress['epoch']} step "
@@ -110,107 +131,57 @@ def fit(
 
         while progress["epoch"] <= cfg.epochs and not progress["stopped_early"]:
             epoch, t0 = progress["epoch"], time.time()
-            loader = data.loader(
+            batches = data.loader(
                 images["train"],
                 labels["train"],
                 cfg.batch_size,
                 cfg.seed,
                 epoch,
-                shuffle=True,
-                num_workers=cfg.num_workers,
-                start=progress["step"],
+                True,
+                cfg.num_workers,
+                progress["step"],
+                d.rank,
+                d.world,
             )
             bar = tqdm(
-                loader,
+                batches,
                 desc=f"epoch {epoch}/{cfg.epochs}",
                 disable=quiet,
                 leave=False,
                 unit="batch",
                 initial=progress["step"],
-                total=progress["step"] + len(loader),
+                total=progress["step"] + len(batches),
             )
-            aug = data.augment_params(len(labels["train"]), cfg.seed, epoch, pad)
+            params = loop.augment.params(len(labels["train"]), prep["input_size"], cfg.seed, epoch)
             with out_of_memory_hint(cfg.batch_size):
-                train_one_epoch(
-                    model,
-                    frozen,
-                    bar,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    prep,
-                    aug,
-                    pad,
-                    cfg,
-                    precision,
-                    progress,
-                    after_step,
-                )
-            end_epoch(
-                model,
-                images,
-                labels,
-                prep,
-                precision,
-                cfg,
-                optimizer,
-                scheduler,
-                progress,
-                time.time() - t0,
-                out.name,
-                log,
-            )
+                train_one_epoch(loop, bar, params, progress, after_step)
+            end_epoch(loop, images, labels, progress, time.time() - t0, out.name, log)
             save()
 
     best = progress["best"]
     model.load_state_dict(best["state"])
     meta = finish(
-        out,
-        model,
-        cfg,
-        ds,
-        images,
-        labels,
-        prep,
-        source,
-        precision,
-        progress["history"],
-        best,
-        time.time() - t_start,
+        out, loop, ds, images, labels, source, progress["history"], best, time.time() - t_start
     )
     m = meta["metrics"]
     log(
         f"[{out.name}] best epoch {best['epoch']}: val {m['val']['top1']:.2%}  "
         f"test {m['test']['top1']:.2%} (top-5 {m['test']['top5']:.2%})  -> {out}"
     )
+    d.barrier()
     return meta
 
 
-def train_one_epoch(
-    model,
-    frozen,
-    batches,
-    optimizer,
-    scheduler,
-    scaler,
-    prep,
-    aug,
-    pad,
-    cfg,
-    precision,
-    progress,
-    after_step,
-) -> None:
+def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: dict, after_step) -> None:
     """Train on the remaining batches of an epoch; `progress` holds the running totals."""
-    set_train_mode(model, frozen)
-    dev = evaluate.device()
-    flips, dy, dx = aug
+    set_train_mode(loop.ddp, loop.frozen)
+    dev, cfg = evaluate.device(), loop.cfg
     for x, y, idx in batches:
-        x = data.augment(x, flips[idx], dy[idx], dx[idx], pad, cfg.flip)  # (B, H, W, C) uint8
-        x = data.normalize(x, prep["mean"], prep["std"]).to(dev)  # (B, C, H, W) float
+        x = loop.augment(x, {k: v[idx] for k, v in aug_params.items()})  # (B, H, W, C) uint8
+        x = data.normalize(x, loop.prep["mean"], loop.prep["std"]).to(dev)  # (B, C, H, W)
         y = y.to(dev)
-        with evaluate.autocast(precision):
-            logits = model(x)
+        with evaluate.autocast(loop.precision):
+            logits = loop.ddp(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
             raise UserError(
@@ -218,36 +189,56 @@ def train_one_epoch(
                 f"{progress['step']}; try a lower --lr (now {cfg.lr:g}); "
                 "checkpoints written before this step are intact"
             )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
         if cfg.schedule != "plateau":
-            scheduler.step()
-        totals = progress["totals"]  # [summed loss, correct, seen] of this epoch so far
-        totals[0] += loss.item() * len(y)
-        totals[1] += int((logits.argmax(1) == y).sum())
-        totals[2] += len(y)
-        progress["losses"].append(loss.item())
+            loop.scheduler.step()
+        # summed loss, correct, seen over every rank's share of this batch
+        step = loop.dist.all_sum(
+            [loss.item() * len(y), float((logits.argmax(1) == y).sum()), float(len(y))]
+        )
+        progress["totals"] = [t + s for t, s in zip(progress["totals"], step, strict=True)]
+        progress["losses"].append(step[0] / step[2])
         progress["step"] += 1
         progress["global_step"] += 1
-        batches.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.2%}")
+        total_loss, correct, seen = progress["totals"]
+        batches.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.2%}")
         after_step(idx.tolist())
 
 
-def end_epoch(
-    model, images, labels, prep, precision, cfg, optimizer, scheduler, progress, seconds, name, log
-) -> None:
-    """Validate, record the epoch, keep the best weights, decide on early stopping."""
-    val = evaluate.metrics(
-        evaluate.predict(model, images["val"], prep, precision, cfg.eval_batch_size), labels["val"]
+def on_device(images: np.ndarray, cfg: TrainConfig, name: str, log):
+    """On CUDA, keep the uint8 training set on the GPU when it fits (augmented there too)."""
+    if evaluate.device().type != "cuda" or cfg.num_workers:
+        return images
+    free, _ = torch.cuda.mem_get_info()
+    if images.nbytes > free // 4:
+        return images
+    log(f"[{name}] training images resident on the GPU ({images.nbytes / 2**20:.0f} MiB)")
+    return torch.from_numpy(np.ascontiguousarray(images)).to(evaluate.device())
+
+
+def predict_all(loop: Loop, images: np.ndarray) -> np.ndarray:
+    """Logits for every image; under DDP each rank predicts a padded shard, then all gather."""
+    d, n = loop.dist, len(images)
+    mine = d.shard(n) if d.world > 1 else slice(None)
+    part = evaluate.predict(
+        loop.model, images[mine], loop.prep, loop.precision, loop.cfg.eval_batch_size
     )
+    return d.gather(part, n)
+
+
+def end_epoch(loop: Loop, images, labels, progress, seconds, name, log) -> None:
+    """Validate, record the epoch, keep the best weights, decide on early stopping."""
+    cfg = loop.cfg
+    val = evaluate.metrics(predict_all(loop, images["val"]), labels["val"])
     if cfg.schedule == "plateau":
-        scheduler.step(val["loss"])
+        loop.scheduler.step(val["loss"])
     loss_sum, correct, seen = progress["totals"]
     row = {
         "epoch": progress["epoch"],
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": loop.optimizer.param_groups[0]["lr"],
         "train_loss": loss_sum / max(seen, 1),
         "train_acc": correct / max(seen, 1),
         "val_loss": val["loss"],
@@ -255,13 +246,12 @@ def end_epoch(
         "seconds": seconds,
     }
     progress["history"].append(row)
-    best = progress["best"]
-    if improves(val, best):
+    if improves(val, progress["best"]):
         progress["best"] = {
             "val_acc": val["top1"],
             "val_loss": val["loss"],
             "epoch": row["epoch"],
-            "state": {k: v.detach().clone().cpu() for k, v in model.state_dict().items()},
+            "state": {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()},
         }
         progress["stale"] = 0
     else:
@@ -275,6 +265,19 @@ def end_epoch(
         log(f"[{name}] early stop: val top-1 has not improved for {progress['stale']} epochs")
         progress["stopped_early"] = True
     progress.update(epoch=row["epoch"] + 1, step=0, totals=[0.0, 0, 0])
+
+
+def training_state(loop: Loop, progress: dict) -> dict:
+    """Everything resume needs, as tensors and plain types (weights-only loadable)."""
+    return {
+        "model": loop.model.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "scaler": loop.scaler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "progress": progress,
+        "config": to_dict(loop.cfg),
+    }
 
 
 def improves(val: dict, best: dict) -> bool:
@@ -302,17 +305,17 @@ def new_progress() -> dict:
     }
 
 
-def restore(out, model, optimizer, scheduler, scaler, cfg, log) -> dict | None:
+def restore(out: Path, loop: Loop, log) -> dict | None:
     """Load the newest valid checkpoint into the training objects; None when there is none."""
-    found = checkpoint.newest_checkpoint(out / "state", trust_pickle=cfg.trust_pickle)
+    found = checkpoint.newest_checkpoint(out / "state", trust_pickle=loop.cfg.trust_pickle)
     if found is None:
         log(f"[{out.name}] nothing to resume in {out / 'state'}: starting from scratch")
         return None
     state, path = found
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    loop.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    loop.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     p = state["progress"]
     log(f"[{out.name}] resumed from {path.name}: epoch {p['epoch']}, step {p['step']}")
@@ -321,6 +324,9 @@ def restore(out, model, optimizer, scheduler, scaler, cfg, log) -> dict | None:
 
 def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
     """Decode every split at the model's size; bad images stop the run or, if asked, are dropped."""
+    cache = data.resolve_cache(cfg.cache_dir)
+    if cache and ds.splits["train"].paths is not None:
+        log(f"[{name}] decoded-image cache: {cache}")
     images, labels = {}, {}
     for split in ("train", "val", "test"):
         arr, kept, bad = data.decode_checked(
@@ -328,8 +334,10 @@ def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
             prep["input_size"],
             prep["channels"],
             prep["interpolation"],
-            skip_bad=cfg.skip_bad_images,
-            quiet=quiet,
+            cfg.skip_bad_images,
+            f"decode {split}",
+            quiet,
+            cache,
         )
         if bad:
             log(f"[{name}] skipped {len(bad)} unreadable {split} image(s): " + "; ".join(bad))
@@ -360,13 +368,17 @@ class EventLog:
             self.file.flush()
 
 
-def injected_fault() -> tuple[int, int] | None:
+def injected_fault(rank: int = 0) -> tuple[int, int] | None:
     """TRANSFERLAB_FAULT=kill:N or term:N sends SIGKILL/SIGTERM to this process after step N.
 
-    A fault-injection hook for the reliability tests (kill -9 and pre-emption at an exact step).
+    `kill:N@R` hits rank R only. A fault-injection hook for the reliability tests (kill -9,
+    pre-emption and rank failure at an exact step).
     """
     spec = os.environ.get("TRANSFERLAB_FAULT")
     if not spec:
+        return None
+    spec, _, only = spec.partition("@")
+    if only and int(only) != rank:
         return None
     kind, _, step = spec.partition(":")
     return {"kill": signal.SIGKILL, "term": signal.SIGTERM}[kind], int(step)
@@ -446,20 +458,17 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def finish(
-    out, model, cfg, ds, images, labels, prep, source, precision, history, best, seconds
-) -> dict:
-    """Write weights, logits, history, curves and meta.json (last: it marks the run complete)."""
+def finish(out: Path, loop: Loop, ds, images, labels, source, history, best, seconds) -> dict:
+    """Write weights, logits, history, curves and meta.json (last: it marks the run complete).
+
+    Every rank takes part in the predictions; only rank 0 writes.
+    """
+    cfg, model = loop.cfg, loop.model
     arch = (
         cfg.model if source["weights"] != "run" else checkpoint.read_meta(source["parent"])["arch"]
     )
-    checkpoint.save_weights(out, model, arch, ds.classes)
-    weights_sha256 = checkpoint.sha256(checkpoint.weights_path(out))
-    results = {}
-    for split in ("val", "test"):
-        logits = evaluate.predict(model, images[split], prep, precision, cfg.eval_batch_size)
-        checkpoint.save_logits(out, split, logits, labels[split])
-        results[split] = evaluate.metrics(logits, labels[split])
+    logits = {split: predict_all(loop, images[split]) for split in ("val", "test")}
+    results = {split: evaluate.metrics(logits[split], labels[split]) for split in logits}
     best_row = next(r for r in history if r["epoch"] == best["epoch"])
     results["train"] = {
         "top1": best_row["train_acc"],
@@ -467,32 +476,38 @@ def finish(
         "n": len(labels["train"]),
         "note": "augmented, during training",
     }
-    write_history(out / "history.csv", history)
-    plots.curves(history, out / "curves.png", f"{out.name}: {arch} on {ds.spec}")
     meta = {
         "format": 1,
         "arch": arch,
         "num_classes": len(ds.classes),
         "classes": ds.classes,
         "class_names": ds.names,
-        "preprocessing": prep,
+        "preprocessing": loop.prep,
         "source": source,
         "data": ds.spec,
         "val_fraction": cfg.val_fraction,
         "limit": cfg.limit,
         "config": to_dict(cfg),
         "seed": cfg.seed,
-        "precision": precision,
+        "precision": loop.precision,
         "eval_batch_size": cfg.eval_batch_size,
+        "processes": loop.dist.world,
         "params": models.count_params(model),
         "trainable_params": models.count_params(model, trainable=True),
-        "weights_sha256": weights_sha256,
         "epochs_run": len(history),
         "best_epoch": best["epoch"],
         "seconds": round(seconds, 1),
         "metrics": results,
         "versions": versions(),
     }
+    if not loop.dist.main:
+        return meta
+    checkpoint.save_weights(out, model, arch, ds.classes)
+    meta["weights_sha256"] = checkpoint.sha256(checkpoint.weights_path(out))
+    for split, values in logits.items():
+        checkpoint.save_logits(out, split, values, labels[split])
+    write_history(out / "history.csv", history)
+    plots.curves(history, out / "curves.png", f"{out.name}: {arch} on {ds.spec}")
     checkpoint.write_json(out / checkpoint.META, meta)
     return meta
 
@@ -505,16 +520,19 @@ def write_history(path: Path, history: list[dict]) -> None:
     checkpoint.write_text(path, buf.getvalue())
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
+def _prepare_out(out: Path, resume: bool, overwrite: bool, d: distributed.Dist) -> None:
+    """Refuse to clobber a run folder unless told to; only rank 0 touches the disk."""
+    exists = out.exists() and any(out.iterdir())
+    if exists and not (resume or overwrite):
+        raise UserError(
+            f"run folder {out} already exists: pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    if d.main:
+        if exists and overwrite:
             shutil.rmtree(out)
-        elif not resume:
-            raise UserError(
-                f"run folder {out} already exists: pass --resume to continue it "
-                "or --overwrite to replace it"
-            )
-    out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    d.barrier()
 
 
 def versions() -> dict:

@@ -1,0 +1,59 @@
+"""Shared pieces of the benchmark scripts: the data subset and the tutorial-style pipeline."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torchvision import transforms as T
+
+from transferlab import data
+
+SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"
+
+
+def tiny_subset(split: str, images: int) -> data.Split:
+    """`images` images of a Tiny ImageNet split, spread over the classes (fixed seed)."""
+    if not SHARED_TINY.is_dir():
+        raise SystemExit(f"needs the shared Tiny ImageNet at {SHARED_TINY}")
+    ds = data.load(f"tiny-imagenet:{SHARED_TINY}")
+    whole = ds.splits[split]
+    return whole.subset(data.stratified_head(whole.labels, images))
+
+
+class PathsDataset(torch.utils.data.Dataset):
+    """What tutorials do: open the JPEG with PIL and run torchvision transforms, every epoch."""
+
+    def __init__(self, split: data.Split, transform):
+        self.paths, self.labels, self.transform = split.paths, split.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(torchvision.datasets.folder.default_loader(self.paths[i])), int(
+            self.labels[i]
+        )
+
+
+def tutorial_transform(size: int, train: bool, gray: bool = False):
+    steps = [T.Grayscale()] if gray else []
+    steps += [T.Resize(size), T.CenterCrop(size)]
+    if train:
+        steps += [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
+    c = 1 if gray else 3
+    return T.Compose([*steps, T.ToTensor(), T.Normalize([0.5] * c, [0.5] * c)])
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def seed_all(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)

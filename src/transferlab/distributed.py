@@ -1,0 +1,95 @@
+"""Scale-out on PyTorch's own engine: torchrun launches, DistributedDataParallel trains.
+
+`torchrun --nproc-per-node N -m transferlab train ...` sets WORLD_SIZE/RANK/LOCAL_RANK; setup()
+joins the process group (NCCL on CUDA, gloo on CPU). Every rank reads the same data; the
+sampler gives rank r the r-th stride of each global batch; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Sum numbers over ranks (a no-op in a single process)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (e.g. one rank got SIGTERM)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def shard(self, n: int) -> np.ndarray:
+        """This rank's indices of 0..n-1, padded (like DistributedSampler) to equal length."""
+        idx = np.arange(n)
+        pad = (-n) % self.world
+        return np.concatenate([idx, idx[:pad]])[self.rank :: self.world]
+
+    def gather(self, part: np.ndarray, n: int) -> np.ndarray:
+        """Undo shard(): gather every rank's rows in original order, padding dropped."""
+        if self.world == 1:
+            return part
+        t = torch.from_numpy(np.ascontiguousarray(part)).to(_comm_device())
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t)
+        return torch.stack(parts, dim=1).reshape(-1, *t.shape[1:])[:n].cpu().numpy()
+
+
+def _comm_device() -> torch.device:
+    backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    return torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+
+
+def setup() -> Dist:
+    """Join the torchrun job if there is one (idempotent); a plain process gets Dist(0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        rank = int(os.environ["RANK"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              world, is_master=False, timeout=timedelta(minutes=10))
+        # a fresh key space per torchrun restart: stale addresses of dead workers stay unread
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                store=dist.PrefixStore(f"transferlab/restart{restart}", store),
+                                rank=rank, world_size=world)
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """DistributedDataParallel around the model when there are several ranks."""
+    if d.world == 1:
+        return model
+    ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

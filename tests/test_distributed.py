@@ -1,0 +1,126 @@
+"""DistributedDataParallel under torchrun: 2 gloo processes on loopback vs one process."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transferlab import checkpoint
+from transferlab.cli import main
+from transferlab.distributed import Dist
+
+from conftest import make_folder
+
+
+def torchrun(*args, env=None, extra=()) -> subprocess.CompletedProcess:
+    environ = {**os.environ, **(env or {})}
+    if not env or "TRANSFERLAB_FAULT" not in env:
+        environ.pop("TRANSFERLAB_FAULT", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        *extra,
+        "-m",
+        "transferlab",
+        "--quiet",
+        *map(str, args),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, env=environ, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory):
+    """3 classes x 15 train images: 5 val (odd: padding is exercised), 40 train = 16+16+8."""
+    root = tmp_path_factory.mktemp("ddp")
+    make_folder(root / "data", ["a", "b", "c"], 15)
+    return root / "data"
+
+
+def train_args(data_dir, out):
+    # a model without BatchNorm, so that 2 x 8 images equal one batch of 16; SGD, since Adam
+    # turns float rounding in near-zero gradients into lr-sized weight differences
+    return [
+        "train",
+        "--data",
+        f"folder:{data_dir}",
+        "--model",
+        "test_convnext",
+        "--input-size",
+        32,
+        "--epochs",
+        2,
+        "--batch-size",
+        16,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        0.05,
+        "--precision",
+        "fp32",
+        "--checkpoint-every",
+        2,
+        "--out",
+        out,
+    ]
+
+
+@pytest.fixture(scope="module")
+def clean_runs(ddp_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("clean")
+    assert main(["--quiet", *map(str, train_args(ddp_data, root / "one"))]) == 0
+    two = torchrun(*train_args(ddp_data, root / "two"))
+    assert two.returncode == 0, two.stderr
+    return root
+
+
+def max_diff(a, b) -> float:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(clean_runs):
+    one, two = (checkpoint.read_meta(clean_runs / d) for d in ("one", "two"))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["metrics"]["val"]["top1"] == one["metrics"]["val"]["top1"]
+    assert two["metrics"]["val"]["loss"] == pytest.approx(one["metrics"]["val"]["loss"], abs=1e-5)
+    assert two["metrics"]["val"]["n"] == 5 and two["metrics"]["test"]["n"] == 45
+    assert max_diff(clean_runs / "one", clean_runs / "two") < 1e-5
+    # only rank 0 wrote: one set of files, no stray temp files
+    assert sorted(p.name for p in (clean_runs / "two").iterdir()) == sorted(
+        p.name for p in (clean_runs / "one").iterdir()
+    )
+    assert not list((clean_runs / "two").rglob("*.tmp"))
+
+
+def test_S24_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp_data, clean_runs, tmp_path):
+    args = train_args(ddp_data, tmp_path / "run")
+    stopped = torchrun(*args, env={"TRANSFERLAB_FAULT": "term:3@1"})
+    assert stopped.returncode != 0 and "143" in stopped.stderr
+    state = torch.load(tmp_path / "run" / "state" / "last.pt", weights_only=True)
+    assert state["progress"]["global_step"] == 3  # rank 0 saved at rank 1's step
+    resumed = torchrun(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert max_diff(clean_runs / "two", tmp_path / "run") == 0.0
+
+
+def test_S25_a_rank_failure_restarts_resumes_and_finishes_equal(ddp_data, clean_runs, tmp_path):
+    args = [*train_args(ddp_data, tmp_path / "run"), "--resume"]
+    run = torchrun(*args, env={"TRANSFERLAB_FAULT": "kill:4@1"}, extra=("--max-restarts", "1"))
+    assert run.returncode == 0, run.stderr
+    assert max_diff(clean_runs / "two", tmp_path / "run") == 0.0
+
+
+def test_sharded_evaluation_counts_every_sample_once():
+    for n in (5, 6, 7):
+        shards = [Dist(r, 2).shard(n) for r in (0, 1)]
+        assert len(shards[0]) == len(shards[1])
+        interleaved = np.stack(shards, axis=1).reshape(-1)[:n]  # what gather() undoes
+        assert interleaved.tolist() == list(range(n))
