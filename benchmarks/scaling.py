@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from transferlab import data, evaluate, train
 from transferlab.config import make_config
+from transferlab.distributed import Dist
 
 
 def one(n: int, model_name: str) -> dict:
@@ -36,20 +37,26 @@ def one(n: int, model_name: str) -> dict:
         opt = train.make_optimizer(cfg, list(model.parameters()))
         aug = data.Augment(crop="pad", pad=8, flip=True)
 
+        loop = train.Loop(
+            model,
+            model,
+            [],
+            opt,
+            train.make_scheduler(cfg, opt, 1),
+            torch.amp.GradScaler("cpu", enabled=False),
+            {"mean": [0.5] * 3, "std": [0.5] * 3},
+            aug,
+            cfg,
+            evaluate.resolve_precision("auto"),
+            Dist(),
+        )
+
         def epoch():
             batches = tqdm(data.loader(images, split.labels, 64, 0, 1, shuffle=True), disable=True)
             train.train_one_epoch(
-                model,
-                [],
+                loop,
                 batches,
-                opt,
-                train.make_scheduler(cfg, opt, 1),
-                torch.amp.GradScaler("cpu", enabled=False),
-                {"mean": [0.5] * 3, "std": [0.5] * 3},
-                aug,
                 aug.params(len(split), 64, 0, 1),
-                cfg,
-                evaluate.resolve_precision("auto"),
                 train.new_progress(),
                 lambda idx: None,
             )

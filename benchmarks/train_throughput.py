@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from transferlab import data, evaluate, train
 from transferlab.config import make_config
+from transferlab.distributed import Dist
 
 
 def make_model(channels_last: bool):
@@ -39,35 +40,30 @@ def make_model(channels_last: bool):
 
 def run_transferlab(split, args, cache: Path) -> list[float]:
     cfg = make_config({"batch_size": args.batch, "lr": 1e-3, "schedule": "constant"})
-    precision = evaluate.resolve_precision("auto")
     model, opt = make_model(channels_last=True)
-    sched = train.make_scheduler(cfg, opt, 1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    prep = {"mean": [0.5] * 3, "std": [0.5] * 3}
     aug = data.Augment(crop="pad", pad=args.size // 8, flip=True)
+    loop = train.Loop(
+        model,
+        model,
+        [],
+        opt,
+        train.make_scheduler(cfg, opt, 1),
+        torch.amp.GradScaler("cpu", enabled=False),
+        {"mean": [0.5] * 3, "std": [0.5] * 3},
+        aug,
+        cfg,
+        evaluate.resolve_precision("auto"),
+        Dist(),
+    )
     times = []
-    for epoch in (1, 2)[: args.epochs]:
+    for epoch in range(1, args.epochs + 1):
 
         def one_epoch(epoch=epoch):
             images = data.decode(split, args.size, 3, cache=cache, quiet=True)  # cached after 1st
             batches = data.loader(images, split.labels, args.batch, 0, epoch, shuffle=True)
             params = aug.params(len(split), args.size, 0, epoch)
-            progress = train.new_progress()
-            bar = tqdm(batches, disable=True)
             train.train_one_epoch(
-                model,
-                [],
-                bar,
-                opt,
-                sched,
-                scaler,
-                prep,
-                aug,
-                params,
-                cfg,
-                precision,
-                progress,
-                lambda idx: None,
+                loop, tqdm(batches, disable=True), params, train.new_progress(), lambda idx: None
             )
 
         times.append(timed(one_epoch)[0])

@@ -145,7 +145,8 @@ def test_S1_negative_control_a_changed_resume_is_detected(folder_data, reference
         assert_same_run(reference / "w0", tmp_path / "run")
 
 
-def test_S1_finetune_resume_after_kill9_is_bitwise_identical(folder_data, reference, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_S1_finetune_resume_after_kill9_is_bitwise_identical(reference, tmp_path, workers):
     args = [
         "finetune",
         "--from",
@@ -156,12 +157,13 @@ def test_S1_finetune_resume_after_kill9_is_bitwise_identical(folder_data, refere
         3,
         "--precision",
         "fp32",
+        "--num-workers",
+        workers,
     ]
-    assert cli(*args, "--out", tmp_path / "ref").returncode == 0
-    assert (
-        cli(*args, "--out", tmp_path / "run", env={"TRANSFERLAB_FAULT": "kill:8"}).returncode == -9
-    )
-    assert cli(*args, "--out", tmp_path / "run", "--resume").returncode == 0
+    assert inproc(*args, "--out", tmp_path / "ref") == 0
+    killed = cli(*args, "--out", tmp_path / "run", env={"TRANSFERLAB_FAULT": "kill:8"})
+    assert killed.returncode == -9
+    assert inproc(*args, "--out", tmp_path / "run", "--resume") == 0
     assert_same_run(tmp_path / "ref", tmp_path / "run")
 
 

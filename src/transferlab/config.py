@@ -26,6 +26,7 @@ class TrainConfig:
     data: str = "digits"  # dataset spec: digits | tiny-imagenet:PATH | folder:PATH
     model: str = "resnet50"  # any timm model name, or "dcnn"
     weights: str | None = None  # None (scratch) | imagenet | a run folder | a .safetensors/.pt file
+    head_init: str = "fresh"  # fresh | match: start new classes from the source head's rows for classes it shares (by id or name)
     input_size: int | None = None  # None: the data's native size (scratch) or the weights' own
     channels: int | None = None  # 1 or 3; None: 3 for timm models, the data's own for dcnn
     epochs: int = 10  # maximum number of passes over the training split
@@ -41,6 +42,11 @@ class TrainConfig:
     crop: str = "pad"  # pad (random crop with padding) | rrc (random-resized-crop) | none
     crop_pad: int = -1  # padding in pixels for crop=pad; -1: input_size // 8
     patience: int = 0  # early stopping: epochs without val improvement (0: off)
+    strategy: str = (
+        "full"  # full | linear-probe (head on cached features) | lp-ft (probe, then all at --lr)
+    )
+    probe_epochs: int = 10  # lp-ft: epochs of the probe stage (linear-probe uses --epochs)
+    probe_lr: float = 1e-3  # lp-ft: learning rate of the probe stage (linear-probe uses --lr)
     freeze: str = "none"  # none | backbone (train the head only, BatchNorm kept in eval mode)
     val_fraction: float = 0.1  # share of train carved out as the validation split
     limit: int | None = None  # at most this many images per split (smoke tests)
@@ -123,6 +129,8 @@ CHOICES = {
     "schedule": ("cosine", "plateau", "constant"),
     "freeze": ("none", "backbone"),
     "crop": ("pad", "rrc", "none"),
+    "head_init": ("fresh", "match"),
+    "strategy": ("full", "linear-probe", "lp-ft"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
 }
 

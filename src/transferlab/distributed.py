@@ -77,13 +77,21 @@ def setup() -> Dist:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         rank = int(os.environ["RANK"])
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                              world, is_master=False, timeout=timedelta(minutes=10))
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=False,
+            timeout=timedelta(minutes=10),
+        )
         # a fresh key space per torchrun restart: stale addresses of dead workers stay unread
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                store=dist.PrefixStore(f"transferlab/restart{restart}", store),
-                                rank=rank, world_size=world)
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            store=dist.PrefixStore(f"transferlab/restart{restart}", store),
+            rank=rank,
+            world_size=world,
+        )
     return Dist(dist.get_rank(), dist.get_world_size())
 
 

@@ -137,7 +137,13 @@ def count_params(model: nn.Module, trainable: bool = False) -> int:
 # ----------------------------------------------------------------------------- weights
 
 
-def build(cfg: TrainConfig, classes: list[str], native_size: int, native_channels: int):
+def build(
+    cfg: TrainConfig,
+    classes: list[str],
+    native_size: int,
+    native_channels: int,
+    names: list[str] | None = None,
+):
     """Build the model a config asks for, with its weights and preprocessing spec.
 
     Returns (model, prep, source) where prep is the preprocessing dict stored in meta.json
@@ -145,7 +151,7 @@ def build(cfg: TrainConfig, classes: list[str], native_size: int, native_channel
     """
     weights = cfg.weights
     if weights and weights not in ("imagenet", "none") and Path(weights).is_dir():
-        return _from_run(cfg, Path(weights), classes)
+        return _from_run(cfg, Path(weights), classes, names)
     arch = cfg.model
     check_arch(arch)
     if not weights or weights == "none":
@@ -161,8 +167,17 @@ def build(cfg: TrainConfig, classes: list[str], native_size: int, native_channel
         pcfg, source = _pretrained_cfg(arch), {"weights": "file", "path": str(weights)}
     channels = cfg.channels or 3
     model = create(arch, len(classes), channels)
-    src_classes = source.pop("classes", None)
-    load_into(model, adapt_channels(state, model, channels), classes, src_classes)
+    src_classes, src_names = source.pop("classes", None), source.pop("names", None)
+    summary = load_into(
+        model,
+        adapt_channels(state, model, channels),
+        classes,
+        src_classes,
+        cfg.head_init,
+        names,
+        src_names,
+    )
+    source["head"] = _head_note(summary, len(classes))
     size = cfg.input_size or pcfg["input_size"][-1]
     mean, std = _fit_stats(pcfg["mean"], channels), _fit_stats(pcfg["std"], channels)
     return (
@@ -172,7 +187,13 @@ def build(cfg: TrainConfig, classes: list[str], native_size: int, native_channel
     )
 
 
-def _from_run(cfg: TrainConfig, run: Path, classes: list[str]):
+def _head_note(summary: dict, num_classes: int) -> str:
+    if not summary["head_replaced"]:
+        return "kept"
+    return f"matched {summary['head_matched']}/{num_classes}" if summary["head_matched"] else "new"
+
+
+def _from_run(cfg: TrainConfig, run: Path, classes: list[str], names: list[str] | None):
     meta = read_meta(run)
     arch = meta["arch"]
     if cfg.model not in (arch, None, "", "auto") and cfg.model != TrainConfig.model:
@@ -183,10 +204,21 @@ def _from_run(cfg: TrainConfig, run: Path, classes: list[str]):
         raise UserError(f"run {run} was trained on {prep['channels']} channel(s), not {channels}")
     model = create(arch, len(classes), channels)
     state = load_run_weights(run, meta)
-    load_into(model, state, classes, meta["classes"])
+    summary = load_into(
+        model, state, classes, meta["classes"], cfg.head_init, names, meta.get("class_names")
+    )
     if cfg.input_size:
         prep["input_size"] = cfg.input_size
-    return model, prep, {"weights": "run", "parent": str(run), "parent_weights": meta.get("source")}
+    return (
+        model,
+        prep,
+        {
+            "weights": "run",
+            "parent": str(run),
+            "parent_weights": meta.get("source"),
+            "head": _head_note(summary, len(classes)),
+        },
+    )
 
 
 def imagenet_state(arch: str) -> tuple[dict, dict, dict]:
@@ -208,7 +240,7 @@ def imagenet_state(arch: str) -> tuple[dict, dict, dict]:
         return (
             state,
             _pretrained_cfg(arch),
-            {"weights": "imagenet", "path": path, "classes": classes},
+            {"weights": "imagenet", "path": path, "classes": classes, "names": imagenet_names()},
         )
     _check_hub_reachable(arch)
     try:
@@ -219,7 +251,7 @@ def imagenet_state(arch: str) -> tuple[dict, dict, dict]:
         ) from None
     source = {"weights": "imagenet", "hub": model.pretrained_cfg.get("hf_hub_id")}
     if model.pretrained_cfg.get("num_classes") == 1000:
-        source["classes"] = imagenet_wnids()
+        source["classes"], source["names"] = imagenet_wnids(), imagenet_names()
     return model.state_dict(), dict(model.pretrained_cfg), source
 
 
@@ -302,11 +334,19 @@ def strip_prefixes(state: dict) -> dict:
 
 
 def load_into(
-    model: nn.Module, state: dict, classes: list[str], src_classes: list[str] | None
+    model: nn.Module,
+    state: dict,
+    classes: list[str],
+    src_classes: list[str] | None,
+    head_init: str = "fresh",
+    names: list[str] | None = None,
+    src_names: list[str] | None = None,
 ) -> dict:
     """Load weights strictly; the head is copied when classes agree, else left fresh.
 
-    Returns a summary: how many tensors were loaded and whether the head was replaced.
+    With head_init="match", a new head starts from the source head's rows for every class
+    both share (matched by id, e.g. WordNet id, then by name); the other rows stay fresh.
+    Returns a summary: tensors loaded, whether the head was replaced, classes matched.
     """
     state = strip_prefixes(state)
     target = model.state_dict()
@@ -333,10 +373,37 @@ def load_into(
             raise UserError(f"weights contain NaN/Inf in tensor {k}")
     merged = dict(target)
     merged.update(body)
+    matched = 0
     if same_head:
         merged.update({k: state[k] for k in heads})
+    elif head_init == "match" and src_classes:
+        rows = class_rows(classes, names or classes, src_classes, src_names or src_classes)
+        for k in heads:
+            if k in state and state[k].shape[0] == len(src_classes):
+                merged[k] = merged[k].clone()
+                for i, j in rows.items():
+                    merged[k][i] = state[k][j]
+        matched = len(rows)
     model.load_state_dict(merged, strict=True)
-    return {"loaded": len(body) + (len(heads) if same_head else 0), "head_replaced": not same_head}
+    return {
+        "loaded": len(body) + (len(heads) if same_head else 0),
+        "head_replaced": not same_head,
+        "head_matched": matched,
+    }
+
+
+def class_rows(
+    classes: list[str], names: list[str], src_classes: list[str], src_names: list[str]
+) -> dict[int, int]:
+    """Target class index -> source class index, for classes both have (by id, then name)."""
+    by_id = {c: j for j, c in enumerate(src_classes)}
+    by_name = {str(n).lower(): j for j, n in enumerate(src_names)}
+    out = {}
+    for i, (c, n) in enumerate(zip(classes, names, strict=True)):
+        j = by_id.get(c, by_name.get(str(n).lower()))
+        if j is not None:
+            out[i] = j
+    return out
 
 
 def _few(items: list[str], n: int = 4) -> str:

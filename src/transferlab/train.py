@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint, data, distributed, evaluate, models, plots
+from . import __version__, checkpoint, data, distributed, evaluate, finetune, models, plots
 from .config import Preempted, TrainConfig, UserError, to_dict
 
 
@@ -64,15 +64,19 @@ def fit(
     _prepare_out(out, resume, overwrite, d)
     ds = data.load(cfg.data, cfg.val_fraction, cfg.limit)
     torch.manual_seed(cfg.seed)  # model init
-    model, prep, source = models.build(cfg, ds.classes, ds.native_size, ds.native_channels)
-    frozen = freeze(model, cfg.freeze)
+    model, prep, source = models.build(
+        cfg, ds.classes, ds.native_size, ds.native_channels, ds.names
+    )
+    frozen = freeze(model, "backbone" if cfg.strategy == "linear-probe" else cfg.freeze)
     precision = evaluate.resolve_precision(cfg.precision)
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
     origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
     log(
         f"[{out.name}] {origin} on {ds.spec}: {len(ds.classes)} classes, "
         f"{models.describe(model)}, input {prep['input_size']}px x{prep['channels']}, "
-        f"weights={source['weights']}, precision={precision}"
+        f"weights={source['weights']}"
+        + (f" (head {source['head']})" if "head" in source else "")
+        + f", precision={precision}"
         + (f", {d.world} processes" if d.world > 1 else "")
     )
     images, labels = decode_splits(ds, prep, cfg, out.name, log, quiet)
@@ -129,6 +133,12 @@ def fit(
                     "rerun with --resume to continue"
                 )
 
+        if cfg.strategy != "full" and not progress.get("probed"):
+            probe(loop, images, labels, progress, out.name, log, quiet)
+            save()
+        if cfg.strategy == "lp-ft" and progress["epoch"] <= cfg.epochs:
+            log(f"   stage fine-tune: {models.describe(model)} (lr {cfg.lr:g})")
+
         while progress["epoch"] <= cfg.epochs and not progress["stopped_early"]:
             epoch, t0 = progress["epoch"], time.time()
             batches = data.loader(
@@ -161,7 +171,16 @@ def fit(
     best = progress["best"]
     model.load_state_dict(best["state"])
     meta = finish(
-        out, loop, ds, images, labels, source, progress["history"], best, time.time() - t_start
+        out,
+        loop,
+        ds,
+        images,
+        labels,
+        source,
+        progress["history"],
+        best,
+        time.time() - t_start,
+        progress.get("probe"),
     )
     m = meta["metrics"]
     log(
@@ -170,6 +189,37 @@ def fit(
     )
     d.barrier()
     return meta
+
+
+def probe(loop: Loop, images, labels, progress, name, log, quiet) -> None:
+    """The linear-probe stage: the head alone, on features computed once."""
+    cfg, t0 = loop.cfg, time.time()
+    only = cfg.strategy == "linear-probe"
+    epochs, lr = (cfg.epochs, cfg.lr) if only else (cfg.probe_epochs, cfg.probe_lr)
+    rows, best = finetune.linear_probe(
+        loop.model, images, labels, loop.prep, loop.precision, epochs, lr, cfg.seed, log, quiet
+    )
+    progress["probed"] = True
+    progress["probe"] = {
+        "epochs": epochs,
+        "lr": lr,
+        "best_epoch": best["epoch"],
+        "val_acc": best["val_acc"],
+        "seconds": round(time.time() - t0, 1),
+    }
+    if only:  # the probe is the whole run
+        rows[-1]["seconds"] = time.time() - t0
+        state = {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()}
+        progress.update(
+            history=rows,
+            epoch=cfg.epochs + 1,
+            best={
+                "val_acc": best["val_acc"],
+                "val_loss": best["val_loss"],
+                "epoch": best["epoch"],
+                "state": state,
+            },
+        )
 
 
 def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: dict, after_step) -> None:
@@ -300,6 +350,7 @@ def new_progress() -> dict:
         "history": [],
         "stale": 0,
         "stopped_early": False,
+        "probed": False,
         "seconds": 0.0,
         "best": {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None},
     }
@@ -458,7 +509,18 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def finish(out: Path, loop: Loop, ds, images, labels, source, history, best, seconds) -> dict:
+def finish(
+    out: Path,
+    loop: Loop,
+    ds,
+    images,
+    labels,
+    source,
+    history,
+    best,
+    seconds,
+    probe_info: dict | None = None,
+) -> dict:
     """Write weights, logits, history, curves and meta.json (last: it marks the run complete).
 
     Every rank takes part in the predictions; only rank 0 writes.
@@ -492,6 +554,8 @@ def finish(out: Path, loop: Loop, ds, images, labels, source, history, best, sec
         "precision": loop.precision,
         "eval_batch_size": cfg.eval_batch_size,
         "processes": loop.dist.world,
+        "strategy": cfg.strategy,
+        "probe": probe_info,
         "params": models.count_params(model),
         "trainable_params": models.count_params(model, trainable=True),
         "epochs_run": len(history),
