@@ -10,7 +10,8 @@ import torch
 import torchvision
 from torchvision import transforms as T
 
-from transferlab import data
+from transferlab import data, evaluate, train
+from transferlab.distributed import Dist
 
 SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"
 
@@ -57,3 +58,20 @@ def timed(fn) -> tuple[float, object]:
 def seed_all(seed: int = 0) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+def transferlab_loop(model, opt, aug: data.Augment, cfg) -> train.Loop:
+    """transferlab's training objects for a bare model: RGB, [-1, 1] inputs, `auto` precision."""
+    return train.Loop(
+        model,
+        model,
+        [],
+        opt,
+        train.make_scheduler(cfg, opt, 1),
+        torch.amp.GradScaler("cpu", enabled=False),
+        {"mean": [0.5] * 3, "std": [0.5] * 3},
+        aug,
+        cfg,
+        evaluate.resolve_precision("auto"),
+        Dist(),
+    )

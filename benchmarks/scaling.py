@@ -19,12 +19,11 @@ from pathlib import Path
 
 import timm
 import torch
-from common import seed_all, timed, tiny_subset
+from common import seed_all, timed, tiny_subset, transferlab_loop
 from tqdm import tqdm
 
-from transferlab import data, evaluate, train
+from transferlab import data, train
 from transferlab.config import make_config
-from transferlab.distributed import Dist
 
 
 def one(n: int, model_name: str) -> dict:
@@ -37,19 +36,7 @@ def one(n: int, model_name: str) -> dict:
         opt = train.make_optimizer(cfg, list(model.parameters()))
         aug = data.Augment(crop="pad", pad=8, flip=True)
 
-        loop = train.Loop(
-            model,
-            model,
-            [],
-            opt,
-            train.make_scheduler(cfg, opt, 1),
-            torch.amp.GradScaler("cpu", enabled=False),
-            {"mean": [0.5] * 3, "std": [0.5] * 3},
-            aug,
-            cfg,
-            evaluate.resolve_precision("auto"),
-            Dist(),
-        )
+        loop = transferlab_loop(model, opt, aug, cfg)
 
         def epoch():
             batches = tqdm(data.loader(images, split.labels, 64, 0, 1, shuffle=True), disable=True)

@@ -21,12 +21,11 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from common import PathsDataset, seed_all, timed, tiny_subset, tutorial_transform
+from common import PathsDataset, seed_all, timed, tiny_subset, transferlab_loop, tutorial_transform
 from tqdm import tqdm
 
 from transferlab import data, evaluate, train
 from transferlab.config import make_config
-from transferlab.distributed import Dist
 
 
 def make_model(channels_last: bool):
@@ -42,19 +41,7 @@ def run_transferlab(split, args, cache: Path) -> list[float]:
     cfg = make_config({"batch_size": args.batch, "lr": 1e-3, "schedule": "constant"})
     model, opt = make_model(channels_last=True)
     aug = data.Augment(crop="pad", pad=args.size // 8, flip=True)
-    loop = train.Loop(
-        model,
-        model,
-        [],
-        opt,
-        train.make_scheduler(cfg, opt, 1),
-        torch.amp.GradScaler("cpu", enabled=False),
-        {"mean": [0.5] * 3, "std": [0.5] * 3},
-        aug,
-        cfg,
-        evaluate.resolve_precision("auto"),
-        Dist(),
-    )
+    loop = transferlab_loop(model, opt, aug, cfg)
     times = []
     for epoch in range(1, args.epochs + 1):
 
