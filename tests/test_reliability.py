@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transferlab import checkpoint, data, ensemble, models, train
+from transferlab import checkpoint, data, ensemble, evaluate, models, train
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -269,10 +269,10 @@ def test_S7_retention_keeps_last_n_and_nan_is_never_best(folder_data, tmp_path):
     names = sorted(p.name for p in (tmp_path / "r" / "state").glob("*.pt"))
     assert len(names) == 3 and "last.pt" in names
     best = {"val_acc": 0.5, "val_loss": 1.0}
-    assert not train.improves({"top1": float("nan"), "loss": 0.1}, best)
-    assert not train.improves({"top1": 0.9, "loss": float("nan")}, best)
-    assert train.improves({"top1": 0.6, "loss": 2.0}, best)
-    assert train.improves({"top1": 0.5, "loss": 0.9}, best)
+    assert not evaluate.improves({"top1": float("nan"), "loss": 0.1}, best)
+    assert not evaluate.improves({"top1": 0.9, "loss": float("nan")}, best)
+    assert evaluate.improves({"top1": 0.6, "loss": 2.0}, best)
+    assert evaluate.improves({"top1": 0.5, "loss": 0.9}, best)
 
 
 def test_S8_no_clobbering(trained_run, capsys):
@@ -457,9 +457,8 @@ def broken_dataset(root: Path) -> tuple[Path, list[str]]:
     return root, list(bad)
 
 
-def test_S16_corrupt_images_stop_before_the_first_step_listing_every_path(tmp_path, capsys):
-    root, bad = broken_dataset(tmp_path / "d")
-    argv = [
+def train_on(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
         "train",
         "--data",
         f"folder:{root}",
@@ -469,10 +468,15 @@ def test_S16_corrupt_images_stop_before_the_first_step_listing_every_path(tmp_pa
         "24",
         "--epochs",
         "1",
+        *extra,
         "--out",
-        str(tmp_path / "r"),
+        str(out),
     ]
-    assert main(argv) == 2
+
+
+def test_S16_corrupt_images_stop_before_the_first_step_listing_every_path(tmp_path, capsys):
+    root, bad = broken_dataset(tmp_path / "d")
+    assert main(train_on(root, tmp_path / "r")) == 2
     err = capsys.readouterr().err
     assert "4 unreadable image(s)" in err and all(b in err for b in bad)
     assert not (tmp_path / "r" / "state").exists()  # stopped before the first step
@@ -485,21 +489,7 @@ def test_S16_corrupt_images_stop_before_the_first_step_listing_every_path(tmp_pa
 
 def test_S16_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, capsys):
     root, bad = broken_dataset(tmp_path / "d")
-    argv = [
-        "train",
-        "--data",
-        f"folder:{root}",
-        "--model",
-        "test_resnet",
-        "--input-size",
-        "24",
-        "--epochs",
-        "1",
-        "--skip-bad-images",
-        "--out",
-        str(tmp_path / "r"),
-    ]
-    assert main(argv) == 0
+    assert main(train_on(root, tmp_path / "r", "--skip-bad-images")) == 0
     out = capsys.readouterr().out
     assert "skipped" in out and all(b.split("/")[-1] in out for b in bad)
     meta = checkpoint.read_meta(tmp_path / "r")

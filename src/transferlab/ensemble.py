@@ -6,6 +6,7 @@ of member log-probabilities (M, N, K), so they are fast and testable without any
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -102,13 +103,13 @@ def member_logp(
     """
     metas = [checkpoint.read_meta(r) for r in runs]
     orders = check_classes(metas, runs)
-    for run, meta in zip(runs, metas, strict=True):  # every member must be a sound, safe run
-        checkpoint.load_run_weights(run, meta)
     spec = data_spec or metas[0]["data"]
     key0 = (spec, metas[0].get("val_fraction"), metas[0].get("limit"))
     cached = all((m["data"], m.get("val_fraction"), m.get("limit")) == key0 for m in metas)
     logp, targets = {}, {}
     if cached and all(checkpoint.load_logits(r, s) is not None for r in runs for s in SPLITS):
+        for run, meta in zip(runs, metas, strict=True):  # every member must be a sound, safe run
+            checkpoint.load_run_weights(run, meta)
         for split in SPLITS:
             pairs = [checkpoint.load_logits(r, split) for r in runs]
             logp[split] = np.stack(
@@ -117,15 +118,14 @@ def member_logp(
             targets[split] = pairs[0][1]
         return logp, targets, metas, spec
     ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
+    per_member = {split: [] for split in SPLITS}
+    for run, meta in zip(runs, metas, strict=True):
+        model = evaluate.load_run_model(run, meta)  # verified against its sha256
+        for split in SPLITS:
+            lg = evaluate.predict_split(model, meta, ds, split, f"run {run}", quiet)
+            per_member[split].append(evaluate.log_softmax(lg))
     for split in SPLITS:
-        per_member = []
-        for run, meta in zip(runs, metas, strict=True):
-            lg = evaluate.predict_run(run, meta, ds, split, quiet)
-            cols = evaluate.class_map(
-                meta["classes"], meta["class_names"], ds.classes, ds.names, f"run {run}"
-            )
-            per_member.append(evaluate.log_softmax(lg[:, cols]))
-        logp[split] = np.stack(per_member)
+        logp[split] = np.stack(per_member[split])
         targets[split] = ds.splits[split].labels
     return logp, targets, metas, spec
 
@@ -188,8 +188,6 @@ def is_ensemble(path: str | Path) -> bool:
 
 
 def read(path: str | Path) -> dict:
-    import json
-
     try:
         return json.loads((Path(path) / ENSEMBLE).read_text())
     except (OSError, ValueError) as err:
@@ -203,17 +201,18 @@ def evaluate_ensemble(
     info = read(path)
     runs = [m["run"] for m in info["members"]]
     metas = [checkpoint.read_meta(r) for r in runs]
-    orders = check_classes(metas, runs)
+    check_classes(metas, runs)
     ds = data.load(
         data_spec or info["data"], metas[0].get("val_fraction", 0.1), metas[0].get("limit")
     )
-    per_member = []
-    for run, meta, order in zip(runs, metas, orders, strict=True):
-        lg = evaluate.predict_run(run, meta, ds, split, quiet)[:, order]
-        cols = evaluate.class_map(
-            info["classes"], info["class_names"], ds.classes, ds.names, f"ensemble {path}"
+    per_member = [
+        evaluate.log_softmax(
+            evaluate.predict_split(
+                evaluate.load_run_model(run, meta), meta, ds, split, f"run {run}", quiet
+            )
         )
-        per_member.append(evaluate.log_softmax(lg[:, cols]))
+        for run, meta in zip(runs, metas, strict=True)
+    ]
     weights = np.array([m["weight"] for m in info["members"]])
     combined = COMBINERS[info["method"]](np.stack(per_member), weights)
     return combined, ds.splits[split].labels, info
@@ -231,10 +230,8 @@ def evaluate_path(
         meta = checkpoint.read_meta(path)
         spec = data_spec or meta["data"]
         ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
-        cols = evaluate.class_map(
-            meta["classes"], meta["class_names"], ds.classes, ds.names, f"run {path}"
-        )
-        logp = evaluate.predict_run(path, meta, ds, split, quiet)[:, cols]
+        model = evaluate.load_run_model(path, meta)
+        logp = evaluate.predict_split(model, meta, ds, split, f"run {path}", quiet)
         targets, names = ds.splits[split].labels, ds.names
     result = evaluate.metrics(logp, targets)
     figure = path / ("confusion.png" if split == "test" else f"confusion-{split}.png")

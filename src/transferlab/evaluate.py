@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -60,52 +61,51 @@ def predict(
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-_DECODED: dict = {}  # decoded splits shared by members with the same preprocessing
-
-
-def decoded(ds: data.Dataset, split: str, prep: dict, quiet: bool = True) -> np.ndarray:
-    """A split decoded at a member's size/channels, decoded once per process and shape."""
-    key = (
-        ds.spec,
-        split,
-        len(ds.splits[split]),
-        prep["input_size"],
-        prep["channels"],
-        prep["interpolation"],
-    )
-    if key not in _DECODED:
-        if len(_DECODED) >= 4:
-            _DECODED.clear()
-        _DECODED[key] = data.decode(
-            ds.splits[split],
-            prep["input_size"],
-            prep["channels"],
-            prep["interpolation"],
-            desc=f"decode {split}",
-            quiet=quiet,
-            cache=data.resolve_cache(None),
-        )
-    return _DECODED[key]
-
-
 def load_run_model(run, meta: dict) -> nn.Module:
-    """The trained model of a run folder (weights from safetensors, no pickle)."""
+    """The trained model of a run folder (weights from safetensors, checked against meta.json)."""
     model = models.create(meta["arch"], meta["num_classes"], meta["preprocessing"]["channels"])
     model.load_state_dict(checkpoint.load_run_weights(run, meta))
     return model.to(device()).to(memory_format=torch.channels_last)
 
 
-def predict_run(run, meta: dict, ds: data.Dataset, split: str, quiet: bool = True) -> np.ndarray:
-    """Logits of one run on a split, through the run's own preprocessing and precision."""
-    images = decoded(ds, split, meta["preprocessing"], quiet)
-    return predict(
-        load_run_model(run, meta),
+def predict_split(
+    model: nn.Module, meta: dict, ds: data.Dataset, split: str, who: str, quiet: bool = True
+) -> np.ndarray:
+    """A run's logits on a split of `ds`, through the run's own preprocessing and precision.
+
+    Columns follow the dataset's classes (matched by id or name; an unknown class is refused).
+    The split is decoded once per input size through the decode cache, so members that share a
+    size share the decoded images.
+    """
+    cols = class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
+    prep = meta["preprocessing"]
+    images = data.decode(
+        ds.splits[split],
+        prep["input_size"],
+        prep["channels"],
+        prep["interpolation"],
+        f"decode {split}",
+        quiet,
+        cache=data.resolve_cache(None),
+    )
+    logits = predict(
+        model,
         images,
-        meta["preprocessing"],
+        prep,
         meta.get("precision", "fp32"),
         meta.get("eval_batch_size", 256),
         desc=f"predict {split}",
         quiet=quiet,
+    )
+    return logits[:, cols]
+
+
+def improves(val: dict, best: dict) -> bool:
+    """Higher val top-1, or equal top-1 and lower loss. A NaN metric is never an improvement."""
+    if not (math.isfinite(val["top1"]) and math.isfinite(val["loss"])):
+        return False
+    return val["top1"] > best["val_acc"] or (
+        val["top1"] == best["val_acc"] and val["loss"] < best["val_loss"]
     )
 
 

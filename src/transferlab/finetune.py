@@ -107,9 +107,7 @@ def linear_probe(
                 "seconds": 0.0,
             }
         )
-        if val["top1"] > best["val_acc"] or (
-            val["top1"] == best["val_acc"] and val["loss"] < best["val_loss"]
-        ):
+        if evaluate.improves(val, best):
             best = {
                 "val_acc": val["top1"],
                 "val_loss": val["loss"],

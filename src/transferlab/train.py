@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint, data, distributed, evaluate, finetune, models, plots
-from .config import Preempted, TrainConfig, UserError, to_dict
+from .config import Preempted, TrainConfig, UserError, make_config, to_dict
 
 
 @dataclass
@@ -296,7 +296,7 @@ def end_epoch(loop: Loop, images, labels, progress, seconds, name, log) -> None:
         "seconds": seconds,
     }
     progress["history"].append(row)
-    if improves(val, progress["best"]):
+    if evaluate.improves(val, progress["best"]):
         progress["best"] = {
             "val_acc": val["top1"],
             "val_loss": val["loss"],
@@ -328,15 +328,6 @@ def training_state(loop: Loop, progress: dict) -> dict:
         "progress": progress,
         "config": to_dict(loop.cfg),
     }
-
-
-def improves(val: dict, best: dict) -> bool:
-    """Higher val top-1, or equal top-1 and lower loss. A NaN metric is never an improvement."""
-    if not (math.isfinite(val["top1"]) and math.isfinite(val["loss"])):
-        return False
-    return val["top1"] > best["val_acc"] or (
-        val["top1"] == best["val_acc"] and val["loss"] < best["val_loss"]
-    )
 
 
 def new_progress() -> dict:
@@ -628,8 +619,6 @@ def git_sha() -> str | None:
 
 def finetune_config(run: str | Path, overrides: dict) -> TrainConfig:
     """A config that continues from a run: its data, arch and preprocessing unless overridden."""
-    from .config import make_config
-
     meta = checkpoint.read_meta(run)
     base = replace(
         TrainConfig(),
