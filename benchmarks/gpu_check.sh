@@ -7,13 +7,13 @@
 set -euo pipefail
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)/src" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python benchmarks/gpu_throughput.py --steps 30
+python3 benchmarks/gpu_throughput.py --steps 30
 out=$(mktemp -d)
 start=$(date +%s)
-python -m transferlab train --data synthetic:50000x64 --model resnet50 --epochs 1 \
-  --batch-size 512 --lr 0.002 --precision bf16 --eval-batch-size 1024 --out "$out/r50" --quiet
+python3 -m transferlab train --data synthetic:50000x64 --model resnet50 --epochs 1 \
+  --batch-size 512 --lr 0.002 --precision bf16 --eval-batch-size 1024 --out "$out/r50" 2>&1 | tr "\r" "\n" | grep "^\[r50\]"
 echo "end-to-end: 1 epoch of 40,000 train + 5,000 val + 10,000 test images in $(( $(date +%s) - start )) s (process start and data generation included)"
-python - "$out/r50" <<'PY'
+python3 - "$out/r50" <<'PY'
 import json, sys
 meta = json.load(open(f"{sys.argv[1]}/meta.json"))
 print(f"epoch seconds (train + val): {meta['seconds']}, test top-1 {meta['metrics']['test']['top1']:.3f}")

@@ -151,3 +151,14 @@ def test_dcnn_on_grayscale_digits_learns(tmp_path):
     )
     meta = train.fit(cfg, tmp_path / "dcnn", quiet=True)
     assert meta["preprocessing"]["channels"] == 1 and meta["metrics"]["test"]["top1"] > 0.85
+
+
+def test_device_resident_training_set_trains_identically(folder_data, tmp_path, monkeypatch):
+    """The GPU path keeps the uint8 set as a tensor on the device; here the tensor stays on the
+    CPU, which exercises the same indexing and augmentation and must give the same weights."""
+    cfg = tiny_cfg(f"folder:{folder_data}", epochs=1)
+    train.fit(cfg, tmp_path / "array", quiet=True)
+    monkeypatch.setattr(train, "on_device", lambda images, *_: torch.from_numpy(images[:]))
+    train.fit(cfg, tmp_path / "tensor", quiet=True)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("array", "tensor"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

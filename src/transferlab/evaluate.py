@@ -55,7 +55,7 @@ def predict(
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, disable=quiet, leave=False, unit="batch"):
         x = torch.from_numpy(np.array(images[start : start + batch_size]))  # (B, H, W, C) uint8
-        x = data.normalize(x, prep["mean"], prep["std"]).to(dev)
+        x = data.normalize(x.to(dev, non_blocking=True), prep["mean"], prep["std"])
         with autocast(precision):
             out.append(model(x).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)

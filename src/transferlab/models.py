@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import socket
+import types
 from pathlib import Path
 
 import timm
@@ -101,11 +102,27 @@ class DCNN(nn.Module):
 
 
 def create(arch: str, num_classes: int, in_chans: int) -> nn.Module:
-    """An untrained model by name: `dcnn` or any timm architecture."""
+    """An untrained model by name: `dcnn` or any timm architecture, its head kept in fp32."""
     if arch == "dcnn":
-        return DCNN(num_classes, in_chans)
-    check_arch(arch)
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        model = DCNN(num_classes, in_chans)
+    else:
+        check_arch(arch)
+        model = timm.create_model(
+            arch, pretrained=False, num_classes=num_classes, in_chans=in_chans
+        )
+    model.forward_head = types.MethodType(_forward_head_fp32, model)
+    return model
+
+
+def _forward_head_fp32(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    """The class's forward_head outside autocast: pooled features and logits stay fp32.
+
+    Under bf16 autocast the logits would otherwise carry 8 significant bits, which rounds close
+    classes together (measured on CUDA: benchmarks/bf16_accuracy.py). The head is a tiny share
+    of the compute. Bound per instance, so state_dict keys are untouched and deepcopy rebinds.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return type(self).forward_head(self, x.float(), pre_logits=pre_logits)
 
 
 def check_arch(arch: str) -> None:

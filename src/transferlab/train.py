@@ -139,10 +139,11 @@ def fit(
         if cfg.strategy == "lp-ft" and progress["epoch"] <= cfg.epochs:
             log(f"   stage fine-tune: {models.describe(model)} (lr {cfg.lr:g})")
 
+        train_images = on_device(images["train"], cfg, out.name, log)
         while progress["epoch"] <= cfg.epochs and not progress["stopped_early"]:
             epoch, t0 = progress["epoch"], time.time()
             batches = data.loader(
-                images["train"],
+                train_images,
                 labels["train"],
                 cfg.batch_size,
                 cfg.seed,
@@ -227,9 +228,9 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: dict, after
     set_train_mode(loop.ddp, loop.frozen)
     dev, cfg = evaluate.device(), loop.cfg
     for x, y, idx in batches:
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)  # uint8 on the device
         x = loop.augment(x, {k: v[idx] for k, v in aug_params.items()})  # (B, H, W, C) uint8
-        x = data.normalize(x, loop.prep["mean"], loop.prep["std"]).to(dev)  # (B, C, H, W)
-        y = y.to(dev)
+        x = data.normalize(x, loop.prep["mean"], loop.prep["std"])  # (B, C, H, W) float
         with evaluate.autocast(loop.precision):
             logits = loop.ddp(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
