@@ -1,4 +1,6 @@
-"""Transfer learning: head initialisation by class name."""
+"""Transfer learning: strategies, head initialisation by class name, lr-find."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +99,103 @@ def test_lp_ft_resumes_in_the_fine_tune_stage_without_probing_again(
 
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "r"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _initial_state(cfg):
+    """The model a fresh run of `cfg` starts from (scratch init is seeded)."""
+    from transferlab import train
+    from transferlab.distributed import Dist
+
+    _, model, *_ = train.setup(cfg, Path("initial"), lambda *a: None, Dist(0, 1))
+    return {k: v.clone() for k, v in model.state_dict().items()}, model
+
+
+def test_gradual_epoch_one_trains_only_the_head_and_freezes_batchnorm(
+    folder_data, tmp_path, capsys
+):
+    from safetensors.torch import load_file
+
+    from transferlab import train
+
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg(f"folder:{folder_data}", strategy="gradual", epochs=1)
+    start, model = _initial_state(cfg)
+    meta = train.fit(cfg, tmp_path / "g1")
+    assert "stage 1/" in capsys.readouterr().out
+    after = load_file(tmp_path / "g1" / "model.safetensors")
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}  # running stats of every BatchNorm unchanged
+    assert meta["trainable_params"] == model.fc.weight.numel() + model.fc.bias.numel()
+
+
+def test_each_strategy_optimizer_holds_exactly_what_trains(folder_data):
+    from transferlab import finetune, train
+
+    from conftest import tiny_cfg
+
+    for strategy, epochs in (("full", 1), ("linear-probe", 1), ("gradual", 2), ("layer-decay", 1)):
+        cfg = tiny_cfg(f"folder:{folder_data}", strategy=strategy, epochs=epochs)
+        _, model = _initial_state(cfg)
+        groups, frozen, _ = train.training_parts(model, cfg, {"input_size": 24})
+        opt = train.make_optimizer(cfg, train.optimizer_params(model, cfg, groups, 0.1), 0.1)
+        held = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert held == {id(p) for p in model.parameters() if p.requires_grad}, strategy
+        if strategy == "gradual":  # by its last epoch (2): the top two block groups
+            names = finetune.gradual_stage(groups, 2)
+            assert held == {id(p) for n, p in model.named_parameters() if n in names}
+            assert len(groups) > 2 and "fc.weight" in groups[-1]
+        if strategy == "layer-decay":
+            lrs = {round(g["lr"], 9) for g in opt.param_groups}
+            assert max(lrs) == 0.1 and min(lrs) == round(0.1 * 0.75 ** (len(groups) - 1), 9)
+
+
+def test_gradual_and_layer_decay_resume_mid_stage_exactly(folder_data, tmp_path, monkeypatch):
+    """Pre-empted in the middle of epoch 2 (stage 2), resumed: bitwise the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from transferlab import train
+    from transferlab.config import Preempted
+
+    from conftest import tiny_cfg
+
+    for strategy in ("gradual", "layer-decay"):
+        cfg = tiny_cfg(f"folder:{folder_data}", strategy=strategy, epochs=3)
+        train.fit(cfg, tmp_path / f"{strategy}-full", quiet=True)
+        steps = -(-108 // 16)  # 120 train images less the 10% val carve-out, batch 16
+        monkeypatch.setenv("TRANSFERLAB_FAULT", f"term:{steps + 2}")
+        with pytest.raises(Preempted):
+            train.fit(cfg, tmp_path / f"{strategy}-r", quiet=True)
+        monkeypatch.delenv("TRANSFERLAB_FAULT")
+        train.fit(cfg, tmp_path / f"{strategy}-r", resume=True, quiet=True)
+        a, b = (
+            load_file(tmp_path / f"{strategy}-{d}" / "model.safetensors") for d in ("full", "r")
+        )
+        assert all(torch.equal(a[k], b[k]) for k in a), strategy
+
+
+def test_dcnn_has_block_groups_for_gradual_unfreezing():
+    from transferlab import finetune
+
+    groups = finetune.block_groups(models.create("dcnn", 10, 1))
+    assert len(groups) == 5 and groups[-1] == ["fc.weight", "fc.bias"]
+    assert groups[0][0] == "features.0.weight" and "features.8.weight" in groups[1]
+
+
+def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
+    folder_data, tmp_path
+):
+    from transferlab import lrfind, train
+
+    from conftest import tiny_cfg
+
+    assert lrfind.suggest([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 9.0]) == pytest.approx(1e-3)
+    cfg = tiny_cfg(f"folder:{folder_data}", lr="auto", epochs=1)
+    lr = train.lr_find(cfg, tmp_path / "lrf", quiet=True)
+    assert 1e-6 < lr < 1.0 and (tmp_path / "lrf" / "lr_find.png").stat().st_size > 0
+    meta = train.fit(cfg, tmp_path / "auto", quiet=True)  # the same test runs first
+    assert (tmp_path / "auto" / "lr_find.png").exists()
+    history = (tmp_path / "auto" / "history.csv").read_text()
+    assert meta["epochs_run"] == 1 and history
+    with pytest.raises(Exception, match="number or auto"):
+        make_config({"lr": "fast"})

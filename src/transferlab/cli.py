@@ -28,6 +28,8 @@ EXAMPLES = {
     "finetune": "transferlab finetune --from runs/r50 --epochs 5 --out runs/r50-ft\n"
     "  transferlab finetune --from runs/r50 --data folder:~/new --freeze backbone "
     "--out runs/r50-new",
+    "lr-find": "transferlab lr-find --data digits --model resnet18 --input-size 32 --out runs/lrf\n"
+    "  transferlab train ... --lr auto   # runs the same test first and uses its suggestion",
     "evaluate": "transferlab evaluate runs/r50 --split test --json",
     "ensemble": "transferlab ensemble runs/r50 runs/dcnn runs/lite0 --method weighted --out runs/ens",
     "report": "transferlab report runs/demo",
@@ -110,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     _config_options(p, skip=("model", "weights"))
 
+    p = _sub(sub, "lr-find", "LR range test: plot loss against LR, print a suggested --lr")
+    p.add_argument("--out", required=True, help="folder for lr_find.png and lr_find.json")
+    _config_options(p)
+
     p = _sub(sub, "evaluate", "score a run or ensemble from its saved files")
     p.add_argument("path", help="a run folder or an ensemble folder")
     p.add_argument("--data", help="dataset spec [the one it was trained on]")
@@ -162,6 +168,13 @@ def cmd_finetune(args) -> None:
     train.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 
+def cmd_lr_find(args) -> None:
+    from . import train
+
+    lr = train.lr_find(make_config(_overrides(args)), args.out, args.quiet)
+    print(f"suggested lr {lr:.3g}  (plot: {Path(args.out) / 'lr_find.png'})")
+
+
 def cmd_evaluate(args) -> None:
     from . import ensemble
 
@@ -199,6 +212,7 @@ COMMANDS = {
     "run": cmd_run,
     "train": cmd_train,
     "finetune": cmd_finetune,
+    "lr-find": cmd_lr_find,
     "evaluate": cmd_evaluate,
     "ensemble": cmd_ensemble,
     "report": cmd_report,

@@ -32,7 +32,7 @@ class TrainConfig:
     epochs: int = 10  # maximum number of passes over the training split
     batch_size: int = 64  # images per optimizer step
     optimizer: str = "adamw"  # adam | adamw | sgd
-    lr: float = 1e-3  # peak learning rate
+    lr: float | str = 1e-3  # peak learning rate, or auto (linear probe: swept on val; else lr-find)
     weight_decay: float = 0.05  # decoupled for adamw, L2 for adam/sgd
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"  # cosine | plateau | constant
@@ -42,11 +42,10 @@ class TrainConfig:
     crop: str = "pad"  # pad (random crop with padding) | rrc (random-resized-crop) | none
     crop_pad: int = -1  # padding in pixels for crop=pad; -1: input_size // 8
     patience: int = 0  # early stopping: epochs without val improvement (0: off)
-    strategy: str = (
-        "full"  # full | linear-probe (head on cached features) | lp-ft (probe, then all at --lr)
-    )
+    strategy: str = "full"  # full | linear-probe | lp-ft | gradual | layer-decay
+    layer_decay: float = 0.75  # layer-decay: each block group's LR is this times the group above
     probe_epochs: int = 10  # lp-ft: epochs of the probe stage (linear-probe uses --epochs)
-    probe_lr: float = 1e-3  # lp-ft: learning rate of the probe stage (linear-probe uses --lr)
+    probe_lr: float | str = 1e-3  # lp-ft: learning rate of the probe stage, or auto (swept on val)
     freeze: str = "none"  # none | backbone (train the head only, BatchNorm kept in eval mode)
     val_fraction: float = 0.1  # share of train carved out as the validation split
     limit: int | None = None  # at most this many images per split (smoke tests)
@@ -70,6 +69,13 @@ def field_names(cls: type) -> list[str]:
 
 def _coerce(name: str, value: object, hint: object) -> object:
     """Convert a YAML/CLI value to the annotated type, or raise UserError naming the key."""
+    if hint == float | str:  # a number, or the word auto
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return _coerce(name, value, float)
+        except UserError:
+            raise UserError(f"{name} must be a number or auto, got {value!r}") from None
     optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
     base = next((a for a in hint.__args__ if a is not type(None)), str) if optional else hint
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
@@ -130,7 +136,7 @@ CHOICES = {
     "freeze": ("none", "backbone"),
     "crop": ("pad", "rrc", "none"),
     "head_init": ("fresh", "match"),
-    "strategy": ("full", "linear-probe", "lp-ft"),
+    "strategy": ("full", "linear-probe", "lp-ft", "gradual", "layer-decay"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
@@ -144,8 +150,9 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"channels must be 1 or 3, got {cfg.channels}")
     if cfg.input_size is not None and not 8 <= cfg.input_size <= 1024:
         raise UserError(f"input_size must be between 8 and 1024, got {cfg.input_size}")
-    if cfg.lr <= 0:
-        raise UserError(f"lr must be positive, got {cfg.lr}")
+    for key in ("lr", "probe_lr"):
+        if getattr(cfg, key) != "auto" and getattr(cfg, key) <= 0:
+            raise UserError(f"{key} must be positive or auto, got {getattr(cfg, key)}")
     if cfg.keep_last < 1 or cfg.checkpoint_every < 0:
         raise UserError("keep_last must be at least 1 and checkpoint_every at least 0")
     if cfg.epochs < 1 or cfg.batch_size < 1:

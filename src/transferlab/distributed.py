@@ -95,9 +95,14 @@ def setup() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
-def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
-    """DistributedDataParallel around the model when there are several ranks."""
+def wrap(model: torch.nn.Module, d: Dist, some_frozen: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around the model when there are several ranks.
+
+    `some_frozen`: parameters it holds may have no gradient in a step (gradual unfreezing).
+    """
     if d.world == 1:
         return model
     ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, find_unused_parameters=some_frozen
+    )

@@ -5,6 +5,13 @@ linear-probe   the backbone is frozen; its pooled features are computed once (ev
                BatchNorm statistics cannot move) and only the head trains, in seconds
 lp-ft          a linear probe first, then everything trains at --lr (Kumar et al. 2022:
                a fitted head keeps fine-tuning from distorting the pretrained features)
+gradual        epoch 1 trains the head; each later epoch unfreezes the next block group down
+               (timm's coarse `group_matcher`) until everything trains (Howard & Ruder 2018)
+layer-decay    everything trains; each block group's LR is --layer-decay times the one above
+               it, the head at --lr (timm's `param_groups_layer_decay`, as in BEiT)
+
+Frozen parameters get no gradient, and the modules that hold them stay in eval mode, so their
+BatchNorm statistics cannot move either.
 """
 
 from __future__ import annotations
@@ -12,15 +19,57 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import timm.models
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.optim import param_groups_layer_decay
 from tqdm.auto import tqdm
 
 from . import data, evaluate
 from .config import UserError
 
-STRATEGIES = ("full", "linear-probe", "lp-ft")
+STRATEGIES = ("full", "linear-probe", "lp-ft", "gradual", "layer-decay")
+
+
+def block_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names per block group, input side first, the head last (coarse group_matcher)."""
+    if not hasattr(model, "group_matcher"):
+        raise UserError(
+            f"{type(model).__name__} has no group_matcher, which gradual and layer-decay need; "
+            "use --strategy full, linear-probe or lp-ft"
+        )
+    groups = timm.models.group_parameters(model, model.group_matcher(coarse=True))
+    return [groups[k] for k in sorted(groups)]
+
+
+def train_only(model: nn.Module, names: set[str]) -> list[nn.Module]:
+    """Make only the named parameters trainable; returns the modules to keep in eval mode.
+
+    Those are the modules whose own parameters are all frozen (timm's BatchNormAct2d included:
+    it has children, so "leaf modules" would miss it).
+    """
+    for name, p in model.named_parameters():
+        p.requires_grad = name in names
+    return [
+        m
+        for m in model.modules()
+        if list(m.parameters(recurse=False))
+        and not any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+def gradual_stage(groups: list[list[str]], epoch: int) -> set[str]:
+    """The parameters that train in `epoch` (1-based): the top `epoch` block groups."""
+    return {name for group in groups[-min(epoch, len(groups)) :] for name in group}
+
+
+def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, decay: float) -> list:
+    """Optimizer param groups with LR lr * decay**(depth from the top); no decay on 1-d params."""
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=decay)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return groups
 
 
 @torch.no_grad()
@@ -39,10 +88,13 @@ def features(
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=quiet, leave=False):
         x = torch.from_numpy(np.array(images[start : start + batch_size]))
-        x = data.normalize(x, prep["mean"], prep["std"]).to(dev)
+        x = data.normalize(x.to(dev, non_blocking=True), prep["mean"], prep["std"])
         with evaluate.autocast(precision):
             out.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
     return torch.cat(out)
+
+
+PROBE_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # the sweep of `--lr auto` for a linear probe
 
 
 def linear_probe(
@@ -52,14 +104,17 @@ def linear_probe(
     prep: dict,
     precision: str,
     epochs: int,
-    lr: float,
+    lr: float | str,
     seed: int,
     log,
     quiet: bool = True,
+    batch_size: int = 256,
 ) -> tuple[list, dict]:
     """Train only the head on cached features; returns (history rows, best-epoch record).
 
-    The model's head ends holding the best epoch's weights (on val top-1).
+    `lr="auto"` fits the head once per rate in PROBE_LRS (seconds each: the features are
+    cached) and keeps the rate whose best epoch scores highest on val. The model's head ends
+    holding the best epoch's weights; the record carries their val logits.
     """
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
@@ -72,10 +127,32 @@ def linear_probe(
         f"{total / 1e6:.2f}M parameters train (the head, on features computed once)"
     )
     feats = {
-        s: features(model, images[s], prep, precision, desc=f"features {s}", quiet=quiet)
+        s: features(model, images[s], prep, precision, batch_size, f"features {s}", quiet)
         for s in ("train", "val")
     }
     ys = {s: torch.as_tensor(labels[s]).to(feats[s].device) for s in feats}
+    start = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    fits = []
+    for rate in PROBE_LRS if lr == "auto" else (lr,):
+        head.load_state_dict(start)
+        rows, best = _fit_head(head, feats, ys, labels["val"], epochs, rate, seed)
+        fits.append((best["val_acc"], -best["val_loss"], rate, rows, best))
+        if lr == "auto":
+            log(f"   probe lr {rate:g}: best val {best['val_acc']:.2%} (epoch {best['epoch']})")
+    *_, rate, rows, best = max(fits, key=lambda f: f[:2])
+    head.load_state_dict(best["head"])
+    with torch.no_grad():
+        best["val_logits"] = head(feats["val"]).float().cpu().numpy()
+    best["lr"] = rate
+    log(
+        f"   stage probe: lr {rate:g}, best epoch {best['epoch']} of {epochs}, "
+        f"val {best['val_acc']:.2%}"
+    )
+    return rows, best
+
+
+def _fit_head(head: nn.Linear, feats: dict, ys: dict, val_labels, epochs: int, lr: float, seed):
+    """AdamW + cosine on cached features; the best epoch on val (top-1, then loss) is kept."""
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     steps = math.ceil(len(ys["train"]) / 256)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps)
@@ -94,7 +171,7 @@ def linear_probe(
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == ys["train"][idx]).sum().item()
         with torch.no_grad():
-            val = evaluate.metrics(head(feats["val"]).cpu().numpy(), labels["val"])
+            val = evaluate.metrics(head(feats["val"]).cpu().numpy(), val_labels)
         n = len(ys["train"])
         rows.append(
             {
@@ -114,6 +191,4 @@ def linear_probe(
                 "epoch": epoch,
                 "head": {k: v.detach().clone() for k, v in head.state_dict().items()},
             }
-    head.load_state_dict(best["head"])
-    log(f"   stage probe: best epoch {best['epoch']} of {epochs}, val {best['val_acc']:.2%}")
     return rows, best

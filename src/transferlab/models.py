@@ -91,6 +91,12 @@ class DCNN(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's block groups: one per conv stage (7 modules each); the head falls last."""
+        n = 7
+        alts = ["|".join(map(str, range(s * n, s * n + n))) for s in range(len(self.features) // n)]
+        return {"blocks": [(rf"^features\.(?:{a})\.", (s,)) for s, a in enumerate(alts)]}
+
     def reset_classifier(self, num_classes: int) -> None:
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:

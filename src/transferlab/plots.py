@@ -61,6 +61,24 @@ def confusion(matrix: np.ndarray, names: list[str], path: Path, title: str) -> N
     _save(fig, path)
 
 
+def lr_find(lrs: list[float], losses: list[float], suggested: float, path: Path, title: str):
+    """The LR range test: smoothed loss against a log-scale LR, the suggestion marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(lrs, losses)
+    ax.axvline(suggested, color="C3", ls="--", label=f"suggested {suggested:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    finite = [v for v in losses if np.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) * 0.95, min(max(finite), 3 * min(finite)) * 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig, path: Path) -> None:
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

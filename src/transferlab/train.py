@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint, data, distributed, evaluate, finetune, models, plots
+from . import __version__, checkpoint, data, distributed, evaluate, finetune, lrfind, models, plots
 from .config import Preempted, TrainConfig, UserError, make_config, to_dict
 
 
@@ -62,37 +62,30 @@ def fit(
     quiet = quiet or not d.main
     log = (lambda *a: print(*a, flush=True)) if not quiet else (lambda *a: None)
     _prepare_out(out, resume, overwrite, d)
-    ds = data.load(cfg.data, cfg.val_fraction, cfg.limit)
-    torch.manual_seed(cfg.seed)  # model init
-    model, prep, source = models.build(
-        cfg, ds.classes, ds.native_size, ds.native_channels, ds.names
-    )
-    frozen = freeze(model, "backbone" if cfg.strategy == "linear-probe" else cfg.freeze)
-    precision = evaluate.resolve_precision(cfg.precision)
-    model.to(evaluate.device()).to(memory_format=torch.channels_last)
-    origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
-    log(
-        f"[{out.name}] {origin} on {ds.spec}: {len(ds.classes)} classes, "
-        f"{models.describe(model)}, input {prep['input_size']}px x{prep['channels']}, "
-        f"weights={source['weights']}"
-        + (f" (head {source['head']})" if "head" in source else "")
-        + f", precision={precision}"
-        + (f", {d.world} processes" if d.world > 1 else "")
-    )
+    ds, model, prep, source, precision = setup(cfg, out, log, d)
     images, labels = decode_splits(ds, prep, cfg, out.name, log, quiet)
-
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    groups, frozen, augment = training_parts(model, cfg, prep)
+    resuming = resume and (out / "state").exists()
+    if cfg.lr == "auto" and cfg.strategy != "linear-probe" and not resuming:
+        lr = find_lr(
+            model, cfg, groups, images, labels, prep, precision, frozen, augment, out, quiet
+        )
+        log(f"[{out.name}] lr-find: suggested lr {lr:.3g} (plot: {out / 'lr_find.png'})")
+    else:  # a resumed run's optimizer state carries its learning rates
+        lr = cfg.lr if cfg.lr != "auto" else 1e-3
+    optimizer = make_optimizer(cfg, optimizer_params(model, cfg, groups, lr), lr)
+    if cfg.strategy == "layer-decay":
+        log(f"   layer-decay: {len(groups)} block groups, LR x{cfg.layer_decay:g} per group down")
     steps_per_epoch = len(data.EpochSampler(len(labels["train"]), cfg.batch_size, 0, 0, True))
-    pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep["input_size"] // 8
     loop = Loop(
         model,
-        distributed.wrap(model, d),
+        distributed.wrap(model, d, some_frozen=cfg.strategy == "gradual"),
         frozen,
         optimizer,
         make_scheduler(cfg, optimizer, steps_per_epoch),
         torch.amp.GradScaler(evaluate.device().type, enabled=precision == "fp16"),
         prep,
-        data.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip),
+        augment,
         cfg,
         precision,
         d,
@@ -133,15 +126,18 @@ def fit(
                     "rerun with --resume to continue"
                 )
 
-        if cfg.strategy != "full" and not progress.get("probed"):
+        if cfg.strategy in ("linear-probe", "lp-ft") and not progress.get("probed"):
             probe(loop, images, labels, progress, out.name, log, quiet)
             save()
         if cfg.strategy == "lp-ft" and progress["epoch"] <= cfg.epochs:
-            log(f"   stage fine-tune: {models.describe(model)} (lr {cfg.lr:g})")
+            log(f"   stage fine-tune: {models.describe(model)} (lr {lr:g})")
 
         train_images = on_device(images["train"], cfg, out.name, log)
         while progress["epoch"] <= cfg.epochs and not progress["stopped_early"]:
             epoch, t0 = progress["epoch"], time.time()
+            if cfg.strategy == "gradual":  # the stage is a pure function of the epoch
+                loop.frozen = finetune.train_only(model, finetune.gradual_stage(groups, epoch))
+                log(f"   stage {min(epoch, len(groups))}/{len(groups)}: {models.describe(model)}")
             batches = data.loader(
                 train_images,
                 labels["train"],
@@ -182,6 +178,7 @@ def fit(
         best,
         time.time() - t_start,
         progress.get("probe"),
+        progress.get("val_logits"),
     )
     m = meta["metrics"]
     log(
@@ -192,18 +189,103 @@ def fit(
     return meta
 
 
+def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist):
+    """Data, model (on the device, channels_last), preprocessing, weights source, precision."""
+    ds = data.load(cfg.data, cfg.val_fraction, cfg.limit)
+    torch.manual_seed(cfg.seed)  # model init
+    model, prep, source = models.build(
+        cfg, ds.classes, ds.native_size, ds.native_channels, ds.names
+    )
+    precision = evaluate.resolve_precision(cfg.precision)
+    model.to(evaluate.device()).to(memory_format=torch.channels_last)
+    origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
+    log(
+        f"[{out.name}] {origin} on {ds.spec}: {len(ds.classes)} classes, "
+        f"{models.describe(model)}, input {prep['input_size']}px x{prep['channels']}, "
+        f"weights={source['weights']}"
+        + (f" (head {source['head']})" if "head" in source else "")
+        + f", precision={precision}"
+        + (f", {d.world} processes" if d.world > 1 else "")
+    )
+    return ds, model, prep, source, precision
+
+
+def training_parts(model: nn.Module, cfg: TrainConfig, prep: dict):
+    """(block groups, modules kept in eval mode, augmentation) for the strategy.
+
+    Sets requires_grad: gradual starts with everything that trains by its last epoch (what
+    the optimizer holds); the loop then freezes per epoch.
+    """
+    groups = finetune.block_groups(model) if cfg.strategy in ("gradual", "layer-decay") else None
+    if cfg.strategy == "gradual":
+        frozen = finetune.train_only(model, finetune.gradual_stage(groups, cfg.epochs))
+    else:
+        frozen = freeze(model, "backbone" if cfg.strategy == "linear-probe" else cfg.freeze)
+    pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep["input_size"] // 8
+    return groups, frozen, data.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip)
+
+
+def optimizer_params(model: nn.Module, cfg: TrainConfig, groups, lr: float) -> list:
+    if cfg.strategy == "layer-decay":
+        return finetune.layer_decay_groups(model, lr, cfg.weight_decay, cfg.layer_decay)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def find_lr(model, cfg, groups, images, labels, prep, precision, frozen, augment, out, quiet):
+    """Run the LR range test on the training split; plot it; return the suggested LR."""
+    lrs, losses = lrfind.range_test(
+        model,
+        lambda lr: make_optimizer(cfg, optimizer_params(model, cfg, groups, lr), lr),
+        images["train"],
+        labels["train"],
+        cfg.batch_size,
+        augment,
+        prep,
+        precision,
+        frozen,
+        cfg.seed,
+        quiet=quiet,
+    )
+    lr = lrfind.suggest(lrs, losses)
+    plots.lr_find(lrs, losses, lr, out / "lr_find.png", f"{cfg.model} on {cfg.data}")
+    checkpoint.write_json(out / "lr_find.json", {"suggested_lr": lr, "lrs": lrs, "losses": losses})
+    return lr
+
+
+def lr_find(cfg: TrainConfig, out: str | Path, quiet: bool = False) -> float:
+    """`transferlab lr-find`: the range test alone, into `out` (lr_find.png, lr_find.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (lambda *a: print(*a, flush=True)) if not quiet else (lambda *a: None)
+    ds, model, prep, _, precision = setup(cfg, out, log, distributed.Dist(0, 1))
+    images, labels = decode_splits(ds, prep, cfg, out.name, log, quiet)
+    groups, frozen, augment = training_parts(model, cfg, prep)
+    return find_lr(model, cfg, groups, images, labels, prep, precision, frozen, augment, out, quiet)
+
+
 def probe(loop: Loop, images, labels, progress, name, log, quiet) -> None:
     """The linear-probe stage: the head alone, on features computed once."""
     cfg, t0 = loop.cfg, time.time()
     only = cfg.strategy == "linear-probe"
     epochs, lr = (cfg.epochs, cfg.lr) if only else (cfg.probe_epochs, cfg.probe_lr)
     rows, best = finetune.linear_probe(
-        loop.model, images, labels, loop.prep, loop.precision, epochs, lr, cfg.seed, log, quiet
+        loop.model,
+        images,
+        labels,
+        loop.prep,
+        loop.precision,
+        epochs,
+        lr,
+        cfg.seed,
+        log,
+        quiet,
+        cfg.eval_batch_size,
     )
     progress["probed"] = True
     progress["probe"] = {
         "epochs": epochs,
-        "lr": lr,
+        "lr": best["lr"],
+        "lr_setting": lr,
         "best_epoch": best["epoch"],
         "val_acc": best["val_acc"],
         "seconds": round(time.time() - t0, 1),
@@ -213,6 +295,7 @@ def probe(loop: Loop, images, labels, progress, name, log, quiet) -> None:
         state = {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()}
         progress.update(
             history=rows,
+            val_logits=torch.from_numpy(best["val_logits"]),  # from cached features: no 2nd pass
             epoch=cfg.epochs + 1,
             best={
                 "val_acc": best["val_acc"],
@@ -237,7 +320,7 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: dict, after
         if not torch.isfinite(loss):
             raise UserError(
                 f"non-finite loss ({loss.item()}) at epoch {progress['epoch']} step "
-                f"{progress['step']}; try a lower --lr (now {cfg.lr:g}); "
+                f"{progress['step']}; try a lower --lr (now {loop.optimizer.defaults['lr']:g}); "
                 "checkpoints written before this step are intact"
             )
         loop.optimizer.zero_grad(set_to_none=True)
@@ -289,7 +372,7 @@ def end_epoch(loop: Loop, images, labels, progress, seconds, name, log) -> None:
     loss_sum, correct, seen = progress["totals"]
     row = {
         "epoch": progress["epoch"],
-        "lr": loop.optimizer.param_groups[0]["lr"],
+        "lr": max(g["lr"] for g in loop.optimizer.param_groups),
         "train_loss": loss_sum / max(seen, 1),
         "train_acc": correct / max(seen, 1),
         "val_loss": val["loss"],
@@ -462,12 +545,8 @@ def freeze(model: nn.Module, what: str) -> list[nn.Module]:
     """Freeze parameters; returns the frozen modules, whose BatchNorm stays in eval mode."""
     if what == "none":
         return []
-    head = model.get_classifier()
-    head_params = {id(p) for p in head.parameters()}
-    for p in model.parameters():
-        p.requires_grad = id(p) in head_params
-    head_modules = {id(m) for m in head.modules()}
-    return [m for m in model.modules() if id(m) not in head_modules and not list(m.children())]
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return finetune.train_only(model, {n for n, p in model.named_parameters() if id(p) in head})
 
 
 def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
@@ -476,12 +555,12 @@ def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
         m.eval()
 
 
-def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+            params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
         )
-    return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return OPTIMIZERS[cfg.optimizer](params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
@@ -512,6 +591,7 @@ def finish(
     best,
     seconds,
     probe_info: dict | None = None,
+    val_logits: torch.Tensor | None = None,
 ) -> dict:
     """Write weights, logits, history, curves and meta.json (last: it marks the run complete).
 
@@ -521,7 +601,10 @@ def finish(
     arch = (
         cfg.model if source["weights"] != "run" else checkpoint.read_meta(source["parent"])["arch"]
     )
-    logits = {split: predict_all(loop, images[split]) for split in ("val", "test")}
+    logits = {
+        "val": predict_all(loop, images["val"]) if val_logits is None else val_logits.numpy(),
+        "test": predict_all(loop, images["test"]),
+    }
     results = {split: evaluate.metrics(logits[split], labels[split]) for split in logits}
     best_row = next(r for r in history if r["epoch"] == best["epoch"])
     results["train"] = {
@@ -625,8 +708,9 @@ def finetune_config(run: str | Path, overrides: dict) -> TrainConfig:
         TrainConfig(),
         **{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__},
     )
+    parent_lr = base.lr if base.lr != "auto" else (meta.get("probe") or {}).get("lr", 1e-3)
     base = replace(
-        base, weights=str(run), model=meta["arch"], lr=base.lr / 10, limit=meta.get("limit")
+        base, weights=str(run), model=meta["arch"], lr=parent_lr / 10, limit=meta.get("limit")
     )
     return make_config(overrides, base)
 

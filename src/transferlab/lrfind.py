@@ -1,0 +1,87 @@
+"""The learning-rate range test (Smith 2017, "Cyclical Learning Rates"; fastai's lr_find).
+
+Train for a few steps while the LR grows exponentially from `start` to `end`; record the
+smoothed loss; stop once it explodes. The suggestion is the LR a tenth of the one at the
+minimum of the smoothed loss (the rule of thumb from fastai), which sits on the steep, still
+stable part of the curve. The model, the optimizer's parameters and the RNG state are restored
+afterwards: a range test leaves no trace on the run that follows.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data, evaluate
+
+
+def range_test(
+    model: nn.Module,
+    make_optimizer,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    augment: data.Augment,
+    prep: dict,
+    precision: str,
+    frozen: list[nn.Module],
+    seed: int = 0,
+    steps: int = 100,
+    start: float = 1e-7,
+    end: float = 1.0,
+    quiet: bool = True,
+) -> tuple[list[float], list[float]]:
+    """(lrs, smoothed losses) of an LR range test; `make_optimizer(lr)` builds the optimizer."""
+    saved, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
+    optimizer = make_optimizer(start)
+    mult = (end / start) ** (1 / max(1, steps - 1))
+    dev, size = evaluate.device(), prep["input_size"]
+    model.train()
+    for m in frozen:
+        m.eval()
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    bar = tqdm(total=steps, desc="lr-find", disable=quiet, leave=False, unit="step")
+    epoch = 0
+    try:
+        while len(lrs) < steps:
+            batches = data.loader(images, labels, batch_size, seed, epoch, True)
+            params = augment.params(len(labels), size, seed, epoch)
+            for x, y, idx in batches:
+                lr = start * mult ** len(lrs)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                x = augment(x.to(dev), {k: v[idx] for k, v in params.items()})
+                x = data.normalize(x, prep["mean"], prep["std"])
+                with evaluate.autocast(precision):
+                    loss = F.cross_entropy(model(x).float(), y.to(dev))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                avg = 0.98 * avg + 0.02 * loss.item()
+                smooth = avg / (1 - 0.98 ** (len(lrs) + 1))  # debiased running mean
+                lrs.append(lr)
+                losses.append(smooth)
+                bar.update()
+                if not math.isfinite(smooth) or smooth > 4 * best or len(lrs) >= steps:
+                    return lrs, losses
+                best = min(best, smooth)
+            epoch += 1
+        return lrs, losses
+    finally:
+        bar.close()
+        model.load_state_dict(saved)
+        torch.set_rng_state(rng)
+
+
+def suggest(lrs: list[float], losses: list[float]) -> float:
+    """A tenth of the LR at the smoothed loss's minimum (fastai's `lr_min`)."""
+    finite = [(loss, lr) for lr, loss in zip(lrs, losses, strict=True) if math.isfinite(loss)]
+    if not finite:
+        raise ValueError("the range test produced no finite loss")
+    return min(finite)[1] / 10
