@@ -68,7 +68,7 @@ def test_non_numeric_learning_rate(capsys, tmp_path):
     assert_one_line_error(
         capsys,
         ["train", "--lr", "fast", "--out", tmp_path / "r"],
-        r"lr must be a number, got 'fast'",
+        r"lr must be a number or auto, got 'fast'",
     )
 
 

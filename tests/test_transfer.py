@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import data, evaluate, models
+from transferlab import data, evaluate, models, train
 from transferlab.config import make_config
+
+from conftest import tiny_cfg
 
 
 def test_class_rows_match_by_id_then_by_name():
@@ -199,3 +201,31 @@ def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
     assert meta["epochs_run"] == 1 and history
     with pytest.raises(Exception, match="number or auto"):
         make_config({"lr": "fast"})
+
+
+def test_small_stem_keeps_every_pretrained_tensor_and_reloads_from_the_run(folder_data, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = models.create("resnet18", 4, 3)
+    save_file(source.state_dict(), tmp_path / "src.safetensors")
+    cfg = tiny_cfg(
+        f"folder:{folder_data}",
+        model="resnet18",
+        weights=str(tmp_path / "src.safetensors"),
+        stem="small",
+        epochs=1,
+    )
+    model, prep, _ = models.build(cfg, ["a", "b", "c", "d"], 24, 3)
+    assert prep["stem"] == "small" and isinstance(model.maxpool, torch.nn.Identity)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    got, want = model.state_dict(), source.state_dict()
+    assert torch.equal(got["conv1.weight"], want["conv1.weight"][:, :, 2:5, 2:5])
+    assert all(torch.equal(got[k], want[k]) for k in want if k != "conv1.weight")
+    # a 64 px image keeps 4x more resolution into the last stage (8x8 instead of 2x2)
+    x = torch.randn(1, 3, 64, 64)
+    model.eval(), source.eval()
+    assert model.forward_features(x).shape[-1] == 4 * source.forward_features(x).shape[-1]
+    meta = train.fit(cfg, tmp_path / "small", quiet=True)  # evaluate rebuilds the same stem
+    again = evaluate.load_run_model(tmp_path / "small", meta)
+    assert isinstance(again.maxpool, torch.nn.Identity)

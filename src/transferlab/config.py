@@ -28,7 +28,10 @@ class TrainConfig:
     weights: str | None = None  # None (scratch) | imagenet | a run folder | a .safetensors/.pt file
     head_init: str = "fresh"  # fresh | match: start new classes from the source head's rows for classes it shares (by id or name)
     input_size: int | None = None  # None: the data's native size (scratch) or the weights' own
-    channels: int | None = None  # 1 or 3; None: 3 for timm models, the data's own for dcnn
+    channels: int | None = (
+        None  # 1 (gray; RGB kernels summed) or 3 (gray repeated); None: 3 for timm models, the data's own for dcnn
+    )
+    stem: str = "default"  # default | small: 3x3 stride-1 first conv, no max-pool (32-64 px inputs; pretrained kernel cropped)
     epochs: int = 10  # maximum number of passes over the training split
     batch_size: int = 64  # images per optimizer step
     optimizer: str = "adamw"  # adam | adamw | sgd
@@ -136,6 +139,7 @@ CHOICES = {
     "freeze": ("none", "backbone"),
     "crop": ("pad", "rrc", "none"),
     "head_init": ("fresh", "match"),
+    "stem": ("default", "small"),
     "strategy": ("full", "linear-probe", "lp-ft", "gradual", "layer-decay"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
 }

@@ -107,7 +107,7 @@ class DCNN(nn.Module):
 # ----------------------------------------------------------------------------- creation
 
 
-def create(arch: str, num_classes: int, in_chans: int) -> nn.Module:
+def create(arch: str, num_classes: int, in_chans: int, stem: str = "default") -> nn.Module:
     """An untrained model by name: `dcnn` or any timm architecture, its head kept in fp32."""
     if arch == "dcnn":
         model = DCNN(num_classes, in_chans)
@@ -117,6 +117,29 @@ def create(arch: str, num_classes: int, in_chans: int) -> nn.Module:
             arch, pretrained=False, num_classes=num_classes, in_chans=in_chans
         )
     model.forward_head = types.MethodType(_forward_head_fp32, model)
+    return small_stem(model) if stem == "small" else model
+
+
+def small_stem(model: nn.Module) -> nn.Module:
+    """For 32-64 px inputs: a 3x3 stride-1 first convolution and no max-pool after it.
+
+    The new kernel is the centre 3x3 of the old one (all of it for a 3x3 stem), so every
+    pretrained tensor is kept, the first one cropped. Downsampling drops by 4x (ResNet) or 2x
+    (EfficientNet), which a 64 px image needs to keep its detail to the last stage.
+    """
+    name = model.pretrained_cfg["first_conv"]
+    conv = model.get_submodule(name)
+    k = conv.kernel_size[0]
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=conv.bias is not None)
+    with torch.no_grad():
+        if k >= 3:
+            c = (k - 3) // 2
+            new.weight.copy_(conv.weight[:, :, c : c + 3, c : c + 3])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    model.set_submodule(name, new)
+    if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+        model.maxpool = nn.Identity()
     return model
 
 
@@ -179,10 +202,10 @@ def build(
     check_arch(arch)
     if not weights or weights == "none":
         channels = cfg.channels or (native_channels if arch == "dcnn" else 3)
-        model = create(arch, len(classes), channels)
+        model = create(arch, len(classes), channels, cfg.stem)
         size = cfg.input_size or native_size
         prep = make_prep(size, channels, (SCRATCH_MEAN,) * channels, (SCRATCH_STD,) * channels)
-        return model, prep, {"weights": "scratch"}
+        return model, prep | {"stem": cfg.stem}, {"weights": "scratch"}
     if weights == "imagenet":
         state, pcfg, source = imagenet_state(arch)
     else:
@@ -201,13 +224,12 @@ def build(
         src_names,
     )
     source["head"] = _head_note(summary, len(classes))
+    if cfg.stem == "small":  # after loading: the pretrained stem kernel is cropped, not lost
+        small_stem(model)
     size = cfg.input_size or pcfg["input_size"][-1]
     mean, std = _fit_stats(pcfg["mean"], channels), _fit_stats(pcfg["std"], channels)
-    return (
-        model,
-        make_prep(size, channels, mean, std, pcfg.get("interpolation", "bilinear")),
-        source,
-    )
+    prep = make_prep(size, channels, mean, std, pcfg.get("interpolation", "bilinear"))
+    return model, prep | {"stem": cfg.stem}, source
 
 
 def _head_note(summary: dict, num_classes: int) -> str:
@@ -225,7 +247,7 @@ def _from_run(cfg: TrainConfig, run: Path, classes: list[str], names: list[str] 
     channels = cfg.channels or prep["channels"]
     if channels != prep["channels"]:
         raise UserError(f"run {run} was trained on {prep['channels']} channel(s), not {channels}")
-    model = create(arch, len(classes), channels)
+    model = create(arch, len(classes), channels, prep.get("stem", "default"))
     state = load_run_weights(run, meta)
     summary = load_into(
         model, state, classes, meta["classes"], cfg.head_init, names, meta.get("class_names")
