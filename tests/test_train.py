@@ -26,7 +26,14 @@ def test_run_folder_has_everything(trained_run):
         assert (trained_run / name).is_file(), name
     meta = json.loads((trained_run / "meta.json").read_text())
     assert meta["arch"] == "test_resnet" and meta["classes"] == ["a", "b", "c", "d"]
-    assert set(meta["preprocessing"]) == {"input_size", "channels", "mean", "std", "interpolation"}
+    assert set(meta["preprocessing"]) == {
+        "input_size",
+        "channels",
+        "mean",
+        "std",
+        "interpolation",
+        "stem",
+    }
     assert meta["metrics"]["test"]["n"] == 40 and meta["config"]["seed"] == 0
     rows = list(csv.DictReader((trained_run / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -106,7 +113,7 @@ def test_freeze_backbone_keeps_batchnorm_statistics(folder_data, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train.set_train_mode(model, frozen)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = train.make_optimizer(cfg, params)
+    opt = train.make_optimizer(cfg, params, cfg.lr)
     assert {id(p) for p in params} == {id(p) for p in model.get_classifier().parameters()}
     for _ in range(3):
         opt.zero_grad()

@@ -65,6 +65,7 @@ def fit(
     ds, model, prep, source, precision = setup(cfg, out, log, d)
     images, labels = decode_splits(ds, prep, cfg, out.name, log, quiet)
     groups, frozen, augment = training_parts(model, cfg, prep)
+    log(f"[{out.name}] strategy {cfg.strategy}: {models.describe(model)}")
     resuming = resume and (out / "state").exists()
     if cfg.lr == "auto" and cfg.strategy != "linear-probe" and not resuming:
         lr = find_lr(
@@ -201,8 +202,8 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist):
     origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
     log(
         f"[{out.name}] {origin} on {ds.spec}: {len(ds.classes)} classes, "
-        f"{models.describe(model)}, input {prep['input_size']}px x{prep['channels']}, "
-        f"weights={source['weights']}"
+        f"{models.count_params(model) / 1e6:.2f}M parameters, "
+        f"input {prep['input_size']}px x{prep['channels']}, weights={source['weights']}"
         + (f" (head {source['head']})" if "head" in source else "")
         + f", precision={precision}"
         + (f", {d.world} processes" if d.world > 1 else "")
