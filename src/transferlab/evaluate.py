@@ -47,8 +47,12 @@ def predict(
     batch_size: int = 256,
     desc: str = "predict",
     quiet: bool = True,
+    pre_logits: bool = False,
 ) -> np.ndarray:
-    """Logits (N, K) float32 for a decoded uint8 array (N, H, W, C), in eval mode."""
+    """Logits (N, K) float32 for a decoded uint8 array (N, H, W, C), in eval mode.
+
+    `pre_logits`: the pooled features the head sees instead (N, F).
+    """
     model.eval()
     dev = device()
     out = []
@@ -57,7 +61,12 @@ def predict(
         x = torch.from_numpy(np.array(images[start : start + batch_size]))  # (B, H, W, C) uint8
         x = data.normalize(x.to(dev, non_blocking=True), prep["mean"], prep["std"])
         with autocast(precision):
-            out.append(model(x).float().cpu())
+            y = (
+                model.forward_head(model.forward_features(x), pre_logits=True)
+                if pre_logits
+                else model(x)
+            )
+            out.append(y.float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 

@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay
-from tqdm.auto import tqdm
 
-from . import data, evaluate
+from . import evaluate
 from .config import UserError
 
 STRATEGIES = ("full", "linear-probe", "lp-ft", "gradual", "layer-decay")
@@ -72,7 +71,6 @@ def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, decay: 
     return groups
 
 
-@torch.no_grad()
 def features(
     model: nn.Module,
     images: np.ndarray,
@@ -83,15 +81,8 @@ def features(
     quiet: bool = True,
 ) -> torch.Tensor:
     """Pooled pre-logit features (N, F) of a decoded split, the model in eval mode."""
-    model.eval()
-    dev = evaluate.device()
-    out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=quiet, leave=False):
-        x = torch.from_numpy(np.array(images[start : start + batch_size]))
-        x = data.normalize(x.to(dev, non_blocking=True), prep["mean"], prep["std"])
-        with evaluate.autocast(precision):
-            out.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
-    return torch.cat(out)
+    out = evaluate.predict(model, images, prep, precision, batch_size, desc, quiet, True)
+    return torch.from_numpy(out).to(evaluate.device())
 
 
 PROBE_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # the sweep of `--lr auto` for a linear probe
