@@ -62,8 +62,9 @@ def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_p
     from safetensors.torch import load_file
 
     from transferlab import train
+    from transferlab.finetune import PROBE_L2
 
-    cfg = train.finetune_config(trained_run, {"strategy": "linear-probe", "epochs": 5, "lr": 0.05})
+    cfg = train.finetune_config(trained_run, {"strategy": "linear-probe"})
     meta = train.fit(cfg, tmp_path / "lp")
     out = capsys.readouterr().out
     assert "stage probe: 0.000M of" in out or "stage probe:" in out
@@ -71,7 +72,7 @@ def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_p
     changed = {k for k in src if not torch.equal(src[k], new[k])}
     assert changed <= {"fc.weight", "fc.bias"} and changed  # BN running stats untouched
     assert meta["trainable_params"] == sum(src[k].numel() for k in ("fc.weight", "fc.bias"))
-    assert meta["epochs_run"] == 5 and meta["probe"]["epochs"] == 5
+    assert meta["epochs_run"] == len(PROBE_L2) and meta["probe"]["l2"] in PROBE_L2
     assert meta["metrics"]["test"]["top1"] > 0.5
 
 
@@ -80,10 +81,10 @@ def test_lp_ft_resumes_in_the_fine_tune_stage_without_probing_again(
 ):
     from transferlab import finetune, train
 
-    overrides = {"strategy": "lp-ft", "probe_epochs": 3, "epochs": 2, "schedule": "constant"}
+    overrides = {"strategy": "lp-ft", "probe_l2": 0.01, "epochs": 2, "schedule": "constant"}
     cfg = train.finetune_config(trained_run, overrides)
     full = train.fit(cfg, tmp_path / "full", quiet=True)
-    assert full["probe"]["epochs"] == 3 and full["epochs_run"] == 2
+    assert full["probe"]["l2"] == 0.01 and full["epochs_run"] == 2
     # a run that died after its probe and one fine-tune epoch
     train.fit(
         train.finetune_config(trained_run, {**overrides, "epochs": 1}), tmp_path / "r", quiet=True
@@ -229,3 +230,86 @@ def test_small_stem_keeps_every_pretrained_tensor_and_reloads_from_the_run(folde
     meta = train.fit(cfg, tmp_path / "small", quiet=True)  # evaluate rebuilds the same stem
     again = evaluate.load_run_model(tmp_path / "small", meta)
     assert isinstance(again.maxpool, torch.nn.Identity)
+
+
+class _Pooled(torch.nn.Module):
+    """A toy model with timm's head contract: features are the channel means."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(channels, classes)
+
+    def forward_features(self, x):
+        return x
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = x.mean((2, 3))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self):
+        return self.fc
+
+
+def test_linear_probe_is_the_l2_logistic_regression_folded_into_the_head():
+    """Known answer: scikit-learn's LogisticRegression on standardised features (C = 1/(l2 N)),
+    and the fitted head applied to raw features gives the logits the probe scored on val."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from transferlab import finetune
+
+    rng = np.random.default_rng(0)
+    k, c, n = 3, 6, 120
+    labels = {s: rng.integers(0, k, n) for s in ("train", "val")}
+    centres = rng.uniform(60, 190, (k, c))
+    images = {
+        s: np.clip(centres[y][:, None, None, :] + rng.normal(0, 40, (n, 4, 4, c)), 0, 255).astype(
+            np.uint8
+        )
+        for s, y in labels.items()
+    }
+    prep = {"mean": [0.5] * c, "std": [0.25] * c}
+    model = _Pooled(c, k)
+    torch.nn.init.zeros_(model.fc.weight), torch.nn.init.zeros_(model.fc.bias)
+    rows, best = finetune.linear_probe(model, images, labels, prep, "fp32", 0.05, lambda *a: None)
+    assert len(rows) == 1 and best["l2"] == 0.05
+
+    def feats(split):
+        return finetune.features(model, images[split], prep, "fp32").cpu().numpy()
+
+    with torch.no_grad():
+        val_logits = model.fc(torch.from_numpy(feats("val"))).numpy()
+    np.testing.assert_allclose(val_logits, best["val_logits"], atol=1e-4)
+    scaler = StandardScaler().fit(feats("train"))
+    ref = LogisticRegression(C=1 / (0.05 * n), tol=1e-8, max_iter=5000)
+    ref.fit(scaler.transform(feats("train")), labels["train"])
+    ref_logits = ref.decision_function(scaler.transform(feats("val")))
+    np.testing.assert_allclose(
+        val_logits - val_logits.mean(1, keepdims=True),
+        ref_logits - ref_logits.mean(1, keepdims=True),
+        atol=2e-3,
+    )
+
+
+def test_pooled_stages_widen_only_the_head_and_a_matched_head_starts_as_the_source(
+    tmp_path, folder_data
+):
+    torch.manual_seed(0)
+    src = models.create("test_resnet", 3, 3).eval()
+    wide = models.create("test_resnet", 3, 3, pool_stages=2).eval()
+    stages = wide.feature_info[-3:-1]  # the last stage is the final feature map: skipped
+    assert wide.pooled_stages == [s["module"] for s in stages]
+    assert wide.fc.in_features == src.num_features + sum(s["num_chs"] for s in stages)
+    models.load_into(wide, src.state_dict(), ["c", "x", "a"], ["a", "b", "c"], "match")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = wide.forward_head(wide.forward_features(x), pre_logits=True)
+        assert feats.shape == (2, wide.fc.in_features)
+        torch.testing.assert_close(wide(x)[:, [0, 2]], src(x)[:, [2, 0]])
+    # a run trained with pooled stages is rebuilt from its preprocessing when evaluated
+    meta = train.fit(tiny_cfg(f"folder:{folder_data}", epochs=1, pool_stages=1), tmp_path / "r")
+    assert meta["preprocessing"]["pool_stages"] == 1
+    assert evaluate.load_run_model(tmp_path / "r", meta).fc.in_features > src.num_features

@@ -46,9 +46,9 @@ class TrainConfig:
     crop_pad: int = -1  # padding in pixels for crop=pad; -1: input_size // 8
     patience: int = 0  # early stopping: epochs without val improvement (0: off)
     strategy: str = "full"  # full | linear-probe | lp-ft | gradual | layer-decay
+    pool_stages: int = 0  # also feed the head the pooled outputs of the last N feature stages
     layer_decay: float = 0.75  # layer-decay: each block group's LR is this times the group above
-    probe_epochs: int = 10  # lp-ft: epochs of the probe stage (linear-probe uses --epochs)
-    probe_lr: float | str = 1e-3  # lp-ft: learning rate of the probe stage, or auto (swept on val)
+    probe_l2: float | str = "auto"  # linear probe's L2 strength (standardised features), or auto
     freeze: str = "none"  # none | backbone (train the head only, BatchNorm kept in eval mode)
     val_fraction: float = 0.1  # share of train carved out as the validation split
     limit: int | None = None  # at most this many images per split (smoke tests)
@@ -150,11 +150,13 @@ def validate(cfg: TrainConfig) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if not 0 <= cfg.pool_stages <= 4:
+        raise UserError(f"pool_stages must be between 0 and 4, got {cfg.pool_stages}")
     if cfg.channels not in (None, 1, 3):
         raise UserError(f"channels must be 1 or 3, got {cfg.channels}")
     if cfg.input_size is not None and not 8 <= cfg.input_size <= 1024:
         raise UserError(f"input_size must be between 8 and 1024, got {cfg.input_size}")
-    for key in ("lr", "probe_lr"):
+    for key in ("lr", "probe_l2"):
         if getattr(cfg, key) != "auto" and getattr(cfg, key) <= 0:
             raise UserError(f"{key} must be positive or auto, got {getattr(cfg, key)}")
     if cfg.keep_last < 1 or cfg.checkpoint_every < 0:

@@ -73,9 +73,7 @@ def predict(
 def load_run_model(run, meta: dict) -> nn.Module:
     """The trained model of a run folder (weights from safetensors, checked against meta.json)."""
     prep = meta["preprocessing"]
-    model = models.create(
-        meta["arch"], meta["num_classes"], prep["channels"], prep.get("stem", "default")
-    )
+    model = models.from_prep(meta["arch"], meta["num_classes"], prep)
     model.load_state_dict(checkpoint.load_run_weights(run, meta))
     return model.to(device()).to(memory_format=torch.channels_last)
 

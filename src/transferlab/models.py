@@ -107,7 +107,9 @@ class DCNN(nn.Module):
 # ----------------------------------------------------------------------------- creation
 
 
-def create(arch: str, num_classes: int, in_chans: int, stem: str = "default") -> nn.Module:
+def create(
+    arch: str, num_classes: int, in_chans: int, stem: str = "default", pool_stages: int = 0
+) -> nn.Module:
     """An untrained model by name: `dcnn` or any timm architecture, its head kept in fp32."""
     if arch == "dcnn":
         model = DCNN(num_classes, in_chans)
@@ -117,7 +119,47 @@ def create(arch: str, num_classes: int, in_chans: int, stem: str = "default") ->
             arch, pretrained=False, num_classes=num_classes, in_chans=in_chans
         )
     model.forward_head = types.MethodType(_forward_head_fp32, model)
+    if pool_stages:
+        add_stage_pools(model, arch, pool_stages)
     return small_stem(model) if stem == "small" else model
+
+
+def from_prep(arch: str, num_classes: int, prep: dict) -> nn.Module:
+    """The model a run's stored preprocessing describes (channels, stem, pooled stages)."""
+    return create(
+        arch, num_classes, prep["channels"], prep.get("stem", "default"), prep.get("pool_stages", 0)
+    )
+
+
+def add_stage_pools(model: nn.Module, arch: str, n: int) -> nn.Module:
+    """Feed the head the average-pooled outputs of the last `n` feature stages as well.
+
+    Mid-level features carry layout and texture that the last stage abstracts away; scene
+    recognition gains from them (Azizpour et al. 2015, "From generic to specific deep
+    representations"). Stages come from timm's `feature_info` (a last stage that *is* the final
+    feature map is skipped). Each stage keeps its pooled output on itself through a forward
+    hook; the head concatenates them after the usual pooled features. Only the classifier
+    widens, so every pretrained tensor still loads, and `--head-init match` copies the source
+    rows into the first columns (the rest start at zero: the start is the source head exactly).
+    """
+    info = getattr(model, "feature_info", None)
+    if not info or not getattr(model, "pretrained_cfg", {}).get("classifier"):
+        raise UserError(f"pool_stages needs a timm model with feature_info; {arch} has none")
+    stages = list(info)
+    if stages[-1]["num_chs"] == model.num_features:
+        stages = stages[:-1]
+    stages = stages[-n:]
+    for stage in stages:
+        model.get_submodule(stage["module"]).register_forward_hook(_keep_pooled)
+    model.pooled_stages = [s["module"] for s in stages]
+    width = model.num_features + sum(s["num_chs"] for s in stages)
+    head = model.get_classifier()
+    model.set_submodule(model.pretrained_cfg["classifier"], nn.Linear(width, head.out_features))
+    return model
+
+
+def _keep_pooled(module: nn.Module, args, out: torch.Tensor) -> None:
+    module.pooled = out.float().mean((2, 3))
 
 
 def small_stem(model: nn.Module) -> nn.Module:
@@ -151,7 +193,12 @@ def _forward_head_fp32(self, x: torch.Tensor, pre_logits: bool = False) -> torch
     of the compute. Bound per instance, so state_dict keys are untouched and deepcopy rebinds.
     """
     with torch.autocast(x.device.type, enabled=False):
-        return type(self).forward_head(self, x.float(), pre_logits=pre_logits)
+        stages = getattr(self, "pooled_stages", None)
+        if not stages:
+            return type(self).forward_head(self, x.float(), pre_logits=pre_logits)
+        x = type(self).forward_head(self, x.float(), pre_logits=True)
+        x = torch.cat([x, *(self.get_submodule(s).pooled for s in stages)], 1)
+        return x if pre_logits else self.get_classifier()(x)
 
 
 def check_arch(arch: str) -> None:
@@ -200,19 +247,20 @@ def build(
         return _from_run(cfg, Path(weights), classes, names)
     arch = cfg.model
     check_arch(arch)
+    extras = {"stem": cfg.stem, "pool_stages": cfg.pool_stages}
     if not weights or weights == "none":
         channels = cfg.channels or (native_channels if arch == "dcnn" else 3)
-        model = create(arch, len(classes), channels, cfg.stem)
+        model = create(arch, len(classes), channels, cfg.stem, cfg.pool_stages)
         size = cfg.input_size or native_size
         prep = make_prep(size, channels, (SCRATCH_MEAN,) * channels, (SCRATCH_STD,) * channels)
-        return model, prep | {"stem": cfg.stem}, {"weights": "scratch"}
+        return model, prep | extras, {"weights": "scratch"}
     if weights == "imagenet":
         state, pcfg, source = imagenet_state(arch)
     else:
         state = load_state_dict_file(weights, cfg.trust_pickle)
         pcfg, source = _pretrained_cfg(arch), {"weights": "file", "path": str(weights)}
     channels = cfg.channels or 3
-    model = create(arch, len(classes), channels)
+    model = create(arch, len(classes), channels, pool_stages=cfg.pool_stages)
     src_classes, src_names = source.pop("classes", None), source.pop("names", None)
     summary = load_into(
         model,
@@ -229,7 +277,7 @@ def build(
     size = cfg.input_size or pcfg["input_size"][-1]
     mean, std = _fit_stats(pcfg["mean"], channels), _fit_stats(pcfg["std"], channels)
     prep = make_prep(size, channels, mean, std, pcfg.get("interpolation", "bilinear"))
-    return model, prep | {"stem": cfg.stem}, source
+    return model, prep | extras, source
 
 
 def _head_note(summary: dict, num_classes: int) -> str:
@@ -247,7 +295,7 @@ def _from_run(cfg: TrainConfig, run: Path, classes: list[str], names: list[str] 
     channels = cfg.channels or prep["channels"]
     if channels != prep["channels"]:
         raise UserError(f"run {run} was trained on {prep['channels']} channel(s), not {channels}")
-    model = create(arch, len(classes), channels, prep.get("stem", "default"))
+    model = from_prep(arch, len(classes), prep | {"channels": channels})
     state = load_run_weights(run, meta)
     summary = load_into(
         model, state, classes, meta["classes"], cfg.head_init, names, meta.get("class_names")
@@ -426,8 +474,12 @@ def load_into(
         for k in heads:
             if k in state and state[k].shape[0] == len(src_classes):
                 merged[k] = merged[k].clone()
-                for i, j in rows.items():
-                    merged[k][i] = state[k][j]
+                for i, j in rows.items():  # a head widened by pool_stages: zeros beyond
+                    if merged[k].dim() == 2:
+                        merged[k][i] = 0
+                        merged[k][i, : state[k].shape[1]] = state[k][j]
+                    else:
+                        merged[k][i] = state[k][j]
         matched = len(rows)
     model.load_state_dict(merged, strict=True)
     return {

@@ -268,31 +268,26 @@ def probe(loop: Loop, images, labels, progress, name, log, quiet) -> None:
     """The linear-probe stage: the head alone, on features computed once."""
     cfg, t0 = loop.cfg, time.time()
     only = cfg.strategy == "linear-probe"
-    epochs, lr = (cfg.epochs, cfg.lr) if only else (cfg.probe_epochs, cfg.probe_lr)
     rows, best = finetune.linear_probe(
         loop.model,
         images,
         labels,
         loop.prep,
         loop.precision,
-        epochs,
-        lr,
-        cfg.seed,
+        cfg.probe_l2,
         log,
         quiet,
         cfg.eval_batch_size,
     )
     progress["probed"] = True
     progress["probe"] = {
-        "epochs": epochs,
-        "lr": best["lr"],
-        "lr_setting": lr,
-        "best_epoch": best["epoch"],
+        "l2": best["l2"],
+        "l2_setting": cfg.probe_l2,
         "val_acc": best["val_acc"],
         "seconds": round(time.time() - t0, 1),
     }
     if only:  # the probe is the whole run
-        rows[-1]["seconds"] = time.time() - t0
+        rows[0]["seconds"] += time.time() - t0 - sum(r["seconds"] for r in rows)  # features
         state = {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()}
         progress.update(
             history=rows,
