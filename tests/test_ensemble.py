@@ -43,6 +43,73 @@ def test_weighted_fits_weights_that_prefer_the_good_member_and_never_on_test():
         ensemble.fit_weights(lp, targets, "test")
 
 
+def _members(seed=0, n=300, k=3):
+    """Targets and three members: a good one, a copy of it, and noise."""
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, k, n)
+    good = np.full((n, k), 0.1)
+    good[np.arange(n), targets] = 1 - 0.1 * (k - 1)
+    bad = rng.dirichlet(np.ones(k), n)
+    return targets, np.log(np.stack([bad, good, good]))
+
+
+def test_select_picks_the_good_member_with_replacement_and_never_on_test():
+    targets, lp = _members()
+    w = ensemble.fit_select(lp, targets, "val")
+    assert w.sum() == pytest.approx(1.0) and w[0] == 0.0 and w[1] + w[2] == 1.0
+
+
+def test_select_adds_a_member_only_when_it_lowers_the_nll():
+    # member 0 is sure and right on the first half and wrong on the second, member 1 the
+    # reverse: their mean has a lower NLL than either, so selection takes one of each
+    targets = np.array([0, 0, 1, 1])
+    p0 = np.array([[0.99, 0.01], [0.99, 0.01], [0.8, 0.2], [0.8, 0.2]])
+    p1 = np.array([[0.2, 0.8], [0.2, 0.8], [0.01, 0.99], [0.01, 0.99]])
+    w = ensemble.fit_select(np.log(np.stack([p0, p1])), targets, "val")
+    np.testing.assert_allclose(w, [0.5, 0.5])
+
+
+def test_stacking_learns_to_undo_a_member_that_swaps_two_classes():
+    """Known answer: a member whose columns 0 and 1 are swapped is useless to averaging, but
+    a stacker reads it correctly and reaches its accuracy."""
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, 3, 600)
+    p = np.full((600, 3), 0.05)
+    p[np.arange(600), targets] = 0.9
+    swapped = p[:, [1, 0, 2]]
+    lp = np.log(np.stack([swapped, rng.dirichlet(np.ones(3), 600)]))
+    params = ensemble.fit_stacking(lp[:, :300], targets[:300], "val")
+    stacked = ensemble.combine_stacking(lp[:, 300:], params)
+    assert (stacked.argmax(1) == targets[300:]).mean() == 1.0
+    assert (ensemble.combine_soft(lp[:, 300:]).argmax(1) == targets[300:]).mean() < 0.5
+    np.testing.assert_allclose(np.exp(stacked).sum(1), 1.0)
+
+
+@pytest.mark.parametrize("method", sorted(ensemble.FITTED))
+def test_nothing_is_ever_fitted_on_the_test_split(method):
+    targets, lp = _members()
+    with pytest.raises(ValueError, match="test split"):
+        ensemble.fit(method, lp, targets, "test")
+
+
+def test_accounting_known_answer():
+    targets = np.array([0, 1, 2, 0])
+    pred = [[0, 1, 0, 1], [0, 2, 2, 1]]  # member top-1: 50%, 50%; oracle 75%
+    lp = np.log(np.stack([np.eye(3)[p] * 0.97 + 0.01 for p in pred]))
+    combined = np.log(np.eye(3)[[0, 1, 2, 1]] * 0.97 + 0.01)  # 75%
+    acc = ensemble.accounting(lp, combined, targets)
+    assert acc["gain_over_best_member"] == pytest.approx(0.25)
+    assert acc["gain_over_mean_member"] == pytest.approx(0.25)
+    assert acc["oracle_top1"] == 0.75 and acc["disagreement"] == 0.5
+
+
+def test_ece_known_answer():
+    # two bins: confidence 0.9 with 50% right, confidence 0.6 with 100% right
+    conf = np.array([0.9, 0.9, 0.6, 0.6])
+    correct = np.array([True, False, True, True])
+    assert evaluate.ece(conf, correct) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+
+
 def test_identical_members_equal_one_member(trained_run, tmp_path):
     info = ensemble.build([trained_run, trained_run], "soft", tmp_path / "e", quiet=True)
     assert (
@@ -76,10 +143,10 @@ def hetero_runs(tmp_path_factory):
 
 def test_members_with_different_sizes_and_channels_ensemble(hetero_runs, tmp_path):
     runs = [hetero_runs / "dcnn", hetero_runs / "resnet"]
-    for method in ("soft", "hard", "weighted", "logit"):
+    for method in ensemble.COMBINERS:
         info = ensemble.build(runs, method, tmp_path / method, quiet=True)
         assert {(m["input_size"], m["channels"]) for m in info["members"]} == {(28, 1), (64, 3)}
-        assert info["fitted_on"] == ("val" if method == "weighted" else None)
+        assert info["fitted_on"] == ("val" if method in ensemble.FITTED else None)
         # recomputing from the members' saved weights and raw images gives the same numbers
         again = ensemble.evaluate_path(tmp_path / method, split="test")
         assert again["metrics"]["top1"] == pytest.approx(info["metrics"]["test"]["top1"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from . import checkpoint, data, evaluate, plots
 from .config import UserError
 
 ENSEMBLE = "ensemble.json"
+PARAMS = "combiner.npz"  # the fitted combiner (weights; the stacker's coefficients)
 SPLITS = ("val", "test")
 
 
@@ -51,8 +53,7 @@ def combine_weighted(logp: np.ndarray, weights) -> np.ndarray:
 
 def fit_weights(logp: np.ndarray, targets: np.ndarray, split: str) -> np.ndarray:
     """Weights (softmax-parametrised) minimising the ensemble's NLL on a fitting split."""
-    if split == "test":
-        raise ValueError("refusing to fit ensemble weights on the test split")
+    refuse_test(split)
     picked = logp[:, np.arange(len(targets)), targets]  # (M, N)
 
     def nll(theta):
@@ -63,13 +64,108 @@ def fit_weights(logp: np.ndarray, targets: np.ndarray, split: str) -> np.ndarray
     return softmax(res.x)
 
 
+def fit_select(logp: np.ndarray, targets: np.ndarray, split: str, rounds: int = 0) -> np.ndarray:
+    """Greedy forward selection with replacement (Caruana et al. 2004), on a fitting split.
+
+    Each round adds the member (again, if it helps most) whose inclusion gives the lowest NLL
+    of the mean probability; the best-scoring round's counts, normalised, are the weights.
+    """
+    refuse_test(split)
+    picked = np.exp(logp[:, np.arange(len(targets)), targets])  # (M, N) p(true class)
+    counts, total = np.zeros(len(logp)), np.zeros(len(targets))
+    best, best_counts = np.inf, None
+    for r in range(1, (rounds or 4 * len(logp)) + 1):
+        nll = -np.log((total[None] + picked) / r + 1e-300).mean(axis=1)
+        m = int(nll.argmin())
+        counts[m] += 1
+        total += picked[m]
+        if nll[m] < best - 1e-12:
+            best, best_counts = nll[m], counts.copy()
+    return best_counts / best_counts.sum()
+
+
+def stacking_inputs(logp: np.ndarray) -> np.ndarray:
+    """(M, N, K) log-probs -> (N, M*K) features, clipped so a zero probability stays finite."""
+    return np.maximum(logp, -30.0).transpose(1, 0, 2).reshape(logp.shape[1], -1)
+
+
+def fit_stacking(logp: np.ndarray, targets: np.ndarray, split: str) -> dict:
+    """Multinomial logistic regression on member log-probs; its L2 strength chosen by
+    stratified cross-validation (NLL) on the fitting split itself."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    refuse_test(split)
+    smallest = np.bincount(targets).min(initial=0) if len(set(targets)) > 1 else 0
+    folds = (
+        StratifiedKFold(min(5, smallest), shuffle=True, random_state=0)
+        if smallest >= 2
+        else KFold(min(5, len(targets)), shuffle=True, random_state=0)
+    )
+    clf = LogisticRegressionCV(
+        Cs=np.logspace(-3, 2, 11).tolist(), cv=folds, scoring="neg_log_loss", max_iter=3000
+    )
+    with warnings.catch_warnings():  # scikit-learn's notices of its own API changes
+        warnings.simplefilter("ignore", FutureWarning)
+        clf.fit(stacking_inputs(logp), targets)
+    return {"coef": clf.coef_, "intercept": clf.intercept_, "classes": clf.classes_}
+
+
+def combine_stacking(logp: np.ndarray, params: dict) -> np.ndarray:
+    z = stacking_inputs(logp) @ params["coef"].T + params["intercept"]
+    out = np.full((logp.shape[1], logp.shape[2]), -60.0)  # classes absent when fitting
+    out[:, params["classes"]] = z if len(params["classes"]) > 2 else np.c_[-z / 2, z / 2]
+    return evaluate.log_softmax(out)
+
+
+def refuse_test(split: str) -> None:
+    """Nothing is ever fitted on the test split."""
+    if split == "test":
+        raise ValueError("refusing to fit an ensemble on the test split")
+
+
 COMBINERS = {
     "soft": combine_soft,
     "hard": combine_hard,
     "logit": combine_logit,
     "weighted": combine_weighted,
+    "select": combine_weighted,
+    "stacking": combine_stacking,
 }
-FITTED = {"weighted"}  # methods whose parameters are fitted on the validation split
+FITTED = {"weighted", "select", "stacking"}  # fitted on the validation split
+
+
+def fit(method: str, logp: np.ndarray, targets: np.ndarray, split: str) -> dict:
+    """The combiner's parameters: member weights, or the stacker's coefficients."""
+    uniform = np.full(len(logp), 1.0 / len(logp))
+    if method == "weighted":
+        return {"weights": fit_weights(logp, targets, split)}
+    if method == "select":
+        return {"weights": fit_select(logp, targets, split)}
+    if method == "stacking":
+        return {"weights": uniform, **fit_stacking(logp, targets, split)}
+    return {"weights": uniform}
+
+
+def combine(method: str, logp: np.ndarray, params: dict) -> np.ndarray:
+    return COMBINERS[method](logp, params if method == "stacking" else params["weights"])
+
+
+def accounting(logp: np.ndarray, combined: np.ndarray, targets: np.ndarray) -> dict:
+    """How much the ensemble helped, honestly: versus the best and the mean member, the
+    oracle (some member is right) and how often members disagree (mean over pairs)."""
+    members = [evaluate.metrics(lp, targets) for lp in logp]
+    ens = evaluate.metrics(combined, targets)
+    pred = logp.argmax(axis=2)  # (M, N)
+    m = len(logp)
+    pairs = [(pred[i] != pred[j]).mean() for i in range(m) for j in range(i + 1, m)]
+    top1 = [r["top1"] for r in members]
+    return {
+        "gain_over_best_member": ens["top1"] - max(top1),
+        "gain_over_mean_member": ens["top1"] - float(np.mean(top1)),
+        "oracle_top1": float((pred == targets[None]).any(axis=0).mean()),
+        "disagreement": float(np.mean(pairs)) if pairs else 0.0,
+    }
 
 
 # ----------------------------------------------------------------------------- members
@@ -144,15 +240,13 @@ def build(
     t0 = time.time()
     runs = [str(r) for r in runs]
     logp, targets, metas, spec = member_logp(runs, data_spec, quiet)
-    weights = (
-        fit_weights(logp["val"], targets["val"], "val")
-        if method in FITTED
-        else np.full(len(runs), 1.0 / len(runs))
-    )
+    params = fit(method, logp["val"], targets["val"], "val")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / PARAMS, **params)
     results, members = {}, []
     for split in SPLITS:
-        combined = COMBINERS[method](logp[split], weights)
+        combined = combine(method, logp[split], params)
         checkpoint.save_logits(out, split, combined, targets[split])
         results[split] = evaluate.metrics(combined, targets[split])
     for run, meta, i in zip(runs, metas, range(len(runs)), strict=True):
@@ -162,21 +256,26 @@ def build(
                 "arch": meta["arch"],
                 "input_size": meta["preprocessing"]["input_size"],
                 "channels": meta["preprocessing"]["channels"],
-                "weight": float(weights[i]),
+                "weight": float(params["weights"][i]),
                 "test": evaluate.metrics(logp["test"][i], targets["test"]),
             }
         )
-    best = max(m["test"]["top1"] for m in members)
+    fitted = method in FITTED
     info = {
         "format": 1,
         "method": method,
         "members": members,
-        "fitted_on": "val" if method in FITTED else None,
+        "fitted_on": "val" if fitted else None,
+        "splits": {
+            "members": "trained on train; best epoch chosen on val",
+            "combiner": f"{method} fitted on val" if fitted else "nothing fitted",
+            "scored": "test",
+        },
         "data": spec,
         "classes": metas[0]["classes"],
         "class_names": metas[0]["class_names"],
         "metrics": results,
-        "gain_over_best_member": results["test"]["top1"] - best,
+        **accounting(logp["test"], combine(method, logp["test"], params), targets["test"]),
         "seconds": round(time.time() - t0, 2),
     }
     checkpoint.write_json(out / ENSEMBLE, info)
@@ -192,6 +291,14 @@ def read(path: str | Path) -> dict:
         return json.loads((Path(path) / ENSEMBLE).read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {Path(path) / ENSEMBLE}: {err}") from None
+
+
+def read_params(path: str | Path, info: dict) -> dict:
+    file = Path(path) / PARAMS
+    if not file.is_file():  # written before combiner.npz existed: weights only
+        return {"weights": np.array([m["weight"] for m in info["members"]])}
+    with np.load(file, allow_pickle=False) as z:
+        return dict(z)
 
 
 def evaluate_ensemble(
@@ -213,8 +320,7 @@ def evaluate_ensemble(
         )
         for run, meta in zip(runs, metas, strict=True)
     ]
-    weights = np.array([m["weight"] for m in info["members"]])
-    combined = COMBINERS[info["method"]](np.stack(per_member), weights)
+    combined = combine(info["method"], np.stack(per_member), read_params(path, info))
     return combined, ds.splits[split].labels, info
 
 

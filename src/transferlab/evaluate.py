@@ -125,10 +125,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
-    """top1, top5 (fractions), mean NLL loss and n, from logits or log-probabilities."""
+    """top1, top5 (fractions), mean NLL loss, ECE and n, from logits or log-probabilities."""
     n = len(targets)
     if n == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "n": 0}
+        nan = float("nan")
+        return {"top1": nan, "top5": nan, "loss": nan, "ece": nan, "n": 0}
     logp = log_softmax(logits.astype(np.float64))
     k = min(5, logits.shape[1])
     topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
@@ -136,8 +137,19 @@ def metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
         "top1": float((topk[:, 0] == targets).mean()),
         "top5": float((topk == targets[:, None]).any(axis=1).mean()),
         "loss": float(-logp[np.arange(n), targets].mean()),
+        "ece": ece(np.exp(logp.max(axis=1)), topk[:, 0] == targets),
         "n": int(n),
     }
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: |accuracy - confidence| averaged over equal-width bins."""
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in np.unique(which):
+        inside = which == b
+        total += inside.sum() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(total / len(confidence))
 
 
 def confusion(pred: np.ndarray, targets: np.ndarray, num_classes: int) -> np.ndarray:

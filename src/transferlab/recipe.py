@@ -158,15 +158,29 @@ def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> No
 
 
 def print_ensemble(info: dict) -> None:
+    """Each member's and the ensemble's test numbers, and how much combining helped."""
+    print(f"   {'test':<30} {'top-1':>7} {'NLL':>7} {'ECE':>6} {'weight':>7}")
     for m in info["members"]:
+        t = m["test"]
         print(
-            f"   member {Path(m['run']).name:<24} test top-1 {m['test']['top1']:.2%}  "
-            f"weight {m['weight']:.3f}"
+            f"   {Path(m['run']).name:<30} {t['top1']:>7.2%} {t['loss']:>7.4f} "
+            f"{t.get('ece', float('nan')):>6.3f} {m['weight']:>7.3f}"
         )
-    test = info["metrics"]["test"]
+    t = info["metrics"]["test"]
     print(
-        f"   {info['method']} ensemble: test top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%} "
-        f"({100 * info['gain_over_best_member']:+.2f} points over the best member)"
+        f"   {info['method'] + ' ensemble':<30} {t['top1']:>7.2%} {t['loss']:>7.4f} "
+        f"{t.get('ece', float('nan')):>6.3f}"
+    )
+    acc = info.get("gain_over_mean_member")
+    print(
+        f"   gain {100 * info['gain_over_best_member']:+.2f} points over the best member"
+        + (
+            f", {100 * acc:+.2f} over the mean member; oracle {info['oracle_top1']:.2%}, "
+            f"disagreement {info['disagreement']:.1%}; combiner: "
+            f"{info['splits']['combiner']}"
+            if acc is not None
+            else ""
+        )
     )
 
 
