@@ -33,6 +33,7 @@ def test_run_folder_has_everything(trained_run):
         "std",
         "interpolation",
         "stem",
+        "pool_stages",
     }
     assert meta["metrics"]["test"]["n"] == 40 and meta["config"]["seed"] == 0
     rows = list(csv.DictReader((trained_run / "history.csv").open()))
