@@ -35,7 +35,7 @@ class TrainConfig:
     epochs: int = 10  # maximum number of passes over the training split
     batch_size: int = 64  # images per optimizer step
     optimizer: str = "adamw"  # adam | adamw | sgd
-    lr: float | str = 1e-3  # peak learning rate, or auto (linear probe: swept on val; else lr-find)
+    lr: float | str = 1e-3  # peak learning rate, or auto (an LR range test picks it first)
     weight_decay: float = 0.05  # decoupled for adamw, L2 for adam/sgd
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"  # cosine | plateau | constant

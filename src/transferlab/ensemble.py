@@ -244,11 +244,11 @@ def build(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / PARAMS, **params)
-    results, members = {}, []
+    results, members, combined = {}, [], {}
     for split in SPLITS:
-        combined = combine(method, logp[split], params)
-        checkpoint.save_logits(out, split, combined, targets[split])
-        results[split] = evaluate.metrics(combined, targets[split])
+        combined[split] = combine(method, logp[split], params)
+        checkpoint.save_logits(out, split, combined[split], targets[split])
+        results[split] = evaluate.metrics(combined[split], targets[split])
     for run, meta, i in zip(runs, metas, range(len(runs)), strict=True):
         members.append(
             {
@@ -275,7 +275,7 @@ def build(
         "classes": metas[0]["classes"],
         "class_names": metas[0]["class_names"],
         "metrics": results,
-        **accounting(logp["test"], combine(method, logp["test"], params), targets["test"]),
+        **accounting(logp["test"], combined["test"], targets["test"]),
         "seconds": round(time.time() - t0, 2),
     }
     checkpoint.write_json(out / ENSEMBLE, info)

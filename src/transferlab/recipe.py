@@ -168,19 +168,12 @@ def print_ensemble(info: dict) -> None:
         )
     t = info["metrics"]["test"]
     print(
-        f"   {info['method'] + ' ensemble':<30} {t['top1']:>7.2%} {t['loss']:>7.4f} "
-        f"{t.get('ece', float('nan')):>6.3f}"
-    )
-    print(
-        f"   {info['method']} ensemble: test top-1 {t['top1']:.2%}, top-5 {t['top5']:.2%} "
-        f"({100 * info['gain_over_best_member']:+.2f} points over the best member"
-        + (
-            f", {100 * info['gain_over_mean_member']:+.2f} over the mean member; oracle "
-            f"{info['oracle_top1']:.2%}, disagreement {info['disagreement']:.1%}; "
-            f"{info['splits']['combiner']})"
-            if "gain_over_mean_member" in info
-            else ")"
-        )
+        f"   {info['method']} ensemble: test top-1 {t['top1']:.2%}, top-5 {t['top5']:.2%}, "
+        f"NLL {t['loss']:.4f}, ECE {t['ece']:.3f} "
+        f"({100 * info['gain_over_best_member']:+.2f} points over the best member, "
+        f"{100 * info['gain_over_mean_member']:+.2f} over the mean member; oracle "
+        f"{info['oracle_top1']:.2%}, disagreement {info['disagreement']:.1%}; "
+        f"{info['splits']['combiner']})"
     )
 
 

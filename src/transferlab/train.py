@@ -704,10 +704,8 @@ def finetune_config(run: str | Path, overrides: dict) -> TrainConfig:
         TrainConfig(),
         **{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__},
     )
-    parent_lr = base.lr if base.lr != "auto" else (meta.get("probe") or {}).get("lr", 1e-3)
-    base = replace(
-        base, weights=str(run), model=meta["arch"], lr=parent_lr / 10, limit=meta.get("limit")
-    )
+    lr = (base.lr if base.lr != "auto" else 1e-3) / 10  # a tenth of the parent's
+    base = replace(base, weights=str(run), model=meta["arch"], lr=lr, limit=meta.get("limit"))
     return make_config(overrides, base)
 
 
