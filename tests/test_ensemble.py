@@ -167,3 +167,75 @@ def test_metrics_known_answer():
     m = evaluate.metrics(logits, np.array([0, 1]))
     assert m["top1"] == 0.5 and m["top5"] == 1.0 and m["n"] == 2
     assert m["loss"] == pytest.approx(-(np.log(0.7) + np.log(0.3)) / 2)
+
+
+def test_fusion_learns_from_the_concatenated_features_what_no_member_knows_alone():
+    # class = 2*a + b; member one sees only bit a, member two only bit b
+    rng = np.random.default_rng(0)
+    n = 400
+    a, b = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    y = 2 * a + b
+    one = np.c_[a + 0.1 * rng.normal(size=n), rng.normal(size=(n, 3))]
+    two = np.c_[b + 0.1 * rng.normal(size=n), rng.normal(size=(n, 3))]
+    feats = np.c_[one, two].astype(np.float32)
+    split = {"train": slice(0, 200), "val": slice(200, 300), "test": slice(300, n)}
+    params = ensemble.fit_fusion(
+        {s: feats[split[s]] for s in ("train", "val")}, {s: y[split[s]] for s in ("train", "val")}
+    )
+    fused = ensemble.combine_fusion(feats[split["test"]], params)
+    assert (fused.argmax(1) == y[split["test"]]).mean() > 0.97
+    np.testing.assert_allclose(np.exp(fused).sum(1), 1.0, rtol=1e-5)
+    assert float(params["fusion_l2"]) in (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+
+
+def test_fusion_caches_member_features_once_per_split(hetero_runs, tmp_path, monkeypatch):
+    runs = [hetero_runs / "dcnn", hetero_runs / "resnet"]
+    first = ensemble.build(runs, "fusion", tmp_path / "f1", quiet=True)
+    for run in runs:
+        assert {p.name for p in (run / "features").iterdir()} >= {
+            "train.npz",
+            "val.npz",
+            "test.npz",
+        }
+    assert "fitted on train features" in first["splits"]["combiner"]
+
+    def no_forward(*a, **k):
+        raise AssertionError("features were recomputed")
+
+    monkeypatch.setattr(evaluate, "predict_split", no_forward)
+    again = ensemble.build(runs, "fusion", tmp_path / "f2", quiet=True)
+    assert again["metrics"]["test"] == first["metrics"]["test"]
+
+
+def test_tta_views_flip_and_ten_crops():
+    import torch
+
+    x = torch.arange(2 * 3 * 128 * 128, dtype=torch.float32).reshape(2, 3, 128, 128)
+    flip = list(evaluate.views(x, "flip"))
+    assert len(flip) == 2 and torch.equal(flip[0], x) and torch.equal(flip[1], x.flip(-1))
+    crops = list(evaluate.views(x, "crops"))
+    assert len(crops) == 10 and all(v.shape == x.shape for v in crops)
+    assert not torch.equal(crops[0], crops[2])  # different corners
+
+
+def test_flip_tta_makes_predictions_mirror_invariant(trained_run):
+    meta = checkpoint.read_meta(trained_run)
+    model = evaluate.load_run_model(trained_run, meta)
+    images = np.random.default_rng(0).integers(0, 256, (6, 24, 24, 3), dtype=np.uint8)
+    prep = meta["preprocessing"]
+    a = evaluate.predict(model, images, prep, tta="flip")
+    b = evaluate.predict(model, np.ascontiguousarray(images[:, :, ::-1]), prep, tta="flip")
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert not np.allclose(a, evaluate.predict(model, images, prep), atol=1e-4)
+
+
+def test_ensemble_with_tta_is_recorded_and_recomputed(hetero_runs, tmp_path):
+    runs = [hetero_runs / "dcnn", hetero_runs / "resnet"]
+    info = ensemble.build(runs, "soft", tmp_path / "tta", quiet=True, tta="flip")
+    assert info["tta"] == "flip"
+    again = ensemble.evaluate_path(tmp_path / "tta", split="test")
+    assert again["metrics"]["top1"] == pytest.approx(info["metrics"]["test"]["top1"])
+    with pytest.raises(UserError, match=r"--tta crops needs inputs of at least 96 px.*28 px"):
+        ensemble.build(runs, "soft", tmp_path / "crops", quiet=True, tta="crops")
+    with pytest.raises(UserError, match=r"unknown --tta 'mirror' \(known: none, flip, crops\)"):
+        ensemble.build(runs, "soft", tmp_path / "bad", quiet=True, tta="mirror")

@@ -121,12 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset spec [the one it was trained on]")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.add_argument("--tta", default="none", help=TTA_HELP)
 
     p = _sub(sub, "ensemble", "combine runs (any architecture, input size, channels)")
     p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--method", default="soft", help="soft | hard | logit | weighted [soft]")
+    p.add_argument(
+        "--method",
+        default="soft",
+        help="soft (mean probability) | hard (majority vote) | logit (mean log-prob) | "
+        "weighted (NLL-optimal weights on val) | select (greedy selection on val) | "
+        "stacking (logistic regression on member log-probs, CV on val) | fusion (one linear "
+        "head on the members' concatenated features, fitted on train, chosen on val) [soft]",
+    )
     p.add_argument("--out", required=True, help="ensemble folder to write")
     p.add_argument("--data", help="dataset spec [the members' own]")
+    p.add_argument("--tta", default="none", help=TTA_HELP)
 
     p = _sub(sub, "report", "write report.md and results.csv for every run under a folder")
     p.add_argument("path", help="a folder holding run and ensemble folders")
@@ -175,10 +184,16 @@ def cmd_lr_find(args) -> None:
     print(f"suggested lr {lr:.3g}  (plot: {Path(args.out) / 'lr_find.png'})")
 
 
+TTA_HELP = (
+    "test-time augmentation per member: none | flip (mirror) | crops (ten-crop: corners and "
+    "centre at 87.5%%, each mirrored; inputs >= 96 px) [none]"
+)
+
+
 def cmd_evaluate(args) -> None:
     from . import ensemble
 
-    result = ensemble.evaluate_path(args.path, args.data, args.split, quiet=args.quiet)
+    result = ensemble.evaluate_path(args.path, args.data, args.split, args.quiet, args.tta)
     m = result["metrics"]
     print(
         f"{args.path} on {result['data']} [{args.split}]: top-1 {m['top1']:.2%}  "
@@ -192,7 +207,7 @@ def cmd_evaluate(args) -> None:
 def cmd_ensemble(args) -> None:
     from . import ensemble, recipe
 
-    info = ensemble.build(args.runs, args.method, args.out, args.data, quiet=args.quiet)
+    info = ensemble.build(args.runs, args.method, args.out, args.data, args.quiet, args.tta)
     recipe.print_ensemble(info)
     print(f"ensemble -> {args.out}")
 

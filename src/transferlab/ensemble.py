@@ -118,6 +118,31 @@ def combine_stacking(logp: np.ndarray, params: dict) -> np.ndarray:
     return evaluate.log_softmax(out)
 
 
+def fit_fusion(feats: dict, targets: dict, log=lambda *a: None) -> dict:
+    """Fusion: a linear head on the members' concatenated pooled features (N, F), fitted on
+    train and regularised by val: an L2 logistic regression path, warm-started from strong to
+    weak (the early stopping of a linear model), keeping the strength that scores best on val.
+    """
+    import torch
+
+    from . import finetune
+
+    k = int(max(targets["train"].max(), targets["val"].max())) + 1
+    tf = {s: torch.from_numpy(feats[s]).float() for s in ("train", "val")}
+    zeros_w, zeros_b = torch.zeros(k, tf["train"].shape[1]), torch.zeros(k)
+    _, best = finetune.fit_linear(tf, targets, zeros_w, zeros_b, "auto", log, "fusion")
+    return {
+        "fusion_weight": best["weight"].cpu().numpy(),
+        "fusion_bias": best["bias"].cpu().numpy(),
+        "fusion_l2": np.array(best["l2"]),
+    }
+
+
+def combine_fusion(feats: np.ndarray, params: dict) -> np.ndarray:
+    """(N, F) concatenated member features -> (N, K) log-probs."""
+    return evaluate.log_softmax(feats @ params["fusion_weight"].T + params["fusion_bias"])
+
+
 def refuse_test(split: str) -> None:
     """Nothing is ever fitted on the test split."""
     if split == "test":
@@ -131,12 +156,17 @@ COMBINERS = {
     "weighted": combine_weighted,
     "select": combine_weighted,
     "stacking": combine_stacking,
+    "fusion": combine_fusion,  # on member features, not log-probs
 }
-FITTED = {"weighted", "select", "stacking"}  # fitted on the validation split
+FITTED = {"weighted", "select", "stacking", "fusion"}  # fitted on the validation split
 
 
 def fit(method: str, logp: np.ndarray, targets: np.ndarray, split: str) -> dict:
     """The combiner's parameters: member weights, or the stacker's coefficients."""
+    if method in FITTED:
+        refuse_test(split)
+    if method == "fusion":
+        raise UserError("fusion is fitted on member features (ensemble.build), not log-probs")
     uniform = np.full(len(logp), 1.0 / len(logp))
     if method == "weighted":
         return {"weights": fit_weights(logp, targets, split)}
@@ -147,7 +177,9 @@ def fit(method: str, logp: np.ndarray, targets: np.ndarray, split: str) -> dict:
     return {"weights": uniform}
 
 
-def combine(method: str, logp: np.ndarray, params: dict) -> np.ndarray:
+def combine(method: str, logp: np.ndarray, params: dict, feats: np.ndarray | None = None):
+    if method == "fusion":
+        return combine_fusion(feats, params)
     return COMBINERS[method](logp, params if method == "stacking" else params["weights"])
 
 
@@ -189,64 +221,103 @@ def check_classes(metas: list[dict], runs: list[str]) -> list[np.ndarray]:
 
 
 def member_logp(
-    runs: list[str], data_spec: str | None = None, quiet: bool = False
-) -> tuple[dict, dict, list[dict], str]:
+    runs: list[str],
+    data_spec: str | None = None,
+    quiet: bool = False,
+    tta: str = "none",
+    splits: tuple[str, ...] = SPLITS,
+    features: bool = False,
+) -> tuple[dict, dict, list[dict], str, dict]:
     """Member log-probs per split, aligned to the first member's classes.
 
-    Uses each run's cached logits when the data agree; otherwise each member predicts the raw
-    images through its own preprocessing (decoded once per distinct size/channels).
-    Returns ({split: (M, N, K)}, {split: targets}, metas, data_spec).
+    Uses each run's cached logits when the data agree and no TTA is asked for; otherwise each
+    member predicts the raw images through its own preprocessing (decoded once per distinct
+    size/channels). `features`: also each member's pooled pre-logit features, concatenated
+    (cached in the run folder's features/, per split and TTA); the logits then come from them.
+    Returns ({split: (M, N, K)}, {split: targets}, metas, data_spec, {split: (N, F)}).
     """
     metas = [checkpoint.read_meta(r) for r in runs]
     orders = check_classes(metas, runs)
     spec = data_spec or metas[0]["data"]
     key0 = (spec, metas[0].get("val_fraction"), metas[0].get("limit"))
-    cached = all((m["data"], m.get("val_fraction"), m.get("limit")) == key0 for m in metas)
-    logp, targets = {}, {}
-    if cached and all(checkpoint.load_logits(r, s) is not None for r in runs for s in SPLITS):
+    cached = tta == "none" and not features
+    cached &= all((m["data"], m.get("val_fraction"), m.get("limit")) == key0 for m in metas)
+    logp, targets, feats = {}, {}, {}
+    if cached and all(checkpoint.load_logits(r, s) is not None for r in runs for s in splits):
         for run, meta in zip(runs, metas, strict=True):  # every member must be a sound, safe run
             checkpoint.load_run_weights(run, meta)
-        for split in SPLITS:
+        for split in splits:
             pairs = [checkpoint.load_logits(r, split) for r in runs]
             logp[split] = np.stack(
                 [evaluate.log_softmax(lg[:, o]) for (lg, _), o in zip(pairs, orders, strict=True)]
             )
             targets[split] = pairs[0][1]
-        return logp, targets, metas, spec
+        return logp, targets, metas, spec, feats
     ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
-    per_member = {split: [] for split in SPLITS}
+    per_member = {split: [] for split in splits}
+    per_member_feats = {split: [] for split in splits}
     for run, meta in zip(runs, metas, strict=True):
         model = evaluate.load_run_model(run, meta)  # verified against its sha256
-        for split in SPLITS:
-            lg = evaluate.predict_split(model, meta, ds, split, f"run {run}", quiet)
+        who = f"run {run}"
+        for split in splits:
+            if features:
+                key = f"{spec}|{meta.get('val_fraction')}|{meta.get('limit')}|{tta}"
+                f = checkpoint.load_features(run, split, key)
+                if f is None:
+                    f = evaluate.predict_split(model, meta, ds, split, who, quiet, tta, True)
+                    checkpoint.save_features(run, split, key, f)
+                per_member_feats[split].append(f)
+                cols = evaluate.class_map(
+                    meta["classes"], meta["class_names"], ds.classes, ds.names, who
+                )
+                lg = evaluate.head_logits(model, f)[:, cols]
+            else:
+                lg = evaluate.predict_split(model, meta, ds, split, who, quiet, tta)
             per_member[split].append(evaluate.log_softmax(lg))
-    for split in SPLITS:
+    for split in splits:
         logp[split] = np.stack(per_member[split])
         targets[split] = ds.splits[split].labels
-    return logp, targets, metas, spec
+        if features:
+            feats[split] = np.concatenate(per_member_feats[split], axis=1)
+    return logp, targets, metas, spec, feats
 
 
 # ----------------------------------------------------------------------------- ensemble folder
 
 
 def build(
-    runs: list[str], method: str, out: str | Path, data_spec: str | None = None, quiet: bool = False
+    runs: list[str],
+    method: str,
+    out: str | Path,
+    data_spec: str | None = None,
+    quiet: bool = False,
+    tta: str = "none",
 ) -> dict:
-    """Combine runs with `method`, fit what needs fitting on val, write the ensemble folder."""
+    """Combine runs with `method`, fit what needs fitting on val, write the ensemble folder.
+
+    `tta`: each member averages its predictions (or, for fusion, its features) over views.
+    """
     if method not in COMBINERS:
         raise UserError(f"unknown ensemble method '{method}' (known: {', '.join(COMBINERS)})")
     if len(runs) < 2:
         raise UserError("an ensemble needs at least two runs")
+    evaluate.check_tta(tta, evaluate.TTA_MIN_SIZE, "every member")  # names known; sizes later
     t0 = time.time()
     runs = [str(r) for r in runs]
-    logp, targets, metas, spec = member_logp(runs, data_spec, quiet)
-    params = fit(method, logp["val"], targets["val"], "val")
+    fusion = method == "fusion"
+    splits = ("train", *SPLITS) if fusion else SPLITS
+    logp, targets, metas, spec, feats = member_logp(runs, data_spec, quiet, tta, splits, fusion)
+    if fusion:
+        log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+        params = {"weights": np.full(len(runs), 1.0 / len(runs)), **fit_fusion(feats, targets, log)}
+    else:
+        params = fit(method, logp["val"], targets["val"], "val")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / PARAMS, **params)
     results, members, combined = {}, [], {}
     for split in SPLITS:
-        combined[split] = combine(method, logp[split], params)
+        combined[split] = combine(method, logp[split], params, feats.get(split))
         checkpoint.save_logits(out, split, combined[split], targets[split])
         results[split] = evaluate.metrics(combined[split], targets[split])
     for run, meta, i in zip(runs, metas, range(len(runs)), strict=True):
@@ -266,9 +337,16 @@ def build(
         "method": method,
         "members": members,
         "fitted_on": "val" if fitted else None,
+        "tta": tta,
         "splits": {
             "members": "trained on train; best epoch chosen on val",
-            "combiner": f"{method} fitted on val" if fitted else "nothing fitted",
+            "combiner": (
+                "fusion head fitted on train features, its L2 strength chosen on val"
+                if fusion
+                else f"{method} fitted on val"
+                if fitted
+                else "nothing fitted"
+            ),
             "scored": "test",
         },
         "data": spec,
@@ -307,27 +385,25 @@ def evaluate_ensemble(
     """Recompute an ensemble's combined log-probs on a split from its members' runs."""
     info = read(path)
     runs = [m["run"] for m in info["members"]]
-    metas = [checkpoint.read_meta(r) for r in runs]
-    check_classes(metas, runs)
-    ds = data.load(
-        data_spec or info["data"], metas[0].get("val_fraction", 0.1), metas[0].get("limit")
+    method, tta = info["method"], info.get("tta", "none")
+    logp, targets, _, _, feats = member_logp(
+        runs, data_spec or info["data"], quiet, tta, (split,), method == "fusion"
     )
-    per_member = [
-        evaluate.log_softmax(
-            evaluate.predict_split(
-                evaluate.load_run_model(run, meta), meta, ds, split, f"run {run}", quiet
-            )
-        )
-        for run, meta in zip(runs, metas, strict=True)
-    ]
-    combined = combine(info["method"], np.stack(per_member), read_params(path, info))
-    return combined, ds.splits[split].labels, info
+    combined = combine(method, logp[split], read_params(path, info), feats.get(split))
+    return combined, targets[split], info
 
 
 def evaluate_path(
-    path: str | Path, data_spec: str | None = None, split: str = "test", quiet: bool = True
+    path: str | Path,
+    data_spec: str | None = None,
+    split: str = "test",
+    quiet: bool = True,
+    tta: str = "none",
 ) -> dict:
-    """Score a run or an ensemble folder from its saved files; writes its confusion matrix."""
+    """Score a run or an ensemble folder from its saved files; writes its confusion matrix.
+
+    `tta` applies to a run; an ensemble uses the TTA it was built with.
+    """
     path = Path(path)
     if is_ensemble(path):
         logp, targets, info = evaluate_ensemble(path, data_spec, split, quiet)
@@ -337,7 +413,7 @@ def evaluate_path(
         spec = data_spec or meta["data"]
         ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
         model = evaluate.load_run_model(path, meta)
-        logp = evaluate.predict_split(model, meta, ds, split, f"run {path}", quiet)
+        logp = evaluate.predict_split(model, meta, ds, split, f"run {path}", quiet, tta)
         targets, names = ds.splits[split].labels, ds.names
     result = evaluate.metrics(logp, targets)
     figure = path / ("confusion.png" if split == "test" else f"confusion-{split}.png")

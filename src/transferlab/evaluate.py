@@ -8,6 +8,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, models
@@ -48,10 +49,12 @@ def predict(
     desc: str = "predict",
     quiet: bool = True,
     pre_logits: bool = False,
+    tta: str = "none",
 ) -> np.ndarray:
     """Logits (N, K) float32 for a decoded uint8 array (N, H, W, C), in eval mode.
 
-    `pre_logits`: the pooled features the head sees instead (N, F).
+    `pre_logits`: the pooled features the head sees instead (N, F). `tta`: average over views
+    (see `views`).
     """
     model.eval()
     dev = device()
@@ -61,13 +64,57 @@ def predict(
         x = torch.from_numpy(np.array(images[start : start + batch_size]))  # (B, H, W, C) uint8
         x = data.normalize(x.to(dev, non_blocking=True), prep["mean"], prep["std"])
         with autocast(precision):
-            y = (
-                model.forward_head(model.forward_features(x), pre_logits=True)
-                if pre_logits
-                else model(x)
+            y = sum(
+                (
+                    model.forward_head(model.forward_features(v), pre_logits=True)
+                    if pre_logits
+                    else model(v)
+                ).float()
+                for v in views(x, tta)
             )
-            out.append(y.float().cpu())
+            out.append(y.cpu() / len(TTA_VIEWS[tta]))
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+# Test-time augmentation: (crop box as (top, left, side) fractions of the image, mirrored?).
+_CORNERS = [(0.0, 0.0), (0.0, 0.125), (0.125, 0.0), (0.125, 0.125), (0.0625, 0.0625)]
+TTA_VIEWS = {
+    "none": [((0.0, 0.0, 1.0), False)],
+    "flip": [((0.0, 0.0, 1.0), False), ((0.0, 0.0, 1.0), True)],
+    # ten-crop: four corners and the centre at 87.5% of the side, each mirrored, resized back
+    "crops": [((t, left, 0.875), m) for t, left in _CORNERS for m in (False, True)],
+}
+TTA_MIN_SIZE = 96  # crops of smaller inputs lose too much
+
+
+def check_tta(tta: str, input_size: int, who: str) -> None:
+    if tta not in TTA_VIEWS:
+        raise UserError(f"unknown --tta '{tta}' (known: {', '.join(TTA_VIEWS)})")
+    if tta == "crops" and input_size < TTA_MIN_SIZE:
+        raise UserError(
+            f"--tta crops needs inputs of at least {TTA_MIN_SIZE} px; {who} sees {input_size} px "
+            "(use --tta flip)"
+        )
+
+
+def views(x: torch.Tensor, tta: str):
+    """The views of a normalised batch (B, C, H, W) that TTA averages over."""
+    size = x.shape[-1]
+    for (top, left, side), mirror in TTA_VIEWS[tta]:
+        v = x
+        if side < 1.0:
+            y0, x0, s = round(top * size), round(left * size), round(side * size)
+            v = F.interpolate(
+                x[..., y0 : y0 + s, x0 : x0 + s], size=x.shape[-2:], mode="bilinear", antialias=True
+            )
+        yield v.flip(-1) if mirror else v
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, feats: np.ndarray) -> np.ndarray:
+    """Logits from pooled pre-logit features: the classifier alone (eval mode, fp32)."""
+    head = model.get_classifier().float()
+    return head(torch.from_numpy(feats).to(device())).cpu().numpy()
 
 
 def load_run_model(run, meta: dict) -> nn.Module:
@@ -79,16 +126,24 @@ def load_run_model(run, meta: dict) -> nn.Module:
 
 
 def predict_split(
-    model: nn.Module, meta: dict, ds: data.Dataset, split: str, who: str, quiet: bool = True
+    model: nn.Module,
+    meta: dict,
+    ds: data.Dataset,
+    split: str,
+    who: str,
+    quiet: bool = True,
+    tta: str = "none",
+    pre_logits: bool = False,
 ) -> np.ndarray:
     """A run's logits on a split of `ds`, through the run's own preprocessing and precision.
 
     Columns follow the dataset's classes (matched by id or name; an unknown class is refused).
     The split is decoded once per input size through the decode cache, so members that share a
-    size share the decoded images.
+    size share the decoded images. `pre_logits`: the pooled features instead (N, F).
     """
     cols = class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
     prep = meta["preprocessing"]
+    check_tta(tta, prep["input_size"], who)
     images = data.decode(
         ds.splits[split],
         prep["input_size"],
@@ -106,8 +161,10 @@ def predict_split(
         meta.get("eval_batch_size", 256),
         desc=f"predict {split}",
         quiet=quiet,
+        pre_logits=pre_logits,
+        tta=tta,
     )
-    return logits[:, cols]
+    return logits if pre_logits else logits[:, cols]
 
 
 def improves(val: dict, best: dict) -> bool:

@@ -125,11 +125,29 @@ def linear_probe(
         s: features(model, images[s], prep, precision, batch_size, f"features {s}", quiet)
         for s in ("train", "val")
     }
+    rows, best = fit_linear(feats, labels, head.weight, head.bias, l2, log, "probe")
+    with torch.no_grad():
+        head.weight.copy_(best.pop("weight"))
+        head.bias.copy_(best.pop("bias"))
+    log(f"   stage probe: l2 {best['l2']:g}, val {best['val_acc']:.2%}")
+    return rows, best
+
+
+def fit_linear(
+    feats: dict, labels: dict, w_init: torch.Tensor, b_init: torch.Tensor, l2, log, what: str
+) -> tuple[list, dict]:
+    """L2 logistic regression on standardised features (train), strength chosen on val.
+
+    feats: {"train", "val"}: (N, F) tensors; the penalty pulls towards (w_init, b_init) folded
+    into standardised space. Returns (one row per strength, best record with its val logits
+    and the fitted "weight" (K, F) and "bias" (K,) for the raw features).
+    """
     mu, sd = feats["train"].mean(0), feats["train"].std(0, correction=0) + 1e-6
     z = {s: (f - mu) / sd for s, f in feats.items()}  # W x + b == (W sd) z + (b + W mu)
     ys = torch.as_tensor(labels["train"]).to(mu.device)
     with torch.no_grad():
-        w0, b0 = head.weight.float() * sd, head.bias.float() + head.weight.float() @ mu
+        w0 = w_init.detach().float().to(mu.device) * sd
+        b0 = b_init.detach().float().to(mu.device) + w_init.detach().float().to(mu.device) @ mu
     w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
     rows, best = [], {"val_acc": -1.0, "val_loss": math.inf}
     for i, lam in enumerate(PROBE_L2 if l2 == "auto" else (l2,), 1):
@@ -151,7 +169,7 @@ def linear_probe(
                 "seconds": time.time() - t0,
             }
         )
-        log(f"   probe l2 {lam:g}: train {train['top1']:.2%}, val {val['top1']:.2%}")
+        log(f"   {what} l2 {lam:g}: train {train['top1']:.2%}, val {val['top1']:.2%}")
         if evaluate.improves(val, best):
             best = {
                 "val_acc": val["top1"],
@@ -162,12 +180,9 @@ def linear_probe(
                 "wb": (w.detach().clone(), b.detach().clone()),
             }
     if "wb" not in best:
-        raise UserError("the linear probe diverged (non-finite loss at every L2 strength)")
+        raise UserError(f"the {what} diverged (non-finite loss at every L2 strength)")
     wz, bz = best.pop("wb")
-    with torch.no_grad():
-        head.weight.copy_(wz / sd)
-        head.bias.copy_(bz - (wz / sd) @ mu)
-    log(f"   stage probe: l2 {best['l2']:g}, val {best['val_acc']:.2%}")
+    best["weight"], best["bias"] = wz / sd, bz - (wz / sd) @ mu
     return rows, best
 
 

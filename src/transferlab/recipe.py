@@ -31,7 +31,7 @@ from .config import TrainConfig, UserError, field_names, make_config
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
 STEP_KINDS = ("train", "finetune", "ensemble", "report")
-EXTRA_KEYS = {"finetune": ("from",), "ensemble": ("members", "method"), "report": ()}
+EXTRA_KEYS = {"finetune": ("from",), "ensemble": ("members", "method", "tta"), "report": ()}
 
 
 def load(path: str | Path) -> dict:
@@ -153,8 +153,19 @@ def _fit(cfg: TrainConfig, run_dir: Path, quiet: bool) -> None:
 def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
     members = keys.get("members") or []
     runs = [str(out / m) if (out / m).exists() else str(m) for m in members]
-    info = ensemble.build(runs, keys.get("method", "soft"), out / name, keys.get("data"), quiet)
+    info = ensemble.build(
+        runs,
+        keys.get("method", "soft"),
+        out / name,
+        keys.get("data"),
+        quiet,
+        keys.get("tta", "none"),
+    )
     print_ensemble(info)
+
+
+def tta_label(tta: str) -> str:
+    return "" if tta == "none" else f" (tta {tta})"
 
 
 def print_ensemble(info: dict) -> None:
@@ -168,7 +179,7 @@ def print_ensemble(info: dict) -> None:
         )
     t = info["metrics"]["test"]
     print(
-        f"   {info['method']} ensemble: test top-1 {t['top1']:.2%}, top-5 {t['top5']:.2%}, "
+        f"   {info['method']}{tta_label(info.get('tta', 'none'))} ensemble: test top-1 {t['top1']:.2%}, top-5 {t['top5']:.2%}, "
         f"NLL {t['loss']:.4f}, ECE {t['ece']:.3f} "
         f"({100 * info['gain_over_best_member']:+.2f} points over the best member, "
         f"{100 * info['gain_over_mean_member']:+.2f} over the mean member; oracle "
