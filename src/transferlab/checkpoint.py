@@ -283,3 +283,12 @@ def load_features(run: Path, split: str, key: str) -> np.ndarray | None:
         return None
     with np.load(path, allow_pickle=False) as z:
         return z["features"] if str(z["key"]) == key else None
+
+
+def state_sha256(state: dict) -> str:
+    """A fingerprint of a state dict's names and values (the weights a run started from)."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -32,6 +32,8 @@ EXAMPLES = {
     "  transferlab train ... --lr auto   # runs the same test first and uses its suggestion",
     "evaluate": "transferlab evaluate runs/r50 --split test --json",
     "ensemble": "transferlab ensemble runs/r50 runs/dcnn runs/lite0 --method weighted --out runs/ens",
+    "soup": "transferlab soup runs/ft-lr1e-3 runs/ft-lr3e-4 runs/ft-lr1e-4 --method greedy "
+    "--out runs/soup",
     "report": "transferlab report runs/demo",
 }
 
@@ -137,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset spec [the members' own]")
     p.add_argument("--tta", default="none", help=TTA_HELP)
 
+    p = _sub(sub, "soup", "average the weights of runs fine-tuned from the same start")
+    p.add_argument("runs", nargs="+", help="run folders (one architecture, one initial state)")
+    p.add_argument(
+        "--method",
+        default="greedy",
+        choices=("uniform", "greedy"),
+        help="uniform: average all; greedy: add runs best-val-first while val top-1 does not "
+        "drop [greedy]",
+    )
+    p.add_argument("--out", required=True, help="run folder to write (scored like any run)")
+    p.add_argument("--data", help="dataset spec [the runs' own]")
+
     p = _sub(sub, "report", "write report.md and results.csv for every run under a folder")
     p.add_argument("path", help="a folder holding run and ensemble folders")
     return parser
@@ -212,6 +226,18 @@ def cmd_ensemble(args) -> None:
     print(f"ensemble -> {args.out}")
 
 
+def cmd_soup(args) -> None:
+    from . import soup
+
+    meta = soup.make(args.runs, args.method, args.out, args.data, quiet=args.quiet)
+    m, src = meta["metrics"], meta["source"]
+    print(
+        f"{args.method} soup of {len(src['ingredients'])}/{len(src['candidates'])} runs: "
+        f"val {m['val']['top1']:.2%}  test {m['test']['top1']:.2%} (top-5 {m['test']['top5']:.2%})"
+        f"  -> {args.out}"
+    )
+
+
 def cmd_report(args) -> None:
     from . import report
 
@@ -230,6 +256,7 @@ COMMANDS = {
     "lr-find": cmd_lr_find,
     "evaluate": cmd_evaluate,
     "ensemble": cmd_ensemble,
+    "soup": cmd_soup,
     "report": cmd_report,
 }
 

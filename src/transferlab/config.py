@@ -45,6 +45,7 @@ class TrainConfig:
     crop: str = "pad"  # pad (random crop with padding) | rrc (random-resized-crop) | none
     crop_pad: int = -1  # padding in pixels for crop=pad; -1: input_size // 8
     patience: int = 0  # early stopping: epochs without val improvement (0: off)
+    snapshots: int = 0  # snapshot ensemble: K cosine cycles with restarts, each cycle's end saved as a member run in OUT/snapshots/ (0: off)
     strategy: str = "full"  # full | linear-probe | lp-ft | gradual | layer-decay
     pool_stages: int = 0  # also feed the head the pooled outputs of the last N feature stages
     layer_decay: float = 0.75  # layer-decay: each block group's LR is this times the group above
@@ -163,6 +164,16 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("keep_last must be at least 1 and checkpoint_every at least 0")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("epochs and batch_size must be at least 1")
+    if cfg.snapshots:
+        if cfg.snapshots < 2 or cfg.epochs % cfg.snapshots:
+            raise UserError(
+                f"snapshots must be at least 2 and divide epochs ({cfg.epochs}), got {cfg.snapshots}"
+            )
+        if cfg.schedule != "cosine" or cfg.patience or cfg.strategy == "linear-probe":
+            raise UserError(
+                "snapshots need the cosine schedule, no early stopping (patience 0) and a "
+                "strategy that trains the network (not linear-probe)"
+            )
     if not 0 < cfg.val_fraction < 0.9:
         raise UserError(f"val_fraction must be in (0, 0.9), got {cfg.val_fraction}")
 

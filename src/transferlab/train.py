@@ -164,6 +164,16 @@ def fit(
             with out_of_memory_hint(cfg.batch_size):
                 train_one_epoch(loop, bar, params, progress, after_step)
             end_epoch(loop, images, labels, progress, time.time() - t0, out.name, log)
+            if cfg.snapshots and epoch % (cfg.epochs // cfg.snapshots) == 0:
+                k = epoch // (cfg.epochs // cfg.snapshots)
+                snap = out / "snapshots" / f"snapshot-{k}"
+                info = {"index": k, "of": cfg.snapshots, "epoch": epoch, "run": out.name}
+                m = finish(
+                    snap, loop, ds, images, labels, source, progress["history"],
+                    {"epoch": epoch}, time.time() - t_start, snapshot=info,
+                )  # fmt: skip
+                log(f"[{out.name}] snapshot {k}/{cfg.snapshots}: test "
+                    f"{m['metrics']['test']['top1']:.2%} -> {snap}")  # fmt: skip
             save()
 
     best = progress["best"]
@@ -197,6 +207,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist):
     model, prep, source = models.build(
         cfg, ds.classes, ds.native_size, ds.native_channels, ds.names
     )
+    source["init_sha256"] = checkpoint.state_sha256(model.state_dict())  # lineage, for soups
     precision = evaluate.resolve_precision(cfg.precision)
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
     origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
@@ -563,7 +574,8 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     """Per-step LR schedule with linear warm-up (plateau steps per epoch on val loss)."""
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.3, patience=1)
-    total = max(1, cfg.epochs * steps_per_epoch)
+    cycles = max(1, cfg.snapshots)  # snapshot ensembles restart the cosine each cycle
+    cycle = max(1, cfg.epochs // cycles * steps_per_epoch)
     warm = int(cfg.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
@@ -571,7 +583,10 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
             return (step + 1) / warm
         if cfg.schedule == "constant":
             return 1.0
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        c = min(step // cycle, cycles - 1)
+        begin = c * cycle + (warm if c == 0 else 0)  # the first cycle holds the warm-up
+        t = (step - begin) / max(1, (c + 1) * cycle - begin)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -588,6 +603,7 @@ def finish(
     seconds,
     probe_info: dict | None = None,
     val_logits: torch.Tensor | None = None,
+    snapshot: dict | None = None,
 ) -> dict:
     """Write weights, logits, history, curves and meta.json (last: it marks the run complete).
 
@@ -634,6 +650,7 @@ def finish(
         "seconds": round(seconds, 1),
         "metrics": results,
         "versions": versions(),
+        **({"snapshot": snapshot} if snapshot else {}),
     }
     if not loop.dist.main:
         return meta

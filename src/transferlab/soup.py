@@ -1,0 +1,173 @@
+"""Model soups (Wortsman et al. 2022): average the weights of runs fine-tuned from one start.
+
+Averaging only makes sense for runs that share the architecture and the very weights they
+started from (pretrained backbone and head initialisation): every run records a fingerprint of
+its initial state in meta.json (source.init_sha256), and anything else is refused with the
+reason. `uniform` averages every run; `greedy` adds runs in order of their val top-1 and keeps
+each one only if the soup's val top-1 does not drop. BatchNorm statistics of an average are
+not the average of statistics: they are recomputed on the training images after averaging.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint, data, evaluate, models
+from .config import UserError
+
+METHODS = ("uniform", "greedy")
+
+
+def check_lineage(runs: list[str], metas: list[dict]) -> None:
+    """Refuse runs that do not share architecture, classes, preprocessing and initial weights."""
+    if len(runs) < 2:
+        raise UserError("a soup needs at least two runs")
+    ref = metas[0]
+    for run, meta in zip(runs[1:], metas[1:], strict=True):
+        for key, what in (
+            ("arch", "architectures"),
+            ("classes", "classes"),
+            ("preprocessing", "preprocessing"),
+        ):
+            if meta[key] != ref[key]:
+                raise UserError(
+                    f"cannot soup {run} with {runs[0]}: different {what} "
+                    "(a soup averages the weights of one architecture fine-tuned from one start)"
+                )
+    inits = [m["source"].get("init_sha256") for m in metas]
+    if None in inits:
+        raise UserError(
+            f"cannot soup {runs[inits.index(None)]}: its meta.json records no initial weights "
+            "(source.init_sha256; runs trained before transferlab recorded lineage)"
+        )
+    if len(set(inits)) > 1:
+        other = runs[next(i for i, h in enumerate(inits) if h != inits[0])]
+        raise UserError(
+            f"cannot soup {other} with {runs[0]}: they started from different weights "
+            "(another seed's head, other pretrained weights or another parent run); "
+            "ensemble them instead"
+        )
+
+
+def average(states: list[dict]) -> dict:
+    """The mean of floating-point tensors; integer buffers (BN batch counts) from the first."""
+    out = {}
+    for name, t in states[0].items():
+        if t.is_floating_point():
+            out[name] = sum(s[name].float() for s in states) / len(states)
+            out[name] = out[name].to(t.dtype)
+        else:
+            out[name] = t.clone()
+    return out
+
+
+def recompute_batchnorm(model: nn.Module, images: np.ndarray, prep: dict, batch_size: int) -> bool:
+    """Re-estimate BatchNorm running statistics on images (torch's `update_bn`: reset, then a
+    cumulative average over batches). Returns whether the model has BatchNorm at all."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    dev = evaluate.device()
+    batches = (
+        data.normalize(
+            torch.from_numpy(np.array(images[i : i + batch_size])).to(dev),
+            prep["mean"],
+            prep["std"],
+        )
+        for i in range(0, len(images), batch_size)
+    )
+    torch.optim.swa_utils.update_bn(batches, model)
+    model.eval()
+    return True
+
+
+def make(
+    runs: list[str | Path],
+    method: str,
+    out: str | Path,
+    data_spec: str | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Average runs' weights into a new run folder `out`, scored like any run."""
+    if method not in METHODS:
+        raise UserError(f"unknown soup method '{method}' (known: {', '.join(METHODS)})")
+    if (Path(out) / checkpoint.META).exists():
+        raise UserError(f"{out} already holds a run; choose another --out")
+    t0 = time.time()
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    runs = [str(r) for r in runs]
+    metas = [checkpoint.read_meta(r) for r in runs]
+    check_lineage(runs, metas)
+    states = [checkpoint.load_run_weights(r, m) for r, m in zip(runs, metas, strict=True)]
+    ref, prep = metas[0], metas[0]["preprocessing"]
+    spec = data_spec or ref["data"]
+    ds = data.load(spec, ref.get("val_fraction", 0.1), ref.get("limit"))
+    cache = data.resolve_cache(None)
+    images = {
+        s: data.decode(
+            ds.splits[s],
+            prep["input_size"],
+            prep["channels"],
+            prep["interpolation"],
+            f"decode {s}",
+            quiet,
+            cache,
+        )
+        for s in ("train", "val", "test")
+    }
+    model = models.from_prep(ref["arch"], ref["num_classes"], prep).to(evaluate.device())
+    batch = ref.get("eval_batch_size", 256)
+    precision = ref.get("precision", "fp32")
+
+    def cook(members: list[int]) -> dict:
+        model.load_state_dict(average([states[i] for i in members]))
+        recompute_batchnorm(model, images["train"], prep, batch)
+        logits = evaluate.predict(model, images["val"], prep, precision, batch)
+        return evaluate.metrics(logits, ds.splits["val"].labels)
+
+    order = sorted(range(len(runs)), key=lambda i: -metas[i]["metrics"]["val"]["top1"])
+    if method == "uniform":
+        kept = order
+    else:
+        kept, best = [order[0]], cook([order[0]])
+        for i in order[1:]:
+            val = cook([*kept, i])
+            accept = val["top1"] >= best["top1"]
+            log(f"   greedy soup: + {Path(runs[i]).name}: val {val['top1']:.2%} "
+                f"({'kept' if accept else 'left out'})")  # fmt: skip
+            if accept:
+                kept, best = [*kept, i], val
+    cook(kept)
+    logits = {
+        s: evaluate.predict(model, images[s], prep, precision, batch) for s in ("val", "test")
+    }
+    metrics = {s: evaluate.metrics(logits[s], ds.splits[s].labels) for s in logits}
+    out = Path(out)
+    arch, classes = ref["arch"], ref["classes"]
+    checkpoint.save_weights(out, model, arch, classes)
+    for split, values in logits.items():
+        checkpoint.save_logits(out, split, values, ds.splits[split].labels)
+    meta = {
+        **{k: v for k, v in ref.items() if k not in ("probe", "snapshot", "history")},
+        "source": {
+            "weights": "soup",
+            "method": method,
+            "ingredients": [str(Path(runs[i]).resolve()) for i in kept],
+            "candidates": [str(Path(r).resolve()) for r in runs],
+            "init_sha256": ref["source"]["init_sha256"],
+            "batchnorm": "recomputed on train",
+        },
+        "data": spec,
+        "strategy": "soup",
+        "epochs_run": 0,
+        "best_epoch": 0,
+        "seconds": round(time.time() - t0, 1),
+        "metrics": metrics,
+        "weights_sha256": checkpoint.sha256(checkpoint.weights_path(out)),
+    }
+    checkpoint.write_json(out / checkpoint.META, meta)
+    return meta

@@ -1,0 +1,93 @@
+"""Snapshot ensembles and model soups: lineage, cyclic LR, BatchNorm recomputation."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from transferlab import checkpoint, ensemble, soup, train
+from transferlab.cli import main
+from transferlab.config import UserError, make_config
+
+from conftest import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def snapshot_run(tmp_path_factory, folder_data):
+    out = tmp_path_factory.mktemp("snap") / "snap"
+    train.fit(tiny_cfg(f"folder:{folder_data}", epochs=4, snapshots=2), out, quiet=True)
+    return out
+
+
+def test_snapshots_leave_one_member_run_per_cosine_cycle(snapshot_run):
+    snaps = sorted((snapshot_run / "snapshots").iterdir())
+    assert [p.name for p in snaps] == ["snapshot-1", "snapshot-2"]
+    metas = [checkpoint.read_meta(p) for p in snaps]
+    assert [m["snapshot"]["epoch"] for m in metas] == [2, 4]
+    assert metas[0]["weights_sha256"] != metas[1]["weights_sha256"]
+    info = ensemble.build(snaps, "soft", snapshot_run / "ens", quiet=True)
+    assert len(info["members"]) == 2
+
+
+def test_snapshot_schedule_anneals_each_cycle_then_restarts():
+    cfg = make_config({"epochs": 6, "snapshots": 3, "lr": 0.1, "warmup_epochs": 1})
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = train.make_scheduler(cfg, opt, steps_per_epoch=10)
+    lrs = []
+    for _ in range(60):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # warm-up
+    for end in (19, 39, 59):  # each cycle (2 epochs) ends near zero...
+        assert lrs[end] < 0.01
+    for start in (20, 40):  # ...and the next restarts at the peak
+        assert lrs[start] == pytest.approx(0.1)
+
+
+def test_snapshot_settings_are_checked():
+    with pytest.raises(UserError, match=r"snapshots must be at least 2 and divide epochs \(4\)"):
+        make_config({"epochs": 4, "snapshots": 3})
+    with pytest.raises(UserError, match="not linear-probe"):
+        make_config({"epochs": 4, "snapshots": 2, "strategy": "linear-probe"})
+
+
+def test_average_known_answer():
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
+    out = soup.average([a, b])
+    assert out["w"].tolist() == [2.0, 4.0] and out["n"].item() == 5
+
+
+def test_batchnorm_is_recomputed_from_the_images():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten())
+    model[0].running_mean.fill_(100.0)
+    images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    prep = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    assert soup.recompute_batchnorm(model, images, prep, batch_size=10)
+    x = images.astype(np.float64) / 255
+    np.testing.assert_allclose(model[0].running_mean, x.mean((0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(model[0].running_var, x.var((0, 1, 2), ddof=1), rtol=1e-4)
+    assert not model.training and model[0].momentum == 0.1
+
+
+def test_soups_of_snapshots_from_one_start(snapshot_run, tmp_path):
+    snaps = sorted((snapshot_run / "snapshots").iterdir())
+    for method in soup.METHODS:
+        meta = soup.make(snaps, method, tmp_path / method, quiet=True)
+        assert meta["source"]["weights"] == "soup" and meta["strategy"] == "soup"
+        assert 1 <= len(meta["source"]["ingredients"]) <= 2
+        again = ensemble.evaluate_path(tmp_path / method, split="test")
+        assert again["metrics"]["top1"] == pytest.approx(meta["metrics"]["test"]["top1"])
+    assert len(checkpoint.read_meta(tmp_path / "uniform")["source"]["ingredients"]) == 2
+
+
+def test_runs_from_different_starts_are_refused(snapshot_run, trained_run, folder_data, tmp_path):
+    other_seed = tmp_path / "seed1"
+    train.fit(tiny_cfg(f"folder:{folder_data}", epochs=1, seed=1), other_seed, quiet=True)
+    with pytest.raises(UserError, match="started from different weights"):
+        soup.make([trained_run, other_seed], "uniform", tmp_path / "s", quiet=True)
+    code = main(
+        ["soup", str(snapshot_run), str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]
+    )
+    assert code == 2
