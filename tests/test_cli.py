@@ -28,7 +28,7 @@ def assert_one_line_error(capsys, argv, pattern):
 
 
 @pytest.mark.parametrize(
-    "command", ["demo", "run", "train", "finetune", "evaluate", "ensemble", "report"]
+    "command", ["demo", "run", "train", "finetune", "evaluate", "ensemble", "soup", "report"]
 )
 def test_every_subcommand_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -196,3 +196,12 @@ def test_tiny_imagenet_recipe_smoke_run(capsys, shared_data, tmp_path):
     meta = json.loads((tmp_path / "tin" / "lite0" / "meta.json").read_text())
     assert meta["num_classes"] == 200 and meta["metrics"]["test"]["n"] == 200
     assert (tmp_path / "tin" / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+)
+def test_every_shipped_recipe_is_valid(path):
+    from transferlab import recipe
+
+    recipe.validate(recipe.load(path))

@@ -91,3 +91,13 @@ def test_runs_from_different_starts_are_refused(snapshot_run, trained_run, folde
         ["soup", str(snapshot_run), str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]
     )
     assert code == 2
+
+
+def test_recipe_soup_step_and_report(snapshot_run, tmp_path):
+    from transferlab import recipe
+
+    snaps = sorted(str(p) for p in (snapshot_run / "snapshots").iterdir())
+    path = tmp_path / "r.yaml"
+    path.write_text(f"steps:\n  - soup: s\n    members: {snaps}\n    method: uniform\n  - report\n")
+    out = recipe.run(path, tmp_path / "out", quiet=True)
+    assert "uniform soup of snapshot-1, snapshot-2" in (out / "report.md").read_text()

@@ -1,4 +1,4 @@
-"""Run a YAML experiment: an ordered list of train / finetune / ensemble / report steps.
+"""Run a YAML experiment: an ordered list of train / finetune / ensemble / soup / report steps.
 
     data: digits                 # dataset spec for every train step
     defaults: {seed: 0}          # TrainConfig fields for every train/finetune step
@@ -30,8 +30,13 @@ from . import checkpoint, ensemble, report, train
 from .config import TrainConfig, UserError, field_names, make_config
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
-STEP_KINDS = ("train", "finetune", "ensemble", "report")
-EXTRA_KEYS = {"finetune": ("from",), "ensemble": ("members", "method", "tta"), "report": ()}
+STEP_KINDS = ("train", "finetune", "ensemble", "soup", "report")
+EXTRA_KEYS = {
+    "finetune": ("from",),
+    "ensemble": ("members", "method", "tta"),
+    "soup": ("members", "method"),
+    "report": (),
+}
 
 
 def load(path: str | Path) -> dict:
@@ -78,7 +83,7 @@ def validate(recipe: dict) -> None:
         allowed = set(EXTRA_KEYS.get(kind, ())) | (
             {*field_names(TrainConfig)} - {"data"} if kind in ("train", "finetune") else set()
         )
-        allowed |= {"data"} if kind in ("train", "finetune", "ensemble") else set()
+        allowed |= {"data"} if kind in ("train", "finetune", "ensemble", "soup") else set()
         for key in keys:
             if key.replace("-", "_") not in allowed:
                 close = difflib.get_close_matches(key, sorted(allowed), n=2)
@@ -150,9 +155,25 @@ def _fit(cfg: TrainConfig, run_dir: Path, quiet: bool) -> None:
     train.fit(cfg, run_dir, resume=run_dir.exists(), quiet=quiet)
 
 
+def _members(keys: dict, out: Path) -> list[str]:
+    return [str(out / m) if (out / m).exists() else str(m) for m in keys.get("members") or []]
+
+
+def _soup(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
+    from . import soup
+
+    if (out / name / checkpoint.META).exists():
+        print(f"   {name}: already made, skipped")
+        return
+    meta = soup.make(_members(keys, out), keys.get("method", "greedy"), out / name,
+                     keys.get("data"), quiet)  # fmt: skip
+    m = meta["metrics"]
+    print(f"   {name}: soup of {len(meta['source']['ingredients'])} runs, val {m['val']['top1']:.2%}"
+          f", test {m['test']['top1']:.2%}")  # fmt: skip
+
+
 def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
-    members = keys.get("members") or []
-    runs = [str(out / m) if (out / m).exists() else str(m) for m in members]
+    runs = _members(keys, out)
     info = ensemble.build(
         runs,
         keys.get("method", "soft"),
@@ -194,4 +215,10 @@ def _report(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None
     print(f"   report -> {path}")
 
 
-STEPS = {"train": _train, "finetune": _finetune, "ensemble": _ensemble, "report": _report}
+STEPS = {
+    "train": _train,
+    "finetune": _finetune,
+    "ensemble": _ensemble,
+    "soup": _soup,
+    "report": _report,
+}

@@ -42,13 +42,15 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
     weights = src["weights"]
     if weights == "run":
         weights = f"from {Path(src['parent']).name}"
+    elif weights == "soup":
+        weights = f"{src['method']} soup of " + ", ".join(Path(r).name for r in src["ingredients"])
     return {
         "model": str(path.relative_to(root)) or path.name,
         "arch": meta["arch"],
         "weights": weights,
         "input": f"{prep['input_size']}px x{prep['channels']}",
         "params": f"{meta['params'] / 1e6:.2f}M",
-        "train top-1": _pct(m["train"]["top1"]),
+        "train top-1": _pct(m.get("train", {}).get("top1")),
         "val top-1": _pct(m["val"]["top1"]),
         "test top-1": _pct(m["test"]["top1"]),
         "test top-5": _pct(m["test"]["top5"]),
