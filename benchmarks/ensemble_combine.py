@@ -3,7 +3,8 @@
 Synthetic member log-probs: 10 members, 10,000 test images, a 2,000-image validation split,
 100 classes; each member is right on a random ~60% of images. Fusion is not here: it trains a
 head on features, not on logits. The target (issue 6): every combiner < 1 s for 10 x 10,000.
-Last line: `max_seconds=` (the slowest fit + apply).
+Combining (apply) is what runs at every prediction; fitting runs once, on val. Last lines:
+`max_apply_seconds=` and `max_fit_seconds=` (the slowest of each).
 
     python benchmarks/ensemble_combine.py [--members 10] [--images 10000] [--classes 100]
 """
@@ -38,8 +39,8 @@ def main() -> None:
     test, test_y = members(rng, args.members, args.images, args.classes)
     print(f"{args.members} members, val {args.val}, test {args.images}, {args.classes} classes")
     print(f"{'method':<10} {'fit s':>7} {'apply s':>8} {'test top-1':>10}")
-    worst = 0.0
-    for method in ensemble.COMBINERS:
+    worst_apply = worst_fit = 0.0
+    for method in (m for m in ensemble.COMBINERS if m != "fusion"):
         t0 = time.perf_counter()
         params = ensemble.fit(method, val, val_y, "val")
         t1 = time.perf_counter()
@@ -47,8 +48,9 @@ def main() -> None:
         t2 = time.perf_counter()
         top1 = evaluate.metrics(combined, test_y)["top1"]
         print(f"{method:<10} {t1 - t0:>7.3f} {t2 - t1:>8.3f} {top1:>10.2%}")
-        worst = max(worst, t2 - t0)
-    print(f"max_seconds={worst:.3f}")
+        worst_apply, worst_fit = max(worst_apply, t2 - t1), max(worst_fit, t1 - t0)
+    print(f"max_apply_seconds={worst_apply:.3f}")
+    print(f"max_fit_seconds={worst_fit:.3f}")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,7 @@ def fit_linear(
 ) -> tuple[list, dict]:
     """L2 logistic regression on standardised features (train), strength chosen on val.
 
+    l2: one strength, a tuple of them (walked in order, warm-started), or "auto" (PROBE_L2).
     feats: {"train", "val"}: (N, F) tensors; the penalty pulls towards (w_init, b_init) folded
     into standardised space. Returns (one row per strength, best record with its val logits
     and the fitted "weight" (K, F) and "bias" (K,) for the raw features).
@@ -150,7 +151,8 @@ def fit_linear(
         b0 = b_init.detach().float().to(mu.device) + w_init.detach().float().to(mu.device) @ mu
     w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
     rows, best = [], {"val_acc": -1.0, "val_loss": math.inf}
-    for i, lam in enumerate(PROBE_L2 if l2 == "auto" else (l2,), 1):
+    strengths = PROBE_L2 if l2 == "auto" else tuple(l2) if isinstance(l2, tuple) else (l2,)
+    for i, lam in enumerate(strengths, 1):
         t0 = time.time()
         _lbfgs(w, b, z["train"], ys, w0, lam)
         with torch.no_grad():
