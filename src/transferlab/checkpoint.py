@@ -269,16 +269,16 @@ def load_logits(run: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
         return z["logits"], z["targets"]
 
 
-def save_features(run: Path, split: str, key: str, feats: np.ndarray) -> None:
-    """Cache a run's pooled features on a split; `key` names the data and TTA they came from."""
-    path = Path(run) / "features" / f"{split}.npz"
+def save_features(run: Path, name: str, key: str, feats: np.ndarray) -> None:
+    """Cache a run's pooled features (features/NAME.npz); `key` names the data they came from."""
+    path = Path(run) / "features" / f"{name}.npz"
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, features=feats.astype(np.float32), key=np.array(key))
 
 
-def load_features(run: Path, split: str, key: str) -> np.ndarray | None:
-    path = Path(run) / "features" / f"{split}.npz"
+def load_features(run: Path, name: str, key: str) -> np.ndarray | None:
+    path = Path(run) / "features" / f"{name}.npz"
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:

@@ -32,6 +32,8 @@ EXAMPLES = {
     "  transferlab train ... --lr auto   # runs the same test first and uses its suggestion",
     "evaluate": "transferlab evaluate runs/r50 --split test --json",
     "ensemble": "transferlab ensemble runs/r50 runs/dcnn runs/lite0 --method weighted --out runs/ens",
+    "predict": "transferlab predict runs/lite0 photo.jpg holiday/ --top-k 3\n"
+    "  transferlab predict runs/ens holiday/ --json > predictions.json",
     "soup": "transferlab soup runs/ft-lr1e-3 runs/ft-lr3e-4 runs/ft-lr1e-4 --method greedy "
     "--out runs/soup",
     "report": "transferlab report runs/demo",
@@ -139,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset spec [the members' own]")
     p.add_argument("--tta", default="none", help=TTA_HELP)
 
+    p = _sub(sub, "predict", "top-k class names for image files and folders")
+    p.add_argument("path", help="a run folder or an ensemble folder")
+    p.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image [5]")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    fmt.add_argument("--csv", action="store_true", help="CSV rows: path,rank,class,name,prob")
+    p.add_argument("--tta", default="none", help=TTA_HELP)
+
     p = _sub(sub, "soup", "average the weights of runs fine-tuned from the same start")
     p.add_argument("runs", nargs="+", help="run folders (one architecture, one initial state)")
     p.add_argument(
@@ -226,6 +237,20 @@ def cmd_ensemble(args) -> None:
     print(f"ensemble -> {args.out}")
 
 
+def cmd_predict(args) -> None:
+    from . import predict
+
+    rows, bad = predict.predict(args.path, args.inputs, args.top_k, args.tta, args.quiet)
+    for line in bad:
+        print(f"skipped: {line}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif args.csv:
+        print(predict.csv_text(rows), end="")
+    else:
+        print(predict.table(rows))
+
+
 def cmd_soup(args) -> None:
     from . import soup
 
@@ -256,6 +281,7 @@ COMMANDS = {
     "lr-find": cmd_lr_find,
     "evaluate": cmd_evaluate,
     "ensemble": cmd_ensemble,
+    "predict": cmd_predict,
     "soup": cmd_soup,
     "report": cmd_report,
 }

@@ -251,8 +251,8 @@ def member_logp(
 
     Uses each run's cached logits when the data agree and no TTA is asked for; otherwise each
     member predicts the raw images through its own preprocessing (decoded once per distinct
-    size/channels). `features`: also each member's pooled pre-logit features, concatenated
-    (cached in the run folder's features/, per split and TTA); the logits then come from them.
+    size/channels): its pooled pre-logit features, cached in the run folder's features/ per
+    split and TTA, then its head. `features`: also return those, concatenated over members.
     Returns ({split: (M, N, K)}, {split: targets}, metas, data_spec, {split: (N, F)}).
     """
     metas = [checkpoint.read_meta(r) for r in runs]
@@ -278,21 +278,15 @@ def member_logp(
     for run, meta in zip(runs, metas, strict=True):
         model = evaluate.load_run_model(run, meta)  # verified against its sha256
         who = f"run {run}"
+        cols = evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
+        key = f"{spec}|{meta.get('val_fraction')}|{meta.get('limit')}|{tta}"
         for split in splits:
-            if features:
-                key = f"{spec}|{meta.get('val_fraction')}|{meta.get('limit')}|{tta}"
-                f = checkpoint.load_features(run, split, key)
-                if f is None:
-                    f = evaluate.predict_split(model, meta, ds, split, who, quiet, tta, True)
-                    checkpoint.save_features(run, split, key, f)
-                per_member_feats[split].append(f)
-                cols = evaluate.class_map(
-                    meta["classes"], meta["class_names"], ds.classes, ds.names, who
-                )
-                lg = evaluate.head_logits(model, f)[:, cols]
-            else:
-                lg = evaluate.predict_split(model, meta, ds, split, who, quiet, tta)
-            per_member[split].append(evaluate.log_softmax(lg))
+            f = checkpoint.load_features(run, f"{split}-{tta}", key)
+            if f is None:
+                f = evaluate.predict_split(model, meta, ds, split, who, quiet, tta, True)
+                checkpoint.save_features(run, f"{split}-{tta}", key, f)
+            per_member_feats[split].append(f)
+            per_member[split].append(evaluate.log_softmax(evaluate.head_logits(model, f)[:, cols]))
     for split in splits:
         logp[split] = np.stack(per_member[split])
         targets[split] = ds.splits[split].labels

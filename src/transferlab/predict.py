@@ -1,0 +1,135 @@
+"""Predict image files and folders with a trained run or an ensemble: top-k class names.
+
+Each model sees the images through its own preprocessing (size, channels, normalisation), so an
+ensemble of members with different input sizes predicts the same files as any single run.
+Unreadable files are reported and skipped; the rest are predicted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, data, ensemble, evaluate
+from .config import UserError
+
+
+def image_files(inputs: list[str]) -> list[str]:
+    """Files as given, folders searched recursively for images (sorted)."""
+    files = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.suffix.lower() in data.IMAGE_EXTENSIONS and not f.name.startswith(".")
+            )
+            if not found:
+                raise UserError(f"no images found under {p}")
+            files += [str(f) for f in found]
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise UserError(f"no such file or folder: {item}")
+    return files
+
+
+def _decode(files: list[str], prep: dict, quiet: bool) -> tuple[np.ndarray, list[str], list[str]]:
+    split = data.Split(np.zeros(len(files), dtype=np.int64), paths=files)
+    images, kept, bad = data.decode_checked(
+        split, prep["input_size"], prep["channels"], prep["interpolation"], True, "decode", quiet
+    )
+    return images, kept.paths, bad
+
+
+def _member(run, meta: dict, files: list[str], tta: str, quiet: bool):
+    """(log-probs (N, K) in the run's class order, pooled features (N, F), kept files, bad)."""
+    prep = meta["preprocessing"]
+    evaluate.check_tta(tta, prep["input_size"], f"run {run}")
+    images, kept, bad = _decode(files, prep, quiet)
+    if not kept:
+        raise UserError("no readable images: " + "; ".join(bad))
+    model = evaluate.load_run_model(run, meta)
+    feats = evaluate.predict(
+        model,
+        images,
+        prep,
+        meta.get("precision", "fp32"),
+        meta.get("eval_batch_size", 256),
+        "predict",
+        quiet,
+        pre_logits=True,
+        tta=tta,
+    )
+    return evaluate.log_softmax(evaluate.head_logits(model, feats)), feats, kept, bad
+
+
+def predict(
+    path: str | Path, inputs: list[str], top_k: int = 5, tta: str = "none", quiet: bool = False
+) -> tuple[list[dict], list[str]]:
+    """Top-k predictions per readable image; returns (rows, one line per skipped file)."""
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {top_k}")
+    files = image_files(inputs)
+    if ensemble.is_ensemble(path):
+        info = ensemble.read(path)
+        runs = [m["run"] for m in info["members"]]
+        metas = [checkpoint.read_meta(r) for r in runs]
+        orders = ensemble.check_classes(metas, runs)
+        tta = info.get("tta", "none") if tta == "none" else tta
+        logp, feats, bad = [], [], []
+        for run, meta, order in zip(runs, metas, orders, strict=True):
+            lp, f, files, skipped = _member(run, meta, files, tta, quiet)  # later: kept only
+            logp.append(lp[:, order])
+            feats.append(f)
+            bad += skipped
+        params = ensemble.read_params(path, info)
+        combined = ensemble.combine(info["method"], np.stack(logp), params, np.hstack(feats))
+        classes, names = info["classes"], info["class_names"]
+    else:
+        meta = checkpoint.read_meta(path)
+        combined, _, files, bad = _member(path, meta, files, tta, quiet)
+        classes, names = meta["classes"], meta["class_names"]
+    prob = np.exp(combined)
+    k = min(top_k, prob.shape[1])
+    top = np.argsort(-prob, axis=1)[:, :k]
+    rows = [
+        {
+            "path": f,
+            "predictions": [
+                {"class": classes[j], "name": names[j], "prob": float(prob[i, j])} for j in top[i]
+            ],
+        }
+        for i, f in enumerate(files)
+    ]
+    return rows, bad
+
+
+def table(rows: list[dict]) -> str:
+    """An aligned text table: the file, then 'name prob' per rank."""
+    if not rows:
+        return "(no readable images)"
+    k = len(rows[0]["predictions"])
+    cells = [["file"] + [f"top-{r + 1}" for r in range(k)]]
+    cells += [
+        [row["path"]] + [f"{p['name']} {p['prob']:.3f}" for p in row["predictions"]] for row in rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
+
+
+def csv_text(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "rank", "class", "name", "prob"])
+    for row in rows:
+        for rank, p in enumerate(row["predictions"], 1):
+            writer.writerow([row["path"], rank, p["class"], p["name"], f"{p['prob']:.6f}"])
+    return buf.getvalue()

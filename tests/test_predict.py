@@ -1,0 +1,78 @@
+"""transferlab predict: files and folders, any image mode, bad files skipped, runs and ensembles."""
+
+import json
+
+import pytest
+
+from transferlab import checkpoint, ensemble, predict
+from transferlab.cli import main
+
+from conftest import make_image
+
+
+@pytest.fixture()
+def images(tmp_path):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    make_image(0, 1, 24).save(root / "a.png")
+    make_image(1, 2, 40).convert("L").save(root / "sub" / "gray.jpg")
+    make_image(2, 3, 30).convert("RGBA").save(root / "sub" / "alpha.png")
+    (root / "broken.jpg").write_bytes(b"not an image")
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+def test_predict_a_run_on_a_folder_skips_unreadable_files(trained_run, images):
+    rows, bad = predict.predict(trained_run, [str(images)], top_k=3, quiet=True)
+    assert sorted(r["path"].split("photos/")[1] for r in rows) == [
+        "a.png",
+        "sub/alpha.png",
+        "sub/gray.jpg",
+    ]
+    assert len(bad) == 1 and "broken.jpg" in bad[0]
+    classes = checkpoint.read_meta(trained_run)["classes"]
+    for row in rows:
+        probs = [p["prob"] for p in row["predictions"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert {p["class"] for p in row["predictions"]} <= set(classes)
+
+
+def test_predict_an_ensemble_of_different_input_sizes(hetero_ensemble, images):
+    rows, bad = predict.predict(hetero_ensemble, [str(images / "a.png")], top_k=2, quiet=True)
+    assert len(rows) == 1 and not bad
+    assert 0 < sum(p["prob"] for p in rows[0]["predictions"]) <= 1 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def hetero_ensemble(tmp_path_factory, trained_run):
+    from transferlab import train
+
+    from conftest import tiny_cfg
+
+    root = tmp_path_factory.mktemp("pred-ens")
+    meta = checkpoint.read_meta(trained_run)
+    train.fit(tiny_cfg(meta["data"], input_size=32, epochs=1), root / "r32", quiet=True)
+    ensemble.build([trained_run, root / "r32"], "fusion", root / "ens", quiet=True)
+    return root / "ens"
+
+
+def test_cli_formats(trained_run, images, capsys):
+    assert main(["--quiet", "predict", str(trained_run), str(images), "--top-k", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].split() == ["file", "top-1", "top-2"] and "broken.jpg" in err
+    assert main(["--quiet", "predict", str(trained_run), str(images / "a.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["prob"] > 0
+    assert main(["--quiet", "predict", str(trained_run), str(images / "a.png"), "--csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "path,rank,class,name,prob"
+
+
+def test_cli_errors_are_one_line(trained_run, images, tmp_path, capsys):
+    for argv, pattern in (
+        ([str(trained_run), str(tmp_path / "nope.jpg")], "no such file or folder"),
+        ([str(trained_run), str(images / "broken.jpg")], "no readable images"),
+        ([str(trained_run), str(images), "--top-k", "0"], "at least 1"),
+        ([str(trained_run), str(tmp_path / "empty")], "no such file"),
+    ):
+        assert main(["--quiet", "predict", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and pattern in err[0], err
