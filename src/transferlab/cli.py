@@ -32,6 +32,7 @@ EXAMPLES = {
     "  transferlab train ... --lr auto   # runs the same test first and uses its suggestion",
     "evaluate": "transferlab evaluate runs/r50 --split test --json",
     "ensemble": "transferlab ensemble runs/r50 runs/dcnn runs/lite0 --method weighted --out runs/ens",
+    "export": "transferlab export runs/lite0 --format onnx    # -> runs/lite0/export/model.onnx",
     "predict": "transferlab predict runs/lite0 photo.jpg holiday/ --top-k 3\n"
     "  transferlab predict runs/ens holiday/ --json > predictions.json",
     "soup": "transferlab soup runs/ft-lr1e-3 runs/ft-lr3e-4 runs/ft-lr1e-4 --method greedy "
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset spec [the members' own]")
     p.add_argument("--tta", default="none", help=TTA_HELP)
 
+    p = _sub(sub, "export", "write a run's model as ONNX, TorchScript or safetensors")
+    p.add_argument("path", help="a run folder")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
+    p.add_argument("--out", help="file to write [RUN/export/model.onnx|.pt|.safetensors]")
+
     p = _sub(sub, "predict", "top-k class names for image files and folders")
     p.add_argument("path", help="a run folder or an ensemble folder")
     p.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
@@ -237,6 +243,19 @@ def cmd_ensemble(args) -> None:
     print(f"ensemble -> {args.out}")
 
 
+def cmd_export(args) -> None:
+    from . import export
+
+    result = export.export(args.path, args.format, args.out)
+    check = result["check"]
+    if check:
+        print(
+            f"checked on {check['images']}: max |logit difference| vs PyTorch "
+            f"{check['max_abs_logit_diff']:.2e}"
+        )
+    print(f"{args.format} -> {result['path']}")
+
+
 def cmd_predict(args) -> None:
     from . import predict
 
@@ -281,6 +300,7 @@ COMMANDS = {
     "lr-find": cmd_lr_find,
     "evaluate": cmd_evaluate,
     "ensemble": cmd_ensemble,
+    "export": cmd_export,
     "predict": cmd_predict,
     "soup": cmd_soup,
     "report": cmd_report,

@@ -1,0 +1,138 @@
+"""Export a trained run for use without transferlab: ONNX, TorchScript or safetensors.
+
+The ONNX and TorchScript models take float32 images (N, C, H, W) with values in [0, 1], already
+resized to the run's input size, and return logits: normalisation is inside the graph. The
+preprocessing (size, channels, interpolation, mean, std) and the class names travel with the
+file: ONNX metadata `transferlab`, TorchScript extra file `transferlab.json`, safetensors
+metadata. ONNX is checked against PyTorch with onnxruntime on real images of the run's test
+split before the command returns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint, data, evaluate
+from .config import UserError
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt", "safetensors": "model.safetensors"}
+
+
+class Packaged(nn.Module):
+    """The run's model with its normalisation in front: [0, 1] images in, logits out."""
+
+    def __init__(self, model: nn.Module, prep: dict):
+        super().__init__()
+        self.model = model
+        c = prep["channels"]
+        self.register_buffer("mean", torch.tensor(prep["mean"]).float().expand(c).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(prep["std"]).float().expand(c).view(1, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def describe(meta: dict) -> dict:
+    prep = meta["preprocessing"]
+    return {
+        "arch": meta["arch"],
+        "classes": meta["classes"],
+        "class_names": meta["class_names"],
+        "preprocessing": prep,
+        "input": f"float32 (N, {prep['channels']}, {prep['input_size']}, {prep['input_size']}), "
+        f"values in [0, 1] ({'grayscale' if prep['channels'] == 1 else 'RGB'}), resized with "
+        f"{prep['interpolation']} interpolation; normalisation is inside the model",
+        "output": "logits (N, num_classes) in the order of `classes`",
+    }
+
+
+def sample_images(meta: dict, n: int = 16) -> tuple[np.ndarray, str]:
+    """Up to n real test images at the run's preprocessing (random ones if the data are gone)."""
+    prep = meta["preprocessing"]
+    try:
+        ds = data.load(meta["data"], meta.get("val_fraction", 0.1), meta.get("limit"))
+        split = ds.splits["test"].subset(np.arange(min(n, len(ds.splits["test"]))))
+        images = data.decode(
+            split, prep["input_size"], prep["channels"], prep["interpolation"], quiet=True
+        )
+        return images, f"{len(images)} test images of {meta['data']}"
+    except UserError:
+        rng = np.random.default_rng(0)
+        shape = (n, prep["input_size"], prep["input_size"], prep["channels"])
+        return rng.integers(0, 256, shape, dtype=np.uint8), f"{n} random images (data not found)"
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def export(run: str | Path, fmt: str, out: str | Path | None = None) -> dict:
+    """Write the run's model in `fmt`; returns {path, check} (check: ONNX vs PyTorch)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format '{fmt}' (known: {', '.join(FORMATS)})")
+    run = Path(run)
+    meta = checkpoint.read_meta(run)
+    path = Path(out) if out else run / "export" / FORMATS[fmt]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = json.dumps(describe(meta))
+    model = evaluate.load_run_model(run, meta).cpu().float().eval()
+    model = model.to(memory_format=torch.contiguous_format)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(path), metadata={"transferlab": info})
+        return {"path": str(path), "check": None}
+    packaged = Packaged(model, meta["preprocessing"]).eval()
+    images, source = sample_images(meta)
+    x = to_unit(images)
+    with torch.no_grad():
+        reference = packaged(x).numpy()
+    if fmt == "torchscript":
+        with torch.no_grad():
+            traced = torch.jit.trace(packaged, x[:1])
+        torch.jit.save(traced, str(path), _extra_files={"transferlab.json": info})
+        with torch.no_grad():
+            got = torch.jit.load(str(path))(x).numpy()
+    else:
+        got = _onnx(packaged, x, path, info)
+    diff = float(np.abs(got - reference).max())
+    return {"path": str(path), "check": {"max_abs_logit_diff": diff, "images": source}}
+
+
+def _onnx(packaged: nn.Module, x: torch.Tensor, path: Path, info: str) -> np.ndarray:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise UserError(
+            "ONNX export needs the onnx, onnxscript and onnxruntime packages: "
+            "pip install 'transferlab[export]'"
+        ) from None
+    import contextlib
+    import io
+    import warnings
+
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            packaged,
+            (x,),
+            dynamo=True,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+        )
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "transferlab", info
+    onnx.save(proto, str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": x.numpy()})[0]

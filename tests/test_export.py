@@ -1,0 +1,51 @@
+"""transferlab export: ONNX checked with onnxruntime, TorchScript, safetensors; metadata travels."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from transferlab import checkpoint, export
+from transferlab.cli import main
+
+
+def test_onnx_matches_pytorch_and_carries_its_preprocessing(trained_run, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    result = export.export(trained_run, "onnx", tmp_path / "m.onnx")
+    assert result["check"]["max_abs_logit_diff"] <= 1e-4
+    assert "test images" in result["check"]["images"]  # real images, not random ones
+    props = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    info = json.loads(props["transferlab"])
+    meta = checkpoint.read_meta(trained_run)
+    assert info["preprocessing"] == meta["preprocessing"] and info["classes"] == meta["classes"]
+
+
+def test_onnx_runs_with_onnxruntime_alone_on_any_batch_size(trained_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    export.export(trained_run, "onnx", tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    size = checkpoint.read_meta(trained_run)["preprocessing"]["input_size"]
+    for n in (1, 5):
+        x = np.random.default_rng(n).random((n, 3, size, size), dtype=np.float32)
+        assert session.run(None, {"image": x})[0].shape == (n, 4)
+
+
+def test_torchscript_and_safetensors(trained_run, tmp_path):
+    result = export.export(trained_run, "torchscript", tmp_path / "m.pt")
+    assert result["check"]["max_abs_logit_diff"] <= 1e-4
+    extra = {"transferlab.json": ""}
+    torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
+    assert json.loads(extra["transferlab.json"])["arch"] == "test_resnet"
+    export.export(trained_run, "safetensors", tmp_path / "m.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert "preprocessing" in json.loads(f.metadata()["transferlab"])
+
+
+def test_cli_export_and_its_errors(trained_run, tmp_path, capsys):
+    assert main(["export", str(trained_run), "--format", "safetensors"]) == 0
+    assert (trained_run / "export" / "model.safetensors").is_file()
+    assert main(["export", str(tmp_path / "nope"), "--format", "onnx"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
