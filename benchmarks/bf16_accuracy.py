@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from transferlab import data, evaluate, train
+from transferlab import data, evaluate, trainer
 from transferlab.checkpoint import read_meta
 from transferlab.config import make_config
 
@@ -48,7 +48,7 @@ def main() -> None:
                         | {"precision": precision, "seed": seed}
                     )
                     runs[precision] = Path(tmp) / f"{name}-{precision}-{seed}"
-                    meta = train.fit(cfg, runs[precision], quiet=True)
+                    meta = trainer.fit(cfg, runs[precision], quiet=True)
                     top1[precision] = meta["metrics"]["test"]["top1"]
                 # the fp32-trained model, evaluated under bf16 autocast: inference's share
                 meta = read_meta(runs["fp32"])

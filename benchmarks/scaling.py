@@ -22,7 +22,7 @@ import torch
 from common import seed_all, timed, tiny_subset, transferlab_loop
 from tqdm import tqdm
 
-from transferlab import data, train
+from transferlab import data, trainer
 from transferlab.config import make_config
 
 
@@ -33,18 +33,18 @@ def one(n: int, model_name: str) -> dict:
         seed_all()
         model = timm.create_model(model_name, num_classes=200).to(memory_format=torch.channels_last)
         cfg = make_config({"batch_size": 64, "schedule": "constant"})
-        opt = train.make_optimizer(cfg, list(model.parameters()))
+        opt = trainer.make_optimizer(cfg, list(model.parameters()))
         aug = data.Augment(crop="pad", pad=8, flip=True)
 
         loop = transferlab_loop(model, opt, aug, cfg)
 
         def epoch():
             batches = tqdm(data.loader(images, split.labels, 64, 0, 1, shuffle=True), disable=True)
-            train.train_one_epoch(
+            trainer.train_one_epoch(
                 loop,
                 batches,
                 aug.params(len(split), 64, 0, 1),
-                train.new_progress(),
+                trainer.new_progress(),
                 lambda idx: None,
             )
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from common import PathsDataset, seed_all, timed, tiny_subset, transferlab_loop, tutorial_transform
 from tqdm import tqdm
 
-from transferlab import data, evaluate, train
+from transferlab import data, evaluate, trainer
 from transferlab.config import make_config
 
 
@@ -49,8 +49,8 @@ def run_transferlab(split, args, cache: Path) -> list[float]:
             images = data.decode(split, args.size, 3, cache=cache, quiet=True)  # cached after 1st
             batches = data.loader(images, split.labels, args.batch, 0, epoch, shuffle=True)
             params = aug.params(len(split), args.size, 0, epoch)
-            train.train_one_epoch(
-                loop, tqdm(batches, disable=True), params, train.new_progress(), lambda idx: None
+            trainer.train_one_epoch(
+                loop, tqdm(batches, disable=True), params, trainer.new_progress(), lambda idx: None
             )
 
         times.append(timed(one_epoch)[0])

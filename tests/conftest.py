@@ -102,7 +102,7 @@ def tiny_cfg(data: str, **kw):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, folder_data) -> Path:
     """One finished run of a tiny ResNet on the synthetic folder data."""
-    from transferlab.train import fit
+    from transferlab.trainer import fit
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     fit(tiny_cfg(f"folder:{folder_data}", epochs=3), out, quiet=True)

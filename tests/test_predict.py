@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from transferlab import checkpoint, ensemble, predict
+from transferlab import checkpoint, ensembles, predict
 from transferlab.cli import main
 
 from conftest import make_image
@@ -45,14 +45,14 @@ def test_predict_an_ensemble_of_different_input_sizes(hetero_ensemble, images):
 
 @pytest.fixture(scope="module")
 def hetero_ensemble(tmp_path_factory, trained_run):
-    from transferlab import train
+    from transferlab import trainer
 
     from conftest import tiny_cfg
 
     root = tmp_path_factory.mktemp("pred-ens")
     meta = checkpoint.read_meta(trained_run)
-    train.fit(tiny_cfg(meta["data"], input_size=32, epochs=1), root / "r32", quiet=True)
-    ensemble.build([trained_run, root / "r32"], "fusion", root / "ens", quiet=True)
+    trainer.fit(tiny_cfg(meta["data"], input_size=32, epochs=1), root / "r32", quiet=True)
+    ensembles.build([trained_run, root / "r32"], "fusion", root / "ens", quiet=True)
     return root / "ens"
 
 

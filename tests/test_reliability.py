@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transferlab import checkpoint, data, ensemble, evaluate, models, train
+from transferlab import checkpoint, data, ensembles, evaluate, models, trainer
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -242,7 +242,7 @@ def test_S5_a_flipped_byte_is_detected_before_use(tmp_path, trained_run):
     (run / "model.safetensors").write_bytes(bytes(raw))
     load_file(run / "model.safetensors")  # safetensors does not notice either
     with pytest.raises(UserError, match="does not match the sha256"):
-        ensemble.evaluate_path(run)
+        ensembles.evaluate_path(run)
 
 
 def test_S6_everything_saved_is_plain_and_weights_only_loadable(trained_run):
@@ -265,7 +265,7 @@ def test_S6_everything_saved_is_plain_and_weights_only_loadable(trained_run):
 
 def test_S7_retention_keeps_last_n_and_nan_is_never_best(folder_data, tmp_path):
     cfg = tiny_cfg(f"folder:{folder_data}", checkpoint_every=1, keep_last=3)
-    train.fit(cfg, tmp_path / "r", quiet=True)
+    trainer.fit(cfg, tmp_path / "r", quiet=True)
     names = sorted(p.name for p in (tmp_path / "r" / "state").glob("*.pt"))
     assert len(names) == 3 and "last.pt" in names
     best = {"val_acc": 0.5, "val_loss": 1.0}
@@ -431,7 +431,7 @@ def test_S15_same_classes_in_another_order_are_remapped_by_name(trained_run, tmp
     meta["weights_sha256"] = checkpoint.sha256(shuffled / "model.safetensors")
     (shuffled / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(shuffled / "logits")  # force real predictions through the permuted head
-    both = ensemble.build([trained_run, shuffled], "soft", tmp_path / "e", quiet=True)
+    both = ensembles.build([trained_run, shuffled], "soft", tmp_path / "e", quiet=True)
     single = checkpoint.read_meta(trained_run)["metrics"]["test"]
     assert both["metrics"]["test"]["top1"] == single["top1"]
     assert both["metrics"]["test"]["loss"] == pytest.approx(single["loss"], abs=1e-5)
@@ -517,7 +517,7 @@ def test_S19_empty_root_is_refused(tmp_path):
 def test_S20_a_last_batch_of_one_trains_and_evaluation_counts_every_image(folder_data, tmp_path):
     n_train = len(data.load(f"folder:{folder_data}").splits["train"])
     cfg = tiny_cfg(f"folder:{folder_data}", epochs=1, batch_size=n_train - 1)
-    meta = train.fit(cfg, tmp_path / "r", quiet=True)
+    meta = trainer.fit(cfg, tmp_path / "r", quiet=True)
     assert meta["metrics"]["test"]["n"] == 40 and meta["metrics"]["val"]["n"] == 12
 
 
@@ -525,7 +525,7 @@ def test_S20_a_last_batch_of_one_trains_and_evaluation_counts_every_image(folder
 
 
 def failing_loss_at(call: int, exc):
-    real = train.F.cross_entropy
+    real = trainer.F.cross_entropy
     count = {"n": 0}
 
     def loss(*args, **kwargs):
@@ -553,22 +553,22 @@ def test_S21_S23_nan_loss_and_oom_stop_clearly_and_keep_earlier_checkpoints(
     folder_data, tmp_path, monkeypatch, exc, message
 ):
     cfg = tiny_cfg(f"folder:{folder_data}", checkpoint_every=1)
-    monkeypatch.setattr(train.F, "cross_entropy", failing_loss_at(5, exc))
+    monkeypatch.setattr(trainer.F, "cross_entropy", failing_loss_at(5, exc))
     with pytest.raises(UserError, match=message):
-        train.fit(cfg, tmp_path / "r", quiet=True)
+        trainer.fit(cfg, tmp_path / "r", quiet=True)
     state, path = checkpoint.newest_checkpoint(tmp_path / "r" / "state")
     assert path.name == "last.pt" and state["progress"]["global_step"] == 4
 
 
 def test_S22_amp_scaler_state_survives_resume(folder_data, tmp_path):
     cfg = tiny_cfg(f"folder:{folder_data}", precision="fp16", epochs=2, schedule="constant")
-    full = train.fit(cfg, tmp_path / "full", quiet=True)
-    train.fit(make_config({"epochs": 1}, cfg), tmp_path / "r", quiet=True)
+    full = trainer.fit(cfg, tmp_path / "full", quiet=True)
+    trainer.fit(make_config({"epochs": 1}, cfg), tmp_path / "r", quiet=True)
     state = torch.load(tmp_path / "r" / "state" / "last.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
     for name in ("meta.json", "model.safetensors"):
         (tmp_path / "r" / name).unlink()
-    resumed = train.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    resumed = trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)
     assert resumed["metrics"]["test"]["top1"] == full["metrics"]["test"]["top1"]
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "r"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from transferlab import checkpoint, ensemble, soup, train
+from transferlab import checkpoint, ensembles, soups, trainer
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -15,7 +15,7 @@ from conftest import tiny_cfg
 @pytest.fixture(scope="module")
 def snapshot_run(tmp_path_factory, folder_data):
     out = tmp_path_factory.mktemp("snap") / "snap"
-    train.fit(tiny_cfg(f"folder:{folder_data}", epochs=4, snapshots=2), out, quiet=True)
+    trainer.fit(tiny_cfg(f"folder:{folder_data}", epochs=4, snapshots=2), out, quiet=True)
     return out
 
 
@@ -25,14 +25,14 @@ def test_snapshots_leave_one_member_run_per_cosine_cycle(snapshot_run):
     metas = [checkpoint.read_meta(p) for p in snaps]
     assert [m["snapshot"]["epoch"] for m in metas] == [2, 4]
     assert metas[0]["weights_sha256"] != metas[1]["weights_sha256"]
-    info = ensemble.build(snaps, "soft", snapshot_run / "ens", quiet=True)
+    info = ensembles.build(snaps, "soft", snapshot_run / "ens", quiet=True)
     assert len(info["members"]) == 2
 
 
 def test_snapshot_schedule_anneals_each_cycle_then_restarts():
     cfg = make_config({"epochs": 6, "snapshots": 3, "lr": 0.1, "warmup_epochs": 1})
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = train.make_scheduler(cfg, opt, steps_per_epoch=10)
+    sched = trainer.make_scheduler(cfg, opt, steps_per_epoch=10)
     lrs = []
     for _ in range(60):
         lrs.append(opt.param_groups[0]["lr"])
@@ -55,7 +55,7 @@ def test_snapshot_settings_are_checked():
 def test_average_known_answer():
     a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
     b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
-    out = soup.average([a, b])
+    out = soups.average([a, b])
     assert out["w"].tolist() == [2.0, 4.0] and out["n"].item() == 5
 
 
@@ -64,7 +64,7 @@ def test_batchnorm_is_recomputed_from_the_images():
     model[0].running_mean.fill_(100.0)
     images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
     prep = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-    assert soup.recompute_batchnorm(model, images, prep, batch_size=10)
+    assert soups.recompute_batchnorm(model, images, prep, batch_size=10)
     x = images.astype(np.float64) / 255
     np.testing.assert_allclose(model[0].running_mean, x.mean((0, 1, 2)), rtol=1e-5)
     np.testing.assert_allclose(model[0].running_var, x.var((0, 1, 2), ddof=1), rtol=1e-4)
@@ -73,20 +73,20 @@ def test_batchnorm_is_recomputed_from_the_images():
 
 def test_soups_of_snapshots_from_one_start(snapshot_run, tmp_path):
     snaps = sorted((snapshot_run / "snapshots").iterdir())
-    for method in soup.METHODS:
-        meta = soup.make(snaps, method, tmp_path / method, quiet=True)
+    for method in soups.METHODS:
+        meta = soups.make(snaps, method, tmp_path / method, quiet=True)
         assert meta["source"]["weights"] == "soup" and meta["strategy"] == "soup"
         assert 1 <= len(meta["source"]["ingredients"]) <= 2
-        again = ensemble.evaluate_path(tmp_path / method, split="test")
+        again = ensembles.evaluate_path(tmp_path / method, split="test")
         assert again["metrics"]["top1"] == pytest.approx(meta["metrics"]["test"]["top1"])
     assert len(checkpoint.read_meta(tmp_path / "uniform")["source"]["ingredients"]) == 2
 
 
 def test_runs_from_different_starts_are_refused(snapshot_run, trained_run, folder_data, tmp_path):
     other_seed = tmp_path / "seed1"
-    train.fit(tiny_cfg(f"folder:{folder_data}", epochs=1, seed=1), other_seed, quiet=True)
+    trainer.fit(tiny_cfg(f"folder:{folder_data}", epochs=1, seed=1), other_seed, quiet=True)
     with pytest.raises(UserError, match="started from different weights"):
-        soup.make([trained_run, other_seed], "uniform", tmp_path / "s", quiet=True)
+        soups.make([trained_run, other_seed], "uniform", tmp_path / "s", quiet=True)
     code = main(
         ["soup", str(snapshot_run), str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transferlab import checkpoint, ensemble, train
+from transferlab import checkpoint, ensembles, trainer
 from transferlab.config import UserError, make_config
 
 from conftest import make_folder, tiny_cfg
@@ -54,7 +54,7 @@ def test_run_folder_has_everything(trained_run):
 
 def test_evaluate_recomputes_recorded_test_top1_exactly(trained_run):
     meta = checkpoint.read_meta(trained_run)
-    result = ensemble.evaluate_path(trained_run, split="test")
+    result = ensembles.evaluate_path(trained_run, split="test")
     assert result["metrics"]["top1"] == meta["metrics"]["test"]["top1"]
     assert result["metrics"]["loss"] == pytest.approx(meta["metrics"]["test"]["loss"], abs=1e-6)
     assert (trained_run / "confusion.png").is_file()
@@ -69,25 +69,25 @@ def test_evaluate_remaps_classes_by_name_and_refuses_unknown(trained_run, tmp_pa
     for split in ("train", "test"):
         for c in ("b", "d"):
             shutil.copytree(f"{src}/{split}/{c}", sub / split / c)
-    r = ensemble.evaluate_path(trained_run, f"folder:{sub}", "test")
+    r = ensembles.evaluate_path(trained_run, f"folder:{sub}", "test")
     assert r["metrics"]["n"] == 20
     make_folder(tmp_path / "other", ["a", "zebra"], 3)
     with pytest.raises(UserError, match="does not know class.*zebra"):
-        ensemble.evaluate_path(trained_run, f"folder:{tmp_path / 'other'}", "test")
+        ensembles.evaluate_path(trained_run, f"folder:{tmp_path / 'other'}", "test")
 
 
 def test_existing_run_folder_is_never_clobbered(trained_run, folder_data):
     with pytest.raises(UserError, match="already exists.*--resume.*--overwrite"):
-        train.fit(tiny_cfg(f"folder:{folder_data}"), trained_run, quiet=True)
+        trainer.fit(tiny_cfg(f"folder:{folder_data}"), trained_run, quiet=True)
 
 
 def test_finetune_to_new_classes_replaces_only_the_head(trained_run, tmp_path):
     make_folder(tmp_path / "new", ["x", "y", "z"], 8)
-    cfg = train.finetune_config(
+    cfg = trainer.finetune_config(
         trained_run, {"data": f"folder:{tmp_path / 'new'}", "epochs": 1, "freeze": "backbone"}
     )
     assert cfg.model == "test_resnet" and cfg.lr == pytest.approx(0.001)
-    meta = train.fit(cfg, tmp_path / "ft", quiet=True)
+    meta = trainer.fit(cfg, tmp_path / "ft", quiet=True)
     src = load_file(trained_run / "model.safetensors")
     new = load_file(tmp_path / "ft" / "model.safetensors")
     assert new["fc.weight"].shape[0] == 3
@@ -98,8 +98,8 @@ def test_finetune_to_new_classes_replaces_only_the_head(trained_run, tmp_path):
 
 
 def test_finetune_same_classes_continues_from_the_weights(trained_run, tmp_path):
-    cfg = train.finetune_config(trained_run, {"epochs": 1, "lr": 1e-9, "schedule": "constant"})
-    train.fit(cfg, tmp_path / "ft", quiet=True)
+    cfg = trainer.finetune_config(trained_run, {"epochs": 1, "lr": 1e-9, "schedule": "constant"})
+    trainer.fit(cfg, tmp_path / "ft", quiet=True)
     src = load_file(trained_run / "model.safetensors")
     new = load_file(tmp_path / "ft" / "model.safetensors")
     assert torch.allclose(src["fc.weight"], new["fc.weight"], atol=1e-6)
@@ -110,11 +110,11 @@ def test_freeze_backbone_keeps_batchnorm_statistics(folder_data, tmp_path):
     from transferlab import models
 
     model = models.create("test_resnet", 4, 3)
-    frozen = train.freeze(model, "backbone")
+    frozen = trainer.freeze(model, "backbone")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train.set_train_mode(model, frozen)
+    trainer.set_train_mode(model, frozen)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = train.make_optimizer(cfg, params, cfg.lr)
+    opt = trainer.make_optimizer(cfg, params, cfg.lr)
     assert {id(p) for p in params} == {id(p) for p in model.get_classifier().parameters()}
     for _ in range(3):
         opt.zero_grad()
@@ -127,12 +127,12 @@ def test_freeze_backbone_keeps_batchnorm_statistics(folder_data, tmp_path):
 
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(folder_data, tmp_path):
     cfg = tiny_cfg(f"folder:{folder_data}", epochs=2, schedule="constant")
-    train.fit(cfg, tmp_path / "full", quiet=True)
+    trainer.fit(cfg, tmp_path / "full", quiet=True)
     # a run that died after epoch 1: its state is there, its final files are not
-    train.fit(make_config({"epochs": 1}, cfg), tmp_path / "r", quiet=True)
+    trainer.fit(make_config({"epochs": 1}, cfg), tmp_path / "r", quiet=True)
     for name in ("meta.json", "model.safetensors"):
         (tmp_path / "r" / name).unlink()
-    resumed = train.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    resumed = trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)
     assert resumed["epochs_run"] == 2
     full, again = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "r"))
     assert all(torch.equal(full[k], again[k]) for k in full)
@@ -141,7 +141,7 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(folder_data, tmp_path
 def test_non_finite_loss_stops_naming_the_step(folder_data, tmp_path):
     cfg = tiny_cfg(f"folder:{folder_data}", epochs=1, lr=1e30, optimizer="sgd")
     with pytest.raises(UserError, match="non-finite loss .* at epoch 1 step"):
-        train.fit(cfg, tmp_path / "nan", quiet=True)
+        trainer.fit(cfg, tmp_path / "nan", quiet=True)
 
 
 def test_dcnn_on_grayscale_digits_learns(tmp_path):
@@ -157,7 +157,7 @@ def test_dcnn_on_grayscale_digits_learns(tmp_path):
             "precision": "fp32",
         }
     )
-    meta = train.fit(cfg, tmp_path / "dcnn", quiet=True)
+    meta = trainer.fit(cfg, tmp_path / "dcnn", quiet=True)
     assert meta["preprocessing"]["channels"] == 1 and meta["metrics"]["test"]["top1"] > 0.85
 
 
@@ -165,8 +165,8 @@ def test_device_resident_training_set_trains_identically(folder_data, tmp_path, 
     """The GPU path keeps the uint8 set as a tensor on the device; here the tensor stays on the
     CPU, which exercises the same indexing and augmentation and must give the same weights."""
     cfg = tiny_cfg(f"folder:{folder_data}", epochs=1)
-    train.fit(cfg, tmp_path / "array", quiet=True)
-    monkeypatch.setattr(train, "on_device", lambda images, *_: torch.from_numpy(images[:]))
-    train.fit(cfg, tmp_path / "tensor", quiet=True)
+    trainer.fit(cfg, tmp_path / "array", quiet=True)
+    monkeypatch.setattr(trainer, "on_device", lambda images, *_: torch.from_numpy(images[:]))
+    trainer.fit(cfg, tmp_path / "tensor", quiet=True)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("array", "tensor"))
     assert all(torch.equal(a[k], b[k]) for k in a)

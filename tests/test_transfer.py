@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import data, evaluate, models, train
+from transferlab import data, evaluate, models, trainer
 from transferlab.config import make_config
 
 from conftest import tiny_cfg
@@ -61,11 +61,11 @@ def test_matched_imagenet_head_scores_far_above_chance_with_zero_training(shared
 def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from transferlab import train
+    from transferlab import trainer
     from transferlab.finetune import PROBE_L2
 
-    cfg = train.finetune_config(trained_run, {"strategy": "linear-probe"})
-    meta = train.fit(cfg, tmp_path / "lp")
+    cfg = trainer.finetune_config(trained_run, {"strategy": "linear-probe"})
+    meta = trainer.fit(cfg, tmp_path / "lp")
     out = capsys.readouterr().out
     assert "stage probe: 0.000M of" in out or "stage probe:" in out
     src, new = (load_file(p / "model.safetensors") for p in (trained_run, tmp_path / "lp"))
@@ -79,15 +79,15 @@ def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_p
 def test_lp_ft_resumes_in_the_fine_tune_stage_without_probing_again(
     trained_run, tmp_path, monkeypatch
 ):
-    from transferlab import finetune, train
+    from transferlab import finetune, trainer
 
     overrides = {"strategy": "lp-ft", "probe_l2": 0.01, "epochs": 2, "schedule": "constant"}
-    cfg = train.finetune_config(trained_run, overrides)
-    full = train.fit(cfg, tmp_path / "full", quiet=True)
+    cfg = trainer.finetune_config(trained_run, overrides)
+    full = trainer.fit(cfg, tmp_path / "full", quiet=True)
     assert full["probe"]["l2"] == 0.01 and full["epochs_run"] == 2
     # a run that died after its probe and one fine-tune epoch
-    train.fit(
-        train.finetune_config(trained_run, {**overrides, "epochs": 1}), tmp_path / "r", quiet=True
+    trainer.fit(
+        trainer.finetune_config(trained_run, {**overrides, "epochs": 1}), tmp_path / "r", quiet=True
     )
     for name in ("meta.json", "model.safetensors"):
         (tmp_path / "r" / name).unlink()
@@ -96,7 +96,7 @@ def test_lp_ft_resumes_in_the_fine_tune_stage_without_probing_again(
         raise AssertionError("the probe ran again after resume")
 
     monkeypatch.setattr(finetune, "linear_probe", no_second_probe)
-    resumed = train.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    resumed = trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)
     assert resumed["epochs_run"] == 2
     from safetensors.torch import load_file
 
@@ -106,10 +106,10 @@ def test_lp_ft_resumes_in_the_fine_tune_stage_without_probing_again(
 
 def _initial_state(cfg):
     """The model a fresh run of `cfg` starts from (scratch init is seeded)."""
-    from transferlab import train
+    from transferlab import trainer
     from transferlab.distributed import Dist
 
-    _, model, *_ = train.setup(cfg, Path("initial"), lambda *a: None, Dist(0, 1))
+    _, model, *_ = trainer.setup(cfg, Path("initial"), lambda *a: None, Dist(0, 1))
     return {k: v.clone() for k, v in model.state_dict().items()}, model
 
 
@@ -118,13 +118,13 @@ def test_gradual_epoch_one_trains_only_the_head_and_freezes_batchnorm(
 ):
     from safetensors.torch import load_file
 
-    from transferlab import train
+    from transferlab import trainer
 
     from conftest import tiny_cfg
 
     cfg = tiny_cfg(f"folder:{folder_data}", strategy="gradual", epochs=1)
     start, model = _initial_state(cfg)
-    meta = train.fit(cfg, tmp_path / "g1")
+    meta = trainer.fit(cfg, tmp_path / "g1")
     assert "stage 1/" in capsys.readouterr().out
     after = load_file(tmp_path / "g1" / "model.safetensors")
     changed = {k for k in start if not torch.equal(start[k], after[k])}
@@ -133,15 +133,15 @@ def test_gradual_epoch_one_trains_only_the_head_and_freezes_batchnorm(
 
 
 def test_each_strategy_optimizer_holds_exactly_what_trains(folder_data):
-    from transferlab import finetune, train
+    from transferlab import finetune, trainer
 
     from conftest import tiny_cfg
 
     for strategy, epochs in (("full", 1), ("linear-probe", 1), ("gradual", 2), ("layer-decay", 1)):
         cfg = tiny_cfg(f"folder:{folder_data}", strategy=strategy, epochs=epochs)
         _, model = _initial_state(cfg)
-        groups, frozen, _ = train.training_parts(model, cfg, {"input_size": 24})
-        opt = train.make_optimizer(cfg, train.optimizer_params(model, cfg, groups, 0.1), 0.1)
+        groups, frozen, _ = trainer.training_parts(model, cfg, {"input_size": 24})
+        opt = trainer.make_optimizer(cfg, trainer.optimizer_params(model, cfg, groups, 0.1), 0.1)
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         assert held == {id(p) for p in model.parameters() if p.requires_grad}, strategy
         if strategy == "gradual":  # by its last epoch (2): the top two block groups
@@ -157,20 +157,20 @@ def test_gradual_and_layer_decay_resume_mid_stage_exactly(folder_data, tmp_path,
     """Pre-empted in the middle of epoch 2 (stage 2), resumed: bitwise the uninterrupted run."""
     from safetensors.torch import load_file
 
-    from transferlab import train
+    from transferlab import trainer
     from transferlab.config import Preempted
 
     from conftest import tiny_cfg
 
     for strategy in ("gradual", "layer-decay"):
         cfg = tiny_cfg(f"folder:{folder_data}", strategy=strategy, epochs=3)
-        train.fit(cfg, tmp_path / f"{strategy}-full", quiet=True)
+        trainer.fit(cfg, tmp_path / f"{strategy}-full", quiet=True)
         steps = -(-108 // 16)  # 120 train images less the 10% val carve-out, batch 16
         monkeypatch.setenv("TRANSFERLAB_FAULT", f"term:{steps + 2}")
         with pytest.raises(Preempted):
-            train.fit(cfg, tmp_path / f"{strategy}-r", quiet=True)
+            trainer.fit(cfg, tmp_path / f"{strategy}-r", quiet=True)
         monkeypatch.delenv("TRANSFERLAB_FAULT")
-        train.fit(cfg, tmp_path / f"{strategy}-r", resume=True, quiet=True)
+        trainer.fit(cfg, tmp_path / f"{strategy}-r", resume=True, quiet=True)
         a, b = (
             load_file(tmp_path / f"{strategy}-{d}" / "model.safetensors") for d in ("full", "r")
         )
@@ -188,15 +188,15 @@ def test_dcnn_has_block_groups_for_gradual_unfreezing():
 def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
     folder_data, tmp_path
 ):
-    from transferlab import lrfind, train
+    from transferlab import lrfind, trainer
 
     from conftest import tiny_cfg
 
     assert lrfind.suggest([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 9.0]) == pytest.approx(1e-3)
     cfg = tiny_cfg(f"folder:{folder_data}", lr="auto", epochs=1)
-    lr = train.lr_find(cfg, tmp_path / "lrf", quiet=True)
+    lr = trainer.lr_find(cfg, tmp_path / "lrf", quiet=True)
     assert 1e-6 < lr < 1.0 and (tmp_path / "lrf" / "lr_find.png").stat().st_size > 0
-    meta = train.fit(cfg, tmp_path / "auto", quiet=True)  # the same test runs first
+    meta = trainer.fit(cfg, tmp_path / "auto", quiet=True)  # the same test runs first
     assert (tmp_path / "auto" / "lr_find.png").exists()
     history = (tmp_path / "auto" / "history.csv").read_text()
     assert meta["epochs_run"] == 1 and history
@@ -227,7 +227,7 @@ def test_small_stem_keeps_every_pretrained_tensor_and_reloads_from_the_run(folde
     x = torch.randn(1, 3, 64, 64)
     model.eval(), source.eval()
     assert model.forward_features(x).shape[-1] == 4 * source.forward_features(x).shape[-1]
-    meta = train.fit(cfg, tmp_path / "small", quiet=True)  # evaluate rebuilds the same stem
+    meta = trainer.fit(cfg, tmp_path / "small", quiet=True)  # evaluate rebuilds the same stem
     again = evaluate.load_run_model(tmp_path / "small", meta)
     assert isinstance(again.maxpool, torch.nn.Identity)
 
@@ -310,6 +310,6 @@ def test_pooled_stages_widen_only_the_head_and_a_matched_head_starts_as_the_sour
         assert feats.shape == (2, wide.fc.in_features)
         torch.testing.assert_close(wide(x)[:, [0, 2]], src(x)[:, [2, 0]])
     # a run trained with pooled stages is rebuilt from its preprocessing when evaluated
-    meta = train.fit(tiny_cfg(f"folder:{folder_data}", epochs=1, pool_stages=1), tmp_path / "r")
+    meta = trainer.fit(tiny_cfg(f"folder:{folder_data}", epochs=1, pool_stages=1), tmp_path / "r")
     assert meta["preprocessing"]["pool_stages"] == 1
     assert evaluate.load_run_model(tmp_path / "r", meta).fc.in_features > src.num_features

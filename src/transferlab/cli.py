@@ -195,23 +195,23 @@ def cmd_run(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from . import train
+    from . import trainer
 
     cfg = make_config(_overrides(args))
-    train.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
+    trainer.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 
 def cmd_finetune(args) -> None:
-    from . import train
+    from . import trainer
 
-    cfg = train.finetune_config(args.source, _overrides(args))
-    train.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
+    cfg = trainer.finetune_config(args.source, _overrides(args))
+    trainer.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 
 def cmd_lr_find(args) -> None:
-    from . import train
+    from . import trainer
 
-    lr = train.lr_find(make_config(_overrides(args)), args.out, args.quiet)
+    lr = trainer.lr_find(make_config(_overrides(args)), args.out, args.quiet)
     print(f"suggested lr {lr:.3g}  (plot: {Path(args.out) / 'lr_find.png'})")
 
 
@@ -222,9 +222,9 @@ TTA_HELP = (
 
 
 def cmd_evaluate(args) -> None:
-    from . import ensemble
+    from . import ensembles
 
-    result = ensemble.evaluate_path(args.path, args.data, args.split, args.quiet, args.tta)
+    result = ensembles.evaluate_path(args.path, args.data, args.split, args.quiet, args.tta)
     m = result["metrics"]
     print(
         f"{args.path} on {result['data']} [{args.split}]: top-1 {m['top1']:.2%}  "
@@ -236,9 +236,9 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_ensemble(args) -> None:
-    from . import ensemble, recipe
+    from . import ensembles, recipe
 
-    info = ensemble.build(args.runs, args.method, args.out, args.data, args.quiet, args.tta)
+    info = ensembles.build(args.runs, args.method, args.out, args.data, args.quiet, args.tta)
     recipe.print_ensemble(info)
     print(f"ensemble -> {args.out}")
 
@@ -271,9 +271,9 @@ def cmd_predict(args) -> None:
 
 
 def cmd_soup(args) -> None:
-    from . import soup
+    from . import soups
 
-    meta = soup.make(args.runs, args.method, args.out, args.data, quiet=args.quiet)
+    meta = soups.make(args.runs, args.method, args.out, args.data, quiet=args.quiet)
     m, src = meta["metrics"], meta["source"]
     print(
         f"{args.method} soup of {len(src['ingredients'])}/{len(src['candidates'])} runs: "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, ensemble, evaluate
+from . import checkpoint, data, ensembles, evaluate
 from .config import UserError
 
 
@@ -73,11 +73,11 @@ def predict(
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     files = image_files(inputs)
-    if ensemble.is_ensemble(path):
-        info = ensemble.read(path)
+    if ensembles.is_ensemble(path):
+        info = ensembles.read(path)
         runs = [m["run"] for m in info["members"]]
         metas = [checkpoint.read_meta(r) for r in runs]
-        orders = ensemble.check_classes(metas, runs)
+        orders = ensembles.check_classes(metas, runs)
         tta = info.get("tta", "none") if tta == "none" else tta
         logp, feats, bad = [], [], []
         for run, meta, order in zip(runs, metas, orders, strict=True):
@@ -85,8 +85,8 @@ def predict(
             logp.append(lp[:, order])
             feats.append(f)
             bad += skipped
-        params = ensemble.read_params(path, info)
-        combined = ensemble.combine(info["method"], np.stack(logp), params, np.hstack(feats))
+        params = ensembles.read_params(path, info)
+        combined = ensembles.combine(info["method"], np.stack(logp), params, np.hstack(feats))
         classes, names = info["classes"], info["class_names"]
     else:
         meta = checkpoint.read_meta(path)

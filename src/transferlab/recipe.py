@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from . import checkpoint, ensemble, report, train
+from . import checkpoint, ensembles, report, trainer
 from .config import TrainConfig, UserError, field_names, make_config
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
@@ -145,14 +145,14 @@ def _finetune(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> No
         raise UserError(f"finetune step {name} needs 'from: RUN'")
     parent_path = out / parent if (out / parent).exists() else Path(parent)
     settings = {**(recipe.get("defaults") or {}), **keys, **recipe["overrides"]}
-    _fit(train.finetune_config(parent_path, settings), out / name, quiet)
+    _fit(trainer.finetune_config(parent_path, settings), out / name, quiet)
 
 
 def _fit(cfg: TrainConfig, run_dir: Path, quiet: bool) -> None:
     if checkpoint.is_run(run_dir):
         print(f"   {run_dir} is complete: skipped (delete it to redo)")
         return
-    train.fit(cfg, run_dir, resume=run_dir.exists(), quiet=quiet)
+    trainer.fit(cfg, run_dir, resume=run_dir.exists(), quiet=quiet)
 
 
 def _members(keys: dict, out: Path) -> list[str]:
@@ -160,12 +160,12 @@ def _members(keys: dict, out: Path) -> list[str]:
 
 
 def _soup(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
-    from . import soup
+    from . import soups
 
     if (out / name / checkpoint.META).exists():
         print(f"   {name}: already made, skipped")
         return
-    meta = soup.make(_members(keys, out), keys.get("method", "greedy"), out / name,
+    meta = soups.make(_members(keys, out), keys.get("method", "greedy"), out / name,
                      keys.get("data"), quiet)  # fmt: skip
     m = meta["metrics"]
     print(f"   {name}: soup of {len(meta['source']['ingredients'])} runs, val {m['val']['top1']:.2%}"
@@ -174,7 +174,7 @@ def _soup(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
 
 def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
     runs = _members(keys, out)
-    info = ensemble.build(
+    info = ensembles.build(
         runs,
         keys.get("method", "soft"),
         out / name,

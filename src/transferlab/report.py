@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from . import checkpoint, ensemble
+from . import checkpoint, ensembles
 
 COLUMNS = [
     "model",
@@ -28,8 +28,8 @@ def collect(root: Path) -> list[dict]:
     rows = []
     for meta_path in sorted(root.rglob(checkpoint.META)):
         rows.append(_run_row(meta_path.parent, root, checkpoint.read_meta(meta_path.parent)))
-    for ens_path in sorted(root.rglob(ensemble.ENSEMBLE)):
-        rows.append(_ensemble_row(ens_path.parent, root, ensemble.read(ens_path.parent)))
+    for ens_path in sorted(root.rglob(ensembles.ENSEMBLE)):
+        rows.append(_ensemble_row(ens_path.parent, root, ensembles.read(ens_path.parent)))
     return rows
 
 

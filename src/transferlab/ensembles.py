@@ -185,7 +185,7 @@ def fit(method: str, logp: np.ndarray, targets: np.ndarray, split: str) -> dict:
     if method in FITTED:
         refuse_test(split)
     if method == "fusion":
-        raise UserError("fusion is fitted on member features (ensemble.build), not log-probs")
+        raise UserError("fusion is fitted on member features (ensembles.build), not log-probs")
     uniform = np.full(len(logp), 1.0 / len(logp))
     if method == "weighted":
         return {"weights": fit_weights(logp, targets, split)}

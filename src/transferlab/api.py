@@ -1,0 +1,106 @@
+"""The Python API, mirroring the CLI: train, load, predict, ensemble, soup, export.
+
+import transferlab
+run = transferlab.train("runs/lite0", data="digits", model="tf_efficientnet_lite0",
+                        weights="imagenet", input_size=32, epochs=3)
+print(run.metrics["test"]["top1"])
+run.predict(["photo.jpg", "holiday/"], top_k=3)      # [{"path", "predictions": [...]}, ...]
+ens = transferlab.ensemble([run, "runs/dcnn"], method="weighted", out="runs/ens")
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Model:
+    """A finished run or ensemble folder: its numbers, classes, and predict/evaluate/export."""
+
+    path: Path
+
+    @property
+    def is_ensemble(self) -> bool:
+        from . import ensembles
+
+        return ensembles.is_ensemble(self.path)
+
+    @property
+    def info(self) -> dict:
+        """meta.json of a run, ensemble.json of an ensemble."""
+        from . import checkpoint, ensembles
+
+        return ensembles.read(self.path) if self.is_ensemble else checkpoint.read_meta(self.path)
+
+    @property
+    def metrics(self) -> dict:
+        return self.info["metrics"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info["class_names"]
+
+    def predict(self, images, top_k: int = 5, tta: str = "none", quiet: bool = True) -> list:
+        """Top-k predictions for image files and folders (a path or a list of them)."""
+        from . import predict
+
+        inputs = [images] if isinstance(images, (str, Path)) else list(images)
+        rows, _ = predict.predict(self.path, [str(i) for i in inputs], top_k, tta, quiet)
+        return rows
+
+    def evaluate(self, split: str = "test", data: str | None = None, tta: str = "none") -> dict:
+        from . import ensembles
+
+        return ensembles.evaluate_path(self.path, data, split, True, tta)["metrics"]
+
+    def export(self, format: str, out: str | Path | None = None) -> dict:
+        from . import export
+
+        return export.export(self.path, format, out)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def load(path: str | Path) -> Model:
+    """A finished run or ensemble folder."""
+    from . import checkpoint, ensembles
+    from .config import UserError
+
+    path = Path(path)
+    if not ensembles.is_ensemble(path):
+        checkpoint.read_meta(path)  # a clear error when it is neither
+    if not path.is_dir():
+        raise UserError(f"not a run or ensemble folder: {path}")
+    return Model(path)
+
+
+def train(out: str | Path, quiet: bool = True, resume: bool = False, **config) -> Model:
+    """Train one model into the run folder `out`; keyword arguments are TrainConfig fields
+    (the CLI's --options: data, model, weights, strategy, epochs, lr, ...)."""
+    from . import trainer
+    from .config import make_config
+
+    trainer.fit(make_config(config), out, resume=resume, quiet=quiet)
+    return Model(Path(out))
+
+
+def ensemble(
+    runs: list, method: str = "soft", out: str | Path = "runs/ensemble", tta: str = "none",
+    quiet: bool = True,
+) -> Model:  # fmt: skip
+    """Combine runs (any architectures, input sizes, channels) into the ensemble folder `out`."""
+    from . import ensembles
+
+    ensembles.build([os.fspath(r) for r in runs], method, out, None, quiet, tta)
+    return Model(Path(out))
+
+
+def soup(runs: list, method: str = "greedy", out: str | Path = "runs/soup") -> Model:
+    """Average the weights of runs fine-tuned from one start into the run folder `out`."""
+    from . import soups
+
+    soups.make([os.fspath(r) for r in runs], method, out, quiet=True)
+    return Model(Path(out))
