@@ -193,9 +193,9 @@ def test_fusion_caches_member_features_once_per_split(hetero_runs, tmp_path, mon
     first = ensembles.build(runs, "fusion", tmp_path / "f1", quiet=True)
     for run in runs:
         assert {p.name for p in (run / "features").iterdir()} >= {
-            "train.npz",
-            "val.npz",
-            "test.npz",
+            "train-none.npz",
+            "val-none.npz",
+            "test-none.npz",
         }
     assert "fitted on train features" in first["splits"]["combiner"]
 

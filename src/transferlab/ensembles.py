@@ -249,36 +249,34 @@ def member_logp(
 ) -> tuple[dict, dict, list[dict], str, dict]:
     """Member log-probs per split, aligned to the first member's classes.
 
-    Uses each run's cached logits when the data agree and no TTA is asked for; otherwise each
+    Uses a run's cached logits when its data agree and no TTA is asked for; otherwise the
     member predicts the raw images through its own preprocessing (decoded once per distinct
     size/channels): its pooled pre-logit features, cached in the run folder's features/ per
     split and TTA, then its head. `features`: also return those, concatenated over members.
     Returns ({split: (M, N, K)}, {split: targets}, metas, data_spec, {split: (N, F)}).
     """
     metas = [checkpoint.read_meta(r) for r in runs]
-    orders = check_classes(metas, runs)
+    orders = check_classes(metas, runs)  # every member's columns in the first member's order
     spec = data_spec or metas[0]["data"]
-    key0 = (spec, metas[0].get("val_fraction"), metas[0].get("limit"))
-    cached = tta == "none" and not features
-    cached &= all((m["data"], m.get("val_fraction"), m.get("limit")) == key0 for m in metas)
-    logp, targets, feats = {}, {}, {}
-    if cached and all(checkpoint.load_logits(r, s) is not None for r in runs for s in splits):
-        for run, meta in zip(runs, metas, strict=True):  # every member must be a sound, safe run
-            checkpoint.load_run_weights(run, meta)
-        for split in splits:
-            pairs = [checkpoint.load_logits(r, split) for r in runs]
-            logp[split] = np.stack(
-                [evaluate.log_softmax(lg[:, o]) for (lg, _), o in zip(pairs, orders, strict=True)]
-            )
-            targets[split] = pairs[0][1]
-        return logp, targets, metas, spec, feats
-    ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
     per_member = {split: [] for split in splits}
     per_member_feats = {split: [] for split in splits}
-    for run, meta in zip(runs, metas, strict=True):
+    targets, ds = {}, None
+    for run, meta, order in zip(runs, metas, orders, strict=True):
+        same_data = (meta["data"], meta.get("val_fraction"), meta.get("limit")) == (
+            spec, metas[0].get("val_fraction"), metas[0].get("limit")
+        )  # fmt: skip
+        saved = [checkpoint.load_logits(run, s) for s in splits]
+        if tta == "none" and not features and same_data and None not in saved:
+            checkpoint.load_run_weights(run, meta)  # every member must be a sound, safe run
+            for split, (lg, y) in zip(splits, saved, strict=True):
+                per_member[split].append(evaluate.log_softmax(lg[:, order]))
+                targets.setdefault(split, y)
+            continue
+        if ds is None:
+            ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
         model = evaluate.load_run_model(run, meta)  # verified against its sha256
         who = f"run {run}"
-        cols = evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
+        evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
         key = f"{spec}|{meta.get('val_fraction')}|{meta.get('limit')}|{tta}"
         for split in splits:
             f = checkpoint.load_features(run, f"{split}-{tta}", key)
@@ -286,12 +284,20 @@ def member_logp(
                 f = evaluate.predict_split(model, meta, ds, split, who, quiet, tta, True)
                 checkpoint.save_features(run, f"{split}-{tta}", key, f)
             per_member_feats[split].append(f)
-            per_member[split].append(evaluate.log_softmax(evaluate.head_logits(model, f)[:, cols]))
-    for split in splits:
-        logp[split] = np.stack(per_member[split])
-        targets[split] = ds.splits[split].labels
-        if features:
-            feats[split] = np.concatenate(per_member_feats[split], axis=1)
+            lg = evaluate.head_logits(model, f)  # the run's own class order
+            per_member[split].append(evaluate.log_softmax(lg[:, order]))
+    if ds is not None:  # targets in the first member's class order
+        first = metas[0]
+        to_first = evaluate.class_map(
+            first["classes"], first["class_names"], ds.classes, ds.names, f"run {runs[0]}"
+        )
+        targets = {split: to_first[ds.splits[split].labels] for split in splits}
+    logp = {split: np.stack(per_member[split]) for split in splits}
+    feats = (
+        {split: np.concatenate(per_member_feats[split], axis=1) for split in splits}
+        if features
+        else {}
+    )
     return logp, targets, metas, spec, feats
 
 
