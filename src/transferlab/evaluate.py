@@ -30,6 +30,16 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def inference_precision(trained: str) -> str:
+    """A run's precision for predicting here: fp32 where this machine lacks fast bf16/fp16
+    (a run trained with bf16 on a GPU, evaluated on a CPU without native bf16)."""
+    if (trained == "bf16" and not bf16_supported()) or (
+        trained == "fp16" and device().type != "cuda"
+    ):
+        return "fp32"
+    return trained
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -157,7 +167,7 @@ def predict_split(
         model,
         images,
         prep,
-        meta.get("precision", "fp32"),
+        inference_precision(meta.get("precision", "fp32")),
         meta.get("eval_batch_size", 256),
         desc=f"predict {split}",
         quiet=quiet,

@@ -56,7 +56,7 @@ def _member(run, meta: dict, files: list[str], tta: str, quiet: bool):
         model,
         images,
         prep,
-        meta.get("precision", "fp32"),
+        evaluate.inference_precision(meta.get("precision", "fp32")),
         meta.get("eval_batch_size", 256),
         "predict",
         quiet,

@@ -121,7 +121,7 @@ def make(
     }
     model = models.from_prep(ref["arch"], ref["num_classes"], prep).to(evaluate.device())
     batch = ref.get("eval_batch_size", 256)
-    precision = ref.get("precision", "fp32")
+    precision = evaluate.inference_precision(ref.get("precision", "fp32"))
 
     def cook(members: list[int]) -> dict:
         model.load_state_dict(average([states[i] for i in members]))
