@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean browser
 
 setup: $(STAMP)
 
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/transferlab demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+browser:  # Debian's chromium renders report.html in a test (installed when missing)
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
 
 bench: setup  # CPU benchmarks (need ../shared/data); the GPU one is benchmarks/gpu_check.sh
 	@for b in precision train_throughput inference_throughput scaling; do \

@@ -83,3 +83,103 @@ def _save(fig, path: Path) -> None:
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- report figures
+
+
+def png(fig) -> bytes:
+    """A figure as PNG bytes (for embedding), closed afterwards."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def confusion_figure(matrix: np.ndarray, names: list[str], title: str):
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    k = len(names)
+    size = min(3.5 + 0.3 * k, 11)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if k <= 40:
+        short = [n.split(",")[0][:18] for n in names]
+        ax.set_xticks(range(k), short, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), short, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(confidence: np.ndarray, correct: np.ndarray, ece: float, bins: int = 15):
+    """Accuracy against confidence per bin (the diagonal is perfect calibration)."""
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    acc = [correct[idx == b].mean() if (idx == b).any() else np.nan for b in range(bins)]
+    count = np.bincount(idx, minlength=bins)
+    fig, ax = plt.subplots(figsize=(3.6, 3.4))
+    ax.bar(
+        edges[:-1], acc, width=1 / bins, align="edge", edgecolor="k", alpha=0.8, label="accuracy"
+    )
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect")
+    ax2 = ax.twinx()
+    ax2.plot(edges[:-1] + 0.5 / bins, count / max(count.sum(), 1), "C3.-", ms=3, lw=1)
+    ax2.set_ylabel("share of images", color="C3", fontsize=8)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"reliability, ECE {ece:.3f}", fontsize=9)
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_figure(accuracy: np.ndarray, names: list[str]):
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.25 * k, 12), 3))
+    ax.bar(range(k), accuracy, color="C0")
+    if k <= 60:
+        ax.set_xticks(range(k), [n.split(",")[0][:14] for n in names], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test top-1")
+    ax.set_title("per-class accuracy", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def gain_figure(labels: list[str], values: list[float], is_ensemble: list[bool], title: str):
+    """Test top-1 of members and ensembles, side by side."""
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(labels) + 1.5), 3.4))
+    colors = ["C1" if e else "C0" for e in is_ensemble]
+    ax.bar(range(len(labels)), [100 * v for v in values], color=colors)
+    for i, v in enumerate(values):
+        ax.text(i, 100 * v, f"{100 * v:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+    low = 100 * min(values)
+    ax.set_ylim(max(0, low - 10), min(100, 100 * max(values) + 3))
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def wrong_grid_figure(images: np.ndarray, captions: list[str], title: str):
+    n = len(images)
+    cols = min(n, 6)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, cap in zip(axes.ravel(), images, captions, strict=False):
+        ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
+        ax.set_title(cap, fontsize=6.5)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(h_pad=1.2)
+    return fig

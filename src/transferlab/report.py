@@ -1,4 +1,5 @@
-"""The comparison table of every run and ensemble under a folder, as Markdown and CSV."""
+"""The comparison table of every run and ensemble under a folder: report.md, results.csv and
+a self-contained report.html (see htmlreport)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import csv
 import io
 from pathlib import Path
 
-from . import checkpoint, ensembles
+from . import checkpoint, ensembles, htmlreport
 
 COLUMNS = [
     "model",
@@ -58,6 +59,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
         "seconds": f"{meta['seconds']:.0f}",
         "_curves": path / "curves.png",
         "_test": m["test"]["top1"],
+        "_path": path,
     }
 
 
@@ -78,6 +80,7 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         "seconds": f"{info['seconds']:.0f}",
         "_curves": None,
         "_test": m["test"]["top1"],
+        "_path": path,
     }
 
 
@@ -128,4 +131,5 @@ def write(root: str | Path) -> tuple[Path, str]:
     writer.writeheader()
     writer.writerows(rows)
     checkpoint.write_text(root / "results.csv", buf.getvalue())
+    htmlreport.write_html(root, rows, COLUMNS)
     return path, table

@@ -1,0 +1,207 @@
+"""report.html: one self-contained page (figures embedded as PNG, no network, opens from disk).
+
+The comparison table (click a header to sort), then for every ensemble the gain chart (members
+vs ensemble), for every run and ensemble its curves, normalised confusion matrix, reliability
+diagram with ECE, per-class accuracy and metadata, and a grid of the best model's most
+confidently wrong test images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, data, evaluate, plots
+
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach((th, col) => {
+  th.addEventListener('click', () => {
+    const body = th.closest('table').tBodies[0];
+    const up = th.dataset.dir !== 'asc';
+    th.dataset.dir = up ? 'asc' : 'desc';
+    const key = r => {
+      const t = r.cells[col].innerText.replace('%', '');
+      const n = parseFloat(t);
+      return isNaN(n) ? t : n;
+    };
+    [...body.rows].sort((a, b) => {
+      const x = key(a), y = key(b);
+      return (x > y ? 1 : x < y ? -1 : 0) * (up ? 1 : -1);
+    }).forEach(r => body.appendChild(r));
+  });
+});
+"""
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0 16px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f0f3f7; cursor: pointer; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; margin: 4px; vertical-align: top; }
+section { border-top: 2px solid #dde; margin-top: 18px; }
+.meta td { text-align: left; } .note { color: #555; font-size: 13px; }
+"""
+
+
+def _img(png_bytes: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png_bytes).decode()}">'
+
+
+def _file_img(path: Path, alt: str) -> str:
+    return _img(path.read_bytes(), alt) if path and path.is_file() else ""
+
+
+def _test_logits(path: Path):
+    found = checkpoint.load_logits(path, "test")
+    return (None, None) if found is None else found
+
+
+def _figures(path: Path, names: list[str]) -> tuple[str, dict]:
+    """Confusion, reliability and per-class figures from the saved test logits."""
+    logits, targets = _test_logits(path)
+    if logits is None:
+        return '<p class="note">no saved test logits</p>', {}
+    prob = np.exp(evaluate.log_softmax(logits))
+    pred, conf = prob.argmax(1), prob.max(1)
+    correct = pred == targets
+    ece = evaluate.ece(conf, correct)
+    k = len(names)
+    matrix = evaluate.confusion(pred, targets, k)
+    per_class = np.diag(matrix) / np.maximum(matrix.sum(1), 1)
+    parts = [
+        _img(plots.png(plots.confusion_figure(matrix, names, "confusion (test, row-normalised)")),
+             "confusion matrix"),
+        _img(plots.png(plots.reliability_figure(conf, correct, ece)), "reliability diagram"),
+        _img(plots.png(plots.per_class_figure(per_class, names)), "per-class accuracy"),
+    ]  # fmt: skip
+    return "".join(parts), {"ece": ece, "prob": prob, "targets": targets}
+
+
+def _meta_table(items: list[tuple[str, str]]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in items
+    )
+    return f'<table class="meta">{rows}</table>'
+
+
+def _run_meta(meta: dict) -> list[tuple[str, str]]:
+    src, cfg = meta["source"], meta.get("config", {})
+    versions = ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items() if v)
+    return [
+        ("data", meta["data"]),
+        ("architecture", meta["arch"]),
+        ("weights", src.get("weights")),
+        ("weights file", src.get("path", "")),
+        ("strategy", meta.get("strategy", "")),
+        ("seed", meta.get("seed")),
+        ("input", f"{meta['preprocessing']['input_size']}px x{meta['preprocessing']['channels']}"),
+        ("epochs run / best", f"{meta.get('epochs_run')} / {meta.get('best_epoch')}"),
+        ("lr, batch", f"{cfg.get('lr')}, {cfg.get('batch_size')}"),
+        ("wall time", f"{meta['seconds']:.0f} s"),
+        ("versions", versions),
+    ]
+
+
+def _ensemble_meta(info: dict) -> list[tuple[str, str]]:
+    return [
+        ("data", info["data"]),
+        ("method", info["method"] + ("" if info.get("tta", "none") == "none" else f", tta {info['tta']}")),
+        ("members", ", ".join(Path(m["run"]).name for m in info["members"])),
+        ("weights", ", ".join(f"{m['weight']:.3f}" for m in info["members"])),
+        ("splits", "; ".join(f"{k}: {v}" for k, v in info.get("splits", {}).items())),
+        ("gain over best / mean member", _points(info, "gain_over_best_member") + " / "
+         + _points(info, "gain_over_mean_member")),
+        ("oracle top-1, disagreement", _points(info, "oracle_top1", "%") + ", "
+         + _points(info, "disagreement", "%")),
+        ("wall time", f"{info['seconds']:.0f} s"),
+    ]  # fmt: skip
+
+
+def _points(info: dict, key: str, unit: str = " points") -> str:
+    """A share as points (+x.xx) or a percentage; '-' for folders written before it existed."""
+    if key not in info:
+        return "-"
+    return f"{100 * info[key]:.2f}%" if unit == "%" else f"{100 * info[key]:+.2f}{unit}"
+
+
+def _gain_chart(info: dict, name: str) -> str:
+    labels = [Path(m["run"]).name for m in info["members"]] + [name]
+    values = [m["test"]["top1"] for m in info["members"]] + [info["metrics"]["test"]["top1"]]
+    flags = [False] * len(info["members"]) + [True]
+    fig = plots.gain_figure(labels, values, flags, f"{name}: members vs ensemble (test)")
+    return _img(plots.png(fig), f"{name} gain chart")
+
+
+def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, names, title) -> str:
+    """The most confidently wrong test images, if the data can still be read."""
+    try:
+        ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
+    except Exception as err:  # the data may be gone: the page still renders
+        return f'<p class="note">most confidently wrong images: data not readable ({html.escape(str(err))})</p>'
+    pred, conf = prob.argmax(1), prob.max(1)
+    wrong = np.flatnonzero(pred != targets)
+    if len(wrong) == 0 or len(ds.splits["test"]) != len(targets):
+        return '<p class="note">no wrong test images</p>'
+    pick = wrong[np.argsort(-conf[wrong])][:12]
+    images = data.decode(ds.splits["test"].subset(pick), 96, 3, quiet=True)
+    captions = [
+        f"true {names[targets[i]][:16]}\npred {names[pred[i]][:16]} ({conf[i]:.2f})" for i in pick
+    ]
+    return _img(plots.png(plots.wrong_grid_figure(images, captions, title)), "confidently wrong")
+
+
+def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in [*columns, "test NLL", "test ECE"])
+    body, sections, best = [], [], None
+    for r in rows:
+        path = r["_path"]
+        is_ens = r["_curves"] is None
+        info = json.loads((path / ("ensemble.json" if is_ens else "meta.json")).read_text())
+        names = info["class_names"]
+        figures, extra = _figures(path, names)
+        test = info["metrics"]["test"]
+        cells = [r[c] for c in columns] + [
+            f"{test['loss']:.4f}",
+            f"{extra.get('ece', float('nan')):.3f}",
+        ]
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        parts = [f"<section><h2>{html.escape(r['model'])}</h2>"]
+        if is_ens:
+            parts += [_gain_chart(info, r["model"]), _meta_table(_ensemble_meta(info))]
+        else:
+            parts += [_file_img(r["_curves"], "training curves"), _meta_table(_run_meta(info))]
+        parts += [figures, "</section>"]
+        sections.append("".join(parts))
+        if extra and (best is None or r["_test"] > best[0]):
+            best = (r["_test"], r["model"], info, extra)
+    wrong = ""
+    if best:
+        _, name, info, extra = best
+        ref = info if "data" in info and "preprocessing" in info else _first_member_meta(info)
+        wrong = "<section><h2>Most confidently wrong test images</h2>" + _wrong_grid(
+            info["data"], ref, extra["prob"], extra["targets"], info["class_names"],
+            f"{name}: most confident mistakes",
+        ) + "</section>"  # fmt: skip
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>transferlab report: {html.escape(root.name)}</title>
+<style>{CSS}</style></head><body>
+<h1>transferlab report: {html.escape(root.name)}</h1>
+<p class="note">Top-1 on the held-out test split; val is carved from train; train top-1 is measured
+on augmented batches during training. Click a column header to sort.</p>
+<table class="sortable" id="comparison"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
+{wrong}
+{"".join(sections)}
+<script>{SORT_JS}</script>
+</body></html>
+"""
+    out = root / "report.html"
+    checkpoint.write_text(out, page)
+    return out
+
+
+def _first_member_meta(info: dict) -> dict:
+    return checkpoint.read_meta(info["members"][0]["run"])

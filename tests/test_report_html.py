@@ -1,0 +1,62 @@
+"""report.html rendered by a real browser (Debian's chromium, headless): no console errors,
+the comparison table and the figures present, a screenshot taken."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from transferlab import ensembles, report
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, trained_run):
+    root = tmp_path_factory.mktemp("report")
+    shutil.copytree(trained_run, root / "tiny")
+    shutil.copytree(trained_run, root / "tiny-copy")
+    ensembles.build([root / "tiny", root / "tiny-copy"], "soft", root / "ens", quiet=True)
+    report.write(root)
+    return root
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("chromium is not installed: `make test` installs it (apt-get install chromium)")
+    return exe
+
+
+def browse(page, *flags) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+         "--v=0", *flags, page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_report_html_is_self_contained(report_dir):
+    text = (report_dir / "report.html").read_text()
+    assert "http://" not in text and "https://" not in text  # no network
+    assert text.count("data:image/png;base64,") >= 8
+
+
+def test_report_renders_in_chromium_without_console_errors(report_dir):
+    page = report_dir / "report.html"
+    dom = browse(page, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert not re.search(r"CONSOLE.*(Uncaught|Error)", dom.stderr), dom.stderr[-2000:]
+    table = re.search(r'<table class="sortable" id="comparison">(.*?)</table>', dom.stdout, re.S)
+    assert table and table[1].count("<tr>") == 4  # header + two runs + the ensemble
+    for alt in ("confusion matrix", "reliability diagram", "per-class accuracy",
+                "training curves", "ens gain chart"):  # fmt: skip
+        assert f'alt="{alt}"' in dom.stdout, alt
+    shot = report_dir / "shot.png"
+    result = browse(page, f"--screenshot={shot}", "--window-size=1200,1600", "--hide-scrollbars")
+    assert result.returncode == 0 and shot.stat().st_size > 20_000
+
+
+def test_console_errors_are_detected(tmp_path):  # negative control for the check above
+    page = tmp_path / "bad.html"
+    page.write_text("<html><body><script>undefinedFn()</script></body></html>")
+    assert re.search(r"CONSOLE.*(Uncaught|Error)", browse(page, "--dump-dom").stderr)
