@@ -56,7 +56,7 @@ def test_report_renders_in_chromium_without_console_errors(report_dir):
     assert result.returncode == 0 and shot.stat().st_size > 20_000
 
 
-def test_console_errors_are_detected(tmp_path):  # negative control for the check above
+def test_console_errors_are_detected_negative_control(tmp_path):
     page = tmp_path / "bad.html"
     page.write_text("<html><body><script>undefinedFn()</script></body></html>")
     assert re.search(r"CONSOLE.*(Uncaught|Error)", browse(page, "--dump-dom").stderr)
