@@ -170,3 +170,18 @@ def test_device_resident_training_set_trains_identically(folder_data, tmp_path, 
     trainer.fit(cfg, tmp_path / "tensor", quiet=True)
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("array", "tensor"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_log_json_has_step_and_epoch_events_and_tensorboard_scalars(folder_data, tmp_path):
+    import json
+
+    log = tmp_path / "events.jsonl"
+    trainer.fit(
+        tiny_cfg(f"folder:{folder_data}", epochs=2), tmp_path / "r", quiet=True, log_json=log
+    )
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and {"val_acc", "lr"} <= set(epochs[0])
+    assert sum(e["event"] == "step" for e in events) >= 2
+    pytest.importorskip("tensorboard")
+    assert list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))

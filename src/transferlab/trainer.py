@@ -94,7 +94,8 @@ def fit(
     progress = (restore(out, loop, log) if resume else None) or new_progress()
     t_start = time.time() - progress["seconds"]
     fault = injected_fault(d.rank) if progress["global_step"] == 0 else None  # fresh runs only
-    with stop_on_sigterm() as stop, EventLog(log_json if d.main else None) as events:
+    tensorboard = out / "tensorboard" if d.main else None
+    with stop_on_sigterm() as stop, EventLog(log_json if d.main else None, tensorboard) as events:
 
         def save() -> None:
             progress["seconds"] = time.time() - t_start
@@ -164,6 +165,7 @@ def fit(
             with out_of_memory_hint(cfg.batch_size):
                 train_one_epoch(loop, bar, params, progress, after_step)
             end_epoch(loop, images, labels, progress, time.time() - t0, out.name, log)
+            events.write(event="epoch", **progress["history"][-1])
             if cfg.snapshots and epoch % (cfg.epochs // cfg.snapshots) == 0:
                 k = epoch // (cfg.epochs // cfg.snapshots)
                 snap = out / "snapshots" / f"snapshot-{k}"
@@ -483,10 +485,19 @@ def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
 
 
 class EventLog:
-    """One JSON object per line (steps, epochs); appended to across resumes. No-op without path."""
+    """Step and epoch events: one JSON object per line in `path` (appended to across resumes),
+    and TensorBoard scalars in `tensorboard_dir` when the tensorboard package is installed."""
 
-    def __init__(self, path: str | Path | None):
+    def __init__(self, path: str | Path | None, tensorboard_dir: Path | None = None):
         self.file = open(path, "a") if path else None  # noqa: SIM115 (closed in __exit__)
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional dependency
+                pass
+            else:
+                self.tb = SummaryWriter(str(tensorboard_dir))
 
     def __enter__(self) -> EventLog:
         return self
@@ -494,11 +505,18 @@ class EventLog:
     def __exit__(self, *exc) -> None:
         if self.file:
             self.file.close()
+        if self.tb:
+            self.tb.close()
 
     def write(self, **event) -> None:
         if self.file:
             self.file.write(json.dumps(event) + "\n")
             self.file.flush()
+        if self.tb and event["event"] == "step":
+            self.tb.add_scalar("step/train_loss", event["loss"], event["global_step"])
+        elif self.tb and event["event"] == "epoch":
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+                self.tb.add_scalar(f"epoch/{key}", event[key], event["epoch"])
 
 
 def injected_fault(rank: int = 0) -> tuple[int, int] | None:
