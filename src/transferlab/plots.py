@@ -30,35 +30,8 @@ def curves(history: list[dict], path: Path, title: str) -> None:
 
 
 def confusion(matrix: np.ndarray, names: list[str], path: Path, title: str) -> None:
-    """Row-normalised confusion matrix; class names on the axes when there are few enough."""
-    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    k = len(names)
-    size = min(4 + 0.35 * k, 14)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    if k <= 40:
-        short = [n.split(",")[0][:18] for n in names]
-        ax.set_xticks(range(k), short, rotation=90, fontsize=8)
-        ax.set_yticks(range(k), short, fontsize=8)
-        if k <= 15:
-            for i in range(k):
-                for j in range(k):
-                    if matrix[i, j]:
-                        ax.text(
-                            j,
-                            i,
-                            f"{norm[i, j]:.2f}",
-                            ha="center",
-                            va="center",
-                            fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black",
-                        )
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    _save(fig, path)
+    """Row-normalised confusion matrix as a PNG file."""
+    _save(confusion_figure(matrix, names, title), path)
 
 
 def lr_find(lrs: list[float], losses: list[float], suggested: float, path: Path, title: str):
@@ -99,18 +72,23 @@ def png(fig) -> bytes:
 
 
 def confusion_figure(matrix: np.ndarray, names: list[str], title: str):
+    """Row-normalised confusion matrix; class names on the axes when there are few enough,
+    the rates in the cells when there are very few."""
     norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     k = len(names)
-    size = min(3.5 + 0.3 * k, 11)
+    size = min(4 + 0.35 * k, 14)
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if k <= 40:
         short = [n.split(",")[0][:18] for n in names]
-        ax.set_xticks(range(k), short, rotation=90, fontsize=7)
-        ax.set_yticks(range(k), short, fontsize=7)
+        ax.set_xticks(range(k), short, rotation=90, fontsize=8)
+        ax.set_yticks(range(k), short, fontsize=8)
+    for i, j in zip(*np.nonzero(matrix), strict=True) if k <= 15 else ():
+        color = "white" if norm[i, j] > 0.5 else "black"
+        ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig
