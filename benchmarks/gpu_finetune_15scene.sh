@@ -6,7 +6,9 @@
 #
 #   bash benchmarks/gpu_finetune_15scene.sh PATH/15-scene OUT_DIR [extra train flags]
 #
-# About 5 minutes on one H100 (bf16 autocast, images resident on the GPU).
+# About 10 minutes on one H100 (bf16 autocast, images resident on the GPU). Then, on any machine:
+#   transferlab ensemble OUT/e30-lr1e-3 OUT/e30-lr2e-3 runs/15-scene-transfer-v2/lite{0-224,1-240,2-260} \
+#       --method soft --data folder:PATH/15-scene --out OUT/ens-all-soft
 set -euo pipefail
 data=$1 out=$2
 shift 2
@@ -18,6 +20,10 @@ run full-lr3e-4 --lr 3e-4
 run full-lr1e-3 --lr 1e-3
 run lpft-lr1e-4 --strategy lp-ft --lr 1e-4
 run full-lr3e-4-s1 --lr 3e-4 --seed 1
+# second round, after the first showed val still rising at epoch 15: 30 epochs
+run e30-lr1e-3 --lr 1e-3 --epochs 30
+run e30-lr2e-3 --lr 2e-3 --epochs 30
+run e30-lr1e-3-s1 --lr 1e-3 --epochs 30 --seed 1
 python3 - "$out" <<'PY'
 import json, pathlib, sys
 rows = []
