@@ -320,7 +320,7 @@ def build(
         raise UserError(f"unknown ensemble method '{method}' (known: {', '.join(COMBINERS)})")
     if len(runs) < 2:
         raise UserError("an ensemble needs at least two runs")
-    evaluate.check_tta(tta, evaluate.TTA_MIN_SIZE, "every member")  # names known; sizes later
+    evaluate.check_tta(tta)  # each member's input size is checked when it predicts
     t0 = time.time()
     runs = [str(r) for r in runs]
     fusion = method == "fusion"

@@ -97,10 +97,11 @@ TTA_VIEWS = {
 TTA_MIN_SIZE = 96  # crops of smaller inputs lose too much
 
 
-def check_tta(tta: str, input_size: int, who: str) -> None:
+def check_tta(tta: str, input_size: int | None = None, who: str = "") -> None:
+    """A known TTA name; crops only for inputs of at least TTA_MIN_SIZE (when a size is given)."""
     if tta not in TTA_VIEWS:
         raise UserError(f"unknown --tta '{tta}' (known: {', '.join(TTA_VIEWS)})")
-    if tta == "crops" and input_size < TTA_MIN_SIZE:
+    if tta == "crops" and input_size is not None and input_size < TTA_MIN_SIZE:
         raise UserError(
             f"--tta crops needs inputs of at least {TTA_MIN_SIZE} px; {who} sees {input_size} px "
             "(use --tta flip)"
