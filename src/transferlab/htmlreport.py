@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, data, evaluate, plots
+from .config import UserError
 
 SORT_JS = """
 document.querySelectorAll('table.sortable th').forEach((th, col) => {
@@ -140,7 +141,7 @@ def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, na
     """The most confidently wrong test images, if the data can still be read."""
     try:
         ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
-    except Exception as err:  # the data may be gone: the page still renders
+    except (UserError, OSError) as err:  # the data may be gone: the page still renders
         return f'<p class="note">most confidently wrong images: data not readable ({html.escape(str(err))})</p>'
     pred, conf = prob.argmax(1), prob.max(1)
     wrong = np.flatnonzero(pred != targets)
