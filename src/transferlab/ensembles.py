@@ -47,7 +47,8 @@ def combine_hard(logp: np.ndarray, weights=None) -> np.ndarray:
 def combine_weighted(logp: np.ndarray, weights) -> np.ndarray:
     """Weighted mean probability with non-negative weights summing to one."""
     w = np.asarray(weights, dtype=np.float64)
-    return logsumexp(logp + np.log(np.maximum(w, 1e-300))[:, None, None], axis=0)
+    mean_p = np.tensordot(w, np.exp(logp), axes=1)  # log-probs <= 0: exp cannot overflow
+    return np.log(np.maximum(mean_p, 1e-300))
 
 
 def fit_weights(logp: np.ndarray, targets: np.ndarray, split: str) -> np.ndarray:
