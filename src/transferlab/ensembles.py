@@ -258,6 +258,8 @@ def member_logp(
     """
     metas = [checkpoint.read_meta(r) for r in runs]
     orders = check_classes(metas, runs)  # every member's columns in the first member's order
+    for run, meta in zip(runs, metas, strict=True):  # before any member spends time predicting
+        evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
     spec = data_spec or metas[0]["data"]
     per_member = {split: [] for split in splits}
     per_member_feats = {split: [] for split in splits}
