@@ -85,6 +85,7 @@ def test_lp_ft_resumes_in_the_fine_tune_stage_without_probing_again(
     cfg = trainer.finetune_config(trained_run, overrides)
     full = trainer.fit(cfg, tmp_path / "full", quiet=True)
     assert full["probe"]["l2"] == 0.01 and full["epochs_run"] == 2
+    assert not (tmp_path / "full" / "features").exists()  # fine-tuned: probe features are stale
     # a run that died after its probe and one fine-tune epoch
     trainer.fit(
         trainer.finetune_config(trained_run, {**overrides, "epochs": 1}), tmp_path / "r", quiet=True
@@ -313,3 +314,37 @@ def test_pooled_stages_widen_only_the_head_and_a_matched_head_starts_as_the_sour
     meta = trainer.fit(tiny_cfg(f"folder:{folder_data}", epochs=1, pool_stages=1), tmp_path / "r")
     assert meta["preprocessing"]["pool_stages"] == 1
     assert evaluate.load_run_model(tmp_path / "r", meta).fc.in_features > src.num_features
+
+
+def test_a_probe_of_the_same_frozen_backbone_reuses_its_features(
+    trained_run, tmp_path, monkeypatch
+):
+    """Features depend on the backbone and the pixels only: a second seed or another L2 skips
+    every forward pass, gets the same numbers, and fusion finds them in the run folders."""
+    from transferlab import ensembles, trainer
+
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    first = trainer.fit(
+        trainer.finetune_config(trained_run, {"strategy": "linear-probe", "probe_l2": 0.01}),
+        tmp_path / "a",
+        quiet=True,
+    )
+    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 3  # train, val, test
+    assert {p.name for p in (tmp_path / "a" / "features").iterdir()} == {
+        f"{s}-none.npz" for s in ("train", "val", "test")
+    }
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass over images: the cached features were not used")
+
+    monkeypatch.setattr(evaluate, "predict", no_forward)
+    second = trainer.fit(
+        trainer.finetune_config(
+            trained_run, {"strategy": "linear-probe", "probe_l2": 0.01, "seed": 7}
+        ),
+        tmp_path / "b",
+        quiet=True,
+    )
+    assert second["metrics"]["test"] == first["metrics"]["test"]  # same features, same fit
+    ens = ensembles.build([tmp_path / "a", tmp_path / "b"], "fusion", tmp_path / "f", quiet=True)
+    assert ens["members"][0]["test"]["top1"] == pytest.approx(first["metrics"]["test"]["top1"])

@@ -269,6 +269,11 @@ def load_logits(run: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
         return z["logits"], z["targets"]
 
 
+def features_key(spec: str, val_fraction, limit, tta: str) -> str:
+    """What a run's cached features were computed on: data, split carving and TTA."""
+    return f"{spec}|{val_fraction}|{limit}|{tta}"
+
+
 def save_features(run: Path, name: str, key: str, feats: np.ndarray) -> None:
     """Cache a run's pooled features (features/NAME.npz); `key` names the data they came from."""
     path = Path(run) / "features" / f"{name}.npz"

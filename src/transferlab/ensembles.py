@@ -280,7 +280,7 @@ def member_logp(
         model = evaluate.load_run_model(run, meta)  # verified against its sha256
         who = f"run {run}"
         evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
-        key = f"{spec}|{meta.get('val_fraction')}|{meta.get('limit')}|{tta}"
+        key = checkpoint.features_key(spec, meta.get("val_fraction"), meta.get("limit"), tta)
         for split in splits:
             f = checkpoint.load_features(run, f"{split}-{tta}", key)
             if f is None:

@@ -16,8 +16,11 @@ BatchNorm statistics cannot move either.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import timm.models
@@ -26,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay
 
-from . import evaluate
+from . import checkpoint, evaluate, models
 from .config import UserError
 
 STRATEGIES = ("full", "linear-probe", "lp-ft", "gradual", "layer-decay")
@@ -80,10 +83,34 @@ def features(
     batch_size: int = 256,
     desc: str = "features",
     quiet: bool = True,
+    cache: Path | None = None,
+    backbone: str = "",
 ) -> torch.Tensor:
-    """Pooled pre-logit features (N, F) of a decoded split, the model in eval mode."""
+    """Pooled pre-logit features (N, F) of a decoded split, the model in eval mode.
+
+    `cache` (a folder) with `backbone` (the frozen backbone's fingerprint): features are stored
+    under a digest of what they depend on (backbone, preprocessing, precision, the decoded
+    pixels) and reused by any later run of the same frozen backbone on the same images: a
+    second seed, another probe strength, a recipe rerun skip the forward passes.
+    """
+    path = None
+    if cache is not None and backbone:
+        h = hashlib.sha256(json.dumps([backbone, prep, precision], sort_keys=True).encode())
+        h.update(np.ascontiguousarray(images).data)
+        path = Path(cache) / "features" / f"{h.hexdigest()[:32]}.npy"
+        if path.is_file():
+            return torch.from_numpy(np.load(path)).to(evaluate.device())
     out = evaluate.predict(model, images, prep, precision, batch_size, desc, quiet, True)
+    if path is not None:
+        with checkpoint.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, out)
     return torch.from_numpy(out).to(evaluate.device())
+
+
+def backbone_sha256(model: nn.Module) -> str:
+    """A fingerprint of everything but the classifier: what frozen features depend on."""
+    heads = models.head_keys(model)
+    return checkpoint.state_sha256({k: v for k, v in model.state_dict().items() if k not in heads})
 
 
 PROBE_L2 = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)  # `--probe-l2 auto`: strong to weak
@@ -99,6 +126,7 @@ def linear_probe(
     log,
     quiet: bool = True,
     batch_size: int = 256,
+    cache: Path | None = None,
 ) -> tuple[list, dict]:
     """Fit the head as an L2-regularised logistic regression on cached, standardised features.
 
@@ -108,8 +136,10 @@ def linear_probe(
     weights towards the head the model started with (L2-SP), so a head initialised by
     `--head-init match` keeps its ImageNet rows unless the data disagree. `l2="auto"` walks
     PROBE_L2 from strong to weak, warm-started, and keeps the strength that scores highest on
-    val. Returns (one history row per strength, best record with its val logits); the model's
-    head ends holding the best weights, folded back to raw features.
+    val. Every split's features are computed once (and kept in `cache`, see `features`).
+    Returns (one history row per strength, best record with its "val_logits", "test_logits"
+    and "features" per split); the model's head ends holding the best weights, folded back to
+    raw features.
     """
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
@@ -121,14 +151,18 @@ def linear_probe(
         f"   stage probe: {sum(p.numel() for p in head.parameters()) / 1e6:.3f}M of "
         f"{total / 1e6:.2f}M parameters train (the head, on features computed once)"
     )
+    backbone = backbone_sha256(model) if cache is not None else ""
     feats = {
-        s: features(model, images[s], prep, precision, batch_size, f"features {s}", quiet)
-        for s in ("train", "val")
+        s: features(model, x, prep, precision, batch_size, f"features {s}", quiet, cache, backbone)
+        for s, x in images.items()
     }
     rows, best = fit_linear(feats, labels, head.weight, head.bias, l2, log, "probe")
     with torch.no_grad():
         head.weight.copy_(best.pop("weight"))
         head.bias.copy_(best.pop("bias"))
+        if "test" in feats:
+            best["test_logits"] = evaluate.head_logits(model, feats["test"].cpu().numpy())
+    best["features"] = {s: f.cpu().numpy() for s, f in feats.items()}
     log(f"   stage probe: l2 {best['l2']:g}, val {best['val_acc']:.2%}")
     return rows, best
 

@@ -128,8 +128,9 @@ def fit(
                     "rerun with --resume to continue"
                 )
 
+        probed = None  # the probe's features of every split, for the run's features/ cache
         if cfg.strategy in ("linear-probe", "lp-ft") and not progress.get("probed"):
-            probe(loop, images, labels, progress, out.name, log, quiet)
+            probed = probe(loop, images, labels, progress, log, quiet)
             save()
         if cfg.strategy == "lp-ft" and progress["epoch"] <= cfg.epochs:
             log(f"   stage fine-tune: {models.describe(model)} (lr {lr:g})")
@@ -192,6 +193,8 @@ def fit(
         time.time() - t_start,
         progress.get("probe"),
         progress.get("val_logits"),
+        progress.get("test_logits"),
+        probed,
     )
     m = meta["metrics"]
     log(
@@ -277,13 +280,16 @@ def lr_find(cfg: TrainConfig, out: str | Path, quiet: bool = False) -> float:
     return find_lr(model, cfg, groups, images, labels, prep, precision, frozen, augment, out, quiet)
 
 
-def probe(loop: Loop, images, labels, progress, name, log, quiet) -> None:
-    """The linear-probe stage: the head alone, on features computed once."""
+def probe(loop: Loop, images, labels, progress, log, quiet) -> dict | None:
+    """The linear-probe stage: the head alone, on features computed once (returned per split).
+
+    A pure probe also scores test from its features; lp-ft goes on to train, so it does not.
+    """
     cfg, t0 = loop.cfg, time.time()
     only = cfg.strategy == "linear-probe"
     rows, best = finetune.linear_probe(
         loop.model,
-        images,
+        images if only else {s: images[s] for s in ("train", "val")},
         labels,
         loop.prep,
         loop.precision,
@@ -291,6 +297,7 @@ def probe(loop: Loop, images, labels, progress, name, log, quiet) -> None:
         log,
         quiet,
         cfg.eval_batch_size,
+        data.resolve_cache(cfg.cache_dir),
     )
     progress["probed"] = True
     progress["probe"] = {
@@ -305,6 +312,7 @@ def probe(loop: Loop, images, labels, progress, name, log, quiet) -> None:
         progress.update(
             history=rows,
             val_logits=torch.from_numpy(best["val_logits"]),  # from cached features: no 2nd pass
+            test_logits=torch.from_numpy(best["test_logits"]),
             epoch=cfg.epochs + 1,
             best={
                 "val_acc": best["val_acc"],
@@ -313,6 +321,7 @@ def probe(loop: Loop, images, labels, progress, name, log, quiet) -> None:
                 "state": state,
             },
         )
+    return best["features"] if only else None  # lp-ft goes on to change the backbone
 
 
 def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: dict, after_step) -> None:
@@ -621,11 +630,14 @@ def finish(
     seconds,
     probe_info: dict | None = None,
     val_logits: torch.Tensor | None = None,
+    test_logits: torch.Tensor | None = None,
+    features: dict | None = None,
     snapshot: dict | None = None,
 ) -> dict:
     """Write weights, logits, history, curves and meta.json (last: it marks the run complete).
 
-    Every rank takes part in the predictions; only rank 0 writes.
+    Every rank takes part in the predictions; only rank 0 writes. A linear probe's `features`
+    (per split) go to the run's features/ cache, where ensembles (fusion) find them.
     """
     cfg, model = loop.cfg, loop.model
     arch = (
@@ -633,8 +645,12 @@ def finish(
     )
     logits = {
         "val": predict_all(loop, images["val"]) if val_logits is None else val_logits.numpy(),
-        "test": predict_all(loop, images["test"]),
+        "test": predict_all(loop, images["test"]) if test_logits is None else test_logits.numpy(),
     }
+    key = checkpoint.features_key(ds.spec, cfg.val_fraction, cfg.limit, "none")
+    for split, f in (features or {}).items():
+        if loop.dist.main and len(f) == len(ds.splits[split]):  # no image was skipped
+            checkpoint.save_features(out, f"{split}-none", key, f)
     results = {split: evaluate.metrics(logits[split], labels[split]) for split in logits}
     best_row = next(r for r in history if r["epoch"] == best["epoch"])
     results["train"] = {
