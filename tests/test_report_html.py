@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from transferlab import ensembles, report
@@ -60,3 +61,16 @@ def test_console_errors_are_detected_negative_control(tmp_path):
     page = tmp_path / "bad.html"
     page.write_text("<html><body><script>undefinedFn()</script></body></html>")
     assert re.search(r"CONSOLE.*(Uncaught|Error)", browse(page, "--dump-dom").stderr)
+
+
+def test_wrong_image_grid_title_fits_even_with_a_single_image():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from transferlab import plots
+
+    title = "lite2-320: the 12 most confidently wrong test images"
+    fig = plots.wrong_grid_figure(np.zeros((1, 64, 64, 3), np.uint8), ["true a\npred b"], title)
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width  # not clipped at either edge

@@ -152,7 +152,8 @@ def wrong_grid_figure(images: np.ndarray, captions: list[str], title: str):
     n = len(images)
     cols = min(n, 6)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.5 * rows), squeeze=False)
+    width = max(2.0 * cols, 6.0)  # one or two images: room for the title
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 2.5 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, img, cap in zip(axes.ravel(), images, captions, strict=False):
