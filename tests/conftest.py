@@ -14,11 +14,24 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+_TEMP_CACHE: str | None = None
+
+
 def pytest_configure(config):
     """Tests never write to the user's ~/.cache: the decoded-image cache goes to a temp dir."""
+    global _TEMP_CACHE
     import tempfile
 
-    os.environ.setdefault("TRANSFERLAB_CACHE", tempfile.mkdtemp(prefix="transferlab-cache-"))
+    if "TRANSFERLAB_CACHE" not in os.environ:
+        _TEMP_CACHE = os.environ["TRANSFERLAB_CACHE"] = tempfile.mkdtemp(prefix="transferlab-cache-")
+
+
+def pytest_unconfigure(config):
+    """...and that temp dir goes when the session ends (CI machines have little disk to spare)."""
+    if _TEMP_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_TEMP_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
