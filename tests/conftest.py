@@ -23,7 +23,9 @@ def pytest_configure(config):
     import tempfile
 
     if "TRANSFERLAB_CACHE" not in os.environ:
-        _TEMP_CACHE = os.environ["TRANSFERLAB_CACHE"] = tempfile.mkdtemp(prefix="transferlab-cache-")
+        _TEMP_CACHE = os.environ["TRANSFERLAB_CACHE"] = tempfile.mkdtemp(
+            prefix="transferlab-cache-"
+        )
 
 
 def pytest_unconfigure(config):

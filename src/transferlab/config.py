@@ -49,7 +49,7 @@ class TrainConfig:
     strategy: str = "full"  # full | linear-probe | lp-ft | gradual | layer-decay
     pool_stages: int = 0  # also feed the head the pooled outputs of the last N feature stages
     layer_decay: float = 0.75  # layer-decay: each block group's LR is this times the group above
-    probe_l2: float | str = "auto"  # linear probe's L2 strength (standardised features), or auto
+    probe_l2: float | str = "auto"  # linear probe's L2 (standardised features); auto: CV on train
     freeze: str = "none"  # none | backbone (train the head only, BatchNorm kept in eval mode)
     val_fraction: float = 0.1  # share of train carved out as the validation split
     limit: int | None = None  # at most this many images per split (smoke tests)

@@ -94,8 +94,8 @@ STACKING_L2 = (1000.0, 100.0, 10.0, 1.0, 0.1, 0.01)  # strong (the logit ensembl
 
 def fit_stacking(logp: np.ndarray, targets: np.ndarray, split: str, folds: int = 5) -> dict:
     """Multinomial logistic regression on member log-probs (N, M*K), fitted on the fitting
-    split; its L2 strength chosen by stratified cross-validation on that split (most images
-    right, then lowest NLL).
+    split; its L2 strength chosen by stratified cross-validation on that split (lowest NLL,
+    `finetune.cv_strength`).
 
     The penalty pulls towards the logit ensemble (each class's score = the mean of the members'
     log-probs for it), so strong regularisation falls back to averaging, and the stacker only
@@ -103,7 +103,6 @@ def fit_stacking(logp: np.ndarray, targets: np.ndarray, split: str, folds: int =
     over M*K inputs over-fits.
     """
     import torch
-    from sklearn.model_selection import KFold, StratifiedKFold
 
     from . import finetune
 
@@ -113,21 +112,9 @@ def fit_stacking(logp: np.ndarray, targets: np.ndarray, split: str, folds: int =
     w0 = torch.zeros(k, m * k)
     w0[np.arange(k).repeat(m), (np.arange(m)[None] * k + np.arange(k)[:, None]).ravel()] = 1 / m
     b0 = torch.zeros(k)
-    smallest = np.bincount(targets).min(initial=0) if len(set(targets)) > 1 else 0
-    cv = (
-        StratifiedKFold(min(folds, smallest), shuffle=True, random_state=0)
-        if smallest >= 2
-        else KFold(min(folds, n), shuffle=True, random_state=0)
-    )
+    lam, _ = finetune.cv_strength(x, targets, w0, b0, STACKING_L2, folds)
+    lam = STACKING_L2[0] if lam is None else lam  # too few images to fold: the strongest
     quiet = lambda *a: None  # noqa: E731
-    top1, loss = np.zeros(len(STACKING_L2)), np.zeros(len(STACKING_L2))
-    for fit_idx, held_idx in cv.split(np.zeros(n), targets):
-        feats = {"train": x[fit_idx], "val": x[held_idx]}
-        labels = {"train": targets[fit_idx], "val": targets[held_idx]}
-        rows, _ = finetune.fit_linear(feats, labels, w0, b0, STACKING_L2, quiet, "stacking")
-        top1 += [r["val_acc"] * len(held_idx) for r in rows]
-        loss += [r["val_loss"] * len(held_idx) for r in rows]
-    lam = STACKING_L2[min(range(len(top1)), key=lambda i: (-round(top1[i]), loss[i]))]
     _, best = finetune.fit_linear(
         {"train": x, "val": x}, {"train": targets, "val": targets}, w0, b0, lam, quiet, "stacking"
     )
