@@ -253,7 +253,8 @@ def fit_linear(
             }
         )
         log(f"   {what} l2 {lam:g}: train {train['top1']:.2%}, val {val['top1']:.2%}")
-        if lam == choose if choose is not None else evaluate.improves(val, best):
+        keep = lam == choose if choose is not None else evaluate.improves(val, best)
+        if keep:
             best = {
                 "val_acc": val["top1"],
                 "val_loss": val["loss"],
