@@ -158,7 +158,7 @@ def linear_probe(
         s: features(model, x, prep, precision, batch_size, f"features {s}", quiet, cache, backbone)
         for s, x in images.items()
     }
-    strengths = PROBE_L2 if l2 == "auto" else tuple(l2) if isinstance(l2, tuple) else (l2,)
+    strengths = _strengths(l2)
     chosen, cv_loss = cv_strength(
         feats["train"], labels["train"], head.weight, head.bias, strengths
     )
@@ -175,6 +175,11 @@ def linear_probe(
     how = "lowest 5-fold CV NLL on train" if cv_loss is not None else "as set"
     log(f"   stage probe: l2 {best['l2']:g} ({how}), val {best['val_acc']:.2%}")
     return rows, best
+
+
+def _strengths(l2) -> tuple:
+    """One strength, a tuple of them, or "auto" (PROBE_L2), as a tuple."""
+    return PROBE_L2 if l2 == "auto" else tuple(l2) if isinstance(l2, tuple) else (l2,)
 
 
 def cv_strength(
@@ -197,8 +202,8 @@ def cv_strength(
     )
     loss = np.zeros(len(strengths))
     for fit_idx, held_idx in cv.split(np.zeros(n), y):
-        fit_t, held_t = torch.as_tensor(fit_idx), torch.as_tensor(held_idx)
-        feats = {"train": x[fit_t.to(x.device)], "val": x[held_t.to(x.device)]}
+        fit_t, held_t = (torch.as_tensor(i, device=x.device) for i in (fit_idx, held_idx))
+        feats = {"train": x[fit_t], "val": x[held_t]}
         labels = {"train": y[fit_idx], "val": y[held_idx]}
         rows, _ = fit_linear(feats, labels, w_init, b_init, strengths, lambda *a: None, "cv")
         loss += [r["val_loss"] * len(held_idx) for r in rows]
@@ -232,7 +237,7 @@ def fit_linear(
         b0 = b_init.detach().float().to(mu.device) + w_init.detach().float().to(mu.device) @ mu
     w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
     rows, best = [], {"val_acc": -1.0, "val_loss": math.inf}
-    strengths = PROBE_L2 if l2 == "auto" else tuple(l2) if isinstance(l2, tuple) else (l2,)
+    strengths = _strengths(l2)
     for i, lam in enumerate(strengths, 1):
         t0 = time.time()
         _lbfgs(w, b, z["train"], ys, w0, lam)
