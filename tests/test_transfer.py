@@ -169,6 +169,36 @@ def test_gradual_epoch_one_trains_only_the_head_and_freezes_batchnorm(
     assert meta["trainable_params"] == model.fc.weight.numel() + model.fc.bias.numel()
 
 
+def test_freeze_n_keeps_the_lowest_block_groups_fixed_and_trains_the_rest(folder_data, tmp_path):
+    """--freeze 2: the stem and the first stage keep weights and BatchNorm statistics; all above train."""
+    from safetensors.torch import load_file
+
+    from transferlab import finetune, trainer
+    from transferlab.config import UserError
+
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg(f"folder:{folder_data}", freeze="2", epochs=1)
+    start, model = _initial_state(cfg)
+    groups = finetune.block_groups(model)
+    meta = trainer.fit(cfg, tmp_path / "f2", quiet=True)
+    after = load_file(tmp_path / "f2" / "model.safetensors")
+    low = {k for g in groups[:2] for k in g}
+    module_of = lambda k: k.rsplit(".", 1)[0]  # noqa: E731
+    frozen_modules = {module_of(k) for k in low}
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    assert not {k for k in changed if module_of(k) in frozen_modules}  # weights and running stats
+    assert {k for k in after if k in {n for g in groups[2:] for n in g}} <= changed
+    assert meta["trainable_params"] == sum(
+        p.numel() for n, p in model.named_parameters() if n not in low
+    )
+    with pytest.raises(UserError, match="would freeze everything"):
+        trainer.freeze(model, str(len(groups)))
+    for bad in ("0", "-1", "two", "stages"):
+        with pytest.raises(UserError, match="freeze must be"):
+            tiny_cfg(f"folder:{folder_data}", freeze=bad)
+
+
 def test_each_strategy_optimizer_holds_exactly_what_trains(folder_data):
     from transferlab import finetune, trainer
 

@@ -50,7 +50,7 @@ class TrainConfig:
     pool_stages: int = 0  # also feed the head the pooled outputs of the last N feature stages
     layer_decay: float = 0.75  # layer-decay: each block group's LR is this times the group above
     probe_l2: float | str = "auto"  # linear probe's L2 (standardised features); auto: CV on train
-    freeze: str = "none"  # none | backbone (train the head only, BatchNorm kept in eval mode)
+    freeze: str = "none"  # none | backbone (the head trains) | N (the N lowest block groups, stem first, stay frozen); frozen BatchNorm keeps its statistics
     val_fraction: float = 0.1  # share of train carved out as the validation split
     limit: int | None = None  # at most this many images per split (smoke tests)
     seed: int = 0  # seeds init, sampler order and augmentation (splits are fixed)
@@ -137,7 +137,6 @@ def make_config(overrides: dict, base: TrainConfig | None = None) -> TrainConfig
 CHOICES = {
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("cosine", "plateau", "constant"),
-    "freeze": ("none", "backbone"),
     "crop": ("pad", "rrc", "none"),
     "head_init": ("fresh", "match"),
     "stem": ("default", "small"),
@@ -151,6 +150,12 @@ def validate(cfg: TrainConfig) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.freeze not in ("none", "backbone") and not (
+        cfg.freeze.isdigit() and int(cfg.freeze) > 0
+    ):
+        raise UserError(
+            f"freeze must be none, backbone or a number of block groups (1, 2, ...), got {cfg.freeze!r}"
+        )
     if not 0 <= cfg.pool_stages <= 4:
         raise UserError(f"pool_stages must be between 0 and 4, got {cfg.pool_stages}")
     if cfg.channels not in (None, 1, 3):

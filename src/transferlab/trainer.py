@@ -576,11 +576,24 @@ def out_of_memory_hint(batch_size: int):
 
 
 def freeze(model: nn.Module, what: str) -> list[nn.Module]:
-    """Freeze parameters; returns the frozen modules, whose BatchNorm stays in eval mode."""
+    """Freeze parameters; returns the frozen modules, whose BatchNorm stays in eval mode.
+
+    what: "none", "backbone" (only the classifier trains) or a count N: the N lowest of timm's
+    coarse block groups (stem, stages, ...) stay frozen. No gradient flows below the lowest
+    trainable layer, so freezing the high-resolution early stages also saves their backward pass.
+    """
     if what == "none":
         return []
-    head = {id(p) for p in model.get_classifier().parameters()}
-    return finetune.train_only(model, {n for n, p in model.named_parameters() if id(p) in head})
+    if what == "backbone":
+        head = {id(p) for p in model.get_classifier().parameters()}
+        return finetune.train_only(model, {n for n, p in model.named_parameters() if id(p) in head})
+    groups = finetune.block_groups(model)
+    if int(what) >= len(groups):
+        raise UserError(
+            f"freeze {what} would freeze everything: {type(model).__name__} has {len(groups)} "
+            f"block groups, the head last; use at most {len(groups) - 1}, or freeze backbone"
+        )
+    return finetune.train_only(model, {n for group in groups[int(what) :] for n in group})
 
 
 def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
