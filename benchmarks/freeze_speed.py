@@ -52,7 +52,7 @@ def main() -> None:
         opt.step()
 
     rates = {what: [] for what in setups}
-    for what, (model, opt, _) in setups.items():
+    for model, opt, _ in setups.values():
         step(model, opt)  # warm-up
     for _ in range(args.rounds):
         for what, (model, opt, _) in setups.items():
