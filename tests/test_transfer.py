@@ -197,6 +197,9 @@ def test_freeze_n_keeps_the_lowest_block_groups_fixed_and_trains_the_rest(folder
     for bad in ("0", "-1", "two", "stages"):
         with pytest.raises(UserError, match="freeze must be"):
             tiny_cfg(f"folder:{folder_data}", freeze=bad)
+    for strategy in ("linear-probe", "gradual"):  # they decide themselves what is frozen
+        with pytest.raises(UserError, match="does not combine"):
+            tiny_cfg(f"folder:{folder_data}", freeze="2", strategy=strategy)
 
 
 def test_each_strategy_optimizer_holds_exactly_what_trains(folder_data):

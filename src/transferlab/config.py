@@ -156,6 +156,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(
             f"freeze must be none, backbone or a number of block groups (1, 2, ...), got {cfg.freeze!r}"
         )
+    if cfg.freeze != "none" and cfg.strategy in ("linear-probe", "gradual"):
+        raise UserError(
+            f"freeze {cfg.freeze} does not combine with strategy {cfg.strategy}, which decides "
+            "itself what is frozen; use strategy full, lp-ft or layer-decay with freeze"
+        )
     if not 0 <= cfg.pool_stages <= 4:
         raise UserError(f"pool_stages must be between 0 and 4, got {cfg.pool_stages}")
     if cfg.channels not in (None, 1, 3):
