@@ -39,8 +39,8 @@ def block_groups(model: nn.Module) -> list[list[str]]:
     """Parameter names per block group, input side first, the head last (coarse group_matcher)."""
     if not hasattr(model, "group_matcher"):
         raise UserError(
-            f"{type(model).__name__} has no group_matcher, which gradual and layer-decay need; "
-            "use --strategy full, linear-probe or lp-ft"
+            f"{type(model).__name__} has no group_matcher, which gradual, layer-decay and "
+            "--freeze N need; use --strategy full, linear-probe or lp-ft, --freeze none or backbone"
         )
     groups = timm.models.group_parameters(model, model.group_matcher(coarse=True))
     return [groups[k] for k in sorted(groups)]

@@ -587,13 +587,13 @@ def freeze(model: nn.Module, what: str) -> list[nn.Module]:
     if what == "backbone":
         head = {id(p) for p in model.get_classifier().parameters()}
         return finetune.train_only(model, {n for n, p in model.named_parameters() if id(p) in head})
-    groups = finetune.block_groups(model)
-    if int(what) >= len(groups):
+    groups, n = finetune.block_groups(model), int(what)
+    if n >= len(groups):
         raise UserError(
-            f"freeze {what} would freeze everything: {type(model).__name__} has {len(groups)} "
+            f"freeze {n} would freeze everything: {type(model).__name__} has {len(groups)} "
             f"block groups, the head last; use at most {len(groups) - 1}, or freeze backbone"
         )
-    return finetune.train_only(model, {n for group in groups[int(what) :] for n in group})
+    return finetune.train_only(model, {name for group in groups[n:] for name in group})
 
 
 def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
