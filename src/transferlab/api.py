@@ -89,12 +89,13 @@ def train(out: str | Path, quiet: bool = True, resume: bool = False, **config) -
 
 def ensemble(
     runs: list, method: str = "soft", out: str | Path = "runs/ensemble", tta: str = "none",
-    quiet: bool = True,
+    quiet: bool = True, overwrite: bool = False,
 ) -> Model:  # fmt: skip
-    """Combine runs (any architectures, input sizes, channels) into the ensemble folder `out`."""
+    """Combine runs (any architectures, input sizes, channels) into the ensemble folder `out`
+    (an existing ensemble there is replaced only with `overwrite`)."""
     from . import ensembles
 
-    ensembles.build([os.fspath(r) for r in runs], method, out, None, quiet, tta)
+    ensembles.build([os.fspath(r) for r in runs], method, out, None, quiet, tta, overwrite)
     return Model(Path(out))
 
 

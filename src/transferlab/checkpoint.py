@@ -18,6 +18,7 @@ import os
 import pickle
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -265,8 +266,12 @@ def load_logits(run: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
     path = Path(run) / "logits" / f"{split}.npz"
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        return z["logits"], z["targets"]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["logits"], z["targets"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        warnings.warn(f"{path} is damaged: predicting again instead", stacklevel=2)
+        return None
 
 
 def features_key(spec: str, val_fraction, limit, tta: str) -> str:
@@ -286,8 +291,12 @@ def load_features(run: Path, name: str, key: str) -> np.ndarray | None:
     path = Path(run) / "features" / f"{name}.npz"
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        return z["features"] if str(z["key"]) == key else None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["features"] if str(z["key"]) == key else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        warnings.warn(f"{path} is damaged: computing the features again", stacklevel=2)
+        return None
 
 
 def state_sha256(state: dict) -> str:

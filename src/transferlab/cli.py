@@ -49,13 +49,19 @@ class Parser(argparse.ArgumentParser):
 
 
 def _sub(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
-    return subparsers.add_parser(
+    p = subparsers.add_parser(
         name,
         help=help_text,
         description=help_text,
         epilog=f"example:\n  {EXAMPLES[name]}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # also after the subcommand (`transferlab train ... --quiet`); SUPPRESS keeps a --quiet
+    # given before it
+    p.add_argument(
+        "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+    )
+    return p
 
 
 def _config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -139,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "head on the members' concatenated features, fitted on train, chosen on val) [soft]",
     )
     p.add_argument("--out", required=True, help="ensemble folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing ensemble in --out")
     p.add_argument("--data", help="dataset spec [the members' own]")
     p.add_argument("--tta", default="none", help=TTA_HELP)
 
@@ -146,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a run folder")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
     p.add_argument("--out", help="file to write [RUN/export/model.onnx|.pt|.safetensors]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     p = _sub(sub, "predict", "top-k class names for image files and folders")
     p.add_argument("path", help="a run folder or an ensemble folder")
@@ -226,6 +234,8 @@ def cmd_evaluate(args) -> None:
 
     result = ensembles.evaluate_path(args.path, args.data, args.split, args.quiet, args.tta)
     m = result["metrics"]
+    for note in result["notes"]:
+        print(f"note: {note}")
     print(
         f"{args.path} on {result['data']} [{args.split}]: top-1 {m['top1']:.2%}  "
         f"top-5 {m['top5']:.2%}  loss {m['loss']:.4f}  n={m['n']}"
@@ -238,7 +248,9 @@ def cmd_evaluate(args) -> None:
 def cmd_ensemble(args) -> None:
     from . import ensembles, recipe
 
-    info = ensembles.build(args.runs, args.method, args.out, args.data, args.quiet, args.tta)
+    info = ensembles.build(
+        args.runs, args.method, args.out, args.data, args.quiet, args.tta, args.overwrite
+    )
     recipe.print_ensemble(info)
     print(f"ensemble -> {args.out}")
 
@@ -246,7 +258,7 @@ def cmd_ensemble(args) -> None:
 def cmd_export(args) -> None:
     from . import export
 
-    result = export.export(args.path, args.format, args.out)
+    result = export.export(args.path, args.format, args.out, args.overwrite)
     check = result["check"]
     if check:
         print(
@@ -285,8 +297,6 @@ def cmd_soup(args) -> None:
 def cmd_report(args) -> None:
     from . import report
 
-    if not Path(args.path).is_dir():
-        raise UserError(f"report folder not found: {args.path}")
     path, table = report.write(args.path)
     print(table)
     print(f"report -> {path}")
@@ -317,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         print(f"transferlab {args.command}: {err}", file=sys.stderr)
         return 143
+    except OSError as err:  # the disk or the OS refused (full, read-only, gone): say which file
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"transferlab {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"transferlab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 
 class UserError(Exception):
     """A mistake the user can fix; the CLI prints it as one line and exits 2."""
+
+    def __init__(self, message: str):  # one line, even when it quotes a value with newlines
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class Preempted(Exception):
@@ -77,9 +81,10 @@ def _coerce(name: str, value: object, hint: object) -> object:
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
         try:
-            return _coerce(name, value, float)
-        except UserError:
+            float(value)
+        except (TypeError, ValueError):
             raise UserError(f"{name} must be a number or auto, got {value!r}") from None
+        return _coerce(name, value, float)
     optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
     base = next((a for a in hint.__args__ if a is not type(None)), str) if optional else hint
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
@@ -108,11 +113,17 @@ def _coerce(name: str, value: object, hint: object) -> object:
             number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise UserError(f"{name} must be a finite number, got {value!r}")
         if base is int:
             if number != int(number):
                 raise UserError(f"{name} must be a whole number, got {value!r}")
             return int(number)
         return number
+    if isinstance(value, (list, dict, tuple, set)):
+        raise UserError(
+            f"{name} must be a single value, got {type(value).__name__} {value!r}"[:200]
+        )
     return str(value)
 
 
@@ -165,15 +176,20 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"pool_stages must be between 0 and 4, got {cfg.pool_stages}")
     if cfg.channels not in (None, 1, 3):
         raise UserError(f"channels must be 1 or 3, got {cfg.channels}")
-    if cfg.input_size is not None and not 8 <= cfg.input_size <= 1024:
-        raise UserError(f"input_size must be between 8 and 1024, got {cfg.input_size}")
-    for key in ("lr", "probe_l2"):
-        if getattr(cfg, key) != "auto" and getattr(cfg, key) <= 0:
-            raise UserError(f"{key} must be positive or auto, got {getattr(cfg, key)}")
-    if cfg.keep_last < 1 or cfg.checkpoint_every < 0:
-        raise UserError("keep_last must be at least 1 and checkpoint_every at least 0")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise UserError("epochs and batch_size must be at least 1")
+    for key, (low, high, why) in RANGES.items():
+        value = getattr(cfg, key)
+        if value is None or value == "auto":
+            continue
+        if not (math.isfinite(value) and _within(value, low, high)):
+            raise UserError(f"{key} must be {_range_text(low, high)}{why}, got {value}")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise UserError(
+            f"warmup_epochs ({cfg.warmup_epochs:g}) must not exceed epochs ({cfg.epochs})"
+        )
+    if cfg.input_size is not None and cfg.crop == "pad" and cfg.crop_pad >= cfg.input_size:
+        raise UserError(
+            f"crop_pad ({cfg.crop_pad}) must be smaller than input_size ({cfg.input_size})"
+        )
     if cfg.snapshots:
         if cfg.snapshots < 2 or cfg.epochs % cfg.snapshots:
             raise UserError(
@@ -184,8 +200,44 @@ def validate(cfg: TrainConfig) -> None:
                 "snapshots need the cosine schedule, no early stopping (patience 0) and a "
                 "strategy that trains the network (not linear-probe)"
             )
-    if not 0 < cfg.val_fraction < 0.9:
-        raise UserError(f"val_fraction must be in (0, 0.9), got {cfg.val_fraction}")
+
+
+# Numeric ranges, checked for every config however it was made (CLI, recipe, Python API):
+# (low, high, why); a bound in a tuple is exclusive.
+RANGES = {
+    "epochs": (1, 100_000, ""),
+    "batch_size": (2, 65_536, " (BatchNorm cannot train on one image per batch)"),
+    "eval_batch_size": (1, 65_536, ""),
+    "lr": ((0,), 10, ""),
+    "probe_l2": ((0,), 1e6, ""),
+    "weight_decay": (0, 10, ""),
+    "momentum": (0, (1,), ""),
+    "warmup_epochs": (0, 100_000, ""),
+    "label_smoothing": (0, (1,), ""),
+    "crop_pad": (-1, 1024, " (-1: input_size // 8)"),
+    "patience": (0, 100_000, " (0: off)"),
+    "snapshots": (0, 1000, " (0: off)"),
+    "layer_decay": ((0,), 1, ""),
+    "val_fraction": ((0,), (0.9,), ""),
+    "limit": (1, 10**9, " (or none)"),
+    "seed": (0, 2**32 - 1, ""),
+    "num_workers": (0, 64, ""),
+    "checkpoint_every": (0, 10**9, " (0: each epoch)"),
+    "keep_last": (1, 1000, ""),
+    "input_size": (8, 1024, ""),
+}
+
+
+def _within(value: float, low, high) -> bool:
+    above = value > low[0] if isinstance(low, tuple) else value >= low
+    below = value < high[0] if isinstance(high, tuple) else value <= high
+    return above and below
+
+
+def _range_text(low, high) -> str:
+    left = f"> {low[0]:g}" if isinstance(low, tuple) else f">= {low:g}"
+    right = f"< {high[0]:g}" if isinstance(high, tuple) else f"<= {high:g}"
+    return f"{left} and {right}"
 
 
 def field_help(cls: type = TrainConfig) -> dict[str, str]:

@@ -54,27 +54,62 @@ class Dataset:
     splits: dict[str, Split]  # train, val, test
     native_size: int  # the images' own size (used for models trained from scratch)
     native_channels: int  # 1 for grayscale sources, else 3
+    fingerprint: str = ""  # sha256 of every split's (relative path or pixels, label)
+    notes: tuple[str, ...] = ()  # what loading skipped (folders, files), to be printed
 
 
 # ----------------------------------------------------------------------------- sources
 
 
+PATH_KINDS = ("tiny-imagenet", "folder")  # specs whose argument is a path
+
+
+def canonical(spec: str) -> str:
+    """The spec with its path made absolute, so a run's record of its data holds from any cwd."""
+    kind, _, arg = str(spec).partition(":")
+    if kind in PATH_KINDS and arg:
+        return f"{kind}:{Path(arg).expanduser().resolve()}"
+    return str(spec)
+
+
 def load(spec: str, val_fraction: float = 0.1, limit: int | None = None) -> Dataset:
     """Load a dataset spec: `digits`, `tiny-imagenet:PATH` or `folder:PATH`."""
-    kind, _, arg = spec.partition(":")
+    kind, _, arg = str(spec).partition(":")
     if kind not in SOURCES:
         raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)})")
-    if kind in ("tiny-imagenet", "folder") and not arg:
+    if kind in PATH_KINDS and not arg:
         raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
-    classes, names, train, test, native_size, channels = SOURCES[kind](arg)
+    notes: list[str] = []
+    classes, names, train, test, native_size, channels = SOURCES[kind](arg, notes)
     train, val = carve(train, val_fraction)
     splits = {"train": train, "val": val, "test": test}
     if limit:
         splits = {k: v.subset(stratified_head(v.labels, limit)) for k, v in splits.items()}
-    return Dataset(spec, classes, names, splits, native_size, channels)
+    root = Path(arg).expanduser() if kind in PATH_KINDS else None
+    return Dataset(
+        canonical(spec), classes, names, splits, native_size, channels,
+        fingerprint(splits, root), tuple(notes),
+    )  # fmt: skip
 
 
-def _digits(_: str):
+def fingerprint(splits: dict[str, Split], root: Path | None) -> str:
+    """What the splits hold: file paths relative to the data root (so a moved dataset keeps
+    its fingerprint) or in-memory pixels, with their labels. Cheap: no image is read."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        split = splits[name]
+        h.update(f"{name}\0{len(split)}\0".encode())
+        h.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
+        if split.paths is not None:
+            for path in split.paths:
+                rel = os.path.relpath(path, root) if root is not None else path
+                h.update(rel.encode(errors="surrogateescape") + b"\n")
+        else:
+            h.update(np.ascontiguousarray(split.arrays).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _digits(_: str, notes: list[str]):
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -85,7 +120,7 @@ def _digits(_: str):
     return classes, classes, train, test, 8, 1
 
 
-def _synthetic(arg: str):
+def _synthetic(arg: str, notes: list[str]):
     """`synthetic:N` or `synthetic:NxSIZE`: N random RGB images whose class is the colour of
     a central square (10 classes), made in memory; for benchmarks and smoke tests."""
     count, _, size = arg.partition("x")
@@ -104,7 +139,7 @@ def _synthetic(arg: str):
     return classes, classes, train, test, size, 3
 
 
-def _tiny_imagenet(root: str):
+def _tiny_imagenet(root: str, notes: list[str]):
     root_path = _existing_dir(root)
     wnids_file = root_path / "wnids.txt"
     if not wnids_file.is_file():
@@ -141,22 +176,21 @@ def _tiny_imagenet(root: str):
     return wnids, names, train, test, 64, 3
 
 
-def _folder(root: str):
+def _folder(root: str, notes: list[str]):
     root_path = _existing_dir(root)
     subdirs = {d.name for d in _visible_dirs(root_path)}
     if "train" in subdirs:
-        classes = _class_dirs(root_path / "train")
-        train = _folder_split(root_path / "train", classes)
+        classes = _class_dirs(root_path / "train", notes)
+        train = _folder_split(root_path / "train", classes, notes)
         held_out = "test" if "test" in subdirs else "val" if "val" in subdirs else None
         if held_out:
-            test = _folder_split(root_path / held_out, classes)
+            test = _folder_split(root_path / held_out, classes, notes)
         else:
             train, test = carve(train, TEST_FRACTION)
     else:
-        classes = _class_dirs(root_path)
-        train, test = carve(_folder_split(root_path, classes), TEST_FRACTION)
-    size = _probe_size(train.paths[0])
-    return classes, classes, train, test, size, 3
+        classes = _class_dirs(root_path, notes)
+        train, test = carve(_folder_split(root_path, classes, notes), TEST_FRACTION)
+    return classes, classes, train, test, native_size(train.paths), 3
 
 
 SOURCES = {
@@ -176,9 +210,14 @@ def _existing_dir(path: str) -> Path:
     return p
 
 
-def _visible_dirs(path: Path) -> list[Path]:
-    """Sub-folders, skipping hidden ones such as .ipynb_checkpoints (never classes)."""
-    return sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
+def _visible_dirs(path: Path, notes: list[str] | None = None) -> list[Path]:
+    """Sub-folders, skipping hidden ones such as .ipynb_checkpoints (never classes); what is
+    skipped is added to `notes`, never dropped in silence."""
+    dirs = sorted(d for d in path.iterdir() if d.is_dir())
+    hidden = [d.name for d in dirs if d.name.startswith((".", "_"))]
+    if hidden and notes is not None:
+        notes.append(f"skipped hidden folder(s) in {path}: {', '.join(hidden)}")
+    return [d for d in dirs if not d.name.startswith((".", "_"))]
 
 
 def _image_files(path: Path) -> list[str]:
@@ -191,36 +230,54 @@ def _image_files(path: Path) -> list[str]:
     )
 
 
-def _class_dirs(root: Path) -> list[str]:
+def _class_dirs(root: Path, notes: list[str]) -> list[str]:
     classes = [d.name for d in _visible_dirs(root)]
     if not classes:
         raise UserError(f"no class folders in {root}")
     return classes
 
 
-def _folder_split(root: Path, classes: list[str]) -> Split:
-    found = [d.name for d in _visible_dirs(root)]
+def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
+    found = [d.name for d in _visible_dirs(root, notes)]
     if set(found) != set(classes):
         extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
         raise UserError(
             f"{root} has different classes from train: extra {extra or '[]'}, missing {missing or '[]'}"
         )
     paths, labels = [], []
+    others = []
     for i, name in enumerate(classes):
         files = _image_files(root / name)
         if not files:
             raise UserError(f"class folder has no images: {root / name}")
         paths += files
         labels += [i] * len(files)
+        others += [f.name for f in (root / name).iterdir() if f.is_file() and str(f) not in files]
+    if others:
+        notes.append(
+            f"skipped {len(others)} file(s) in {root} that are not images (by extension, one of "
+            f"{' '.join(sorted(IMAGE_EXTENSIONS))}): {', '.join(sorted(others)[:5])}"
+            + (" ..." if len(others) > 5 else "")
+        )
     return Split(np.array(labels, dtype=np.int64), paths=paths)
 
 
-def _probe_size(path: str) -> int:
-    try:
-        with Image.open(path) as im:
-            return int(min(im.size))
-    except Exception:
-        return 224
+NATIVE_SAMPLE = 64  # files whose sizes decide a folder's native size
+
+
+def native_size(paths: list[str]) -> int:
+    """The median shorter side of up to NATIVE_SAMPLE files spread over the list: one odd file
+    (a 1x1 thumbnail, a 4000 px photo) does not decide it. Unreadable files are skipped here
+    (decoding reports them); with none readable, 224."""
+    picks = np.unique(np.linspace(0, len(paths) - 1, min(NATIVE_SAMPLE, len(paths))).astype(int))
+    sides = []
+    for i in picks:
+        try:
+            with Image.open(paths[i]) as im:
+                sides.append(min(im.size))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+    return int(np.clip(np.median(sides), 8, 1024)) if sides else 224
 
 
 # ----------------------------------------------------------------------------- splits
@@ -415,10 +472,14 @@ def _cached_decode(
     except OSError as err:  # a file vanished: report it like any unreadable image
         raise UserError(f"cannot read {err.filename}: {err.strerror}") from None
     array_path, info_path = cache / f"{key}.npy", cache / f"{key}.json"
-    if array_path.is_file() and info_path.is_file():
-        info = json.loads(info_path.read_text())
-        return np.load(array_path, mmap_mode="r"), info["bad_idx"], info["bad"]
-    cache.mkdir(parents=True, exist_ok=True)
+    shape = (len(split), size, size, channels)
+    found = _read_cached(array_path, info_path, shape)
+    if found is not None:
+        return found
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the decode cache {cache}: {err.strerror}") from None
     tmp = cache / f".{key}.{os.getpid()}.npy.tmp"
     try:
         out = np.lib.format.open_memmap(
@@ -430,12 +491,27 @@ def _cached_decode(
         os.replace(tmp, array_path)
     finally:
         tmp.unlink(missing_ok=True)
-    info_path.write_text(
-        json.dumps(
-            {"n": len(split), "size": size, "channels": channels, "bad_idx": bad_idx, "bad": bad}
-        )
-    )
+    info = {"n": len(split), "size": size, "channels": channels, "bad_idx": bad_idx, "bad": bad}
+    from .checkpoint import write_json  # atomic: a crash leaves the old entry or none
+
+    write_json(info_path, info)
     return np.load(array_path, mmap_mode="r"), bad_idx, bad
+
+
+def _read_cached(array_path: Path, info_path: Path, shape: tuple) -> tuple | None:
+    """A cache entry if it is whole (the shape it should have, readable info); else None, so
+    a corrupt or truncated entry is rebuilt rather than trusted."""
+    if not (array_path.is_file() and info_path.is_file()):
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+        array = np.load(array_path, mmap_mode="r")
+        if array.shape == shape and array.dtype == np.uint8 and info["n"] == shape[0]:
+            return array, list(info["bad_idx"]), list(info["bad"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        pass
+    warnings.warn(f"decode cache entry {array_path.name} is damaged: rebuilding it", stacklevel=3)
+    return None
 
 
 def _to_array(im: Image.Image, channels: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 
-from . import checkpoint, data, evaluate, plots
+from . import checkpoint, data, evaluate, outputs, plots
 from .config import UserError
 
 ENSEMBLE = "ensemble.json"
@@ -247,23 +247,19 @@ def member_logp(
     orders = check_classes(metas, runs)  # every member's columns in the first member's order
     for run, meta in zip(runs, metas, strict=True):  # before any member spends time predicting
         evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
-    spec = data_spec or metas[0]["data"]
+    spec = data.canonical(data_spec or metas[0]["data"])
+    ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
     per_member = {split: [] for split in splits}
     per_member_feats = {split: [] for split in splits}
-    targets, ds = {}, None
+    targets = {}
     for run, meta, order in zip(runs, metas, orders, strict=True):
-        same_data = (meta["data"], meta.get("val_fraction"), meta.get("limit")) == (
-            spec, metas[0].get("val_fraction"), metas[0].get("limit")
-        )  # fmt: skip
         saved = [checkpoint.load_logits(run, s) for s in splits]
-        if tta == "none" and not features and same_data and None not in saved:
+        if tta == "none" and not features and same_data(meta, ds, metas[0]) and None not in saved:
             checkpoint.load_run_weights(run, meta)  # every member must be a sound, safe run
             for split, (lg, y) in zip(splits, saved, strict=True):
                 per_member[split].append(evaluate.log_softmax(lg[:, order]))
                 targets.setdefault(split, y)
             continue
-        if ds is None:
-            ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
         model = evaluate.load_run_model(run, meta)  # verified against its sha256
         who = f"run {run}"
         evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
@@ -276,7 +272,7 @@ def member_logp(
             per_member_feats[split].append(f)
             lg = evaluate.head_logits(model, f)  # the run's own class order
             per_member[split].append(evaluate.log_softmax(lg[:, order]))
-    if ds is not None:  # targets in the first member's class order
+    if len(targets) < len(splits):  # some member predicted: targets in the first's class order
         first = metas[0]
         to_first = evaluate.class_map(
             first["classes"], first["class_names"], ds.classes, ds.names, f"run {runs[0]}"
@@ -291,6 +287,32 @@ def member_logp(
     return logp, targets, metas, spec, feats
 
 
+def same_data(meta: dict, ds: data.Dataset, first: dict) -> bool:
+    """A run's cached logits are for `ds`: same spec, split carving and files (fingerprint)."""
+    recorded = meta.get("data_fingerprint")  # runs made before fingerprints: trust the spec
+    return (
+        data.canonical(meta["data"]) == ds.spec
+        and (meta.get("val_fraction"), meta.get("limit"))
+        == (first.get("val_fraction"), first.get("limit"))
+        and recorded in (None, ds.fingerprint)
+    )
+
+
+def check_members(info: dict, path: str | Path) -> list[dict]:
+    """The members' metas, refusing any member whose weights changed since the ensemble was
+    built (its fitted combiner and cached numbers would silently no longer match)."""
+    metas = []
+    for m in info["members"]:
+        meta = checkpoint.read_meta(m["run"])
+        if m.get("weights_sha256") and meta.get("weights_sha256") != m["weights_sha256"]:
+            raise UserError(
+                f"member {m['run']} changed since ensemble {path} was built (its weights' sha256 "
+                "differs): rebuild the ensemble with transferlab ensemble ... --overwrite"
+            )
+        metas.append(meta)
+    return metas
+
+
 # ----------------------------------------------------------------------------- ensemble folder
 
 
@@ -301,10 +323,12 @@ def build(
     data_spec: str | None = None,
     quiet: bool = False,
     tta: str = "none",
+    overwrite: bool = False,
 ) -> dict:
     """Combine runs with `method`, fit what needs fitting on val, write the ensemble folder.
 
     `tta`: each member averages its predictions (or, for fusion, its features) over views.
+    An existing ensemble folder `out` is replaced only with `overwrite`.
     """
     if method not in COMBINERS:
         raise UserError(f"unknown ensemble method '{method}' (known: {', '.join(COMBINERS)})")
@@ -313,6 +337,10 @@ def build(
     evaluate.check_tta(tta)  # each member's input size is checked when it predicts
     t0 = time.time()
     runs = [str(r) for r in runs]
+    for run in runs:
+        checkpoint.read_meta(run)  # each member is a finished run, named if not
+    outputs.refuse_overlap(out, runs, "member")
+    outputs.check_out(Path(out), "ensemble", overwrite=overwrite)
     fusion = method == "fusion"
     splits = ("train", *SPLITS) if fusion else SPLITS
     logp, targets, metas, spec, feats = member_logp(runs, data_spec, quiet, tta, splits, fusion)
@@ -322,8 +350,16 @@ def build(
     else:
         params = fit(method, logp["val"], targets["val"], "val")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / PARAMS, **params)
+    with outputs.lock(out):
+        outputs.claim(out, "ensemble", outputs.check_out(out, "ensemble", overwrite=overwrite))
+        return _write(out, method, runs, metas, spec, params, logp, targets, feats, tta, t0)
+
+
+def _write(out: Path, method, runs, metas, spec, params, logp, targets, feats, tta, t0) -> dict:
+    """The ensemble folder: combiner.npz, logits/, ensemble.json (last: marks it complete)."""
+    fusion = method == "fusion"
+    with checkpoint.atomic_path(out / PARAMS) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **params)
     results, members, combined = {}, [], {}
     for split in SPLITS:
         combined[split] = combine(method, logp[split], params, feats.get(split))
@@ -333,6 +369,8 @@ def build(
         members.append(
             {
                 "run": str(Path(run).resolve()),
+                "weights_sha256": meta.get("weights_sha256"),
+                "data_fingerprint": meta.get("data_fingerprint"),
                 "arch": meta["arch"],
                 "input_size": meta["preprocessing"]["input_size"],
                 "channels": meta["preprocessing"]["channels"],
@@ -393,6 +431,7 @@ def evaluate_ensemble(
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Recompute an ensemble's combined log-probs on a split from its members' runs."""
     info = read(path)
+    check_members(info, path)
     runs = [m["run"] for m in info["members"]]
     method, tta = info["method"], info.get("tta", "none")
     logp, targets, _, _, feats = member_logp(
@@ -414,20 +453,41 @@ def evaluate_path(
     `tta` applies to a run; an ensemble uses the TTA it was built with.
     """
     path = Path(path)
+    evaluate.check_tta(tta)
     if is_ensemble(path):
+        if tta != "none":
+            raise UserError(
+                f"--tta does not apply to ensemble {path}: it predicts with the TTA it was built "
+                f"with ({read(path).get('tta', 'none')}); build another ensemble for another TTA"
+            )
         logp, targets, info = evaluate_ensemble(path, data_spec, split, quiet)
-        names, spec = info["class_names"], data_spec or info["data"]
+        names, spec, notes = info["class_names"], data.canonical(data_spec or info["data"]), []
     else:
         meta = checkpoint.read_meta(path)
-        spec = data_spec or meta["data"]
+        spec = data.canonical(data_spec or meta["data"])
         ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
         model = evaluate.load_run_model(path, meta)
         logp = evaluate.predict_split(model, meta, ds, split, f"run {path}", quiet, tta)
         targets, names = ds.splits[split].labels, ds.names
+        notes = data_notes(meta, ds)
     result = evaluate.metrics(logp, targets)
     figure = path / ("confusion.png" if split == "test" else f"confusion-{split}.png")
     matrix = evaluate.confusion(logp.argmax(1), targets, len(names))
     plots.confusion(
         matrix, names, figure, f"{path.name} on {spec} [{split}]: top-1 {result['top1']:.2%}"
     )
-    return {"metrics": result, "data": spec, "confusion": str(figure)}
+    return {"metrics": result, "data": spec, "confusion": str(figure), "notes": notes}
+
+
+def data_notes(meta: dict, ds: data.Dataset) -> list[str]:
+    """What a user should know when a run is scored on other data than it was trained on."""
+    trained = data.canonical(meta["data"])
+    if trained != ds.spec:
+        return [f"scored on {ds.spec}; the run was trained on {trained}"]
+    recorded = meta.get("data_fingerprint")
+    if recorded and recorded != ds.fingerprint:
+        return [
+            f"the files of {ds.spec} changed since the run was trained (fingerprint {recorded} "
+            f"then, {ds.fingerprint} now): its val/test splits may hold other images"
+        ]
+    return []

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, data, evaluate
+from . import checkpoint, data, evaluate, outputs
 from .config import UserError
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt", "safetensors": "model.safetensors"}
@@ -72,13 +72,21 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
 
 
-def export(run: str | Path, fmt: str, out: str | Path | None = None) -> dict:
-    """Write the run's model in `fmt`; returns {path, check} (check: ONNX vs PyTorch)."""
+def export(
+    run: str | Path, fmt: str, out: str | Path | None = None, overwrite: bool = False
+) -> dict:
+    """Write the run's model in `fmt`; returns {path, check} (check: ONNX vs PyTorch).
+
+    The default file is RUN/export/model.*, replaced on each export; an explicit `out` may not
+    lie inside a run or ensemble folder (other than RUN/export/) nor replace an existing file
+    unless `overwrite`.
+    """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}' (known: {', '.join(FORMATS)})")
     run = Path(run)
     meta = checkpoint.read_meta(run)
-    path = Path(out) if out else run / "export" / FORMATS[fmt]
+    path = Path(out).expanduser() if out else run / "export" / FORMATS[fmt]
+    check_out_file(path, run, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = json.dumps(describe(meta))
     model = evaluate.load_run_model(run, meta).cpu().float().eval()
@@ -104,6 +112,29 @@ def export(run: str | Path, fmt: str, out: str | Path | None = None) -> dict:
         got = _onnx(packaged, x, path, info)
     diff = float(np.abs(got - reference).max())
     return {"path": str(path), "check": {"max_abs_logit_diff": diff, "images": source}}
+
+
+def check_out_file(path: Path, run: Path, overwrite: bool) -> None:
+    """Refuse a target that would write into a run or ensemble, or over a file, unasked."""
+    ours = outputs.inside(path, run / "export")
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file name such as {path / 'model.onnx'}")
+    if not ours:
+        for folder in Path(path).expanduser().resolve().parents:
+            if outputs.read_mark(folder) and outputs.read_mark(folder)["kind"] in (
+                "run",
+                "ensemble",
+            ):
+                raise UserError(
+                    f"--out {path} is inside the {outputs.read_mark(folder)['kind']} folder "
+                    f"{folder}; export next to it, or into {run / 'export'}"
+                )
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} already exists: pass --overwrite to replace it")
+    if path.parent.is_dir():
+        outputs.check_file_writable(path, "--out")
+    else:
+        outputs.check_creatable(path.parent, "export folder")
 
 
 def _onnx(packaged: nn.Module, x: torch.Tensor, path: Path, info: str) -> np.ndarray:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +99,28 @@ def features(
         h = hashlib.sha256(json.dumps([backbone, prep, precision], sort_keys=True).encode())
         h.update(np.ascontiguousarray(images).data)
         path = Path(cache) / "features" / f"{h.hexdigest()[:32]}.npy"
-        if path.is_file():
-            return torch.from_numpy(np.load(path)).to(evaluate.device())
+        cached = _load_cached_features(path, len(images))
+        if cached is not None:
+            return torch.from_numpy(cached).to(evaluate.device())
     out = evaluate.predict(model, images, prep, precision, batch_size, desc, quiet, True)
     if path is not None:
         with checkpoint.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, out)
     return torch.from_numpy(out).to(evaluate.device())
+
+
+def _load_cached_features(path: Path, n: int) -> np.ndarray | None:
+    """A cached feature file if whole ((n, F) float32); a damaged one is rebuilt, not trusted."""
+    if not path.is_file():
+        return None
+    try:
+        feats = np.load(path, allow_pickle=False)
+        if feats.ndim == 2 and len(feats) == n and feats.dtype == np.float32:
+            return feats
+    except (OSError, ValueError, EOFError):
+        pass
+    warnings.warn(f"feature cache entry {path.name} is damaged: rebuilding it", stacklevel=3)
+    return None
 
 
 def backbone_sha256(model: nn.Module) -> str:

@@ -76,7 +76,7 @@ def predict(
     if ensembles.is_ensemble(path):
         info = ensembles.read(path)
         runs = [m["run"] for m in info["members"]]
-        metas = [checkpoint.read_meta(r) for r in runs]
+        metas = ensembles.check_members(info, path)
         orders = ensembles.check_classes(metas, runs)
         tta = info.get("tta", "none") if tta == "none" else tta
         logp, feats, bad = [], [], []

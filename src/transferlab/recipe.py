@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import time
 from pathlib import Path
 
 import yaml
 
-from . import checkpoint, ensembles, report, trainer
-from .config import TrainConfig, UserError, field_names, make_config
+from . import checkpoint, ensembles, outputs, report, trainer
+from .config import TrainConfig, UserError, field_names, make_config, to_dict
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
 STEP_KINDS = ("train", "finetune", "ensemble", "soup", "report")
@@ -39,17 +40,73 @@ EXTRA_KEYS = {
 }
 
 
+MAX_BYTES = 1_000_000  # a recipe is a page of YAML, not a data file
+MAX_VALUES = 100_000  # values after expanding YAML aliases: a "billion laughs" stops here
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a step's run folder, inside --out
+
+
 def load(path: str | Path) -> dict:
+    """Read a recipe file: UTF-8 YAML, at most MAX_BYTES, no alias bomb or cycle."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
+    if path.stat().st_size > MAX_BYTES:
+        raise UserError(
+            f"{path} is {path.stat().st_size:,} bytes; a recipe is at most {MAX_BYTES:,}"
+        )
     try:
-        recipe = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}): "
+            "save it as UTF-8"
+        ) from None
+    try:
+        recipe = yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}: {problem or err}") from None
+    except RecursionError:
+        raise UserError(f"{path} nests too deeply to be a recipe") from None
+    count_values(recipe, path)
+    if recipe is None:
+        recipe = {}
     if not isinstance(recipe, dict):
         raise UserError(f"{path}: a recipe is a mapping with keys {', '.join(TOP_KEYS)}")
     return recipe
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last
+    one silently: `model: dcnn` then `model: resnet50` would train a ResNet-50)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) or key == "<<":
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def count_values(node, path, ancestors: tuple = (), budget: list | None = None) -> None:
+    """Walk the loaded YAML as its aliases expand it; refuse cycles and more than MAX_VALUES."""
+    budget = budget if budget is not None else [MAX_VALUES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise UserError(f"{path} expands to more than {MAX_VALUES:,} values (a YAML alias bomb?)")
+    if isinstance(node, (dict, list)):
+        if any(node is a for a in ancestors):
+            raise UserError(f"{path} refers to itself (a YAML alias inside its own anchor)")
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        for child in children:
+            count_values(child, path, (*ancestors, node), budget)
 
 
 def apply_overrides(recipe: dict, overrides: dict) -> dict:
@@ -59,52 +116,129 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         if key in ("data", "out", "name"):
             recipe[key] = value
-        elif key.startswith("steps."):
-            _, index, field = key.split(".", 2)
-            try:
-                recipe["steps"][int(index)][field] = value
-            except (ValueError, IndexError, KeyError, TypeError):
-                raise UserError(f"--set {key}: no step {index} in this recipe") from None
+        elif key.startswith("steps.") or key == "steps":
+            parts = key.split(".", 2)
+            steps = recipe.get("steps")
+            if len(parts) != 3 or not parts[1].isdigit():
+                raise UserError(f"--set {key}: write steps.N.KEY=VALUE (N counts from 0)")
+            index = int(parts[1])
+            if not isinstance(steps, list) or index >= len(steps):
+                raise UserError(f"--set {key}: no step {index} in this recipe")
+            if not isinstance(steps[index], dict):
+                raise UserError(f"--set {key}: step {index} takes no keys")
+            steps[index][parts[2]] = value
         else:
             recipe["overrides"][key.removeprefix("defaults.")] = value
     return recipe
 
 
-def validate(recipe: dict) -> None:
+def validate(recipe: dict, out: Path | None = None) -> None:
+    """Every key, type, step form, name and member reference, before any step runs.
+
+    With `out`, members and parents are checked to exist (an earlier step or a run folder).
+    """
     unknown = [k for k in recipe if k not in (*TOP_KEYS, "overrides")]
     if unknown:
-        raise UserError(f"unknown recipe key '{unknown[0]}' (known: {', '.join(TOP_KEYS)})")
-    if not recipe.get("steps"):
-        raise UserError("a recipe needs a non-empty 'steps' list")
+        close = difflib.get_close_matches(str(unknown[0]), TOP_KEYS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown recipe key '{unknown[0]}'{hint} (known: {', '.join(TOP_KEYS)})")
+    for key in ("name", "description", "data", "out"):
+        if recipe.get(key) is not None and not isinstance(recipe[key], str):
+            raise UserError(f"recipe key '{key}' must be text, got {type(recipe[key]).__name__}")
+    name = recipe.get("name")
+    if name is not None and not (NAME.fullmatch(name) and name not in (".", "..")):
+        raise UserError(
+            f"recipe name {name!r} must be a plain name (letters, digits, . _ -): it names the "
+            "default output folder runs/NAME"
+        )
+    for key in ("defaults", "overrides"):
+        if not isinstance(recipe.get(key) or {}, dict):
+            raise UserError(f"recipe key '{key}' must be a mapping of training options")
+    steps = recipe.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise UserError("a recipe needs a non-empty 'steps' list (- train: NAME, ...)")
     make_config(recipe.get("defaults") or {})
     make_config(recipe.get("overrides") or {})
-    for i, step in enumerate(recipe["steps"]):
+    names: list[str] = []
+    for i, step in enumerate(steps):
         kind, name, keys = parse_step(step, i)
-        allowed = set(EXTRA_KEYS.get(kind, ())) | (
-            {*field_names(TrainConfig)} - {"data"} if kind in ("train", "finetune") else set()
-        )
-        allowed |= {"data"} if kind in ("train", "finetune", "ensemble", "soup") else set()
-        for key in keys:
-            if key.replace("-", "_") not in allowed:
-                close = difflib.get_close_matches(key, sorted(allowed), n=2)
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise UserError(f"unknown key '{key}' in step {i} ({kind} {name}){hint}")
+        _check_keys(kind, name, keys, i)
+        if kind != "report":
+            if name in names:
+                raise UserError(f"step {i}: the name '{name}' is used by an earlier step")
+            if kind == "train":
+                make_config(train_settings(recipe, keys))  # bad values fail before any step runs
+            elif kind == "finetune":
+                make_config({k: v for k, v in train_settings(recipe, keys).items() if k != "from"})
+            if out is not None and kind != "train":
+                _check_refs(kind, name, keys, names, out, i)
+            names.append(name)
+
+
+def _check_keys(kind: str, name: str, keys: dict, index: int) -> None:
+    allowed = set(EXTRA_KEYS.get(kind, ())) | (
+        {*field_names(TrainConfig)} - {"data"} if kind in ("train", "finetune") else set()
+    )
+    allowed |= {"data"} if kind in ("train", "finetune", "ensemble", "soup") else set()
+    for key in keys:
+        if str(key).replace("-", "_") not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=2)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"unknown key '{key}' in step {index} ({kind} {name}){hint}")
+
+
+def _check_refs(kind: str, name: str, keys: dict, earlier: list[str], out: Path, i: int) -> None:
+    """A finetune's `from` and an ensemble's or soup's `members` name earlier steps or runs."""
+    refs = [keys.get("from")] if kind == "finetune" else keys.get("members")
+    if kind == "finetune" and not refs[0]:
+        raise UserError(f"step {i} (finetune {name}) needs 'from: RUN' (a step name or run folder)")
+    if kind in ("ensemble", "soup") and (not isinstance(refs, list) or len(refs) < 2):
+        raise UserError(f"step {i} ({kind} {name}) needs 'members: [A, B, ...]' (two or more)")
+    for ref in refs:
+        if str(ref) not in earlier and not checkpoint.is_run(ref_path(ref, out)):
+            raise UserError(
+                f"step {i} ({kind} {name}): '{ref}' is neither an earlier step "
+                f"({', '.join(earlier) or 'none'}) nor a finished run folder"
+            )
+
+
+def ref_path(ref, out: Path) -> Path:
+    """A member or parent: a step name under `out`, else a run folder path."""
+    ref = str(ref)
+    return out / ref if NAME.fullmatch(ref) and (out / ref).exists() else Path(ref).expanduser()
 
 
 def parse_step(step, index: int) -> tuple[str, str, dict]:
-    if isinstance(step, str) and step == "report":
+    """(kind, name, keys) of `- train: NAME` + keys, `- train: {name: NAME, ...}` or `- report`."""
+    if step == "report":
         return "report", "report", {}
     if not isinstance(step, dict):
-        raise UserError(f"step {index} must be a mapping like '- train: NAME'")
+        raise UserError(f"step {index} must be a mapping like '- train: NAME', got {step!r}"[:200])
     kinds = [k for k in step if k in STEP_KINDS]
     if len(kinds) != 1:
         raise UserError(
             f"step {index} needs exactly one of {', '.join(STEP_KINDS)}; "
-            f"got keys {', '.join(map(str, step))}"
+            f"got keys {', '.join(map(str, step))}"[:300]
         )
-    kind = kinds[0]
-    name = step[kind] if isinstance(step[kind], str) else kind
-    return kind, str(name), {k: v for k, v in step.items() if k != kind}
+    kind, value = kinds[0], step[kinds[0]]
+    keys = {k: v for k, v in step.items() if k != kind}
+    if kind == "report":
+        if value not in (None, {}, "report") or keys:
+            raise UserError(f"step {index}: report takes no name or keys ('- report')")
+        return kind, "report", {}
+    if isinstance(value, dict):  # the mapping form: - train: {name: a, model: dcnn}
+        if keys:
+            raise UserError(
+                f"step {index}: give its keys either inside {kind}: {{...}} or beside it"
+            )
+        keys = dict(value)
+        value = keys.pop("name", None)
+    if not isinstance(value, str) or not NAME.fullmatch(value) or value in (".", ".."):
+        raise UserError(
+            f"step {index} ({kind}) needs a plain name for its run folder inside --out "
+            f"(letters, digits, . _ -), got {value!r}"[:200]
+        )
+    return kind, value, keys
 
 
 def run(
@@ -113,60 +247,96 @@ def run(
     overrides: dict | None = None,
     quiet: bool = False,
 ) -> Path:
-    """Run every step of a recipe into `out`; returns the output folder."""
+    """Run every step of a recipe into `out`; returns the output folder.
+
+    Everything is checked first (keys, values, names, members, the output folder, finished
+    steps made with other options); only then does the disk change.
+    """
     recipe = apply_overrides(load(path), overrides or {})
     validate(recipe)
     out = Path(out or recipe.get("out") or Path("runs") / (recipe.get("name") or Path(path).stem))
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_text(out / "recipe.yaml", yaml.safe_dump(recipe, sort_keys=False))
-    t0 = time.time()
+    validate(recipe, out)
+    resolved = out / "recipe.yaml"
+    if resolved.exists() and resolved.resolve() == Path(path).resolve():
+        raise UserError(
+            f"--out {out} would overwrite the recipe being run ({path}); choose another --out"
+        )
+    outputs.check_out(out, "recipe", resume=True)
+    if any(parse_step(step, i)[0] == "report" for i, step in enumerate(recipe["steps"])):
+        report.check_writable(out)
     for i, step in enumerate(recipe["steps"]):
         kind, name, keys = parse_step(step, i)
-        print(f"== step {i + 1}/{len(recipe['steps'])}: {kind} {name}", flush=True)
-        STEPS[kind](recipe, name, keys, out, quiet)
+        if kind == "train" and checkpoint.is_run(out / name):
+            refuse_changed(out / name, make_config(train_settings(recipe, keys)))
+    with outputs.lock(out):
+        outputs.claim(out, "recipe", outputs.check_out(out, "recipe", resume=True))
+        checkpoint.write_text(resolved, yaml.safe_dump(recipe, sort_keys=False))
+        t0 = time.time()
+        for i, step in enumerate(recipe["steps"]):
+            kind, name, keys = parse_step(step, i)
+            print(f"== step {i + 1}/{len(recipe['steps'])}: {kind} {name}", flush=True)
+            STEPS[kind](recipe, name, keys, out, quiet)
     print(f"== recipe finished in {time.time() - t0:.0f}s -> {out}", flush=True)
     return out
 
 
+def train_settings(recipe: dict, keys: dict, data: bool = True) -> dict:
+    """A train/finetune step's options: defaults < step keys < --set overrides (a finetune
+    takes its parent's data unless it names its own)."""
+    base = {"data": recipe.get("data", "digits")} if data else {}
+    return {**base, **(recipe.get("defaults") or {}), **keys, **(recipe.get("overrides") or {})}
+
+
 def _train(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
-    settings = {
-        "data": recipe.get("data", "digits"),
-        **(recipe.get("defaults") or {}),
-        **keys,
-        **recipe["overrides"],
-    }
-    _fit(make_config(settings), out / name, quiet)
+    _fit(make_config(train_settings(recipe, keys)), out / name, quiet)
 
 
 def _finetune(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
     keys = dict(keys)
-    parent = keys.pop("from", None)
-    if not parent:
-        raise UserError(f"finetune step {name} needs 'from: RUN'")
-    parent_path = out / parent if (out / parent).exists() else Path(parent)
-    settings = {**(recipe.get("defaults") or {}), **keys, **recipe["overrides"]}
-    _fit(trainer.finetune_config(parent_path, settings), out / name, quiet)
+    parent = ref_path(keys.pop("from"), out)
+    settings = train_settings(recipe, keys, data=False)
+    _fit(trainer.finetune_config(parent, settings), out / name, quiet)
+
+
+def refuse_changed(run_dir: Path, cfg: TrainConfig) -> None:
+    """A finished step is reused only if it was made with the options the recipe asks for."""
+    changed = trainer.config_changes(
+        checkpoint.read_meta(run_dir).get("config") or {}, to_dict(cfg)
+    )
+    if changed:
+        raise UserError(
+            f"{run_dir} is finished but was made with other options ({changed}); delete it "
+            "or choose another --out"
+        )
 
 
 def _fit(cfg: TrainConfig, run_dir: Path, quiet: bool) -> None:
     if checkpoint.is_run(run_dir):
+        refuse_changed(run_dir, cfg)
         print(f"   {run_dir} is complete: skipped (delete it to redo)")
         return
     trainer.fit(cfg, run_dir, resume=run_dir.exists(), quiet=quiet)
 
 
 def _members(keys: dict, out: Path) -> list[str]:
-    return [str(out / m) if (out / m).exists() else str(m) for m in keys.get("members") or []]
+    return [str(ref_path(m, out)) for m in keys["members"]]
 
 
 def _soup(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
     from . import soups
 
+    members, method = _members(keys, out), keys.get("method", "greedy")
     if (out / name / checkpoint.META).exists():
+        made = checkpoint.read_meta(out / name).get("source") or {}
+        asked = {"method": method, "candidates": sorted(str(Path(m).resolve()) for m in members)}
+        had = {"method": made.get("method"),
+               "candidates": sorted(str(Path(m).resolve()) for m in made.get("candidates", []))}  # fmt: skip
+        if asked != had:
+            raise UserError(f"{out / name} is a soup of other runs or by another method; delete it "
+                            "or choose another --out")  # fmt: skip
         print(f"   {name}: already made, skipped")
         return
-    meta = soups.make(_members(keys, out), keys.get("method", "greedy"), out / name,
-                     keys.get("data"), quiet)  # fmt: skip
+    meta = soups.make(members, method, out / name, keys.get("data"), quiet)
     m = meta["metrics"]
     print(f"   {name}: soup of {len(meta['source']['ingredients'])} runs, val {m['val']['top1']:.2%}"
           f", test {m['test']['top1']:.2%}")  # fmt: skip
@@ -181,6 +351,7 @@ def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> No
         keys.get("data"),
         quiet,
         keys.get("tta", "none"),
+        overwrite=True,  # the recipe's own ensemble folder, rebuilt from its members
     )
     print_ensemble(info)
 

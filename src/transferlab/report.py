@@ -7,7 +7,8 @@ import csv
 import io
 from pathlib import Path
 
-from . import checkpoint, ensembles, htmlreport
+from . import checkpoint, ensembles, htmlreport, outputs
+from .config import UserError
 
 COLUMNS = [
     "model",
@@ -90,9 +91,23 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_writable(root: Path) -> None:
+    """Refuse to write over a report.md, results.csv or report.html that transferlab did not."""
+    for name in outputs.REPORTS:
+        path = Path(root) / name
+        if path.exists() and not outputs.is_report(path):
+            raise UserError(
+                f"{path} was not written by transferlab report; it is left as it is: "
+                "move it or report another folder"
+            )
+
+
 def write(root: str | Path) -> tuple[Path, str]:
     """Write report.md and results.csv under `root`; returns (path, table)."""
     root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"report folder not found: {root}")
+    check_writable(root)
     rows = collect(root)
     table = markdown_table(rows)
     best_single = max(

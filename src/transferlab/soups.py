@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, data, evaluate, models
+from . import checkpoint, data, evaluate, models, outputs
 from .config import UserError
 
 METHODS = ("uniform", "greedy")
@@ -102,9 +102,18 @@ def make(
     runs = [str(r) for r in runs]
     metas = [checkpoint.read_meta(r) for r in runs]
     check_lineage(runs, metas)
+    outputs.refuse_overlap(out, runs, "ingredient run")
+    outputs.check_out(Path(out), "run")
+    with outputs.lock(Path(out)):
+        outputs.claim(Path(out), "run", outputs.check_out(Path(out), "run"))
+        return _cook(runs, metas, method, Path(out), data_spec, quiet, log, t0)
+
+
+def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
+    """make() once the output folder is validated, claimed and locked."""
     states = [checkpoint.load_run_weights(r, m) for r, m in zip(runs, metas, strict=True)]
     ref, prep = metas[0], metas[0]["preprocessing"]
-    spec = data_spec or ref["data"]
+    spec = data.canonical(data_spec or ref["data"])
     ds = data.load(spec, ref.get("val_fraction", 0.1), ref.get("limit"))
     cache = data.resolve_cache(None)
     images = {

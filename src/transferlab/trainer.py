@@ -9,7 +9,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import threading
@@ -24,7 +23,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint, data, distributed, evaluate, finetune, lrfind, models, plots
+from . import (
+    __version__,
+    checkpoint,
+    data,
+    distributed,
+    evaluate,
+    finetune,
+    lrfind,
+    models,
+    outputs,
+    plots,
+)
 from .config import Preempted, TrainConfig, UserError, make_config, to_dict
 
 
@@ -61,10 +71,32 @@ def fit(
     out, d = Path(out), distributed.setup()
     quiet = quiet or not d.main
     log = (lambda *a: print(*a, flush=True)) if not quiet else (lambda *a: None)
-    _prepare_out(out, resume, overwrite, d)
+    cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
+    if log_json and d.main:
+        outputs.check_file_writable(log_json, "--log-json")
+    # Everything is validated (out, data, model) before the disk changes; only rank 0 writes.
+    if d.main and outputs.check_out(out, "run", resume, overwrite) == "resume":
+        refuse_config_change(out, (outputs.read_mark(out) or {}).get("config"), cfg)
     ds, model, prep, source, precision = setup(cfg, out, log, d)
+    if d.main:  # a run never writes into what it reads
+        if source.get("parent"):
+            outputs.refuse_overlap(out, [source["parent"]], "the run it starts from")
+        if ds.spec.partition(":")[0] in data.PATH_KINDS:
+            outputs.refuse_overlap(out, [ds.spec.partition(":")[2]], "the data folder")
+    groups, frozen, augment = training_parts(model, cfg, prep)  # refuses a bad --freeze, pad
+    with outputs.lock(out) if d.main else contextlib.nullcontext():
+        if d.main:  # decided again under the lock: another process may have been faster
+            action = outputs.check_out(out, "run", resume, overwrite)
+            outputs.claim(out, "run", action, {"config": to_dict(cfg)})
+        d.barrier()
+        parts = (ds, model, prep, source, precision, groups, frozen, augment)
+        return _train(cfg, out, resume, quiet, log_json, d, log, parts)
+
+
+def _train(cfg, out: Path, resume: bool, quiet: bool, log_json, d, log, parts) -> dict:
+    """fit() once every input is validated and the run folder is claimed and locked."""
+    ds, model, prep, source, precision, groups, frozen, augment = parts
     images, labels = decode_splits(ds, prep, cfg, out.name, log, quiet)
-    groups, frozen, augment = training_parts(model, cfg, prep)
     log(f"[{out.name}] strategy {cfg.strategy}: {models.describe(model)}")
     resuming = resume and (out / "state").exists()
     if cfg.lr == "auto" and cfg.strategy != "linear-probe" and not resuming:
@@ -208,6 +240,8 @@ def fit(
 def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist):
     """Data, model (on the device, channels_last), preprocessing, weights source, precision."""
     ds = data.load(cfg.data, cfg.val_fraction, cfg.limit)
+    for note in ds.notes:
+        log(f"[{out.name}] {note}")
     torch.manual_seed(cfg.seed)  # model init
     model, prep, source = models.build(
         cfg, ds.classes, ds.native_size, ds.native_channels, ds.names
@@ -239,6 +273,10 @@ def training_parts(model: nn.Module, cfg: TrainConfig, prep: dict):
     else:
         frozen = freeze(model, "backbone" if cfg.strategy == "linear-probe" else cfg.freeze)
     pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep["input_size"] // 8
+    if cfg.crop == "pad" and pad >= prep["input_size"]:
+        raise UserError(
+            f"crop_pad ({pad}) must be smaller than the input size ({prep['input_size']})"
+        )
     return groups, frozen, data.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip)
 
 
@@ -272,12 +310,16 @@ def find_lr(model, cfg, groups, images, labels, prep, precision, frozen, augment
 def lr_find(cfg: TrainConfig, out: str | Path, quiet: bool = False) -> float:
     """`transferlab lr-find`: the range test alone, into `out` (lr_find.png, lr_find.json)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: print(*a, flush=True)) if not quiet else (lambda *a: None)
+    outputs.check_out(out, "lr-find", overwrite=True)  # its own earlier plot may be replaced
     ds, model, prep, _, precision = setup(cfg, out, log, distributed.Dist(0, 1))
-    images, labels = decode_splits(ds, prep, cfg, out.name, log, quiet)
     groups, frozen, augment = training_parts(model, cfg, prep)
-    return find_lr(model, cfg, groups, images, labels, prep, precision, frozen, augment, out, quiet)
+    with outputs.lock(out):
+        outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", overwrite=True))
+        images, labels = decode_splits(ds, prep, cfg, out.name, log, quiet)
+        return find_lr(
+            model, cfg, groups, images, labels, prep, precision, frozen, augment, out, quiet
+        )
 
 
 def probe(loop: Loop, images, labels, progress, log, quiet) -> dict | None:
@@ -456,6 +498,7 @@ def restore(out: Path, loop: Loop, log) -> dict | None:
         log(f"[{out.name}] nothing to resume in {out / 'state'}: starting from scratch")
         return None
     state, path = found
+    refuse_config_change(out, state.get("config"), loop.cfg)
     loop.model.load_state_dict(state["model"])
     loop.optimizer.load_state_dict(state["optimizer"])
     loop.scheduler.load_state_dict(state["scheduler"])
@@ -464,6 +507,36 @@ def restore(out: Path, loop: Loop, log) -> dict | None:
     p = state["progress"]
     log(f"[{out.name}] resumed from {path.name}: epoch {p['epoch']}, step {p['step']}")
     return p
+
+
+# Options that change neither the maths nor the data, so a run may resume with new values.
+SAFE_ON_RESUME = {"num_workers", "eval_batch_size", "checkpoint_every", "keep_last", "cache_dir",
+                  "trust_pickle"}  # fmt: skip
+
+
+def refuse_config_change(out: Path, saved: dict | None, cfg: TrainConfig) -> None:
+    """--resume continues the same run: a config that changed (but for SAFE_ON_RESUME) is refused."""
+    changed = config_changes(saved, to_dict(cfg)) if saved else ""
+    if changed:
+        raise UserError(
+            f"cannot resume {out}: its config differs ({changed}); resume with the options it "
+            "was started with, or pass --overwrite instead of --resume to start over"
+        )
+
+
+def config_changes(saved: dict, now: dict) -> str:
+    """The keys whose values differ between a saved config and this one ("" when none)."""
+
+    def norm(key, value):
+        return data.canonical(value) if key == "data" and isinstance(value, str) else value
+
+    keys = sorted(k for k in saved.keys() | now.keys() if k not in SAFE_ON_RESUME)
+    diffs = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in keys
+        if norm(k, saved.get(k)) != norm(k, now.get(k))
+    ]
+    return "; ".join(diffs)
 
 
 def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
@@ -681,6 +754,7 @@ def finish(
         "preprocessing": loop.prep,
         "source": source,
         "data": ds.spec,
+        "data_fingerprint": ds.fingerprint,
         "val_fraction": cfg.val_fraction,
         "limit": cfg.limit,
         "config": to_dict(cfg),
@@ -701,6 +775,7 @@ def finish(
     }
     if not loop.dist.main:
         return meta
+    outputs.mark(out, "run")  # snapshots are runs of their own
     checkpoint.save_weights(out, model, arch, ds.classes)
     meta["weights_sha256"] = checkpoint.sha256(checkpoint.weights_path(out))
     for split, values in logits.items():
@@ -717,21 +792,6 @@ def write_history(path: Path, history: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(history)
     checkpoint.write_text(path, buf.getvalue())
-
-
-def _prepare_out(out: Path, resume: bool, overwrite: bool, d: distributed.Dist) -> None:
-    """Refuse to clobber a run folder unless told to; only rank 0 touches the disk."""
-    exists = out.exists() and any(out.iterdir())
-    if exists and not (resume or overwrite):
-        raise UserError(
-            f"run folder {out} already exists: pass --resume to continue it "
-            "or --overwrite to replace it"
-        )
-    if d.main:
-        if exists and overwrite:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    d.barrier()
 
 
 def versions() -> dict:

@@ -1,0 +1,252 @@
+"""Output folders: what a command may create, replace or lock, decided before the disk changes.
+
+The rules (docs/RELIABILITY.md, scenarios 26-33):
+- a folder transferlab makes holds a marker file, `.transferlab` (JSON: kind and, for a run,
+  its resolved config), so later commands know it is theirs;
+- an existing folder that is not transferlab's and not empty is never written into;
+  `--overwrite` replaces only a transferlab run or ensemble folder, and only when everything in
+  it is a file transferlab writes (a user's notes.txt inside makes it refuse, naming the file);
+- no command writes into its own input (a member, the source run, the data folder);
+- one process at a time per folder: an OS file lock (`.transferlab.lock`), which the kernel
+  releases when the process dies, so a crash never leaves it stuck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from fnmatch import fnmatch
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .config import UserError
+
+MARK = ".transferlab"
+LOCK = ".transferlab.lock"
+KINDS = ("run", "ensemble", "recipe", "lr-find")
+# Every file transferlab writes inside a run or ensemble folder, as glob patterns of its path
+# relative to the folder (a snapshot is a run folder of its own, checked the same way).
+OWNED = (
+    MARK, LOCK, "model.safetensors", "meta.json", "history.csv", "curves.png", "lr_find.png",
+    "lr_find.json", "ensemble.json", "combiner.npz", "confusion.png", "confusion-*.png",
+    "state/last.pt", "state/step-*.pt", "state/*.pt.sha256", "logits/*.npz", "features/*.npz",
+    "tensorboard/events.out.tfevents.*", "export/model.onnx", "export/model.onnx.data",
+    "export/model.pt", "export/model.safetensors",
+)  # fmt: skip
+TEMP = ".*.tmp"  # a temp file of an interrupted atomic write (checkpoint.atomic_path)
+# Report files, recognised by how their text starts (a user's own file of that name is not ours).
+REPORTS = {
+    "report.md": "# transferlab report",
+    "results.csv": "model,arch,weights",
+    "report.html": "<!doctype html>",
+}
+
+
+def read_mark(folder: Path) -> dict | None:
+    """The marker of a folder transferlab made, or None (legacy folders: by their files)."""
+    folder = Path(folder)
+    try:
+        return json.loads((folder / MARK).read_text())
+    except (OSError, ValueError):
+        pass
+    if (folder / "meta.json").is_file() and (folder / "model.safetensors").is_file():
+        return {"kind": "run"}  # made before markers existed
+    if (folder / "ensemble.json").is_file():
+        return {"kind": "ensemble"}
+    if (folder / "state").is_dir() and not _foreign(folder):
+        return {"kind": "run"}  # an interrupted run from before markers existed
+    if (folder / "recipe.yaml").is_file() and any(read_mark(d) for d in _subfolders(folder)):
+        return {"kind": "recipe"}  # a recipe's folder from before markers existed
+    return None
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+
+
+def _foreign(folder: Path) -> list[str]:
+    """Files under a run/ensemble folder that transferlab does not write (links not followed)."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if (Path(parent) / d).is_symlink()]:
+            rel = (Path(parent) / name).relative_to(folder).as_posix()
+            if not owned(rel, folder / rel):
+                found.append(rel)
+    return sorted(found)
+
+
+def owned(rel: str, path: Path) -> bool:
+    """Is `rel` (a path inside a run or ensemble folder) one that transferlab writes?"""
+    parts = rel.split("/")
+    if len(parts) > 2 and parts[0] == "snapshots" and fnmatch(parts[1], "snapshot-*"):
+        rel = "/".join(parts[2:])  # inside a snapshot run
+    if fnmatch(Path(rel).name, TEMP) or any(fnmatch(rel, pattern) for pattern in OWNED):
+        return not path.is_symlink()
+    return rel in REPORTS and is_report(path)
+
+
+def is_report(path: Path) -> bool:
+    """A report.md / results.csv / report.html that `transferlab report` wrote."""
+    start = REPORTS.get(Path(path).name)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(400)
+    except OSError:
+        return False
+    return (
+        bool(start)
+        and head.startswith(start)
+        and (start != "<!doctype html>" or "transferlab report" in head)
+    )
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_creatable(path: Path, what: str) -> None:
+    """`path` can be created (or written) here: no file in the way, a writable ancestor."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create {what} {path}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {what} {path}: {probe} is not writable")
+
+
+def check_file_writable(path: str | Path, what: str) -> None:
+    """A file we will create or append to (a --log-json path): its folder exists and is writable."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"cannot write {what} {path}: permission denied")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {what} {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {what} {path}: {path.parent} is not writable")
+
+
+def check_out(out: Path, kind: str, resume: bool = False, overwrite: bool = False) -> str:
+    """Decide, without touching the disk, what to do with `out`: "new", "resume" or "replace".
+
+    Raises UserError for a folder that is not ours, one that is ours but not asked to be
+    continued or replaced, and a replace that would delete files transferlab did not write.
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it: pass one of them")
+    check_creatable(out, f"{kind} folder")
+    if not out.exists() or not [p for p in out.iterdir() if p.name != LOCK]:
+        return "new"
+    mark = read_mark(out)
+    if mark is None:
+        listing = _few(sorted(p.name for p in out.iterdir()))
+        raise UserError(
+            f"{out} already exists and is not a transferlab {kind} folder (it holds {listing}); "
+            "nothing was changed: choose another --out"
+            + (
+                " (--overwrite replaces only transferlab run and ensemble folders)"
+                if overwrite
+                else ""
+            )
+        )
+    if resume:
+        if mark.get("kind") != kind:
+            raise UserError(f"cannot resume {out}: it is a transferlab {mark.get('kind')} folder")
+        return "resume"
+    if not overwrite:
+        raise UserError(
+            f"{kind} folder {out} already exists: pass --resume to continue it "
+            "or --overwrite to replace it"
+            if kind == "run"
+            else f"{kind} folder {out} already exists: pass --overwrite to replace it"
+        )
+    if mark.get("kind") != kind:
+        raise UserError(
+            f"--overwrite replaces a {kind} folder only with a new {kind}; {out} is a "
+            f"transferlab {mark.get('kind')} folder: choose another --out"
+        )
+    foreign = _foreign(out)
+    if foreign:
+        raise UserError(
+            f"--overwrite would delete files transferlab did not write in {out} "
+            f"({_few(foreign)}); move them or choose another --out"
+        )
+    return "replace"
+
+
+def claim(out: Path, kind: str, action: str, info: dict | None = None) -> None:
+    """Carry out check_out's decision: create or empty the folder, then write its marker.
+
+    Call it with the folder's lock held (see `lock`), after every argument was validated.
+    """
+    out = Path(out)
+    if action == "replace":
+        for entry in out.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    mark(out, kind, info if action != "resume" else None)
+
+
+def mark(out: Path, kind: str, info: dict | None = None) -> None:
+    """Write the folder's marker (it says transferlab made the folder); `info` (a run's
+    config) replaces an existing one, else an existing marker is kept."""
+    if info is not None or not (Path(out) / MARK).is_file():
+        from .checkpoint import write_json
+
+        write_json(Path(out) / MARK, {"kind": kind, **(info or {})})
+
+
+@contextlib.contextmanager
+def lock(out: Path):
+    """Hold `out`'s lock for the block; a second process gets a one-line error at once.
+
+    The lock is an flock on OUT/.transferlab.lock: the kernel drops it when the holder exits,
+    even on kill -9, so a crashed run never leaves the folder locked.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {out}: {err.strerror}") from None
+    held = FileLock(str(out / LOCK), timeout=0)
+    try:
+        held.acquire()
+    except Timeout:
+        raise UserError(
+            f"{out} is in use by another transferlab process; wait for it to finish "
+            "or choose another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        held.release()
+
+
+def inside(path: str | Path, other: str | Path) -> bool:
+    """`path` is `other` or lies somewhere under it (after resolving links and ..)."""
+    a, b = Path(path).expanduser().resolve(), Path(other).expanduser().resolve()
+    return a == b or b in a.parents
+
+
+def refuse_overlap(out: str | Path, inputs: list[str | Path], what: str) -> None:
+    """`out` must not be, hold or sit inside one of the command's inputs."""
+    for item in inputs:
+        if inside(out, item) or inside(item, out):
+            raise UserError(
+                f"--out {out} overlaps {what} {item}: a command never writes into its own "
+                "input; choose another --out"
+            )

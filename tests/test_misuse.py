@@ -1,0 +1,409 @@
+"""What real users do by mistake (RELIABILITY.md scenarios 26-38): nothing a user owns is lost,
+nothing is silently ignored, results stay tied to their inputs, every bad value is one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from transferlab import checkpoint, data, outputs, recipe
+from transferlab.cli import main
+from transferlab.config import UserError
+
+from conftest import make_folder, make_image
+
+
+def cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def fail(capsys, *argv, pattern: str = "") -> str:
+    """Run the CLI; assert exit 2 with exactly one line on stderr (matching `pattern`)."""
+    import re
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (argv, out, err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (what must not change)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A finished run the test may change."""
+    dst = tmp_path / "runs" / "a"
+    shutil.copytree(trained_run, dst)
+    return dst
+
+
+TINY = ["--model", "test_resnet", "--input-size", "24", "--epochs", "1", "--batch-size", "16"]
+
+
+# ----------------------------------------------------------------------------- 1. output paths
+
+
+def test_S26_overwrite_never_deletes_a_users_folder_and_validates_first(capsys, tmp_path):
+    mydocs = tmp_path / "mydocs"
+    mydocs.mkdir()
+    (mydocs / "notes.txt").write_text("my thesis")
+    before = tree(mydocs)
+    # the issue's example: a typo in --model next to --overwrite
+    fail(capsys, "train", "--data", "digits", "--model", "dcnnn", "--out", mydocs, "--overwrite",
+         pattern=r"not a transferlab run folder|unknown model")  # fmt: skip
+    # a valid command: --overwrite still replaces only transferlab's own folders
+    fail(capsys, "train", "--data", "digits", *TINY, "--out", mydocs, "--overwrite",
+         pattern=rf"{mydocs.name} already exists and is not a transferlab run folder.*notes.txt")  # fmt: skip
+    fail(capsys, "train", "--data", "digits", *TINY, "--out", mydocs, "--resume",
+         pattern="not a transferlab run folder")  # fmt: skip
+    assert tree(mydocs) == before
+
+
+def test_S26_overwrite_refuses_a_run_holding_user_files_and_a_bad_model_keeps_the_run(
+    capsys, run_copy, folder_data
+):
+    planted = {
+        "notes.txt": "mine",
+        ".my_secrets": "mine",
+        ".git/config": "mine",
+        "export/handmade.onnx": "mine",
+        "state/my_note.txt": "mine",
+        "confusion_analysis.xlsx": "mine",
+        "report.md": "# my own report",
+    }
+    argv = ["train", "--data", f"folder:{folder_data}", *TINY, "--out", run_copy, "--overwrite"]
+    for name, text in planted.items():
+        (run_copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_copy / name).write_text(text)
+        before = tree(run_copy)
+        fail(capsys, *argv, pattern=rf"would delete files transferlab did not write.*{name}")
+        assert tree(run_copy) == before
+        (run_copy / name).unlink()
+    before = tree(run_copy)
+    fail(capsys, "train", "--data", f"folder:{folder_data}", "--model", "resnet-50",
+         "--out", run_copy, "--overwrite", pattern="unknown model")  # fmt: skip
+    assert tree(run_copy) == before  # validated before anything was deleted
+    assert cli(*argv, "--quiet") == 0  # a clean run folder is replaced
+    assert checkpoint.is_run(run_copy)
+
+
+def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_data, tmp_path):
+    other = tmp_path / "runs" / "b"
+    shutil.copytree(run_copy, other)
+    before = {p: tree(p) for p in (run_copy, other)}
+    fail(capsys, "finetune", "--from", run_copy, "--out", run_copy, "--epochs", "1",
+         pattern="already exists")  # fmt: skip
+    fail(capsys, "finetune", "--from", run_copy, "--out", run_copy / "ft", "--epochs", "1",
+         pattern="overlaps the run it starts from")  # fmt: skip
+    fail(capsys, "ensemble", run_copy, other, "--out", run_copy, pattern="overlaps member")
+    fail(capsys, "ensemble", run_copy, other, "--out", other / "ens", pattern="overlaps member")
+    fail(capsys, "export", run_copy, "--format", "safetensors", "--out",
+         run_copy / "model.safetensors", pattern="inside the run folder")  # fmt: skip
+    fail(capsys, "export", other, "--format", "safetensors", "--out",
+         run_copy / "logits" / "x.safetensors", pattern="inside the run folder")  # fmt: skip
+    fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY,
+         "--out", folder_data / "train" / "newrun", pattern="overlaps the data folder")  # fmt: skip
+    assert {p: tree(p) for p in (run_copy, other)} == before
+    assert not (folder_data / "train" / "newrun").exists()
+    # report over a user's own report.md
+    (tmp_path / "runs" / "report.md").write_text("my notes, not a transferlab report\n")
+    fail(capsys, "report", tmp_path / "runs", pattern="was not written by transferlab report")
+    assert (tmp_path / "runs" / "report.md").read_text().startswith("my notes")
+    # a recipe whose --out holds the recipe file itself as recipe.yaml
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "recipe.yaml").write_text("data: digits\nsteps:\n  - train: a\n    model: dcnn\n")
+    text = (exp / "recipe.yaml").read_bytes()
+    fail(
+        capsys,
+        "run",
+        exp / "recipe.yaml",
+        "--out",
+        exp,
+        pattern="overwrite the recipe|not a transferlab",
+    )
+    assert (exp / "recipe.yaml").read_bytes() == text and sorted(os.listdir(exp)) == ["recipe.yaml"]
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "/tmp/x", "a/b", "..", ".", "", "a b"])
+def test_S28_recipe_step_names_are_plain_and_stay_inside_out(capsys, tmp_path, name):
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"data": "digits", "steps": [{"train": name, "model": "dcnn"}]}))
+    fail(capsys, "run", r, "--out", tmp_path / "out", pattern="needs a plain name")
+    assert sorted(os.listdir(tmp_path)) == ["r.yaml"]  # nothing made, inside or outside
+
+
+def test_S29_one_process_per_output_folder_and_a_crash_does_not_leave_it_locked(capsys, tmp_path):
+    out = tmp_path / "r"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from transferlab import outputs\n"
+         f"with outputs.lock(__import__('pathlib').Path({str(out)!r})):\n"
+         "    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        fail(capsys, "train", "--data", "digits", *TINY, "--out", out,
+             pattern="in use by another transferlab process")  # fmt: skip
+        with pytest.raises(UserError, match="in use"):
+            with outputs.lock(out):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: the kernel releases the lock
+        holder.wait()
+    with outputs.lock(out):  # taken at once after the crash
+        pass
+
+
+# ----------------------------------------------------------------------------- 2. nothing ignored
+
+
+def test_S30_the_recipe_schema_is_strict(tmp_path):
+    step = recipe.parse_step({"train": {"name": "a", "model": "dcnn", "epochs": 1}}, 0)
+    assert step == ("train", "a", {"model": "dcnn", "epochs": 1})  # the mapping form works
+    bad = {
+        "steps: 5": "non-empty 'steps' list",
+        "steps: [5]": "must be a mapping",
+        "steps: [{train: [a]}]": "needs a plain name",
+        "steps: [{train: {model: dcnn}}]": "needs a plain name",
+        "steps: [{report: x}]": "report takes no name",
+        "steps: [{train: a, finetune: b}]": "exactly one of",
+        "steps: [{train: a}, {train: a}]": "used by an earlier step",
+        "steps: [{train: a}, {ensemble: e, members: [a, ghost]}]": "'ghost' is neither",
+        "steps: [{finetune: f}]": "needs 'from: RUN'",
+        "steps: [{train: a, lr: nan}]": "lr must be a finite number",
+        "defaults: 5\nsteps: [report]": "'defaults' must be a mapping",
+        "data: 5\nsteps: [report]": "'data' must be text",
+        "stepz: [report]": r"unknown recipe key 'stepz' \(did you mean steps\?\)",
+        "name: ../../esc\nsteps: [report]": "must be a plain name",
+        "steps:\n  - train: a\n    model: dcnn\n    model: resnet50": "'model' is given twice",
+    }
+    for text, message in bad.items():
+        path = tmp_path / "r.yaml"
+        path.write_text(text + "\n")
+        with pytest.raises(UserError, match=message):
+            recipe.validate(recipe.load(path), tmp_path / "out")
+    path.write_text("data: digits\nsteps: [{train: a}]\n")
+    for pair, message in {
+        "steps.9.epochs": "no step 9",
+        "steps.x.epochs": "steps.N.KEY",
+        "steps.0": "steps.N.KEY",
+        "nope": "unknown config key 'nope'",
+        "steps.0.learning_rate": "unknown key 'learning_rate'",
+    }.items():
+        with pytest.raises(UserError, match=message):
+            recipe.run(path, tmp_path / "out", {pair: "1"}, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_S31_resume_refuses_a_changed_config_naming_the_keys(capsys, tmp_path, folder_data):
+    out = tmp_path / "r"
+    argv = ["train", "--data", f"folder:{folder_data}", *TINY, "--out", out, "--quiet"]
+    assert cli(*argv) == 0
+    fail(capsys, *argv, "--resume", "--lr", "0.5", pattern=r"config differs \(lr: 0\.001 -> 0\.5\)")
+    fail(capsys, *argv, "--resume", "--overwrite", pattern="pass one of them")
+    assert cli(*argv, "--resume", "--keep-last", "3", "--num-workers", "0") == 0  # safe keys
+
+
+def test_S31_a_finished_recipe_step_with_other_options_is_refused(capsys, tmp_path, folder_data):
+    r = tmp_path / "r.yaml"
+    r.write_text(
+        f"data: folder:{folder_data}\ndefaults: {{model: test_resnet, input_size: 24, "
+        "epochs: 1, batch_size: 16}\nsteps:\n  - train: a\n"
+    )
+    assert cli("--quiet", "run", r, "--out", tmp_path / "out") == 0
+    capsys.readouterr()
+    fail(capsys, "run", r, "--out", tmp_path / "out", "--set", "epochs=2",
+         pattern=r"a is finished but was made with other options \(epochs: 1 -> 2\)")  # fmt: skip
+
+
+def test_S31_options_that_do_not_apply_are_refused(capsys, run_copy, tmp_path):
+    other = tmp_path / "runs" / "b"
+    shutil.copytree(run_copy, other)
+    assert cli("--quiet", "ensemble", run_copy, other, "--out", tmp_path / "ens") == 0
+    capsys.readouterr()
+    fail(capsys, "evaluate", tmp_path / "ens", "--tta", "flip", pattern="--tta does not apply")
+    fail(capsys, "ensemble", run_copy, other, "--out", tmp_path / "ens",
+         pattern="already exists: pass --overwrite")  # fmt: skip
+    assert (
+        cli("--quiet", "ensemble", run_copy, other, "--out", tmp_path / "ens", "--overwrite") == 0
+    )
+
+
+# ----------------------------------------------------------------------------- 3. tied to inputs
+
+
+def test_S32_an_ensemble_refuses_a_member_that_changed(capsys, run_copy, trained_run, tmp_path):
+    other = tmp_path / "runs" / "b"
+    shutil.copytree(run_copy, other)
+    ens = tmp_path / "ens"
+    assert cli("--quiet", "ensemble", run_copy, other, "--out", ens) == 0
+    info = json.loads((ens / "ensemble.json").read_text())
+    assert all(m["weights_sha256"] for m in info["members"])
+    # member b is retrained: new weights, and a meta.json that records them
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(other / "model.safetensors").items()}  # fmt: skip
+    save_file(
+        state, str(other / "model.safetensors"), metadata={"arch": "test_resnet", "classes": "[]"}
+    )
+    meta = checkpoint.read_meta(other)
+    meta["weights_sha256"] = checkpoint.sha256(other / "model.safetensors")
+    checkpoint.write_json(other / "meta.json", meta)
+    capsys.readouterr()
+    fail(capsys, "evaluate", ens, pattern=r"member .*b changed since ensemble .*ens was built")
+    image = tmp_path / "x.png"
+    make_image(0, 0).save(image)
+    fail(capsys, "predict", ens, image, pattern="changed since ensemble")
+
+
+def test_S33_a_run_records_its_data_absolutely_and_evaluate_says_when_data_differ(
+    capsys, tmp_path, monkeypatch
+):
+    data_dir = make_folder(tmp_path / "d", ["a", "b"], 12)
+    monkeypatch.chdir(tmp_path)
+    assert cli("--quiet", "train", "--data", "folder:d", *TINY, "--out", "r") == 0
+    meta = checkpoint.read_meta(tmp_path / "r")
+    assert meta["data"] == f"folder:{data_dir.resolve()}" and len(meta["data_fingerprint"]) == 16
+    monkeypatch.chdir(tmp_path / "r")  # another working folder: the run still finds its data
+    capsys.readouterr()
+    assert cli("evaluate", ".") == 0
+    assert "note:" not in capsys.readouterr().out
+    other = make_folder(tmp_path / "d2", ["a", "b"], 12)
+    assert cli("evaluate", ".", "--data", f"folder:{other}") == 0
+    assert f"note: scored on folder:{other}; the run was trained on folder:{data_dir}" in (
+        capsys.readouterr().out
+    )
+    (data_dir / "test" / "a" / "0.png").unlink()
+    assert cli("evaluate", ".") == 0
+    assert "changed since the run was trained" in capsys.readouterr().out
+
+
+def test_S34_a_folders_native_size_is_not_decided_by_one_odd_file(tmp_path):
+    root = make_folder(tmp_path / "d", ["a", "b"], 10, size=40, subsets=("",))
+    Image.new("RGB", (1, 1)).save(root / "a" / "!first.png")  # sorts first
+    Image.new("RGB", (4000, 3000)).save(root / "b" / "!huge.png")
+    assert data.load(f"folder:{root}").native_size == 40
+
+
+def test_S34_skipped_class_folders_and_files_are_listed(capsys, tmp_path):
+    root = make_folder(tmp_path / "d", ["a", "b"], 10, subsets=("",))
+    for hidden in ("_junk", ".ipynb_checkpoints"):
+        (root / hidden).mkdir()
+        make_image(0, 0).save(root / hidden / "x.png")
+    (root / "a" / "readme.txt").write_text("not an image")
+    ds = data.load(f"folder:{root}")
+    assert ds.classes == ["a", "b"]
+    assert any("_junk" in n and ".ipynb_checkpoints" in n for n in ds.notes), ds.notes
+    assert any("readme.txt" in n for n in ds.notes), ds.notes
+    assert cli("train", "--data", f"folder:{root}", *TINY, "--out", tmp_path / "r") == 0
+    assert "skipped hidden folder(s)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 4. bad values
+
+
+BAD_VALUES = [
+    ("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "1e309"),
+    ("--label-smoothing", "1.5"), ("--label-smoothing", "-0.1"), ("--batch-size", "1"),
+    ("--batch-size", "0"), ("--eval-batch-size", "0"), ("--epochs", "0"), ("--epochs", "1e309"),
+    ("--crop-pad", "100"), ("--crop-pad", "-5"), ("--num-workers", "-3"), ("--patience", "-1"),
+    ("--limit", "0"), ("--val-fraction", "1"), ("--val-fraction", "nan"), ("--warmup-epochs", "99"),
+    ("--momentum", "5"), ("--layer-decay", "0"), ("--seed", "-1"), ("--weight-decay", "-1"),
+    ("--probe-l2", "0"), ("--keep-last", "0"), ("--input-size", "4"), ("--snapshots", "-2"),
+    ("--checkpoint-every", "-1"), ("--input-size", "2.5"), ("--channels", "2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("flag", "value"), BAD_VALUES)
+def test_S35_every_bad_numeric_value_is_one_line_and_exit_2(capsys, tmp_path, flag, value):
+    argv = ["train", "--data", "digits", "--model", "dcnn", "--input-size", "24", flag, value]
+    fail(capsys, *argv, "--out", tmp_path / "r", pattern=flag[2:].replace("-", "_"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_S35_unwritable_paths_are_refused_up_front(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    argv = ["train", "--data", "digits", *TINY]
+    fail(capsys, *argv, "--out", tmp_path / "file", pattern="is a file")
+    fail(capsys, *argv, "--out", tmp_path / "file" / "r", pattern="is a file")
+    fail(capsys, *argv, "--out", "/proc/x", pattern="cannot (create|write)")
+    fail(capsys, *argv, "--out", tmp_path / "r", "--log-json", tmp_path / "missing" / "log.jsonl",
+         pattern="folder .*missing does not exist")  # fmt: skip
+    assert not (tmp_path / "r").exists()
+
+
+def test_S36_a_corrupt_cache_entry_is_rebuilt(tmp_path):
+    root = make_folder(tmp_path / "d", ["a", "b"], 6, subsets=("",))
+    split = data.load(f"folder:{root}").splits["train"]
+    cache = tmp_path / "cache"
+    first = np.array(data.decode(split, 16, 3, cache=cache))
+    (entry,) = cache.glob("*.npy")
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated by a crash or a full disk
+    with pytest.warns(UserWarning, match="damaged: rebuilding"):
+        again = np.array(data.decode(split, 16, 3, cache=cache))
+    np.testing.assert_array_equal(first, again)
+    (info,) = cache.glob("*.json")
+    info.write_text("{not json")
+    with pytest.warns(UserWarning, match="damaged"):
+        np.testing.assert_array_equal(first, np.array(data.decode(split, 16, 3, cache=cache)))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: &a [1]\n" + "".join(f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+                                  for p, c in zip("abcdefgh", "bcdefghi", strict=True)) + "steps: [*i]\n",
+         "expands to more than"),
+        ("steps: &s [report, *s]\n", "refers to itself|expands to more than"),
+        ("name: caf\xe9\nsteps: [report]\n", "not UTF-8"),
+        ("steps: [report\n", "not valid YAML"),
+    ],
+)  # fmt: skip
+def test_S37_a_hostile_recipe_file_is_refused_fast(capsys, tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text.encode("latin-1"))
+    t0 = time.time()
+    fail(capsys, "run", path, "--out", tmp_path / "out", pattern=message)
+    assert time.time() - t0 < 5 and not (tmp_path / "out").exists()
+
+
+def test_S37_a_huge_recipe_is_refused_before_reading(capsys, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("steps: [report]\n# " + "x" * recipe.MAX_BYTES)
+    fail(capsys, "run", path, pattern="a recipe is at most")
+
+
+def test_S38_the_python_api_raises_user_error_with_the_same_messages(tmp_path):
+    import transferlab
+
+    with pytest.raises(UserError, match="lr must be a finite number"):
+        transferlab.train(tmp_path / "r", data="digits", model="dcnn", lr=float("nan"))
+    with pytest.raises(UserError, match="batch_size must be >= 2"):
+        transferlab.train(tmp_path / "r", data="digits", model="dcnn", batch_size=1)
+    with pytest.raises(UserError, match="unknown ensemble method"):
+        transferlab.ensemble([tmp_path / "a", tmp_path / "b"], method="avg", out=tmp_path / "e")
+    assert not (tmp_path / "r").exists()
