@@ -158,9 +158,12 @@ def check_out(out: Path, kind: str, resume: bool = False, overwrite: bool = Fals
                 else ""
             )
         )
+    if mark.get("kind") != kind:
+        raise UserError(
+            f"{out} is a transferlab {mark.get('kind')} folder, not a {kind} folder: "
+            "choose another --out"
+        )
     if resume:
-        if mark.get("kind") != kind:
-            raise UserError(f"cannot resume {out}: it is a transferlab {mark.get('kind')} folder")
         return "resume"
     if not overwrite:
         raise UserError(
@@ -168,11 +171,6 @@ def check_out(out: Path, kind: str, resume: bool = False, overwrite: bool = Fals
             "or --overwrite to replace it"
             if kind == "run"
             else f"{kind} folder {out} already exists: pass --overwrite to replace it"
-        )
-    if mark.get("kind") != kind:
-        raise UserError(
-            f"--overwrite replaces a {kind} folder only with a new {kind}; {out} is a "
-            f"transferlab {mark.get('kind')} folder: choose another --out"
         )
     foreign = _foreign(out)
     if foreign:
