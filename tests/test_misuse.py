@@ -125,8 +125,14 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
          run_copy / "logits" / "x.safetensors", pattern="inside the run folder")  # fmt: skip
     fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY,
          "--out", folder_data / "train" / "newrun", pattern="overlaps the data folder")  # fmt: skip
+    fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY, "--out", tmp_path / "new",
+         "--log-json", run_copy / "meta.json", pattern="inside the transferlab run folder")  # fmt: skip
+    (tmp_path / "results.csv").write_text("a,b\n1,2\n")
+    fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY, "--out", tmp_path / "new",
+         "--log-json", tmp_path / "results.csv", pattern="not a transferlab event log")  # fmt: skip
+    assert (tmp_path / "results.csv").read_text() == "a,b\n1,2\n"
     assert {p: tree(p) for p in (run_copy, other)} == before
-    assert not (folder_data / "train" / "newrun").exists()
+    assert not (folder_data / "train" / "newrun").exists() and not (tmp_path / "new").exists()
     # report over a user's own report.md
     (tmp_path / "runs" / "report.md").write_text("my notes, not a transferlab report\n")
     fail(capsys, "report", tmp_path / "runs", pattern="was not written by transferlab report")
@@ -245,7 +251,12 @@ def test_S31_options_that_do_not_apply_are_refused(capsys, run_copy, tmp_path):
     shutil.copytree(run_copy, other)
     assert cli("--quiet", "ensemble", run_copy, other, "--out", tmp_path / "ens") == 0
     capsys.readouterr()
-    fail(capsys, "evaluate", tmp_path / "ens", "--tta", "flip", pattern="--tta does not apply")
+    fail(capsys, "evaluate", tmp_path / "ens", "--tta", "flip", pattern="--tta flip does not apply")
+    image = tmp_path / "x.png"
+    make_image(0, 0).save(image)
+    fail(capsys, "predict", tmp_path / "ens", image, "--tta", "flip", pattern="does not apply")
+    assert cli("--quiet", "predict", tmp_path / "ens", image, "--tta", "none") == 0  # as built
+    capsys.readouterr()
     fail(capsys, "ensemble", run_copy, other, "--out", tmp_path / "ens",
          pattern="already exists: pass --overwrite")  # fmt: skip
     assert (
@@ -278,6 +289,9 @@ def test_S32_an_ensemble_refuses_a_member_that_changed(capsys, run_copy, trained
     image = tmp_path / "x.png"
     make_image(0, 0).save(image)
     fail(capsys, "predict", ens, image, pattern="changed since ensemble")
+    assert cli("report", tmp_path) == 0  # the report marks it, and does not call it the best
+    assert "ens (stale: a member changed; rebuild it)" in (tmp_path / "report.md").read_text()
+    assert "best ensemble" not in (tmp_path / "report.md").read_text()
 
 
 def test_S33_a_run_records_its_data_absolutely_and_evaluate_says_when_data_differ(
@@ -303,10 +317,21 @@ def test_S33_a_run_records_its_data_absolutely_and_evaluate_says_when_data_diffe
 
 
 def test_S34_a_folders_native_size_is_not_decided_by_one_odd_file(tmp_path):
-    root = make_folder(tmp_path / "d", ["a", "b"], 10, size=40, subsets=("",))
-    Image.new("RGB", (1, 1)).save(root / "a" / "!first.png")  # sorts first
-    Image.new("RGB", (4000, 3000)).save(root / "b" / "!huge.png")
+    root = make_folder(tmp_path / "d", ["a", "b"], 10, size=40)
+    Image.new("RGB", (1, 1)).save(root / "train" / "a" / "!first.png")  # sorts first
+    Image.new("RGB", (4000, 3000)).save(root / "train" / "b" / "!huge.png")
     assert data.load(f"folder:{root}").native_size == 40
+
+
+def test_S34_one_class_is_refused_and_classes_missing_from_a_split_are_listed(tmp_path):
+    root = make_folder(tmp_path / "one", ["cat"], 10)
+    with pytest.raises(UserError, match="1 class \\(cat\\); a classifier needs at least two"):
+        data.load(f"folder:{root}")
+    root = make_folder(tmp_path / "few", ["cat", "dog"], 10, subsets=("",))
+    (root / "wolf").mkdir()
+    make_image(2, 0).save(root / "wolf" / "0.png")
+    ds = data.load(f"folder:{root}")
+    assert any("have no" in n and "wolf" in n for n in ds.notes), ds.notes
 
 
 def test_S34_skipped_class_folders_and_files_are_listed(capsys, tmp_path):
@@ -366,6 +391,9 @@ def test_S36_a_corrupt_cache_entry_is_rebuilt(tmp_path):
     with pytest.warns(UserWarning, match="damaged: rebuilding"):
         again = np.array(data.decode(split, 16, 3, cache=cache))
     np.testing.assert_array_equal(first, again)
+    np.save(entry, np.zeros((3, 16, 16, 3), np.uint8))  # whole, but not what was decoded
+    with pytest.warns(UserWarning, match="damaged: rebuilding"):
+        np.testing.assert_array_equal(first, np.array(data.decode(split, 16, 3, cache=cache)))
     (info,) = cache.glob("*.json")
     info.write_text("{not json")
     with pytest.warns(UserWarning, match="damaged"):

@@ -42,7 +42,7 @@ class Model:
     def classes(self) -> list[str]:
         return self.info["class_names"]
 
-    def predict(self, images, top_k: int = 5, tta: str = "none", quiet: bool = True) -> list:
+    def predict(self, images, top_k: int = 5, tta: str | None = None, quiet: bool = True) -> list:
         """Top-k predictions for image files and folders (a path or a list of them)."""
         from . import predict
 
@@ -50,7 +50,9 @@ class Model:
         rows, _ = predict.predict(self.path, [str(i) for i in inputs], top_k, tta, quiet)
         return rows
 
-    def evaluate(self, split: str = "test", data: str | None = None, tta: str = "none") -> dict:
+    def evaluate(
+        self, split: str = "test", data: str | None = None, tta: str | None = None
+    ) -> dict:
         from . import ensembles
 
         return ensembles.evaluate_path(self.path, data, split, True, tta)["metrics"]

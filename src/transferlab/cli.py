@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset spec [the one it was trained on]")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    p.add_argument("--tta", default="none", help=TTA_HELP)
+    p.add_argument("--tta", help=TTA_HELP + " [none; an ensemble: its own]")
 
     p = _sub(sub, "ensemble", "combine runs (any architecture, input size, channels)")
     p.add_argument("runs", nargs="+", help="run folders")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="ensemble folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing ensemble in --out")
     p.add_argument("--data", help="dataset spec [the members' own]")
-    p.add_argument("--tta", default="none", help=TTA_HELP)
+    p.add_argument("--tta", default="none", help=TTA_HELP + " [none]")
 
     p = _sub(sub, "export", "write a run's model as ONNX, TorchScript or safetensors")
     p.add_argument("path", help="a run folder")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     fmt.add_argument("--csv", action="store_true", help="CSV rows: path,rank,class,name,prob")
-    p.add_argument("--tta", default="none", help=TTA_HELP)
+    p.add_argument("--tta", help=TTA_HELP + " [none; an ensemble: its own]")
 
     p = _sub(sub, "soup", "average the weights of runs fine-tuned from the same start")
     p.add_argument("runs", nargs="+", help="run folders (one architecture, one initial state)")
@@ -225,7 +225,7 @@ def cmd_lr_find(args) -> None:
 
 TTA_HELP = (
     "test-time augmentation per member: none | flip (mirror) | crops (ten-crop: corners and "
-    "centre at 87.5%%, each mirrored; inputs >= 96 px) [none]"
+    "centre at 87.5%%, each mirrored; inputs >= 96 px)"
 )
 
 

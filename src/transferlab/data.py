@@ -81,10 +81,23 @@ def load(spec: str, val_fraction: float = 0.1, limit: int | None = None) -> Data
         raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
     notes: list[str] = []
     classes, names, train, test, native_size, channels = SOURCES[kind](arg, notes)
+    if len(classes) < 2:
+        raise UserError(
+            f"{spec} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least "
+            "two: point --data at the folder that holds the class folders"
+        )
     train, val = carve(train, val_fraction)
     splits = {"train": train, "val": val, "test": test}
     if limit:
         splits = {k: v.subset(stratified_head(v.labels, limit)) for k, v in splits.items()}
+    for name in ("train", "val", "test"):
+        absent = sorted(set(range(len(classes))) - set(splits[name].labels.tolist()))
+        if absent:
+            notes.append(
+                f"{len(absent)} class(es) have no {name} image (too few images): "
+                + ", ".join(classes[i] for i in absent[:5])
+                + (" ..." if len(absent) > 5 else "")
+            )
     root = Path(arg).expanduser() if kind in PATH_KINDS else None
     return Dataset(
         canonical(spec), classes, names, splits, native_size, channels,

@@ -446,20 +446,15 @@ def evaluate_path(
     data_spec: str | None = None,
     split: str = "test",
     quiet: bool = True,
-    tta: str = "none",
+    tta: str | None = None,
 ) -> dict:
     """Score a run or an ensemble folder from its saved files; writes its confusion matrix.
 
-    `tta` applies to a run; an ensemble uses the TTA it was built with.
+    `tta` applies to a run (None: none); an ensemble uses the TTA it was built with.
     """
     path = Path(path)
-    evaluate.check_tta(tta)
     if is_ensemble(path):
-        if tta != "none":
-            raise UserError(
-                f"--tta does not apply to ensemble {path}: it predicts with the TTA it was built "
-                f"with ({read(path).get('tta', 'none')}); build another ensemble for another TTA"
-            )
+        own_tta(path, read(path), tta)
         logp, targets, info = evaluate_ensemble(path, data_spec, split, quiet)
         names, spec, notes = info["class_names"], data.canonical(data_spec or info["data"]), []
     else:
@@ -467,6 +462,7 @@ def evaluate_path(
         spec = data.canonical(data_spec or meta["data"])
         ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
         model = evaluate.load_run_model(path, meta)
+        tta = tta or "none"
         logp = evaluate.predict_split(model, meta, ds, split, f"run {path}", quiet, tta)
         targets, names = ds.splits[split].labels, ds.names
         notes = data_notes(meta, ds)
@@ -477,6 +473,20 @@ def evaluate_path(
         matrix, names, figure, f"{path.name} on {spec} [{split}]: top-1 {result['top1']:.2%}"
     )
     return {"metrics": result, "data": spec, "confusion": str(figure), "notes": notes}
+
+
+def own_tta(path: Path, info: dict, tta: str | None) -> str:
+    """An ensemble predicts with the TTA it was built with (its combiner was fitted on those
+    views); asking for another is refused, not silently honoured or ignored."""
+    built = info.get("tta", "none")
+    if tta is not None:
+        evaluate.check_tta(tta)
+        if tta != built:
+            raise UserError(
+                f"--tta {tta} does not apply to ensemble {path}: it was built (and fitted) with "
+                f"--tta {built}; build another ensemble for another TTA"
+            )
+    return built
 
 
 def data_notes(meta: dict, ds: data.Dataset) -> list[str]:

@@ -121,6 +121,30 @@ def check_creatable(path: Path, what: str) -> None:
         raise UserError(f"cannot write {what} {path}: {probe} is not writable")
 
 
+def check_log_file(path: str | Path, out: Path) -> None:
+    """--log-json appends to a JSON-lines event log: never to another file (a run's meta.json,
+    a CSV) nor into another transferlab folder."""
+    path = Path(path).expanduser()
+    check_file_writable(path, "--log-json")
+    for folder in path.resolve().parents:
+        mark = read_mark(folder)
+        if mark and not inside(folder, out):
+            raise UserError(
+                f"--log-json {path} is inside the transferlab {mark['kind']} folder {folder}; "
+                "write the log elsewhere"
+            )
+    if path.exists() and path.stat().st_size:
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = json.loads(f.readline())
+            assert isinstance(first, dict) and "event" in first
+        except (ValueError, AssertionError, UnicodeDecodeError):
+            raise UserError(
+                f"--log-json {path} exists and is not a transferlab event log; it is left as it "
+                "is: choose another file"
+            ) from None
+
+
 def check_file_writable(path: str | Path, what: str) -> None:
     """A file we will create or append to (a --log-json path): its folder exists and is writable."""
     path = Path(path).expanduser()

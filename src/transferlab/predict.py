@@ -67,9 +67,16 @@ def _member(run, meta: dict, files: list[str], tta: str, quiet: bool):
 
 
 def predict(
-    path: str | Path, inputs: list[str], top_k: int = 5, tta: str = "none", quiet: bool = False
+    path: str | Path,
+    inputs: list[str],
+    top_k: int = 5,
+    tta: str | None = None,
+    quiet: bool = False,
 ) -> tuple[list[dict], list[str]]:
-    """Top-k predictions per readable image; returns (rows, one line per skipped file)."""
+    """Top-k predictions per readable image; returns (rows, one line per skipped file).
+
+    `tta`: for a run, None means none; an ensemble predicts with the TTA it was built with.
+    """
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     files = image_files(inputs)
@@ -78,7 +85,7 @@ def predict(
         runs = [m["run"] for m in info["members"]]
         metas = ensembles.check_members(info, path)
         orders = ensembles.check_classes(metas, runs)
-        tta = info.get("tta", "none") if tta == "none" else tta
+        tta = ensembles.own_tta(path, info, tta)
         logp, feats, bad = [], [], []
         for run, meta, order in zip(runs, metas, orders, strict=True):
             lp, f, files, skipped = _member(run, meta, files, tta, quiet)  # later: kept only
@@ -90,7 +97,7 @@ def predict(
         classes, names = info["classes"], info["class_names"]
     else:
         meta = checkpoint.read_meta(path)
-        combined, _, files, bad = _member(path, meta, files, tta, quiet)
+        combined, _, files, bad = _member(path, meta, files, tta or "none", quiet)
         classes, names = meta["classes"], meta["class_names"]
     prob = np.exp(combined)
     k = min(top_k, prob.shape[1])

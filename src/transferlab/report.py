@@ -67,8 +67,14 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
 def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
     m = info["metrics"]
     names = ", ".join(Path(x["run"]).name for x in info["members"])
+    try:
+        ensembles.check_members(info, path)
+        stale = ""
+    except UserError:  # a member was retrained or removed: its numbers no longer hold
+        stale = " (stale: a member changed; rebuild it)"
     return {
-        "model": str(path.relative_to(root)) or path.name,
+        "model": (str(path.relative_to(root)) or path.name) + stale,
+        "_stale": bool(stale),
         "arch": f"ensemble ({info['method']})",
         "weights": names,
         "input": "per member",
@@ -114,7 +120,9 @@ def write(root: str | Path) -> tuple[Path, str]:
         (r for r in rows if r["_curves"] is not None), key=lambda r: r["_test"], default=None
     )
     best_ens = max(
-        (r for r in rows if r["_curves"] is None), key=lambda r: r["_test"], default=None
+        (r for r in rows if r["_curves"] is None and not r["_stale"]),
+        key=lambda r: r["_test"],
+        default=None,
     )
     parts = [
         f"# transferlab report: {root.name}",

@@ -73,7 +73,7 @@ def fit(
     log = (lambda *a: print(*a, flush=True)) if not quiet else (lambda *a: None)
     cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
     if log_json and d.main:
-        outputs.check_file_writable(log_json, "--log-json")
+        outputs.check_log_file(log_json, out)
     # Everything is validated (out, data, model) before the disk changes; only rank 0 writes.
     if d.main and outputs.check_out(out, "run", resume, overwrite) == "resume":
         refuse_config_change(out, (outputs.read_mark(out) or {}).get("config"), cfg)
