@@ -83,6 +83,12 @@ def _config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
             group.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper(), help=text)
 
 
+# Training options the LR range test does not use (it sweeps the LR over a fixed number of
+# steps): not offered, so argparse refuses them instead of ignoring them.
+LR_FIND_SKIPS = ("lr", "epochs", "patience", "schedule", "warmup_epochs", "snapshots",
+                 "keep_last", "checkpoint_every", "probe_l2", "eval_batch_size")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="transferlab",
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "lr-find", "LR range test: plot loss against LR, print a suggested --lr")
     p.add_argument("--out", required=True, help="folder for lr_find.png and lr_find.json")
-    _config_options(p)
+    _config_options(p, skip=LR_FIND_SKIPS)
 
     p = _sub(sub, "evaluate", "score a run or ensemble from its saved files")
     p.add_argument("path", help="a run folder or an ensemble folder")

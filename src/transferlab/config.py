@@ -127,8 +127,27 @@ def _coerce(name: str, value: object, hint: object) -> object:
     return str(value)
 
 
-def make_config(overrides: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """Apply a dict of overrides to a config; unknown keys and wrong types raise UserError."""
+# Options that act only in some setups: given explicitly elsewhere, they would be silently
+# ignored, so they are refused. (key, condition on the final config, what it needs)
+APPLIES = {
+    "momentum": (lambda c: c.optimizer == "sgd", "optimizer sgd"),
+    "crop_pad": (lambda c: c.crop == "pad", "crop pad"),
+    "probe_l2": (
+        lambda c: c.strategy in ("linear-probe", "lp-ft"),
+        "strategy linear-probe or lp-ft",
+    ),
+    "layer_decay": (lambda c: c.strategy == "layer-decay", "strategy layer-decay"),
+    "head_init": (lambda c: c.weights is not None, "weights to start from (--weights)"),
+    "stem": (lambda c: c.model != "dcnn", "a timm model (dcnn has its own stem)"),
+    "warmup_epochs": (lambda c: c.schedule != "plateau", "schedule cosine or constant"),
+}
+
+
+def make_config(
+    overrides: dict, base: TrainConfig | None = None, check_applies: bool = True
+) -> TrainConfig:
+    """Apply a dict of overrides to a config; unknown keys and wrong types raise UserError,
+    and so does an option given for a setup it does not act in (see APPLIES)."""
     base = base or TrainConfig()
     names = field_names(TrainConfig)
     hints = typing.get_type_hints(TrainConfig)
@@ -142,6 +161,11 @@ def make_config(overrides: dict, base: TrainConfig | None = None) -> TrainConfig
         clean[key] = _coerce(key, value, hints[key])
     cfg = dataclasses.replace(base, **clean)
     validate(cfg)
+    for key in clean if check_applies else ():
+        if key in APPLIES and not APPLIES[key][0](cfg):
+            raise UserError(
+                f"{key} has no effect here: it needs {APPLIES[key][1]}; drop it or change that"
+            )
     return cfg
 
 
@@ -208,7 +232,7 @@ RANGES = {
     "epochs": (1, 100_000, ""),
     "batch_size": (2, 65_536, " (BatchNorm cannot train on one image per batch)"),
     "eval_batch_size": (1, 65_536, ""),
-    "lr": ((0,), 10, ""),
+    "lr": ((0,), (math.inf,), ""),
     "probe_l2": ((0,), 1e6, ""),
     "weight_decay": (0, 10, ""),
     "momentum": (0, (1,), ""),

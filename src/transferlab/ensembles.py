@@ -339,6 +339,8 @@ def build(
     runs = [str(r) for r in runs]
     for run in runs:
         checkpoint.read_meta(run)  # each member is a finished run, named if not
+    if len({str(Path(r).resolve()) for r in runs}) < len(runs) and not quiet:
+        print("note: a run is listed more than once; it counts once per listing")
     outputs.refuse_overlap(out, runs, "member")
     outputs.check_out(Path(out), "ensemble", overwrite=overwrite)
     fusion = method == "fusion"

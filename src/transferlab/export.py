@@ -86,6 +86,9 @@ def export(
     run = Path(run)
     meta = checkpoint.read_meta(run)
     path = Path(out).expanduser() if out else run / "export" / FORMATS[fmt]
+    others = {Path(name).suffix for f, name in FORMATS.items() if f != fmt}
+    if path.suffix in others:
+        raise UserError(f"--out {path} has the extension of another format than {fmt}")
     check_out_file(path, run, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = json.dumps(describe(meta))

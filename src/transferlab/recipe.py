@@ -169,7 +169,8 @@ def validate(recipe: dict, out: Path | None = None) -> None:
             if kind == "train":
                 make_config(train_settings(recipe, keys))  # bad values fail before any step runs
             elif kind == "finetune":
-                make_config({k: v for k, v in train_settings(recipe, keys).items() if k != "from"})
+                settings = train_settings(recipe, keys, data=False)  # the parent decides the rest
+                make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=False)
             if out is not None and kind != "train":
                 _check_refs(kind, name, keys, names, out, i)
             names.append(name)

@@ -102,6 +102,8 @@ def make(
     runs = [str(r) for r in runs]
     metas = [checkpoint.read_meta(r) for r in runs]
     check_lineage(runs, metas)
+    if len({str(Path(r).resolve()) for r in runs}) < len(runs):
+        raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
     outputs.check_out(Path(out), "run")
     with outputs.lock(Path(out)):

@@ -311,11 +311,12 @@ def lr_find(cfg: TrainConfig, out: str | Path, quiet: bool = False) -> float:
     """`transferlab lr-find`: the range test alone, into `out` (lr_find.png, lr_find.json)."""
     out = Path(out)
     log = (lambda *a: print(*a, flush=True)) if not quiet else (lambda *a: None)
-    outputs.check_out(out, "lr-find", overwrite=True)  # its own earlier plot may be replaced
+    # an earlier lr-find's plot is replaced (atomically) only when the new one is done
+    outputs.check_out(out, "lr-find", resume=True)
     ds, model, prep, _, precision = setup(cfg, out, log, distributed.Dist(0, 1))
     groups, frozen, augment = training_parts(model, cfg, prep)
     with outputs.lock(out):
-        outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", overwrite=True))
+        outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", resume=True))
         images, labels = decode_splits(ds, prep, cfg, out.name, log, quiet)
         return find_lr(
             model, cfg, groups, images, labels, prep, precision, frozen, augment, out, quiet
@@ -530,7 +531,10 @@ def config_changes(saved: dict, now: dict) -> str:
     def norm(key, value):
         return data.canonical(value) if key == "data" and isinstance(value, str) else value
 
-    keys = sorted(k for k in saved.keys() | now.keys() if k not in SAFE_ON_RESUME)
+    safe = set(SAFE_ON_RESUME)
+    if now.get("schedule") in ("constant", "plateau") and not now.get("snapshots"):
+        safe.add("epochs")  # the LR does not depend on it: a run may be extended
+    keys = sorted(k for k in saved.keys() | now.keys() if k not in safe)
     diffs = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
         for k in keys
@@ -824,6 +828,12 @@ def git_sha() -> str | None:
 def finetune_config(run: str | Path, overrides: dict) -> TrainConfig:
     """A config that continues from a run: its data, arch and preprocessing unless overridden."""
     meta = checkpoint.read_meta(run)
+    for key in ("model", "weights"):
+        if key in overrides:
+            raise UserError(
+                f"{key} does not apply to a fine-tune: it starts from {run} (its architecture and "
+                "weights); train a new run for another model or weights"
+            )
     base = replace(
         TrainConfig(),
         **{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__},
