@@ -33,7 +33,10 @@ def fail(capsys, *argv, pattern: str = "") -> str:
     """Run the CLI; assert exit 2 with exactly one line on stderr (matching `pattern`)."""
     import re
 
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, (argv, out, err)
@@ -123,6 +126,9 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
          run_copy / "model.safetensors", pattern="inside the run folder")  # fmt: skip
     fail(capsys, "export", other, "--format", "safetensors", "--out",
          run_copy / "logits" / "x.safetensors", pattern="inside the run folder")  # fmt: skip
+    fail(capsys, "export", other, "--format", "torchscript", "--out", tmp_path / "m.onnx",
+         pattern="extension of another format")  # fmt: skip
+    fail(capsys, "soup", run_copy, run_copy, "--out", tmp_path / "soup", pattern="listed twice")
     fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY,
          "--out", folder_data / "train" / "newrun", pattern="overlaps the data folder")  # fmt: skip
     fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY, "--out", tmp_path / "new",
@@ -232,6 +238,42 @@ def test_S31_resume_refuses_a_changed_config_naming_the_keys(capsys, tmp_path, f
     fail(capsys, *argv, "--resume", "--lr", "0.5", pattern=r"config differs \(lr: 0\.001 -> 0\.5\)")
     fail(capsys, *argv, "--resume", "--overwrite", pattern="pass one of them")
     assert cli(*argv, "--resume", "--keep-last", "3", "--num-workers", "0") == 0  # safe keys
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--momentum", "0.5"], "momentum has no effect here: it needs optimizer sgd"),
+        (["--crop", "rrc", "--crop-pad", "2"], "crop_pad has no effect here"),
+        (["--probe-l2", "0.1"], "probe_l2 has no effect here"),
+        (["--layer-decay", "0.5"], "layer_decay has no effect here"),
+        (["--head-init", "match"], "head_init has no effect here"),
+        (["--schedule", "plateau", "--warmup-epochs", "1"], "warmup_epochs has no effect here"),
+    ],
+)
+def test_S31_an_option_that_would_have_no_effect_is_refused(capsys, tmp_path, extra, message):
+    fail(
+        capsys, "train", "--data", "digits", *TINY, *extra, "--out", tmp_path / "r", pattern=message
+    )
+    assert cli("--quiet", "train", "--data", "digits", "--model", "dcnn", "--stem", "default",
+               "--epochs", "1", "--limit", "60", "--out", tmp_path / "ok") == 0  # a no-op default  # fmt: skip
+    fail(capsys, "train", "--data", "digits", "--model", "dcnn", "--stem", "small",
+         "--out", tmp_path / "r", pattern="stem has no effect here")  # fmt: skip
+    fail(capsys, "lr-find", "--data", "digits", "--model", "dcnn", "--epochs", "50",
+         "--out", tmp_path / "r", pattern="unrecognized arguments: --epochs")  # fmt: skip
+
+
+def test_S31_a_finetune_step_cannot_swap_its_parent_weights(run_copy, tmp_path):
+    from transferlab import trainer
+
+    for key, value in (("weights", "imagenet"), ("model", "resnet18")):
+        with pytest.raises(UserError, match=f"{key} does not apply to a fine-tune"):
+            trainer.finetune_config(run_copy, {key: value})
+    r = tmp_path / "r.yaml"
+    r.write_text(f"steps:\n  - finetune: f\n    from: {run_copy}\n    weights: {run_copy}\n")
+    with pytest.raises(UserError, match="weights does not apply to a fine-tune"):
+        recipe.run(r, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_S31_a_finished_recipe_step_with_other_options_is_refused(capsys, tmp_path, folder_data):

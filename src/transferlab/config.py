@@ -161,8 +161,9 @@ def make_config(
         clean[key] = _coerce(key, value, hints[key])
     cfg = dataclasses.replace(base, **clean)
     validate(cfg)
-    for key in clean if check_applies else ():
-        if key in APPLIES and not APPLIES[key][0](cfg):
+    defaults = TrainConfig()
+    for key in clean if check_applies else ():  # (the default value does nothing anyway)
+        if key in APPLIES and clean[key] != getattr(defaults, key) and not APPLIES[key][0](cfg):
             raise UserError(
                 f"{key} has no effect here: it needs {APPLIES[key][1]}; drop it or change that"
             )

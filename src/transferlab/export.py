@@ -98,7 +98,8 @@ def export(
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(path), metadata={"transferlab": info})
+        with checkpoint.atomic_path(path) as tmp:  # a crash never leaves half a file
+            save_file(state, str(tmp), metadata={"transferlab": info})
         return {"path": str(path), "check": None}
     packaged = Packaged(model, meta["preprocessing"]).eval()
     images, source = sample_images(meta)
@@ -108,7 +109,8 @@ def export(
     if fmt == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(packaged, x[:1])
-        torch.jit.save(traced, str(path), _extra_files={"transferlab.json": info})
+        with checkpoint.atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp), _extra_files={"transferlab.json": info})
         with torch.no_grad():
             got = torch.jit.load(str(path))(x).numpy()
     else:
@@ -167,6 +169,7 @@ def _onnx(packaged: nn.Module, x: torch.Tensor, path: Path, info: str) -> np.nda
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = "transferlab", info
-    onnx.save(proto, str(path))
+    with checkpoint.atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"image": x.numpy()})[0]

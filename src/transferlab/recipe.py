@@ -170,6 +170,12 @@ def validate(recipe: dict, out: Path | None = None) -> None:
                 make_config(train_settings(recipe, keys))  # bad values fail before any step runs
             elif kind == "finetune":
                 settings = train_settings(recipe, keys, data=False)  # the parent decides the rest
+                for key in ("model", "weights"):
+                    if key in settings:
+                        raise UserError(
+                            f"{key} does not apply to a fine-tune (step {i}, finetune {name}): "
+                            "it starts from its 'from' run; set it on train steps only"
+                        )
                 make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=False)
             if out is not None and kind != "train":
                 _check_refs(kind, name, keys, names, out, i)
