@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass
@@ -23,52 +21,78 @@ class Preempted(Exception):
     """Training stopped on SIGTERM after saving its state; the CLI exits 143."""
 
 
+def opt(default, help: str):
+    """A config field with its one-line help (the CLI's --help text, from the field's metadata)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides how one model is trained or fine-tuned."""
 
-    data: str = "digits"  # dataset spec: digits | tiny-imagenet:PATH | folder:PATH
-    model: str = "resnet50"  # any timm model name, or "dcnn"
-    weights: str | None = None  # None (scratch) | imagenet | a run folder | a .safetensors/.pt file
-    head_init: str = "fresh"  # fresh | match: start new classes from the source head's rows for classes it shares (by id or name)
-    input_size: int | None = None  # None: the data's native size (scratch) or the weights' own
-    channels: int | None = (
-        None  # 1 (gray; RGB kernels summed) or 3 (gray repeated); None: 3 for timm models, the data's own for dcnn
+    data: str = opt("digits", "dataset spec: digits | tiny-imagenet:PATH | folder:PATH")
+    model: str = opt("resnet50", 'any timm model name, or "dcnn"')
+    weights: str | None = opt(
+        None, "None (scratch) | imagenet | a run folder | a .safetensors/.pt file"
     )
-    stem: str = "default"  # default | small: 3x3 stride-1 first conv, no max-pool (32-64 px inputs; pretrained kernel cropped)
-    epochs: int = 10  # maximum number of passes over the training split
-    batch_size: int = 64  # images per optimizer step
-    optimizer: str = "adamw"  # adam | adamw | sgd
-    lr: float | str = 1e-3  # peak learning rate, or auto (an LR range test picks it first)
-    weight_decay: float = 0.05  # decoupled for adamw, L2 for adam/sgd
-    momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine | plateau | constant
-    warmup_epochs: float = 0.0  # linear warm-up before the schedule (fraction of epochs allowed)
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    flip: bool = True  # random horizontal flip (off for digits and text)
-    crop: str = "pad"  # pad (random crop with padding) | rrc (random-resized-crop) | none
-    crop_pad: int = -1  # padding in pixels for crop=pad; -1: input_size // 8
-    patience: int = 0  # early stopping: epochs without val improvement (0: off)
-    snapshots: int = 0  # snapshot ensemble: K cosine cycles with restarts, each cycle's end saved as a member run in OUT/snapshots/ (0: off)
-    strategy: str = "full"  # full | linear-probe | lp-ft | gradual | layer-decay
-    pool_stages: int = 0  # also feed the head the pooled outputs of the last N feature stages
-    layer_decay: float = 0.75  # layer-decay: each block group's LR is this times the group above
-    probe_l2: float | str = "auto"  # linear probe's L2 (standardised features); auto: CV on train
-    freeze: str = "none"  # none | backbone (the head trains) | N (the N lowest block groups, stem first, stay frozen); frozen BatchNorm keeps its statistics
-    val_fraction: float = 0.1  # share of train carved out as the validation split
-    limit: int | None = None  # at most this many images per split (smoke tests)
-    seed: int = 0  # seeds init, sampler order and augmentation (splits are fixed)
-    precision: str = "auto"  # auto | bf16 | fp16 (CUDA) | fp32
-    compile: bool = False  # torch.compile the training model (for GPUs; no gain seen on CPU)
-    num_workers: int = 0  # DataLoader worker processes (0 is fastest on 2 cores)
-    eval_batch_size: int = 256  # images per forward pass when predicting
-    checkpoint_every: int = 0  # also save the training state every N steps (0: each epoch)
-    keep_last: int = 2  # training-state checkpoints kept (newest first)
-    cache_dir: str | None = (
-        None  # decoded-image cache; None: $TRANSFERLAB_CACHE or ~/.cache/transferlab; off
+    head_init: str = opt(
+        "fresh",
+        "fresh | match: start new classes from the source head's rows for classes it shares (by id or name)",
     )
-    skip_bad_images: bool = False  # drop unreadable images (listed) instead of stopping
-    trust_pickle: bool = False  # allow pickled objects in .pt files (can run code!)
+    input_size: int | None = opt(None, "None: the data's native size (scratch) or the weights' own")
+    channels: int | None = opt(
+        None,
+        "1 (gray; RGB kernels summed) or 3 (gray repeated); None: 3 for timm models, the data's own for dcnn",
+    )
+    stem: str = opt(
+        "default",
+        "default | small: 3x3 stride-1 first conv, no max-pool (32-64 px inputs; pretrained kernel cropped)",
+    )
+    epochs: int = opt(10, "maximum number of passes over the training split")
+    batch_size: int = opt(64, "images per optimizer step")
+    optimizer: str = opt("adamw", "adam | adamw | sgd")
+    lr: float | str = opt(1e-3, "peak learning rate, or auto (an LR range test picks it first)")
+    weight_decay: float = opt(0.05, "decoupled for adamw, L2 for adam/sgd")
+    momentum: float = opt(0.9, "sgd only")
+    schedule: str = opt("cosine", "cosine | plateau | constant")
+    warmup_epochs: float = opt(
+        0.0, "linear warm-up before the schedule (fraction of epochs allowed)"
+    )
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
+    flip: bool = opt(True, "random horizontal flip (off for digits and text)")
+    crop: str = opt("pad", "pad (random crop with padding) | rrc (random-resized-crop) | none")
+    crop_pad: int = opt(-1, "padding in pixels for crop=pad; -1: input_size // 8")
+    patience: int = opt(0, "early stopping: epochs without val improvement (0: off)")
+    snapshots: int = opt(
+        0,
+        "snapshot ensemble: K cosine cycles with restarts, each cycle's end saved as a member run in OUT/snapshots/ (0: off)",
+    )
+    strategy: str = opt("full", "full | linear-probe | lp-ft | gradual | layer-decay")
+    pool_stages: int = opt(0, "also feed the head the pooled outputs of the last N feature stages")
+    layer_decay: float = opt(
+        0.75, "layer-decay: each block group's LR is this times the group above"
+    )
+    probe_l2: float | str = opt(
+        "auto", "linear probe's L2 (standardised features); auto: CV on train"
+    )
+    freeze: str = opt(
+        "none",
+        "none | backbone (the head trains) | N (the N lowest block groups, stem first, stay frozen); frozen BatchNorm keeps its statistics",
+    )
+    val_fraction: float = opt(0.1, "share of train carved out as the validation split")
+    limit: int | None = opt(None, "at most this many images per split (smoke tests)")
+    seed: int = opt(0, "seeds init, sampler order and augmentation (splits are fixed)")
+    precision: str = opt("auto", "auto | bf16 | fp16 (CUDA) | fp32")
+    compile: bool = opt(False, "torch.compile the training model (for GPUs; no gain seen on CPU)")
+    num_workers: int = opt(0, "DataLoader worker processes (0 is fastest on 2 cores)")
+    eval_batch_size: int = opt(256, "images per forward pass when predicting")
+    checkpoint_every: int = opt(0, "also save the training state every N steps (0: each epoch)")
+    keep_last: int = opt(2, "training-state checkpoints kept (newest first)")
+    cache_dir: str | None = opt(
+        None, "decoded-image cache; None: $TRANSFERLAB_CACHE or ~/.cache/transferlab; off"
+    )
+    skip_bad_images: bool = opt(False, "drop unreadable images (listed) instead of stopping")
+    trust_pickle: bool = opt(False, "allow pickled objects in .pt files (can run code!)")
 
 
 def field_names(cls: type) -> list[str]:
@@ -266,10 +290,8 @@ def _range_text(low, high) -> str:
 
 
 def field_help(cls: type = TrainConfig) -> dict[str, str]:
-    """The one-line comment after each field in the class source: the CLI's --help text."""
-    lines = inspect.getsource(cls).splitlines()
-    pattern = re.compile(r"^\s+(\w+): .*?#\s*(.+)$")
-    return {m[1]: m[2] for m in map(pattern.match, lines) if m}
+    """Each field's one-line help (its metadata): the CLI's --help text."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 def to_dict(cfg: object) -> dict:
