@@ -2,6 +2,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,6 +72,17 @@ def test_evaluate_remaps_classes_by_name_and_refuses_unknown(trained_run, tmp_pa
             shutil.copytree(f"{src}/{split}/{c}", sub / split / c)
     r = ensembles.evaluate_path(trained_run, f"folder:{sub}", "test")
     assert r["metrics"]["n"] == 20
+    # remapped by name: the run's own logits for b and d, on the b and d test images
+    from transferlab import data, evaluate
+
+    own, targets = checkpoint.load_logits(trained_run, "test")
+    rows = np.isin(targets, [1, 3])
+    ds = data.load(f"folder:{sub}", meta["val_fraction"], meta["limit"])
+    model = evaluate.load_run_model(trained_run, meta)
+    got = evaluate.predict_split(model, meta, ds, "test", "run")
+    np.testing.assert_allclose(got, own[rows][:, [1, 3]], atol=1e-5)
+    expected = (own[rows][:, [1, 3]].argmax(1) == (targets[rows] == 3)).mean()
+    assert r["metrics"]["top1"] == pytest.approx(expected)
     make_folder(tmp_path / "other", ["a", "zebra"], 3)
     with pytest.raises(UserError, match="does not know class.*zebra"):
         ensembles.evaluate_path(trained_run, f"folder:{tmp_path / 'other'}", "test")
@@ -185,3 +197,30 @@ def test_log_json_has_step_and_epoch_events_and_tensorboard_scalars(folder_data,
     assert sum(e["event"] == "step" for e in events) >= 2
     pytest.importorskip("tensorboard")
     assert list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_compile_trains_through_torch_compile(folder_data, tmp_path, monkeypatch):
+    """--compile wraps the training model in torch.compile (inductor on CPU) and it trains."""
+    calls = []
+    real = torch.compile
+
+    def spy(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    torch._dynamo.reset()
+    meta = trainer.fit(
+        tiny_cfg(f"folder:{folder_data}", epochs=1, compile=True), tmp_path / "c", quiet=True
+    )
+    assert calls == ["ResNet"]
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] >= 1  # something was really compiled
+    eager = trainer.fit(tiny_cfg(f"folder:{folder_data}", epochs=1), tmp_path / "e", quiet=True)
+    # the same training, up to kernel rounding: the same validation loss within 2%
+    assert meta["metrics"]["val"]["loss"] == pytest.approx(
+        eager["metrics"]["val"]["loss"], rel=0.02
+    )
+    assert meta["config"]["compile"] is True

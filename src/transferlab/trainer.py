@@ -112,7 +112,7 @@ def _train(cfg, out: Path, resume: bool, quiet: bool, log_json, d, log, parts) -
     steps_per_epoch = len(data.EpochSampler(len(labels["train"]), cfg.batch_size, 0, 0, True))
     loop = Loop(
         model,
-        distributed.wrap(model, d, some_frozen=cfg.strategy == "gradual"),
+        compiled(distributed.wrap(model, d, some_frozen=cfg.strategy == "gradual"), cfg, log),
         frozen,
         optimizer,
         make_scheduler(cfg, optimizer, steps_per_epoch),
@@ -412,6 +412,15 @@ def on_device(images: np.ndarray, cfg: TrainConfig, name: str, log):
         return images
     log(f"[{name}] training images resident on the GPU ({images.nbytes / 2**20:.0f} MiB)")
     return torch.from_numpy(np.ascontiguousarray(images)).to(evaluate.device())
+
+
+def compiled(module: nn.Module, cfg: TrainConfig, log) -> nn.Module:
+    """--compile: the training forward/backward through torch.compile (inductor); the bare model
+    (state dicts, evaluation) stays uncompiled. Compiling takes minutes on a CPU: for long runs."""
+    if not cfg.compile:
+        return module
+    log("   torch.compile: the first steps compile the model (seconds to minutes)")
+    return torch.compile(module)
 
 
 def predict_all(loop: Loop, images: np.ndarray) -> np.ndarray:
