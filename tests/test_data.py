@@ -117,8 +117,14 @@ def test_corrupt_images_are_all_listed(tmp_path):
 
 
 def test_resize_keeps_aspect_by_centre_crop():
-    im = Image.new("RGB", (40, 20), (10, 20, 30))
-    assert data.resize(im, 16, "bilinear").size == (16, 16)
+    """The shorter side goes to the target size and the centre is cropped: a wide image loses
+    its black left and right quarters (a squashing resize would keep them)."""
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, 10:30] = 255  # the centre 20x20 is white
+    for im in (Image.fromarray(wide), Image.fromarray(wide.transpose(1, 0, 2).copy())):
+        out = data.resize(im, 16, "bilinear")
+        assert out.size == (16, 16)
+        assert np.asarray(out)[:, 1:-1].min() >= 200 and np.asarray(out)[1:-1].min() >= 200
 
 
 @pytest.mark.parametrize("crop", ["pad", "rrc"])

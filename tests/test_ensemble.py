@@ -110,12 +110,19 @@ def test_ece_known_answer():
     assert evaluate.ece(conf, correct) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
 
 
-def test_identical_members_equal_one_member(trained_run, tmp_path):
-    info = ensembles.build([trained_run, trained_run], "soft", tmp_path / "e", quiet=True)
+@pytest.mark.parametrize("method", ["soft", "logit", "hard"])
+def test_identical_members_equal_one_member(trained_run, tmp_path, method):
+    info = ensembles.build([trained_run, trained_run], method, tmp_path / "e", quiet=True)
     assert (
         info["metrics"]["test"]["top1"]
         == checkpoint.read_meta(trained_run)["metrics"]["test"]["top1"]
     )
+    combined, _ = checkpoint.load_logits(tmp_path / "e", "test")
+    member, _ = checkpoint.load_logits(trained_run, "test")
+    if method == "hard":  # both members vote for the member's own top class
+        assert (combined.argmax(1) == member.argmax(1)).all()
+    else:  # the same probabilities as the member alone (a sum or a max would not be)
+        np.testing.assert_allclose(combined, evaluate.log_softmax(member), atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from transferlab import checkpoint, ensembles, predict
@@ -41,6 +42,22 @@ def test_predict_an_ensemble_of_different_input_sizes(hetero_ensemble, images):
     rows, bad = predict.predict(hetero_ensemble, [str(images / "a.png")], top_k=2, quiet=True)
     assert len(rows) == 1 and not bad
     assert 0 < sum(p["prob"] for p in rows[0]["predictions"]) <= 1 + 1e-6
+    # every member, each at its own input size (24 and 32 px), feeds the fused head
+    info = ensembles.read(hetero_ensemble)
+    parts = [
+        predict._member(
+            m["run"], checkpoint.read_meta(m["run"]), [str(images / "a.png")], "none", True
+        )
+        for m in info["members"]
+    ]
+    assert [p[1].shape[1] for p in parts] and {m["input_size"] for m in info["members"]} == {24, 32}
+    logp = np.stack([p[0] for p in parts])
+    params = ensembles.read_params(hetero_ensemble, info)
+    expected = np.exp(ensembles.combine("fusion", logp, params, np.hstack([p[1] for p in parts])))[
+        0
+    ]
+    for p in rows[0]["predictions"]:
+        assert p["prob"] == pytest.approx(expected[info["classes"].index(p["class"])], abs=1e-6)
 
 
 @pytest.fixture(scope="module")
