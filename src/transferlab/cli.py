@@ -15,6 +15,7 @@ from .config import (
     field_help,
     field_names,
     make_config,
+    one_line,
     parse_set,
 )
 
@@ -45,7 +46,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr and exit 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
 def _sub(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:

@@ -14,7 +14,12 @@ class UserError(Exception):
     """A mistake the user can fix; the CLI prints it as one line and exits 2."""
 
     def __init__(self, message: str):  # one line, even when it quotes a value with newlines
-        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+        super().__init__(one_line(str(message)))
+
+
+def one_line(text: str) -> str:
+    """Control characters (newlines, \\x1e, ...) escaped, so a message stays one printed line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class Preempted(Exception):
