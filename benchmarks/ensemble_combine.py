@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from transferlab import ensembles, evaluate
+from transferlab import combiners, evaluate
 
 
 def members(rng, m: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,11 +40,11 @@ def main() -> None:
     print(f"{args.members} members, val {args.val}, test {args.images}, {args.classes} classes")
     print(f"{'method':<10} {'fit s':>7} {'apply s':>8} {'test top-1':>10}")
     worst_apply = worst_fit = 0.0
-    for method in (m for m in ensembles.COMBINERS if m != "fusion"):
+    for method in (m for m in combiners.COMBINERS if m != "fusion"):
         t0 = time.perf_counter()
-        params = ensembles.fit(method, val, val_y, "val")
+        params = combiners.fit(method, val, val_y, "val")
         t1 = time.perf_counter()
-        combined = ensembles.combine(method, test, params)
+        combined = combiners.combine(method, test, params)
         t2 = time.perf_counter()
         top1 = evaluate.metrics(combined, test_y)["top1"]
         print(f"{method:<10} {t1 - t0:>7.3f} {t2 - t1:>8.3f} {top1:>10.2%}")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from transferlab import checkpoint, ensembles, evaluate, trainer
+from transferlab import checkpoint, combiners, ensembles, evaluate, trainer
 from transferlab.config import UserError, make_config
 
 from conftest import make_folder, tiny_cfg
@@ -14,20 +14,20 @@ def logp(rows):
 
 def test_soft_is_the_mean_probability():
     lp = logp([[[0.6, 0.4]], [[0.2, 0.8]]])
-    np.testing.assert_allclose(np.exp(ensembles.combine_soft(lp)), [[0.4, 0.6]])
+    np.testing.assert_allclose(np.exp(combiners.combine_soft(lp)), [[0.4, 0.6]])
 
 
 def test_logit_is_the_renormalised_geometric_mean():
     lp = logp([[[0.9, 0.1]], [[0.1, 0.9]]])
-    np.testing.assert_allclose(np.exp(ensembles.combine_logit(lp)), [[0.5, 0.5]])
+    np.testing.assert_allclose(np.exp(combiners.combine_logit(lp)), [[0.5, 0.5]])
 
 
 def test_hard_votes_and_breaks_ties_by_summed_probability():
     lp = logp([[[0.6, 0.3, 0.1]], [[0.1, 0.5, 0.4]], [[0.55, 0.4499, 0.0001]]])
-    assert ensembles.combine_hard(lp).argmax(1).tolist() == [0]  # two votes for class 0
+    assert combiners.combine_hard(lp).argmax(1).tolist() == [0]  # two votes for class 0
     tie = logp([[[0.51, 0.49]], [[0.02, 0.98]]])  # one vote each; class 1 has more mass
-    assert ensembles.combine_hard(tie).argmax(1).tolist() == [1]
-    np.testing.assert_allclose(np.exp(ensembles.combine_hard(lp)).sum(1), 1.0)
+    assert combiners.combine_hard(tie).argmax(1).tolist() == [1]
+    np.testing.assert_allclose(np.exp(combiners.combine_hard(lp)).sum(1), 1.0)
 
 
 def test_weighted_fits_weights_that_prefer_the_good_member_and_never_on_test():
@@ -37,10 +37,10 @@ def test_weighted_fits_weights_that_prefer_the_good_member_and_never_on_test():
     good[np.arange(200), targets] = 0.8
     bad = rng.dirichlet(np.ones(3), 200)
     lp = np.log(np.stack([bad, good]))
-    w = ensembles.fit_weights(lp, targets, "val")
+    w = combiners.fit_weights(lp, targets, "val")
     assert w.sum() == pytest.approx(1.0) and (w >= 0).all() and w[1] > 0.9
     with pytest.raises(ValueError, match="test split"):
-        ensembles.fit_weights(lp, targets, "test")
+        combiners.fit_weights(lp, targets, "test")
 
 
 def _members(seed=0, n=300, k=3):
@@ -55,7 +55,7 @@ def _members(seed=0, n=300, k=3):
 
 def test_select_picks_the_good_member_with_replacement_and_never_on_test():
     targets, lp = _members()
-    w = ensembles.fit_select(lp, targets, "val")
+    w = combiners.fit_select(lp, targets, "val")
     assert w.sum() == pytest.approx(1.0) and w[0] == 0.0 and w[1] + w[2] == 1.0
 
 
@@ -65,7 +65,7 @@ def test_select_adds_a_member_only_when_it_lowers_the_nll():
     targets = np.array([0, 0, 1, 1])
     p0 = np.array([[0.99, 0.01], [0.99, 0.01], [0.8, 0.2], [0.8, 0.2]])
     p1 = np.array([[0.2, 0.8], [0.2, 0.8], [0.01, 0.99], [0.01, 0.99]])
-    w = ensembles.fit_select(np.log(np.stack([p0, p1])), targets, "val")
+    w = combiners.fit_select(np.log(np.stack([p0, p1])), targets, "val")
     np.testing.assert_allclose(w, [0.5, 0.5])
 
 
@@ -78,18 +78,18 @@ def test_stacking_learns_to_undo_a_member_that_swaps_two_classes():
     p[np.arange(600), targets] = 0.9
     swapped = p[:, [1, 0, 2]]
     lp = np.log(np.stack([swapped, rng.dirichlet(np.ones(3), 600)]))
-    params = ensembles.fit_stacking(lp[:, :300], targets[:300], "val")
-    stacked = ensembles.combine_stacking(lp[:, 300:], params)
+    params = combiners.fit_stacking(lp[:, :300], targets[:300], "val")
+    stacked = combiners.combine_stacking(lp[:, 300:], params)
     assert (stacked.argmax(1) == targets[300:]).mean() == 1.0
-    assert (ensembles.combine_soft(lp[:, 300:]).argmax(1) == targets[300:]).mean() < 0.5
+    assert (combiners.combine_soft(lp[:, 300:]).argmax(1) == targets[300:]).mean() < 0.5
     np.testing.assert_allclose(np.exp(stacked).sum(1), 1.0)
 
 
-@pytest.mark.parametrize("method", sorted(ensembles.FITTED))
+@pytest.mark.parametrize("method", sorted(combiners.FITTED))
 def test_nothing_is_ever_fitted_on_the_test_split(method):
     targets, lp = _members()
     with pytest.raises(ValueError, match="test split"):
-        ensembles.fit(method, lp, targets, "test")
+        combiners.fit(method, lp, targets, "test")
 
 
 def test_accounting_known_answer():
@@ -97,7 +97,7 @@ def test_accounting_known_answer():
     pred = [[0, 1, 0, 1], [0, 2, 2, 1]]  # member top-1: 50%, 50%; oracle 75%
     lp = np.log(np.stack([np.eye(3)[p] * 0.97 + 0.01 for p in pred]))
     combined = np.log(np.eye(3)[[0, 1, 2, 1]] * 0.97 + 0.01)  # 75%
-    acc = ensembles.accounting(lp, combined, targets)
+    acc = combiners.accounting(lp, combined, targets)
     assert acc["gain_over_best_member"] == pytest.approx(0.25)
     assert acc["gain_over_mean_member"] == pytest.approx(0.25)
     assert acc["oracle_top1"] == 0.75 and acc["disagreement"] == 0.5
@@ -150,10 +150,11 @@ def hetero_runs(tmp_path_factory):
 
 def test_members_with_different_sizes_and_channels_ensemble(hetero_runs, tmp_path):
     runs = [hetero_runs / "dcnn", hetero_runs / "resnet"]
-    for method in ensembles.COMBINERS:
+    for method in combiners.COMBINERS:
         info = ensembles.build(runs, method, tmp_path / method, quiet=True)
         assert {(m["input_size"], m["channels"]) for m in info["members"]} == {(28, 1), (64, 3)}
-        assert info["fitted_on"] == ("val" if method in ensembles.FITTED else None)
+        fitted_on = "train" if method == "fusion" else "val" if method in combiners.FITTED else None
+        assert info["fitted_on"] == fitted_on  # fusion's head is fitted on train, as it says
         # recomputing from the members' saved weights and raw images gives the same numbers
         again = ensembles.evaluate_path(tmp_path / method, split="test")
         assert again["metrics"]["top1"] == pytest.approx(info["metrics"]["test"]["top1"])
@@ -186,10 +187,10 @@ def test_fusion_learns_from_the_concatenated_features_what_no_member_knows_alone
     two = np.c_[b + 0.1 * rng.normal(size=n), rng.normal(size=(n, 3))]
     feats = np.c_[one, two].astype(np.float32)
     split = {"train": slice(0, 200), "val": slice(200, 300), "test": slice(300, n)}
-    params = ensembles.fit_fusion(
+    params = combiners.fit_fusion(
         {s: feats[split[s]] for s in ("train", "val")}, {s: y[split[s]] for s in ("train", "val")}
     )
-    fused = ensembles.combine_fusion(feats[split["test"]], params)
+    fused = combiners.combine_fusion(feats[split["test"]], params)
     assert (fused.argmax(1) == y[split["test"]]).mean() > 0.97
     np.testing.assert_allclose(np.exp(fused).sum(1), 1.0, rtol=1e-5)
     assert float(params["fusion_l2"]) in (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)

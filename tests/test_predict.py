@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from transferlab import checkpoint, ensembles, predict
+from transferlab import checkpoint, combiners, ensembles, predict
 from transferlab.cli import main
 
 from conftest import make_image
@@ -53,7 +53,7 @@ def test_predict_an_ensemble_of_different_input_sizes(hetero_ensemble, images):
     assert [p[1].shape[1] for p in parts] and {m["input_size"] for m in info["members"]} == {24, 32}
     logp = np.stack([p[0] for p in parts])
     params = ensembles.read_params(hetero_ensemble, info)
-    expected = np.exp(ensembles.combine("fusion", logp, params, np.hstack([p[1] for p in parts])))[
+    expected = np.exp(combiners.combine("fusion", logp, params, np.hstack([p[1] for p in parts])))[
         0
     ]
     for p in rows[0]["predictions"]:

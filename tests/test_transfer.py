@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import data, evaluate, models, trainer
+from transferlab import data, evaluate, linear, models, trainer
 from transferlab.config import make_config
 
 from conftest import tiny_cfg
@@ -62,7 +62,7 @@ def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_p
     from safetensors.torch import load_file
 
     from transferlab import trainer
-    from transferlab.finetune import PROBE_L2
+    from transferlab.linear import PROBE_L2
 
     cfg = trainer.finetune_config(trained_run, {"strategy": "linear-probe"})
     meta = trainer.fit(cfg, tmp_path / "lp")
@@ -83,10 +83,10 @@ def test_probe_strength_is_cross_validated_on_train_and_never_looks_at_val(monke
     y = torch.arange(120) % 3
     w0, b0 = torch.zeros(3, 20), torch.zeros(3)
     noise = torch.randn(120, 20, generator=g)  # labels unrelated to features: the strongest
-    assert finetune.cv_strength(noise, y.numpy(), w0, b0, finetune.PROBE_L2)[0] == 1.0
+    assert linear.cv_strength(noise, y.numpy(), w0, b0, linear.PROBE_L2)[0] == 1.0
     clean = noise + 4 * torch.nn.functional.one_hot(y, 20).float()  # separable: a weak one
-    lam, cv_loss = finetune.cv_strength(clean, y.numpy(), w0, b0, finetune.PROBE_L2)
-    assert lam <= 0.01 and cv_loss.shape == (len(finetune.PROBE_L2),)
+    lam, cv_loss = linear.cv_strength(clean, y.numpy(), w0, b0, linear.PROBE_L2)
+    assert lam <= 0.01 and cv_loss.shape == (len(linear.PROBE_L2),)
 
     class Frozen(torch.nn.Module):  # features() is patched: only the head matters
         def __init__(self):

@@ -178,6 +178,34 @@ def predict_split(
     return logits if pre_logits else logits[:, cols]
 
 
+def score_run(path, data_spec: str | None, split: str, quiet: bool = True, tta: str | None = None):
+    """A run's log-probs on a split of its data (or `data_spec`), with what the user should
+    know when that is not the data it was trained on.
+
+    Returns (log-probs (N, K), targets, class names, canonical spec, notes).
+    """
+    meta = checkpoint.read_meta(path)
+    spec = data.canonical(data_spec or meta["data"])
+    ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
+    model = load_run_model(path, meta)
+    logits = predict_split(model, meta, ds, split, f"run {path}", quiet, tta or "none")
+    return log_softmax(logits), ds.splits[split].labels, ds.names, spec, data_notes(meta, ds)
+
+
+def data_notes(meta: dict, ds: data.Dataset) -> list[str]:
+    """What a user should know when a run is scored on other data than it was trained on."""
+    trained = data.canonical(meta["data"])
+    if trained != ds.spec:
+        return [f"scored on {ds.spec}; the run was trained on {trained}"]
+    recorded = meta.get("data_fingerprint")
+    if recorded and recorded != ds.fingerprint:
+        return [
+            f"the files of {ds.spec} changed since the run was trained (fingerprint {recorded} "
+            f"then, {ds.fingerprint} now): its val/test splits may hold other images"
+        ]
+    return []
+
+
 def improves(val: dict, best: dict) -> bool:
     """Higher val top-1, or equal top-1 and lower loss. A NaN metric is never an improvement."""
     if not (math.isfinite(val["top1"]) and math.isfinite(val["loss"])):

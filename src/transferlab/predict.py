@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, ensembles, evaluate
+from . import checkpoint, combiners, data, ensembles, evaluate, members
 from .config import UserError
 
 
@@ -83,8 +83,8 @@ def predict(
     if ensembles.is_ensemble(path):
         info = ensembles.read(path)
         runs = [m["run"] for m in info["members"]]
-        metas = ensembles.check_members(info, path)
-        orders = ensembles.check_classes(metas, runs)
+        metas = members.check_members(info, path)
+        orders = members.check_classes(metas, runs)
         tta = ensembles.own_tta(path, info, tta)
         logp, feats, bad = [], [], []
         for run, meta, order in zip(runs, metas, orders, strict=True):
@@ -93,7 +93,7 @@ def predict(
             feats.append(f)
             bad += skipped
         params = ensembles.read_params(path, info)
-        combined = ensembles.combine(info["method"], np.stack(logp), params, np.hstack(feats))
+        combined = combiners.combine(info["method"], np.stack(logp), params, np.hstack(feats))
         classes, names = info["classes"], info["class_names"]
     else:
         meta = checkpoint.read_meta(path)

@@ -1,0 +1,117 @@
+"""Ensemble members: finished runs, checked to agree on classes and to be the runs the ensemble
+was built from, and their log-probabilities per split (cached logits when their data agree,
+else each member predicts the raw images through its own preprocessing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint, data, evaluate
+from .config import UserError
+
+SPLITS = ("val", "test")
+
+
+def check_classes(metas: list[dict], runs: list[str]) -> list[np.ndarray]:
+    """Per member, the column order that aligns its classes with the first member's."""
+    ref = metas[0]["classes"]
+    orders = []
+    for meta, run in zip(metas, runs, strict=True):
+        if set(meta["classes"]) != set(ref):
+            extra = sorted(set(meta["classes"]) - set(ref))[:5]
+            missing = sorted(set(ref) - set(meta["classes"]))[:5]
+            raise UserError(
+                f"members have different classes: {run} vs {runs[0]} "
+                f"(only in {run}: {extra}; only in {runs[0]}: {missing})"
+            )
+        index = {c: i for i, c in enumerate(meta["classes"])}
+        orders.append(np.array([index[c] for c in ref]))
+    return orders
+
+
+def member_logp(
+    runs: list[str],
+    data_spec: str | None = None,
+    quiet: bool = False,
+    tta: str = "none",
+    splits: tuple[str, ...] = SPLITS,
+    features: bool = False,
+) -> tuple[dict, dict, list[dict], str, dict]:
+    """Member log-probs per split, aligned to the first member's classes.
+
+    Uses a run's cached logits when its data agree and no TTA is asked for; otherwise the
+    member predicts the raw images through its own preprocessing (decoded once per distinct
+    size/channels): its pooled pre-logit features, cached in the run folder's features/ per
+    split and TTA, then its head. `features`: also return those, concatenated over members.
+    Returns ({split: (M, N, K)}, {split: targets}, metas, data_spec, {split: (N, F)}).
+    """
+    metas = [checkpoint.read_meta(r) for r in runs]
+    orders = check_classes(metas, runs)  # every member's columns in the first member's order
+    for run, meta in zip(runs, metas, strict=True):  # before any member spends time predicting
+        evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
+    spec = data.canonical(data_spec or metas[0]["data"])
+    ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
+    per_member = {split: [] for split in splits}
+    per_member_feats = {split: [] for split in splits}
+    targets = {}
+    for run, meta, order in zip(runs, metas, orders, strict=True):
+        saved = [checkpoint.load_logits(run, s) for s in splits]
+        if tta == "none" and not features and same_data(meta, ds, metas[0]) and None not in saved:
+            checkpoint.load_run_weights(run, meta)  # every member must be a sound, safe run
+            for split, (lg, y) in zip(splits, saved, strict=True):
+                per_member[split].append(evaluate.log_softmax(lg[:, order]))
+                targets.setdefault(split, y)
+            continue
+        model = evaluate.load_run_model(run, meta)  # verified against its sha256
+        who = f"run {run}"
+        evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
+        key = checkpoint.features_key(spec, meta.get("val_fraction"), meta.get("limit"), tta)
+        for split in splits:
+            f = checkpoint.load_features(run, f"{split}-{tta}", key)
+            if f is None:
+                f = evaluate.predict_split(model, meta, ds, split, who, quiet, tta, True)
+                checkpoint.save_features(run, f"{split}-{tta}", key, f)
+            per_member_feats[split].append(f)
+            lg = evaluate.head_logits(model, f)  # the run's own class order
+            per_member[split].append(evaluate.log_softmax(lg[:, order]))
+    if len(targets) < len(splits):  # some member predicted: targets in the first's class order
+        first = metas[0]
+        to_first = evaluate.class_map(
+            first["classes"], first["class_names"], ds.classes, ds.names, f"run {runs[0]}"
+        )
+        targets = {split: to_first[ds.splits[split].labels] for split in splits}
+    logp = {split: np.stack(per_member[split]) for split in splits}
+    feats = (
+        {split: np.concatenate(per_member_feats[split], axis=1) for split in splits}
+        if features
+        else {}
+    )
+    return logp, targets, metas, spec, feats
+
+
+def same_data(meta: dict, ds: data.Dataset, first: dict) -> bool:
+    """A run's cached logits are for `ds`: same spec, split carving and files (fingerprint)."""
+    recorded = meta.get("data_fingerprint")  # runs made before fingerprints: trust the spec
+    return (
+        data.canonical(meta["data"]) == ds.spec
+        and (meta.get("val_fraction"), meta.get("limit"))
+        == (first.get("val_fraction"), first.get("limit"))
+        and recorded in (None, ds.fingerprint)
+    )
+
+
+def check_members(info: dict, path: str | Path) -> list[dict]:
+    """The members' metas, refusing any member whose weights changed since the ensemble was
+    built (its fitted combiner and cached numbers would silently no longer match)."""
+    metas = []
+    for m in info["members"]:
+        meta = checkpoint.read_meta(m["run"])
+        if m.get("weights_sha256") and meta.get("weights_sha256") != m["weights_sha256"]:
+            raise UserError(
+                f"member {m['run']} changed since ensemble {path} was built (its weights' sha256 "
+                "differs): rebuild the ensemble with transferlab ensemble ... --overwrite"
+            )
+        metas.append(meta)
+    return metas
