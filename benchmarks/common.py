@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torchvision import transforms as T
 
-from transferlab import data, evaluate, trainer
+from transferlab import batching, data, evaluate, trainer
 from transferlab.distributed import Dist
 
 SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"
@@ -60,7 +60,7 @@ def seed_all(seed: int = 0) -> None:
     np.random.seed(seed)
 
 
-def transferlab_loop(model, opt, aug: data.Augment, cfg) -> trainer.Loop:
+def transferlab_loop(model, opt, aug: batching.Augment, cfg) -> trainer.Loop:
     """transferlab's training objects for a bare model: RGB, [-1, 1] inputs, `auto` precision."""
     return trainer.Loop(
         model,

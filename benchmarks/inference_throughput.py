@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from common import PathsDataset, seed_all, timed, tiny_subset, tutorial_transform
 
-from transferlab import evaluate, models
+from transferlab import decoding, evaluate, models
 
 MEMBERS = [("resnet50", 64, 3), ("tf_efficientnet_lite0", 128, 3), ("dcnn", 32, 1)]
 
@@ -34,10 +34,9 @@ def run_transferlab(split, cache: Path) -> float:
     precision = evaluate.resolve_precision("auto")
 
     def everything():
-        from transferlab import data
 
         for arch, size, channels in MEMBERS:
-            images = data.decode(split, size, channels, "bilinear", cache=cache, quiet=True)
+            images = decoding.decode(split, size, channels, "bilinear", cache=cache, quiet=True)
             prep = {"mean": [0.5] * channels, "std": [0.5] * channels}
             evaluate.predict(build(arch, channels, True), images, prep, precision, 256)
 

@@ -22,24 +22,28 @@ import torch
 from common import seed_all, timed, tiny_subset, transferlab_loop
 from tqdm import tqdm
 
-from transferlab import data, trainer
+from transferlab import batching, decoding, trainer
 from transferlab.config import make_config
 
 
 def one(n: int, model_name: str) -> dict:
     split = tiny_subset("train", n)
     with tempfile.TemporaryDirectory() as cache:
-        t_decode, images = timed(lambda: data.decode(split, 64, 3, cache=Path(cache), quiet=True))
+        t_decode, images = timed(
+            lambda: decoding.decode(split, 64, 3, cache=Path(cache), quiet=True)
+        )
         seed_all()
         model = timm.create_model(model_name, num_classes=200).to(memory_format=torch.channels_last)
         cfg = make_config({"batch_size": 64, "schedule": "constant"})
         opt = trainer.make_optimizer(cfg, list(model.parameters()))
-        aug = data.Augment(crop="pad", pad=8, flip=True)
+        aug = batching.Augment(crop="pad", pad=8, flip=True)
 
         loop = transferlab_loop(model, opt, aug, cfg)
 
         def epoch():
-            batches = tqdm(data.loader(images, split.labels, 64, 0, 1, shuffle=True), disable=True)
+            batches = tqdm(
+                batching.loader(images, split.labels, 64, 0, 1, shuffle=True), disable=True
+            )
             trainer.train_one_epoch(
                 loop,
                 batches,

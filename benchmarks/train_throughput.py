@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from common import PathsDataset, seed_all, timed, tiny_subset, transferlab_loop, tutorial_transform
 from tqdm import tqdm
 
-from transferlab import data, evaluate, trainer
+from transferlab import batching, decoding, evaluate, trainer
 from transferlab.config import make_config
 
 
@@ -40,14 +40,16 @@ def make_model(channels_last: bool):
 def run_transferlab(split, args, cache: Path) -> list[float]:
     cfg = make_config({"batch_size": args.batch, "lr": 1e-3, "schedule": "constant"})
     model, opt = make_model(channels_last=True)
-    aug = data.Augment(crop="pad", pad=args.size // 8, flip=True)
+    aug = batching.Augment(crop="pad", pad=args.size // 8, flip=True)
     loop = transferlab_loop(model, opt, aug, cfg)
     times = []
     for epoch in range(1, args.epochs + 1):
 
         def one_epoch(epoch=epoch):
-            images = data.decode(split, args.size, 3, cache=cache, quiet=True)  # cached after 1st
-            batches = data.loader(images, split.labels, args.batch, 0, epoch, shuffle=True)
+            images = decoding.decode(
+                split, args.size, 3, cache=cache, quiet=True
+            )  # cached after 1st
+            batches = batching.loader(images, split.labels, args.batch, 0, epoch, shuffle=True)
             params = aug.params(len(split), args.size, 0, epoch)
             trainer.train_one_epoch(
                 loop, tqdm(batches, disable=True), params, trainer.new_progress(), lambda idx: None

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transferlab import data
+from transferlab import batching, data, decoding
 from transferlab.config import UserError
 
 from conftest import make_folder, make_image
@@ -83,7 +83,7 @@ def test_tiny_imagenet_layout(tmp_path):
     assert ds.names[1] == "thing n02, other"
     assert len(ds.splits["test"]) == 6
     assert len(ds.splits["train"]) + len(ds.splits["val"]) == 18
-    arr = data.decode(ds.splits["train"], 64, 3)
+    arr = decoding.decode(ds.splits["train"], 64, 3)
     assert arr.shape == (len(ds.splits["train"]), 64, 64, 3)
 
 
@@ -99,7 +99,7 @@ def test_odd_modes_become_sane_rgb(tmp_path, mode):
         im = im.convert(mode)
         path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
     im.save(path)
-    out = np.asarray(data.open_image(str(path), 3))
+    out = np.asarray(decoding.open_image(str(path), 3))
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     assert 0 < out.mean() < 250  # not all-white (convert('RGB') of I;16 is)
 
@@ -113,7 +113,7 @@ def test_corrupt_images_are_all_listed(tmp_path):
         np.zeros(8, dtype=np.int64), paths=ds.splits["train"].paths + ds.splits["val"].paths
     )
     with pytest.raises(UserError, match=r"2 unreadable image\(s\).*0\.png.*1\.png|1\.png.*0\.png"):
-        data.decode(everything, 16, 3)
+        decoding.decode(everything, 16, 3)
 
 
 def test_resize_keeps_aspect_by_centre_crop():
@@ -122,14 +122,14 @@ def test_resize_keeps_aspect_by_centre_crop():
     wide = np.zeros((20, 40, 3), np.uint8)
     wide[:, 10:30] = 255  # the centre 20x20 is white
     for im in (Image.fromarray(wide), Image.fromarray(wide.transpose(1, 0, 2).copy())):
-        out = data.resize(im, 16, "bilinear")
+        out = decoding.resize(im, 16, "bilinear")
         assert out.size == (16, 16)
         assert np.asarray(out)[:, 1:-1].min() >= 200 and np.asarray(out)[1:-1].min() >= 200
 
 
 @pytest.mark.parametrize("crop", ["pad", "rrc"])
 def test_augmentation_is_a_pure_function_of_seed_epoch_index(crop):
-    aug = data.Augment(crop=crop, pad=2, flip=True)
+    aug = batching.Augment(crop=crop, pad=2, flip=True)
     x = torch.randint(0, 255, (4, 8, 8, 3), dtype=torch.uint8)
     a, b, c = (aug.params(10, 8, seed=1, epoch=e) for e in (2, 2, 3))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -144,29 +144,29 @@ def test_augmentation_is_a_pure_function_of_seed_epoch_index(crop):
 
 def test_no_crop_no_flip_is_identity_and_full_box_rrc_is_identity():
     x = torch.randint(0, 255, (3, 8, 8, 1), dtype=torch.uint8)
-    plain = data.Augment(crop="none", flip=False)
+    plain = batching.Augment(crop="none", flip=False)
     assert torch.equal(plain(x, plain.params(3, 8, 0, 1)), x)
-    rrc = data.Augment(crop="rrc", flip=False)
+    rrc = batching.Augment(crop="rrc", flip=False)
     full = {"flip": torch.zeros(3, dtype=torch.bool), "box": torch.tensor([[0.0, 0, 8, 8]] * 3)}
     assert torch.equal(rrc(x, full), x)
 
 
 def test_rrc_boxes_stay_inside_the_image():
-    box = data.Augment(crop="rrc").params(1000, 64, 0, 1)["box"]
+    box = batching.Augment(crop="rrc").params(1000, 64, 0, 1)["box"]
     assert (box[:, :2] >= 0).all() and (box[:, 2:] <= 64 + 1e-4).all()
     area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]) / 64**2
     assert 0.3 < area.min() and area.max() <= 1.0 + 1e-4
 
 
 def test_sampler_order_depends_on_seed_and_epoch_and_never_yields_a_batch_of_one():
-    s = data.EpochSampler(33, 8, seed=0, epoch=1, shuffle=True)
+    s = batching.EpochSampler(33, 8, seed=0, epoch=1, shuffle=True)
     batches = list(s)
     assert sorted(i for b in batches for i in b) == list(range(33))
     assert min(len(b) for b in batches) > 1
-    assert batches == list(data.EpochSampler(33, 8, seed=0, epoch=1, shuffle=True))
-    assert batches != list(data.EpochSampler(33, 8, seed=0, epoch=2, shuffle=True))
-    assert list(data.EpochSampler(33, 8, 0, 1, True, start=2)) == batches[2:]
-    ordered = list(data.EpochSampler(33, 8, 0, 1, shuffle=False))
+    assert batches == list(batching.EpochSampler(33, 8, seed=0, epoch=1, shuffle=True))
+    assert batches != list(batching.EpochSampler(33, 8, seed=0, epoch=2, shuffle=True))
+    assert list(batching.EpochSampler(33, 8, 0, 1, True, start=2)) == batches[2:]
+    ordered = list(batching.EpochSampler(33, 8, 0, 1, shuffle=False))
     assert sum(len(b) for b in ordered) == 33  # evaluation counts every image
 
 
@@ -176,7 +176,7 @@ def test_loader_yields_every_index_with_workers():
     for workers in (0, 2):
         seen = [
             i
-            for _, _, idx in data.loader(images, labels, 6, 0, 1, True, workers)
+            for _, _, idx in batching.loader(images, labels, 6, 0, 1, True, workers)
             for i in idx.tolist()
         ]
         assert sorted(seen) == list(range(20))
@@ -206,29 +206,29 @@ def test_decode_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, monkey
     make_folder(tmp_path / "d", ["a", "b"], 4)
     ds = data.load(f"folder:{tmp_path / 'd'}", val_fraction=0.25)
     cache = tmp_path / "cache"
-    first = data.decode(ds.splits["train"], 16, 3, cache=cache)
+    first = decoding.decode(ds.splits["train"], 16, 3, cache=cache)
     assert isinstance(first, np.memmap) and len(list(cache.glob("*.npy"))) == 1
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although cached")
 
     with monkeypatch.context() as m:
-        m.setattr(data, "open_image", no_decoding)
-        again = data.decode(ds.splits["train"], 16, 3, cache=cache)  # reused: nothing decoded
+        m.setattr(decoding, "open_image", no_decoding)
+        again = decoding.decode(ds.splits["train"], 16, 3, cache=cache)  # reused: nothing decoded
     np.testing.assert_array_equal(first, again)
     changed = ds.splits["train"].paths[0]
     make_image(1, 99).save(changed)  # new content, new mtime
     os.utime(changed, ns=(1, 1))
-    rebuilt = data.decode(ds.splits["train"], 16, 3, cache=cache)
+    rebuilt = decoding.decode(ds.splits["train"], 16, 3, cache=cache)
     assert len(list(cache.glob("*.npy"))) == 2
     assert not np.array_equal(rebuilt[0], first[0])
-    np.testing.assert_array_equal(rebuilt, data.decode(ds.splits["train"], 16, 3))  # = uncached
-    data.decode(ds.splits["train"], 24, 3, cache=cache)  # another size: another file
+    np.testing.assert_array_equal(rebuilt, decoding.decode(ds.splits["train"], 16, 3))  # = uncached
+    decoding.decode(ds.splits["train"], 24, 3, cache=cache)  # another size: another file
     assert len(list(cache.glob("*.npy"))) == 3
 
 
 def test_cache_location_is_configurable(monkeypatch, tmp_path):
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "c"))
-    assert data.resolve_cache(None) == tmp_path / "c"
-    assert data.resolve_cache("off") is None
-    assert data.resolve_cache(str(tmp_path / "x")) == tmp_path / "x"
+    assert decoding.resolve_cache(None) == tmp_path / "c"
+    assert decoding.resolve_cache("off") is None
+    assert decoding.resolve_cache(str(tmp_path / "x")) == tmp_path / "x"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from transferlab import checkpoint, data, outputs, recipe
+from transferlab import checkpoint, data, decoding, outputs, recipe
 from transferlab.cli import main
 from transferlab.config import UserError
 
@@ -427,19 +427,19 @@ def test_S36_a_corrupt_cache_entry_is_rebuilt(tmp_path):
     root = make_folder(tmp_path / "d", ["a", "b"], 6, subsets=("",))
     split = data.load(f"folder:{root}").splits["train"]
     cache = tmp_path / "cache"
-    first = np.array(data.decode(split, 16, 3, cache=cache))
+    first = np.array(decoding.decode(split, 16, 3, cache=cache))
     (entry,) = cache.glob("*.npy")
     entry.write_bytes(entry.read_bytes()[:100])  # truncated by a crash or a full disk
     with pytest.warns(UserWarning, match="damaged: rebuilding"):
-        again = np.array(data.decode(split, 16, 3, cache=cache))
+        again = np.array(decoding.decode(split, 16, 3, cache=cache))
     np.testing.assert_array_equal(first, again)
     np.save(entry, np.zeros((3, 16, 16, 3), np.uint8))  # whole, but not what was decoded
     with pytest.warns(UserWarning, match="damaged: rebuilding"):
-        np.testing.assert_array_equal(first, np.array(data.decode(split, 16, 3, cache=cache)))
+        np.testing.assert_array_equal(first, np.array(decoding.decode(split, 16, 3, cache=cache)))
     (info,) = cache.glob("*.json")
     info.write_text("{not json")
     with pytest.warns(UserWarning, match="damaged"):
-        np.testing.assert_array_equal(first, np.array(data.decode(split, 16, 3, cache=cache)))
+        np.testing.assert_array_equal(first, np.array(decoding.decode(split, 16, 3, cache=cache)))
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transferlab import checkpoint, data, ensembles, evaluate, models, trainer
+from transferlab import checkpoint, data, decoding, ensembles, evaluate, models, trainer
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -506,8 +506,8 @@ def test_S18_decompression_bombs_are_reported_with_the_path(tmp_path, monkeypatc
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 24x24 images now count as bombs
     ds = data.load(f"folder:{tmp_path}", val_fraction=0.4)
     with pytest.raises(UserError, match=r"DecompressionBomb.*\.png"):
-        data.decode(ds.splits["test"], 16, 3)
-    arr, kept, bad = data.decode_checked(ds.splits["test"], 16, 3, skip_bad=True)
+        decoding.decode(ds.splits["test"], 16, 3)
+    arr, kept, bad = decoding.decode_checked(ds.splits["test"], 16, 3, skip_bad=True)
     assert len(kept) == 0 and len(bad) == 6
 
 

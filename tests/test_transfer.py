@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import data, evaluate, linear, models, trainer
+from transferlab import batching, data, decoding, evaluate, linear, models, trainer
 from transferlab.config import make_config
 
 from conftest import tiny_cfg
@@ -48,7 +48,7 @@ def test_matched_imagenet_head_scores_far_above_chance_with_zero_training(shared
     model, prep, source = models.build(cfg, ds.classes, 64, 3, ds.names)
     assert source["head"] == "matched 200/200"
     split = ds.splits["test"]
-    images = data.decode(split, prep["input_size"], 3, prep["interpolation"], cache=None)
+    images = decoding.decode(split, prep["input_size"], 3, prep["interpolation"], cache=None)
     top1 = evaluate.metrics(evaluate.predict(model, images, prep), split.labels)["top1"]
     with capsys.disabled():
         print(
@@ -273,7 +273,7 @@ def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
     prep = models.make_prep(24, 3, (0.5,) * 3, (0.25,) * 3)
     lrfind.range_test(
         model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), images,
-        np.arange(32) % 4, 8, data.Augment(), prep, "fp32", [], steps=5,
+        np.arange(32) % 4, 8, batching.Augment(), prep, "fp32", [], steps=5,
     )  # fmt: skip
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

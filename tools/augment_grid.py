@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from transferlab import data
+from transferlab import batching, data, decoding
 
 
 def main() -> None:
@@ -26,8 +26,8 @@ def main() -> None:
     args = p.parse_args()
     ds = data.load(args.data, limit=args.rows * 20)
     split = ds.splits["train"].subset(np.arange(args.rows))
-    images = torch.from_numpy(data.decode(split, args.size, 3, cache=None))  # (R, H, W, C)
-    aug = data.Augment(crop=args.crop, pad=args.size // 8, flip=True)
+    images = torch.from_numpy(decoding.decode(split, args.size, 3, cache=None))  # (R, H, W, C)
+    aug = batching.Augment(crop=args.crop, pad=args.size // 8, flip=True)
     idx = torch.arange(args.rows)
     columns = [images] + [
         aug(

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, models
+from . import batching, checkpoint, data, decoding, models
 from .config import UserError
 
 
@@ -72,7 +72,7 @@ def predict(
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, disable=quiet, leave=False, unit="batch"):
         x = torch.from_numpy(np.array(images[start : start + batch_size]))  # (B, H, W, C) uint8
-        x = data.normalize(x.to(dev, non_blocking=True), prep["mean"], prep["std"])
+        x = batching.normalize(x.to(dev, non_blocking=True), prep["mean"], prep["std"])
         with autocast(precision):
             y = sum(
                 (
@@ -155,14 +155,14 @@ def predict_split(
     cols = class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
     prep = meta["preprocessing"]
     check_tta(tta, prep["input_size"], who)
-    images = data.decode(
+    images = decoding.decode(
         ds.splits[split],
         prep["input_size"],
         prep["channels"],
         prep["interpolation"],
         f"decode {split}",
         quiet,
-        cache=data.resolve_cache(None),
+        cache=decoding.resolve_cache(None),
     )
     logits = predict(
         model,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, data, evaluate, outputs
+from . import checkpoint, data, decoding, evaluate, outputs
 from .config import UserError
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt", "safetensors": "model.safetensors"}
@@ -57,7 +57,7 @@ def sample_images(meta: dict, n: int = 16) -> tuple[np.ndarray, str]:
     try:
         ds = data.load(meta["data"], meta.get("val_fraction", 0.1), meta.get("limit"))
         split = ds.splits["test"].subset(np.arange(min(n, len(ds.splits["test"]))))
-        images = data.decode(
+        images = decoding.decode(
             split, prep["input_size"], prep["channels"], prep["interpolation"], quiet=True
         )
         return images, f"{len(images)} test images of {meta['data']}"

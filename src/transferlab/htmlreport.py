@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, evaluate, plots
+from . import checkpoint, data, decoding, evaluate, plots
 from .config import UserError
 
 SORT_JS = """
@@ -148,7 +148,7 @@ def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, na
     if len(wrong) == 0 or len(ds.splits["test"]) != len(targets):
         return '<p class="note">no wrong test images</p>'
     pick = wrong[np.argsort(-conf[wrong])][:12]
-    images = data.decode(ds.splits["test"].subset(pick), 96, 3, quiet=True)
+    images = decoding.decode(ds.splits["test"].subset(pick), 96, 3, quiet=True)
     captions = [
         f"true {names[targets[i]][:16]}\npred {names[pred[i]][:16]} ({conf[i]:.2f})" for i in pick
     ]

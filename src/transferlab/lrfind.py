@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import data, evaluate
+from . import batching, evaluate
 
 
 def range_test(
@@ -27,7 +27,7 @@ def range_test(
     images: np.ndarray,
     labels: np.ndarray,
     batch_size: int,
-    augment: data.Augment,
+    augment: batching.Augment,
     prep: dict,
     precision: str,
     frozen: list[nn.Module],
@@ -50,14 +50,14 @@ def range_test(
     epoch = 0
     try:
         while len(lrs) < steps:
-            batches = data.loader(images, labels, batch_size, seed, epoch, True)
+            batches = batching.loader(images, labels, batch_size, seed, epoch, True)
             params = augment.params(len(labels), size, seed, epoch)
             for x, y, idx in batches:
                 lr = start * mult ** len(lrs)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 x = augment(x.to(dev), {k: v[idx] for k, v in params.items()})
-                x = data.normalize(x, prep["mean"], prep["std"])
+                x = batching.normalize(x, prep["mean"], prep["std"])
                 with evaluate.autocast(precision):
                     loss = F.cross_entropy(model(x).float(), y.to(dev))
                 optimizer.zero_grad(set_to_none=True)

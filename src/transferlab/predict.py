@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, combiners, data, ensembles, evaluate, members
+from . import checkpoint, combiners, data, decoding, ensembles, evaluate, members
 from .config import UserError
 
 
@@ -38,7 +38,7 @@ def image_files(inputs: list[str]) -> list[str]:
 
 def _decode(files: list[str], prep: dict, quiet: bool) -> tuple[np.ndarray, list[str], list[str]]:
     split = data.Split(np.zeros(len(files), dtype=np.int64), paths=files)
-    images, kept, bad = data.decode_checked(
+    images, kept, bad = decoding.decode_checked(
         split, prep["input_size"], prep["channels"], prep["interpolation"], True, "decode", quiet
     )
     return images, kept.paths, bad

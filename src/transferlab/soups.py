@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, data, evaluate, models, outputs
+from . import batching, checkpoint, data, decoding, evaluate, models, outputs
 from .config import UserError
 
 METHODS = ("uniform", "greedy")
@@ -73,7 +73,7 @@ def recompute_batchnorm(model: nn.Module, images: np.ndarray, prep: dict, batch_
         return False
     dev = evaluate.device()
     batches = (
-        data.normalize(
+        batching.normalize(
             torch.from_numpy(np.array(images[i : i + batch_size])).to(dev),
             prep["mean"],
             prep["std"],
@@ -117,9 +117,9 @@ def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
     ref, prep = metas[0], metas[0]["preprocessing"]
     spec = data.canonical(data_spec or ref["data"])
     ds = data.load(spec, ref.get("val_fraction", 0.1), ref.get("limit"))
-    cache = data.resolve_cache(None)
+    cache = decoding.resolve_cache(None)
     images = {
-        s: data.decode(
+        s: decoding.decode(
             ds.splits[s],
             prep["input_size"],
             prep["channels"],

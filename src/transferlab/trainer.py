@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from . import (
     __version__,
+    batching,
     checkpoint,
     data,
+    decoding,
     distributed,
     evaluate,
     finetune,
@@ -49,7 +51,7 @@ class Loop:
     scheduler: object
     scaler: torch.amp.GradScaler
     prep: dict  # preprocessing: size, channels, mean, std, interpolation
-    augment: data.Augment
+    augment: batching.Augment
     cfg: TrainConfig
     precision: str
     dist: distributed.Dist
@@ -109,7 +111,7 @@ def _train(cfg, out: Path, resume: bool, quiet: bool, log_json, d, log, parts) -
     optimizer = make_optimizer(cfg, optimizer_params(model, cfg, groups, lr), lr)
     if cfg.strategy == "layer-decay":
         log(f"   layer-decay: {len(groups)} block groups, LR x{cfg.layer_decay:g} per group down")
-    steps_per_epoch = len(data.EpochSampler(len(labels["train"]), cfg.batch_size, 0, 0, True))
+    steps_per_epoch = len(batching.EpochSampler(len(labels["train"]), cfg.batch_size, 0, 0, True))
     loop = Loop(
         model,
         compiled(distributed.wrap(model, d, some_frozen=cfg.strategy == "gradual"), cfg, log),
@@ -173,7 +175,7 @@ def _train(cfg, out: Path, resume: bool, quiet: bool, log_json, d, log, parts) -
             if cfg.strategy == "gradual":  # the stage is a pure function of the epoch
                 loop.frozen = finetune.train_only(model, finetune.gradual_stage(groups, epoch))
                 log(f"   stage {min(epoch, len(groups))}/{len(groups)}: {models.describe(model)}")
-            batches = data.loader(
+            batches = batching.loader(
                 train_images,
                 labels["train"],
                 cfg.batch_size,
@@ -277,7 +279,7 @@ def training_parts(model: nn.Module, cfg: TrainConfig, prep: dict):
         raise UserError(
             f"crop_pad ({pad}) must be smaller than the input size ({prep['input_size']})"
         )
-    return groups, frozen, data.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip)
+    return groups, frozen, batching.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip)
 
 
 def optimizer_params(model: nn.Module, cfg: TrainConfig, groups, lr: float) -> list:
@@ -340,7 +342,7 @@ def probe(loop: Loop, images, labels, progress, log, quiet) -> dict | None:
         log,
         quiet,
         cfg.eval_batch_size,
-        data.resolve_cache(cfg.cache_dir),
+        decoding.resolve_cache(cfg.cache_dir),
     )
     progress["probed"] = True
     progress["probe"] = {
@@ -374,7 +376,7 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: dict, after
     for x, y, idx in batches:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)  # uint8 on the device
         x = loop.augment(x, {k: v[idx] for k, v in aug_params.items()})  # (B, H, W, C) uint8
-        x = data.normalize(x, loop.prep["mean"], loop.prep["std"])  # (B, C, H, W) float
+        x = batching.normalize(x, loop.prep["mean"], loop.prep["std"])  # (B, C, H, W) float
         with evaluate.autocast(loop.precision):
             logits = loop.ddp(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
@@ -554,12 +556,12 @@ def config_changes(saved: dict, now: dict) -> str:
 
 def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
     """Decode every split at the model's size; bad images stop the run or, if asked, are dropped."""
-    cache = data.resolve_cache(cfg.cache_dir)
+    cache = decoding.resolve_cache(cfg.cache_dir)
     if cache and ds.splits["train"].paths is not None:
         log(f"[{name}] decoded-image cache: {cache}")
     images, labels = {}, {}
     for split in ("train", "val", "test"):
-        arr, kept, bad = data.decode_checked(
+        arr, kept, bad = decoding.decode_checked(
             ds.splits[split],
             prep["input_size"],
             prep["channels"],

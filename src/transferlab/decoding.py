@@ -1,0 +1,225 @@
+"""Decoding images once: any file mode to sane 8-bit RGB or L, resized (shorter side, centre
+crop) into one uint8 array (N, H, W, C) per split and size, kept in a memory-mapped cache that
+later runs and models of the same size reuse. Unreadable images are listed, never skipped in
+silence."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .config import UserError
+
+if TYPE_CHECKING:
+    from .data import Split
+
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def open_image(path: str, channels: int) -> Image.Image:
+    """Open any image mode as sane 8-bit RGB or L (16-bit and palette modes included)."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            hi = arr.max() or 1.0
+            im = Image.fromarray((arr * (255.0 / hi)).round().astype(np.uint8), "L")
+        elif im.mode == "F":
+            arr = np.asarray(im, dtype=np.float64)
+            lo, hi = arr.min(), arr.max()
+            im = Image.fromarray(((arr - lo) / ((hi - lo) or 1) * 255).astype(np.uint8), "L")
+        if im.mode == "P":
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA"):  # flatten transparency onto white
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, im.convert("RGBA"))
+        return im.convert("L" if channels == 1 else "RGB")
+
+
+def resize(im: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """Resize the shorter side to `size` and centre-crop to a square."""
+    w, h = im.size
+    if (w, h) == (size, size):
+        return im
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), INTERPOLATIONS[interpolation])
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def decode(
+    split: Split,
+    size: int,
+    channels: int,
+    interpolation: str = "bilinear",
+    desc: str = "decode",
+    quiet: bool = False,
+    cache: Path | None = None,
+) -> np.ndarray:
+    """Decode and resize a split once into a uint8 array (N, size, size, channels).
+
+    Unreadable images (corrupt, truncated, decompression bombs) stop it, every one listed.
+    """
+    return decode_checked(split, size, channels, interpolation, False, desc, quiet, cache)[0]
+
+
+def decode_checked(
+    split: Split,
+    size: int,
+    channels: int,
+    interpolation: str = "bilinear",
+    skip_bad: bool = False,
+    desc: str = "decode",
+    quiet: bool = False,
+    cache: Path | None = None,
+) -> tuple[np.ndarray, Split, list[str]]:
+    """Like decode(); with skip_bad, unreadable images are dropped and reported instead.
+
+    With `cache`, the decoded array lives in a memory-mapped .npy file there, keyed by the file
+    list, sizes, mtimes and target size: later runs and models of the same size reuse it.
+    Returns (images, the split without the dropped images, one line per dropped image).
+    """
+    if split.arrays is not None:
+        return _decode_arrays(split.arrays, size, channels, interpolation), split, []
+    if cache is not None:
+        out, bad_idx, bad = _cached_decode(split, size, channels, interpolation, desc, quiet, cache)
+    else:
+        out = np.empty((len(split), size, size, channels), dtype=np.uint8)
+        bad_idx, bad = _decode_files(split.paths, out, size, channels, interpolation, desc, quiet)
+    if bad and not skip_bad:
+        raise UserError(
+            f"{len(bad)} unreadable image(s), fix or remove them or pass "
+            f"--skip-bad-images: " + "; ".join(bad)
+        )
+    if not bad:
+        return out, split, []
+    keep = np.setdiff1d(np.arange(len(split)), bad_idx)
+    return out[keep], split.subset(keep), bad
+
+
+def _decode_arrays(arrays: np.ndarray, size: int, channels: int, interpolation: str) -> np.ndarray:
+    out = np.empty((len(arrays), size, size, channels), dtype=np.uint8)
+    mode = "L" if channels == 1 else "RGB"
+    for i, arr in enumerate(arrays):
+        im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert(mode)
+        out[i] = _to_array(resize(im, size, interpolation), channels)
+    return out
+
+
+def _decode_files(
+    paths: list[str],
+    out: np.ndarray,
+    size: int,
+    channels: int,
+    interpolation: str,
+    desc: str,
+    quiet: bool,
+) -> tuple[list[int], list[str]]:
+    """Decode image files into `out` (an array or memmap); returns the unreadable ones."""
+    bad, bad_idx = [], []
+    show = not quiet and len(paths) >= 500
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for i, path in enumerate(tqdm(paths, desc=desc, disable=not show, leave=False, unit="img")):
+            try:
+                out[i] = _to_array(
+                    resize(open_image(path, channels), size, interpolation), channels
+                )
+            except (
+                OSError,
+                ValueError,
+                SyntaxError,
+                Image.DecompressionBombError,
+                Image.DecompressionBombWarning,
+            ) as err:
+                bad.append(f"{path} ({type(err).__name__}: {err})")
+                bad_idx.append(i)
+    return bad_idx, bad
+
+
+CACHE_VERSION = 1  # bump when decoding changes, so old cache files are not reused
+
+
+def resolve_cache(setting: str | None) -> Path | None:
+    """None: $TRANSFERLAB_CACHE or ~/.cache/transferlab; "off": no cache; else that folder."""
+    if setting in ("off", "none", "false", "0"):
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    env = os.environ.get("TRANSFERLAB_CACHE")
+    if env in ("off", "none", "false", "0"):
+        return None
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "transferlab"
+
+
+def cache_key(paths: list[str], size: int, channels: int, interpolation: str) -> str:
+    """A digest of what the decoded array depends on: files (path, size, mtime) and target."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, size, channels, interpolation]).encode())
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _cached_decode(
+    split: Split, size: int, channels: int, interpolation: str, desc: str, quiet: bool, cache: Path
+) -> tuple[np.ndarray, list[int], list[str]]:
+    try:
+        key = cache_key(split.paths, size, channels, interpolation)
+    except OSError as err:  # a file vanished: report it like any unreadable image
+        raise UserError(f"cannot read {err.filename}: {err.strerror}") from None
+    array_path, info_path = cache / f"{key}.npy", cache / f"{key}.json"
+    shape = (len(split), size, size, channels)
+    found = _read_cached(array_path, info_path, shape)
+    if found is not None:
+        return found
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the decode cache {cache}: {err.strerror}") from None
+    tmp = cache / f".{key}.{os.getpid()}.npy.tmp"
+    try:
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(split), size, size, channels)
+        )
+        bad_idx, bad = _decode_files(split.paths, out, size, channels, interpolation, desc, quiet)
+        out.flush()
+        del out
+        os.replace(tmp, array_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info = {"n": len(split), "size": size, "channels": channels, "bad_idx": bad_idx, "bad": bad}
+    from .checkpoint import write_json  # atomic: a crash leaves the old entry or none
+
+    write_json(info_path, info)
+    return np.load(array_path, mmap_mode="r"), bad_idx, bad
+
+
+def _read_cached(array_path: Path, info_path: Path, shape: tuple) -> tuple | None:
+    """A cache entry if it is whole (the shape it should have, readable info); else None, so
+    a corrupt or truncated entry is rebuilt rather than trusted."""
+    if not (array_path.is_file() and info_path.is_file()):
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+        array = np.load(array_path, mmap_mode="r")
+        if array.shape == shape and array.dtype == np.uint8 and info["n"] == shape[0]:
+            return array, list(info["bad_idx"]), list(info["bad"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        pass
+    warnings.warn(f"decode cache entry {array_path.name} is damaged: rebuilding it", stacklevel=3)
+    return None
+
+
+def _to_array(im: Image.Image, channels: int) -> np.ndarray:
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[..., None] if channels == 1 else arr
