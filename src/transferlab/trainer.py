@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 import os
-import platform
 import signal
-import subprocess
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import (
-    __version__,
     batching,
     checkpoint,
     data,
@@ -36,6 +30,7 @@ from . import (
     models,
     outputs,
     plots,
+    runfolder,
 )
 from .config import Preempted, TrainConfig, UserError, make_config, to_dict
 
@@ -55,6 +50,42 @@ class Loop:
     cfg: TrainConfig
     precision: str
     dist: distributed.Dist
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint (as plain types, `to_state`)."""
+
+    epoch: int = 1  # the epoch being trained (1-based; epochs + 1 once done)
+    step: int = 0  # batches done in this epoch (a mid-epoch resume skips them)
+    global_step: int = 0  # batches done in the run
+    totals: list = field(
+        default_factory=lambda: [0.0, 0, 0]
+    )  # this epoch's loss sum, correct, seen
+    losses: list = field(
+        default_factory=list
+    )  # every step's loss (bitwise resume is checked on it)
+    history: list = field(default_factory=list)  # one row per finished epoch
+    stale: int = 0  # epochs since val last improved (early stopping)
+    stopped_early: bool = False
+    probed: bool = False  # the linear-probe stage is done
+    seconds: float = 0.0  # training time so far, across resumes
+    best: dict = field(default_factory=lambda: dict(BEST_NONE))  # the best epoch and its weights
+    probe: dict | None = None  # the probe's chosen strength and score
+    val_logits: torch.Tensor | None = None  # a pure probe scores val/test from its features
+    test_logits: torch.Tensor | None = None
+
+    def to_state(self) -> dict:
+        """Plain types and tensors only: loadable with torch.load(weights_only=True)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: no tensor copies
+        return {k: v for k, v in values.items() if v is not None}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Progress:
+        return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
+
+
+BEST_NONE = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
 
 
 def fit(
@@ -125,53 +156,53 @@ def _train(cfg, out: Path, resume: bool, quiet: bool, log_json, d, log, parts) -
         precision,
         d,
     )
-    progress = (restore(out, loop, log) if resume else None) or new_progress()
-    t_start = time.time() - progress["seconds"]
-    fault = injected_fault(d.rank) if progress["global_step"] == 0 else None  # fresh runs only
+    progress = (restore(out, loop, log) if resume else None) or Progress()
+    t_start = time.time() - progress.seconds
+    fault = injected_fault(d.rank) if progress.global_step == 0 else None  # fresh runs only
     tensorboard = out / "tensorboard" if d.main else None
     with stop_on_sigterm() as stop, EventLog(log_json if d.main else None, tensorboard) as events:
 
         def save() -> None:
-            progress["seconds"] = time.time() - t_start
+            progress.seconds = time.time() - t_start
             if d.main:
                 checkpoint.save_checkpoint(
                     out / "state",
                     training_state(loop, progress),
-                    progress["global_step"],
+                    progress.global_step,
                     cfg.keep_last,
                 )
 
         def after_step(indices: list[int]) -> None:  # a step boundary: log, save, pre-emption
             events.write(
                 event="step",
-                epoch=progress["epoch"],
-                step=progress["step"],
-                global_step=progress["global_step"],
-                loss=progress["losses"][-1],
+                epoch=progress.epoch,
+                step=progress.step,
+                global_step=progress.global_step,
+                loss=progress.losses[-1],
                 indices=indices,
             )
-            if cfg.checkpoint_every and progress["global_step"] % cfg.checkpoint_every == 0:
+            if cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0:
                 save()
-            if fault and progress["global_step"] == fault[1]:
+            if fault and progress.global_step == fault[1]:
                 os.kill(os.getpid(), fault[0])  # test hook: die or be pre-empted right here
             if d.any(stop["requested"]):  # every rank stops at the same step
                 save()
                 raise Preempted(
-                    f"stopped by SIGTERM at epoch {progress['epoch']} step "
-                    f"{progress['step']}; state saved in {out / 'state'}: "
+                    f"stopped by SIGTERM at epoch {progress.epoch} step "
+                    f"{progress.step}; state saved in {out / 'state'}: "
                     "rerun with --resume to continue"
                 )
 
         probed = None  # the probe's features of every split, for the run's features/ cache
-        if cfg.strategy in ("linear-probe", "lp-ft") and not progress.get("probed"):
+        if cfg.strategy in ("linear-probe", "lp-ft") and not progress.probed:
             probed = probe(loop, images, labels, progress, log, quiet)
             save()
-        if cfg.strategy == "lp-ft" and progress["epoch"] <= cfg.epochs:
+        if cfg.strategy == "lp-ft" and progress.epoch <= cfg.epochs:
             log(f"   stage fine-tune: {models.describe(model)} (lr {lr:g})")
 
         train_images = on_device(images["train"], cfg, out.name, log)
-        while progress["epoch"] <= cfg.epochs and not progress["stopped_early"]:
-            epoch, t0 = progress["epoch"], time.time()
+        while progress.epoch <= cfg.epochs and not progress.stopped_early:
+            epoch, t0 = progress.epoch, time.time()
             if cfg.strategy == "gradual":  # the stage is a pure function of the epoch
                 loop.frozen = finetune.train_only(model, finetune.gradual_stage(groups, epoch))
                 log(f"   stage {min(epoch, len(groups))}/{len(groups)}: {models.describe(model)}")
@@ -183,7 +214,7 @@ def _train(cfg, out: Path, resume: bool, quiet: bool, log_json, d, log, parts) -
                 epoch,
                 True,
                 cfg.num_workers,
-                progress["step"],
+                progress.step,
                 d.rank,
                 d.world,
             )
@@ -193,41 +224,41 @@ def _train(cfg, out: Path, resume: bool, quiet: bool, log_json, d, log, parts) -
                 disable=quiet,
                 leave=False,
                 unit="batch",
-                initial=progress["step"],
-                total=progress["step"] + len(batches),
+                initial=progress.step,
+                total=progress.step + len(batches),
             )
             params = loop.augment.params(len(labels["train"]), prep["input_size"], cfg.seed, epoch)
             with out_of_memory_hint(cfg.batch_size):
                 train_one_epoch(loop, bar, params, progress, after_step)
             end_epoch(loop, images, labels, progress, time.time() - t0, out.name, log)
-            events.write(event="epoch", **progress["history"][-1])
+            events.write(event="epoch", **progress.history[-1])
             if cfg.snapshots and epoch % (cfg.epochs // cfg.snapshots) == 0:
                 k = epoch // (cfg.epochs // cfg.snapshots)
                 snap = out / "snapshots" / f"snapshot-{k}"
                 info = {"index": k, "of": cfg.snapshots, "epoch": epoch, "run": out.name}
-                m = finish(
-                    snap, loop, ds, images, labels, source, progress["history"],
+                m = runfolder.write(
+                    snap, loop, ds, images, labels, source, progress.history,
                     {"epoch": epoch}, time.time() - t_start, snapshot=info,
                 )  # fmt: skip
                 log(f"[{out.name}] snapshot {k}/{cfg.snapshots}: test "
                     f"{m['metrics']['test']['top1']:.2%} -> {snap}")  # fmt: skip
             save()
 
-    best = progress["best"]
+    best = progress.best
     model.load_state_dict(best["state"])
-    meta = finish(
+    meta = runfolder.write(
         out,
         loop,
         ds,
         images,
         labels,
         source,
-        progress["history"],
+        progress.history,
         best,
         time.time() - t_start,
-        progress.get("probe"),
-        progress.get("val_logits"),
-        progress.get("test_logits"),
+        progress.probe,
+        progress.val_logits,
+        progress.test_logits,
         probed,
     )
     m = meta["metrics"]
@@ -344,8 +375,8 @@ def probe(loop: Loop, images, labels, progress, log, quiet) -> dict | None:
         cfg.eval_batch_size,
         decoding.resolve_cache(cfg.cache_dir),
     )
-    progress["probed"] = True
-    progress["probe"] = {
+    progress.probed = True
+    progress.probe = {
         "l2": best["l2"],
         "l2_setting": cfg.probe_l2,
         "val_acc": best["val_acc"],
@@ -354,22 +385,20 @@ def probe(loop: Loop, images, labels, progress, log, quiet) -> dict | None:
     if only:  # the probe is the whole run
         rows[0]["seconds"] += time.time() - t0 - sum(r["seconds"] for r in rows)  # features
         state = {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()}
-        progress.update(
-            history=rows,
-            val_logits=torch.from_numpy(best["val_logits"]),  # from cached features: no 2nd pass
-            test_logits=torch.from_numpy(best["test_logits"]),
-            epoch=cfg.epochs + 1,
-            best={
-                "val_acc": best["val_acc"],
-                "val_loss": best["val_loss"],
-                "epoch": best["epoch"],
-                "state": state,
-            },
-        )
+        progress.history = rows
+        progress.val_logits = torch.from_numpy(best["val_logits"])  # cached features: no 2nd pass
+        progress.test_logits = torch.from_numpy(best["test_logits"])
+        progress.epoch = cfg.epochs + 1
+        progress.best = {
+            "val_acc": best["val_acc"],
+            "val_loss": best["val_loss"],
+            "epoch": best["epoch"],
+            "state": state,
+        }
     return best["features"] if only else None  # lp-ft goes on to change the backbone
 
 
-def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: dict, after_step) -> None:
+def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, after_step) -> None:
     """Train on the remaining batches of an epoch; `progress` holds the running totals."""
     set_train_mode(loop.ddp, loop.frozen)
     dev, cfg = evaluate.device(), loop.cfg
@@ -382,8 +411,8 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: dict, after
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
             raise UserError(
-                f"non-finite loss ({loss.item()}) at epoch {progress['epoch']} step "
-                f"{progress['step']}; try a lower --lr (now {loop.optimizer.defaults['lr']:g}); "
+                f"non-finite loss ({loss.item()}) at epoch {progress.epoch} step "
+                f"{progress.step}; try a lower --lr (now {loop.optimizer.defaults['lr']:g}); "
                 "checkpoints written before this step are intact"
             )
         loop.optimizer.zero_grad(set_to_none=True)
@@ -396,11 +425,11 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: dict, after
         step = loop.dist.all_sum(
             [loss.item() * len(y), float((logits.argmax(1) == y).sum()), float(len(y))]
         )
-        progress["totals"] = [t + s for t, s in zip(progress["totals"], step, strict=True)]
-        progress["losses"].append(step[0] / step[2])
-        progress["step"] += 1
-        progress["global_step"] += 1
-        total_loss, correct, seen = progress["totals"]
+        progress.totals = [t + s for t, s in zip(progress.totals, step, strict=True)]
+        progress.losses.append(step[0] / step[2])
+        progress.step += 1
+        progress.global_step += 1
+        total_loss, correct, seen = progress.totals
         batches.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.2%}")
         after_step(idx.tolist())
 
@@ -425,25 +454,15 @@ def compiled(module: nn.Module, cfg: TrainConfig, log) -> nn.Module:
     return torch.compile(module)
 
 
-def predict_all(loop: Loop, images: np.ndarray) -> np.ndarray:
-    """Logits for every image; under DDP each rank predicts a padded shard, then all gather."""
-    d, n = loop.dist, len(images)
-    mine = d.shard(n) if d.world > 1 else slice(None)
-    part = evaluate.predict(
-        loop.model, images[mine], loop.prep, loop.precision, loop.cfg.eval_batch_size
-    )
-    return d.gather(part, n)
-
-
 def end_epoch(loop: Loop, images, labels, progress, seconds, name, log) -> None:
     """Validate, record the epoch, keep the best weights, decide on early stopping."""
     cfg = loop.cfg
-    val = evaluate.metrics(predict_all(loop, images["val"]), labels["val"])
+    val = evaluate.metrics(runfolder.predict_all(loop, images["val"]), labels["val"])
     if cfg.schedule == "plateau":
         loop.scheduler.step(val["loss"])
-    loss_sum, correct, seen = progress["totals"]
+    loss_sum, correct, seen = progress.totals
     row = {
-        "epoch": progress["epoch"],
+        "epoch": progress.epoch,
         "lr": max(g["lr"] for g in loop.optimizer.param_groups),
         "train_loss": loss_sum / max(seen, 1),
         "train_acc": correct / max(seen, 1),
@@ -451,29 +470,29 @@ def end_epoch(loop: Loop, images, labels, progress, seconds, name, log) -> None:
         "val_acc": val["top1"],
         "seconds": seconds,
     }
-    progress["history"].append(row)
-    if evaluate.improves(val, progress["best"]):
-        progress["best"] = {
+    progress.history.append(row)
+    if evaluate.improves(val, progress.best):
+        progress.best = {
             "val_acc": val["top1"],
             "val_loss": val["loss"],
             "epoch": row["epoch"],
             "state": {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()},
         }
-        progress["stale"] = 0
+        progress.stale = 0
     else:
-        progress["stale"] += 1
+        progress.stale += 1
     log(
         f"[{name}] epoch {row['epoch']:>3}  loss {row['train_loss']:.4f}  "
         f"train {row['train_acc']:.2%}  val loss {val['loss']:.4f}  val {val['top1']:.2%}  "
         f"{seconds:.1f}s"
     )
-    if cfg.patience and progress["stale"] >= cfg.patience:
-        log(f"[{name}] early stop: val top-1 has not improved for {progress['stale']} epochs")
-        progress["stopped_early"] = True
-    progress.update(epoch=row["epoch"] + 1, step=0, totals=[0.0, 0, 0])
+    if cfg.patience and progress.stale >= cfg.patience:
+        log(f"[{name}] early stop: val top-1 has not improved for {progress.stale} epochs")
+        progress.stopped_early = True
+    progress.epoch, progress.step, progress.totals = row["epoch"] + 1, 0, [0.0, 0, 0]
 
 
-def training_state(loop: Loop, progress: dict) -> dict:
+def training_state(loop: Loop, progress: Progress) -> dict:
     """Everything resume needs, as tensors and plain types (weights-only loadable)."""
     return {
         "model": loop.model.state_dict(),
@@ -481,29 +500,12 @@ def training_state(loop: Loop, progress: dict) -> dict:
         "scheduler": loop.scheduler.state_dict(),
         "scaler": loop.scaler.state_dict(),
         "rng": torch.get_rng_state(),
-        "progress": progress,
+        "progress": progress.to_state(),
         "config": to_dict(loop.cfg),
     }
 
 
-def new_progress() -> dict:
-    """Where training stands: plain types and tensors only (weights-only loadable)."""
-    return {
-        "epoch": 1,
-        "step": 0,
-        "global_step": 0,
-        "totals": [0.0, 0, 0],
-        "losses": [],
-        "history": [],
-        "stale": 0,
-        "stopped_early": False,
-        "probed": False,
-        "seconds": 0.0,
-        "best": {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None},
-    }
-
-
-def restore(out: Path, loop: Loop, log) -> dict | None:
+def restore(out: Path, loop: Loop, log) -> Progress | None:
     """Load the newest valid checkpoint into the training objects; None when there is none."""
     found = checkpoint.newest_checkpoint(out / "state", trust_pickle=loop.cfg.trust_pickle)
     if found is None:
@@ -516,8 +518,8 @@ def restore(out: Path, loop: Loop, log) -> dict | None:
     loop.scheduler.load_state_dict(state["scheduler"])
     loop.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
-    p = state["progress"]
-    log(f"[{out.name}] resumed from {path.name}: epoch {p['epoch']}, step {p['step']}")
+    p = Progress.from_state(state["progress"])
+    log(f"[{out.name}] resumed from {path.name}: epoch {p.epoch}, step {p.step}")
     return p
 
 
@@ -717,123 +719,6 @@ def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def finish(
-    out: Path,
-    loop: Loop,
-    ds,
-    images,
-    labels,
-    source,
-    history,
-    best,
-    seconds,
-    probe_info: dict | None = None,
-    val_logits: torch.Tensor | None = None,
-    test_logits: torch.Tensor | None = None,
-    features: dict | None = None,
-    snapshot: dict | None = None,
-) -> dict:
-    """Write weights, logits, history, curves and meta.json (last: it marks the run complete).
-
-    Every rank takes part in the predictions; only rank 0 writes. A linear probe's `features`
-    (per split) go to the run's features/ cache, where ensembles (fusion) find them.
-    """
-    cfg, model = loop.cfg, loop.model
-    arch = (
-        cfg.model if source["weights"] != "run" else checkpoint.read_meta(source["parent"])["arch"]
-    )
-    logits = {
-        "val": predict_all(loop, images["val"]) if val_logits is None else val_logits.numpy(),
-        "test": predict_all(loop, images["test"]) if test_logits is None else test_logits.numpy(),
-    }
-    key = checkpoint.features_key(ds.spec, cfg.val_fraction, cfg.limit, "none")
-    for split, f in (features or {}).items():
-        if loop.dist.main and len(f) == len(ds.splits[split]):  # no image was skipped
-            checkpoint.save_features(out, f"{split}-none", key, f)
-    results = {split: evaluate.metrics(logits[split], labels[split]) for split in logits}
-    best_row = next(r for r in history if r["epoch"] == best["epoch"])
-    results["train"] = {
-        "top1": best_row["train_acc"],
-        "loss": best_row["train_loss"],
-        "n": len(labels["train"]),
-        "note": "augmented, during training",
-    }
-    meta = {
-        "format": 1,
-        "arch": arch,
-        "num_classes": len(ds.classes),
-        "classes": ds.classes,
-        "class_names": ds.names,
-        "preprocessing": loop.prep,
-        "source": source,
-        "data": ds.spec,
-        "data_fingerprint": ds.fingerprint,
-        "val_fraction": cfg.val_fraction,
-        "limit": cfg.limit,
-        "config": to_dict(cfg),
-        "seed": cfg.seed,
-        "precision": loop.precision,
-        "eval_batch_size": cfg.eval_batch_size,
-        "processes": loop.dist.world,
-        "strategy": cfg.strategy,
-        "probe": probe_info,
-        "params": models.count_params(model),
-        "trainable_params": models.count_params(model, trainable=True),
-        "epochs_run": len(history),
-        "best_epoch": best["epoch"],
-        "seconds": round(seconds, 1),
-        "metrics": results,
-        "versions": versions(),
-        **({"snapshot": snapshot} if snapshot else {}),
-    }
-    if not loop.dist.main:
-        return meta
-    outputs.mark(out, "run")  # snapshots are runs of their own
-    checkpoint.save_weights(out, model, arch, ds.classes)
-    meta["weights_sha256"] = checkpoint.sha256(checkpoint.weights_path(out))
-    for split, values in logits.items():
-        checkpoint.save_logits(out, split, values, labels[split])
-    write_history(out / "history.csv", history)
-    plots.curves(history, out / "curves.png", f"{out.name}: {arch} on {ds.spec}")
-    checkpoint.write_json(out / checkpoint.META, meta)
-    return meta
-
-
-def write_history(path: Path, history: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    checkpoint.write_text(path, buf.getvalue())
-
-
-def versions() -> dict:
-    return {
-        "transferlab": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "git": git_sha(),
-    }
-
-
-def git_sha() -> str | None:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                timeout=5,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def finetune_config(run: str | Path, overrides: dict) -> TrainConfig:
