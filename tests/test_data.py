@@ -1,9 +1,7 @@
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from transferlab import batching, data, decoding
+from transferlab import data, decoding
 from transferlab.config import UserError
 
 from conftest import make_folder, make_image
@@ -87,101 +85,6 @@ def test_tiny_imagenet_layout(tmp_path):
     assert arr.shape == (len(ds.splits["train"]), 64, 64, 3)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
-def test_odd_modes_become_sane_rgb(tmp_path, mode):
-    im = make_image(1, 0, 16)
-    if mode == "I;16":
-        arr = (np.asarray(im.convert("L"), dtype=np.uint16) * 200).astype(np.uint16)
-        im = Image.fromarray(arr)
-        assert im.mode.startswith("I")
-        path = tmp_path / "x.png"
-    else:
-        im = im.convert(mode)
-        path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
-    im.save(path)
-    out = np.asarray(decoding.open_image(str(path), 3))
-    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
-    assert 0 < out.mean() < 250  # not all-white (convert('RGB') of I;16 is)
-
-
-def test_corrupt_images_are_all_listed(tmp_path):
-    make_folder(tmp_path, ["a", "b"], 4)
-    (tmp_path / "train" / "a" / "0.png").write_bytes(b"")
-    (tmp_path / "train" / "b" / "1.png").write_bytes(b"not an image at all")
-    ds = data.load(f"folder:{tmp_path}", val_fraction=0.25)
-    everything = data.Split(
-        np.zeros(8, dtype=np.int64), paths=ds.splits["train"].paths + ds.splits["val"].paths
-    )
-    with pytest.raises(UserError, match=r"2 unreadable image\(s\).*0\.png.*1\.png|1\.png.*0\.png"):
-        decoding.decode(everything, 16, 3)
-
-
-def test_resize_keeps_aspect_by_centre_crop():
-    """The shorter side goes to the target size and the centre is cropped: a wide image loses
-    its black left and right quarters (a squashing resize would keep them)."""
-    wide = np.zeros((20, 40, 3), np.uint8)
-    wide[:, 10:30] = 255  # the centre 20x20 is white
-    for im in (Image.fromarray(wide), Image.fromarray(wide.transpose(1, 0, 2).copy())):
-        out = decoding.resize(im, 16, "bilinear")
-        assert out.size == (16, 16)
-        assert np.asarray(out)[:, 1:-1].min() >= 200 and np.asarray(out)[1:-1].min() >= 200
-
-
-@pytest.mark.parametrize("crop", ["pad", "rrc"])
-def test_augmentation_is_a_pure_function_of_seed_epoch_index(crop):
-    aug = batching.Augment(crop=crop, pad=2, flip=True)
-    x = torch.randint(0, 255, (4, 8, 8, 3), dtype=torch.uint8)
-    a, b, c = (aug.params(10, 8, seed=1, epoch=e) for e in (2, 2, 3))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], c[k]) for k in a)
-    idx = torch.tensor([3, 7, 0, 9])
-    out = aug(x, {k: v[idx] for k, v in a.items()})
-    assert out.shape == x.shape and out.dtype == torch.uint8
-    # the same index gets the same crop whatever batch it lands in
-    one = aug(x[1:2], {k: v[idx[1:2]] for k, v in a.items()})
-    assert torch.equal(one[0], out[1])
-
-
-def test_no_crop_no_flip_is_identity_and_full_box_rrc_is_identity():
-    x = torch.randint(0, 255, (3, 8, 8, 1), dtype=torch.uint8)
-    plain = batching.Augment(crop="none", flip=False)
-    assert torch.equal(plain(x, plain.params(3, 8, 0, 1)), x)
-    rrc = batching.Augment(crop="rrc", flip=False)
-    full = {"flip": torch.zeros(3, dtype=torch.bool), "box": torch.tensor([[0.0, 0, 8, 8]] * 3)}
-    assert torch.equal(rrc(x, full), x)
-
-
-def test_rrc_boxes_stay_inside_the_image():
-    box = batching.Augment(crop="rrc").params(1000, 64, 0, 1)["box"]
-    assert (box[:, :2] >= 0).all() and (box[:, 2:] <= 64 + 1e-4).all()
-    area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]) / 64**2
-    assert 0.3 < area.min() and area.max() <= 1.0 + 1e-4
-
-
-def test_sampler_order_depends_on_seed_and_epoch_and_never_yields_a_batch_of_one():
-    s = batching.EpochSampler(33, 8, seed=0, epoch=1, shuffle=True)
-    batches = list(s)
-    assert sorted(i for b in batches for i in b) == list(range(33))
-    assert min(len(b) for b in batches) > 1
-    assert batches == list(batching.EpochSampler(33, 8, seed=0, epoch=1, shuffle=True))
-    assert batches != list(batching.EpochSampler(33, 8, seed=0, epoch=2, shuffle=True))
-    assert list(batching.EpochSampler(33, 8, 0, 1, True, start=2)) == batches[2:]
-    ordered = list(batching.EpochSampler(33, 8, 0, 1, shuffle=False))
-    assert sum(len(b) for b in ordered) == 33  # evaluation counts every image
-
-
-def test_loader_yields_every_index_with_workers():
-    images = np.zeros((20, 4, 4, 1), np.uint8)
-    labels = np.arange(20)
-    for workers in (0, 2):
-        seen = [
-            i
-            for _, _, idx in batching.loader(images, labels, 6, 0, 1, True, workers)
-            for i in idx.tolist()
-        ]
-        assert sorted(seen) == list(range(20))
-
-
 @pytest.mark.shared_data
 def test_shared_tiny_imagenet_counts(shared_data):
     ds = data.load(f"tiny-imagenet:{shared_data / 'tiny-imagenet-200'}")
@@ -198,37 +101,3 @@ def test_shared_15_scene_counts(shared_data):
     assert len(ds.classes) == 15 and "bedroom" in ds.classes
     assert len(ds.splits["train"]) + len(ds.splits["val"]) == 1500
     assert len(ds.splits["test"]) == 2985
-
-
-def test_decode_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
-    import os
-
-    make_folder(tmp_path / "d", ["a", "b"], 4)
-    ds = data.load(f"folder:{tmp_path / 'd'}", val_fraction=0.25)
-    cache = tmp_path / "cache"
-    first = decoding.decode(ds.splits["train"], 16, 3, cache=cache)
-    assert isinstance(first, np.memmap) and len(list(cache.glob("*.npy"))) == 1
-
-    def no_decoding(*args, **kwargs):
-        raise AssertionError("decoded again although cached")
-
-    with monkeypatch.context() as m:
-        m.setattr(decoding, "open_image", no_decoding)
-        again = decoding.decode(ds.splits["train"], 16, 3, cache=cache)  # reused: nothing decoded
-    np.testing.assert_array_equal(first, again)
-    changed = ds.splits["train"].paths[0]
-    make_image(1, 99).save(changed)  # new content, new mtime
-    os.utime(changed, ns=(1, 1))
-    rebuilt = decoding.decode(ds.splits["train"], 16, 3, cache=cache)
-    assert len(list(cache.glob("*.npy"))) == 2
-    assert not np.array_equal(rebuilt[0], first[0])
-    np.testing.assert_array_equal(rebuilt, decoding.decode(ds.splits["train"], 16, 3))  # = uncached
-    decoding.decode(ds.splits["train"], 24, 3, cache=cache)  # another size: another file
-    assert len(list(cache.glob("*.npy"))) == 3
-
-
-def test_cache_location_is_configurable(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "c"))
-    assert decoding.resolve_cache(None) == tmp_path / "c"
-    assert decoding.resolve_cache("off") is None
-    assert decoding.resolve_cache(str(tmp_path / "x")) == tmp_path / "x"

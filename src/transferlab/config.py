@@ -58,7 +58,7 @@ class TrainConfig:
     optimizer: str = opt("adamw", "adam | adamw | sgd")
     lr: float | str = opt(1e-3, "peak learning rate, or auto (an LR range test picks it first)")
     weight_decay: float = opt(0.05, "decoupled for adamw, L2 for adam/sgd")
-    momentum: float = opt(0.9, "sgd only")
+    momentum: float = opt(0.9, "SGD momentum (optimizer sgd only)")
     schedule: str = opt("cosine", "cosine | plateau | constant")
     warmup_epochs: float = opt(
         0.0, "linear warm-up before the schedule (fraction of epochs allowed)"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import batching, data, decoding, evaluate, linear, models, trainer
+from transferlab import data, decoding, evaluate, models, trainer
 from transferlab.config import make_config
 
 from conftest import tiny_cfg
@@ -74,42 +74,6 @@ def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_p
     assert meta["trainable_params"] == sum(src[k].numel() for k in ("fc.weight", "fc.bias"))
     assert meta["epochs_run"] == len(PROBE_L2) and meta["probe"]["l2"] in PROBE_L2
     assert meta["metrics"]["test"]["top1"] > 0.5
-
-
-def test_probe_strength_is_cross_validated_on_train_and_never_looks_at_val(monkeypatch):
-    from transferlab import finetune
-
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(120) % 3
-    w0, b0 = torch.zeros(3, 20), torch.zeros(3)
-    noise = torch.randn(120, 20, generator=g)  # labels unrelated to features: the strongest
-    assert linear.cv_strength(noise, y.numpy(), w0, b0, linear.PROBE_L2)[0] == 1.0
-    clean = noise + 4 * torch.nn.functional.one_hot(y, 20).float()  # separable: a weak one
-    lam, cv_loss = linear.cv_strength(clean, y.numpy(), w0, b0, linear.PROBE_L2)
-    assert lam <= 0.01 and cv_loss.shape == (len(linear.PROBE_L2),)
-
-    class Frozen(torch.nn.Module):  # features() is patched: only the head matters
-        def __init__(self):
-            super().__init__()
-            self.head = torch.nn.Linear(20, 3)
-            torch.nn.init.zeros_(self.head.weight), torch.nn.init.zeros_(self.head.bias)
-
-        def get_classifier(self):
-            return self.head
-
-    feats = {"train": clean[:90], "val": clean[90:]}
-    monkeypatch.setattr(finetune, "features", lambda m, x, *a, **k: feats[x])
-
-    def probe(val_labels):
-        model, labels = Frozen(), {"train": y[:90].numpy(), "val": val_labels}
-        images = {"train": "train", "val": "val"}
-        rows, best = finetune.linear_probe(model, images, labels, {}, "fp32", "auto", print)
-        return best["l2"], model.head.weight.detach(), rows
-
-    lam_a, w_a, rows = probe(y[90:].numpy())
-    lam_b, w_b, _ = probe(np.roll(y[90:].numpy(), 1))  # val labels scrambled: same head
-    assert lam_a == lam_b and torch.equal(w_a, w_b)
-    assert all("cv_loss" in r for r in rows)
 
 
 def test_lp_ft_resumes_in_the_fine_tune_stage_without_probing_again(
@@ -252,38 +216,6 @@ def test_dcnn_has_block_groups_for_gradual_unfreezing():
     groups = finetune.block_groups(models.create("dcnn", 10, 1))
     assert len(groups) == 5 and groups[-1] == ["fc.weight", "fc.bias"]
     assert groups[0][0] == "features.0.weight" and "features.8.weight" in groups[1]
-
-
-def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
-    folder_data, tmp_path
-):
-    from transferlab import lrfind, trainer
-
-    from conftest import tiny_cfg
-
-    assert lrfind.suggest([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 9.0]) == pytest.approx(1e-3)
-    cfg = tiny_cfg(f"folder:{folder_data}", lr="auto", epochs=1)
-    lr = trainer.lr_find(cfg, tmp_path / "lrf", quiet=True)
-    assert 1e-6 < lr < 1.0 and (tmp_path / "lrf" / "lr_find.png").stat().st_size > 0
-    # the range test trains a throw-away copy: the model's weights, BN statistics and the RNG
-    # come back exactly as they were
-    model = models.create("test_resnet", 4, 3)
-    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
-    images = np.random.default_rng(0).integers(0, 255, (32, 24, 24, 3), dtype=np.uint8)
-    prep = models.make_prep(24, 3, (0.5,) * 3, (0.25,) * 3)
-    lrfind.range_test(
-        model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), images,
-        np.arange(32) % 4, 8, batching.Augment(), prep, "fp32", [], steps=5,
-    )  # fmt: skip
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert torch.equal(rng, torch.get_rng_state())
-    meta = trainer.fit(cfg, tmp_path / "auto", quiet=True)  # the same test runs first
-    assert (tmp_path / "auto" / "lr_find.png").exists()
-    history = (tmp_path / "auto" / "history.csv").read_text()
-    assert meta["epochs_run"] == 1 and history
-    with pytest.raises(Exception, match="number or auto"):
-        make_config({"lr": "fast"})
 
 
 def test_small_stem_keeps_every_pretrained_tensor_and_reloads_from_the_run(folder_data, tmp_path):

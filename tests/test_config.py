@@ -1,0 +1,34 @@
+"""config: field help from metadata, ranges, options that would have no effect."""
+
+import dataclasses
+
+import pytest
+
+from transferlab.config import APPLIES, RANGES, TrainConfig, UserError, field_help, make_config
+
+
+def test_every_option_has_its_help_from_the_field_metadata():
+    helps = field_help()
+    assert set(helps) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert all(len(text) > 10 for text in helps.values()), helps
+    assert "gray" in helps["channels"] and "cache" in helps["cache_dir"]
+
+
+def test_every_range_names_a_numeric_field_and_its_default_is_inside():
+    defaults = TrainConfig()
+    for key in RANGES:
+        value = getattr(defaults, key)
+        assert value is None or value == "auto" or isinstance(value, (int, float)), key
+    make_config({})  # the defaults pass their own validation
+
+
+def test_unknown_keys_suggest_and_options_without_effect_are_refused():
+    with pytest.raises(UserError, match="unknown config key 'learning_rate'"):
+        make_config({"learning_rate": 0.1})
+    with pytest.raises(UserError, match="did you mean epochs"):
+        make_config({"epoch": 3})
+    for key in APPLIES:
+        assert key in TrainConfig.__dataclass_fields__
+    with pytest.raises(UserError, match="momentum has no effect here"):
+        make_config({"momentum": 0.5})
+    assert make_config({"momentum": 0.5, "optimizer": "sgd"}).momentum == 0.5

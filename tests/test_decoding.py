@@ -1,0 +1,84 @@
+"""decoding: odd modes, corrupt files, resizing, the decode-once cache."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferlab import data, decoding
+from transferlab.config import UserError
+
+from conftest import make_folder, make_image
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
+def test_odd_modes_become_sane_rgb(tmp_path, mode):
+    im = make_image(1, 0, 16)
+    if mode == "I;16":
+        arr = (np.asarray(im.convert("L"), dtype=np.uint16) * 200).astype(np.uint16)
+        im = Image.fromarray(arr)
+        assert im.mode.startswith("I")
+        path = tmp_path / "x.png"
+    else:
+        im = im.convert(mode)
+        path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    im.save(path)
+    out = np.asarray(decoding.open_image(str(path), 3))
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert 0 < out.mean() < 250  # not all-white (convert('RGB') of I;16 is)
+
+
+def test_corrupt_images_are_all_listed(tmp_path):
+    make_folder(tmp_path, ["a", "b"], 4)
+    (tmp_path / "train" / "a" / "0.png").write_bytes(b"")
+    (tmp_path / "train" / "b" / "1.png").write_bytes(b"not an image at all")
+    ds = data.load(f"folder:{tmp_path}", val_fraction=0.25)
+    everything = data.Split(
+        np.zeros(8, dtype=np.int64), paths=ds.splits["train"].paths + ds.splits["val"].paths
+    )
+    with pytest.raises(UserError, match=r"2 unreadable image\(s\).*0\.png.*1\.png|1\.png.*0\.png"):
+        decoding.decode(everything, 16, 3)
+
+
+def test_resize_keeps_aspect_by_centre_crop():
+    """The shorter side goes to the target size and the centre is cropped: a wide image loses
+    its black left and right quarters (a squashing resize would keep them)."""
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, 10:30] = 255  # the centre 20x20 is white
+    for im in (Image.fromarray(wide), Image.fromarray(wide.transpose(1, 0, 2).copy())):
+        out = decoding.resize(im, 16, "bilinear")
+        assert out.size == (16, 16)
+        assert np.asarray(out)[:, 1:-1].min() >= 200 and np.asarray(out)[1:-1].min() >= 200
+
+
+def test_decode_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
+    import os
+
+    make_folder(tmp_path / "d", ["a", "b"], 4)
+    ds = data.load(f"folder:{tmp_path / 'd'}", val_fraction=0.25)
+    cache = tmp_path / "cache"
+    first = decoding.decode(ds.splits["train"], 16, 3, cache=cache)
+    assert isinstance(first, np.memmap) and len(list(cache.glob("*.npy"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(decoding, "open_image", no_decoding)
+        again = decoding.decode(ds.splits["train"], 16, 3, cache=cache)  # reused: nothing decoded
+    np.testing.assert_array_equal(first, again)
+    changed = ds.splits["train"].paths[0]
+    make_image(1, 99).save(changed)  # new content, new mtime
+    os.utime(changed, ns=(1, 1))
+    rebuilt = decoding.decode(ds.splits["train"], 16, 3, cache=cache)
+    assert len(list(cache.glob("*.npy"))) == 2
+    assert not np.array_equal(rebuilt[0], first[0])
+    np.testing.assert_array_equal(rebuilt, decoding.decode(ds.splits["train"], 16, 3))  # = uncached
+    decoding.decode(ds.splits["train"], 24, 3, cache=cache)  # another size: another file
+    assert len(list(cache.glob("*.npy"))) == 3
+
+
+def test_cache_location_is_configurable(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "c"))
+    assert decoding.resolve_cache(None) == tmp_path / "c"
+    assert decoding.resolve_cache("off") is None
+    assert decoding.resolve_cache(str(tmp_path / "x")) == tmp_path / "x"

@@ -1,0 +1,40 @@
+"""lrfind: the LR range test."""
+
+import numpy as np
+import pytest
+import torch
+
+from transferlab import batching, models
+from transferlab.config import make_config
+
+
+def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
+    folder_data, tmp_path
+):
+    from transferlab import lrfind, trainer
+
+    from conftest import tiny_cfg
+
+    assert lrfind.suggest([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 9.0]) == pytest.approx(1e-3)
+    cfg = tiny_cfg(f"folder:{folder_data}", lr="auto", epochs=1)
+    lr = trainer.lr_find(cfg, tmp_path / "lrf", quiet=True)
+    assert 1e-6 < lr < 1.0 and (tmp_path / "lrf" / "lr_find.png").stat().st_size > 0
+    # the range test trains a throw-away copy: the model's weights, BN statistics and the RNG
+    # come back exactly as they were
+    model = models.create("test_resnet", 4, 3)
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    images = np.random.default_rng(0).integers(0, 255, (32, 24, 24, 3), dtype=np.uint8)
+    prep = models.make_prep(24, 3, (0.5,) * 3, (0.25,) * 3)
+    lrfind.range_test(
+        model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), images,
+        np.arange(32) % 4, 8, batching.Augment(), prep, "fp32", [], steps=5,
+    )  # fmt: skip
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(rng, torch.get_rng_state())
+    meta = trainer.fit(cfg, tmp_path / "auto", quiet=True)  # the same test runs first
+    assert (tmp_path / "auto" / "lr_find.png").exists()
+    history = (tmp_path / "auto" / "history.csv").read_text()
+    assert meta["epochs_run"] == 1 and history
+    with pytest.raises(Exception, match="number or auto"):
+        make_config({"lr": "fast"})
