@@ -139,6 +139,8 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
     assert (tmp_path / "results.csv").read_text() == "a,b\n1,2\n"
     assert {p: tree(p) for p in (run_copy, other)} == before
     assert not (folder_data / "train" / "newrun").exists() and not (tmp_path / "new").exists()
+    fail(capsys, "report", run_copy / "state", pattern="inside the run folder")
+    assert not (run_copy / "state" / "report.md").exists()
     # report over a user's own report.md
     (tmp_path / "runs" / "report.md").write_text("my notes, not a transferlab report\n")
     fail(capsys, "report", tmp_path / "runs", pattern="was not written by transferlab report")

@@ -289,8 +289,11 @@ def _within(value: float, low, high) -> bool:
 
 
 def _range_text(low, high) -> str:
-    left = f"> {low[0]:g}" if isinstance(low, tuple) else f">= {low:g}"
-    right = f"< {high[0]:g}" if isinstance(high, tuple) else f"<= {high:g}"
+    def num(v) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
+    left = f"> {num(low[0])}" if isinstance(low, tuple) else f">= {num(low)}"
+    right = f"< {num(high[0])}" if isinstance(high, tuple) else f"<= {num(high)}"
     return f"{left} and {right}"
 
 

@@ -32,7 +32,8 @@ def image_files(inputs: list[str]) -> list[str]:
         elif p.is_file():
             files.append(str(p))
         else:
-            raise UserError(f"no such file or folder: {item}")
+            what = "not a regular file or folder" if p.exists() else "no such file or folder"
+            raise UserError(f"{what}: {item}")
     return files
 
 
