@@ -1,6 +1,6 @@
 """Output folders: what a command may create, replace or lock, decided before the disk changes.
 
-The rules (docs/RELIABILITY.md, scenarios 26-33):
+The rules (docs/RELIABILITY.md, scenarios 26-38):
 - a folder transferlab makes holds a marker file, `.transferlab` (JSON: kind and, for a run,
   its resolved config), so later commands know it is theirs;
 - an existing folder that is not transferlab's and not empty is never written into;
@@ -26,7 +26,6 @@ from .config import UserError
 
 MARK = ".transferlab"
 LOCK = ".transferlab.lock"
-KINDS = ("run", "ensemble", "recipe", "lr-find")
 # Every file transferlab writes inside a run or ensemble folder, as glob patterns of its path
 # relative to the folder (a snapshot is a run folder of its own, checked the same way).
 OWNED = (
