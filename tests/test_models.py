@@ -87,7 +87,7 @@ def _china(size: int) -> np.ndarray:
     from sklearn.datasets import load_sample_image
 
     im = Image.fromarray(load_sample_image("china.jpg"))
-    from transferlab.data import resize
+    from transferlab.decoding import resize
 
     return np.asarray(resize(im, size, "bicubic"))[None]
 
