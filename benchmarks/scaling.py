@@ -48,7 +48,7 @@ def one(n: int, model_name: str) -> dict:
                 loop,
                 batches,
                 aug.params(len(split), 64, 0, 1),
-                trainer.new_progress(),
+                trainer.Progress(),
                 lambda idx: None,
             )
 
