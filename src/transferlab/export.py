@@ -125,15 +125,12 @@ def check_out_file(path: Path, run: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise UserError(f"--out {path} is a folder; give a file name such as {path / 'model.onnx'}")
     if not ours:
-        for folder in Path(path).expanduser().resolve().parents:
-            if outputs.read_mark(folder) and outputs.read_mark(folder)["kind"] in (
-                "run",
-                "ensemble",
-            ):
-                raise UserError(
-                    f"--out {path} is inside the {outputs.read_mark(folder)['kind']} folder "
-                    f"{folder}; export next to it, or into {run / 'export'}"
-                )
+        found = outputs.enclosing(path)
+        if found:
+            raise UserError(
+                f"--out {path} is inside the {found[1]} folder {found[0]}; "
+                f"export next to it, or into {run / 'export'}"
+            )
         if path.exists() and not overwrite:
             raise UserError(f"{path} already exists: pass --overwrite to replace it")
     if path.parent.is_dir():

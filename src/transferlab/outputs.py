@@ -257,6 +257,15 @@ def lock(out: Path):
         held.release()
 
 
+def enclosing(path: str | Path) -> tuple[Path, str] | None:
+    """The nearest run or ensemble folder strictly above `path`, with its kind (or None)."""
+    for folder in Path(path).expanduser().resolve().parents:
+        mark = read_mark(folder)
+        if mark and mark.get("kind") in ("run", "ensemble"):
+            return folder, mark["kind"]
+    return None
+
+
 def inside(path: str | Path, other: str | Path) -> bool:
     """`path` is `other` or lies somewhere under it (after resolving links and ..)."""
     a, b = Path(path).expanduser().resolve(), Path(other).expanduser().resolve()

@@ -113,10 +113,9 @@ def write(root: str | Path) -> tuple[Path, str]:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"report folder not found: {root}")
-    for folder in root.resolve().parents:  # not into the insides of a run (its state/, logits/)
-        mark = outputs.read_mark(folder)
-        if mark and mark["kind"] in ("run", "ensemble"):
-            raise UserError(f"{root} is inside the {mark['kind']} folder {folder}: report that")
+    found = outputs.enclosing(root)  # not into the insides of a run (its state/, logits/)
+    if found:
+        raise UserError(f"{root} is inside the {found[1]} folder {found[0]}: report that")
     check_writable(root)
     rows = collect(root)
     table = markdown_table(rows)
