@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torchvision import transforms as T
 
-from transferlab import batching, data, evaluate, trainer
+from transferlab import batching, data, evaluate, finetune, models, trainer
 from transferlab.distributed import Dist
 
 SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"
@@ -62,16 +62,16 @@ def seed_all(seed: int = 0) -> None:
 
 def transferlab_loop(model, opt, aug: batching.Augment, cfg) -> trainer.Loop:
     """transferlab's training objects for a bare model: RGB, [-1, 1] inputs, `auto` precision."""
-    return trainer.Loop(
-        model,
-        model,
-        [],
-        opt,
-        trainer.make_scheduler(cfg, opt, 1),
-        torch.amp.GradScaler("cpu", enabled=False),
-        {"mean": [0.5] * 3, "std": [0.5] * 3},
-        aug,
+    loop = trainer.Loop(
         cfg,
-        evaluate.resolve_precision("auto"),
         Dist(),
+        model,
+        models.Architecture("bench"),
+        {"mean": [0.5] * 3, "std": [0.5] * 3},
+        evaluate.resolve_precision("auto"),
+        aug,
     )
+    loop.ddp, loop.optimizer = models.Forward(model, loop.precision), opt
+    loop.scheduler = finetune.make_scheduler(cfg, opt, 1)
+    loop.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return loop

@@ -13,6 +13,7 @@ def example(marker: str) -> str:
     return re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", text, re.S)[1]
 
 
+@pytest.mark.slow
 def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(example("api-example"), "README api-example", "exec"), {})

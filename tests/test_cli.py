@@ -158,6 +158,7 @@ def test_recipe_end_to_end_then_evaluate_json_and_report(capsys, tmp_path):
     assert code == 0 and out.count("skipped") == 3
 
 
+@pytest.mark.slow
 def test_demo_recipe_runs_with_a_smoke_override(capsys, tmp_path):
     code, out, err = run_cli(
         capsys,
@@ -175,9 +176,10 @@ def test_demo_recipe_runs_with_a_smoke_override(capsys, tmp_path):
     assert (tmp_path / "demo" / "report.md").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_tiny_imagenet_recipe_smoke_run(capsys, shared_data, tmp_path):
-    """The reference's full Tiny ImageNet experiment, cut to 200 images per split and 1 epoch."""
+    """The reference's full Tiny ImageNet experiment, cut to 100 images per split and 1 epoch."""
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-imagenet.yaml"
     code, out, err = run_cli(
         capsys,
@@ -185,7 +187,7 @@ def test_tiny_imagenet_recipe_smoke_run(capsys, shared_data, tmp_path):
         "run",
         recipe,
         "--limit",
-        200,
+        100,
         "--set",
         "epochs=1",
         "--set",
@@ -195,7 +197,7 @@ def test_tiny_imagenet_recipe_smoke_run(capsys, shared_data, tmp_path):
     )
     assert code == 0, err
     meta = json.loads((tmp_path / "tin" / "lite0" / "meta.json").read_text())
-    assert meta["num_classes"] == 200 and meta["metrics"]["test"]["n"] == 200
+    assert meta["num_classes"] == 200 and meta["metrics"]["test"]["n"] == 100
     assert (tmp_path / "tin" / "report.md").is_file()
 
 

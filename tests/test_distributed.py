@@ -86,6 +86,7 @@ def max_diff(a, b) -> float:
     return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(clean_runs):
     one, two = (checkpoint.read_meta(clean_runs / d) for d in ("one", "two"))
     assert two["processes"] == 2 and one["processes"] == 1
@@ -100,6 +101,7 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(clean_run
     assert not list((clean_runs / "two").rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_S24_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp_data, clean_runs, tmp_path):
     args = train_args(ddp_data, tmp_path / "run")
     stopped = torchrun(*args, env={"TRANSFERLAB_FAULT": "term:3@1"})
@@ -111,6 +113,7 @@ def test_S24_sigterm_on_one_rank_stops_every_rank_at_the_same_step(ddp_data, cle
     assert max_diff(clean_runs / "two", tmp_path / "run") == 0.0
 
 
+@pytest.mark.slow
 def test_S25_a_rank_failure_restarts_resumes_and_finishes_equal(ddp_data, clean_runs, tmp_path):
     args = [*train_args(ddp_data, tmp_path / "run"), "--resume"]
     run = torchrun(*args, env={"TRANSFERLAB_FAULT": "kill:4@1"}, extra=("--max-restarts", "1"))

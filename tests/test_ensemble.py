@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from transferlab import checkpoint, combiners, ensembles, evaluate, trainer
+from transferlab import checkpoint, combiners, ensembles, evaluate, models, trainer
 from transferlab.config import UserError, make_config
 
 from conftest import make_folder, tiny_cfg
@@ -109,7 +109,7 @@ def test_flip_tta_makes_predictions_mirror_invariant(trained_run):
     meta = checkpoint.read_meta(trained_run)
     model = evaluate.load_run_model(trained_run, meta)
     images = np.random.default_rng(0).integers(0, 256, (6, 24, 24, 3), dtype=np.uint8)
-    prep = meta["preprocessing"]
+    prep = models.Preprocessing.from_dict(meta["preprocessing"])
     a = evaluate.predict(model, images, prep, tta="flip")
     b = evaluate.predict(model, np.ascontiguousarray(images[:, :, ::-1]), prep, tta="flip")
     np.testing.assert_allclose(a, b, atol=1e-4)

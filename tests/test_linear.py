@@ -4,11 +4,10 @@ import numpy as np
 import torch
 
 from transferlab import linear
+from transferlab import probe as probing
 
 
 def test_probe_strength_is_cross_validated_on_train_and_never_looks_at_val(monkeypatch):
-    from transferlab import finetune
-
     g = torch.Generator().manual_seed(0)
     y = torch.arange(120) % 3
     w0, b0 = torch.zeros(3, 20), torch.zeros(3)
@@ -28,12 +27,12 @@ def test_probe_strength_is_cross_validated_on_train_and_never_looks_at_val(monke
             return self.head
 
     feats = {"train": clean[:90], "val": clean[90:]}
-    monkeypatch.setattr(finetune, "features", lambda m, x, *a, **k: feats[x])
+    monkeypatch.setattr(probing, "features", lambda m, x, *a, **k: feats[x])
 
     def probe(val_labels):
         model, labels = Frozen(), {"train": y[:90].numpy(), "val": val_labels}
         images = {"train": "train", "val": "val"}
-        rows, best = finetune.linear_probe(model, images, labels, {}, "fp32", "auto", print)
+        rows, best = probing.linear_probe(model, images, labels, {}, "fp32", "auto", print)
         return best["l2"], model.head.weight.detach(), rows
 
     lam_a, w_a, rows = probe(y[90:].numpy())

@@ -24,7 +24,7 @@ def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
     model = models.create("test_resnet", 4, 3)
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
     images = np.random.default_rng(0).integers(0, 255, (32, 24, 24, 3), dtype=np.uint8)
-    prep = models.make_prep(24, 3, (0.5,) * 3, (0.25,) * 3)
+    prep = models.Preprocessing.make(24, 3, (0.5,) * 3, (0.25,) * 3)
     lrfind.range_test(
         model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), images,
         np.arange(32) % 4, 8, batching.Augment(), prep, "fp32", [], steps=5,

@@ -1,13 +1,14 @@
-import time
+"""Architectures and their records: the DCNN on timm's head contract, pooled stages, the one
+forward (`models.logits`: the head in fp32, no patched methods, no hooks), and the typed
+Preprocessing / Architecture records, old run folders included."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import save_file
 
-from transferlab import models
-from transferlab.config import UserError, make_config
+from transferlab import evaluate, models, trainer, weights
+from transferlab.config import UserError
+
+from conftest import tiny_cfg
 
 
 def test_dcnn_follows_timm_head_contract():
@@ -38,94 +39,61 @@ def test_unknown_model_suggests_close_names():
         models.check_arch("resnet05")
 
 
-def test_weights_file_loads_and_strips_ddp_prefixes(tmp_path):
-    cfg = make_config({"model": "test_resnet", "input_size": 32})
-    src = models.create("test_resnet", 4, 3)
-    state = {f"module.{k}": v for k, v in src.state_dict().items()}
-    torch.save(state, tmp_path / "w.pt")
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
-    for name in ("w.pt", "w.safetensors"):
-        cfg2 = make_config({"weights": str(tmp_path / name)}, cfg)
-        model, prep, source = models.build(cfg2, ["a", "b", "c", "d"], 32, 3)
-        for k, v in src.state_dict().items():
-            assert torch.equal(model.state_dict()[k], v), k
-        assert source["weights"] == "file"
+def test_pooled_stages_widen_only_the_head_and_a_matched_head_starts_as_the_source(
+    tmp_path, folder_data
+):
+    torch.manual_seed(0)
+    src = models.create("test_resnet", 3, 3).eval()
+    wide = models.create("test_resnet", 3, 3, pool_stages=2).eval()
+    stages = wide.feature_info[-3:-1]  # the last stage is the final feature map: skipped
+    assert [wide.feature_info[i]["module"] for i in wide.pooled_stages] == [
+        s["module"] for s in stages
+    ]
+    assert wide.fc.in_features == src.num_features + sum(s["num_chs"] for s in stages)
+    weights.load_into(wide, src.state_dict(), ["c", "x", "a"], ["a", "b", "c"], "match")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = models.logits(wide, x, pre_logits=True)
+        assert feats.shape == (2, wide.fc.in_features)
+        torch.testing.assert_close(models.logits(wide, x)[:, [0, 2]], src(x)[:, [2, 0]])
+    # a run trained with pooled stages is rebuilt from its preprocessing when evaluated
+    meta = trainer.fit(tiny_cfg(f"folder:{folder_data}", epochs=1, pool_stages=1), tmp_path / "r")
+    assert meta["architecture"]["pool_stages"] == 1 and "pool_stages" not in meta["preprocessing"]
+    assert evaluate.load_run_model(tmp_path / "r", meta).fc.in_features > src.num_features
 
 
-def test_wrong_architecture_names_keys(tmp_path):
-    save_file(
-        {k: v.contiguous() for k, v in models.create("dcnn", 4, 3).state_dict().items()},
-        tmp_path / "dcnn.safetensors",
-    )
-    cfg = make_config({"model": "test_resnet", "weights": str(tmp_path / "dcnn.safetensors")})
-    with pytest.raises(UserError, match="weights do not fit the model: missing .*unexpected"):
-        models.build(cfg, ["a", "b"], 32, 3)
+def test_logits_keep_the_head_in_fp32_under_bf16_with_no_patched_method_and_no_hook():
+    torch.manual_seed(0)
+    for pool in (0, 2):
+        m = models.create("test_resnet", 3, 3, pool_stages=pool).eval()
+        assert m.forward_head.__func__ is type(m).forward_head  # the class's own, unpatched
+        assert not any(mod._forward_hooks for mod in m.modules())  # nothing stores tensors
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            for pre_logits in (False, True):
+                y = models.logits(m, x, "bf16", pre_logits)
+                assert y.dtype == torch.float32, (pool, pre_logits)
+            # in fp32 the explicit forward is the model's own forward (pool 0) exactly
+            if not pool:
+                assert torch.equal(models.logits(m, x), m(x))
+            assert torch.equal(models.Forward(m)(x), models.logits(m, x))
 
 
-def test_nan_weights_are_refused(tmp_path):
-    state = models.create("dcnn", 4, 3).state_dict()
-    state["features.0.weight"][0, 0, 0, 0] = float("nan")
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "nan.safetensors")
-    cfg = make_config(
-        {"model": "dcnn", "channels": 3, "weights": str(tmp_path / "nan.safetensors")}
-    )
-    with pytest.raises(UserError, match="NaN/Inf in tensor features.0.weight"):
-        models.build(cfg, ["a", "b", "c", "d"], 32, 3)
-
-
-def test_hub_weights_fail_fast_and_clearly_when_offline(monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
-    t0 = time.time()
-    with pytest.raises(
-        UserError, match="cannot download ImageNet weights for resnet18.*unreachable"
-    ):
-        models.build(make_config({"model": "resnet18", "weights": "imagenet"}), ["a"], 64, 3)
-    assert time.time() - t0 < 10
-
-
-def _china(size: int) -> np.ndarray:
-    from sklearn.datasets import load_sample_image
-
-    im = Image.fromarray(load_sample_image("china.jpg"))
-    from transferlab.decoding import resize
-
-    return np.asarray(resize(im, size, "bicubic"))[None]
-
-
-@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
-def test_offline_efficientnet_lite_weights_are_really_imagenet(arch):
-    """On scikit-learn's photo of a Chinese temple, the top-5 ImageNet classes are plausible."""
-    from transferlab.evaluate import predict
-
-    classes = models.imagenet_wnids()
-    cfg = make_config({"model": arch, "weights": "imagenet"})
-    model, prep, source = models.build(cfg, classes, 224, 3)
-    assert prep["mean"] == [0.5] * 3 and source["weights"] == "imagenet"
-    logits = predict(model, _china(prep["input_size"]), prep)
-    names = models.imagenet_names()
-    top5 = [names[i] for i in np.argsort(-logits[0])[:5]]
-    plausible = (
-        "palace",
-        "monastery",
-        "pagoda",
-        "church",
-        "dome",
-        "bell cote",
-        "stupa",
-        "boathouse",
-        "castle",
-        "mosque",
-        "cinema",
-        "triumphal arch",
-    )
-    assert any(any(p in n.lower() for p in plausible) for n in top5[:2]), top5
-
-
-def test_grayscale_input_adapts_pretrained_first_conv():
-    cfg = make_config(
-        {"model": "tf_efficientnet_lite0", "weights": "imagenet", "channels": 1, "input_size": 64}
-    )
-    model, prep, _ = models.build(cfg, ["a", "b"], 64, 1)
-    rgb, _, _ = models.build(make_config({"channels": 3}, cfg), ["a", "b"], 64, 3)
-    assert model.conv_stem.weight.shape[1] == 1 and prep["channels"] == 1
-    assert torch.allclose(model.conv_stem.weight, rgb.conv_stem.weight.sum(1, keepdim=True))
+def test_preprocessing_and_architecture_records_read_old_and_new_run_folders():
+    old = {  # a meta.json from before the split: stem and pool_stages in the preprocessing
+        "arch": "resnet18",
+        "num_classes": 4,
+        "preprocessing": {"input_size": 64, "channels": 3, "mean": [0.5] * 3,
+                          "std": [0.5] * 3, "interpolation": "bicubic", "stem": "small",
+                          "pool_stages": 2},
+    }  # fmt: skip
+    arch = models.Architecture.of_run(old)
+    assert arch == models.Architecture("resnet18", "small", 2)
+    prep = models.Preprocessing.from_dict(old["preprocessing"])
+    assert prep == models.Preprocessing(64, 3, (0.5,) * 3, (0.5,) * 3, "bicubic")
+    new = {"arch": "resnet18", "architecture": arch.to_dict(), "preprocessing": prep.to_dict()}
+    assert models.Architecture.of_run(new) == arch and "stem" not in new["preprocessing"]
+    assert models.Preprocessing.from_dict(new["preprocessing"]) == prep
+    model = models.for_run({**old, "num_classes": 4})
+    assert model.conv1.stride == (1, 1) and len(model.pooled_stages) == 2
+    assert models.Preprocessing.make(32, 1, [0.5], [0.5], "random").interpolation == "bilinear"

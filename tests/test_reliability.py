@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transferlab import checkpoint, data, decoding, ensembles, evaluate, models, trainer
+from transferlab import checkpoint, data, decoding, ensembles, evaluate, models, trainer, weights
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -110,6 +110,7 @@ def reference(folder_data, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_S1_S2_kill9_mid_epoch_then_resume_is_bitwise_identical(
     folder_data, reference, tmp_path, workers
@@ -137,6 +138,7 @@ def test_S1_S2_kill9_mid_epoch_then_resume_is_bitwise_identical(
     assert sum(e["event"] == "step" for e in raw) == 21 + 2  # two steps ran twice
 
 
+@pytest.mark.slow
 def test_S1_negative_control_a_changed_resume_is_detected(folder_data, reference, tmp_path):
     args = [*train_args(folder_data), "--out", tmp_path / "run"]
     assert cli(*args, env={"TRANSFERLAB_FAULT": "kill:10"}).returncode == -9
@@ -148,6 +150,7 @@ def test_S1_negative_control_a_changed_resume_is_detected(folder_data, reference
         assert_same_run(reference / "w0", tmp_path / "other")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_S1_finetune_resume_after_kill9_is_bitwise_identical(reference, tmp_path, workers):
     args = [
@@ -170,6 +173,7 @@ def test_S1_finetune_resume_after_kill9_is_bitwise_identical(reference, tmp_path
     assert_same_run(tmp_path / "ref", tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_S24_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(
     folder_data, reference, tmp_path
 ):
@@ -361,7 +365,7 @@ def test_S10_only_trust_pickle_loads_unsafely_with_a_warning(tmp_path, capsys):
     assert torch.equal(state["fc.weight"], model.state_dict()["fc.weight"])
     cfg = make_config({"model": "test_resnet", "weights": str(path), "trust_pickle": True})
     with pytest.warns(UserWarning):
-        models.build(cfg, ["a", "b", "c", "d"], 24, 3)
+        weights.build(cfg, ["a", "b", "c", "d"], 24, 3)
 
 
 def test_S11_safetensors_round_trip_bitwise_and_broken_files_fail_clearly(tmp_path):
@@ -410,11 +414,11 @@ def test_S13_ddp_prefixes_are_stripped_and_strict_loading_names_missing_keys(tmp
     model = models.create("test_resnet", 4, 3)
     state = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
     target = models.create("test_resnet", 4, 3)
-    assert models.load_into(target, state, list("abcd"), list("abcd"))["head_replaced"] is False
+    assert weights.load_into(target, state, list("abcd"), list("abcd"))["head_replaced"] is False
     first = next(iter(model.state_dict()))
     state.pop(f"module._orig_mod.{first}")
     with pytest.raises(UserError, match=f"missing {re.escape(first)}"):
-        models.load_into(target, state, list("abcd"), list("abcd"))
+        weights.load_into(target, state, list("abcd"), list("abcd"))
 
 
 def test_S15_same_classes_in_another_order_are_remapped_by_name(trained_run, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from transferlab import checkpoint, ensembles, soups, trainer
+from transferlab import checkpoint, ensembles, finetune, models, soups, trainer
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -32,7 +32,7 @@ def test_snapshots_leave_one_member_run_per_cosine_cycle(snapshot_run):
 def test_snapshot_schedule_anneals_each_cycle_then_restarts():
     cfg = make_config({"epochs": 6, "snapshots": 3, "lr": 0.1, "warmup_epochs": 1})
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = trainer.make_scheduler(cfg, opt, steps_per_epoch=10)
+    sched = finetune.make_scheduler(cfg, opt, steps_per_epoch=10)
     lrs = []
     for _ in range(60):
         lrs.append(opt.param_groups[0]["lr"])
@@ -63,7 +63,7 @@ def test_batchnorm_is_recomputed_from_the_images():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten())
     model[0].running_mean.fill_(100.0)
     images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
-    prep = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    prep = models.Preprocessing.make(8, 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     assert soups.recompute_batchnorm(model, images, prep, batch_size=10)
     x = images.astype(np.float64) / 255
     np.testing.assert_allclose(model[0].running_mean, x.mean((0, 1, 2)), rtol=1e-5)

@@ -98,7 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _training_commands(sub)
+    _result_commands(sub)
+    return parser
 
+
+def _run_folder_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--log-json", metavar="PATH", help="append one JSON object per step/epoch")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
+
+def _training_commands(sub) -> None:
+    """demo, run, train, finetune, lr-find: the commands that train."""
     p = _sub(sub, "demo", "the seed experiment on the bundled digits data (no download)")
     p.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -116,24 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", help="at most N images per split (smoke test)")
 
     p = _sub(sub, "train", "train one model into a run folder")
-    p.add_argument("--out", required=True, help="run folder to create")
-    p.add_argument("--log-json", metavar="PATH", help="append one JSON object per step/epoch")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _run_folder_options(p)
     _config_options(p)
 
     p = _sub(sub, "finetune", "continue training from a run's weights (new data: new head)")
     p.add_argument("--from", dest="source", required=True, help="the run folder to start from")
-    p.add_argument("--out", required=True, help="run folder to create")
-    p.add_argument("--log-json", metavar="PATH", help="append one JSON object per step/epoch")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _run_folder_options(p)
     _config_options(p, skip=("model", "weights"))
 
     p = _sub(sub, "lr-find", "LR range test: plot loss against LR, print a suggested --lr")
     p.add_argument("--out", required=True, help="folder for lr_find.png and lr_find.json")
     _config_options(p, skip=LR_FIND_SKIPS)
 
+
+def _result_commands(sub) -> None:
+    """evaluate, ensemble, export, predict, soup, report: the commands that use trained runs."""
     p = _sub(sub, "evaluate", "score a run or ensemble from its saved files")
     p.add_argument("path", help="a run folder or an ensemble folder")
     p.add_argument("--data", help="dataset spec [the one it was trained on]")
@@ -185,7 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "report", "write report.md and results.csv for every run under a folder")
     p.add_argument("path", help="a folder holding run and ensemble folders")
-    return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -217,9 +226,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from . import trainer
+    from . import finetune, trainer
 
-    cfg = trainer.finetune_config(args.source, _overrides(args))
+    cfg = finetune.finetune_config(args.source, _overrides(args))
     trainer.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 

@@ -223,3 +223,30 @@ def _read_cached(array_path: Path, info_path: Path, shape: tuple) -> tuple | Non
 def _to_array(im: Image.Image, channels: int) -> np.ndarray:
     arr = np.asarray(im, dtype=np.uint8)
     return arr[..., None] if channels == 1 else arr
+
+
+def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
+    """Decode every split at the model's size; bad images stop the run or, if asked, are dropped."""
+    cache = resolve_cache(cfg.cache_dir)
+    if cache and ds.splits["train"].paths is not None:
+        log(f"[{name}] decoded-image cache: {cache}")
+    images, labels = {}, {}
+    for split in ("train", "val", "test"):
+        arr, kept, bad = decode_checked(
+            ds.splits[split],
+            prep.input_size,
+            prep.channels,
+            prep.interpolation,
+            cfg.skip_bad_images,
+            f"decode {split}",
+            quiet,
+            cache,
+        )
+        if bad:
+            log(f"[{name}] skipped {len(bad)} unreadable {split} image(s): " + "; ".join(bad))
+        images[split], labels[split] = arr, kept.labels
+    log(
+        f"[{name}] train {len(labels['train'])}, val {len(labels['val'])}, "
+        f"test {len(labels['test'])} images"
+    )
+    return images, labels

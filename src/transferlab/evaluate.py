@@ -53,7 +53,7 @@ def autocast(precision: str):
 def predict(
     model: nn.Module,
     images: np.ndarray,
-    prep: dict,
+    prep: models.Preprocessing,
     precision: str = "fp32",
     batch_size: int = 256,
     desc: str = "predict",
@@ -72,17 +72,9 @@ def predict(
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, disable=quiet, leave=False, unit="batch"):
         x = torch.from_numpy(np.array(images[start : start + batch_size]))  # (B, H, W, C) uint8
-        x = batching.normalize(x.to(dev, non_blocking=True), prep["mean"], prep["std"])
-        with autocast(precision):
-            y = sum(
-                (
-                    model.forward_head(model.forward_features(v), pre_logits=True)
-                    if pre_logits
-                    else model(v)
-                ).float()
-                for v in views(x, tta)
-            )
-            out.append(y.cpu() / len(TTA_VIEWS[tta]))
+        x = batching.normalize(x.to(dev, non_blocking=True), prep.mean, prep.std)
+        y = sum(models.logits(model, v, precision, pre_logits) for v in views(x, tta))
+        out.append(y.cpu() / len(TTA_VIEWS[tta]))
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -130,8 +122,7 @@ def head_logits(model: nn.Module, feats: np.ndarray) -> np.ndarray:
 
 def load_run_model(run, meta: dict) -> nn.Module:
     """The trained model of a run folder (weights from safetensors, checked against meta.json)."""
-    prep = meta["preprocessing"]
-    model = models.from_prep(meta["arch"], meta["num_classes"], prep)
+    model = models.for_run(meta)
     model.load_state_dict(checkpoint.load_run_weights(run, meta))
     return model.to(device()).to(memory_format=torch.channels_last)
 
@@ -153,13 +144,13 @@ def predict_split(
     size share the decoded images. `pre_logits`: the pooled features instead (N, F).
     """
     cols = class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
-    prep = meta["preprocessing"]
-    check_tta(tta, prep["input_size"], who)
+    prep = models.Preprocessing.from_dict(meta["preprocessing"])
+    check_tta(tta, prep.input_size, who)
     images = decoding.decode(
         ds.splits[split],
-        prep["input_size"],
-        prep["channels"],
-        prep["interpolation"],
+        prep.input_size,
+        prep.channels,
+        prep.interpolation,
         f"decode {split}",
         quiet,
         cache=decoding.resolve_cache(None),

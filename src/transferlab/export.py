@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, data, decoding, evaluate, outputs
+from . import checkpoint, data, decoding, evaluate, models, outputs
 from .config import UserError
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt", "safetensors": "model.safetensors"}
@@ -26,44 +26,44 @@ FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt", "safetensors": "mode
 class Packaged(nn.Module):
     """The run's model with its normalisation in front: [0, 1] images in, logits out."""
 
-    def __init__(self, model: nn.Module, prep: dict):
+    def __init__(self, model: nn.Module, prep: models.Preprocessing):
         super().__init__()
         self.model = model
-        c = prep["channels"]
-        self.register_buffer("mean", torch.tensor(prep["mean"]).float().expand(c).view(1, c, 1, 1))
-        self.register_buffer("std", torch.tensor(prep["std"]).float().expand(c).view(1, c, 1, 1))
+        c = prep.channels
+        self.register_buffer("mean", torch.tensor(prep.mean).float().expand(c).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(prep.std).float().expand(c).view(1, c, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        return models.logits(self.model, (x - self.mean) / self.std)
 
 
 def describe(meta: dict) -> dict:
-    prep = meta["preprocessing"]
+    prep = models.Preprocessing.from_dict(meta["preprocessing"])
     return {
         "arch": meta["arch"],
         "classes": meta["classes"],
         "class_names": meta["class_names"],
-        "preprocessing": prep,
-        "input": f"float32 (N, {prep['channels']}, {prep['input_size']}, {prep['input_size']}), "
-        f"values in [0, 1] ({'grayscale' if prep['channels'] == 1 else 'RGB'}), resized with "
-        f"{prep['interpolation']} interpolation; normalisation is inside the model",
+        "preprocessing": prep.to_dict(),
+        "input": f"float32 (N, {prep.channels}, {prep.input_size}, {prep.input_size}), "
+        f"values in [0, 1] ({'grayscale' if prep.channels == 1 else 'RGB'}), resized with "
+        f"{prep.interpolation} interpolation; normalisation is inside the model",
         "output": "logits (N, num_classes) in the order of `classes`",
     }
 
 
 def sample_images(meta: dict, n: int = 16) -> tuple[np.ndarray, str]:
     """Up to n real test images at the run's preprocessing (random ones if the data are gone)."""
-    prep = meta["preprocessing"]
+    prep = models.Preprocessing.from_dict(meta["preprocessing"])
     try:
         ds = data.load(meta["data"], meta.get("val_fraction", 0.1), meta.get("limit"))
         split = ds.splits["test"].subset(np.arange(min(n, len(ds.splits["test"]))))
         images = decoding.decode(
-            split, prep["input_size"], prep["channels"], prep["interpolation"], quiet=True
+            split, prep.input_size, prep.channels, prep.interpolation, quiet=True
         )
         return images, f"{len(images)} test images of {meta['data']}"
     except UserError:
         rng = np.random.default_rng(0)
-        shape = (n, prep["input_size"], prep["input_size"], prep["channels"])
+        shape = (n, prep.input_size, prep.input_size, prep.channels)
         return rng.integers(0, 256, shape, dtype=np.uint8), f"{n} random images (data not found)"
 
 
@@ -101,7 +101,7 @@ def export(
         with checkpoint.atomic_path(path) as tmp:  # a crash never leaves half a file
             save_file(state, str(tmp), metadata={"transferlab": info})
         return {"path": str(path), "check": None}
-    packaged = Packaged(model, meta["preprocessing"]).eval()
+    packaged = Packaged(model, models.Preprocessing.from_dict(meta["preprocessing"])).eval()
     images, source = sample_images(meta)
     x = to_unit(images)
     with torch.no_grad():

@@ -1,36 +1,149 @@
-"""Fine-tuning strategies as data: which stages run, what trains in each.
+"""Fine-tuning strategies as data: `plan(cfg, model)` says which stages run and what trains.
 
-full           every parameter trains from the first step (the reference's "fine-tune")
-linear-probe   the backbone is frozen; its pooled features are computed once (eval mode, so
-               BatchNorm statistics cannot move) and only the head trains, in seconds
-lp-ft          a linear probe first, then everything trains at --lr (Kumar et al. 2022:
-               a fitted head keeps fine-tuning from distorting the pretrained features)
-gradual        epoch 1 trains the head; each later epoch unfreezes the next block group down
-               (timm's coarse `group_matcher`) until everything trains (Howard & Ruder 2018)
-layer-decay    everything trains; each block group's LR is --layer-decay times the one above
-               it, the head at --lr (timm's `param_groups_layer_decay`, as in BEiT)
+full           one stage: every parameter trains from the first step (the reference's
+               "fine-tune"); with --freeze, what --freeze leaves trainable
+linear-probe   one probe stage: the backbone is frozen, its pooled features are computed once
+               (eval mode, so BatchNorm statistics cannot move) and only the head is fitted
+lp-ft          a probe stage, then a training stage at --lr (Kumar et al. 2022: a fitted head
+               keeps fine-tuning from distorting the pretrained features)
+gradual        one stage per epoch: the head first, then each epoch unfreezes the next block
+               group down (timm's coarse `group_matcher`) until everything trains (Howard &
+               Ruder 2018)
+layer-decay    one stage: everything trains; each block group's LR is --layer-decay times the
+               one above it, the head at --lr (timm's `param_groups_layer_decay`, as in BEiT)
 
-Frozen parameters get no gradient, and the modules that hold them stay in eval mode, so their
-BatchNorm statistics cannot move either.
+The trainer runs a plan without knowing these names. Frozen parameters get no gradient, and
+the modules that hold only frozen parameters stay in eval mode, so their BatchNorm statistics
+cannot move either. One optimizer serves the whole plan: it holds the parameters of the last
+(widest) stage, and a parameter frozen in an earlier stage simply has no gradient there.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import warnings
-from pathlib import Path
+import math
+from dataclasses import dataclass, replace
 
-import numpy as np
 import timm.models
 import torch
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay
 
-from . import checkpoint, evaluate, linear, models
-from .config import UserError
+from . import checkpoint
+from .config import TrainConfig, UserError, make_config
 
-STRATEGIES = ("full", "linear-probe", "lp-ft", "gradual", "layer-decay")
+
+@dataclass(frozen=True)
+class LRGroup:
+    """Parameters that share a learning-rate multiplier and a weight decay."""
+
+    names: tuple[str, ...]
+    lr_scale: float = 1.0
+    weight_decay: float | None = None  # None: the optimizer's --weight-decay
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stretch of the run in which the same parameters train."""
+
+    name: str  # what the log calls it
+    epochs: int  # epochs of SGD in this stage (a probe stage has none)
+    trains: frozenset[str]  # names of the parameters that train; the rest are frozen
+    probe: bool = False  # the head is fitted on frozen features, by L-BFGS, not SGD
+    lr_groups: tuple[LRGroup, ...] = ()  # () : one group, every trained parameter at --lr
+    frozen_bn: str = "eval"  # modules with only frozen parameters: "eval" (statistics fixed)
+
+
+def plan(cfg: TrainConfig, model: nn.Module) -> list[Stage]:
+    """The stages cfg.strategy runs on `model`: adding a strategy is adding a branch here."""
+    head = frozenset(n for n, _ in named_head_params(model))
+    if cfg.strategy == "linear-probe":
+        return [Stage("probe (the head, on frozen features)", 0, head, probe=True)]
+    if cfg.strategy == "gradual":
+        groups = block_groups(model)
+        last = min(cfg.epochs, len(groups))  # stage k trains the top k groups
+        return [
+            Stage(
+                f"gradual (the top {k} of {len(groups)} block groups)",
+                1 if k < last else cfg.epochs - k + 1,
+                frozenset(n for group in groups[-k:] for n in group),
+            )
+            for k in range(1, last + 1)
+        ]
+    trains = trainable(model, cfg.freeze)
+    if cfg.strategy == "layer-decay":
+        groups = layer_decay_groups(model, trains, cfg.weight_decay, cfg.layer_decay)
+        name = f"layer-decay ({len(block_groups(model))} block groups, LR x{cfg.layer_decay:g} per group down)"
+        return [Stage(name, cfg.epochs, trains, lr_groups=groups)]
+    if cfg.strategy == "lp-ft":
+        probe = Stage("probe (the head, on frozen features)", 0, head, probe=True)
+        return [probe, Stage("fine-tune", cfg.epochs, trains)]
+    return [Stage("train", cfg.epochs, trains)]
+
+
+def enter(model: nn.Module, stage: Stage) -> list[nn.Module]:
+    """Set what trains in `stage`; returns the modules to keep in eval mode."""
+    frozen = train_only(model, stage.trains)
+    return frozen if stage.frozen_bn == "eval" else []
+
+
+def end_epoch(stages: list[Stage], index: int) -> int:
+    """The last epoch (1-based, of the whole run) that stage `index` trains."""
+    return sum(s.epochs for s in stages[: index + 1])
+
+
+def optimizer_groups(model: nn.Module, stage: Stage, lr: float) -> list[dict]:
+    """torch.optim param groups for a stage (the plan's last stage: the widest)."""
+    params = dict(model.named_parameters())
+    lr_groups = stage.lr_groups or (LRGroup(tuple(n for n in params if n in stage.trains)),)
+    out = []
+    for g in lr_groups:
+        group = {"params": [params[n] for n in g.names], "lr": lr * g.lr_scale}
+        group["lr_scale"] = g.lr_scale  # lr-find scales each group's LR by it
+        if g.weight_decay is not None:
+            group["weight_decay"] = g.weight_decay
+        out.append(group)
+    return out
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
+    return OPTIMIZERS[cfg.optimizer](groups, lr=lr, weight_decay=cfg.weight_decay)
+
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """Per-step LR schedule over the whole run (every stage), with linear warm-up; plateau
+    steps once per epoch on val loss."""
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.3, patience=1)
+    cycles = max(1, cfg.snapshots)  # snapshot ensembles restart the cosine each cycle
+    cycle = max(1, cfg.epochs // cycles * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        c = min(step // cycle, cycles - 1)
+        begin = c * cycle + (warm if c == 0 else 0)  # the first cycle holds the warm-up
+        t = (step - begin) / max(1, (c + 1) * cycle - begin)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- what trains
+
+
+def named_head_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in head]
 
 
 def block_groups(model: nn.Module) -> list[list[str]]:
@@ -44,7 +157,24 @@ def block_groups(model: nn.Module) -> list[list[str]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def train_only(model: nn.Module, names: set[str]) -> list[nn.Module]:
+def trainable(model: nn.Module, freeze: str) -> frozenset[str]:
+    """What --freeze leaves trainable: "none" (everything), "backbone" (the head) or N (all
+    but the N lowest of timm's coarse block groups: stem, stages, ...). No gradient flows below
+    the lowest trainable layer, so freezing early high-resolution stages saves their backward."""
+    if freeze == "none":
+        return frozenset(n for n, _ in model.named_parameters())
+    if freeze == "backbone":
+        return frozenset(n for n, _ in named_head_params(model))
+    groups, n = block_groups(model), int(freeze)
+    if n >= len(groups):
+        raise UserError(
+            f"freeze {n} would freeze everything: {type(model).__name__} has {len(groups)} "
+            f"block groups, the head last; use at most {len(groups) - 1}, or freeze backbone"
+        )
+    return frozenset(name for group in groups[n:] for name in group)
+
+
+def train_only(model: nn.Module, names: set[str] | frozenset[str]) -> list[nn.Module]:
     """Make only the named parameters trainable; returns the modules to keep in eval mode.
 
     Those are the modules whose own parameters are all frozen (timm's BatchNormAct2d included:
@@ -60,130 +190,48 @@ def train_only(model: nn.Module, names: set[str]) -> list[nn.Module]:
     ]
 
 
-def gradual_stage(groups: list[list[str]], epoch: int) -> set[str]:
-    """The parameters that train in `epoch` (1-based): the top `epoch` block groups."""
-    return {name for group in groups[-min(epoch, len(groups)) :] for name in group}
+def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
+    model.train()
+    for m in frozen:  # frozen BatchNorm keeps its running statistics
+        m.eval()
 
 
-def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, decay: float) -> list:
-    """Optimizer param groups with LR lr * decay**(depth from the top); no decay on 1-d params."""
-    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=decay)
-    for g in groups:
-        g["lr"] = lr * g["lr_scale"]
-    return groups
-
-
-def features(
-    model: nn.Module,
-    images: np.ndarray,
-    prep: dict,
-    precision: str,
-    batch_size: int = 256,
-    desc: str = "features",
-    quiet: bool = True,
-    cache: Path | None = None,
-    backbone: str = "",
-) -> torch.Tensor:
-    """Pooled pre-logit features (N, F) of a decoded split, the model in eval mode.
-
-    `cache` (a folder) with `backbone` (the frozen backbone's fingerprint): features are stored
-    under a digest of what they depend on (backbone, preprocessing, precision, the decoded
-    pixels) and reused by any later run of the same frozen backbone on the same images: a
-    second seed, another probe strength, a recipe rerun skip the forward passes.
-    """
-    path = None
-    if cache is not None and backbone:
-        h = hashlib.sha256(json.dumps([backbone, prep, precision], sort_keys=True).encode())
-        h.update(np.ascontiguousarray(images).data)
-        path = Path(cache) / "features" / f"{h.hexdigest()[:32]}.npy"
-        cached = _load_cached_features(path, len(images))
-        if cached is not None:
-            return torch.from_numpy(cached).to(evaluate.device())
-    out = evaluate.predict(model, images, prep, precision, batch_size, desc, quiet, True)
-    if path is not None:
-        with checkpoint.atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, out)
-    return torch.from_numpy(out).to(evaluate.device())
-
-
-def _load_cached_features(path: Path, n: int) -> np.ndarray | None:
-    """A cached feature file if whole ((n, F) float32); a damaged one is rebuilt, not trusted."""
-    if not path.is_file():
-        return None
-    try:
-        feats = np.load(path, allow_pickle=False)
-        if feats.ndim == 2 and len(feats) == n and feats.dtype == np.float32:
-            return feats
-    except (OSError, ValueError, EOFError):
-        pass
-    warnings.warn(f"feature cache entry {path.name} is damaged: rebuilding it", stacklevel=3)
-    return None
-
-
-def backbone_sha256(model: nn.Module) -> str:
-    """A fingerprint of everything but the classifier: what frozen features depend on."""
-    heads = models.head_keys(model)
-    return checkpoint.state_sha256({k: v for k, v in model.state_dict().items() if k not in heads})
-
-
-def linear_probe(
-    model: nn.Module,
-    images: dict,
-    labels: dict,
-    prep: dict,
-    precision: str,
-    l2: float | str,
-    log,
-    quiet: bool = True,
-    batch_size: int = 256,
-    cache: Path | None = None,
-) -> tuple[list, dict]:
-    """Fit the head as an L2-regularised logistic regression on cached, standardised features.
-
-    The regression is solved to convergence by full-batch L-BFGS (the linear-evaluation
-    protocol of SimCLR/CLIP, scikit-learn's `LogisticRegression`), which is both faster and
-    better than epochs of SGD on features: no learning rate to tune. The penalty pulls the
-    weights towards the head the model started with (L2-SP), so a head initialised by
-    `--head-init match` keeps its ImageNet rows unless the data disagree. `l2="auto"` picks
-    the strength in linear.PROBE_L2 with the lowest 5-fold cross-validated NLL on train (`cv_strength`),
-    so val stays untouched by the probe and honest for the ensembles fitted on it (a 10% val
-    split picked strengths from 0.001 to 0.3 for the same features; CV picks 0.003-0.01).
-    Every split's features are computed once (and kept in `cache`, see `features`).
-    Returns (one history row per strength, best record with its "val_logits", "test_logits"
-    and "features" per split); the model's head ends holding the best weights, folded back to
-    raw features.
-    """
-    head = model.get_classifier()
-    if not isinstance(head, nn.Linear):
-        raise UserError(
-            f"linear probing needs a linear head; this model's is {type(head).__name__}"
-        )
-    total = sum(p.numel() for p in model.parameters())
-    log(
-        f"   stage probe: {sum(p.numel() for p in head.parameters()) / 1e6:.3f}M of "
-        f"{total / 1e6:.2f}M parameters train (the head, on features computed once)"
+def layer_decay_groups(
+    model: nn.Module, trains: frozenset[str], weight_decay: float, decay: float
+) -> tuple[LRGroup, ...]:
+    """timm's layer-decay groups (LR decay**depth from the top; no decay on 1-d parameters),
+    by parameter name, restricted to what trains."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    with torch.no_grad():  # timm reads requires_grad: ask it about `trains` alone
+        saved = {n: p.requires_grad for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.requires_grad = n in trains
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=decay)
+        for n, p in model.named_parameters():
+            p.requires_grad = saved[n]
+    return tuple(
+        LRGroup(tuple(names[id(p)] for p in g["params"]), g["lr_scale"], g["weight_decay"])
+        for g in groups
+        if g["params"]
     )
-    backbone = backbone_sha256(model) if cache is not None else ""
-    feats = {
-        s: features(model, x, prep, precision, batch_size, f"features {s}", quiet, cache, backbone)
-        for s, x in images.items()
-    }
-    strengths = linear.l2_strengths(l2)
-    chosen, cv_loss = linear.cv_strength(
-        feats["train"], labels["train"], head.weight, head.bias, strengths
+
+
+# ----------------------------------------------------------------------------- fine-tune command
+
+
+def finetune_config(run, overrides: dict) -> TrainConfig:
+    """A config that continues from a run: its data, arch and preprocessing unless overridden."""
+    meta = checkpoint.read_meta(run)
+    for key in ("model", "weights"):
+        if key in overrides:
+            raise UserError(
+                f"{key} does not apply to a fine-tune: it starts from {run} (its architecture and "
+                "weights); train a new run for another model or weights"
+            )
+    base = replace(
+        TrainConfig(),
+        **{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__},
     )
-    rows, best = linear.fit_linear(
-        feats, labels, head.weight, head.bias, strengths, log, "probe", chosen
-    )
-    if cv_loss is not None:
-        for row, loss in zip(rows, cv_loss, strict=True):
-            row["cv_loss"] = float(loss)
-    with torch.no_grad():
-        head.weight.copy_(best.pop("weight"))
-        head.bias.copy_(best.pop("bias"))
-        if "test" in feats:
-            best["test_logits"] = evaluate.head_logits(model, feats["test"].cpu().numpy())
-    best["features"] = {s: f.cpu().numpy() for s, f in feats.items()}
-    how = "lowest 5-fold CV NLL on train" if cv_loss is not None else "as set"
-    log(f"   stage probe: l2 {best['l2']:g} ({how}), val {best['val_acc']:.2%}")
-    return rows, best
+    lr = (base.lr if base.lr != "auto" else 1e-3) / 10  # a tenth of the parent's
+    base = replace(base, weights=str(run), model=meta["arch"], lr=lr, limit=meta.get("limit"))
+    return make_config(overrides, base)

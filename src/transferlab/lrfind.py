@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import batching, evaluate
+from . import batching, checkpoint, evaluate, finetune, models, plots
 
 
 def range_test(
@@ -28,7 +28,7 @@ def range_test(
     labels: np.ndarray,
     batch_size: int,
     augment: batching.Augment,
-    prep: dict,
+    prep: models.Preprocessing,
     precision: str,
     frozen: list[nn.Module],
     seed: int = 0,
@@ -41,7 +41,7 @@ def range_test(
     saved, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
     optimizer = make_optimizer(start)
     mult = (end / start) ** (1 / max(1, steps - 1))
-    dev, size = evaluate.device(), prep["input_size"]
+    dev, size = evaluate.device(), prep.input_size
     model.train()
     for m in frozen:
         m.eval()
@@ -57,9 +57,8 @@ def range_test(
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 x = augment(x.to(dev), {k: v[idx] for k, v in params.items()})
-                x = batching.normalize(x, prep["mean"], prep["std"])
-                with evaluate.autocast(precision):
-                    loss = F.cross_entropy(model(x).float(), y.to(dev))
+                x = batching.normalize(x, prep.mean, prep.std)
+                loss = F.cross_entropy(models.logits(model, x, precision), y.to(dev))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -85,3 +84,27 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
     if not finite:
         raise ValueError("the range test produced no finite loss")
     return min(finite)[1] / 10
+
+
+def find_lr(loop, out, quiet: bool) -> float:
+    """The range test on the training split with the run's optimizer and augmentation; plots
+    it into `out` (lr_find.png, lr_find.json) and returns the suggested LR."""
+    cfg, model = loop.cfg, loop.model
+    widest = loop.stages[-1]
+    lrs, losses = range_test(
+        model,
+        lambda lr: finetune.make_optimizer(cfg, finetune.optimizer_groups(model, widest, lr), lr),
+        loop.images["train"],
+        loop.labels["train"],
+        cfg.batch_size,
+        loop.augment,
+        loop.prep,
+        loop.precision,
+        loop.frozen,
+        cfg.seed,
+        quiet=quiet,
+    )
+    lr = suggest(lrs, losses)
+    plots.lr_find(lrs, losses, lr, out / "lr_find.png", f"{cfg.model} on {cfg.data}")
+    checkpoint.write_json(out / "lr_find.json", {"suggested_lr": lr, "lrs": lrs, "losses": losses})
+    return lr

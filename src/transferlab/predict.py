@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, combiners, data, decoding, ensembles, evaluate, members
+from . import checkpoint, combiners, data, decoding, ensembles, evaluate, members, models
 from .config import UserError
 
 
@@ -37,18 +37,20 @@ def image_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def _decode(files: list[str], prep: dict, quiet: bool) -> tuple[np.ndarray, list[str], list[str]]:
+def _decode(
+    files: list[str], prep: models.Preprocessing, quiet: bool
+) -> tuple[np.ndarray, list[str], list[str]]:
     split = data.Split(np.zeros(len(files), dtype=np.int64), paths=files)
     images, kept, bad = decoding.decode_checked(
-        split, prep["input_size"], prep["channels"], prep["interpolation"], True, "decode", quiet
+        split, prep.input_size, prep.channels, prep.interpolation, True, "decode", quiet
     )
     return images, kept.paths, bad
 
 
 def _member(run, meta: dict, files: list[str], tta: str, quiet: bool):
     """(log-probs (N, K) in the run's class order, pooled features (N, F), kept files, bad)."""
-    prep = meta["preprocessing"]
-    evaluate.check_tta(tta, prep["input_size"], f"run {run}")
+    prep = models.Preprocessing.from_dict(meta["preprocessing"])
+    evaluate.check_tta(tta, prep.input_size, f"run {run}")
     images, kept, bad = _decode(files, prep, quiet)
     if not kept:
         raise UserError("no readable images: " + "; ".join(bad))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from . import checkpoint, ensembles, outputs, report, trainer
+from . import checkpoint, ensembles, finetune, outputs, report, resume, trainer
 from .config import TrainConfig, UserError, field_names, make_config, to_dict
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
@@ -302,14 +302,12 @@ def _finetune(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> No
     keys = dict(keys)
     parent = ref_path(keys.pop("from"), out)
     settings = train_settings(recipe, keys, data=False)
-    _fit(trainer.finetune_config(parent, settings), out / name, quiet)
+    _fit(finetune.finetune_config(parent, settings), out / name, quiet)
 
 
 def refuse_changed(run_dir: Path, cfg: TrainConfig) -> None:
     """A finished step is reused only if it was made with the options the recipe asks for."""
-    changed = trainer.config_changes(
-        checkpoint.read_meta(run_dir).get("config") or {}, to_dict(cfg)
-    )
+    changed = resume.config_changes(checkpoint.read_meta(run_dir).get("config") or {}, to_dict(cfg))
     if changed:
         raise UserError(
             f"{run_dir} is finished but was made with other options ({changed}); delete it "

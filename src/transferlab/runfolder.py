@@ -27,6 +27,7 @@ from . import __version__, checkpoint, evaluate, models, outputs, plots
 from .config import to_dict
 
 if TYPE_CHECKING:
+    from .resume import Progress
     from .trainer import Loop
 
 
@@ -43,52 +44,66 @@ def predict_all(loop: Loop, images: np.ndarray) -> np.ndarray:
 def write(
     out: Path,
     loop: Loop,
-    ds,
-    images,
-    labels,
-    source,
-    history,
-    best,
-    seconds,
-    probe_info: dict | None = None,
-    val_logits: torch.Tensor | None = None,
-    test_logits: torch.Tensor | None = None,
-    features: dict | None = None,
+    progress: Progress,
+    seconds: float,
+    epoch: int | None = None,
     snapshot: dict | None = None,
+    features: dict | None = None,
 ) -> dict:
     """Write weights, logits, history, curves and meta.json (last: it marks the run complete).
 
+    The model as it is now, scored as progress.best's epoch (or `epoch`, for a snapshot).
     Every rank takes part in the predictions; only rank 0 writes. A linear probe's `features`
     (per split) go to the run's features/ cache, where ensembles (fusion) find them.
     """
-    cfg, model = loop.cfg, loop.model
-    arch = (
-        cfg.model if source["weights"] != "run" else checkpoint.read_meta(source["parent"])["arch"]
-    )
+    ds, labels, arch = loop.ds, loop.labels, loop.arch.name
+    kept = {} if snapshot else {"val": progress.val_logits, "test": progress.test_logits}
     logits = {
-        "val": predict_all(loop, images["val"]) if val_logits is None else val_logits.numpy(),
-        "test": predict_all(loop, images["test"]) if test_logits is None else test_logits.numpy(),
+        split: kept[split].numpy()
+        if kept.get(split) is not None
+        else predict_all(loop, loop.images[split])
+        for split in ("val", "test")
     }
-    key = checkpoint.features_key(ds.spec, cfg.val_fraction, cfg.limit, "none")
+    meta = record(loop, progress, logits, seconds, epoch, snapshot)
+    if not loop.dist.main:
+        return meta
+    key = checkpoint.features_key(ds.spec, loop.cfg.val_fraction, loop.cfg.limit, "none")
     for split, f in (features or {}).items():
-        if loop.dist.main and len(f) == len(ds.splits[split]):  # no image was skipped
+        if len(f) == len(ds.splits[split]):  # no image was skipped
             checkpoint.save_features(out, f"{split}-none", key, f)
+    outputs.mark(out, "run")  # snapshots are runs of their own
+    checkpoint.save_weights(out, loop.model, arch, ds.classes)
+    meta["weights_sha256"] = checkpoint.sha256(checkpoint.weights_path(out))
+    for split, values in logits.items():
+        checkpoint.save_logits(out, split, values, labels[split])
+    write_history(out / "history.csv", progress.history)
+    plots.curves(progress.history, out / "curves.png", f"{out.name}: {arch} on {ds.spec}")
+    checkpoint.write_json(out / checkpoint.META, meta)
+    return meta
+
+
+def record(loop: Loop, progress: Progress, logits: dict, seconds: float, epoch, snapshot) -> dict:
+    """meta.json: what the run is (architecture, preprocessing, lineage, data, config) and how
+    it scored (val and test from `logits`; train as seen during training, augmented)."""
+    cfg, ds, labels, history = loop.cfg, loop.ds, loop.labels, progress.history
+    best_epoch = epoch or progress.best["epoch"]
     results = {split: evaluate.metrics(logits[split], labels[split]) for split in logits}
-    best_row = next(r for r in history if r["epoch"] == best["epoch"])
+    best_row = next(r for r in history if r["epoch"] == best_epoch)
     results["train"] = {
         "top1": best_row["train_acc"],
         "loss": best_row["train_loss"],
         "n": len(labels["train"]),
         "note": "augmented, during training",
     }
-    meta = {
+    return {
         "format": 1,
-        "arch": arch,
+        "arch": loop.arch.name,
         "num_classes": len(ds.classes),
         "classes": ds.classes,
         "class_names": ds.names,
-        "preprocessing": loop.prep,
-        "source": source,
+        "architecture": loop.arch.to_dict(),
+        "preprocessing": loop.prep.to_dict(),
+        "source": loop.source,
         "data": ds.spec,
         "data_fingerprint": ds.fingerprint,
         "val_fraction": cfg.val_fraction,
@@ -99,27 +114,16 @@ def write(
         "eval_batch_size": cfg.eval_batch_size,
         "processes": loop.dist.world,
         "strategy": cfg.strategy,
-        "probe": probe_info,
-        "params": models.count_params(model),
-        "trainable_params": models.count_params(model, trainable=True),
+        "probe": None if snapshot else progress.probe,
+        "params": models.count_params(loop.model),
+        "trainable_params": models.count_params(loop.model, trainable=True),
         "epochs_run": len(history),
-        "best_epoch": best["epoch"],
+        "best_epoch": best_epoch,
         "seconds": round(seconds, 1),
         "metrics": results,
         "versions": versions(),
         **({"snapshot": snapshot} if snapshot else {}),
     }
-    if not loop.dist.main:
-        return meta
-    outputs.mark(out, "run")  # snapshots are runs of their own
-    checkpoint.save_weights(out, model, arch, ds.classes)
-    meta["weights_sha256"] = checkpoint.sha256(checkpoint.weights_path(out))
-    for split, values in logits.items():
-        checkpoint.save_logits(out, split, values, labels[split])
-    write_history(out / "history.csv", history)
-    plots.curves(history, out / "curves.png", f"{out.name}: {arch} on {ds.spec}")
-    checkpoint.write_json(out / checkpoint.META, meta)
-    return meta
 
 
 def write_history(path: Path, history: list[dict]) -> None:

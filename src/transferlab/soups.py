@@ -29,12 +29,12 @@ def check_lineage(runs: list[str], metas: list[dict]) -> None:
         raise UserError("a soup needs at least two runs")
     ref = metas[0]
     for run, meta in zip(runs[1:], metas[1:], strict=True):
-        for key, what in (
-            ("arch", "architectures"),
-            ("classes", "classes"),
-            ("preprocessing", "preprocessing"),
+        for what, of in (
+            ("architectures", models.Architecture.of_run),
+            ("classes", lambda m: m["classes"]),
+            ("preprocessing", lambda m: models.Preprocessing.from_dict(m["preprocessing"])),
         ):
-            if meta[key] != ref[key]:
+            if of(meta) != of(ref):
                 raise UserError(
                     f"cannot soup {run} with {runs[0]}: different {what} "
                     "(a soup averages the weights of one architecture fine-tuned from one start)"
@@ -66,7 +66,9 @@ def average(states: list[dict]) -> dict:
     return out
 
 
-def recompute_batchnorm(model: nn.Module, images: np.ndarray, prep: dict, batch_size: int) -> bool:
+def recompute_batchnorm(
+    model: nn.Module, images: np.ndarray, prep: models.Preprocessing, batch_size: int
+) -> bool:
     """Re-estimate BatchNorm running statistics on images (torch's `update_bn`: reset, then a
     cumulative average over batches). Returns whether the model has BatchNorm at all."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -75,8 +77,8 @@ def recompute_batchnorm(model: nn.Module, images: np.ndarray, prep: dict, batch_
     batches = (
         batching.normalize(
             torch.from_numpy(np.array(images[i : i + batch_size])).to(dev),
-            prep["mean"],
-            prep["std"],
+            prep.mean,
+            prep.std,
         )
         for i in range(0, len(images), batch_size)
     )
@@ -111,26 +113,39 @@ def make(
         return _cook(runs, metas, method, Path(out), data_spec, quiet, log, t0)
 
 
+def _greedy(order: list[int], cook, runs, log) -> list[int]:
+    """Add runs best-val-first while the soup's val top-1 does not drop (Wortsman et al.)."""
+    kept, best = [order[0]], cook([order[0]])
+    for i in order[1:]:
+        val = cook([*kept, i])
+        accept = val["top1"] >= best["top1"]
+        log(f"   greedy soup: + {Path(runs[i]).name}: val {val['top1']:.2%} "
+            f"({'kept' if accept else 'left out'})")  # fmt: skip
+        if accept:
+            kept, best = [*kept, i], val
+    return kept
+
+
 def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
     """make() once the output folder is validated, claimed and locked."""
     states = [checkpoint.load_run_weights(r, m) for r, m in zip(runs, metas, strict=True)]
-    ref, prep = metas[0], metas[0]["preprocessing"]
+    ref, prep = metas[0], models.Preprocessing.from_dict(metas[0]["preprocessing"])
     spec = data.canonical(data_spec or ref["data"])
     ds = data.load(spec, ref.get("val_fraction", 0.1), ref.get("limit"))
     cache = decoding.resolve_cache(None)
     images = {
         s: decoding.decode(
             ds.splits[s],
-            prep["input_size"],
-            prep["channels"],
-            prep["interpolation"],
+            prep.input_size,
+            prep.channels,
+            prep.interpolation,
             f"decode {s}",
             quiet,
             cache,
         )
         for s in ("train", "val", "test")
     }
-    model = models.from_prep(ref["arch"], ref["num_classes"], prep).to(evaluate.device())
+    model = models.for_run(ref).to(evaluate.device())
     batch = ref.get("eval_batch_size", 256)
     precision = evaluate.inference_precision(ref.get("precision", "fp32"))
 
@@ -141,17 +156,7 @@ def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
         return evaluate.metrics(logits, ds.splits["val"].labels)
 
     order = sorted(range(len(runs)), key=lambda i: -metas[i]["metrics"]["val"]["top1"])
-    if method == "uniform":
-        kept = order
-    else:
-        kept, best = [order[0]], cook([order[0]])
-        for i in order[1:]:
-            val = cook([*kept, i])
-            accept = val["top1"] >= best["top1"]
-            log(f"   greedy soup: + {Path(runs[i]).name}: val {val['top1']:.2%} "
-                f"({'kept' if accept else 'left out'})")  # fmt: skip
-            if accept:
-                kept, best = [*kept, i], val
+    kept = order if method == "uniform" else _greedy(order, cook, runs, log)
     cook(kept)
     logits = {
         s: evaluate.predict(model, images[s], prep, precision, batch) for s in ("val", "test")

@@ -1,0 +1,98 @@
+"""What surrounds a training run while it trains: its event log (JSON lines, TensorBoard),
+SIGTERM turned into a clean stop at a step boundary, out-of-memory turned into advice, and the
+fault-injection hook the reliability tests kill runs with."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+from .config import UserError
+
+
+class EventLog:
+    """Step and epoch events: one JSON object per line in `path` (appended to across resumes),
+    and TensorBoard scalars in `tensorboard_dir` when the tensorboard package is installed."""
+
+    def __init__(self, path: str | Path | None, tensorboard_dir: Path | None = None):
+        self.file = open(path, "a") if path else None  # noqa: SIM115 (closed in __exit__)
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional dependency
+                pass
+            else:
+                self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+    def write(self, **event) -> None:
+        if self.file:
+            self.file.write(json.dumps(event) + "\n")
+            self.file.flush()
+        if self.tb and event["event"] == "step":
+            self.tb.add_scalar("step/train_loss", event["loss"], event["global_step"])
+        elif self.tb and event["event"] == "epoch":
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+                self.tb.add_scalar(f"epoch/{key}", event[key], event["epoch"])
+
+
+def injected_fault(rank: int = 0) -> tuple[int, int] | None:
+    """TRANSFERLAB_FAULT=kill:N or term:N sends SIGKILL/SIGTERM to this process after step N.
+
+    `kill:N@R` hits rank R only. A fault-injection hook for the reliability tests (kill -9,
+    pre-emption and rank failure at an exact step).
+    """
+    spec = os.environ.get("TRANSFERLAB_FAULT")
+    if not spec:
+        return None
+    spec, _, only = spec.partition("@")
+    if only and int(only) != rank:
+        return None
+    kind, _, step = spec.partition(":")
+    return {"kill": signal.SIGKILL, "term": signal.SIGTERM}[kind], int(step)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM into a request to stop at the next step boundary (main thread only)."""
+    flag = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["requested"] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_size: int):
+    """Turn an out-of-memory error into advice; the last checkpoint on disk stays intact."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of memory: reduce --batch-size (now {batch_size})") from None
+    except RuntimeError as err:
+        if "can't allocate memory" in str(err) or "out of memory" in str(err).lower():
+            raise UserError(f"out of memory: reduce --batch-size (now {batch_size})") from None
+        raise

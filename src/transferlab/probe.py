@@ -1,0 +1,181 @@
+"""The probe stage: a frozen backbone's pooled features, computed once (and cached), and the
+head fitted on them as an L2-regularised logistic regression (linear.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint, decoding, evaluate, linear, models
+from .config import UserError
+
+if TYPE_CHECKING:
+    from .resume import Progress
+    from .trainer import Loop
+
+
+def features(
+    model: nn.Module,
+    images: np.ndarray,
+    prep: models.Preprocessing,
+    precision: str,
+    batch_size: int = 256,
+    desc: str = "features",
+    quiet: bool = True,
+    cache: Path | None = None,
+    backbone: str = "",
+) -> torch.Tensor:
+    """Pooled pre-logit features (N, F) of a decoded split, the model in eval mode.
+
+    `cache` (a folder) with `backbone` (the frozen backbone's fingerprint): features are stored
+    under a digest of what they depend on (backbone, preprocessing, precision, the decoded
+    pixels) and reused by any later run of the same frozen backbone on the same images: a
+    second seed, another probe strength, a recipe rerun skip the forward passes.
+    """
+    path = None
+    if cache is not None and backbone:
+        pooled = list(getattr(model, "pooled_stages", ()))  # what the features are made of
+        key = json.dumps([backbone, prep.to_dict(), pooled, precision], sort_keys=True)
+        h = hashlib.sha256(key.encode())
+        h.update(np.ascontiguousarray(images).data)
+        path = Path(cache) / "features" / f"{h.hexdigest()[:32]}.npy"
+        cached = _load_cached_features(path, len(images))
+        if cached is not None:
+            return torch.from_numpy(cached).to(evaluate.device())
+    out = evaluate.predict(model, images, prep, precision, batch_size, desc, quiet, True)
+    if path is not None:
+        with checkpoint.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, out)
+    return torch.from_numpy(out).to(evaluate.device())
+
+
+def _load_cached_features(path: Path, n: int) -> np.ndarray | None:
+    """A cached feature file if whole ((n, F) float32); a damaged one is rebuilt, not trusted."""
+    if not path.is_file():
+        return None
+    try:
+        feats = np.load(path, allow_pickle=False)
+        if feats.ndim == 2 and len(feats) == n and feats.dtype == np.float32:
+            return feats
+    except (OSError, ValueError, EOFError):
+        pass
+    warnings.warn(f"feature cache entry {path.name} is damaged: rebuilding it", stacklevel=3)
+    return None
+
+
+def backbone_sha256(model: nn.Module) -> str:
+    """A fingerprint of everything but the classifier: what frozen features depend on."""
+    heads = models.head_keys(model)
+    return checkpoint.state_sha256({k: v for k, v in model.state_dict().items() if k not in heads})
+
+
+def linear_probe(
+    model: nn.Module,
+    images: dict,
+    labels: dict,
+    prep: models.Preprocessing,
+    precision: str,
+    l2: float | str,
+    log,
+    quiet: bool = True,
+    batch_size: int = 256,
+    cache: Path | None = None,
+) -> tuple[list, dict]:
+    """Fit the head as an L2-regularised logistic regression on cached, standardised features.
+
+    The regression is solved to convergence by full-batch L-BFGS (the linear-evaluation
+    protocol of SimCLR/CLIP, scikit-learn's `LogisticRegression`), which is both faster and
+    better than epochs of SGD on features: no learning rate to tune. The penalty pulls the
+    weights towards the head the model started with (L2-SP), so a head initialised by
+    `--head-init match` keeps its ImageNet rows unless the data disagree. `l2="auto"` picks
+    the strength in linear.PROBE_L2 with the lowest 5-fold cross-validated NLL on train (`cv_strength`),
+    so val stays untouched by the probe and honest for the ensembles fitted on it (a 10% val
+    split picked strengths from 0.001 to 0.3 for the same features; CV picks 0.003-0.01).
+    Every split's features are computed once (and kept in `cache`, see `features`).
+    Returns (one history row per strength, best record with its "val_logits", "test_logits"
+    and "features" per split); the model's head ends holding the best weights, folded back to
+    raw features.
+    """
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise UserError(
+            f"linear probing needs a linear head; this model's is {type(head).__name__}"
+        )
+    total = sum(p.numel() for p in model.parameters())
+    log(
+        f"   stage probe: {sum(p.numel() for p in head.parameters()) / 1e6:.3f}M of "
+        f"{total / 1e6:.2f}M parameters train (the head, on features computed once)"
+    )
+    backbone = backbone_sha256(model) if cache is not None else ""
+    feats = {
+        s: features(model, x, prep, precision, batch_size, f"features {s}", quiet, cache, backbone)
+        for s, x in images.items()
+    }
+    strengths = linear.l2_strengths(l2)
+    chosen, cv_loss = linear.cv_strength(
+        feats["train"], labels["train"], head.weight, head.bias, strengths
+    )
+    rows, best = linear.fit_linear(
+        feats, labels, head.weight, head.bias, strengths, log, "probe", chosen
+    )
+    if cv_loss is not None:
+        for row, loss in zip(rows, cv_loss, strict=True):
+            row["cv_loss"] = float(loss)
+    with torch.no_grad():
+        head.weight.copy_(best.pop("weight"))
+        head.bias.copy_(best.pop("bias"))
+        if "test" in feats:
+            best["test_logits"] = evaluate.head_logits(model, feats["test"].cpu().numpy())
+    best["features"] = {s: f.cpu().numpy() for s, f in feats.items()}
+    how = "lowest 5-fold CV NLL on train" if cv_loss is not None else "as set"
+    log(f"   stage probe: l2 {best['l2']:g} ({how}), val {best['val_acc']:.2%}")
+    return rows, best
+
+
+def stage(loop: Loop, progress: Progress, final: bool, log, quiet: bool) -> dict | None:
+    """Run a probe stage: fit the head on the frozen backbone's features.
+
+    A final probe (linear-probe) is the whole run: it scores val and test from its features and
+    returns them per split for the run's features/ cache; one that precedes training (lp-ft)
+    changes the head only and returns None (the backbone will change).
+    """
+    cfg, t0 = loop.cfg, time.time()
+    rows, best = linear_probe(
+        loop.model,
+        loop.images if final else {s: loop.images[s] for s in ("train", "val")},
+        loop.labels,
+        loop.prep,
+        loop.precision,
+        cfg.probe_l2,
+        log,
+        quiet,
+        cfg.eval_batch_size,
+        decoding.resolve_cache(cfg.cache_dir),
+    )
+    progress.probe = {
+        "l2": best["l2"],
+        "l2_setting": cfg.probe_l2,
+        "val_acc": best["val_acc"],
+        "seconds": round(time.time() - t0, 1),
+    }
+    if not final:
+        return None
+    rows[0]["seconds"] += time.time() - t0 - sum(r["seconds"] for r in rows)  # features
+    progress.history = rows
+    progress.val_logits = torch.from_numpy(best["val_logits"])  # cached features: no 2nd pass
+    progress.test_logits = torch.from_numpy(best["test_logits"])
+    progress.best = {
+        "val_acc": best["val_acc"],
+        "val_loss": best["val_loss"],
+        "epoch": best["epoch"],
+        "state": {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()},
+    }
+    return best["features"]

@@ -1,0 +1,173 @@
+"""What a checkpoint holds, when one is written, and how a run continues from it (--resume).
+
+A checkpoint is the whole training state (model, optimizer, scheduler, scaler, RNG, Progress,
+config) as tensors and plain types, loadable with torch.load(weights_only=True). It is written
+after every epoch and stage, every --checkpoint-every steps, and on SIGTERM; a resumed run is
+bitwise the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import checkpoint, data, guards
+from .config import Preempted, TrainConfig, UserError, to_dict
+
+if TYPE_CHECKING:
+    from .trainer import Loop
+
+BEST_NONE = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint (as plain types, `to_state`)."""
+
+    stage: int = 0  # the plan's stage being run (finetune.plan); len(plan) once done
+    epoch: int = 1  # the epoch being trained (1-based, counted over the run; epochs + 1 once done)
+    step: int = 0  # batches done in this epoch (a mid-epoch resume skips them)
+    global_step: int = 0  # batches done in the run
+    totals: list = field(default_factory=lambda: [0.0, 0, 0])  # epoch's loss sum, correct, seen
+    losses: list = field(default_factory=list)  # every step's loss (bitwise resume checks it)
+    history: list = field(default_factory=list)  # one row per finished epoch
+    stale: int = 0  # epochs since val last improved (early stopping)
+    stopped_early: bool = False
+    seconds: float = 0.0  # training time so far, across resumes
+    best: dict = field(default_factory=lambda: dict(BEST_NONE))  # the best epoch and its weights
+    probe: dict | None = None  # the probe's chosen strength and score
+    val_logits: torch.Tensor | None = None  # a pure probe scores val/test from its features
+    test_logits: torch.Tensor | None = None
+
+    def to_state(self) -> dict:
+        """Plain types and tensors only: loadable with torch.load(weights_only=True)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: no tensor copies
+        return {k: v for k, v in values.items() if v is not None}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Progress:
+        state = dict(state)
+        if "stage" not in state and state.get("probed"):  # checkpoints before plans: lp-ft
+            state["stage"] = 1
+        return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
+
+
+class Checkpoints:
+    """Saves the training state (each epoch, every N steps, on SIGTERM) and writes the events.
+
+    `after_step` runs at every step boundary: it logs the step, saves when due, fires an
+    injected fault (tests), and stops every rank at the same step when SIGTERM arrived.
+    """
+
+    def __init__(self, out: Path, loop: Loop, progress: Progress, log_json, t_start: float):
+        self.out, self.loop, self.progress, self.t_start = out, loop, progress, t_start
+        main = loop.dist.main
+        # faults are injected into fresh runs only (a resumed run must get past the step)
+        self.fault = guards.injected_fault(loop.dist.rank) if progress.global_step == 0 else None
+        self.events = guards.EventLog(
+            log_json if main else None, out / "tensorboard" if main else None
+        )
+
+    def __enter__(self) -> Checkpoints:
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self.events)
+        self.stop = self._stack.enter_context(guards.stop_on_sigterm())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)
+
+    def save(self) -> None:
+        p, loop = self.progress, self.loop
+        p.seconds = time.time() - self.t_start
+        if loop.dist.main:
+            path = self.out / "state"
+            checkpoint.save_checkpoint(
+                path, training_state(loop, p), p.global_step, loop.cfg.keep_last
+            )
+
+    def after_step(self, indices: list[int]) -> None:
+        p, cfg = self.progress, self.loop.cfg
+        self.events.write(event="step", epoch=p.epoch, step=p.step, global_step=p.global_step,
+                          loss=p.losses[-1], indices=indices)  # fmt: skip
+        if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0:
+            self.save()
+        if self.fault and p.global_step == self.fault[1]:
+            os.kill(os.getpid(), self.fault[0])  # test hook: die or be pre-empted right here
+        if self.loop.dist.any(self.stop["requested"]):  # every rank stops at the same step
+            self.save()
+            raise Preempted(
+                f"stopped by SIGTERM at epoch {p.epoch} step {p.step}; state saved in "
+                f"{self.out / 'state'}: rerun with --resume to continue"
+            )
+
+
+def training_state(loop: Loop, progress: Progress) -> dict:
+    """Everything resume needs, as tensors and plain types (weights-only loadable)."""
+    return {
+        "model": loop.model.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "scaler": loop.scaler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "progress": progress.to_state(),
+        "config": to_dict(loop.cfg),
+    }
+
+
+def restore(out: Path, loop: Loop, log) -> Progress | None:
+    """Load the newest valid checkpoint into the training objects; None when there is none."""
+    found = checkpoint.newest_checkpoint(out / "state", trust_pickle=loop.cfg.trust_pickle)
+    if found is None:
+        log(f"[{out.name}] nothing to resume in {out / 'state'}: starting from scratch")
+        return None
+    state, path = found
+    refuse_config_change(out, state.get("config"), loop.cfg)
+    loop.model.load_state_dict(state["model"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    loop.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    p = Progress.from_state(state["progress"])
+    log(f"[{out.name}] resumed from {path.name}: epoch {p.epoch}, step {p.step}")
+    return p
+
+
+# Options that change neither the maths nor the data, so a run may resume with new values.
+SAFE_ON_RESUME = {"num_workers", "eval_batch_size", "checkpoint_every", "keep_last", "cache_dir",
+                  "trust_pickle"}  # fmt: skip
+
+
+def refuse_config_change(out: Path, saved: dict | None, cfg: TrainConfig) -> None:
+    """--resume continues the same run: a config that changed (but for SAFE_ON_RESUME) is refused."""
+    changed = config_changes(saved, to_dict(cfg)) if saved else ""
+    if changed:
+        raise UserError(
+            f"cannot resume {out}: its config differs ({changed}); resume with the options it "
+            "was started with, or pass --overwrite instead of --resume to start over"
+        )
+
+
+def config_changes(saved: dict, now: dict) -> str:
+    """The keys whose values differ between a saved config and this one ("" when none)."""
+
+    def norm(key, value):
+        return data.canonical(value) if key == "data" and isinstance(value, str) else value
+
+    safe = set(SAFE_ON_RESUME)
+    if now.get("schedule") in ("constant", "plateau") and not now.get("snapshots"):
+        safe.add("epochs")  # the LR does not depend on it: a run may be extended
+    keys = sorted(k for k in saved.keys() | now.keys() if k not in safe)
+    diffs = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in keys
+        if norm(k, saved.get(k)) != norm(k, now.get(k))
+    ]
+    return "; ".join(diffs)

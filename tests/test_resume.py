@@ -1,0 +1,87 @@
+"""Resume: a run continues bitwise where it stopped, within a stage or between stages."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transferlab import finetune, probe, trainer
+from transferlab.config import make_config
+from transferlab.resume import Progress
+
+from conftest import tiny_cfg
+
+
+def test_lp_ft_resumes_in_the_fine_tune_stage_without_probing_again(
+    trained_run, tmp_path, monkeypatch
+):
+    from transferlab import trainer
+
+    overrides = {"strategy": "lp-ft", "probe_l2": 0.01, "epochs": 2, "schedule": "constant"}
+    cfg = finetune.finetune_config(trained_run, overrides)
+    full = trainer.fit(cfg, tmp_path / "full", quiet=True)
+    assert full["probe"]["l2"] == 0.01 and full["epochs_run"] == 2
+    assert not (tmp_path / "full" / "features").exists()  # fine-tuned: probe features are stale
+    # a run that died after its probe and one fine-tune epoch
+    trainer.fit(
+        finetune.finetune_config(trained_run, {**overrides, "epochs": 1}),
+        tmp_path / "r",
+        quiet=True,
+    )
+    for name in ("meta.json", "model.safetensors"):
+        (tmp_path / "r" / name).unlink()
+
+    def no_second_probe(*args, **kwargs):
+        raise AssertionError("the probe ran again after resume")
+
+    monkeypatch.setattr(probe, "linear_probe", no_second_probe)
+    resumed = trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    assert resumed["epochs_run"] == 2
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "r"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradual_and_layer_decay_resume_mid_stage_exactly(folder_data, tmp_path, monkeypatch):
+    """Pre-empted in the middle of epoch 2 (stage 2), resumed: bitwise the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from transferlab import trainer
+    from transferlab.config import Preempted
+
+    from conftest import tiny_cfg
+
+    for strategy in ("gradual", "layer-decay"):
+        cfg = tiny_cfg(f"folder:{folder_data}", strategy=strategy, epochs=3)
+        trainer.fit(cfg, tmp_path / f"{strategy}-full", quiet=True)
+        steps = -(-108 // 16)  # 120 train images less the 10% val carve-out, batch 16
+        monkeypatch.setenv("TRANSFERLAB_FAULT", f"term:{steps + 2}")
+        with pytest.raises(Preempted):
+            trainer.fit(cfg, tmp_path / f"{strategy}-r", quiet=True)
+        monkeypatch.delenv("TRANSFERLAB_FAULT")
+        trainer.fit(cfg, tmp_path / f"{strategy}-r", resume=True, quiet=True)
+        a, b = (
+            load_file(tmp_path / f"{strategy}-{d}" / "model.safetensors") for d in ("full", "r")
+        )
+        assert all(torch.equal(a[k], b[k]) for k in a), strategy
+
+
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(folder_data, tmp_path):
+    cfg = tiny_cfg(f"folder:{folder_data}", epochs=2, schedule="constant")
+    trainer.fit(cfg, tmp_path / "full", quiet=True)
+    # a run that died after epoch 1: its state is there, its final files are not
+    trainer.fit(make_config({"epochs": 1}, cfg), tmp_path / "r", quiet=True)
+    for name in ("meta.json", "model.safetensors"):
+        (tmp_path / "r" / name).unlink()
+    resumed = trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    assert resumed["epochs_run"] == 2
+    full, again = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "r"))
+    assert all(torch.equal(full[k], again[k]) for k in full)
+
+
+def test_progress_round_trips_and_reads_checkpoints_from_before_plans():
+    p = Progress(stage=1, epoch=3, step=2, global_step=9, losses=[1.0, 0.5])
+    assert Progress.from_state(p.to_state()) == p
+    # an lp-ft checkpoint saved before plans recorded `probed` instead of the stage index
+    assert Progress.from_state({"probed": True, "epoch": 2}).stage == 1
+    assert Progress.from_state({"probed": False, "epoch": 1}).stage == 0

@@ -1,0 +1,189 @@
+"""Weight sources resolved once (none, ImageNet, a file, a run) and loaded strictly: head kept,
+matched by class or fresh, channels adapted, a pretrained stem cropped."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from transferlab import data, decoding, evaluate, models, trainer, weights
+from transferlab.config import UserError, make_config
+
+from conftest import tiny_cfg
+
+
+def test_class_rows_match_by_id_then_by_name():
+    rows = weights.class_rows(
+        ["n2", "x", "n9"], ["dog", "Cat", "fish"], ["n1", "n2", "n3"], ["cat", "dog", "bird"]
+    )
+    assert rows == {0: 1, 1: 0}  # n2 by id; "Cat" by name; fish is new
+
+
+def test_matched_head_copies_shared_rows_and_keeps_the_rest_fresh():
+    torch.manual_seed(0)
+    src = models.create("test_resnet", 3, 3)
+    state = src.state_dict()
+    target = models.create("test_resnet", 3, 3)
+    fresh = target.state_dict()["fc.weight"].clone()
+    summary = weights.load_into(target, state, ["c", "x", "a"], ["a", "b", "c"], "match")
+    w = target.state_dict()["fc.weight"]
+    assert summary == {"loaded": len(state) - 2, "head_replaced": True, "head_matched": 2}
+    assert torch.equal(w[0], state["fc.weight"][2]) and torch.equal(w[2], state["fc.weight"][0])
+    assert torch.equal(w[1], fresh[1])
+    assert torch.equal(target.state_dict()["fc.bias"][0], state["fc.bias"][2])
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_matched_imagenet_head_scores_far_above_chance_with_zero_training(shared_data, capsys):
+    """ImageNet -> Tiny ImageNet shares all 200 WordNet ids: the mapping comes from the data."""
+    ds = data.load(f"tiny-imagenet:{shared_data / 'tiny-imagenet-200'}", limit=600)
+    cfg = make_config(
+        {
+            "model": "tf_efficientnet_lite0",
+            "weights": "imagenet",
+            "head_init": "match",
+            "input_size": 128,
+        }
+    )
+    built = weights.build(cfg, ds.classes, 64, 3, ds.names)
+    model, prep, source = built.model, built.prep, built.source
+    assert source["head"] == "matched 200/200"
+    split = ds.splits["test"]
+    images = decoding.decode(split, prep.input_size, 3, prep.interpolation, cache=None)
+    top1 = evaluate.metrics(evaluate.predict(model, images, prep), split.labels)["top1"]
+    with capsys.disabled():
+        print(
+            f"\nLite0, matched ImageNet head, 0 steps, 128 px: Tiny ImageNet val top-1 "
+            f"{top1:.1%} on {len(split)} images (chance 0.5%)"
+        )
+    assert top1 > 0.3 and np.isfinite(top1)
+
+
+def test_small_stem_keeps_every_pretrained_tensor_and_reloads_from_the_run(folder_data, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = models.create("resnet18", 4, 3)
+    save_file(source.state_dict(), tmp_path / "src.safetensors")
+    cfg = tiny_cfg(
+        f"folder:{folder_data}",
+        model="resnet18",
+        weights=str(tmp_path / "src.safetensors"),
+        stem="small",
+        epochs=1,
+    )
+    built = weights.build(cfg, ["a", "b", "c", "d"], 24, 3)
+    model = built.model
+    assert built.arch.stem == "small" and isinstance(model.maxpool, torch.nn.Identity)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    got, want = model.state_dict(), source.state_dict()
+    assert torch.equal(got["conv1.weight"], want["conv1.weight"][:, :, 2:5, 2:5])
+    assert all(torch.equal(got[k], want[k]) for k in want if k != "conv1.weight")
+    # a 64 px image keeps 4x more resolution into the last stage (8x8 instead of 2x2)
+    x = torch.randn(1, 3, 64, 64)
+    model.eval(), source.eval()
+    assert model.forward_features(x).shape[-1] == 4 * source.forward_features(x).shape[-1]
+    meta = trainer.fit(cfg, tmp_path / "small", quiet=True)  # evaluate rebuilds the same stem
+    again = evaluate.load_run_model(tmp_path / "small", meta)
+    assert isinstance(again.maxpool, torch.nn.Identity)
+
+
+def test_weights_file_loads_and_strips_ddp_prefixes(tmp_path):
+    cfg = make_config({"model": "test_resnet", "input_size": 32})
+    src = models.create("test_resnet", 4, 3)
+    state = {f"module.{k}": v for k, v in src.state_dict().items()}
+    torch.save(state, tmp_path / "w.pt")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "w.safetensors")
+    for name in ("w.pt", "w.safetensors"):
+        cfg2 = make_config({"weights": str(tmp_path / name)}, cfg)
+        built = weights.build(cfg2, ["a", "b", "c", "d"], 32, 3)
+        model, source = built.model, built.source
+        for k, v in src.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
+        assert source["weights"] == "file"
+
+
+def test_wrong_architecture_names_keys(tmp_path):
+    save_file(
+        {k: v.contiguous() for k, v in models.create("dcnn", 4, 3).state_dict().items()},
+        tmp_path / "dcnn.safetensors",
+    )
+    cfg = make_config({"model": "test_resnet", "weights": str(tmp_path / "dcnn.safetensors")})
+    with pytest.raises(UserError, match="weights do not fit the model: missing .*unexpected"):
+        weights.build(cfg, ["a", "b"], 32, 3)
+
+
+def test_nan_weights_are_refused(tmp_path):
+    state = models.create("dcnn", 4, 3).state_dict()
+    state["features.0.weight"][0, 0, 0, 0] = float("nan")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "nan.safetensors")
+    cfg = make_config(
+        {"model": "dcnn", "channels": 3, "weights": str(tmp_path / "nan.safetensors")}
+    )
+    with pytest.raises(UserError, match="NaN/Inf in tensor features.0.weight"):
+        weights.build(cfg, ["a", "b", "c", "d"], 32, 3)
+
+
+def test_hub_weights_fail_fast_and_clearly_when_offline(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
+    t0 = time.time()
+    with pytest.raises(
+        UserError, match="cannot download ImageNet weights for resnet18.*unreachable"
+    ):
+        weights.build(make_config({"model": "resnet18", "weights": "imagenet"}), ["a"], 64, 3)
+    assert time.time() - t0 < 10
+
+
+def _china(size: int) -> np.ndarray:
+    from sklearn.datasets import load_sample_image
+
+    im = Image.fromarray(load_sample_image("china.jpg"))
+    from transferlab.decoding import resize
+
+    return np.asarray(resize(im, size, "bicubic"))[None]
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
+def test_offline_efficientnet_lite_weights_are_really_imagenet(arch):
+    """On scikit-learn's photo of a Chinese temple, the top-5 ImageNet classes are plausible."""
+    from transferlab.evaluate import predict
+
+    classes = weights.imagenet_wnids()
+    cfg = make_config({"model": arch, "weights": "imagenet"})
+    built = weights.build(cfg, classes, 224, 3)
+    model, prep, source = built.model, built.prep, built.source
+    assert prep.mean == (0.5,) * 3 and source["weights"] == "imagenet"
+    logits = predict(model, _china(prep.input_size), prep)
+    names = weights.imagenet_names()
+    top5 = [names[i] for i in np.argsort(-logits[0])[:5]]
+    plausible = (
+        "palace",
+        "monastery",
+        "pagoda",
+        "church",
+        "dome",
+        "bell cote",
+        "stupa",
+        "boathouse",
+        "castle",
+        "mosque",
+        "cinema",
+        "triumphal arch",
+    )
+    assert any(any(p in n.lower() for p in plausible) for n in top5[:2]), top5
+
+
+def test_grayscale_input_adapts_pretrained_first_conv():
+    cfg = make_config(
+        {"model": "tf_efficientnet_lite0", "weights": "imagenet", "channels": 1, "input_size": 64}
+    )
+    built = weights.build(cfg, ["a", "b"], 64, 1)
+    model, prep, _ = built.model, built.prep, built.source
+    built = weights.build(make_config({"channels": 3}, cfg), ["a", "b"], 64, 3)
+    rgb, _, _ = built.model, built.prep, built.source
+    assert model.conv_stem.weight.shape[1] == 1 and prep.channels == 1
+    assert torch.allclose(model.conv_stem.weight, rgb.conv_stem.weight.sum(1, keepdim=True))
