@@ -64,8 +64,8 @@ def test_freeze_n_keeps_the_lowest_block_groups_fixed_and_trains_the_rest(folder
 
 
 def test_each_strategy_is_a_plan_whose_optimizer_holds_exactly_what_trains(folder_data):
-
-    cases = (("full", 1), ("linear-probe", 1), ("lp-ft", 2), ("gradual", 2), ("layer-decay", 1))
+    cases = (("full", 1), ("linear-probe", 1), ("lp-ft", 2), ("head-first", 2), ("gradual", 2),
+             ("layer-decay", 1))  # fmt: skip
     for strategy, epochs in cases:
         cfg = tiny_cfg(f"folder:{folder_data}", strategy=strategy, epochs=epochs)
         _, model = _initial_state(cfg)
@@ -73,15 +73,19 @@ def test_each_strategy_is_a_plan_whose_optimizer_holds_exactly_what_trains(folde
         head = {"fc.weight", "fc.bias"}
         assert sum(s.epochs for s in stages) == (0 if strategy == "linear-probe" else epochs)
         assert [s.probe for s in stages] == {
-            "linear-probe": [True], "lp-ft": [True, False], "gradual": [False, False]
+            "linear-probe": [True], "lp-ft": [True, False], "gradual": [False, False],
+            "head-first": [False, False]
         }.get(strategy, [False]), strategy  # fmt: skip
         widest = stages[-1]  # the optimizer holds what the last stage trains
         finetune.enter(model, widest)
         opt = finetune.make_optimizer(cfg, finetune.optimizer_groups(model, widest, 0.1), 0.1)
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         assert held == {id(p) for p in model.parameters() if p.requires_grad}, strategy
-        if strategy in ("linear-probe", "lp-ft"):
+        if strategy in ("linear-probe", "lp-ft", "head-first"):
             assert stages[0].trains == head
+        if strategy == "head-first":  # one epoch of the head, then everything
+            assert [s.epochs for s in stages] == [1, 1]
+            assert stages[1].trains == {n for n, _ in model.named_parameters()}
         if strategy == "gradual":  # epoch 1: the head; epoch 2 (the last): the top two groups
             groups = finetune.block_groups(model)
             assert len(groups) > 2 and "fc.weight" in groups[-1]
@@ -111,3 +115,17 @@ def test_dcnn_has_block_groups_for_gradual_unfreezing():
     groups = finetune.block_groups(models.create("dcnn", 10, 1))
     assert len(groups) == 5 and groups[-1] == ["fc.weight", "fc.bias"]
     assert groups[0][0] == "features.0.weight" and "features.8.weight" in groups[1]
+
+
+def test_head_first_trains_the_head_alone_for_one_epoch_then_everything(folder_data, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg(f"folder:{folder_data}", strategy="head-first", epochs=1)
+    start, model = _initial_state(cfg)
+    trainer.fit(cfg, tmp_path / "h1", quiet=True)
+    after = load_file(tmp_path / "h1" / "model.safetensors")
+    assert {k for k in start if not torch.equal(start[k], after[k])} == {"fc.weight", "fc.bias"}
+    meta = trainer.fit(make_config({"epochs": 2}, cfg), tmp_path / "h2", quiet=True)
+    last = torch.load(tmp_path / "h2" / "state" / "last.pt", weights_only=True)["model"]
+    assert not torch.equal(start["conv1.0.weight"], last["conv1.0.weight"])  # epoch 2: all
+    assert meta["trainable_params"] == meta["params"] and meta["epochs_run"] == 2

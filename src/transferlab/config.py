@@ -72,7 +72,7 @@ class TrainConfig:
         0,
         "snapshot ensemble: K cosine cycles with restarts, each cycle's end saved as a member run in OUT/snapshots/ (0: off)",
     )
-    strategy: str = opt("full", "full | linear-probe | lp-ft | gradual | layer-decay")
+    strategy: str = opt("full", "full | linear-probe | lp-ft | head-first | gradual | layer-decay")
     pool_stages: int = opt(0, "also feed the head the pooled outputs of the last N feature stages")
     layer_decay: float = opt(
         0.75, "layer-decay: each block group's LR is this times the group above"
@@ -205,7 +205,7 @@ CHOICES = {
     "crop": ("pad", "rrc", "none"),
     "head_init": ("fresh", "match"),
     "stem": ("default", "small"),
-    "strategy": ("full", "linear-probe", "lp-ft", "gradual", "layer-decay"),
+    "strategy": ("full", "linear-probe", "lp-ft", "head-first", "gradual", "layer-decay"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
@@ -224,7 +224,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.freeze != "none" and cfg.strategy in ("linear-probe", "gradual"):
         raise UserError(
             f"freeze {cfg.freeze} does not combine with strategy {cfg.strategy}, which decides "
-            "itself what is frozen; use strategy full, lp-ft or layer-decay with freeze"
+            "itself what is frozen; use strategy full, lp-ft, head-first or layer-decay with freeze"
         )
     if not 0 <= cfg.pool_stages <= 4:
         raise UserError(f"pool_stages must be between 0 and 4, got {cfg.pool_stages}")

@@ -6,6 +6,9 @@ linear-probe   one probe stage: the backbone is frozen, its pooled features are 
                (eval mode, so BatchNorm statistics cannot move) and only the head is fitted
 lp-ft          a probe stage, then a training stage at --lr (Kumar et al. 2022: a fitted head
                keeps fine-tuning from distorting the pretrained features)
+head-first     one epoch of SGD on the head alone (the backbone and its BatchNorm frozen), then
+               everything trains (fastai's `fine_tune(freeze_epochs=1)`; Keras' "train the top,
+               then unfreeze"): the new head stops sending random gradients into the backbone
 gradual        one stage per epoch: the head first, then each epoch unfreezes the next block
                group down (timm's coarse `group_matcher`) until everything trains (Howard &
                Ruder 2018)
@@ -70,6 +73,10 @@ def plan(cfg: TrainConfig, model: nn.Module) -> list[Stage]:
             for k in range(1, last + 1)
         ]
     trains = trainable(model, cfg.freeze)
+    if cfg.strategy == "head-first":
+        head_stage = Stage("head (the backbone frozen)", 1, head)
+        rest = [Stage("train", cfg.epochs - 1, trains)] if cfg.epochs > 1 else []
+        return [head_stage, *rest]
     if cfg.strategy == "layer-decay":
         groups = layer_decay_groups(model, trains, cfg.weight_decay, cfg.layer_decay)
         name = f"layer-decay ({len(block_groups(model))} block groups, LR x{cfg.layer_decay:g} per group down)"
