@@ -32,3 +32,16 @@ def test_unknown_keys_suggest_and_options_without_effect_are_refused():
     with pytest.raises(UserError, match="momentum has no effect here"):
         make_config({"momentum": 0.5})
     assert make_config({"momentum": 0.5, "optimizer": "sgd"}).momentum == 0.5
+
+
+def test_a_mistyped_choice_is_refused_with_the_closest_choice():
+    for key, typo, hint in (
+        ("strategy", "head-frist", "head-first"),
+        ("optimizer", "adamW", "adamw"),
+    ):
+        with pytest.raises(
+            UserError, match=f"{key} must be one of .* \\(did you mean {hint}\\?\\)"
+        ):
+            make_config({key: typo})
+    with pytest.raises(UserError, match=r"got 'zzz'$"):  # nothing close: no guess
+        make_config({"crop": "zzz"})

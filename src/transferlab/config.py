@@ -213,8 +213,12 @@ CHOICES = {
 def validate(cfg: TrainConfig) -> None:
     """Check ranges and choices so mistakes fail before any work starts."""
     for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+        value = getattr(cfg, key)
+        if value not in allowed:
+            folded = {a.lower(): a for a in allowed}  # adamW -> adamw, not adam
+            close = difflib.get_close_matches(str(value).lower(), list(folded), n=1)
+            hint = f" (did you mean {folded[close[0]]}?)" if close else ""
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
     if cfg.freeze not in ("none", "backbone") and not (
         cfg.freeze.isdigit() and int(cfg.freeze) > 0
     ):

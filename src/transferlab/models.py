@@ -293,4 +293,9 @@ def count_params(model: nn.Module, trainable: bool = False) -> int:
 
 def describe(model: nn.Module) -> str:
     total, train = count_params(model), count_params(model, trainable=True)
-    return f"{total / 1e6:.2f}M parameters, {train / 1e6:.2f}M trainable"
+    return f"{_count(total)} parameters, {_count(train)} trainable"
+
+
+def _count(n: int) -> str:
+    """1.18M, 2.57k, 120: a head of a few thousand parameters is not "0.00M"."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.2f}k" if n >= 1e3 else str(n)
