@@ -101,3 +101,73 @@ def test_shared_15_scene_counts(shared_data):
     assert len(ds.classes) == 15 and "bedroom" in ds.classes
     assert len(ds.splits["train"]) + len(ds.splits["val"]) == 1500
     assert len(ds.splits["test"]) == 2985
+
+
+# ----------------------------------------------------------------------------- splits as given
+
+
+def test_folder_splits_are_used_as_given_and_missing_ones_are_carved_and_said(tmp_path):
+    full = make_folder(tmp_path / "full", ["a", "b"], 6, subsets=("train", "val", "test"))
+    ds = data.load(f"folder:{full}", val_fraction=0.5)
+    assert [len(ds.splits[k]) for k in ("train", "val", "test")] == [12, 12, 12]  # nothing carved
+    assert all("/val/" in p for p in ds.splits["val"].paths)
+    assert "val 12 (given)" in ds.notes[0] and "test 12 (given)" in ds.notes[0]
+    (full / "val").rename(full / "validation")  # the Hugging Face name for it
+    ds = data.load(f"folder:{full}")
+    assert all("/validation/" in p for p in ds.splits["val"].paths)
+    part = make_folder(tmp_path / "part", ["a", "b"], 10, subsets=("train", "val"))
+    ds = data.load(f"folder:{part}")
+    assert all("/val/" in p for p in ds.splits["val"].paths) and len(ds.splits["val"]) == 20
+    assert all("/train/" in p for p in ds.splits["test"].paths)  # held out of train, not val
+    assert "test 4 (20% of train held out)" in ds.notes[0], ds.notes
+    (part / "validation").mkdir()
+    with pytest.raises(UserError, match="both val and validation/ hold the val split"):
+        data.load(f"folder:{part}")
+    (part / "validation").rmdir()
+    (part / "train").rename(part / "training")
+    with pytest.raises(UserError, match="has val/ but no train/"):
+        data.load(f"folder:{part}")
+
+
+def _csv_data(tmp_path, rows: list[str], header: str = "file_name,label,split"):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    for i in range(24):
+        make_image(i % 3, i).save(tmp_path / "img" / f"{i}.png")
+    path = tmp_path / "metadata.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path):
+    rows = [f"img/{i}.png,{(i % 3) * 5},{'train' if i < 15 else 'validation' if i < 18 else 'test'}"
+            for i in range(24)]  # fmt: skip
+    path = _csv_data(tmp_path, rows)
+    ds = data.load(f"csv:{path}")
+    assert ds.classes == ["0", "5", "10"]  # numbers in numeric order
+    assert [len(ds.splits[k]) for k in ("train", "val", "test")] == [15, 3, 6]
+    assert ds.splits["test"].paths[0] == str(tmp_path / "img" / "18.png")
+    assert ds.splits["test"].labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert ds.native_size == 24 and ds.spec == f"csv:{path.resolve()}"
+    no_split = _csv_data(tmp_path, [f"img/{i}.png,{i % 3}" for i in range(24)], "file_name,label")
+    ds = data.load(f"csv:{no_split}")
+    assert len(ds.splits["test"]) == 5 and "test 5 (20% of train held out)" in ds.notes[0]
+
+
+@pytest.mark.parametrize(
+    "header, rows, message",
+    [
+        ("file,label", ["img/0.png,a"], "no file_name column \\(found file, label\\)"),
+        ("file_name,label,split", ["img/0.png,a,train", "img/1.png,b,dev"], "line 3: split 'dev'"),
+        ("file_name,label", ["img/0.png,a", "img/99.png,b"], "line 3: img/99.png not found"),
+        ("file_name,label,split", ["img/0.png,a,train", "img/1.png,b,train", "img/2.png,c,test"],
+         "line 4: label 'c' of a test row has no train rows"),
+        ("file_name,label", ["img/0.png,a", "img/1.png,"], "line 3: empty file_name or label"),
+        ("file_name,label,split", ["img/0.png,a,test"], "no train rows"),
+    ],
+)  # fmt: skip
+def test_every_csv_mistake_is_one_line_naming_the_row(tmp_path, header, rows, message):
+    path = _csv_data(tmp_path, rows, header)
+    with pytest.raises(UserError, match=message):
+        data.load(f"csv:{path}")
+    with pytest.raises(UserError, match="CSV file not found"):
+        data.load(f"csv:{tmp_path / 'nope.csv'}")

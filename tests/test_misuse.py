@@ -379,14 +379,14 @@ def test_S34_one_class_is_refused_and_classes_missing_from_a_split_are_listed(tm
 
 
 def test_S34_skipped_class_folders_and_files_are_listed(capsys, tmp_path):
-    root = make_folder(tmp_path / "d", ["a", "b"], 10, subsets=("",))
-    for hidden in ("_junk", ".ipynb_checkpoints"):
+    root = make_folder(tmp_path / "d", ["_background", "a", "b"], 10, subsets=("",))
+    for hidden in ("__MACOSX", ".ipynb_checkpoints"):  # never classes; _background is one
         (root / hidden).mkdir()
         make_image(0, 0).save(root / hidden / "x.png")
     (root / "a" / "readme.txt").write_text("not an image")
     ds = data.load(f"folder:{root}")
-    assert ds.classes == ["a", "b"]
-    assert any("_junk" in n and ".ipynb_checkpoints" in n for n in ds.notes), ds.notes
+    assert ds.classes == ["_background", "a", "b"]
+    assert any("__MACOSX" in n and ".ipynb_checkpoints" in n for n in ds.notes), ds.notes
     assert any("readme.txt" in n for n in ds.notes), ds.notes
     assert cli("train", "--data", f"folder:{root}", *TINY, "--out", tmp_path / "r") == 0
     assert "skipped hidden folder(s)" in capsys.readouterr().out

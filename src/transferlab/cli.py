@@ -75,7 +75,7 @@ def _config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
             continue
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
-        text = f"{helps.get(name, '')} [{default}]"
+        text = f"{helps.get(name, '')} [{default}]".replace("%", "%%")  # argparse formats it
         if isinstance(default, bool):
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text

@@ -35,7 +35,12 @@ def opt(default, help: str):
 class TrainConfig:
     """Everything that decides how one model is trained or fine-tuned."""
 
-    data: str = opt("digits", "dataset spec: digits | tiny-imagenet:PATH | folder:PATH")
+    data: str = opt(
+        "digits",
+        "dataset spec: digits | tiny-imagenet:PATH | folder:PATH (class folders, or train/ "
+        "val/ test/ of them) | csv:FILE (file_name,label[,split]); splits the data have are "
+        "used as given, a missing test is 20% of train, a missing val --val-fraction of train",
+    )
     model: str = opt("resnet50", 'any timm model name, or "dcnn"')
     weights: str | None = opt(
         None, "None (scratch) | imagenet | a run folder | a .safetensors/.pt file"
@@ -84,7 +89,7 @@ class TrainConfig:
         "none",
         "none | backbone (the head trains) | N (the N lowest block groups, stem first, stay frozen); frozen BatchNorm keeps its statistics",
     )
-    val_fraction: float = opt(0.1, "share of train carved out as the validation split")
+    val_fraction: float = opt(0.1, "share of train carved out as val when the data have none")
     limit: int | None = opt(None, "at most this many images per split (smoke tests)")
     seed: int = opt(0, "seeds init, sampler order and augmentation (splits are fixed)")
     precision: str = opt("auto", "auto | bf16 | fp16 (CUDA) | fp32")

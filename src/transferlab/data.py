@@ -1,10 +1,12 @@
 """Dataset sources and splits: every source yields class ids in a fixed order, human-readable
-names, and three splits — train, val (always carved from train, never from test) and test —
-as file paths or in-memory arrays, with a fingerprint of what they hold. Decoding is in
-`decoding`, training batches in `batching`."""
+names, and three splits — train, val and test — as file paths or in-memory arrays, with a
+fingerprint of what they hold. A split the source gives is used as given; a missing test split
+is TEST_FRACTION of train held out, a missing val split --val-fraction of the rest (val is
+never carved from test). Decoding is in `decoding`, training batches in `batching`."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 from dataclasses import dataclass
@@ -52,7 +54,8 @@ class Dataset:
 # ----------------------------------------------------------------------------- sources
 
 
-PATH_KINDS = ("tiny-imagenet", "folder")  # specs whose argument is a path
+PATH_KINDS = ("tiny-imagenet", "folder", "csv")  # specs whose argument is a path
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 
 
 def canonical(spec: str) -> str:
@@ -63,24 +66,39 @@ def canonical(spec: str) -> str:
     return str(spec)
 
 
+def data_root(spec: str) -> Path | None:
+    """The folder a path spec's images live in (a CSV's own folder), None for in-memory data."""
+    kind, _, arg = str(spec).partition(":")
+    if kind not in PATH_KINDS or not arg:
+        return None
+    path = Path(arg).expanduser()
+    return path.parent if kind == "csv" else path
+
+
 def load(spec: str, val_fraction: float = 0.1, limit: int | None = None) -> Dataset:
-    """Load a dataset spec: `digits`, `tiny-imagenet:PATH` or `folder:PATH`."""
+    """Load a dataset spec: `digits`, `tiny-imagenet:PATH`, `folder:PATH` or `csv:FILE`."""
     kind, _, arg = str(spec).partition(":")
     if kind not in SOURCES:
         raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)})")
     if kind in PATH_KINDS and not arg:
         raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
     notes: list[str] = []
-    classes, names, train, test, native_size, channels = SOURCES[kind](arg, notes)
+    classes, names, given, native_size_, channels = SOURCES[kind](arg, notes)
     if len(classes) < 2:
         raise UserError(
             f"{spec} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least "
             "two: point --data at the folder that holds the class folders"
         )
-    train, val = carve(train, val_fraction)
-    splits = {"train": train, "val": val, "test": test}
+    given, origin = hold_out_test(given)
+    if native_size_ is None:  # the median image of train (before val is carved from it)
+        native_size_ = native_size(given["train"].paths)
+    splits = carve_val(given, origin, val_fraction)
     if limit:
         splits = {k: v.subset(stratified_head(v.labels, limit)) for k, v in splits.items()}
+    notes.append(
+        "splits: "
+        + ", ".join(f"{k} {len(splits[k])} ({origin[k]})" for k in ("train", "val", "test"))
+    )
     for name in ("train", "val", "test"):
         absent = sorted(set(range(len(classes))) - set(splits[name].labels.tolist()))
         if absent:
@@ -89,11 +107,31 @@ def load(spec: str, val_fraction: float = 0.1, limit: int | None = None) -> Data
                 + ", ".join(classes[i] for i in absent[:5])
                 + (" ..." if len(absent) > 5 else "")
             )
-    root = Path(arg).expanduser() if kind in PATH_KINDS else None
+    root = data_root(spec)
     return Dataset(
-        canonical(spec), classes, names, splits, native_size, channels,
+        canonical(spec), classes, names, splits, native_size_, channels,
         fingerprint(splits, root), tuple(notes),
     )  # fmt: skip
+
+
+def hold_out_test(given: dict[str, Split]) -> tuple[dict, dict]:
+    """The source's test split, or TEST_FRACTION of its train held out (seeded, stratified)."""
+    given, origin = dict(given), {k: "given" for k in given}
+    if "test" not in given:
+        given["train"], given["test"] = carve(given["train"], TEST_FRACTION)
+        origin["test"], origin["train"] = f"{TEST_FRACTION:.0%} of train held out", "what remains"
+    return given, origin
+
+
+def carve_val(given: dict[str, Split], origin: dict, val_fraction: float) -> dict:
+    """The source's val split, or `val_fraction` of train (never of test)."""
+    if "val" not in given:
+        given["train"], given["val"] = carve(given["train"], val_fraction)
+        origin["val"], origin["train"] = (
+            f"{val_fraction:.0%} of train by --val-fraction",
+            "what remains",
+        )
+    return {k: given[k] for k in ("train", "val", "test")}
 
 
 def fingerprint(splits: dict[str, Split], root: Path | None) -> str:
@@ -119,9 +157,8 @@ def _digits(_: str, notes: list[str]):
     bunch = load_digits()
     arrays = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None]  # (N, 8, 8, 1)
     everything = Split(bunch.target.astype(np.int64), arrays=arrays)
-    train, test = carve(everything, TEST_FRACTION)
     classes = [str(c) for c in bunch.target_names]
-    return classes, classes, train, test, 8, 1
+    return classes, classes, {"train": everything}, 8, 1
 
 
 def _synthetic(arg: str, notes: list[str]):
@@ -138,9 +175,8 @@ def _synthetic(arg: str, notes: list[str]):
     colours = rng.integers(60, 255, (10, 3), dtype=np.uint8)
     q = size // 4
     arrays[:, q : size - q, q : size - q] = colours[labels][:, None, None, :]
-    train, test = carve(Split(labels.astype(np.int64), arrays=arrays), TEST_FRACTION)
     classes = [f"class{i}" for i in range(10)]
-    return classes, classes, train, test, size, 3
+    return classes, classes, {"train": Split(labels.astype(np.int64), arrays=arrays)}, size, 3
 
 
 def _tiny_imagenet(root: str, notes: list[str]):
@@ -177,30 +213,93 @@ def _tiny_imagenet(root: str, notes: list[str]):
     names = [words.get(w, w) for w in wnids]
     train = Split(np.array(labels, dtype=np.int64), paths=paths)
     test = Split(np.array(test_labels, dtype=np.int64), paths=test_paths)
-    return wnids, names, train, test, 64, 3
+    return wnids, names, {"train": train, "test": test}, 64, 3  # its val/ is our test
 
 
 def _folder(root: str, notes: list[str]):
+    """Class folders, or train/ with val/ (or validation/) and test/ of class folders, each
+    used as given."""
     root_path = _existing_dir(root)
-    subdirs = {d.name for d in _visible_dirs(root_path)}
-    if "train" in subdirs:
-        classes = _class_dirs(root_path / "train", notes)
-        train = _folder_split(root_path / "train", classes, notes)
-        held_out = "test" if "test" in subdirs else "val" if "val" in subdirs else None
-        if held_out:
-            test = _folder_split(root_path / held_out, classes, notes)
-        else:
-            train, test = carve(train, TEST_FRACTION)
-    else:
+    subdirs = {d.name: d for d in _visible_dirs(root_path)}
+    named: dict[str, list[Path]] = {}  # split -> its folders (val/ and validation/ both: refused)
+    for name, d in subdirs.items():
+        if name in SPLIT_NAMES:
+            named.setdefault(SPLIT_NAMES[name], []).append(d)
+    if not named:  # class folders at the top
         classes = _class_dirs(root_path, notes)
-        train, test = carve(_folder_split(root_path, classes, notes), TEST_FRACTION)
-    return classes, classes, train, test, native_size(train.paths), 3
+        return classes, classes, {"train": _folder_split(root_path, classes, notes)}, None, 3
+    for split, dirs in named.items():
+        if len(dirs) > 1:
+            raise UserError(
+                f"{root}: both {' and '.join(d.name for d in dirs)}/ hold the {split} split; keep one"
+            )
+    if "train" not in named:
+        raise UserError(
+            f"{root} has {', '.join(d[0].name for d in named.values())}/ but no train/: "
+            "put the training images in train/<class>/"
+        )
+    others = sorted(set(subdirs) - {d[0].name for d in named.values()})
+    if others:
+        notes.append(f"ignored folder(s) beside train/ in {root}: {', '.join(others)}")
+    classes = _class_dirs(named["train"][0], notes)
+    splits = {k: _folder_split(d[0], classes, notes) for k, d in named.items()}
+    return classes, classes, splits, None, 3
+
+
+def _csv(file: str, notes: list[str]):
+    """One row per image: `file_name,label[,split]` (Hugging Face imagefolder's metadata.csv
+    names), paths relative to the CSV; classes are the labels of the train rows, sorted."""
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise UserError(f"CSV file not found: {file}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in ("file_name", "label") if c not in columns]
+        if missing:
+            raise UserError(
+                f"{file}: no {' or '.join(missing)} column (found {', '.join(columns) or 'none'}); "
+                "a data CSV has columns file_name,label and optionally split"
+            )
+        rows = list(reader)
+    by_split: dict[str, list[tuple[str, str]]] = {}
+    for n, row in enumerate(rows, start=2):  # line 1 is the header
+        name, label = (row.get("file_name") or "").strip(), (row.get("label") or "").strip()
+        raw = (row.get("split") or "train").strip().lower()
+        if raw not in SPLIT_NAMES:
+            raise UserError(
+                f"{file} line {n}: split '{raw}' is not train, val (validation) or test"
+            )
+        if not name or not label:
+            raise UserError(f"{file} line {n}: empty file_name or label")
+        image = path.parent / name
+        if not image.is_file():
+            raise UserError(f"{file} line {n}: {name} not found (paths are relative to the CSV)")
+        by_split.setdefault(SPLIT_NAMES[raw], []).append((str(image), label, n))
+    if "train" not in by_split:
+        raise UserError(f"{file}: no train rows (rows without a split column value are train)")
+    labels = {label for _, label, _ in by_split["train"]}
+    classes = sorted(labels, key=lambda c: (0, int(c)) if c.isdigit() else (1, c))
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split, items in by_split.items():
+        unknown = next(((n, lab) for _, lab, n in items if lab not in index), None)
+        if unknown:
+            raise UserError(
+                f"{file} line {unknown[0]}: label '{unknown[1]}' of a {split} row has no train rows"
+            )
+        splits[split] = Split(
+            np.array([index[lab] for _, lab, _ in items], dtype=np.int64),
+            paths=[p for p, _, _ in items],
+        )
+    return classes, classes, splits, None, 3
 
 
 SOURCES = {
     "digits": _digits,
     "tiny-imagenet": _tiny_imagenet,
     "folder": _folder,
+    "csv": _csv,
     "synthetic": _synthetic,
 }
 
@@ -214,14 +313,21 @@ def _existing_dir(path: str) -> Path:
     return p
 
 
+JUNK_DIRS = {"__MACOSX", "__pycache__"}  # what zip tools and Python leave behind
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in JUNK_DIRS
+
+
 def _visible_dirs(path: Path, notes: list[str] | None = None) -> list[Path]:
-    """Sub-folders, skipping hidden ones such as .ipynb_checkpoints (never classes); what is
-    skipped is added to `notes`, never dropped in silence."""
+    """Sub-folders, skipping hidden ones (.ipynb_checkpoints, __MACOSX: never classes; a
+    folder such as _background is a class); what is skipped goes to `notes`, never silently."""
     dirs = sorted(d for d in path.iterdir() if d.is_dir())
-    hidden = [d.name for d in dirs if d.name.startswith((".", "_"))]
+    hidden = [d.name for d in dirs if _hidden(d.name)]
     if hidden and notes is not None:
         notes.append(f"skipped hidden folder(s) in {path}: {', '.join(hidden)}")
-    return [d for d in dirs if not d.name.startswith((".", "_"))]
+    return [d for d in dirs if not _hidden(d.name)]
 
 
 def _image_files(path: Path) -> list[str]:

@@ -172,7 +172,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
     if d.main:  # a run never writes into what it reads
         if source.get("parent"):
             outputs.refuse_overlap(out, [source["parent"]], "the run it starts from")
-        if ds.spec.partition(":")[0] in data.PATH_KINDS:
+        if ds.spec.partition(":")[0] in data.PATH_KINDS:  # (for a CSV: the file itself)
             outputs.refuse_overlap(out, [ds.spec.partition(":")[2]], "the data folder")
     pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep.input_size // 8
     if cfg.crop == "pad" and pad >= prep.input_size:
