@@ -128,11 +128,14 @@ def test_nan_weights_are_refused(tmp_path):
         weights.build(cfg, ["a", "b", "c", "d"], 32, 3)
 
 
-def test_hub_weights_fail_fast_and_clearly_when_offline(monkeypatch):
+def test_hub_weights_fail_fast_and_clearly_when_offline(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
     t0 = time.time()
     with pytest.raises(
-        UserError, match="cannot download ImageNet weights for resnet18.*unreachable"
+        UserError, match="no weights for resnet18 in the Hugging Face cache .* is unreachable"
     ):
         weights.build(make_config({"model": "resnet18", "weights": "imagenet"}), ["a"], 64, 3)
     assert time.time() - t0 < 10
@@ -187,3 +190,101 @@ def test_grayscale_input_adapts_pretrained_first_conv():
     rgb, _, _ = built.model, built.prep, built.source
     assert model.conv_stem.weight.shape[1] == 1 and prep.channels == 1
     assert torch.allclose(model.conv_stem.weight, rgb.conv_stem.weight.sum(1, keepdim=True))
+
+
+# ----------------------------------------------------------------------------- named weights
+
+
+def _hf_cache(home, repo: str, model) -> None:
+    """`repo` in a Hugging Face cache under `home`, laid out as huggingface_hub lays it out
+    (refs/main -> a snapshot holding timm's config.json and model.safetensors)."""
+    import timm.models._hub as timm_hub
+
+    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
+    timm_hub.save_for_hf(model, str(folder / "snapshots" / ("0" * 40)), safe_serialization=True)
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 and a cache holding timm/test_resnet.r160_in1k (random weights)."""
+    import timm
+    from huggingface_hub import constants
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet.r160_in1k", pretrained=False)
+    _hf_cache(tmp_path / "hf", "timm/test_resnet.r160_in1k", model)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    return model
+
+
+def test_tagged_hub_and_local_dir_names_load_their_weights_and_preprocessing_offline(
+    offline_cache, tmp_path
+):
+    import timm.models._hub as timm_hub
+
+    want = offline_cache.state_dict()
+    tag = weights.pretrained_prep("test_resnet.r160_in1k")  # timm's pretrained_cfg for the tag
+    timm_hub.save_for_hf(offline_cache, str(tmp_path / "local"), safe_serialization=True)
+    for name in ("test_resnet.r160_in1k", "hf-hub:timm/test_resnet.r160_in1k",
+                 f"local-dir:{tmp_path / 'local'}"):  # fmt: skip
+        built = weights.build(make_config({"model": name}), ["a", "b"], 32, 3)
+        got = built.model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want if not k.startswith("fc.")), name
+        assert built.arch.name == "test_resnet" and built.source["head"] == "new"
+        assert built.prep.input_size == 160 and built.prep.mean == tag.mean, name
+        assert built.prep.interpolation == tag.interpolation and built.prep.std == tag.std
+    assert built.source["weights"] == "pretrained" and built.source["name"].startswith("local")
+    # a file's weights with the preprocessing of a named tag
+    save_file({k: v.contiguous() for k, v in want.items()}, tmp_path / "w.safetensors")
+    cfg = make_config(
+        {"model": "test_resnet.r160_in1k", "weights": str(tmp_path / "w.safetensors")}
+    )
+    assert weights.build(cfg, ["a", "b"], 32, 3).prep.input_size == 160
+    # the architecture without a tag: from scratch, at the data's own size
+    built = weights.build(make_config({"model": "test_resnet"}), ["a", "b"], 32, 3)
+    assert built.source == {"weights": "scratch"} and built.prep.input_size == 32
+
+
+def test_named_weights_missing_from_the_offline_cache_fail_in_seconds_in_one_line(offline_cache):
+    t0 = time.time()
+    for name in ("resnet18.a1_in1k", "hf-hub:timm/nothing-here"):
+        with pytest.raises(UserError, match=f"no weights for {name} in the Hugging Face cache .*HF_HUB_OFFLINE is set"):  # fmt: skip
+            weights.build(make_config({"model": name}), ["a", "b"], 32, 3)
+    assert time.time() - t0 < 10
+    with pytest.raises(
+        UserError, match="resnet18 has no pretrained tag 'nope' \\(timm knows: .*a1_in1k"
+    ):
+        weights.build(make_config({"model": "resnet18.nope"}), ["a", "b"], 32, 3)  # fmt: skip
+
+
+def test_models_command_lists_what_is_usable_offline(offline_cache, capsys):
+    from transferlab.cli import main
+
+    main(["models", "--offline"])
+    out = capsys.readouterr().out
+    assert "test_resnet.r160_in1k" in out and "cache" in out and "tf_efficientnet_lite0" in out
+    rows = weights.available("test_*", offline=True)
+    assert rows == [{"name": "test_resnet.r160_in1k", "from": "cache", "input_size": 160}]
+
+
+def test_a_tagged_model_trains_offline_from_the_cache_hf_home_names(folder_data, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import timm
+
+    _hf_cache(tmp_path / "hf", "timm/test_resnet.r160_in1k", timm.create_model("test_resnet"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "transferlab", "--quiet", "train", "--data", f"folder:{folder_data}",
+           "--model", "test_resnet.r160_in1k", "--input-size", "32", "--epochs", "1",
+           "--limit", "40", "--out", str(tmp_path / "r")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert meta["source"]["name"] == "test_resnet.r160_in1k" and meta["arch"] == "test_resnet"

@@ -39,6 +39,7 @@ EXAMPLES = {
     "soup": "transferlab soup runs/ft-lr1e-3 runs/ft-lr3e-4 runs/ft-lr1e-4 --method greedy "
     "--out runs/soup",
     "report": "transferlab report runs/demo",
+    "models": "transferlab models 'convnext*' --offline",
 }
 
 
@@ -193,12 +194,33 @@ def _result_commands(sub) -> None:
     p.add_argument("--out", required=True, help="run folder to write (scored like any run)")
     p.add_argument("--data", help="dataset spec [the runs' own]")
 
+    p = _sub(sub, "models", "pretrained weights usable here (timm names, input size, source)")
+    p.add_argument("pattern", nargs="?", default="*", help="a glob such as 'resnet50*' [*]")
+    p.add_argument(
+        "--offline", action="store_true", help="only what needs no network (packages, cache)"
+    )
+
     p = _sub(sub, "report", "write report.md and results.csv for every run under a folder")
     p.add_argument("path", help="a folder holding run and ensemble folders")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k in field_names(TrainConfig)}
+
+
+def cmd_models(args) -> None:
+    from . import weights
+
+    rows = weights.available(args.pattern, args.offline)
+    if not rows:
+        raise UserError(
+            f"no pretrained weights match '{args.pattern}'" + (" offline" if args.offline else "")
+        )
+    print(f"{'name':<48} {'input':>5}  from")
+    for r in rows:
+        size = r["input_size"] or "-"
+        print(f"{r['name']:<48} {size:>5}  {r['from']}")
+    print(f"{len(rows)} model(s); use one with --model NAME (its weights and preprocessing)")
 
 
 def cmd_demo(args) -> None:
@@ -320,6 +342,7 @@ def cmd_report(args) -> None:
 
 COMMANDS = {
     "demo": cmd_demo,
+    "models": cmd_models,
     "run": cmd_run,
     "train": cmd_train,
     "finetune": cmd_finetune,

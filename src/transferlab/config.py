@@ -22,6 +22,12 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def names_weights(name: str) -> bool:
+    """A model name that names pretrained weights: arch.tag, hf-hub:ORG/NAME, local-dir:PATH."""
+    name = str(name or "")
+    return name.startswith(("hf-hub:", "local-dir:")) or "." in name
+
+
 class Preempted(Exception):
     """Training stopped on SIGTERM after saving its state; the CLI exits 143."""
 
@@ -41,9 +47,15 @@ class TrainConfig:
         "val/ test/ of them) | csv:FILE (file_name,label[,split]); splits the data have are "
         "used as given, a missing test is 20% of train, a missing val --val-fraction of train",
     )
-    model: str = opt("resnet50", 'any timm model name, or "dcnn"')
+    model: str = opt(
+        "resnet50",
+        "a timm architecture, or with its pretrained tag (resnet50.a1_in1k: those weights and "
+        'their preprocessing), hf-hub:ORG/NAME, local-dir:PATH; or "dcnn"',
+    )
     weights: str | None = opt(
-        None, "None (scratch) | imagenet | a run folder | a .safetensors/.pt file"
+        None,
+        "None (scratch, or the tag's weights for a tagged --model) | imagenet (timm's default "
+        "tag) | none | a run folder | a .safetensors/.pt file",
     )
     head_init: str = opt(
         "fresh",
@@ -171,7 +183,10 @@ APPLIES = {
         "strategy linear-probe or lp-ft",
     ),
     "layer_decay": (lambda c: c.strategy == "layer-decay", "strategy layer-decay"),
-    "head_init": (lambda c: c.weights is not None, "weights to start from (--weights)"),
+    "head_init": (
+        lambda c: c.weights is not None or names_weights(c.model),
+        "weights to start from (--weights, or a model name with a pretrained tag)",
+    ),
     "stem": (lambda c: c.model != "dcnn", "a timm model (dcnn has its own stem)"),
     "warmup_epochs": (lambda c: c.schedule != "plateau", "schedule cosine or constant"),
 }

