@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torchvision import transforms as T
 
-from transferlab import batching, data, evaluate, finetune, models, trainer
+from transferlab import batching, data, evaluate, models, strategies, trainer
 from transferlab.distributed import Dist
 
 SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"
@@ -72,6 +72,6 @@ def transferlab_loop(model, opt, aug: batching.Augment, cfg) -> trainer.Loop:
         aug,
     )
     loop.ddp, loop.optimizer = models.Forward(model, loop.precision), opt
-    loop.scheduler = finetune.make_scheduler(cfg, opt, 1)
+    loop.scheduler = strategies.make_scheduler(cfg, opt, 1)
     loop.scaler = torch.amp.GradScaler("cpu", enabled=False)
     return loop

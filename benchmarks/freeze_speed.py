@@ -1,7 +1,7 @@
 """What `--freeze N` saves: training img/s of one model with its N lowest block groups frozen.
 
 Synthetic batches (the cost is the model's, not the data's), the precision `auto` picks,
-channels_last, AdamW steps exactly as transferlab builds them (`finetune.trainable`, frozen modules
+channels_last, AdamW steps exactly as transferlab builds them (`strategies.trainable`, frozen modules
 in eval mode). Each setting is timed alternately over several rounds, so drift on a noisy
 machine hits all of them; prints the median img/s per setting and each one's ratio to
 `--freeze none`.
@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from transferlab import finetune
+from transferlab import strategies
 
 
 def main() -> None:
@@ -40,8 +40,8 @@ def main() -> None:
     setups = {}
     for what in args.freeze:
         model = timm.create_model(args.model, num_classes=15).to(memory_format=torch.channels_last)
-        frozen = finetune.train_only(model, finetune.trainable(model, what))
-        finetune.set_train_mode(model, frozen)
+        frozen = strategies.train_only(model, strategies.trainable(model, what))
+        strategies.set_train_mode(model, frozen)
         params = [q for q in model.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3)
         setups[what] = (model, opt, sum(q.numel() for q in params))

@@ -22,7 +22,7 @@ import torch
 from common import seed_all, timed, tiny_subset, transferlab_loop
 from tqdm import tqdm
 
-from transferlab import batching, decoding, finetune, trainer
+from transferlab import batching, decoding, strategies, trainer
 from transferlab.config import make_config
 
 
@@ -35,7 +35,7 @@ def one(n: int, model_name: str) -> dict:
         seed_all()
         model = timm.create_model(model_name, num_classes=200).to(memory_format=torch.channels_last)
         cfg = make_config({"batch_size": 64, "schedule": "constant"})
-        opt = finetune.make_optimizer(cfg, list(model.parameters()), cfg.lr)
+        opt = strategies.make_optimizer(cfg, list(model.parameters()), cfg.lr)
         aug = batching.Augment(crop="pad", pad=8, flip=True)
 
         loop = transferlab_loop(model, opt, aug, cfg)

@@ -33,3 +33,32 @@ def test_readme_onnx_example_runs(trained_run, tmp_path, monkeypatch, capsys):
     make_image(2, 0, 50).save("photo.jpg")
     exec(compile(example("onnx-example"), "README onnx-example", "exec"), {})
     assert capsys.readouterr().out.strip() in {"a", "b", "c", "d"}
+
+
+def test_api_takes_what_people_hold(trained_run, folder_data, tmp_path):
+    """finetune() exists, train() needs data, predict() takes paths, PIL images and arrays,
+    and a PIL image predicts exactly as the same image saved to a file."""
+    import numpy as np
+    from PIL import Image
+
+    import transferlab
+    from transferlab.config import UserError
+
+    with pytest.raises(UserError, match="train\\(\\) needs data="):
+        transferlab.train(tmp_path / "nodata", model="dcnn")
+    assert not (tmp_path / "nodata").exists()
+    run = transferlab.load(trained_run)
+    file = next((folder_data / "test").rglob("*.png"))
+    image = Image.open(file).convert("RGB")
+    arr = np.asarray(image)
+    rows = run.predict([str(file), image, arr, arr / 255.0, np.stack([arr, arr])], top_k=2)
+    assert len(rows) == 6 and rows[0]["path"] == str(file) and rows[1]["path"] == "<image 1>"
+    probs = [[p["prob"] for p in r["predictions"]] for r in rows]
+    assert all(np.allclose(p, probs[0], atol=1e-6) for p in probs), probs
+    assert run.predict(image)[0]["predictions"] == run.predict(file)[0]["predictions"]
+    for bad, message in ((arr * 2.0, "float image arrays"), (arr.astype(np.int64), "uint8 or float"),
+                         (object(), "cannot predict a object")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            run.predict(bad)
+    ft = transferlab.finetune(run, tmp_path / "ft", epochs=1)
+    assert ft.info["source"]["parent"] == str(trained_run) and ft.metrics["test"]["n"] > 0

@@ -266,11 +266,11 @@ def test_S31_an_option_that_would_have_no_effect_is_refused(capsys, tmp_path, ex
 
 
 def test_S31_a_finetune_step_cannot_swap_its_parent_weights(run_copy, tmp_path):
-    from transferlab import finetune
+    from transferlab import strategies
 
     for key, value in (("weights", "imagenet"), ("model", "resnet18")):
         with pytest.raises(UserError, match=f"{key} does not apply to a fine-tune"):
-            finetune.finetune_config(run_copy, {key: value})
+            strategies.finetune_config(run_copy, {key: value})
     r = tmp_path / "r.yaml"
     r.write_text(f"steps:\n  - finetune: f\n    from: {run_copy}\n    weights: {run_copy}\n")
     with pytest.raises(UserError, match="weights does not apply to a fine-tune"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import evaluate, finetune, models, probe, trainer
+from transferlab import evaluate, models, probe, strategies, trainer
 
 
 def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_path, capsys):
@@ -13,7 +13,7 @@ def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_p
 
     from transferlab.linear import PROBE_L2
 
-    cfg = finetune.finetune_config(trained_run, {"strategy": "linear-probe"})
+    cfg = strategies.finetune_config(trained_run, {"strategy": "linear-probe"})
     meta = trainer.fit(cfg, tmp_path / "lp")
     out = capsys.readouterr().out
     assert "stage probe: 0.000M of" in out or "stage probe:" in out
@@ -94,7 +94,7 @@ def test_a_probe_of_the_same_frozen_backbone_reuses_its_features(
 
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
     first = trainer.fit(
-        finetune.finetune_config(trained_run, {"strategy": "linear-probe", "probe_l2": 0.01}),
+        strategies.finetune_config(trained_run, {"strategy": "linear-probe", "probe_l2": 0.01}),
         tmp_path / "a",
         quiet=True,
     )
@@ -108,7 +108,7 @@ def test_a_probe_of_the_same_frozen_backbone_reuses_its_features(
 
     monkeypatch.setattr(evaluate, "predict", no_forward)
     second = trainer.fit(
-        finetune.finetune_config(
+        strategies.finetune_config(
             trained_run, {"strategy": "linear-probe", "probe_l2": 0.01, "seed": 7}
         ),
         tmp_path / "b",

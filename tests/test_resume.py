@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transferlab import finetune, probe, trainer
+from transferlab import probe, strategies, trainer
 from transferlab.config import make_config
 from transferlab.resume import Progress
 
@@ -17,13 +17,13 @@ def test_lp_ft_resumes_in_the_fine_tune_stage_without_probing_again(
     from transferlab import trainer
 
     overrides = {"strategy": "lp-ft", "probe_l2": 0.01, "epochs": 2, "schedule": "constant"}
-    cfg = finetune.finetune_config(trained_run, overrides)
+    cfg = strategies.finetune_config(trained_run, overrides)
     full = trainer.fit(cfg, tmp_path / "full", quiet=True)
     assert full["probe"]["l2"] == 0.01 and full["epochs_run"] == 2
     assert not (tmp_path / "full" / "features").exists()  # fine-tuned: probe features are stale
     # a run that died after its probe and one fine-tune epoch
     trainer.fit(
-        finetune.finetune_config(trained_run, {**overrides, "epochs": 1}),
+        strategies.finetune_config(trained_run, {**overrides, "epochs": 1}),
         tmp_path / "r",
         quiet=True,
     )

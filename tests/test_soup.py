@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from transferlab import checkpoint, ensembles, finetune, models, soups, trainer
+from transferlab import checkpoint, ensembles, models, soups, strategies, trainer
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -32,7 +32,7 @@ def test_snapshots_leave_one_member_run_per_cosine_cycle(snapshot_run):
 def test_snapshot_schedule_anneals_each_cycle_then_restarts():
     cfg = make_config({"epochs": 6, "snapshots": 3, "lr": 0.1, "warmup_epochs": 1})
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = finetune.make_scheduler(cfg, opt, steps_per_epoch=10)
+    sched = strategies.make_scheduler(cfg, opt, steps_per_epoch=10)
     lrs = []
     for _ in range(60):
         lrs.append(opt.param_groups[0]["lr"])

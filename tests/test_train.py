@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transferlab import checkpoint, ensembles, finetune, trainer
+from transferlab import checkpoint, ensembles, strategies, trainer
 from transferlab.config import UserError, make_config
 
 from conftest import make_folder, tiny_cfg
@@ -88,7 +88,7 @@ def test_existing_run_folder_is_never_clobbered(trained_run, folder_data):
 
 def test_finetune_to_new_classes_replaces_only_the_head(trained_run, tmp_path):
     make_folder(tmp_path / "new", ["x", "y", "z"], 8)
-    cfg = finetune.finetune_config(
+    cfg = strategies.finetune_config(
         trained_run, {"data": f"folder:{tmp_path / 'new'}", "epochs": 1, "freeze": "backbone"}
     )
     assert cfg.model == "test_resnet" and cfg.lr == pytest.approx(0.001)
@@ -103,7 +103,7 @@ def test_finetune_to_new_classes_replaces_only_the_head(trained_run, tmp_path):
 
 
 def test_finetune_same_classes_continues_from_the_weights(trained_run, tmp_path):
-    cfg = finetune.finetune_config(trained_run, {"epochs": 1, "lr": 1e-9, "schedule": "constant"})
+    cfg = strategies.finetune_config(trained_run, {"epochs": 1, "lr": 1e-9, "schedule": "constant"})
     trainer.fit(cfg, tmp_path / "ft", quiet=True)
     src = load_file(trained_run / "model.safetensors")
     new = load_file(tmp_path / "ft" / "model.safetensors")
@@ -115,11 +115,11 @@ def test_freeze_backbone_keeps_batchnorm_statistics(folder_data, tmp_path):
     from transferlab import models
 
     model = models.create("test_resnet", 4, 3)
-    frozen = finetune.train_only(model, finetune.trainable(model, "backbone"))
+    frozen = strategies.train_only(model, strategies.trainable(model, "backbone"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    finetune.set_train_mode(model, frozen)
+    strategies.set_train_mode(model, frozen)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = finetune.make_optimizer(cfg, params, cfg.lr)
+    opt = strategies.make_optimizer(cfg, params, cfg.lr)
     assert {id(p) for p in params} == {id(p) for p in model.get_classifier().parameters()}
     for _ in range(3):
         opt.zero_grad()

@@ -5,6 +5,8 @@ run = transferlab.train("runs/lite0", data="digits", model="tf_efficientnet_lite
                         weights="imagenet", input_size=32, epochs=3)
 print(run.metrics["test"]["top1"])
 run.predict(["photo.jpg", "holiday/"], top_k=3)      # [{"path", "predictions": [...]}, ...]
+run.predict(pil_image)  or  run.predict(uint8_array)  # in-memory images too
+ft = transferlab.finetune(run, "runs/lite0-ft", data="folder:photos", epochs=5)
 ens = transferlab.ensemble([run, "runs/dcnn"], method="weighted", out="runs/ens")
 """
 
@@ -43,11 +45,12 @@ class Model:
         return self.info["class_names"]
 
     def predict(self, images, top_k: int = 5, tta: str | None = None, quiet: bool = True) -> list:
-        """Top-k predictions for image files and folders (a path or a list of them)."""
+        """Top-k predictions for image files, folders, PIL images or arrays (uint8, or float
+        in [0, 1]; (H, W[, C]) or a batch (N, H, W[, C])): one of them or a list."""
         from . import predict
 
-        inputs = [images] if isinstance(images, (str, Path)) else list(images)
-        rows, _ = predict.predict(self.path, [str(i) for i in inputs], top_k, tta, quiet)
+        inputs = list(images) if isinstance(images, (list, tuple)) else [images]
+        rows, _ = predict.predict(self.path, inputs, top_k, tta, quiet)
         return rows
 
     def evaluate(
@@ -79,13 +82,31 @@ def load(path: str | Path) -> Model:
     return Model(path)
 
 
-def train(out: str | Path, quiet: bool = True, resume: bool = False, **config) -> Model:
-    """Train one model into the run folder `out`; keyword arguments are TrainConfig fields
-    (the CLI's --options: data, model, weights, strategy, epochs, lr, ...)."""
+def train(
+    out: str | Path, data: str | None = None, quiet: bool = True, resume: bool = False, **config
+) -> Model:
+    """Train one model on `data` (a spec: folder:PATH, csv:FILE, ...) into the run folder `out`;
+    keyword arguments are TrainConfig fields (the CLI's --options: model, weights, strategy,
+    epochs, lr, ...)."""
     from . import trainer
-    from .config import make_config
+    from .config import UserError, make_config
 
-    trainer.fit(make_config(config), out, resume=resume, quiet=quiet)
+    if not data:
+        raise UserError("train() needs data=..., e.g. data='folder:photos' or data='digits'")
+    trainer.fit(make_config({**config, "data": data}), out, resume=resume, quiet=quiet)
+    return Model(Path(out))
+
+
+def finetune(
+    run: str | Path | Model, out: str | Path, quiet: bool = True, resume: bool = False, **config
+) -> Model:
+    """Continue training from a finished run into `out` (the CLI's `finetune --from RUN`): its
+    data, architecture and preprocessing unless overridden, at a tenth of its LR; new data with
+    other classes gets a new head."""
+    from . import strategies, trainer
+
+    cfg = strategies.finetune_config(os.fspath(run), config)
+    trainer.fit(cfg, out, resume=resume, quiet=quiet)
     return Model(Path(out))
 
 

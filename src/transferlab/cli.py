@@ -248,9 +248,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from . import finetune, trainer
+    from . import strategies, trainer
 
-    cfg = finetune.finetune_config(args.source, _overrides(args))
+    cfg = strategies.finetune_config(args.source, _overrides(args))
     trainer.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 

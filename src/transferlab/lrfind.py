@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import batching, checkpoint, evaluate, finetune, models, plots
+from . import batching, checkpoint, evaluate, models, plots, strategies
 
 
 def range_test(
@@ -93,7 +93,9 @@ def find_lr(loop, out, quiet: bool) -> float:
     widest = loop.stages[-1]
     lrs, losses = range_test(
         model,
-        lambda lr: finetune.make_optimizer(cfg, finetune.optimizer_groups(model, widest, lr), lr),
+        lambda lr: strategies.make_optimizer(
+            cfg, strategies.optimizer_groups(model, widest, lr), lr
+        ),
         loop.images["train"],
         loop.labels["train"],
         cfg.batch_size,

@@ -1,4 +1,5 @@
-"""Predict image files and folders with a trained run or an ensemble: top-k class names.
+"""Predict image files and folders (or, from Python, PIL images and arrays) with a trained run
+or an ensemble: top-k class names.
 
 Each model sees the images through its own preprocessing (size, channels, normalisation), so an
 ensemble of members with different input sizes predicts the same files as any single run.
@@ -7,9 +8,11 @@ Unreadable files are reported and skipped; the rest are predicted.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import checkpoint, combiners, data, decoding, ensembles, evaluate, members, models
 from .config import UserError
@@ -37,14 +40,67 @@ def image_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def _decode(
-    files: list[str], prep: models.Preprocessing, quiet: bool
-) -> tuple[np.ndarray, list[str], list[str]]:
-    split = data.Split(np.zeros(len(files), dtype=np.int64), paths=files)
-    images, kept, bad = decoding.decode_checked(
+def items(inputs: list) -> list:
+    """Files (folders searched) and in-memory images, in the order given: file paths as str,
+    PIL images, and arrays as PIL images (uint8, or float in [0, 1]; (H, W), (H, W, C) or a
+    batch (N, H, W[, C]))."""
+    out = []
+    for x in inputs:
+        if isinstance(x, (str, os.PathLike)):
+            out += image_files([os.fspath(x)])
+        elif isinstance(x, Image.Image):
+            out.append(x)
+        else:
+            arr = as_uint8(x)
+            batch = arr.ndim == 4 or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4))
+            out += [_pil(a) for a in arr] if batch else [_pil(arr)]
+    return out
+
+
+def as_uint8(x) -> np.ndarray:
+    if not hasattr(x, "__array__"):
+        raise UserError(
+            f"cannot predict a {type(x).__name__}: give file paths, folders, PIL images or arrays"
+        )
+    arr = np.asarray(x)
+    if np.issubdtype(arr.dtype, np.floating):
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1):
+            raise UserError("float image arrays must hold values in [0, 1] (uint8: 0-255)")
+        return (arr * 255).round().astype(np.uint8)
+    if arr.dtype != np.uint8:
+        raise UserError(f"image arrays must be uint8 or float in [0, 1], not {arr.dtype}")
+    return arr
+
+
+def _pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 1:
+        raise UserError(f"an image array is (H, W) or (H, W, C), got shape {arr.shape}")
+    return Image.fromarray(arr)
+
+
+def _decode(files: list, prep: models.Preprocessing, quiet: bool) -> tuple[np.ndarray, list, list]:
+    """Files through the checked decoder (unreadable ones listed), in-memory images as given."""
+    paths = [f for f in files if isinstance(f, str)]
+    split = data.Split(np.zeros(len(paths), dtype=np.int64), paths=paths)
+    decoded, kept, bad = decoding.decode_checked(
         split, prep.input_size, prep.channels, prep.interpolation, True, "decode", quiet
     )
-    return images, kept.paths, bad
+    by_path = dict(zip(kept.paths, decoded, strict=True))
+    mode = "L" if prep.channels == 1 else "RGB"
+    out, names = [], []
+    for f in files:
+        if isinstance(f, str) and f not in by_path:
+            continue
+        names.append(f)
+        if isinstance(f, str):
+            out.append(by_path[f])
+        else:
+            im = decoding.resize(f.convert(mode), prep.input_size, prep.interpolation)
+            out.append(np.asarray(im, dtype=np.uint8).reshape(prep.input_size, prep.input_size, -1))
+    shape = (0, prep.input_size, prep.input_size, prep.channels)
+    return (np.stack(out) if out else np.zeros(shape, np.uint8)), names, bad
 
 
 def _member(run, meta: dict, files: list[str], tta: str, quiet: bool):
@@ -82,7 +138,7 @@ def predict(
     """
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    files = image_files(inputs)
+    files = items(inputs)
     if ensembles.is_ensemble(path):
         info = ensembles.read(path)
         runs = [m["run"] for m in info["members"]]
@@ -107,7 +163,7 @@ def predict(
     top = np.argsort(-prob, axis=1)[:, :k]
     rows = [
         {
-            "path": f,
+            "path": f if isinstance(f, str) else f"<image {i}>",
             "predictions": [
                 {"class": classes[j], "name": names[j], "prob": float(prob[i, j])} for j in top[i]
             ],

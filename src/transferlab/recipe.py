@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from . import checkpoint, ensembles, finetune, outputs, report, resume, trainer
+from . import checkpoint, ensembles, outputs, report, resume, strategies, trainer
 from .config import TrainConfig, UserError, field_names, make_config, to_dict
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
@@ -302,7 +302,7 @@ def _finetune(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> No
     keys = dict(keys)
     parent = ref_path(keys.pop("from"), out)
     settings = train_settings(recipe, keys, data=False)
-    _fit(finetune.finetune_config(parent, settings), out / name, quiet)
+    _fit(strategies.finetune_config(parent, settings), out / name, quiet)
 
 
 def refuse_changed(run_dir: Path, cfg: TrainConfig) -> None:

@@ -31,7 +31,7 @@ BEST_NONE = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
 class Progress:
     """Where training stands; saved in every checkpoint (as plain types, `to_state`)."""
 
-    stage: int = 0  # the plan's stage being run (finetune.plan); len(plan) once done
+    stage: int = 0  # the plan's stage being run (strategies.plan); len(plan) once done
     epoch: int = 1  # the epoch being trained (1-based, counted over the run; epochs + 1 once done)
     step: int = 0  # batches done in this epoch (a mid-epoch resume skips them)
     global_step: int = 0  # batches done in the run

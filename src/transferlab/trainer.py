@@ -1,6 +1,6 @@
 """fit(): one model, from config to a finished run folder. The loop is in plain sight:
 
-set up (data, model, weights) -> plan the stages (finetune.plan) -> for each stage: a probe,
+set up (data, model, weights) -> plan the stages (strategies.plan) -> for each stage: a probe,
 or epochs of train_one_epoch, validate, checkpoint -> write the run folder (runfolder.write)
 """
 
@@ -24,13 +24,13 @@ from . import (
     decoding,
     distributed,
     evaluate,
-    finetune,
     guards,
     lrfind,
     models,
     outputs,
     probe,
     runfolder,
+    strategies,
     weights,
 )
 from .config import TrainConfig, UserError, to_dict
@@ -48,7 +48,7 @@ class Loop:
     prep: models.Preprocessing
     precision: str
     augment: batching.Augment
-    stages: list = field(default_factory=list)  # finetune.plan: what trains, stage by stage
+    stages: list = field(default_factory=list)  # strategies.plan: what trains, stage by stage
     ds: data.Dataset | None = None
     images: dict = field(default_factory=dict)  # split -> decoded uint8 (N, H, W, C)
     labels: dict = field(default_factory=dict)
@@ -90,13 +90,13 @@ def fit(
                 if progress.stopped_early:
                     break
                 stage = loop.stages[index]
-                loop.frozen = finetune.enter(loop.model, stage)
+                loop.frozen = strategies.enter(loop.model, stage)
                 log(f"   stage {index + 1}/{len(loop.stages)} {stage.name}: "
                     f"{models.describe(loop.model)}")  # fmt: skip
                 if stage.probe:
                     final = index == len(loop.stages) - 1
                     features = probe.stage(loop, progress, final, log, quiet)
-                last = finetune.end_epoch(loop.stages, index)
+                last = strategies.end_epoch(loop.stages, index)
                 while progress.epoch <= last and not progress.stopped_early:
                     t0 = time.time()
                     batches, augment = epoch_batches(loop, train_images, progress, quiet)
@@ -178,7 +178,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
     if cfg.crop == "pad" and pad >= prep.input_size:
         raise UserError(f"crop_pad ({pad}) must be smaller than the input size ({prep.input_size})")
     augment = batching.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip)
-    stages = finetune.plan(cfg, model)  # refuses a --freeze the model cannot take
+    stages = strategies.plan(cfg, model)  # refuses a --freeze the model cannot take
     return Loop(cfg, d, model, built.arch, prep, precision, augment, stages, ds, source=source)
 
 
@@ -186,16 +186,18 @@ def start_training(loop: Loop, out: Path, resuming: bool, log, quiet: bool) -> N
     """The optimizer (holding what the plan's widest, last stage trains), scheduler, scaler and
     the (DDP-wrapped, maybe compiled) training model; the LR found by a range test if asked."""
     cfg, model, widest = loop.cfg, loop.model, loop.stages[-1]
-    loop.frozen = finetune.enter(model, widest)
+    loop.frozen = strategies.enter(model, widest)
     log(f"[{out.name}] strategy {cfg.strategy}: {len(loop.stages)} stage(s)")
     if cfg.lr == "auto" and not all(s.probe for s in loop.stages) and not resuming:
         lr = lrfind.find_lr(loop, out, quiet)
         log(f"[{out.name}] lr-find: suggested lr {lr:.3g} (plot: {out / 'lr_find.png'})")
     else:  # a resumed run's optimizer state carries its learning rates
         lr = cfg.lr if cfg.lr != "auto" else 1e-3
-    loop.optimizer = finetune.make_optimizer(cfg, finetune.optimizer_groups(model, widest, lr), lr)
+    loop.optimizer = strategies.make_optimizer(
+        cfg, strategies.optimizer_groups(model, widest, lr), lr
+    )
     steps = len(batching.EpochSampler(len(loop.labels["train"]), cfg.batch_size, 0, 0, True))
-    loop.scheduler = finetune.make_scheduler(cfg, loop.optimizer, steps)
+    loop.scheduler = strategies.make_scheduler(cfg, loop.optimizer, steps)
     loop.scaler = torch.amp.GradScaler(evaluate.device().type, enabled=loop.precision == "fp16")
     changing = len({s.trains for s in loop.stages if not s.probe}) > 1  # DDP: unused params
     forward = models.Forward(model, loop.precision)
@@ -222,7 +224,7 @@ def epoch_batches(loop: Loop, train_images, progress: Progress, quiet: bool):
 
 def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, after_step) -> None:
     """Train on the remaining batches of an epoch; `progress` holds the running totals."""
-    finetune.set_train_mode(loop.ddp, loop.frozen)
+    strategies.set_train_mode(loop.ddp, loop.frozen)
     dev, cfg = evaluate.device(), loop.cfg
     for x, y, idx in batches:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)  # uint8 on the device
@@ -331,7 +333,7 @@ def lr_find(cfg: TrainConfig, out: str | Path, quiet: bool = False) -> float:
     # an earlier lr-find's plot is replaced (atomically) only when the new one is done
     outputs.check_out(out, "lr-find", resume=True)
     loop = setup(cfg, out, log, distributed.Dist(0, 1))
-    loop.frozen = finetune.enter(loop.model, loop.stages[-1])
+    loop.frozen = strategies.enter(loop.model, loop.stages[-1])
     with outputs.lock(out):
         outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", resume=True))
         loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transferlab import finetune, models, trainer
+from transferlab import models, strategies, trainer
 from transferlab.config import make_config
 
 from conftest import tiny_cfg
@@ -42,7 +42,7 @@ def test_freeze_n_keeps_the_lowest_block_groups_fixed_and_trains_the_rest(folder
 
     cfg = tiny_cfg(f"folder:{folder_data}", freeze="2", epochs=1)
     start, model = _initial_state(cfg)
-    groups = finetune.block_groups(model)
+    groups = strategies.block_groups(model)
     meta = trainer.fit(cfg, tmp_path / "f2", quiet=True)
     after = load_file(tmp_path / "f2" / "model.safetensors")
     low = {k for g in groups[:2] for k in g}
@@ -54,7 +54,7 @@ def test_freeze_n_keeps_the_lowest_block_groups_fixed_and_trains_the_rest(folder
         p.numel() for n, p in model.named_parameters() if n not in low
     )
     with pytest.raises(UserError, match="would freeze everything"):
-        finetune.trainable(model, str(len(groups)))
+        strategies.trainable(model, str(len(groups)))
     for bad in ("0", "-1", "two", "stages"):
         with pytest.raises(UserError, match="freeze must be"):
             tiny_cfg(f"folder:{folder_data}", freeze=bad)
@@ -69,7 +69,7 @@ def test_each_strategy_is_a_plan_whose_optimizer_holds_exactly_what_trains(folde
     for strategy, epochs in cases:
         cfg = tiny_cfg(f"folder:{folder_data}", strategy=strategy, epochs=epochs)
         _, model = _initial_state(cfg)
-        stages = finetune.plan(cfg, model)
+        stages = strategies.plan(cfg, model)
         head = {"fc.weight", "fc.bias"}
         assert sum(s.epochs for s in stages) == (0 if strategy == "linear-probe" else epochs)
         assert [s.probe for s in stages] == {
@@ -77,8 +77,8 @@ def test_each_strategy_is_a_plan_whose_optimizer_holds_exactly_what_trains(folde
             "head-first": [False, False]
         }.get(strategy, [False]), strategy  # fmt: skip
         widest = stages[-1]  # the optimizer holds what the last stage trains
-        finetune.enter(model, widest)
-        opt = finetune.make_optimizer(cfg, finetune.optimizer_groups(model, widest, 0.1), 0.1)
+        strategies.enter(model, widest)
+        opt = strategies.make_optimizer(cfg, strategies.optimizer_groups(model, widest, 0.1), 0.1)
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         assert held == {id(p) for p in model.parameters() if p.requires_grad}, strategy
         if strategy in ("linear-probe", "lp-ft", "head-first"):
@@ -87,13 +87,13 @@ def test_each_strategy_is_a_plan_whose_optimizer_holds_exactly_what_trains(folde
             assert [s.epochs for s in stages] == [1, 1]
             assert stages[1].trains == {n for n, _ in model.named_parameters()}
         if strategy == "gradual":  # epoch 1: the head; epoch 2 (the last): the top two groups
-            groups = finetune.block_groups(model)
+            groups = strategies.block_groups(model)
             assert len(groups) > 2 and "fc.weight" in groups[-1]
             assert stages[0].trains == set(groups[-1])
             assert stages[1].trains == set(groups[-1] + groups[-2])
             assert held == {id(p) for n, p in model.named_parameters() if n in stages[1].trains}
         if strategy == "layer-decay":
-            groups = finetune.block_groups(model)
+            groups = strategies.block_groups(model)
             lrs = {round(g["lr"], 9) for g in opt.param_groups}
             assert max(lrs) == 0.1 and min(lrs) == round(0.1 * 0.75 ** (len(groups) - 1), 9)
 
@@ -101,9 +101,9 @@ def test_each_strategy_is_a_plan_whose_optimizer_holds_exactly_what_trains(folde
 def test_gradual_plan_with_fewer_epochs_than_groups_stops_unfreezing_early():
 
     model = models.create("dcnn", 10, 1)  # 5 block groups
-    groups = finetune.block_groups(model)
+    groups = strategies.block_groups(model)
     for epochs, want in ((3, [1, 1, 1]), (5, [1] * 5), (8, [1, 1, 1, 1, 4])):
-        stages = finetune.plan(
+        stages = strategies.plan(
             make_config({"model": "dcnn", "strategy": "gradual", "epochs": epochs}), model
         )
         assert [s.epochs for s in stages] == want
@@ -112,7 +112,7 @@ def test_gradual_plan_with_fewer_epochs_than_groups_stops_unfreezing_early():
 
 def test_dcnn_has_block_groups_for_gradual_unfreezing():
 
-    groups = finetune.block_groups(models.create("dcnn", 10, 1))
+    groups = strategies.block_groups(models.create("dcnn", 10, 1))
     assert len(groups) == 5 and groups[-1] == ["fc.weight", "fc.bias"]
     assert groups[0][0] == "features.0.weight" and "features.8.weight" in groups[1]
 
