@@ -62,3 +62,33 @@ def test_api_takes_what_people_hold(trained_run, folder_data, tmp_path):
             run.predict(bad)
     ft = transferlab.finetune(run, tmp_path / "ft", epochs=1)
     assert ft.info["source"]["parent"] == str(trained_run) and ft.metrics["test"]["n"] > 0
+
+
+@pytest.mark.slow
+def test_readme_own_data_walkthrough_runs_as_written_from_a_folder_and_a_csv(
+    tmp_path, monkeypatch, capsys
+):
+    import shlex
+
+    from transferlab.cli import main
+
+    from conftest import make_folder
+
+    block = re.search(r"<!-- own-data -->\n```bash\n(.*?)```", README.read_text(), re.S)[1]
+    lines = [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+    assert len(lines) == 5 and all(line.startswith("transferlab ") for line in lines)
+    make_folder(tmp_path / "photos", ["cat", "dog", "fox"], 12, size=48, subsets=("",))
+    make_folder(tmp_path / "new_photos", ["any"], 2, size=48, subsets=("",))
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/photos
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        assert main(["--quiet", *shlex.split(line)[1:]]) == 0, (line, capsys.readouterr().err)
+    out = capsys.readouterr().out
+    assert "new_photos/any/0.png" in out and (tmp_path / "runs/photos/report.md").is_file()
+    assert (tmp_path / "runs/photos/lite0/export/model.onnx").is_file()
+    # the same first line from a CSV that lists the photos
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted((tmp_path / "photos").rglob("*.png"))]  # fmt: skip
+    (tmp_path / "labels.csv").write_text("file_name,label\n" + "\n".join(rows) + "\n")
+    first = lines[0].replace("folder:~/photos", "csv:labels.csv").replace("/lite0", "/csv")
+    assert main(["--quiet", *shlex.split(first)[1:]]) == 0, capsys.readouterr().err
+    assert (tmp_path / "runs/photos/csv/meta.json").is_file()
