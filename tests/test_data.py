@@ -171,3 +171,58 @@ def test_every_csv_mistake_is_one_line_naming_the_row(tmp_path, header, rows, me
         data.load(f"csv:{path}")
     with pytest.raises(UserError, match="CSV file not found"):
         data.load(f"csv:{tmp_path / 'nope.csv'}")
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_dataset(tmp_path, with_test_labels=True):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features(
+        {"img": datasets.Image(), "fine": datasets.ClassLabel(names=["ant", "bee", "cat"])}
+    )
+
+    def part(n, offset, labelled=True):
+        images = [make_image(i % 3, i + offset, size=20 + i % 5) for i in range(n)]
+        return datasets.Dataset.from_dict(
+            {"img": images, "fine": [i % 3 if labelled else -1 for i in range(n)]}, features
+        )
+
+    return datasets.DatasetDict(
+        {"train": part(24, 0), "validation": part(6, 100), "test": part(9, 200, with_test_labels)}
+    )
+
+
+def test_hf_datasets_from_disk_and_parquet_keep_their_splits_and_class_names(tmp_path):
+    dd = _hf_dataset(tmp_path)
+    dd.save_to_disk(str(tmp_path / "saved"))
+    ds = data.load(f"hf:{tmp_path / 'saved'}")
+    assert ds.classes == ["ant", "bee", "cat"] and ds.spec == f"hf:{tmp_path / 'saved'}"
+    assert [len(ds.splits[k]) for k in ("train", "val", "test")] == [24, 6, 9]
+    assert ds.splits["test"].labels.tolist() == [0, 1, 2] * 3
+    images = decoding.decode(ds.splits["val"], 16, 3, cache=None)  # the rows' own images
+    first = np.asarray(decoding.resize(dd["validation"][0]["img"].convert("RGB"), 16, "bilinear"))
+    assert np.array_equal(images[0], first)
+    again = data.load(f"hf:{tmp_path / 'saved'}")
+    assert (
+        again.fingerprint == ds.fingerprint
+        and again.splits["train"].paths == ds.splits["train"].paths
+    )
+    for split in dd:
+        dd[split].to_parquet(str(tmp_path / "pq" / f"{split}.parquet"))
+    pq = data.load(f"hf:{tmp_path / 'pq'}")
+    assert [len(pq.splits[k]) for k in ("train", "val", "test")] == [24, 6, 9]
+
+
+def test_hf_unlabelled_test_split_is_replaced_and_ambiguous_columns_are_one_line(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    _hf_dataset(tmp_path, with_test_labels=False).save_to_disk(str(tmp_path / "nolabels"))
+    ds = data.load(f"hf:{tmp_path / 'nolabels'}")
+    assert any("test split has no labels" in n for n in ds.notes)
+    assert all("/train/" in p for p in ds.splits["test"].paths)  # held out of train
+    two = datasets.Dataset.from_dict({"a": [1, 2], "b": [0, 1]})
+    two.save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(UserError, match="cannot tell the image and label columns apart"):
+        data.load(f"hf:{tmp_path / 'two'}")
+    with pytest.raises(UserError, match="neither a save_to_disk folder nor parquet"):
+        data.load(f"hf:{tmp_path}")

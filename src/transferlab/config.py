@@ -44,7 +44,8 @@ class TrainConfig:
     data: str = opt(
         "digits",
         "dataset spec: digits | tiny-imagenet:PATH | folder:PATH (class folders, or train/ "
-        "val/ test/ of them) | csv:FILE (file_name,label[,split]); splits the data have are "
+        "val/ test/ of them) | csv:FILE (file_name,label[,split]) | hf:NAME[:CONFIG] or hf:PATH "
+        "(Hugging Face datasets: the Hub or its cache, save_to_disk, parquet); splits the data have are "
         "used as given, a missing test is 20% of train, a missing val --val-fraction of train",
     )
     model: str = opt(
