@@ -1,0 +1,127 @@
+"""`hf:` data: a Hugging Face `datasets` dataset as a transferlab source (the optional extra
+`hf`). Its images are written once, as their own bytes, under the decode cache, so from there
+on they are decoded, cached and fingerprinted as a folder's files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .config import UserError
+from .data import SPLIT_NAMES, Split
+
+
+def source(arg: str, notes: list[str]):
+    """A Hugging Face `datasets` dataset (the optional extra `hf`): `hf:PATH` of a
+    `save_to_disk` folder or parquet file(s), or `hf:NAME[:CONFIG]` from the Hub (from its cache
+    when offline). The image column is the one of type Image, the label column the ClassLabel
+    (its names become class names) or the one called label/labels. Images are written once as
+    files under the decode cache, so they are decoded, cached and fingerprinted as a folder's."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            "hf: data needs the datasets package: pip install 'transferlab[hf]'"
+        ) from None
+    name, _, config = arg.partition(":")
+    if not name:
+        raise UserError("hf data is hf:NAME[:CONFIG] or hf:PATH (a save_to_disk folder or parquet)")
+    loaded = _load(datasets, name, config or None)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    unknown = sorted(set(loaded) - set(SPLIT_NAMES))
+    if unknown:
+        notes.append(f"ignored split(s) of {name}: {', '.join(unknown)}")
+    parts = {SPLIT_NAMES[k]: v for k, v in loaded.items() if k in SPLIT_NAMES}
+    if "train" not in parts:
+        raise UserError(f"{name} has no train split (it has {', '.join(loaded) or 'none'})")
+    image_col, label_col = _columns(datasets, parts["train"], name)
+    feature = parts["train"].features[label_col]
+    if isinstance(feature, datasets.ClassLabel):
+        classes = list(feature.names)
+        index = None
+    else:
+        classes = sorted({str(v) for v in parts["train"][label_col]})
+        index = {c: i for i, c in enumerate(classes)}
+    folder = root(name, config)
+    splits = {}
+    for split, ds in parts.items():
+        labels = [int(v) if index is None else index.get(str(v), -1) for v in ds[label_col]]
+        if split == "test" and all(v < 0 for v in labels):
+            notes.append(f"{name}'s test split has no labels: a test split is held out of train")
+            continue
+        if any(v < 0 or v >= len(classes) for v in labels):
+            bad = next(i for i, v in enumerate(labels) if v < 0 or v >= len(classes))
+            raise UserError(
+                f"{name} {split} row {bad}: label {ds[bad][label_col]!r} is not a class"
+            )
+        paths = _files(datasets, ds, image_col, folder / split)
+        splits[split] = Split(np.array(labels, dtype=np.int64), paths=paths)
+    return classes, classes, splits, None, 3
+
+
+def _load(datasets, name: str, config: str | None):
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
+            return datasets.load_from_disk(str(path))
+        if path.suffix == ".parquet" or (path.is_dir() and list(path.glob("*.parquet"))):
+            files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+            by_split: dict[str, list[str]] = {}
+            for f in files:
+                split = next((k for k in SPLIT_NAMES if f.stem.startswith(k)), "train")
+                by_split.setdefault(split, []).append(str(f))
+            return datasets.load_dataset("parquet", data_files=by_split)
+        if path.exists():
+            raise UserError(f"{name} is neither a save_to_disk folder nor parquet")
+        return datasets.load_dataset(name, config)
+    except UserError:
+        raise
+    except Exception as err:  # the hub, the cache and the formats raise many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load Hugging Face dataset {name}: {first}") from None
+
+
+def _columns(datasets, ds, name: str) -> tuple[str, str]:
+    features = ds.features
+    images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+    labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    labels = labels or [c for c in ("label", "labels") if c in features]
+    if len(images) != 1 or len(labels) != 1:
+        raise UserError(
+            f"{name}: cannot tell the image and label columns apart (columns: "
+            f"{', '.join(f'{c} ({type(f).__name__})' for c, f in features.items())}); "
+            "it needs one Image column and one ClassLabel (or label) column"
+        )
+    return images[0], labels[0]
+
+
+def root(name: str, config: str) -> Path:
+    from .decoding import resolve_cache
+
+    cache = resolve_cache(None) or Path.home() / ".cache" / "transferlab"
+    local = Path(name).expanduser()
+    where = str(local.resolve()) if local.exists() else name
+    return cache / "hf" / hashlib.sha256(f"{where}|{config}".encode()).hexdigest()[:16]
+
+
+def _files(datasets, ds, column: str, folder: Path) -> list[str]:
+    """Each row's image as the file it was (its own bytes), written once into `folder`."""
+    raw = ds.cast_column(column, datasets.Image(decode=False))
+    paths = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, item in enumerate(raw[column]):
+        data = item.get("bytes")
+        if data is None and item.get("path"):
+            data = Path(item["path"]).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        path = folder / f"{i:07d}-{digest}"
+        if not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        paths.append(str(path))
+    return paths
