@@ -226,3 +226,10 @@ def test_hf_unlabelled_test_split_is_replaced_and_ambiguous_columns_are_one_line
         data.load(f"hf:{tmp_path / 'two'}")
     with pytest.raises(UserError, match="neither a save_to_disk folder nor parquet"):
         data.load(f"hf:{tmp_path}")
+
+
+def test_an_empty_hf_spec_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert data.canonical("hf:") == "hf:"
+    with pytest.raises(UserError, match="hf data is hf:NAME"):
+        data.load("hf:")

@@ -63,8 +63,8 @@ def canonical(spec: str) -> str:
     kind, _, arg = str(spec).partition(":")
     if kind in PATH_KINDS and arg:
         return f"{kind}:{Path(arg).expanduser().resolve()}"
-    if kind == "hf" and Path(arg.partition(":")[0]).expanduser().exists():  # a local dataset
-        name, sep, config = arg.partition(":")
+    name, sep, config = arg.partition(":")
+    if kind == "hf" and name and Path(name).expanduser().exists():  # a local dataset
         return f"hf:{Path(name).expanduser().resolve()}{sep}{config}"
     return str(spec)
 
