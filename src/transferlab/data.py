@@ -311,10 +311,10 @@ def _hf(arg: str, notes: list[str]):
 
 SOURCES = {
     "digits": _digits,
-    "hf": _hf,
     "tiny-imagenet": _tiny_imagenet,
     "folder": _folder,
     "csv": _csv,
+    "hf": _hf,
     "synthetic": _synthetic,
 }
 
