@@ -57,7 +57,8 @@ def test_api_takes_what_people_hold(trained_run, folder_data, tmp_path):
     assert all(np.allclose(p, probs[0], atol=1e-6) for p in probs), probs
     assert run.predict(image)[0]["predictions"] == run.predict(file)[0]["predictions"]
     for bad, message in ((arr * 2.0, "float image arrays"), (arr.astype(np.int64), "uint8 or float"),
-                         (object(), "cannot predict a object")):  # fmt: skip
+                         (object(), "cannot predict a object"), ([], "nothing to predict"),
+                         (arr.transpose(2, 0, 1), "ambiguous \\(one channels-first image")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             run.predict(bad)
     ft = transferlab.finetune(run, tmp_path / "ft", epochs=1)
