@@ -16,7 +16,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from .config import UserError, names_weights  # noqa: F401 (re-exported)
+from .config import UserError
 
 SCRATCH_MEAN, SCRATCH_STD = 0.5, 0.5  # for models trained from scratch: maps [0, 1] to [-1, 1]
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
