@@ -29,7 +29,21 @@ def assert_one_line_error(capsys, argv, pattern):
 
 @pytest.mark.parametrize(
     "command",
-    ["demo", "run", "train", "finetune", "evaluate", "ensemble", "predict", "soup", "report"],
+    [
+        "demo",
+        "run",
+        "train",
+        "finetune",
+        "lr-find",
+        "evaluate",
+        "ensemble",
+        "export",
+        "predict",
+        "soup",
+        "report",
+        "models",
+        "data",
+    ],
 )
 def test_every_subcommand_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -40,6 +40,8 @@ EXAMPLES = {
     "--out runs/soup",
     "report": "transferlab report runs/demo",
     "models": "transferlab models 'convnext*' --offline",
+    "data": "transferlab data get cifar10 --to ~/data/cifar10   # prints the --data spec to use\n"
+    "  transferlab data list",
 }
 
 
@@ -200,6 +202,20 @@ def _result_commands(sub) -> None:
         "--offline", action="store_true", help="only what needs no network (packages, cache)"
     )
 
+    p = _sub(sub, "data", "download a standard dataset, verified and resumable, ready for --data")
+    what = p.add_subparsers(dest="action", required=True, parser_class=Parser, metavar="{list,get}")
+    what.add_parser("list", help="the datasets `get` knows")
+    get = what.add_parser(
+        "get",
+        help="download, check and lay out one of them",
+        description="Download the official archive(s) into DIR/downloads (an interrupted download "
+        "continues when run again), check the MD5, extract, and print the --data spec that reads "
+        "the set: folder:DIR/cifar10, csv:DIR/pets.csv, tiny-imagenet:DIR/tiny-imagenet-200, ...",
+    )
+    get.add_argument("name", help="a name from `transferlab data list`")
+    get.add_argument("--to", required=True, help="a new or empty folder (or one `get` began)")
+    get.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no bars")
+
     p = _sub(sub, "report", "write report.md and results.csv for every run under a folder")
     p.add_argument("path", help="a folder holding run and ensemble folders")
 
@@ -221,6 +237,17 @@ def cmd_models(args) -> None:
         size = r["input_size"] or "-"
         print(f"{r['name']:<48} {size:>5}  {r['from']}")
     print(f"{len(rows)} model(s); use one with --model NAME (its weights and preprocessing)")
+
+
+def cmd_data(args) -> None:
+    from . import download
+
+    if args.action == "list":
+        for name, standard in download.STANDARD.items():
+            print(f"{name:<14} {standard.about}")
+        return
+    spec = download.get(args.name, args.to, args.quiet)
+    print(f"{args.name} ready in {args.to}; train on it with: --data {spec}")
 
 
 def cmd_demo(args) -> None:
@@ -343,6 +370,7 @@ def cmd_report(args) -> None:
 COMMANDS = {
     "demo": cmd_demo,
     "models": cmd_models,
+    "data": cmd_data,
     "run": cmd_run,
     "train": cmd_train,
     "finetune": cmd_finetune,
