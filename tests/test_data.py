@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -226,6 +228,34 @@ def test_hf_unlabelled_test_split_is_replaced_and_ambiguous_columns_are_one_line
         data.load(f"hf:{tmp_path / 'two'}")
     with pytest.raises(UserError, match="neither a save_to_disk folder nor parquet"):
         data.load(f"hf:{tmp_path}")
+
+
+def test_hf_columns_named_in_the_spec_override_detection_and_mistakes_are_one_line(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images = [make_image(i % 2, i) for i in range(8)]
+    features = datasets.Features({"photo": datasets.Image(), "sketch": datasets.Image(),
+                                  "coarse": datasets.ClassLabel(names=["x", "y"]),
+                                  "species": datasets.Value("string")})  # fmt: skip
+    table = {"photo": images, "sketch": [make_image(i % 2, i + 50) for i in range(8)], "coarse": [i % 2 for i in range(8)],
+             "species": ["owl", "emu", "yak", "owl"] * 2}  # fmt: skip
+    datasets.Dataset.from_dict(table, features).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(UserError, match="cannot tell .* name them: hf:NAME,image=COLUMN"):
+        data.load(f"hf:{tmp_path / 'two'}")
+    spec = f"hf:{tmp_path / 'two'},image=sketch,label=species"
+    ds = data.load(spec, val_fraction=0.0)
+    assert ds.classes == ["emu", "owl", "yak"] and ds.spec == spec
+    assert data.canonical(f"hf:{tmp_path / 'two'} ,label=species, image=sketch") == spec
+    saved = datasets.load_from_disk(str(tmp_path / "two"))
+    own = {c: {x["bytes"] for x in saved.cast_column(c, datasets.Image(decode=False))[c]}
+           for c in ("photo", "sketch")}  # fmt: skip
+    files = {Path(p).read_bytes() for p in ds.splits["train"].paths + ds.splits["test"].paths}
+    assert files <= own["sketch"] and not files & own["photo"]  # the named column's images
+    with pytest.raises(UserError, match="has no column 'kind' \\(label=\\); its columns: photo"):
+        data.load(f"hf:{tmp_path / 'two'},image=photo,label=kind")
+    with pytest.raises(UserError, match="column 'coarse' holds no images"):
+        data.load(f"hf:{tmp_path / 'two'},image=coarse,label=coarse")
+    with pytest.raises(UserError, match="option 'lable=x' is not image=COLUMN or label=COLUMN"):
+        data.load(f"hf:{tmp_path / 'two'},lable=x")
 
 
 def test_an_empty_hf_spec_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):

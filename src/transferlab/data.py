@@ -63,9 +63,12 @@ def canonical(spec: str) -> str:
     kind, _, arg = str(spec).partition(":")
     if kind in PATH_KINDS and arg:
         return f"{kind}:{Path(arg).expanduser().resolve()}"
-    name, sep, config = arg.partition(":")
-    if kind == "hf" and name and Path(name).expanduser().exists():  # a local dataset
-        return f"hf:{Path(name).expanduser().resolve()}{sep}{config}"
+    if kind == "hf":
+        from . import hfdata
+
+        name, config, options = hfdata.parse(arg)
+        if name and Path(name).expanduser().exists():  # a local dataset
+            return hfdata.spec_of(str(Path(name).expanduser().resolve()), config, options)
     return str(spec)
 
 
@@ -75,7 +78,7 @@ def data_root(spec: str) -> Path | None:
     if kind == "hf" and arg:  # where its images are written out
         from . import hfdata
 
-        name, _, config = arg.partition(":")
+        name, config, _ = hfdata.parse(arg)
         return hfdata.root(name, config)
     if kind not in PATH_KINDS or not arg:
         return None

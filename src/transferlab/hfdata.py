@@ -13,20 +13,44 @@ import numpy as np
 from .config import UserError
 from .data import SPLIT_NAMES, Split
 
+COLUMN_OPTIONS = ("image", "label")
+
+
+def parse(arg: str) -> tuple[str, str, dict[str, str]]:
+    """`NAME[:CONFIG][,image=COLUMN][,label=COLUMN]` -> (name, config, {option: column})."""
+    head, *given = arg.split(",")
+    name, _, config = (part.strip() for part in head.partition(":"))
+    options = {}
+    for option in given:
+        key, eq, column = (part.strip() for part in option.partition("="))
+        if key not in COLUMN_OPTIONS or not eq or not column:
+            raise UserError(f"hf: option '{option}' is not image=COLUMN or label=COLUMN")
+        options[key] = column
+    return name, config, options
+
+
+def spec_of(name: str, config: str, options: dict[str, str]) -> str:
+    return (
+        f"hf:{name}"
+        + (f":{config}" if config else "")
+        + "".join(f",{k}={options[k]}" for k in COLUMN_OPTIONS if k in options)
+    )
+
 
 def source(arg: str, notes: list[str]):
     """A Hugging Face `datasets` dataset (the optional extra `hf`): `hf:PATH` of a
     `save_to_disk` folder or parquet file(s), or `hf:NAME[:CONFIG]` from the Hub (from its cache
     when offline). The image column is the one of type Image, the label column the ClassLabel
-    (its names become class names) or the one called label/labels. Images are written once as
-    files under the decode cache, so they are decoded, cached and fingerprinted as a folder's."""
+    (its names become class names) or the one called label/labels, unless `,image=COLUMN` or
+    `,label=COLUMN` name them. Images are written once as files under the decode cache, so they
+    are decoded, cached and fingerprinted as a folder's."""
     try:
         import datasets
     except ImportError:
         raise UserError(
             "hf: data needs the datasets package: pip install 'transferlab[hf]'"
         ) from None
-    name, _, config = arg.partition(":")
+    name, config, options = parse(arg)
     if not name:
         raise UserError("hf data is hf:NAME[:CONFIG] or hf:PATH (a save_to_disk folder or parquet)")
     loaded = _load(datasets, name, config or None)
@@ -38,7 +62,7 @@ def source(arg: str, notes: list[str]):
     parts = {SPLIT_NAMES[k]: v for k, v in loaded.items() if k in SPLIT_NAMES}
     if "train" not in parts:
         raise UserError(f"{name} has no train split (it has {', '.join(loaded) or 'none'})")
-    image_col, label_col = _columns(datasets, parts["train"], name)
+    image_col, label_col = _columns(datasets, parts["train"], name, options)
     feature = parts["train"].features[label_col]
     if isinstance(feature, datasets.ClassLabel):
         classes = list(feature.names)
@@ -85,16 +109,27 @@ def _load(datasets, name: str, config: str | None):
         raise UserError(f"could not load Hugging Face dataset {name}: {first}") from None
 
 
-def _columns(datasets, ds, name: str) -> tuple[str, str]:
+def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str]:
     features = ds.features
-    images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+    listed = ", ".join(f"{c} ({type(f).__name__})" for c, f in features.items())
+    for option, column in options.items():
+        if column not in features:
+            raise UserError(f"{name} has no column '{column}' ({option}=); its columns: {listed}")
+    if "image" in options and not isinstance(features[options["image"]], datasets.Image):
+        raise UserError(
+            f"{name}: column '{options['image']}' holds no images; its columns: {listed}"
+        )
+    images = [options["image"]] if "image" in options else [
+        c for c, f in features.items() if isinstance(f, datasets.Image)
+    ]  # fmt: skip
     labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
-    labels = labels or [c for c in ("label", "labels") if c in features]
+    labels = [options["label"]] if "label" in options else (
+        labels or [c for c in ("label", "labels") if c in features]
+    )  # fmt: skip
     if len(images) != 1 or len(labels) != 1:
         raise UserError(
-            f"{name}: cannot tell the image and label columns apart (columns: "
-            f"{', '.join(f'{c} ({type(f).__name__})' for c, f in features.items())}); "
-            "it needs one Image column and one ClassLabel (or label) column"
+            f"{name}: cannot tell the image and label columns apart (columns: {listed}); name "
+            "them: hf:NAME,image=COLUMN,label=COLUMN"
         )
     return images[0], labels[0]
 
