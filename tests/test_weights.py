@@ -267,7 +267,21 @@ def test_models_command_lists_what_is_usable_offline(offline_cache, capsys):
     out = capsys.readouterr().out
     assert "test_resnet.r160_in1k" in out and "cache" in out and "tf_efficientnet_lite0" in out
     rows = weights.available("test_*", offline=True)
-    assert rows == [{"name": "test_resnet.r160_in1k", "from": "cache", "input_size": 160}]
+    assert rows == [
+        {"name": "test_resnet.r160_in1k", "from": "cache", "input_size": 160, "top1": 41.602}
+    ]
+
+
+def test_models_lists_the_top1_timm_records_for_a_tag_at_its_input_size(capsys, monkeypatch):
+    from transferlab.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub rows come from timm's registry, no network
+    rows = {r["name"]: r for r in weights.available("resnet50.a*")}
+    assert rows["resnet50.a1_in1k"]["input_size"] == 224
+    assert rows["resnet50.a1_in1k"]["top1"] == 80.382  # timm's row at 224, not the one at 288
+    main(["models", "convnext_tiny.fb_in22k_ft_in1k"])
+    line = capsys.readouterr().out.splitlines()[1].split()
+    assert line == ["convnext_tiny.fb_in22k_ft_in1k", "224", "82.90", "hub"]
 
 
 def test_a_tagged_model_trains_offline_from_the_cache_hf_home_names(folder_data, tmp_path):

@@ -232,11 +232,14 @@ def cmd_models(args) -> None:
         raise UserError(
             f"no pretrained weights match '{args.pattern}'" + (" offline" if args.offline else "")
         )
-    print(f"{'name':<48} {'input':>5}  from")
+    print(f"{'name':<48} {'input':>5} {'top-1':>6}  from")
     for r in rows:
-        size = r["input_size"] or "-"
-        print(f"{r['name']:<48} {size:>5}  {r['from']}")
-    print(f"{len(rows)} model(s); use one with --model NAME (its weights and preprocessing)")
+        size, top1 = r["input_size"] or "-", f"{r['top1']:.2f}" if r["top1"] else "-"
+        print(f"{r['name']:<48} {size:>5} {top1:>6}  {r['from']}")
+    print(
+        f"{len(rows)} model(s); use one with --model NAME (its weights and preprocessing). "
+        "top-1: ImageNet-1k val at that input size, as timm's results table records it"
+    )
 
 
 def cmd_data(args) -> None:

@@ -402,7 +402,20 @@ def available(pattern: str = "*", offline: bool = False) -> list[dict]:
         known = {r["name"] for r in rows}
         rows += [{"name": n, "from": "hub"} for n in timm.list_pretrained() if n not in known]
     rows = [r for r in rows if fnmatch.fnmatch(r["name"], pattern)]
+    top1 = imagenet_top1()
     for r in rows:
         cfg = None if ":" in r["name"] else timm.models.get_pretrained_cfg(r["name"])
         r["input_size"] = cfg.input_size[-1] if cfg else None
+        r["top1"] = top1.get((r["name"], r["input_size"]))
     return rows
+
+
+def imagenet_top1() -> dict[tuple[str, int], float]:
+    """(tagged timm name, input size) -> ImageNet-1k val top-1, from timm's own table
+    (results/results-imagenet.csv of huggingface/pytorch-image-models at aa4b585, 2026-08-08;
+    Apache-2.0): the wheel does not ship it, so transferlab carries its first three columns."""
+    import csv
+    from importlib import resources
+
+    with resources.files("transferlab").joinpath("imagenet_top1.csv").open() as f:
+        return {(r["model"], int(r["img_size"])): float(r["top1"]) for r in csv.DictReader(f)}
