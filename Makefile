@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean browser
+.PHONY: setup demo test compat bench lint clean browser
 
 setup: $(STAMP)
 
@@ -21,6 +21,19 @@ demo: setup
 test: setup browser
 	$(BIN)/python -m pytest -q
 
+# A user's venv that already holds older supported torch and timm (pyproject's floors): transferlab
+# goes in without constraints.txt, pip must leave them alone, and the fast suite runs on them.
+# PIP_FIND_LINKS=" ": this machine's /opt/wheels has a torch 2.13 +cpu build no torchvision fits.
+COMPAT := .venv-compat
+COMPAT_PINS ?= torch==2.10.0 torchvision==0.25.0 timm==1.0.21
+compat:
+	rm -rf $(COMPAT) && $(PYTHON) -m venv $(COMPAT)
+	PIP_FIND_LINKS=" " $(COMPAT)/bin/pip install -q --no-cache-dir $(COMPAT_PINS)
+	$(COMPAT)/bin/pip freeze | grep -E '^(torch|torchvision|timm)==' | tee $(COMPAT)/before.txt
+	PIP_FIND_LINKS=" " $(COMPAT)/bin/pip install -q --no-cache-dir -e '.[dev]'
+	$(COMPAT)/bin/pip freeze | grep -E '^(torch|torchvision|timm)==' | diff $(COMPAT)/before.txt -
+	$(COMPAT)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
 browser:  # Debian's chromium renders report.html in a test (installed when missing)
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
 
@@ -33,4 +46,4 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(COMPAT) runs .pytest_cache
