@@ -126,3 +126,29 @@ def test_ensemble_with_tta_is_recorded_and_recomputed(hetero_runs, tmp_path):
         ensembles.build(runs, "soft", tmp_path / "crops", quiet=True, tta="crops")
     with pytest.raises(UserError, match=r"unknown --tta 'mirror' \(known: none, flip, crops\)"):
         ensembles.build(runs, "soft", tmp_path / "bad", quiet=True, tta="mirror")
+
+
+def test_a_moved_tree_of_runs_and_ensemble_predicts_the_same(hetero_runs, tmp_path):
+    import shutil
+
+    from transferlab import predict
+
+    tree = tmp_path / "tree"
+    for run in ("dcnn", "resnet"):
+        shutil.copytree(hetero_runs / run, tree / run)
+    ensembles.build([tree / "dcnn", tree / "resnet"], "stacking", tree / "ens", quiet=True)
+    images = [str(p) for p in sorted((hetero_runs / "data" / "test" / "b").iterdir())[:4]]
+    before, _ = predict.predict(tree / "ens", images, top_k=3, quiet=True)
+    shutil.move(tree, tmp_path / "moved")  # the whole tree: members found beside the ensemble
+    after, _ = predict.predict(tmp_path / "moved" / "ens", images, top_k=3, quiet=True)
+    assert after == before
+    assert ensembles.read(tmp_path / "moved" / "ens")["members"][0]["run"] == str(
+        tmp_path / "moved" / "ens" / ".." / "dcnn"
+    )
+    shutil.move(tmp_path / "moved" / "ens", tmp_path / "ens-alone")  # beside nothing: gone too
+    with pytest.raises(UserError, match="member dcnn of ensemble .* is not at .* nor at .*tree"):
+        predict.predict(tmp_path / "ens-alone", images, quiet=True)
+    shutil.copytree(tmp_path / "moved" / "dcnn", tree / "dcnn")  # back where it was built
+    shutil.copytree(tmp_path / "moved" / "resnet", tree / "resnet")
+    alone, _ = predict.predict(tmp_path / "ens-alone", images, top_k=3, quiet=True)
+    assert alone == before

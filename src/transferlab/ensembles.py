@@ -8,6 +8,7 @@ metrics), combiner.npz (its fitted parameters), logits/<split>.npz, confusion.pn
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def _write(out: Path, method, runs, metas, spec, params, logp, targets, feats, t
     for run, meta, i in zip(runs, metas, range(len(runs)), strict=True):
         members.append(
             {
-                "run": str(Path(run).resolve()),
+                "run": os.path.relpath(Path(run).resolve(), out.resolve()),  # moves with it
+                "run_at_build": str(Path(run).resolve()),
                 "weights_sha256": meta.get("weights_sha256"),
                 "data_fingerprint": meta.get("data_fingerprint"),
                 "arch": meta["arch"],
@@ -122,10 +124,22 @@ def is_ensemble(path: str | Path) -> bool:
 
 
 def read(path: str | Path) -> dict:
+    """ensemble.json, each member's "run" resolved: relative to the ensemble folder (so a tree
+    of runs and ensembles can be moved, copied or archived), else where it was at build time."""
     try:
-        return json.loads((Path(path) / ENSEMBLE).read_text())
+        info = json.loads((Path(path) / ENSEMBLE).read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {Path(path) / ENSEMBLE}: {err}") from None
+    for m in info["members"]:
+        places = [Path(path) / m["run"], Path(m.get("run_at_build", m["run"]))]
+        found = next((p for p in places if (p / checkpoint.META).is_file()), None)
+        if found is None:
+            raise UserError(
+                f"member {Path(m['run']).name} of ensemble {path} is not at {places[0]} (beside "
+                f"the ensemble) nor at {places[1]} (where it was built); put it back in either"
+            )
+        m["run"] = str(found)
+    return info
 
 
 def read_params(path: str | Path, info: dict) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, decoding, evaluate, plots
+from . import checkpoint, data, decoding, ensembles, evaluate, plots
 from .config import UserError
 
 SORT_JS = """
@@ -161,7 +161,7 @@ def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
     for r in rows:
         path = r["_path"]
         is_ens = r["_curves"] is None
-        info = json.loads((path / ("ensemble.json" if is_ens else "meta.json")).read_text())
+        info = ensembles.read(path) if is_ens else json.loads((path / "meta.json").read_text())
         names = info["class_names"]
         figures, extra = _figures(path, names)
         test = info["metrics"]["test"]
