@@ -167,6 +167,9 @@ def test_recipe_end_to_end_then_evaluate_json_and_report(capsys, tmp_path):
     result = json.loads(out.strip().splitlines()[-1])
     meta = json.loads((tmp_path / "out" / "net" / "meta.json").read_text())
     assert result["top1"] == meta["metrics"]["test"]["top1"] and result["n"] == 36
+    assert result["macro_f1"] == meta["metrics"]["test"]["macro_f1"]
+    assert len(result["classes"]) == len(meta["classes"]) and "most_confused" in result
+    assert {"precision", "recall", "f1", "support"} <= set(result["classes"][0])
     # rerunning the recipe skips finished steps instead of redoing them
     code, out, _ = run_cli(capsys, "--quiet", "run", recipe, "--out", tmp_path / "out")
     assert code == 0 and out.count("skipped") == 3

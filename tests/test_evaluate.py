@@ -29,3 +29,39 @@ def test_tta_views_flip_and_ten_crops():
     crops = list(evaluate.views(x, "crops"))
     assert len(crops) == 10 and all(v.shape == x.shape for v in crops)
     assert not torch.equal(crops[0], crops[2])  # different corners
+
+
+def test_class_metrics_match_hand_computed_values_and_scikit_learn():
+    from sklearn.metrics import balanced_accuracy_score, classification_report
+
+    targets, pred = np.array([0, 0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 2, 2])
+    logits = np.eye(4)[pred] * 5.0  # class 3: neither a target nor predicted
+    m = evaluate.metrics(logits, targets)
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)  # over the classes seen
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
+    report = evaluate.per_class(logits, targets, ["ant", "bee", "cat", "dog"])
+    got = [
+        v for c in report["classes"] for v in (c["precision"], c["recall"], c["f1"], c["support"])
+    ]
+    assert got == pytest.approx([v for row in [(1, 2 / 3, 0.8, 3), (0.5, 0.5, 0.5, 2), (0.5, 1, 2 / 3, 1),
+                                 (0, 0, 0, 0)] for v in row])  # fmt: skip
+    assert [(c["true"], c["predicted"], c["count"]) for c in report["most_confused"]] == [
+        ("ant", "bee", 1), ("bee", "cat", 1)]  # fmt: skip
+    rng = np.random.default_rng(0)  # and scikit-learn's own numbers on a larger random case
+    targets, logits = rng.integers(0, 7, 500), rng.normal(size=(500, 7))
+    logits[np.arange(500), targets] += rng.normal(1.0, 1.0, 500)
+    ref = classification_report(targets, logits.argmax(1), output_dict=True, zero_division=0)
+    m, report = (
+        evaluate.metrics(logits, targets),
+        evaluate.per_class(logits, targets, list("abcdefg")),
+    )
+    assert m["macro_f1"] == pytest.approx(ref["macro avg"]["f1-score"])
+    assert m["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(targets, logits.argmax(1))
+    )
+    for i, c in enumerate(report["classes"]):
+        assert (c["precision"], c["recall"], c["f1"], c["support"]) == pytest.approx(
+            (ref[str(i)]["precision"], ref[str(i)]["recall"], ref[str(i)]["f1-score"],
+             ref[str(i)]["support"]))  # fmt: skip
+    pairs = report["most_confused"]
+    assert [p["count"] for p in pairs] == sorted((p["count"] for p in pairs), reverse=True)

@@ -36,6 +36,25 @@ def browse(page, *flags) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+def test_report_has_per_class_scores_and_confused_pairs_from_the_test_logits(report_dir):
+    from transferlab import checkpoint, evaluate
+
+    logits, targets = checkpoint.load_logits(report_dir / "tiny", "test")
+    names = checkpoint.read_meta(report_dir / "tiny")["class_names"]
+    want = evaluate.per_class(logits, targets, names)
+    md = (report_dir / "report.md").read_text()
+    assert "| test macro-F1 | test bal. acc |" in md.splitlines()[4]
+    first = want["classes"][0]
+    row = f"| {first['name']} | {first['precision']:.3f} | {first['recall']:.3f} | {first['f1']:.3f} |"
+    assert (
+        md.count("## Per class: ") == 1 and row in md and "Most confused (true → predicted)" in md
+    )
+    page = (report_dir / "report.html").read_text()
+    assert page.count("per-class precision, recall, F1") == 3  # each run and the ensemble
+    macro = evaluate.metrics(logits, targets)["macro_f1"]
+    assert f"test macro-F1 {macro:.2%}" in page
+
+
 def test_report_html_is_self_contained(report_dir):
     text = (report_dir / "report.html").read_text()
     assert "http://" not in text and "https://" not in text  # no network

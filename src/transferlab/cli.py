@@ -306,9 +306,14 @@ def cmd_evaluate(args) -> None:
         print(f"note: {note}")
     print(
         f"{args.path} on {result['data']} [{args.split}]: top-1 {m['top1']:.2%}  "
-        f"top-5 {m['top5']:.2%}  loss {m['loss']:.4f}  n={m['n']}"
+        f"top-5 {m['top5']:.2%}  macro-F1 {m['macro_f1']:.2%}  balanced accuracy "
+        f"{m['balanced_accuracy']:.2%}  loss {m['loss']:.4f}  n={m['n']}"
     )
-    print(f"confusion matrix -> {result['confusion']}")
+    if m["most_confused"]:
+        print("most confused (true -> predicted: count): " + ", ".join(
+            f"{c['true']} -> {c['predicted']}: {c['count']}" for c in m["most_confused"]
+        ))  # fmt: skip
+    print(f"confusion matrix -> {result['confusion']}  (per-class precision/recall/F1: --json)")
     if args.json:
         print(json.dumps(m))
 

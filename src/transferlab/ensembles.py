@@ -123,14 +123,17 @@ def is_ensemble(path: str | Path) -> bool:
     return (Path(path) / ENSEMBLE).is_file()
 
 
-def read(path: str | Path) -> dict:
+def read(path: str | Path, resolve: bool = True) -> dict:
     """ensemble.json, each member's "run" resolved: relative to the ensemble folder (so a tree
-    of runs and ensembles can be moved, copied or archived), else where it was at build time."""
+    of runs and ensembles can be moved, copied or archived), else where it was at build time.
+    `resolve=False`: as recorded (a member may be gone)."""
     try:
         info = json.loads((Path(path) / ENSEMBLE).read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {Path(path) / ENSEMBLE}: {err}") from None
-    for m in info["members"]:
+    for m in info["members"] if not resolve else ():
+        m["run"] = m.get("run_at_build", m["run"])
+    for m in info["members"] if resolve else ():
         places = [Path(path) / m["run"], Path(m.get("run_at_build", m["run"]))]
         found = next((p for p in places if (p / checkpoint.META).is_file()), None)
         if found is None:
@@ -189,6 +192,7 @@ def evaluate_path(
     plots.confusion(
         matrix, names, figure, f"{path.name} on {spec} [{split}]: top-1 {result['top1']:.2%}"
     )
+    result |= evaluate.per_class(logp, targets, names)
     return {"metrics": result, "data": spec, "confusion": str(figure), "notes": notes}
 
 

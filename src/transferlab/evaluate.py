@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -212,21 +213,66 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
-    """top1, top5 (fractions), mean NLL loss, ECE and n, from logits or log-probabilities."""
+    """top1, top5 (fractions), mean NLL loss, ECE, macro-F1, balanced accuracy and n, from
+    logits or log-probabilities."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
     n = len(targets)
     if n == 0:
         nan = float("nan")
-        return {"top1": nan, "top5": nan, "loss": nan, "ece": nan, "n": 0}
+        return {"top1": nan, "top5": nan, "loss": nan, "ece": nan, "macro_f1": nan,
+                "balanced_accuracy": nan, "n": 0}  # fmt: skip
     logp = log_softmax(logits.astype(np.float64))
     k = min(5, logits.shape[1])
     topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    with warnings.catch_warnings():  # a class predicted but absent from targets: expected
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = balanced_accuracy_score(targets, topk[:, 0])
     return {
         "top1": float((topk[:, 0] == targets).mean()),
         "top5": float((topk == targets[:, None]).any(axis=1).mean()),
         "loss": float(-logp[np.arange(n), targets].mean()),
         "ece": ece(np.exp(logp.max(axis=1)), topk[:, 0] == targets),
+        "macro_f1": float(f1_score(targets, topk[:, 0], average="macro", zero_division=0)),
+        "balanced_accuracy": float(balanced),
         "n": int(n),
     }
+
+
+def per_class(logits: np.ndarray, targets: np.ndarray, names: list[str], pairs: int = 5) -> dict:
+    """Per class: precision, recall, F1 and support (scikit-learn's definitions, 0 where a class
+    is never predicted); and the `pairs` most-confused (true, predicted) pairs by count."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    pred = logits.argmax(1)
+    k = len(names)
+    p, r, f, support = precision_recall_fscore_support(
+        targets, pred, labels=np.arange(k), zero_division=0
+    )
+    matrix = confusion(pred, targets, k)
+    off = matrix * (1 - np.eye(k, dtype=matrix.dtype))
+    order = np.argsort(-off, axis=None, kind="stable")[:pairs]
+    confused = [
+        {
+            "true": names[t],
+            "predicted": names[q],
+            "count": int(off[t, q]),
+            "share_of_true": float(off[t, q] / max(matrix[t].sum(), 1)),
+        }  # fmt: skip
+        for t, q in zip(*np.unravel_index(order, off.shape), strict=True)
+        if off[t, q] > 0
+    ]
+    classes = [
+        {
+            "name": names[i],
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(support[i]),
+        }  # fmt: skip
+        for i in range(k)
+    ]
+    return {"classes": classes, "most_confused": confused}
 
 
 def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:

@@ -82,6 +82,28 @@ def _figures(path: Path, names: list[str]) -> tuple[str, dict]:
     return "".join(parts), {"ece": ece, "prob": prob, "targets": targets}
 
 
+def _class_table(scores: dict) -> str:
+    """Macro-F1, balanced accuracy, the most-confused pairs, and a folded per-class table."""
+    if not scores:
+        return ""
+    pairs = ", ".join(
+        f"{p['true']} → {p['predicted']} {p['count']} ({p['share_of_true']:.0%})"
+        for p in scores["most_confused"]
+    )
+    rows = "".join(
+        f"<tr><td>{html.escape(c['name'])}</td><td>{c['precision']:.3f}</td>"
+        f"<td>{c['recall']:.3f}</td><td>{c['f1']:.3f}</td><td>{c['support']}</td></tr>"
+        for c in scores["classes"]
+    )
+    return (
+        f'<p class="note">test macro-F1 {scores["macro_f1"]:.2%}, balanced accuracy '
+        f"{scores['balanced_accuracy']:.2%}; most confused (true → predicted): "
+        f"{html.escape(pairs or 'none')}</p><details><summary>per-class precision, recall, F1"
+        '</summary><table class="meta"><tr><th>class</th><th>precision</th><th>recall</th>'
+        f"<th>F1</th><th>support</th></tr>{rows}</table></details>"
+    )
+
+
 def _meta_table(items: list[tuple[str, str]]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in items
@@ -175,7 +197,7 @@ def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
             parts += [_gain_chart(info, r["model"]), _meta_table(_ensemble_meta(info))]
         else:
             parts += [_file_img(r["_curves"], "training curves"), _meta_table(_run_meta(info))]
-        parts += [figures, "</section>"]
+        parts += [figures, _class_table(r.get("_classes") or {}), "</section>"]
         sections.append("".join(parts))
         if extra and (best is None or r["_test"] > best[0]):
             best = (r["_test"], r["model"], info, extra)

@@ -7,7 +7,7 @@ import csv
 import io
 from pathlib import Path
 
-from . import checkpoint, ensembles, htmlreport, outputs
+from . import checkpoint, ensembles, evaluate, htmlreport, outputs
 from .config import UserError
 
 COLUMNS = [
@@ -20,6 +20,8 @@ COLUMNS = [
     "val top-1",
     "test top-1",
     "test top-5",
+    "test macro-F1",
+    "test bal. acc",
     "epochs",
     "seconds",
 ]
@@ -31,8 +33,43 @@ def collect(root: Path) -> list[dict]:
     for meta_path in sorted(root.rglob(checkpoint.META)):
         rows.append(_run_row(meta_path.parent, root, checkpoint.read_meta(meta_path.parent)))
     for ens_path in sorted(root.rglob(ensembles.ENSEMBLE)):
-        rows.append(_ensemble_row(ens_path.parent, root, ensembles.read(ens_path.parent)))
+        try:
+            info = ensembles.read(ens_path.parent)
+        except UserError:  # a member is gone: its row says stale
+            info = ensembles.read(ens_path.parent, resolve=False)
+        rows.append(_ensemble_row(ens_path.parent, root, info))
+    for row in rows:
+        row["_classes"] = class_scores(row["_path"], row["_names"])
+        row["test macro-F1"] = _pct(row["_classes"].get("macro_f1"))
+        row["test bal. acc"] = _pct(row["_classes"].get("balanced_accuracy"))
     return rows
+
+
+def class_scores(path: Path, names: list[str]) -> dict:
+    """Macro-F1, balanced accuracy, per-class P/R/F1 and confused pairs from the saved test
+    logits (so runs made before these metrics existed get them too); {} without logits."""
+    found = checkpoint.load_logits(path, "test")
+    if found is None:
+        return {}
+    logits, targets = found
+    return evaluate.metrics(logits, targets) | evaluate.per_class(logits, targets, names)
+
+
+def per_class_markdown(row: dict) -> list[str]:
+    """The per-class table and the most-confused pairs of one row, as markdown lines."""
+    scores = row["_classes"]
+    lines = [f"## Per class: {row['model']} (test)", "",
+             "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        f"| {c['name']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
+        f"{c['support']} |"
+        for c in scores["classes"]
+    ]
+    pairs = ", ".join(
+        f"{p['true']} → {p['predicted']} {p['count']} ({p['share_of_true']:.0%} of {p['true']})"
+        for p in scores["most_confused"]
+    )
+    return [*lines, "", f"Most confused (true → predicted): {pairs or 'none'}", ""]
 
 
 def _pct(value) -> str:
@@ -61,6 +98,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
         "_curves": path / "curves.png",
         "_test": m["test"]["top1"],
         "_path": path,
+        "_names": meta["class_names"],
     }
 
 
@@ -88,6 +126,7 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         "_curves": None,
         "_test": m["test"]["top1"],
         "_path": path,
+        "_names": info["class_names"],
     }
 
 
@@ -145,6 +184,10 @@ def write(root: str | Path) -> tuple[Path, str]:
             f"({gain:+.2f} points).",
             "",
         ]
+    best = max((r for r in rows if r["_classes"] and not r.get("_stale")), key=lambda r: r["_test"],
+               default=None)  # fmt: skip
+    if best:
+        parts += per_class_markdown(best)
     parts += ["## Curves", ""]
     for r in rows:
         if r["_curves"] is not None and r["_curves"].is_file():
