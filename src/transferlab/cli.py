@@ -169,11 +169,22 @@ def _result_commands(sub) -> None:
     p.add_argument("--data", help="dataset spec [the members' own]")
     p.add_argument("--tta", default="none", help=TTA_HELP + " [none]")
 
-    p = _sub(sub, "export", "write a run's model as ONNX, TorchScript or safetensors")
-    p.add_argument("path", help="a run folder")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
-    p.add_argument("--out", help="file to write [RUN/export/model.onnx|.pt|.safetensors]")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p = _sub(sub, "export", "a run as ONNX, TorchScript, safetensors or a Hugging Face/timm "
+             "folder; an ensemble as one ONNX graph")  # fmt: skip
+    p.add_argument("path", help="a run folder or an ensemble folder")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("onnx", "torchscript", "safetensors", "hf"),
+        help="hf: config.json + model.safetensors that timm.create_model('local-dir:DIR', "
+        "pretrained=True) loads; an ensemble: onnx only (uint8 NHWC RGB in, probabilities out)",
+    )
+    p.add_argument("--out", help="file (hf: folder) to write [RUN/export/model.onnx|.pt|"
+                   ".safetensors, RUN/export/hf, ENS/export/ensemble.onnx]")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--input-size", type=int, help="an ensemble graph's input size [its largest member's]"
+    )
 
     p = _sub(sub, "predict", "top-k class names for image files and folders")
     p.add_argument("path", help="a run folder or an ensemble folder")
@@ -329,9 +340,30 @@ def cmd_ensemble(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from . import export
+    from . import ensembles, export, shipping
 
-    result = export.export(args.path, args.format, args.out, args.overwrite)
+    if ensembles.is_ensemble(args.path):
+        if args.format != "onnx":
+            raise UserError(
+                f"an ensemble exports as one ONNX graph, not {args.format}: --format onnx"
+            )
+        result = shipping.export_ensemble(args.path, args.out, args.overwrite, args.input_size)
+        check = result["check"]
+        print(
+            f"checked on {check['images']}: max |probability difference| vs transferlab's "
+            f"ensemble {check['max_abs_prob_diff']:.2e}"
+            + ("" if check["resize_matches"] else " (members at other sizes or in grayscale "
+               "convert inside the graph, not with PIL from the original image; vs the same "
+               f"graph in PyTorch: {check['max_abs_graph_diff']:.2e})")
+        )  # fmt: skip
+        print(f"onnx -> {result['path']}")
+        return
+    if args.input_size:
+        raise UserError("--input-size applies to an ensemble; a run's graph takes its own size")
+    if args.format == "hf":
+        result = shipping.export_hf(args.path, args.out, args.overwrite)
+    else:
+        result = export.export(args.path, args.format, args.out, args.overwrite)
     check = result["check"]
     if check:
         print(

@@ -140,6 +140,12 @@ def check_out_file(path: Path, run: Path, overwrite: bool) -> None:
 
 
 def _onnx(packaged: nn.Module, x: torch.Tensor, path: Path, info: str) -> np.ndarray:
+    return onnx_file(packaged, x, path, info, "logits")
+
+
+def onnx_file(module: nn.Module, x: torch.Tensor, path: Path, info: str, output: str) -> np.ndarray:
+    """`module` as ONNX at `path` (batch size dynamic; `info` in the metadata under
+    "transferlab"); returns onnxruntime's outputs for `x`."""
     try:
         import onnx
         import onnxruntime
@@ -156,11 +162,11 @@ def _onnx(packaged: nn.Module, x: torch.Tensor, path: Path, info: str) -> np.nda
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            packaged,
+            module,
             (x,),
             dynamo=True,
             input_names=["image"],
-            output_names=["logits"],
+            output_names=[output],
             dynamic_shapes=({0: batch},),
         )
     proto = program.model_proto

@@ -1,0 +1,213 @@
+"""An ensemble as one ONNX graph, and a run as a Hugging Face / timm folder.
+
+The ensemble graph takes uint8 images (N, S, S, 3), NHWC, RGB, at one stated size S (by default
+the largest member's input size); inside it each member converts to grayscale if it was trained
+on grayscale (ITU-R 601 luma, as PIL's "L"), resizes to its own input size (ONNX Resize with
+the member's interpolation, no antialiasing), normalises with its own mean/std, and the
+members' probabilities are combined as the ensemble does. Output: probabilities (N, K) in the
+order of the ensemble's classes. Exported methods: soft, logit, weighted, select, stacking;
+hard (a vote) and fusion (a head on member features) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import (
+    checkpoint,
+    combiners,
+    data,
+    decoding,
+    ensembles,
+    evaluate,
+    export,
+    members,
+    models,
+    outputs,
+)
+from .config import UserError
+
+EXPORTED = ("soft", "logit", "weighted", "select", "stacking")
+LUMA = (0.299, 0.587, 0.114)
+
+
+class EnsembleGraph(nn.Module):
+    """uint8 NHWC RGB at `size` -> the ensemble's probabilities (N, K)."""
+
+    def __init__(self, nets, preps, orders, method: str, params: dict, size: int):
+        super().__init__()
+        self.members = nn.ModuleList(
+            export.Packaged(n, p) for n, p in zip(nets, preps, strict=True)
+        )
+        self.preps, self.method, self.size = preps, method, size
+        for i, order in enumerate(orders):
+            self.register_buffer(f"order{i}", torch.as_tensor(order, dtype=torch.long))
+        self.register_buffer("weights", torch.as_tensor(params["weights"], dtype=torch.float32))
+        if method == "stacking":
+            self.register_buffer("coef", torch.as_tensor(params["coef"], dtype=torch.float32))
+            self.register_buffer("bias", torch.as_tensor(params["intercept"], dtype=torch.float32))
+        self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 255.0
+        logps = []
+        for i, (member, prep) in enumerate(zip(self.members, self.preps, strict=True)):
+            xi = (x * self.luma).sum(1, keepdim=True) if prep.channels == 1 else x
+            if prep.input_size != self.size:
+                mode = "nearest" if prep.interpolation == "nearest" else prep.interpolation
+                corners = None if mode == "nearest" else False
+                xi = F.interpolate(
+                    xi, size=(prep.input_size,) * 2, mode=mode, align_corners=corners
+                )
+            logps.append(F.log_softmax(member(xi).float(), dim=1)[:, getattr(self, f"order{i}")])
+        logp = torch.stack(logps)  # (M, N, K)
+        if self.method == "logit":
+            return F.softmax(logp.mean(0), dim=1)
+        if self.method == "stacking":
+            m, n, k = logp.shape
+            features = logp.clamp(min=-30.0).permute(1, 0, 2).reshape(n, m * k)
+            return F.softmax(features @ self.coef.T + self.bias, dim=1)
+        return torch.einsum("m,mnk->nk", self.weights, logp.exp())  # soft, weighted, select
+
+
+def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = False,
+                    size: int | None = None) -> dict:  # fmt: skip
+    """ENS/export/ensemble.onnx (or `out`); checked with onnxruntime against the ensemble."""
+    path = Path(path)
+    info = ensembles.read(path)
+    if info["method"] not in EXPORTED:
+        raise UserError(
+            f"a {info['method']} ensemble does not export (exported: {', '.join(EXPORTED)}): "
+            f"rebuild it with --method soft, logit, weighted, select or stacking"
+        )
+    metas = members.check_members(info, path)
+    runs = [m["run"] for m in info["members"]]
+    orders = members.check_classes(metas, runs)
+    preps = [models.Preprocessing.from_dict(m["preprocessing"]) for m in metas]
+    size = int(size or max(p.input_size for p in preps))
+    target = Path(out).expanduser() if out else path / "export" / "ensemble.onnx"
+    if target.suffix != ".onnx":
+        raise UserError(f"--out {target}: an ensemble exports to one .onnx file")
+    export.check_out_file(target, path, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nets = [
+        evaluate.load_run_model(r, m).cpu().float().eval() for r, m in zip(runs, metas, strict=True)
+    ]
+    params = ensembles.read_params(path, info)
+    graph = EnsembleGraph(nets, preps, orders, info["method"], params, size).eval()
+    split, source = _sample(info, metas[0])
+    rgb = decoding.decode(split, size, 3, _interpolation(preps, size), quiet=True)
+    own = _own_probabilities(nets, metas, preps, orders, info, params, split)
+    description = {
+        "classes": info["classes"], "class_names": info["class_names"], "method": info["method"],
+        "input": f"uint8 (N, {size}, {size}, 3) NHWC RGB, resized to {size}x{size} with "
+                 f"{_interpolation(preps, size)} interpolation; each member resizes and "
+                 "normalises inside the graph",
+        "output": "probabilities (N, num_classes) in the order of `classes`",
+        "members": [{"arch": m["arch"], **p.to_dict()} for m, p in zip(metas, preps, strict=True)],
+    }  # fmt: skip
+    got = export.onnx_file(
+        graph, torch.from_numpy(rgb), target, json.dumps(description), "probabilities"
+    )
+    with torch.no_grad():
+        traced = graph(torch.from_numpy(rgb)).numpy()  # the graph in PyTorch: ONNX's fidelity
+    exact = all(p.input_size == size and p.channels == 3 for p in preps)
+    return {"path": str(target), "check": {"max_abs_prob_diff": float(np.abs(got - own).max()),
+            "max_abs_graph_diff": float(np.abs(got - traced).max()), "images": source,
+            "resize_matches": exact}}  # fmt: skip
+
+
+def _interpolation(preps: list[models.Preprocessing], size: int) -> str:
+    """The interpolation to resize to the graph's size: that of a member at that size."""
+    return next((p.interpolation for p in preps if p.input_size == size), preps[0].interpolation)
+
+
+def _sample(info: dict, first: dict, n: int = 16):
+    """Up to n real test images of the ensemble's data (a split, a description)."""
+    ds = data.load(info["data"], first.get("val_fraction", 0.1), first.get("limit"))
+    test = ds.splits["test"]
+    return test.subset(
+        np.arange(min(n, len(test)))
+    ), f"{min(n, len(test))} test images of {info['data']}"
+
+
+def _own_probabilities(nets, metas, preps, orders, info, params, split) -> np.ndarray:
+    """transferlab's own ensemble on those images: each member through its own decoding."""
+    logps = []
+    for net, prep, order in zip(nets, preps, orders, strict=True):
+        images = decoding.decode(
+            split, prep.input_size, prep.channels, prep.interpolation, quiet=True
+        )
+        with torch.no_grad():
+            logits = export.Packaged(net, prep)(export.to_unit(images)).numpy()
+        logps.append(evaluate.log_softmax(logits)[:, order])
+    return np.exp(combiners.combine(info["method"], np.stack(logps), params))
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def export_hf(run: str | Path, out: str | Path | None, overwrite: bool = False) -> dict:
+    """RUN/export/hf/ (or `out`): config.json (architecture, label names, the run's
+    preprocessing as pretrained_cfg) and model.safetensors, as timm.save_for_hf writes them,
+    so `timm.create_model("local-dir:DIR", pretrained=True)` (or hf-hub: once pushed) rebuilds
+    the model with its weights."""
+    import timm.models
+
+    run = Path(run)
+    meta = checkpoint.read_meta(run)
+    arch = models.Architecture.of_run(meta)
+    if arch.name == "dcnn" or arch.stem != "default" or arch.pool_stages:
+        raise UserError(
+            f"--format hf writes a plain timm model; {run} is {arch.name}"
+            + (" with a small stem" if arch.stem != "default" else "")
+            + (" with pooled stages" if arch.pool_stages else "")
+            + ": export it as onnx, torchscript or safetensors"
+        )
+    folder = Path(out).expanduser() if out else run / "export" / "hf"
+    _check_folder(folder, run, overwrite)
+    prep = models.Preprocessing.from_dict(meta["preprocessing"])
+    model = (
+        evaluate.load_run_model(run, meta).cpu().float().to(memory_format=torch.contiguous_format)
+    )
+    cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if not k.startswith("test_")}
+    cfg |= {"tag": None, "hf_hub_id": None, "url": None, "file": None}  # not timm's weights
+    cfg |= {"input_size": (prep.channels, prep.input_size, prep.input_size), "mean": prep.mean,
+            "std": prep.std, "interpolation": prep.interpolation, "crop_pct": 1.0,
+            "num_classes": meta["num_classes"]}  # fmt: skip
+    model.pretrained_cfg = cfg
+    model_args = {"in_chans": prep.channels} if prep.channels != 3 else None
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".hf-") as tmp:  # then file by file
+        timm.models.save_for_hf(model, tmp, model_config={"label_names": meta["class_names"]},
+                                model_args=model_args, safe_serialization=True)  # fmt: skip
+        for file in sorted(Path(tmp).iterdir()):
+            os.replace(file, folder / file.name)
+    return {"path": str(folder), "check": None}
+
+
+HF_FILES = {"config.json", "model.safetensors", "pytorch_model.bin", "README.md"}
+
+
+def _check_folder(folder: Path, run: Path, overwrite: bool) -> None:
+    """A new or empty folder, or one holding only an earlier hf export (replaced: --overwrite
+    unless it is RUN/export/hf); anything else in it is never touched."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file; --format hf writes a folder")
+    found = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if found - HF_FILES:
+        raise UserError(
+            f"{folder} holds other files ({', '.join(sorted(found - HF_FILES)[:3])}); "
+            "--format hf writes into a new or empty folder"
+        )
+    if found and not overwrite and not outputs.inside(folder, run / "export"):
+        raise UserError(f"{folder} holds an earlier export: pass --overwrite to replace it")
+    export.check_out_file(folder / "config.json", run, overwrite=True)

@@ -1,0 +1,99 @@
+"""An ensemble as one ONNX graph checked with onnxruntime against transferlab's own ensemble on
+real test images; a run as a Hugging Face / timm folder that timm loads back offline."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from transferlab import checkpoint, ensembles, evaluate, shipping, trainer
+from transferlab.cli import main
+from transferlab.config import UserError
+
+from conftest import tiny_cfg
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory, folder_data, trained_run):
+    """Three runs on the same data: two RGB at 24 px, one grayscale DCNN at 16 px."""
+    root = tmp_path_factory.mktemp("ship")
+    spec = f"folder:{folder_data}"
+    trainer.fit(tiny_cfg(spec, seed=1, model="dcnn", channels=3), root / "rgb24", quiet=True)
+    trainer.fit(
+        tiny_cfg(spec, model="dcnn", channels=1, input_size=16), root / "gray16", quiet=True
+    )
+    return trained_run, root / "rgb24", root / "gray16"
+
+
+@pytest.mark.parametrize("method", ["soft", "logit", "weighted", "stacking"])
+def test_ensemble_onnx_matches_the_ensemble_where_the_resize_matches(members, tmp_path, method):
+    import onnxruntime
+
+    ensembles.build(members[:2], method, tmp_path / "ens", quiet=True)
+    result = shipping.export_ensemble(tmp_path / "ens", None)
+    check = result["check"]
+    assert check["resize_matches"] and check["max_abs_prob_diff"] <= 1e-4, check
+    assert result["path"] == str(tmp_path / "ens" / "export" / "ensemble.onnx")
+    session = onnxruntime.InferenceSession(result["path"], providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map["transferlab"]
+    info = json.loads(meta)
+    assert info["method"] == method and info["input"].startswith("uint8 (N, 24, 24, 3) NHWC RGB")
+    images = np.random.default_rng(0).integers(0, 256, (5, 24, 24, 3), dtype=np.uint8)
+    (prob,) = session.run(None, {"image": images})  # any batch size
+    assert prob.shape == (5, 4) and np.allclose(prob.sum(1), 1, atol=1e-5)
+
+
+def test_ensemble_of_other_sizes_and_grayscale_exports_and_says_how_close(members, tmp_path):
+    ensembles.build([members[0], members[2]], "soft", tmp_path / "ens", quiet=True)
+    check = shipping.export_ensemble(tmp_path / "ens", tmp_path / "e.onnx")["check"]
+    assert not check["resize_matches"] and check["max_abs_graph_diff"] <= 1e-4  # ONNX = PyTorch
+    assert check["max_abs_prob_diff"] < 0.5  # two resizes vs PIL's one: close, not exact
+
+
+def test_hard_and_fusion_ensembles_are_refused_in_one_line(members, tmp_path, capsys):
+    for method in ("hard", "fusion"):
+        ensembles.build(members[:2], method, tmp_path / method, quiet=True)
+        assert main(["export", str(tmp_path / method), "--format", "onnx"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"a {method} ensemble does not export" in err
+    assert main(["export", str(tmp_path / "hard"), "--format", "hf"]) == 2
+    assert "an ensemble exports as one ONNX graph" in capsys.readouterr().err
+
+
+def test_hf_folder_loads_back_in_timm_offline_with_labels_and_preprocessing(
+    trained_run, tmp_path, monkeypatch
+):
+    import timm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = shipping.export_hf(trained_run, tmp_path / "hf")["path"]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    meta = checkpoint.read_meta(trained_run)
+    assert config["label_names"] == meta["class_names"]
+    assert (
+        config["pretrained_cfg"]["input_size"] == [3, 24, 24]
+        and "tag" not in config["pretrained_cfg"]
+    )
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert list(model.pretrained_cfg["mean"]) == list(meta["preprocessing"]["mean"])
+    x = torch.rand(2, 3, 24, 24)
+    ours = evaluate.load_run_model(trained_run, meta).cpu().float().eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), ours(x), atol=1e-5)
+    with pytest.raises(UserError, match="holds an earlier export: pass --overwrite"):
+        shipping.export_hf(trained_run, tmp_path / "hf")
+    shipping.export_hf(trained_run, tmp_path / "hf", overwrite=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds other files \\(notes.txt\\)"):
+        shipping.export_hf(trained_run, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_hf_export_of_a_model_timm_cannot_build_is_refused(members, tmp_path):
+    with pytest.raises(UserError, match="writes a plain timm model; .* is dcnn"):
+        shipping.export_hf(members[1], tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
