@@ -25,7 +25,7 @@ test: setup browser
 # goes in without constraints.txt, pip must leave them alone, and the fast suite runs on them.
 # PIP_FIND_LINKS=" ": this machine's /opt/wheels has a torch 2.13 +cpu build no torchvision fits.
 COMPAT := .venv-compat
-COMPAT_PINS ?= torch==2.10.0 torchvision==0.25.0 timm==1.0.21
+COMPAT_PINS ?= torch==2.10.0 torchvision==0.25.0 timm==1.0.26
 compat:
 	rm -rf $(COMPAT) && $(PYTHON) -m venv $(COMPAT)
 	PIP_FIND_LINKS=" " $(COMPAT)/bin/pip install -q --no-cache-dir $(COMPAT_PINS)
@@ -38,7 +38,7 @@ browser:  # Debian's chromium renders report.html in a test (installed when miss
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
 
 bench: setup  # CPU benchmarks (need ../shared/data); the GPU one is benchmarks/gpu_check.sh
-	@for b in precision train_throughput inference_throughput scaling; do \
+	@for b in precision train_throughput inference_throughput scaling serve_load; do \
 	  echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 lint: setup
