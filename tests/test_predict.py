@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from transferlab import checkpoint, combiners, ensembles, predict
+from transferlab import checkpoint, combiners, ensembles, evaluate, predict
 from transferlab.cli import main
 
 from conftest import make_image
@@ -46,9 +46,10 @@ def test_predict_an_ensemble_of_different_input_sizes(hetero_ensemble, images):
     info = ensembles.read(hetero_ensemble)
     parts = [
         predict._member(
-            m["run"], checkpoint.read_meta(m["run"]), [str(images / "a.png")], "none", True
+            evaluate.load_run_model(m["run"], meta), meta, [str(images / "a.png")], "none", True
         )
         for m in info["members"]
+        for meta in [checkpoint.read_meta(m["run"])]
     ]
     assert [p[1].shape[1] for p in parts] and {m["input_size"] for m in info["members"]} == {24, 32}
     logp = np.stack([p[0] for p in parts])

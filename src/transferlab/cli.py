@@ -8,6 +8,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from . import cli_ship
 from .config import (
     Preempted,
     TrainConfig,
@@ -33,15 +34,11 @@ EXAMPLES = {
     "  transferlab train ... --lr auto   # runs the same test first and uses its suggestion",
     "evaluate": "transferlab evaluate runs/r50 --split test --json",
     "ensemble": "transferlab ensemble runs/r50 runs/dcnn runs/lite0 --method weighted --out runs/ens",
-    "export": "transferlab export runs/lite0 --format onnx    # -> runs/lite0/export/model.onnx",
     "predict": "transferlab predict runs/lite0 photo.jpg holiday/ --top-k 3\n"
     "  transferlab predict runs/ens holiday/ --json > predictions.json",
     "soup": "transferlab soup runs/ft-lr1e-3 runs/ft-lr3e-4 runs/ft-lr1e-4 --method greedy "
     "--out runs/soup",
     "report": "transferlab report runs/demo",
-    "models": "transferlab models 'convnext*' --offline",
-    "data": "transferlab data get cifar10 --to ~/data/cifar10   # prints the --data spec to use\n"
-    "  transferlab data list",
 }
 
 
@@ -57,7 +54,7 @@ def _sub(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
         name,
         help=help_text,
         description=help_text,
-        epilog=f"example:\n  {EXAMPLES[name]}",
+        epilog=f"example:\n  {(EXAMPLES | cli_ship.EXAMPLES)[name]}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # also after the subcommand (`transferlab train ... --quiet`); SUPPRESS keeps a --quiet
@@ -103,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _training_commands(sub)
     _result_commands(sub)
+    cli_ship.commands(sub, _sub, Parser)
     return parser
 
 
@@ -169,23 +167,6 @@ def _result_commands(sub) -> None:
     p.add_argument("--data", help="dataset spec [the members' own]")
     p.add_argument("--tta", default="none", help=TTA_HELP + " [none]")
 
-    p = _sub(sub, "export", "a run as ONNX, TorchScript, safetensors or a Hugging Face/timm "
-             "folder; an ensemble as one ONNX graph")  # fmt: skip
-    p.add_argument("path", help="a run folder or an ensemble folder")
-    p.add_argument(
-        "--format",
-        required=True,
-        choices=("onnx", "torchscript", "safetensors", "hf"),
-        help="hf: config.json + model.safetensors that timm.create_model('local-dir:DIR', "
-        "pretrained=True) loads; an ensemble: onnx only (uint8 NHWC RGB in, probabilities out)",
-    )
-    p.add_argument("--out", help="file (hf: folder) to write [RUN/export/model.onnx|.pt|"
-                   ".safetensors, RUN/export/hf, ENS/export/ensemble.onnx]")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument(
-        "--input-size", type=int, help="an ensemble graph's input size [its largest member's]"
-    )
-
     p = _sub(sub, "predict", "top-k class names for image files and folders")
     p.add_argument("path", help="a run folder or an ensemble folder")
     p.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
@@ -207,61 +188,12 @@ def _result_commands(sub) -> None:
     p.add_argument("--out", required=True, help="run folder to write (scored like any run)")
     p.add_argument("--data", help="dataset spec [the runs' own]")
 
-    p = _sub(sub, "models", "pretrained weights usable here (timm names, input size, source)")
-    p.add_argument("pattern", nargs="?", default="*", help="a glob such as 'resnet50*' [*]")
-    p.add_argument(
-        "--offline", action="store_true", help="only what needs no network (packages, cache)"
-    )
-
-    p = _sub(sub, "data", "download a standard dataset, verified and resumable, ready for --data")
-    what = p.add_subparsers(dest="action", required=True, parser_class=Parser, metavar="{list,get}")
-    what.add_parser("list", help="the datasets `get` knows")
-    get = what.add_parser(
-        "get",
-        help="download, check and lay out one of them",
-        description="Download the official archive(s) into DIR/downloads (an interrupted download "
-        "continues when run again), check the MD5, extract, and print the --data spec that reads "
-        "the set: folder:DIR/cifar10, csv:DIR/pets.csv, tiny-imagenet:DIR/tiny-imagenet-200, ...",
-    )
-    get.add_argument("name", help="a name from `transferlab data list`")
-    get.add_argument("--to", required=True, help="a new or empty folder (or one `get` began)")
-    get.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no bars")
-
     p = _sub(sub, "report", "write report.md and results.csv for every run under a folder")
     p.add_argument("path", help="a folder holding run and ensemble folders")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k in field_names(TrainConfig)}
-
-
-def cmd_models(args) -> None:
-    from . import weights
-
-    rows = weights.available(args.pattern, args.offline)
-    if not rows:
-        raise UserError(
-            f"no pretrained weights match '{args.pattern}'" + (" offline" if args.offline else "")
-        )
-    print(f"{'name':<48} {'input':>5} {'top-1':>6}  from")
-    for r in rows:
-        size, top1 = r["input_size"] or "-", f"{r['top1']:.2f}" if r["top1"] else "-"
-        print(f"{r['name']:<48} {size:>5} {top1:>6}  {r['from']}")
-    print(
-        f"{len(rows)} model(s); use one with --model NAME (its weights and preprocessing). "
-        "top-1: ImageNet-1k val at that input size, as timm's results table records it"
-    )
-
-
-def cmd_data(args) -> None:
-    from . import download
-
-    if args.action == "list":
-        for name, standard in download.STANDARD.items():
-            print(f"{name:<14} {standard.about}")
-        return
-    spec = download.get(args.name, args.to, args.quiet)
-    print(f"{args.name} ready in {args.to}; train on it with: --data {spec}")
 
 
 def cmd_demo(args) -> None:
@@ -339,40 +271,6 @@ def cmd_ensemble(args) -> None:
     print(f"ensemble -> {args.out}")
 
 
-def cmd_export(args) -> None:
-    from . import ensembles, export, shipping
-
-    if ensembles.is_ensemble(args.path):
-        if args.format != "onnx":
-            raise UserError(
-                f"an ensemble exports as one ONNX graph, not {args.format}: --format onnx"
-            )
-        result = shipping.export_ensemble(args.path, args.out, args.overwrite, args.input_size)
-        check = result["check"]
-        print(
-            f"checked on {check['images']}: max |probability difference| vs transferlab's "
-            f"ensemble {check['max_abs_prob_diff']:.2e}"
-            + ("" if check["resize_matches"] else " (members at other sizes or in grayscale "
-               "convert inside the graph, not with PIL from the original image; vs the same "
-               f"graph in PyTorch: {check['max_abs_graph_diff']:.2e})")
-        )  # fmt: skip
-        print(f"onnx -> {result['path']}")
-        return
-    if args.input_size:
-        raise UserError("--input-size applies to an ensemble; a run's graph takes its own size")
-    if args.format == "hf":
-        result = shipping.export_hf(args.path, args.out, args.overwrite)
-    else:
-        result = export.export(args.path, args.format, args.out, args.overwrite)
-    check = result["check"]
-    if check:
-        print(
-            f"checked on {check['images']}: max |logit difference| vs PyTorch "
-            f"{check['max_abs_logit_diff']:.2e}"
-        )
-    print(f"{args.format} -> {result['path']}")
-
-
 def cmd_predict(args) -> None:
     from . import predict
 
@@ -409,15 +307,12 @@ def cmd_report(args) -> None:
 
 COMMANDS = {
     "demo": cmd_demo,
-    "models": cmd_models,
-    "data": cmd_data,
     "run": cmd_run,
     "train": cmd_train,
     "finetune": cmd_finetune,
     "lr-find": cmd_lr_find,
     "evaluate": cmd_evaluate,
     "ensemble": cmd_ensemble,
-    "export": cmd_export,
     "predict": cmd_predict,
     "soup": cmd_soup,
     "report": cmd_report,
@@ -427,7 +322,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        (COMMANDS | cli_ship.COMMANDS)[args.command](args)
     except UserError as err:
         print(f"transferlab {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -110,14 +110,12 @@ def _decode(files: list, prep: models.Preprocessing, quiet: bool) -> tuple[np.nd
     return (np.stack(out) if out else np.zeros(shape, np.uint8)), names, bad
 
 
-def _member(run, meta: dict, files: list[str], tta: str, quiet: bool):
+def _member(model, meta: dict, files: list, tta: str, quiet: bool):
     """(log-probs (N, K) in the run's class order, pooled features (N, F), kept files, bad)."""
     prep = models.Preprocessing.from_dict(meta["preprocessing"])
-    evaluate.check_tta(tta, prep.input_size, f"run {run}")
     images, kept, bad = _decode(files, prep, quiet)
     if not kept:
         raise UserError("no readable images: " + "; ".join(bad))
-    model = evaluate.load_run_model(run, meta)
     feats = evaluate.predict(
         model,
         images,
@@ -130,6 +128,63 @@ def _member(run, meta: dict, files: list[str], tta: str, quiet: bool):
         tta=tta,
     )
     return evaluate.log_softmax(evaluate.head_logits(model, feats)), feats, kept, bad
+
+
+class Predictor:
+    """A run or an ensemble, its models loaded once: images (files, PIL images) -> top-k rows.
+
+    `tta`: for a run, None means none; an ensemble predicts with the TTA it was built with."""
+
+    def __init__(self, path: str | Path, tta: str | None = None):
+        self.path = Path(path)
+        if ensembles.is_ensemble(path):
+            info = ensembles.read(path)
+            runs = [m["run"] for m in info["members"]]
+            self.metas = members.check_members(info, path)
+            self.orders = members.check_classes(self.metas, runs)
+            self.tta = ensembles.own_tta(self.path, info, tta)
+            self.method, self.params = info["method"], ensembles.read_params(path, info)
+            self.classes, self.names = info["classes"], info["class_names"]
+        else:
+            meta = checkpoint.read_meta(path)
+            runs, self.metas, self.tta, self.method = [path], [meta], tta or "none", None
+            self.orders = [np.arange(len(meta["classes"]))]
+            self.classes, self.names = meta["classes"], meta["class_names"]
+        for run, meta in zip(runs, self.metas, strict=True):
+            evaluate.check_tta(self.tta, meta["preprocessing"]["input_size"], f"run {run}")
+        self.models = [evaluate.load_run_model(r, m) for r, m in zip(runs, self.metas, strict=True)]
+
+    def log_probs(self, files: list, quiet: bool = True) -> tuple[np.ndarray, list, list[str]]:
+        """(N, K) log-probs of the readable inputs, those inputs, one line per skipped file."""
+        logp, feats, bad = [], [], []
+        for model, meta, order in zip(self.models, self.metas, self.orders, strict=True):
+            lp, f, files, skipped = _member(model, meta, files, self.tta, quiet)  # kept only
+            logp.append(lp[:, order])
+            feats.append(f)
+            bad += skipped
+        if self.method is None:
+            return logp[0], files, bad
+        combined = combiners.combine(self.method, np.stack(logp), self.params, np.hstack(feats))
+        return combined, files, bad
+
+    def rows(self, files: list, top_k: int = 5, quiet: bool = True) -> tuple[list[dict], list[str]]:
+        if top_k < 1:
+            raise UserError(f"--top-k must be at least 1, got {top_k}")
+        combined, files, bad = self.log_probs(files, quiet)
+        prob = np.exp(combined)
+        k = min(top_k, prob.shape[1])
+        top = np.argsort(-prob, axis=1)[:, :k]
+        rows = [
+            {
+                "path": f if isinstance(f, str) else f"<image {i}>",
+                "predictions": [
+                    {"class": self.classes[j], "name": self.names[j], "prob": float(prob[i, j])}
+                    for j in top[i]
+                ],
+            }
+            for i, f in enumerate(files)
+        ]
+        return rows, bad
 
 
 def predict(
@@ -146,38 +201,7 @@ def predict(
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     files = items(inputs)
-    if ensembles.is_ensemble(path):
-        info = ensembles.read(path)
-        runs = [m["run"] for m in info["members"]]
-        metas = members.check_members(info, path)
-        orders = members.check_classes(metas, runs)
-        tta = ensembles.own_tta(path, info, tta)
-        logp, feats, bad = [], [], []
-        for run, meta, order in zip(runs, metas, orders, strict=True):
-            lp, f, files, skipped = _member(run, meta, files, tta, quiet)  # later: kept only
-            logp.append(lp[:, order])
-            feats.append(f)
-            bad += skipped
-        params = ensembles.read_params(path, info)
-        combined = combiners.combine(info["method"], np.stack(logp), params, np.hstack(feats))
-        classes, names = info["classes"], info["class_names"]
-    else:
-        meta = checkpoint.read_meta(path)
-        combined, _, files, bad = _member(path, meta, files, tta or "none", quiet)
-        classes, names = meta["classes"], meta["class_names"]
-    prob = np.exp(combined)
-    k = min(top_k, prob.shape[1])
-    top = np.argsort(-prob, axis=1)[:, :k]
-    rows = [
-        {
-            "path": f if isinstance(f, str) else f"<image {i}>",
-            "predictions": [
-                {"class": classes[j], "name": names[j], "prob": float(prob[i, j])} for j in top[i]
-            ],
-        }
-        for i, f in enumerate(files)
-    ]
-    return rows, bad
+    return Predictor(path, tta).rows(files, top_k, quiet)
 
 
 def table(rows: list[dict]) -> str:

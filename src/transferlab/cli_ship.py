@@ -1,0 +1,160 @@
+"""The commands that bring data and weights in and ship models out: `data`, `models`, `export`,
+`serve`, `explain` (their parsers and handlers; `cli.build_parser` adds them)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import UserError
+
+EXAMPLES = {
+    "explain": "transferlab explain runs/lite0 photo.jpg holiday/   # -> runs/lite0/explain/*.png",
+    "serve": "transferlab serve runs/ens --port 8000\n"
+    "  curl -F file=@photo.jpg 'http://127.0.0.1:8000/predict?top_k=3'",
+    "models": "transferlab models 'convnext*' --offline",
+    "data": "transferlab data get cifar10 --to ~/data/cifar10   # prints the --data spec to use\n"
+    "  transferlab data list",
+    "export": "transferlab export runs/lite0 --format onnx    # -> runs/lite0/export/model.onnx",
+}
+
+
+def commands(sub, _sub, Parser) -> None:
+    """Add data, models, export, serve and explain to the subcommands `sub`."""
+    p = _sub(sub, "explain", "Grad-CAM: where in each image a run looked for its prediction")
+    p.add_argument("path", help="a run folder")
+    p.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
+    p.add_argument("--out", help="folder for the overlays [RUN/explain]")
+    p.add_argument("--class", dest="target", help="explain this class [the predicted one]")
+
+    p = _sub(sub, "serve", "an HTTP API for a run or ensemble: POST /predict, GET /health, /info")
+    p.add_argument("path", help="a run folder or an ensemble folder")
+    p.add_argument("--host", default="127.0.0.1", help="interface [127.0.0.1: this machine only]")
+    p.add_argument("--port", type=int, default=8000, help="[8000]")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image unless ?top_k= [5]")
+    p.add_argument("--max-batch", type=int, default=32, help="images per model call [32]")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the first image waits for others to batch with [5]")  # fmt: skip
+    p.add_argument("--max-mb", type=float, default=20.0, help="largest image accepted [20 MB]")
+    p = _sub(sub, "models", "pretrained weights usable here (timm names, input size, source)")
+    p.add_argument("pattern", nargs="?", default="*", help="a glob such as 'resnet50*' [*]")
+    p.add_argument(
+        "--offline", action="store_true", help="only what needs no network (packages, cache)"
+    )
+
+    p = _sub(sub, "data", "download a standard dataset, verified and resumable, ready for --data")
+    what = p.add_subparsers(dest="action", required=True, parser_class=Parser, metavar="{list,get}")
+    what.add_parser("list", help="the datasets `get` knows")
+    get = what.add_parser(
+        "get",
+        help="download, check and lay out one of them",
+        description="Download the official archive(s) into DIR/downloads (an interrupted download "
+        "continues when run again), check the MD5, extract, and print the --data spec that reads "
+        "the set: folder:DIR/cifar10, csv:DIR/pets.csv, tiny-imagenet:DIR/tiny-imagenet-200, ...",
+    )
+    get.add_argument("name", help="a name from `transferlab data list`")
+    get.add_argument("--to", required=True, help="a new or empty folder (or one `get` began)")
+    get.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no bars")
+
+    p = _sub(sub, "export", "a run as ONNX, TorchScript, safetensors or a Hugging Face/timm "
+             "folder; an ensemble as one ONNX graph")  # fmt: skip
+    p.add_argument("path", help="a run folder or an ensemble folder")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("onnx", "torchscript", "safetensors", "hf"),
+        help="hf: config.json + model.safetensors that timm.create_model('local-dir:DIR', "
+        "pretrained=True) loads; an ensemble: onnx only (uint8 NHWC RGB in, probabilities out)",
+    )
+    p.add_argument("--out", help="file (hf: folder) to write [RUN/export/model.onnx|.pt|"
+                   ".safetensors, RUN/export/hf, ENS/export/ensemble.onnx]")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--input-size", type=int, help="an ensemble graph's input size [its largest member's]"
+    )
+
+
+def cmd_models(args) -> None:
+    from . import weights
+
+    rows = weights.available(args.pattern, args.offline)
+    if not rows:
+        raise UserError(
+            f"no pretrained weights match '{args.pattern}'" + (" offline" if args.offline else "")
+        )
+    print(f"{'name':<48} {'input':>5} {'top-1':>6}  from")
+    for r in rows:
+        size, top1 = r["input_size"] or "-", f"{r['top1']:.2f}" if r["top1"] else "-"
+        print(f"{r['name']:<48} {size:>5} {top1:>6}  {r['from']}")
+    print(
+        f"{len(rows)} model(s); use one with --model NAME (its weights and preprocessing). "
+        "top-1: ImageNet-1k val at that input size, as timm's results table records it"
+    )
+
+
+def cmd_data(args) -> None:
+    from . import download
+
+    if args.action == "list":
+        for name, standard in download.STANDARD.items():
+            print(f"{name:<14} {standard.about}")
+        return
+    spec = download.get(args.name, args.to, args.quiet)
+    print(f"{args.name} ready in {args.to}; train on it with: --data {spec}")
+
+
+def cmd_export(args) -> None:
+    from . import ensembles, export, shipping
+
+    if ensembles.is_ensemble(args.path):
+        if args.format != "onnx":
+            raise UserError(
+                f"an ensemble exports as one ONNX graph, not {args.format}: --format onnx"
+            )
+        result = shipping.export_ensemble(args.path, args.out, args.overwrite, args.input_size)
+        check = result["check"]
+        print(
+            f"checked on {check['images']}: max |probability difference| vs transferlab's "
+            f"ensemble {check['max_abs_prob_diff']:.2e}"
+            + ("" if check["resize_matches"] else " (members at other sizes or in grayscale "
+               "convert inside the graph, not with PIL from the original image; vs the same "
+               f"graph in PyTorch: {check['max_abs_graph_diff']:.2e})")
+        )  # fmt: skip
+        print(f"onnx -> {result['path']}")
+        return
+    if args.input_size:
+        raise UserError("--input-size applies to an ensemble; a run's graph takes its own size")
+    if args.format == "hf":
+        result = shipping.export_hf(args.path, args.out, args.overwrite)
+    else:
+        result = export.export(args.path, args.format, args.out, args.overwrite)
+    check = result["check"]
+    if check:
+        print(
+            f"checked on {check['images']}: max |logit difference| vs PyTorch "
+            f"{check['max_abs_logit_diff']:.2e}"
+        )
+    print(f"{args.format} -> {result['path']}")
+
+
+def cmd_serve(args) -> None:
+    from . import serve
+
+    if not 1 <= args.port <= 65535 or args.max_batch < 1 or args.max_mb <= 0 or args.top_k < 1:
+        raise UserError("--port is 1..65535; --max-batch, --max-mb and --top-k are positive")
+    serve.serve(args.path, args.host, args.port, max_batch=args.max_batch,
+                max_wait_ms=args.max_wait_ms, max_mb=args.max_mb, top_k=args.top_k)  # fmt: skip
+
+
+def cmd_explain(args) -> None:
+    from . import ensembles, explain
+
+    if ensembles.is_ensemble(args.path):
+        raise UserError("explain one run (an ensemble's members each looked somewhere else)")
+    rows = explain.explain(args.path, args.inputs, args.out, args.target, args.quiet)
+    for r in rows:
+        print(f"{r['file']}: {r['predicted']} ({r['prob']:.2f}); Grad-CAM of {r['explained']} "
+              f"-> {r['overlay']}")  # fmt: skip
+
+
+COMMANDS = {"models": cmd_models, "data": cmd_data, "export": cmd_export, "serve": cmd_serve,
+            "explain": cmd_explain}  # fmt: skip

@@ -1,0 +1,174 @@
+"""`transferlab serve`: a run or an ensemble behind an HTTP API (FastAPI on uvicorn; the optional
+extra `serve`).
+
+- `POST /predict`: one or many images, as multipart form files (any field name) or as the raw
+  request body; `?top_k=N`. Answers `{"results": [{"file", "predictions": [{"class", "name",
+  "prob"}]}]}` in upload order.
+- `GET /health`: `{"status": "ok", "requests", "images", "batches"}`.
+- `GET /info`: classes, names, the ensemble method and each member's preprocessing.
+
+Requests that arrive together are batched: the first image waits up to `max_wait_ms` for
+others (up to `max_batch` images), and the model runs once on all of them in one worker thread.
+A bad upload (empty, over `max_mb`, not an image) is a 4xx JSON `{"error": ...}`; the server
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .config import UserError
+
+try:  # the optional extra `serve`; module-level so FastAPI resolves the handlers' annotations
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+except ImportError:
+    FastAPI = None
+
+
+@dataclass
+class Batcher:
+    """Collects images from concurrent requests into batches for one model worker."""
+
+    predictor: object
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    queue: asyncio.Queue | None = None
+    counts: dict = field(default_factory=lambda: {"requests": 0, "images": 0, "batches": 0})
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait_ms / 1000
+            while len(items) < self.max_batch and (left := deadline - loop.time()) > 0:
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), left))
+                except TimeoutError:
+                    break
+            images = [image for image, _, _ in items]
+            k = max(top_k for _, top_k, _ in items)
+            self.counts["batches"] += 1
+            try:
+                rows, _ = await asyncio.to_thread(self.predictor.rows, images, k)
+            except Exception as err:  # noqa: BLE001 - every waiting request hears of it
+                for _, _, future in items:
+                    future.set_exception(err)
+                continue
+            for row, (_, top_k, future) in zip(rows, items, strict=True):
+                future.set_result(row["predictions"][:top_k])
+
+    async def predict(self, images: list[Image.Image], top_k: int) -> list[list[dict]]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in images]
+        for image, future in zip(images, futures, strict=True):
+            self.queue.put_nowait((image, top_k, future))
+        self.counts["requests"] += 1
+        self.counts["images"] += len(images)
+        return list(await asyncio.gather(*futures))
+
+
+def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max_mb: float = 20,
+            top_k: int = 5):  # fmt: skip
+    """The FastAPI app serving the run or ensemble at `path` (its models loaded now)."""
+    if FastAPI is None:
+        raise UserError("serve needs FastAPI and uvicorn: pip install 'transferlab[serve]'")
+    from contextlib import asynccontextmanager
+
+    from . import decoding, predict
+
+    predictor = predict.Predictor(path)
+    batcher = Batcher(predictor, max_batch, max_wait_ms)
+    limit = int(max_mb * 1e6)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.queue = asyncio.Queue()
+        worker = asyncio.create_task(batcher.run())
+        yield
+        worker.cancel()
+
+    app = FastAPI(title=f"transferlab: {Path(path).name}", lifespan=lifespan)
+
+    class BadUpload(Exception):
+        def __init__(self, status: int, message: str):
+            self.status, self.message = status, message
+
+    @app.exception_handler(BadUpload)
+    async def bad_upload(request, err: BadUpload):
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_query(request, err: RequestValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
+
+    def image_of(name: str, body: bytes) -> Image.Image:
+        if not body:
+            raise BadUpload(400, f"{name} is empty (0 bytes)")
+        if len(body) > limit:
+            raise BadUpload(413, f"{name} is {len(body) / 1e6:.1f} MB; the limit is {max_mb} MB")
+        try:  # any mode -> 8-bit RGB, as files are read
+            return decoding.open_image(io.BytesIO(body), 3)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            why = "an unknown format" if isinstance(err, UnidentifiedImageError) else err
+            raise BadUpload(415, f"{name} is not a readable image ({why})") from None
+
+    @app.post("/predict")
+    async def predict_images(request: Request, top_k: int = top_k):
+        if not 1 <= top_k <= len(predictor.classes):
+            raise BadUpload(422, f"top_k must be 1..{len(predictor.classes)}, got {top_k}")
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > limit * 16:  # far over: refused before reading it
+            raise BadUpload(
+                413, f"the request is {declared / 1e6:.1f} MB; the limit is {max_mb} MB"
+            )
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            uploads = [(v.filename or k, await v.read()) for k, v in form.multi_items()
+                       if hasattr(v, "read")]  # fmt: skip
+            if not uploads:
+                raise BadUpload(400, "the form holds no files: send images as form files")
+        else:
+            uploads = [("body", await request.body())]
+        images = [image_of(name, body) for name, body in uploads]
+        results = await batcher.predict(images, top_k)
+        return {"results": [{"file": name, "predictions": preds}
+                            for (name, _), preds in zip(uploads, results, strict=True)]}  # fmt: skip
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **batcher.counts}
+
+    @app.get("/info")
+    async def info():
+        return {
+            "path": str(Path(path).resolve()),
+            "classes": predictor.classes,
+            "names": predictor.names,
+            "method": predictor.method,
+            "members": [
+                {"arch": m["arch"], "preprocessing": m["preprocessing"]} for m in predictor.metas
+            ],  # fmt: skip
+            "max_batch": max_batch,
+            "max_mb": max_mb,
+        }
+
+    return app
+
+
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Serve until Ctrl-C or SIGTERM (uvicorn finishes the requests in flight, then exits)."""
+    app = app_for(path, **options)
+    import uvicorn
+
+    print(f"serving {path} on http://{host}:{port} (POST /predict, GET /health, GET /info)",
+          flush=True)  # fmt: skip
+    uvicorn.run(app, host=host, port=port, log_level="warning")

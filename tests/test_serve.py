@@ -1,0 +1,150 @@
+"""`transferlab serve` as a user runs it: a real uvicorn process on a free port, answers equal to
+`predict`, bad uploads as 4xx JSON while it keeps serving, concurrent requests batched, and a
+clean exit on SIGTERM."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from transferlab import predict
+
+pytest.importorskip("fastapi")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    parts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        + body
+        + b"\r\n"
+        for name, body in files
+    )
+    return parts + f"--{boundary}--\r\n".encode(), {
+        "Content-Type": f"multipart/form-data; boundary={boundary}"
+    }
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transferlab", "serve", str(trained_run), "--port", str(port),
+         "--max-mb", "0.05", "--max-wait-ms", "200", "--top-k", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if call(url + "/health")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"the server did not start: {proc.stderr.read()}")
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_predict_answers_as_the_library_does(server, folder_data):
+    url, _ = server
+    files = sorted((folder_data / "test" / "b").iterdir())[:3]
+    want, _ = predict.predict(server_run(url), [str(f) for f in files], top_k=2, quiet=True)
+    status, got = call(url + "/predict", *multipart([(f.name, f.read_bytes()) for f in files]))
+    assert status == 200 and [r["file"] for r in got["results"]] == [f.name for f in files]
+    for g, w in zip(got["results"], want, strict=True):
+        assert [p["class"] for p in g["predictions"]] == [p["class"] for p in w["predictions"]]
+        assert [p["prob"] for p in g["predictions"]] == pytest.approx(
+            [p["prob"] for p in w["predictions"]], abs=1e-5
+        )
+    status, raw = call(url + "/predict?top_k=1", files[0].read_bytes())  # the raw body
+    assert status == 200 and len(raw["results"][0]["predictions"]) == 1
+    status, info = call(url + "/info")
+    assert info["classes"] == ["a", "b", "c", "d"] and info["members"][0]["preprocessing"]
+
+
+def server_run(url: str) -> str:
+    return call(url + "/info")[1]["path"]
+
+
+def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_data):
+    url, _ = server
+    good = next((folder_data / "test" / "a").iterdir()).read_bytes()
+    cases = [(b"", 400, "empty"), (b"not an image at all", 415, "not a readable image"),
+             (good[: len(good) // 2], 415, "not a readable image"),
+             (b"\x89PNG" + bytes(60_000), 413, "limit is 0.05 MB")]  # fmt: skip
+    for body, status, words in cases:
+        got_status, got = call(url + "/predict", body)
+        assert got_status == status and words in got["error"], (status, got)
+    assert call(url + "/predict?top_k=99", good)[0] == 422
+    assert call(url + "/predict?top_k=x", good)[0] == 422
+    assert call(url + "/predict", good)[0] == 200  # still serving
+
+
+def test_requests_arriving_together_are_batched(server, folder_data):
+    url, _ = server
+    before = call(url + "/health")[1]
+    images = [f.read_bytes() for f in sorted((folder_data / "test" / "c").iterdir())[:8]]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: call(url + "/predict", body), images))
+    assert all(status == 200 for status, _ in answers)
+    after = call(url + "/health")[1]
+    assert after["requests"] - before["requests"] == 8
+    assert after["batches"] - before["batches"] < 8  # some shared a model call
+
+
+def test_the_readme_curl_example_works_as_written(server, folder_data, tmp_path):
+    import re
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("curl") is None:
+        pytest.fail("curl is not installed")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"<!-- curl-example -->\n```bash\n(.*?)\n```", readme, re.S)[1]
+    url, _ = server
+    images = sorted((folder_data / "test" / "d").iterdir())
+    shutil.copy(images[0], tmp_path / "photo.jpg")
+    shutil.copy(images[1], tmp_path / "other.jpg")
+    command = command.replace("http://127.0.0.1:8000", url)
+    out = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, check=True).stdout  # fmt: skip
+    results = json.loads(out)["results"]
+    assert [r["file"] for r in results] == ["photo.jpg", "other.jpg"]
+    assert all(len(r["predictions"]) == 3 for r in results)
+
+
+def test_sigterm_stops_it_cleanly(server):
+    url, proc = server
+    proc.send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then exits by the signal it got (143 in a shell)
+    assert proc.wait(timeout=30) == -signal.SIGTERM
+    assert "Traceback" not in proc.stderr.read()
+    with pytest.raises(OSError):  # nothing left listening
+        call(url + "/health")
