@@ -84,6 +84,19 @@ def test_S26_overwrite_never_deletes_a_users_folder_and_validates_first(capsys, 
     assert tree(mydocs) == before
 
 
+def test_S26_what_export_and_explain_wrote_into_a_run_is_its_own_for_overwrite(
+    capsys, run_copy, folder_data
+):
+    pytest.importorskip("pytorch_grad_cam")
+    from transferlab import explain, shipping
+
+    explain.explain(run_copy, [str(next((folder_data / "test" / "a").iterdir()))])
+    shipping.export_hf(run_copy, None)
+    argv = ["--quiet", "train", "--data", f"folder:{folder_data}", *TINY, "--out", run_copy]
+    assert main([str(a) for a in [*argv, "--overwrite"]]) == 0, capsys.readouterr().err
+    assert not (run_copy / "explain").exists() and not (run_copy / "export").exists()
+
+
 def test_S26_overwrite_refuses_a_run_holding_user_files_and_a_bad_model_keeps_the_run(
     capsys, run_copy, folder_data
 ):
@@ -95,6 +108,8 @@ def test_S26_overwrite_refuses_a_run_holding_user_files_and_a_bad_model_keeps_th
         "state/my_note.txt": "mine",
         "confusion_analysis.xlsx": "mine",
         "report.md": "# my own report",
+        "explain/my_drawing.png": "mine",
+        "export/hf/notes.md": "mine",
     }
     argv = ["train", "--data", f"folder:{folder_data}", *TINY, "--out", run_copy, "--overwrite"]
     for name, text in planted.items():

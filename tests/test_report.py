@@ -55,6 +55,20 @@ def test_report_has_per_class_scores_and_confused_pairs_from_the_test_logits(rep
     assert f"test macro-F1 {macro:.2%}" in page
 
 
+def test_gradcam_of_the_most_confidently_wrong_images(report_dir):
+    pytest.importorskip("pytorch_grad_cam")
+    from transferlab import checkpoint, evaluate, htmlreport
+
+    logits, targets = checkpoint.load_logits(report_dir / "tiny", "test")
+    meta = checkpoint.read_meta(report_dir / "tiny")
+    wrong = (targets + 1) % logits.shape[1]  # every answer wrong: the grid has twelve
+    prob = np.exp(evaluate.log_softmax(logits))
+    part = htmlreport._wrong_grid(meta["data"], meta, prob, wrong, meta["class_names"], "t",
+                                  report_dir / "tiny")  # fmt: skip
+    assert 'alt="confidently wrong"' in part
+    assert 'alt="Grad-CAM of the confidently wrong images"' in part
+
+
 def test_report_html_is_self_contained(report_dir):
     text = (report_dir / "report.html").read_text()
     assert "http://" not in text and "https://" not in text  # no network

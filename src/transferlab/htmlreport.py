@@ -159,7 +159,8 @@ def _gain_chart(info: dict, name: str) -> str:
     return _img(plots.png(fig), f"{name} gain chart")
 
 
-def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, names, title) -> str:
+def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, names, title,
+                run: Path | None = None) -> str:  # fmt: skip
     """The most confidently wrong test images, if the data can still be read."""
     try:
         ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
@@ -174,7 +175,25 @@ def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, na
     captions = [
         f"true {names[targets[i]][:16]}\npred {names[pred[i]][:16]} ({conf[i]:.2f})" for i in pick
     ]
-    return _img(plots.png(plots.wrong_grid_figure(images, captions, title)), "confidently wrong")
+    grid = _img(plots.png(plots.wrong_grid_figure(images, captions, title)), "confidently wrong")
+    return grid + (_gradcam_grid(run, ds.splits["test"].subset(pick), captions) if run else "")
+
+
+def _gradcam_grid(run: Path, split: data.Split, captions: list[str]) -> str:
+    """Grad-CAM of the predicted (wrong) class on those images: where the run looked."""
+    from . import explain, models
+
+    try:
+        meta = checkpoint.read_meta(run)
+        prep = models.Preprocessing.from_dict(meta["preprocessing"])
+        images = decoding.decode(split, prep.input_size, prep.channels, prep.interpolation,
+                                 quiet=True)  # fmt: skip
+        maps, _ = explain.cams(evaluate.load_run_model(run, meta), prep, images)
+    except UserError as err:  # grad-cam not installed, no convolution: the page still renders
+        return f'<p class="note">Grad-CAM: {html.escape(str(err))}</p>'
+    figure = plots.wrong_grid_figure(explain.overlay(images, maps), captions,
+                                     f"Grad-CAM of {run.name}: where it looked for its wrong answer")  # fmt: skip
+    return _img(plots.png(figure), "Grad-CAM of the confidently wrong images")
 
 
 def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
@@ -200,14 +219,15 @@ def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
         parts += [figures, _class_table(r.get("_classes") or {}), "</section>"]
         sections.append("".join(parts))
         if extra and (best is None or r["_test"] > best[0]):
-            best = (r["_test"], r["model"], info, extra)
+            run = Path(info["members"][0]["run"]) if is_ens else path
+            best = (r["_test"], r["model"], info, extra, run)
     wrong = ""
     if best:
-        _, name, info, extra = best
+        _, name, info, extra, run = best
         ref = info if "data" in info and "preprocessing" in info else _first_member_meta(info)
         wrong = "<section><h2>Most confidently wrong test images</h2>" + _wrong_grid(
             info["data"], ref, extra["prob"], extra["targets"], info["class_names"],
-            f"{name}: most confident mistakes",
+            f"{name}: most confident mistakes", run,
         ) + "</section>"  # fmt: skip
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>transferlab report: {html.escape(root.name)}</title>

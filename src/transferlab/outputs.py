@@ -33,7 +33,9 @@ OWNED = (
     "lr_find.json", "ensemble.json", "combiner.npz", "confusion.png", "confusion-*.png",
     "state/last.pt", "state/step-*.pt", "state/*.pt.sha256", "logits/*.npz", "features/*.npz",
     "tensorboard/events.out.tfevents.*", "export/model.onnx", "export/model.onnx.data",
-    "export/model.pt", "export/model.safetensors",
+    "export/model.pt", "export/model.safetensors", "export/ensemble.onnx",
+    "export/ensemble.onnx.data", "export/hf/config.json", "export/hf/model.safetensors",
+    "explain/*-gradcam.png",
 )  # fmt: skip
 TEMP = ".*.tmp"  # a temp file of an interrupted atomic write (checkpoint.atomic_path)
 # Report files, recognised by how their text starts (a user's own file of that name is not ours).

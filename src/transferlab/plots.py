@@ -58,6 +58,16 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def save_image(image: np.ndarray, path: Path, title: str) -> None:
+    """One uint8 image (H, W, 3) with a title, as a PNG (a small image shown larger)."""
+    fig, ax = plt.subplots(figsize=(3.2, 3.5))
+    ax.imshow(image, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- report figures
 
 

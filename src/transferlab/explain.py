@@ -1,0 +1,117 @@
+"""Why did it say that? Grad-CAM heatmaps (the maintained `grad-cam` package, extra `explain`)
+over the image as the model saw it: resized to its input size, in its channels.
+
+The target layer is the model's last feature stage (timm's `feature_info`; the DCNN's feature
+stack), where the spatial map is coarsest and most class-specific; the target class
+is the predicted one unless one is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint, evaluate, export, models, outputs, plots
+from .config import UserError
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The last feature stage of a timm model (the DCNN: its feature stack), else the last
+    convolution."""
+    info = getattr(model, "feature_info", None)
+    if info:
+        return model.get_submodule(info[-1]["module"])
+    if isinstance(getattr(model, "features", None), nn.Module):
+        return model.features
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise UserError("Grad-CAM needs a convolutional model; this one has no Conv2d layer")
+    return convs[-1]
+
+
+def cams(model: nn.Module, prep: models.Preprocessing, images: np.ndarray,
+         classes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(heatmaps (N, H, W) in [0, 1], probabilities (N, K)) for uint8 images (N, H, W, C) at
+    the model's input size; each map for classes[i], else the predicted class."""
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        raise UserError(
+            "explain needs the grad-cam package: pip install 'transferlab[explain]'"
+        ) from None
+    model = model.cpu().float().eval().to(memory_format=torch.contiguous_format)
+    packaged = export.Packaged(model, prep).eval()
+    x = export.to_unit(images)
+    with torch.no_grad():
+        prob = torch.softmax(packaged(x), dim=1).numpy()
+    chosen = prob.argmax(1) if classes is None else np.asarray(classes)
+    with GradCAM(model=packaged, target_layers=[target_layer(model)]) as cam:
+        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in chosen])
+    return maps, prob
+
+
+def overlay(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """The heatmaps blended over the images: uint8 (N, H, W, 3)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = images.astype(np.float32) / 255.0
+    if rgb.shape[-1] == 1:
+        rgb = np.repeat(rgb, 3, axis=-1)
+    return np.stack([show_cam_on_image(im, m, use_rgb=True, image_weight=0.55)
+                     for im, m in zip(rgb, maps, strict=True)])  # fmt: skip
+
+
+def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
+            target: str | None = None, quiet: bool = True) -> list[dict]:  # fmt: skip
+    """Write OUT/<image>-gradcam.png per readable image (OUT: RUN/explain); returns one row per
+    image: its file, the overlay, the predicted class and probability, the explained class."""
+    from . import predict
+
+    run = Path(run)
+    meta = checkpoint.read_meta(run)
+    names = meta["class_names"]
+    index = None
+    if target is not None:
+        lookup = {c: i for i, c in enumerate(meta["classes"])} | {n: i for i, n in enumerate(names)}
+        if target not in lookup:
+            raise UserError(
+                f"--class {target} is not a class of {run} ({', '.join(names[:8])} ...)"
+            )
+        index = lookup[target]
+    files = predict.items(inputs)
+    folder = Path(out).expanduser() if out else run / "explain"
+    _check_folder(folder, run)
+    prep = models.Preprocessing.from_dict(meta["preprocessing"])
+    images, kept, bad = predict._decode(files, prep, quiet)
+    if not kept:
+        raise UserError("no readable images: " + "; ".join(bad))
+    maps, prob = cams(evaluate.load_run_model(run, meta), prep, images,
+                      None if index is None else [index] * len(kept))  # fmt: skip
+    blended = overlay(images, maps)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (f, picture) in enumerate(zip(kept, blended, strict=True)):
+        stem = Path(f).stem if isinstance(f, str) else f"image-{i}"
+        path = folder / f"{i:03d}-{stem}-gradcam.png"
+        pred = int(prob[i].argmax())
+        explained = pred if index is None else index
+        title = f"pred {names[pred]} ({prob[i, pred]:.2f}); Grad-CAM of {names[explained]}"
+        plots.save_image(picture, path, title)
+        rows.append({"file": f if isinstance(f, str) else stem, "overlay": str(path),
+                     "predicted": names[pred], "prob": float(prob[i, pred]),
+                     "explained": names[explained]})  # fmt: skip
+    return rows
+
+
+def _check_folder(folder: Path, run: Path) -> None:
+    """RUN/explain (ours: refreshed), or a new or empty folder outside every run."""
+    if outputs.inside(folder, run / "explain"):
+        return
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"--out {folder} exists and is not empty; give a new or empty folder")
+    found = outputs.enclosing(folder)
+    if found:
+        raise UserError(f"--out {folder} is inside the {found[1]} folder {found[0]}")

@@ -1,0 +1,75 @@
+"""Grad-CAM (the grad-cam package) through `transferlab explain`: it points where the evidence
+is, and the command writes one overlay per image without touching anything else."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from transferlab import explain, models, predict
+from transferlab.cli import main
+from transferlab.config import UserError
+
+pytest.importorskip("pytorch_grad_cam")
+
+
+class RedGreen(nn.Module):
+    """Class 0 = how red the image is, class 1 = how green: a 1x1 convolution, pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0] = self.conv.weight[1, 1] = 1.0
+
+    def forward_features(self, x):
+        return torch.relu(self.conv(x))
+
+    def forward_head(self, x, pre_logits=False):
+        return x.mean((2, 3))
+
+
+def test_gradcam_points_where_the_evidence_for_each_class_is():
+    image = np.zeros((1, 16, 16, 3), np.uint8)
+    image[0, :6, :6, 0] = 255  # red, top-left
+    image[0, 10:, 10:, 1] = 255  # green, bottom-right
+    prep = models.Preprocessing.make(16, 3, (0, 0, 0), (1, 1, 1))
+    red, _ = explain.cams(RedGreen(), prep, image, classes=[0])
+    green, _ = explain.cams(RedGreen(), prep, image, classes=[1])
+    assert red.shape == (1, 16, 16) and 0 <= red.min() and red.max() <= 1
+    assert red[0, :6, :6].mean() > 0.9 and red[0, 10:, 10:].mean() < 0.1
+    assert green[0, 10:, 10:].mean() > 0.9 and green[0, :6, :6].mean() < 0.1
+
+
+def test_explain_writes_an_overlay_per_image_for_the_predicted_or_named_class(
+    trained_run, folder_data, tmp_path, capsys
+):
+    files = [str(p) for p in sorted((folder_data / "test" / "a").iterdir())[:3]]
+    rows = explain.explain(trained_run, files)
+    want, _ = predict.predict(trained_run, files, top_k=1, quiet=True)
+    assert [r["predicted"] for r in rows] == [w["predictions"][0]["name"] for w in want]
+    for r in rows:
+        assert r["explained"] == r["predicted"] and Image.open(r["overlay"]).size[0] > 100
+    assert main(["explain", str(trained_run), files[0], "--class", "d", "--out",
+                 str(tmp_path / "cam")]) == 0  # fmt: skip
+    assert "Grad-CAM of d -> " in capsys.readouterr().out
+    assert len(list((tmp_path / "cam").glob("*-gradcam.png"))) == 1
+    with pytest.raises(UserError, match="--class zebra is not a class"):
+        explain.explain(trained_run, files, target="zebra")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not empty"):
+        explain.explain(trained_run, files, out=tmp_path / "mine")
+
+
+def test_the_target_layer_is_the_one_that_makes_the_final_feature_map():
+    import timm
+
+    cases = [(timm.create_model("test_resnet", num_classes=3), 3), (models.create("dcnn", 3, 1), 1)]
+    for model, channels in cases:
+        seen = []
+        explain.target_layer(model).register_forward_hook(lambda m, i, o, s=seen: s.append(o.shape))
+        final = model.forward_features(torch.rand(1, channels, 64, 64)).shape
+        assert seen[-1][-2:] == final[-2:]  # the coarsest map: the one the head pools
