@@ -74,6 +74,41 @@ class Batcher:
         return list(await asyncio.gather(*futures))
 
 
+class BadUpload(Exception):
+    """A request the server refuses: its status and a one-line reason (sent as JSON)."""
+
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+async def uploads_of(request) -> list[tuple[str, bytes]]:
+    """(name, bytes) per image: the form's files, or the raw body as one image."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return [("body", await request.body())]
+    form = await request.form()
+    uploads = [
+        (v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")
+    ]
+    if not uploads:
+        raise BadUpload(400, "the form holds no files: send images as form files")
+    return uploads
+
+
+def image_of(name: str, body: bytes, max_mb: float) -> Image.Image:
+    """An upload as 8-bit RGB (any mode, as files are read), or the 4xx that says why not."""
+    from . import decoding
+
+    if not body:
+        raise BadUpload(400, f"{name} is empty (0 bytes)")
+    if len(body) > max_mb * 1e6:
+        raise BadUpload(413, f"{name} is {len(body) / 1e6:.1f} MB; the limit is {max_mb} MB")
+    try:
+        return decoding.open_image(io.BytesIO(body), 3)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        why = "an unknown format" if isinstance(err, UnidentifiedImageError) else err
+        raise BadUpload(415, f"{name} is not a readable image ({why})") from None
+
+
 def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max_mb: float = 20,
             top_k: int = 5):  # fmt: skip
     """The FastAPI app serving the run or ensemble at `path` (its models loaded now)."""
@@ -81,7 +116,7 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
         raise UserError("serve needs FastAPI and uvicorn: pip install 'transferlab[serve]'")
     from contextlib import asynccontextmanager
 
-    from . import decoding, predict
+    from . import predict
 
     predictor = predict.Predictor(path)
     batcher = Batcher(predictor, max_batch, max_wait_ms)
@@ -96,10 +131,6 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
 
     app = FastAPI(title=f"transferlab: {Path(path).name}", lifespan=lifespan)
 
-    class BadUpload(Exception):
-        def __init__(self, status: int, message: str):
-            self.status, self.message = status, message
-
     @app.exception_handler(BadUpload)
     async def bad_upload(request, err: BadUpload):
         return JSONResponse({"error": err.message}, status_code=err.status)
@@ -110,17 +141,6 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
         where = ".".join(str(x) for x in first.get("loc", ()))
         return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
 
-    def image_of(name: str, body: bytes) -> Image.Image:
-        if not body:
-            raise BadUpload(400, f"{name} is empty (0 bytes)")
-        if len(body) > limit:
-            raise BadUpload(413, f"{name} is {len(body) / 1e6:.1f} MB; the limit is {max_mb} MB")
-        try:  # any mode -> 8-bit RGB, as files are read
-            return decoding.open_image(io.BytesIO(body), 3)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            why = "an unknown format" if isinstance(err, UnidentifiedImageError) else err
-            raise BadUpload(415, f"{name} is not a readable image ({why})") from None
-
     @app.post("/predict")
     async def predict_images(request: Request, top_k: int = top_k):
         if not 1 <= top_k <= len(predictor.classes):
@@ -130,15 +150,8 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
             raise BadUpload(
                 413, f"the request is {declared / 1e6:.1f} MB; the limit is {max_mb} MB"
             )
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
-            uploads = [(v.filename or k, await v.read()) for k, v in form.multi_items()
-                       if hasattr(v, "read")]  # fmt: skip
-            if not uploads:
-                raise BadUpload(400, "the form holds no files: send images as form files")
-        else:
-            uploads = [("body", await request.body())]
-        images = [image_of(name, body) for name, body in uploads]
+        uploads = await uploads_of(request)
+        images = [image_of(name, body, max_mb) for name, body in uploads]
         results = await batcher.predict(images, top_k)
         return {"results": [{"file": name, "predictions": preds}
                             for (name, _), preds in zip(uploads, results, strict=True)]}  # fmt: skip
