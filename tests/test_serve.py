@@ -140,6 +140,15 @@ def test_the_readme_curl_example_works_as_written(server, folder_data, tmp_path)
     assert all(len(r["predictions"]) == 3 for r in results)
 
 
+def test_a_taken_port_is_one_line_before_any_model_loads(server, trained_run, capsys):
+    from transferlab.cli import main
+
+    port = server[0].rsplit(":", 1)[1]
+    assert main(["serve", str(trained_run), "--port", port]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
 def test_sigterm_stops_it_cleanly(server):
     url, proc = server
     proc.send_signal(signal.SIGTERM)

@@ -91,6 +91,8 @@ def test_hf_folder_loads_back_in_timm_offline_with_labels_and_preprocessing(
     with pytest.raises(UserError, match="holds other files \\(notes.txt\\)"):
         shipping.export_hf(trained_run, tmp_path / "mine", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="is inside the run .*leave it out"):
+        shipping.export_hf(trained_run, trained_run / "export")
 
 
 def test_hf_export_of_a_model_timm_cannot_build_is_refused(members, tmp_path):

@@ -179,6 +179,15 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
     """Serve until Ctrl-C or SIGTERM (uvicorn finishes the requests in flight, then exits)."""
+    import socket
+
+    with socket.socket() as probe:  # before the models load: a taken port is one line
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port} ({err.strerror}): choose another "
+                            "--port or --host") from None  # fmt: skip
     app = app_for(path, **options)
     import uvicorn
 

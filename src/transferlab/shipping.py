@@ -202,6 +202,10 @@ def _check_folder(folder: Path, run: Path, overwrite: bool) -> None:
     unless it is RUN/export/hf); anything else in it is never touched."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; --format hf writes a folder")
+    own = run / "export" / "hf"
+    if outputs.inside(folder, run) and folder.resolve() != own.resolve():
+        raise UserError(f"--out {folder} is inside the run {run}: leave it out ({own}) or pick "
+                        "a folder outside the run")  # fmt: skip
     found = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
     if found - HF_FILES:
         raise UserError(
