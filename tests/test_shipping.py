@@ -61,6 +61,11 @@ def test_hard_and_fusion_ensembles_are_refused_in_one_line(members, tmp_path, ca
         assert len(err.splitlines()) == 1 and f"a {method} ensemble does not export" in err
     assert main(["export", str(tmp_path / "hard"), "--format", "hf"]) == 2
     assert "an ensemble exports as one ONNX graph" in capsys.readouterr().err
+    for size in ("-5", "0", "99999"):
+        assert (
+            main(["export", str(tmp_path / "hard"), "--format", "onnx", "--input-size", size]) == 2
+        )
+        assert "the graph's input is 8 to 4096 pixels square" in capsys.readouterr().err
 
 
 def test_hf_folder_loads_back_in_timm_offline_with_labels_and_preprocessing(

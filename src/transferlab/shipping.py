@@ -82,6 +82,8 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
                     size: int | None = None) -> dict:  # fmt: skip
     """ENS/export/ensemble.onnx (or `out`); checked with onnxruntime against the ensemble."""
     path = Path(path)
+    if size is not None and not 8 <= size <= 4096:
+        raise UserError(f"--input-size {size}: the graph's input is 8 to 4096 pixels square")
     info = ensembles.read(path)
     if info["method"] not in EXPORTED:
         raise UserError(
