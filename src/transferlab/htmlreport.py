@@ -202,7 +202,7 @@ def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
     for r in rows:
         path = r["_path"]
         is_ens = r["_curves"] is None
-        info = ensembles.read(path) if is_ens else json.loads((path / "meta.json").read_text())
+        info = _ensemble_info(path) if is_ens else json.loads((path / "meta.json").read_text())
         names = info["class_names"]
         figures, extra = _figures(path, names)
         test = info["metrics"]["test"]
@@ -218,7 +218,7 @@ def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
             parts += [_file_img(r["_curves"], "training curves"), _meta_table(_run_meta(info))]
         parts += [figures, _class_table(r.get("_classes") or {}), "</section>"]
         sections.append("".join(parts))
-        if extra and (best is None or r["_test"] > best[0]):
+        if extra and not r.get("_stale") and (best is None or r["_test"] > best[0]):
             run = Path(info["members"][0]["run"]) if is_ens else path
             best = (r["_test"], r["model"], info, extra, run)
     wrong = ""
@@ -244,6 +244,14 @@ on augmented batches during training. Click a column header to sort.</p>
     out = root / "report.html"
     checkpoint.write_text(out, page)
     return out
+
+
+def _ensemble_info(path: Path) -> dict:
+    """ensemble.json with its members found; as recorded when one is gone (its row: stale)."""
+    try:
+        return ensembles.read(path)
+    except UserError:
+        return ensembles.read(path, resolve=False)
 
 
 def _first_member_meta(info: dict) -> dict:
