@@ -168,8 +168,7 @@ class Predictor:
         return combined, files, bad
 
     def rows(self, files: list, top_k: int = 5, quiet: bool = True) -> tuple[list[dict], list[str]]:
-        if top_k < 1:
-            raise UserError(f"--top-k must be at least 1, got {top_k}")
+        """Top-k rows (top_k checked by the caller: `predict`, the server) and skipped files."""
         combined, files, bad = self.log_probs(files, quiet)
         prob = np.exp(combined)
         k = min(top_k, prob.shape[1])
