@@ -1,5 +1,5 @@
-"""The commands that bring data and weights in and ship models out: `data`, `models`, `export`,
-`serve`, `explain` (their parsers and handlers; `cli.build_parser` adds them)."""
+"""The commands that bring data and weights in, search, and ship models out: `data`, `models`,
+`auto`, `export`, `serve`, `explain` (their parsers and handlers; `cli.build_parser` adds them)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import argparse
 from .config import UserError
 
 EXAMPLES = {
+    "auto": "transferlab auto --data folder:photos --budget 30m --out runs/auto\n"
+    "  transferlab predict runs/auto/best photo.jpg",
     "explain": "transferlab explain runs/lite0 photo.jpg holiday/   # -> runs/lite0/explain/*.png",
     "serve": "transferlab serve runs/ens --port 8000\n"
     "  curl -F file=@photo.jpg 'http://127.0.0.1:8000/predict?top_k=3'",
@@ -19,7 +21,16 @@ EXAMPLES = {
 
 
 def commands(sub, _sub, Parser) -> None:
-    """Add data, models, export, serve and explain to the subcommands `sub`."""
+    """Add auto, data, models, export, serve and explain to the subcommands `sub`."""
+    p = _sub(sub, "auto", "the best classifier a time budget buys: candidates timed, run while "
+             "time is left, chosen by cross-validation, test scored once")  # fmt: skip
+    p.add_argument("--data", required=True, help="dataset spec (as for train: folder:PATH, ...)")
+    p.add_argument("--budget", required=True, help="wall time for everything: 30m, 90s, 1h30m")
+    p.add_argument("--out", required=True, help="a new folder (or, with --resume, the study's)")
+    p.add_argument("--resume", action="store_true", help="continue a study that was stopped")
+    p.add_argument("--seed", type=int, default=0, help="members' seed (folds never change) [0]")
+    p.add_argument("--cache-dir", help="decoded-image and feature cache [$TRANSFERLAB_CACHE]")
+
     p = _sub(sub, "explain", "Grad-CAM: where in each image a run looked for its prediction")
     p.add_argument("path", help="a run folder")
     p.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
@@ -71,6 +82,15 @@ def commands(sub, _sub, Parser) -> None:
     p.add_argument(
         "--input-size", type=int, help="an ensemble graph's input size [its largest member's]"
     )
+
+
+def cmd_auto(args) -> None:
+    from . import auto
+
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    auto.run(args.data, args.budget, args.out, args.resume, args.seed, args.quiet, args.cache_dir,
+             log=lambda *a: print(*a, flush=True))  # fmt: skip
 
 
 def cmd_models(args) -> None:
@@ -156,5 +176,5 @@ def cmd_explain(args) -> None:
               f"-> {r['overlay']}")  # fmt: skip
 
 
-COMMANDS = {"models": cmd_models, "data": cmd_data, "export": cmd_export, "serve": cmd_serve,
+COMMANDS = {"auto": cmd_auto, "models": cmd_models, "data": cmd_data, "export": cmd_export, "serve": cmd_serve,
             "explain": cmd_explain}  # fmt: skip

@@ -17,22 +17,32 @@ from . import evaluate, linear
 from .config import UserError
 
 
+def _uniform(logp: np.ndarray, weights) -> np.ndarray:
+    """Member weights summing to one: `weights` (e.g. a bagged member's folds sharing one
+    member's weight), or uniform."""
+    if weights is None:
+        return np.full(len(logp), 1.0 / len(logp))
+    return np.asarray(weights, dtype=np.float64) / np.sum(weights)
+
+
 def combine_soft(logp: np.ndarray, weights=None) -> np.ndarray:
     """Mean probability. logp: (M, N, K) member log-probs -> (N, K) log-probs."""
-    return combine_weighted(logp, np.full(len(logp), 1.0 / len(logp)))
+    return combine_weighted(logp, _uniform(logp, weights))
 
 
 def combine_logit(logp: np.ndarray, weights=None) -> np.ndarray:
     """Mean log-probability (a geometric mean of probabilities), renormalised."""
-    return evaluate.log_softmax(logp.mean(axis=0))
+    return evaluate.log_softmax(np.tensordot(_uniform(logp, weights), logp, axes=1))
 
 
 def combine_hard(logp: np.ndarray, weights=None) -> np.ndarray:
-    """Majority vote; ties broken by summed probability. Returns log of (votes + mean p)/(M+1)."""
+    """Majority vote; ties broken by summed probability. Returns log of (votes + mean p)/(M+1)
+    (votes weighted by member weight times M)."""
     m, n, k = logp.shape
+    w = _uniform(logp, weights)
     votes = np.zeros((n, k))
-    np.add.at(votes, (np.arange(n)[None, :].repeat(m, 0), logp.argmax(axis=2)), 1.0)
-    mean_p = np.exp(logp).mean(axis=0)
+    np.add.at(votes, (np.arange(n)[None, :].repeat(m, 0), logp.argmax(axis=2)), m * w[:, None])
+    mean_p = np.tensordot(w, np.exp(logp), axes=1)
     return np.log((votes + mean_p) / (m + 1))
 
 
@@ -163,9 +173,9 @@ def _weighted(logp: np.ndarray, params: dict) -> np.ndarray:
 
 
 COMBINERS = {
-    "soft": Combiner(lambda logp, params: combine_soft(logp)),
-    "hard": Combiner(lambda logp, params: combine_hard(logp)),
-    "logit": Combiner(lambda logp, params: combine_logit(logp)),
+    "soft": Combiner(lambda logp, params: combine_soft(logp, params.get("weights"))),
+    "hard": Combiner(lambda logp, params: combine_hard(logp, params.get("weights"))),
+    "logit": Combiner(lambda logp, params: combine_logit(logp, params.get("weights"))),
     "weighted": Combiner(_weighted, _weights(fit_weights), fitted_on="val"),
     "select": Combiner(_weighted, _weights(fit_select), fitted_on="val"),
     "stacking": Combiner(combine_stacking, fit_stacking, fitted_on="val"),

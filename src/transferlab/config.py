@@ -105,6 +105,9 @@ class TrainConfig:
     )
     val_fraction: float = opt(0.1, "share of train carved out as val when the data have none")
     limit: int | None = opt(None, "at most this many images per split (smoke tests)")
+    fold: str = opt(
+        "none", "i/k: cross-validation: val is fold i of k of train+val, train the other folds"
+    )
     seed: int = opt(0, "seeds init, sampler order and augmentation (splits are fixed)")
     precision: str = opt("auto", "auto | bf16 | fp16 (CUDA) | fp32")
     compile: bool = opt(False, "torch.compile the training model (for GPUs; no gain seen on CPU)")
@@ -252,6 +255,8 @@ def validate(cfg: TrainConfig) -> None:
             f"freeze {cfg.freeze} does not combine with strategy {cfg.strategy}, which decides "
             "itself what is frozen; use strategy full, lp-ft, head-first or layer-decay with freeze"
         )
+    if cfg.fold != "none" and not _is_fold(cfg.fold):
+        raise UserError(f"fold must be none or i/k with 1 <= i <= k and k >= 2, got {cfg.fold!r}")
     if not 0 <= cfg.pool_stages <= 4:
         raise UserError(f"pool_stages must be between 0 and 4, got {cfg.pool_stages}")
     if cfg.channels not in (None, 1, 3):
@@ -306,6 +311,11 @@ RANGES = {
     "keep_last": (1, 1000, ""),
     "input_size": (8, 1024, ""),
 }
+
+
+def _is_fold(text: str) -> bool:
+    i, _, k = text.partition("/")
+    return i.isdigit() and k.isdigit() and 1 <= int(i) <= int(k) and int(k) >= 2
 
 
 def _within(value: float, low, high) -> bool:

@@ -31,11 +31,14 @@ def build(
     quiet: bool = False,
     tta: str = "none",
     overwrite: bool = False,
+    fitted: tuple[dict, str] | None = None,
 ) -> dict:
     """Combine runs with `method`, fit what needs fitting on val, write the ensemble folder.
 
     `tta`: each member averages its predictions (or, for fusion, its features) over views.
-    An existing ensemble folder `out` is replaced only with `overwrite`.
+    An existing ensemble folder `out` is replaced only with `overwrite`. `fitted`: the
+    combiner's parameters fitted elsewhere, and how (`transferlab auto`: on out-of-fold
+    predictions over train+val), used as they are.
     """
     if method not in COMBINERS:
         raise UserError(f"unknown ensemble method '{method}' (known: {', '.join(COMBINERS)})")
@@ -60,14 +63,18 @@ def build(
         uniform = np.full(len(runs), 1.0 / len(runs))
         params = {"weights": uniform, **COMBINERS[method].fit(feats, targets, log)}
     else:
-        params = fit(method, logp["val"], targets["val"], "val")
+        params = fitted[0] if fitted else fit(method, logp["val"], targets["val"], "val")
+    fitted_on = COMBINERS[method].fitted_on
+    how = ("cv", fitted[1]) if fitted else (fitted_on, COMBINED_HOW.get(fitted_on, f"{method} fitted on {fitted_on}"))  # fmt: skip
     out = Path(out)
     with outputs.lock(out):
         outputs.claim(out, "ensemble", outputs.check_out(out, "ensemble", overwrite=overwrite))
-        return _write(out, method, runs, metas, spec, params, logp, targets, feats, tta, t0)
+        return _write(out, method, runs, metas, spec, params, logp, targets, feats, tta, t0, how)
 
 
-def _write(out: Path, method, runs, metas, spec, params, logp, targets, feats, tta, t0) -> dict:
+def _write(
+    out: Path, method, runs, metas, spec, params, logp, targets, feats, tta, t0, how
+) -> dict:
     """The ensemble folder: combiner.npz, logits/, ensemble.json (last: marks it complete)."""
     with checkpoint.atomic_path(out / PARAMS) as tmp, open(tmp, "wb") as f:
         np.savez(f, **params)
@@ -90,16 +97,15 @@ def _write(out: Path, method, runs, metas, spec, params, logp, targets, feats, t
                 "test": evaluate.metrics(logp["test"][i], targets["test"]),
             }
         )
-    fitted_on = COMBINERS[method].fitted_on
     info = {
         "format": 1,
         "method": method,
         "members": members,
-        "fitted_on": fitted_on,
+        "fitted_on": how[0],
         "tta": tta,
         "splits": {
             "members": "trained on train; best epoch chosen on val",
-            "combiner": COMBINED_HOW.get(fitted_on, f"{method} fitted on {fitted_on}"),
+            "combiner": how[1],
             "scored": "test",
         },
         "data": spec,

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -83,6 +84,24 @@ def stop_on_sigterm():
         yield flag
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_DEADLINE: list[float | None] = [None]
+
+
+@contextlib.contextmanager
+def deadline(at: float | None):
+    """Training inside the block stops like on SIGTERM (state saved, Preempted) at the first
+    step boundary past time.time() == `at`: how `transferlab auto` keeps its budget."""
+    before, _DEADLINE[0] = _DEADLINE[0], at
+    try:
+        yield
+    finally:
+        _DEADLINE[0] = before
+
+
+def past_deadline() -> bool:
+    return _DEADLINE[0] is not None and time.time() > _DEADLINE[0]
 
 
 @contextlib.contextmanager

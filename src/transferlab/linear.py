@@ -51,6 +51,23 @@ def cv_strength(
     return strengths[int(np.argmin(loss))], loss
 
 
+def oof_logits(
+    x: torch.Tensor, y, w_init: torch.Tensor, b_init: torch.Tensor, l2: float, folds: list
+) -> np.ndarray:
+    """Out-of-fold logits (N, K) of `fit_linear` at strength `l2`: each fold's rows predicted
+    by the regression fitted on the other folds (`folds`: their held-out index arrays)."""
+    y = np.asarray(y)
+    out = np.zeros((len(y), len(b_init)), dtype=np.float32)
+    for held in folds:
+        fit_idx = np.setdiff1d(np.arange(len(y)), held)
+        fit_t, held_t = (torch.as_tensor(i, device=x.device) for i in (fit_idx, held))
+        feats = {"train": x[fit_t], "val": x[held_t]}
+        labels = {"train": y[fit_idx], "val": y[held]}
+        _, best = fit_linear(feats, labels, w_init, b_init, l2, lambda *a: None, "cv")
+        out[held] = best["val_logits"]
+    return out
+
+
 def fit_linear(
     feats: dict,
     labels: dict,

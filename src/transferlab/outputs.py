@@ -195,6 +195,9 @@ def check_out(out: Path, kind: str, resume: bool = False, overwrite: bool = Fals
             f"{kind} folder {out} already exists: pass --resume to continue it "
             "or --overwrite to replace it"
             if kind == "run"
+            else f"{kind} folder {out} already exists: pass --resume to continue it or choose "
+            "another --out"
+            if kind == "auto"
             else f"{kind} folder {out} already exists: pass --overwrite to replace it"
         )
     foreign = _foreign(out)

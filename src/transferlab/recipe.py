@@ -10,6 +10,8 @@
       - ensemble: soft
         members: [resnet50, resnet50-ft]
         method: soft
+      - auto: best-30m           # transferlab auto: the best a time budget buys, by CV
+        budget: 30m
       - report: {}
 
 Precedence: defaults < step keys < `--set` overrides (so `--set epochs=1` shortens every step).
@@ -31,8 +33,9 @@ from . import checkpoint, ensembles, outputs, report, resume, strategies, traine
 from .config import TrainConfig, UserError, field_names, make_config, to_dict
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
-STEP_KINDS = ("train", "finetune", "ensemble", "soup", "report")
+STEP_KINDS = ("train", "finetune", "ensemble", "soup", "auto", "report")
 EXTRA_KEYS = {
+    "auto": ("budget", "seed", "cache_dir"),
     "finetune": ("from",),
     "ensemble": ("members", "method", "tta"),
     "soup": ("members", "method"),
@@ -168,6 +171,10 @@ def validate(recipe: dict, out: Path | None = None) -> None:
                 raise UserError(f"step {i}: the name '{name}' is used by an earlier step")
             if kind == "train":
                 make_config(train_settings(recipe, keys))  # bad values fail before any step runs
+            elif kind == "auto":
+                from .auto import parse_budget
+
+                parse_budget(keys.get("budget", ""))
             elif kind == "finetune":
                 settings = train_settings(recipe, keys, data=False)  # the parent decides the rest
                 for key in ("model", "weights"):
@@ -186,7 +193,7 @@ def _check_keys(kind: str, name: str, keys: dict, index: int) -> None:
     allowed = set(EXTRA_KEYS.get(kind, ())) | (
         {*field_names(TrainConfig)} - {"data"} if kind in ("train", "finetune") else set()
     )
-    allowed |= {"data"} if kind in ("train", "finetune", "ensemble", "soup") else set()
+    allowed |= {"data"} if kind in ("train", "finetune", "ensemble", "soup", "auto") else set()
     for key in keys:
         if str(key).replace("-", "_") not in allowed:
             close = difflib.get_close_matches(str(key), sorted(allowed), n=2)
@@ -391,7 +398,19 @@ def _report(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None
     print(f"   report -> {path}")
 
 
+def _auto(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
+    """A study in OUT/NAME (continued if one was begun there); its best is OUT/NAME/best."""
+    from . import auto
+
+    study = out / name
+    seed = int(keys.get("seed", (recipe.get("defaults") or {}).get("seed", 0)))
+    auto.run(keys.get("data", recipe.get("data", "digits")), keys["budget"], study,
+             resume=(study / auto.STATE).is_file(), seed=seed, quiet=quiet,
+             cache_dir=keys.get("cache_dir"), log=lambda *a: print(*a, flush=True))  # fmt: skip
+
+
 STEPS = {
+    "auto": _auto,
     "train": _train,
     "finetune": _finetune,
     "ensemble": _ensemble,

@@ -31,8 +31,11 @@ def collect(root: Path) -> list[dict]:
     """One row per run folder and ensemble folder found under `root` (sorted by path)."""
     rows = []
     for meta_path in sorted(root.rglob(checkpoint.META)):
-        rows.append(_run_row(meta_path.parent, root, checkpoint.read_meta(meta_path.parent)))
+        if not _study_inside(meta_path.parent, root):
+            rows.append(_run_row(meta_path.parent, root, checkpoint.read_meta(meta_path.parent)))
     for ens_path in sorted(root.rglob(ensembles.ENSEMBLE)):
+        if _study_inside(ens_path.parent, root):
+            continue
         try:
             info = ensembles.read(ens_path.parent)
         except UserError:  # a member is gone: its row says stale
@@ -43,6 +46,16 @@ def collect(root: Path) -> list[dict]:
         row["test macro-F1"] = _pct(row["_classes"].get("macro_f1"))
         row["test bal. acc"] = _pct(row["_classes"].get("balanced_accuracy"))
     return rows
+
+
+def _study_inside(path: Path, root: Path) -> bool:
+    """A candidate of a `transferlab auto` study: not a result (its test was never scored);
+    the study's best/ is."""
+    parts = path.relative_to(root).parts
+    for i in range(len(parts)):
+        if (root.joinpath(*parts[:i]) / "auto.json").is_file():
+            return parts[i] != "best"
+    return False
 
 
 def class_scores(path: Path, names: list[str]) -> dict:

@@ -101,10 +101,12 @@ class Checkpoints:
             self.save()
         if self.fault and p.global_step == self.fault[1]:
             os.kill(os.getpid(), self.fault[0])  # test hook: die or be pre-empted right here
-        if self.loop.dist.any(self.stop["requested"]):  # every rank stops at the same step
+        late = guards.past_deadline()
+        if self.loop.dist.any(self.stop["requested"] or late):  # all ranks stop at one step
             self.save()
             raise Preempted(
-                f"stopped by SIGTERM at epoch {p.epoch} step {p.step}; state saved in "
+                f"stopped {'at its deadline' if late else 'by SIGTERM'} at epoch {p.epoch} "
+                f"step {p.step}; state saved in "
                 f"{self.out / 'state'}: rerun with --resume to continue"
             )
 

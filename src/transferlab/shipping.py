@@ -70,7 +70,7 @@ class EnsembleGraph(nn.Module):
             logps.append(F.log_softmax(member(xi).float(), dim=1)[:, getattr(self, f"order{i}")])
         logp = torch.stack(logps)  # (M, N, K)
         if self.method == "logit":
-            return F.softmax(logp.mean(0), dim=1)
+            return F.softmax(torch.einsum("m,mnk->nk", self.weights, logp), dim=1)
         if self.method == "stacking":
             m, n, k = logp.shape
             features = logp.clamp(min=-30.0).permute(1, 0, 2).reshape(n, m * k)

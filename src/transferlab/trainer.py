@@ -151,7 +151,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
 
     Everything a user can get wrong is refused here, before the run folder is touched.
     """
-    ds = data.load(cfg.data, cfg.val_fraction, cfg.limit)
+    ds = data.load(cfg.data, cfg.val_fraction, cfg.limit, cfg.fold)
     for note in ds.notes:
         log(f"[{out.name}] {note}")
     torch.manual_seed(cfg.seed)  # model init

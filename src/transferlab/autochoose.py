@@ -1,0 +1,163 @@
+"""The end of `transferlab auto`: choose the best option on out-of-fold predictions (never on
+test), make it DIR/best (a run folder, or an ensemble folder whose combiner was fitted on the
+out-of-fold predictions), score test once, and write the leaderboard (report.md, report.html).
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import checkpoint, combiners, data, ensembles, evaluate, outputs
+from .config import UserError
+
+if TYPE_CHECKING:
+    from .auto import Candidate
+
+VOTES = ("soft", "logit", "hard")  # nothing fitted: scored on the out-of-fold predictions as is
+FITTED = ("select", "weighted")  # fitted: scored in a second level of folds
+
+
+def options(names: list[str], logp: np.ndarray, y: np.ndarray, folds: int) -> list[dict]:
+    """Every option scored on out-of-fold log-probs `logp` (M, N, K): each candidate alone,
+    the votes over all, and the fitted combiners (fitted on k-1 folds of the out-of-fold rows,
+    scored on the k-th, so their scores are as honest as the others')."""
+    rows = []
+    for i, name in enumerate(names):
+        weights = np.eye(len(names))[i]
+        rows.append({"option": name, "method": "single", "weights": weights, **_score(logp[i], y)})
+    for method in VOTES if len(names) > 1 else ():
+        weights = np.full(len(names), 1.0 / len(names))
+        combined = combiners.combine(method, logp, {"weights": weights})
+        rows.append({"option": f"{method} vote of all", "method": method, "weights": weights, **_score(combined, y)})  # fmt: skip
+    for method in FITTED if len(names) > 1 else ():
+        combined = np.zeros(logp.shape[1:])
+        for held in data.cv_folds(y, folds):
+            rest = np.setdiff1d(np.arange(len(y)), held)
+            params = combiners.fit(method, logp[:, rest], y[rest], "out-of-fold")
+            combined[held] = combiners.combine(method, logp[:, held], params)
+        weights = combiners.fit(method, logp, y, "out-of-fold")["weights"]
+        label = "greedy selection (Caruana)" if method == "select" else "NLL-fitted weights"
+        rows.append({"option": label, "method": method, "weights": weights, **_score(combined, y)})
+    return rows
+
+
+def _score(logp: np.ndarray, y: np.ndarray) -> dict:
+    m = evaluate.metrics(logp, y)
+    return {"top1": m["top1"], "loss": m["loss"]}
+
+
+def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool) -> dict:
+    """Choose (highest out-of-fold top-1, then lowest NLL), build DIR/best, score test once."""
+    from . import auto
+
+    done = [c for c in cands if c.status == "done"]
+    if not done:
+        cheapest = min((c.estimate for c in cands), default=0)
+        raise UserError(
+            f"no candidate finished within the budget (the cheapest was estimated at "
+            f"{cheapest:.0f} s): give a larger --budget"
+        )
+    names = [c.name for c in done]
+    logp = np.stack([auto.load_oof(out, n) for n in names])
+    y = data.pool(ds.splits).labels
+    rows = options(names, logp, y, auto.FOLDS)
+    best = max(rows, key=lambda r: (round(r["top1"], 10), -r["loss"]))
+    for r in rows:
+        r["chosen"] = r is best
+        log(f"   {r['option']:<32} CV top-1 {r['top1']:.2%}  NLL {r['loss']:.4f}" + ("  <- chosen" if r is best else ""))  # fmt: skip
+    for c, w in zip(done, best["weights"], strict=True):
+        c.why = f"in best (weight {w:.2f})" if w > 0 else (c.why or "not chosen")
+    test = _build_best(out, done, best, quiet)
+    return {"desc": best["option"], "method": best["method"], "cv": {k: best[k] for k in ("top1", "loss")},
+            "options": [{k: _plain(v) for k, v in r.items()} for r in rows], "test": test}  # fmt: skip
+
+
+def _plain(v):
+    return v.tolist() if isinstance(v, np.ndarray) else v
+
+
+def _build_best(out: Path, done: list[Candidate], best: dict, quiet: bool) -> dict:
+    """DIR/best: the chosen probe's run copied, or an ensemble of the chosen members' runs (a
+    trained candidate's k fold runs share its weight); returns its test metrics."""
+    runs, weights = [], []
+    for c, w in zip(done, best["weights"], strict=True):
+        if w <= 0:
+            continue
+        folder = out / "candidates" / c.name
+        members = [folder] if c.kind == "probe" else sorted(folder.glob("fold-*"), key=_fold_no)
+        runs += members
+        weights += [w / len(members)] * len(members)
+    dest = out / "best"
+    _clear(dest)
+    if len(runs) == 1:
+        shutil.copytree(runs[0], dest, ignore=shutil.ignore_patterns(".transferlab.lock", "state"))
+        return checkpoint.read_meta(dest)["metrics"]["test"]
+    method = "soft" if best["method"] == "single" else best["method"]
+    how = "fitted on out-of-fold predictions over train+val (transferlab auto)"
+    params = {"weights": np.asarray(weights) / np.sum(weights)}
+    info = ensembles.build([str(r) for r in runs], method, dest, quiet=quiet, fitted=(params, how))
+    return info["metrics"]["test"]
+
+
+def _clear(dest: Path) -> None:
+    """Remove a previous DIR/best (a resumed study rebuilds it) if it is wholly transferlab's."""
+    if not dest.exists():
+        return
+    mark = outputs.read_mark(dest)
+    foreign = outputs._foreign(dest) if mark else []
+    if not mark or mark.get("kind") not in ("run", "ensemble") or foreign:
+        raise UserError(f"{dest} holds files transferlab did not write ({', '.join(foreign[:3]) or 'unmarked'}): move them")  # fmt: skip
+    shutil.rmtree(dest)
+
+
+def _fold_no(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def write_report(out: Path, ds, cands: list[Candidate], result: dict, budget: float, spent: float) -> None:  # fmt: skip
+    """report.md and report.html: the leaderboard of every candidate and option."""
+    head = ["candidate", "kind", "model", "input", "CV top-1", "CV NLL", "estimate s", "seconds", "status", "why"]  # fmt: skip
+    rows = [
+        [c.name, c.kind, c.settings["model"], f"{c.settings['input_size']}px",
+         f"{c.cv['top1']:.2%}" if c.cv else "", f"{c.cv['loss']:.4f}" if c.cv else "",
+         f"{c.estimate:.0f}", f"{c.seconds:.0f}", c.status, c.why]
+        for c in sorted(cands, key=lambda c: -(c.cv or {}).get("top1", -1))
+    ]  # fmt: skip
+    opts = [[o["option"], f"{o['top1']:.2%}", f"{o['loss']:.4f}", "chosen" if o["chosen"] else ""]
+            for o in result["options"]]  # fmt: skip
+    t = result["test"]
+    summary = (
+        f"Data {ds.spec}: {len(ds.classes)} classes. Budget {budget / 60:.1f} min, used "
+        f"{spent / 60:.1f} min. Every score below is cross-validated ({len(data.pool(ds.splits))} "
+        f"train+val images, out-of-fold); test ({len(ds.splits['test'])} images) was scored "
+        f"once, by the chosen option: top-1 {t['top1']:.2%}, top-5 {t['top5']:.2%}, NLL "
+        f"{t['loss']:.4f}. DIR/best: {result['desc']}."
+    )
+    md = ["# transferlab report: auto", "", summary, "", _md(head, rows), "", _md(["option", "CV top-1", "CV NLL", ""], opts)]  # fmt: skip
+    checkpoint.write_text(out / "report.md", "\n".join(md) + "\n")
+    body = (
+        f"<h1>transferlab report: auto</h1><p>{html.escape(summary)}</p><h2>Candidates</h2>"
+        f"{_html(head, rows)}<h2>Options (how the candidates combine)</h2>"
+        f"{_html(['option', 'CV top-1', 'CV NLL', ''], opts)}"
+    )
+    style = (
+        "body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+    )
+    page = f"<!doctype html>\n<html><head><meta charset=utf-8><title>transferlab report: auto</title><style>{style}</style></head><body>{body}</body></html>\n"  # fmt: skip
+    checkpoint.write_text(out / "report.html", page)
+
+
+def _md(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(str(v) for v in r) + " |" for r in rows])
+
+
+def _html(head: list[str], rows: list[list[str]]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)  # fmt: skip
+    return f"<table><tr>{cells}</tr>{body}</table>"

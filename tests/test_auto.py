@@ -1,0 +1,212 @@
+"""`transferlab auto`: budgets, folds, out-of-fold predictions, the schedule, the choice by
+cross-validation, the deadline, and a whole study (resumed, misused)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from transferlab import auto, autochoose, data, guards, linear
+from transferlab.cli import main
+from transferlab.config import Preempted, UserError
+
+from conftest import tiny_cfg
+
+
+@pytest.mark.parametrize("text,seconds", [("30m", 1800), ("90s", 90), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150)])  # fmt: skip
+def test_budget_durations(text, seconds):
+    assert auto.parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["30", "", "m", "-5m", "10 minutes", "1h-2m", "10s"])
+def test_budget_refuses_what_is_not_a_duration(text):
+    with pytest.raises(UserError):
+        auto.parse_budget(text)
+
+
+def test_folds_cover_train_and_val_once_and_leave_test_alone():
+    ds = data.load("digits")
+    pool = data.pool(ds.splits)
+    held = data.cv_folds(pool.labels, 5)
+    assert sorted(np.concatenate(held).tolist()) == list(range(len(pool)))
+    for i, idx in enumerate(held, 1):
+        fold = data.load("digits", fold=f"{i}/5")
+        assert (fold.splits["val"].arrays == pool.arrays[idx]).all()
+        assert len(fold.splits["train"]) + len(idx) == len(pool)
+        assert (fold.splits["test"].arrays == ds.splits["test"].arrays).all()
+        counts = np.bincount(fold.splits["val"].labels, minlength=10)
+        assert counts.min() >= 25  # stratified: every class in every fold
+
+
+@pytest.mark.parametrize("fold", ["0/5", "6/5", "1/1", "a/b", "2", "1/5/2"])
+def test_fold_setting_is_checked(fold):
+    with pytest.raises(UserError, match="fold"):
+        tiny_cfg("digits", fold=fold)
+
+
+def test_out_of_fold_logits_never_see_their_own_rows():
+    """Random labels on distinct random features: fitted in-sample a weak L2 regression
+    memorises them; predicted out of fold it must be at chance."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 200, generator=g)
+    y = np.random.default_rng(0).integers(0, 3, 300)
+    w0, b0 = torch.zeros(3, 200), torch.zeros(3)
+    folds = data.cv_folds(y, 5)
+    oof = linear.oof_logits(x, y, w0, b0, 1e-4, folds)
+    _, best = linear.fit_linear({"train": x, "val": x}, {"train": y, "val": y}, w0, b0, 1e-4, lambda *a: None, "in")  # fmt: skip
+    assert (best["val_logits"].argmax(1) == y).mean() > 0.95
+    assert (oof.argmax(1) == y).mean() < 0.45
+
+
+def _logp(correct: float, n: int, k: int, seed: int, y: np.ndarray) -> np.ndarray:
+    """Log-probs that are right on about `correct` of the rows."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k))
+    right = rng.random(n) < correct
+    logits[np.arange(n)[right], y[right]] += 4
+    return logits - np.log(np.exp(logits).sum(1, keepdims=True))
+
+
+def test_options_pick_the_best_by_cross_validation():
+    y = np.arange(400) % 4
+    logp = np.stack([_logp(0.5, 400, 4, 1, y), _logp(0.95, 400, 4, 2, y), _logp(0.4, 400, 4, 3, y)])
+    rows = autochoose.options(["weak", "strong", "weaker"], logp, y, 5)
+    names = [r["option"] for r in rows]
+    assert names[:3] == ["weak", "strong", "weaker"] and "greedy selection (Caruana)" in names
+    best = max(rows, key=lambda r: r["top1"])
+    select = next(r for r in rows if r["method"] == "select")
+    assert select["weights"][1] == max(select["weights"])  # the strong member weighs most
+    assert best["top1"] >= rows[1]["top1"] - 0.01
+
+
+def _candidate(name, estimate, prior=0.7, kind="probe", family="f"):
+    return auto.Candidate(
+        name, kind, {"model": "x", "input_size": 32}, prior, family, estimate=estimate
+    )
+
+
+def test_schedule_skips_what_does_not_fit_and_prefers_gain_per_second():
+    cands = [_candidate("slow", 500, 0.8), _candidate("fast", 50, 0.7), _candidate("huge", 5000)]
+    first = auto.pick(cands, 1000, set())
+    assert first.name == "fast"  # 0.7 / 50 s beats 0.8 / 500 s
+    assert cands[2].status == "skipped" and "5000 s" in cands[2].why
+    first.status, first.cv = "done", {"top1": 0.9, "loss": 0.3}
+    assert auto.pick(cands, 1000, set()).name == "slow"
+    assert auto.pick(cands, 100, set()) is None and cands[0].status == "skipped"
+
+
+def test_a_new_kind_of_member_is_worth_more_than_another_probe():
+    done = _candidate("probe-a", 10, 0.77, family="lite2")
+    done.status, done.cv = "done", {"top1": 0.93, "loss": 0.2}
+    probe = _candidate("probe-b", 10, 0.75, family="lite0")
+    trained = _candidate("dcnn", 10, 0.6, kind="train", family="dcnn")
+    assert auto.gain(trained, [done]) > auto.gain(probe, [done]) > 0
+
+
+def test_digits_candidates_do_not_mirror_and_decode_small():
+    cands = auto.candidates(data.load("digits"), gpu=False)
+    dcnn = next(c for c in cands if c.settings["model"] == "dcnn")
+    assert dcnn.settings["input_size"] == 16 and dcnn.pixels == (16, 1)
+    assert all(c.settings.get("flip") is False for c in cands)
+    probes = [c for c in cands if c.kind == "probe"]
+    assert {c.settings["model"] for c in probes} >= {
+        "tf_efficientnet_lite0",
+        "tf_efficientnet_lite2",
+    }
+    assert not any(c.name.endswith("-finetune") and c.settings.get("freeze") for c in cands)
+
+
+def test_training_stops_at_its_deadline_with_its_state_saved(tmp_path):
+    from transferlab.trainer import fit
+
+    with guards.deadline(time.time() - 1), pytest.raises(Preempted, match="deadline"):
+        fit(tiny_cfg("digits", input_size=16, epochs=3), tmp_path / "run", quiet=True)
+    assert (tmp_path / "run" / "state").is_dir()
+
+
+@pytest.fixture()
+def small_space(monkeypatch):
+    """Two quick candidates: a Lite0 probe at 32 px and the DCNN for 2 epochs."""
+
+    def space(ds, gpu):
+        probe = {"model": "tf_efficientnet_lite0", "weights": "imagenet", "strategy": "linear-probe",
+                 "input_size": 32, "eval_batch_size": 64, "precision": "fp32"}  # fmt: skip
+        dcnn = {
+            "model": "dcnn",
+            "input_size": 24,
+            "epochs": 2,
+            "batch_size": 16,
+            "precision": "fp32",
+        }
+        return [
+            auto.Candidate("lite0-32-probe", "probe", probe, 0.75, "lite0", pixels=(32, 3)),
+            auto.Candidate("dcnn-24", "train", dcnn, 0.6, "dcnn", pixels=(24, 3)),
+        ]
+
+    monkeypatch.setattr(auto, "candidates", space)
+
+
+@pytest.mark.slow
+def test_a_study_chooses_by_cv_builds_best_and_resumes(tmp_path, folder_data, small_space, capsys):
+    from transferlab import api
+
+    out = tmp_path / "study"
+    args = ["auto", "--data", f"folder:{folder_data}", "--budget", "10m", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "left]" in printed and "test top-1" in printed
+    state = json.loads((out / "auto.json").read_text())
+    assert [c["status"] for c in state["candidates"]] == ["done", "done"]
+    assert state["spent"] < 600 * 1.1
+    assert sorted(p.name for p in (out / "candidates" / "dcnn-24").iterdir()) == [f"fold-{i}" for i in range(1, 6)]  # fmt: skip
+    best = api.load(out / "best")
+    assert best.evaluate()["top1"] > 0.5
+    assert best.predict(str(folder_data / "test" / "a" / "0.png"))[0]["predictions"]
+    page = (out / "report.html").read_text()
+    assert (
+        "lite0-32-probe" in page and "dcnn-24" in page and "CV top-1" in page and "chosen" in page
+    )
+    if best.is_ensemble:
+        assert best.info["fitted_on"] == "cv"
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "oof").iterdir()}
+    assert main(args + ["--resume"]) == 0  # finished candidates are not run again
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "oof").iterdir()} == stamps
+    capsys.readouterr()
+
+    assert main(args) == 2  # an existing study is neither replaced nor mixed into
+    assert "--resume" in capsys.readouterr().err
+    other = args[:2] + ["digits"] + args[3:] + ["--resume"]
+    assert main(other) == 2  # another dataset cannot continue this study
+    assert "was started with" in capsys.readouterr().err
+
+
+def test_auto_misuse_is_one_line_and_exit_2(tmp_path, capsys):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    cases = [
+        (["--budget", "30", "--out", str(tmp_path / "a")], "duration"),
+        (["--budget", "5m", "--out", str(notes), "--resume"], "no transferlab auto study"),
+        (["--budget", "5m", "--out", str(notes)], "not a transferlab auto folder"),
+    ]
+    for extra, message in cases:
+        assert main(["auto", "--data", "digits", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (notes / "mine.txt").read_text() == "keep me" and not (tmp_path / "a").exists()
+
+
+def test_fitted_combiners_are_scored_on_rows_they_were_not_fitted_on(monkeypatch):
+    from transferlab import combiners
+
+    y = np.arange(200) % 4
+    logp = np.stack([_logp(0.6, 200, 4, s, y) for s in (1, 2)])
+    sizes, fit = [], combiners.fit
+    monkeypatch.setattr(combiners, "fit", lambda m, lp, t, split: sizes.append(len(t)) or fit(m, lp, t, split))  # fmt: skip
+    autochoose.options(["a", "b"], logp, y, 5)
+    assert sorted(sizes) == [160] * 10 + [200] * 2  # 5 folds x 2 methods, then each on all rows
