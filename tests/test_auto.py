@@ -103,7 +103,7 @@ def test_a_new_kind_of_member_is_worth_more_than_another_probe():
     done = _candidate("probe-a", 10, 0.77, family="lite2")
     done.status, done.cv = "done", {"top1": 0.93, "loss": 0.2}
     probe = _candidate("probe-b", 10, 0.75, family="lite0")
-    trained = _candidate("dcnn", 10, 0.6, kind="train", family="dcnn")
+    trained = _candidate("finetune", 10, 0.74, kind="train", family="lite0")
     assert auto.gain(trained, [done]) > auto.gain(probe, [done]) > 0
 
 
@@ -210,3 +210,23 @@ def test_fitted_combiners_are_scored_on_rows_they_were_not_fitted_on(monkeypatch
     monkeypatch.setattr(combiners, "fit", lambda m, lp, t, split: sizes.append(len(t)) or fit(m, lp, t, split))  # fmt: skip
     autochoose.options(["a", "b"], logp, y, 5)
     assert sorted(sizes) == [160] * 10 + [200] * 2  # 5 folds x 2 methods, then each on all rows
+
+
+def test_a_trained_candidate_shrinks_its_epochs_to_fit_but_not_below_a_third():
+    c = _candidate("dcnn", 1000, kind="train")
+    c.settings |= {"epochs": 10, "warmup_epochs": 1}
+    c.per_epoch = 90.0  # 10 epochs: 900 s, plus 100 s of decoding and predicting
+    assert auto.pick([c], 600, set()) is c
+    assert c.settings["epochs"] == 4 and c.estimate * auto.SAFETY <= 600 and "4 of 10" in c.why
+    late = _candidate("late", 1000, kind="train")
+    late.settings |= {"epochs": 10}
+    late.per_epoch = 90.0
+    assert auto.pick([late], 300, set()) is None and late.status == "skipped"
+
+
+def test_a_much_weaker_member_is_worth_little():
+    done = _candidate("probe", 10, 0.77, family="lite2")
+    done.status, done.cv = "done", {"top1": 0.94, "loss": 0.2}
+    close = _candidate("finetune", 10, 0.74, kind="train", family="lite0")
+    weak = _candidate("dcnn", 10, 0.55, kind="train", family="dcnn")
+    assert auto.gain(close, [done]) > 3 * auto.gain(weak, [done])

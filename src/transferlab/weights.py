@@ -406,7 +406,8 @@ def available(pattern: str = "*", offline: bool = False) -> list[dict]:
     for r in rows:
         cfg = None if ":" in r["name"] else timm.models.get_pretrained_cfg(r["name"])
         r["input_size"] = cfg.input_size[-1] if cfg else None
-        r["top1"] = top1.get((r["name"], r["input_size"]))
+        tagged = r["name"] if "." in r["name"] or not cfg else f"{r['name']}.{cfg.tag}"
+        r["top1"] = top1.get((tagged, r["input_size"]))  # an untagged name: its default tag
     return rows
 
 
