@@ -347,9 +347,12 @@ def run(
             f"budget {clock(seconds)}, {FOLDS}-fold CV over train+val, precision {precision}")  # fmt: skip
         for c in cands:
             if c.status == "pending" and not c.estimate:
-                c.estimate, c.decode, c.per_epoch = estimate(c, ds, precision)
+                try:
+                    c.estimate, c.decode, c.per_epoch = estimate(c, ds, precision)
+                except UserError as err:  # e.g. a cached backbone that cannot pool stages
+                    c.status, c.why = "failed", str(err)
         save_state(out, settings, cands, seconds - left())
-        decoded = {tuple(c.pixels) for c in cands if c.status in ("done", "failed", "stopped")}
+        decoded = {tuple(c.pixels) for c in cands if c.seconds > 0}  # ran: its images are cached
         stop_at = time.time() + left() - reserve  # trained members stop there (a step boundary)
         while (c := pick(cands, left() - reserve, decoded)) is not None:
             log(f"[auto {clock(left())} left] {c.name} ({c.kind}): estimated {c.estimate:.0f} s")
