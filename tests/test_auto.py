@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import auto, autochoose, data, guards, linear
+from transferlab import auto, autochoose, data, folds, guards, linear
 from transferlab.cli import main
 from transferlab.config import Preempted, UserError
 
@@ -30,8 +30,8 @@ def test_budget_refuses_what_is_not_a_duration(text):
 
 def test_folds_cover_train_and_val_once_and_leave_test_alone():
     ds = data.load("digits")
-    pool = data.pool(ds.splits)
-    held = data.cv_folds(pool.labels, 5)
+    pool = folds.pool(ds.splits)
+    held = folds.cv_folds(pool.labels, 5)
     assert sorted(np.concatenate(held).tolist()) == list(range(len(pool)))
     for i, idx in enumerate(held, 1):
         fold = data.load("digits", fold=f"{i}/5")
@@ -55,8 +55,7 @@ def test_out_of_fold_logits_never_see_their_own_rows():
     x = torch.randn(300, 200, generator=g)
     y = np.random.default_rng(0).integers(0, 3, 300)
     w0, b0 = torch.zeros(3, 200), torch.zeros(3)
-    folds = data.cv_folds(y, 5)
-    oof = linear.oof_logits(x, y, w0, b0, 1e-4, folds)
+    oof = linear.oof_logits(x, y, w0, b0, 1e-4, folds.cv_folds(y, 5))
     _, best = linear.fit_linear({"train": x, "val": x}, {"train": y, "val": y}, w0, b0, 1e-4, lambda *a: None, "in")  # fmt: skip
     assert (best["val_logits"].argmax(1) == y).mean() > 0.95
     assert (oof.argmax(1) == y).mean() < 0.45

@@ -12,7 +12,7 @@
 3. The schedule (`pick`): the candidate with the highest expected gain per estimated second
    that fits in the time left (`gain`), one at a time, re-planned after each.
 4. Each candidate gives out-of-fold log-probabilities over train+val (k fixed folds): a probe
-   refits its regression k times on its cached features (`probes.oof`); a trained member trains
+   refits its regression k times on its cached features (`probe.out_of_fold`); a trained member trains
    k times (`--fold i/k`) and its k runs are bagged.
 5. The choice (`autochoose`): each candidate alone, soft/logit/hard voting over all of them,
    NLL-fitted weights and Caruana's greedy selection with replacement, each scored on the
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, evaluate, guards, models, outputs, weights
+from . import checkpoint, data, evaluate, folds, guards, models, outputs, probe, weights
 from .config import Preempted, UserError
 
 FOLDS = 5
@@ -401,14 +401,14 @@ def _run_candidate(c: Candidate, ds, out: Path, settings: dict, log, quiet: bool
     common = {"data": ds.spec, "seed": settings["seed"], "cache_dir": settings["cache_dir"]}
     cfg = make_config(_clean(common) | c.settings)
     folder = out / "candidates" / c.name
-    y = data.pool(ds.splits).labels
-    folds = data.cv_folds(y, FOLDS)
+    y = folds.pool(ds.splits).labels
+    held_out = folds.cv_folds(y, FOLDS)
     if c.kind == "probe":
         _fit_run(cfg, folder, quiet)
-        logp, test = _probe_oof(cfg, folder, y, folds)
+        logp, test = probe.out_of_fold(cfg, folder, y, held_out)
     else:
         logp, test = np.zeros((len(y), len(ds.classes)), np.float32), []
-        for i, held in enumerate(folds, 1):
+        for i, held in enumerate(held_out, 1):
             if i > 1 and left() < c.estimate / FOLDS * (FOLDS - i + 1):
                 c.status, c.why = "stopped", f"out of time after {i - 1} of {FOLDS} folds"
                 return
@@ -437,20 +437,3 @@ def _fit_run(cfg, run: Path, quiet: bool) -> dict:
         return checkpoint.read_meta(run)
     resume = (run / "state").is_dir()
     return trainer.fit(cfg, run, resume=resume, overwrite=not resume and run.exists(), quiet=quiet)
-
-
-def _probe_oof(cfg, run: Path, y: np.ndarray, folds: list) -> tuple[np.ndarray, np.ndarray]:
-    """A probe's out-of-fold log-probs over train+val: its regression (at the strength the run
-    chose) refitted on k-1 folds of its cached features, from the head it started from."""
-    from . import distributed, linear, trainer
-
-    meta = checkpoint.read_meta(run)
-    key = checkpoint.features_key(meta["data"], meta["val_fraction"], meta["limit"], "none")
-    parts = [checkpoint.load_features(run, f"{s}-none", key) for s in ("train", "val")]
-    if any(p is None for p in parts):
-        raise UserError(f"{run.name}: its features were not kept (unreadable images skipped?)")
-    x = torch.from_numpy(np.concatenate(parts)).to(evaluate.device())
-    head = trainer.setup(cfg, run, lambda *a: None, distributed.setup()).model.get_classifier()
-    logits = linear.oof_logits(x, y, head.weight, head.bias, meta["probe"]["l2"], folds)
-    test = evaluate.log_softmax(checkpoint.load_logits(run, "test")[0])
-    return evaluate.log_softmax(logits), test

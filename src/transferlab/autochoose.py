@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import checkpoint, combiners, data, ensembles, evaluate, outputs
+from . import checkpoint, combiners, data, ensembles, evaluate, folds, outputs
 from .config import UserError
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ VOTES = ("soft", "logit", "hard")  # nothing fitted: scored on the out-of-fold p
 FITTED = ("select", "weighted")  # fitted: scored in a second level of folds
 
 
-def options(names: list[str], logp: np.ndarray, y: np.ndarray, folds: int) -> list[dict]:
+def options(names: list[str], logp: np.ndarray, y: np.ndarray, k: int) -> list[dict]:
     """Every option scored on out-of-fold log-probs `logp` (M, N, K): each candidate alone,
     the votes over all, and the fitted combiners (fitted on k-1 folds of the out-of-fold rows,
     scored on the k-th, so their scores are as honest as the others')."""
@@ -36,7 +36,7 @@ def options(names: list[str], logp: np.ndarray, y: np.ndarray, folds: int) -> li
         rows.append({"option": f"{method} vote of all", "method": method, "weights": weights, **_score(combined, y)})  # fmt: skip
     for method in FITTED if len(names) > 1 else ():
         combined = np.zeros(logp.shape[1:])
-        for held in data.cv_folds(y, folds):
+        for held in folds.cv_folds(y, k):
             rest = np.setdiff1d(np.arange(len(y)), held)
             params = combiners.fit(method, logp[:, rest], y[rest], "out-of-fold")
             combined[held] = combiners.combine(method, logp[:, held], params)
@@ -64,7 +64,7 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
         )
     names = [c.name for c in done]
     logp = np.stack([auto.load_oof(out, n) for n in names])
-    y = data.pool(ds.splits).labels
+    y = folds.pool(ds.splits).labels
     rows = options(names, logp, y, auto.FOLDS)
     best = max(rows, key=lambda r: (round(r["top1"], 10), -r["loss"]))
     for r in rows:
@@ -133,7 +133,7 @@ def write_report(out: Path, ds, cands: list[Candidate], result: dict, budget: fl
     t = result["test"]
     summary = (
         f"Data {ds.spec}: {len(ds.classes)} classes. Budget {budget / 60:.1f} min, used "
-        f"{spent / 60:.1f} min. Every score below is cross-validated ({len(data.pool(ds.splits))} "
+        f"{spent / 60:.1f} min. Every score below is cross-validated ({len(folds.pool(ds.splits))} "
         f"train+val images, out-of-fold); test ({len(ds.splits['test'])} images) was scored "
         f"once, by the chosen option: top-1 {t['top1']:.2%}, top-5 {t['top5']:.2%}, NLL "
         f"{t['loss']:.4f}. DIR/best: {result['desc']}."

@@ -89,10 +89,8 @@ def data_root(spec: str) -> Path | None:
 def load(
     spec: str, val_fraction: float = 0.1, limit: int | None = None, fold: str = "none"
 ) -> Dataset:
-    """Load a dataset spec: `digits`, `tiny-imagenet:PATH`, `folder:PATH` or `csv:FILE`.
-
-    `fold` "i/k": cross-validation over train+val — val is fold i of k (`cv_folds`), train the
-    other k-1 folds; test is unchanged (what `transferlab auto` trains its members on)."""
+    """Load a dataset spec (`digits`, `folder:PATH`, ...); `fold` "i/k": val is fold i of k of
+    train+val, train the rest, test unchanged (`folds.fold_splits`)."""
     kind, _, arg = str(spec).partition(":")
     if kind not in SOURCES:
         raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)})")
@@ -110,14 +108,14 @@ def load(
         native_size_ = native_size(given["train"].paths)
     splits = carve_val(given, origin, val_fraction)
     if fold != "none":
+        from .folds import fold_splits  # (folds imports data)
+
         splits = fold_splits(splits, fold)
         origin["val"], origin["train"] = f"fold {fold} of train+val", "the other folds"
     if limit:
         splits = {k: v.subset(stratified_head(v.labels, limit)) for k, v in splits.items()}
-    notes.append(
-        "splits: "
-        + ", ".join(f"{k} {len(splits[k])} ({origin[k]})" for k in ("train", "val", "test"))
-    )
+    sizes = ", ".join(f"{k} {len(splits[k])} ({origin[k]})" for k in ("train", "val", "test"))
+    notes.append(f"splits: {sizes}")
     for name in ("train", "val", "test"):
         absent = sorted(set(range(len(classes))) - set(splits[name].labels.tolist()))
         if absent:
@@ -434,41 +432,6 @@ def carve(split: Split, fraction: float) -> tuple[Split, Split]:
         raise UserError(f"too few images ({len(idx)}) to hold out {fraction:.0%} of them")
     rest, held = train_test_split(idx, test_size=n_held, random_state=SPLIT_SEED, stratify=stratify)
     return split.subset(np.sort(rest)), split.subset(np.sort(held))
-
-
-def pool(splits: dict[str, Split]) -> Split:
-    """train and val as one split (train first): what cross-validation folds."""
-    a, b = splits["train"], splits["val"]
-    paths = a.paths + b.paths if a.paths is not None and b.paths is not None else None
-    arrays = np.concatenate([a.arrays, b.arrays]) if paths is None else None
-    return Split(np.concatenate([a.labels, b.labels]), paths, arrays)
-
-
-def cv_folds(labels: np.ndarray, k: int) -> list[np.ndarray]:
-    """The held-out indices of each of k folds: stratified where every class has k images,
-    seeded by SPLIT_SEED (never by a run's seed), so every member of a study shares them."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    labels = np.asarray(labels)
-    if len(labels) < k:
-        raise UserError(f"too few images ({len(labels)}) for {k} cross-validation folds")
-    counts = np.bincount(labels)
-    stratified = counts[counts > 0].min() >= k
-    cv = (StratifiedKFold if stratified else KFold)(k, shuffle=True, random_state=SPLIT_SEED)
-    return [np.sort(held) for _, held in cv.split(np.zeros(len(labels)), labels)]
-
-
-def fold_splits(splits: dict[str, Split], fold: str) -> dict[str, Split]:
-    """Fold i of k of train+val as val, the rest as train (see `load`)."""
-    i, k = (int(x) for x in fold.split("/"))
-    everything = pool(splits)
-    held = cv_folds(everything.labels, k)[i - 1]
-    rest = np.setdiff1d(np.arange(len(everything)), held)
-    return {
-        "train": everything.subset(rest),
-        "val": everything.subset(held),
-        "test": splits["test"],
-    }
 
 
 def stratified_head(labels: np.ndarray, limit: int) -> np.ndarray:

@@ -179,3 +179,21 @@ def stage(loop: Loop, progress: Progress, final: bool, log, quiet: bool) -> dict
         "state": {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()},
     }
     return best["features"]
+
+
+def out_of_fold(cfg, run: Path, y: np.ndarray, folds: list) -> tuple[np.ndarray, np.ndarray]:
+    """A probe's out-of-fold log-probs over train+val: its regression (at the strength the run
+    chose) refitted on k-1 folds of its cached features, from the head it started from (what
+    `transferlab auto` scores a probe candidate by)."""
+    from . import distributed, trainer
+
+    meta = checkpoint.read_meta(run)
+    key = checkpoint.features_key(meta["data"], meta["val_fraction"], meta["limit"], "none")
+    parts = [checkpoint.load_features(run, f"{s}-none", key) for s in ("train", "val")]
+    if any(p is None for p in parts):
+        raise UserError(f"{run.name}: its features were not kept (unreadable images skipped?)")
+    x = torch.from_numpy(np.concatenate(parts)).to(evaluate.device())
+    head = trainer.setup(cfg, run, lambda *a: None, distributed.setup()).model.get_classifier()
+    logits = linear.oof_logits(x, y, head.weight, head.bias, meta["probe"]["l2"], folds)
+    test = evaluate.log_softmax(checkpoint.load_logits(run, "test")[0])
+    return evaluate.log_softmax(logits), test

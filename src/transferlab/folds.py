@@ -1,0 +1,45 @@
+"""Cross-validation folds over train+val: fixed (seeded by data.SPLIT_SEED, never by a run's
+seed), stratified where they can be, shared by every member of a `transferlab auto` study and
+by `--fold i/k` runs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import UserError
+from .data import SPLIT_SEED, Split
+
+
+def pool(splits: dict[str, Split]) -> Split:
+    """train and val as one split (train first): what cross-validation folds."""
+    a, b = splits["train"], splits["val"]
+    paths = a.paths + b.paths if a.paths is not None and b.paths is not None else None
+    arrays = np.concatenate([a.arrays, b.arrays]) if paths is None else None
+    return Split(np.concatenate([a.labels, b.labels]), paths, arrays)
+
+
+def cv_folds(labels: np.ndarray, k: int) -> list[np.ndarray]:
+    """The held-out indices of each of k folds: stratified where every class has k images,
+    seeded by SPLIT_SEED (never by a run's seed), so every member of a study shares them."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    labels = np.asarray(labels)
+    if len(labels) < k:
+        raise UserError(f"too few images ({len(labels)}) for {k} cross-validation folds")
+    counts = np.bincount(labels)
+    stratified = counts[counts > 0].min() >= k
+    cv = (StratifiedKFold if stratified else KFold)(k, shuffle=True, random_state=SPLIT_SEED)
+    return [np.sort(held) for _, held in cv.split(np.zeros(len(labels)), labels)]
+
+
+def fold_splits(splits: dict[str, Split], fold: str) -> dict[str, Split]:
+    """Fold i of k of train+val as val, the rest as train (see `load`)."""
+    i, k = (int(x) for x in fold.split("/"))
+    everything = pool(splits)
+    held = cv_folds(everything.labels, k)[i - 1]
+    rest = np.setdiff1d(np.arange(len(everything)), held)
+    return {
+        "train": everything.subset(rest),
+        "val": everything.subset(held),
+        "test": splits["test"],
+    }
