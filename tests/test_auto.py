@@ -14,7 +14,7 @@ from transferlab import auto, autochoose, data, folds, guards, linear
 from transferlab.cli import main
 from transferlab.config import Preempted, UserError
 
-from conftest import tiny_cfg
+from conftest import make_folder, tiny_cfg
 
 
 @pytest.mark.parametrize("text,seconds", [("30m", 1800), ("90s", 90), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150)])  # fmt: skip
@@ -188,8 +188,13 @@ def test_auto_misuse_is_one_line_and_exit_2(tmp_path, capsys):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "mine.txt").write_text("keep me")
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 6, subsets=("",))
     cases = [
         (["--budget", "30", "--out", str(tmp_path / "a")], "duration"),
+        (
+            ["--budget", "5m", "--out", str(photos / "study"), "--data", f"folder:{photos}"],
+            "data folder",
+        ),
         (["--budget", "5m", "--out", str(notes), "--resume"], "no transferlab auto study"),
         (["--budget", "5m", "--out", str(notes)], "not a transferlab auto folder"),
     ]
@@ -198,6 +203,7 @@ def test_auto_misuse_is_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert (notes / "mine.txt").read_text() == "keep me" and not (tmp_path / "a").exists()
+    assert not (photos / "study").exists()
 
 
 def test_fitted_combiners_are_scored_on_rows_they_were_not_fitted_on(monkeypatch):

@@ -336,6 +336,8 @@ def run(
     seconds = parse_budget(budget) if isinstance(budget, str) else float(budget)
     check_out(out, resume)
     ds = data.load(data_spec)  # the splits every member shares (val carved from train, fixed)
+    if ds.spec.partition(":")[0] in data.PATH_KINDS:  # a study never writes into its data
+        outputs.refuse_overlap(out, [ds.spec.partition(":")[2]], "the data folder")
     settings = {"data": ds.spec, "folds": FOLDS, "seed": seed, "budget": seconds, "cache_dir": cache_dir}  # fmt: skip
     with outputs.lock(out):
         outputs.claim(out, "auto", outputs.check_out(out, "auto", resume=resume))
