@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import auto, autochoose, data, folds, guards, linear
+from transferlab import auto, autochoose, autospace, data, folds, guards, linear
 from transferlab.cli import main
 from transferlab.config import Preempted, UserError
 
@@ -83,7 +83,7 @@ def test_options_pick_the_best_by_cross_validation():
 
 
 def _candidate(name, estimate, prior=0.7, kind="probe", family="f"):
-    return auto.Candidate(
+    return autospace.Candidate(
         name, kind, {"model": "x", "input_size": 32}, prior, family, estimate=estimate
     )
 
@@ -107,7 +107,7 @@ def test_a_new_kind_of_member_is_worth_more_than_another_probe():
 
 
 def test_digits_candidates_do_not_mirror_and_decode_small():
-    cands = auto.candidates(data.load("digits"), gpu=False)
+    cands = autospace.candidates(data.load("digits"), gpu=False)
     dcnn = next(c for c in cands if c.settings["model"] == "dcnn")
     assert dcnn.settings["input_size"] == 16 and dcnn.pixels == (16, 1)
     assert all(c.settings.get("flip") is False for c in cands)
@@ -142,8 +142,8 @@ def small_space(monkeypatch):
             "precision": "fp32",
         }
         return [
-            auto.Candidate("lite0-32-probe", "probe", probe, 0.75, "lite0", pixels=(32, 3)),
-            auto.Candidate("dcnn-24", "train", dcnn, 0.6, "dcnn", pixels=(24, 3)),
+            autospace.Candidate("lite0-32-probe", "probe", probe, 0.75, "lite0", pixels=(32, 3)),
+            autospace.Candidate("dcnn-24", "train", dcnn, 0.6, "dcnn", pixels=(24, 3)),
         ]
 
     monkeypatch.setattr(auto, "candidates", space)

@@ -16,7 +16,7 @@ from . import checkpoint, combiners, data, ensembles, evaluate, folds, outputs
 from .config import UserError
 
 if TYPE_CHECKING:
-    from .auto import Candidate
+    from .autospace import Candidate
 
 VOTES = ("soft", "logit", "hard")  # nothing fitted: scored on the out-of-fold predictions as is
 FITTED = ("select", "weighted")  # fitted: scored in a second level of folds
@@ -33,7 +33,14 @@ def options(names: list[str], logp: np.ndarray, y: np.ndarray, k: int) -> list[d
     for method in VOTES if len(names) > 1 else ():
         weights = np.full(len(names), 1.0 / len(names))
         combined = combiners.combine(method, logp, {"weights": weights})
-        rows.append({"option": f"{method} vote of all", "method": method, "weights": weights, **_score(combined, y)})  # fmt: skip
+        rows.append(
+            {
+                "option": f"{method} vote of all",
+                "method": method,
+                "weights": weights,
+                **_score(combined, y),
+            }
+        )
     for method in FITTED if len(names) > 1 else ():
         combined = np.zeros(logp.shape[1:])
         for held in folds.cv_folds(y, k):
@@ -69,12 +76,20 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
     best = max(rows, key=lambda r: (round(r["top1"], 10), -r["loss"]))
     for r in rows:
         r["chosen"] = r is best
-        log(f"   {r['option']:<32} CV top-1 {r['top1']:.2%}  NLL {r['loss']:.4f}" + ("  <- chosen" if r is best else ""))  # fmt: skip
+        log(
+            f"   {r['option']:<32} CV top-1 {r['top1']:.2%}  NLL {r['loss']:.4f}"
+            + ("  <- chosen" if r is best else "")
+        )
     for c, w in zip(done, best["weights"], strict=True):
         c.why = f"in best (weight {w:.2f})" if w > 0 else (c.why or "not chosen")
     test = _build_best(out, done, best, quiet)
-    return {"desc": best["option"], "method": best["method"], "cv": {k: best[k] for k in ("top1", "loss")},
-            "options": [{k: _plain(v) for k, v in r.items()} for r in rows], "test": test}  # fmt: skip
+    return {
+        "desc": best["option"],
+        "method": best["method"],
+        "cv": {k: best[k] for k in ("top1", "loss")},
+        "options": [{k: _plain(v) for k, v in r.items()} for r in rows],
+        "test": test,
+    }
 
 
 def _plain(v):
@@ -105,31 +120,54 @@ def _build_best(out: Path, done: list[Candidate], best: dict, quiet: bool) -> di
 
 
 def _clear(dest: Path) -> None:
-    """Remove a previous DIR/best (a resumed study rebuilds it) if it is wholly transferlab's."""
+    """Remove a previous DIR/best (a resumed study rebuilds it), by the rules of --overwrite:
+    only a run or ensemble folder holding nothing but what transferlab wrote."""
     if not dest.exists():
         return
-    mark = outputs.read_mark(dest)
-    foreign = outputs._foreign(dest) if mark else []
-    if not mark or mark.get("kind") not in ("run", "ensemble") or foreign:
-        raise UserError(f"{dest} holds files transferlab did not write ({', '.join(foreign[:3]) or 'unmarked'}): move them")  # fmt: skip
-    shutil.rmtree(dest)
+    kind = "ensemble" if (outputs.read_mark(dest) or {}).get("kind") == "ensemble" else "run"
+    if outputs.check_out(dest, kind, overwrite=True) == "replace":
+        shutil.rmtree(dest)
 
 
 def _fold_no(path: Path) -> int:
     return int(path.name.split("-")[1])
 
 
-def write_report(out: Path, ds, cands: list[Candidate], result: dict, budget: float, spent: float) -> None:  # fmt: skip
+def write_report(
+    out: Path, ds, cands: list[Candidate], result: dict, budget: float, spent: float
+) -> None:
     """report.md and report.html: the leaderboard of every candidate and option."""
-    head = ["candidate", "kind", "model", "input", "CV top-1", "CV NLL", "estimate s", "seconds", "status", "why"]  # fmt: skip
+    head = [
+        "candidate",
+        "kind",
+        "model",
+        "input",
+        "CV top-1",
+        "CV NLL",
+        "estimate s",
+        "seconds",
+        "status",
+        "why",
+    ]
     rows = [
-        [c.name, c.kind, c.settings["model"], f"{c.settings['input_size']}px",
-         f"{c.cv['top1']:.2%}" if c.cv else "", f"{c.cv['loss']:.4f}" if c.cv else "",
-         f"{c.estimate:.0f}", f"{c.seconds:.0f}", c.status, c.why]
+        [
+            c.name,
+            c.kind,
+            c.settings["model"],
+            f"{c.settings['input_size']}px",
+            f"{c.cv['top1']:.2%}" if c.cv else "",
+            f"{c.cv['loss']:.4f}" if c.cv else "",
+            f"{c.estimate:.0f}",
+            f"{c.seconds:.0f}",
+            c.status,
+            c.why,
+        ]
         for c in sorted(cands, key=lambda c: -(c.cv or {}).get("top1", -1))
-    ]  # fmt: skip
-    opts = [[o["option"], f"{o['top1']:.2%}", f"{o['loss']:.4f}", "chosen" if o["chosen"] else ""]
-            for o in result["options"]]  # fmt: skip
+    ]
+    opts = [
+        [o["option"], f"{o['top1']:.2%}", f"{o['loss']:.4f}", "chosen" if o["chosen"] else ""]
+        for o in result["options"]
+    ]
     t = result["test"]
     summary = (
         f"Data {ds.spec}: {len(ds.classes)} classes. Budget {budget / 60:.1f} min, used "
@@ -138,7 +176,15 @@ def write_report(out: Path, ds, cands: list[Candidate], result: dict, budget: fl
         f"once, by the chosen option: top-1 {t['top1']:.2%}, top-5 {t['top5']:.2%}, NLL "
         f"{t['loss']:.4f}. DIR/best: {result['desc']}."
     )
-    md = ["# transferlab report: auto", "", summary, "", _md(head, rows), "", _md(["option", "CV top-1", "CV NLL", ""], opts)]  # fmt: skip
+    md = [
+        "# transferlab report: auto",
+        "",
+        summary,
+        "",
+        _md(head, rows),
+        "",
+        _md(["option", "CV top-1", "CV NLL", ""], opts),
+    ]
     checkpoint.write_text(out / "report.md", "\n".join(md) + "\n")
     body = (
         f"<h1>transferlab report: auto</h1><p>{html.escape(summary)}</p><h2>Candidates</h2>"
@@ -148,7 +194,7 @@ def write_report(out: Path, ds, cands: list[Candidate], result: dict, budget: fl
     style = (
         "body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
     )
-    page = f"<!doctype html>\n<html><head><meta charset=utf-8><title>transferlab report: auto</title><style>{style}</style></head><body>{body}</body></html>\n"  # fmt: skip
+    page = f"<!doctype html>\n<html><head><meta charset=utf-8><title>transferlab report: auto</title><style>{style}</style></head><body>{body}</body></html>\n"
     checkpoint.write_text(out / "report.html", page)
 
 
@@ -159,5 +205,7 @@ def _md(head: list[str], rows: list[list[str]]) -> str:
 
 def _html(head: list[str], rows: list[list[str]]) -> str:
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)  # fmt: skip
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows
+    )
     return f"<table><tr>{cells}</tr>{body}</table>"

@@ -1,0 +1,215 @@
+"""The search space of `transferlab auto` and what each candidate will cost.
+
+`candidates`: every pretrained backbone usable offline as a linear probe on cached features,
+at its own input size and, for large images, at 320 px; the DCNN from scratch; partial
+fine-tunes of EfficientNet-Lite0; on a GPU, a full fine-tune. `estimate`: a few timed batches
+of each, scaled to every image it sees, decoding and the regression included.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import data, evaluate, models, weights
+
+FOLDS = 5  # the k of k-fold cross-validation over train+val
+
+
+@dataclass
+class Candidate:
+    """One way to get a classifier, and what became of it."""
+
+    name: str
+    kind: str  # probe | train
+    settings: dict  # TrainConfig overrides
+    prior: float  # expected accuracy before any is measured (ImageNet top-1 for probes)
+    family: str  # the backbone: candidates of one family err together
+    pixels: tuple = ()  # (input size, channels): the decoded images it shares with others
+    estimate: float = 0.0  # seconds (`estimate`)
+    decode: float = 0.0  # of which decoding images (saved once another decoded them)
+    per_epoch: float = 0.0  # of which each epoch of a trained candidate's k runs
+    status: str = "pending"  # pending | done | skipped | failed | stopped
+    seconds: float = 0.0
+    cv: dict = field(default_factory=dict)  # out-of-fold top1, loss
+    why: str = ""
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+def candidates(ds: data.Dataset, gpu: bool) -> list[Candidate]:
+    """The search space for this dataset and machine (module docstring, point 1)."""
+    imagenet = len(set(ds.classes) & set(weights.imagenet_wnids())) >= len(ds.classes) / 2
+    large = ds.native_size >= 96
+    found = []
+    for row in weights.available(offline=True):
+        own = row["input_size"]
+        if not own or row["name"].startswith("hf-hub:"):
+            continue
+        prior = (row["top1"] or 70.0) / 100
+        for size in sorted({own, 320} if large and own < 320 else {own}):
+            settings = {
+                "model": row["name"],
+                "weights": "imagenet" if row["from"] == "package" else None,
+                "strategy": "linear-probe",
+                "input_size": size,
+                "eval_batch_size": 16,
+            }
+            settings |= {"head_init": "match"} if imagenet else {"pool_stages": 4}
+            name = f"{_short(row['name'])}-{size}-probe"
+            bonus = 0.01 if size > own else 0.0  # larger inputs helped probes of large images
+            found.append(Candidate(name, "probe", clean(settings), prior + bonus, row["name"]))
+    size = 16 if ds.native_size <= 16 else min(64, ds.native_size)
+    small = size < 32
+    found.append(
+        Candidate(
+            f"dcnn-{size}",
+            "train",
+            {
+                "model": "dcnn",
+                "input_size": size,
+                "optimizer": "adam",
+                "lr": 0.002 if not small else 0.003,
+                "weight_decay": 0.0,
+                "epochs": 15 if small else 30,
+                "batch_size": 32,
+                "crop": "pad" if small else "rrc",
+                "eval_batch_size": 256,
+            },
+            0.9 if ds.native_size <= 32 else 0.6,
+            "dcnn",
+        )
+    )
+    lite0 = "tf_efficientnet_lite0"
+    tune = {
+        "model": lite0,
+        "weights": "imagenet",
+        "optimizer": "adamw",
+        "lr": 0.002,
+        "weight_decay": 0.05,
+        "label_smoothing": 0.1,
+        "warmup_epochs": 1,
+        "epochs": 10,
+        "batch_size": 32,
+        "crop": "rrc" if large else "pad",
+    }
+    for size, prior in ((192, 0.74), (128, 0.72)) if large else ((32, 0.74),):
+        sizes = {"freeze": "4", "input_size": size} if large else {"input_size": 32, "lr": 0.003}
+        found.append(Candidate(f"lite0-{size}-finetune", "train", tune | sizes, prior, lite0))
+    if gpu:
+        full = tune | {
+            "model": "tf_efficientnet_lite2",
+            "freeze": "none",
+            "input_size": 260,
+            "epochs": 30,
+            "lr": 0.001,
+            "crop": "rrc",
+        }
+        found.append(Candidate("lite2-260-full", "train", full, 0.80, full["model"]))
+    flip = not (ds.native_channels == 1 and ds.native_size <= 32)  # digits, text: no mirroring
+    for c in found:
+        c.settings |= {} if flip else {"flip": False}
+        dcnn = c.settings["model"] == "dcnn"
+        c.pixels = (c.settings["input_size"], ds.native_channels if dcnn else 3)
+    return found
+
+
+def _short(name: str) -> str:
+    name = name.removeprefix("hf-hub:").split("/")[-1].split(".")[0]
+    return name.replace("tf_efficientnet_", "").replace("efficientnet_", "")
+
+
+def clean(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+def _timed(fn, min_seconds: float = 0.3) -> float:
+    """Seconds per call of fn: the median of at least three calls (and `min_seconds` of them)
+    after two untimed warm-up calls (kernel selection, first-touch allocations)."""
+    fn()
+    fn()
+    times, t_end = [], time.perf_counter() + min_seconds
+    while len(times) < 3 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, float, float]:
+    """Seconds `c` will take, how many of them decode images (none once a candidate of the
+    same size and channels has decoded them), and how many each epoch of a trained candidate's
+    k runs takes: a few timed batches scaled to every image it sees (module docstring, 2)."""
+    s = c.settings
+    k = len(ds.classes)
+    channels = c.pixels[1]
+    model = models.create(
+        s["model"].split(".")[0], k, channels, pool_stages=s.get("pool_stages", 0)
+    )
+    model.to(evaluate.device()).to(memory_format=torch.channels_last)
+    n = {name: len(split) for name, split in ds.splits.items()}
+    n_pool, n_all = n["train"] + n["val"], sum(n.values())
+    bs = 16 if c.kind == "probe" else s.get("batch_size", 32)
+    x = torch.randn(bs, channels, s["input_size"], s["input_size"], device=evaluate.device())
+    x = x.to(memory_format=torch.channels_last)
+
+    def forward():
+        with torch.inference_mode():
+            models.logits(model.eval(), x, precision)
+
+    fwd = _timed(forward) / bs
+    decode = n_all * _decode_cost(ds, s, channels)
+    if c.kind == "probe":
+        fit = _regression_cost(n_pool, model.get_classifier().in_features, k)
+        return n_all * fwd + decode + fit, decode, 0.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    y = torch.randint(0, k, (bs,), device=x.device)
+
+    def step():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(models.logits(model.train(), x, precision), y)
+        loss.backward()
+
+    train = _timed(step) / bs
+    fold_train = n_pool * (FOLDS - 1) / FOLDS
+    per_fold = s["epochs"] * fold_train * train + (n_pool / FOLDS + 2 * n["test"] + n["val"]) * fwd
+    return FOLDS * per_fold + decode, decode, FOLDS * fold_train * train
+
+
+def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
+    """Seconds to decode and resize one image (a few timed; in-memory data: the resize only)."""
+    from . import decoding
+
+    split = ds.splits["train"]
+    if split.paths is None:
+        return 0.0001
+    paths = split.paths[:: max(1, len(split.paths) // 8)][:8]
+    t0 = time.perf_counter()
+    for p in paths:
+        decoding.resize(decoding.open_image(p, channels), s["input_size"], "bicubic")
+    return (time.perf_counter() - t0) / len(paths)
+
+
+def _regression_cost(n: int, features: int, k: int) -> float:
+    """The probe's regressions: one timed loss-and-gradient evaluation on (n, F) features, times
+    about 100 L-BFGS evaluations per fit and ~40 full-size fits (the run's CV over 7 strengths,
+    its final walk, the k out-of-fold refits)."""
+    z = torch.randn(n, features)
+    w = torch.zeros(k, features, requires_grad=True)
+    y = torch.randint(0, k, (n,))
+
+    def evaluation():
+        w.grad = None
+        torch.nn.functional.cross_entropy(z @ w.T, y).backward()
+
+    return _timed(evaluation, 0.0) * 100 * 40
+
+
+# ----------------------------------------------------------------------------- schedule
