@@ -82,3 +82,24 @@ def test_cache_location_is_configurable(monkeypatch, tmp_path):
     assert decoding.resolve_cache(None) == tmp_path / "c"
     assert decoding.resolve_cache("off") is None
     assert decoding.resolve_cache(str(tmp_path / "x")) == tmp_path / "x"
+
+
+def test_threaded_decoding_equals_one_thread_and_lists_bad_files_in_order(tmp_path, monkeypatch):
+    """Decoding runs a thread per core: rows land where their files are, whatever finishes
+    first, and the unreadable files are reported in file order."""
+    make_folder(tmp_path, ["a", "b", "c"], 6)
+    paths = sorted(str(p) for p in (tmp_path / "train").rglob("*.png"))
+    for bad in (paths[3], paths[11]):
+        with open(bad, "wb") as f:
+            f.write(b"truncated")
+    split = data.Split(np.zeros(len(paths), dtype=np.int64), paths=paths)
+    results = []
+    for n in (1, 4):
+        monkeypatch.setattr(decoding, "cores", lambda n=n: n)
+        results.append(decoding.decode_checked(split, 12, 3, skip_bad=True, quiet=True))
+    (one, _, bad_one), (many, kept, bad_many) = results
+    assert bad_one == bad_many and [b.split(" ")[0] for b in bad_many] == [paths[3], paths[11]]
+    assert np.array_equal(one, many) and len(kept) == len(paths) - 2
+    assert len({row.tobytes() for row in many}) == len(many)  # every row its own image
+    last = decoding.resize(decoding.open_image(paths[-1], 3), 12, "bilinear")
+    assert np.array_equal(many[-1], np.asarray(last))

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,26 +125,44 @@ def _decode_files(
     desc: str,
     quiet: bool,
 ) -> tuple[list[int], list[str]]:
-    """Decode image files into `out` (an array or memmap); returns the unreadable ones."""
-    bad, bad_idx = [], []
+    """Decode image files into `out` (an array or memmap); returns the unreadable ones.
+
+    One thread per core: Pillow releases the GIL while it decodes and resizes, so decoding
+    scales with the cores (each thread writes its own rows; the result does not depend on the
+    number of threads).
+    """
+
+    def one(i: int) -> str | None:
+        try:
+            out[i] = _to_array(
+                resize(open_image(paths[i], channels), size, interpolation), channels
+            )
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as err:
+            return f"{paths[i]} ({type(err).__name__}: {err})"
+        return None
+
     show = not quiet and len(paths) >= 500
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        for i, path in enumerate(tqdm(paths, desc=desc, disable=not show, leave=False, unit="img")):
-            try:
-                out[i] = _to_array(
-                    resize(open_image(path, channels), size, interpolation), channels
-                )
-            except (
-                OSError,
-                ValueError,
-                SyntaxError,
-                Image.DecompressionBombError,
-                Image.DecompressionBombWarning,
-            ) as err:
-                bad.append(f"{path} ({type(err).__name__}: {err})")
-                bad_idx.append(i)
-    return bad_idx, bad
+    pool = ThreadPoolExecutor(max(1, min(cores(), len(paths))))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # threads share it
+            done = pool.map(one, range(len(paths)))
+            errors = list(tqdm(done, desc, len(paths), leave=False, disable=not show, unit="img"))
+    finally:  # an interrupt stops at the images being decoded, not after all of them
+        pool.shutdown(cancel_futures=True)
+    bad_idx = [i for i, e in enumerate(errors) if e is not None]
+    return bad_idx, [errors[i] for i in bad_idx]
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 CACHE_VERSION = 1  # bump when decoding changes, so old cache files are not reused
