@@ -97,9 +97,15 @@ def candidates(ds: data.Dataset, gpu: bool) -> list[Candidate]:
         "batch_size": 32,
         "crop": "rrc" if large else "pad",
     }
-    for size, prior in ((192, 0.74), (128, 0.72)) if large else ((32, 0.74),):
-        sizes = {"freeze": "4", "input_size": size} if large else {"input_size": 32, "lr": 0.003}
-        found.append(Candidate(f"lite0-{size}-finetune", "train", tune | sizes, prior, lite0))
+    if large:  # the stem and first three stages frozen, at two ImageNet-like sizes
+        tunes = [(p, {"freeze": "4", "input_size": s}) for p, s in ((0.74, 192), (0.72, 128))]
+    elif ds.native_size <= 32:  # digits, CIFAR: upsampled to 32 px, everything trains
+        tunes = [(0.74, {"input_size": 32, "lr": 0.003})]
+    else:  # 33-95 px (Tiny ImageNet): never below the images' own size; a stride-1 stem
+        tunes = [(0.66, {"freeze": "2", "input_size": ds.native_size, "stem": "small"})]
+    for prior, sizes in tunes:
+        name = f"lite0-{sizes['input_size']}-finetune"
+        found.append(Candidate(name, "train", tune | sizes, prior, lite0))
     if gpu:
         full = tune | {
             "model": "tf_efficientnet_lite2",
@@ -150,9 +156,8 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
     s = c.settings
     k = len(ds.classes)
     channels = c.pixels[1]
-    model = models.create(
-        s["model"].split(".")[0], k, channels, pool_stages=s.get("pool_stages", 0)
-    )
+    stem, pools = s.get("stem", "default"), s.get("pool_stages", 0)
+    model = models.create(s["model"].split(".")[0], k, channels, stem, pools)
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
     n = {name: len(split) for name, split in ds.splits.items()}
     n_pool, n_all = n["train"] + n["val"], sum(n.values())
@@ -184,7 +189,8 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
 
 
 def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
-    """Seconds to decode and resize one image (a few timed; in-memory data: the resize only)."""
+    """Seconds to decode and resize one image (a few timed; in-memory data: the resize only),
+    on a thread per core as `decoding` runs it."""
     from . import decoding
 
     split = ds.splits["train"]
@@ -194,7 +200,7 @@ def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
     t0 = time.perf_counter()
     for p in paths:
         decoding.resize(decoding.open_image(p, channels), s["input_size"], "bicubic")
-    return (time.perf_counter() - t0) / len(paths)
+    return (time.perf_counter() - t0) / len(paths) / decoding.cores()
 
 
 def _regression_cost(n: int, features: int, k: int) -> float:
