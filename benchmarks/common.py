@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torchvision import transforms as T
 
-from transferlab import batching, data, evaluate, models, strategies, trainer
+from transferlab import batching, data, decoding, evaluate, models, strategies, trainer
 from transferlab.distributed import Dist
 
 SHARED_TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200"
@@ -49,6 +49,22 @@ def tutorial_transform(size: int, train: bool, gray: bool = False):
     return T.Compose([*steps, T.ToTensor(), T.Normalize([0.5] * c, [0.5] * c)])
 
 
+def cpu_kind() -> str:
+    """The CPU's model name and its bf16 features, for every figure a benchmark prints."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return f"{platform.processor() or platform.machine()} (no /proc/cpuinfo)"
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+        "?",
+    )
+    flags = sorted({f for f in ("avx512_bf16", "amx_bf16") if f" {f}" in text})
+    return f"{name}, {decoding.cores()} cores, {' + '.join(flags) if flags else 'no native bf16 (AVX2 or AVX512 only)'}"
+
+
 def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
@@ -67,7 +83,7 @@ def transferlab_loop(model, opt, aug: batching.Augment, cfg) -> trainer.Loop:
         Dist(),
         model,
         models.Architecture("bench"),
-        {"mean": [0.5] * 3, "std": [0.5] * 3},
+        models.Preprocessing.make(64, 3, [0.5] * 3, [0.5] * 3),  # (the size is not used here)
         evaluate.resolve_precision("auto"),
         aug,
     )

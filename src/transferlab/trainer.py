@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from . import (
@@ -227,11 +228,13 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, a
     strategies.set_train_mode(loop.ddp, loop.frozen)
     dev, cfg = evaluate.device(), loop.cfg
     for x, y, idx in batches:
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)  # uint8 on the device
-        x = loop.augment(x, {k: v[idx] for k, v in aug_params.items()})  # (B, H, W, C) uint8
-        x = batching.normalize(x, loop.prep.mean, loop.prep.std)  # (B, C, H, W) float
-        logits = loop.ddp(x)  # models.Forward: the body under autocast, the head in fp32
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        with record_function("data"):  # (named ranges: benchmarks/profile_epoch.py)
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)  # uint8
+            x = loop.augment(x, {k: v[idx] for k, v in aug_params.items()})  # (B, H, W, C)
+            x = batching.normalize(x, loop.prep.mean, loop.prep.std)  # (B, C, H, W) float
+        with record_function("forward"):
+            logits = loop.ddp(x)  # models.Forward: the body under autocast, the head in fp32
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
             raise UserError(
                 f"non-finite loss ({loss.item()}) at epoch {progress.epoch} step "
@@ -239,22 +242,25 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, a
                 "checkpoints written before this step are intact"
             )
         loop.optimizer.zero_grad(set_to_none=True)
-        loop.scaler.scale(loss).backward()
-        loop.scaler.step(loop.optimizer)
-        loop.scaler.update()
-        if cfg.schedule != "plateau":
-            loop.scheduler.step()
-        # summed loss, correct, seen over every rank's share of this batch
-        step = loop.dist.all_sum(
-            [loss.item() * len(y), float((logits.argmax(1) == y).sum()), float(len(y))]
-        )
-        progress.totals = [t + s for t, s in zip(progress.totals, step, strict=True)]
-        progress.losses.append(step[0] / step[2])
-        progress.step += 1
-        progress.global_step += 1
-        total_loss, correct, seen = progress.totals
-        batches.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.2%}")
-        after_step(idx.tolist())
+        with record_function("backward"):
+            loop.scaler.scale(loss).backward()
+        with record_function("optimizer"):
+            loop.scaler.step(loop.optimizer)
+            loop.scaler.update()
+            if cfg.schedule != "plateau":
+                loop.scheduler.step()
+        with record_function("bookkeeping"):
+            # summed loss, correct, seen over every rank's share of this batch
+            step = loop.dist.all_sum(
+                [loss.item() * len(y), float((logits.argmax(1) == y).sum()), float(len(y))]
+            )
+            progress.totals = [t + s for t, s in zip(progress.totals, step, strict=True)]
+            progress.losses.append(step[0] / step[2])
+            progress.step += 1
+            progress.global_step += 1
+            total_loss, correct, seen = progress.totals
+            batches.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.2%}")
+            after_step(idx.tolist())
 
 
 def validate(loop: Loop, progress: Progress, seconds: float, name: str, log) -> None:
