@@ -37,7 +37,7 @@ def run_transferlab(split, cache: Path) -> float:
 
         for arch, size, channels in MEMBERS:
             images = decoding.decode(split, size, channels, "bilinear", cache=cache, quiet=True)
-            prep = {"mean": [0.5] * channels, "std": [0.5] * channels}
+            prep = models.Preprocessing.make(size, channels, [0.5] * channels, [0.5] * channels)
             evaluate.predict(build(arch, channels, True), images, prep, precision, 256)
 
     return timed(everything)[0]
