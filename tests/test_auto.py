@@ -178,6 +178,15 @@ def test_a_study_chooses_by_cv_builds_best_and_resumes(tmp_path, folder_data, sm
     assert {p.name: p.stat().st_mtime_ns for p in (out / "oof").iterdir()} == stamps
     capsys.readouterr()
 
+    (out / "best" / "mine.txt").write_text("keep me")  # best/ is rebuilt: refused at once
+    spent = json.loads((out / "auto.json").read_text())["spent"]
+    assert main(args + ["--resume"]) == 2
+    said = capsys.readouterr()
+    assert "mine.txt" in said.err and (out / "best" / "mine.txt").exists()
+    assert "[auto]" not in said.out  # before the study started, not after its budget
+    assert json.loads((out / "auto.json").read_text())["spent"] == spent
+    (out / "best" / "mine.txt").unlink()
+
     assert main(args) == 2  # an existing study is neither replaced nor mixed into
     assert "--resume" in capsys.readouterr().err
     other = args[:2] + ["digits"] + args[3:] + ["--resume"]
@@ -251,3 +260,16 @@ def test_a_fine_tune_never_shrinks_images_below_their_own_size():
         assert tunes and all(c.settings["input_size"] >= min(native, 128) for c in tunes), native
         if 32 < native < 96:
             assert [c.settings.get("stem") for c in tunes] == ["small"]
+
+
+def test_a_resume_reconsiders_what_an_earlier_budget_skipped(tmp_path):
+    """A study that skipped candidates for lack of time, resumed with a larger --budget, runs
+    them (it said "no candidate finished" instead); what finished stays finished."""
+    settings = {"data": "digits", "folds": 5, "seed": 0, "budget": 40.0}
+    done, skipped = _candidate("done", 30), _candidate("skipped", 75)
+    done.status, done.cv = "done", {"top1": 0.9, "loss": 0.3}
+    skipped.status, skipped.why = "skipped", "estimated 75 s, 10 s left"
+    auto.save_state(tmp_path, settings, [done, skipped], 38.0)
+    cands, spent = auto.load_state(tmp_path, settings | {"budget": 180.0})
+    assert [c.status for c in cands] == ["done", "pending"] and spent == 38.0
+    assert auto.pick(cands, 180 - spent, set()).name == "skipped"

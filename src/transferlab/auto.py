@@ -123,7 +123,8 @@ def save_state(out: Path, settings: dict, cands: list[Candidate], spent: float) 
 
 
 def load_state(out: Path, settings: dict) -> tuple[list[Candidate], float] | None:
-    """A resumed study's candidates and time spent; its data, folds and seed must not change."""
+    """A resumed study's candidates and time spent; its data, folds and seed must not change.
+    Candidates skipped for lack of time are pending again: a resume may bring a larger budget."""
     try:
         state = json.loads((out / STATE).read_text())
     except (OSError, ValueError):
@@ -134,7 +135,11 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate], float] | Non
         raise UserError(
             f"{out} was started with {was}: resume it with those, or choose another --out"
         )
-    return [Candidate(**c) for c in state["candidates"]], float(state["spent"])
+    cands = [Candidate(**c) for c in state["candidates"]]
+    for c in cands:
+        if c.status == "skipped":
+            c.status, c.why = "pending", ""
+    return cands, float(state["spent"])
 
 
 def save_oof(out: Path, name: str, logp: np.ndarray, test_logp: np.ndarray) -> None:
@@ -187,7 +192,9 @@ def run(
         "cache_dir": cache_dir,
     }
     with outputs.lock(out):
-        outputs.claim(out, "auto", outputs.check_out(out, "auto", resume=resume))
+        action = outputs.check_out(out, "auto", resume=resume)
+        outputs.check_rebuildable(out / "best", autochoose.REBUILT)  # before the budget is spent
+        outputs.claim(out, "auto", action)
         cands, spent = (load_state(out, settings) if resume else None) or (
             candidates(ds, torch.cuda.is_available()),
             0.0,

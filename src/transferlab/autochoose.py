@@ -119,13 +119,14 @@ def _build_best(out: Path, done: list[Candidate], best: dict, quiet: bool) -> di
     return info["metrics"]["test"]
 
 
+REBUILT = "a study rebuilds best/ from its candidates when it ends"
+
+
 def _clear(dest: Path) -> None:
-    """Remove a previous DIR/best (a resumed study rebuilds it), by the rules of --overwrite:
-    only a run or ensemble folder holding nothing but what transferlab wrote."""
-    if not dest.exists():
-        return
-    kind = "ensemble" if (outputs.read_mark(dest) or {}).get("kind") == "ensemble" else "run"
-    if outputs.check_out(dest, kind, overwrite=True) == "replace":
+    """Remove a previous DIR/best (a resumed study rebuilds it), only if transferlab wrote all
+    of it (`outputs.check_rebuildable`, which `auto.run` also checks before any work)."""
+    outputs.check_rebuildable(dest, REBUILT)
+    if dest.exists():
         shutil.rmtree(dest)
 
 

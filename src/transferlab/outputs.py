@@ -209,6 +209,18 @@ def check_out(out: Path, kind: str, resume: bool = False, overwrite: bool = Fals
     return "replace"
 
 
+def check_rebuildable(folder: Path, why: str) -> None:
+    """Refuse, before any work, a folder that a command will delete and write again (a resumed
+    study's best/) unless it is a run or ensemble folder holding only what transferlab wrote."""
+    if not Path(folder).exists():
+        return
+    mark = read_mark(folder)
+    foreign = _foreign(folder) if mark else []
+    if not mark or mark.get("kind") not in ("run", "ensemble") or foreign:
+        held = _few(foreign) if foreign else "no transferlab run or ensemble marker"
+        raise UserError(f"{folder} holds what transferlab did not write ({held}): move it; {why}")
+
+
 def claim(out: Path, kind: str, action: str, info: dict | None = None) -> None:
     """Carry out check_out's decision: create or empty the folder, then write its marker.
 
