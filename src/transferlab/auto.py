@@ -195,10 +195,8 @@ def run(
         action = outputs.check_out(out, "auto", resume=resume)
         outputs.check_rebuildable(out / "best", autochoose.REBUILT)  # before the budget is spent
         outputs.claim(out, "auto", action)
-        cands, spent = (load_state(out, settings) if resume else None) or (
-            candidates(ds, torch.cuda.is_available()),
-            0.0,
-        )
+        state = load_state(out, settings) if resume else None
+        cands, spent = state or (candidates(ds, torch.cuda.is_available()), 0.0)
         left = lambda: seconds - spent - (time.time() - t0)  # noqa: E731
         reserve = max(20.0, 0.05 * seconds)  # for the choice, best/ and the report
         precision = evaluate.resolve_precision("auto")
