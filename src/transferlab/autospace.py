@@ -209,8 +209,8 @@ def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
 
 def _regression_cost(n: int, features: int, k: int) -> float:
     """The probe's regressions: one timed loss-and-gradient evaluation on (n, F) features, times
-    about 100 L-BFGS evaluations per fit and ~40 full-size fits (the run's CV over 7 strengths,
-    its final walk, the k out-of-fold refits)."""
+    about 100 L-BFGS evaluations per fit and ~22 full-size fits (the run's CV walk over 3-4
+    strengths on 4/5 of the images, its final path of 1-2, the k out-of-fold refits)."""
     z = torch.randn(n, features)
     w = torch.zeros(k, features, requires_grad=True)
     y = torch.randint(0, k, (n,))
@@ -219,7 +219,7 @@ def _regression_cost(n: int, features: int, k: int) -> float:
         w.grad = None
         torch.nn.functional.cross_entropy(z @ w.T, y).backward()
 
-    return _timed(evaluation, 0.0) * 100 * 40
+    return _timed(evaluation, 0.0) * 100 * 22
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -87,7 +87,8 @@ def _config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
 # Training options the LR range test does not use (it sweeps the LR over a fixed number of
 # steps): not offered, so argparse refuses them instead of ignoring them.
 LR_FIND_SKIPS = ("lr", "epochs", "patience", "schedule", "warmup_epochs", "snapshots",
-                 "keep_last", "checkpoint_every", "probe_l2", "eval_batch_size")  # fmt: skip
+                 "keep_last", "checkpoint_every", "probe_l2", "eval_batch_size",
+                 "feature_engine")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

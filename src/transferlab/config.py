@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -113,6 +114,10 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the training model (for GPUs; no gain seen on CPU)")
     num_workers: int = opt(0, "DataLoader worker processes (0 is fastest on 2 cores)")
     eval_batch_size: int = opt(256, "images per forward pass when predicting")
+    feature_engine: str = opt(
+        "auto",
+        "auto | torch | onnxruntime: what computes a frozen backbone's features (probes); auto: the faster here, timed",
+    )
     checkpoint_every: int = opt(0, "also save the training state every N steps (0: each epoch)")
     keep_last: int = opt(2, "training-state checkpoints kept (newest first)")
     cache_dir: str | None = opt(
@@ -232,6 +237,7 @@ CHOICES = {
     "stem": ("default", "small"),
     "strategy": ("full", "linear-probe", "lp-ft", "head-first", "gradual", "layer-decay"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
+    "feature_engine": ("auto", "torch", "onnxruntime"),
 }
 
 
@@ -257,6 +263,13 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.fold != "none" and not _is_fold(cfg.fold):
         raise UserError(f"fold must be none or i/k with 1 <= i <= k and k >= 2, got {cfg.fold!r}")
+    if cfg.feature_engine == "onnxruntime" and not all(
+        importlib.util.find_spec(m) for m in ("onnxruntime", "onnxscript")
+    ):
+        raise UserError(
+            "feature_engine onnxruntime needs the onnx, onnxscript and onnxruntime packages: "
+            "pip install 'transferlab[export]'"
+        )
     if not 0 <= cfg.pool_stages <= 4:
         raise UserError(f"pool_stages must be between 0 and 4, got {cfg.pool_stages}")
     if cfg.channels not in (None, 1, 3):

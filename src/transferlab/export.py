@@ -143,9 +143,8 @@ def _onnx(packaged: nn.Module, x: torch.Tensor, path: Path, info: str) -> np.nda
     return onnx_file(packaged, x, path, info, "logits")
 
 
-def onnx_file(module: nn.Module, x: torch.Tensor, path: Path, info: str, output: str) -> np.ndarray:
-    """`module` as ONNX at `path` (batch size dynamic; `info` in the metadata under
-    "transferlab"); returns onnxruntime's outputs for `x`."""
+def onnx_packages():
+    """(onnx, onnxruntime), or the one line that says how to install them."""
     try:
         import onnx
         import onnxruntime
@@ -154,10 +153,16 @@ def onnx_file(module: nn.Module, x: torch.Tensor, path: Path, info: str, output:
             "ONNX export needs the onnx, onnxscript and onnxruntime packages: "
             "pip install 'transferlab[export]'"
         ) from None
+    return onnx, onnxruntime
+
+
+def onnx_proto(module: nn.Module, x: torch.Tensor, output: str):
+    """`module` as an ONNX ModelProto (torch.onnx, dynamo; input "image", batch size dynamic)."""
     import contextlib
     import io
     import warnings
 
+    onnx_packages()
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -169,7 +174,14 @@ def onnx_file(module: nn.Module, x: torch.Tensor, path: Path, info: str, output:
             output_names=[output],
             dynamic_shapes=({0: batch},),
         )
-    proto = program.model_proto
+    return program.model_proto
+
+
+def onnx_file(module: nn.Module, x: torch.Tensor, path: Path, info: str, output: str) -> np.ndarray:
+    """`module` as ONNX at `path` (batch size dynamic; `info` in the metadata under
+    "transferlab"); returns onnxruntime's outputs for `x`."""
+    onnx, onnxruntime = onnx_packages()
+    proto = onnx_proto(module, x, output)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "transferlab", info
     with checkpoint.atomic_path(path) as tmp:

@@ -257,12 +257,12 @@ class Forward(nn.Module):
     """`logits()` as a module, for what needs one: DistributedDataParallel, torch.compile and
     ONNX export. It owns no tensors of its own; state dicts are taken from the bare model."""
 
-    def __init__(self, model: nn.Module, precision: str = "fp32"):
+    def __init__(self, model: nn.Module, precision: str = "fp32", pre_logits: bool = False):
         super().__init__()
-        self.model, self.precision = model, precision
+        self.model, self.precision, self.pre_logits = model, precision, pre_logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return logits(self.model, x, self.precision)
+        return logits(self.model, x, self.precision, self.pre_logits)
 
 
 def check_arch(name: str) -> None:

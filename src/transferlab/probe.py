@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, decoding, evaluate, linear, models
+from . import checkpoint, decoding, engines, evaluate, linear, models
 from .config import UserError
 
 if TYPE_CHECKING:
@@ -24,37 +24,57 @@ if TYPE_CHECKING:
 
 def features(
     model: nn.Module,
-    images: np.ndarray,
+    images: dict,
     prep: models.Preprocessing,
     precision: str,
     batch_size: int = 256,
-    desc: str = "features",
     quiet: bool = True,
     cache: Path | None = None,
-    backbone: str = "",
-) -> torch.Tensor:
-    """Pooled pre-logit features (N, F) of a decoded split, the model in eval mode.
+    engine: str = "auto",
+    log=lambda *a: None,
+    check=lambda where: None,
+) -> dict:
+    """Pooled pre-logit features {split: (N, F) tensor} of decoded splits {split: uint8 array},
+    computed on the feature engine `engine` names (engines.py; "auto": the faster here).
 
-    `cache` (a folder) with `backbone` (the frozen backbone's fingerprint): features are stored
-    under a digest of what they depend on (backbone, preprocessing, precision, the decoded
-    pixels) and reused by any later run of the same frozen backbone on the same images: a
-    second seed, another probe strength, a recipe rerun skip the forward passes.
+    With a `cache` folder, features are stored under a digest of what they depend on (the
+    frozen backbone, preprocessing, the engine and its precision, the decoded pixels) and reused
+    by any later run of the same frozen backbone on the same images: a second seed, another
+    probe strength, a recipe rerun skip the forward passes (and the engine's choice).
     """
-    path = None
-    if cache is not None and backbone:
-        pooled = list(getattr(model, "pooled_stages", ()))  # what the features are made of
-        key = json.dumps([backbone, prep.to_dict(), pooled, precision], sort_keys=True)
-        h = hashlib.sha256(key.encode())
-        h.update(np.ascontiguousarray(images).data)
-        path = Path(cache) / "features" / f"{h.hexdigest()[:32]}.npy"
-        cached = _load_cached_features(path, len(images))
-        if cached is not None:
-            return torch.from_numpy(cached).to(evaluate.device())
-    out = evaluate.predict(model, images, prep, precision, batch_size, desc, quiet, True)
-    if path is not None:
-        with checkpoint.atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, out)
-    return torch.from_numpy(out).to(evaluate.device())
+    backbone = backbone_sha256(model) if cache is not None else ""
+    paths = {s: {} for s in images}
+    out = {}
+    for split, x in images.items():
+        for key in engines.keys(engine, precision):
+            paths[split][key] = path = _cache_path(cache, model, prep, key, x, backbone)
+            found = _load_cached_features(path, len(x)) if path else None
+            if found is not None:
+                out[split] = found
+                break
+    missing = [s for s in images if s not in out]
+    if missing:
+        n = sum(len(images[s]) for s in missing)
+        chosen = engines.choose(
+            engine, model, prep, precision, images[missing[0]], n, batch_size, log, cache
+        )
+        for split in missing:
+            f = chosen.features(images[split], f"features {split}", quiet, check)
+            path = paths[split].get(chosen.key)
+            if path is not None:
+                with checkpoint.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, f)
+            out[split] = f
+    return {s: torch.from_numpy(out[s]).to(evaluate.device()) for s in images}
+
+
+def _cache_path(cache, model, prep, key: str, images: np.ndarray, backbone: str) -> Path | None:
+    if cache is None or not backbone:
+        return None
+    pooled = list(getattr(model, "pooled_stages", ()))  # what the features are made of
+    h = hashlib.sha256(json.dumps([backbone, prep.to_dict(), pooled, key], sort_keys=True).encode())
+    h.update(np.ascontiguousarray(images).data)
+    return Path(cache) / "features" / f"{h.hexdigest()[:32]}.npy"
 
 
 def _load_cached_features(path: Path, n: int) -> np.ndarray | None:
@@ -88,6 +108,8 @@ def linear_probe(
     quiet: bool = True,
     batch_size: int = 256,
     cache: Path | None = None,
+    engine: str = "auto",
+    check=lambda where: None,
 ) -> tuple[list, dict]:
     """Fit the head as an L2-regularised logistic regression on cached, standardised features.
 
@@ -96,11 +118,13 @@ def linear_probe(
     better than epochs of SGD on features: no learning rate to tune. The penalty pulls the
     weights towards the head the model started with (L2-SP), so a head initialised by
     `--head-init match` keeps its ImageNet rows unless the data disagree. `l2="auto"` picks
-    the strength in linear.PROBE_L2 with the lowest 5-fold cross-validated NLL on train (`cv_strength`),
+    the strength in linear.PROBE_L2 with the lowest cross-validated NLL on train (`cv_strength`:
+    5 folds, 3 from 10,000 images),
     so val stays untouched by the probe and honest for the ensembles fitted on it (a 10% val
-    split picked strengths from 0.001 to 0.3 for the same features; CV picks 0.003-0.01).
+    split picked strengths from 0.001 to 0.3 for the same features; CV picks 0.003-0.01),
+    and the head is then fitted along the path from the grid's middle to that strength.
     Every split's features are computed once (and kept in `cache`, see `features`).
-    Returns (one history row per strength, best record with its "val_logits", "test_logits"
+    Returns (one history row per strength fitted, best record with its "val_logits", "test_logits"
     and "features" per split); the model's head ends holding the best weights, folded back to
     raw features.
     """
@@ -114,38 +138,39 @@ def linear_probe(
         f"   stage probe: {sum(p.numel() for p in head.parameters()) / 1e6:.3f}M of "
         f"{total / 1e6:.2f}M parameters train (the head, on features computed once)"
     )
-    backbone = backbone_sha256(model) if cache is not None else ""
-    feats = {
-        s: features(model, x, prep, precision, batch_size, f"features {s}", quiet, cache, backbone)
-        for s, x in images.items()
-    }
+    feats = features(model, images, prep, precision, batch_size, quiet, cache, engine, log, check)
     strengths = linear.l2_strengths(l2)
     chosen, cv_loss = linear.cv_strength(
         feats["train"], labels["train"], head.weight, head.bias, strengths
     )
+    path = strengths if chosen is None else linear.path_to(strengths, chosen)
     rows, best = linear.fit_linear(
-        feats, labels, head.weight, head.bias, strengths, log, "probe", chosen
+        feats, labels, head.weight, head.bias, path, log, "probe", chosen
     )
     if cv_loss is not None:
-        for row, loss in zip(rows, cv_loss, strict=True):
-            row["cv_loss"] = float(loss)
+        for row in rows:
+            row["cv_loss"] = float(cv_loss[strengths.index(row["l2"])])
     with torch.no_grad():
         head.weight.copy_(best.pop("weight"))
         head.bias.copy_(best.pop("bias"))
         if "test" in feats:
             best["test_logits"] = evaluate.head_logits(model, feats["test"].cpu().numpy())
     best["features"] = {s: f.cpu().numpy() for s, f in feats.items()}
-    how = "lowest 5-fold CV NLL on train" if cv_loss is not None else "as set"
+    folds = linear.strength_folds(len(labels["train"]))
+    how = f"lowest {folds}-fold CV NLL on train" if cv_loss is not None else "as set"
     log(f"   stage probe: l2 {best['l2']:g} ({how}), val {best['val_acc']:.2%}")
     return rows, best
 
 
-def stage(loop: Loop, progress: Progress, final: bool, log, quiet: bool) -> dict | None:
+def stage(
+    loop: Loop, progress: Progress, final: bool, log, quiet: bool, check=lambda where: None
+) -> dict | None:
     """Run a probe stage: fit the head on the frozen backbone's features.
 
     A final probe (linear-probe) is the whole run: it scores val and test from its features and
     returns them per split for the run's features/ cache; one that precedes training (lp-ft)
-    changes the head only and returns None (the backbone will change).
+    changes the head only and returns None (the backbone will change). `check(where)` runs
+    between batches of the feature passes and raises to stop (SIGTERM, a deadline).
     """
     cfg, t0 = loop.cfg, time.time()
     rows, best = linear_probe(
@@ -159,6 +184,8 @@ def stage(loop: Loop, progress: Progress, final: bool, log, quiet: bool) -> dict
         quiet,
         cfg.eval_batch_size,
         decoding.resolve_cache(cfg.cache_dir),
+        cfg.feature_engine,
+        check,
     )
     progress.probe = {
         "l2": best["l2"],

@@ -110,6 +110,18 @@ class Checkpoints:
                 f"{self.out / 'state'}: rerun with --resume to continue"
             )
 
+    def check_stop(self, where: str) -> None:
+        """Inside work that is not a training step (a probe's feature passes, minutes long):
+        SIGTERM or the deadline stop the run there, without a state to save (the splits whose
+        features are done stay in the feature cache). Single-process only: ranks would have to
+        agree, as at step boundaries."""
+        late = guards.past_deadline()
+        if self.loop.dist.world == 1 and (self.stop["requested"] or late):
+            raise Preempted(
+                f"stopped {'at its deadline' if late else 'by SIGTERM'} during {where}; "
+                "rerun with --resume to continue (finished feature passes are cached)"
+            )
+
 
 def training_state(loop: Loop, progress: Progress) -> dict:
     """Everything resume needs, as tensors and plain types (weights-only loadable)."""

@@ -96,7 +96,9 @@ def fit(
                     f"{models.describe(loop.model)}")  # fmt: skip
                 if stage.probe:
                     final = index == len(loop.stages) - 1
-                    features = probe.stage(loop, progress, final, log, quiet)
+                    features = probe.stage(
+                        loop, progress, final, log, quiet, checkpoints.check_stop
+                    )
                 last = strategies.end_epoch(loop.stages, index)
                 while progress.epoch <= last and not progress.stopped_early:
                     t0 = time.time()
