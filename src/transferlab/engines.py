@@ -6,9 +6,10 @@ torch         the model itself: eval mode, channels_last, the run's precision (b
 onnxruntime   the same forward (`models.Forward`, pre-logits) exported to ONNX by torch.onnx
               (dynamo) and run by ONNX Runtime's CPU provider in fp32, one intra-op thread per
               core, 32 images a batch (its best here; torch's is 8-16): the Lite backbones'
-              features 2.8-3.2x faster than torch fp32 and 1.4-1.7x faster than torch bf16 on a
-              2-core EPYC with AVX512-BF16, equal to torch fp32 within 2e-5
-              (benchmarks/feature_engines.py)
+              features 2.8-3.2x faster than torch fp32 and 1.2-1.3x faster than torch bf16 at
+              each engine's best batch on a 2-core EPYC with AVX512-BF16 (random images,
+              benchmarks/feature_engines.py; on Tiny ImageNet's Lite2 features torch bf16 was
+              timed faster), equal to torch fp32 within 2e-5
 auto          torch on a GPU, or where onnxruntime is not installed, or for fewer images than
               the export (~20 s) could repay; otherwise both are timed on the first images and
               the faster is taken (the choice and both speeds are printed)
