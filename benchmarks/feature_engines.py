@@ -3,10 +3,12 @@
 What probes, `transferlab auto` and ensemble evaluation spend most CPU time on: the pooled
 pre-logit features of a frozen backbone over a decoded uint8 array. For each model at its own
 ImageNet input size, the engines `--feature-engine` chooses from (engines.py): PyTorch eval in
-fp32 and (where the CPU has native bf16) bf16 autocast, channels_last; and the same forward
-exported to ONNX (torch.onnx dynamo) run by ONNX Runtime's CPU provider, normalisation included.
-Random weights and images (speed does not depend on them). Prints the CPU kind, img/s per
-engine, the largest feature difference against PyTorch fp32, and `fastest=` per model.
+fp32 and (where the CPU has native bf16) bf16 autocast, channels_last, each with and without
+its BatchNorms folded into the convolutions (`models.fold_batchnorm`, what the torch engine
+runs); and the same forward exported to ONNX (torch.onnx dynamo) run by ONNX Runtime's CPU
+provider, normalisation included. Random weights and images (speed does not depend on them).
+Prints the CPU kind, img/s per engine, the largest feature difference against unfolded PyTorch
+fp32, `fastest=` per model and the folding's gain.
 
     python benchmarks/feature_engines.py [--images 256] [--batch 16] [--onnx-batch 32] [--models lite0 lite2]
 """
@@ -46,27 +48,31 @@ def measure(short: str, args, native_bf16: bool) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
     results, feats = {}, {}
-    engines_here = [engines.torch_engine(model, prep, "fp32", args.batch)]
-    if native_bf16:
-        engines_here.append(engines.torch_engine(model, prep, "bf16", args.batch))
+    engines_here = {}
+    for precision in ("fp32", "bf16") if native_bf16 else ("fp32",):
+        for fold in (False, True):
+            key = f"torch {precision}" + ("" if fold else " unfolded")
+            engines_here[key] = engines.torch_engine(model, prep, precision, args.batch, fold)
     onnx = engines.onnx_engine(model, prep, None)  # exported here (not timed)
     onnx.batch = args.onnx_batch or engines.ONNX_BATCH
-    engines_here.append(onnx)
-    for engine in engines_here:
-        key = f"{engine.name} {engine.precision}"
+    engines_here["onnxruntime fp32"] = onnx
+    for key, engine in engines_here.items():
 
         def run(engine=engine, key=key):
             feats[key] = engine.features(images, key, quiet=True)
 
         results[key] = best_of(run)
     for name, seconds in results.items():
-        diff = np.abs(feats[name] - feats["torch fp32"]).max()
+        diff = np.abs(feats[name] - feats["torch fp32 unfolded"]).max()
         print(
-            f"{short}-{size}  {name:<18} {args.images / seconds:7.1f} img/s  "
-            f"max |diff| vs torch fp32 {diff:.2e}"
+            f"{short}-{size}  {name:<22} {args.images / seconds:7.1f} img/s  "
+            f"max |diff| vs torch fp32 unfolded {diff:.2e}"
         )
     fastest, slowest = min(results, key=results.get), max(results.values())
     print(f"{short}: fastest={fastest} ({slowest / results[fastest]:.2f}x the slowest)")
+    for precision in ("fp32", "bf16") if native_bf16 else ("fp32",):
+        gain = results[f"torch {precision} unfolded"] / results[f"torch {precision}"]
+        print(f"{short}: BatchNorm folding {precision} {gain:.2f}x")
 
 
 def main() -> None:

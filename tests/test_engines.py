@@ -51,7 +51,7 @@ def test_auto_times_onnxruntime_only_where_its_export_can_pay_and_takes_the_fast
     monkeypatch.setattr(engines, "onnx_available", lambda: True)
     monkeypatch.setattr(engines, "onnx_engine", lambda *a: exports.append(1) or ort)
     speed = {"torch": 0.02, "onnxruntime": 0.01}  # seconds per image
-    monkeypatch.setattr(engines, "seconds_per_image", lambda e, *a: speed[e.name])
+    monkeypatch.setattr(engines, "seconds_per_image", lambda e, *a, **k: speed[e.name])
     prep = models.Preprocessing.make(8, 3, [0.5] * 3, [0.5] * 3)
     sample = np.zeros((4, 8, 8, 3), np.uint8)
 
@@ -62,6 +62,9 @@ def test_auto_times_onnxruntime_only_where_its_export_can_pay_and_takes_the_fast
     # 3,000 images x 0.02 s = 60 s; even 3x faster saves 40 s < twice the ~25 s export
     assert choose(3000).name == "torch" and not exports
     assert choose(20_000).name == "onnxruntime" and len(exports) == 1
+    # 5,000 images x 0.02 s = 100 s: where torch runs bf16 ORT's best (1.3x) saves 23 s, no
+    # export; at fp32 its best (3x) saves 67 s: timed
+    assert choose(5000).name == "torch" and len(exports) == 1
     assert "torch bf16 50 img/s, onnxruntime fp32 100 img/s" in log[-1]
     speed["onnxruntime"] = 0.03
     assert choose(20_000).name == "torch"
@@ -71,6 +74,9 @@ def test_auto_times_onnxruntime_only_where_its_export_can_pay_and_takes_the_fast
         engines.choose("auto", torch.nn.Identity(), prep, "fp32", sample, 20_000, 2, print).key
         == "fp32"
     )
+    speed["onnxruntime"] = 0.01
+    fp32 = engines.choose("auto", torch.nn.Identity(), prep, "fp32", sample, 5000, 2, print)
+    assert fp32.name == "onnxruntime" and len(exports) == 5
 
 
 def test_a_misspelt_feature_engine_is_one_line(capsys, folder_data, tmp_path):

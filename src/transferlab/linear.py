@@ -30,6 +30,7 @@ def cv_strength(
     strengths: tuple,
     folds: int | None = None,
     walk: bool = True,
+    precision: str = "fp32",
 ) -> tuple[float | None, np.ndarray | None]:
     """The strength with the lowest k-fold cross-validated NLL of the regression on (x, y), and
     the CV NLL of each (NaN where not fitted); (None, None) for a single strength or too few
@@ -41,6 +42,14 @@ def cv_strength(
     curve has one minimum on the grid (a regularisation path's usual shape), with 3-4 of
     PROBE_L2's 7 strengths fitted k times instead of all 7 (each fold warm-started from its
     previous fit). On 18,000 Tiny ImageNet features that is most of a probe's regression time.
+
+    `precision` "bf16" (the run's, where the CPU has native bf16): the fits' two matmuls take
+    bf16 features and weights (fp32 accumulation, fp32 loss and L-BFGS state): 2.6x faster
+    matmuls here, and L-BFGS stops sooner on the rounded loss (71 evaluations instead of 108 on
+    one fit). On Tiny ImageNet's Lite2 features the CV NLLs moved by at most 0.002 (the
+    strengths' own differences: 0.003-0.04), the same strength won, and the search took 23 s
+    instead of 118 s (2-core EPYC with AVX512-BF16). Only the choice is made so: the final fit
+    (`fit_linear`) stays fp32.
     """
     from sklearn.model_selection import KFold, StratifiedKFold
 
@@ -62,7 +71,7 @@ def cv_strength(
         total = 0.0
         for f, (fit_idx, held_idx) in enumerate(splits):
             fit_t, held_t = (torch.as_tensor(i, device=x.device) for i in (fit_idx, held_idx))
-            reg = Regression(x[fit_t], y[fit_idx], w_init, b_init, warm[f])
+            reg = Regression(x[fit_t], y[fit_idx], w_init, b_init, warm[f], precision)
             reg.fit(lam)
             warm[f] = reg.state()
             logits = reg.logits(x[held_t]).cpu().numpy()
@@ -115,11 +124,13 @@ def path_to(strengths: tuple, chosen: float) -> tuple:
 class Regression:
     """An L2 logistic regression on standardised features, pulled towards (w_init, b_init)
     folded into standardised space (W x + b == (W sd) z + (b + W mu)); fits warm-start from
-    `state` (an earlier fit's) or from that starting point."""
+    `state` (an earlier fit's) or from that starting point. `precision` "bf16": the fits'
+    matmuls in bf16 (see `cv_strength`)."""
 
-    def __init__(self, x: torch.Tensor, y, w_init, b_init, state=None):
+    def __init__(self, x: torch.Tensor, y, w_init, b_init, state=None, precision="fp32"):
         self.mu, self.sd = x.mean(0), x.std(0, correction=0) + 1e-6
         self.z = (x - self.mu) / self.sd
+        self.matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.y = torch.as_tensor(np.asarray(y)).to(x.device)
         with torch.no_grad():
             w_init = w_init.detach().float().to(x.device)
@@ -129,7 +140,7 @@ class Regression:
         self.w, self.b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
 
     def fit(self, lam: float) -> None:
-        _lbfgs(self.w, self.b, self.z, self.y, self.w0, lam)
+        _lbfgs(self.w, self.b, self.z.to(self.matmul_dtype), self.y, self.w0, lam)
 
     def state(self) -> tuple:
         return self.w.detach().clone(), self.b.detach().clone()
@@ -217,14 +228,16 @@ def fit_linear(
 
 
 def _lbfgs(w, b, z, y, w0, lam: float, max_iter: int = 100) -> None:
-    """Minimise mean cross-entropy + lam/2 * |w - w0|^2 over (w, b), in place."""
+    """Minimise mean cross-entropy + lam/2 * |w - w0|^2 over (w, b), in place; the logits'
+    matmul in z's dtype (fp32, or bf16 with fp32 accumulation), the rest in fp32."""
     opt = torch.optim.LBFGS(
         [w, b], lr=1, max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe"
     )
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(z @ w.T + b, y) + lam / 2 * (w - w0).pow(2).sum()
+        logits = (z @ w.to(z.dtype).T).float() + b
+        loss = F.cross_entropy(logits, y) + lam / 2 * (w - w0).pow(2).sum()
         loss.backward()
         return loss
 

@@ -141,7 +141,7 @@ def linear_probe(
     feats = features(model, images, prep, precision, batch_size, quiet, cache, engine, log, check)
     strengths = linear.l2_strengths(l2)
     chosen, cv_loss = linear.cv_strength(
-        feats["train"], labels["train"], head.weight, head.bias, strengths
+        feats["train"], labels["train"], head.weight, head.bias, strengths, precision=precision
     )
     path = strengths if chosen is None else linear.path_to(strengths, chosen)
     rows, best = linear.fit_linear(
