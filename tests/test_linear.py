@@ -90,3 +90,15 @@ def test_large_training_sets_choose_the_strength_on_three_folds(monkeypatch):
             x, y.numpy(), torch.zeros(2, 4), torch.zeros(2), linear.PROBE_L2
         )
         assert len(fits) == folds * np.isfinite(loss).sum(), (n, len(fits))
+
+
+def test_a_bf16_strength_search_rounds_its_matmuls_yet_chooses_as_fp32_does():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(600) % 4
+    x = torch.randn(600, 24, generator=g) + 1.5 * torch.nn.functional.one_hot(y, 24).float()
+    w0, b0 = torch.zeros(4, 24), torch.zeros(4)
+    fp32 = linear.cv_strength(x, y.numpy(), w0, b0, linear.PROBE_L2, walk=False)
+    bf16 = linear.cv_strength(x, y.numpy(), w0, b0, linear.PROBE_L2, walk=False, precision="bf16")
+    assert bf16[0] == fp32[0]
+    np.testing.assert_allclose(bf16[1], fp32[1], rtol=0.01)
+    assert not np.array_equal(bf16[1], fp32[1])  # the bf16 path was taken

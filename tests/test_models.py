@@ -97,3 +97,48 @@ def test_preprocessing_and_architecture_records_read_old_and_new_run_folders():
     model = models.for_run({**old, "num_classes": 4})
     assert model.conv1.stride == (1, 1) and len(model.pooled_stages) == 2
     assert models.Preprocessing.make(32, 1, [0.5], [0.5], "random").interpolation == "bilinear"
+
+
+def _noisy_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Running statistics and affine parameters far from the identity (a fresh BN is one)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["test_efficientnet", "test_resnet", "dcnn"])
+def test_folded_batchnorms_leave_the_features_unchanged_and_the_model_untouched(arch):
+    torch.manual_seed(0)
+    m = _noisy_norms(models.create(arch, 3, 3))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    folded = models.fold_batchnorm(m, 32)
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in folded.modules())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        want = models.logits(m, x, pre_logits=True)
+        torch.testing.assert_close(models.logits(folded, x, pre_logits=True), want)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # a copy folded
+    if arch == "test_efficientnet":  # timm's BatchNormAct2d keeps its activation
+        assert any(isinstance(x, (torch.nn.ReLU, torch.nn.SiLU)) for x in folded.modules())
+
+
+def test_a_convolution_whose_output_is_used_elsewhere_too_is_not_folded():
+    class Shared(torch.nn.Module):  # bn(conv(x)) + conv(x): folding would change the sum
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+        def forward_features(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+        def forward_head(self, x, pre_logits=False):
+            return x.mean((2, 3))
+
+    m = _noisy_norms(Shared())
+    assert models.fold_batchnorm(m, 8) is m
