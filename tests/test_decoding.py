@@ -77,6 +77,27 @@ def test_decode_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, monkey
     assert len(list(cache.glob("*.npy"))) == 3
 
 
+def test_a_full_disk_is_one_clear_error_before_decoding_not_a_bus_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    make_folder(tmp_path / "d", ["a", "b"], 4)
+    ds = data.load(f"folder:{tmp_path / 'd'}", val_fraction=0.25)
+    cache, decoded = tmp_path / "cache", []
+    real_open = decoding.open_image
+    monkeypatch.setattr(decoding, "open_image", lambda *a: decoded.append(1) or real_open(*a))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(UserError, match=r"decode cache needs .* GB in .* free.*--cache-dir off"):
+        decoding.decode(ds.splits["train"], 16, 3, cache=cache)
+    assert not decoded and not list(cache.iterdir())  # nothing decoded, no partial file left
+    monkeypatch.delattr(os, "posix_fallocate")  # no fallocate here: room enough is checked
+    assert len(decoding.decode(ds.splits["train"], 16, 3, cache=cache)) == 6
+
+
 def test_cache_location_is_configurable(monkeypatch, tmp_path):
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "c"))
     assert decoding.resolve_cache(None) == tmp_path / "c"

@@ -5,9 +5,11 @@ silence."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -210,6 +212,7 @@ def _cached_decode(
         out = np.lib.format.open_memmap(
             tmp, mode="w+", dtype=np.uint8, shape=(len(split), size, size, channels)
         )
+        _reserve(tmp, out.offset + out.nbytes, desc)
         bad_idx, bad = _decode_files(split.paths, out, size, channels, interpolation, desc, quiet)
         out.flush()
         del out
@@ -221,6 +224,26 @@ def _cached_decode(
 
     write_json(info_path, info)
     return np.load(array_path, mmap_mode="r"), bad_idx, bad
+
+
+def _reserve(path: Path, nbytes: int, desc: str) -> None:
+    """Allocate a new cache file's blocks before decoding into it: a full disk is then one clear
+    error here, not a bus error (SIGBUS, no message) when a page of the sparse memory map is
+    first written, minutes later."""
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        return
+    except (AttributeError, OSError) as err:
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    free = shutil.disk_usage(path.parent).free
+    if not full and free >= nbytes:
+        return  # no posix_fallocate here, or not on this file system, but room enough
+    raise UserError(
+        f"{desc}: the decode cache needs {nbytes / 1e9:.1f} GB in {path.parent} and "
+        f"{free / 1e9:.1f} GB is free: free some space, or set TRANSFERLAB_CACHE "
+        "(or --cache-dir) to a disk with room, or --cache-dir off to decode in memory"
+    )
 
 
 def _read_cached(array_path: Path, info_path: Path, shape: tuple) -> tuple | None:
