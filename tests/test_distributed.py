@@ -127,3 +127,50 @@ def test_sharded_evaluation_counts_every_sample_once():
         assert len(shards[0]) == len(shards[1])
         interleaved = np.stack(shards, axis=1).reshape(-1)[:n]  # what gather() undoes
         assert interleaved.tolist() == list(range(n))
+
+
+DECODE_WORKER = """
+import json, sys
+from pathlib import Path
+from transferlab import data, decoding, distributed
+
+d = distributed.setup()
+opened, real = [], decoding.open_image
+decoding.open_image = lambda *a: opened.append(a[0]) or real(*a)
+split = data.load(sys.argv[1], val_fraction=0.2).splits["train"]
+cache = Path(sys.argv[2].format(rank=d.rank))  # {rank}: a cache folder of each rank's own
+images, kept, bad = decoding.decode_checked(split, 20, 3, skip_bad=True, cache=cache)
+report = {"opened": len(opened), "sum": int(images.sum()), "n": len(kept), "bad": bad}
+Path(sys.argv[3], f"rank{d.rank}.json").write_text(json.dumps(report))
+"""
+
+
+def test_ranks_decode_the_cache_together_each_its_half_byte_identical_to_one_process(tmp_path):
+    import json
+
+    from transferlab import data, decoding
+
+    make_folder(tmp_path / "d", ["a", "b", "c"], 12)
+    (tmp_path / "d" / "train" / "b" / "3.png").write_bytes(b"not an image at all")
+    spec, worker = f"folder:{tmp_path / 'd'}", tmp_path / "worker.py"
+    worker.write_text(DECODE_WORKER)
+    split = data.load(spec, val_fraction=0.2).splits["train"]
+    one = decoding.decode_checked(split, 20, 3, skip_bad=True, cache=tmp_path / "one")
+
+    def launch(cache: str, out: str) -> list[dict]:
+        (tmp_path / out).mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+        args = ["2", str(worker), spec, str(tmp_path / cache), str(tmp_path / out)]
+        run = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return [json.loads((tmp_path / out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    ranks = launch("two", "first")
+    assert sorted(r["opened"] for r in ranks) == [len(split) // 2, len(split) - len(split) // 2]
+    for r in ranks:  # every rank reads the whole entry, the bad image listed once
+        assert (r["n"], r["sum"], r["bad"]) == (len(one[1]), int(one[0].sum()), one[2])
+    files = {d: {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} for d in ("one", "two")}
+    assert files["one"] == files["two"] and len(files["one"]) == 2  # the array and its info
+    assert [r["opened"] for r in launch("two", "again")] == [0, 0]  # found: nothing decoded
+    own = launch("own-{rank}", "own")  # caches the ranks do not share (one per node)
+    assert [(r["opened"], r["sum"]) for r in own] == [(len(split), int(one[0].sum()))] * 2

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -199,26 +200,119 @@ def _cached_decode(
     except OSError as err:  # a file vanished: report it like any unreadable image
         raise UserError(f"cannot read {err.filename}: {err.strerror}") from None
     array_path, info_path = cache / f"{key}.npy", cache / f"{key}.json"
-    shape = (len(split), size, size, channels)
-    found = _read_cached(array_path, info_path, shape)
+    found = _read_cached(array_path, info_path, (len(split), size, size, channels))
+    from .distributed import current
+
+    d = current()  # under torchrun the ranks build a missing entry together, each its share
+    if d.world > 1 and d.any(found is None):
+        together = _decode_together(
+            split, key, size, channels, interpolation, desc, quiet, cache, d
+        )
+        if together is not None:
+            return together
     if found is not None:
         return found
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the decode cache {cache}: {err.strerror}") from None
+    _make_folder(cache)
     tmp = cache / f".{key}.{os.getpid()}.npy.tmp"
     try:
-        out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.uint8, shape=(len(split), size, size, channels)
-        )
-        _reserve(tmp, out.offset + out.nbytes, desc)
+        out = _new_array(tmp, (len(split), size, size, channels), desc)
         bad_idx, bad = _decode_files(split.paths, out, size, channels, interpolation, desc, quiet)
         out.flush()
         del out
         os.replace(tmp, array_path)
     finally:
         tmp.unlink(missing_ok=True)
+    return _publish(array_path, info_path, split, size, channels, bad_idx, bad)
+
+
+def _decode_together(
+    split: Split, key: str, size: int, channels: int, interpolation: str, desc: str,
+    quiet: bool, cache: Path, d,
+) -> tuple[np.ndarray, list[int], list[str]] | None:  # fmt: skip
+    """One decode per cluster: rank 0 allocates the entry, every rank decodes its contiguous
+    block of the files into it (positioned writes, so nodes sharing the cache over NFS never
+    write the same bytes), rank 0 publishes it, and every rank reads it. None when some rank
+    cannot see rank 0's file (a cache folder local to each node): each then decodes alone."""
+    shape = (len(split), size, size, channels)
+    name, error = f".{key}.{socket.gethostname()}-{os.getpid()}.npy.tmp", None
+    if d.main:
+        try:
+            _make_folder(cache)
+            _new_array(cache / name, shape, desc)
+        except UserError as err:
+            error = str(err)
+    name, error = d.broadcast((name, error))
+    if error is not None:
+        raise UserError(error)
+    tmp = cache / name  # each rank's own cache folder: the same one only if it is shared
+    if d.any(not tmp.is_file()):
+        if d.main:
+            tmp.unlink(missing_ok=True)
+        return None
+    try:
+        bounds = np.linspace(0, len(split), d.world + 1).astype(int).tolist()
+        lo, hi = bounds[d.rank], bounds[d.rank + 1]
+        header = np.load(tmp, mmap_mode="r").offset
+        with _RowWriter(tmp, header + lo * int(np.prod(shape[1:])), shape[1:]) as rows:
+            part = f"{desc} (rank {d.rank}: {hi - lo} of {len(split)})"
+            bad_idx, bad = _decode_files(
+                split.paths[lo:hi], rows, size, channels, interpolation, part, quiet or not d.main
+            )
+        every = d.all_objects(([lo + i for i in bad_idx], bad))
+        bad_idx = [i for idx, _ in every for i in idx]
+        bad = [line for _, lines in every for line in lines]
+        d.barrier()  # every block written and synced
+        if d.main:
+            os.replace(tmp, cache / f"{key}.npy")
+            _publish(
+                cache / f"{key}.npy", cache / f"{key}.json", split, size, channels, bad_idx, bad
+            )
+        d.barrier()
+    finally:
+        if d.main:
+            tmp.unlink(missing_ok=True)
+    return np.load(cache / f"{key}.npy", mmap_mode="r"), bad_idx, bad
+
+
+class _RowWriter:
+    """`rows[i] = image` writes image i of a block at its place in a file (os.pwrite: threads
+    and processes may write their own rows of one file at once)."""
+
+    def __init__(self, path: Path, start: int, row_shape: tuple):
+        self.path, self.start, self.row_bytes = path, start, int(np.prod(row_shape))
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_WRONLY)
+        return self
+
+    def __setitem__(self, i: int, row: np.ndarray) -> None:
+        os.pwrite(
+            self.fd, np.ascontiguousarray(row, np.uint8).tobytes(), self.start + i * self.row_bytes
+        )
+
+    def __exit__(self, *exc):
+        try:
+            if exc[0] is None:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+def _make_folder(cache: Path) -> None:
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the decode cache {cache}: {err.strerror}") from None
+
+
+def _new_array(tmp: Path, shape: tuple, desc: str) -> np.memmap:
+    """A new .npy file of `shape` uint8 with its blocks allocated, open as a memory map."""
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    _reserve(tmp, out.offset + out.nbytes, desc)
+    return out
+
+
+def _publish(array_path, info_path, split, size, channels, bad_idx, bad) -> tuple:
     info = {"n": len(split), "size": size, "channels": channels, "bad_idx": bad_idx, "bad": bad}
     from .checkpoint import write_json  # atomic: a crash leaves the old entry or none
 

@@ -1,12 +1,14 @@
 """Scale-out on PyTorch's own engine: torchrun launches, DistributedDataParallel trains.
 
 `torchrun --nproc-per-node N -m transferlab train ...` sets WORLD_SIZE/RANK/LOCAL_RANK; setup()
-joins the process group (NCCL on CUDA, gloo on CPU). Every rank reads the same data; the
-sampler gives rank r the r-th stride of each global batch; only rank 0 writes files.
+joins the process group (NCCL on CUDA, gloo on CPU). The ranks decode the images together, each
+its share, into one cache (decoding.py) and read it all; the sampler gives rank r the r-th
+stride of each global batch; only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,6 +49,22 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` (any picklable value) on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_objects(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def shard(self, n: int) -> np.ndarray:
         """This rank's indices of 0..n-1, padded (like DistributedSampler) to equal length."""
         idx = np.arange(n)
@@ -66,6 +84,13 @@ class Dist:
 def _comm_device() -> torch.device:
     backend = dist.get_backend() if dist.is_initialized() else "gloo"
     return torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+
+
+def current() -> Dist:
+    """This process's place in the job it joined with setup(); Dist(0, 1) when it joined none."""
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size())
+    return Dist()
 
 
 def setup() -> Dist:
@@ -92,7 +117,15 @@ def setup() -> Dist:
             rank=rank,
             world_size=world,
         )
+        atexit.register(_leave)
     return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _leave() -> None:
+    """Leave the process group at exit: a rank that finishes before the others would otherwise
+    abort in the group's destructor ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap(model: torch.nn.Module, d: Dist, some_frozen: bool = False) -> torch.nn.Module:
