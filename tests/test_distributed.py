@@ -121,6 +121,35 @@ def test_S25_a_rank_failure_restarts_resumes_and_finishes_equal(ddp_data, clean_
     assert max_diff(clean_runs / "two", tmp_path / "run") == 0.0
 
 
+@pytest.mark.slow
+def test_two_gloo_processes_on_webdataset_shards_equal_one_process(ddp_data, tmp_path):
+    shards = tmp_path / "wds"
+    assert (
+        main(
+            [
+                "--quiet",
+                "data",
+                "shard",
+                f"folder:{ddp_data}",
+                "--out",
+                str(shards),
+                "--shard-size",
+                "6",
+            ]
+        )
+        == 0
+    )
+    args = train_args(shards, tmp_path / "one")
+    args[args.index("--data") + 1] = f"wds:{shards}"
+    assert main(["--quiet", *map(str, args)]) == 0
+    two = torchrun(*[tmp_path / "two" if a == tmp_path / "one" else a for a in args])
+    assert two.returncode == 0, two.stderr
+    one, two = (checkpoint.read_meta(tmp_path / d) for d in ("one", "two"))
+    assert two["processes"] == 2 and two["metrics"]["val"]["n"] == one["metrics"]["val"]["n"] == 5
+    assert two["metrics"]["val"]["loss"] == pytest.approx(one["metrics"]["val"]["loss"], abs=1e-5)
+    assert max_diff(tmp_path / "one", tmp_path / "two") < 1e-5
+
+
 def test_sharded_evaluation_counts_every_sample_once():
     for n in (5, 6, 7):
         shards = [Dist(r, 2).shard(n) for r in (0, 1)]

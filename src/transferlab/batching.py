@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import UserError
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -85,6 +87,8 @@ class EpochSampler(torch.utils.data.Sampler):
     `start` skips the first batches (mid-epoch resume). A last batch of one sample is merged
     into the previous batch, since BatchNorm cannot train on a single sample. Under
     DistributedDataParallel, rank r of `world` takes the r-th stride of every global batch.
+    `groups` (each sample's WebDataset shard): the shards in a shuffled order, each shard's
+    samples shuffled within it, so that reads stay in one shard at a time.
     """
 
     def __init__(
@@ -97,17 +101,25 @@ class EpochSampler(torch.utils.data.Sampler):
         start: int = 0,
         rank: int = 0,
         world: int = 1,
+        groups: np.ndarray | None = None,
     ):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.shuffle, self.start, self.rank, self.world = shuffle, start, rank, world
+        self.groups = groups
 
     def batches(self) -> list[torch.Tensor]:
         """The global batches of this epoch (every rank's samples)."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if not self.shuffle:
+            order = torch.arange(self.n)
+        elif self.groups is None:
             order = torch.randperm(self.n, generator=g)
         else:
-            order = torch.arange(self.n)
+            by_group = torch.from_numpy(np.argsort(self.groups, kind="stable"))
+            parts = by_group.split(np.bincount(self.groups).tolist())
+            shuffled = [parts[i][torch.randperm(len(parts[i]), generator=g)]
+                        for i in torch.randperm(len(parts), generator=g).tolist()]  # fmt: skip
+            order = torch.cat(shuffled)
         out = list(order.split(self.batch_size))
         if self.shuffle and len(out) > 1 and len(out[-1]) <= self.world:
             out[-2] = torch.cat(out[-2:])
@@ -137,9 +149,23 @@ class ArrayDataset(torch.utils.data.Dataset):
         i = np.asarray(idx, dtype=np.int64)
         if isinstance(self.images, torch.Tensor):  # resident on the GPU: index it there
             batch = self.images[torch.from_numpy(i).to(self.images.device)]
-        else:
-            batch = torch.from_numpy(self.images[i])
+        else:  # a memmap's rows or a lazy view's decoded batch (shards.ShardImages)
+            try:
+                batch = torch.from_numpy(np.asarray(self.images[i]))
+            except UserError as err:  # returned, so a worker's is raised as it is (_Loader)
+                return err
         return batch, self.labels[i], torch.from_numpy(i)
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader that raises a batch's UserError (an unreadable image in a shard) as itself,
+    not wrapped in a worker's traceback."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, UserError):
+                raise batch
+            yield batch
 
 
 def loader(
@@ -155,8 +181,11 @@ def loader(
     world: int = 1,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over a decoded split, with its own generator (no global RNG use)."""
-    sampler = EpochSampler(len(labels), batch_size, seed, epoch, shuffle, start, rank, world)
-    return torch.utils.data.DataLoader(
+    groups = getattr(images, "groups", None)  # sharded: shard by shard
+    sampler = EpochSampler(
+        len(labels), batch_size, seed, epoch, shuffle, start, rank, world, groups
+    )
+    return _Loader(
         ArrayDataset(images, labels),
         sampler=sampler,
         batch_size=None,

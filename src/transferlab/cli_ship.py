@@ -15,6 +15,7 @@ EXAMPLES = {
     "  curl -F file=@photo.jpg 'http://127.0.0.1:8000/predict?top_k=3'",
     "models": "transferlab models 'convnext*' --offline",
     "data": "transferlab data get cifar10 --to ~/data/cifar10   # prints the --data spec to use\n"
+    "  transferlab data shard folder:photos --out photos-wds   # then --data wds:photos-wds\n"
     "  transferlab data list",
     "export": "transferlab export runs/lite0 --format onnx    # -> runs/lite0/export/model.onnx",
 }
@@ -52,8 +53,10 @@ def commands(sub, _sub, Parser) -> None:
         "--offline", action="store_true", help="only what needs no network (packages, cache)"
     )
 
-    p = _sub(sub, "data", "download a standard dataset, verified and resumable, ready for --data")
-    what = p.add_subparsers(dest="action", required=True, parser_class=Parser, metavar="{list,get}")
+    p = _sub(sub, "data", "download a standard dataset (verified, resumable) or shard one")
+    what = p.add_subparsers(
+        dest="action", required=True, parser_class=Parser, metavar="{list,get,shard}"
+    )
     what.add_parser("list", help="the datasets `get` knows")
     get = what.add_parser(
         "get",
@@ -65,6 +68,21 @@ def commands(sub, _sub, Parser) -> None:
     get.add_argument("name", help="a name from `transferlab data list`")
     get.add_argument("--to", required=True, help="a new or empty folder (or one `get` began)")
     get.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no bars")
+    shard = what.add_parser(
+        "shard",
+        help="write a dataset as WebDataset tar shards, for sets bigger than the decode cache",
+        description="Check every image, then write the splits as tar shards (webdataset's layout: "
+        "KEY.jpg + KEY.cls, shuffled so each shard holds every class) and shards.json. Train on "
+        "them with --data wds:DIR: images are read and decoded per batch, never cached.",
+    )
+    shard.add_argument("spec", help="a --data spec: folder:PATH, csv:FILE, tiny-imagenet:PATH, ...")
+    shard.add_argument("--out", required=True, help="a new folder (or, with --overwrite, shards')")
+    shard.add_argument("--shard-size", type=int, default=1000, help="images per shard [1000]")
+    shard.add_argument("--val-fraction", type=float, default=0.1,
+                       help="share of train carved as val when the source has none [0.1]")  # fmt: skip
+    shard.add_argument("--overwrite", action="store_true", help="replace a shard folder")
+    shard.add_argument("--skip-bad-images", action="store_true", help="leave unreadable ones out")
+    shard.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no bars")
 
     p = _sub(sub, "export", "a run as ONNX, TorchScript, safetensors or a Hugging Face/timm "
              "folder; an ensemble as one ONNX graph")  # fmt: skip
@@ -117,6 +135,19 @@ def cmd_data(args) -> None:
     if args.action == "list":
         for name, standard in download.STANDARD.items():
             print(f"{name:<14} {standard.about}")
+        return
+    if args.action == "shard":
+        from . import shards
+
+        if not 0 < args.val_fraction < 1:
+            raise UserError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+        index = shards.write(args.spec, args.out, args.shard_size, args.val_fraction,
+                             args.overwrite, args.skip_bad_images, args.quiet)  # fmt: skip
+        counts = ", ".join(
+            f"{k} {v['n']} in {len(v['shards'])}" for k, v in index["splits"].items()
+        )
+        print(f"shards of {index['source']} in {args.out} ({counts}); "
+              f"train on them with: --data wds:{args.out}")  # fmt: skip
         return
     spec = download.get(args.name, args.to, args.quiet)
     print(f"{args.name} ready in {args.to}; train on it with: --data {spec}")

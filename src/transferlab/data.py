@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,19 +25,22 @@ TEST_FRACTION = 0.2  # held-out share when a source has no test split of its own
 
 @dataclass
 class Split:
-    """One split: labels plus either image paths or an in-memory uint8 array (N, H, W, C)."""
+    """One split: labels plus image paths, an in-memory uint8 array (N, H, W, C), or members of
+    WebDataset shards: (shard, offset, size) rows, the shard files in `shards` (shards.py)."""
 
     labels: np.ndarray  # (N,) int64
     paths: list[str] | None = None
     arrays: np.ndarray | None = None
+    members: np.ndarray | None = None
+    shards: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> Split:
         paths = [self.paths[i] for i in idx] if self.paths is not None else None
-        arrays = self.arrays[idx] if self.arrays is not None else None
-        return Split(self.labels[idx], paths, arrays)
+        pick = [a[idx] if a is not None else None for a in (self.arrays, self.members)]
+        return Split(self.labels[idx], paths, *pick, self.shards)
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Dataset:
 # ----------------------------------------------------------------------------- sources
 
 
-PATH_KINDS = ("tiny-imagenet", "folder", "csv")  # specs whose argument is a path
+PATH_KINDS = ("tiny-imagenet", "folder", "csv", "wds")  # specs whose argument is a path
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 
 
@@ -159,12 +163,12 @@ def fingerprint(splits: dict[str, Split], root: Path | None) -> str:
         split = splits[name]
         h.update(f"{name}\0{len(split)}\0".encode())
         h.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
-        if split.paths is not None:
-            for path in split.paths:
-                rel = os.path.relpath(path, root) if root is not None else path
-                h.update(rel.encode(errors="surrogateescape") + b"\n")
-        else:
-            h.update(np.ascontiguousarray(split.arrays).tobytes())
+        for path in split.paths if split.paths is not None else split.shards:
+            rel = os.path.relpath(path, root) if root is not None else path
+            h.update(rel.encode(errors="surrogateescape") + b"\n")
+        pixels = split.arrays if split.paths is None else None
+        h.update(b"" if pixels is None else np.ascontiguousarray(pixels).tobytes())
+        h.update(b"" if split.members is None else np.ascontiguousarray(split.members).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -312,20 +316,14 @@ def _csv(file: str, notes: list[str]):
     return classes, classes, splits, None, 3
 
 
-def _hf(arg: str, notes: list[str]):
-    from . import hfdata  # datasets (the optional extra) is imported only for hf: specs
+def _elsewhere(module: str):
+    """A source kept in its own module, imported only for its specs (hf: the optional datasets
+    extra; wds: shards.py, which imports this module)."""
+    return lambda arg, notes: importlib.import_module(f".{module}", __package__).source(arg, notes)
 
-    return hfdata.source(arg, notes)
 
-
-SOURCES = {
-    "digits": _digits,
-    "tiny-imagenet": _tiny_imagenet,
-    "folder": _folder,
-    "csv": _csv,
-    "hf": _hf,
-    "synthetic": _synthetic,
-}
+SOURCES = {"digits": _digits, "tiny-imagenet": _tiny_imagenet, "folder": _folder, "csv": _csv,
+           "hf": _elsewhere("hfdata"), "wds": _elsewhere("shards"), "synthetic": _synthetic}  # fmt: skip
 
 
 def _existing_dir(path: str) -> Path:

@@ -68,12 +68,13 @@ def decode(
     desc: str = "decode",
     quiet: bool = False,
     cache: Path | None = None,
+    lazy: bool = False,
 ) -> np.ndarray:
     """Decode and resize a split once into a uint8 array (N, size, size, channels).
 
     Unreadable images (corrupt, truncated, decompression bombs) stop it, every one listed.
     """
-    return decode_checked(split, size, channels, interpolation, False, desc, quiet, cache)[0]
+    return decode_checked(split, size, channels, interpolation, False, desc, quiet, cache, lazy)[0]
 
 
 def decode_checked(
@@ -85,15 +86,23 @@ def decode_checked(
     desc: str = "decode",
     quiet: bool = False,
     cache: Path | None = None,
+    lazy: bool = False,
 ) -> tuple[np.ndarray, Split, list[str]]:
     """Like decode(); with skip_bad, unreadable images are dropped and reported instead.
 
     With `cache`, the decoded array lives in a memory-mapped .npy file there, keyed by the file
-    list, sizes, mtimes and target size: later runs and models of the same size reuse it.
+    list, sizes, mtimes and target size: later runs and models of the same size reuse it. A
+    split of WebDataset shards is never cached: `lazy` returns it as shards.ShardImages (each
+    batch read and decoded when indexed), else decoded into memory.
     Returns (images, the split without the dropped images, one line per dropped image).
     """
     if split.arrays is not None:
         return _decode_arrays(split.arrays, size, channels, interpolation), split, []
+    if split.members is not None:
+        from .shards import ShardImages
+
+        images = ShardImages(split, size, channels, interpolation)
+        return (images if lazy else np.asarray(images)), split, []
     if cache is not None:
         out, bad_idx, bad = _cached_decode(split, size, channels, interpolation, desc, quiet, cache)
     else:
@@ -363,9 +372,12 @@ def _to_array(im: Image.Image, channels: int) -> np.ndarray:
 
 def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
     """Decode every split at the model's size; bad images stop the run or, if asked, are dropped."""
-    cache = resolve_cache(cfg.cache_dir)
-    if cache and ds.splits["train"].paths is not None:
+    cache, train = resolve_cache(cfg.cache_dir), ds.splits["train"]
+    if cache and train.paths is not None:
         log(f"[{name}] decoded-image cache: {cache}")
+    if train.members is not None:
+        log(f"[{name}] images read from {len(train.shards)} train shard(s) and decoded per batch "
+            f"({'--num-workers ' + str(cfg.num_workers) if cfg.num_workers else 'a thread per core'}; no cache)")  # fmt: skip
     images, labels = {}, {}
     for split in ("train", "val", "test"):
         arr, kept, bad = decode_checked(
@@ -377,6 +389,7 @@ def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
             f"decode {split}",
             quiet,
             cache,
+            lazy=True,
         )
         if bad:
             log(f"[{name}] skipped {len(bad)} unreadable {split} image(s): " + "; ".join(bad))

@@ -155,6 +155,7 @@ def predict_split(
         f"decode {split}",
         quiet,
         cache=decoding.resolve_cache(None),
+        lazy=True,  # WebDataset shards: decoded batch by batch
     )
     logits = predict(
         model,

@@ -13,9 +13,13 @@ from .data import SPLIT_SEED, Split
 def pool(splits: dict[str, Split]) -> Split:
     """train and val as one split (train first): what cross-validation folds."""
     a, b = splits["train"], splits["val"]
-    paths = a.paths + b.paths if a.paths is not None and b.paths is not None else None
-    arrays = np.concatenate([a.arrays, b.arrays]) if paths is None else None
-    return Split(np.concatenate([a.labels, b.labels]), paths, arrays)
+    labels = np.concatenate([a.labels, b.labels])
+    if a.paths is not None:
+        return Split(labels, paths=a.paths + b.paths)
+    if a.members is not None:  # val's shard numbers follow train's shards
+        moved = b.members + np.array([len(a.shards), 0, 0])
+        return Split(labels, members=np.concatenate([a.members, moved]), shards=a.shards + b.shards)
+    return Split(labels, arrays=np.concatenate([a.arrays, b.arrays]))
 
 
 def cv_folds(labels: np.ndarray, k: int) -> list[np.ndarray]:

@@ -26,7 +26,7 @@ from .config import UserError
 
 MARK = ".transferlab"
 LOCK = ".transferlab.lock"
-# Every file transferlab writes inside a run or ensemble folder, as glob patterns of its path
+# Every file transferlab writes inside a run, ensemble or shard folder, as glob patterns of its path
 # relative to the folder (a snapshot is a run folder of its own, checked the same way).
 OWNED = (
     MARK, LOCK, "model.safetensors", "meta.json", "history.csv", "curves.png", "lr_find.png",
@@ -35,7 +35,7 @@ OWNED = (
     "tensorboard/events.out.tfevents.*", "export/model.onnx", "export/model.onnx.data",
     "export/model.pt", "export/model.safetensors", "export/ensemble.onnx",
     "export/ensemble.onnx.data", "export/hf/config.json", "export/hf/model.safetensors",
-    "explain/*-gradcam.png",
+    "explain/*-gradcam.png", "shards.json", "train-*.tar", "val-*.tar", "test-*.tar",
 )  # fmt: skip
 TEMP = ".*.tmp"  # a temp file of an interrupted atomic write (checkpoint.atomic_path)
 # Report files, recognised by how their text starts (a user's own file of that name is not ours).
@@ -177,11 +177,7 @@ def check_out(out: Path, kind: str, resume: bool = False, overwrite: bool = Fals
         raise UserError(
             f"{out} already exists and is not a transferlab {kind} folder (it holds {listing}); "
             "nothing was changed: choose another --out"
-            + (
-                " (--overwrite replaces only transferlab run and ensemble folders)"
-                if overwrite
-                else ""
-            )
+            + (" (--overwrite replaces only folders transferlab wrote)" if overwrite else "")
         )
     if mark.get("kind") != kind:
         raise UserError(

@@ -73,7 +73,8 @@ def _cache_path(cache, model, prep, key: str, images: np.ndarray, backbone: str)
         return None
     pooled = list(getattr(model, "pooled_stages", ()))  # what the features are made of
     h = hashlib.sha256(json.dumps([backbone, prep.to_dict(), pooled, key], sort_keys=True).encode())
-    h.update(np.ascontiguousarray(images).data)
+    pixels = getattr(images, "fingerprint", None)  # shards: which members, not their pixels
+    h.update(pixels.encode() if pixels else np.ascontiguousarray(images).data)
     return Path(cache) / "features" / f"{h.hexdigest()[:32]}.npy"
 
 

@@ -317,7 +317,7 @@ def snapshot(loop: Loop, progress: Progress, out: Path, seconds: float, log) -> 
 
 def on_device(images: np.ndarray, cfg: TrainConfig, name: str, log):
     """On CUDA, keep the uint8 training set on the GPU when it fits (augmented there too)."""
-    if evaluate.device().type != "cuda" or cfg.num_workers:
+    if evaluate.device().type != "cuda" or cfg.num_workers or not isinstance(images, np.ndarray):
         return images
     free, _ = torch.cuda.mem_get_info()
     if images.nbytes > free // 4:

@@ -1,0 +1,255 @@
+"""Datasets bigger than the decode cache, as WebDataset shards.
+
+`transferlab data shard SPEC --out DIR` writes a dataset's train/val/test splits as tar shards
+in the webdataset library's layout (sample KEY = KEY.jpg|png|... with the file's own bytes +
+KEY.cls, the class index; samples in a seeded shuffled order, so a shard holds every class) and
+`shards.json` (classes, names, shards per split) last, which marks
+the folder complete. `--data wds:DIR` reads them: each split's members are indexed by their
+offsets in the tars (headers only), and images are read by offset and decoded only when a batch
+needs them (`ShardImages`: in DataLoader workers with --num-workers, else a thread per core),
+never into a cache, so memory does not grow with the dataset. Training visits shards in an order
+that is a pure function of (seed, epoch), shuffling within each shard (batching.EpochSampler's
+groups): reads stay in one shard at a time, and a resumed run skips to its batch exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import data, decoding, outputs
+from .config import UserError
+
+INDEX = "shards.json"
+FORMAT = "transferlab-shards/1"
+SHARD_SIZE = 1000  # samples per shard: ~100 MB of JPEGs at ImageNet sizes
+EXTENSIONS = {"jpeg": "jpg", "mpo": "jpg"}  # Pillow's format -> webdataset's key, where they differ
+
+
+def write(
+    spec: str,
+    out: str | Path,
+    shard_size: int = SHARD_SIZE,
+    val_fraction: float = 0.1,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Shard every split of `spec` into `out`; every image is decoded once to check it."""
+    import webdataset as wds
+
+    out = Path(out).expanduser()
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
+    if str(spec).startswith("wds:"):
+        raise UserError(f"{spec} is already sharded: shard the original data to change the shards")
+    ds = data.load(spec, val_fraction)
+    action = outputs.check_out(out, "shards", overwrite=overwrite)
+    root = data.data_root(ds.spec)
+    if root is not None:
+        outputs.refuse_overlap(out, [root], "the data folder")
+    keep, bad = {}, []
+    for name, split in ds.splits.items():  # every image read before the disk changes
+        keep[name], lines = _check(split, ds.native_channels, f"check {name}", quiet)
+        bad += lines
+    if bad and not skip_bad:
+        raise UserError(
+            f"{len(bad)} unreadable image(s), nothing was written: fix or remove them or pass "
+            "--skip-bad-images: " + "; ".join(bad)
+        )
+    splits = {}
+    with outputs.lock(out):
+        outputs.claim(out, "shards", action)
+        for name, split in ds.splits.items():
+            with wds.ShardWriter(
+                str(out / f"{name}-%06d.tar"), maxcount=shard_size, verbose=0
+            ) as sink:
+                order = np.random.default_rng(data.SPLIT_SEED).permutation(keep[name])
+                for i in tqdm(order, f"shard {name}", disable=quiet, leave=False, unit="img"):
+                    label = int(split.labels[i])
+                    sink.write({"__key__": f"{i:08d}", **_sample(split, i), "cls": label})
+            names = sorted(p.name for p in out.glob(f"{name}-*.tar"))
+            splits[name] = {"shards": names, "n": len(keep[name])}
+        index = {
+            "format": FORMAT, "source": ds.spec, "fingerprint": ds.fingerprint,
+            "classes": ds.classes, "names": ds.names, "native_size": ds.native_size,
+            "native_channels": ds.native_channels, "splits": splits, "skipped": bad,
+        }  # fmt: skip
+        from .checkpoint import write_json
+
+        write_json(out / INDEX, index)
+    return index
+
+
+def _check(split: data.Split, channels: int, desc: str, quiet: bool) -> tuple[list[int], list[str]]:
+    """The indices of the split's readable images, and one line per unreadable one."""
+    if split.paths is None:
+        return list(range(len(split))), []
+    scratch = _Discard()
+    bad_idx, bad = decoding._decode_files(split.paths, scratch, 8, channels, "nearest", desc, quiet)
+    return sorted(set(range(len(split))) - set(bad_idx)), bad
+
+
+class _Discard:
+    def __setitem__(self, i, value) -> None:
+        pass
+
+
+def _sample(split: data.Split, i: int) -> dict[str, bytes]:
+    """One image as webdataset fields: a file's own bytes under its format's extension (jpg,
+    png, ...: what webdataset decoders key on), in-memory pixels as PNG."""
+    if split.paths is not None:
+        with Image.open(split.paths[i]) as im:  # the header only: the format, whatever the name
+            ext = (im.format or "img").lower()
+        return {EXTENSIONS.get(ext, ext): Path(split.paths[i]).read_bytes()}
+    arr = split.arrays[i]
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, "PNG")
+    return {"png": buf.getvalue()}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def source(arg: str, notes: list[str]):
+    """data.SOURCES["wds"]: the splits of a shard folder, each member found by its offset."""
+    root = Path(arg).expanduser()
+    index_path = root / INDEX
+    if not index_path.is_file():
+        what = (
+            "does not exist"
+            if not root.exists()
+            else f"has no {INDEX} (not a complete shard folder)"
+        )
+        raise UserError(f"wds:{arg} {what}: make one with transferlab data shard SPEC --out {arg}")
+    try:
+        index = json.loads(index_path.read_text())
+        assert index["format"] == FORMAT
+    except (ValueError, KeyError, AssertionError):
+        raise UserError(f"{index_path} is not a transferlab shard index ({FORMAT})") from None
+    if index["skipped"]:
+        notes.append(f"{len(index['skipped'])} unreadable image(s) were left out when sharding")
+    splits = {name: _index_split(root, s["shards"], len(index["classes"]))
+              for name, s in index["splits"].items()}  # fmt: skip
+    return index["classes"], index["names"], splits, index["native_size"], index["native_channels"]
+
+
+def _index_split(root: Path, shards: list[str], classes: int) -> data.Split:
+    """Members (shard, offset, size) and labels of a split, read from its tar headers."""
+    members, labels = [], []
+    for s, name in enumerate(shards):
+        found: dict[str, dict] = {}
+        try:
+            with tarfile.open(root / name, "r:") as tar:  # uncompressed, as written
+                for m in tar:
+                    key, _, ext = m.name.partition(".")
+                    field = found.setdefault(key, {})
+                    if ext == "cls":
+                        field["cls"] = int(tar.extractfile(m).read())
+                    elif m.isfile():
+                        field["image"] = (s, m.offset_data, m.size)
+        except (OSError, tarfile.TarError, ValueError) as err:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(
+                f"cannot read shard {root / name}: {why} (damaged? write the folder again with "
+                "transferlab data shard)"
+            ) from None
+        for key, field in found.items():
+            if "image" not in field or not 0 <= field.get("cls", -1) < classes:
+                raise UserError(f"shard {root / name}: sample {key} lacks an image or a class")
+            members.append(field["image"])
+            labels.append(field["cls"])
+    paths = tuple(str(root / name) for name in shards)
+    return data.Split(
+        np.array(labels, np.int64), members=np.array(members, np.int64).reshape(-1, 3), shards=paths
+    )
+
+
+class _Member(io.BytesIO):
+    """An image's bytes, named after its shard and offset in error messages."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.label = name
+
+    def __str__(self) -> str:
+        return self.label
+
+    __repr__ = __str__  # PIL names the file by repr in its errors
+
+
+class ShardImages:
+    """A sharded split's images as a lazy uint8 array (N, size, size, C).
+
+    A slice or an index array gives another lazy view; an int index or np.asarray reads those
+    members from their shards by offset and decodes them (a thread per core). It pickles small,
+    so DataLoader workers decode their own batches. `groups` (each image's shard) lets the
+    sampler shuffle shard by shard.
+    """
+
+    def __init__(self, split: data.Split, size: int, channels: int, interpolation: str):
+        self.split, self.size, self.channels, self.interpolation = (
+            split,
+            size,
+            channels,
+            interpolation,
+        )
+        self.shape = (len(split), size, size, channels)
+        self.dtype = np.dtype(np.uint8)
+        self.nbytes = int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def groups(self) -> np.ndarray:
+        return self.split.members[:, 0]
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of which members, decoded how (what a feature cache keys on)."""
+        h = hashlib.sha256(json.dumps([self.split.shards, self.shape, self.interpolation]).encode())
+        h.update(np.ascontiguousarray(self.split.members).data)
+        return h.hexdigest()
+
+    def __getitem__(self, idx):
+        if isinstance(idx, (int, np.integer)):
+            return np.asarray(self[[idx]])[0]
+        rows = np.arange(len(self))[idx]
+        return ShardImages(self.split.subset(rows), self.size, self.channels, self.interpolation)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, np.uint8)
+        files = self._read()
+        _, bad = decoding._decode_files(files, out, self.size, self.channels, self.interpolation,
+                                        "decode", True)  # fmt: skip
+        if bad:
+            raise UserError(
+                f"{len(bad)} unreadable image(s) in the shards (damaged since they were written: "
+                "write them again from the source with transferlab data shard): " + "; ".join(bad)
+            )
+        return out if dtype is None else out.astype(dtype)
+
+    def _read(self) -> list[_Member]:
+        """The members' bytes, read shard by shard with positioned reads."""
+        members, shards = self.split.members, self.split.shards
+        files: list = [None] * len(members)
+        for s in np.unique(members[:, 0]):
+            rows = np.flatnonzero(members[:, 0] == s)
+            fd = os.open(shards[s], os.O_RDONLY)
+            try:
+                for i in rows:
+                    _, offset, size = members[i]
+                    name = f"{shards[s]}@{offset}"
+                    files[i] = _Member(os.pread(fd, int(size), int(offset)), name)
+            finally:
+                os.close(fd)
+        return files

@@ -1,0 +1,188 @@
+"""WebDataset shards: `data shard` writes them, `--data wds:DIR` streams them (issue 20.4)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transferlab import batching, data, decoding, shards, trainer
+from transferlab.cli import main
+from transferlab.config import Preempted
+
+from conftest import make_folder, tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A folder (4 classes x 30 train + 10 test) and its shards, 7 images per shard."""
+    root = tmp_path_factory.mktemp("wds")
+    make_folder(root / "src" / "train", ["a", "b", "c", "d"], 30, subsets=("",))
+    make_folder(root / "src" / "test", ["a", "b", "c", "d"], 10, subsets=("",))
+    args = ["--quiet", "data", "shard", f"folder:{root / 'src'}", "--out", str(root / "wds")]
+    assert main([*args, "--shard-size", "7"]) == 0
+    return root
+
+
+def pictures(images, labels) -> list:
+    """Each image's (digest, label), sorted: what a split holds, whatever its order."""
+    arr = np.asarray(images)
+    return sorted(
+        (hashlib.sha256(a.tobytes()).hexdigest(), int(y)) for a, y in zip(arr, labels, strict=True)
+    )
+
+
+def test_shards_hold_every_split_as_the_folder_does_and_webdataset_reads_them(sharded):
+    import webdataset as wds
+
+    folder, shards = (
+        data.load(f"{k}:{sharded / d}") for k, d in (("folder", "src"), ("wds", "wds"))
+    )
+    assert folder.classes == shards.classes and shards.native_size == folder.native_size
+    for name in ("train", "val", "test"):
+        a, b = folder.splits[name], shards.splits[name]
+        lazy = decoding.decode(b, 16, 3, lazy=True)
+        assert lazy.shape == (len(a), 16, 16, 3) and not isinstance(lazy, np.ndarray)
+        assert pictures(decoding.decode(a, 16, 3), a.labels) == pictures(lazy, b.labels)
+        assert np.array_equal(np.asarray(lazy[3:5]), decoding.decode(b, 16, 3)[3:5])
+    assert len(shards.splits["train"].shards) == -(-len(folder.splits["train"]) // 7)
+    first = shards.splits["train"].labels[:7]
+    assert len(set(first.tolist())) > 1  # shuffled before sharding: a shard holds many classes
+    urls = sorted(str(p) for p in (sharded / "wds").glob("test-*.tar"))
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == 40 and {int(s["cls"]) for s in samples} == {0, 1, 2, 3}
+
+
+def test_a_sharded_epoch_reads_shard_by_shard_in_an_order_fixed_by_seed_and_epoch():
+    groups = np.repeat(np.arange(5), [7, 7, 7, 7, 3])
+    order = lambda seed, epoch: torch.cat(  # noqa: E731
+        batching.EpochSampler(31, 8, seed, epoch, True, groups=groups).batches()
+    )
+    a = order(0, 1)
+    assert sorted(a.tolist()) == list(range(31)) and torch.equal(a, order(0, 1))
+    assert not torch.equal(a, order(0, 2)) and not torch.equal(a, order(1, 1))
+    runs = groups[a.numpy()]
+    assert (np.diff(runs) != 0).sum() == 4  # each shard's samples together, five runs
+
+
+def test_training_on_shards_resumes_exactly_and_evaluates_every_image(
+    sharded, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    decoded, real = [], shards.ShardImages.__array__
+    monkeypatch.setattr(
+        shards.ShardImages,
+        "__array__",
+        lambda s, *a, **k: decoded.append(len(s)) or real(s, *a, **k),
+    )
+    cfg = tiny_cfg(f"wds:{sharded / 'wds'}", epochs=2, eval_batch_size=10)
+    meta = trainer.fit(cfg, tmp_path / "full", quiet=True)
+    assert meta["metrics"]["test"]["n"] == 40 and meta["metrics"]["val"]["n"] == 12
+    assert max(decoded) == 16 and sum(decoded) >= 2 * 108 + 40  # batch by batch, never a split
+    monkeypatch.setenv("TRANSFERLAB_FAULT", "term:9")  # 108 train images, batch 16: in epoch 2
+    with pytest.raises(Preempted):
+        trainer.fit(cfg, tmp_path / "r", quiet=True)
+    monkeypatch.delenv("TRANSFERLAB_FAULT")
+    trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("full", "r"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob("cache/*.npy"))  # streamed: nothing decoded into the cache
+
+
+def test_shard_misuse_is_one_clear_line_and_changes_nothing(sharded, tmp_path, capsys):
+    src = sharded / "src"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for args, expect in [
+        (["--out", str(mine)], "not a transferlab shards folder"),
+        (["--out", str(sharded / "wds")], "--overwrite"),
+        (["--out", str(src / "inside")], "overlaps"),
+        (["--out", str(tmp_path / "n"), "--shard-size", "0"], "--shard-size"),
+    ]:
+        assert main(["data", "shard", f"folder:{src}", *args]) == 2
+        assert expect in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and not (src / "inside").exists()
+    bad = tmp_path / "bad"
+    make_folder(bad, ["a", "b"], 6)
+    (bad / "train" / "a" / "0.png").write_bytes(b"not an image")
+    assert main(["data", "shard", f"folder:{bad}", "--out", str(tmp_path / "o")]) == 2
+    assert "unreadable" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    argv = ["data", "shard", f"folder:{bad}", "--out", str(tmp_path / "o"), "--skip-bad-images"]
+    assert main(["--quiet", *argv]) == 0
+    assert len(data.load(f"wds:{tmp_path / 'o'}").splits["train"]) + 1 == len(
+        data.load(f"folder:{bad}").splits["train"]
+    )
+    for spec, expect in [
+        (f"wds:{mine}", "no shards.json"),
+        (f"wds:{tmp_path / 'x'}", "does not exist"),
+    ]:
+        with pytest.raises(Exception, match=expect):
+            data.load(spec)
+
+
+def test_a_file_is_sharded_under_its_format_whatever_its_name(tmp_path):
+    import webdataset as wds
+
+    src = tmp_path / "src"
+    make_folder(tmp_path / "d", ["a", "b"], 4, subsets=("",))
+    src.mkdir()
+    rows = ["file_name,label"]
+    for i, png in enumerate(sorted((tmp_path / "d").rglob("*.png"))):
+        png.rename(src / f"photo{i}")  # no suffix
+        rows.append(f"photo{i},{png.parent.name}")
+    (src / "l.csv").write_text("\n".join(rows) + "\n")
+    argv = ["--quiet", "data", "shard", f"csv:{src / 'l.csv'}", "--out", str(tmp_path / "w")]
+    assert main(argv) == 0
+    urls = sorted(str(p) for p in (tmp_path / "w").glob("*.tar"))
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == 8 and all(s["png"].size == (24, 24) for s in samples)
+
+
+def test_overwrite_replaces_a_shard_folder_but_not_one_holding_a_users_file(sharded, tmp_path):
+    src = f"folder:{sharded / 'src'}"
+    out = tmp_path / "w"
+    assert main(["--quiet", "data", "shard", src, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "data",
+                "shard",
+                src,
+                "--out",
+                str(out),
+                "--shard-size",
+                "50",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert len(list(out.glob("train-*.tar"))) == 3
+    (out / "notes.txt").write_text("mine")
+    assert main(["--quiet", "data", "shard", src, "--out", str(out), "--overwrite"]) == 2
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_damaged_inside_a_shard_is_one_line_naming_it_even_from_a_worker(
+    sharded, tmp_path, capsys, workers
+):
+    import shutil
+    import tarfile
+
+    shutil.copytree(sharded / "wds", tmp_path / "w")
+    tar = sorted((tmp_path / "w").glob("train-*.tar"))[0]
+    with tarfile.open(tar) as t:
+        member = next(m for m in t if not m.name.endswith(".cls"))
+    with open(tar, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    argv = ["train", "--data", f"wds:{tmp_path / 'w'}", "--model", "dcnn", "--input-size", "16"]
+    argv += ["--epochs", "1", "--num-workers", str(workers), "--out", str(tmp_path / "r")]
+    assert main(["--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{tar}@{member.offset_data}" in err and "data shard" in err
