@@ -132,9 +132,12 @@ def source(arg: str, notes: list[str]):
         raise UserError(f"wds:{arg} {what}: make one with transferlab data shard SPEC --out {arg}")
     try:
         index = json.loads(index_path.read_text())
-        assert index["format"] == FORMAT
-    except (ValueError, KeyError, AssertionError):
-        raise UserError(f"{index_path} is not a transferlab shard index ({FORMAT})") from None
+        keys = {"classes", "names", "splits", "native_size", "native_channels", "skipped"}
+        ours = isinstance(index, dict) and index.get("format") == FORMAT and keys <= set(index)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise UserError(f"{index_path} is not a transferlab shard index ({FORMAT})")
     if index["skipped"]:
         notes.append(f"{len(index['skipped'])} unreadable image(s) were left out when sharding")
     splits = {name: _index_split(root, s["shards"], len(index["classes"]))
@@ -196,12 +199,8 @@ class ShardImages:
     """
 
     def __init__(self, split: data.Split, size: int, channels: int, interpolation: str):
-        self.split, self.size, self.channels, self.interpolation = (
-            split,
-            size,
-            channels,
-            interpolation,
-        )
+        self.split, self.size = split, size
+        self.channels, self.interpolation = channels, interpolation
         self.shape = (len(split), size, size, channels)
         self.dtype = np.dtype(np.uint8)
         self.nbytes = int(np.prod(self.shape))
@@ -244,7 +243,10 @@ class ShardImages:
         files: list = [None] * len(members)
         for s in np.unique(members[:, 0]):
             rows = np.flatnonzero(members[:, 0] == s)
-            fd = os.open(shards[s], os.O_RDONLY)
+            try:
+                fd = os.open(shards[s], os.O_RDONLY)
+            except OSError as err:
+                raise UserError(f"cannot read shard {shards[s]}: {err.strerror}") from None
             try:
                 for i in rows:
                     _, offset, size = members[i]
