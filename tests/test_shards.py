@@ -114,9 +114,12 @@ def test_shard_misuse_is_one_clear_line_and_changes_nothing(sharded, tmp_path, c
     assert len(data.load(f"wds:{tmp_path / 'o'}").splits["train"]) + 1 == len(
         data.load(f"folder:{bad}").splits["train"]
     )
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "shards.json").write_text('{"format": "transferlab-shards/1"}')
     for spec, expect in [
         (f"wds:{mine}", "no shards.json"),
         (f"wds:{tmp_path / 'x'}", "does not exist"),
+        (f"wds:{tmp_path / 'half'}", "not a transferlab shard index"),
     ]:
         with pytest.raises(Exception, match=expect):
             data.load(spec)
