@@ -60,7 +60,11 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CPU]) if last else nullcontext() as prof:
                 t0 = time.perf_counter()
                 trainer.train_one_epoch(
-                    loop, tqdm(batches, disable=True), params, trainer.Progress(), lambda idx: None
+                    loop,
+                    tqdm(batches, disable=True),
+                    params,
+                    trainer.Progress(),
+                    lambda *_, **__: None,
                 )
                 seconds = time.perf_counter() - t0
             print(f"epoch {epoch}: {seconds:.1f} s, {len(split) / seconds:.1f} img/s")

@@ -49,7 +49,7 @@ def one(n: int, model_name: str) -> dict:
                 batches,
                 aug.params(len(split), 64, 0, 1),
                 trainer.Progress(),
-                lambda idx: None,
+                lambda *_, **__: None,
             )
 
         t_epoch, _ = timed(epoch)

@@ -62,7 +62,7 @@ def run_transferlab(split, args, cache: Path) -> list[float]:
             batches = batching.loader(images, split.labels, args.batch, 0, epoch, shuffle=True)
             params = aug.params(len(split), args.size, 0, epoch)
             trainer.train_one_epoch(
-                loop, tqdm(batches, disable=True), params, trainer.Progress(), lambda idx: None
+                loop, tqdm(batches, disable=True), params, trainer.Progress(), lambda *_, **__: None
             )
 
         times.append(timed(one_epoch)[0])

@@ -85,3 +85,42 @@ def test_progress_round_trips_and_reads_checkpoints_from_before_plans():
     # an lp-ft checkpoint saved before plans recorded `probed` instead of the stage index
     assert Progress.from_state({"probed": True, "epoch": 2}).stage == 1
     assert Progress.from_state({"probed": False, "epoch": 1}).stage == 0
+
+
+def test_stats_read_from_the_device_every_few_steps_change_nothing_and_resume_exactly(
+    folder_data, tmp_path, monkeypatch
+):
+    """Issue 20.2: on a GPU each step's loss stays on the device and is read every N steps (here
+    forced on the CPU: N=4, a checkpoint due every 5 steps): the same losses, step events,
+    weights, checkpoints and exact resume as reading every step, with fewer host reads."""
+    import json
+
+    from transferlab import checkpoint
+    from transferlab.config import Preempted
+
+    saved, save = [], checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a: saved.append(a[2]) or save(*a))
+    cfg = tiny_cfg(f"folder:{folder_data}", epochs=2, checkpoint_every=5)
+    trainer.fit(cfg, tmp_path / "each", log_json=tmp_path / "each.jsonl", quiet=True)
+    saved_each, saved[:] = list(saved), []
+    reads, real = [], trainer.read_steps
+    monkeypatch.setattr(trainer, "host_sync_every", lambda dev: 4)
+    monkeypatch.setattr(trainer, "read_steps", lambda *a: reads.append(len(a[1])) or real(*a))
+    trainer.fit(cfg, tmp_path / "grouped", log_json=tmp_path / "grouped.jsonl", quiet=True)
+    steps = 2 * -(-108 // 16)
+    assert sum(reads) == steps and len([r for r in reads if r]) < steps  # grouped reads
+    assert saved == saved_each and 5 in saved  # each checkpoint at its step
+    a, b = ([json.loads(x) for x in open(tmp_path / f"{d}.jsonl")] for d in ("each", "grouped"))
+    drop = {"seconds", "time", "elapsed"}
+    assert [{k: v for k, v in e.items() if k not in drop} for e in a] == [
+        {k: v for k, v in e.items() if k not in drop} for e in b
+    ]
+    w = [load_file(tmp_path / d / "model.safetensors") for d in ("each", "grouped")]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+    monkeypatch.setenv("TRANSFERLAB_FAULT", "term:9")  # pre-empted in epoch 2, mid-group
+    with pytest.raises(Preempted, match="step"):
+        trainer.fit(cfg, tmp_path / "r", quiet=True)
+    monkeypatch.delenv("TRANSFERLAB_FAULT")
+    trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    r = load_file(tmp_path / "r" / "model.safetensors")
+    assert all(torch.equal(w[0][k], r[k]) for k in r)

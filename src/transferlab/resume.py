@@ -62,8 +62,8 @@ class Progress:
 class Checkpoints:
     """Saves the training state (each epoch, every N steps, on SIGTERM) and writes the events.
 
-    `after_step` runs at every step boundary: it logs the step, saves when due, fires an
-    injected fault (tests), and stops every rank at the same step when SIGTERM arrived.
+    `after_step` runs for every step: it logs the step, fires an injected fault (tests), and at a
+    boundary saves when due and stops every rank at the same step when SIGTERM arrived.
     """
 
     def __init__(self, out: Path, loop: Loop, progress: Progress, log_json, t_start: float):
@@ -93,14 +93,18 @@ class Checkpoints:
                 path, training_state(loop, p), p.global_step, loop.cfg.keep_last
             )
 
-    def after_step(self, indices: list[int]) -> None:
+    def after_step(self, indices: list[int], boundary: bool = True) -> None:
+        """Once per step, when its stats are read (trainer.read_steps). Only at a `boundary`
+        (the last step read, which the model's state matches) does it save or stop."""
         p, cfg = self.progress, self.loop.cfg
         self.events.write(event="step", epoch=p.epoch, step=p.step, global_step=p.global_step,
                           loss=p.losses[-1], indices=indices)  # fmt: skip
-        if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0:
-            self.save()
         if self.fault and p.global_step == self.fault[1]:
             os.kill(os.getpid(), self.fault[0])  # test hook: die or be pre-empted right here
+        if not boundary:
+            return
+        if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0:
+            self.save()
         late = guards.past_deadline()
         if self.loop.dist.any(self.stop["requested"] or late):  # all ranks stop at one step
             self.save()

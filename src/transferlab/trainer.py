@@ -7,6 +7,7 @@ or epochs of train_one_epoch, validate, checkpoint -> write the run folder (runf
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -225,10 +226,20 @@ def epoch_batches(loop: Loop, train_images, progress: Progress, quiet: bool):
     return bar, loop.augment.params(n, size, cfg.seed, epoch)
 
 
+def host_sync_every(dev: torch.device) -> int:
+    """Steps between reads of the training stats from the device: each step on the CPU (free
+    there), every 32 on a GPU, where a read waits for all queued work (issue 20.2)."""
+    return 32 if dev.type == "cuda" else 1
+
+
 def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, after_step) -> None:
-    """Train on the remaining batches of an epoch; `progress` holds the running totals."""
+    """Train on the remaining batches of an epoch; `progress` holds the running totals.
+
+    Each step's loss and accuracy stay on the device until `read_steps` (every
+    host_sync_every steps, before a due checkpoint and at the epoch's end)."""
     strategies.set_train_mode(loop.ddp, loop.frozen)
     dev, cfg = evaluate.device(), loop.cfg
+    every, pending = host_sync_every(dev), []
     for x, y, idx in batches:
         with record_function("data"):  # (named ranges: benchmarks/profile_epoch.py)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)  # uint8
@@ -237,12 +248,6 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, a
         with record_function("forward"):
             logits = loop.ddp(x)  # models.Forward: the body under autocast, the head in fp32
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise UserError(
-                f"non-finite loss ({loss.item()}) at epoch {progress.epoch} step "
-                f"{progress.step}; try a lower --lr (now {loop.optimizer.defaults['lr']:g}); "
-                "checkpoints written before this step are intact"
-            )
         loop.optimizer.zero_grad(set_to_none=True)
         with record_function("backward"):
             loop.scaler.scale(loss).backward()
@@ -251,18 +256,41 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, a
             loop.scaler.update()
             if cfg.schedule != "plateau":
                 loop.scheduler.step()
-        with record_function("bookkeeping"):
-            # summed loss, correct, seen over every rank's share of this batch
-            step = loop.dist.all_sum(
-                [loss.item() * len(y), float((logits.argmax(1) == y).sum()), float(len(y))]
+        with record_function("bookkeeping"):  # this rank's summed loss and correct, on device
+            correct = (logits.argmax(1) == y).sum().double()
+            pending.append((torch.stack([loss.detach().double() * len(y), correct]), len(y), idx))
+            due = cfg.checkpoint_every and (
+                (progress.global_step + len(pending)) % cfg.checkpoint_every == 0
             )
-            progress.totals = [t + s for t, s in zip(progress.totals, step, strict=True)]
-            progress.losses.append(step[0] / step[2])
-            progress.step += 1
-            progress.global_step += 1
-            total_loss, correct, seen = progress.totals
-            batches.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.2%}")
-            after_step(idx.tolist())
+            if len(pending) >= every or due:
+                read_steps(loop, pending, progress, batches, after_step)
+    read_steps(loop, pending, progress, batches, after_step)
+
+
+def read_steps(loop: Loop, pending: list, progress: Progress, bar, after_step) -> None:
+    """Read the pending steps' stats (one host sync), summed over ranks; count each step, and
+    run `after_step` for each (the last is a boundary: the state matches it)."""
+    if not pending:
+        return
+    stats, sizes, indices = zip(*pending, strict=True)
+    local = torch.stack(stats).cpu().tolist()  # the host sync: (loss sum, correct) per step
+    sums = loop.dist.all_sum([[ls, c, float(n)] for (ls, c), n in zip(local, sizes, strict=True)])
+    for j, step in enumerate(sums):
+        loss_sum, seen = step[0], step[2]
+        if not math.isfinite(loss_sum):
+            raise UserError(
+                f"non-finite loss ({loss_sum / seen}) at epoch {progress.epoch} step "
+                f"{progress.step}; try a lower --lr (now {loop.optimizer.defaults['lr']:g}); "
+                "checkpoints written before this step are intact"
+            )
+        progress.totals = [t + v for t, v in zip(progress.totals, step, strict=True)]
+        progress.losses.append(loss_sum / seen)
+        progress.step += 1
+        progress.global_step += 1
+        after_step(indices[j].tolist(), boundary=j == len(pending) - 1)
+    pending.clear()
+    total_loss, correct, seen = progress.totals
+    bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.2%}")
 
 
 def validate(loop: Loop, progress: Progress, seconds: float, name: str, log) -> None:
