@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, <= 4 minutes on one H100: ResNet-50 train img/s at 64 and 224 px (synthetic,
+# GPU check, <= 5 minutes on one H100: ResNet-50 train img/s at 64 and 224 px (synthetic,
 # bf16 + channels_last), then one end-to-end `transferlab train` epoch on a synthetic 64 px
 # dataset of 50,000 images (uint8 set resident on the GPU, on-GPU augmentation).
 # Run from the repository root on a machine with CUDA and the project's dependencies:
@@ -8,6 +8,7 @@ set -euo pipefail
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)/src" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 benchmarks/gpu_throughput.py --steps 30
+python3 benchmarks/gpu_end_to_end.py --sizes 64 224  # prints ratio_64= and ratio_224= (issue 20.2)
 out=$(mktemp -d)
 start=$(date +%s)
 python3 -m transferlab train --data synthetic:50000x64 --model resnet50 --epochs 1 \
