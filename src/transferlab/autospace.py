@@ -8,13 +8,14 @@ of each, scaled to every image it sees, decoding and the regression included.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import data, evaluate, models, weights
+from . import data, evaluate, linear, models, weights
 
 FOLDS = 5  # the k of k-fold cross-validation over train+val
 
@@ -163,6 +164,8 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
     stem, pools = s.get("stem", "default"), s.get("pool_stages", 0)
     model = models.create(s["model"].split(".")[0], k, channels, stem, pools)
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
+    if c.kind == "probe":  # what the torch feature engine runs (engines.torch_engine)
+        model = models.fold_batchnorm(model.eval(), s["input_size"], channels)
     n = {name: len(split) for name, split in ds.splits.items()}
     n_pool, n_all = n["train"] + n["val"], sum(n.values())
     bs = 16 if c.kind == "probe" else s.get("batch_size", 32)
@@ -176,7 +179,8 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
     fwd = _timed(forward) / bs
     decode = n_all * _decode_cost(ds, s, channels)
     if c.kind == "probe":
-        fit = _regression_cost(n_pool, model.get_classifier().in_features, k)
+        width = model.get_classifier().in_features
+        fit = _regression_cost(n["train"], n_pool, width, k, precision)
         return n_all * fwd + decode + fit, decode, 0.0
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     y = torch.randint(0, k, (bs,), device=x.device)
@@ -207,19 +211,32 @@ def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
     return (time.perf_counter() - t0) / len(paths) / decoding.cores()
 
 
-def _regression_cost(n: int, features: int, k: int) -> float:
-    """The probe's regressions: one timed loss-and-gradient evaluation on (n, F) features, times
-    about 100 L-BFGS evaluations per fit and ~22 full-size fits (the run's CV walk over 3-4
-    strengths on 4/5 of the images, its final path of 1-2, the k out-of-fold refits)."""
-    z = torch.randn(n, features)
-    w = torch.zeros(k, features, requires_grad=True)
-    y = torch.randint(0, k, (n,))
+@functools.lru_cache(maxsize=16)
+def _regression_cost(n_train: int, n_pool: int, features: int, k: int, precision: str) -> float:
+    """The probe's regressions as `probe.linear_probe` and `probe.out_of_fold` run them, each
+    fit counted at 100 L-BFGS evaluations: the strength's CV walk (`linear.cv_strength`: 3-4
+    strengths on each of its folds, in the run's precision) on train, the final path (1-2 fits,
+    fp32) on train, and the k out-of-fold refits (fp32) on (k-1)/k of train+val. One
+    loss-and-gradient evaluation is timed per precision, once per problem size (every probe of
+    a width shares it: its noise no longer ranks backbones)."""
+    folds = linear.strength_folds(n_train)
 
-    def evaluation():
-        w.grad = None
-        torch.nn.functional.cross_entropy(z @ w.T, y).backward()
+    def seconds(n: int, dtype) -> float:
+        z = torch.randn(n, features).to(dtype)
+        w = torch.zeros(k, features, requires_grad=True)
+        y = torch.randint(0, k, (n,))
 
-    return _timed(evaluation, 0.0) * 100 * 22
+        def evaluation():
+            w.grad = None
+            torch.nn.functional.cross_entropy((z @ w.to(dtype).T).float(), y).backward()
+
+        return _timed(evaluation, 0.0) * 100
+
+    cv = torch.bfloat16 if precision == "bf16" else torch.float32
+    walk = folds * 4 * seconds(n_train * (folds - 1) // folds, cv)
+    final = 2 * seconds(n_train, torch.float32)
+    oof = FOLDS * seconds(n_pool * (FOLDS - 1) // FOLDS, torch.float32)
+    return walk + final + oof
 
 
 # ----------------------------------------------------------------------------- schedule
