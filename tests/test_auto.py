@@ -112,6 +112,9 @@ def test_digits_candidates_do_not_mirror_and_decode_small():
     dcnn = next(c for c in cands if c.settings["model"] == "dcnn")
     assert dcnn.settings["input_size"] == 16 and dcnn.pixels == (16, 1)
     assert all(c.settings.get("flip") is False for c in cands)
+    assert not any(c.settings.get("mirror_features") for c in cands)  # nor average mirrors
+    colour = autospace.candidates(replace(data.load("synthetic:3"), native_size=64), gpu=False)
+    assert all(bool(c.settings.get("mirror_features")) == (c.kind == "probe") for c in colour)
     probes = [c for c in cands if c.kind == "probe"]
     assert {c.settings["model"] for c in probes} >= {
         "tf_efficientnet_lite0",

@@ -118,3 +118,49 @@ def test_a_probe_of_the_same_frozen_backbone_reuses_its_features(
     assert second["metrics"]["test"] == first["metrics"]["test"]  # same features, same fit
     ens = ensembles.build([tmp_path / "a", tmp_path / "b"], "fusion", tmp_path / "f", quiet=True)
     assert ens["members"][0]["test"]["top1"] == pytest.approx(first["metrics"]["test"]["top1"])
+
+
+def test_a_mirror_probe_sees_both_views_wherever_it_predicts(trained_run, tmp_path, monkeypatch):
+    """`mirror_features`: the head is fitted on the mean features of each image and its mirror,
+    the run records it, and every later forward (a reloaded model, evaluate, ONNX export)
+    averages the same two views; its features are cached apart from single-view ones."""
+    from transferlab import ensembles, export
+    from transferlab.config import UserError, make_config
+
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    meta = trainer.fit(
+        strategies.finetune_config(
+            trained_run, {"strategy": "linear-probe", "mirror_features": True}
+        ),
+        tmp_path / "mirror",
+        quiet=True,
+    )
+    assert meta["architecture"]["mirror"] is True
+    model = evaluate.load_run_model(tmp_path / "mirror", meta)
+    plain = models.for_run(checkpoint_meta_without_mirror(meta))
+    plain.load_state_dict(model.state_dict())
+    x = torch.rand(3, 3, 24, 24)
+    with torch.no_grad():
+        both = (models.logits(plain.eval(), x, pre_logits=True) + models.logits(plain, x.flip(3), pre_logits=True)) / 2  # fmt: skip
+        torch.testing.assert_close(models.logits(model.eval(), x, pre_logits=True), both)
+    scored = ensembles.evaluate_path(tmp_path / "mirror", split="test")["metrics"]
+    assert scored["top1"] == pytest.approx(meta["metrics"]["test"]["top1"])
+    assert (
+        export.export(tmp_path / "mirror", "onnx", tmp_path / "m.onnx")["check"][
+            "max_abs_logit_diff"
+        ]
+        <= 1e-4
+    )
+    single = trainer.fit(
+        strategies.finetune_config(trained_run, {"strategy": "linear-probe"}),
+        tmp_path / "single",
+        quiet=True,
+    )
+    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 6  # not shared
+    assert single["architecture"]["mirror"] is False
+    with pytest.raises(UserError, match="linear-probe"):
+        make_config({"data": "digits", "mirror_features": True})
+
+
+def checkpoint_meta_without_mirror(meta: dict) -> dict:
+    return {**meta, "architecture": {**meta["architecture"], "mirror": False}}

@@ -28,7 +28,12 @@ def test_run_folder_has_everything(trained_run):
     meta = json.loads((trained_run / "meta.json").read_text())
     assert meta["arch"] == "test_resnet" and meta["classes"] == ["a", "b", "c", "d"]
     assert set(meta["preprocessing"]) == {"input_size", "channels", "mean", "std", "interpolation"}
-    assert meta["architecture"] == {"name": "test_resnet", "stem": "default", "pool_stages": 0}
+    assert meta["architecture"] == {
+        "name": "test_resnet",
+        "stem": "default",
+        "pool_stages": 0,
+        "mirror": False,
+    }
     assert meta["metrics"]["test"]["n"] == 40 and meta["config"]["seed"] == 0
     rows = list(csv.DictReader((trained_run / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]

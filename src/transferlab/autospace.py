@@ -100,6 +100,8 @@ def candidates(ds: data.Dataset, gpu: bool) -> list[Candidate]:
     flip = not (ds.native_channels == 1 and ds.native_size <= 32)  # digits, text: no mirroring
     for c in found:
         c.settings |= {} if flip else {"flip": False}
+        if flip and c.kind == "probe":  # +0.7 points for twice the forward passes (models.logits)
+            c.settings["mirror_features"] = True
         dcnn = c.settings["model"] == "dcnn"
         c.pixels = (c.settings["input_size"], ds.native_channels if dcnn else 3)
     return found
@@ -162,7 +164,8 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
     k = len(ds.classes)
     channels = c.pixels[1]
     stem, pools = s.get("stem", "default"), s.get("pool_stages", 0)
-    model = models.create(s["model"].split(".")[0], k, channels, stem, pools)
+    mirror = s.get("mirror_features", False)
+    model = models.create(s["model"].split(".")[0], k, channels, stem, pools, mirror)
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
     if c.kind == "probe":  # what the torch feature engine runs (engines.torch_engine)
         model = models.fold_batchnorm(model.eval(), s["input_size"], channels)

@@ -95,6 +95,10 @@ class TrainConfig:
     )
     strategy: str = opt("full", "full | linear-probe | lp-ft | head-first | gradual | layer-decay")
     pool_stages: int = opt(0, "also feed the head the pooled outputs of the last N feature stages")
+    mirror_features: bool = opt(
+        False,
+        "linear-probe: the head sees the mean features of each image and its mirror (twice the forward cost; the model keeps doing so wherever it predicts)",
+    )
     layer_decay: float = opt(
         0.75, "layer-decay: each block group's LR is this times the group above"
     )
@@ -270,6 +274,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(
             "feature_engine onnxruntime needs the onnx, onnxscript and onnxruntime packages: "
             "pip install 'transferlab[export]'"
+        )
+    if cfg.mirror_features and cfg.strategy != "linear-probe":
+        raise UserError(
+            f"mirror_features averages a frozen backbone's features over each image and its "
+            f"mirror: it needs strategy linear-probe, not {cfg.strategy}"
         )
     if not 0 <= cfg.pool_stages <= 4:
         raise UserError(f"pool_stages must be between 0 and 4, got {cfg.pool_stages}")

@@ -116,8 +116,8 @@ def _export_path(model: nn.Module, prep: models.Preprocessing, cache: Path | Non
         return None
     from .probe import backbone_sha256
 
-    pooled = list(getattr(model, "pooled_stages", ()))
-    key = json.dumps([backbone_sha256(model), prep.to_dict(), pooled, torch.__version__])
+    made_of = [backbone_sha256(model), prep.to_dict(), *models.feature_layout(model)]
+    key = json.dumps([*made_of, torch.__version__])
     return Path(cache) / "engines" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
 
 

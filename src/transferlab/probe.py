@@ -71,8 +71,9 @@ def features(
 def _cache_path(cache, model, prep, key: str, images: np.ndarray, backbone: str) -> Path | None:
     if cache is None or not backbone:
         return None
-    pooled = list(getattr(model, "pooled_stages", ()))  # what the features are made of
-    h = hashlib.sha256(json.dumps([backbone, prep.to_dict(), pooled, key], sort_keys=True).encode())
+    pooled, *views = models.feature_layout(model)
+    made_of = [backbone, prep.to_dict(), pooled, key, *views]
+    h = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode())
     pixels = getattr(images, "fingerprint", None)  # shards: which members, not their pixels
     h.update(pixels.encode() if pixels else np.ascontiguousarray(images).data)
     return Path(cache) / "features" / f"{h.hexdigest()[:32]}.npy"

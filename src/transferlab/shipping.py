@@ -167,11 +167,12 @@ def export_hf(run: str | Path, out: str | Path | None, overwrite: bool = False) 
     run = Path(run)
     meta = checkpoint.read_meta(run)
     arch = models.Architecture.of_run(meta)
-    if arch.name == "dcnn" or arch.stem != "default" or arch.pool_stages:
+    if arch.name == "dcnn" or arch.stem != "default" or arch.pool_stages or arch.mirror:
         raise UserError(
             f"--format hf writes a plain timm model; {run} is {arch.name}"
             + (" with a small stem" if arch.stem != "default" else "")
             + (" with pooled stages" if arch.pool_stages else "")
+            + (" with mirrored features" if arch.mirror else "")
             + ": export it as onnx, torchscript or safetensors"
         )
     folder = Path(out).expanduser() if out else run / "export" / "hf"

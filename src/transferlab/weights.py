@@ -104,8 +104,8 @@ def build(
 ) -> Built:
     """The model a config asks for, on `classes`, with its weights and preprocessing."""
     src = resolve(cfg)
-    if src.architecture:  # a run: its own architecture and channels
-        arch = src.architecture
+    if src.architecture:  # a run: its own architecture and channels (mirroring: this run's)
+        arch = replace(src.architecture, mirror=cfg.mirror_features)
         if cfg.model not in (arch.name, None, "", "auto") and cfg.model != TrainConfig.model:
             raise UserError(
                 f"--model {cfg.model} does not match the run {src.lineage['parent']}, "
@@ -117,19 +117,19 @@ def build(
                 f"run {src.lineage['parent']} was trained on {src.prep.channels} channel(s), "
                 f"not {channels}"
             )
-        model = models.create(arch.name, len(classes), channels, arch.stem, arch.pool_stages)
+        model = arch.build(len(classes), channels)
         _load(model, src, classes, names, cfg.head_init)
         return Built(model, arch, replace(src.prep, input_size=cfg.input_size or src.prep.input_size), src.lineage)  # fmt: skip
     name = src.arch or timm.models.split_model_name_tag(cfg.model)[0]
-    arch = Architecture(name, cfg.stem, cfg.pool_stages)
+    arch = Architecture(name, cfg.stem, cfg.pool_stages, cfg.mirror_features)
     if src.state is None:
         channels = cfg.channels or (native_channels if arch.name == "dcnn" else 3)
-        model = models.create(arch.name, len(classes), channels, arch.stem, arch.pool_stages)
+        model = arch.build(len(classes), channels)
         mean, std = (models.SCRATCH_MEAN,) * channels, (models.SCRATCH_STD,) * channels
         prep = Preprocessing.make(cfg.input_size or native_size, channels, mean, std)
         return Built(model, arch, prep, src.lineage)
     channels = cfg.channels or 3
-    model = models.create(arch.name, len(classes), channels, pool_stages=arch.pool_stages)
+    model = replace(arch, stem="default").build(len(classes), channels)  # cropped below
     src.state = adapt_channels(src.state, model, channels)
     _load(model, src, classes, names, cfg.head_init)
     if arch.stem == "small":  # after loading: the pretrained stem kernel is cropped, not lost
