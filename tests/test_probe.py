@@ -151,6 +151,13 @@ def test_a_mirror_probe_sees_both_views_wherever_it_predicts(trained_run, tmp_pa
         ]
         <= 1e-4
     )
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    prep = models.Preprocessing.from_dict(meta["preprocessing"])
+    x5 = torch.rand(5, 3, 24, 24)  # any batch size (the feature engine runs 32 at a time)
+    with torch.no_grad():
+        want = export.Packaged(model, prep)(x5).numpy()
+    np.testing.assert_allclose(session.run(None, {"image": x5.numpy()})[0], want, atol=1e-4)
     single = trainer.fit(
         strategies.finetune_config(trained_run, {"strategy": "linear-probe"}),
         tmp_path / "single",
