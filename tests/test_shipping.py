@@ -46,6 +46,32 @@ def test_ensemble_onnx_matches_the_ensemble_where_the_resize_matches(members, tm
     assert prob.shape == (5, 4) and np.allclose(prob.sum(1), 1, atol=1e-5)
 
 
+def test_an_ensemble_built_with_flip_tta_exports_its_mirrored_views(members, tmp_path, capsys):
+    """The graph averages each member over the image and its mirror, as the ensemble predicts
+    (checked against the ensemble's own test log-probs); ten-crop TTA is refused."""
+    import onnxruntime
+
+    from transferlab import decoding
+
+    ensembles.build(members[:2], "soft", tmp_path / "ens", quiet=True, tta="flip")
+    result = shipping.export_ensemble(tmp_path / "ens", None)
+    assert result["check"]["max_abs_prob_diff"] <= 1e-4, result["check"]
+    info = ensembles.read(tmp_path / "ens")
+    split, _ = shipping._sample(info, checkpoint.read_meta(members[0]))
+    how = checkpoint.read_meta(members[0])["preprocessing"]["interpolation"]
+    images = decoding.decode(split, 24, 3, how, quiet=True)
+    session = onnxruntime.InferenceSession(result["path"], providers=["CPUExecutionProvider"])
+    (prob,) = session.run(None, {"image": images})
+    own, _, _ = ensembles.evaluate_ensemble(tmp_path / "ens", None, "test")
+    np.testing.assert_allclose(prob, np.exp(own[: len(prob)]), atol=1e-4)
+    info["tta"] = "crops"  # ten-crop needs 96 px members: these are 24 px
+    checkpoint.write_json(tmp_path / "ens" / ensembles.ENSEMBLE, info)
+    (tmp_path / "ens").rename(tmp_path / "crops")
+    assert main(["export", str(tmp_path / "crops"), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "built with --tta crops" in err
+
+
 def test_ensemble_of_other_sizes_and_grayscale_exports_and_says_how_close(members, tmp_path):
     ensembles.build([members[0], members[2]], "soft", tmp_path / "ens", quiet=True)
     check = shipping.export_ensemble(tmp_path / "ens", tmp_path / "e.onnx")["check"]

@@ -4,9 +4,11 @@ The ensemble graph takes uint8 images (N, S, S, 3), NHWC, RGB, at one stated siz
 the largest member's input size); inside it each member converts to grayscale if it was trained
 on grayscale (ITU-R 601 luma, as PIL's "L"), resizes to its own input size (ONNX Resize with
 the member's interpolation, no antialiasing), normalises with its own mean/std, and the
-members' probabilities are combined as the ensemble does. Output: probabilities (N, K) in the
-order of the ensemble's classes. Exported methods: soft, logit, weighted, select, stacking;
-hard (a vote) and fusion (a head on member features) are refused.
+members' probabilities are combined as the ensemble does; an ensemble built with `--tta flip`
+averages each member's logits over the image and its mirror, as it predicts. Output:
+probabilities (N, K) in the order of the ensemble's classes. Exported methods: soft, logit,
+weighted, select, stacking; hard (a vote), fusion (a head on member features) and ten-crop TTA
+are refused.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ LUMA = (0.299, 0.587, 0.114)
 class EnsembleGraph(nn.Module):
     """uint8 NHWC RGB at `size` -> the ensemble's probabilities (N, K)."""
 
-    def __init__(self, nets, preps, orders, method: str, params: dict, size: int):
+    def __init__(self, nets, preps, orders, method: str, params: dict, size: int, tta="none"):
         super().__init__()
+        self.mirror = tta == "flip"  # each member's logits averaged with its mirror's
         self.members = nn.ModuleList(
             export.Packaged(n, p) for n, p in zip(nets, preps, strict=True)
         )
@@ -67,7 +70,10 @@ class EnsembleGraph(nn.Module):
                 xi = F.interpolate(
                     xi, size=(prep.input_size,) * 2, mode=mode, align_corners=corners
                 )
-            logps.append(F.log_softmax(member(xi).float(), dim=1)[:, getattr(self, f"order{i}")])
+            out = member(xi).float()
+            if self.mirror:
+                out = (out + member(xi.flip(3)).float()) / 2
+            logps.append(F.log_softmax(out, dim=1)[:, getattr(self, f"order{i}")])
         logp = torch.stack(logps)  # (M, N, K)
         if self.method == "logit":
             return F.softmax(torch.einsum("m,mnk->nk", self.weights, logp), dim=1)
@@ -90,6 +96,12 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
             f"a {info['method']} ensemble does not export (exported: {', '.join(EXPORTED)}): "
             f"rebuild it with --method soft, logit, weighted, select or stacking"
         )
+    tta = info.get("tta", "none")
+    if tta not in ("none", "flip"):
+        raise UserError(
+            f"ensemble {path} was built with --tta {tta}, which the exported graph does not do "
+            "(it does none or flip): rebuild it with --tta flip or none"
+        )
     metas = members.check_members(info, path)
     runs = [m["run"] for m in info["members"]]
     orders = members.check_classes(metas, runs)
@@ -104,7 +116,7 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
         evaluate.load_run_model(r, m).cpu().float().eval() for r, m in zip(runs, metas, strict=True)
     ]
     params = ensembles.read_params(path, info)
-    graph = EnsembleGraph(nets, preps, orders, info["method"], params, size).eval()
+    graph = EnsembleGraph(nets, preps, orders, info["method"], params, size, tta).eval()
     split, source = _sample(info, metas[0])
     rgb = decoding.decode(split, size, 3, _interpolation(preps, size), quiet=True)
     own = _own_probabilities(nets, metas, preps, orders, info, params, split)
@@ -148,8 +160,11 @@ def _own_probabilities(nets, metas, preps, orders, info, params, split) -> np.nd
         images = decoding.decode(
             split, prep.input_size, prep.channels, prep.interpolation, quiet=True
         )
+        views = [images, images[:, :, ::-1]] if info.get("tta") == "flip" else [images]
         with torch.no_grad():
-            logits = export.Packaged(net, prep)(export.to_unit(images)).numpy()
+            packaged = export.Packaged(net, prep)
+            logits = sum(packaged(export.to_unit(np.ascontiguousarray(v))) for v in views)
+            logits = (logits / len(views)).numpy()
         logps.append(evaluate.log_softmax(logits)[:, order])
     return np.exp(combiners.combine(info["method"], np.stack(logps), params))
 
