@@ -167,6 +167,9 @@ def test_a_mirror_probe_sees_both_views_wherever_it_predicts(trained_run, tmp_pa
     assert single["architecture"]["mirror"] is False
     with pytest.raises(UserError, match="linear-probe"):
         make_config({"data": "digits", "mirror_features": True})
+    tune = strategies.finetune_config(tmp_path / "mirror", {"strategy": "full"})
+    assert tune.mirror_features is False  # trains without mirroring, as asked
+    assert strategies.finetune_config(tmp_path / "mirror", {}).mirror_features is True
 
 
 def checkpoint_meta_without_mirror(meta: dict) -> dict:

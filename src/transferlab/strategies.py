@@ -241,4 +241,6 @@ def finetune_config(run, overrides: dict) -> TrainConfig:
     )
     lr = (base.lr if base.lr != "auto" else 1e-3) / 10  # a tenth of the parent's
     base = replace(base, weights=str(run), model=meta["arch"], lr=lr, limit=meta.get("limit"))
+    if overrides.get("strategy", base.strategy) != "linear-probe":  # a probe's mirrored views
+        base = replace(base, mirror_features=False)  # do not carry into training
     return make_config(overrides, base)
