@@ -322,3 +322,37 @@ def test_large_images_are_probed_at_320_px_and_fine_tuned_at_192():
     small = autospace.candidates(replace(ds, native_size=64), gpu=False)
     own = {c.family: c.settings["input_size"] for c in small if c.kind == "probe"}
     assert own and all(size < 320 for size in own.values())
+
+
+def test_a_trained_candidate_stops_when_its_own_folds_say_the_rest_cannot_finish(
+    monkeypatch, tmp_path
+):
+    """The 15-Scene study's DCNN was estimated at 541 s and took 218 s a fold: it trained for
+    14 minutes and was stopped by the deadline. After its first fold, the measured fold time
+    (not the estimate) decides whether the remaining folds fit."""
+    ds = data.load("digits")
+    y = folds.pool(ds.splits).labels
+    held_out = folds.cv_folds(y, autospace.FOLDS)
+    ran = []
+
+    def fake_fit(cfg, run, quiet):
+        ran.append(run.name)
+        time.sleep(0.2)
+        return {"metrics": {"val": {"top1": 0.9}}}
+
+    def fake_logits(run, split):
+        held = held_out[int(run.name.split("-")[1]) - 1]
+        n = len(held) if split == "val" else len(ds.splits["test"])
+        target = y[held] if split == "val" else ds.splits["test"].labels
+        return np.zeros((n, len(ds.classes)), np.float32), target
+
+    monkeypatch.setattr(auto, "_fit_run", fake_fit)
+    monkeypatch.setattr(auto.checkpoint, "load_logits", fake_logits)
+    c = _candidate("dcnn", 0.05, kind="train")  # estimated 0.01 s a fold, takes 0.2
+    settings = {"seed": 0, "cache_dir": None}
+    auto._run_candidate(c, ds, tmp_path, settings, lambda *a: None, True, lambda: 0.5)
+    assert ran == ["fold-1"] and c.status == "stopped" and "after 1 of 5" in c.why
+    ran.clear()
+    c = _candidate("dcnn", 0.05, kind="train")
+    auto._run_candidate(c, ds, tmp_path, settings, lambda *a: None, True, lambda: 100.0)
+    assert len(ran) == autospace.FOLDS and c.status == "done"
