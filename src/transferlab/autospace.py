@@ -3,13 +3,14 @@
 `candidates`: every pretrained backbone usable offline as a linear probe on cached features,
 at its own input size (for large images, 96 px and up: at 320 px); the DCNN from scratch; a
 partial fine-tune of EfficientNet-Lite0 (large images: at 192 px); on a GPU, a full fine-tune.
+`estimate`: a few timed batches of each, scaled to every image it sees, decoding and the
+regression included.
 
-Large images, 15-Scene (45-min study, 5-fold out-of-fold top-1 over train+val, mirror
-features): Lite0/1/2 probes at 320 px 94.60 / 94.53 / 94.00%, at their own 224-260 px
-93.33 / 93.13 / 93.00% (and Lite0 at 384 px 94.40%), so a probe runs at 320 px only; the
-fine-tune at 192 px 90.1% (the hand-made recipe's CV), at 128 px 87.4%, so the study spends
-its time on the one at 192 px rather than starting the cheaper, weaker one first. `estimate`: a few timed batches
-of each, scaled to every image it sees, decoding and the regression included.
+Why 320 and 192 px for large images: in 15-Scene's 45-min study (5-fold out-of-fold top-1 over
+train+val, mirror features) the Lite0/1/2 probes scored 94.60 / 94.53 / 94.00% at 320 px and
+93.33 / 93.13 / 93.00% at their own 224-260 px (Lite0 at 384 px: 94.40%); the fine-tune 90.1%
+at 192 px (the hand-made recipe's CV) and 87.4% at 128 px, which, cheaper, had run first and
+left the better one no time.
 """
 
 from __future__ import annotations
@@ -58,17 +59,17 @@ def candidates(ds: data.Dataset, gpu: bool) -> list[Candidate]:
         if not own or row["name"].startswith("hf-hub:"):
             continue
         prior = (row["top1"] or 70.0) / 100
-        for size in (max(own, 320),) if large else (own,):  # module docstring: why 320
-            settings = {
-                "model": row["name"],
-                "weights": "imagenet" if row["from"] == "package" else None,
-                "strategy": "linear-probe",
-                "input_size": size,
-                "eval_batch_size": 16,
-            }
-            settings |= {"head_init": "match"} if imagenet else {"pool_stages": 4}
-            name = f"{_short(row['name'])}-{size}-probe"
-            found.append(Candidate(name, "probe", clean(settings), prior, row["name"]))
+        size = max(own, 320) if large else own  # module docstring: why 320
+        settings = {
+            "model": row["name"],
+            "weights": "imagenet" if row["from"] == "package" else None,
+            "strategy": "linear-probe",
+            "input_size": size,
+            "eval_batch_size": 16,
+        }
+        settings |= {"head_init": "match"} if imagenet else {"pool_stages": 4}
+        name = f"{_short(row['name'])}-{size}-probe"
+        found.append(Candidate(name, "probe", clean(settings), prior, row["name"]))
     found.append(_dcnn(ds))
     lite0 = "tf_efficientnet_lite0"
     tune = {
