@@ -189,3 +189,69 @@ def test_an_image_damaged_inside_a_shard_is_one_line_naming_it_even_from_a_worke
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"{tar}@{member.offset_data}" in err and "data shard" in err
+
+
+@pytest.fixture(scope="module")
+def jpeg_shards(tmp_path_factory):
+    """JPEGs of several shapes (one grayscale, one CMYK) and a PNG, sharded."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("jpeg")
+    rng = np.random.default_rng(0)
+    shapes = [(40, 30), (33, 50), (24, 24), (64, 48), (20, 70), (37, 37)]
+    for c in ("a", "b"):
+        (root / "src" / c).mkdir(parents=True)
+        for i, (w, h) in enumerate(shapes):
+            smooth = rng.integers(0, 255, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+            im = Image.fromarray(smooth).resize((w, h), Image.BICUBIC)
+            im = im.convert("L") if i == 1 else im.convert("CMYK") if i == 2 else im
+            im.save(root / "src" / c / f"{i}.jpg", quality=90)
+        im.save(root / "src" / c / "9.png")
+    args = ["--quiet", "data", "shard", f"folder:{root / 'src'}", "--out", str(root / "wds")]
+    assert main(args) == 0
+    return root / "wds"
+
+
+@pytest.mark.parametrize("size,interpolation", [(32, "bilinear"), (20, "bicubic")])
+def test_shards_decoded_by_torchvision_match_the_cpu_path(jpeg_shards, size, interpolation):
+    """On a GPU, train shards are decoded there by torchvision (nvJPEG): the same code runs on
+    the CPU here, and must give Pillow's pixels within a few levels (resampling differs)."""
+    split = data.load(f"wds:{jpeg_shards}").splits["train"]
+    lazy = decoding.decode(split, size, 3, interpolation, lazy=True)
+    lazy.device = "cpu"
+    got, want = lazy.tensor().numpy(), np.asarray(lazy)
+    assert got.shape == want.shape == (len(split), size, size, 3)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 8
+    batch, labels, idx = batching.ArrayDataset(lazy, split.labels)[[4, 0, 2]]
+    assert torch.equal(batch, torch.from_numpy(got[[4, 0, 2]])) and idx.tolist() == [4, 0, 2]
+    gray = decoding.decode(split, size, 1, interpolation, lazy=True)
+    gray.device = "cpu"
+    assert np.abs(gray.tensor().numpy().astype(int) - np.asarray(gray).astype(int)).mean() < 1.5
+
+
+def test_a_damaged_jpeg_decoded_by_torchvision_is_named_as_on_the_cpu(jpeg_shards, tmp_path):
+    import shutil
+
+    shutil.copytree(jpeg_shards, tmp_path / "w")
+    split = data.load(f"wds:{tmp_path / 'w'}").splits["train"]
+    shard, offset, n = split.members[3]
+    with open(split.shards[shard], "r+b") as f:
+        f.seek(offset + 3)
+        f.write(b"\0" * (n - 3))  # a JPEG's start marker, then nothing readable
+    lazy = decoding.decode(split, 16, 3, lazy=True)
+    lazy.device = "cpu"
+    with pytest.raises(shards.UserError, match=f"{split.shards[shard]}@{offset}"):
+        lazy.tensor()
+
+
+def test_train_shards_are_decoded_on_the_gpu_when_there_is_one(jpeg_shards, monkeypatch):
+    split = data.load(f"wds:{jpeg_shards}").splits["train"]
+    lazy = decoding.decode(split, 16, 3, lazy=True)
+    monkeypatch.setattr(trainer.evaluate, "device", lambda: torch.device("cuda"))
+    cfg = tiny_cfg(f"wds:{jpeg_shards}")
+    assert trainer.on_device(lazy, cfg, "r", lambda *a: None).device == torch.device("cuda")
+    assert lazy[[1, 2]].device == torch.device("cuda")  # views keep it
+    lazy.device = None
+    cfg = tiny_cfg(f"wds:{jpeg_shards}", num_workers=2)  # workers decode on the CPU (CUDA in
+    assert trainer.on_device(lazy, cfg, "r", lambda *a: None).device is None  # forked ones: no)

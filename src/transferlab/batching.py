@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .config import UserError
+from .shards import ShardImages
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,8 @@ class ArrayDataset(torch.utils.data.Dataset):
         i = np.asarray(idx, dtype=np.int64)
         if isinstance(self.images, torch.Tensor):  # resident on the GPU: index it there
             batch = self.images[torch.from_numpy(i).to(self.images.device)]
+        elif isinstance(self.images, ShardImages) and self.images.device is not None:
+            batch = self.images[i].tensor()  # shards decoded on the GPU (nvJPEG)
         else:  # a memmap's rows or a lazy view's decoded batch (shards.ShardImages)
             try:
                 batch = torch.from_numpy(np.asarray(self.images[i]))

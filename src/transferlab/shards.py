@@ -19,9 +19,11 @@ import io
 import json
 import os
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -198,9 +200,12 @@ class ShardImages:
     sampler shuffle shard by shard.
     """
 
-    def __init__(self, split: data.Split, size: int, channels: int, interpolation: str):
+    def __init__(
+        self, split: data.Split, size: int, channels: int, interpolation: str, device=None
+    ):
         self.split, self.size = split, size
         self.channels, self.interpolation = channels, interpolation
+        self.device = device  # set (a CUDA device): batches decode there (`tensor`)
         self.shape = (len(split), size, size, channels)
         self.dtype = np.dtype(np.uint8)
         self.nbytes = int(np.prod(self.shape))
@@ -223,7 +228,8 @@ class ShardImages:
         if isinstance(idx, (int, np.integer)):
             return np.asarray(self[[idx]])[0]
         rows = np.arange(len(self))[idx]
-        return ShardImages(self.split.subset(rows), self.size, self.channels, self.interpolation)
+        sub = self.split.subset(rows)
+        return ShardImages(sub, self.size, self.channels, self.interpolation, self.device)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = np.empty(self.shape, np.uint8)
@@ -255,3 +261,48 @@ class ShardImages:
             finally:
                 os.close(fd)
         return files
+
+    def tensor(self) -> torch.Tensor:
+        """The images as a uint8 tensor (N, size, size, C) on `self.device`: JPEGs decoded there
+        by torchvision (nvJPEG on a GPU, a batch at a time), resized and centre-cropped as
+        decoding.resize does (antialiased; within a few levels of Pillow's pixels). Other
+        formats, and any batch torchvision refuses (a damaged or CMYK JPEG), take the CPU path,
+        which names a damaged member."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        device = torch.device(self.device or "cpu")
+        files = self._read()
+        jpeg = [i for i, f in enumerate(files) if f.getbuffer()[:3] == b"\xff\xd8\xff"]
+        out = torch.empty(self.shape, dtype=torch.uint8, device=device)
+        if jpeg:
+            mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
+            raw = [
+                torch.frombuffer(bytearray(files[i].getbuffer()), dtype=torch.uint8) for i in jpeg
+            ]
+            try:
+                with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec, whose
+                    warnings.simplefilter("ignore", DeprecationWarning)  # builds pin one torch
+                    decoded = decode_jpeg(raw, mode=mode, device=device)
+            except RuntimeError:  # one bad member fails the batch: the CPU path names it
+                jpeg, decoded = [], []
+            for i, im in zip(jpeg, decoded, strict=True):
+                out[i] = _resize_crop(im, self.size, self.interpolation).permute(1, 2, 0)
+        rest = sorted(set(range(len(files))) - set(jpeg))
+        if rest:
+            out[rest] = torch.from_numpy(np.asarray(self[rest])).to(device)
+        return out
+
+
+def _resize_crop(im: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
+    """decoding.resize on a uint8 (C, H, W) tensor: the shorter side to `size`, centre crop."""
+    _, h, w = im.shape
+    if (h, w) != (size, size):
+        scale = size / min(w, h)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        mode = "nearest" if interpolation == "nearest" else interpolation
+        x = torch.nn.functional.interpolate(
+            im[None].float(), (nh, nw), mode=mode, antialias=mode != "nearest"
+        )
+        top, left = (nh - size) // 2, (nw - size) // 2
+        im = x[0, :, top : top + size, left : left + size].round_().clamp_(0, 255).to(torch.uint8)
+    return im

@@ -37,6 +37,7 @@ from . import (
 )
 from .config import TrainConfig, UserError, to_dict
 from .resume import Checkpoints, Progress, refuse_config_change, restore
+from .shards import ShardImages
 
 
 @dataclass
@@ -344,8 +345,15 @@ def snapshot(loop: Loop, progress: Progress, out: Path, seconds: float, log) -> 
 
 
 def on_device(images: np.ndarray, cfg: TrainConfig, name: str, log):
-    """On CUDA, keep the uint8 training set on the GPU when it fits (augmented there too)."""
-    if evaluate.device().type != "cuda" or cfg.num_workers or not isinstance(images, np.ndarray):
+    """On CUDA, keep the uint8 training set on the GPU when it fits (augmented there too);
+    WebDataset shards are decoded there, a batch at a time (nvJPEG, issue 20.4)."""
+    if evaluate.device().type != "cuda" or cfg.num_workers:
+        return images
+    if isinstance(images, ShardImages):
+        log(f"[{name}] train shards decoded on the GPU, a batch at a time (nvJPEG)")
+        images.device = evaluate.device()
+        return images
+    if not isinstance(images, np.ndarray):
         return images
     free, _ = torch.cuda.mem_get_info()
     if images.nbytes > free // 4:
