@@ -82,10 +82,9 @@ def gain(c: Candidate, done: list[Candidate]) -> float:
 
 def pick(cands: list[Candidate], left: float, decoded: set) -> Candidate | None:
     """The pending candidate with the highest gain per second that fits in `left` seconds;
-    those that no longer fit are skipped, saying why; one whose `after` is pending waits for it.
-    `decoded`: the (size, channels) already decoded (cached), which costs nothing again."""
+    those that no longer fit are skipped, saying why. `decoded`: the (size, channels) already
+    decoded (cached), which costs nothing again."""
     done = [c for c in cands if c.status == "done"]
-    waiting = {c.name for c in cands if c.status == "pending"}
     fitting = []
     for c in cands:
         if c.status != "pending":
@@ -96,7 +95,7 @@ def pick(cands: list[Candidate], left: float, decoded: set) -> Candidate | None:
             _shrink(c, left)
         if c.estimate * SAFETY > left:
             c.status, c.why = "skipped", f"estimated {c.estimate:.0f} s, {max(left, 0):.0f} s left"
-        elif c.after not in waiting:
+        else:
             fitting.append(c)
     return max(fitting, key=lambda c: gain(c, done) / max(c.estimate, 1.0), default=None)
 

@@ -1,9 +1,8 @@
 """The search space of `transferlab auto` and what each candidate will cost.
 
 `candidates`: every pretrained backbone usable offline as a linear probe on cached features,
-at its own input size (for large images, 96 px and up: at 320 px; for 33-95 px images, at its
-own size and 32 px below it); the DCNN from scratch; a partial fine-tune of EfficientNet-Lite0
-(large images: at 192 px); on a GPU, a full fine-tune.
+at its own input size (for large images, 96 px and up: at 320 px); the DCNN from scratch; a
+partial fine-tune of EfficientNet-Lite0 (large images: at 192 px); on a GPU, a full fine-tune.
 `estimate`: a few timed batches of each, scaled to every image it sees, decoding and the
 regression included.
 
@@ -12,13 +11,6 @@ train+val, mirror features) the Lite0/1/2 probes scored 94.60 / 94.53 / 94.00% a
 93.33 / 93.13 / 93.00% at their own 224-260 px (Lite0 at 384 px: 94.40%); the fine-tune 90.1%
 at 192 px (the hand-made recipe's CV) and 87.4% at 128 px, which, cheaper, had run first and
 left the better one no time.
-
-Why a second, smaller size for 33-95 px images: Tiny ImageNet's 64-px images upsampled are
-blurred, and the sizes err differently. Lite0's probe (5-fold out-of-fold over its 20,000
-train+val images, mirror features) scored 68.92% at its own 224 px, 68.30% at 192 and 67.26%
-at 288; the logit vote of 224 and 192 69.32%, of all three 69.83%. The smaller size is the
-cheaper (0.73x the pixels), so it is the one offered; Caruana's selection decides whether it
-earns a place.
 """
 
 from __future__ import annotations
@@ -48,7 +40,6 @@ class Candidate:
     estimate: float = 0.0  # seconds (`estimate`)
     decode: float = 0.0  # of which decoding images (saved once another decoded them)
     per_epoch: float = 0.0  # of which each epoch of a trained candidate's k runs
-    after: str = ""  # a candidate that must have run (or been given up) before this one
     status: str = "pending"  # pending | done | skipped | failed | stopped
     seconds: float = 0.0
     cv: dict = field(default_factory=dict)  # out-of-fold top1, loss
@@ -67,21 +58,18 @@ def candidates(ds: data.Dataset, gpu: bool) -> list[Candidate]:
         own = row["input_size"]
         if not own or row["name"].startswith("hf-hub:"):
             continue
-        # module docstring: why 320 for large images, and a second size for 33-95 px ones
-        sizes = [max(own, 320)] if large else [own, own - 32] if ds.native_size > 32 else [own]
-        for second, size in enumerate(sizes):
-            settings = {
-                "model": row["name"],
-                "weights": "imagenet" if row["from"] == "package" else None,
-                "strategy": "linear-probe",
-                "input_size": size,
-                "eval_batch_size": 16,
-            }
-            settings |= {"head_init": "match"} if imagenet else {"pool_stages": 4}
-            prior = (row["top1"] or 70.0) / 100 - 0.01 * second
-            name = f"{_short(row['name'])}-{size}-probe"
-            first = found[-1].name if second else ""  # the own size runs first
-            found.append(Candidate(name, "probe", clean(settings), prior, row["name"], after=first))
+        prior = (row["top1"] or 70.0) / 100
+        size = max(own, 320) if large else own  # module docstring: why 320
+        settings = {
+            "model": row["name"],
+            "weights": "imagenet" if row["from"] == "package" else None,
+            "strategy": "linear-probe",
+            "input_size": size,
+            "eval_batch_size": 16,
+        }
+        settings |= {"head_init": "match"} if imagenet else {"pool_stages": 4}
+        name = f"{_short(row['name'])}-{size}-probe"
+        found.append(Candidate(name, "probe", clean(settings), prior, row["name"]))
     found.append(_dcnn(ds))
     lite0 = "tf_efficientnet_lite0"
     tune = {
