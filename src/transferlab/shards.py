@@ -7,9 +7,10 @@ KEY.cls, the class index; samples in a seeded shuffled order, so a shard holds e
 the folder complete. `--data wds:DIR` reads them: each split's members are indexed by their
 offsets in the tars (headers only), and images are read by offset and decoded only when a batch
 needs them (`ShardImages`: in DataLoader workers with --num-workers, else a thread per core;
-training on a GPU without workers: on the GPU, `ShardImages.tensor`), never into a cache, so memory does not grow with the dataset. Training visits shards in an order
-that is a pure function of (seed, epoch), shuffling within each shard (batching.EpochSampler's
-groups): reads stay in one shard at a time, and a resumed run skips to its batch exactly.
+training on a GPU without workers: on the GPU, `ShardImages.tensor`), never into a cache, so
+memory does not grow with the dataset. Training visits shards in an order that is a pure
+function of (seed, epoch), shuffling within each shard (batching.EpochSampler's groups): reads
+stay in one shard at a time, and a resumed run skips to its batch exactly.
 """
 
 from __future__ import annotations
