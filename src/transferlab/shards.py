@@ -233,8 +233,12 @@ class ShardImages:
         return ShardImages(sub, self.size, self.channels, self.interpolation, self.device)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = np.empty(self.shape, np.uint8)
-        files = self._read()
+        out = self._decode(self._read())
+        return out if dtype is None else out.astype(dtype)
+
+    def _decode(self, files: list[_Member]) -> np.ndarray:
+        """Read members decoded by Pillow (a thread per core); a damaged one is named."""
+        out = np.empty((len(files), self.size, self.size, self.channels), np.uint8)
         _, bad = decoding._decode_files(files, out, self.size, self.channels, self.interpolation,
                                         "decode", True)  # fmt: skip
         if bad:
@@ -242,7 +246,7 @@ class ShardImages:
                 f"{len(bad)} unreadable image(s) in the shards (damaged since they were written: "
                 "write them again from the source with transferlab data shard): " + "; ".join(bad)
             )
-        return out if dtype is None else out.astype(dtype)
+        return out
 
     def _read(self) -> list[_Member]:
         """The members' bytes, read shard by shard with positioned reads."""
@@ -289,8 +293,8 @@ class ShardImages:
             for i, im in zip(jpeg, decoded, strict=True):
                 out[i] = _resize_crop(im, self.size, self.interpolation).permute(1, 2, 0)
         rest = sorted(set(range(len(files))) - set(jpeg))
-        if rest:
-            out[rest] = torch.from_numpy(np.asarray(self[rest])).to(device)
+        if rest:  # the bytes already read, decoded by Pillow
+            out[rest] = torch.from_numpy(self._decode([files[i] for i in rest])).to(device)
         return out
 
 
