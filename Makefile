@@ -24,6 +24,7 @@ test: setup browser
 # A user's venv that already holds older supported torch and timm (pyproject's floors): transferlab
 # goes in without constraints.txt, pip must leave them alone, and the fast suite runs on them.
 # PIP_FIND_LINKS=" ": this machine's /opt/wheels has a torch 2.13 +cpu build no torchvision fits.
+# The venv (~8 GB: torch 2.10's CUDA build) is removed when the suite ends, pass or fail.
 COMPAT := .venv-compat
 COMPAT_PINS ?= torch==2.10.0 torchvision==0.25.0 timm==1.0.26
 compat:
@@ -32,7 +33,7 @@ compat:
 	$(COMPAT)/bin/pip freeze | grep -E '^(torch|torchvision|timm)==' | tee $(COMPAT)/before.txt
 	PIP_FIND_LINKS=" " $(COMPAT)/bin/pip install -q --no-cache-dir -e '.[dev]'
 	$(COMPAT)/bin/pip freeze | grep -E '^(torch|torchvision|timm)==' | diff $(COMPAT)/before.txt -
-	$(COMPAT)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+	$(COMPAT)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider; rc=$$?; rm -rf $(COMPAT); exit $$rc
 
 browser:  # Debian's chromium renders report.html in a test (installed when missing)
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
