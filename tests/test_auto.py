@@ -322,6 +322,9 @@ def test_large_images_are_probed_at_320_px_and_fine_tuned_at_192():
     small = autospace.candidates(replace(ds, native_size=64), gpu=False)
     own = {c.family: c.settings["input_size"] for c in small if c.kind == "probe"}
     assert own and all(size < 320 for size in own.values())
+    # the MobileNetV2 trunk: measured on 15-Scene's 320 px only, so offered for large images only
+    mobilenet = "mobilenetv2_100.deepsort_in1k"
+    assert mobilenet in {c.family for c in probes} and mobilenet not in own
 
 
 def test_a_trained_candidate_stops_when_its_own_folds_say_the_rest_cannot_finish(
