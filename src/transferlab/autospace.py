@@ -35,9 +35,8 @@ import torch
 from . import data, evaluate, linear, models, weights
 
 FOLDS = 5  # the k of k-fold cross-validation over train+val
-LARGE_ONLY = {
-    "mobilenetv2_100.deepsort_in1k"
-}  # offline backbones measured on large images only (docstring)
+# offline backbones measured on large images only (module docstring)
+LARGE_ONLY = {"mobilenetv2_100.deepsort_in1k"}
 
 
 @dataclass
