@@ -359,3 +359,96 @@ def test_a_trained_candidate_stops_when_its_own_folds_say_the_rest_cannot_finish
     c = _candidate("dcnn", 0.05, kind="train")
     auto._run_candidate(c, ds, tmp_path, settings, lambda *a: None, True, lambda: 100.0)
     assert len(ran) == autospace.FOLDS and c.status == "done"
+
+
+def test_a_recipe_auto_step_validates_and_takes_data_and_seed_like_a_train_step(tmp_path):
+    """An auto step has no members to check (it crashed validation); --set reaches it."""
+    from transferlab import recipe
+
+    book = {"data": "digits", "defaults": {"seed": 3}, "steps": [{"auto": "s", "budget": "1m"}]}
+    recipe.validate(book, tmp_path / "out")
+    assert recipe._auto_data_seed(book, {"budget": "1m"}) == ("digits", 3)
+    book = recipe.apply_overrides(book, {"seed": 7, "data": "synthetic:8"})
+    assert recipe._auto_data_seed(book, {"budget": "1m", "seed": 5}) == ("synthetic:8", 7)
+
+
+def test_a_resume_refuses_images_that_changed_since_the_study_began(tmp_path):
+    """Folders renamed (labels swapped), files added or rewritten: the saved out-of-fold and
+    test scores would not hold, so the study is not continued (it reported 100% for 37.5%)."""
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 6, subsets=("",))
+    spec = f"folder:{photos}"
+    before = auto.content(data.load(spec))
+    assert auto.content(data.load(spec)) == before  # nothing changed: the same
+    (photos / "cat").rename(photos / "tmp")
+    (photos / "dog").rename(photos / "cat")
+    (photos / "tmp").rename(photos / "dog")
+    after = auto.content(data.load(spec))
+    assert after != before
+    settings = {"data": spec, "content": before, "folds": 5, "seed": 0, "budget": 60.0}
+    auto.save_state(tmp_path / "s", settings, [_candidate("a", 10)], 5.0)
+    with pytest.raises(UserError, match="other images"):
+        auto.load_state(tmp_path / "s", settings | {"content": after})
+    first = sorted((photos / "cat").iterdir())[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # one file rewritten in place
+    assert auto.content(data.load(spec)) != after
+
+
+def test_a_study_killed_while_timing_its_candidates_can_be_resumed(tmp_path, monkeypatch):
+    """auto.json is written before the first candidate is timed: --resume accepts the folder
+    (it said "holds no transferlab auto study", and without --resume "already exists")."""
+
+    def killed(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate("a", 0)])
+    monkeypatch.setattr(auto, "estimate", killed)
+    out = tmp_path / "study"
+    with pytest.raises(KeyboardInterrupt):
+        auto.run("digits", "5m", out, quiet=True, log=lambda *a: None)
+    assert auto.check_out(out, resume=True) == "resume"
+    cands, spent = auto.load_state(out, json.loads((out / auto.STATE).read_text())["settings"])
+    assert [c.status for c in cands] == ["pending"] and not cands[0].estimate
+
+
+def test_report_never_rewrites_a_study_s_own_report(tmp_path):
+    from transferlab import outputs, report
+
+    study = tmp_path / "study"
+    study.mkdir()
+    outputs.mark(study, "auto")
+    (study / "report.md").write_text("the leaderboard")
+    for where in (study, study / "candidates"):
+        where.mkdir(exist_ok=True)
+        with pytest.raises(UserError, match="auto study with its own report"):
+            report.write(where)
+    assert (study / "report.md").read_text() == "the leaderboard"
+    assert not (study / "results.csv").exists()
+
+
+def test_when_every_candidate_failed_the_study_says_why_not_the_budget(tmp_path):
+    failed = [_candidate("a", 10), _candidate("b", 20)]
+    for c in failed:
+        c.status, c.why = "failed", "2 unreadable image(s): x.jpg; y.jpg"
+    with pytest.raises(UserError, match="no candidate finished: a: 2 unreadable") as err:
+        autochoose.finish(tmp_path, None, failed, print, True)
+    assert "--budget" not in str(err.value)
+    failed[1].status = "skipped"
+    with pytest.raises(UserError, match="give a larger --budget"):
+        autochoose.finish(tmp_path, None, failed, print, True)
+
+
+def test_timing_stops_when_the_budget_is_spent(tmp_path, monkeypatch):
+    """Candidates are timed against the budget too: once only the reserve is left, the rest are
+    skipped untimed (a 1-minute study on 2 busy cores had run 1.5-3x over, timing them all)."""
+
+    def slow(c, ds, precision):
+        time.sleep(10.5)  # of the 30 s budget, 20 s are the reserve: none left after one
+        return 1000.0, 0.0, 0.0
+
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate("a", 0), _candidate("b", 0)])  # fmt: skip
+    monkeypatch.setattr(auto, "estimate", slow)
+    with pytest.raises(UserError, match="give a larger --budget"):
+        auto.run("digits", "30s", tmp_path / "s", quiet=True, log=lambda *a: None)
+    state = json.loads((tmp_path / "s" / auto.STATE).read_text())
+    assert [(c["status"], c["estimate"]) for c in state["candidates"]] == [("skipped", 1000.0), ("skipped", 0.0)]  # fmt: skip
+    assert state["candidates"][1]["why"] == "the budget ran out before it was timed"

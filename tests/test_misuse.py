@@ -229,6 +229,8 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "stepz: [report]": r"unknown recipe key 'stepz' \(did you mean steps\?\)",
         "name: ../../esc\nsteps: [report]": "must be a plain name",
         "steps:\n  - train: a\n    model: dcnn\n    model: resnet50": "'model' is given twice",
+        "steps: [{auto: s, budget: 1m, seed: abc}]": "seed must be a number",
+        "defaults: {seed: -1}\nsteps: [{auto: s, budget: 1m}]": "seed must be >= 0",
     }
     for text, message in bad.items():
         path = tmp_path / "r.yaml"

@@ -26,7 +26,9 @@ report.md, report.html.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import asdict
@@ -135,11 +137,29 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate], float] | Non
         raise UserError(
             f"{out} was started with {was}: resume it with those, or choose another --out"
         )
+    was, now = state["settings"].get("content"), settings.get("content")
+    if was and now and was != now:  # studies begun before the check: not compared
+        raise UserError(
+            f"{out} was started on other images under {settings['data']} (files added, removed, "
+            "renamed or changed since): its scores would not hold; choose another --out"
+        )
     cands = [Candidate(**c) for c in state["candidates"]]
     for c in cands:
         if c.status == "skipped":
             c.status, c.why = "pending", ""
     return cands, float(state["spent"])
+
+
+def content(ds: data.Dataset) -> str:
+    """What a resumed study checks its images against: the splits' files and labels
+    (`data.fingerprint`) with each file's size and modification time (no image is read)."""
+    h = hashlib.sha256(data.fingerprint(ds.splits, data.data_root(ds.spec)).encode())
+    for name in sorted(ds.splits):
+        split = ds.splits[name]
+        for path in split.paths if split.paths is not None else split.shards or []:
+            st = os.stat(path)
+            h.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def save_oof(out: Path, name: str, logp: np.ndarray, test_logp: np.ndarray) -> None:
@@ -186,6 +206,7 @@ def run(
         outputs.refuse_overlap(out, [ds.spec.partition(":")[2]], "the data folder")
     settings = {
         "data": ds.spec,
+        "content": content(ds),
         "folds": FOLDS,
         "seed": seed,
         "budget": seconds,
@@ -204,12 +225,8 @@ def run(
             f"[auto] {len(cands)} candidates on {ds.spec} ({len(ds.classes)} classes), "
             f"budget {clock(seconds)}, {FOLDS}-fold CV over train+val, precision {precision}"
         )
-        for c in cands:
-            if c.status == "pending" and not c.estimate:
-                try:
-                    c.estimate, c.decode, c.per_epoch = estimate(c, ds, precision)
-                except UserError as err:  # e.g. a cached backbone that cannot pool stages
-                    c.status, c.why = "failed", str(err)
+        save_state(out, settings, cands, seconds - left())  # killed while timing: resumable
+        _time_candidates(cands, ds, precision, lambda: left() - reserve)
         save_state(out, settings, cands, seconds - left())
         decoded = {tuple(c.pixels) for c in cands if c.seconds > 0}  # ran: its images are cached
         stop_at = time.time() + left() - reserve  # trained members stop there (a step boundary)
@@ -243,6 +260,18 @@ def run(
             f"(scored once, now) -> {out / 'best'}"
         )
         return result
+
+
+def _time_candidates(cands: list[Candidate], ds, precision: str, left) -> None:
+    """Estimate each pending candidate's cost (`estimate`) while `left()` seconds remain."""
+    for c in cands:
+        if c.status == "pending" and not c.estimate and left() <= 0:
+            c.status, c.why = "skipped", "the budget ran out before it was timed"
+        elif c.status == "pending" and not c.estimate:
+            try:
+                c.estimate, c.decode, c.per_epoch = estimate(c, ds, precision)
+            except UserError as err:  # e.g. a cached backbone that cannot pool stages
+                c.status, c.why = "failed", str(err)
 
 
 def _recalibrate(cands: list[Candidate], ran: Candidate) -> None:

@@ -64,10 +64,13 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
 
     done = [c for c in cands if c.status == "done"]
     if not done:
-        cheapest = min((c.estimate for c in cands), default=0)
+        failed = [c for c in cands if c.status == "failed"]
+        if failed and all(c.status == "failed" for c in cands):  # not the budget: say why
+            raise UserError(f"no candidate finished: {failed[0].name}: {failed[0].why}")
+        cheapest = min((c.estimate for c in cands if c.estimate > 0), default=0)
         raise UserError(
             f"no candidate finished within the budget (the cheapest was estimated at "
-            f"{cheapest:.0f} s): give a larger --budget"
+            f"{cheapest:.0f} s, after timing the candidates): give a larger --budget"
         )
     names = [c.name for c in done]
     logp = np.stack([auto.load_oof(out, n) for n in names])

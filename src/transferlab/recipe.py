@@ -175,6 +175,7 @@ def validate(recipe: dict, out: Path | None = None) -> None:
                 from .auto import parse_budget
 
                 parse_budget(keys.get("budget", ""))
+                _auto_data_seed(recipe, keys)
             elif kind == "finetune":
                 settings = train_settings(recipe, keys, data=False)  # the parent decides the rest
                 for key in ("model", "weights"):
@@ -184,7 +185,7 @@ def validate(recipe: dict, out: Path | None = None) -> None:
                             "it starts from its 'from' run; set it on train steps only"
                         )
                 make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=False)
-            if out is not None and kind != "train":
+            if out is not None and kind in ("finetune", "ensemble", "soup"):
                 _check_refs(kind, name, keys, names, out, i)
             names.append(name)
 
@@ -402,11 +403,17 @@ def _auto(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
     """A study in OUT/NAME (continued if one was begun there); its best is OUT/NAME/best."""
     from . import auto
 
+    data, seed = _auto_data_seed(recipe, keys)
     study = out / name
-    seed = int(keys.get("seed", (recipe.get("defaults") or {}).get("seed", 0)))
-    auto.run(keys.get("data", recipe.get("data", "digits")), keys["budget"], study,
-             resume=(study / auto.STATE).is_file(), seed=seed, quiet=quiet,
-             cache_dir=keys.get("cache_dir"), log=lambda *a: print(*a, flush=True))  # fmt: skip
+    auto.run(data, keys["budget"], study, resume=(study / auto.STATE).is_file(), seed=seed,
+             quiet=quiet, cache_dir=keys.get("cache_dir"), log=lambda *a: print(*a, flush=True))  # fmt: skip
+
+
+def _auto_data_seed(recipe: dict, keys: dict) -> tuple[str, int]:
+    """An auto step's data and seed as a train step's: defaults < the step's keys < `--set`;
+    a bad seed fails here (make_config), before any step runs."""
+    given = train_settings(recipe, {k: v for k, v in keys.items() if k in ("data", "seed")})
+    return given["data"], make_config({"seed": given.get("seed", 0)}).seed
 
 
 STEPS = {

@@ -160,6 +160,10 @@ def check_writable(root: Path) -> None:
             )
 
 
+def _is_study(folder: Path) -> bool:
+    return (outputs.read_mark(folder) or {}).get("kind") == "auto"
+
+
 def write(root: str | Path) -> tuple[Path, str]:
     """Write report.md and results.csv under `root`; returns (path, table)."""
     root = Path(root)
@@ -168,6 +172,12 @@ def write(root: str | Path) -> tuple[Path, str]:
     found = outputs.enclosing(root)  # not into the insides of a run (its state/, logits/)
     if found:
         raise UserError(f"{root} is inside the {found[1]} folder {found[0]}: report that")
+    study = next((f for f in (root.resolve(), *root.resolve().parents) if _is_study(f)), None)
+    if study:  # its report.md/.html are the study's leaderboard: never rewritten by this
+        raise UserError(
+            f"{study} is a transferlab auto study with its own report (report.md, report.html); "
+            f"evaluate its choice with transferlab evaluate {study / 'best'}"
+        )
     check_writable(root)
     rows = collect(root)
     table = markdown_table(rows)
