@@ -452,3 +452,18 @@ def test_timing_stops_when_the_budget_is_spent(tmp_path, monkeypatch):
     state = json.loads((tmp_path / "s" / auto.STATE).read_text())
     assert [(c["status"], c["estimate"]) for c in state["candidates"]] == [("skipped", 1000.0), ("skipped", 0.0)]  # fmt: skip
     assert state["candidates"][1]["why"] == "the budget ran out before it was timed"
+
+
+def test_a_resume_never_deletes_an_export_made_of_best(tmp_path):
+    """best/ is rebuilt when a study ends; an ONNX file the user exported from it is theirs:
+    the resume is refused before any work (it was deleted with the old best/)."""
+    from transferlab import outputs
+
+    best = tmp_path / "best"
+    (best / "export").mkdir(parents=True)
+    outputs.mark(best, "run")
+    outputs.check_rebuildable(best, autochoose.REBUILT)  # a plain best/: rebuilt
+    (best / "export" / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(UserError, match="export holds what you exported"):
+        outputs.check_rebuildable(best, autochoose.REBUILT)
+    assert (best / "export" / "model.onnx").read_bytes() == b"onnx"

@@ -212,6 +212,9 @@ def check_rebuildable(folder: Path, why: str) -> None:
         return
     mark = read_mark(folder)
     foreign = _foreign(folder) if mark else []
+    exports = Path(folder) / "export"
+    if exports.is_dir() and any(exports.iterdir()):  # the user's: what they made to ship
+        raise UserError(f"{exports} holds what you exported: move it; {why}")
     if not mark or mark.get("kind") not in ("run", "ensemble") or foreign:
         held = _few(foreign) if foreign else "no transferlab run or ensemble marker"
         raise UserError(f"{folder} holds what transferlab did not write ({held}): move it; {why}")
