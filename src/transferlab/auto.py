@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import asdict
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, evaluate, folds, guards, outputs, probe
+from . import checkpoint, data, decoding, evaluate, folds, guards, outputs, probe
 from .autospace import FOLDS, Candidate, candidates, clean, estimate
 from .config import Preempted, UserError
 
@@ -152,13 +151,12 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate], float] | Non
 
 def content(ds: data.Dataset) -> str:
     """What a resumed study checks its images against: the splits' files and labels
-    (`data.fingerprint`) with each file's size and modification time (no image is read)."""
+    (`data.fingerprint`) with each file's size and modification time (`decoding.stamp`, what
+    the decode cache keys on; no image is read)."""
     h = hashlib.sha256(data.fingerprint(ds.splits, data.data_root(ds.spec)).encode())
     for name in sorted(ds.splits):
         split = ds.splits[name]
-        for path in split.paths if split.paths is not None else split.shards or []:
-            st = os.stat(path)
-            h.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
+        decoding.stamp(h, split.paths if split.paths is not None else split.shards or [])
     return h.hexdigest()[:16]
 
 

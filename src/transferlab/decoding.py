@@ -195,10 +195,15 @@ def resolve_cache(setting: str | None) -> Path | None:
 def cache_key(paths: list[str], size: int, channels: int, interpolation: str) -> str:
     """A digest of what the decoded array depends on: files (path, size, mtime) and target."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, size, channels, interpolation]).encode())
+    stamp(h, paths)
+    return h.hexdigest()[:32]
+
+
+def stamp(h, paths: list[str]) -> None:
+    """Feed each file's path, size and modification time to the hash `h` (no file is read)."""
     for path in paths:
         st = os.stat(path)
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:32]
 
 
 def _cached_decode(
