@@ -76,10 +76,13 @@ def test_options_pick_the_best_by_cross_validation():
     logp = np.stack([_logp(0.5, 400, 4, 1, y), _logp(0.95, 400, 4, 2, y), _logp(0.4, 400, 4, 3, y)])
     rows = autochoose.options(["weak", "strong", "weaker"], logp, y, 5)
     names = [r["option"] for r in rows]
-    assert names[:3] == ["weak", "strong", "weaker"] and "greedy selection (Caruana)" in names
+    assert names[:3] == ["weak", "strong", "weaker"]
+    assert "greedy selection (Caruana): strong alone" in names  # one kept: it says which
     best = max(rows, key=lambda r: r["top1"])
     select = next(r for r in rows if r["method"] == "select")
     assert select["weights"][1] == max(select["weights"])  # the strong member weighs most
+    two = autochoose.options(["a", "b"], np.stack([_logp(0.7, 400, 4, s, y) for s in (4, 5)]), y, 5)
+    assert "greedy selection (Caruana)" in [r["option"] for r in two]  # both kept: no name
     assert best["top1"] >= rows[1]["top1"] - 0.01
 
 
@@ -385,7 +388,9 @@ def test_a_resume_refuses_images_that_changed_since_the_study_began(tmp_path):
     after = auto.content(data.load(spec))
     assert after != before
     settings = {"data": spec, "content": before, "folds": 5, "seed": 0, "budget": 60.0}
-    auto.save_state(tmp_path / "s", settings, [_candidate("a", 10)], 5.0)
+    scored = _candidate("a", 10)
+    scored.status, scored.cv = "done", {"top1": 0.375, "loss": 1.0}
+    auto.save_state(tmp_path / "s", settings, [scored, _candidate("b", 10)], 5.0)
     with pytest.raises(UserError, match="other images"):
         auto.load_state(tmp_path / "s", settings | {"content": after})
     first = sorted((photos / "cat").iterdir())[0]
@@ -467,3 +472,66 @@ def test_a_resume_never_deletes_an_export_made_of_best(tmp_path):
     with pytest.raises(UserError, match="export holds what you exported"):
         outputs.check_rebuildable(best, autochoose.REBUILT)
     assert (best / "export" / "model.onnx").read_bytes() == b"onnx"
+
+
+def test_a_shrunk_candidate_keeps_a_third_of_its_own_epochs_and_a_resume_restores_them(tmp_path):
+    """Shrunk at each re-plan as time runs out, a trained candidate stops at a third of its own
+    epochs (it went 12 -> 6 -> 3, below its third, 4); resumed with a larger budget, a skipped or
+    stopped one runs at its own epochs again (it kept the shrunk ones) and is retried."""
+    c = _candidate("dcnn", 1180, kind="train")
+    c.settings |= {"epochs": 12, "warmup_epochs": 1}
+    c.per_epoch = 90.0  # 12 epochs: 1,080 s, plus 100 s of decoding and predicting
+    assert auto.pick([c], 760, set()) is c and c.settings["epochs"] == 6 and "6 of 12" in c.why
+    assert auto.pick([c], 500, set()) is None and c.status == "skipped"
+    assert c.settings["epochs"] == 6
+    stopped = _candidate("ft", 1000, kind="train")
+    stopped.settings |= {"epochs": 10}
+    stopped.per_epoch = 90.0
+    assert auto.pick([stopped], 760, set()) is stopped and stopped.settings["epochs"] == 6
+    stopped.status, stopped.why = "stopped", "the budget ran out while it trained"
+    settings = {"data": "digits", "folds": 5, "seed": 0, "budget": 800.0}
+    auto.save_state(tmp_path, settings, [c, stopped], 790.0)
+    cands, _ = auto.load_state(tmp_path, settings | {"budget": 3000.0})
+    assert [x.status for x in cands] == ["pending", "pending"]
+    assert [x.settings["epochs"] for x in cands] == [12, 10] and cands[0].estimate == 1180
+    assert cands[0].settings["warmup_epochs"] == 1 and "warmup_epochs" not in cands[1].settings
+
+
+def test_a_study_killed_mid_candidate_resumes_with_the_time_it_ran(tmp_path, monkeypatch):
+    """kill -9 while a candidate runs: auto.json still says the time spent before it, so the
+    resumed study would spend that candidate's time again; the clock file counts it."""
+
+    def killed(*a):
+        time.sleep(1.0)
+        raise KeyboardInterrupt  # the process dies here: no state saved after it
+
+    monkeypatch.setattr(auto, "CLOCK_EVERY", 0.05)
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate("a", 0)])
+    monkeypatch.setattr(auto, "estimate", lambda c, ds, precision: (10.0, 0.0, 0.0))
+    monkeypatch.setattr(auto, "_run_candidate", killed)
+    out = tmp_path / "study"
+    with pytest.raises(KeyboardInterrupt):
+        auto.run("digits", "5m", out, quiet=True, log=lambda *a: None)
+    state = json.loads((out / auto.STATE).read_text())  # saved before the candidate ran
+    _, spent = auto.load_state(out, state["settings"])
+    assert spent >= state["spent"] + 0.9
+
+
+def test_unreadable_images_stop_the_study_with_a_hint_it_takes(tmp_path, small_space, capsys):
+    """An unreadable image fails every candidate alike: the study stops at the first with one
+    line that names it and says what to do (it said --skip-bad-images, which auto does not
+    take, once per candidate); fixed, the same command with --resume carries on."""
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 10, subsets=("",))
+    bad = sorted((photos / "dog").iterdir())[0]
+    good = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    args = ["auto", "--data", f"folder:{photos}", "--budget", "5m", "--out", str(tmp_path / "s"), "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and bad.name in err and "--resume" in err
+    assert "--skip-bad-images" not in err
+    state = json.loads((tmp_path / "s" / auto.STATE).read_text())
+    assert [c["status"] for c in state["candidates"]] == ["pending", "pending"]
+    bad.write_bytes(good)  # nothing was trained on it: resumed, its candidates timed anew
+    cands, spent = auto.load_state(tmp_path / "s", {**state["settings"], "content": "fixed"})
+    assert cands is None and spent >= state["spent"]

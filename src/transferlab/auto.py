@@ -20,15 +20,18 @@
    by the chosen DIR/best.
 
 DIR: auto.json (settings, candidates, costs, scores, the time spent: what --resume reads),
+auto.clock (the time spent, every 10 s: a study killed mid-candidate counts it),
 candidates/<name>/ (a probe's run; a trained candidate's fold-i runs), oof/<name>.npz, best/,
 report.md, report.html.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,10 +41,11 @@ import torch
 
 from . import checkpoint, data, decoding, evaluate, folds, guards, outputs, probe
 from .autospace import FOLDS, Candidate, candidates, clean, estimate
-from .config import Preempted, UserError
+from .config import Preempted, UnreadableImages, UserError
 
 SAFETY = 1.15  # a candidate starts only if its estimate times this fits in the time left
 STATE = "auto.json"
+CLOCK, CLOCK_EVERY = "auto.clock", 10.0  # the time spent, written every 10 s (`_clock`)
 
 
 def parse_budget(text: str) -> float:
@@ -95,7 +99,8 @@ def pick(cands: list[Candidate], left: float, decoded: set) -> Candidate | None:
         if c.kind == "train" and c.estimate * SAFETY > left:
             _shrink(c, left)
         if c.estimate * SAFETY > left:
-            c.status, c.why = "skipped", f"estimated {c.estimate:.0f} s, {max(left, 0):.0f} s left"
+            c.status = "skipped"
+            c.why = f"estimated {c.estimate:.0f} s (x{SAFETY} margin), {max(left, 0):.0f} s left"
         else:
             fitting.append(c)
     return max(fitting, key=lambda c: gain(c, done) / max(c.estimate, 1.0), default=None)
@@ -103,14 +108,25 @@ def pick(cands: list[Candidate], left: float, decoded: set) -> Candidate | None:
 
 def _shrink(c: Candidate, left: float) -> None:
     """Fewer epochs for a trained candidate that does not fit in `left` seconds, down to a
-    third of its epochs (at least 3): its estimate's per-epoch part scaled."""
-    epochs = c.settings["epochs"]
+    third of its own epochs (at least 3; kept in `c.full`, however often it shrinks): its
+    estimate's per-epoch part scaled."""
+    c.full = c.full or {k: c.settings[k] for k in ("epochs", "warmup_epochs") if k in c.settings}
+    epochs, own = c.settings["epochs"], c.full["epochs"]
     fixed = c.estimate - epochs * c.per_epoch
     fits = int((left / SAFETY - fixed) / c.per_epoch) if c.per_epoch > 0 else 0
-    if max(3, epochs // 3) <= fits < epochs:
+    if max(3, own // 3) <= fits < epochs:
         c.settings["epochs"], c.estimate = fits, fixed + fits * c.per_epoch
-        c.settings["warmup_epochs"] = min(c.settings.get("warmup_epochs", 0), fits / 3)
-        c.why = f"{fits} of {epochs} epochs, to fit the time left"
+        c.settings["warmup_epochs"] = min(c.full.get("warmup_epochs", 0), fits / 3)
+        c.why = f"{fits} of {own} epochs, to fit the time left"
+
+
+def _unshrink(c: Candidate) -> None:
+    """A shrunk candidate's own epochs again (a resume may bring a larger budget)."""
+    if c.full:
+        c.estimate += (c.full["epochs"] - c.settings["epochs"]) * c.per_epoch
+        c.settings.pop("warmup_epochs", None)
+        c.settings |= c.full
+        c.full, c.why = {}, ""
 
 
 # ----------------------------------------------------------------------------- state
@@ -123,9 +139,12 @@ def save_state(out: Path, settings: dict, cands: list[Candidate], spent: float) 
     )
 
 
-def load_state(out: Path, settings: dict) -> tuple[list[Candidate], float] | None:
-    """A resumed study's candidates and time spent; its data, folds and seed must not change.
-    Candidates skipped for lack of time are pending again: a resume may bring a larger budget."""
+def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float] | None:
+    """A resumed study's candidates and time spent (`CLOCK` too: a study killed mid-candidate);
+    its data, folds and seed must not change, nor its images once something was trained on them
+    (changed before: no candidates, the study times them anew). Candidates skipped or stopped
+    for lack of time are pending again, at their own epochs: a resume may bring a larger budget
+    (a stopped one keeps its finished fold runs)."""
     try:
         state = json.loads((out / STATE).read_text())
     except (OSError, ValueError):
@@ -136,17 +155,21 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate], float] | Non
         raise UserError(
             f"{out} was started with {was}: resume it with those, or choose another --out"
         )
+    cands = [Candidate(**c) for c in state["candidates"]]
+    spent = max(float(state["spent"]), _clock_read(out))
     was, now = state["settings"].get("content"), settings.get("content")
     if was and now and was != now:  # studies begun before the check: not compared
+        if not any(c.status in ("done", "stopped") for c in cands):
+            return None, spent  # nothing trained on them yet: candidates anew, time kept
         raise UserError(
             f"{out} was started on other images under {settings['data']} (files added, removed, "
             "renamed or changed since): its scores would not hold; choose another --out"
         )
-    cands = [Candidate(**c) for c in state["candidates"]]
     for c in cands:
-        if c.status == "skipped":
+        if c.status in ("skipped", "stopped"):
             c.status, c.why = "pending", ""
-    return cands, float(state["spent"])
+            _unshrink(c)
+    return cands, spent
 
 
 def content(ds: data.Dataset) -> str:
@@ -215,49 +238,97 @@ def run(
         outputs.check_rebuildable(out / "best", autochoose.REBUILT)  # before the budget is spent
         outputs.claim(out, "auto", action)
         state = load_state(out, settings) if resume else None
-        cands, spent = state or (candidates(ds, torch.cuda.is_available()), 0.0)
+        cands, spent = state or (None, 0.0)
+        cands = cands or candidates(ds, torch.cuda.is_available())
         left = lambda: seconds - spent - (time.time() - t0)  # noqa: E731
-        reserve = max(20.0, 0.05 * seconds)  # for the choice, best/ and the report
-        precision = evaluate.resolve_precision("auto")
+        with _clock(out, lambda: seconds - left()):
+            return _study(out, ds, settings, cands, left, log, quiet)
+
+
+def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, quiet: bool) -> dict:
+    """Time the candidates, run them as the schedule says, choose, build best/ and report."""
+    from . import autochoose
+
+    seconds = settings["budget"]
+    reserve = max(20.0, 0.05 * seconds)  # for the choice, best/ and the report
+    precision = evaluate.resolve_precision("auto")
+    log(
+        f"[auto] {len(cands)} candidates on {ds.spec} ({len(ds.classes)} classes), "
+        f"budget {clock(seconds)}, {FOLDS}-fold CV over train+val, precision {precision}"
+    )
+    save_state(out, settings, cands, seconds - left())  # killed while timing: resumable
+    _time_candidates(cands, ds, precision, lambda: left() - reserve)
+    save_state(out, settings, cands, seconds - left())
+    decoded = {tuple(c.pixels) for c in cands if c.seconds > 0}  # ran: its images are cached
+    stop_at = time.time() + left() - reserve  # trained members stop there (a step boundary)
+    while (c := pick(cands, left() - reserve, decoded)) is not None:
+        log(f"[auto {clock(left())} left] {c.name} ({c.kind}): estimated {c.estimate:.0f} s")
+        t1 = time.time()
+        try:
+            with guards.deadline(stop_at):
+                _run_candidate(c, ds, out, settings, log, quiet, lambda: left() - reserve)
+        except UnreadableImages as err:  # every candidate reads them: stop here
+            raise _unreadable(err, ds.spec, cands) from None
+        except UserError as err:
+            c.status, c.why = "failed", str(err)
+        except Preempted:
+            if time.time() <= stop_at:
+                raise  # the user's SIGTERM: the study stops (--resume continues it)
+            c.status, c.why = "stopped", "the budget ran out while it trained"
+        c.seconds += time.time() - t1
+        decoded.add(tuple(c.pixels))
+        _recalibrate(cands, c)
         log(
-            f"[auto] {len(cands)} candidates on {ds.spec} ({len(ds.classes)} classes), "
-            f"budget {clock(seconds)}, {FOLDS}-fold CV over train+val, precision {precision}"
+            f"[auto {clock(left())} left] {c.name}: {c.status}"
+            + (f", CV top-1 {c.cv['top1']:.2%}" if c.cv else f" ({c.why})")
         )
-        save_state(out, settings, cands, seconds - left())  # killed while timing: resumable
-        _time_candidates(cands, ds, precision, lambda: left() - reserve)
         save_state(out, settings, cands, seconds - left())
-        decoded = {tuple(c.pixels) for c in cands if c.seconds > 0}  # ran: its images are cached
-        stop_at = time.time() + left() - reserve  # trained members stop there (a step boundary)
-        while (c := pick(cands, left() - reserve, decoded)) is not None:
-            log(f"[auto {clock(left())} left] {c.name} ({c.kind}): estimated {c.estimate:.0f} s")
-            t1 = time.time()
-            try:
-                with guards.deadline(stop_at):
-                    _run_candidate(c, ds, out, settings, log, quiet, lambda: left() - reserve)
-            except UserError as err:
-                c.status, c.why = "failed", str(err)
-            except Preempted:
-                if time.time() <= stop_at:
-                    raise  # the user's SIGTERM: the study stops (--resume continues it)
-                c.status, c.why = "stopped", "the budget ran out while it trained"
-            c.seconds += time.time() - t1
-            decoded.add(tuple(c.pixels))
-            _recalibrate(cands, c)
-            log(
-                f"[auto {clock(left())} left] {c.name}: {c.status}"
-                + (f", CV top-1 {c.cv['top1']:.2%}" if c.cv else f" ({c.why})")
-            )
-            save_state(out, settings, cands, seconds - left())
-        save_state(out, settings, cands, seconds - left())
-        result = autochoose.finish(out, ds, cands, log, quiet)
-        save_state(out, settings, cands, seconds - left())
-        autochoose.write_report(out, ds, cands, result, seconds, seconds - left())
-        log(
-            f"[auto] {clock(seconds - left())} of {clock(seconds)}: best = {result['desc']}, "
-            f"CV top-1 {result['cv']['top1']:.2%}; test top-1 {result['test']['top1']:.2%} "
-            f"(scored once, now) -> {out / 'best'}"
-        )
-        return result
+    save_state(out, settings, cands, seconds - left())  # what the last pick skipped
+    result = autochoose.finish(out, ds, cands, log, quiet)
+    save_state(out, settings, cands, seconds - left())
+    autochoose.write_report(out, ds, cands, result, seconds, seconds - left())
+    log(
+        f"[auto] {clock(seconds - left())} of {clock(seconds)}: best = {result['desc']}, "
+        f"CV top-1 {result['cv']['top1']:.2%}; test top-1 {result['test']['top1']:.2%} "
+        f"(scored once, now) -> {out / 'best'}"
+    )
+    return result
+
+
+@contextlib.contextmanager
+def _clock(out: Path, spent):
+    """Write the time `spent()` to DIR/CLOCK every CLOCK_EVERY seconds while the study runs:
+    a study killed mid-candidate (kill -9, a power cut) resumes with that time counted."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(CLOCK_EVERY):
+            checkpoint.write_json(out / CLOCK, {"spent": round(spent(), 1)})
+
+    thread = threading.Thread(target=beat, name="auto-clock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _clock_read(out: Path) -> float:
+    try:
+        return float(json.loads((out / CLOCK).read_text())["spent"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def _unreadable(err: UnreadableImages, spec: str, cands: list[Candidate]) -> UserError:
+    """The study's own line for images no candidate can read (auto has no --skip-bad-images)."""
+    trained = any(c.status in ("done", "stopped") for c in cands)
+    then = "choose another --out" if trained else "run the same command with --resume"
+    return UserError(
+        f"{len(err.bad)} unreadable image(s) under {spec}, which every candidate reads: fix or "
+        f"remove them, then {then}: " + "; ".join(err.bad)
+    )
 
 
 def _time_candidates(cands: list[Candidate], ds, precision: str, left) -> None:
@@ -268,6 +339,8 @@ def _time_candidates(cands: list[Candidate], ds, precision: str, left) -> None:
         elif c.status == "pending" and not c.estimate:
             try:
                 c.estimate, c.decode, c.per_epoch = estimate(c, ds, precision)
+            except UnreadableImages as err:
+                raise _unreadable(err, ds.spec, cands) from None
             except UserError as err:  # e.g. a cached backbone that cannot pool stages
                 c.status, c.why = "failed", str(err)
 

@@ -49,6 +49,8 @@ def options(names: list[str], logp: np.ndarray, y: np.ndarray, k: int) -> list[d
             combined[held] = combiners.combine(method, logp[:, held], params)
         weights = combiners.fit(method, logp, y, "out-of-fold")["weights"]
         label = "greedy selection (Caruana)" if method == "select" else "NLL-fitted weights"
+        if np.count_nonzero(weights) == 1:  # it kept one candidate: say which
+            label += f": {names[int(np.argmax(weights))]} alone"
         rows.append({"option": label, "method": method, "weights": weights, **_score(combined, y)})
     return rows
 
@@ -77,10 +79,11 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
     y = folds.pool(ds.splits).labels
     rows = options(names, logp, y, auto.FOLDS)
     best = max(rows, key=lambda r: (round(r["top1"], 10), -r["loss"]))
+    width = max(32, *(len(r["option"]) for r in rows))
     for r in rows:
         r["chosen"] = r is best
         log(
-            f"   {r['option']:<32} CV top-1 {r['top1']:.2%}  NLL {r['loss']:.4f}"
+            f"   {r['option']:<{width}} CV top-1 {r['top1']:.2%}  NLL {r['loss']:.4f}"
             + ("  <- chosen" if r is best else "")
         )
     for c, w in zip(done, best["weights"], strict=True):

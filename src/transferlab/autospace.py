@@ -56,6 +56,7 @@ class Candidate:
     seconds: float = 0.0
     cv: dict = field(default_factory=dict)  # out-of-fold top1, loss
     why: str = ""
+    full: dict = field(default_factory=dict)  # a shrunk candidate's own epochs and warm-up
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -221,17 +222,24 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
 
 def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
     """Seconds to decode and resize one image (a few timed; in-memory data: the resize only),
-    on a thread per core as `decoding` runs it."""
+    on a thread per core as `decoding` runs it. Unreadable ones are left out (the candidate's
+    decoding names them)."""
+    from PIL import Image
+
     from . import decoding
 
     split = ds.splits["train"]
     if split.paths is None:
         return 0.0001
-    paths = split.paths[:: max(1, len(split.paths) // 8)][:8]
-    t0 = time.perf_counter()
-    for p in paths:
-        decoding.resize(decoding.open_image(p, channels), s["input_size"], "bicubic")
-    return (time.perf_counter() - t0) / len(paths) / decoding.cores()
+    timed = []
+    for p in split.paths[:: max(1, len(split.paths) // 8)][:8]:
+        t0 = time.perf_counter()
+        try:
+            decoding.resize(decoding.open_image(p, channels), s["input_size"], "bicubic")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+        timed.append(time.perf_counter() - t0)
+    return (np.mean(timed) if timed else 0.01) / decoding.cores()
 
 
 @functools.lru_cache(maxsize=16)

@@ -18,6 +18,17 @@ class UserError(Exception):
         super().__init__(one_line(str(message)))
 
 
+class UnreadableImages(UserError):
+    """Images that cannot be decoded (`bad`: one line each, naming the file and why)."""
+
+    def __init__(self, message: str, bad: list[str]):
+        super().__init__(message)
+        self.bad = list(bad)
+
+    def __reduce__(self):  # raised in a DataLoader worker, it travels pickled
+        return type(self), (str(self), self.bad)
+
+
 def one_line(text: str) -> str:
     """Control characters (newlines, \\x1e, ...) escaped, so a message stays one printed line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

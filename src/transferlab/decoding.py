@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import UserError
+from .config import UnreadableImages, UserError
 
 if TYPE_CHECKING:
     from .data import Split
@@ -109,9 +109,10 @@ def decode_checked(
         out = np.empty((len(split), size, size, channels), dtype=np.uint8)
         bad_idx, bad = _decode_files(split.paths, out, size, channels, interpolation, desc, quiet)
     if bad and not skip_bad:
-        raise UserError(
+        raise UnreadableImages(
             f"{len(bad)} unreadable image(s), fix or remove them or pass "
-            f"--skip-bad-images: " + "; ".join(bad)
+            f"--skip-bad-images: " + "; ".join(bad),
+            bad,
         )
     if not bad:
         return out, split, []

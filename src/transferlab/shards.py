@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import data, decoding, outputs
-from .config import UserError
+from .config import UnreadableImages, UserError
 
 INDEX = "shards.json"
 FORMAT = "transferlab-shards/1"
@@ -242,9 +242,10 @@ class ShardImages:
         _, bad = decoding._decode_files(files, out, self.size, self.channels, self.interpolation,
                                         "decode", True)  # fmt: skip
         if bad:
-            raise UserError(
+            raise UnreadableImages(
                 f"{len(bad)} unreadable image(s) in the shards (damaged since they were written: "
-                "write them again from the source with transferlab data shard): " + "; ".join(bad)
+                "write them again from the source with transferlab data shard): " + "; ".join(bad),
+                bad,
             )
         return out
 
