@@ -303,7 +303,8 @@ def _clock(out: Path, spent):
 
     def beat():
         while not stop.wait(CLOCK_EVERY):
-            checkpoint.write_json(out / CLOCK, {"spent": round(spent(), 1)})
+            with contextlib.suppress(OSError):  # a full disk: auto.json still holds the rest
+                checkpoint.write_json(out / CLOCK, {"spent": round(spent(), 1)})
 
     thread = threading.Thread(target=beat, name="auto-clock", daemon=True)
     thread.start()

@@ -224,8 +224,6 @@ def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
     """Seconds to decode and resize one image (a few timed; in-memory data: the resize only),
     on a thread per core as `decoding` runs it. Unreadable ones are left out (the candidate's
     decoding names them)."""
-    from PIL import Image
-
     from . import decoding
 
     split = ds.splits["train"]
@@ -236,7 +234,7 @@ def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
         t0 = time.perf_counter()
         try:
             decoding.resize(decoding.open_image(p, channels), s["input_size"], "bicubic")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except decoding.UNREADABLE:
             continue
         timed.append(time.perf_counter() - t0)
     return (np.mean(timed) if timed else 0.01) / decoding.cores()

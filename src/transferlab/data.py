@@ -401,13 +401,15 @@ def native_size(paths: list[str]) -> int:
     """The median shorter side of up to NATIVE_SAMPLE files spread over the list: one odd file
     (a 1x1 thumbnail, a 4000 px photo) does not decide it. Unreadable files are skipped here
     (decoding reports them); with none readable, 224."""
+    from . import decoding
+
     picks = np.unique(np.linspace(0, len(paths) - 1, min(NATIVE_SAMPLE, len(paths))).astype(int))
     sides = []
     for i in picks:
         try:
             with Image.open(paths[i]) as im:
                 sides.append(min(im.size))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except decoding.UNREADABLE:
             continue
     return int(np.clip(np.median(sides), 8, 1024)) if sides else 224
 

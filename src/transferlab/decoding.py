@@ -26,6 +26,14 @@ if TYPE_CHECKING:
     from .data import Split
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+# what Pillow raises for a file it cannot decode (the warning: where warnings are errors)
+UNREADABLE = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 
 def open_image(path: str, channels: int) -> Image.Image:
@@ -150,13 +158,7 @@ def _decode_files(
             out[i] = _to_array(
                 resize(open_image(paths[i], channels), size, interpolation), channels
             )
-        except (
-            OSError,
-            ValueError,
-            SyntaxError,
-            Image.DecompressionBombError,
-            Image.DecompressionBombWarning,
-        ) as err:
+        except UNREADABLE as err:
             return f"{paths[i]} ({type(err).__name__}: {err})"
         return None
 
