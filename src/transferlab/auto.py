@@ -159,7 +159,7 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float
     spent = max(float(state["spent"]), _clock_read(out))
     was, now = state["settings"].get("content"), settings.get("content")
     if was and now and was != now:  # studies begun before the check: not compared
-        if not any(c.status in ("done", "stopped") for c in cands):
+        if not _trained(cands):
             return None, spent  # nothing trained on them yet: candidates anew, time kept
         raise UserError(
             f"{out} was started on other images under {settings['data']} (files added, removed, "
@@ -170,6 +170,11 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float
             c.status, c.why = "pending", ""
             _unshrink(c)
     return cands, spent
+
+
+def _trained(cands: list[Candidate]) -> bool:
+    """Whether anything was trained on the study's images (their change voids its scores)."""
+    return any(c.status in ("done", "stopped") for c in cands)
 
 
 def content(ds: data.Dataset) -> str:
@@ -324,8 +329,7 @@ def _clock_read(out: Path) -> float:
 
 def _unreadable(err: UnreadableImages, spec: str, cands: list[Candidate]) -> UserError:
     """The study's own line for images no candidate can read (auto has no --skip-bad-images)."""
-    trained = any(c.status in ("done", "stopped") for c in cands)
-    then = "choose another --out" if trained else "run the same command with --resume"
+    then = "choose another --out" if _trained(cands) else "run the same command with --resume"
     return UserError(
         f"{len(err.bad)} unreadable image(s) under {spec}, which every candidate reads: fix or "
         f"remove them, then {then}: " + "; ".join(err.bad)
