@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import auto, autochoose, autospace, data, folds, guards, linear
+from transferlab import auto, autochoose, autospace, checkpoint, data, folds, guards, linear
 from transferlab.cli import main
 from transferlab.config import Preempted, UserError
 
@@ -198,6 +198,22 @@ def test_a_study_chooses_by_cv_builds_best_and_resumes(tmp_path, folder_data, sm
     other = args[:2] + ["digits"] + args[3:] + ["--resume"]
     assert main(other) == 2  # another dataset cannot continue this study
     assert "was started with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["auto", "--data", "digits", "--budget", "-5m"], "--budget must be a duration"),
+        (["train", "--data", "digits", "--lr", "-1e-3"], "lr must be > 0"),
+        (["train", "--data", "digits", "--epochs", "-2"], "epochs must be >= 1"),
+    ],
+)
+def test_a_value_that_begins_with_a_minus_is_checked_as_a_value(argv, message, tmp_path, capsys):
+    """`--budget -5m` said "expected one argument": argparse took -5m for an option."""
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "expected one argument" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 def test_auto_misuse_is_one_line_and_exit_2(tmp_path, capsys):
@@ -535,3 +551,49 @@ def test_unreadable_images_stop_the_study_with_a_hint_it_takes(tmp_path, small_s
     bad.write_bytes(good)  # nothing was trained on it: resumed, its candidates timed anew
     cands, spent = auto.load_state(tmp_path / "s", {**state["settings"], "content": "fixed"})
     assert cands is None and spent >= state["spent"]
+
+
+def test_a_resume_keeps_the_settings_its_fold_runs_began_with_and_counts_only_the_rest(
+    tmp_path,
+):
+    """A fine-tune shrunk to 6 of its 10 epochs and stopped after 2 of its 5 folds: a resume
+    ran its other folds at 10 epochs beside the two at 6 (and the fold it was stopped in could
+    not resume: its config differed), and weighed its whole estimate, not the 3 folds left."""
+    ft = _candidate("ft", 1000, kind="train")
+    ft.settings |= {"epochs": 10}
+    ft.per_epoch = 90.0
+    assert auto.pick([ft], 760, set()) is ft and ft.settings["epochs"] == 6  # 640 s
+    ft.begun, ft.status, ft.why = True, "stopped", "out of time after 2 of 5 folds"
+    for i in (1, 2, 3):  # two fold runs finished, the third begun
+        run = tmp_path / "candidates" / "ft" / f"fold-{i}"
+        run.mkdir(parents=True)
+        if i < 3:
+            (run / checkpoint.META).write_text("{}")
+            checkpoint.weights_path(run).write_bytes(b"")
+    settings = {"data": "digits", "folds": 5, "seed": 0, "budget": 800.0}
+    auto.save_state(tmp_path, settings, [ft], 790.0)
+    (ft,) = auto.load_state(tmp_path, settings | {"budget": 1300.0})[0]
+    assert ft.status == "pending" and ft.settings["epochs"] == 6 and ft.folds_done == 2
+    assert ft.cost() == pytest.approx(640 * 3 / 5)
+    assert auto.pick([ft], 500, set()) is ft and ft.settings["epochs"] == 6  # 384 s fit
+    assert auto.pick([ft], 430, set()) is None and ft.settings["epochs"] == 6  # never shrunk
+
+
+def test_a_trained_candidate_s_settings_are_saved_before_its_fold_runs_begin(tmp_path, monkeypatch):
+    """Killed with -9 during a shrunk candidate, a study resumed it from auto.json, which
+    still held the epochs from before the shrinking: its half-trained fold refused to resume."""
+    seen = {}
+
+    def killed(c, ds, out, *a):
+        seen.update(json.loads((out / auto.STATE).read_text())["candidates"][0])
+        raise KeyboardInterrupt  # the process dies here
+
+    ft = _candidate("ft", 1000, kind="train")
+    ft.settings |= {"epochs": 40}
+    ft.per_epoch = 25.0  # 40 epochs: 1,000 s > the 10-minute budget; 19 fit
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [ft])
+    monkeypatch.setattr(auto, "estimate", lambda c, ds, precision: (1000.0, 0.0, 25.0))
+    monkeypatch.setattr(auto, "_run_candidate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        auto.run("digits", "10m", tmp_path / "s", quiet=True, log=lambda *a: None)
+    assert seen["begun"] and seen["settings"]["epochs"] < 40

@@ -173,22 +173,56 @@ def test_overwrite_replaces_a_shard_folder_but_not_one_holding_a_users_file(shar
 def test_an_image_damaged_inside_a_shard_is_one_line_naming_it_even_from_a_worker(
     sharded, tmp_path, capsys, workers
 ):
-    import shutil
-    import tarfile
-
-    shutil.copytree(sharded / "wds", tmp_path / "w")
-    tar = sorted((tmp_path / "w").glob("train-*.tar"))[0]
-    with tarfile.open(tar) as t:
-        member = next(m for m in t if not m.name.endswith(".cls"))
-    with open(tar, "r+b") as f:
-        f.seek(member.offset_data)
-        f.write(b"\0" * member.size)
+    damaged = damage(sharded / "wds", tmp_path / "w")
     argv = ["train", "--data", f"wds:{tmp_path / 'w'}", "--model", "dcnn", "--input-size", "16"]
     argv += ["--epochs", "1", "--num-workers", str(workers), "--out", str(tmp_path / "r")]
     assert main(["--quiet", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert f"{tar}@{member.offset_data}" in err and "data shard" in err
+    assert damaged in err and "data shard" in err
+
+
+def test_a_study_on_damaged_shards_says_to_write_them_again(sharded, tmp_path, capsys, monkeypatch):
+    """auto stops at an unreadable image with its own line: for shards, what mends them is
+    writing them again from the source (the line said "fix or remove them")."""
+    from transferlab import auto, autospace
+
+    probe = {"model": "tf_efficientnet_lite0", "weights": "imagenet", "strategy": "linear-probe",
+             "input_size": 32, "precision": "fp32"}  # fmt: skip
+    space = [autospace.Candidate("lite0-32-probe", "probe", probe, 0.75, "lite0", pixels=(32, 3))]
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: space)
+    damaged = damage(sharded / "wds", tmp_path / "w")
+    argv = ["auto", "--data", f"wds:{tmp_path / 'w'}", "--budget", "5m", "--out", str(tmp_path / "s")]  # fmt: skip
+    assert main(["--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and damaged in err and "--resume" in err
+    assert "write the shards again from the source with transferlab data shard" in err
+
+
+def test_unreadable_images_raised_in_a_worker_arrive_whole():
+    """A DataLoader worker's exception travels pickled: what auto's line is made of survives."""
+    import pickle
+
+    from transferlab.config import UnreadableImages
+
+    err = pickle.loads(pickle.dumps(UnreadableImages("2 unreadable", ["a@1", "b@2"], "mend")))
+    assert (str(err), err.bad, err.fix) == ("2 unreadable", ["a@1", "b@2"], "mend")
+
+
+def damage(wds, copy) -> str:
+    """A copy of the shards in `wds` with the first image of the first train shard zeroed;
+    returns how errors name it (SHARD@OFFSET)."""
+    import shutil
+    import tarfile
+
+    shutil.copytree(wds, copy)
+    tar = sorted(copy.glob("train-*.tar"))[0]
+    with tarfile.open(tar) as t:
+        member = next(m for m in t if not m.name.endswith(".cls"))
+    with open(tar, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    return f"{tar}@{member.offset_data}"
 
 
 @pytest.fixture(scope="module")

@@ -96,14 +96,14 @@ def pick(cands: list[Candidate], left: float, decoded: set) -> Candidate | None:
             continue
         if tuple(c.pixels) in decoded:
             c.estimate, c.decode = c.estimate - c.decode, 0.0
-        if c.kind == "train" and c.estimate * SAFETY > left:
+        if c.kind == "train" and c.cost() * SAFETY > left and not c.begun:
             _shrink(c, left)
-        if c.estimate * SAFETY > left:
+        if c.cost() * SAFETY > left:
             c.status = "skipped"
-            c.why = f"estimated {c.estimate:.0f} s (x{SAFETY} margin), {max(left, 0):.0f} s left"
+            c.why = f"estimated {c.cost():.0f} s (x{SAFETY} margin), {max(left, 0):.0f} s left"
         else:
             fitting.append(c)
-    return max(fitting, key=lambda c: gain(c, done) / max(c.estimate, 1.0), default=None)
+    return max(fitting, key=lambda c: gain(c, done) / max(c.cost(), 1.0), default=None)
 
 
 def _shrink(c: Candidate, left: float) -> None:
@@ -143,8 +143,8 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float
     """A resumed study's candidates and time spent (`CLOCK` too: a study killed mid-candidate);
     its data, folds and seed must not change, nor its images once something was trained on them
     (changed before: no candidates, the study times them anew). Candidates skipped or stopped
-    for lack of time are pending again, at their own epochs: a resume may bring a larger budget
-    (a stopped one keeps its finished fold runs)."""
+    for lack of time are pending again, at their own epochs (a resume may bring a larger
+    budget) unless their fold runs began: those keep their settings and finished fold runs."""
     try:
         state = json.loads((out / STATE).read_text())
     except (OSError, ValueError):
@@ -166,9 +166,14 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float
             "renamed or changed since): its scores would not hold; choose another --out"
         )
     for c in cands:
+        folder = out / "candidates" / c.name
+        if c.kind == "train":  # the disk says what began and finished (auto.json may lag it)
+            c.begun = folder.is_dir()
+            c.folds_done = sum(checkpoint.is_run(folder / f"fold-{i}") for i in range(1, FOLDS + 1))
         if c.status in ("skipped", "stopped"):
             c.status, c.why = "pending", ""
-            _unshrink(c)
+            if not c.begun:
+                _unshrink(c)
     return cands, spent
 
 
@@ -267,7 +272,9 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
     decoded = {tuple(c.pixels) for c in cands if c.seconds > 0}  # ran: its images are cached
     stop_at = time.time() + left() - reserve  # trained members stop there (a step boundary)
     while (c := pick(cands, left() - reserve, decoded)) is not None:
-        log(f"[auto {clock(left())} left] {c.name} ({c.kind}): estimated {c.estimate:.0f} s")
+        log(f"[auto {clock(left())} left] {c.name} ({c.kind}): estimated {c.cost():.0f} s")
+        c.begun = c.kind == "train"
+        save_state(out, settings, cands, seconds - left())  # the settings its runs start with
         t1 = time.time()
         try:
             with guards.deadline(stop_at):
@@ -331,8 +338,8 @@ def _unreadable(err: UnreadableImages, spec: str, cands: list[Candidate]) -> Use
     """The study's own line for images no candidate can read (auto has no --skip-bad-images)."""
     then = "choose another --out" if _trained(cands) else "run the same command with --resume"
     return UserError(
-        f"{len(err.bad)} unreadable image(s) under {spec}, which every candidate reads: fix or "
-        f"remove them, then {then}: " + "; ".join(err.bad)
+        f"{len(err.bad)} unreadable image(s) under {spec}, which every candidate reads: "
+        f"{err.fix}, then {then}: " + "; ".join(err.bad)
     )
 
 

@@ -59,6 +59,14 @@ class Candidate:
     cv: dict = field(default_factory=dict)  # out-of-fold top1, loss
     why: str = ""
     full: dict = field(default_factory=dict)  # a shrunk candidate's own epochs and warm-up
+    begun: bool = False  # its fold runs started: their settings stay (never shrunk again)
+    folds_done: int = 0  # of its fold runs, those finished (kept on resume)
+
+    def cost(self) -> float:
+        """The seconds its estimate says are still to run (finished fold runs are kept)."""
+        if self.kind != "train":
+            return self.estimate
+        return self.estimate * (1 - self.folds_done / FOLDS)
 
 
 # ----------------------------------------------------------------------------- candidates

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -44,6 +45,12 @@ EXAMPLES = {
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr and exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # "--budget -5m" gives its value to be checked (argparse took it for an option and said
+        # "expected one argument"); no option here begins with "-" and a digit
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")

@@ -19,14 +19,15 @@ class UserError(Exception):
 
 
 class UnreadableImages(UserError):
-    """Images that cannot be decoded (`bad`: one line each, naming the file and why)."""
+    """Images that cannot be decoded (`bad`: one line each, naming the file and why; `fix`:
+    what mends them)."""
 
-    def __init__(self, message: str, bad: list[str]):
+    def __init__(self, message: str, bad: list[str], fix: str = "fix or remove them"):
         super().__init__(message)
-        self.bad = list(bad)
+        self.bad, self.fix = list(bad), fix
 
     def __reduce__(self):  # raised in a DataLoader worker, it travels pickled
-        return type(self), (str(self), self.bad)
+        return type(self), (str(self), self.bad, self.fix)
 
 
 def one_line(text: str) -> str:

@@ -242,10 +242,12 @@ class ShardImages:
         _, bad = decoding._decode_files(files, out, self.size, self.channels, self.interpolation,
                                         "decode", True)  # fmt: skip
         if bad:
+            fix = "write the shards again from the source with transferlab data shard"
             raise UnreadableImages(
                 f"{len(bad)} unreadable image(s) in the shards (damaged since they were written: "
-                "write them again from the source with transferlab data shard): " + "; ".join(bad),
+                f"{fix}): " + "; ".join(bad),
                 bad,
+                fix,
             )
         return out
 
