@@ -374,6 +374,7 @@ def test_a_trained_candidate_stops_when_its_own_folds_say_the_rest_cannot_finish
     settings = {"seed": 0, "cache_dir": None}
     auto._run_candidate(c, ds, tmp_path, settings, lambda *a: None, True, lambda: 0.5)
     assert ran == ["fold-1"] and c.status == "stopped" and "after 1 of 5" in c.why
+    assert c.folds_done == 1 and c.cost() == pytest.approx(0.05 * 4 / 5)
     ran.clear()
     c = _candidate("dcnn", 0.05, kind="train")
     auto._run_candidate(c, ds, tmp_path, settings, lambda *a: None, True, lambda: 100.0)

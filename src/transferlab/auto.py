@@ -401,6 +401,7 @@ def _run_candidate(c: Candidate, ds, out: Path, settings: dict, log, quiet: bool
                 )
             logp[held] = evaluate.log_softmax(logits)
             test.append(evaluate.log_softmax(checkpoint.load_logits(run, "test")[0]))
+            c.folds_done = i
             log(f"   {c.name} fold {i}/{FOLDS}: val {meta['metrics']['val']['top1']:.2%}")
         test = np.log(np.mean(np.exp(np.stack(test)), axis=0))  # the folds bagged
     metrics = evaluate.metrics(logp, y)
