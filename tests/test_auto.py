@@ -23,7 +23,7 @@ def test_budget_durations(text, seconds):
     assert auto.parse_budget(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["30", "", "m", "-5m", "10 minutes", "1h-2m", "10s"])
+@pytest.mark.parametrize("text", ["30", "", "m", "-5m", "10 minutes", "1h-2m", "10s", "721h", "9" * 20 + "h"])  # fmt: skip
 def test_budget_refuses_what_is_not_a_duration(text):
     with pytest.raises(UserError):
         auto.parse_budget(text)
@@ -84,6 +84,13 @@ def test_options_pick_the_best_by_cross_validation():
     two = autochoose.options(["a", "b"], np.stack([_logp(0.7, 400, 4, s, y) for s in (4, 5)]), y, 5)
     assert "greedy selection (Caruana)" in [r["option"] for r in two]  # both kept: no name
     assert best["top1"] >= rows[1]["top1"] - 0.01
+
+
+def _finished(run):
+    """What makes `run` a finished run folder to a study (`checkpoint.is_run`)."""
+    run.mkdir(parents=True)
+    (run / checkpoint.META).write_text("{}")
+    checkpoint.weights_path(run).write_bytes(b"")
 
 
 def _candidate(name, estimate, prior=0.7, kind="probe", family="f"):
@@ -290,6 +297,8 @@ def test_a_resume_reconsiders_what_an_earlier_budget_skipped(tmp_path):
     settings = {"data": "digits", "folds": 5, "seed": 0, "budget": 40.0}
     done, skipped = _candidate("done", 30), _candidate("skipped", 75)
     done.status, done.cv = "done", {"top1": 0.9, "loss": 0.3}
+    _finished(tmp_path / "candidates" / "done")
+    auto.save_oof(tmp_path, "done", np.zeros((4, 2)), np.zeros((2, 2)))
     skipped.status, skipped.why = "skipped", "estimated 75 s, 10 s left"
     auto.save_state(tmp_path, settings, [done, skipped], 38.0)
     cands, spent = auto.load_state(tmp_path, settings | {"budget": 180.0})
@@ -454,8 +463,8 @@ def test_when_every_candidate_failed_the_study_says_why_not_the_budget(tmp_path)
     with pytest.raises(UserError, match="no candidate finished: a: 2 unreadable") as err:
         autochoose.finish(tmp_path, None, failed, print, True)
     assert "--budget" not in str(err.value)
-    failed[1].status = "skipped"
-    with pytest.raises(UserError, match="give a larger --budget"):
+    failed[1].status, failed[1].why = "skipped", "estimated 20 s (x1.15 margin), 9 s left"
+    with pytest.raises(UserError, match=r"the cheapest, b: estimated 20 s \(x1.15 margin\), 9 s left\): give a larger --budget"):  # fmt: skip
         autochoose.finish(tmp_path, None, failed, print, True)
 
 
@@ -514,15 +523,18 @@ def test_a_shrunk_candidate_keeps_a_third_of_its_own_epochs_and_a_resume_restore
     assert cands[0].settings["warmup_epochs"] == 1 and "warmup_epochs" not in cands[1].settings
 
 
-def test_a_study_killed_mid_candidate_resumes_with_the_time_it_ran(tmp_path, monkeypatch):
+@pytest.mark.parametrize("every", [0.05, 100.0])
+def test_a_study_killed_mid_candidate_resumes_with_the_time_it_ran(tmp_path, monkeypatch, every):
     """kill -9 while a candidate runs: auto.json still says the time spent before it, so the
-    resumed study would spend that candidate's time again; the clock file counts it."""
+    resumed study would spend that candidate's time again; the clock file counts it (written
+    every 0.05 s here; every 100 s, by the clock stopping with the study: Ctrl-C lost up to
+    10 s)."""
 
     def killed(*a):
         time.sleep(1.0)
         raise KeyboardInterrupt  # the process dies here: no state saved after it
 
-    monkeypatch.setattr(auto, "CLOCK_EVERY", 0.05)
+    monkeypatch.setattr(auto, "CLOCK_EVERY", every)
     monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate("a", 0)])
     monkeypatch.setattr(auto, "estimate", lambda c, ds, precision: (10.0, 0.0, 0.0))
     monkeypatch.setattr(auto, "_run_candidate", killed)
@@ -565,12 +577,9 @@ def test_a_resume_keeps_the_settings_its_fold_runs_began_with_and_counts_only_th
     ft.per_epoch = 90.0
     assert auto.pick([ft], 760, set()) is ft and ft.settings["epochs"] == 6  # 640 s
     ft.begun, ft.status, ft.why = True, "stopped", "out of time after 2 of 5 folds"
-    for i in (1, 2, 3):  # two fold runs finished, the third begun
-        run = tmp_path / "candidates" / "ft" / f"fold-{i}"
-        run.mkdir(parents=True)
-        if i < 3:
-            (run / checkpoint.META).write_text("{}")
-            checkpoint.weights_path(run).write_bytes(b"")
+    for i in (1, 2):  # two fold runs finished, the third begun
+        _finished(tmp_path / "candidates" / "ft" / f"fold-{i}")
+    (tmp_path / "candidates" / "ft" / "fold-3").mkdir()
     settings = {"data": "digits", "folds": 5, "seed": 0, "budget": 800.0}
     auto.save_state(tmp_path, settings, [ft], 790.0)
     (ft,) = auto.load_state(tmp_path, settings | {"budget": 1300.0})[0]
@@ -598,3 +607,48 @@ def test_a_trained_candidate_s_settings_are_saved_before_its_fold_runs_begin(tmp
     with pytest.raises(KeyboardInterrupt):
         auto.run("digits", "10m", tmp_path / "s", quiet=True, log=lambda *a: None)
     assert seen["begun"] and seen["settings"]["epochs"] < 40
+
+
+def test_a_study_s_images_are_the_same_however_the_data_folder_is_spelled(tmp_path, monkeypatch):
+    """Resumed from another folder, or with the absolute path, a study was refused: "started on
+    other images" (each file's path as spelled was in the check)."""
+    make_folder(tmp_path / "photos", ["cat", "dog"], 4, subsets=("",))
+    monkeypatch.chdir(tmp_path)
+    seen = {auto.content(data.load("folder:photos"))}
+    seen.add(auto.content(data.load(f"folder:{tmp_path / 'photos'}")))
+    monkeypatch.chdir(tmp_path / "photos")
+    seen.add(auto.content(data.load("folder:.")))
+    assert len(seen) == 1
+
+
+def test_a_finished_candidate_removed_by_hand_is_run_again_on_resume(tmp_path):
+    """A finished candidate's folder or out-of-fold file deleted, a resume stayed "done" with
+    nothing to build best/ from: it deleted best/ and failed, every time."""
+    probe, dcnn, kept = (_candidate(n, 10.0, kind=k) for n, k in [("p", "probe"), ("d", "train"), ("k", "probe")])  # fmt: skip
+    for c in (probe, dcnn, kept):
+        c.status, c.cv, c.why = "done", {"top1": 0.9, "loss": 0.3}, "in best (weight 0.50)"
+        auto.save_oof(tmp_path, c.name, np.zeros((4, 2)), np.zeros((2, 2)))
+    for run in ["p", "k", *(f"d/fold-{i}" for i in (1, 2, 4, 5))]:  # d's fold 3 removed
+        _finished(tmp_path / "candidates" / run)
+    (tmp_path / "oof" / "p.npz").unlink()
+    settings = {"data": "digits", "folds": 5, "seed": 0, "budget": 300.0}
+    auto.save_state(tmp_path, settings, [probe, dcnn, kept], 100.0)
+    probe, dcnn, kept = auto.load_state(tmp_path, settings)[0]
+    assert [c.status for c in (probe, dcnn, kept)] == ["pending", "pending", "done"]
+    assert probe.cv == dcnn.cv == {} and kept.cv and dcnn.folds_done == 4
+    assert dcnn.cost() == pytest.approx(2.0)
+
+
+def test_a_resume_refuses_a_damaged_auto_json_and_a_budget_already_spent(tmp_path):
+    """A damaged auto.json was taken for no study: the resume started over on the old fold
+    runs, under another seed, the time spent forgotten. A budget below the time spent was
+    taken too, and the report said the study had overrun it."""
+    settings = {"data": "digits", "folds": 5, "seed": 0, "budget": 180.0}
+    auto.save_state(tmp_path, settings, [_candidate("a", 10)], 90.0)
+    with pytest.raises(UserError, match="has spent 1m30s already, more than --budget 1m00s"):
+        auto.load_state(tmp_path, settings | {"budget": 60.0})
+    text = (tmp_path / auto.STATE).read_text()
+    for damaged in (text[: len(text) // 2], "[]", '{"settings": {}}', '{"candidates": [{}]}'):
+        (tmp_path / auto.STATE).write_text(damaged)
+        with pytest.raises(UserError, match="auto.json cannot be read.*choose another --out"):
+            auto.load_state(tmp_path, settings)

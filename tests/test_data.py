@@ -165,6 +165,9 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
          "line 4: label 'c' of a test row has no train rows"),
         ("file_name,label", ["img/0.png,a", "img/1.png,"], "line 3: empty file_name or label"),
         ("file_name,label,split", ["img/0.png,a,test"], "no train rows"),
+        ("file_name,label,split", ["img/0.png,a,train", "img/1.png,a,train", "img/../img/0.png,b,test"],
+         "line 4: img/../img/0.png is on line 2 too"),  # the image in train and in test
+        ("file_name,label", ["img/0.png,a", "img/1.png,a,x"], "line 3: more fields than the header's 2 \\('x'\\)"),
     ],
 )  # fmt: skip
 def test_every_csv_mistake_is_one_line_naming_the_row(tmp_path, header, rows, message):

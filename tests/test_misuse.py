@@ -499,3 +499,20 @@ def test_S38_the_python_api_raises_user_error_with_the_same_messages(tmp_path):
     with pytest.raises(UserError, match="unknown ensemble method"):
         transferlab.ensemble([tmp_path / "a", tmp_path / "b"], method="avg", out=tmp_path / "e")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys):
+    """A study timed its candidates and failed each one ("cannot create the decode cache"),
+    leaving its folder behind; a run claimed its folder first."""
+    note = tmp_path / "notes.txt"
+    note.write_text("keep me")
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 4, subsets=("",))
+    train = ["train", "--model", "dcnn", "--input-size", "16", "--epochs", "1"]
+    for argv in (["auto", "--budget", "5m"], train):
+        out = tmp_path / argv[0]
+        args = [*argv, "--data", f"folder:{photos}", "--cache-dir", str(note), "--out", str(out)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"--cache-dir {note} is a file" in err and len(err.splitlines()) == 1
+        assert not out.exists()
+    assert note.read_text() == "keep me"

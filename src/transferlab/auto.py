@@ -45,7 +45,7 @@ from .config import Preempted, UnreadableImages, UserError
 
 SAFETY = 1.15  # a candidate starts only if its estimate times this fits in the time left
 STATE = "auto.json"
-CLOCK, CLOCK_EVERY = "auto.clock", 10.0  # the time spent, written every 10 s (`_clock`)
+CLOCK, CLOCK_EVERY = "auto.clock", 5.0  # the time spent, written every 5 s (`_clock`)
 
 
 def parse_budget(text: str) -> float:
@@ -59,6 +59,8 @@ def parse_budget(text: str) -> float:
     seconds = 3600 * h + 60 * m + s
     if seconds < 30:
         raise UserError(f"--budget {text} is under 30 seconds: nothing can be trained in that")
+    if seconds > 30 * 86400:  # a clock counted in float seconds stays exact far below this
+        raise UserError(f"--budget {text} is over 30 days (720h): give a budget the study can keep")
     return seconds
 
 
@@ -139,7 +141,7 @@ def save_state(out: Path, settings: dict, cands: list[Candidate], spent: float) 
     )
 
 
-def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float] | None:
+def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float]:
     """A resumed study's candidates and time spent (`CLOCK` too: a study killed mid-candidate);
     its data, folds and seed must not change, nor its images once something was trained on them
     (changed before: no candidates, the study times them anew). Candidates skipped or stopped
@@ -147,16 +149,23 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float
     budget) unless their fold runs began: those keep their settings and finished fold runs."""
     try:
         state = json.loads((out / STATE).read_text())
-    except (OSError, ValueError):
-        return None
-    fixed = ("data", "folds", "seed")
-    if any(state["settings"].get(k) != settings.get(k) for k in fixed):
-        was = {k: state["settings"].get(k) for k in fixed}
+        cands = [Candidate(**c) for c in state["candidates"]]
+        spent = max(float(state["spent"]), _clock_read(out))
+        fixed = {k: state["settings"].get(k) for k in ("data", "folds", "seed")}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise UserError(
-            f"{out} was started with {was}: resume it with those, or choose another --out"
+            f"{out / STATE} cannot be read ({type(err).__name__}: {err}): the study cannot be "
+            "resumed; choose another --out"
+        ) from None
+    if any(fixed[k] != settings.get(k) for k in fixed):
+        raise UserError(
+            f"{out} was started with {fixed}: resume it with those, or choose another --out"
         )
-    cands = [Candidate(**c) for c in state["candidates"]]
-    spent = max(float(state["spent"]), _clock_read(out))
+    if spent > settings["budget"]:
+        raise UserError(
+            f"{out} has spent {clock(spent)} already, more than --budget {clock(settings['budget'])}"
+            ": resume it with a larger budget"
+        )
     was, now = state["settings"].get("content"), settings.get("content")
     if was and now and was != now:  # studies begun before the check: not compared
         if not _trained(cands):
@@ -170,6 +179,9 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float
         if c.kind == "train":  # the disk says what began and finished (auto.json may lag it)
             c.begun = folder.is_dir()
             c.folds_done = sum(checkpoint.is_run(folder / f"fold-{i}") for i in range(1, FOLDS + 1))
+        runs = c.folds_done == FOLDS if c.kind == "train" else checkpoint.is_run(folder)
+        if c.status == "done" and not (runs and (out / "oof" / f"{c.name}.npz").is_file()):
+            c.status, c.cv, c.why = "pending", {}, ""  # removed by hand: run what is missing
         if c.status in ("skipped", "stopped"):
             c.status, c.why = "pending", ""
             if not c.begun:
@@ -186,10 +198,11 @@ def content(ds: data.Dataset) -> str:
     """What a resumed study checks its images against: the splits' files and labels
     (`data.fingerprint`) with each file's size and modification time (`decoding.stamp`, what
     the decode cache keys on; no image is read)."""
-    h = hashlib.sha256(data.fingerprint(ds.splits, data.data_root(ds.spec)).encode())
+    root = data.data_root(ds.spec)  # paths relative to it: the spelling of --data is free
+    h = hashlib.sha256(data.fingerprint(ds.splits, root).encode())
     for name in sorted(ds.splits):
         split = ds.splits[name]
-        decoding.stamp(h, split.paths if split.paths is not None else split.shards or [])
+        decoding.stamp(h, split.paths if split.paths is not None else split.shards or [], root)
     return h.hexdigest()[:16]
 
 
@@ -232,6 +245,7 @@ def run(
     t0, out = time.time(), Path(out)
     seconds = parse_budget(budget) if isinstance(budget, str) else float(budget)
     check_out(out, resume)
+    outputs.check_cache_dir(cache_dir)
     ds = data.load(data_spec)  # the splits every member shares (val carved from train, fixed)
     if ds.spec.partition(":")[0] in data.PATH_KINDS:  # a study never writes into its data
         outputs.refuse_overlap(out, [ds.spec.partition(":")[2]], "the data folder")
@@ -309,12 +323,15 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
 
 @contextlib.contextmanager
 def _clock(out: Path, spent):
-    """Write the time `spent()` to DIR/CLOCK every CLOCK_EVERY seconds while the study runs:
-    a study killed mid-candidate (kill -9, a power cut) resumes with that time counted."""
+    """Write the time `spent()` to DIR/CLOCK every CLOCK_EVERY seconds while the study runs,
+    and as it stops: a study killed mid-candidate (kill -9, a power cut: up to CLOCK_EVERY
+    seconds lost; Ctrl-C, SIGTERM: none) resumes with that time counted."""
     stop = threading.Event()
 
     def beat():
-        while not stop.wait(CLOCK_EVERY):
+        stopped = False
+        while not stopped:
+            stopped = stop.wait(CLOCK_EVERY)
             with contextlib.suppress(OSError):  # a full disk: auto.json still holds the rest
                 checkpoint.write_json(out / CLOCK, {"spent": round(spent(), 1)})
 

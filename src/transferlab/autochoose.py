@@ -69,10 +69,12 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
         failed = [c for c in cands if c.status == "failed"]
         if failed and all(c.status == "failed" for c in cands):  # not the budget: say why
             raise UserError(f"no candidate finished: {failed[0].name}: {failed[0].why}")
-        cheapest = min((c.estimate for c in cands if c.estimate > 0), default=0)
+        skipped = [c for c in cands if c.status == "skipped"] or cands
+        timed = [c for c in skipped if c.estimate > 0] or skipped  # why: estimate, time left
+        cheapest = min(timed, key=lambda c: c.estimate)
         raise UserError(
-            f"no candidate finished within the budget (the cheapest was estimated at "
-            f"{cheapest:.0f} s, after timing the candidates): give a larger --budget"
+            f"no candidate finished within the budget (the cheapest, {cheapest.name}: "
+            f"{cheapest.why or cheapest.status}): give a larger --budget"
         )
     names = [c.name for c in done]
     logp = np.stack([auto.load_oof(out, n) for n in names])

@@ -6,7 +6,6 @@ never carved from test). Decoding is in `decoding`, training batches in `batchin
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
 import os
@@ -267,62 +266,13 @@ def _folder(root: str, notes: list[str]):
     return classes, classes, splits, None, 3
 
 
-def _csv(file: str, notes: list[str]):
-    """One row per image: `file_name,label[,split]` (Hugging Face imagefolder's metadata.csv
-    names), paths relative to the CSV; classes are the labels of the train rows, sorted."""
-    path = Path(file).expanduser()
-    if not path.is_file():
-        raise UserError(f"CSV file not found: {file}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in ("file_name", "label") if c not in columns]
-        if missing:
-            raise UserError(
-                f"{file}: no {' or '.join(missing)} column (found {', '.join(columns) or 'none'}); "
-                "a data CSV has columns file_name,label and optionally split"
-            )
-        rows = list(reader)
-    by_split: dict[str, list[tuple[str, str]]] = {}
-    for n, row in enumerate(rows, start=2):  # line 1 is the header
-        name, label = (row.get("file_name") or "").strip(), (row.get("label") or "").strip()
-        raw = (row.get("split") or "train").strip().lower()
-        if raw not in SPLIT_NAMES:
-            raise UserError(
-                f"{file} line {n}: split '{raw}' is not train, val (validation) or test"
-            )
-        if not name or not label:
-            raise UserError(f"{file} line {n}: empty file_name or label")
-        image = path.parent / name
-        if not image.is_file():
-            raise UserError(f"{file} line {n}: {name} not found (paths are relative to the CSV)")
-        by_split.setdefault(SPLIT_NAMES[raw], []).append((str(image), label, n))
-    if "train" not in by_split:
-        raise UserError(f"{file}: no train rows (rows without a split column value are train)")
-    labels = {label for _, label, _ in by_split["train"]}
-    classes = sorted(labels, key=lambda c: (0, int(c)) if c.isdigit() else (1, c))
-    index = {c: i for i, c in enumerate(classes)}
-    splits = {}
-    for split, items in by_split.items():
-        unknown = next(((n, lab) for _, lab, n in items if lab not in index), None)
-        if unknown:
-            raise UserError(
-                f"{file} line {unknown[0]}: label '{unknown[1]}' of a {split} row has no train rows"
-            )
-        splits[split] = Split(
-            np.array([index[lab] for _, lab, _ in items], dtype=np.int64),
-            paths=[p for p, _, _ in items],
-        )
-    return classes, classes, splits, None, 3
-
-
 def _elsewhere(module: str):
-    """A source kept in its own module, imported only for its specs (hf: the optional datasets
-    extra; wds: shards.py, which imports this module)."""
+    """A source kept in its own module, imported only for its specs (csv: csvdata.py; hf: the
+    optional datasets extra; wds: shards.py; each imports this module)."""
     return lambda arg, notes: importlib.import_module(f".{module}", __package__).source(arg, notes)
 
 
-SOURCES = {"digits": _digits, "tiny-imagenet": _tiny_imagenet, "folder": _folder, "csv": _csv,
+SOURCES = {"digits": _digits, "tiny-imagenet": _tiny_imagenet, "folder": _folder, "csv": _elsewhere("csvdata"),
            "hf": _elsewhere("hfdata"), "wds": _elsewhere("shards"), "synthetic": _synthetic}  # fmt: skip
 
 

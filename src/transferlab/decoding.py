@@ -202,11 +202,13 @@ def cache_key(paths: list[str], size: int, channels: int, interpolation: str) ->
     return h.hexdigest()[:32]
 
 
-def stamp(h, paths: list[str]) -> None:
-    """Feed each file's path, size and modification time to the hash `h` (no file is read)."""
+def stamp(h, paths: list[str], root: Path | None = None) -> None:
+    """Feed each file's path (relative to `root` if given), size and modification time to the
+    hash `h` (no file is read)."""
     for path in paths:
         st = os.stat(path)
-        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        name = os.path.relpath(path, root) if root is not None else path
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(errors="surrogateescape"))
 
 
 def _cached_decode(
