@@ -619,6 +619,16 @@ def test_a_study_s_images_are_the_same_however_the_data_folder_is_spelled(tmp_pa
     monkeypatch.chdir(tmp_path / "photos")
     seen.add(auto.content(data.load("folder:.")))
     assert len(seen) == 1
+    ds = data.load(f"folder:{tmp_path / 'photos'}")  # begun before: paths hashed as typed
+    trained = _candidate("a", 10)
+    trained.status, trained.cv = "done", {"top1": 0.9, "loss": 0.3}
+    old = {"data": ds.spec, "folds": 5, "seed": 0, "budget": 300.0}
+    auto.save_state(
+        tmp_path / "s", old | {"content": auto.content(ds, as_typed=True)}, [trained], 9
+    )
+    now = old | {"content": auto.content(ds)}
+    assert now["content"] != auto.content(ds, as_typed=True)
+    assert auto.load_state(tmp_path / "s", now, auto.content(ds, as_typed=True))[1] == 9
 
 
 def test_a_finished_candidate_removed_by_hand_is_run_again_on_resume(tmp_path):

@@ -141,12 +141,15 @@ def save_state(out: Path, settings: dict, cands: list[Candidate], spent: float) 
     )
 
 
-def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float]:
+def load_state(
+    out: Path, settings: dict, was_spelled: str = ""
+) -> tuple[list[Candidate] | None, float]:
     """A resumed study's candidates and time spent (`CLOCK` too: a study killed mid-candidate);
     its data, folds and seed must not change, nor its images once something was trained on them
     (changed before: no candidates, the study times them anew). Candidates skipped or stopped
     for lack of time are pending again, at their own epochs (a resume may bring a larger
-    budget) unless their fold runs began: those keep their settings and finished fold runs."""
+    budget) unless their fold runs began: those keep their settings and finished fold runs.
+    `was_spelled`: the images' `content` as studies before 4bd961f hashed it (paths as typed)."""
     try:
         state = json.loads((out / STATE).read_text())
         cands = [Candidate(**c) for c in state["candidates"]]
@@ -167,7 +170,7 @@ def load_state(out: Path, settings: dict) -> tuple[list[Candidate] | None, float
             ": resume it with a larger budget"
         )
     was, now = state["settings"].get("content"), settings.get("content")
-    if was and now and was != now:  # studies begun before the check: not compared
+    if was and now and was not in (now, was_spelled):  # none before the check: not compared
         if not _trained(cands):
             return None, spent  # nothing trained on them yet: candidates anew, time kept
         raise UserError(
@@ -194,15 +197,17 @@ def _trained(cands: list[Candidate]) -> bool:
     return any(c.status in ("done", "stopped") for c in cands)
 
 
-def content(ds: data.Dataset) -> str:
+def content(ds: data.Dataset, as_typed: bool = False) -> str:
     """What a resumed study checks its images against: the splits' files and labels
     (`data.fingerprint`) with each file's size and modification time (`decoding.stamp`, what
-    the decode cache keys on; no image is read)."""
-    root = data.data_root(ds.spec)  # paths relative to it: the spelling of --data is free
+    the decode cache keys on; no image is read). Paths count relative to the data root, so the
+    spelling of --data is free (`as_typed`: as typed, the hash of studies before 4bd961f)."""
+    root = data.data_root(ds.spec)
     h = hashlib.sha256(data.fingerprint(ds.splits, root).encode())
     for name in sorted(ds.splits):
         split = ds.splits[name]
-        decoding.stamp(h, split.paths if split.paths is not None else split.shards or [], root)
+        paths = split.paths if split.paths is not None else split.shards or []
+        decoding.stamp(h, paths, None if as_typed else root)
     return h.hexdigest()[:16]
 
 
@@ -261,7 +266,7 @@ def run(
         action = outputs.check_out(out, "auto", resume=resume)
         outputs.check_rebuildable(out / "best", autochoose.REBUILT)  # before the budget is spent
         outputs.claim(out, "auto", action)
-        state = load_state(out, settings) if resume else None
+        state = load_state(out, settings, content(ds, as_typed=True)) if resume else None
         cands, spent = state or (None, 0.0)
         cands = cands or candidates(ds, torch.cuda.is_available())
         left = lambda: seconds - spent - (time.time() - t0)  # noqa: E731
