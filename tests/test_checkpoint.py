@@ -3,6 +3,7 @@ that refuse to be trusted when damaged or computed on other data. (Training-stat
 and their recovery are the reliability scenarios S3-S7 in test_reliability.py.)"""
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -73,3 +74,19 @@ def test_state_fingerprint_sees_every_name_and_bit_but_not_the_order():
     flipped = {"w": torch.tensor([1.0, 1.0, last_bit]), "b": torch.zeros(2)}
     assert checkpoint.state_sha256(a) != checkpoint.state_sha256(flipped)
     assert checkpoint.state_sha256(a) != checkpoint.state_sha256({"v": a["w"], "b": a["b"]})
+
+
+def test_written_files_get_the_usual_mode_and_a_replaced_one_keeps_its_own(tmp_path, monkeypatch):
+    """Every file written through atomic_path had mkstemp's 0600: an exported model or a
+    report.html that another user or a web server could not read."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert checkpoint.UMASK == umask
+    monkeypatch.setattr(checkpoint, "UMASK", 0o027)
+    checkpoint.write_text(tmp_path / "new.txt", "a")
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o640
+    mine = tmp_path / "mine.onnx"
+    mine.write_text("x")
+    mine.chmod(0o604)
+    checkpoint.write_text(mine, "y")
+    assert mine.stat().st_mode & 0o777 == 0o604 and mine.read_text() == "y"

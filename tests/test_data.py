@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +269,28 @@ def test_an_empty_hf_spec_is_refused_not_read_as_the_current_folder(tmp_path, mo
     assert data.canonical("hf:") == "hf:"
     with pytest.raises(UserError, match="hf data is hf:NAME"):
         data.load("hf:")
+
+
+def test_csv_classes_are_in_one_order_whatever_the_hash_seed(tmp_path):
+    """Labels "01" and "1" sorted as equal numbers: their order (and so the split, and which
+    images a test score was taken on) followed the process's hash seed; "²" crashed int()."""
+    path = _csv_data(tmp_path, [f"img/{i}.png,{['01', '1', '2', '²'][i % 4]}" for i in range(24)])
+    code = f"from transferlab import data; print(data.load('csv:{path}').classes)"
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=os.environ | {"PYTHONHASHSEED": str(seed)},
+        ).stdout  # fmt: skip
+        for seed in range(4)
+    }
+    assert seen == {"['01', '1', '2', '²']\n"}
+
+
+def test_a_csv_saved_in_another_encoding_is_one_line(tmp_path):
+    path = _csv_data(tmp_path, ["img/0.png,a", "img/1.png,b"], "file_name,label")
+    path.write_bytes(path.read_bytes() + "img/2.png,röd\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"metadata.csv is not UTF-8 text \(byte 0xf6 at \d+\)"):
+        data.load(f"csv:{path}")

@@ -30,11 +30,14 @@ from .config import UserError
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
+UMASK = os.umask(0o022)  # read once (setting it is the only way), then put back
+os.umask(UMASK)
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path):
-    """Yield a temp path in the same folder; on success fsync it and os.replace onto `path`."""
+    """Yield a temp path in the same folder; on success fsync it and os.replace onto `path`,
+    with the mode the file had, else the one a new file gets (mkstemp's is 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,6 +46,11 @@ def atomic_path(path: Path):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except OSError:
+            mode = 0o666 & ~UMASK
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

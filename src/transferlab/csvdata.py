@@ -4,6 +4,7 @@ Face imagefolder's metadata.csv), every mistake named by its line."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -19,16 +20,23 @@ def source(file: str, notes: list[str]):
     path = Path(file).expanduser()
     if not path.is_file():
         raise UserError(f"CSV file not found: {file}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in ("file_name", "label") if c not in columns]
-        if missing:
-            raise UserError(
-                f"{file}: no {' or '.join(missing)} column (found {', '.join(columns) or 'none'}); "
-                "a data CSV has columns file_name,label and optionally split"
-            )
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{file} is not UTF-8 text (byte {err.object[err.start]:#04x} at {err.start}): save "
+            "it as UTF-8 (Excel: CSV UTF-8)"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = reader.fieldnames or []
+    missing = [c for c in ("file_name", "label") if c not in columns]
+    if missing:
+        raise UserError(
+            f"{file}: no {' or '.join(missing)} column (found {', '.join(columns) or 'none'}); "
+            "a data CSV has columns file_name,label and optionally split"
+        )
+    rows = list(reader)
     by_split: dict[str, list[tuple[str, str]]] = {}
     seen: dict[str, int] = {}  # image -> its line: one image in two rows (or splits) is a slip
     for n, row in enumerate(rows, start=2):  # line 1 is the header
@@ -56,7 +64,10 @@ def source(file: str, notes: list[str]):
     if "train" not in by_split:
         raise UserError(f"{file}: no train rows (rows without a split column value are train)")
     labels = {label for _, label, _ in by_split["train"]}
-    classes = sorted(labels, key=lambda c: (0, int(c)) if c.isdigit() else (1, c))
+    # numbers in numeric order ("01" before "1": ties by text, so the order never varies)
+    classes = sorted(
+        labels, key=lambda c: (0, int(c), c) if c.isascii() and c.isdigit() else (1, c)
+    )
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for split, items in by_split.items():
