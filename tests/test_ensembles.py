@@ -62,6 +62,24 @@ def test_members_with_other_classes_are_refused_naming_them(hetero_runs, trained
         ensembles.build([hetero_runs / "dcnn", trained_run], "soft", tmp_path / "x", quiet=True)
 
 
+def test_members_trained_on_other_data_are_noted(trained_run, folder_data, tmp_path, capsys):
+    """Scored on the first member's test split, a member trained on other images may have
+    trained on some of them: said as evaluate says it of one run (it was silent)."""
+    import shutil
+
+    shutil.copytree(folder_data, tmp_path / "more")
+    other = tmp_path / "other"
+    trainer.fit(tiny_cfg(f"folder:{tmp_path / 'more'}", epochs=1), other, quiet=True)
+    ensembles.build([trained_run, other], "soft", tmp_path / "ens")
+    out = capsys.readouterr().out
+    assert (
+        f"note: scored on folder:{folder_data.resolve()}; member(s) trained on folder:{(tmp_path / 'more').resolve()}"
+        in out
+    )
+    ensembles.build([trained_run, trained_run], "soft", tmp_path / "same")
+    assert "member(s) trained on" not in capsys.readouterr().out
+
+
 def test_unknown_method_is_refused(trained_run, tmp_path):
     with pytest.raises(UserError, match="unknown ensemble method 'avg'"):
         ensembles.build([trained_run, trained_run], "avg", tmp_path / "x")

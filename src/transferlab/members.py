@@ -53,6 +53,10 @@ def member_logp(
         evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
     spec = data.canonical(data_spec or metas[0]["data"])
     ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
+    others = sorted({data.canonical(m["data"]) for m in metas} - {spec})
+    if others and not quiet:  # as evaluate says of one run scored on other data
+        print(f"note: scored on {spec}; member(s) trained on {', '.join(others)}: a test image "
+              "may be one a member trained on")  # fmt: skip
     per_member = {split: [] for split in splits}
     per_member_feats = {split: [] for split in splits}
     targets = {}
