@@ -503,6 +503,14 @@ def test_S16_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, capsys):
     assert meta["metrics"]["test"]["n"] == 20
 
 
+def test_S16_a_quiet_run_still_says_which_images_it_left_out(tmp_path, capsys):
+    """--quiet dropped every line, this one too: images left out without a word."""
+    root, bad = broken_dataset(tmp_path / "d")
+    assert main(["--quiet", *train_on(root, tmp_path / "r", "--skip-bad-images")]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "skipped" in err and all(b.split("/")[-1] in err for b in bad)
+
+
 def test_S18_decompression_bombs_are_reported_with_the_path(tmp_path, monkeypatch):
     from PIL import Image
 

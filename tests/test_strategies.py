@@ -15,7 +15,7 @@ def _initial_state(cfg):
     """The model a fresh run of `cfg` starts from (scratch init is seeded)."""
     from transferlab.distributed import Dist
 
-    model = trainer.setup(cfg, Path("initial"), lambda *a: None, Dist(0, 1)).model
+    model = trainer.setup(cfg, Path("initial"), lambda *a, **k: None, Dist(0, 1)).model
     return {k: v.clone() for k, v in model.state_dict().items()}, model
 
 

@@ -43,6 +43,9 @@ EXAMPLES = {
 }
 
 
+QUIET = "no progress bars or progress lines (notes on images left out still print, to stderr)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr and exit 2."""
 
@@ -67,7 +70,10 @@ def _sub(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     # also after the subcommand (`transferlab train ... --quiet`); SUPPRESS keeps a --quiet
     # given before it
     p.add_argument(
-        "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=QUIET,
     )
     return p
 
@@ -104,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, fine-tune, evaluate and ensemble image classifiers; write the report.",
         epilog="Start with `transferlab demo`; every command has --help with an example.",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help=QUIET,
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _training_commands(sub)
     _result_commands(sub)

@@ -402,7 +402,10 @@ def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
             lazy=True,
         )
         if bad:
-            log(f"[{name}] skipped {len(bad)} unreadable {split} image(s): " + "; ".join(bad))
+            log(
+                f"[{name}] skipped {len(bad)} unreadable {split} image(s): " + "; ".join(bad),
+                note=True,
+            )
         images[split], labels[split] = arr, kept.labels
     log(
         f"[{name}] train {len(labels['train'])}, val {len(labels['val'])}, "

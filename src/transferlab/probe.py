@@ -222,7 +222,7 @@ def out_of_fold(cfg, run: Path, y: np.ndarray, folds: list) -> tuple[np.ndarray,
     if any(p is None for p in parts):
         raise UserError(f"{run.name}: its features were not kept (unreadable images skipped?)")
     x = torch.from_numpy(np.concatenate(parts)).to(evaluate.device())
-    head = trainer.setup(cfg, run, lambda *a: None, distributed.setup()).model.get_classifier()
+    head = trainer.setup(cfg, run, lambda *a, **k: None, distributed.setup()).model.get_classifier()
     logits = linear.oof_logits(x, y, head.weight, head.bias, meta["probe"]["l2"], folds)
     test = evaluate.log_softmax(checkpoint.load_logits(run, "test")[0])
     return evaluate.log_softmax(logits), test

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -126,7 +127,14 @@ def fit(
 
 
 def logger(quiet: bool):
-    return (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    """print, for a run's lines; `quiet` keeps only notes (`note=True`: what was left out of
+    the data, on stderr), which a --quiet --skip-bad-images run dropped without a word."""
+
+    def log(*a, note: bool = False):
+        if not quiet or note:
+            print(*a, flush=True, file=sys.stderr if quiet else sys.stdout)
+
+    return log
 
 
 def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d) -> None:
@@ -158,8 +166,8 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
     Everything a user can get wrong is refused here, before the run folder is touched.
     """
     ds = data.load(cfg.data, cfg.val_fraction, cfg.limit, cfg.fold)
-    for note in ds.notes:
-        log(f"[{out.name}] {note}")
+    for note in ds.notes:  # all but the sizes say what was left out or is missing
+        log(f"[{out.name}] {note}", note=not note.startswith("splits: "))
     torch.manual_seed(cfg.seed)  # model init
     built = weights.build(cfg, ds.classes, ds.native_size, ds.native_channels, ds.names)
     model, prep, source = built.model, built.prep, built.source
