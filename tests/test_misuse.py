@@ -404,10 +404,15 @@ def test_S34_skipped_class_folders_and_files_are_listed(capsys, tmp_path):
         (root / hidden).mkdir()
         make_image(0, 0).save(root / hidden / "x.png")
     (root / "a" / "readme.txt").write_text("not an image")
+    make_image(0, 0).save(root / "a" / "._0.png")  # macOS's resource fork: hidden, not "no image"
+    (root / "b" / "more").mkdir()  # its images were left out without a word
+    make_image(0, 0).save(root / "b" / "more" / "y.png")
     ds = data.load(f"folder:{root}")
     assert ds.classes == ["_background", "a", "b"]
     assert any("__MACOSX" in n and ".ipynb_checkpoints" in n for n in ds.notes), ds.notes
-    assert any("readme.txt" in n for n in ds.notes), ds.notes
+    assert any("readme.txt" in n and "not images" in n for n in ds.notes), ds.notes
+    assert any("a/._0.png" in n and "hidden" in n for n in ds.notes), ds.notes
+    assert any("1 folder(s)" in n and "b/more" in n and "inside class" in n for n in ds.notes)
     assert cli("train", "--data", f"folder:{root}", *TINY, "--out", tmp_path / "r") == 0
     assert "skipped hidden folder(s)" in capsys.readouterr().out
 

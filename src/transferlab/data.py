@@ -327,20 +327,29 @@ def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
             f"{root} has different classes from train: extra {extra or '[]'}, missing {missing or '[]'}"
         )
     paths, labels = [], []
-    others = []
+    left: dict[str, list[str]] = {"hidden": [], "other": [], "folder": []}  # what is not read
     for i, name in enumerate(classes):
         files = _image_files(root / name)
         if not files:
             raise UserError(f"class folder has no images: {root / name}")
         paths += files
         labels += [i] * len(files)
-        others += [f.name for f in (root / name).iterdir() if f.is_file() and str(f) not in files]
-    if others:
-        notes.append(
-            f"skipped {len(others)} file(s) in {root} that are not images (by extension, one of "
-            f"{' '.join(sorted(IMAGE_EXTENSIONS))}): {', '.join(sorted(others)[:5])}"
-            + (" ..." if len(others) > 5 else "")
-        )
+        for f in (root / name).iterdir():
+            kind = "folder" if f.is_dir() else "hidden" if f.name.startswith(".") else "other"
+            if str(f) not in files:
+                left[kind].append(f"{name}/{f.name}")
+    for kind, why in [
+        ("other", f"that are not images (by extension, one of {' '.join(sorted(IMAGE_EXTENSIONS))})"),
+        ("hidden", "that are hidden (their names begin with a dot)"),
+        ("folder", "inside class folders (a class's images are read from its folder, not below)"),
+    ]:  # fmt: skip
+        if left[kind]:
+            names = sorted(left[kind])
+            more = " ..." if len(names) > 5 else ""
+            what = "folder(s)" if kind == "folder" else "file(s)"
+            notes.append(
+                f"skipped {len(names)} {what} in {root} {why}: {', '.join(names[:5])}{more}"
+            )
     return Split(np.array(labels, dtype=np.int64), paths=paths)
 
 
