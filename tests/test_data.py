@@ -271,6 +271,18 @@ def test_an_empty_hf_spec_is_refused_not_read_as_the_current_folder(tmp_path, mo
         data.load("hf:")
 
 
+def test_a_mistyped_hf_folder_offline_is_one_line_from_the_cache(tmp_path, monkeypatch, capfd):
+    """Offline, a mistyped hf: path went to the hub: 11 lines of retries, 30 s, then "Couldn't
+    reach 'nope' on the Hub", never saying no such folder exists here."""
+    pytest.importorskip("datasets")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as when the hub is unreachable (checked in 5 s)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match=r"nope: no such folder here, and the Hugging Face cache does not hold it \(HF_HUB_OFFLINE is set\)"):  # fmt: skip
+        data.load("hf:nope")
+    assert "Retrying" not in capfd.readouterr().err  # the hub was never asked
+
+
 def test_csv_classes_are_in_one_order_whatever_the_hash_seed(tmp_path):
     """Labels "01" and "1" sorted as equal numbers: their order (and so the split, and which
     images a test score was taken on) followed the process's hash seed; "²" crashed int()."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import weights
 from .config import UserError
 from .data import SPLIT_NAMES, Split
 
@@ -101,7 +102,17 @@ def _load(datasets, name: str, config: str | None):
             return datasets.load_dataset("parquet", data_files=by_split)
         if path.exists():
             raise UserError(f"{name} is neither a save_to_disk folder nor parquet")
-        return datasets.load_dataset(name, config)
+        why = weights.hub_unreachable()  # in 5 s; the hub client retries for half a minute
+        with weights.cache_only(why is not None):
+            try:
+                return datasets.load_dataset(name, config)
+            except Exception:
+                if why is None:
+                    raise
+        raise UserError(
+            f"could not load Hugging Face dataset {name}: no such folder here, and the Hugging "
+            f"Face cache does not hold it ({why}): check the path, or download it once online"
+        )
     except UserError:
         raise
     except Exception as err:  # the hub, the cache and the formats raise many types

@@ -15,6 +15,7 @@ import difflib
 import fnmatch
 import os
 import socket
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -161,18 +162,18 @@ def pretrained(name: str, kind: str = "pretrained") -> Source:
     missing entry fails in seconds)."""
     if name in OFFLINE_IMAGENET:
         return _offline_package(name)
-    cache_only = None if name.startswith("local-dir:") else _hub_unreachable()
+    offline = None if name.startswith("local-dir:") else hub_unreachable()
     try:
-        with _cache_only(cache_only is not None):
+        with cache_only(offline is not None):
             model = timm.create_model(name, pretrained=True)
     except Exception as err:  # the hub raises many types; each is the user's network or cache
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if cache_only:
+        if offline:
             from huggingface_hub import constants
 
             raise UserError(
                 f"no weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                f"and {cache_only}: download them once online, or pass --weights FILE; offline "
+                f"and {offline}: download them once online, or pass --weights FILE; offline "
                 f"ImageNet weights exist for {', '.join(OFFLINE_IMAGENET)}"
             ) from None
         raise UserError(f"could not get pretrained weights for {name}: {first}") from None
@@ -192,18 +193,23 @@ def _offline_package(arch: str) -> Source:
 
 
 @contextlib.contextmanager
-def _cache_only(on: bool):
-    """huggingface_hub reads only its cache while this holds (it reads the flag per call)."""
+def cache_only(on: bool):
+    """huggingface_hub (and `datasets`, once imported) read only their caches while this holds
+    (they read the flag per call)."""
     if not on:
         yield
         return
     from huggingface_hub import constants
 
-    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    flags = [m for m in (constants, sys.modules.get("datasets.config")) if m is not None]
+    before = [m.HF_HUB_OFFLINE for m in flags]
+    for m in flags:
+        m.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = before
+        for m, b in zip(flags, before, strict=True):
+            m.HF_HUB_OFFLINE = b
 
 
 def pretrained_prep(name: str) -> Preprocessing:
@@ -231,7 +237,7 @@ def _fit_stats(values, channels: int) -> tuple[float, ...]:
     return (sum(values) / len(values),) * channels
 
 
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why only the cache can serve (HF_HUB_OFFLINE set, or the hub unreachable: checked in 5 s,
     where huggingface_hub would retry for a minute), or None when the hub can be reached."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
