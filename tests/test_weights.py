@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from transferlab import data, decoding, evaluate, models, packaged, trainer, weights
+from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
 from conftest import tiny_cfg
@@ -345,3 +346,19 @@ def test_a_tagged_model_trains_offline_from_the_cache_hf_home_names(folder_data,
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "r" / "meta.json").read_text())
     assert meta["source"]["name"] == "test_resnet.r160_in1k" and meta["arch"] == "test_resnet"
+
+
+@pytest.mark.parametrize(
+    "model,message",
+    [
+        ("dcnn", "dcnn has no ImageNet weights (transferlab's own small CNN)"),  # "download them"
+        ("tf_efficientnet_lite00", "did you mean tf_efficientnet_lite0,"),  # said it twice
+    ],
+)
+def test_imagenet_weights_for_the_dcnn_or_a_typo_is_one_plain_line(
+    model, message, tmp_path, capsys
+):
+    argv = ["train", "--data", "digits", "--model", model, "--weights", "imagenet"]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("did you mean") <= 1 and len(err.splitlines()) == 1

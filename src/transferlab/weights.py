@@ -64,13 +64,19 @@ def resolve(cfg: TrainConfig) -> Source:
             models.check_arch(cfg.model)
         except UserError as err:
             ours = difflib.get_close_matches(cfg.model, OFFLINE_IMAGENET, n=1, cutoff=0.9)
-            raise UserError(f"{err}; did you mean {ours[0]}?" if ours else str(err)) from None
+            twice = not ours or ours[0] in str(err)  # check_arch may have named it already
+            raise UserError(str(err) if twice else f"{err}; did you mean {ours[0]}?") from None
     if weights == "none" or (not weights and not names_weights(cfg.model)):  # a tag: its weights
         if cfg.model.startswith(("hf-hub:", "local-dir:")):
             raise UserError(
                 f"{cfg.model} names weights; to train from scratch, name its architecture"
             )
         return Source(None, None, {"weights": "scratch"})
+    if weights == "imagenet" and cfg.model == "dcnn":  # the hub would be searched in vain
+        raise UserError(
+            "dcnn has no ImageNet weights (transferlab's own small CNN): train it without "
+            f"--weights, or choose a backbone that has them: {', '.join(OFFLINE_IMAGENET)}"
+        )
     if not weights or weights == "imagenet":
         return pretrained(cfg.model, "imagenet" if weights else "pretrained")
     if cfg.model.startswith(("hf-hub:", "local-dir:")):
