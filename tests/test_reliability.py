@@ -503,6 +503,15 @@ def test_S16_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, capsys):
     assert meta["metrics"]["test"]["n"] == 20
 
 
+def test_S16_unreadable_images_of_every_split_are_named_at_once(tmp_path, capsys):
+    """Only the first split's were named: fixed, the next run stopped at the test split's."""
+    root, bad = broken_dataset(tmp_path / "d")
+    (root / "test" / "a" / "0.png").write_bytes(b"")
+    assert main(train_on(root, tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert "5 unreadable image(s)" in err and all(b in err for b in [*bad, "test/a/0.png"])
+
+
 def test_S16_a_quiet_run_still_says_which_images_it_left_out(tmp_path, capsys):
     """--quiet dropped every line, this one too: images left out without a word."""
     root, bad = broken_dataset(tmp_path / "d")

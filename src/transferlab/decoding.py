@@ -117,11 +117,7 @@ def decode_checked(
         out = np.empty((len(split), size, size, channels), dtype=np.uint8)
         bad_idx, bad = _decode_files(split.paths, out, size, channels, interpolation, desc, quiet)
     if bad and not skip_bad:
-        raise UnreadableImages(
-            f"{len(bad)} unreadable image(s), fix or remove them or pass "
-            f"--skip-bad-images: " + "; ".join(bad),
-            bad,
-        )
+        raise unreadable(bad)
     if not bad:
         return out, split, []
     keep = np.setdiff1d(np.arange(len(split)), bad_idx)
@@ -380,33 +376,48 @@ def _to_array(im: Image.Image, channels: int) -> np.ndarray:
     return arr[..., None] if channels == 1 else arr
 
 
+def unreadable(bad: list[str]) -> UnreadableImages:
+    return UnreadableImages(
+        f"{len(bad)} unreadable image(s), fix or remove them or pass --skip-bad-images: "
+        + "; ".join(bad),
+        bad,
+    )
+
+
 def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
-    """Decode every split at the model's size; bad images stop the run or, if asked, are dropped."""
+    """Decode every split at the model's size; bad images stop the run (all splits' named at
+    once: fixed split by split, they took a run each) or, if asked, are dropped."""
     cache, train = resolve_cache(cfg.cache_dir), ds.splits["train"]
     if cache and train.paths is not None:
         log(f"[{name}] decoded-image cache: {cache}")
     if train.members is not None:
         log(f"[{name}] images read from {len(train.shards)} train shard(s) and decoded per batch "
             f"({'--num-workers ' + str(cfg.num_workers) if cfg.num_workers else 'a thread per core'}; no cache)")  # fmt: skip
-    images, labels = {}, {}
+    images, labels, unread = {}, {}, []
     for split in ("train", "val", "test"):
-        arr, kept, bad = decode_checked(
-            ds.splits[split],
-            prep.input_size,
-            prep.channels,
-            prep.interpolation,
-            cfg.skip_bad_images,
-            f"decode {split}",
-            quiet,
-            cache,
-            lazy=True,
-        )
+        try:
+            arr, kept, bad = decode_checked(
+                ds.splits[split],
+                prep.input_size,
+                prep.channels,
+                prep.interpolation,
+                cfg.skip_bad_images,
+                f"decode {split}",
+                quiet,
+                cache,
+                lazy=True,
+            )
+        except UnreadableImages as err:
+            unread += err.bad
+            continue
         if bad:
             log(
                 f"[{name}] skipped {len(bad)} unreadable {split} image(s): " + "; ".join(bad),
                 note=True,
             )
         images[split], labels[split] = arr, kept.labels
+    if unread:
+        raise unreadable(unread)
     log(
         f"[{name}] train {len(labels['train'])}, val {len(labels['val'])}, "
         f"test {len(labels['test'])} images"
