@@ -65,3 +65,21 @@ def test_class_metrics_match_hand_computed_values_and_scikit_learn():
              ref[str(i)]["support"]))  # fmt: skip
     pairs = report["most_confused"]
     assert [p["count"] for p in pairs] == sorted((p["count"] for p in pairs), reverse=True)
+
+
+def test_an_unreadable_image_when_scoring_does_not_ask_for_a_flag_evaluate_lacks(
+    trained_run, folder_data, tmp_path, capsys
+):
+    """evaluate and ensemble said "pass --skip-bad-images", which neither takes."""
+    import shutil
+
+    from transferlab.cli import main
+
+    shutil.copytree(folder_data, tmp_path / "d")
+    broken = sorted((tmp_path / "d" / "test").rglob("*.png"))[0]
+    broken.write_bytes(b"")
+    argv = ["evaluate", str(trained_run), "--data", f"folder:{tmp_path / 'd'}", "--split", "test"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"1 unreadable image(s) in the test split run {trained_run} is scored on" in err
+    assert broken.name in err and "--skip-bad-images" not in err and len(err.splitlines()) == 1

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import batching, checkpoint, data, decoding, models
-from .config import UserError
+from .config import UnreadableImages, UserError
 
 
 def bf16_supported() -> bool:
@@ -147,16 +147,24 @@ def predict_split(
     cols = class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
     prep = models.Preprocessing.from_dict(meta["preprocessing"])
     check_tta(tta, prep.input_size, who)
-    images = decoding.decode(
-        ds.splits[split],
-        prep.input_size,
-        prep.channels,
-        prep.interpolation,
-        f"decode {split}",
-        quiet,
-        cache=decoding.resolve_cache(None),
-        lazy=True,  # WebDataset shards: decoded batch by batch
-    )
+    try:
+        images = decoding.decode(
+            ds.splits[split],
+            prep.input_size,
+            prep.channels,
+            prep.interpolation,
+            f"decode {split}",
+            quiet,
+            cache=decoding.resolve_cache(None),
+            lazy=True,  # WebDataset shards: decoded batch by batch
+        )
+    except UnreadableImages as err:  # its hint, --skip-bad-images, is train's alone
+        raise UnreadableImages(
+            f"{len(err.bad)} unreadable image(s) in the {split} split {who} is scored on: "
+            f"{err.fix} (a score counts every image of its split): " + "; ".join(err.bad),
+            err.bad,
+            err.fix,
+        ) from None
     logits = predict(
         model,
         images,
