@@ -306,3 +306,19 @@ def test_a_csv_saved_in_another_encoding_is_one_line(tmp_path):
     path.write_bytes(path.read_bytes() + "img/2.png,röd\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"metadata.csv is not UTF-8 text \(byte 0xf6 at \d+\)"):
         data.load(f"csv:{path}")
+
+
+def test_split_folders_named_in_capitals_are_the_splits(tmp_path):
+    """Train/ and Test/ (as many downloads name them): Test/ was ignored, noted, and a test
+    split carved from Train/ instead."""
+    make_folder(tmp_path, ["a", "b"], 6, subsets=("Train", "Test"))
+    ds = data.load(f"folder:{tmp_path}")
+    assert len(ds.splits["test"]) == 12 and "(given)" in ds.notes[0]
+    assert not any("ignored" in n for n in ds.notes)
+
+
+def test_csv_header_spaces_are_ignored_and_labels_differing_in_case_are_noted(tmp_path):
+    rows = [f"img/{i}.png,{['red', 'RED', 'blue'][i % 3]}" for i in range(24)]
+    ds = data.load(f"csv:{_csv_data(tmp_path, rows, 'file_name, label')}")
+    assert ds.classes == ["RED", "blue", "red"]
+    assert "labels that differ only in case are separate classes: RED, red" in ds.notes

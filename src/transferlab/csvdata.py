@@ -29,7 +29,7 @@ def source(file: str, notes: list[str]):
             "it as UTF-8 (Excel: CSV UTF-8)"
         ) from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = reader.fieldnames or []
+    reader.fieldnames = columns = [c.strip() for c in reader.fieldnames or []]  # "a, b" too
     missing = [c for c in ("file_name", "label") if c not in columns]
     if missing:
         raise UserError(
@@ -64,6 +64,9 @@ def source(file: str, notes: list[str]):
     if "train" not in by_split:
         raise UserError(f"{file}: no train rows (rows without a split column value are train)")
     labels = {label for _, label, _ in by_split["train"]}
+    folded = sorted(c for c in labels if any(o != c and o.lower() == c.lower() for o in labels))
+    if folded:  # kept apart, as given; likely one class typed two ways
+        notes.append(f"labels that differ only in case are separate classes: {', '.join(folded)}")
     # numbers in numeric order ("01" before "1": ties by text, so the order never varies)
     classes = sorted(
         labels, key=lambda c: (0, int(c), c) if c.isascii() and c.isdigit() else (1, c)

@@ -243,8 +243,8 @@ def _folder(root: str, notes: list[str]):
     subdirs = {d.name: d for d in _visible_dirs(root_path)}
     named: dict[str, list[Path]] = {}  # split -> its folders (val/ and validation/ both: refused)
     for name, d in subdirs.items():
-        if name in SPLIT_NAMES:
-            named.setdefault(SPLIT_NAMES[name], []).append(d)
+        if name.lower() in SPLIT_NAMES:  # Train/ and Test/ too, as many downloads name them
+            named.setdefault(SPLIT_NAMES[name.lower()], []).append(d)
     if not named:  # class folders at the top
         classes = _class_dirs(root_path, notes)
         return classes, classes, {"train": _folder_split(root_path, classes, notes)}, None, 3
