@@ -18,25 +18,7 @@ def source(file: str, notes: list[str]):
     """One row per image: `file_name,label[,split]` (Hugging Face imagefolder's metadata.csv
     names), paths relative to the CSV; classes are the labels of the train rows, sorted."""
     path = Path(file).expanduser()
-    if not path.is_file():
-        raise UserError(f"CSV file not found: {file}")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            text = f.read()
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"{file} is not UTF-8 text (byte {err.object[err.start]:#04x} at {err.start}): save "
-            "it as UTF-8 (Excel: CSV UTF-8)"
-        ) from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    reader.fieldnames = columns = [c.strip() for c in reader.fieldnames or []]  # "a, b" too
-    missing = [c for c in ("file_name", "label") if c not in columns]
-    if missing:
-        raise UserError(
-            f"{file}: no {' or '.join(missing)} column (found {', '.join(columns) or 'none'}); "
-            "a data CSV has columns file_name,label and optionally split"
-        )
-    rows = list(reader)
+    columns, rows = _read(path, file)
     by_split: dict[str, list[tuple[str, str]]] = {}
     seen: dict[str, int] = {}  # image -> its line: one image in two rows (or splits) is a slip
     for n, row in enumerate(rows, start=2):  # line 1 is the header
@@ -64,7 +46,10 @@ def source(file: str, notes: list[str]):
     if "train" not in by_split:
         raise UserError(f"{file}: no train rows (rows without a split column value are train)")
     labels = {label for _, label, _ in by_split["train"]}
-    folded = sorted(c for c in labels if any(o != c and o.lower() == c.lower() for o in labels))
+    by_case: dict[str, list[str]] = {}
+    for label in labels:
+        by_case.setdefault(label.lower(), []).append(label)
+    folded = sorted(c for same in by_case.values() if len(same) > 1 for c in same)
     if folded:  # kept apart, as given; likely one class typed two ways
         notes.append(f"labels that differ only in case are separate classes: {', '.join(folded)}")
     # numbers in numeric order ("01" before "1": ties by text, so the order never varies)
@@ -84,3 +69,26 @@ def source(file: str, notes: list[str]):
             paths=[p for p, _, _ in items],
         )
     return classes, classes, splits, None, 3
+
+
+def _read(path: Path, file: str) -> tuple[list[str], list[dict]]:
+    """The CSV's column names (stripped) and rows, or one line saying why it cannot be read."""
+    if not path.is_file():
+        raise UserError(f"CSV file not found: {file}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{file} is not UTF-8 text (byte {err.object[err.start]:#04x} at {err.start}): save "
+            "it as UTF-8 (Excel: CSV UTF-8)"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader.fieldnames = columns = [c.strip() for c in reader.fieldnames or []]  # "a, b" too
+    missing = [c for c in ("file_name", "label") if c not in columns]
+    if missing:
+        raise UserError(
+            f"{file}: no {' or '.join(missing)} column (found {', '.join(columns) or 'none'}); "
+            "a data CSV has columns file_name,label and optionally split"
+        )
+    return columns, list(reader)
