@@ -554,9 +554,13 @@ def test_unreadable_images_stop_the_study_with_a_hint_it_takes(tmp_path, small_s
     bad = sorted((photos / "dog").iterdir())[0]
     good = bad.read_bytes()
     bad.write_bytes(b"not an image")
+    (photos / "cat" / "notes.txt").write_text("left out, and said so, as train says it")
     args = ["auto", "--data", f"folder:{photos}", "--budget", "5m", "--out", str(tmp_path / "s"), "--quiet"]  # fmt: skip
     assert main(args) == 2
-    err = capsys.readouterr().err.strip()
+    out, err = capsys.readouterr()
+    assert "[auto] skipped 1 file(s)" in out and "cat/notes.txt" in out and "splits:" not in out
+    assert "5-fold CV over 16 train+val images, 4 test images scored once" in out
+    err = err.strip()
     assert len(err.splitlines()) == 1 and bad.name in err and "--resume" in err
     assert "--skip-bad-images" not in err
     state = json.loads((tmp_path / "s" / auto.STATE).read_text())
@@ -662,3 +666,14 @@ def test_a_resume_refuses_a_damaged_auto_json_and_a_budget_already_spent(tmp_pat
         (tmp_path / auto.STATE).write_text(damaged)
         with pytest.raises(UserError, match="auto.json cannot be read.*choose another --out"):
             auto.load_state(tmp_path, settings)
+
+
+def test_the_budget_counts_from_when_the_command_started(tmp_path, monkeypatch, capsys):
+    """The clock began after torch was imported (~3 s a start, each resume too)."""
+    import transferlab
+
+    monkeypatch.setattr(transferlab, "STARTED", time.time() - 115)  # of a 2-minute budget
+    args = ["auto", "--data", "digits", "--budget", "2m", "--out", str(tmp_path / "s")]
+    assert main(args) == 2
+    assert "give a larger --budget" in capsys.readouterr().err
+    assert json.loads((tmp_path / "s" / auto.STATE).read_text())["spent"] >= 115

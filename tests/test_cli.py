@@ -77,6 +77,11 @@ def test_unknown_model_suggests_close_matches(capsys, tmp_path):
         ["train", "--model", "resnet-50", "--out", tmp_path / "r"],
         r"unknown model 'resnet-50' \(did you mean resnet50",
     )
+    assert_one_line_error(  # before the data is read: a typo costs no loading
+        capsys,
+        ["train", "--data", f"folder:{tmp_path / 'nope'}", "--model", "DCNN", "--out", tmp_path / "r"],
+        r"unknown model 'DCNN' \(did you mean dcnn",
+    )  # fmt: skip
 
 
 def test_non_numeric_learning_rate(capsys, tmp_path):

@@ -164,6 +164,7 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
         ("file,label", ["img/0.png,a"], "no file_name column \\(found file, label\\)"),
         ("file_name,label,split", ["img/0.png,a,train", "img/1.png,b,dev"], "line 3: split 'dev'"),
         ("file_name,label", ["img/0.png,a", "img/99.png,b"], "line 3: img/99.png not found"),
+        ("file_name,label", ["img/0.png,a", "img,b"], "line 3: img is a folder, not an image"),
         ("file_name,label,split", ["img/0.png,a,train", "img/1.png,b,train", "img/2.png,c,test"],
          "line 4: label 'c' of a test row has no train rows"),
         ("file_name,label", ["img/0.png,a", "img/1.png,"], "line 3: empty file_name or label"),

@@ -37,6 +37,12 @@ def test_dcnn_uses_glorot_uniform_and_every_parameter_gets_a_gradient():
 def test_unknown_model_suggests_close_names():
     with pytest.raises(UserError, match="did you mean.*resnet50"):
         models.check_arch("resnet05")
+    with pytest.raises(UserError, match="unknown model 'DCNN' \\(did you mean dcnn"):
+        models.check_arch("DCNN")  # case: a name typed in capitals finds its own
+    with pytest.raises(
+        UserError, match="resnet18 has no pretrained tag '' \\(timm knows: .*a1_in1k"
+    ):
+        models.check_arch("resnet18.")  # a stray dot: not a hub download of an empty tag
 
 
 def test_pooled_stages_widen_only_the_head_and_a_matched_head_starts_as_the_source(

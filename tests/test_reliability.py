@@ -503,6 +503,23 @@ def test_S16_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, capsys):
     assert meta["metrics"]["test"]["n"] == 20
 
 
+def test_S16_a_run_that_skipped_bad_images_is_rescored_as_it_scored_itself(tmp_path, capsys):
+    """evaluate and ensemble refused it: the split it had scored without them held them."""
+    root, _ = broken_dataset(tmp_path / "d")
+    (root / "test" / "a" / "0.png").write_bytes(b"")
+    assert main(train_on(root, tmp_path / "r", "--skip-bad-images")) == 0
+    test = checkpoint.read_meta(tmp_path / "r")["metrics"]["test"]
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "r"), "--split", "test", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "left out 1 unreadable test image(s), as run" in out and "test/a/0.png" in out
+    got = json.loads(out.splitlines()[-1])
+    assert got["n"] == test["n"] == 19 and got["top1"] == pytest.approx(test["top1"])
+    ens = ["ensemble", str(tmp_path / "r"), str(tmp_path / "r"), "--out", str(tmp_path / "e")]
+    assert main([*ens, "--tta", "flip"]) == 0  # members predict again, without it
+    assert "left out 1 unreadable test image(s)" in capsys.readouterr().err
+
+
 def test_S16_unreadable_images_of_every_split_are_named_at_once(tmp_path, capsys):
     """Only the first split's were named: fixed, the next run stopped at the test split's."""
     root, bad = broken_dataset(tmp_path / "d")

@@ -1,6 +1,10 @@
 """transferlab: train, fine-tune, evaluate and ensemble image classifiers; write the report."""
 
-from .api import Model, ensemble, finetune, load, soup, train
+import time
+
+STARTED = time.time()  # before torch is imported: `auto`'s budget counts the start-up too
+
+from .api import Model, ensemble, finetune, load, soup, train  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Model", "ensemble", "finetune", "load", "soup", "train"]

@@ -241,17 +241,22 @@ def run(
     quiet: bool = False,
     cache_dir: str | None = None,
     log=print,
+    started: float | None = None,
 ) -> dict:
     """The study (module docstring), from data to DIR/best and the report; returns the
     chosen option with the best folder's test metrics. `quiet`: no progress bars (`log` still
-    prints the study's own lines)."""
+    prints the study's own lines). `started`: when the budget's clock began (the command line:
+    when the process began importing), else now."""
     from . import autochoose
 
-    t0, out = time.time(), Path(out)
+    t0, out = started or time.time(), Path(out)
     seconds = parse_budget(budget) if isinstance(budget, str) else float(budget)
     check_out(out, resume)
     outputs.check_cache_dir(cache_dir)
     ds = data.load(data_spec)  # the splits every member shares (val carved from train, fixed)
+    for note in ds.notes:  # what was left out or is missing, as train says it (its splits
+        if not note.startswith("splits: "):  # line would name a val split the study folds in)
+            log(f"[auto] {note}")
     if ds.spec.partition(":")[0] in data.PATH_KINDS:  # a study never writes into its data
         outputs.refuse_overlap(out, [ds.spec.partition(":")[2]], "the data folder")
     settings = {
@@ -283,7 +288,9 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
     precision = evaluate.resolve_precision("auto")
     log(
         f"[auto] {len(cands)} candidates on {ds.spec} ({len(ds.classes)} classes), "
-        f"budget {clock(seconds)}, {FOLDS}-fold CV over train+val, precision {precision}"
+        f"budget {clock(seconds)}, {FOLDS}-fold CV over {len(ds.splits['train']) + len(ds.splits['val'])} "
+        f"train+val images, {len(ds.splits['test'])} test images scored once at the end, "
+        f"precision {precision}"
     )
     save_state(out, settings, cands, seconds - left())  # killed while timing: resumable
     _time_candidates(cands, ds, precision, lambda: left() - reserve)
@@ -439,4 +446,5 @@ def _fit_run(cfg, run: Path, quiet: bool) -> dict:
     if checkpoint.is_run(run):
         return checkpoint.read_meta(run)
     resume = (run / "state").is_dir()
-    return trainer.fit(cfg, run, resume=resume, overwrite=not resume and run.exists(), quiet=quiet)
+    overwrite = not resume and run.exists()  # the study said the data's notes once
+    return trainer.fit(cfg, run, resume=resume, overwrite=overwrite, quiet=quiet, data_notes=False)

@@ -38,7 +38,8 @@ def source(file: str, notes: list[str]):
             raise UserError(f"{file} line {n}: empty file_name or label")
         image = path.parent / name
         if not image.is_file():
-            raise UserError(f"{file} line {n}: {name} not found (paths are relative to the CSV)")
+            why = "is a folder, not an image" if image.is_dir() else "not found"
+            raise UserError(f"{file} line {n}: {name} {why} (paths are relative to the CSV)")
         first = seen.setdefault(os.path.normpath(image), n)
         if first != n:
             raise UserError(f"{file} line {n}: {name} is on line {first} too; list each image once")

@@ -147,12 +147,14 @@ def predict_split(
     cols = class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
     prep = models.Preprocessing.from_dict(meta["preprocessing"])
     check_tta(tta, prep.input_size, who)
+    skip = bool(meta.get("config", {}).get("skip_bad_images"))  # as the run scored itself
     try:
-        images = decoding.decode(
+        images, kept, bad = decoding.decode_checked(
             ds.splits[split],
             prep.input_size,
             prep.channels,
             prep.interpolation,
+            skip,
             f"decode {split}",
             quiet,
             cache=decoding.resolve_cache(None),
@@ -165,6 +167,13 @@ def predict_split(
             err.bad,
             err.fix,
         ) from None
+    if bad:  # every later member and the targets see the split without them too
+        ds.splits[split] = kept
+        ds.notes = (
+            *ds.notes,
+            f"left out {len(bad)} unreadable {split} image(s), as {who} did when it was trained "
+            "(--skip-bad-images): " + "; ".join(bad),
+        )
     logits = predict(
         model,
         images,
@@ -189,8 +198,10 @@ def score_run(path, data_spec: str | None, split: str, quiet: bool = True, tta: 
     spec = data.canonical(data_spec or meta["data"])
     ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
     model = load_run_model(path, meta)
+    loaded = len(ds.notes)
     logits = predict_split(model, meta, ds, split, f"run {path}", quiet, tta or "none")
-    return log_softmax(logits), ds.splits[split].labels, ds.names, spec, data_notes(meta, ds)
+    notes = data_notes(meta, ds) + list(ds.notes[loaded:])  # images left out, as the run did
+    return log_softmax(logits), ds.splits[split].labels, ds.names, spec, notes
 
 
 def data_notes(meta: dict, ds: data.Dataset) -> list[str]:

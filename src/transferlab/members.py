@@ -4,6 +4,7 @@ else each member predicts the raw images through its own preprocessing)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ def member_logp(
     if others and not quiet:  # as evaluate says of one run scored on other data
         print(f"note: scored on {spec}; member(s) trained on {', '.join(others)}: a test image "
               "may be one a member trained on")  # fmt: skip
+    loaded = len(ds.notes)  # a member that skipped bad images when trained skips them here
     per_member = {split: [] for split in splits}
     per_member_feats = {split: [] for split in splits}
     targets = {}
@@ -80,6 +82,8 @@ def member_logp(
             per_member_feats[split].append(f)
             lg = evaluate.head_logits(model, f)  # the run's own class order
             per_member[split].append(evaluate.log_softmax(lg[:, order]))
+    for note in ds.notes[loaded:]:
+        print(f"note: {note}", file=sys.stderr)
     if len(targets) < len(splits):  # some member predicted: targets in the first's class order
         first = metas[0]
         to_first = evaluate.class_map(

@@ -363,13 +363,14 @@ def check_arch(name: str) -> None:
         return
     arch, tag = timm.models.split_model_name_tag(name)
     if arch in timm.list_models():
-        if tag and name not in timm.list_pretrained(name):
+        if (tag or name.endswith(".")) and name not in timm.list_pretrained(name):
             tags = [n.partition(".")[2] for n in timm.list_pretrained(arch + ".*")]
             raise UserError(
                 f"{arch} has no pretrained tag '{tag}' (timm knows: {', '.join(tags) or 'none'})"
             )
         return
-    close = difflib.get_close_matches(arch, ["dcnn", *timm.list_models()], n=3, cutoff=0.6)
+    known = ["dcnn", *timm.list_models()]  # all lower case: ResNet50 and DCNN find theirs
+    close = difflib.get_close_matches(arch.lower(), known, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise UserError(f"unknown model '{name}'{hint}; see `transferlab models` or use 'dcnn'")
 

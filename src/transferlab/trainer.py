@@ -71,18 +71,21 @@ def fit(
     overwrite: bool = False,
     quiet: bool = False,
     log_json: str | Path | None = None,
+    data_notes: bool = True,
 ) -> dict:
     """Train (or fine-tune, when cfg.weights names a run) one model into the run folder `out`.
 
     `log_json` appends one JSON object per step and per epoch to that file. Launched by
-    torchrun, every rank trains its share of each batch and only rank 0 writes.
+    torchrun, every rank trains its share of each batch and only rank 0 writes. `data_notes`:
+    False when the caller said what loading the data left out (auto, once for all its runs).
     """
     out, d = Path(out), distributed.setup()
     quiet = quiet or not d.main
     log = logger(quiet)
     cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
     check_destination(cfg, out, resume, overwrite, log_json, d)  # before anything is loaded
-    loop = setup(cfg, out, log, d)  # data, model, weights, plan: validated, nothing written
+    said = log if data_notes else lambda *a, note=False: None if note else log(*a)
+    loop = setup(cfg, out, said, d)  # data, model, weights, plan: validated, nothing written
     with claimed(out, resume, overwrite, cfg, d):
         loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
         start_training(loop, out, resume and (out / "state").exists(), log, quiet)
@@ -165,6 +168,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
 
     Everything a user can get wrong is refused here, before the run folder is touched.
     """
+    weights.check_model(cfg)  # a typo in --model costs no data loading
     ds = data.load(cfg.data, cfg.val_fraction, cfg.limit, cfg.fold)
     for note in ds.notes:  # all but the sizes say what was left out or is missing
         log(f"[{out.name}] {note}", note=not note.startswith("splits: "))

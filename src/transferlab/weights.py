@@ -54,11 +54,12 @@ class Built:
     source: dict
 
 
-def resolve(cfg: TrainConfig) -> Source:
-    """cfg.weights as a Source: none, imagenet, a run folder or a weights file, read once."""
+def check_model(cfg: TrainConfig) -> None:
+    """--model names dcnn, a timm architecture or tag, or an offline tag of ours (a run folder
+    as --weights brings its own); checked before any data is read."""
     weights = cfg.weights
     if weights and weights not in ("imagenet", "none") and Path(weights).is_dir():
-        return from_run(Path(weights))
+        return
     if cfg.model not in OFFLINE_IMAGENET:  # a tag of ours timm does not know
         try:
             models.check_arch(cfg.model)
@@ -66,6 +67,14 @@ def resolve(cfg: TrainConfig) -> Source:
             ours = difflib.get_close_matches(cfg.model, OFFLINE_IMAGENET, n=1, cutoff=0.9)
             twice = not ours or ours[0] in str(err)  # check_arch may have named it already
             raise UserError(str(err) if twice else f"{err}; did you mean {ours[0]}?") from None
+
+
+def resolve(cfg: TrainConfig) -> Source:
+    """cfg.weights as a Source: none, imagenet, a run folder or a weights file, read once."""
+    weights = cfg.weights
+    if weights and weights not in ("imagenet", "none") and Path(weights).is_dir():
+        return from_run(Path(weights))
+    check_model(cfg)
     if weights == "none" or (not weights and not names_weights(cfg.model)):  # a tag: its weights
         if cfg.model.startswith(("hf-hub:", "local-dir:")):
             raise UserError(
