@@ -107,3 +107,26 @@ def test_wrong_image_grid_title_fits_even_with_a_single_image():
     fig.canvas.draw()
     box = fig._suptitle.get_window_extent()
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width  # not clipped at either edge
+
+
+def test_runs_on_other_data_get_a_data_column_and_no_gain_line(report_dir, tmp_path):
+    """Runs of two datasets in one folder were one table of numbers that do not compare."""
+    import json
+
+    assert "| data |" not in (report_dir / "report.md").read_text()  # one dataset: no column
+    root = tmp_path / "mixed"
+    shutil.copytree(report_dir / "ens", root / "ens")
+    for name in ("tiny", "tiny-copy"):
+        shutil.copytree(report_dir / name, root / name)
+    meta = json.loads((root / "tiny-copy" / "meta.json").read_text())
+    (root / "tiny-copy" / "meta.json").write_text(json.dumps(meta | {"data": "digits"}))
+    ensembles.build([root / "tiny"] * 2, "soft", root / "ens", quiet=True, overwrite=True)
+    path, table = report.write(root)
+    assert table.splitlines()[0].startswith("| model | data | arch |")
+    assert "| tiny-copy | digits |" in table
+    assert (root / "results.csv").read_text().startswith("model,data,arch,")
+    assert "<th>data</th>" in (root / "report.html").read_text()
+    text = path.read_text()
+    assert "Best single model" in text  # the ensemble against the run on its own data
+    (root / "tiny" / "meta.json").write_text(json.dumps(meta | {"data": "digits"}))
+    assert "Best single model" not in report.write(root)[0].read_text()

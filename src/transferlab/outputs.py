@@ -41,7 +41,7 @@ TEMP = ".*.tmp"  # a temp file of an interrupted atomic write (checkpoint.atomic
 # Report files, recognised by how their text starts (a user's own file of that name is not ours).
 REPORTS = {
     "report.md": "# transferlab report",
-    "results.csv": "model,arch,weights",
+    "results.csv": ("model,arch,weights", "model,data,arch,weights"),  # runs on 1 or more data
     "report.html": "<!doctype html>",
 }
 

@@ -27,6 +27,13 @@ COLUMNS = [
 ]
 
 
+def columns(rows: list[dict]) -> list[str]:
+    """COLUMNS, with the data each row was trained and scored on when the rows differ in it
+    (their numbers are then not one comparison)."""
+    mixed = len({r["data"] for r in rows}) > 1
+    return [COLUMNS[0], "data", *COLUMNS[1:]] if mixed else COLUMNS
+
+
 def collect(root: Path) -> list[dict]:
     """One row per run folder and ensemble folder found under `root` (sorted by path)."""
     rows = []
@@ -98,6 +105,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
         weights = f"{src['method']} soup of " + ", ".join(Path(r).name for r in src["ingredients"])
     return {
         "model": str(path.relative_to(root)) or path.name,
+        "data": meta["data"],
         "arch": meta["arch"],
         "weights": weights,
         "input": f"{prep['input_size']}px x{prep['channels']}",
@@ -126,6 +134,7 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
     return {
         "model": (str(path.relative_to(root)) or path.name) + stale,
         "_stale": bool(stale),
+        "data": info["data"],
         "arch": f"ensemble ({info['method']})",
         "weights": names,
         "input": "per member",
@@ -144,8 +153,9 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r[c] for c in COLUMNS) + " |" for r in rows]
+    cols = columns(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -181,11 +191,13 @@ def write(root: str | Path) -> tuple[Path, str]:
     check_writable(root)
     rows = collect(root)
     table = markdown_table(rows)
-    best_single = max(
-        (r for r in rows if r["_curves"] is not None), key=lambda r: r["_test"], default=None
-    )
     best_ens = max(
         (r for r in rows if r["_curves"] is None and not r["_stale"]),
+        key=lambda r: r["_test"],
+        default=None,
+    )
+    best_single = best_ens and max(  # on the ensemble's data: others' scores do not compare
+        (r for r in rows if r["_curves"] is not None and r["data"] == best_ens["data"]),
         key=lambda r: r["_test"],
         default=None,
     )
@@ -219,9 +231,9 @@ def write(root: str | Path) -> tuple[Path, str]:
     path = root / "report.md"
     checkpoint.write_text(path, "\n".join(parts))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns(rows), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     checkpoint.write_text(root / "results.csv", buf.getvalue())
-    htmlreport.write_html(root, rows, COLUMNS)
+    htmlreport.write_html(root, rows, columns(rows))
     return path, table
