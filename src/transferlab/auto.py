@@ -286,11 +286,11 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
     seconds = settings["budget"]
     reserve = max(20.0, 0.05 * seconds)  # for the choice, best/ and the report
     precision = evaluate.resolve_precision("auto")
+    n_fold, n_test = len(ds.splits["train"]) + len(ds.splits["val"]), len(ds.splits["test"])
     log(
         f"[auto] {len(cands)} candidates on {ds.spec} ({len(ds.classes)} classes), "
-        f"budget {clock(seconds)}, {FOLDS}-fold CV over {len(ds.splits['train']) + len(ds.splits['val'])} "
-        f"train+val images, {len(ds.splits['test'])} test images scored once at the end, "
-        f"precision {precision}"
+        f"budget {clock(seconds)}, {FOLDS}-fold CV over {n_fold} train+val images, {n_test} "
+        f"test images scored once at the end, precision {precision}"
     )
     save_state(out, settings, cands, seconds - left())  # killed while timing: resumable
     _time_candidates(cands, ds, precision, lambda: left() - reserve)
