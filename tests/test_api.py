@@ -24,16 +24,30 @@ def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
 
 def test_readme_onnx_example_runs(trained_run, tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    import transferlab
     from transferlab import export
 
     from conftest import make_image
 
     export.export(trained_run, "onnx", tmp_path / "runs" / "lite0" / "export" / "model.onnx")
     monkeypatch.chdir(tmp_path)
-    make_image(2, 0, 50).save("photo.jpg")
+    photo = make_image(2, 0, 50)  # wide: squashed to a square, it predicted other numbers
+    wide = photo.resize((90, 50))
+    wide.paste(photo.rotate(90).crop((0, 0, 40, 50)), (50, 0))
+    wide.save("photo.png")
     design = README.parent / "docs" / "DESIGN.md"
-    exec(compile(example("onnx-example", design), "DESIGN onnx-example", "exec"), {})
+    ns = {}
+    exec(compile(example("onnx-example", design).replace("photo.jpg", "photo.png"),
+                 "DESIGN onnx-example", "exec"), ns)  # fmt: skip
     assert capsys.readouterr().out.strip() in {"a", "b", "c", "d"}
+    want = transferlab.load(trained_run).predict("photo.png", top_k=4)[0]["predictions"]
+    got = np.exp(ns["logits"] - ns["logits"].max())
+    got = got / got.sum()  # as transferlab predicts: the same crop, resampling and numbers
+    assert [round(float(got[ns["meta"]["class_names"].index(p["class"])]), 3) for p in want] == [
+        round(p["prob"], 3) for p in want
+    ]
 
 
 def test_api_takes_what_people_hold(trained_run, folder_data, tmp_path):

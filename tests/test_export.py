@@ -1,6 +1,7 @@
 """transferlab export: ONNX checked with onnxruntime, TorchScript, safetensors; metadata travels."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -49,3 +50,23 @@ def test_cli_export_and_its_errors(trained_run, tmp_path, capsys):
     assert (trained_run / "export" / "model.safetensors").is_file()
     assert main(["export", str(tmp_path / "nope"), "--format", "onnx"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_refused_export_leaves_the_disk_as_it_was(trained_run, tmp_path, capsys):
+    """`--out newdir/` wrote a file named newdir; a run with missing weights got an empty
+    export/ folder before the refusal; TorchScript printed torch's deprecation warnings."""
+    assert main(["export", str(trained_run), "--format", "onnx", "--out", f"{tmp_path}/new/"]) == 2
+    assert "is a folder; give a file name such as" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(trained_run / "meta.json", half)
+    for fmt in ("onnx", "torchscript"):
+        assert main(["export", str(half), "--format", fmt]) == 2
+    assert sorted(p.name for p in half.iterdir()) == ["meta.json"]
+    import warnings
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        export.export(trained_run, "torchscript", tmp_path / "m.pt")
+    assert not [w for w in said if issubclass(w.category, FutureWarning)]

@@ -110,6 +110,11 @@ def test_S26_overwrite_refuses_a_run_holding_user_files_and_a_bad_model_keeps_th
         "report.md": "# my own report",
         "explain/my_drawing.png": "mine",
         "export/hf/notes.md": "mine",
+        "train-photos-backup.tar": "mine",  # these five matched the globs of our own names
+        "test-set-2023.tar": "mine",
+        "logits/my_analysis.npz": "mine",
+        "features/mine.npz": "mine",
+        "confusion-mine.png": "mine",
     }
     argv = ["train", "--data", f"folder:{folder_data}", *TINY, "--out", run_copy, "--overwrite"]
     for name, text in planted.items():

@@ -1,6 +1,7 @@
 """transferlab predict: files and folders, any image mode, bad files skipped, runs and ensembles."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -24,6 +25,8 @@ def images(tmp_path):
 
 
 def test_predict_a_run_on_a_folder_skips_unreadable_files(trained_run, images):
+    os.mkfifo(images / "pipe.png")  # its read blocked forever
+    (images / "album.jpg").mkdir()  # was a skipped image, IsADirectoryError
     rows, bad = predict.predict(trained_run, [str(images)], top_k=3, quiet=True)
     assert sorted(r["path"].split("photos/")[1] for r in rows) == [
         "a.png",

@@ -2,6 +2,7 @@
 real test images; a run as a Hugging Face / timm folder that timm loads back offline."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -122,6 +123,16 @@ def test_hf_folder_loads_back_in_timm_offline_with_labels_and_preprocessing(
     with pytest.raises(UserError, match="holds other files \\(notes.txt\\)"):
         shipping.export_hf(trained_run, tmp_path / "mine", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    (tmp_path / "theirs").mkdir()  # a model of the user's: "an earlier export" was replaced
+    (tmp_path / "theirs" / "config.json").write_text('{"architecture": "resnet50"}')
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="holds config.json that transferlab did not write"):
+            shipping.export_hf(trained_run, tmp_path / "theirs", overwrite=overwrite)
+    assert "resnet50" in (tmp_path / "theirs" / "config.json").read_text()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):  # shipped: readable as the umask says
+        assert (tmp_path / "hf" / name).stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(UserError, match="is inside the run .*leave it out"):
         shipping.export_hf(trained_run, trained_run / "export")
 

@@ -11,6 +11,8 @@ split before the command returns.
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +47,9 @@ def describe(meta: dict) -> dict:
         "class_names": meta["class_names"],
         "preprocessing": prep.to_dict(),
         "input": f"float32 (N, {prep.channels}, {prep.input_size}, {prep.input_size}), "
-        f"values in [0, 1] ({'grayscale' if prep.channels == 1 else 'RGB'}), resized with "
-        f"{prep.interpolation} interpolation; normalisation is inside the model",
+        f"values in [0, 1] ({'grayscale' if prep.channels == 1 else 'RGB'}): the shorter side "
+        f"resized to {prep.input_size} with {prep.interpolation} interpolation, then the centre "
+        "square cropped (as transferlab predict does); normalisation is inside the model",
         "output": "logits (N, num_classes) in the order of `classes`",
     }
 
@@ -85,15 +88,15 @@ def export(
         raise UserError(f"unknown export format '{fmt}' (known: {', '.join(FORMATS)})")
     run = Path(run)
     meta = checkpoint.read_meta(run)
-    path = Path(out).expanduser() if out else run / "export" / FORMATS[fmt]
+    path = out_path(out, run / "export" / FORMATS[fmt])
     others = {Path(name).suffix for f, name in FORMATS.items() if f != fmt}
     if path.suffix in others:
         raise UserError(f"--out {path} has the extension of another format than {fmt}")
     check_out_file(path, run, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = json.dumps(describe(meta))
-    model = evaluate.load_run_model(run, meta).cpu().float().eval()
+    model = evaluate.load_run_model(run, meta).cpu().float().eval()  # its weights checked
     model = model.to(memory_format=torch.contiguous_format)
+    path.parent.mkdir(parents=True, exist_ok=True)  # only then: a refusal leaves no folder
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
@@ -106,17 +109,25 @@ def export(
     x = to_unit(images)
     with torch.no_grad():
         reference = packaged(x).numpy()
-    if fmt == "torchscript":
-        with torch.no_grad():
+    if fmt == "torchscript":  # deprecated in torch, still what C++ and mobile load: no warning
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             traced = torch.jit.trace(packaged, x[:1])
-        with checkpoint.atomic_path(path) as tmp:
-            torch.jit.save(traced, str(tmp), _extra_files={"transferlab.json": info})
-        with torch.no_grad():
+            with checkpoint.atomic_path(path) as tmp:
+                torch.jit.save(traced, str(tmp), _extra_files={"transferlab.json": info})
             got = torch.jit.load(str(path))(x).numpy()
     else:
         got = _onnx(packaged, x, path, info)
     diff = float(np.abs(got - reference).max())
     return {"path": str(path), "check": {"max_abs_logit_diff": diff, "images": source}}
+
+
+def out_path(out: str | Path | None, default: Path) -> Path:
+    """--out as a file path (`default` without one); `DIR/` names a folder, as an existing
+    folder does: refused the same way, not written as a file called DIR."""
+    if out and str(out).endswith(("/", os.sep)):
+        raise UserError(f"--out {out} is a folder; give a file name such as {out}{default.name}")
+    return Path(out).expanduser() if out else default
 
 
 def check_out_file(path: Path, run: Path, overwrite: bool) -> None:
@@ -160,7 +171,6 @@ def onnx_proto(module: nn.Module, x: torch.Tensor, output: str):
     """`module` as an ONNX ModelProto (torch.onnx, dynamo; input "image", batch size dynamic)."""
     import contextlib
     import io
-    import warnings
 
     onnx_packages()
     batch = torch.export.Dim("batch", min=1)

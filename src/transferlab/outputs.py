@@ -28,14 +28,18 @@ MARK = ".transferlab"
 LOCK = ".transferlab.lock"
 # Every file transferlab writes inside a run, ensemble or shard folder, as glob patterns of its path
 # relative to the folder (a snapshot is a run folder of its own, checked the same way).
+# As narrow as the names written (a user's train-photos.tar or logits/mine.npz is not ours).
+_SPLITS, _D = ("train", "val", "test"), "[0-9]"
 OWNED = (
     MARK, LOCK, "model.safetensors", "meta.json", "history.csv", "curves.png", "lr_find.png",
-    "lr_find.json", "ensemble.json", "combiner.npz", "confusion.png", "confusion-*.png",
-    "state/last.pt", "state/step-*.pt", "state/*.pt.sha256", "logits/*.npz", "features/*.npz",
+    "lr_find.json", "ensemble.json", "combiner.npz", "confusion.png", "confusion-train.png",
+    "confusion-val.png", "state/last.pt", "state/last.pt.sha256", f"state/step-{_D * 9}.pt",
+    f"state/step-{_D * 9}.pt.sha256", *(f"logits/{s}.npz" for s in _SPLITS),
+    *(f"features/{s}-{t}.npz" for s in _SPLITS for t in ("none", "flip", "crops")),
     "tensorboard/events.out.tfevents.*", "export/model.onnx", "export/model.onnx.data",
     "export/model.pt", "export/model.safetensors", "export/ensemble.onnx",
     "export/ensemble.onnx.data", "export/hf/config.json", "export/hf/model.safetensors",
-    "explain/*-gradcam.png", "shards.json", "train-*.tar", "val-*.tar", "test-*.tar",
+    f"explain/{_D * 3}-*-gradcam.png", "shards.json", *(f"{s}-{_D * 6}.tar" for s in _SPLITS),
 )  # fmt: skip
 TEMP = ".*.tmp"  # a temp file of an interrupted atomic write (checkpoint.atomic_path)
 # Report files, recognised by how their text starts (a user's own file of that name is not ours).

@@ -27,7 +27,9 @@ def image_files(inputs: list[str]) -> list[str]:
             found = sorted(
                 f
                 for f in p.rglob("*")
-                if f.suffix.lower() in data.IMAGE_EXTENSIONS and not f.name.startswith(".")
+                if f.suffix.lower() in data.IMAGE_EXTENSIONS
+                and not f.name.startswith(".")
+                and f.is_file()  # a pipe named x.png blocked the read forever; x.png/ is a folder
             )
             if not found:
                 raise UserError(f"no images found under {p}")

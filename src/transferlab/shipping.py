@@ -107,14 +107,14 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
     orders = members.check_classes(metas, runs)
     preps = [models.Preprocessing.from_dict(m["preprocessing"]) for m in metas]
     size = int(size or max(p.input_size for p in preps))
-    target = Path(out).expanduser() if out else path / "export" / "ensemble.onnx"
+    target = export.out_path(out, path / "export" / "ensemble.onnx")
     if target.suffix != ".onnx":
         raise UserError(f"--out {target}: an ensemble exports to one .onnx file")
     export.check_out_file(target, path, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
     nets = [
         evaluate.load_run_model(r, m).cpu().float().eval() for r, m in zip(runs, metas, strict=True)
     ]
+    target.parent.mkdir(parents=True, exist_ok=True)  # the members' weights checked first
     params = ensembles.read_params(path, info)
     graph = EnsembleGraph(nets, preps, orders, info["method"], params, size, tta).eval()
     split, source = _sample(info, metas[0])
@@ -122,9 +122,9 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
     own = _own_probabilities(nets, metas, preps, orders, info, params, split)
     description = {
         "classes": info["classes"], "class_names": info["class_names"], "method": info["method"],
-        "input": f"uint8 (N, {size}, {size}, 3) NHWC RGB, resized to {size}x{size} with "
-                 f"{_interpolation(preps, size)} interpolation; each member resizes and "
-                 "normalises inside the graph",
+        "input": f"uint8 (N, {size}, {size}, 3) NHWC RGB: the shorter side resized to {size} "
+                 f"with {_interpolation(preps, size)} interpolation, then the centre square "
+                 "cropped; each member resizes and normalises inside the graph",
         "output": "probabilities (N, num_classes) in the order of `classes`",
         "members": [{"arch": m["arch"], **p.to_dict()} for m, p in zip(metas, preps, strict=True)],
     }  # fmt: skip
@@ -207,12 +207,24 @@ def export_hf(run: str | Path, out: str | Path | None, overwrite: bool = False) 
     with tempfile.TemporaryDirectory(dir=folder, prefix=".hf-") as tmp:  # then file by file
         timm.models.save_for_hf(model, tmp, model_config={"label_names": meta["class_names"]},
                                 model_args=model_args, safe_serialization=True)  # fmt: skip
-        for file in sorted(Path(tmp).iterdir()):
+        config = Path(tmp) / "config.json"  # marked: only an export of ours is ever replaced
+        checkpoint.write_text(config, json.dumps(json.loads(config.read_text()) | MARK, indent=2))
+        for file in sorted(Path(tmp).iterdir()):  # safetensors writes 0600: shipped, as umask
+            os.chmod(file, 0o666 & ~checkpoint.UMASK)
             os.replace(file, folder / file.name)
     return {"path": str(folder), "check": None}
 
 
 HF_FILES = {"config.json", "model.safetensors", "pytorch_model.bin", "README.md"}
+MARK = {"exported_by": "transferlab"}  # in config.json (timm reads the keys it knows)
+
+
+def _ours(folder: Path) -> bool:
+    """`folder` holds an hf export transferlab wrote (its config.json carries MARK)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).items() >= MARK.items()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_folder(folder: Path, run: Path, overwrite: bool) -> None:
@@ -230,6 +242,13 @@ def _check_folder(folder: Path, run: Path, overwrite: bool) -> None:
             f"{folder} holds other files ({', '.join(sorted(found - HF_FILES)[:3])}); "
             "--format hf writes into a new or empty folder"
         )
-    if found and not overwrite and not outputs.inside(folder, run / "export"):
+    if not found or outputs.inside(folder, run / "export"):  # new, or the run's own
+        pass
+    elif not _ours(folder):  # a model of the user's, say: never replaced, --overwrite or not
+        raise UserError(
+            f"{folder} holds {', '.join(sorted(found))} that transferlab did not write; "
+            "--format hf writes into a new or empty folder, or over an export of its own"
+        )
+    elif not overwrite:
         raise UserError(f"{folder} holds an earlier export: pass --overwrite to replace it")
     export.check_out_file(folder / "config.json", run, overwrite=True)
