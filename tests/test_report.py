@@ -130,3 +130,41 @@ def test_runs_on_other_data_get_a_data_column_and_no_gain_line(report_dir, tmp_p
     assert "Best single model" in text  # the ensemble against the run on its own data
     (root / "tiny" / "meta.json").write_text(json.dumps(meta | {"data": "digits"}))
     assert "Best single model" not in report.write(root)[0].read_text()
+
+
+def test_report_flags_runs_it_cannot_stand_behind(report_dir, tmp_path, capsys):
+    """Runs with missing or corrupt weights were listed as usable; an incomplete meta.json
+    was a traceback that stopped the whole report; an empty folder was an empty report."""
+    import json
+
+    from transferlab import checkpoint
+    from transferlab.cli import main
+    from transferlab.config import UserError
+
+    root = tmp_path / "odd"
+    for name in ("good", "gone", "cut", "half"):
+        shutil.copytree(report_dir / "tiny", root / name)
+    (root / "gone" / "model.safetensors").unlink()
+    with open(root / "cut" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    (root / "half" / "meta.json").write_text(json.dumps({"data": "digits"}))
+    for bad in ("{}", "[]", '{"data": "digits"}'):
+        (root / "half" / "meta.json").write_text(bad)
+        with pytest.raises(UserError, match="corrupt .*meta.json: no "):
+            checkpoint.read_meta(root / "half")
+        assert main(["evaluate", str(root / "half")]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    path, table = report.write(root)
+    assert "note: left out corrupt" in capsys.readouterr().err
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert sorted(rows) == [
+        "cut (unusable: its weights are missing or corrupt; train it again)",
+        "gone (unusable: its weights are missing or corrupt; train it again)",
+        "good",
+    ]
+    assert "Left out: corrupt" in path.read_text()
+    (tmp_path / "empty" / "r" / "state").mkdir(parents=True)
+    with pytest.raises(
+        UserError, match="no finished run or ensemble under .*r is a run that stopped"
+    ):
+        report.write(tmp_path / "empty")

@@ -173,9 +173,28 @@ def read_meta(run: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"not a run folder (no {META}): {run}")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"corrupt {path}: {err}") from None
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else ["an object"]
+    if missing:  # a traceback in whoever read it next
+        raise UserError(f"corrupt {path}: no {', '.join(missing)} (not a finished run's record)")
+    return meta
+
+
+META_KEYS = ("arch", "classes", "class_names", "data", "preprocessing", "source", "metrics")
+
+
+def weights_problem(run: Path, meta: dict) -> str | None:
+    """Why a run's weights cannot be used (missing, empty, not what meta.json recorded), or
+    None; a hash of the file, not a load."""
+    path = weights_path(run)
+    if not path.is_file() or path.stat().st_size == 0:
+        return f"weights file {'not found' if not path.is_file() else 'is empty'}: {path}"
+    expected = meta.get("weights_sha256")
+    if expected and sha256(path) != expected:
+        return f"{path} does not match the sha256 in {Path(run) / META} (corrupt)"
+    return None
 
 
 def is_run(path: Path) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 from . import checkpoint, ensembles, evaluate, htmlreport, outputs
@@ -34,12 +35,19 @@ def columns(rows: list[dict]) -> list[str]:
     return [COLUMNS[0], "data", *COLUMNS[1:]] if mixed else COLUMNS
 
 
-def collect(root: Path) -> list[dict]:
-    """One row per run folder and ensemble folder found under `root` (sorted by path)."""
-    rows = []
+def collect(root: Path, skipped: list[str] | None = None) -> list[dict]:
+    """One row per run folder and ensemble folder found under `root` (sorted by path); a run
+    whose meta.json cannot be read is left out, said in `skipped`."""
+    rows, skipped = [], [] if skipped is None else skipped
     for meta_path in sorted(root.rglob(checkpoint.META)):
-        if not _study_inside(meta_path.parent, root):
-            rows.append(_run_row(meta_path.parent, root, checkpoint.read_meta(meta_path.parent)))
+        if _study_inside(meta_path.parent, root):
+            continue
+        try:
+            meta = checkpoint.read_meta(meta_path.parent)
+        except UserError as err:
+            skipped.append(str(err))
+            continue
+        rows.append(_run_row(meta_path.parent, root, meta))
     for ens_path in sorted(root.rglob(ensembles.ENSEMBLE)):
         if _study_inside(ens_path.parent, root):
             continue
@@ -98,13 +106,16 @@ def _pct(value) -> str:
 
 def _run_row(path: Path, root: Path, meta: dict) -> dict:
     m, src, prep = meta["metrics"], meta["source"], meta["preprocessing"]
+    problem = checkpoint.weights_problem(path, meta)  # its numbers are of weights now gone
     weights = src["weights"]
     if weights == "run":
         weights = f"from {Path(src['parent']).name}"
     elif weights == "soup":
         weights = f"{src['method']} soup of " + ", ".join(Path(r).name for r in src["ingredients"])
     return {
-        "model": str(path.relative_to(root)) or path.name,
+        "model": (str(path.relative_to(root)) or path.name)
+        + (" (unusable: its weights are missing or corrupt; train it again)" if problem else ""),
+        "_stale": bool(problem),
         "data": meta["data"],
         "arch": meta["arch"],
         "weights": weights,
@@ -189,7 +200,19 @@ def write(root: str | Path) -> tuple[Path, str]:
             f"evaluate its choice with transferlab evaluate {study / 'best'}"
         )
     check_writable(root)
-    rows = collect(root)
+    skipped: list[str] = []
+    rows = collect(root, skipped)
+    if not rows:
+        stopped = sorted(
+            p.parent for p in root.rglob("state") if not (p.parent / "meta.json").exists()
+        )
+        raise UserError(
+            f"no finished run or ensemble under {root}"
+            + (f"; {stopped[0]} is a run that stopped: finish it with --resume" if stopped else "")
+            + (f"; left out: {skipped[0]}" if skipped else "")
+        )  # fmt: skip
+    for why in skipped:  # the rest are reported
+        print(f"note: left out {why}", file=sys.stderr)
     table = markdown_table(rows)
     best_ens = max(
         (r for r in rows if r["_curves"] is None and not r["_stale"]),
@@ -197,7 +220,11 @@ def write(root: str | Path) -> tuple[Path, str]:
         default=None,
     )
     best_single = best_ens and max(  # on the ensemble's data: others' scores do not compare
-        (r for r in rows if r["_curves"] is not None and r["data"] == best_ens["data"]),
+        (
+            r
+            for r in rows
+            if r["_curves"] is not None and not r["_stale"] and r["data"] == best_ens["data"]
+        ),  # fmt: skip
         key=lambda r: r["_test"],
         default=None,
     )
@@ -210,6 +237,7 @@ def write(root: str | Path) -> tuple[Path, str]:
         "",
         table,
         "",
+        *(f"Left out: {why}\n" for why in skipped),
     ]
     if best_single and best_ens:
         gain = 100 * (best_ens["_test"] - best_single["_test"])
