@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,8 @@ from conftest import make_folder, tiny_cfg
 
 @pytest.mark.parametrize("method", ["soft", "logit", "hard"])
 def test_identical_members_equal_one_member(trained_run, tmp_path, method):
-    info = ensembles.build([trained_run, trained_run], method, tmp_path / "e", quiet=True)
+    twin = shutil.copytree(trained_run, tmp_path / "twin")  # one run twice is refused
+    info = ensembles.build([trained_run, twin], method, tmp_path / "e", quiet=True)
     assert (
         info["metrics"]["test"]["top1"]
         == checkpoint.read_meta(trained_run)["metrics"]["test"]["top1"]
@@ -76,7 +79,8 @@ def test_members_trained_on_other_data_are_noted(trained_run, folder_data, tmp_p
         f"note: scored on folder:{folder_data.resolve()}; member(s) trained on folder:{(tmp_path / 'more').resolve()}"
         in out
     )
-    ensembles.build([trained_run, trained_run], "soft", tmp_path / "same")
+    twin = shutil.copytree(trained_run, tmp_path / "twin")
+    ensembles.build([trained_run, twin], "soft", tmp_path / "same")
     assert "member(s) trained on" not in capsys.readouterr().out
 
 
@@ -170,3 +174,12 @@ def test_a_moved_tree_of_runs_and_ensemble_predicts_the_same(hetero_runs, tmp_pa
     shutil.copytree(tmp_path / "moved" / "resnet", tree / "resnet")
     alone, _ = predict.predict(tmp_path / "ens-alone", images, top_k=3, quiet=True)
     assert alone == before
+
+
+def test_the_same_run_twice_is_not_an_ensemble(trained_run, tmp_path):
+    """`ensemble r1 r1` (or r1 and a link to it) made a "two-model" ensemble of one model."""
+    (tmp_path / "link").symlink_to(trained_run)
+    for runs in ([trained_run, trained_run], [trained_run, tmp_path / "link"]):
+        with pytest.raises(UserError, match="a run is listed twice among the ensemble's members"):
+            ensembles.build(runs, "soft", tmp_path / "e", quiet=True)
+    assert not (tmp_path / "e").exists()

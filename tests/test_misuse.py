@@ -236,12 +236,24 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "steps:\n  - train: a\n    model: dcnn\n    model: resnet50": "'model' is given twice",
         "steps: [{auto: s, budget: 1m, seed: abc}]": "seed must be a number",
         "defaults: {seed: -1}\nsteps: [{auto: s, budget: 1m}]": "seed must be >= 0",
+        # found only when their step ran, after the steps before it had trained:
+        "steps: [{train: a}, {train: b, model: resnet5}]": "unknown model 'resnet5'",
+        "steps: [{train: a}, {train: b, data: 'folder:/nope'}]": "dataset path does not exist",
+        "steps: [{train: a}, {train: b, data: 'digts'}]": "unknown dataset kind 'digts'",
+        "steps: [{train: a}, {train: b}, {ensemble: e, members: [a, b], method: sotf}]": "unknown ensemble method 'sotf'",
+        "steps: [{train: a}, {train: b}, {ensemble: e, members: [a, b], tta: flp}]": "unknown --tta 'flp'",
+        "steps: [{train: a}, {train: b}, {soup: s, members: [a, b], method: greddy}]": "unknown soup method 'greddy'",
+        "steps: [{train: a}, {train: b}, {ensemble: e, members: [a, b]}, "
+        "{ensemble: f, members: [e, a]}]": "an ensemble step is not a run",
+        "steps: [{train: report.md}]": "'report.md' is a file of the recipe's folder",
     }
     for text, message in bad.items():
         path = tmp_path / "r.yaml"
         path.write_text(text + "\n")
         with pytest.raises(UserError, match=message):
             recipe.validate(recipe.load(path), tmp_path / "out")
+    path.write_text("defaults: {model: dcnn}\nsteps: [{train: a}, {finetune: f, from: a}]\n")
+    recipe.validate(recipe.load(path), tmp_path / "out")  # defaults' model is the train steps'
     path.write_text("data: digits\nsteps: [{train: a}]\n")
     for pair, message in {
         "steps.9.epochs": "no step 9",
@@ -526,3 +538,19 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_anything_runs(tmp_path, ca
         assert f"--cache-dir {note} is a file" in err and len(err.splitlines()) == 1
         assert not out.exists()
     assert note.read_text() == "keep me"
+
+
+def test_a_recipe_s_defaults_model_is_the_train_steps_and_its_out_expands_home(
+    tmp_path, monkeypatch
+):
+    """`defaults: {model: ...}` (or --set model=) refused every finetune step, which sets no
+    model; `out: ~/x` made a folder named ~ in the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "data: digits\nout: ~/x\ndefaults: {model: dcnn, epochs: 1, limit: 60}\n"
+        "steps: [{train: a}, {finetune: f, from: a}]\n"
+    )
+    assert recipe.run(path, quiet=True) == tmp_path / "home" / "x"
+    assert checkpoint.is_run(tmp_path / "home" / "x" / "f") and not (tmp_path / "~").exists()

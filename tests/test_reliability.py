@@ -6,6 +6,7 @@ docs/RELIABILITY.md maps each scenario to the tests here.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -515,7 +516,8 @@ def test_S16_a_run_that_skipped_bad_images_is_rescored_as_it_scored_itself(tmp_p
     assert "left out 1 unreadable test image(s), as run" in out and "test/a/0.png" in out
     got = json.loads(out.splitlines()[-1])
     assert got["n"] == test["n"] == 19 and got["top1"] == pytest.approx(test["top1"])
-    ens = ["ensemble", str(tmp_path / "r"), str(tmp_path / "r"), "--out", str(tmp_path / "e")]
+    twin = shutil.copytree(tmp_path / "r", tmp_path / "twin")
+    ens = ["ensemble", str(tmp_path / "r"), str(twin), "--out", str(tmp_path / "e")]
     assert main([*ens, "--tta", "flip"]) == 0  # members predict again, without it
     assert "left out 1 unreadable test image(s)" in capsys.readouterr().err
 

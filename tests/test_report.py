@@ -116,11 +116,13 @@ def test_runs_on_other_data_get_a_data_column_and_no_gain_line(report_dir, tmp_p
     assert "| data |" not in (report_dir / "report.md").read_text()  # one dataset: no column
     root = tmp_path / "mixed"
     shutil.copytree(report_dir / "ens", root / "ens")
-    for name in ("tiny", "tiny-copy"):
-        shutil.copytree(report_dir / name, root / name)
+    for name in ("tiny", "tiny-copy", "tiny-2"):
+        shutil.copytree(report_dir / "tiny", root / name)
     meta = json.loads((root / "tiny-copy" / "meta.json").read_text())
     (root / "tiny-copy" / "meta.json").write_text(json.dumps(meta | {"data": "digits"}))
-    ensembles.build([root / "tiny"] * 2, "soft", root / "ens", quiet=True, overwrite=True)
+    ensembles.build(
+        [root / "tiny", root / "tiny-2"], "soft", root / "ens", quiet=True, overwrite=True
+    )
     path, table = report.write(root)
     assert table.splitlines()[0].startswith("| model | data | arch |")
     assert "| tiny-copy | digits |" in table
@@ -128,7 +130,8 @@ def test_runs_on_other_data_get_a_data_column_and_no_gain_line(report_dir, tmp_p
     assert "<th>data</th>" in (root / "report.html").read_text()
     text = path.read_text()
     assert "Best single model" in text  # the ensemble against the run on its own data
-    (root / "tiny" / "meta.json").write_text(json.dumps(meta | {"data": "digits"}))
+    for name in ("tiny", "tiny-2"):
+        (root / name / "meta.json").write_text(json.dumps(meta | {"data": "digits"}))
     assert "Best single model" not in report.write(root)[0].read_text()
 
 

@@ -89,6 +89,18 @@ def data_root(spec: str) -> Path | None:
     return path.parent if kind == "csv" else path
 
 
+def check_spec(spec: str, exists: bool = True) -> None:
+    """The mistakes a spec can show without reading it: an unknown kind, a missing path
+    (`exists`: checked to exist too)."""
+    kind, _, arg = str(spec).partition(":")
+    if kind not in SOURCES:
+        raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)})")
+    if kind in PATH_KINDS and not arg:
+        raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
+    if exists and kind in PATH_KINDS and not Path(arg).expanduser().exists():
+        raise UserError(f"dataset path does not exist: {arg}")
+
+
 def load(
     spec: str, val_fraction: float = 0.1, limit: int | None = None, fold: str = "none"
 ) -> Dataset:

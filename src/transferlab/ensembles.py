@@ -44,6 +44,8 @@ def build(
         raise UserError(f"unknown ensemble method '{method}' (known: {', '.join(COMBINERS)})")
     if len(runs) < 2:
         raise UserError("an ensemble needs at least two runs")
+    if len({Path(r).resolve() for r in runs}) < len(runs):  # (a link to one counts as it)
+        raise UserError("a run is listed twice among the ensemble's members; list each once")
     evaluate.check_tta(tta)  # each member's input size is checked when it predicts
     t0 = time.time()
     runs = [str(r) for r in runs]

@@ -29,7 +29,18 @@ from pathlib import Path
 
 import yaml
 
-from . import checkpoint, ensembles, outputs, report, resume, strategies, trainer
+from . import (
+    checkpoint,
+    data,
+    ensembles,
+    evaluate,
+    outputs,
+    report,
+    resume,
+    strategies,
+    trainer,
+    weights,
+)
 from .config import TrainConfig, UserError, field_names, make_config, to_dict
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
@@ -163,14 +174,18 @@ def validate(recipe: dict, out: Path | None = None) -> None:
     make_config(recipe.get("defaults") or {})
     make_config(recipe.get("overrides") or {})
     names: list[str] = []
+    kinds: dict[str, str] = {}
     for i, step in enumerate(steps):
         kind, name, keys = parse_step(step, i)
         _check_keys(kind, name, keys, i)
+        _check_values(kind, name, keys, i, out is not None)
         if kind != "report":
             if name in names:
                 raise UserError(f"step {i}: the name '{name}' is used by an earlier step")
             if kind == "train":
-                make_config(train_settings(recipe, keys))  # bad values fail before any step runs
+                cfg = make_config(train_settings(recipe, keys))  # bad values fail before any
+                weights.check_model(cfg)  # step runs, a typo in a later step's model too
+                data.check_spec(cfg.data, exists=out is not None)
             elif kind == "auto":
                 from .auto import parse_budget
 
@@ -179,7 +194,7 @@ def validate(recipe: dict, out: Path | None = None) -> None:
             elif kind == "finetune":
                 settings = train_settings(recipe, keys, data=False)  # the parent decides the rest
                 for key in ("model", "weights"):
-                    if key in settings:
+                    if key in keys:  # (from defaults or --set: meant for the train steps)
                         raise UserError(
                             f"{key} does not apply to a fine-tune (step {i}, finetune {name}): "
                             "it starts from its 'from' run; set it on train steps only"
@@ -187,7 +202,13 @@ def validate(recipe: dict, out: Path | None = None) -> None:
                 make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=False)
             if out is not None and kind in ("finetune", "ensemble", "soup"):
                 _check_refs(kind, name, keys, names, out, i)
+            refs = keys.get("members") if kind in ("ensemble", "soup") else [keys.get("from")]
+            made = next((kinds[str(r)] for r in refs or [] if kinds.get(str(r)) == "ensemble"), "")
+            if made:  # it failed after every step before it had trained
+                raise UserError(f"step {i} ({kind} {name}): an ensemble step is not a run; "
+                                "name the runs it combines")  # fmt: skip
             names.append(name)
+            kinds[name] = kind
 
 
 def _check_keys(kind: str, name: str, keys: dict, index: int) -> None:
@@ -200,6 +221,32 @@ def _check_keys(kind: str, name: str, keys: dict, index: int) -> None:
             close = difflib.get_close_matches(str(key), sorted(allowed), n=2)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UserError(f"unknown key '{key}' in step {index} ({kind} {name}){hint}")
+
+
+RESERVED = ("recipe.yaml", *outputs.REPORTS)  # files of the recipe's folder, not step names
+
+
+def _check_values(kind: str, name: str, keys: dict, i: int, exists: bool) -> None:
+    """What an ensemble, soup or auto step would refuse after the steps before it had run
+    (`exists`: data paths are checked to exist too)."""
+    from . import soups
+
+    if name in RESERVED and kind != "report":
+        raise UserError(f"step {i} ({kind}): '{name}' is a file of the recipe's folder; rename it")
+    if "data" in keys and kind != "train":
+        data.check_spec(str(keys["data"]), exists)
+    if kind == "ensemble":
+        if keys.get("method", "soft") not in ensembles.COMBINERS:
+            raise UserError(
+                f"step {i} (ensemble {name}): unknown ensemble method '{keys['method']}' "
+                f"(known: {', '.join(ensembles.COMBINERS)})"
+            )
+        evaluate.check_tta(str(keys.get("tta", "none")))
+    if kind == "soup" and keys.get("method", "greedy") not in soups.METHODS:
+        raise UserError(
+            f"step {i} (soup {name}): unknown soup method '{keys['method']}' "
+            f"(known: {', '.join(soups.METHODS)})"
+        )
 
 
 def _check_refs(kind: str, name: str, keys: dict, earlier: list[str], out: Path, i: int) -> None:
@@ -270,6 +317,7 @@ def run(
     recipe = apply_overrides(load(path), overrides or {})
     validate(recipe)
     out = Path(out or recipe.get("out") or Path("runs") / (recipe.get("name") or Path(path).stem))
+    out = out.expanduser()  # out: ~/runs/x made a folder named ~ here
     validate(recipe, out)
     resolved = out / "recipe.yaml"
     if resolved.exists() and resolved.resolve() == Path(path).resolve():
@@ -299,7 +347,10 @@ def train_settings(recipe: dict, keys: dict, data: bool = True) -> dict:
     """A train/finetune step's options: defaults < step keys < --set overrides (a finetune
     takes its parent's data unless it names its own)."""
     base = {"data": recipe.get("data", "digits")} if data else {}
-    return {**base, **(recipe.get("defaults") or {}), **keys, **(recipe.get("overrides") or {})}
+    every = [recipe.get("defaults") or {}, recipe.get("overrides") or {}]
+    if not data:  # a fine-tune's model and weights are its parent's: these are the train steps'
+        every = [{k: v for k, v in d.items() if k not in ("model", "weights")} for d in every]
+    return {**base, **every[0], **keys, **every[1]}
 
 
 def _train(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
