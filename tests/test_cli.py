@@ -230,3 +230,13 @@ def test_every_shipped_recipe_is_valid(path):
     from transferlab import recipe
 
     recipe.validate(recipe.load(path))
+
+
+def test_output_cut_short_by_a_pipe_is_no_error():
+    """`transferlab evaluate ... | head -c 10` said "error: Broken pipe" and exited 2."""
+    proc = subprocess.Popen([sys.executable, "-m", "transferlab", "models"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout.read(10)
+    proc.stdout.close()  # the reader is gone, as head leaves
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "error" not in err and "Traceback" not in err

@@ -124,3 +124,25 @@ def test_threaded_decoding_equals_one_thread_and_lists_bad_files_in_order(tmp_pa
     assert len({row.tobytes() for row in many}) == len(many)  # every row its own image
     last = decoding.resize(decoding.open_image(paths[-1], 3), 12, "bilinear")
     assert np.array_equal(many[-1], np.asarray(last))
+
+
+def test_a_16_bit_image_reads_as_its_8_bit_copy_and_exif_orientation_is_applied(tmp_path):
+    """A dark 16-bit picture was stretched to its brightest pixel (other top-1 than its 8-bit
+    copy); a phone photo stored sideways with EXIF Orientation=6 was classified sideways."""
+    from PIL import Image
+
+    dark = (np.asarray(make_image(1, 0, 16).convert("L"), dtype=np.uint16) * 3 // 10).astype(
+        np.uint8
+    )
+    Image.fromarray(dark).save(tmp_path / "dark8.png")
+    Image.fromarray(dark.astype(np.uint16) * 257).save(tmp_path / "dark16.png")
+    eight, sixteen = (
+        np.asarray(decoding.open_image(str(tmp_path / f), 1)) for f in ("dark8.png", "dark16.png")
+    )
+    assert np.array_equal(eight, sixteen)
+    upright = make_image(2, 0, 24).resize((24, 16))  # wide, as shown
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to show": stored turned the other way
+    upright.rotate(90, expand=True).save(tmp_path / "phone.png", exif=exif)
+    shown = decoding.open_image(str(tmp_path / "phone.png"), 3)
+    assert np.array_equal(np.asarray(shown), np.asarray(upright.convert("RGB")))

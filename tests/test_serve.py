@@ -157,3 +157,19 @@ def test_sigterm_stops_it_cleanly(server):
     assert "Traceback" not in proc.stderr.read()
     with pytest.raises(OSError):  # nothing left listening
         call(url + "/health")
+
+
+def test_a_default_top_k_above_the_classes_is_clamped_as_predict_does(trained_run, capsys):
+    """`serve --top-k 50` on 4 classes started, then refused every request that did not pass
+    ?top_k=, blaming a value the client never sent; a negative --max-wait-ms was taken."""
+    import inspect
+
+    from transferlab import checkpoint, serve
+    from transferlab.cli import main
+
+    app = serve.app_for(trained_run, top_k=50)
+    route = next(r for r in app.routes if getattr(r, "path", "") == "/predict")
+    classes = len(checkpoint.read_meta(trained_run)["classes"])
+    assert inspect.signature(route.endpoint).parameters["top_k"].default == classes
+    assert main(["serve", str(trained_run), "--max-wait-ms", "-5"]) == 2
+    assert "--max-wait-ms is 0..10000" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from importlib import resources
@@ -347,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         print(f"transferlab {args.command}: {err}", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # `| head` stopped reading: no error of the user's, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit)
+        return 141  # as a shell reports a process SIGPIPE ended
     except OSError as err:  # the disk or the OS refused (full, read-only, gone): say which file
         where = f" ({err.filename})" if err.filename else ""
         print(f"transferlab {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)

@@ -194,6 +194,8 @@ def cmd_serve(args) -> None:
 
     if not 1 <= args.port <= 65535 or args.max_batch < 1 or args.max_mb <= 0 or args.top_k < 1:
         raise UserError("--port is 1..65535; --max-batch, --max-mb and --top-k are positive")
+    if not 0 <= args.max_wait_ms <= 10_000:
+        raise UserError(f"--max-wait-ms is 0..10000 (milliseconds), got {args.max_wait_ms:g}")
     serve.serve(args.path, args.host, args.port, max_batch=args.max_batch,
                 max_wait_ms=args.max_wait_ms, max_mb=args.max_mb, top_k=args.top_k)  # fmt: skip
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .config import UnreadableImages, UserError
@@ -37,13 +37,14 @@ UNREADABLE = (
 
 
 def open_image(path: str, channels: int) -> Image.Image:
-    """Open any image mode as sane 8-bit RGB or L (16-bit and palette modes included)."""
+    """Open any image mode as sane 8-bit RGB or L (16-bit and palette modes included), turned
+    as its EXIF orientation says (as every viewer shows a phone's photo)."""
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            hi = arr.max() or 1.0
-            im = Image.fromarray((arr * (255.0 / hi)).round().astype(np.uint8), "L")
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # by bit depth, as its 8-bit copy
+            arr = np.asarray(im, dtype=np.float64)  # (not stretched to its brightest pixel)
+            im = Image.fromarray((arr.clip(0, 65535) / 257).round().astype(np.uint8), "L")
         elif im.mode == "F":
             arr = np.asarray(im, dtype=np.float64)
             lo, hi = arr.min(), arr.max()
@@ -176,7 +177,8 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-CACHE_VERSION = 1  # bump when decoding changes, so old cache files are not reused
+CACHE_VERSION = 2  # bump when decoding changes, so old cache files are not reused (2: EXIF
+# orientation, 16-bit images by bit depth)
 
 
 def resolve_cache(setting: str | None) -> Path | None:

@@ -119,6 +119,7 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
     from . import predict
 
     predictor = predict.Predictor(path)
+    top_k = min(top_k, len(predictor.classes))  # as predict does (--top-k 50, 10 classes)
     batcher = Batcher(predictor, max_batch, max_wait_ms)
     limit = int(max_mb * 1e6)
 
