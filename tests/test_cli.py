@@ -240,3 +240,12 @@ def test_output_cut_short_by_a_pipe_is_no_error():
     proc.stdout.close()  # the reader is gone, as head leaves
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "error" not in err and "Traceback" not in err
+
+
+def test_finetune_help_shows_the_defaults_it_uses(capsys):
+    """It showed train's: --data [digits], --lr [0.001]; a fine-tune takes the --from run's
+    data and settings and a tenth of its learning rate."""
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[the --from run's / 10]" in text and "[digits]" not in text and "[0.001]" not in text

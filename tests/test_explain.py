@@ -56,6 +56,9 @@ def test_explain_writes_an_overlay_per_image_for_the_predicted_or_named_class(
                  str(tmp_path / "cam")]) == 0  # fmt: skip
     assert "Grad-CAM of d -> " in capsys.readouterr().out
     assert len(list((tmp_path / "cam").glob("*-gradcam.png"))) == 1
+    (tmp_path / "fake.png").write_bytes(b"not an image")  # was left out without a word
+    explain.explain(trained_run, [files[0], str(tmp_path / "fake.png")], tmp_path / "cam2")
+    assert "skipped: " in capsys.readouterr().err
     with pytest.raises(UserError, match="--class zebra is not a class"):
         explain.explain(trained_run, files, target="zebra")
     (tmp_path / "mine").mkdir()

@@ -554,3 +554,20 @@ def test_a_recipe_s_defaults_model_is_the_train_steps_and_its_out_expands_home(
     )
     assert recipe.run(path, quiet=True) == tmp_path / "home" / "x"
     assert checkpoint.is_run(tmp_path / "home" / "x" / "f") and not (tmp_path / "~").exists()
+
+
+def test_a_recipe_s_errors_do_not_ask_for_flags_run_does_not_take(tmp_path):
+    """A note in a recipe's ensemble folder failed every rerun with "--overwrite would delete
+    ..."; run takes no --overwrite (nor --resume: it resumes steps by itself)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "data: digits\ndefaults: {model: dcnn, epochs: 1, limit: 60}\n"
+        "steps: [{train: a}, {train: b, seed: 1}, {ensemble: e, members: [a, b]}]\n"
+    )
+    recipe.run(path, tmp_path / "out", quiet=True)
+    (tmp_path / "out" / "e" / "NOTES.md").write_text("mine")
+    with pytest.raises(UserError) as err:
+        recipe.run(path, tmp_path / "out", quiet=True)
+    assert "rebuilding it would delete files transferlab did not write" in str(err.value)
+    assert "(NOTES.md); delete" in str(err.value) and "--overwrite" not in str(err.value)
+    assert (tmp_path / "out" / "e" / "NOTES.md").read_text() == "mine"

@@ -79,17 +79,24 @@ def _sub(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     return p
 
 
-def _config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One option per TrainConfig field, its help taken from the field's comment."""
+def _config_options(
+    p: argparse.ArgumentParser, skip: tuple[str, ...] = (), parent: bool = False
+) -> None:
+    """One option per TrainConfig field, its help taken from the field's comment (`parent`: a
+    fine-tune's, whose defaults are the --from run's settings, its lr a tenth of that run's)."""
     helps = field_help()
     defaults = TrainConfig()
-    group = p.add_argument_group("training options (defaults in brackets)")
+    title = "the --from run's, unless given" if parent else "defaults in brackets"
+    group = p.add_argument_group(f"training options ({title})")
     for name in field_names(TrainConfig):
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
-        text = f"{helps.get(name, '')} [{default}]".replace("%", "%%")  # argparse formats it
+        shown = (
+            ("the --from run's / 10" if name == "lr" else "the --from run's") if parent else default
+        )
+        text = f"{helps.get(name, '')} [{shown}]".replace("%", "%%")  # argparse formats it
         if isinstance(default, bool):
             group.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text
@@ -155,7 +162,7 @@ def _training_commands(sub) -> None:
     p = _sub(sub, "finetune", "continue training from a run's weights (new data: new head)")
     p.add_argument("--from", dest="source", required=True, help="the run folder to start from")
     _run_folder_options(p)
-    _config_options(p, skip=("model", "weights"))
+    _config_options(p, skip=("model", "weights"), parent=True)
 
     p = _sub(sub, "lr-find", "LR range test: plot loss against LR, print a suggested --lr")
     p.add_argument("--out", required=True, help="folder for lr_find.png and lr_find.json")

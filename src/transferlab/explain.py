@@ -7,6 +7,7 @@ is the predicted one unless one is named."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,8 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
     images, kept, bad = predict._decode(files, prep, quiet)
     if not kept:
         raise UserError("no readable images: " + "; ".join(bad))
+    for line in bad:  # as predict says them (they were left out without a word)
+        print(f"skipped: {line}", file=sys.stderr)
     maps, prob = cams(evaluate.load_run_model(run, meta), prep, images,
                       None if index is None else [index] * len(kept))  # fmt: skip
     blended = overlay(images, maps)

@@ -21,6 +21,7 @@ rerunning a recipe after a crash loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import re
@@ -379,7 +380,24 @@ def _fit(cfg: TrainConfig, run_dir: Path, quiet: bool) -> None:
         refuse_changed(run_dir, cfg)
         print(f"   {run_dir} is complete: skipped (delete it to redo)")
         return
-    trainer.fit(cfg, run_dir, resume=run_dir.exists(), quiet=quiet)
+    with _advice_for_run(run_dir):
+        trainer.fit(cfg, run_dir, resume=run_dir.exists(), quiet=quiet)
+
+
+@contextlib.contextmanager
+def _advice_for_run(folder: Path):
+    """train's and ensemble's advice names --resume and --overwrite, which `run` does not take
+    (it resumes a step by itself): say what a recipe's user can do."""
+    try:
+        yield
+    except UserError as err:
+        if "--overwrite" not in str(err):
+            raise
+        what = str(err).replace("--overwrite would delete", "rebuilding it would delete")
+        raise UserError(
+            what.split("; ")[0]
+            + f"; delete {folder} to make that step anew, or choose another --out"
+        ) from None
 
 
 def _members(keys: dict, out: Path) -> list[str]:
@@ -408,15 +426,16 @@ def _soup(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
 
 def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
     runs = _members(keys, out)
-    info = ensembles.build(
-        runs,
-        keys.get("method", "soft"),
-        out / name,
-        keys.get("data"),
-        quiet,
-        keys.get("tta", "none"),
-        overwrite=True,  # the recipe's own ensemble folder, rebuilt from its members
-    )
+    with _advice_for_run(out / name):
+        info = ensembles.build(
+            runs,
+            keys.get("method", "soft"),
+            out / name,
+            keys.get("data"),
+            quiet,
+            keys.get("tta", "none"),
+            overwrite=True,  # the recipe's own ensemble folder, rebuilt from its members
+        )
     print_ensemble(info)
 
 
