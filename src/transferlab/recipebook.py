@@ -1,0 +1,290 @@
+"""A recipe file: its loading (strict YAML, bounded), `--set` overrides, and every check made
+before a step runs (keys, values, names, members, models, data specs); `recipe` runs it."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+
+import yaml
+
+from . import checkpoint, data, ensembles, evaluate, outputs, weights
+from .config import TrainConfig, UserError, field_names, make_config
+
+TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
+STEP_KINDS = ("train", "finetune", "ensemble", "soup", "auto", "report")
+EXTRA_KEYS = {
+    "auto": ("budget", "seed", "cache_dir"),
+    "finetune": ("from",),
+    "ensemble": ("members", "method", "tta"),
+    "soup": ("members", "method"),
+    "report": (),
+}
+
+
+MAX_BYTES = 1_000_000  # a recipe is a page of YAML, not a data file
+MAX_VALUES = 100_000  # values after expanding YAML aliases: a "billion laughs" stops here
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a step's run folder, inside --out
+
+
+def load(path: str | Path) -> dict:
+    """Read a recipe file: UTF-8 YAML, at most MAX_BYTES, no alias bomb or cycle."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    if path.stat().st_size > MAX_BYTES:
+        raise UserError(
+            f"{path} is {path.stat().st_size:,} bytes; a recipe is at most {MAX_BYTES:,}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}): "
+            "save it as UTF-8"
+        ) from None
+    try:
+        recipe = yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}: {problem or err}") from None
+    except RecursionError:
+        raise UserError(f"{path} nests too deeply to be a recipe") from None
+    count_values(recipe, path)
+    if recipe is None:
+        recipe = {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: a recipe is a mapping with keys {', '.join(TOP_KEYS)}")
+    return recipe
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last
+    one silently: `model: dcnn` then `model: resnet50` would train a ResNet-50)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) or key == "<<":
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def count_values(node, path, ancestors: tuple = (), budget: list | None = None) -> None:
+    """Walk the loaded YAML as its aliases expand it; refuse cycles and more than MAX_VALUES."""
+    budget = budget if budget is not None else [MAX_VALUES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise UserError(f"{path} expands to more than {MAX_VALUES:,} values (a YAML alias bomb?)")
+    if isinstance(node, (dict, list)):
+        if any(node is a for a in ancestors):
+            raise UserError(f"{path} refers to itself (a YAML alias inside its own anchor)")
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        for child in children:
+            count_values(child, path, (*ancestors, node), budget)
+
+
+def apply_overrides(recipe: dict, overrides: dict) -> dict:
+    """`--set` pairs: top-level keys (data, out), `steps.N.key`, or TrainConfig fields."""
+    recipe = copy.deepcopy(recipe)
+    recipe.setdefault("overrides", {})
+    for key, value in overrides.items():
+        if key in ("data", "out", "name"):
+            recipe[key] = value
+        elif key.startswith("steps.") or key == "steps":
+            parts = key.split(".", 2)
+            steps = recipe.get("steps")
+            if len(parts) != 3 or not parts[1].isdigit():
+                raise UserError(f"--set {key}: write steps.N.KEY=VALUE (N counts from 0)")
+            index = int(parts[1])
+            if not isinstance(steps, list) or index >= len(steps):
+                raise UserError(f"--set {key}: no step {index} in this recipe")
+            if not isinstance(steps[index], dict):
+                raise UserError(f"--set {key}: step {index} takes no keys")
+            steps[index][parts[2]] = value
+        else:
+            recipe["overrides"][key.removeprefix("defaults.")] = value
+    return recipe
+
+
+def validate(recipe: dict, out: Path | None = None) -> None:
+    """Every key, type, step form, name and member reference, before any step runs.
+
+    With `out`, members and parents are checked to exist (an earlier step or a run folder).
+    """
+    unknown = [k for k in recipe if k not in (*TOP_KEYS, "overrides")]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), TOP_KEYS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown recipe key '{unknown[0]}'{hint} (known: {', '.join(TOP_KEYS)})")
+    for key in ("name", "description", "data", "out"):
+        if recipe.get(key) is not None and not isinstance(recipe[key], str):
+            raise UserError(f"recipe key '{key}' must be text, got {type(recipe[key]).__name__}")
+    name = recipe.get("name")
+    if name is not None and not (NAME.fullmatch(name) and name not in (".", "..")):
+        raise UserError(
+            f"recipe name {name!r} must be a plain name (letters, digits, . _ -): it names the "
+            "default output folder runs/NAME"
+        )
+    for key in ("defaults", "overrides"):
+        if not isinstance(recipe.get(key) or {}, dict):
+            raise UserError(f"recipe key '{key}' must be a mapping of training options")
+    steps = recipe.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise UserError("a recipe needs a non-empty 'steps' list (- train: NAME, ...)")
+    make_config(recipe.get("defaults") or {})
+    make_config(recipe.get("overrides") or {})
+    names: list[str] = []
+    kinds: dict[str, str] = {}
+    for i, step in enumerate(steps):
+        kind, name, keys = parse_step(step, i)
+        _check_keys(kind, name, keys, i)
+        _check_values(kind, name, keys, i, out is not None)
+        if kind != "report":
+            if name in names:
+                raise UserError(f"step {i}: the name '{name}' is used by an earlier step")
+            if kind == "train":
+                cfg = make_config(train_settings(recipe, keys))  # bad values fail before any
+                weights.check_model(cfg)  # step runs, a typo in a later step's model too
+                data.check_spec(cfg.data, exists=out is not None)
+            elif kind == "auto":
+                from .auto import parse_budget
+
+                parse_budget(keys.get("budget", ""))
+                _auto_data_seed(recipe, keys)
+            elif kind == "finetune":
+                settings = train_settings(recipe, keys, data=False)  # the parent decides the rest
+                for key in ("model", "weights"):
+                    if key in keys:  # (from defaults or --set: meant for the train steps)
+                        raise UserError(
+                            f"{key} does not apply to a fine-tune (step {i}, finetune {name}): "
+                            "it starts from its 'from' run; set it on train steps only"
+                        )
+                make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=False)
+            if out is not None and kind in ("finetune", "ensemble", "soup"):
+                _check_refs(kind, name, keys, names, out, i)
+            refs = keys.get("members") if kind in ("ensemble", "soup") else [keys.get("from")]
+            made = next((kinds[str(r)] for r in refs or [] if kinds.get(str(r)) == "ensemble"), "")
+            if made:  # it failed after every step before it had trained
+                raise UserError(f"step {i} ({kind} {name}): an ensemble step is not a run; "
+                                "name the runs it combines")  # fmt: skip
+            names.append(name)
+            kinds[name] = kind
+
+
+def _check_keys(kind: str, name: str, keys: dict, index: int) -> None:
+    allowed = set(EXTRA_KEYS.get(kind, ())) | (
+        {*field_names(TrainConfig)} - {"data"} if kind in ("train", "finetune") else set()
+    )
+    allowed |= {"data"} if kind in ("train", "finetune", "ensemble", "soup", "auto") else set()
+    for key in keys:
+        if str(key).replace("-", "_") not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=2)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"unknown key '{key}' in step {index} ({kind} {name}){hint}")
+
+
+RESERVED = ("recipe.yaml", *outputs.REPORTS)  # files of the recipe's folder, not step names
+
+
+def _check_values(kind: str, name: str, keys: dict, i: int, exists: bool) -> None:
+    """What an ensemble, soup or auto step would refuse after the steps before it had run
+    (`exists`: data paths are checked to exist too)."""
+    from . import soups
+
+    if name in RESERVED and kind != "report":
+        raise UserError(f"step {i} ({kind}): '{name}' is a file of the recipe's folder; rename it")
+    if "data" in keys and kind != "train":
+        data.check_spec(str(keys["data"]), exists)
+    if kind == "ensemble":
+        if keys.get("method", "soft") not in ensembles.COMBINERS:
+            raise UserError(
+                f"step {i} (ensemble {name}): unknown ensemble method '{keys['method']}' "
+                f"(known: {', '.join(ensembles.COMBINERS)})"
+            )
+        evaluate.check_tta(str(keys.get("tta", "none")))
+    if kind == "soup" and keys.get("method", "greedy") not in soups.METHODS:
+        raise UserError(
+            f"step {i} (soup {name}): unknown soup method '{keys['method']}' "
+            f"(known: {', '.join(soups.METHODS)})"
+        )
+
+
+def _check_refs(kind: str, name: str, keys: dict, earlier: list[str], out: Path, i: int) -> None:
+    """A finetune's `from` and an ensemble's or soup's `members` name earlier steps or runs."""
+    refs = [keys.get("from")] if kind == "finetune" else keys.get("members")
+    if kind == "finetune" and not refs[0]:
+        raise UserError(f"step {i} (finetune {name}) needs 'from: RUN' (a step name or run folder)")
+    if kind in ("ensemble", "soup") and (not isinstance(refs, list) or len(refs) < 2):
+        raise UserError(f"step {i} ({kind} {name}) needs 'members: [A, B, ...]' (two or more)")
+    for ref in refs:
+        if str(ref) not in earlier and not checkpoint.is_run(ref_path(ref, out)):
+            raise UserError(
+                f"step {i} ({kind} {name}): '{ref}' is neither an earlier step "
+                f"({', '.join(earlier) or 'none'}) nor a finished run folder"
+            )
+
+
+def ref_path(ref, out: Path) -> Path:
+    """A member or parent: a step name under `out`, else a run folder path."""
+    ref = str(ref)
+    return out / ref if NAME.fullmatch(ref) and (out / ref).exists() else Path(ref).expanduser()
+
+
+def parse_step(step, index: int) -> tuple[str, str, dict]:
+    """(kind, name, keys) of `- train: NAME` + keys, `- train: {name: NAME, ...}` or `- report`."""
+    if step == "report":
+        return "report", "report", {}
+    if not isinstance(step, dict):
+        raise UserError(f"step {index} must be a mapping like '- train: NAME', got {step!r}"[:200])
+    kinds = [k for k in step if k in STEP_KINDS]
+    if len(kinds) != 1:
+        raise UserError(
+            f"step {index} needs exactly one of {', '.join(STEP_KINDS)}; "
+            f"got keys {', '.join(map(str, step))}"[:300]
+        )
+    kind, value = kinds[0], step[kinds[0]]
+    keys = {k: v for k, v in step.items() if k != kind}
+    if kind == "report":
+        if value not in (None, {}, "report") or keys:
+            raise UserError(f"step {index}: report takes no name or keys ('- report')")
+        return kind, "report", {}
+    if isinstance(value, dict):  # the mapping form: - train: {name: a, model: dcnn}
+        if keys:
+            raise UserError(
+                f"step {index}: give its keys either inside {kind}: {{...}} or beside it"
+            )
+        keys = dict(value)
+        value = keys.pop("name", None)
+    if not isinstance(value, str) or not NAME.fullmatch(value) or value in (".", ".."):
+        raise UserError(
+            f"step {index} ({kind}) needs a plain name for its run folder inside --out "
+            f"(letters, digits, . _ -), got {value!r}"[:200]
+        )
+    return kind, value, keys
+
+
+def train_settings(recipe: dict, keys: dict, data: bool = True) -> dict:
+    """A train/finetune step's options: defaults < step keys < --set overrides (a finetune
+    takes its parent's data unless it names its own)."""
+    base = {"data": recipe.get("data", "digits")} if data else {}
+    every = [recipe.get("defaults") or {}, recipe.get("overrides") or {}]
+    if not data:  # a fine-tune's model and weights are its parent's: these are the train steps'
+        every = [{k: v for k, v in d.items() if k not in ("model", "weights")} for d in every]
+    return {**base, **every[0], **keys, **every[1]}
+
+
+def _auto_data_seed(recipe: dict, keys: dict) -> tuple[str, int]:
+    """An auto step's data and seed as a train step's: defaults < the step's keys < `--set`;
+    a bad seed fails here (make_config), before any step runs."""
+    given = train_settings(recipe, {k: v for k, v in keys.items() if k in ("data", "seed")})
+    return given["data"], make_config({"seed": given.get("seed", 0)}).seed
