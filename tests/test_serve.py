@@ -2,6 +2,7 @@
 `predict`, bad uploads as 4xx JSON while it keeps serving, concurrent requests batched, and a
 clean exit on SIGTERM."""
 
+import io
 import json
 import signal
 import socket
@@ -72,10 +73,10 @@ def server(trained_run):
         proc.kill()
 
 
-def test_predict_answers_as_the_library_does(server, folder_data):
+def test_predict_answers_as_the_library_does(server, folder_data, trained_run):
     url, _ = server
     files = sorted((folder_data / "test" / "b").iterdir())[:3]
-    want, _ = predict.predict(server_run(url), [str(f) for f in files], top_k=2, quiet=True)
+    want, _ = predict.predict(trained_run, [str(f) for f in files], top_k=2, quiet=True)
     status, got = call(url + "/predict", *multipart([(f.name, f.read_bytes()) for f in files]))
     assert status == 200 and [r["file"] for r in got["results"]] == [f.name for f in files]
     for g, w in zip(got["results"], want, strict=True):
@@ -87,10 +88,7 @@ def test_predict_answers_as_the_library_does(server, folder_data):
     assert status == 200 and len(raw["results"][0]["predictions"]) == 1
     status, info = call(url + "/info")
     assert info["classes"] == ["a", "b", "c", "d"] and info["members"][0]["preprocessing"]
-
-
-def server_run(url: str) -> str:
-    return call(url + "/info")[1]["path"]
+    assert info["path"] == trained_run.name  # not where the server keeps its files
 
 
 def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_data):
@@ -104,6 +102,15 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
         assert got_status == status and words in got["error"], (status, got)
     assert call(url + "/predict?top_k=99", good)[0] == 422
     assert call(url + "/predict?top_k=x", good)[0] == 422
+    from PIL import Image
+
+    huge = io.BytesIO()  # 450 KB of PNG, 144 Mpx (4 GB) decoded: refused from its header
+    Image.new("L", (12_000, 12_000)).save(huge, "PNG")
+    got_status, got = call(url + "/predict", huge.getvalue()[:50_000])
+    assert got_status == 413 and "12000x12000 (144 Mpx); the limit is 89 Mpx" in got["error"]
+    many, headers = multipart([(f"{i}.png", good) for i in range(65)])
+    got_status, got = call(url + "/predict", many, headers)
+    assert got_status == 413 and "holds 65 images; the limit is 64" in got["error"]
     assert call(url + "/predict", good)[0] == 200  # still serving
 
 

@@ -155,6 +155,9 @@ def _decode_files(
             out[i] = _to_array(
                 resize(open_image(paths[i], channels), size, interpolation), channels
             )
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            limit = Image.MAX_IMAGE_PIXELS  # (Pillow's words: "could be decompression bomb")
+            return f"{paths[i]} (over {limit:,} pixels, the limit for one image: shrink it first)"
         except UNREADABLE as err:
             return f"{paths[i]} ({type(err).__name__}: {err})"
         return None

@@ -74,6 +74,9 @@ class Batcher:
         return list(await asyncio.gather(*futures))
 
 
+MAX_FILES = 64  # images in one request (each up to --max-mb, then decoded)
+
+
 class BadUpload(Exception):
     """A request the server refuses: its status and a one-line reason (sent as JSON)."""
 
@@ -102,6 +105,16 @@ def image_of(name: str, body: bytes, max_mb: float) -> Image.Image:
         raise BadUpload(400, f"{name} is empty (0 bytes)")
     if len(body) > max_mb * 1e6:
         raise BadUpload(413, f"{name} is {len(body) / 1e6:.1f} MB; the limit is {max_mb} MB")
+    try:
+        with Image.open(io.BytesIO(body)) as header:  # the size, before any pixel is decoded
+            pixels, size = header.width * header.height, header.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise BadUpload(415, f"{name} is not a readable image (an unknown format)") from None
+    if pixels > (Image.MAX_IMAGE_PIXELS or pixels):  # a 450 KB PNG can hold 144 Mpx (4 GB)
+        raise BadUpload(
+            413, f"{name} is {size[0]}x{size[1]} ({pixels / 1e6:.0f} Mpx); the limit is "
+            f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx, as transferlab predict's"
+        )  # fmt: skip
     try:
         return decoding.open_image(io.BytesIO(body), 3)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
@@ -152,7 +165,13 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
                 413, f"the request is {declared / 1e6:.1f} MB; the limit is {max_mb} MB"
             )
         uploads = await uploads_of(request)
-        images = [image_of(name, body, max_mb) for name, body in uploads]
+        if len(uploads) > MAX_FILES:
+            raise BadUpload(
+                413, f"the request holds {len(uploads)} images; the limit is {MAX_FILES}"
+            )
+        images = await asyncio.to_thread(  # decoded off the event loop: /health still answers
+            lambda: [image_of(name, body, max_mb) for name, body in uploads]
+        )
         results = await batcher.predict(images, top_k)
         return {"results": [{"file": name, "predictions": preds}
                             for (name, _), preds in zip(uploads, results, strict=True)]}  # fmt: skip
@@ -164,7 +183,7 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
     @app.get("/info")
     async def info():
         return {
-            "path": str(Path(path).resolve()),
+            "path": Path(path).name,  # not the server's folders (the host may be 0.0.0.0)
             "classes": predictor.classes,
             "names": predictor.names,
             "method": predictor.method,
