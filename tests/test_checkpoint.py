@@ -90,3 +90,21 @@ def test_written_files_get_the_usual_mode_and_a_replaced_one_keeps_its_own(tmp_p
     mine.chmod(0o604)
     checkpoint.write_text(mine, "y")
     assert mine.stat().st_mode & 0o777 == 0o604 and mine.read_text() == "y"
+
+
+def test_the_same_weights_make_the_same_file_in_every_process(tmp_path):
+    """A resumed run's weights equalled an uninterrupted one's, its file did not: safetensors
+    wrote the metadata in an order of the process's hash seed (two sha256 for one model)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from transferlab import checkpoint; torch.manual_seed(0); "
+        "checkpoint.save_weights(sys.argv[1], torch.nn.Linear(3, 2), 'lin', ['a', 'b'])"
+    )
+    for i in range(6):  # two metadata orders: all six alike by chance 1 in 32
+        (tmp_path / str(i)).mkdir()
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / str(i))], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": "random"})  # fmt: skip
+    files = {(tmp_path / str(i) / "model.safetensors").read_bytes() for i in range(6)}
+    assert len(files) == 1

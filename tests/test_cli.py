@@ -249,3 +249,16 @@ def test_finetune_help_shows_the_defaults_it_uses(capsys):
         main(["finetune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "[the --from run's / 10]" in text and "[digits]" not in text and "[0.001]" not in text
+
+
+def test_small_mistakes_and_warnings_read_as_one_line(tmp_path, capsys):
+    """A recipe that is a folder was "not found"; a warning (a damaged checkpoint skipped)
+    printed Python's file, line number and source line."""
+    import warnings
+
+    (tmp_path / "dir.yaml").mkdir()
+    assert main(["run", str(tmp_path / "dir.yaml")]) == 2
+    assert "is a folder: name its .yaml file" in capsys.readouterr().err
+    assert warnings.formatwarning("skipping checkpoint", UserWarning, "x.py", 3) == (
+        "warning: skipping checkpoint\n"
+    )

@@ -32,6 +32,10 @@ def test_unknown_keys_suggest_and_options_without_effect_are_refused():
     with pytest.raises(UserError, match="momentum has no effect here"):
         make_config({"momentum": 0.5})
     assert make_config({"momentum": 0.5, "optimizer": "sgd"}).momentum == 0.5
+    for strategy in ("lp-ft", "head-first", "layer-decay"):  # lp-ft's fine-tune trained the head
+        with pytest.raises(UserError, match=f"freeze backbone leaves strategy {strategy} only"):
+            make_config({"strategy": strategy, "freeze": "backbone"})
+    assert make_config({"strategy": "lp-ft", "freeze": "2"}).freeze == "2"
 
 
 def test_a_mistyped_choice_is_refused_with_the_closest_choice():

@@ -35,6 +35,11 @@ def test_matched_head_copies_shared_rows_and_keeps_the_rest_fresh():
     assert torch.equal(w[0], state["fc.weight"][2]) and torch.equal(w[2], state["fc.weight"][0])
     assert torch.equal(w[1], fresh[1])
     assert torch.equal(target.state_dict()["fc.bias"][0], state["fc.bias"][2])
+    none = weights.load_into(target, state, ["x", "y"], ["a", "b", "c"], "match")
+    assert weights._head_note(none, 2, "match") == (  # it said "new", as if match was not asked
+        "matched 0/2: no class shared with the source, all new"
+    )
+    assert weights._head_note(none, 2) == "new" and weights._head_note(summary, 3) == "matched 2/3"
 
 
 @pytest.mark.slow

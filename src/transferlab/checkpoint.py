@@ -92,7 +92,8 @@ def weights_path(run: Path) -> Path:
 def save_weights(run: Path, model: torch.nn.Module, arch: str, classes: list[str]) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(weights_path(run)) as tmp:
-        save_file(state, str(tmp), metadata={"arch": arch, "classes": json.dumps(classes)})
+        info = json.dumps({"arch": arch, "classes": classes})  # one key: safetensors writes a
+        save_file(state, str(tmp), metadata={"transferlab": info})  # dict in a random order
 
 
 def load_run_weights(run: Path, meta: dict) -> dict:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -174,7 +175,8 @@ def _result_commands(sub) -> None:
     p = _sub(sub, "evaluate", "score a run or ensemble from its saved files")
     p.add_argument("path", help="a run folder or an ensemble folder")
     p.add_argument("--data", help="dataset spec [the one it was trained on]")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="the split scored (val is carved from train, as when it was trained) [test]")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.add_argument("--tta", help=TTA_HELP + " [none; an ensemble: its own]")
 
@@ -345,8 +347,13 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"  # not Python's source line: what to know, as a user reads it
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         (COMMANDS | cli_ship.COMMANDS)[args.command](args)
     except UserError as err:

@@ -278,6 +278,12 @@ def validate(cfg: TrainConfig) -> None:
             f"freeze {cfg.freeze} does not combine with strategy {cfg.strategy}, which decides "
             "itself what is frozen; use strategy full, lp-ft, head-first or layer-decay with freeze"
         )
+    if cfg.freeze == "backbone" and cfg.strategy in ("lp-ft", "head-first", "layer-decay"):
+        raise UserError(  # its fine-tuning stage trained the head alone, without a word
+            f"freeze backbone leaves strategy {cfg.strategy} only the head to train in every "
+            "stage; use strategy linear-probe (or full) for the head alone, or freeze N to "
+            "fine-tune the top of the backbone"
+        )
     if cfg.fold != "none" and not _is_fold(cfg.fold):
         raise UserError(f"fold must be none or i/k with 1 <= i <= k and k >= 2, got {cfg.fold!r}")
     if cfg.feature_engine == "onnxruntime" and not all(

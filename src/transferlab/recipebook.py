@@ -33,7 +33,10 @@ def load(path: str | Path) -> dict:
     """Read a recipe file: UTF-8 YAML, at most MAX_BYTES, no alias bomb or cycle."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"recipe not found: {path}")
+        raise UserError(
+            f"recipe {path} is a folder: name its .yaml file" if path.is_dir()
+            else f"recipe not found: {path}"
+        )  # fmt: skip
     if path.stat().st_size > MAX_BYTES:
         raise UserError(
             f"{path} is {path.stat().st_size:,} bytes; a recipe is at most {MAX_BYTES:,}"
@@ -230,7 +233,8 @@ def _check_refs(kind: str, name: str, keys: dict, earlier: list[str], out: Path,
         if str(ref) not in earlier and not checkpoint.is_run(ref_path(ref, out)):
             raise UserError(
                 f"step {i} ({kind} {name}): '{ref}' is neither an earlier step "
-                f"({', '.join(earlier) or 'none'}) nor a finished run folder"
+                f"({', '.join(earlier) or 'none'}) nor a finished run folder (a path is read "
+                "from the current folder, not --out)"
             )
 
 

@@ -160,13 +160,16 @@ def build(
 
 def _load(model, src: Source, classes, names, head_init: str) -> None:
     summary = load_into(model, src.state, classes, src.classes, head_init, names, src.names)
-    src.lineage["head"] = _head_note(summary, len(classes))
+    src.lineage["head"] = _head_note(summary, len(classes), head_init)
 
 
-def _head_note(summary: dict, num_classes: int) -> str:
+def _head_note(summary: dict, num_classes: int, head_init: str = "fresh") -> str:
     if not summary["head_replaced"]:
         return "kept"
-    return f"matched {summary['head_matched']}/{num_classes}" if summary["head_matched"] else "new"
+    if summary["head_matched"] or head_init == "match":  # match that found none: said so
+        shared = "" if summary["head_matched"] else ": no class shared with the source, all new"
+        return f"matched {summary['head_matched']}/{num_classes}{shared}"
+    return "new"
 
 
 def pretrained(name: str, kind: str = "pretrained") -> Source:
