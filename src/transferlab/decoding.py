@@ -41,7 +41,7 @@ def open_image(path: str, channels: int) -> Image.Image:
     as its EXIF orientation says (as every viewer shows a phone's photo)."""
     with Image.open(path) as im:
         im.load()
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # by bit depth, as its 8-bit copy
             arr = np.asarray(im, dtype=np.float64)  # (not stretched to its brightest pixel)
             im = Image.fromarray((arr.clip(0, 65535) / 257).round().astype(np.uint8), "L")

@@ -167,7 +167,7 @@ def validate(recipe: dict, out: Path | None = None) -> None:
             elif kind == "finetune":
                 settings = train_settings(recipe, keys, data=False)  # the parent decides the rest
                 for key in ("model", "weights"):
-                    if key in keys:  # (from defaults or --set: meant for the train steps)
+                    if key in keys:  # its own (in defaults or --set: the train steps')
                         raise UserError(
                             f"{key} does not apply to a fine-tune (step {i}, finetune {name}): "
                             "it starts from its 'from' run; set it on train steps only"
@@ -176,8 +176,8 @@ def validate(recipe: dict, out: Path | None = None) -> None:
             if out is not None and kind in ("finetune", "ensemble", "soup"):
                 _check_refs(kind, name, keys, names, out, i)
             refs = keys.get("members") if kind in ("ensemble", "soup") else [keys.get("from")]
-            made = next((kinds[str(r)] for r in refs or [] if kinds.get(str(r)) == "ensemble"), "")
-            if made:  # it failed after every step before it had trained
+            if any(kinds.get(str(r)) == "ensemble" for r in refs or []):  # (it failed after
+                # every step before it had trained)
                 raise UserError(f"step {i} ({kind} {name}): an ensemble step is not a run; "
                                 "name the runs it combines")  # fmt: skip
             names.append(name)

@@ -183,7 +183,7 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
     @app.get("/info")
     async def info():
         return {
-            "path": Path(path).name,  # not the server's folders (the host may be 0.0.0.0)
+            "path": Path(path).resolve().name,  # not the server's folders (host 0.0.0.0)
             "classes": predictor.classes,
             "names": predictor.names,
             "method": predictor.method,
