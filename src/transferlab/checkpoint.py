@@ -171,6 +171,8 @@ def read_meta(run: str | Path) -> dict:
     if not run.exists():
         raise UserError(f"run folder not found: {run}")
     path = run / META
+    if not path.is_file() and (run / "state").is_dir():  # written when a run finishes
+        raise UserError(f"{run} is a run that stopped before it finished: finish it with --resume")
     if not path.is_file():
         raise UserError(f"not a run folder (no {META}): {run}")
     try:
