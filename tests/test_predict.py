@@ -85,6 +85,12 @@ def test_cli_formats(trained_run, images, capsys):
     assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["prob"] > 0
     assert main(["--quiet", "predict", str(trained_run), str(images / "a.png"), "--csv"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "path,rank,class,name,prob"
+    rows = [
+        {"path": p, "predictions": [{"name": "a", "prob": 0.5}]} for p in ("数字.png", "ab.png")
+    ]
+    lines = predict.table(rows).splitlines()  # wide characters take two columns: aligned
+    at = [predict._width(line[: line.index("a 0.500")]) for line in lines[1:]]  # columns
+    assert at == [10, 10] and lines[0].index("top-1") == 10
 
 
 def test_cli_errors_are_one_line(trained_run, images, tmp_path, capsys):

@@ -214,10 +214,18 @@ def table(rows: list[dict]) -> str:
     cells += [
         [row["path"]] + [f"{p['name']} {p['prob']:.3f}" for p in row["predictions"]] for row in rows
     ]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    widths = [max(_width(c[i]) for c in cells) for i in range(len(cells[0]))]
     return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+        "  ".join(c + " " * (w - _width(c)) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in cells
     )
+
+
+def _width(text: str) -> int:
+    """Columns on a terminal: wide (CJK) characters take two (len() counted one)."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 def csv_text(rows: list[dict]) -> str:
