@@ -351,8 +351,18 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"  # not Python's source line: what to know, as a user reads it
 
 
-def main(argv: list[str] | None = None) -> int:
+def console() -> int:
+    """The `transferlab` program (and `python -m transferlab`): its clock started with the
+    process, before torch was imported (auto's budget counts that start-up too)."""
+    import transferlab
+
+    return main(started=transferlab.STARTED)
+
+
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """One command; `started`: when its wall clock began (None: now)."""
     args = build_parser().parse_args(argv)
+    args.started = started
     warnings.formatwarning = _one_line_warning
     try:
         (COMMANDS | cli_ship.COMMANDS)[args.command](args)
@@ -376,4 +386,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

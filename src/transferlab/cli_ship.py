@@ -103,14 +103,12 @@ def commands(sub, _sub, Parser) -> None:
 
 
 def cmd_auto(args) -> None:
-    import transferlab
-
     from . import auto
 
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     auto.run(args.data, args.budget, args.out, args.resume, args.seed, args.quiet, args.cache_dir,
-             log=lambda *a: print(*a, flush=True), started=transferlab.STARTED)  # fmt: skip
+             log=lambda *a: print(*a, flush=True), started=args.started)  # fmt: skip
 
 
 def cmd_models(args) -> None:
