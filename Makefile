@@ -32,7 +32,7 @@ test: setup browser
 # The venv (~8 GB: torch 2.10's CUDA build) is removed when the suite ends, pass or fail.
 COMPAT := .venv-compat
 COMPAT_PINS ?= torch==2.10.0 torchvision==0.25.0 timm==1.0.26
-compat:
+compat: browser  # the fast suite renders report.html in chromium too
 	rm -rf $(COMPAT) && $(PYTHON) -m venv $(COMPAT)
 	PIP_FIND_LINKS=" " $(COMPAT)/bin/pip install -q --no-cache-dir $(COMPAT_PINS)
 	$(COMPAT)/bin/pip freeze | grep -E '^(torch|torchvision|timm)==' | tee $(COMPAT)/before.txt
