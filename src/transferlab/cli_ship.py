@@ -154,7 +154,7 @@ def cmd_data(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from . import ensembles, export, shipping
+    from . import checkpoint, ensembles, evaluate, export, shipping
 
     if ensembles.is_ensemble(args.path):
         if args.format != "onnx":
@@ -181,8 +181,15 @@ def cmd_export(args) -> None:
     check = result["check"]
     if check:
         print(
-            f"checked on {check['images']}: max |logit difference| vs PyTorch "
+            f"checked on {check['images']}: max |logit difference| vs PyTorch fp32 "
             f"{check['max_abs_logit_diff']:.2e}"
+        )
+    scored = evaluate.inference_precision(checkpoint.read_meta(args.path).get("precision", "fp32"))
+    if scored != "fp32":
+        print(
+            f"note: the file computes in fp32; the run's scores, evaluate, predict and serve here "
+            f"run {scored}, so a few images' top-1 may differ (--precision fp32 when training "
+            "gives identical numbers)"
         )
     print(f"{args.format} -> {result['path']}")
 

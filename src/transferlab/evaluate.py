@@ -121,11 +121,24 @@ def head_logits(model: nn.Module, feats: np.ndarray) -> np.ndarray:
     return head(torch.from_numpy(feats).to(device())).cpu().numpy()
 
 
-def load_run_model(run, meta: dict) -> nn.Module:
-    """The trained model of a run folder (weights from safetensors, checked against meta.json)."""
+def load_run_model(run, meta: dict, scoring: bool = False) -> nn.Module:
+    """The trained model of a run folder (weights from safetensors, checked against meta.json);
+    `scoring`: as every score is computed (`frozen`), not as it trains or exports."""
     model = models.for_run(meta)
     model.load_state_dict(checkpoint.load_run_weights(run, meta))
-    return model.to(device()).to(memory_format=torch.channels_last)
+    model = model.to(device()).to(memory_format=torch.channels_last)
+    if scoring:
+        return frozen(model, models.Preprocessing.from_dict(meta["preprocessing"]))
+    return model
+
+
+def frozen(model: nn.Module, prep: models.Preprocessing) -> nn.Module:
+    """The model as every score is computed: eval mode, BatchNorms folded into their
+    convolutions (`models.fold_batchnorm`). Training's recorded scores, probe features,
+    evaluate, predict, ensembles and serve all run this one forward, so they agree at any
+    precision: bf16 rounds a folded and an unfolded network differently (a Lite0 probe at 64 px
+    on digits scored 78.89% on folded bf16 features and 78.06% unfolded; fp32 79.44%)."""
+    return models.fold_batchnorm(model.eval(), prep.input_size, prep.channels)
 
 
 def predict_split(
@@ -197,7 +210,7 @@ def score_run(path, data_spec: str | None, split: str, quiet: bool = True, tta: 
     meta = checkpoint.read_meta(path)
     spec = data.canonical(data_spec or meta["data"])
     ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
-    model = load_run_model(path, meta)
+    model = load_run_model(path, meta, scoring=True)
     loaded = len(ds.notes)
     logits = predict_split(model, meta, ds, split, f"run {path}", quiet, tta or "none")
     notes = data_notes(meta, ds) + list(ds.notes[loaded:])  # images left out, as the run did

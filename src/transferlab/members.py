@@ -70,7 +70,7 @@ def member_logp(
                 per_member[split].append(evaluate.log_softmax(lg[:, order]))
                 targets.setdefault(split, y)
             continue
-        model = evaluate.load_run_model(run, meta)  # verified against its sha256
+        model = evaluate.load_run_model(run, meta, scoring=True)  # sha256 verified
         who = f"run {run}"
         evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
         key = checkpoint.features_key(spec, meta.get("val_fraction"), meta.get("limit"), tta)

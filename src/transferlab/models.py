@@ -334,7 +334,8 @@ def fold_batchnorm(model: nn.Module, input_size: int, channels: int = 3) -> nn.M
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
     ]
     dev = next(model.parameters()).device
-    x = torch.rand(2, channels, input_size, input_size, device=dev)
+    seeded = torch.Generator().manual_seed(0)  # the same decision at training and at scoring
+    x = torch.rand(2, channels, input_size, input_size, generator=seeded).to(dev)
     with torch.no_grad():
         reference = logits(model.eval(), x, pre_logits=True)
         logits(folded, x, pre_logits=True)

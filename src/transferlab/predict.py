@@ -154,7 +154,10 @@ class Predictor:
             self.classes, self.names = meta["classes"], meta["class_names"]
         for run, meta in zip(runs, self.metas, strict=True):
             evaluate.check_tta(self.tta, meta["preprocessing"]["input_size"], f"run {run}")
-        self.models = [evaluate.load_run_model(r, m) for r, m in zip(runs, self.metas, strict=True)]
+        self.models = [
+            evaluate.load_run_model(r, m, scoring=True)
+            for r, m in zip(runs, self.metas, strict=True)
+        ]
 
     def log_probs(self, files: list, quiet: bool = True) -> tuple[np.ndarray, list, list[str]]:
         """(N, K) log-probs of the readable inputs, those inputs, one line per skipped file."""

@@ -197,6 +197,8 @@ def stage(
     }
     if not final:
         return None
+    if cfg.feature_engine == "onnxruntime":  # its features are fp32: evaluate must compute that
+        loop.precision = "fp32"
     rows[0]["seconds"] += time.time() - t0 - sum(r["seconds"] for r in rows)  # features
     progress.history = rows
     progress.val_logits = torch.from_numpy(best["val_logits"])  # cached features: no 2nd pass

@@ -35,8 +35,9 @@ def predict_all(loop: Loop, images: np.ndarray) -> np.ndarray:
     """Logits for every image; under DDP each rank predicts a padded shard, then all gather."""
     d, n = loop.dist, len(images)
     mine = d.shard(n) if d.world > 1 else slice(None)
+    model = evaluate.frozen(loop.model, loop.prep)  # as evaluate, predict and serve score it
     part = evaluate.predict(
-        loop.model, images[mine], loop.prep, loop.precision, loop.cfg.eval_batch_size
+        model, images[mine], loop.prep, loop.precision, loop.cfg.eval_batch_size
     )
     return d.gather(part, n)
 

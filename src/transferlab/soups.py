@@ -152,14 +152,17 @@ def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
     def cook(members: list[int]) -> dict:
         model.load_state_dict(average([states[i] for i in members]))
         recompute_batchnorm(model, images["train"], prep, batch)
-        logits = evaluate.predict(model, images["val"], prep, precision, batch)
+        logits = evaluate.predict(
+            evaluate.frozen(model, prep), images["val"], prep, precision, batch
+        )
         return evaluate.metrics(logits, ds.splits["val"].labels)
 
     order = sorted(range(len(runs)), key=lambda i: -metas[i]["metrics"]["val"]["top1"])
     kept = order if method == "uniform" else _greedy(order, cook, runs, log)
     cook(kept)
+    scored = evaluate.frozen(model, prep)  # as evaluate scores the soup
     logits = {
-        s: evaluate.predict(model, images[s], prep, precision, batch) for s in ("val", "test")
+        s: evaluate.predict(scored, images[s], prep, precision, batch) for s in ("val", "test")
     }
     metrics = {s: evaluate.metrics(logits[s], ds.splits[s].labels) for s in logits}
     out = Path(out)
