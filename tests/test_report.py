@@ -173,3 +173,18 @@ def test_report_flags_runs_it_cannot_stand_behind(report_dir, tmp_path, capsys):
         UserError, match="no finished run or ensemble under .*r is a run that stopped"
     ):
         report.write(tmp_path / "empty")
+
+
+def test_a_folder_another_command_holds_is_not_reported_into(trained_run, tmp_path):
+    """A recipe running into OUT holds its lock; `transferlab report OUT` meanwhile would write
+    report.md beside the recipe's own: refused like any second command, then written after."""
+    from transferlab import outputs
+    from transferlab.config import UserError
+
+    out = tmp_path / "recipe-out"
+    shutil.copytree(trained_run, out / "tiny")
+    with outputs.lock(out), pytest.raises(UserError, match="in use by another transferlab"):
+        report.write(out)
+    assert not (out / "report.md").exists()
+    path, _ = report.write(out)
+    assert path == out / "report.md" and path.is_file()

@@ -133,7 +133,8 @@ class TrainConfig:
     eval_batch_size: int = opt(256, "images per forward pass when predicting")
     feature_engine: str = opt(
         "auto",
-        "auto | torch | onnxruntime: what computes a frozen backbone's features (probes); auto: the faster here, timed",
+        "auto | torch | onnxruntime (fp32): what computes a frozen backbone's features (probes); "
+        "auto: the faster here, timed, for fp32 runs (bf16 runs: torch, as evaluate scores them)",
     )
     checkpoint_every: int = opt(0, "also save the training state every N steps (0: each epoch)")
     keep_last: int = opt(2, "training-state checkpoints kept (newest first)")

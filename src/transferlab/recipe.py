@@ -195,7 +195,7 @@ def print_ensemble(info: dict) -> None:
 
 
 def _report(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
-    path, table = report.write(out)
+    path, table = report.write(out, held=True)  # the recipe holds OUT's lock
     print(table)
     print(f"   report -> {path}")
 

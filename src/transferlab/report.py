@@ -3,6 +3,7 @@ a self-contained report.html (see htmlreport)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import sys
@@ -185,9 +186,18 @@ def _is_study(folder: Path) -> bool:
     return (outputs.read_mark(folder) or {}).get("kind") == "auto"
 
 
-def write(root: str | Path) -> tuple[Path, str]:
-    """Write report.md and results.csv under `root`; returns (path, table)."""
+def write(root: str | Path, held: bool = False) -> tuple[Path, str]:
+    """Write report.md, results.csv and report.html under `root`; returns (path, table).
+
+    A folder another transferlab command holds (a recipe running into it) is refused, as every
+    command refuses it; `held`: this process holds it (the recipe's own report step)."""
     root = Path(root)
+    mine = held or not (root / outputs.LOCK).exists()
+    with contextlib.nullcontext() if mine else outputs.lock(root):
+        return _write(root)
+
+
+def _write(root: Path) -> tuple[Path, str]:
     if not root.is_dir():
         raise UserError(f"report folder not found: {root}")
     found = outputs.enclosing(root)  # not into the insides of a run (its state/, logits/)
