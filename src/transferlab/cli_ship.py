@@ -154,7 +154,7 @@ def cmd_data(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from . import checkpoint, ensembles, evaluate, export, shipping
+    from . import checkpoint, ensembles, export, shipping
 
     if ensembles.is_ensemble(args.path):
         if args.format != "onnx":
@@ -170,6 +170,8 @@ def cmd_export(args) -> None:
                "convert inside the graph, not with PIL from the original image; vs the same "
                f"graph in PyTorch: {check['max_abs_graph_diff']:.2e})")
         )  # fmt: skip
+        runs = [m["run"] for m in ensembles.read(args.path)["members"]]
+        _fp32_note([checkpoint.read_meta(r) for r in runs], "the ensemble's")
         print(f"onnx -> {result['path']}")
         return
     if args.input_size:
@@ -184,14 +186,21 @@ def cmd_export(args) -> None:
             f"checked on {check['images']}: max |logit difference| vs PyTorch fp32 "
             f"{check['max_abs_logit_diff']:.2e}"
         )
-    scored = evaluate.inference_precision(checkpoint.read_meta(args.path).get("precision", "fp32"))
-    if scored != "fp32":
-        print(
-            f"note: the file computes in fp32; the run's scores, evaluate, predict and serve here "
-            f"run {scored}, so a few images' top-1 may differ (--precision fp32 when training "
-            "gives identical numbers)"
-        )
+    _fp32_note([checkpoint.read_meta(args.path)], "the run's")
     print(f"{args.format} -> {result['path']}")
+
+
+def _fp32_note(metas: list[dict], whose: str) -> None:
+    """Exported files compute in fp32: say so where the runs score in another precision here."""
+    from . import evaluate
+
+    scored = {evaluate.inference_precision(m.get("precision", "fp32")) for m in metas} - {"fp32"}
+    if scored:
+        print(
+            f"note: the file computes in fp32; {whose} scores, evaluate, predict and serve here "
+            f"run {'/'.join(sorted(scored))}, so a few images' top-1 may differ (--precision fp32 "
+            "when training gives identical numbers)"
+        )
 
 
 def cmd_serve(args) -> None:
