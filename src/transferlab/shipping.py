@@ -242,13 +242,12 @@ def _check_folder(folder: Path, run: Path, overwrite: bool) -> None:
             f"{folder} holds other files ({', '.join(sorted(found - HF_FILES)[:3])}); "
             "--format hf writes into a new or empty folder"
         )
-    if not found or outputs.inside(folder, run / "export"):  # new, or the run's own
-        pass
-    elif not _ours(folder):  # a model of the user's, say: never replaced, --overwrite or not
-        raise UserError(
-            f"{folder} holds {', '.join(sorted(found))} that transferlab did not write; "
-            "--format hf writes into a new or empty folder, or over an export of its own"
-        )
-    elif not overwrite:
-        raise UserError(f"{folder} holds an earlier export: pass --overwrite to replace it")
+    if found and not outputs.inside(folder, run / "export"):  # not new, not the run's own
+        if not _ours(folder):  # a model of the user's, say: never replaced, --overwrite or not
+            raise UserError(
+                f"{folder} holds {', '.join(sorted(found))} that transferlab did not write; "
+                "--format hf writes into a new or empty folder, or over an export of its own"
+            )
+        if not overwrite:
+            raise UserError(f"{folder} holds an earlier export: pass --overwrite to replace it")
     export.check_out_file(folder / "config.json", run, overwrite=True)
