@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import data, evaluate, linear, models, weights
+from . import data, evaluate, linear, models, strategies, weights
 
 FOLDS = 5  # the k of k-fold cross-validation over train+val
 # offline backbones measured on large images only (module docstring)
@@ -216,12 +216,15 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
         width = model.get_classifier().in_features
         fit = _regression_cost(n["train"], n_pool, width, k, precision)
         return n_all * fwd + decode + fit, decode, 0.0
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    # as the trainer runs it: no gradient below --freeze (Lite0's --freeze 4 step is 2.4x faster)
+    frozen = strategies.train_only(model, strategies.trainable(model, s.get("freeze", "none")))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     y = torch.randint(0, k, (bs,), device=x.device)
 
     def step():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(models.logits(model.train(), x, precision), y)
+        strategies.set_train_mode(model, frozen)
+        loss = torch.nn.functional.cross_entropy(models.logits(model, x, precision), y)
         loss.backward()
 
     train = _timed(step) / bs
