@@ -7,8 +7,8 @@ the member's interpolation, no antialiasing), normalises with its own mean/std, 
 members' probabilities are combined as the ensemble does; an ensemble built with `--tta flip`
 averages each member's logits over the image and its mirror, as it predicts. Output:
 probabilities (N, K) in the order of the ensemble's classes. Exported methods: soft, logit,
-weighted, select, stacking; hard (a vote), fusion (a head on member features) and ten-crop TTA
-are refused.
+weighted, select, stacking and hard (a vote, as `combiners.combine_hard` scores it); fusion (a
+head on member features) and ten-crop TTA are refused.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from . import (
 )
 from .config import UserError
 
-EXPORTED = ("soft", "logit", "weighted", "select", "stacking")
+EXPORTED = ("soft", "logit", "weighted", "select", "stacking", "hard")
 LUMA = (0.299, 0.587, 0.114)
 
 
@@ -81,6 +81,11 @@ class EnsembleGraph(nn.Module):
             m, n, k = logp.shape
             features = logp.clamp(min=-30.0).permute(1, 0, 2).reshape(n, m * k)
             return F.softmax(features @ self.coef.T + self.bias, dim=1)
+        if self.method == "hard":  # as combiners.combine_hard: (M w-weighted votes + mean p)/(M+1)
+            m, w = len(logp), self.weights / self.weights.sum()
+            votes = torch.zeros_like(logp).scatter(2, logp.argmax(2, keepdim=True), 1.0)
+            mean_p = torch.einsum("m,mnk->nk", w, logp.exp())
+            return (torch.einsum("m,mnk->nk", m * w, votes) + mean_p) / (m + 1)
         return torch.einsum("m,mnk->nk", self.weights, logp.exp())  # soft, weighted, select
 
 
@@ -94,7 +99,7 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
     if info["method"] not in EXPORTED:
         raise UserError(
             f"a {info['method']} ensemble does not export (exported: {', '.join(EXPORTED)}): "
-            f"rebuild it with --method soft, logit, weighted, select or stacking"
+            f"rebuild it with --method soft, logit, weighted, select, stacking or hard"
         )
     tta = info.get("tta", "none")
     if tta not in ("none", "flip"):
