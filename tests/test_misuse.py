@@ -151,6 +151,10 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
     fail(capsys, "soup", run_copy, run_copy, "--out", tmp_path / "soup", pattern="listed twice")
     fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY,
          "--out", folder_data / "train" / "newrun", pattern="overlaps the data folder")  # fmt: skip
+    for command in (["train", *TINY], ["auto", "--budget", "1m"]):  # its cache too
+        fail(capsys, *command, "--data", f"folder:{folder_data}", "--out", tmp_path / "new",
+             "--cache-dir", folder_data / "cache", pattern="--cache-dir .* overlaps the data")  # fmt: skip
+    assert not (folder_data / "cache").exists()
     fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY, "--out", tmp_path / "new",
          "--log-json", run_copy / "meta.json", pattern="inside the transferlab run folder")  # fmt: skip
     (tmp_path / "results.csv").write_text("a,b\n1,2\n")
@@ -245,6 +249,8 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "steps: [{train: a}, {train: b}, {soup: s, members: [a, b], method: greddy}]": "unknown soup method 'greddy'",
         "steps: [{train: a}, {train: b}, {ensemble: e, members: [a, b]}, "
         "{ensemble: f, members: [e, a]}]": "an ensemble step is not a run",
+        "steps: [{auto: s, budget: 1m}, {train: a}, {ensemble: e, members: [s, a]}]": "an auto step is a study, not a run",
+        "steps: [{auto: s, budget: 1m}, {finetune: f, from: s}]": "an auto step is a study",
         "steps: [{train: report.md}]": "'report.md' is a file of the recipe's folder",
     }
     for text, message in bad.items():

@@ -258,7 +258,7 @@ def run(
         if not note.startswith("splits: "):  # line would name a val split the study folds in)
             log(f"[auto] {note}")
     if ds.spec.partition(":")[0] in data.PATH_KINDS:  # a study never writes into its data
-        outputs.refuse_overlap(out, [ds.spec.partition(":")[2]], "the data folder")
+        outputs.refuse_writing_into(ds.spec.partition(":")[2], out, cache_dir)
     settings = {
         "data": ds.spec,
         "content": content(ds),

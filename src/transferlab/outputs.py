@@ -298,11 +298,21 @@ def inside(path: str | Path, other: str | Path) -> bool:
     return a == b or b in a.parents
 
 
-def refuse_overlap(out: str | Path, inputs: list[str | Path], what: str) -> None:
-    """`out` must not be, hold or sit inside one of the command's inputs."""
+def refuse_overlap(
+    out: str | Path, inputs: list[str | Path], what: str, flag: str = "--out"
+) -> None:
+    """`out` (or the folder given as `flag`) must not be, hold or sit inside one of the
+    command's inputs."""
     for item in inputs:
         if inside(out, item) or inside(item, out):
             raise UserError(
-                f"--out {out} overlaps {what} {item}: a command never writes into its own "
-                "input; choose another --out"
+                f"{flag} {out} overlaps {what} {item}: a command never writes into its own "
+                f"input; choose another {flag}"
             )
+
+
+def refuse_writing_into(folder: str | Path, out: str | Path, cache_dir: str | None) -> None:
+    """Neither --out nor --cache-dir is, holds or sits inside the data folder a command reads."""
+    refuse_overlap(out, [folder], "the data folder")
+    if cache_dir not in (None, "off"):
+        refuse_overlap(cache_dir, [folder], "the data folder", "--cache-dir")

@@ -176,12 +176,18 @@ def validate(recipe: dict, out: Path | None = None) -> None:
             if out is not None and kind in ("finetune", "ensemble", "soup"):
                 _check_refs(kind, name, keys, names, out, i)
             refs = keys.get("members") if kind in ("ensemble", "soup") else [keys.get("from")]
-            if any(kinds.get(str(r)) == "ensemble" for r in refs or []):  # (it failed after
-                # every step before it had trained)
-                raise UserError(f"step {i} ({kind} {name}): an ensemble step is not a run; "
-                                "name the runs it combines")  # fmt: skip
+            hit = next((kinds[str(r)] for r in refs or [] if kinds.get(str(r)) in NOT_RUNS), None)
+            if hit:  # (it failed after every step before it had run)
+                raise UserError(f"step {i} ({kind} {name}): {NOT_RUNS[hit]}")
             names.append(name)
             kinds[name] = kind
+
+
+NOT_RUNS = {  # steps a finetune's `from` or an ensemble's or soup's `members` cannot name
+    "ensemble": "an ensemble step is not a run; name the runs it combines",
+    "auto": "an auto step is a study, not a run; what it chose is OUT/NAME/best once the "
+    "recipe has run (a later recipe or command can use it)",
+}
 
 
 def _check_keys(kind: str, name: str, keys: dict, index: int) -> None:

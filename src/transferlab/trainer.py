@@ -191,7 +191,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
         if source.get("parent"):
             outputs.refuse_overlap(out, [source["parent"]], "the run it starts from")
         if ds.spec.partition(":")[0] in data.PATH_KINDS:  # (for a CSV: the file itself)
-            outputs.refuse_overlap(out, [ds.spec.partition(":")[2]], "the data folder")
+            outputs.refuse_writing_into(ds.spec.partition(":")[2], out, cfg.cache_dir)
     pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep.input_size // 8
     if cfg.crop == "pad" and pad >= prep.input_size:
         raise UserError(f"crop_pad ({pad}) must be smaller than the input size ({prep.input_size})")
