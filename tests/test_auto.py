@@ -341,7 +341,8 @@ def test_a_fine_tune_is_timed_as_it_trains_with_its_frozen_stages_sending_no_gra
     monkeypatch,
 ):
     """The 192-px fine-tune freezes Lite0's stem and first three stages, which makes its step
-    2.4x faster (a 2-core Xeon with AMX, bf16: 22.8 against 55.1 ms an image). Timed with
+    2.8x faster (a 2-core Xeon with AMX, bf16: 59.3 against 21.4 img/s,
+    `benchmarks/freeze_speed.py --freeze none 4`). Timed with
     everything trainable, it was estimated at 1,945 s and skipped with 1,452 s left."""
     from transferlab import models
 
