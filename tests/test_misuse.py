@@ -185,6 +185,13 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
     assert (exp / "recipe.yaml").read_bytes() == text and sorted(os.listdir(exp)) == ["recipe.yaml"]
 
 
+def test_a_study_on_too_few_images_to_fold_is_refused_before_its_folder_exists(capsys, tmp_path):
+    """(It timed five candidates for 15 s and left its folder before saying so.)"""
+    fail(capsys, "auto", "--data", "synthetic:3", "--budget", "1m", "--out", tmp_path / "s",
+         pattern="too few images .* for 5 cross-validation folds")  # fmt: skip
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("name", ["../elsewhere", "/tmp/x", "a/b", "..", ".", "", "a b"])
 def test_S28_recipe_step_names_are_plain_and_stay_inside_out(capsys, tmp_path, name):
     r = tmp_path / "r.yaml"

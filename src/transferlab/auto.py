@@ -254,9 +254,9 @@ def run(
     check_out(out, resume)
     outputs.check_cache_dir(cache_dir)
     ds = data.load(data_spec)  # the splits every member shares (val carved from train, fixed)
-    for note in ds.notes:  # what was left out or is missing, as train says it (its splits
-        if not note.startswith("splits: "):  # line would name a val split the study folds in)
-            log(f"[auto] {note}")
+    folds.cv_folds(folds.pool(ds.splits).labels, FOLDS)  # too few images: before any folder
+    for note in (n for n in ds.notes if not n.startswith("splits: ")):  # as train says them
+        log(f"[auto] {note}")  # (train's splits line would name a val split the study folds in)
     if ds.spec.partition(":")[0] in data.PATH_KINDS:  # a study never writes into its data
         outputs.refuse_writing_into(ds.spec.partition(":")[2], out, cache_dir)
     settings = {
