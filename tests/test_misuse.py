@@ -553,6 +553,38 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_anything_runs(tmp_path, ca
     assert note.read_text() == "keep me"
 
 
+def test_a_cache_named_by_the_environment_or_a_recipe_is_checked_before_anything_runs(
+    tmp_path, capsys, monkeypatch
+):
+    """$TRANSFERLAB_CACHE a file: a run claimed its folder and a study spent 24 s of its budget
+    before failing; a recipe's cache_dir a file failed at its step, after the steps before it."""
+    note = tmp_path / "notes.txt"
+    note.write_text("keep me")
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 4, subsets=("",))
+    train = ["train", "--model", "dcnn", "--input-size", "16", "--epochs", "1"]
+    with monkeypatch.context() as env:
+        env.setenv("TRANSFERLAB_CACHE", str(note / "cache"))
+        for argv in (["auto", "--budget", "5m"], train):
+            out = tmp_path / argv[0]
+            assert main([*argv, "--data", f"folder:{photos}", "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert f"$TRANSFERLAB_CACHE {note / 'cache'}: {note} is a file" in err
+            assert len(err.splitlines()) == 1 and not out.exists()
+        env.setenv("TRANSFERLAB_CACHE", "off")  # no cache: nothing to check
+        assert main([*train, "--data", "digits", "--out", str(tmp_path / "off")]) == 0
+    for kind, keys in (("auto", "budget: 5m"), ("train", "model: dcnn")):
+        recipe = tmp_path / f"{kind}.yaml"
+        recipe.write_text(
+            f"data: folder:{photos}\nsteps:\n  - train: first\n    model: dcnn\n"
+            f"  - {kind}: second\n    {keys}\n    cache_dir: {note}\n"
+        )
+        assert main(["run", str(recipe), "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert f"the cache_dir of step 1 ({kind} second) {note} is a file" in err
+        assert not (tmp_path / "r").exists()
+    assert note.read_text() == "keep me"
+
+
 def test_a_recipe_s_defaults_model_is_the_train_steps_and_its_out_expands_home(
     tmp_path, monkeypatch
 ):

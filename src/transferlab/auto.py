@@ -252,7 +252,7 @@ def run(
     t0, out = started or time.time(), Path(out)
     seconds = parse_budget(budget) if isinstance(budget, str) else float(budget)
     check_out(out, resume)
-    outputs.check_cache_dir(cache_dir)
+    decoding.check_cache(cache_dir)
     ds = data.load(data_spec)  # the splits every member shares (val carved from train, fixed)
     folds.cv_folds(folds.pool(ds.splits).labels, FOLDS)  # too few images: before any folder
     for note in (n for n in ds.notes if not n.startswith("splits: ")):  # as train says them

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from . import outputs
 from .config import UnreadableImages, UserError
 
 if TYPE_CHECKING:
@@ -194,6 +195,15 @@ def resolve_cache(setting: str | None) -> Path | None:
     if env in ("off", "none", "false", "0"):
         return None
     return Path(env).expanduser() if env else Path.home() / ".cache" / "transferlab"
+
+
+def check_cache(setting: str | None, what: str = "--cache-dir") -> None:
+    """The cache `setting` names (`resolve_cache`) can be made a folder here, when the user named
+    it (--cache-dir, a recipe's cache_dir, $TRANSFERLAB_CACHE): refused before a command claims
+    its folder (it failed at the first decode, after a run's folder or a study's seconds)."""
+    path, env = resolve_cache(setting), os.environ.get("TRANSFERLAB_CACHE")
+    if path is not None and (setting or env):
+        outputs.check_creatable(path, what if setting else "$TRANSFERLAB_CACHE")
 
 
 def cache_key(paths: list[str], size: int, channels: int, interpolation: str) -> str:

@@ -112,12 +112,6 @@ def _few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def check_cache_dir(cache_dir: str | None) -> None:
-    """--cache-dir can be made a folder (None: the default; "off": none is used)."""
-    if cache_dir not in (None, "off"):
-        check_creatable(Path(cache_dir), "--cache-dir")
-
-
 def check_creatable(path: Path, what: str) -> None:
     """`path` can be created (or written) here: no file in the way, a writable ancestor."""
     path = Path(path).expanduser()

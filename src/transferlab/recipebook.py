@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from . import checkpoint, data, ensembles, evaluate, outputs, weights
+from . import checkpoint, data, decoding, ensembles, evaluate, outputs, weights
 from .config import TrainConfig, UserError, field_names, make_config
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
@@ -173,6 +173,9 @@ def validate(recipe: dict, out: Path | None = None) -> None:
                             "it starts from its 'from' run; set it on train steps only"
                         )
                 make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=False)
+            if out is not None and kind in ("train", "finetune", "auto"):  # not after step 1
+                own = keys if kind == "auto" else train_settings(recipe, keys, data=False)
+                decoding.check_cache(own.get("cache_dir"), f"the cache_dir of step {i} ({kind} {name})")
             if out is not None and kind in ("finetune", "ensemble", "soup"):
                 _check_refs(kind, name, keys, names, out, i)
             refs = keys.get("members") if kind in ("ensemble", "soup") else [keys.get("from")]

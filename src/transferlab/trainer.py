@@ -146,7 +146,7 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
         return
     if log_json:
         outputs.check_log_file(log_json, out)
-    outputs.check_cache_dir(cfg.cache_dir)
+    decoding.check_cache(cfg.cache_dir)
     if outputs.check_out(out, "run", resume, overwrite) == "resume":
         refuse_config_change(out, (outputs.read_mark(out) or {}).get("config"), cfg)
 
