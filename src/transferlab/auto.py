@@ -160,10 +160,11 @@ def load_state(
             f"{out / STATE} cannot be read ({type(err).__name__}: {err}): the study cannot be "
             "resumed; choose another --out"
         ) from None
-    if any(fixed[k] != settings.get(k) for k in fixed):
-        raise UserError(
-            f"{out} was started with {fixed}: resume it with those, or choose another --out"
-        )
+    changed = [k for k in fixed if fixed[k] != settings.get(k)]
+    if changed:
+        was, now = (", ".join(f"{k} {d[k]}" for k in changed) for d in (fixed, settings))
+        raise UserError(f"{out} was started with {was} (now {now}): resume it with the same "
+                        f"{' and '.join(changed)}, or start a new study in another folder")  # fmt: skip
     if spent > settings["budget"]:
         raise UserError(
             f"{out} has spent {clock(spent)} already, more than --budget {clock(settings['budget'])}"
@@ -225,8 +226,7 @@ def check_out(out: Path, resume: bool) -> str:
     """What to do with DIR: new, or resume (an auto folder with --resume); else a clear error."""
     if resume and not (out / STATE).is_file():
         raise UserError(f"--resume: {out} holds no transferlab auto study ({STATE})")
-    action = outputs.check_out(out, "auto", resume=resume)
-    return action
+    return outputs.check_out(out, "auto", resume=resume)
 
 
 # ----------------------------------------------------------------------------- running
