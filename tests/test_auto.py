@@ -494,8 +494,9 @@ def test_when_every_candidate_failed_the_study_says_why_not_the_budget(tmp_path)
         autochoose.finish(tmp_path, None, failed, print, True)
     assert "--budget" not in str(err.value)
     failed[1].status, failed[1].why = "skipped", "estimated 20 s (x1.15 margin), 9 s left"
-    with pytest.raises(UserError, match=r"the cheapest, b: estimated 20 s \(x1.15 margin\), 9 s left\): give a larger --budget"):  # fmt: skip
+    with pytest.raises(UserError, match=r"the cheapest, b: estimated 20 s \(x1.15 margin\), 9 s left\): give a larger --budget") as err:  # fmt: skip
         autochoose.finish(tmp_path, None, failed, print, True)
+    assert f"with --resume it continues this study in {tmp_path}" in str(err.value)  # not anew
 
 
 def test_timing_stops_when_the_budget_is_spent(tmp_path, monkeypatch):

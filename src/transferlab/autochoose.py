@@ -74,7 +74,8 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
         cheapest = min(timed, key=lambda c: c.estimate)
         raise UserError(
             f"no candidate finished within the budget (the cheapest, {cheapest.name}: "
-            f"{cheapest.why or cheapest.status}): give a larger --budget"
+            f"{cheapest.why or cheapest.status}): give a larger --budget (with --resume it "
+            f"continues this study in {out}, its timings kept)"
         )
     names = [c.name for c in done]
     logp = np.stack([auto.load_oof(out, n) for n in names])
