@@ -577,6 +577,26 @@ def test_a_study_killed_mid_candidate_resumes_with_the_time_it_ran(tmp_path, mon
     assert spent >= state["spent"] + 0.9
 
 
+def test_a_study_killed_in_its_first_seconds_has_them_counted(tmp_path, monkeypatch):
+    """The clock was first written CLOCK_EVERY s after the study began: a kill -9 (no `finally`
+    runs) in its first seconds lost the command's start-up and the time until then (8 early
+    kills: 94 s counted of about 110)."""
+    seen = []
+
+    def killed(c, ds, precision):  # a kill -9 while the first candidate is timed
+        time.sleep(0.5)
+        seen.append(auto._clock_read(out))
+        raise SystemExit(137)
+
+    monkeypatch.setattr(auto, "CLOCK_EVERY", 100.0)
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate("a", 0)])
+    monkeypatch.setattr(auto, "estimate", killed)
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit):
+        auto.run("digits", "5m", out, quiet=True, log=lambda *a: None, started=time.time() - 3)
+    assert seen[0] >= 3.0  # the 3 s before the study began, on disk before the kill
+
+
 def test_unreadable_images_stop_the_study_with_a_hint_it_takes(tmp_path, small_space, capsys):
     """An unreadable image fails every candidate alike: the study stops at the first with one
     line that names it and says what to do (it said --skip-bad-images, which auto does not

@@ -20,7 +20,7 @@
    by the chosen DIR/best.
 
 DIR: auto.json (settings, candidates, costs, scores, the time spent: what --resume reads),
-auto.clock (the time spent, every 10 s: a study killed mid-candidate counts it),
+auto.clock (the time spent, every second: a study killed mid-candidate counts it),
 candidates/<name>/ (a probe's run; a trained candidate's fold-i runs), oof/<name>.npz, best/,
 report.md, report.html.
 """
@@ -45,7 +45,7 @@ from .config import Preempted, UnreadableImages, UserError
 
 SAFETY = 1.15  # a candidate starts only if its estimate times this fits in the time left
 STATE = "auto.json"
-CLOCK, CLOCK_EVERY = "auto.clock", 5.0  # the time spent, written every 5 s (`_clock`)
+CLOCK, CLOCK_EVERY = "auto.clock", 1.0  # the time spent, written every second (`_clock`)
 
 
 def parse_budget(text: str) -> float:
@@ -316,10 +316,8 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
         c.seconds += time.time() - t1
         decoded.add(tuple(c.pixels))
         _recalibrate(cands, c)
-        log(
-            f"[auto {clock(left())} left] {c.name}: {c.status}"
-            + (f", CV top-1 {c.cv['top1']:.2%}" if c.cv else f" ({c.why})")
-        )
+        said = f", CV top-1 {c.cv['top1']:.2%}" if c.cv else f" ({c.why})"
+        log(f"[auto {clock(left())} left] {c.name}: {c.status}{said}")
         save_state(out, settings, cands, seconds - left())
     save_state(out, settings, cands, seconds - left())  # what the last pick skipped
     result = autochoose.finish(out, ds, cands, log, quiet)
@@ -335,17 +333,18 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
 
 @contextlib.contextmanager
 def _clock(out: Path, spent):
-    """Write the time `spent()` to DIR/CLOCK every CLOCK_EVERY seconds while the study runs,
-    and as it stops: a study killed mid-candidate (kill -9, a power cut: up to CLOCK_EVERY
-    seconds lost; Ctrl-C, SIGTERM: none) resumes with that time counted."""
+    """Write the time `spent()` to DIR/CLOCK at once (the command's start-up), every CLOCK_EVERY
+    seconds and as the study stops: one killed in its first seconds or mid-candidate (kill -9, a
+    power cut: up to CLOCK_EVERY s lost; Ctrl-C, SIGTERM: none) resumes with that time counted."""
     stop = threading.Event()
 
     def beat():
-        stopped = False
-        while not stopped:
-            stopped = stop.wait(CLOCK_EVERY)
+        last = False
+        while not last:  # once more after stop is set: the time as the study stops
+            last = stop.is_set()
             with contextlib.suppress(OSError):  # a full disk: auto.json still holds the rest
                 checkpoint.write_json(out / CLOCK, {"spent": round(spent(), 1)})
+            stop.wait(CLOCK_EVERY)
 
     thread = threading.Thread(target=beat, name="auto-clock", daemon=True)
     thread.start()
