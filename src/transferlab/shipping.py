@@ -98,8 +98,8 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
     info = ensembles.read(path)
     if info["method"] not in EXPORTED:
         raise UserError(
-            f"a {info['method']} ensemble does not export (exported: {', '.join(EXPORTED)}): "
-            f"rebuild it with --method soft, logit, weighted, select, stacking or hard"
+            f"a {info['method']} ensemble does not export: rebuild it with --method "
+            f"{', '.join(EXPORTED[:-1])} or {EXPORTED[-1]}"
         )
     tta = info.get("tta", "none")
     if tta not in ("none", "flip"):
