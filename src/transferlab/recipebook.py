@@ -175,7 +175,9 @@ def validate(recipe: dict, out: Path | None = None) -> None:
                 make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=False)
             if out is not None and kind in ("train", "finetune", "auto"):  # not after step 1
                 own = keys if kind == "auto" else train_settings(recipe, keys, data=False)
-                decoding.check_cache(own.get("cache_dir"), f"the cache_dir of step {i} ({kind} {name})")
+                decoding.check_cache(
+                    own.get("cache_dir"), f"the cache_dir of step {i} ({kind} {name})"
+                )
             if out is not None and kind in ("finetune", "ensemble", "soup"):
                 _check_refs(kind, name, keys, names, out, i)
             refs = keys.get("members") if kind in ("ensemble", "soup") else [keys.get("from")]
