@@ -161,8 +161,27 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
     fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY, "--out", tmp_path / "new",
          "--log-json", tmp_path / "results.csv", pattern="not a transferlab event log")  # fmt: skip
     assert (tmp_path / "results.csv").read_text() == "a,b\n1,2\n"
+    fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY, "--out", tmp_path / "new",
+         "--log-json", folder_data / "train" / "log.jsonl", pattern="--log-json .* overlaps the data")  # fmt: skip
+    recipe = tmp_path / "r.yaml"  # its marker and recipe.yaml were left in the data, as a class
+    recipe.write_text(
+        f"data: folder:{folder_data}\nout: {folder_data}/runs\nsteps: [{{train: a}}]\n"
+    )
+    fail(capsys, "run", recipe, pattern=f"--out {folder_data}/runs overlaps the data folder")
+    fail(
+        capsys,
+        "run",
+        recipe,
+        "--out",
+        folder_data / "train" / "a" / "r",
+        pattern="overlaps the data",
+    )
     assert {p: tree(p) for p in (run_copy, other)} == before
     assert not (folder_data / "train" / "newrun").exists() and not (tmp_path / "new").exists()
+    assert (
+        not (folder_data / "runs").exists() and not (folder_data / "train" / "log.jsonl").exists()
+    )
+    assert sorted(p.name for p in (folder_data / "train").iterdir()) == ["a", "b", "c", "d"]
     fail(capsys, "report", run_copy / "state", pattern="inside the run folder")
     assert not (run_copy / "state" / "report.md").exists()
     # report over a user's own report.md
@@ -183,6 +202,39 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
         pattern="overwrite the recipe|not a transferlab",
     )
     assert (exp / "recipe.yaml").read_bytes() == text and sorted(os.listdir(exp)) == ["recipe.yaml"]
+
+
+def test_a_transferlab_folder_among_class_folders_is_not_a_class(tmp_path):
+    """A run written beside the class folders (--out for CSV data whose images live there)
+    became a class of its plots, read by every later run on that folder."""
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 3, subsets=("",))
+    run = photos / "csvrun"
+    run.mkdir()
+    (run / ".transferlab").write_text('{"kind": "run"}')
+    (run / "curves.png").write_bytes((photos / "cat" / "0.png").read_bytes())
+    ds = data.load(f"folder:{photos}")
+    assert (
+        ds.classes == ["cat", "dog"]
+        and len(ds.splits["train"]) + len(ds.splits["val"]) + len(ds.splits["test"]) == 6
+    )
+    assert any("skipped transferlab output folder(s)" in n and "csvrun" in n for n in ds.notes)
+
+
+def test_a_run_stopped_by_an_unreadable_image_leaves_no_folder_and_the_retry_runs(tmp_path, capsys):
+    """The folder claimed before decoding stayed, and the same command once the image was fixed
+    said "already exists: pass --resume or --overwrite"."""
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 4, subsets=("",))
+    bad = photos / "dog" / "bad.png"
+    bad.write_text("not an image")
+    (tmp_path / "mine").mkdir()  # an empty folder the user made stays
+    args = ["train", "--data", f"folder:{photos}", "--model", "dcnn", "--input-size", "16",
+            "--epochs", "1", "--quiet"]  # fmt: skip
+    for out in (tmp_path / "runs" / "a" / "b", tmp_path / "mine"):
+        fail(capsys, *args, "--out", out, pattern="unreadable image")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "photos"]
+    assert not list((tmp_path / "mine").iterdir())
+    bad.unlink()
+    assert main([*args, "--out", str(tmp_path / "runs" / "a" / "b")]) == 0
 
 
 def test_a_study_on_too_few_images_to_fold_is_refused_before_its_folder_exists(capsys, tmp_path):

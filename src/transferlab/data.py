@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import outputs
 from .config import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -306,12 +307,17 @@ def _hidden(name: str) -> bool:
 
 def _visible_dirs(path: Path, notes: list[str] | None = None) -> list[Path]:
     """Sub-folders, skipping hidden ones (.ipynb_checkpoints, __MACOSX: never classes; a
-    folder such as _background is a class); what is skipped goes to `notes`, never silently."""
+    folder such as _background is a class) and transferlab's own (a run, a study: its marker
+    says so; one written there became a class of its plots); what is skipped goes to `notes`,
+    never silently."""
     dirs = sorted(d for d in path.iterdir() if d.is_dir())
     hidden = [d.name for d in dirs if _hidden(d.name)]
-    if hidden and notes is not None:
-        notes.append(f"skipped hidden folder(s) in {path}: {', '.join(hidden)}")
-    return [d for d in dirs if not _hidden(d.name)]
+    ours = [d.name for d in dirs if not _hidden(d.name) and (d / outputs.MARK).is_file()]
+    if notes is not None:
+        for names, what in ((hidden, "hidden folder(s)"), (ours, "transferlab output folder(s)")):
+            if names:
+                notes.append(f"skipped {what} in {path}: {', '.join(names)}")
+    return [d for d in dirs if d.name not in hidden + ours]
 
 
 def _image_files(path: Path) -> list[str]:

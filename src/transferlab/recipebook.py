@@ -186,6 +186,19 @@ def validate(recipe: dict, out: Path | None = None) -> None:
                 raise UserError(f"step {i} ({kind} {name}): {NOT_RUNS[hit]}")
             names.append(name)
             kinds[name] = kind
+    if out is not None:
+        _refuse_out_in_data(recipe, out)
+
+
+def _refuse_out_in_data(recipe: dict, out: Path) -> None:
+    """The recipe's folder is not, holds or sits in a folder it reads images from (its marker
+    and recipe.yaml were left there, read as a class that had no images)."""
+    every = [recipe, recipe.get("defaults") or {}, recipe.get("overrides") or {}]
+    every += [parse_step(step, i)[2] for i, step in enumerate(recipe["steps"])]
+    for spec in sorted({str(d["data"]) for d in every if d.get("data")}):
+        kind, _, arg = spec.partition(":")
+        if kind in data.PATH_KINDS and arg:
+            outputs.refuse_overlap(out, [arg], "the data folder")
 
 
 NOT_RUNS = {  # steps a finetune's `from` or an ensemble's or soup's `members` cannot name

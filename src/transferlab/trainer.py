@@ -146,6 +146,8 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
         return
     if log_json:
         outputs.check_log_file(log_json, out)
+        if cfg.data.partition(":")[0] in data.PATH_KINDS:  # (a file among the images)
+            outputs.refuse_overlap(log_json, [cfg.data.partition(":")[2]], "the data folder", "--log-json")  # fmt: skip
     decoding.check_cache(cfg.cache_dir)
     if outputs.check_out(out, "run", resume, overwrite) == "resume":
         refuse_config_change(out, (outputs.read_mark(out) or {}).get("config"), cfg)
@@ -154,13 +156,20 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
 @contextlib.contextmanager
 def claimed(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig, d):
     """The run folder, locked and claimed (rank 0), decided again under the lock: another
-    process may have been faster. Every rank waits until it is."""
-    with outputs.lock(out) if d.main else contextlib.nullcontext():
-        if d.main:
-            action = outputs.check_out(out, "run", resume, overwrite)
-            outputs.claim(out, "run", action, {"config": to_dict(cfg)})
-        d.barrier()
-        yield
+    process may have been faster. Every rank waits until it is. A new folder that a user's
+    mistake stopped before anything was written in it (an unreadable image) is released."""
+    made, action = outputs.first_missing(out), None
+    try:
+        with outputs.lock(out) if d.main else contextlib.nullcontext():
+            if d.main:
+                action = outputs.check_out(out, "run", resume, overwrite)
+                outputs.claim(out, "run", action, {"config": to_dict(cfg)})
+            d.barrier()
+            yield
+    except UserError:
+        if action == "new":
+            outputs.release(out, made)
+        raise
 
 
 def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
