@@ -668,3 +668,33 @@ def test_a_recipe_s_errors_do_not_ask_for_flags_run_does_not_take(tmp_path):
     assert "rebuilding it would delete files transferlab did not write" in str(err.value)
     assert "(NOTES.md); delete" in str(err.value) and "--overwrite" not in str(err.value)
     assert (tmp_path / "out" / "e" / "NOTES.md").read_text() == "mine"
+
+
+def test_a_run_whose_classes_were_edited_by_hand_is_refused_by_every_command(
+    capsys, run_copy, folder_data, tmp_path
+):
+    """A third class in meta.json: predict crashed (IndexError), evaluate scored and export
+    labelled a 4-output head with 5 names; classes as a string, or repeated, likewise."""
+    meta = json.loads((run_copy / "meta.json").read_text())
+    image = next((folder_data / "test" / "a").iterdir())
+    for classes in (meta["classes"] + ["eel"], "a", [meta["classes"][0]] * meta["num_classes"]):
+        (run_copy / "meta.json").write_text(json.dumps({**meta, "classes": classes}))
+        for argv in (
+            ["predict", run_copy, image],
+            ["evaluate", run_copy],
+            ["export", run_copy, "--format", "onnx", "--out", tmp_path / "m.onnx"],
+            ["finetune", "--from", run_copy, "--epochs", "1", "--out", tmp_path / "ft"],
+        ):
+            fail(capsys, *argv, pattern="corrupt .*meta.json: its classes and class_names")
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "ft").exists()
+    (run_copy / "meta.json").write_text("garbage")
+    fail(capsys, "evaluate", run_copy, pattern=r"corrupt .*meta.json: not valid JSON \(")
+
+
+def test_a_fine_tune_from_an_ensemble_says_it_is_an_ensemble(capsys, run_copy, tmp_path):
+    other = tmp_path / "b"
+    shutil.copytree(run_copy, other)
+    assert main(["ensemble", str(run_copy), str(other), "--out", str(tmp_path / "ens")]) == 0
+    capsys.readouterr()
+    fail(capsys, "finetune", "--from", tmp_path / "ens", "--out", tmp_path / "ft",
+         pattern="is an ensemble, not a run folder: name one of its members")  # fmt: skip

@@ -173,19 +173,41 @@ def read_meta(run: str | Path) -> dict:
     path = run / META
     if not path.is_file() and (run / "state").is_dir():  # written when a run finishes
         raise UserError(f"{run} is a run that stopped before it finished: finish it with --resume")
+    if not path.is_file() and (run / "ensemble.json").is_file():
+        raise UserError(f"{run} is an ensemble, not a run folder: name one of its members")
     if not path.is_file():
         raise UserError(f"not a run folder (no {META}): {run}")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise UserError(f"corrupt {path}: {err}") from None
-    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else ["an object"]
+        raise UserError(f"corrupt {path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"corrupt {path}: no JSON object in it (not a finished run's record)")
+    missing = [k for k in META_KEYS if k not in meta]
     if missing:  # a traceback in whoever read it next
         raise UserError(f"corrupt {path}: no {', '.join(missing)} (not a finished run's record)")
+    classes, names, n = meta["classes"], meta["class_names"], meta["num_classes"]
+    if not (
+        all(isinstance(x, list) and all(isinstance(c, str) for c in x) for x in (classes, names))
+        and len(set(classes)) == len(classes) == len(names) == n
+    ):  # edited by hand: predict's table indexed past them, export labelled a head with them
+        raise UserError(
+            f"corrupt {path}: its classes and class_names must be {n} different names, one per "
+            "output of the model (edited by hand?)"
+        )
     return meta
 
 
-META_KEYS = ("arch", "classes", "class_names", "data", "preprocessing", "source", "metrics")
+META_KEYS = (
+    "arch",
+    "classes",
+    "class_names",
+    "num_classes",
+    "data",
+    "preprocessing",
+    "source",
+    "metrics",
+)
 
 
 def weights_problem(run: Path, meta: dict) -> str | None:
