@@ -6,12 +6,14 @@ import io
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -34,6 +36,10 @@ def call(url: str, body: bytes | None = None, headers: dict | None = None) -> tu
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, dict]:
@@ -108,6 +114,13 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
     Image.new("L", (12_000, 12_000)).save(huge, "PNG")
     got_status, got = call(url + "/predict", huge.getvalue()[:50_000])
     assert got_status == 413 and "12000x12000 (144 Mpx); the limit is 89 Mpx" in got["error"]
+    bomb = b"\x89PNG\r\n\x1a\n" + png_chunk(
+        b"IHDR", struct.pack(">IIBBBBB", 30_000, 30_000, 1, 0, 0, 0, 0)
+    )
+    got_status, got = call(url + "/predict", bomb + png_chunk(b"IEND", b""))  # PIL will not open
+    assert (
+        got_status == 413 and "a decompression bomb: the limit is 89 Mpx" in got["error"]
+    )  # (500)
     many, headers = multipart([(f"{i}.png", good) for i in range(65)])
     got_status, got = call(url + "/predict", many, headers)
     assert got_status == 413 and "holds 65 images; the limit is 64" in got["error"]

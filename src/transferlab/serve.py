@@ -97,6 +97,11 @@ async def uploads_of(request) -> list[tuple[str, bytes]]:
     return uploads
 
 
+_OVER_LIMIT = (
+    f"the limit is {(Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} Mpx, as transferlab predict's"
+)
+
+
 def image_of(name: str, body: bytes, max_mb: float) -> Image.Image:
     """An upload as 8-bit RGB (any mode, as files are read), or the 4xx that says why not."""
     from . import decoding
@@ -108,13 +113,14 @@ def image_of(name: str, body: bytes, max_mb: float) -> Image.Image:
     try:
         with Image.open(io.BytesIO(body)) as header:  # the size, before any pixel is decoded
             pixels, size = header.width * header.height, header.size
+    except Image.DecompressionBombError:  # over twice the limit: PIL refuses to open it
+        raise BadUpload(413, f"{name} is a decompression bomb: {_OVER_LIMIT}") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise BadUpload(415, f"{name} is not a readable image (an unknown format)") from None
     if pixels > (Image.MAX_IMAGE_PIXELS or pixels):  # a 450 KB PNG can hold 144 Mpx (4 GB)
         raise BadUpload(
-            413, f"{name} is {size[0]}x{size[1]} ({pixels / 1e6:.0f} Mpx); the limit is "
-            f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx, as transferlab predict's"
-        )  # fmt: skip
+            413, f"{name} is {size[0]}x{size[1]} ({pixels / 1e6:.0f} Mpx); {_OVER_LIMIT}"
+        )
     try:
         return decoding.open_image(io.BytesIO(body), 3)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
