@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -698,3 +699,25 @@ def test_a_fine_tune_from_an_ensemble_says_it_is_an_ensemble(capsys, run_copy, t
     capsys.readouterr()
     fail(capsys, "finetune", "--from", tmp_path / "ens", "--out", tmp_path / "ft",
          pattern="is an ensemble, not a run folder: name one of its members")  # fmt: skip
+
+
+def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, capsys):
+    """An ensemble of a run on a folder and a run on a CSV holding every image of it scored
+    "100%" on the folder's test split with a "may be" note; evaluate said only the spec."""
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 3)
+    rows = [
+        f"{p.relative_to(tmp_path)},{p.parent.name},train" for p in sorted(photos.rglob("*.png"))
+    ]
+    (tmp_path / "all.csv").write_text("file_name,label,split\n" + "\n".join(rows) + "\n")
+    small = ["--model", "dcnn", "--input-size", "16", "--epochs", "1", "--quiet"]
+    for name, spec in (("a", f"folder:{photos}"), ("b", f"csv:{tmp_path / 'all.csv'}")):
+        assert main(["train", "--data", spec, *small, "--out", str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    assert (
+        main(["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "e")])
+        == 0
+    )
+    said = capsys.readouterr().out  # (the CSV's run carved a test split of its own from them)
+    assert re.search(rf"[1-6] of the 6 test images trained {tmp_path / 'b'}: the ensemble's", said)
+    assert main(["evaluate", str(tmp_path / "b"), "--data", f"folder:{photos}"]) == 0
+    assert re.search(r"[1-6] of the 6 test images were among its training", capsys.readouterr().out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 
 import numpy as np
@@ -213,15 +214,18 @@ def score_run(path, data_spec: str | None, split: str, quiet: bool = True, tta: 
     model = load_run_model(path, meta, scoring=True)
     loaded = len(ds.notes)
     logits = predict_split(model, meta, ds, split, f"run {path}", quiet, tta or "none")
-    notes = data_notes(meta, ds) + list(ds.notes[loaded:])  # images left out, as the run did
+    notes = data_notes(meta, ds, split) + list(ds.notes[loaded:])  # images left out, as it did
     return log_softmax(logits), ds.splits[split].labels, ds.names, spec, notes
 
 
-def data_notes(meta: dict, ds: data.Dataset) -> list[str]:
+def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
     """What a user should know when a run is scored on other data than it was trained on."""
     trained = data.canonical(meta["data"])
     if trained != ds.spec:
-        return [f"scored on {ds.spec}; the run was trained on {trained}"]
+        n = trained_on(meta, ds, split)
+        return [f"scored on {ds.spec}; the run was trained on {trained}"
+                + (f": {n} of the {len(ds.splits[split])} {split} images were among its training "
+                   "images, so this is not a test score" if n else "")]  # fmt: skip
     recorded = meta.get("data_fingerprint")
     if recorded and recorded != ds.fingerprint:
         return [
@@ -229,6 +233,20 @@ def data_notes(meta: dict, ds: data.Dataset) -> list[str]:
             f"then, {ds.fingerprint} now): its val/test splits may hold other images"
         ]
     return []
+
+
+def trained_on(meta: dict, ds: data.Dataset, split: str = "test") -> int:
+    """How many of `ds`'s `split` images a run trained on other data (folders, a CSV) trained
+    on: its train and val images, as files after links; 0 where either has no files."""
+    spec, scored = meta["data"], ds.splits[split].paths
+    if spec.partition(":")[0] not in data.PATH_KINDS or not scored:
+        return 0
+    try:
+        own = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
+    except UserError:  # its data moved or gone: the note names it, unmeasured
+        return 0
+    seen = {os.path.realpath(p) for s in ("train", "val") for p in getattr(own.splits.get(s), "paths", None) or []}  # fmt: skip
+    return sum(os.path.realpath(p) in seen for p in scored)
 
 
 def improves(val: dict, best: dict) -> bool:

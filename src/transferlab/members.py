@@ -56,8 +56,13 @@ def member_logp(
     ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
     others = sorted({data.canonical(m["data"]) for m in metas} - {spec})
     if others and not quiet:  # as evaluate says of one run scored on other data
-        print(f"note: scored on {spec}; member(s) trained on {', '.join(others)}: a test image "
-              "may be one a member trained on")  # fmt: skip
+        n_test = len(ds.splits["test"])
+        seen = [(r, evaluate.trained_on(m, ds)) for r, m in zip(runs, metas, strict=True)
+                if data.canonical(m["data"]) != spec]  # fmt: skip
+        leak = "; ".join(f"{n} of the {n_test} test images trained {r}" for r, n in seen if n)
+        why = f"{leak}: the ensemble's test score is not a test score" if leak else (
+            "a test image may be one a member trained on")  # fmt: skip
+        print(f"note: scored on {spec}; member(s) trained on {', '.join(others)}: {why}")
     loaded = len(ds.notes)  # a member that skipped bad images when trained skips them here
     per_member = {split: [] for split in splits}
     per_member_feats = {split: [] for split in splits}
