@@ -721,3 +721,18 @@ def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, ca
     assert re.search(rf"[1-6] of the 6 test images trained {tmp_path / 'b'}: the ensemble's", said)
     assert main(["evaluate", str(tmp_path / "b"), "--data", f"folder:{photos}"]) == 0
     assert re.search(r"[1-6] of the 6 test images were among its training", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("members,words", [("[a, a]", "member 'a' is listed twice"),
+                                           ("[a, e]", "member 'e' is this step itself")])  # fmt: skip
+def test_a_recipe_ensemble_listing_a_member_twice_or_itself_says_so(
+    tmp_path, capsys, members, words
+):
+    """Both said "needs 'members: [A, B, ...]' (two or more)", which they had."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "data: digits\ndefaults: {model: dcnn, epochs: 1}\nsteps:\n  - train: a\n"
+        f"  - train: b\n  - ensemble: e\n    members: {members}\n"
+    )
+    fail(capsys, "run", recipe, "--out", tmp_path / "out", pattern=words)
+    assert not (tmp_path / "out").exists()

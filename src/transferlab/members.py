@@ -25,7 +25,8 @@ def check_classes(metas: list[dict], runs: list[str]) -> list[np.ndarray]:
             missing = sorted(set(ref) - set(meta["classes"]))[:5]
             raise UserError(
                 f"members have different classes: {run} vs {runs[0]} "
-                f"(only in {run}: {extra}; only in {runs[0]}: {missing})"
+                f"(only in {run}: {', '.join(extra) or 'none'}; only in {runs[0]}: "
+                f"{', '.join(missing) or 'none'})"
             )
         index = {c: i for i, c in enumerate(meta["classes"])}
         orders.append(np.array([index[c] for c in ref]))

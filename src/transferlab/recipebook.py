@@ -251,6 +251,11 @@ def _check_refs(kind: str, name: str, keys: dict, earlier: list[str], out: Path,
     refs = [keys.get("from")] if kind == "finetune" else keys.get("members")
     if kind == "finetune" and not refs[0]:
         raise UserError(f"step {i} (finetune {name}) needs 'from: RUN' (a step name or run folder)")
+    if kind in ("ensemble", "soup") and isinstance(refs, list):
+        twice = next((str(r) for r in refs if str(r) == name or refs.count(r) > 1), None)
+        if twice is not None:  # (it said "needs two or more")
+            why = "is this step itself" if twice == name else "is listed twice"
+            raise UserError(f"step {i} ({kind} {name}): member '{twice}' {why}; list other runs")
     if kind in ("ensemble", "soup") and (not isinstance(refs, list) or len(refs) < 2):
         raise UserError(f"step {i} ({kind} {name}) needs 'members: [A, B, ...]' (two or more)")
     for ref in refs:
