@@ -320,6 +320,11 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
             recipe.validate(recipe.load(path), tmp_path / "out")
     path.write_text("defaults: {model: dcnn}\nsteps: [{train: a}, {finetune: f, from: a}]\n")
     recipe.validate(recipe.load(path), tmp_path / "out")  # defaults' model is the train steps'
+    path.write_text(
+        "defaults: &d {model: dcnn, epochs: 1}\nsteps: [{train: a, <<: *d, epochs: 2}]\n"
+    )
+    assert recipe.load(path)["steps"][0] == {"train": "a", "model": "dcnn", "epochs": 2}  # (a
+    # YAML merge key was "could not determine a constructor"; its keys give way to the step's)
     path.write_text("data: digits\nsteps: [{train: a}]\n")
     for pair, message in {
         "steps.9.epochs": "no step 9",
