@@ -137,8 +137,9 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
     other = tmp_path / "runs" / "b"
     shutil.copytree(run_copy, other)
     before = {p: tree(p) for p in (run_copy, other)}
-    fail(capsys, "finetune", "--from", run_copy, "--out", run_copy, "--epochs", "1",
-         pattern="already exists")  # fmt: skip
+    for flags in ([], ["--resume"], ["--overwrite"]):  # it said "already exists", and with
+        fail(capsys, "finetune", "--from", run_copy, "--out", run_copy, "--epochs", "1", *flags,
+             pattern="overlaps the run it starts from")  # --resume "pass --overwrite" # fmt: skip
     fail(capsys, "finetune", "--from", run_copy, "--out", run_copy / "ft", "--epochs", "1",
          pattern="overlaps the run it starts from")  # fmt: skip
     fail(capsys, "ensemble", run_copy, other, "--out", run_copy, pattern="overlaps member")

@@ -144,6 +144,8 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
     """--out, --log-json and --resume checked before anything is loaded (rank 0 decides)."""
     if not d.main:
         return
+    if cfg.weights and Path(cfg.weights).expanduser().is_dir():  # a fine-tune's run: its own
+        outputs.refuse_overlap(out, [cfg.weights], "the run it starts from")  # --out said "exists"
     if log_json:
         outputs.check_log_file(log_json, out)
         if cfg.data.partition(":")[0] in data.PATH_KINDS:  # (a file among the images)
@@ -196,11 +198,8 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
         + f", precision={precision}"
         + (f", {d.world} processes" if d.world > 1 else "")
     )
-    if d.main:  # a run never writes into what it reads
-        if source.get("parent"):
-            outputs.refuse_overlap(out, [source["parent"]], "the run it starts from")
-        if ds.spec.partition(":")[0] in data.PATH_KINDS:  # (for a CSV: the file itself)
-            outputs.refuse_writing_into(ds.spec.partition(":")[2], out, cfg.cache_dir)
+    if d.main and ds.spec.partition(":")[0] in data.PATH_KINDS:  # a run never writes into
+        outputs.refuse_writing_into(ds.spec.partition(":")[2], out, cfg.cache_dir)  # its data
     pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep.input_size // 8
     if cfg.crop == "pad" and pad >= prep.input_size:
         raise UserError(f"crop_pad ({pad}) must be smaller than the input size ({prep.input_size})")
