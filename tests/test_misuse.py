@@ -232,7 +232,9 @@ def test_a_run_stopped_by_an_unreadable_image_leaves_no_folder_and_the_retry_run
     args = ["train", "--data", f"folder:{photos}", "--model", "dcnn", "--input-size", "16",
             "--epochs", "1", "--quiet"]  # fmt: skip
     for out in (tmp_path / "runs" / "a" / "b", tmp_path / "mine"):
-        fail(capsys, *args, "--out", out, pattern="unreadable image")
+        err = fail(capsys, *args, "--out", out, pattern="unreadable image")
+        assert "bad.png (not an image Pillow reads" in err and "Error" not in err  # (no class
+        # name, no path twice: "(UnidentifiedImageError: cannot identify image file '...')")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "photos"]
     assert not list((tmp_path / "mine").iterdir())
     bad.unlink()

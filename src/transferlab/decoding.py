@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import outputs
@@ -159,6 +159,8 @@ def _decode_files(
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             limit = Image.MAX_IMAGE_PIXELS  # (Pillow's words: "could be decompression bomb")
             return f"{paths[i]} (over {limit:,} pixels, the limit for one image: shrink it first)"
+        except UnidentifiedImageError:  # (its message repeats the path)
+            return f"{paths[i]} (not an image Pillow reads: another format, or damaged)"
         except UNREADABLE as err:
             return f"{paths[i]} ({type(err).__name__}: {err})"
         return None
