@@ -744,3 +744,12 @@ def test_a_recipe_ensemble_listing_a_member_twice_or_itself_says_so(
     )
     fail(capsys, "run", recipe, "--out", tmp_path / "out", pattern=words)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_the_system_refuses_is_named_as_given_not_as_its_temp_file(run_copy, capsys):
+    """/proc takes no new files (as root it passes the writable check): the error named
+    "/proc/.nope.safetensors.l35jvv68.tmp", a file the user never asked for."""
+    err = fail(
+        capsys, "export", run_copy, "--format", "safetensors", "--out", "/proc/nope.safetensors"
+    )
+    assert "/proc/nope.safetensors" in err and ".tmp" not in err

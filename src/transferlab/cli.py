@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit)
         return 141  # as a shell reports a process SIGPIPE ended
     except OSError as err:  # the disk or the OS refused (full, read-only, gone): say which file
-        where = f" ({err.filename})" if err.filename else ""
+        name = re.sub(r"(^|/)\.([^/]+)\.\w{8}\.tmp$", r"\1\2", str(err.filename or ""))
+        where = f" ({name})" if name else ""  # (`atomic_path`'s temp file named as its file)
         print(f"transferlab {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
