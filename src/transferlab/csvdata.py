@@ -40,7 +40,7 @@ def source(file: str, notes: list[str]):
         if not image.is_file():
             why = "is a folder, not an image" if image.is_dir() else "not found"
             raise UserError(f"{file} line {n}: {name} {why} (paths are relative to the CSV)")
-        first = seen.setdefault(os.path.normpath(image), n)
+        first = seen.setdefault(os.path.realpath(image), n)  # (through a link: the same image)
         if first != n:
             raise UserError(f"{file} line {n}: {name} is on line {first} too; list each image once")
         by_split.setdefault(SPLIT_NAMES[raw], []).append((str(image), label, n))
