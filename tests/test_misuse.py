@@ -220,6 +220,8 @@ def test_a_transferlab_folder_among_class_folders_is_not_a_class(tmp_path):
         and len(ds.splits["train"]) + len(ds.splits["val"]) + len(ds.splits["test"]) == 6
     )
     assert any("skipped transferlab output folder(s)" in n and "csvrun" in n for n in ds.notes)
+    (photos / "dog" / ".transferlab").write_text("my notes")  # a user's file: dog stays a class
+    assert data.load(f"folder:{photos}").classes == ["cat", "dog"]
 
 
 def test_a_run_stopped_by_an_unreadable_image_leaves_no_folder_and_the_retry_runs(tmp_path, capsys):
@@ -238,7 +240,12 @@ def test_a_run_stopped_by_an_unreadable_image_leaves_no_folder_and_the_retry_run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "photos"]
     assert not list((tmp_path / "mine").iterdir())
     bad.unlink()
-    assert main([*args, "--out", str(tmp_path / "runs" / "a" / "b")]) == 0
+    run = tmp_path / "runs" / "a" / "b"
+    assert main([*args, "--out", str(run)]) == 0
+    before = tree(run)  # --overwrite with an unreadable image: the old run stays (it was
+    bad.write_text("not an image")  # emptied to its marker before the image was read)
+    fail(capsys, *args, "--out", run, "--overwrite", pattern="unreadable image")
+    assert tree(run) == before
 
 
 def test_a_study_on_too_few_images_to_fold_is_refused_before_its_folder_exists(capsys, tmp_path):

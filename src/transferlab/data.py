@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,12 +313,22 @@ def _visible_dirs(path: Path, notes: list[str] | None = None) -> list[Path]:
     never silently."""
     dirs = sorted(d for d in path.iterdir() if d.is_dir())
     hidden = [d.name for d in dirs if _hidden(d.name)]
-    ours = [d.name for d in dirs if not _hidden(d.name) and (d / outputs.MARK).is_file()]
+    ours = [d.name for d in dirs if not _hidden(d.name) and _marked(d)]
     if notes is not None:
         for names, what in ((hidden, "hidden folder(s)"), (ours, "transferlab output folder(s)")):
             if names:
                 notes.append(f"skipped {what} in {path}: {', '.join(names)}")
     return [d for d in dirs if d.name not in hidden + ours]
+
+
+def _marked(folder: Path) -> bool:
+    """A folder transferlab wrote: its marker is transferlab's JSON (a user's own file named
+    .transferlab in a class folder keeps the class)."""
+    try:
+        mark = json.loads((folder / outputs.MARK).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(mark, dict) and "kind" in mark
 
 
 def _image_files(path: Path) -> list[str]:

@@ -86,8 +86,10 @@ def fit(
     check_destination(cfg, out, resume, overwrite, log_json, d)  # before anything is loaded
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
     loop = setup(cfg, out, said, d)  # data, model, weights, plan: validated, nothing written
+    # decoded before the folder is claimed: an unreadable image leaves --out as it was (with
+    # --overwrite it had emptied the old run first)
+    loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
     with claimed(out, resume, overwrite, cfg, d):
-        loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
         start_training(loop, out, resume and (out / "state").exists(), log, quiet)
         progress = (restore(out, loop, log) if resume else None) or Progress()
         t_start, features = time.time() - progress.seconds, None
