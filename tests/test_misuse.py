@@ -638,6 +638,12 @@ def test_a_cache_named_by_the_environment_or_a_recipe_is_checked_before_anything
             err = capsys.readouterr().err
             assert f"$TRANSFERLAB_CACHE {note / 'cache'}: {note} is a file" in err
             assert len(err.splitlines()) == 1 and not out.exists()
+        env.setenv("TRANSFERLAB_CACHE", str(photos / "cat"))  # (6 .npy/.json files among the
+        for argv in (["auto", "--budget", "5m"], train):  # cat images, read as not images)
+            out = tmp_path / argv[0]
+            assert main([*argv, "--data", f"folder:{photos}", "--out", str(out)]) == 2
+            assert "$TRANSFERLAB_CACHE" in capsys.readouterr().err and not out.exists()
+        assert sorted(p.suffix for p in (photos / "cat").iterdir()) == [".png"] * 4
         env.setenv("TRANSFERLAB_CACHE", "off")  # no cache: nothing to check
         assert main([*train, "--data", "digits", "--out", str(tmp_path / "off")]) == 0
     for kind, keys in (("auto", "budget: 5m"), ("train", "model: dcnn")):
