@@ -699,18 +699,41 @@ def test_a_run_whose_classes_were_edited_by_hand_is_refused_by_every_command(
     labelled a 4-output head with 5 names; classes as a string, or repeated, likewise."""
     meta = json.loads((run_copy / "meta.json").read_text())
     image = next((folder_data / "test" / "a").iterdir())
-    for classes in (meta["classes"] + ["eel"], "a", [meta["classes"][0]] * meta["num_classes"]):
-        (run_copy / "meta.json").write_text(json.dumps({**meta, "classes": classes}))
+    edits = [{"classes": c} for c in (meta["classes"] + ["eel"], "a", [meta["classes"][0]] * meta["num_classes"])]  # fmt: skip
+    edits += [{"num_classes": 0, "classes": [], "class_names": []}, {"num_classes": True}]
+    for edit in edits:  # (no classes at all: a state_dict traceback; True: "True names")
+        (run_copy / "meta.json").write_text(json.dumps({**meta, **edit}))
         for argv in (
             ["predict", run_copy, image],
             ["evaluate", run_copy],
             ["export", run_copy, "--format", "onnx", "--out", tmp_path / "m.onnx"],
             ["finetune", "--from", run_copy, "--epochs", "1", "--out", tmp_path / "ft"],
         ):
-            fail(capsys, *argv, pattern="corrupt .*meta.json: its classes and class_names")
+            fail(
+                capsys,
+                *argv,
+                pattern="corrupt .*meta.json: its num_classes, classes and class_names",
+            )
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "ft").exists()
     (run_copy / "meta.json").write_text("garbage")
     fail(capsys, "evaluate", run_copy, pattern=r"corrupt .*meta.json: not valid JSON \(")
+
+
+def test_a_path_for_a_user_this_machine_lacks_is_one_line(capsys, tmp_path):
+    """~nosuchuser/x as --out or --cache-dir was a RuntimeError traceback (exit 1)."""
+    for flag, out in (("--out", "~nosuchuser/x"), ("--cache-dir", "~nosuchuser/x")):
+        args = ["--out", str(tmp_path / "r"), flag, out] if flag != "--out" else [flag, out]
+        fail(
+            capsys,
+            "train",
+            "--data",
+            "digits",
+            "--model",
+            "dcnn",
+            *args,
+            pattern="~NAME for a user",
+        )
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_fine_tune_from_an_ensemble_says_it_is_an_ensemble(capsys, run_copy, tmp_path):

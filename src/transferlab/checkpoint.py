@@ -189,11 +189,12 @@ def read_meta(run: str | Path) -> dict:
     classes, names, n = meta["classes"], meta["class_names"], meta["num_classes"]
     if not (
         all(isinstance(x, list) and all(isinstance(c, str) for c in x) for x in (classes, names))
-        and len(set(classes)) == len(classes) == len(names) == n
+        and type(n) is int
+        and len(set(classes)) == len(classes) == len(names) == n >= 2
     ):  # edited by hand: predict's table indexed past them, export labelled a head with them
         raise UserError(
-            f"corrupt {path}: its classes and class_names must be {n} different names, one per "
-            "output of the model (edited by hand?)"
+            f"corrupt {path}: its num_classes, classes and class_names must agree: as many "
+            "different names as the model has outputs, two or more (edited by hand?)"
         )
     return meta
 

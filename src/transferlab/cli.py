@@ -383,6 +383,12 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     except KeyboardInterrupt:
         print(f"transferlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:  # pathlib's expanduser of ~name for a user this machine lacks
+        if "home directory" not in str(err):
+            raise
+        print(f"transferlab {args.command}: error: a path begins with ~NAME for a user this "
+              f"machine does not have ({err})", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 
