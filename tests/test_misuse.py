@@ -178,6 +178,10 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
         folder_data / "train" / "a" / "r",
         pattern="overlaps the data",
     )
+    recipe.write_text(f"data: folder:{folder_data}\ndefaults: {{cache_dir: {folder_data}/c}}\nsteps: [{{train: a}}]\n")  # fmt: skip
+    fail(capsys, "run", recipe, "--out", tmp_path / "new", pattern="cache_dir .* overlaps the data")
+    fail(capsys, "train", "--data", "digits", *TINY, "--out", tmp_path / "new", "--log-json",
+         tmp_path / "new", pattern="names --out")  # ("Is a directory", the folder left) # fmt: skip
     assert {p: tree(p) for p in (run_copy, other)} == before
     assert not (folder_data / "train" / "newrun").exists() and not (tmp_path / "new").exists()
     assert (

@@ -130,6 +130,8 @@ def check_log_file(path: str | Path, out: Path) -> None:
     """--log-json appends to a JSON-lines event log: never to another file (a run's meta.json,
     a CSV) nor into another transferlab folder."""
     path = Path(path).expanduser()
+    if not str(path).strip() or inside(out, path):  # (the folder --out makes: "Is a directory")
+        raise UserError(f"--log-json {str(path)!r} names --out or a folder above it; name a file")
     check_file_writable(path, "--log-json")
     for folder in path.resolve().parents:
         mark = read_mark(folder)

@@ -197,10 +197,13 @@ def _refuse_out_in_data(recipe: dict, out: Path) -> None:
     and recipe.yaml were left there, read as a class that had no images)."""
     every = [recipe, recipe.get("defaults") or {}, recipe.get("overrides") or {}]
     every += [parse_step(step, i)[2] for i, step in enumerate(recipe["steps"])]
+    caches = sorted({str(d["cache_dir"]) for d in every if d.get("cache_dir") not in (None, "off")})
     for spec in sorted({str(d["data"]) for d in every if d.get("data")}):
         kind, _, arg = spec.partition(":")
         if kind in data.PATH_KINDS and arg:
-            outputs.refuse_overlap(out, [arg], "the data folder")
+            outputs.refuse_writing_into(arg, out, None)  # --out, $TRANSFERLAB_CACHE
+            for cache in caches:  # (refused at its step, after the steps before it)
+                outputs.refuse_overlap(cache, [arg], "the data folder", "cache_dir")
 
 
 NOT_RUNS = {  # steps a finetune's `from` or an ensemble's or soup's `members` cannot name
