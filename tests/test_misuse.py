@@ -753,9 +753,12 @@ def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, ca
     """An ensemble of a run on a folder and a run on a CSV holding every image of it scored
     "100%" on the folder's test split with a "may be" note; evaluate said only the spec."""
     photos = make_folder(tmp_path / "photos", ["cat", "dog"], 3)
-    rows = [
-        f"{p.relative_to(tmp_path)},{p.parent.name},train" for p in sorted(photos.rglob("*.png"))
-    ]
+    rows = []  # hard links to its images (a symlink or the path itself: counted alike)
+    for p in sorted(photos.rglob("*.png")):
+        link = tmp_path / "links" / f"{p.parent.name}-{p.parent.parent.name}-{p.name}"
+        link.parent.mkdir(exist_ok=True)
+        os.link(p, link)
+        rows.append(f"{link.relative_to(tmp_path)},{p.parent.name},train")
     (tmp_path / "all.csv").write_text("file_name,label,split\n" + "\n".join(rows) + "\n")
     small = ["--model", "dcnn", "--input-size", "16", "--epochs", "1", "--quiet"]
     for name, spec in (("a", f"folder:{photos}"), ("b", f"csv:{tmp_path / 'all.csv'}")):

@@ -237,7 +237,8 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
 
 def trained_on(meta: dict, ds: data.Dataset, split: str = "test") -> int:
     """How many of `ds`'s `split` images a run trained on other data (folders, a CSV) trained
-    on: its train and val images, as files after links; 0 where either has no files."""
+    on: its train and val images, as files (through links, hard links too); 0 where either has
+    no files."""
     spec, scored = meta["data"], ds.splits[split].paths
     if spec.partition(":")[0] not in data.PATH_KINDS or not scored:
         return 0
@@ -245,8 +246,17 @@ def trained_on(meta: dict, ds: data.Dataset, split: str = "test") -> int:
         own = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
     except UserError:  # its data moved or gone: the note names it, unmeasured
         return 0
-    seen = {os.path.realpath(p) for s in ("train", "val") for p in getattr(own.splits.get(s), "paths", None) or []}  # fmt: skip
-    return sum(os.path.realpath(p) in seen for p in scored)
+    seen = {_file_id(p) for s in ("train", "val") for p in getattr(own.splits.get(s), "paths", None) or []}  # fmt: skip
+    return sum(_file_id(p) in seen for p in scored)
+
+
+def _file_id(path: str) -> tuple[int, int] | str:
+    """One file however it is reached (a link, a hard link): its device and inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    return st.st_dev, st.st_ino
 
 
 def improves(val: dict, best: dict) -> bool:
