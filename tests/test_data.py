@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -333,3 +334,11 @@ def test_csv_header_spaces_are_ignored_and_labels_differing_in_case_are_noted(tm
     ds = data.load(f"csv:{_csv_data(tmp_path, rows, 'file_name, label')}")
     assert ds.classes == ["RED", "blue", "red"]
     assert "labels that differ only in case are separate classes: RED, red" in ds.notes
+
+
+def test_a_split_with_other_classes_names_them_in_words(tmp_path):
+    """It printed Python lists: "extra [], missing ['eel']"."""
+    root = make_folder(tmp_path / "d", ["ant", "eel"], 2)
+    shutil.rmtree(root / "test" / "eel")
+    with pytest.raises(UserError, match=r"different classes from train: extra none; missing eel$"):
+        data.load(f"folder:{root}")

@@ -353,7 +353,8 @@ def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
     if set(found) != set(classes):
         extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
         raise UserError(
-            f"{root} has different classes from train: extra {extra or '[]'}, missing {missing or '[]'}"
+            f"{root} has different classes from train: extra {', '.join(extra) or 'none'}; "
+            f"missing {', '.join(missing) or 'none'}"
         )
     paths, labels = [], []
     left: dict[str, list[str]] = {"hidden": [], "other": [], "folder": []}  # what is not read
