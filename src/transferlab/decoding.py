@@ -199,13 +199,21 @@ def resolve_cache(setting: str | None) -> Path | None:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "transferlab"
 
 
+def named_cache(setting: str | None, what: str = "--cache-dir") -> tuple[Path, str] | None:
+    """The cache `setting` names (`resolve_cache`) when the user named one (--cache-dir, a
+    recipe's cache_dir: `what`; else $TRANSFERLAB_CACHE), with how they named it; None for the
+    default or none."""
+    path = resolve_cache(setting)
+    if path is None or not (setting or os.environ.get("TRANSFERLAB_CACHE")):
+        return None
+    return path, what if setting else "$TRANSFERLAB_CACHE"
+
+
 def check_cache(setting: str | None, what: str = "--cache-dir") -> None:
-    """The cache `setting` names (`resolve_cache`) can be made a folder here, when the user named
-    it (--cache-dir, a recipe's cache_dir, $TRANSFERLAB_CACHE): refused before a command claims
-    its folder (it failed at the first decode, after a run's folder or a study's seconds)."""
-    path, env = resolve_cache(setting), os.environ.get("TRANSFERLAB_CACHE")
-    if path is not None and (setting or env):
-        outputs.check_creatable(path, what if setting else "$TRANSFERLAB_CACHE")
+    """The cache the user named can be made a folder here: refused before a command claims its
+    folder (it failed at the first decode, after a run's folder or a study's seconds)."""
+    if named := named_cache(setting, what):
+        outputs.check_creatable(*named)
 
 
 def cache_key(paths: list[str], size: int, channels: int, interpolation: str) -> str:

@@ -333,10 +333,8 @@ def refuse_overlap(
 def refuse_writing_into(folder: str | Path, out: str | Path, cache_dir: str | None) -> None:
     """Neither --out nor the decode cache (--cache-dir, else $TRANSFERLAB_CACHE; the default
     is the user's own) is, holds or sits inside the data folder a command reads."""
-    from .decoding import resolve_cache
+    from .decoding import named_cache
 
     refuse_overlap(out, [folder], "the data folder")
-    cache, env = resolve_cache(cache_dir), os.environ.get("TRANSFERLAB_CACHE")
-    if cache is not None and (cache_dir or env):
-        flag = "--cache-dir" if cache_dir else "$TRANSFERLAB_CACHE"
-        refuse_overlap(cache, [folder], "the data folder", flag)
+    if named := named_cache(cache_dir):
+        refuse_overlap(named[0], [folder], "the data folder", named[1])
