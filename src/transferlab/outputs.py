@@ -244,29 +244,6 @@ def claim(out: Path, kind: str, action: str, info: dict | None = None) -> None:
     mark(out, kind, info if action != "resume" else None)
 
 
-def first_missing(out: Path) -> Path | None:
-    """The outermost folder of `out` that does not exist yet (what claiming it will make)."""
-    out = Path(out).absolute()
-    missing = [p for p in (out, *out.parents) if not p.exists()]
-    return missing[-1] if missing else None
-
-
-def release(out: Path, made: Path | None) -> None:
-    """Undo `claim` of a new folder a command failed in before it wrote anything else (a
-    retry was refused: "already exists"); `made` (`first_missing` before the claim): the
-    folders the command made go too, an empty one the user made stays. Call it after the
-    folder's lock is released."""
-    out = Path(out).absolute()
-    with contextlib.suppress(OSError):
-        if {entry.name for entry in out.iterdir()} <= {MARK, LOCK}:
-            for name in (MARK, LOCK):
-                (out / name).unlink(missing_ok=True)
-            for folder in (out, *out.parents) if made else ():
-                folder.rmdir()  # empty: made by the claim (OSError if anything came since)
-                if folder == made:
-                    break
-
-
 def mark(out: Path, kind: str, info: dict | None = None) -> None:
     """Write the folder's marker (it says transferlab made the folder); `info` (a run's
     config) replaces an existing one, else an existing marker is kept."""

@@ -160,20 +160,13 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
 @contextlib.contextmanager
 def claimed(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig, d):
     """The run folder, locked and claimed (rank 0), decided again under the lock: another
-    process may have been faster. Every rank waits until it is. A new folder that a user's
-    mistake stopped before anything was written in it (an unreadable image) is released."""
-    made, action = outputs.first_missing(out), None
-    try:
-        with outputs.lock(out) if d.main else contextlib.nullcontext():
-            if d.main:
-                action = outputs.check_out(out, "run", resume, overwrite)
-                outputs.claim(out, "run", action, {"config": to_dict(cfg)})
-            d.barrier()
-            yield
-    except UserError:
-        if action == "new":
-            outputs.release(out, made)
-        raise
+    process may have been faster. Every rank waits until it is."""
+    with outputs.lock(out) if d.main else contextlib.nullcontext():
+        if d.main:
+            action = outputs.check_out(out, "run", resume, overwrite)
+            outputs.claim(out, "run", action, {"config": to_dict(cfg)})
+        d.barrier()
+        yield
 
 
 def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
