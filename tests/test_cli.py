@@ -97,7 +97,7 @@ def test_unknown_recipe_key(capsys, tmp_path):
     recipe.write_text("data: digits\nepochz: 3\nsteps: [report]\n")
     assert_one_line_error(capsys, ["run", recipe], r"unknown recipe key 'epochz'")
     recipe.write_text("data: digits\nsteps:\n  - train: a\n    learning_rate: 0.1\n")
-    assert_one_line_error(capsys, ["run", recipe], r"unknown key 'learning_rate' in step 0")
+    assert_one_line_error(capsys, ["run", recipe], r"unknown key 'learning_rate' in step 1")
 
 
 def test_class_mismatch(capsys, trained_run, tmp_path):

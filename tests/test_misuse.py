@@ -658,9 +658,51 @@ def test_a_cache_named_by_the_environment_or_a_recipe_is_checked_before_anything
         )
         assert main(["run", str(recipe), "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err
-        assert f"the cache_dir of step 1 ({kind} second) {note} is a file" in err
+        assert f"the cache_dir of step 2 ({kind} second) {note} is a file" in err
         assert not (tmp_path / "r").exists()
     assert note.read_text() == "keep me"
+
+
+def test_a_cache_setting_that_names_no_folder_is_refused_and_off_is_any_case(
+    tmp_path, capsys, monkeypatch
+):
+    """`--cache-dir ''` read as the current folder beside the data and as the default cache
+    elsewhere; ' ' and OFF made folders of those names; evaluate, ensemble and soup used a bad
+    $TRANSFERLAB_CACHE raw ("File exists", after an ensemble or soup had claimed its folder)."""
+    monkeypatch.chdir(tmp_path)
+    train = ["train", "--data", "digits", "--model", "dcnn", "--input-size", "16", "--epochs",
+             "1", "--limit", "60", "--quiet"]  # fmt: skip
+    for blank in ("", " "):
+        fail(capsys, *train, "--out", "r", "--cache-dir", blank, pattern="--cache-dir is empty")
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"data: digits\nsteps:\n  - train: a\n    cache_dir: '{blank}'\n")
+        fail(
+            capsys,
+            "run",
+            recipe,
+            "--out",
+            "rr",
+            pattern=r"cache_dir of step 1 \(train a\) is empty",
+        )
+    for i, word in enumerate(("OFF", "None", " off ")):
+        assert main([*train, "--out", f"r{i}", "--cache-dir", word]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "r0", "r1", "r2"]
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setenv("TRANSFERLAB_CACHE", "afile")
+    for argv in (["evaluate", "r0"], ["ensemble", "r0", "r1", "--out", "e"],
+                 ["soup", "r0", "r1", "--out", "s"]):  # fmt: skip
+        fail(capsys, *argv, pattern=r"\$TRANSFERLAB_CACHE afile is a file, not a folder")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_broken_link_on_the_way_to_out_and_an_empty_log_name_are_named(tmp_path, capsys):
+    """`--out dang/x` under a broken link said "cannot create dang/x: File exists";
+    `--log-json ''` trained without a log and without a word."""
+    (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
+    train = ["train", "--data", "digits", "--model", "dcnn", "--input-size", "16"]
+    fail(capsys, *train, "--out", tmp_path / "dang" / "x", pattern=r"dang is a broken link \(to ")
+    fail(capsys, *train, "--out", tmp_path / "r", "--log-json", "", pattern="--log-json is empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dang"]
 
 
 def test_a_recipe_s_defaults_model_is_the_train_steps_and_its_out_expands_home(
@@ -770,6 +812,9 @@ def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, ca
     )
     said = capsys.readouterr().out  # (the CSV's run carved a test split of its own from them)
     assert re.search(rf"[1-6] of the 6 test images trained {tmp_path / 'b'}: the ensemble's", said)
+    e2 = ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "e2")]
+    assert main(["--quiet", *e2]) == 0  # a note on the data, not progress: --quiet hid it
+    assert re.search(r"[1-6] of the 6 test images trained", capsys.readouterr().out)
     assert main(["evaluate", str(tmp_path / "b"), "--data", f"folder:{photos}"]) == 0
     assert re.search(r"[1-6] of the 6 test images were among its training", capsys.readouterr().out)
 

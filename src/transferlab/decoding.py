@@ -188,21 +188,20 @@ CACHE_VERSION = 2  # bump when decoding changes, so old cache files are not reus
 
 
 def resolve_cache(setting: str | None) -> Path | None:
-    """None: $TRANSFERLAB_CACHE or ~/.cache/transferlab; "off": no cache; else that folder."""
-    if setting in ("off", "none", "false", "0"):
+    """None: $TRANSFERLAB_CACHE or ~/.cache/transferlab; "off" (any case): no cache; else that
+    folder."""
+    named = (setting or os.environ.get("TRANSFERLAB_CACHE") or "").strip()
+    if named.lower() in ("off", "none", "false", "0"):
         return None
-    if setting:
-        return Path(setting).expanduser()
-    env = os.environ.get("TRANSFERLAB_CACHE")
-    if env in ("off", "none", "false", "0"):
-        return None
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "transferlab"
+    return Path(named).expanduser() if named else Path.home() / ".cache" / "transferlab"
 
 
 def named_cache(setting: str | None, what: str = "--cache-dir") -> tuple[Path, str] | None:
     """The cache `setting` names (`resolve_cache`) when the user named one (--cache-dir, a
     recipe's cache_dir: `what`; else $TRANSFERLAB_CACHE), with how they named it; None for the
     default or none."""
+    if setting is not None and not setting.strip():  # (Path: the current folder)
+        raise UserError(f"{what} is empty: name a folder, or off for no cache")
     path = resolve_cache(setting)
     if path is None or not (setting or os.environ.get("TRANSFERLAB_CACHE")):
         return None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, evaluate, outputs, plots
+from . import checkpoint, data, decoding, evaluate, outputs, plots
 from .combiners import COMBINERS, accounting, combine, fit
 from .config import UserError
 from .members import SPLITS, check_members, member_logp
@@ -51,8 +51,7 @@ def build(
     runs = [str(r) for r in runs]
     for run in runs:
         checkpoint.read_meta(run)  # each member is a finished run, named if not
-    if len({str(Path(r).resolve()) for r in runs}) < len(runs) and not quiet:
-        print("note: a run is listed more than once; it counts once per listing")
+    decoding.check_cache(None)  # $TRANSFERLAB_CACHE, before the folder is claimed
     outputs.refuse_overlap(out, runs, "member")
     outputs.check_out(Path(out), "ensemble", overwrite=overwrite)
     on_features = COMBINERS[method].inputs == "features"
@@ -188,6 +187,7 @@ def evaluate_path(
     `tta` applies to a run (None: none); an ensemble uses the TTA it was built with.
     """
     path = Path(path)
+    decoding.check_cache(None)
     if is_ensemble(path):
         own_tta(path, read(path), tta)
         logp, targets, info = evaluate_ensemble(path, data_spec, split, quiet)

@@ -56,7 +56,7 @@ def member_logp(
     spec = data.canonical(data_spec or metas[0]["data"])
     ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
     others = sorted({data.canonical(m["data"]) for m in metas} - {spec})
-    if others and not quiet:  # as evaluate says of one run scored on other data
+    if others:  # as evaluate says of one run scored on other data, --quiet or not
         n_test = len(ds.splits["test"])
         seen = [(r, evaluate.trained_on(m, ds)) for r, m in zip(runs, metas, strict=True)
                 if data.canonical(m["data"]) != spec]  # fmt: skip

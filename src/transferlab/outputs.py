@@ -119,6 +119,10 @@ def check_creatable(path: Path, what: str) -> None:
         raise UserError(f"{what} {path} is a file, not a folder")
     probe = path
     while not probe.exists():
+        if probe.is_symlink():  # (mkdir below it: "File exists")
+            raise UserError(
+                f"cannot create {what} {path}: {probe} is a broken link (to {os.readlink(probe)})"
+            )
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"cannot create {what} {path}: {probe} is a file")
@@ -129,8 +133,10 @@ def check_creatable(path: Path, what: str) -> None:
 def check_log_file(path: str | Path, out: Path) -> None:
     """--log-json appends to a JSON-lines event log: never to another file (a run's meta.json,
     a CSV) nor into another transferlab folder."""
+    if not str(path).strip():  # ('' is the current folder to Path)
+        raise UserError("--log-json is empty: name a file for the event log")
     path = Path(path).expanduser()
-    if not str(path).strip() or inside(out, path):  # (the folder --out makes: "Is a directory")
+    if inside(out, path):  # (the folder --out makes: "Is a directory")
         raise UserError(f"--log-json {str(path)!r} names --out or a folder above it; name a file")
     check_file_writable(path, "--log-json")
     for folder in path.resolve().parents:

@@ -67,9 +67,9 @@ def run(
             f"--out {out} would overwrite the recipe being run ({path}); choose another --out"
         )
     outputs.check_out(out, "recipe", resume=True)
-    if any(parse_step(step, i)[0] == "report" for i, step in enumerate(recipe["steps"])):
+    if any(parse_step(step, i)[0] == "report" for i, step in enumerate(recipe["steps"], 1)):
         report.check_writable(out)
-    for i, step in enumerate(recipe["steps"]):
+    for i, step in enumerate(recipe["steps"], 1):
         kind, name, keys = parse_step(step, i)
         if kind == "train" and checkpoint.is_run(out / name):
             refuse_changed(out / name, make_config(train_settings(recipe, keys)))
@@ -77,9 +77,9 @@ def run(
         outputs.claim(out, "recipe", outputs.check_out(out, "recipe", resume=True))
         checkpoint.write_text(resolved, yaml.safe_dump(recipe, sort_keys=False))
         t0 = time.time()
-        for i, step in enumerate(recipe["steps"]):
+        for i, step in enumerate(recipe["steps"], 1):
             kind, name, keys = parse_step(step, i)
-            print(f"== step {i + 1}/{len(recipe['steps'])}: {kind} {name}", flush=True)
+            print(f"== step {i}/{len(recipe['steps'])}: {kind} {name}", flush=True)
             STEPS[kind](recipe, name, keys, out, quiet)
     print(f"== recipe finished in {time.time() - t0:.0f}s -> {out}", flush=True)
     return out

@@ -112,9 +112,14 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
                 raise UserError(f"--set {key}: write steps.N.KEY=VALUE (N counts from 0)")
             index = int(parts[1])
             if not isinstance(steps, list) or index >= len(steps):
-                raise UserError(f"--set {key}: no step {index} in this recipe")
+                raise UserError(
+                    f"--set {key}: no step {index} in this recipe (--set counts its steps from "
+                    f"0: steps.0 to steps.{len(steps) - 1})"
+                    if isinstance(steps, list) and steps
+                    else f"--set {key}: this recipe has no steps"
+                )
             if not isinstance(steps[index], dict):
-                raise UserError(f"--set {key}: step {index} takes no keys")
+                raise UserError(f"--set {key}: steps.{index} is a report step, which takes no keys")
             steps[index][parts[2]] = value
         else:
             recipe["overrides"][key.removeprefix("defaults.")] = value
@@ -150,7 +155,7 @@ def validate(recipe: dict, out: Path | None = None) -> None:
     make_config(recipe.get("overrides") or {})
     names: list[str] = []
     kinds: dict[str, str] = {}
-    for i, step in enumerate(steps):
+    for i, step in enumerate(steps, 1):  # numbered as `run` prints them: step 1 is the first
         kind, name, keys = parse_step(step, i)
         _check_keys(kind, name, keys, i)
         _check_values(kind, name, keys, i, out is not None)
@@ -196,7 +201,7 @@ def _refuse_out_in_data(recipe: dict, out: Path) -> None:
     """The recipe's folder is not, holds or sits in a folder it reads images from (its marker
     and recipe.yaml were left there, read as a class that had no images)."""
     every = [recipe, recipe.get("defaults") or {}, recipe.get("overrides") or {}]
-    every += [parse_step(step, i)[2] for i, step in enumerate(recipe["steps"])]
+    every += [parse_step(step, i)[2] for i, step in enumerate(recipe["steps"], 1)]
     caches = sorted({str(d["cache_dir"]) for d in every if d.get("cache_dir") not in (None, "off")})
     for spec in sorted({str(d["data"]) for d in every if d.get("data")}):
         kind, _, arg = spec.partition(":")

@@ -107,6 +107,7 @@ def make(
     if len({str(Path(r).resolve()) for r in runs}) < len(runs):
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
+    decoding.check_cache(None)
     outputs.check_out(Path(out), "run")
     with outputs.lock(Path(out)):
         outputs.claim(Path(out), "run", outputs.check_out(Path(out), "run"))
