@@ -2,6 +2,7 @@
 the comparison table and the figures present, a screenshot taken."""
 
 import re
+import warnings
 import shutil
 import subprocess
 
@@ -188,3 +189,19 @@ def test_a_folder_another_command_holds_is_not_reported_into(trained_run, tmp_pa
     assert not (out / "report.md").exists()
     path, _ = report.write(out)
     assert path == out / "report.md" and path.is_file()
+
+
+def test_class_names_the_font_lacks_are_one_note_not_a_warning_per_glyph(tmp_path, monkeypatch):
+    """Two CJK/emoji class names printed 16 'Glyph ... missing from font' lines per command."""
+    from transferlab import plots
+
+    monkeypatch.setattr(plots, "_NOTED", set())
+    names = ["猫", "\U00013000"]  # (an Egyptian hieroglyph: in no font transferlab falls back to)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for i in range(2):
+            plots.confusion(np.eye(2), names, tmp_path / f"c{i}.png", "猫 and \U00013000")
+            plots.png(plots.per_class_figure(np.array([0.5, 1.0]), names))
+    said = [str(w.message) for w in seen]
+    assert len(said) == 1 and "\U00013000" in said[0] and "empty boxes" in said[0], said
+    assert (tmp_path / "c1.png").stat().st_size > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,43 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .checkpoint import atomic_path  # noqa: E402
+
+# Class names in any script: DejaVu Sans first, then whichever of these fonts is installed
+# (matplotlib falls back along font.family per glyph); a glyph none has is one note per process
+# (matplotlib warned per character, figure and layout pass: 16 lines for two class names).
+FALLBACK_FONTS = (
+    "Noto Sans",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Noto Color Emoji",
+    "Symbola",
+)
+_installed = {f.name for f in matplotlib.font_manager.fontManager.ttflist}
+matplotlib.rcParams["font.family"] = [
+    "DejaVu Sans",
+    *(f for f in FALLBACK_FONTS if f in _installed),
+]
+_NOTED: set[str] = set()
+
+
+def _note_missing_glyphs(fig) -> None:
+    """Say once which characters of a figure's text no font of ours has (drawn as boxes)."""
+    from matplotlib.font_manager import FontProperties, findfont, get_font
+
+    fonts = [
+        get_font(findfont(FontProperties(family=f))) for f in matplotlib.rcParams["font.family"]
+    ]
+    chars = {c for t in fig.findobj(matplotlib.text.Text) for c in t.get_text()} - _NOTED
+    lacking = sorted(
+        c for c in chars if c.isprintable() and not any(ord(c) in f.get_charmap() for f in fonts)
+    )
+    if lacking:
+        _NOTED.update(lacking)
+        warnings.warn(
+            f"no font here has {' '.join(lacking)}: the plots show them as empty boxes (install a "
+            f"font that has them: {', '.join(FALLBACK_FONTS[1:])} are used when installed)",
+            stacklevel=3,
+        )
 
 
 def curves(history: list[dict], path: Path, title: str) -> None:
@@ -25,7 +63,7 @@ def curves(history: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     _save(fig, path)
 
 
@@ -48,13 +86,21 @@ def lr_find(lrs: list[float], losses: list[float], suggested: float, path: Path,
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    fig.tight_layout()
+    fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     _save(fig, path)
 
 
 def _save(fig, path: Path) -> None:
     with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        _draw(fig, tmp, 100)
+
+
+def _draw(fig, target, dpi: int) -> None:
+    """Lay out, draw and close `fig` into `target` (a path or a file object), as PNG."""
+    _note_missing_glyphs(fig)
+    with warnings.catch_warnings():  # one per missing glyph, figure and pass: noted above
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        fig.savefig(target, format="png", dpi=dpi)
     plt.close(fig)
 
 
@@ -64,7 +110,7 @@ def save_image(image: np.ndarray, path: Path, title: str) -> None:
     ax.imshow(image, interpolation="nearest")
     ax.axis("off")
     ax.set_title(title, fontsize=7)
-    fig.tight_layout()
+    fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     _save(fig, path)
 
 
@@ -76,8 +122,7 @@ def png(fig) -> bytes:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
+    _draw(fig, buf, 90)
     return buf.getvalue()
 
 
@@ -100,7 +145,7 @@ def confusion_figure(matrix: np.ndarray, names: list[str], title: str):
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     return fig
 
 
@@ -124,7 +169,7 @@ def reliability_figure(confidence: np.ndarray, correct: np.ndarray, ece: float, 
     ax.set_ylim(0, 1)
     ax.set_title(f"reliability, ECE {ece:.3f}", fontsize=9)
     ax.legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
+    fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     return fig
 
 
@@ -138,7 +183,7 @@ def per_class_figure(accuracy: np.ndarray, names: list[str]):
     ax.set_ylabel("test top-1")
     ax.set_title("per-class accuracy", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     return fig
 
 
@@ -154,7 +199,7 @@ def gain_figure(labels: list[str], values: list[float], is_ensemble: list[bool],
     ax.set_ylim(max(0, low - 10), min(100, 100 * max(values) + 3))
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     return fig
 
 
@@ -170,5 +215,5 @@ def wrong_grid_figure(images: np.ndarray, captions: list[str], title: str):
         ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
         ax.set_title(cap, fontsize=6.5)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(h_pad=1.2)
+    fig.set_layout_engine("tight", h_pad=1.2)
     return fig
