@@ -183,12 +183,15 @@ def test_every_csv_mistake_is_one_line_naming_the_row(tmp_path, header, rows, me
         data.load(f"csv:{tmp_path / 'nope.csv'}")
 
 
-def test_a_csv_image_listed_again_through_a_link_is_refused(tmp_path):
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_csv_image_listed_again_through_a_link_is_refused(tmp_path, link):
     """A link to a train image, listed as test, passed the duplicate check (paths compared as
-    written): the same image scored as a test image."""
+    written; a hard link, after that, as resolved): the same image scored as a test image."""
     path = _csv_data(tmp_path, ["img/0.png,a,train", "img/1.png,b,train", "link.png,a,test"],
                      "file_name,label,split")  # fmt: skip
-    (tmp_path / "link.png").symlink_to(tmp_path / "img" / "0.png")
+    (os.symlink if link == "symbolic" else os.link)(
+        tmp_path / "img" / "0.png", tmp_path / "link.png"
+    )
     with pytest.raises(UserError, match="line 4: link.png is on line 2 too"):
         data.load(f"csv:{path}")
 

@@ -2,9 +2,9 @@
 the comparison table and the figures present, a screenshot taken."""
 
 import re
-import warnings
 import shutil
 import subprocess
+import warnings
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,8 @@ def source(file: str, notes: list[str]):
         if not image.is_file():
             why = "is a folder, not an image" if image.is_dir() else "not found"
             raise UserError(f"{file} line {n}: {name} {why} (paths are relative to the CSV)")
-        first = seen.setdefault(os.path.realpath(image), n)  # (through a link: the same image)
+        st = image.stat()  # one file however it is reached (a link, a hard link)
+        first = seen.setdefault((st.st_dev, st.st_ino), n)
         if first != n:
             raise UserError(f"{file} line {n}: {name} is on line {first} too; list each image once")
         by_split.setdefault(SPLIT_NAMES[raw], []).append((str(image), label, n))
