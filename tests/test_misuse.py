@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -841,3 +842,31 @@ def test_a_file_the_system_refuses_is_named_as_given_not_as_its_temp_file(run_co
         capsys, "export", run_copy, "--format", "safetensors", "--out", "/proc/nope.safetensors"
     )
     assert "/proc/nope.safetensors" in err and ".tmp" not in err
+
+
+@pytest.fixture
+def file_size_limit():
+    """Set RLIMIT_FSIZE for this process (writes past it fail with EFBIG, as on a full disk:
+    Python ignores SIGXFSZ); put back afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_nothing_is_left_half_written(
+    run_copy, folder_data, tmp_path, capsys, file_size_limit
+):
+    """Out of space (here: a file-size limit), torchscript export aborted the process in C++
+    (rc 134, its temp file left), safetensors and hf exports and train printed tracebacks
+    (torch's "unexpected pos", "(os error 27)"), hf left an empty folder."""
+    file_size_limit((run_copy / "model.safetensors").stat().st_size // 2)
+    for fmt in ("torchscript", "safetensors", "onnx", "hf"):
+        out = tmp_path / "ex" / f"m-{fmt}"
+        fail(capsys, "export", run_copy, "--format", fmt, "--out", out,
+             pattern=rf"File too large \({re.escape(str(out))}\): free space there")  # fmt: skip
+        assert not out.exists()
+    train = ["train", "--data", f"folder:{folder_data}", *TINY, "--cache-dir", "off", "--quiet"]
+    fail(capsys, *train, "--out", tmp_path / "r", pattern=r"File too large \(.*last\.pt\)")
+    file_size_limit(resource.RLIM_INFINITY)
+    assert main([*train, "--out", str(tmp_path / "r"), "--resume"]) == 0
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

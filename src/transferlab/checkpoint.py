@@ -11,11 +11,15 @@ Run folder layout (see ARCHITECTURE.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import json
 import os
 import pickle
+import re
+import resource
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -52,9 +56,29 @@ def atomic_path(path: Path):
             mode = 0o666 & ~UMASK
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except Exception as err:
+        code = write_errno(err, Path(tmp))
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err  # one line, naming `path`
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def write_errno(err: Exception, tmp: Path) -> int | None:
+    """The OS error behind a failed write of the file `tmp`, where the writer hid it: torch.save raises
+    RuntimeError ("unexpected pos") on a full disk or a file-size limit, safetensors names
+    "(os error 27)", ONNX's OSError names no file. None: not a write that the disk refused."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno and not err.filename else None
+    if found := re.search(r"os error (\d+)", str(err)):
+        return int(found[1])
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    size = tmp.stat().st_size if tmp.is_file() else 0
+    if limit != resource.RLIM_INFINITY and size >= limit:
+        return errno.EFBIG
+    return errno.ENOSPC if shutil.disk_usage(tmp.parent).free < 2**24 else None
 
 
 def write_text(path: Path, text: str) -> None:

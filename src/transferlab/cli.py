@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -347,6 +348,13 @@ COMMANDS = {
 }
 
 
+FULL = dict.fromkeys(  # what the user can do about it
+    (errno.ENOSPC, errno.EDQUOT, errno.EFBIG),
+    ": free space there (or raise the file-size limit, ulimit -f) and run it again; a run "
+    "continues with --resume",
+)
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"  # not Python's source line: what to know, as a user reads it
 
@@ -378,7 +386,11 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     except OSError as err:  # the disk or the OS refused (full, read-only, gone): say which file
         name = re.sub(r"(^|/)\.([^/]+)\.\w{8}\.tmp$", r"\1\2", str(err.filename or ""))
         where = f" ({name})" if name else ""  # (`atomic_path`'s temp file named as its file)
-        print(f"transferlab {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        full = FULL.get(err.errno, "")
+        print(
+            f"transferlab {args.command}: error: {err.strerror or err}{where}{full}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"transferlab {args.command}: interrupted", file=sys.stderr)

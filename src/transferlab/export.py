@@ -10,6 +10,7 @@ split before the command returns.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -113,8 +114,10 @@ def export(
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             traced = torch.jit.trace(packaged, x[:1])
+            buffer = io.BytesIO()  # (written to a file, a full disk aborted the process in C++)
+            torch.jit.save(traced, buffer, _extra_files={"transferlab.json": info})
             with checkpoint.atomic_path(path) as tmp:
-                torch.jit.save(traced, str(tmp), _extra_files={"transferlab.json": info})
+                tmp.write_bytes(buffer.getvalue())
             got = torch.jit.load(str(path))(x).numpy()
     else:
         got = _onnx(packaged, x, path, info)

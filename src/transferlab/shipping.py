@@ -13,6 +13,7 @@ head on member features) and ten-crop TTA are refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -182,8 +183,6 @@ def export_hf(run: str | Path, out: str | Path | None, overwrite: bool = False) 
     preprocessing as pretrained_cfg) and model.safetensors, as timm.save_for_hf writes them,
     so `timm.create_model("local-dir:DIR", pretrained=True)` (or hf-hub: once pushed) rebuilds
     the model with its weights."""
-    import timm.models
-
     run = Path(run)
     meta = checkpoint.read_meta(run)
     arch = models.Architecture.of_run(meta)
@@ -207,9 +206,26 @@ def export_hf(run: str | Path, out: str | Path | None, overwrite: bool = False) 
             "std": prep.std, "interpolation": prep.interpolation, "crop_pct": 1.0,
             "num_classes": meta["num_classes"]}  # fmt: skip
     model.pretrained_cfg = cfg
-    model_args = {"in_chans": prep.channels} if prep.channels != 3 else None
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".hf-") as tmp:  # then file by file
+    try:
+        _save_hf(model, folder, meta, {"in_chans": prep.channels} if prep.channels != 3 else None)
+    except Exception as err:  # a full disk: one line, and no new empty folder left behind
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        code = checkpoint.write_errno(err, folder / "model.safetensors")
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(folder)) from err
+    return {"path": str(folder), "check": None}
+
+
+def _save_hf(model, folder: Path, meta: dict, model_args: dict | None) -> None:
+    """timm.save_for_hf into a temp folder inside `folder`, then file by file into it."""
+    import timm.models
+
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".hf-") as tmp:
         timm.models.save_for_hf(model, tmp, model_config={"label_names": meta["class_names"]},
                                 model_args=model_args, safe_serialization=True)  # fmt: skip
         config = Path(tmp) / "config.json"  # marked: only an export of ours is ever replaced
@@ -217,7 +233,6 @@ def export_hf(run: str | Path, out: str | Path | None, overwrite: bool = False) 
         for file in sorted(Path(tmp).iterdir()):  # safetensors writes 0600: shipped, as umask
             os.chmod(file, 0o666 & ~checkpoint.UMASK)
             os.replace(file, folder / file.name)
-    return {"path": str(folder), "check": None}
 
 
 HF_FILES = {"config.json", "model.safetensors", "pytorch_model.bin", "README.md"}
