@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from transferlab import ensembles, report
+from transferlab.config import UserError
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +206,20 @@ def test_class_names_the_font_lacks_are_one_note_not_a_warning_per_glyph(tmp_pat
     said = [str(w.message) for w in seen]
     assert len(said) == 1 and "\U00013000" in said[0] and "empty boxes" in said[0], said
     assert (tmp_path / "c1.png").stat().st_size > 0
+
+
+def test_a_run_that_has_not_finished_is_named_as_left_out_and_a_file_is_not_missing(
+    trained_run, tmp_path, capsys
+):
+    """A run stopped by SIGTERM or Ctrl-C was left out of the table without a word; `report
+    FILE` said "report folder not found"."""
+    shutil.copytree(trained_run, tmp_path / "done")
+    shutil.copytree(trained_run, tmp_path / "stopped")
+    (tmp_path / "stopped" / "meta.json").unlink()  # (its state/ kept: resumable)
+    report.write(tmp_path)
+    said = (
+        "stopped: a run that has not finished (still training, or stopped: finish it with --resume)"
+    )
+    assert said in capsys.readouterr().err and said in (tmp_path / "report.md").read_text()
+    with pytest.raises(UserError, match="report.md is a file; report a folder of runs"):
+        report.write(tmp_path / "report.md")

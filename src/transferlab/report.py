@@ -199,7 +199,10 @@ def write(root: str | Path, held: bool = False) -> tuple[Path, str]:
 
 def _write(root: Path) -> tuple[Path, str]:
     if not root.is_dir():
-        raise UserError(f"report folder not found: {root}")
+        raise UserError(
+            f"{root} is a file; report a folder of runs" if root.exists()
+            else f"report folder not found: {root}"
+        )  # fmt: skip
     found = outputs.enclosing(root)  # not into the insides of a run (its state/, logits/)
     if found:
         raise UserError(f"{root} is inside the {found[1]} folder {found[0]}: report that")
@@ -212,15 +215,20 @@ def _write(root: Path) -> tuple[Path, str]:
     check_writable(root)
     skipped: list[str] = []
     rows = collect(root, skipped)
+    stopped = sorted(  # (they were left out without a word)
+        p.parent
+        for p in root.rglob("state")
+        if not (p.parent / "meta.json").exists()
+        and (outputs.read_mark(p.parent) or {}).get("kind") == "run"
+    )
     if not rows:
-        stopped = sorted(
-            p.parent for p in root.rglob("state") if not (p.parent / "meta.json").exists()
-        )
         raise UserError(
             f"no finished run or ensemble under {root}"
             + (f"; {stopped[0]} is a run that stopped: finish it with --resume" if stopped else "")
             + (f"; left out: {skipped[0]}" if skipped else "")
         )  # fmt: skip
+    skipped += [f"{s}: a run that has not finished (still training, or stopped: finish it with "
+                "--resume)" for s in stopped]  # fmt: skip
     for why in skipped:  # the rest are reported
         print(f"note: left out {why}", file=sys.stderr)
     table = markdown_table(rows)
