@@ -67,11 +67,13 @@ def atomic_path(path: Path):
 
 
 def write_errno(err: Exception, tmp: Path) -> int | None:
-    """The OS error behind a failed write of the file `tmp`, where the writer hid it: torch.save raises
-    RuntimeError ("unexpected pos") on a full disk or a file-size limit, safetensors names
-    "(os error 27)", ONNX's OSError names no file. None: not a write that the disk refused."""
+    """The OS error behind a failed write of the file `tmp` where the writer hid it: torch.save
+    raises RuntimeError ("unexpected pos") on a full disk or at a file-size limit, safetensors
+    names "(os error 27)", ONNX's OSError names no file. None: not a write the disk refused."""
     if isinstance(err, OSError):
         return err.errno if err.errno and not err.filename else None
+    if not isinstance(err, RuntimeError | SafetensorError):  # (a UserError is the user's)
+        return None
     if found := re.search(r"os error (\d+)", str(err)):
         return int(found[1])
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
