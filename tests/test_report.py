@@ -169,7 +169,9 @@ def test_report_flags_runs_it_cannot_stand_behind(report_dir, tmp_path, capsys):
     ]
     assert "Left out: corrupt" in path.read_text()
     (tmp_path / "empty" / "r" / "state").mkdir(parents=True)
-    with pytest.raises(UserError, match="is a run that stopped before it finished: finish it"):
+    with pytest.raises(
+        UserError, match=r"is a run that has not finished \(still training, or stopped: finish it"
+    ):
         checkpoint.read_meta(tmp_path / "empty" / "r")  # evaluate said "not a run folder"
     with pytest.raises(
         UserError, match="no finished run or ensemble under .*r is a run that stopped"

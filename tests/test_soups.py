@@ -101,3 +101,21 @@ def test_recipe_soup_step_and_report(snapshot_run, tmp_path):
     path.write_text(f"steps:\n  - soup: s\n    members: {snaps}\n    method: uniform\n  - report\n")
     out = recipe.run(path, tmp_path / "out", quiet=True)
     assert "uniform soup of snapshot-1, snapshot-2" in (out / "report.md").read_text()
+
+
+def test_a_soup_stopped_before_it_finished_is_made_again(snapshot_run, tmp_path, monkeypatch):
+    """A soup stopped by Ctrl-C or a full disk left a marked, empty folder; every rerun said
+    "pass --resume to continue it or --overwrite", flags soup does not take."""
+    snaps = sorted((snapshot_run / "snapshots").iterdir())
+    monkeypatch.setattr(soups, "_cook", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        soups.make(snaps, "uniform", tmp_path / "s", quiet=True)
+    assert not (tmp_path / "s" / checkpoint.META).exists()
+    monkeypatch.undo()
+    (tmp_path / "s" / "mine.txt").write_text("keep")  # a user's file: never replaced
+    with pytest.raises(UserError, match="--overwrite would delete files transferlab did not"):
+        soups.make(snaps, "uniform", tmp_path / "s", quiet=True)
+    (tmp_path / "s" / "mine.txt").unlink()
+    assert soups.make(snaps, "uniform", tmp_path / "s", quiet=True)["strategy"] == "soup"
+    with pytest.raises(UserError, match="already holds a run"):  # a finished one stays
+        soups.make(snaps, "uniform", tmp_path / "s", quiet=True)

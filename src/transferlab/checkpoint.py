@@ -198,7 +198,10 @@ def read_meta(run: str | Path) -> dict:
         raise UserError(f"run folder not found: {run}")
     path = run / META
     if not path.is_file() and (run / "state").is_dir():  # written when a run finishes
-        raise UserError(f"{run} is a run that stopped before it finished: finish it with --resume")
+        raise UserError(
+            f"{run} is a run that has not finished (still training, or stopped: finish it with "
+            "--resume)"
+        )
     if not path.is_file() and (run / "ensemble.json").is_file():
         raise UserError(f"{run} is an ensemble, not a run folder: name one of its members")
     if not path.is_file():

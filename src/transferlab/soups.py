@@ -108,10 +108,22 @@ def make(
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
     decoding.check_cache(None)
-    outputs.check_out(Path(out), "run")
+    again = _stopped(Path(out))  # a soup stopped before it finished is made again
+    outputs.check_out(Path(out), "run", overwrite=again)
     with outputs.lock(Path(out)):
-        outputs.claim(Path(out), "run", outputs.check_out(Path(out), "run"))
+        outputs.claim(Path(out), "run", outputs.check_out(Path(out), "run", overwrite=again))
         return _cook(runs, metas, method, Path(out), data_spec, quiet, log, t0)
+
+
+def _stopped(out: Path) -> bool:
+    """`out` is a transferlab run folder with neither weights' record nor training state: a
+    soup (or a run) stopped before it wrote anything to keep ("pass --resume or --overwrite",
+    which soup does not take, was the way out)."""
+    return (
+        bool(outputs.read_mark(out))
+        and not (out / checkpoint.META).exists()
+        and not (out / "state").exists()
+    )
 
 
 def _greedy(order: list[int], cook, runs, log) -> list[int]:
