@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import UserError
 
+UNFINISHED = "still training, or stopped: finish it with --resume"  # a run with no meta.json
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 UMASK = os.umask(0o022)  # read once (setting it is the only way), then put back
@@ -198,10 +199,7 @@ def read_meta(run: str | Path) -> dict:
         raise UserError(f"run folder not found: {run}")
     path = run / META
     if not path.is_file() and (run / "state").is_dir():  # written when a run finishes
-        raise UserError(
-            f"{run} is a run that has not finished (still training, or stopped: finish it with "
-            "--resume)"
-        )
+        raise UserError(f"{run} is a run that has not finished ({UNFINISHED})")
     if not path.is_file() and (run / "ensemble.json").is_file():
         raise UserError(f"{run} is an ensemble, not a run folder: name one of its members")
     if not path.is_file():

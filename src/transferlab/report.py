@@ -197,6 +197,17 @@ def write(root: str | Path, held: bool = False) -> tuple[Path, str]:
         return _write(root)
 
 
+def _unfinished(root: Path) -> list[Path]:
+    """The run folders under `root` with training state but no meta.json yet (they were left
+    out of the table without a word)."""
+    return sorted(
+        p.parent
+        for p in root.rglob("state")
+        if not (p.parent / "meta.json").exists()
+        and (outputs.read_mark(p.parent) or {}).get("kind") == "run"
+    )
+
+
 def _write(root: Path) -> tuple[Path, str]:
     if not root.is_dir():
         raise UserError(
@@ -215,20 +226,14 @@ def _write(root: Path) -> tuple[Path, str]:
     check_writable(root)
     skipped: list[str] = []
     rows = collect(root, skipped)
-    stopped = sorted(  # (they were left out without a word)
-        p.parent
-        for p in root.rglob("state")
-        if not (p.parent / "meta.json").exists()
-        and (outputs.read_mark(p.parent) or {}).get("kind") == "run"
-    )
+    stopped = _unfinished(root)
     if not rows:
         raise UserError(
             f"no finished run or ensemble under {root}"
             + (f"; {stopped[0]} is a run that stopped: finish it with --resume" if stopped else "")
             + (f"; left out: {skipped[0]}" if skipped else "")
         )  # fmt: skip
-    skipped += [f"{s}: a run that has not finished (still training, or stopped: finish it with "
-                "--resume)" for s in stopped]  # fmt: skip
+    skipped += [f"{s}: a run that has not finished ({checkpoint.UNFINISHED})" for s in stopped]
     for why in skipped:  # the rest are reported
         print(f"note: left out {why}", file=sys.stderr)
     table = markdown_table(rows)
