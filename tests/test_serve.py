@@ -17,6 +17,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from PIL import Image
 
 from transferlab import predict
 
@@ -56,12 +57,11 @@ def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, dict]:
     }
 
 
-@pytest.fixture(scope="module")
-def server(trained_run):
+def start(path, *options: str) -> tuple[str, subprocess.Popen]:
+    """`transferlab serve PATH OPTIONS` on a free port, once /health answers: (url, process)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "transferlab", "serve", str(trained_run), "--port", str(port),
-         "--max-mb", "0.05", "--max-wait-ms", "200", "--top-k", "2"],
+        [sys.executable, "-m", "transferlab", "serve", str(path), "--port", str(port), *options],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -74,6 +74,12 @@ def server(trained_run):
     else:
         proc.kill()
         pytest.fail(f"the server did not start: {proc.stderr.read()}")
+    return url, proc
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    url, proc = start(trained_run, "--max-mb", "0.05", "--max-wait-ms", "200", "--top-k", "2")
     yield url, proc
     if proc.poll() is None:
         proc.kill()
@@ -106,7 +112,9 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
     for body, status, words in cases:
         got_status, got = call(url + "/predict", body)
         assert got_status == status and words in got["error"], (status, got)
-    assert call(url + "/predict?top_k=99", good)[0] == 422
+    assert call(url + "/predict?top_k=0", good)[0] == 422
+    status, every = call(url + "/predict?top_k=99", good)  # all 4 classes, as predict --top-k 99
+    assert status == 200 and len(every["results"][0]["predictions"]) == 4
     assert call(url + "/predict?top_k=x", good)[0] == 422
     from PIL import Image
 
@@ -189,7 +197,69 @@ def test_a_default_top_k_above_the_classes_is_clamped_as_predict_does(trained_ru
 
     app = serve.app_for(trained_run, top_k=50)
     route = next(r for r in app.routes if getattr(r, "path", "") == "/predict")
+    assert inspect.signature(route.endpoint).parameters["top_k"].default == 50
     classes = len(checkpoint.read_meta(trained_run)["classes"])
-    assert inspect.signature(route.endpoint).parameters["top_k"].default == classes
+    live = serve.Live(trained_run)
+    rows, _ = live.rows([Image.new("RGB", (24, 24))], 50)  # the batcher's call
+    assert len(rows[0]["predictions"]) == classes
     assert main(["serve", str(trained_run), "--max-wait-ms", "-5"]) == 2
     assert "--max-wait-ms is 0..10000" in capsys.readouterr().err
+    for flag, value in (("--top-k", "0"), ("--max-batch", "-1"), ("--max-mb", "nan")):
+        assert main(["serve", str(trained_run), flag, value]) == 2  # the flag, not all four
+        assert f"{flag} must be positive, got {value}" in capsys.readouterr().err
+
+
+def test_a_run_replaced_while_served_is_answered_from_the_files_on_disk(tmp_path, folder_data):
+    """`train --overwrite` of the served run: serve kept answering with the old weights from
+    memory (a model that existed nowhere on disk) and /health said ok."""
+    from transferlab import checkpoint
+    from transferlab.trainer import fit
+
+    from conftest import tiny_cfg
+
+    run, image = tmp_path / "r", next((folder_data / "test" / "a").iterdir())
+    fit(tiny_cfg(f"folder:{folder_data}", seed=1), run, quiet=True)
+    url, proc = start(run, "--max-wait-ms", "0")
+    try:
+        status, old = call(url + "/predict?top_k=4", image.read_bytes())
+        assert status == 200
+        first = call(url + "/info")[1]["members"][0]["weights_sha256"]
+        assert first == checkpoint.read_meta(run)["weights_sha256"]
+        (run / checkpoint.META).rename(tmp_path / "meta.json")  # as while it trains again
+        (run / "state").mkdir(exist_ok=True)
+        status, got = call(url + "/predict", image.read_bytes())
+        assert status == 503 and "changed on disk" in got["error"], got
+        assert "has not finished" in got["error"]
+        status, health = call(url + "/health")
+        assert status == 503 and health["status"] == "unavailable"
+        (tmp_path / "meta.json").rename(run / checkpoint.META)
+        fit(tiny_cfg(f"folder:{folder_data}", seed=2, lr=0.05), run, overwrite=True, quiet=True)
+        want, _ = predict.predict(run, [str(image)], top_k=4, quiet=True)
+        status, new = call(url + "/predict?top_k=4", image.read_bytes())
+        assert status == 200 and call(url + "/health")[0] == 200
+        probs = [[p["prob"] for p in r["predictions"]] for r in (new["results"][0], want[0])]
+        assert probs[0] == pytest.approx(probs[1], abs=1e-5)  # the new weights answer
+        assert probs[0] != pytest.approx([p["prob"] for p in old["results"][0]["predictions"]])
+        assert call(url + "/info")[1]["members"][0]["weights_sha256"] != first
+    finally:
+        proc.kill()
+        assert "Traceback" not in proc.communicate()[1]
+
+
+def test_an_ensemble_whose_member_changed_is_not_served(tmp_path, folder_data, trained_run):
+    import shutil
+
+    from transferlab import ensembles, serve
+    from transferlab.trainer import fit
+
+    from conftest import tiny_cfg
+
+    twin = tmp_path / "twin"
+    shutil.copytree(trained_run, twin, ignore=shutil.ignore_patterns(".transferlab.lock"))
+    ensembles.build([trained_run, twin], "soft", tmp_path / "e", quiet=True)
+    live = serve.Live(tmp_path / "e")
+    assert live.current() is live.current()  # nothing changed: not loaded again
+    fit(tiny_cfg(f"folder:{folder_data}", seed=3), twin, overwrite=True, quiet=True)
+    with pytest.raises(serve.BadUpload) as err:
+        live.rows([Image.new("RGB", (24, 24))], 2)
+    assert err.value.status == 503 and "twin" in err.value.message

@@ -42,7 +42,9 @@ def commands(sub, _sub, Parser) -> None:
     p.add_argument("path", help="a run folder or an ensemble folder")
     p.add_argument("--host", default="127.0.0.1", help="interface [127.0.0.1: this machine only]")
     p.add_argument("--port", type=int, default=8000, help="[8000]")
-    p.add_argument("--top-k", type=int, default=5, help="classes per image unless ?top_k= [5]")
+    p.add_argument(
+        "--top-k", type=int, default=5, help="classes per image unless ?top_k= (all, if fewer) [5]"
+    )
     p.add_argument("--max-batch", type=int, default=32, help="images per model call [32]")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the first image waits for others to batch with [5]")  # fmt: skip
@@ -206,8 +208,12 @@ def _fp32_note(metas: list[dict], whose: str) -> None:
 def cmd_serve(args) -> None:
     from . import serve
 
-    if not 1 <= args.port <= 65535 or args.max_batch < 1 or args.max_mb <= 0 or args.top_k < 1:
-        raise UserError("--port is 1..65535; --max-batch, --max-mb and --top-k are positive")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port is 1..65535, got {args.port}")
+    for flag, value in (("--top-k", args.top_k), ("--max-batch", args.max_batch),
+                        ("--max-mb", args.max_mb)):  # fmt: skip
+        if not value > 0:  # nan too
+            raise UserError(f"{flag} must be positive, got {value:g}")
     if not 0 <= args.max_wait_ms <= 10_000:
         raise UserError(f"--max-wait-ms is 0..10000 (milliseconds), got {args.max_wait_ms:g}")
     serve.serve(args.path, args.host, args.port, max_batch=args.max_batch,

@@ -4,24 +4,35 @@ extra `serve`).
 - `POST /predict`: one or many images, as multipart form files (any field name) or as the raw
   request body; `?top_k=N`. Answers `{"results": [{"file", "predictions": [{"class", "name",
   "prob"}]}]}` in upload order.
-- `GET /health`: `{"status": "ok", "requests", "images", "batches"}`.
-- `GET /info`: classes, names, the ensemble method and each member's preprocessing.
+- `GET /health`: `{"status": "ok", "requests", "images", "batches"}`; 503 with `"error"` while
+  the folder cannot be served (see below).
+- `GET /info`: classes, names, the ensemble method, each member's preprocessing and weights'
+  sha256 (which model answers).
 
 Requests that arrive together are batched: the first image waits up to `max_wait_ms` for
 others (up to `max_batch` images), and the model runs once on all of them in one worker thread.
 A bad upload (empty, over `max_mb`, not an image) is a 4xx JSON `{"error": ...}`; the server
 keeps serving.
+
+What answers is what is on disk: before each batch the files the answers come from (a run's
+meta.json and weights; an ensemble's own files and its members') are stat-ed. When they change
+(`train --overwrite` of the served run, a member retrained) the folder is loaded again; while it
+cannot be (still training, a member changed under its ensemble) requests get 503 saying why,
+never the old model's answers from memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from . import checkpoint, ensembles
 from .config import UserError
 
 try:  # the optional extra `serve`; module-level so FastAPI resolves the handlers' annotations
@@ -32,11 +43,72 @@ except ImportError:
     FastAPI = None
 
 
+def sources(path: Path) -> list[Path]:
+    """The files a served folder's answers come from: a run's meta.json and weights; an
+    ensemble's ensemble.json, combiner and its members' files."""
+    if not (path / ensembles.ENSEMBLE).is_file():
+        return [path / checkpoint.META, checkpoint.weights_path(path)]
+    try:
+        runs = [Path(m["run"]) for m in ensembles.read(path)["members"]]
+    except Exception:  # noqa: BLE001 - being rewritten: its own files show the change
+        runs = []
+    own = [path / ensembles.ENSEMBLE, path / ensembles.PARAMS]
+    return own + [f for run in runs for f in sources(run)]
+
+
+def stamp(path: Path) -> tuple:
+    """What `sources` are now (inode, size, mtime; None if gone): a new file, or one written in
+    place, changes it; a hash would read every weight on every batch."""
+    seen = []
+    for file in sources(path):
+        try:
+            st = file.stat()
+            seen.append((str(file), st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            seen.append((str(file), None))
+    return tuple(seen)
+
+
+class Live:
+    """The served folder's models, loaded again when its files change (`stamp`); `problem` says
+    why it cannot be served now (answered as 503) until its files change again."""
+
+    def __init__(self, path: str | Path):
+        from . import predict
+
+        self.path, self._load = Path(path), predict.Predictor
+        self.stamp = stamp(self.path)  # before loading: a change during the load is seen next
+        self.predictor, self.problem = self._load(self.path), None
+        self._guard = threading.Lock()  # the worker and /health may both look
+
+    def current(self):
+        """The predictor for the files on disk now, or BadUpload(503) saying why there is none."""
+        with self._guard:
+            now = stamp(self.path)
+            if now != self.stamp:
+                self.stamp, self.predictor = now, None  # the old model is never used again
+                try:
+                    self.predictor, self.problem = self._load(self.path), None
+                    print(f"reloaded {self.path}: its files changed", file=sys.stderr, flush=True)
+                except Exception as err:  # noqa: BLE001 - told to every request until it loads
+                    self.problem = str(err)
+                    print(f"not serving {self.path}: {err}", file=sys.stderr, flush=True)
+            if self.problem:
+                raise BadUpload(
+                    503, f"the served folder {self.path.name} changed on disk and cannot be "
+                    f"served now: {self.problem}; it is loaded again when its files change"
+                )  # fmt: skip
+            return self.predictor
+
+    def rows(self, images: list, top_k: int) -> tuple[list[dict], list[str]]:
+        return self.current().rows(images, top_k)
+
+
 @dataclass
 class Batcher:
     """Collects images from concurrent requests into batches for one model worker."""
 
-    predictor: object
+    live: Live
     max_batch: int = 32
     max_wait_ms: float = 5.0
     queue: asyncio.Queue | None = None
@@ -56,7 +128,7 @@ class Batcher:
             k = max(top_k for _, top_k, _ in items)
             self.counts["batches"] += 1
             try:
-                rows, _ = await asyncio.to_thread(self.predictor.rows, images, k)
+                rows, _ = await asyncio.to_thread(self.live.rows, images, k)
             except Exception as err:  # noqa: BLE001 - every waiting request hears of it
                 for _, _, future in items:
                     future.set_exception(err)
@@ -135,11 +207,8 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
         raise UserError("serve needs FastAPI and uvicorn: pip install 'transferlab[serve]'")
     from contextlib import asynccontextmanager
 
-    from . import predict
-
-    predictor = predict.Predictor(path)
-    top_k = min(top_k, len(predictor.classes))  # as predict does (--top-k 50, 10 classes)
-    batcher = Batcher(predictor, max_batch, max_wait_ms)
+    live = Live(path)
+    batcher = Batcher(live, max_batch, max_wait_ms)
     limit = int(max_mb * 1e6)
 
     @asynccontextmanager
@@ -163,8 +232,8 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
 
     @app.post("/predict")
     async def predict_images(request: Request, top_k: int = top_k):
-        if not 1 <= top_k <= len(predictor.classes):
-            raise BadUpload(422, f"top_k must be 1..{len(predictor.classes)}, got {top_k}")
+        if top_k < 1:  # above the class count: every class, as predict --top-k does
+            raise BadUpload(422, f"top_k must be 1 or more, got {top_k}")
         declared = int(request.headers.get("content-length") or 0)
         if declared > limit * 16:  # far over: refused before reading it
             raise BadUpload(
@@ -184,17 +253,29 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
 
     @app.get("/health")
     async def health():
+        try:
+            await asyncio.to_thread(live.current)
+        except BadUpload as err:
+            return JSONResponse(
+                {"status": "unavailable", "error": err.message, **batcher.counts}, status_code=503
+            )
         return {"status": "ok", **batcher.counts}
 
     @app.get("/info")
     async def info():
+        predictor = await asyncio.to_thread(live.current)
         return {
             "path": Path(path).resolve().name,  # not the server's folders (host 0.0.0.0)
             "classes": predictor.classes,
             "names": predictor.names,
             "method": predictor.method,
             "members": [
-                {"arch": m["arch"], "preprocessing": m["preprocessing"]} for m in predictor.metas
+                {
+                    "arch": m["arch"],
+                    "preprocessing": m["preprocessing"],
+                    "weights_sha256": m.get("weights_sha256"),
+                }
+                for m in predictor.metas
             ],  # fmt: skip
             "max_batch": max_batch,
             "max_mb": max_mb,
