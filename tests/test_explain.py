@@ -59,8 +59,11 @@ def test_explain_writes_an_overlay_per_image_for_the_predicted_or_named_class(
     (tmp_path / "fake.png").write_bytes(b"not an image")  # was left out without a word
     explain.explain(trained_run, [files[0], str(tmp_path / "fake.png")], tmp_path / "cam2")
     assert "skipped: " in capsys.readouterr().err
-    with pytest.raises(UserError, match="--class zebra is not a class"):
+    with pytest.raises(UserError, match="--class zebra is not a class .*\\(a, b, c, d\\) nor an"):
         explain.explain(trained_run, files, target="zebra")
+    again = explain.explain(trained_run, files[:1], target="1")  # by index; the first kept
+    assert again[0]["explained"] == "b"  # and RUN/explain gathers: the first overlays stay
+    assert again[0]["overlay"] not in [r["overlay"] for r in rows]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="exists and is not empty"):

@@ -70,3 +70,18 @@ def test_a_refused_export_leaves_the_disk_as_it_was(trained_run, tmp_path, capsy
         warnings.simplefilter("always")
         export.export(trained_run, "torchscript", tmp_path / "m.pt")
     assert not [w for w in said if issubclass(w.category, FutureWarning)]
+
+
+def test_an_earlier_export_is_replaced_only_when_asked(trained_run, tmp_path, capsys):
+    """A second `export RUN` replaced RUN/export/model.* without --overwrite (while an existing
+    --out FILE was refused): an export is the user's, ready to ship."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".transferlab.lock", "export"))
+    target = run / "export" / "model.safetensors"
+    assert main(["export", str(run), "--format", "safetensors"]) == 0
+    first = target.stat().st_ino
+    assert main(["export", str(run), "--format", "safetensors"]) == 2
+    assert "already exists (an earlier export): pass --overwrite" in capsys.readouterr().err
+    assert target.stat().st_ino == first
+    assert main(["export", str(run), "--format", "safetensors", "--overwrite"]) == 0
+    assert target.stat().st_ino != first

@@ -3,12 +3,14 @@ real test images; a run as a Hugging Face / timm folder that timm loads back off
 
 import json
 import os
+import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from transferlab import checkpoint, ensembles, evaluate, shipping, trainer
+from transferlab import checkpoint, ensembles, evaluate, outputs, shipping, trainer
 from transferlab.cli import main
 from transferlab.config import UserError
 
@@ -137,6 +139,27 @@ def test_hf_folder_loads_back_in_timm_offline_with_labels_and_preprocessing(
         assert (tmp_path / "hf" / name).stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(UserError, match="is inside the run .*leave it out"):
         shipping.export_hf(trained_run, trained_run / "export")
+
+
+def test_an_hf_export_killed_midway_leaves_nothing_that_blocks_the_next(trained_run, tmp_path):
+    """kill -9 inside an hf export left its .hf-* temp folder, and every later export into the
+    folder was refused ("holds other files"), --overwrite too; the default folder was replaced
+    without --overwrite."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(".transferlab.lock", "export"))
+    shipping.export_hf(run, None)
+    hf = run / "export" / "hf"
+    with pytest.raises(UserError, match="holds an earlier export: pass --overwrite"):
+        shipping.export_hf(run, None)
+    old, new = hf / ".hf-killed", hf / ".hf-writing"  # left an hour ago; another export's now
+    for left in (old, new):
+        left.mkdir()
+        shutil.copy(hf / "config.json", left)
+    os.utime(old, (time.time() - 3600,) * 2)
+    assert outputs._foreign(run) == []  # train --overwrite may replace the run
+    shipping.export_hf(run, None, overwrite=True)
+    assert not old.exists() and new.is_dir()
+    assert sorted(p.name for p in hf.iterdir() if p != new) == ["config.json", "model.safetensors"]
 
 
 def test_hf_export_of_a_model_timm_cannot_build_is_refused(members, tmp_path):

@@ -60,10 +60,10 @@ class Model:
 
         return ensembles.evaluate_path(self.path, data, split, True, tta)["metrics"]
 
-    def export(self, format: str, out: str | Path | None = None) -> dict:
+    def export(self, format: str, out: str | Path | None = None, overwrite: bool = False) -> dict:
         from . import export
 
-        return export.export(self.path, format, out)
+        return export.export(self.path, format, out, overwrite)
 
     def __fspath__(self) -> str:
         return str(self.path)

@@ -35,8 +35,11 @@ def commands(sub, _sub, Parser) -> None:
     p = _sub(sub, "explain", "Grad-CAM: where in each image a run looked for its prediction")
     p.add_argument("path", help="a run folder")
     p.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
-    p.add_argument("--out", help="folder for the overlays [RUN/explain]")
-    p.add_argument("--class", dest="target", help="explain this class [the predicted one]")
+    p.add_argument(
+        "--out", help="a new or empty folder for the overlays [RUN/explain, where they gather]"
+    )
+    p.add_argument("--class", dest="target",
+                   help="explain this class: its name or index [the predicted one]")  # fmt: skip
 
     p = _sub(sub, "serve", "an HTTP API for a run or ensemble: POST /predict, GET /health, /info")
     p.add_argument("path", help="a run folder or an ensemble folder")
@@ -98,7 +101,8 @@ def commands(sub, _sub, Parser) -> None:
     )
     p.add_argument("--out", help="file (hf: folder) to write [RUN/export/model.onnx|.pt|"
                    ".safetensors, RUN/export/hf, ENS/export/ensemble.onnx]")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export (--out, or the default file)")  # fmt: skip
     p.add_argument(
         "--input-size", type=int, help="an ensemble graph's input size [its largest member's]"
     )

@@ -67,8 +67,10 @@ def overlay(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
 
 def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
             target: str | None = None, quiet: bool = True) -> list[dict]:  # fmt: skip
-    """Write OUT/<image>-gradcam.png per readable image (OUT: RUN/explain); returns one row per
-    image: its file, the overlay, the predicted class and probability, the explained class."""
+    """Write OUT/NNN-<image>-gradcam.png per readable image (OUT: RUN/explain, numbered on
+    after the overlays already there); returns one row per image: its file, the overlay, the
+    predicted class and probability, the explained class. `target`: a class (its folder name or
+    display name), or its index."""
     from . import predict
 
     run = Path(run)
@@ -77,9 +79,12 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
     index = None
     if target is not None:
         lookup = {c: i for i, c in enumerate(meta["classes"])} | {n: i for i, n in enumerate(names)}
+        lookup = {str(i): i for i in range(len(names))} | lookup  # a name wins over an index
         if target not in lookup:
+            more = " ..." if len(names) > 8 else ""
             raise UserError(
-                f"--class {target} is not a class of {run} ({', '.join(names[:8])} ...)"
+                f"--class {target} is not a class of {run} ({', '.join(names[:8])}{more}) nor an "
+                f"index 0..{len(names) - 1}"
             )
         index = lookup[target]
     files = predict.items(inputs)
@@ -95,10 +100,12 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
                       None if index is None else [index] * len(kept))  # fmt: skip
     blended = overlay(images, maps)
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
+    names_there = (p.name.split("-", 1)[0] for p in folder.glob("[0-9][0-9][0-9]*-gradcam.png"))
+    taken = [int(n) for n in names_there if n.isdigit()]
+    rows, start = [], max(taken, default=-1) + 1  # RUN/explain gathers: none is written over
     for i, (f, picture) in enumerate(zip(kept, blended, strict=True)):
         stem = Path(f).stem if isinstance(f, str) else f"image-{i}"
-        path = folder / f"{i:03d}-{stem}-gradcam.png"
+        path = folder / f"{start + i:03d}-{stem}-gradcam.png"
         pred = int(prob[i].argmax())
         explained = pred if index is None else index
         title = f"pred {names[pred]} ({prob[i, pred]:.2f}); Grad-CAM of {names[explained]}"
@@ -110,7 +117,7 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
 
 
 def _check_folder(folder: Path, run: Path) -> None:
-    """RUN/explain (ours: refreshed), or a new or empty folder outside every run."""
+    """RUN/explain (ours: overlays gather there), or a new or empty folder outside every run."""
     if outputs.inside(folder, run / "explain"):
         return
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):

@@ -81,9 +81,9 @@ def export(
 ) -> dict:
     """Write the run's model in `fmt`; returns {path, check} (check: ONNX vs PyTorch).
 
-    The default file is RUN/export/model.*, replaced on each export; an explicit `out` may not
-    lie inside a run or ensemble folder (other than RUN/export/) nor replace an existing file
-    unless `overwrite`.
+    The default file is RUN/export/model.*; an explicit `out` may not lie inside a run or
+    ensemble folder (other than RUN/export/). An existing file, an earlier export there too, is
+    replaced only with `overwrite`.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}' (known: {', '.join(FORMATS)})")
@@ -145,8 +145,9 @@ def check_out_file(path: Path, run: Path, overwrite: bool) -> None:
                 f"--out {path} is inside the {found[1]} folder {found[0]}; "
                 f"export next to it, or into {run / 'export'}"
             )
-        if path.exists() and not overwrite:
-            raise UserError(f"{path} already exists: pass --overwrite to replace it")
+    if path.exists() and not overwrite:
+        earlier = " (an earlier export)" if ours else ""
+        raise UserError(f"{path} already exists{earlier}: pass --overwrite to replace it")
     if path.parent.is_dir():
         outputs.check_file_writable(path, "--out")
     else:

@@ -39,7 +39,8 @@ OWNED = (
     "tensorboard/events.out.tfevents.*", "export/model.onnx", "export/model.onnx.data",
     "export/model.pt", "export/model.safetensors", "export/ensemble.onnx",
     "export/ensemble.onnx.data", "export/hf/config.json", "export/hf/model.safetensors",
-    f"explain/{_D * 3}-*-gradcam.png", "shards.json", *(f"{s}-{_D * 6}.tar" for s in _SPLITS),
+    *(f"export/hf/.hf-*/{f}" for f in ("config.json", "model.safetensors")),  # a killed export's
+    f"explain/{_D * 3}*-gradcam.png", "shards.json", *(f"{s}-{_D * 6}.tar" for s in _SPLITS),
 )  # fmt: skip
 TEMP = ".*.tmp"  # a temp file of an interrupted atomic write (checkpoint.atomic_path)
 # Report files, recognised by how their text starts (a user's own file of that name is not ours).

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -222,20 +224,26 @@ def export_hf(run: str | Path, out: str | Path | None, overwrite: bool = False) 
 
 
 def _save_hf(model, folder: Path, meta: dict, model_args: dict | None) -> None:
-    """timm.save_for_hf into a temp folder inside `folder`, then file by file into it."""
+    """timm.save_for_hf into a temp folder inside `folder`, then file by file into it,
+    config.json last (its mark says an export is whole); temp folders an export killed (kill -9)
+    left are removed."""
     import timm.models
 
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".hf-") as tmp:
+    for left in folder.glob(f"{TEMP}*"):  # not one being written now: minutes old
+        if left.is_dir() and not left.is_symlink() and time.time() - left.stat().st_mtime > 120:
+            shutil.rmtree(left, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=TEMP) as tmp:
         timm.models.save_for_hf(model, tmp, model_config={"label_names": meta["class_names"]},
                                 model_args=model_args, safe_serialization=True)  # fmt: skip
         config = Path(tmp) / "config.json"  # marked: only an export of ours is ever replaced
         checkpoint.write_text(config, json.dumps(json.loads(config.read_text()) | MARK, indent=2))
-        for file in sorted(Path(tmp).iterdir()):  # safetensors writes 0600: shipped, as umask
+        for file in sorted(Path(tmp).iterdir(), key=lambda f: f == config):  # 0600: as umask
             os.chmod(file, 0o666 & ~checkpoint.UMASK)
             os.replace(file, folder / file.name)
 
 
 HF_FILES = {"config.json", "model.safetensors", "pytorch_model.bin", "README.md"}
+TEMP = ".hf-"  # the temp folder an export writes in (`_save_hf`)
 MARK = {"exported_by": "transferlab"}  # in config.json (timm reads the keys it knows)
 
 
@@ -247,27 +255,32 @@ def _ours(folder: Path) -> bool:
         return False
 
 
+def _temp(path: Path) -> bool:
+    """A temp folder of an export (written now, or left by one killed)."""
+    return path.name.startswith(TEMP) and path.is_dir() and not path.is_symlink()
+
+
 def _check_folder(folder: Path, run: Path, overwrite: bool) -> None:
-    """A new or empty folder, or one holding only an earlier hf export (replaced: --overwrite
-    unless it is RUN/export/hf); anything else in it is never touched."""
+    """A new or empty folder, or one holding only an earlier hf export (replaced with
+    --overwrite); anything else in it is never touched."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; --format hf writes a folder")
     own = run / "export" / "hf"
     if outputs.inside(folder, run) and folder.resolve() != own.resolve():
         raise UserError(f"--out {folder} is inside the run {run}: leave it out ({own}) or pick "
                         "a folder outside the run")  # fmt: skip
-    found = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    found = {p.name for p in folder.iterdir() if not _temp(p)} if folder.is_dir() else set()
     if found - HF_FILES:
         raise UserError(
             f"{folder} holds other files ({', '.join(sorted(found - HF_FILES)[:3])}); "
             "--format hf writes into a new or empty folder"
         )
-    if found and not outputs.inside(folder, run / "export"):  # not new, not the run's own
-        if not _ours(folder):  # a model of the user's, say: never replaced, --overwrite or not
-            raise UserError(
-                f"{folder} holds {', '.join(sorted(found))} that transferlab did not write; "
-                "--format hf writes into a new or empty folder, or over an export of its own"
-            )
-        if not overwrite:
-            raise UserError(f"{folder} holds an earlier export: pass --overwrite to replace it")
+    own_export = outputs.inside(folder, run / "export")
+    if found and not own_export and not _ours(folder):  # a model of the user's, say: never
+        raise UserError(  # replaced, --overwrite or not
+            f"{folder} holds {', '.join(sorted(found))} that transferlab did not write; "
+            "--format hf writes into a new or empty folder, or over an export of its own"
+        )
+    if found and not overwrite:
+        raise UserError(f"{folder} holds an earlier export: pass --overwrite to replace it")
     export.check_out_file(folder / "config.json", run, overwrite=True)
