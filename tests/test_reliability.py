@@ -188,6 +188,28 @@ def test_S24_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_exactly(
     assert_same_run(reference / "w0", tmp_path / "run")
 
 
+def test_ctrl_c_says_how_to_continue_as_sigterm_does_and_a_recipe_says_its_own_way(
+    folder_data, tmp_path
+):
+    """Ctrl-C printed only "interrupted" (SIGTERM said to rerun with --resume); a recipe stopped
+    by SIGTERM advised `--resume`, which `run` does not take (it resumes a step by itself)."""
+    args = [*train_args(folder_data), "--out", tmp_path / "run"]
+    stopped = cli(*args, env={"TRANSFERLAB_FAULT": "int:5"})
+    assert stopped.returncode == 130, stopped.stderr
+    said = f"interrupted; the state saved at its last epoch is in {tmp_path / 'run' / 'state'}: "
+    assert said + "rerun with --resume to continue" in stopped.stderr.strip().splitlines()[-1]
+    assert inproc(*args, "--resume") == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: folder:{folder_data}\nsteps:\n  - train: a\n    model: dcnn\n"
+                      "    input_size: 24\n    epochs: 3\n    batch_size: 16\n")  # fmt: skip
+    for fault, code in (("term:5", 143), ("int:5", 130)):
+        ran = cli("run", recipe, "--out", tmp_path / fault[:3], env={"TRANSFERLAB_FAULT": fault})
+        last = ran.stderr.strip().splitlines()[-1]
+        assert ran.returncode == code and "run the recipe again to continue" in last, ran.stderr
+        assert "--resume" not in last
+        assert inproc("run", recipe, "--out", tmp_path / fault[:3]) == 0
+
+
 def test_S3_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     folder = tmp_path / "state"
     checkpoint.save_checkpoint(folder, {"w": torch.ones(3)}, step=1)

@@ -359,6 +359,21 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"  # not Python's source line: what to know, as a user reads it
 
 
+def _going_on(args) -> str:
+    """After Ctrl-C: how to continue what it stopped, as a SIGTERM stop says it."""
+    from . import checkpoint, recipe, resume
+
+    out = Path(getattr(args, "out", None) or "")
+    if args.command in ("run", "demo"):
+        return f"; {recipe.AGAIN}"
+    unfinished = out.name and out.is_dir() and not (out / checkpoint.META).is_file()
+    if args.command in ("train", "finetune") and unfinished:
+        return f"; the state saved at its last epoch is in {out / 'state'}: {resume.RESUME}"
+    if args.command == "auto" and unfinished:
+        return f" (the study's finished candidates are kept in {out}): {resume.RESUME}"
+    return ""
+
+
 def console() -> int:
     """The `transferlab` program (and `python -m transferlab`): its clock started with the
     process, before torch was imported (auto's budget counts that start-up too)."""
@@ -393,7 +408,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print(f"transferlab {args.command}: interrupted", file=sys.stderr)
+        print(f"transferlab {args.command}: interrupted{_going_on(args)}", file=sys.stderr)
         return 130
     except RuntimeError as err:  # pathlib's expanduser of ~name for a user this machine lacks
         if "home directory" not in str(err):

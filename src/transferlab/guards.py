@@ -53,7 +53,8 @@ class EventLog:
 
 
 def injected_fault(rank: int = 0) -> tuple[int, int] | None:
-    """TRANSFERLAB_FAULT=kill:N or term:N sends SIGKILL/SIGTERM to this process after step N.
+    """TRANSFERLAB_FAULT=kill:N, term:N or int:N sends SIGKILL/SIGTERM/SIGINT (Ctrl-C) to this
+    process after step N.
 
     `kill:N@R` hits rank R only. A fault-injection hook for the reliability tests (kill -9,
     pre-emption and rank failure at an exact step).
@@ -65,7 +66,7 @@ def injected_fault(rank: int = 0) -> tuple[int, int] | None:
     if only and int(only) != rank:
         return None
     kind, _, step = spec.partition(":")
-    return {"kill": signal.SIGKILL, "term": signal.SIGTERM}[kind], int(step)
+    return {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[kind], int(step)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from . import checkpoint, ensembles, outputs, report, resume, strategies, trainer
-from .config import TrainConfig, UserError, make_config, to_dict
+from .config import Preempted, TrainConfig, UserError, make_config, to_dict
 from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... live there)
     EXTRA_KEYS,
     MAX_BYTES,
@@ -80,9 +80,15 @@ def run(
         for i, step in enumerate(recipe["steps"], 1):
             kind, name, keys = parse_step(step, i)
             print(f"== step {i}/{len(recipe['steps'])}: {kind} {name}", flush=True)
-            STEPS[kind](recipe, name, keys, out, quiet)
+            try:
+                STEPS[kind](recipe, name, keys, out, quiet)
+            except Preempted as err:  # `run` takes no --resume: it resumes a step by itself
+                raise Preempted(str(err).replace(resume.RESUME, AGAIN)) from None
     print(f"== recipe finished in {time.time() - t0:.0f}s -> {out}", flush=True)
     return out
+
+
+AGAIN = "run the recipe again to continue (finished steps are skipped, this one resumes)"
 
 
 def _train(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:

@@ -111,7 +111,7 @@ class Checkpoints:
             raise Preempted(
                 f"stopped {'at its deadline' if late else 'by SIGTERM'} at epoch {p.epoch} "
                 f"step {p.step}; state saved in "
-                f"{self.out / 'state'}: rerun with --resume to continue"
+                f"{self.out / 'state'}: {RESUME}"
             )
 
     def check_stop(self, where: str) -> None:
@@ -123,8 +123,11 @@ class Checkpoints:
         if self.loop.dist.world == 1 and (self.stop["requested"] or late):
             raise Preempted(
                 f"stopped {'at its deadline' if late else 'by SIGTERM'} during {where}; "
-                "rerun with --resume to continue (finished feature passes are cached)"
+                f"{RESUME} (finished feature passes are cached)"
             )
+
+
+RESUME = "rerun with --resume to continue"  # a stop's advice (a recipe says its own)
 
 
 def training_state(loop: Loop, progress: Progress) -> dict:
