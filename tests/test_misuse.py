@@ -783,6 +783,23 @@ def test_a_path_for_a_user_this_machine_lacks_is_one_line(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_name_with_a_control_character_is_refused_before_anything_is_made(
+    capsys, run_copy, tmp_path
+):
+    """`--out $'runs/nl\\nx'` trained, and report.md's table row split in two."""
+    said, twin, work = "would make a name with a control character", tmp_path / "b", tmp_path / "w"
+    shutil.copytree(run_copy, twin)
+    work.mkdir()
+    for bad in ("nl\nx", "t\tb/c"):
+        fail(capsys, "train", "--data", "digits", *TINY, "--out", work / bad, pattern=said)
+        fail(capsys, "ensemble", run_copy, twin, "--out", work / bad, pattern=said)
+        fail(capsys, "export", run_copy, "--format", "onnx", "--out", work / f"{bad}.onnx",
+             pattern=said)  # fmt: skip
+        fail(capsys, "train", "--data", "digits", *TINY, "--out", work / "r", "--log-json",
+             work / bad, pattern=said)  # fmt: skip
+    assert list(work.iterdir()) == []
+
+
 def test_a_fine_tune_from_an_ensemble_says_it_is_an_ensemble(capsys, run_copy, tmp_path):
     other = tmp_path / "b"
     shutil.copytree(run_copy, other)

@@ -225,3 +225,18 @@ def test_a_run_that_has_not_finished_is_named_as_left_out_and_a_file_is_not_miss
     assert said in capsys.readouterr().err and said in (tmp_path / "report.md").read_text()
     with pytest.raises(UserError, match="report.md is a file; report a folder of runs"):
         report.write(tmp_path / "report.md")
+
+
+def test_a_run_named_with_a_pipe_or_made_with_a_newline_keeps_its_table_row_whole(
+    trained_run, tmp_path
+):
+    """A newline in a run's name (made outside transferlab) split report.md's row in two; a |
+    in it made an extra column."""
+    root = tmp_path / "runs"
+    for name in ("a|b", "c\nd"):
+        shutil.copytree(trained_run, root / name, ignore=shutil.ignore_patterns("*.lock"))
+    path, _ = report.write(root)
+    table = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    header = table[0].count("|")
+    rows = [line for line in table if "a\\|b" in line or "c\\nd" in line]
+    assert len(rows) == 2 and all(re.sub(r"\\\|", "", row).count("|") == header for row in rows)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .config import UserError
+from .config import UserError, one_line
 
 MARK = ".transferlab"
 LOCK = ".transferlab.lock"
@@ -120,6 +120,11 @@ def check_creatable(path: Path, what: str) -> None:
         raise UserError(f"{what} {path} is a file, not a folder")
     probe = path
     while not probe.exists():
+        if not probe.name.isprintable():  # a newline split report.md's table row in two
+            raise UserError(
+                f"{what} {one_line(str(path))} would make a name with a control character (a "
+                "newline, a tab): choose another"
+            )
         if probe.is_symlink():  # (mkdir below it: "File exists")
             raise UserError(
                 f"cannot create {what} {path}: {probe} is a broken link (to {os.readlink(probe)})"
@@ -166,6 +171,8 @@ def check_file_writable(path: str | Path, what: str) -> None:
         raise UserError(f"{what} {path} is a folder, not a file")
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(f"cannot write {what} {path}: permission denied")
+    if not path.exists():
+        check_creatable(path, what)  # (a name with a newline)
     if not path.parent.is_dir():
         raise UserError(f"cannot write {what} {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import checkpoint, ensembles, evaluate, htmlreport, outputs
-from .config import UserError
+from .config import UserError, one_line
 
 COLUMNS = [
     "model",
@@ -90,7 +90,7 @@ def per_class_markdown(row: dict) -> list[str]:
     lines = [f"## Per class: {row['model']} (test)", "",
              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]  # fmt: skip
     lines += [
-        f"| {c['name']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
+        f"| {cell(c['name'])} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
         f"{c['support']} |"
         for c in scores["classes"]
     ]
@@ -114,7 +114,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
     elif weights == "soup":
         weights = f"{src['method']} soup of " + ", ".join(Path(r).name for r in src["ingredients"])
     return {
-        "model": (str(path.relative_to(root)) or path.name)
+        "model": _name(path, root)
         + (" (unusable: its weights are missing or corrupt; train it again)" if problem else ""),
         "_stale": bool(problem),
         "data": meta["data"],
@@ -144,7 +144,7 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
     except UserError:  # a member was retrained or removed: its numbers no longer hold
         stale = " (stale: a member changed; rebuild it)"
     return {
-        "model": (str(path.relative_to(root)) or path.name) + stale,
+        "model": _name(path, root) + stale,
         "_stale": bool(stale),
         "data": info["data"],
         "arch": f"ensemble ({info['method']})",
@@ -164,11 +164,21 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
     }
 
 
+def _name(path: Path, root: Path) -> str:
+    """A run's name in the report: its path under the root, as one line."""
+    return one_line(str(path.relative_to(root)) or path.name)
+
+
 def markdown_table(rows: list[dict]) -> str:
     cols = columns(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def cell(text) -> str:
+    """A markdown table cell: one line, its | escaped (a run or class named so split a row)."""
+    return one_line(str(text)).replace("|", "\\|")
 
 
 def check_writable(root: Path) -> None:
