@@ -43,13 +43,43 @@ def assert_one_line_error(capsys, argv, pattern):
         "report",
         "models",
         "data",
+        "data list",
+        "data get",
+        "data shard",
+        "auto",
+        "serve",
+        "explain",
     ],
 )
 def test_every_subcommand_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     assert "example:" in capsys.readouterr().out
+
+
+def test_a_mistake_names_the_subcommand_and_an_exported_file_names_its_run(
+    capsys, trained_run, tmp_path
+):
+    """`soup ... --overwrite` said `transferlab: error: unrecognized arguments`; predict on an
+    exported model.onnx said "not a run folder (no meta.json)"."""
+    for argv, prog in ((["soup", "a", "b", "--out", "x", "--overwrite"], "soup"),
+                       (["data", "get", "cifar10", "--to", "x", "--bogus"], "data get")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and err.startswith(f"transferlab {prog}: error: unrec")
+    import re
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("*.lock", "export"))
+    assert main(["export", str(run), "--format", "safetensors"]) == 0
+    for command in ("predict", "evaluate"):
+        extra = [str(trained_run / "meta.json")] if command == "predict" else []
+        said = "model.safetensors is a file, not a run folder: name the run folder it belongs to"
+        assert_one_line_error(capsys, [command, run / "export" / "model.safetensors", *extra],
+                              f"{said}, {re.escape(str(run.resolve()))}$")  # fmt: skip
 
 
 def test_missing_path(capsys, tmp_path):

@@ -197,6 +197,12 @@ def read_meta(run: str | Path) -> dict:
     run = Path(run)
     if not run.exists():
         raise UserError(f"run folder not found: {run}")
+    if run.is_file():  # an exported model, say: transferlab reads the run it came from
+        from .outputs import enclosing
+
+        found = enclosing(run)
+        came = f": name the {found[1]} folder it belongs to, {found[0]}" if found else ""
+        raise UserError(f"{run} is a file, not a run folder{came}")
     path = run / META
     if not path.is_file() and (run / "state").is_dir():  # written when a run finishes
         raise UserError(f"{run} is a run that has not finished ({UNFINISHED})")

@@ -61,6 +61,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """A subcommand says its own name for arguments it does not know (`transferlab soup:
+        error: unrecognized arguments: --overwrite`, not `transferlab:`)."""
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra and " " in self.prog:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace, extra
+
 
 def _sub(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .config import UserError
 
@@ -62,20 +63,29 @@ def commands(sub, _sub, Parser) -> None:
     what = p.add_subparsers(
         dest="action", required=True, parser_class=Parser, metavar="{list,get,shard}"
     )
-    what.add_parser("list", help="the datasets `get` knows")
+    raw = argparse.RawDescriptionHelpFormatter
+    what.add_parser("list", help="the datasets `get` knows", formatter_class=raw,
+                    epilog="example:\n  transferlab data list")  # fmt: skip
     get = what.add_parser(
         "get",
         help="download, check and lay out one of them",
+        formatter_class=raw,
+        epilog="example:\n  transferlab data get cifar10 --to ~/data\n"
+        "  transferlab train --data folder:~/data/cifar10 --out runs/c10   # the --data it printed",
         description="Download the official archive(s) into DIR/downloads (an interrupted download "
         "continues when run again), check the MD5, extract, and print the --data spec that reads "
         "the set: folder:DIR/cifar10, csv:DIR/pets.csv, tiny-imagenet:DIR/tiny-imagenet-200, ...",
     )
     get.add_argument("name", help="a name from `transferlab data list`")
     get.add_argument("--to", required=True, help="a new or empty folder (or one `get` began)")
-    get.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no bars")
+    get.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                     help="no progress bars")  # fmt: skip
     shard = what.add_parser(
         "shard",
         help="write a dataset as WebDataset tar shards, for sets bigger than the decode cache",
+        formatter_class=raw,
+        epilog="example:\n  transferlab data shard folder:photos --out photos-wds\n"
+        "  transferlab train --data wds:photos-wds --out runs/photos",
         description="Check every image, then write the splits as tar shards (webdataset's layout: "
         "KEY.jpg + KEY.cls, shuffled so each shard holds every class) and shards.json. Train on "
         "them with --data wds:DIR: images are read and decoded per batch, never cached.",
@@ -87,7 +97,8 @@ def commands(sub, _sub, Parser) -> None:
                        help="share of train carved as val when the source has none [0.1]")  # fmt: skip
     shard.add_argument("--overwrite", action="store_true", help="replace a shard folder")
     shard.add_argument("--skip-bad-images", action="store_true", help="leave unreadable ones out")
-    shard.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no bars")
+    shard.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress bars")  # fmt: skip
 
     p = _sub(sub, "export", "a run as ONNX, TorchScript, safetensors or a Hugging Face/timm "
              "folder; an ensemble as one ONNX graph")  # fmt: skip
@@ -121,6 +132,11 @@ def cmd_models(args) -> None:
     from . import weights
 
     rows = weights.available(args.pattern, args.offline)
+    if not rows and not set("*?[") & set(args.pattern):  # a plain word: the names holding it
+        rows = weights.available(f"*{args.pattern}*", args.offline)
+        if rows:
+            print(f"note: no name is '{args.pattern}'; these contain it ('{args.pattern}*' "
+                  "lists the names that start with it)", file=sys.stderr)  # fmt: skip
     if not rows:
         raise UserError(
             f"no pretrained weights match '{args.pattern}'" + (" offline" if args.offline else "")
@@ -129,6 +145,9 @@ def cmd_models(args) -> None:
     for r in rows:
         size, top1 = r["input_size"] or "-", f"{r['top1']:.2f}" if r["top1"] else "-"
         print(f"{r['name']:<48} {size:>5} {top1:>6}  {r['from']}")
+    if any(r["from"] == "hub" for r in rows):
+        print("note: hub weights download on first use (a network is needed; --offline lists "
+              "what is here)", file=sys.stderr)  # fmt: skip
     print(
         f"{len(rows)} model(s); use one with --model NAME (its weights and preprocessing). "
         "top-1: ImageNet-1k val at that input size, as timm's results table records it"
