@@ -207,6 +207,10 @@ def export_hf(run: str | Path, out: str | Path | None, overwrite: bool = False) 
     cfg |= {"input_size": (prep.channels, prep.input_size, prep.input_size), "mean": prep.mean,
             "std": prep.std, "interpolation": prep.interpolation, "crop_pct": 1.0,
             "num_classes": meta["num_classes"]}  # fmt: skip
+    if cfg.get("pool_size"):  # the final feature map at the run's size ((7, 7) is 224 px's)
+        with torch.no_grad():
+            shape = model.eval().forward_features(torch.zeros(1, *cfg["input_size"])).shape
+        cfg["pool_size"] = tuple(shape[-2:])
     model.pretrained_cfg = cfg
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
