@@ -66,6 +66,8 @@ def injected_fault(rank: int = 0) -> tuple[int, int] | None:
     if only and int(only) != rank:
         return None
     kind, _, step = spec.partition(":")
+    if kind == "int" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job ignores it
     return {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[kind], int(step)
 
 
