@@ -173,6 +173,12 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
         ("file_name,label,split", ["img/0.png,a,train", "img/1.png,a,train", "img/../img/0.png,b,test"],
          "line 4: img/../img/0.png is on line 2 too"),  # the image in train and in test
         ("file_name,label", ["img/0.png,a", "img/1.png,a,x"], "line 3: more fields than the header's 2 \\('x'\\)"),
+        # a blank line counted (it said line 4: the editor's line is 5)
+        ("file_name,label", ["img/0.png,a", "", "img/1.png,b", "img/0.png,c"], "line 5: img/0.png is on line 2 too"),
+        ("file_name,label,label", ["img/0.png,a,b"], "column label appears twice \\(columns 2 and 3\\)"),
+        ("file_name;label", ["img/0.png;a"], "separate the columns with commas"),
+        ("file_name,label", ["img/0.png,a", " img/99.png,b"], "not found \\(spaces around a name are ignored\\)"),
+        ("file_name,label", ["img/0.png,a", "img\\1.png,b"], "not found; separate folders with /"),
     ],
 )  # fmt: skip
 def test_every_csv_mistake_is_one_line_naming_the_row(tmp_path, header, rows, message):
@@ -181,6 +187,8 @@ def test_every_csv_mistake_is_one_line_naming_the_row(tmp_path, header, rows, me
         data.load(f"csv:{path}")
     with pytest.raises(UserError, match="CSV file not found"):
         data.load(f"csv:{tmp_path / 'nope.csv'}")
+    with pytest.raises(UserError, match="img is a folder, not a CSV file"):
+        data.load(f"csv:{tmp_path / 'img'}")
 
 
 @pytest.mark.parametrize("link", ["symbolic", "hard"])

@@ -20,7 +20,7 @@ def source(file: str, notes: list[str]):
     columns, rows = _read(path, file)
     by_split: dict[str, list[tuple[str, str]]] = {}
     seen: dict[str, int] = {}  # image -> its line: one image in two rows (or splits) is a slip
-    for n, row in enumerate(rows, start=2):  # line 1 is the header
+    for n, row in rows:  # n: its line in the file (blank lines and quoted newlines counted)
         extra = [v for v in row.get(None) or [] if v.strip()]  # csv puts them under None
         if extra:
             raise UserError(
@@ -38,6 +38,10 @@ def source(file: str, notes: list[str]):
         image = path.parent / name
         if not image.is_file():
             why = "is a folder, not an image" if image.is_dir() else "not found"
+            if (row.get("file_name") or "") != name:
+                why += " (spaces around a name are ignored)"
+            if "\\" in name:
+                why += "; separate folders with /"
             raise UserError(f"{file} line {n}: {name} {why} (paths are relative to the CSV)")
         st = image.stat()  # one file however it is reached (a link, a hard link)
         first = seen.setdefault((st.st_dev, st.st_ino), n)
@@ -72,8 +76,12 @@ def source(file: str, notes: list[str]):
     return classes, classes, splits, None, 3
 
 
-def _read(path: Path, file: str) -> tuple[list[str], list[dict]]:
-    """The CSV's column names (stripped) and rows, or one line saying why it cannot be read."""
+def _read(path: Path, file: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """The CSV's column names (stripped) and (line, row) pairs, or one line saying why it
+    cannot be read."""
+    if path.is_dir():
+        raise UserError(f"{file} is a folder, not a CSV file (a folder of class folders: "
+                        f"folder:{file})")  # fmt: skip
     if not path.is_file():
         raise UserError(f"CSV file not found: {file}")
     try:
@@ -88,8 +96,14 @@ def _read(path: Path, file: str) -> tuple[list[str], list[dict]]:
     reader.fieldnames = columns = [c.strip() for c in reader.fieldnames or []]  # "a, b" too
     missing = [c for c in ("file_name", "label") if c not in columns]
     if missing:
+        commas = "; separate the columns with commas" if ";" in "".join(columns) else ""
         raise UserError(
             f"{file}: no {' or '.join(missing)} column (found {', '.join(columns) or 'none'}); "
-            "a data CSV has columns file_name,label and optionally split"
+            f"a data CSV has columns file_name,label and optionally split{commas}"
         )
-    return columns, list(reader)
+    twice = [c for c in ("file_name", "label", "split") if columns.count(c) > 1]
+    if twice:  # DictReader would keep the last one, silently
+        at = [str(i) for i, c in enumerate(columns, 1) if c == twice[0]]
+        raise UserError(f"{file}: column {twice[0]} appears twice (columns {' and '.join(at)}): "
+                        "keep one")  # fmt: skip
+    return columns, [(reader.line_num, row) for row in reader]
