@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
 from transferlab import checkpoint, combiners, ensembles, evaluate, predict
 from transferlab.cli import main
+from transferlab.config import UserError
 
 from conftest import make_image
 
@@ -103,3 +105,20 @@ def test_cli_errors_are_one_line(trained_run, images, tmp_path, capsys):
         assert main(["--quiet", "predict", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and pattern in err[0], err
+
+
+def test_a_run_among_the_inputs_is_not_taken_for_photos(trained_run, folder_data, tmp_path, capsys):
+    """`predict RUN OTHER_RUN` classified the other run's curves.png and confusion.png, rc 0."""
+    import shutil
+
+    with pytest.raises(UserError, match="tiny is a transferlab run folder, not images: predict "
+                       "takes one run or ensemble"):  # fmt: skip
+        predict.predict(trained_run, [str(trained_run)], quiet=True)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(trained_run, mixed / "run", ignore=shutil.ignore_patterns("*.lock"))
+    shutil.copy(next((folder_data / "test" / "a").iterdir()), mixed / "photo.png")
+    rows, _ = predict.predict(trained_run, [str(mixed)], quiet=True)
+    assert [r["path"] for r in rows] == [str(mixed / "photo.png")]
+    assert re.search(
+        r"skipped \d+ image\(s\) in transferlab output folders under", capsys.readouterr().err
+    )

@@ -9,6 +9,7 @@ Unreadable files are reported and skipped; the rest are predicted.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,16 @@ from .config import UserError
 
 def image_files(inputs: list[str]) -> list[str]:
     """Files as given, folders searched recursively for images (sorted)."""
+    from . import outputs
+
     files = []
     for item in inputs:
         p = Path(item).expanduser()
+        if p.is_dir() and (mark := outputs.read_mark(p)):  # `predict RUN OTHER_RUN`: its plots
+            raise UserError(
+                f"{item} is a transferlab {mark.get('kind', 'output')} folder, not images: "
+                "predict takes one run or ensemble, then image files and folders"
+            )
         if p.is_dir():
             found = sorted(
                 f
@@ -31,6 +39,12 @@ def image_files(inputs: list[str]) -> list[str]:
                 and not f.name.startswith(".")
                 and f.is_file()  # a pipe named x.png blocked the read forever; x.png/ is a folder
             )
+            ours = {d for d in {f.parent for f in found} if _in_ours(d, p)}
+            kept = [f for f in found if f.parent not in ours]
+            if len(kept) < len(found):  # runs' plots and overlays among the photos: not photos
+                print(f"note: skipped {len(found) - len(kept)} image(s) in transferlab output "
+                      f"folders under {item} (runs' plots)", file=sys.stderr)  # fmt: skip
+            found = kept
             if not found:
                 raise UserError(f"no images found under {p}")
             files += [str(f) for f in found]
@@ -40,6 +54,15 @@ def image_files(inputs: list[str]) -> list[str]:
             what = "not a regular file or folder" if p.exists() else "no such file or folder"
             raise UserError(f"{what}: {item}")
     return files
+
+
+def _in_ours(folder: Path, top: Path) -> bool:
+    """`folder`, or a folder between it and `top`, is one transferlab wrote (a run's plots)."""
+    from . import outputs
+
+    return any(
+        outputs.read_mark(d) for d in [folder, *folder.parents] if d != top and top in d.parents
+    )
 
 
 def items(inputs: list) -> list:
