@@ -731,3 +731,24 @@ def test_the_budget_counts_from_when_the_command_started(tmp_path, monkeypatch, 
     assert cli.console() == 2
     assert "give a larger --budget" in capsys.readouterr().err
     assert json.loads((tmp_path / "s" / auto.STATE).read_text())["spent"] >= 115
+
+
+def test_each_timing_is_saved_as_it_is_made(tmp_path, monkeypatch):
+    """A study killed while timing its candidates lost every timing made, while its clock
+    counted their time as spent."""
+    settings = {"data": "digits", "folds": 5, "seed": 0, "budget": 600.0}
+    cands = [_candidate("a", 0), _candidate("b", 0)]
+    timed = iter([(10.0, 1.0, 1.0), KeyboardInterrupt()])
+
+    def estimate(c, ds, precision):
+        got = next(timed)
+        if isinstance(got, BaseException):
+            raise got  # killed while timing the second
+        return got
+
+    monkeypatch.setattr(auto, "estimate", estimate)
+    save = lambda: auto.save_state(tmp_path, settings, cands, 30.0)  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        auto._time_candidates(cands, None, "fp32", lambda: 500.0, save)
+    loaded, _ = auto.load_state(tmp_path, settings)
+    assert [c.estimate for c in loaded] == [10.0, 0]

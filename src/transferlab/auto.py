@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, data, decoding, evaluate, folds, guards, outputs, probe
-from .autospace import FOLDS, Candidate, candidates, clean, estimate
+from .autospace import FOLDS, Candidate, candidates, clean, estimate, recalibrate
 from .config import Preempted, UnreadableImages, UserError
 
 SAFETY = 1.15  # a candidate starts only if its estimate times this fits in the time left
@@ -102,7 +102,8 @@ def pick(cands: list[Candidate], left: float, decoded: set) -> Candidate | None:
             _shrink(c, left)
         if c.cost() * SAFETY > left:
             c.status = "skipped"
-            c.why = f"estimated {c.cost():.0f} s (x{SAFETY} margin), {max(left, 0):.0f} s left"
+            c.why = (f"estimated {c.cost():.0f} s (x{SAFETY} margin), {max(left, 0):.0f} s "
+                     "left after the time kept for the choice and report")  # fmt: skip
         else:
             fitting.append(c)
     return max(fitting, key=lambda c: gain(c, done) / max(c.cost(), 1.0), default=None)
@@ -292,9 +293,9 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
         f"budget {clock(seconds)}, {FOLDS}-fold CV over {n_fold} train+val images, {n_test} "
         f"test images scored once at the end, precision {precision}"
     )
-    save_state(out, settings, cands, seconds - left())  # killed while timing: resumable
-    _time_candidates(cands, ds, precision, lambda: left() - reserve)
-    save_state(out, settings, cands, seconds - left())
+    save = lambda: save_state(out, settings, cands, seconds - left())  # noqa: E731
+    save()  # and after each estimate: killed while timing, the timings made are kept
+    _time_candidates(cands, ds, precision, lambda: left() - reserve, save)
     decoded = {tuple(c.pixels) for c in cands if c.seconds > 0}  # ran: its images are cached
     stop_at = time.time() + left() - reserve  # trained members stop there (a step boundary)
     while (c := pick(cands, left() - reserve, decoded)) is not None:
@@ -315,7 +316,7 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
             c.status, c.why = "stopped", "the budget ran out while it trained"
         c.seconds += time.time() - t1
         decoded.add(tuple(c.pixels))
-        _recalibrate(cands, c)
+        recalibrate(cands, c)
         said = f", CV top-1 {c.cv['top1']:.2%}" if c.cv else f" ({c.why})"
         log(f"[auto {clock(left())} left] {c.name}: {c.status}{said}")
         save_state(out, settings, cands, seconds - left())
@@ -371,8 +372,9 @@ def _unreadable(err: UnreadableImages, spec: str, cands: list[Candidate]) -> Use
     )
 
 
-def _time_candidates(cands: list[Candidate], ds, precision: str, left) -> None:
-    """Estimate each pending candidate's cost (`estimate`) while `left()` seconds remain."""
+def _time_candidates(cands: list[Candidate], ds, precision: str, left, save) -> None:
+    """Estimate each pending candidate's cost (`estimate`) while `left()` seconds remain,
+    `save()`-ing the study after each."""
     for c in cands:
         if c.status == "pending" and not c.estimate and left() <= 0:
             c.status, c.why = "skipped", "the budget ran out before it was timed"
@@ -383,19 +385,7 @@ def _time_candidates(cands: list[Candidate], ds, precision: str, left) -> None:
                 raise _unreadable(err, ds.spec, cands) from None
             except UserError as err:  # e.g. a cached backbone that cannot pool stages
                 c.status, c.why = "failed", str(err)
-
-
-def _recalibrate(cands: list[Candidate], ran: Candidate) -> None:
-    """After a candidate ran, scale the pending estimates of its kind by how far off its own
-    estimate was (clipped to 0.5-2x): the timed batches miss overheads a whole run has."""
-    if ran.status != "done" or ran.estimate <= 0:
-        return
-    ratio = min(2.0, max(0.5, ran.seconds / ran.estimate))
-    for c in cands:
-        if c.status == "pending" and c.kind == ran.kind:
-            c.estimate *= ratio
-            c.decode *= ratio
-            c.per_epoch *= ratio
+            save()
 
 
 def _run_candidate(c: Candidate, ds, out: Path, settings: dict, log, quiet: bool, left) -> None:

@@ -282,3 +282,16 @@ def _regression_cost(n_train: int, n_pool: int, features: int, k: int, precision
 
 
 # ----------------------------------------------------------------------------- schedule
+
+
+def recalibrate(cands: list[Candidate], ran: Candidate) -> None:
+    """After a candidate ran, scale the pending estimates of its kind by how far off its own
+    estimate was (clipped to 0.5-2x): the timed batches miss overheads a whole run has."""
+    if ran.status != "done" or ran.estimate <= 0:
+        return
+    ratio = min(2.0, max(0.5, ran.seconds / ran.estimate))
+    for c in cands:
+        if c.status == "pending" and c.kind == ran.kind:
+            c.estimate *= ratio
+            c.decode *= ratio
+            c.per_epoch *= ratio
