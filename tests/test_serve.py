@@ -229,7 +229,7 @@ def test_a_run_replaced_while_served_is_answered_from_the_files_on_disk(tmp_path
         (run / "state").mkdir(exist_ok=True)
         status, got = call(url + "/predict", image.read_bytes())
         assert status == 503 and "changed on disk" in got["error"], got
-        assert "has not finished" in got["error"]
+        assert "r is being trained again (or was stopped before it finished)" in got["error"]
         status, health = call(url + "/health")
         assert status == 503 and health["status"] == "unavailable"
         (tmp_path / "meta.json").rename(run / checkpoint.META)

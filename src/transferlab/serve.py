@@ -91,7 +91,7 @@ class Live:
                     self.predictor, self.problem = self._load(self.path), None
                     print(f"reloaded {self.path}: its files changed", file=sys.stderr, flush=True)
                 except Exception as err:  # noqa: BLE001 - told to every request until it loads
-                    self.problem = str(err)
+                    self.problem = _why(self.path, err)
                     print(f"not serving {self.path}: {err}", file=sys.stderr, flush=True)
             if self.problem:
                 raise BadUpload(
@@ -102,6 +102,17 @@ class Live:
 
     def rows(self, images: list, top_k: int) -> tuple[list[dict], list[str]]:
         return self.current().rows(images, top_k)
+
+
+def _why(path: Path, err: Exception) -> str:
+    """Why a folder cannot be served, in an API client's words: a run being written (trained
+    again, or stopped before it finished) is said as that, not as "not a run folder"."""
+    from . import outputs
+
+    mark = outputs.read_mark(path) or {}
+    if mark.get("kind") == "run" and not (path / checkpoint.META).is_file():
+        return f"{path.name} is being trained again (or was stopped before it finished)"
+    return str(err)
 
 
 @dataclass
