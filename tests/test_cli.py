@@ -128,6 +128,21 @@ def test_unknown_recipe_key(capsys, tmp_path):
     assert_one_line_error(capsys, ["run", recipe], r"unknown recipe key 'epochz'")
     recipe.write_text("data: digits\nsteps:\n  - train: a\n    learning_rate: 0.1\n")
     assert_one_line_error(capsys, ["run", recipe], r"unknown key 'learning_rate' in step 1")
+    recipe.write_text("data: digits\nsteps:\n  - train: a\n  - train: b\n    epochs: 0\n")
+    assert_one_line_error(capsys, ["run", recipe], r"step 2 \(train b\): epochs must be >= 1")
+    recipe.write_text("data: digits\ndefaults: {epochs: 1.5}\nsteps:\n  - train: a\n")
+    assert_one_line_error(capsys, ["run", recipe], r"the recipe's defaults: epochs must be")
+    recipe.write_text("data: digits\nsteps:\n  - train: a\n  - auto: s\n    budget: 1m\n")
+    assert_one_line_error(capsys, ["run", recipe, "--limit", "5"],  # a smoke test ran a study
+                          r"step 2 \(auto s\): --limit does not apply to an auto step")  # fmt: skip
+    assert_one_line_error(capsys, ["run", recipe, "--limit", "5", "--set", "limit=4"],
+                          r"--limit 5 and --set limit=4 disagree")  # fmt: skip
+    from transferlab import recipebook
+
+    for given in ("a,b", "[a, b]"):  # it stayed the text 'a,b': "needs members: [A, B, ...]"
+        steps = [{"train": "a"}, {"train": "b"}, {"ensemble": "e", "members": ["a"]}]
+        got = recipebook.apply_overrides({"steps": steps}, {"steps.2.members": given})
+        assert got["steps"][2]["members"] == ["a", "b"]
 
 
 def test_class_mismatch(capsys, trained_run, tmp_path):

@@ -75,14 +75,14 @@ def test_members_trained_on_other_data_are_noted(trained_run, folder_data, tmp_p
     other = tmp_path / "other"
     trainer.fit(tiny_cfg(f"folder:{tmp_path / 'more'}", epochs=1), other, quiet=True)
     ensembles.build([trained_run, other], "soft", tmp_path / "ens")
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert (
         f"note: scored on folder:{folder_data.resolve()}; member(s) trained on folder:{(tmp_path / 'more').resolve()}"
         in out
     )
     twin = shutil.copytree(trained_run, tmp_path / "twin")
     ensembles.build([trained_run, twin], "soft", tmp_path / "same")
-    assert "member(s) trained on" not in capsys.readouterr().out
+    assert "member(s) trained on" not in capsys.readouterr().err
 
 
 def test_unknown_method_is_refused(trained_run, tmp_path):
@@ -184,3 +184,30 @@ def test_the_same_run_twice_is_not_an_ensemble(trained_run, tmp_path):
         with pytest.raises(UserError, match="a run is listed twice among the ensemble's members"):
             ensembles.build(runs, "soft", tmp_path / "e", quiet=True)
     assert not (tmp_path / "e").exists()
+
+
+def test_a_fold_run_is_scored_on_its_fold_and_members_split_apart_are_not_fitted_on_val(
+    folder_data, tmp_path, capsys
+):
+    """`evaluate --split val` of a --fold run scored the 10% carve (mostly images it trained on)
+    and said the files had changed; a weighted ensemble of members split otherwise fitted its
+    weights on images one of them trained on; a copied member counted twice without a word."""
+    spec = f"folder:{folder_data}"
+    runs = [tmp_path / "f1", tmp_path / "f2"]
+    for fold, run in zip(("1/5", "2/5"), runs, strict=True):
+        trainer.fit(tiny_cfg(spec, fold=fold, epochs=1), run, quiet=True)
+    recorded = checkpoint.read_meta(runs[0])["metrics"]["val"]
+    logp, y, _, _, notes = evaluate.score_run(runs[0], None, "val")
+    assert notes == [] and len(y) == recorded["n"] == 24  # its fold of the 120 train+val images
+    assert (logp.argmax(1) == y).mean() == pytest.approx(recorded["top1"])
+    with pytest.raises(UserError, match="f2 as --val-fraction 0.1 --fold 2/5 split the data "
+                       "otherwise than .*f1 .*weighted is fitted on val"):  # fmt: skip
+        ensembles.build(runs, "weighted", tmp_path / "e", quiet=True)
+    assert not (tmp_path / "e").exists()
+    ensembles.build(runs, "soft", tmp_path / "e", quiet=True)
+    assert "the ensemble's val scores count images a member trained on" in capsys.readouterr().err
+    copy = shutil.copytree(runs[0], tmp_path / "copy", ignore=shutil.ignore_patterns("*.lock"))
+    ensembles.build([runs[0], copy], "soft", tmp_path / "e2", quiet=True)
+    assert "copy has the same weights as" in capsys.readouterr().err
+    with pytest.raises(UserError, match="val_fraction has no effect here: it needs fold none"):
+        tiny_cfg(spec, fold="1/5", val_fraction=0.3)

@@ -83,3 +83,30 @@ def test_an_unreadable_image_when_scoring_does_not_ask_for_a_flag_evaluate_lacks
     err = capsys.readouterr().err
     assert f"1 unreadable image(s) in the test split run {trained_run} is scored on" in err
     assert broken.name in err and "--skip-bad-images" not in err and len(err.splitlines()) == 1
+
+
+def test_a_fine_tune_scored_on_images_its_parent_trained_on_says_so(
+    trained_run, folder_data, tmp_path, capsys
+):
+    """A fine-tune whose test images were its parent's training images reported a test score
+    without a word, at training and in evaluate."""
+    from transferlab import trainer
+
+    from conftest import tiny_cfg
+
+    child_data = tmp_path / "child"
+    for c in ("a", "b", "c", "d"):
+        for subset, ids in (("train", range(0, 15)), ("test", range(15, 20))):
+            (child_data / subset / c).mkdir(parents=True)
+            for i in ids:  # links to the parent's own training images
+                (child_data / subset / c / f"{i}.png").symlink_to(
+                    folder_data / "train" / c / f"{i}.png"
+                )
+    spec = f"folder:{child_data}"
+    trainer.fit(tiny_cfg(spec, weights=str(trained_run), epochs=1), tmp_path / "ft")
+    said = "20 of the 20 test images were training images of the run its weights came from (tiny)"
+    assert said in capsys.readouterr().err
+    *_, notes = evaluate.score_run(tmp_path / "ft", None, "test")
+    assert any(said in note and "not a held-out test score" in note for note in notes)
+    *_, notes = evaluate.score_run(trained_run, None, "test")  # its own test: nothing to say
+    assert notes == []

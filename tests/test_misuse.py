@@ -472,15 +472,15 @@ def test_S33_a_run_records_its_data_absolutely_and_evaluate_says_when_data_diffe
     monkeypatch.chdir(tmp_path / "r")  # another working folder: the run still finds its data
     capsys.readouterr()
     assert cli("evaluate", ".") == 0
-    assert "note:" not in capsys.readouterr().out
+    assert "note:" not in capsys.readouterr().err  # notes go to stderr (`--json | tail -1`)
     other = make_folder(tmp_path / "d2", ["a", "b"], 12)
     assert cli("evaluate", ".", "--data", f"folder:{other}") == 0
     assert f"note: scored on folder:{other}; the run was trained on folder:{data_dir}" in (
-        capsys.readouterr().out
+        capsys.readouterr().err
     )
     (data_dir / "test" / "a" / "0.png").unlink()
     assert cli("evaluate", ".") == 0
-    assert "changed since the run was trained" in capsys.readouterr().out
+    assert "changed since the run was trained" in capsys.readouterr().err
 
 
 def test_S34_a_folders_native_size_is_not_decided_by_one_odd_file(tmp_path):
@@ -517,7 +517,7 @@ def test_S34_skipped_class_folders_and_files_are_listed(capsys, tmp_path):
     assert any("a/._0.png" in n and "hidden" in n for n in ds.notes), ds.notes
     assert any("1 folder(s)" in n and "b/more" in n and "inside class" in n for n in ds.notes)
     assert cli("train", "--data", f"folder:{root}", *TINY, "--out", tmp_path / "r") == 0
-    assert "skipped hidden folder(s)" in capsys.readouterr().out
+    assert "skipped hidden folder(s)" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- 4. bad values
@@ -762,6 +762,13 @@ def test_a_run_whose_classes_were_edited_by_hand_is_refused_by_every_command(
                 pattern="corrupt .*meta.json: its num_classes, classes and class_names",
             )
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "ft").exists()
+    prep = meta["preprocessing"]  # each was a traceback (int('x'), a state_dict, KeyError)
+    for edit in ({"input_size": "x"}, {"input_size": 0}, {"channels": 7}, {"std": [0, 1, 1]},
+                 {"mean": None}, {"interpolation": "cubicc"}):  # fmt: skip
+        (run_copy / "meta.json").write_text(json.dumps({**meta, "preprocessing": prep | edit}))
+        for argv in (["predict", run_copy, image], ["evaluate", run_copy],
+                     ["export", run_copy, "--format", "onnx", "--out", tmp_path / "m.onnx"]):  # fmt: skip
+            fail(capsys, *argv, pattern="corrupt .*meta.json: its preprocessing must hold")
     (run_copy / "meta.json").write_text("garbage")
     fail(capsys, "evaluate", run_copy, pattern=r"corrupt .*meta.json: not valid JSON \(")
 
@@ -828,13 +835,13 @@ def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, ca
         main(["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "e")])
         == 0
     )
-    said = capsys.readouterr().out  # (the CSV's run carved a test split of its own from them)
+    said = capsys.readouterr().err  # (the CSV's run carved a test split of its own from them)
     assert re.search(rf"[1-6] of the 6 test images trained {tmp_path / 'b'}: the ensemble's", said)
     e2 = ["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "e2")]
     assert main(["--quiet", *e2]) == 0  # a note on the data, not progress: --quiet hid it
-    assert re.search(r"[1-6] of the 6 test images trained", capsys.readouterr().out)
+    assert re.search(r"[1-6] of the 6 test images trained", capsys.readouterr().err)
     assert main(["evaluate", str(tmp_path / "b"), "--data", f"folder:{photos}"]) == 0
-    assert re.search(r"[1-6] of the 6 test images were among its training", capsys.readouterr().out)
+    assert re.search(r"[1-6] of the 6 test images were among its training", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("members,words", [("[a, a]", "member 'a' is listed twice"),

@@ -520,7 +520,7 @@ def test_S16_corrupt_images_stop_before_the_first_step_listing_every_path(tmp_pa
 def test_S16_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, capsys):
     root, bad = broken_dataset(tmp_path / "d")
     assert main(train_on(root, tmp_path / "r", "--skip-bad-images")) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a note: on stderr
     assert "skipped" in out and all(b.split("/")[-1] in out for b in bad)
     meta = checkpoint.read_meta(tmp_path / "r")
     assert meta["metrics"]["test"]["n"] == 20
@@ -641,3 +641,27 @@ def test_S22_amp_scaler_state_survives_resume(folder_data, tmp_path):
         torch.load(tmp_path / "r" / "state" / "last.pt", weights_only=True)["scaler"]["scale"],
         torch.load(tmp_path / "full" / "state" / "last.pt", weights_only=True)["scaler"]["scale"],
     )
+
+
+def test_sigterm_outside_a_training_step_stops_the_command_in_one_line(
+    monkeypatch, capsys, tmp_path
+):
+    """SIGTERM in set-up, between auto's candidates or while writing took Python's default
+    action: rc 143 and not a word (inside a step the run stops at its boundary, state saved)."""
+    import signal
+    import time
+
+    from transferlab import trainer
+
+    def fit(*args, **kwargs):  # a long set-up
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        raise AssertionError("SIGTERM did not stop it")
+
+    monkeypatch.setattr(trainer, "fit", fit)
+    before = signal.getsignal(signal.SIGTERM)
+    assert (
+        main(["train", "--data", "digits", "--model", "dcnn", "--out", str(tmp_path / "r")]) == 143
+    )
+    assert capsys.readouterr().err.strip() == "transferlab train: stopped by SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before  # given back

@@ -57,12 +57,12 @@ def test_exporting_a_bf16_run_says_the_file_computes_in_fp32(trained_run, tmp_pa
     assert (
         main(["export", str(probed), "--format", "safetensors", "--out", str(tmp_path / "w")]) == 0
     )
-    assert "note: the file computes in fp32; the run's scores" in capsys.readouterr().out
+    assert "note: the file computes in fp32; the run's scores" in capsys.readouterr().err
     assert main(["export", str(trained_run), "--format", "safetensors",
                  "--out", str(tmp_path / "w32")]) == 0  # fmt: skip
-    assert "note:" not in capsys.readouterr().out  # an fp32 run: the same numbers
+    assert "note:" not in capsys.readouterr().err  # an fp32 run: the same numbers
     ens = tmp_path / "ens"
     assert main(["ensemble", str(probed), str(trained_run), "--out", str(ens), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["export", str(ens), "--format", "onnx", "--out", str(tmp_path / "e.onnx")]) == 0
-    assert "note: the file computes in fp32; the ensemble's scores" in capsys.readouterr().out
+    assert "note: the file computes in fp32; the ensemble's scores" in capsys.readouterr().err

@@ -229,7 +229,32 @@ def read_meta(run: str | Path) -> dict:
             f"corrupt {path}: its num_classes, classes and class_names must agree: as many "
             "different names as the model has outputs, two or more (edited by hand?)"
         )
+    if not sound_preprocessing(meta["preprocessing"]):  # predict/export crashed on it
+        raise UserError(
+            f"corrupt {path}: its preprocessing must hold input_size (8 to 1024), channels (1 or "
+            "3), mean and std (a number per channel, std above 0) and interpolation (bilinear, "
+            "bicubic or nearest) (edited by hand?)"
+        )
     return meta
+
+
+def sound_preprocessing(prep) -> bool:
+    """meta.json's preprocessing as transferlab writes it (the values a model can run with)."""
+    if not isinstance(prep, dict):
+        return False
+    size, channels = prep.get("input_size"), prep.get("channels")
+    if type(size) is not int or not 8 <= size <= 1024 or type(channels) is not int:
+        return False
+    if channels not in (1, 3):
+        return False
+    number = lambda v: type(v) in (int, float) and np.isfinite(v)  # noqa: E731
+    mean, std = prep.get("mean"), prep.get("std")
+    lists = all(
+        isinstance(x, list) and len(x) == channels and all(map(number, x)) for x in (mean, std)
+    )
+    return (
+        lists and min(std) > 0 and prep.get("interpolation") in ("bilinear", "bicubic", "nearest")
+    )
 
 
 META_KEYS = (
@@ -360,9 +385,9 @@ def load_logits(run: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
         return None
 
 
-def features_key(spec: str, val_fraction, limit, tta: str) -> str:
+def features_key(spec: str, val_fraction, limit, tta: str, fold: str = "none") -> str:
     """What a run's cached features were computed on: data, split carving and TTA."""
-    return f"{spec}|{val_fraction}|{limit}|{tta}"
+    return f"{spec}|{val_fraction}|{limit}|{tta}" + (f"|{fold}" if fold != "none" else "")
 
 
 def save_features(run: Path, name: str, key: str, feats: np.ndarray) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import cli_ship
 from .config import (
     Preempted,
+    Terminated,
     TrainConfig,
     UserError,
     field_help,
@@ -22,6 +23,7 @@ from .config import (
     make_config,
     one_line,
     parse_set,
+    sigterm_stops,
 )
 
 EXAMPLES = {
@@ -161,7 +163,8 @@ def _training_commands(sub) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe value: a training option, data=, or steps.N.key=",
+        help="override a recipe value: a training option, data=, or steps.N.key= (N counts "
+        "from 0; members=a,b)",
     )
     p.add_argument("--limit", help="at most N images per split (smoke test)")
 
@@ -246,6 +249,9 @@ def cmd_run(args) -> None:
 
     overrides = parse_set(args.set)
     if args.limit is not None:
+        if str(overrides.get("limit", args.limit)) != str(args.limit):
+            raise UserError(f"--limit {args.limit} and --set limit={overrides['limit']} disagree: "
+                            "give one")  # fmt: skip
         overrides["limit"] = args.limit
     recipe.run(args.recipe, args.out, overrides, quiet=args.quiet)
 
@@ -282,8 +288,8 @@ def cmd_evaluate(args) -> None:
 
     result = ensembles.evaluate_path(args.path, args.data, args.split, args.quiet, args.tta)
     m = result["metrics"]
-    for note in result["notes"]:
-        print(f"note: {note}")
+    for note in result["notes"]:  # on stderr: `--json | tail -1` keeps the numbers
+        print(f"note: {note}", file=sys.stderr)
     print(
         f"{args.path} on {result['data']} [{args.split}]: top-1 {m['top1']:.2%}  "
         f"top-5 {m['top5']:.2%}  macro-F1 {m['macro_f1']:.2%}  balanced accuracy "
@@ -294,8 +300,8 @@ def cmd_evaluate(args) -> None:
             f"{c['true']} -> {c['predicted']}: {c['count']}" for c in m["most_confused"]
         ))  # fmt: skip
     print(f"confusion matrix -> {result['confusion']}  (per-class precision/recall/F1: --json)")
-    if args.json:
-        print(json.dumps(m))
+    if args.json:  # with what the notes said (a score that is not a test score)
+        print(json.dumps(m | {"notes": result["notes"]}))
 
 
 def cmd_ensemble(args) -> None:
@@ -396,7 +402,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     args.started = started
     warnings.formatwarning = _one_line_warning
     try:
-        (COMMANDS | cli_ship.COMMANDS)[args.command](args)
+        with sigterm_stops(args.command != "serve"):  # (uvicorn stops serve by itself)
+            (COMMANDS | cli_ship.COMMANDS)[args.command](args)
     except UserError as err:
         print(f"transferlab {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -415,6 +422,9 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except Terminated:  # outside a training step (set-up, auto's feature passes, writing)
+        print(f"transferlab {args.command}: stopped by SIGTERM{_going_on(args)}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"transferlab {args.command}: interrupted{_going_on(args)}", file=sys.stderr)
         return 130

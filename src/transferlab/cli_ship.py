@@ -224,7 +224,8 @@ def _fp32_note(metas: list[dict], whose: str) -> None:
         print(
             f"note: the file computes in fp32; {whose} scores, evaluate, predict and serve here "
             f"run {'/'.join(sorted(scored))}, so a few images' top-1 may differ (--precision fp32 "
-            "when training gives identical numbers)"
+            "when training gives identical numbers)",
+            file=sys.stderr,
         )
 
 

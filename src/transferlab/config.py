@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
 import math
+import signal
+import threading
 import types
 import typing
 from dataclasses import dataclass
@@ -43,6 +46,29 @@ def names_weights(name: str) -> bool:
 
 class Preempted(Exception):
     """Training stopped on SIGTERM after saving its state; the CLI exits 143."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training step: stops the command as Ctrl-C does (a training step
+    stops at its boundary instead, state saved: `guards.stop_on_sigterm`)."""
+
+
+@contextlib.contextmanager
+def sigterm_stops(wanted: bool = True):
+    """SIGTERM raises Terminated in the block (the whole command; a training session inside
+    turns it into a stop at a step boundary, then gives it back)."""
+
+    def stop(signum, frame):
+        raise Terminated
+
+    if not wanted or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def opt(default, help: str):
@@ -217,6 +243,7 @@ APPLIES = {
     ),
     "stem": (lambda c: c.model != "dcnn", "a timm model (dcnn has its own stem)"),
     "warmup_epochs": (lambda c: c.schedule != "plateau", "schedule cosine or constant"),
+    "val_fraction": (lambda c: c.fold == "none", "fold none (with a fold, val is that fold)"),
 }
 
 

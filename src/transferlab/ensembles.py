@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint, data, decoding, evaluate, outputs, plots
-from .combiners import COMBINERS, accounting, combine, fit
+from .combiners import COMBINERS, FITTED, accounting, combine, fit
 from .config import UserError
-from .members import SPLITS, check_members, member_logp
+from .members import SPLITS, check_members, member_logp, note_copies, split_apart
 
 ENSEMBLE = "ensemble.json"
 PARAMS = "combiner.npz"  # the fitted combiner (weights; the stacker's coefficients)
@@ -49,11 +50,22 @@ def build(
     evaluate.check_tta(tta)  # each member's input size is checked when it predicts
     t0 = time.time()
     runs = [str(r) for r in runs]
-    for run in runs:
-        checkpoint.read_meta(run)  # each member is a finished run, named if not
+    metas = [checkpoint.read_meta(run) for run in runs]  # each a finished run, named if not
+    apart = split_apart(runs, metas, data_spec)
+    if apart and method in FITTED and not fitted:
+        raise UserError(
+            f"{apart}: {method} is fitted on {COMBINERS[method].fitted_on} split as the first "
+            "member splits it, which holds images another member trained on; combine them with "
+            "soft, logit or hard, or train the members with the same --val-fraction, --limit "
+            "and --fold"
+        )
     decoding.check_cache(None)  # $TRANSFERLAB_CACHE, before the folder is claimed
     outputs.refuse_overlap(out, runs, "member")
     outputs.check_out(Path(out), "ensemble", overwrite=overwrite)
+    if apart and not fitted:  # (after every refusal: an error stays one line; auto fits on
+        print(f"note: {apart}: the ensemble's val scores count images a member trained on",
+              file=sys.stderr)  # out-of-fold predictions and says so) # fmt: skip
+    note_copies(runs, metas)
     on_features = COMBINERS[method].inputs == "features"
     splits = ("train", *SPLITS) if on_features else SPLITS
     logp, targets, metas, spec, feats = member_logp(

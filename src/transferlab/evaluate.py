@@ -210,7 +210,7 @@ def score_run(path, data_spec: str | None, split: str, quiet: bool = True, tta: 
     """
     meta = checkpoint.read_meta(path)
     spec = data.canonical(data_spec or meta["data"])
-    ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
+    ds = data.load_as_run(meta, spec)
     model = load_run_model(path, meta, scoring=True)
     loaded = len(ds.notes)
     logits = predict_split(model, meta, ds, split, f"run {path}", quiet, tta or "none")
@@ -226,28 +226,62 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
         return [f"scored on {ds.spec}; the run was trained on {trained}"
                 + (f": {n} of the {len(ds.splits[split])} {split} images were among its training "
                    "images, so this is not a test score" if n else "")]  # fmt: skip
+    notes = [note] if (note := inherited_note(meta, ds, split)) else []
     recorded = meta.get("data_fingerprint")
     if recorded and recorded != ds.fingerprint:
-        return [
+        notes.append(
             f"the files of {ds.spec} changed since the run was trained (fingerprint {recorded} "
             f"then, {ds.fingerprint} now): its val/test splits may hold other images"
-        ]
-    return []
+        )
+    return notes
 
 
-def trained_on(meta: dict, ds: data.Dataset, split: str = "test") -> int:
-    """How many of `ds`'s `split` images a run trained on other data (folders, a CSV) trained
-    on: its train and val images, as files (through links, hard links too); 0 where either has
-    no files."""
-    spec, scored = meta["data"], ds.splits[split].paths
-    if spec.partition(":")[0] not in data.PATH_KINDS or not scored:
-        return 0
+def inherited_note(meta: dict, ds: data.Dataset, split: str = "test") -> str:
+    """What a run's `split` of its own data holds of the images the runs its weights came from
+    (a fine-tune's parent, theirs) trained on; "" if none."""
+    n = trained_on(meta, ds, split, own=False)
+    if not n:
+        return ""
+    parents = " <- ".join(os.path.basename(os.path.normpath(m["_path"])) for m in ancestors(meta))
+    return (f"{n} of the {len(ds.splits[split])} {split} images were training images of the run "
+            f"its weights came from ({parents}), so this is not a held-out {split} score")  # fmt: skip
+
+
+def ancestors(meta: dict) -> list[dict]:
+    """The metas of the runs a run's weights came from (its parent, the parent's parent...), as
+    far as they can still be read; each with its folder as "_path"."""
+    found, source = [], meta.get("source") or {}
+    while source.get("weights") == "run" and source.get("parent") and len(found) < 16:
+        try:
+            parent = checkpoint.read_meta(source["parent"]) | {"_path": source["parent"]}
+        except UserError:  # moved or gone: unmeasured
+            break
+        found.append(parent)
+        source = parent.get("source") or {}
+    return found
+
+
+def trained_on(meta: dict, ds: data.Dataset, split: str = "test", own: bool = True) -> int:
+    """How many of `ds`'s `split` images were train or val images of the run (`own`: for a run
+    trained on other data) or of the runs its weights came from, as files (through links, hard
+    links too); data without files (digits) count none."""
+    scored = ds.splits[split].paths
+    seen = set()
+    for m in ([meta] if own else []) + (ancestors(meta) if scored else []):
+        seen |= _seen(m)
+    return sum(_file_id(p) in seen for p in scored or [])
+
+
+def _seen(meta: dict) -> set:
+    """The files of a run's train and val splits (none where its data have no files or are
+    gone: the notes name them, unmeasured)."""
+    if meta["data"].partition(":")[0] not in data.PATH_KINDS:
+        return set()
     try:
-        own = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
-    except UserError:  # its data moved or gone: the note names it, unmeasured
-        return 0
-    seen = {_file_id(p) for s in ("train", "val") for p in getattr(own.splits.get(s), "paths", None) or []}  # fmt: skip
-    return sum(_file_id(p) in seen for p in scored)
+        own = data.load_as_run(meta)
+    except UserError:
+        return set()
+    return {_file_id(p) for s in ("train", "val") for p in getattr(own.splits.get(s), "paths", None) or []}  # fmt: skip
 
 
 def _file_id(path: str) -> tuple[int, int] | str:

@@ -59,7 +59,7 @@ def sample_images(meta: dict, n: int = 16) -> tuple[np.ndarray, str]:
     """Up to n real test images at the run's preprocessing (random ones if the data are gone)."""
     prep = models.Preprocessing.from_dict(meta["preprocessing"])
     try:
-        ds = data.load(meta["data"], meta.get("val_fraction", 0.1), meta.get("limit"))
+        ds = data.load_as_run(meta)
         split = ds.splits["test"].subset(np.arange(min(n, len(ds.splits["test"]))))
         images = decoding.decode(
             split, prep.input_size, prep.channels, prep.interpolation, quiet=True

@@ -163,7 +163,7 @@ def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, na
                 run: Path | None = None) -> str:  # fmt: skip
     """The most confidently wrong test images, if the data can still be read."""
     try:
-        ds = data.load(spec, meta.get("val_fraction", 0.1), meta.get("limit"))
+        ds = data.load_as_run(meta, spec)
     except (UserError, OSError) as err:  # the data may be gone: the page still renders
         return f'<p class="note">most confidently wrong images: data not readable ({html.escape(str(err))})</p>'
     pred, conf = prob.argmax(1), prob.max(1)

@@ -54,7 +54,7 @@ def member_logp(
     for run, meta in zip(runs, metas, strict=True):  # before any member spends time predicting
         evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
     spec = data.canonical(data_spec or metas[0]["data"])
-    ds = data.load(spec, metas[0].get("val_fraction", 0.1), metas[0].get("limit"))
+    ds = data.load_as_run(metas[0], spec)
     others = sorted({data.canonical(m["data"]) for m in metas} - {spec})
     if others:  # as evaluate says of one run scored on other data, --quiet or not
         n_test = len(ds.splits["test"])
@@ -63,7 +63,8 @@ def member_logp(
         leak = "; ".join(f"{n} of the {n_test} test images trained {r}" for r, n in seen if n)
         why = f"{leak}: the ensemble's test score is not a test score" if leak else (
             "a test image may be one a member trained on")  # fmt: skip
-        print(f"note: scored on {spec}; member(s) trained on {', '.join(others)}: {why}")
+        print(f"note: scored on {spec}; member(s) trained on {', '.join(others)}: {why}",
+              file=sys.stderr)  # fmt: skip
     loaded = len(ds.notes)  # a member that skipped bad images when trained skips them here
     per_member = {split: [] for split in splits}
     per_member_feats = {split: [] for split in splits}
@@ -79,7 +80,8 @@ def member_logp(
         model = evaluate.load_run_model(run, meta, scoring=True)  # sha256 verified
         who = f"run {run}"
         evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
-        key = checkpoint.features_key(spec, meta.get("val_fraction"), meta.get("limit"), tta)
+        val_fraction, limit, fold = data.carving_on(metas[0], spec)  # how `ds` was split
+        key = checkpoint.features_key(spec, val_fraction, limit, tta, fold)
         for split in splits:
             f = checkpoint.load_features(run, f"{split}-{tta}", key)
             if f is None:
@@ -105,13 +107,46 @@ def member_logp(
     return logp, targets, metas, spec, feats
 
 
+def note_copies(runs: list[str], metas: list[dict]) -> None:
+    """Members with the same weights (a copied run folder) count one model twice: said."""
+    seen = {}
+    for run, meta in zip(runs, metas, strict=True):
+        sha = meta.get("weights_sha256")
+        if sha and sha in seen:
+            print(f"note: {run} has the same weights as {seen[sha]} (a copy?): that model counts "
+                  "twice in the ensemble", file=sys.stderr)  # fmt: skip
+        seen.setdefault(sha, run)
+
+
+def split_apart(runs: list[str], metas: list[dict], data_spec: str | None) -> str:
+    """Members that split the scored data otherwise than the first member (its val is their
+    train), said in words; "" if none."""
+    spec = data.canonical(data_spec or metas[0]["data"])
+    first = data.carving_on(metas[0], spec)
+    other = [(r, m) for r, m in zip(runs[1:], metas[1:], strict=True)
+             if data.canonical(m["data"]) == spec and data.carving_on(m, spec) != first]  # fmt: skip
+    if not other:
+        return ""
+    said = [f"{r} as {_carving_words(data.carving_on(m, spec))}" for r, m in other[:2]]
+    more = f" and {len(other) - 2} more" if len(other) > 2 else ""
+    first_words = _carving_words(first)
+    return f"{', '.join(said)}{more} split the data otherwise than {runs[0]} ({first_words})"
+
+
+def _carving_words(carving: tuple) -> str:
+    val_fraction, limit, fold = carving
+    words = [f"--val-fraction {val_fraction:g}"]
+    words += [f"--limit {limit}"] if limit else []
+    words += [f"--fold {fold}"] if fold != "none" else []
+    return " ".join(words)
+
+
 def same_data(meta: dict, ds: data.Dataset, first: dict) -> bool:
     """A run's cached logits are for `ds`: same spec, split carving and files (fingerprint)."""
     recorded = meta.get("data_fingerprint")  # runs made before fingerprints: trust the spec
     return (
         data.canonical(meta["data"]) == ds.spec
-        and (meta.get("val_fraction"), meta.get("limit"))
-        == (first.get("val_fraction"), first.get("limit"))
+        and data.carving(meta) == data.carving(first)
         and recorded in (None, ds.fingerprint)
     )
 

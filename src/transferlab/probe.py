@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, decoding, engines, evaluate, linear, models
+from . import checkpoint, data, decoding, engines, evaluate, linear, models
 from .config import UserError
 
 if TYPE_CHECKING:
@@ -219,7 +219,8 @@ def out_of_fold(cfg, run: Path, y: np.ndarray, folds: list) -> tuple[np.ndarray,
     from . import distributed, trainer
 
     meta = checkpoint.read_meta(run)
-    key = checkpoint.features_key(meta["data"], meta["val_fraction"], meta["limit"], "none")
+    val_fraction, limit, fold = data.carving(meta)
+    key = checkpoint.features_key(meta["data"], val_fraction, limit, "none", fold)
     parts = [checkpoint.load_features(run, f"{s}-none", key) for s in ("train", "val")]
     if any(p is None for p in parts):
         raise UserError(f"{run.name}: its features were not kept (unreadable images skipped?)")

@@ -3,6 +3,7 @@ before a step runs (keys, values, names, members, models, data specs); `recipe` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import re
@@ -120,6 +121,8 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
                 )
             if not isinstance(steps[index], dict):
                 raise UserError(f"--set {key}: steps.{index} is a report step, which takes no keys")
+            if parts[2] == "members" and isinstance(value, str):  # m1,m2 or [m1, m2]
+                value = [m.strip() for m in value.strip().strip("[]").split(",") if m.strip()]
             steps[index][parts[2]] = value
         else:
             recipe["overrides"][key.removeprefix("defaults.")] = value
@@ -151,50 +154,74 @@ def validate(recipe: dict, out: Path | None = None) -> None:
     steps = recipe.get("steps")
     if not isinstance(steps, list) or not steps:
         raise UserError("a recipe needs a non-empty 'steps' list (- train: NAME, ...)")
-    make_config(recipe.get("defaults") or {})
-    make_config(recipe.get("overrides") or {})
+    for key in ("defaults", "overrides"):
+        try:
+            make_config(recipe.get(key) or {})
+        except UserError as err:
+            raise UserError(f"the recipe's {key}: {err}") from None
     names: list[str] = []
     kinds: dict[str, str] = {}
     for i, step in enumerate(steps, 1):  # numbered as `run` prints them: step 1 is the first
         kind, name, keys = parse_step(step, i)
-        _check_keys(kind, name, keys, i)
-        _check_values(kind, name, keys, i, out is not None)
-        if kind != "report":
-            if name in names:
-                raise UserError(f"step {i}: the name '{name}' is used by an earlier step")
-            if kind == "train":
-                cfg = make_config(train_settings(recipe, keys))  # bad values fail before any
-                weights.check_model(cfg)  # step runs, a typo in a later step's model too
-                data.check_spec(cfg.data, exists=out is not None)
-            elif kind == "auto":
-                from .auto import parse_budget
-
-                parse_budget(keys.get("budget", ""))
-                _auto_data_seed(recipe, keys)
-            elif kind == "finetune":
-                settings = train_settings(recipe, keys, data=False)  # the parent decides the rest
-                for key in ("model", "weights"):
-                    if key in keys:  # its own (in defaults or --set: the train steps')
-                        raise UserError(
-                            f"{key} does not apply to a fine-tune (step {i}, finetune {name}): "
-                            "it starts from its 'from' run; set it on train steps only"
-                        )
-                make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=False)
-            if out is not None and kind in ("train", "finetune", "auto"):  # not after step 1
-                own = keys if kind == "auto" else train_settings(recipe, keys, data=False)
-                decoding.check_cache(
-                    own.get("cache_dir"), f"the cache_dir of step {i} ({kind} {name})"
-                )
-            if out is not None and kind in ("finetune", "ensemble", "soup"):
-                _check_refs(kind, name, keys, names, out, i)
-            refs = keys.get("members") if kind in ("ensemble", "soup") else [keys.get("from")]
-            hit = next((kinds[str(r)] for r in refs or [] if kinds.get(str(r)) in NOT_RUNS), None)
-            if hit:  # (it failed after every step before it had run)
-                raise UserError(f"step {i} ({kind} {name}): {NOT_RUNS[hit]}")
-            names.append(name)
-            kinds[name] = kind
+        with _in_step(i, kind, name):  # a bad value says which step holds it
+            _check_step(recipe, kind, name, keys, i, names, kinds, out)
     if out is not None:
         _refuse_out_in_data(recipe, out)
+
+
+def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: list[str],
+                kinds: dict[str, str], out: Path | None) -> None:  # fmt: skip
+    """One step of `validate`: its keys, values, name and references."""
+    _check_keys(kind, name, keys, i)
+    _check_values(kind, name, keys, i, out is not None)
+    if kind != "report":
+        if name in names:
+            raise UserError(f"step {i}: the name '{name}' is used by an earlier step")
+        if kind == "train":
+            cfg = make_config(train_settings(recipe, keys))  # bad values fail before any
+            weights.check_model(cfg)  # step runs, a typo in a later step's model too
+            data.check_spec(cfg.data, exists=out is not None)
+        elif kind == "auto":
+            from .auto import parse_budget
+
+            if "limit" in (recipe.get("overrides") or {}):  # a smoke test ran a whole study
+                raise UserError(
+                    "--limit does not apply to an auto step (a study splits all its data): "
+                    f"smoke-test it with a small budget, --set steps.{i - 1}.budget=1m"
+                )
+            parse_budget(keys.get("budget", ""))
+            _auto_data_seed(recipe, keys)
+        elif kind == "finetune":
+            settings = train_settings(recipe, keys, data=False)  # the parent decides the rest
+            for key in ("model", "weights"):
+                if key in keys:  # its own (in defaults or --set: the train steps')
+                    raise UserError(
+                        f"{key} does not apply to a fine-tune (step {i}, finetune {name}): "
+                        "it starts from its 'from' run; set it on train steps only"
+                    )
+            make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=False)
+        if out is not None and kind in ("train", "finetune", "auto"):  # not after step 1
+            own = keys if kind == "auto" else train_settings(recipe, keys, data=False)
+            decoding.check_cache(own.get("cache_dir"), f"the cache_dir of step {i} ({kind} {name})")
+        if out is not None and kind in ("finetune", "ensemble", "soup"):
+            _check_refs(kind, name, keys, names, out, i)
+        refs = keys.get("members") if kind in ("ensemble", "soup") else [keys.get("from")]
+        hit = next((kinds[str(r)] for r in refs or [] if kinds.get(str(r)) in NOT_RUNS), None)
+        if hit:  # (it failed after every step before it had run)
+            raise UserError(f"step {i} ({kind} {name}): {NOT_RUNS[hit]}")
+        names.append(name)
+        kinds[name] = kind
+
+
+@contextlib.contextmanager
+def _in_step(i: int, kind: str, name: str):
+    """A value error inside step i names the step (key errors already do)."""
+    try:
+        yield
+    except UserError as err:
+        if re.search(r"\bstep \d", str(err)) or type(err) is not UserError:
+            raise
+        raise UserError(f"step {i} ({kind} {name}): {err}") from None
 
 
 def _refuse_out_in_data(recipe: dict, out: Path) -> None:

@@ -68,7 +68,8 @@ def write(
     meta = record(loop, progress, logits, seconds, epoch, snapshot)
     if not loop.dist.main:
         return meta
-    key = checkpoint.features_key(ds.spec, loop.cfg.val_fraction, loop.cfg.limit, "none")
+    cfg = loop.cfg
+    key = checkpoint.features_key(ds.spec, cfg.val_fraction, cfg.limit, "none", cfg.fold)
     for split, f in (features or {}).items():
         if len(f) == len(ds.splits[split]):  # no image was skipped
             checkpoint.save_features(out, f"{split}-none", key, f)

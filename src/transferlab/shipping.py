@@ -154,7 +154,7 @@ def _interpolation(preps: list[models.Preprocessing], size: int) -> str:
 
 def _sample(info: dict, first: dict, n: int = 16):
     """Up to n real test images of the ensemble's data (a split, a description)."""
-    ds = data.load(info["data"], first.get("val_fraction", 0.1), first.get("limit"))
+    ds = data.load_as_run(first, info["data"])
     test = ds.splits["test"]
     return test.subset(
         np.arange(min(n, len(test)))

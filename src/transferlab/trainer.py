@@ -137,7 +137,7 @@ def logger(quiet: bool):
 
     def log(*a, note: bool = False):
         if not quiet or note:
-            print(*a, flush=True, file=sys.stderr if quiet else sys.stdout)
+            print(*a, flush=True, file=sys.stderr if quiet or note else sys.stdout)
 
     return log
 
@@ -182,6 +182,8 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
     built = weights.build(cfg, ds.classes, ds.native_size, ds.native_channels, ds.names)
     model, prep, source = built.model, built.prep, built.source
     source["init_sha256"] = checkpoint.state_sha256(model.state_dict())  # lineage, for soups
+    if note := evaluate.inherited_note({"source": source}, ds):  # a fine-tune's test images
+        log(f"[{out.name}] note: {note}", note=True)  # that its parent trained on
     precision = evaluate.resolve_precision(cfg.precision)
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
     origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
