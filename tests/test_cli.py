@@ -69,6 +69,8 @@ def test_a_mistake_names_the_subcommand_and_an_exported_file_names_its_run(
             main(argv)
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and err.startswith(f"transferlab {prog}: error: unrec")
+    assert main(["data", "shard", f"folder:{tmp_path / 'nope'}", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err.startswith("transferlab data shard: error: dataset path")
     import re
     import shutil
 

@@ -665,3 +665,15 @@ def test_sigterm_outside_a_training_step_stops_the_command_in_one_line(
     )
     assert capsys.readouterr().err.strip() == "transferlab train: stopped by SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before  # given back
+
+
+def test_resume_takes_the_options_the_run_was_started_with(folder_data, tmp_path, capsys):
+    """`train --out R --resume` called every flag not typed again a change ("model: 'dcnn' ->
+    'resnet50'") and advised --overwrite, which would have trained that other model."""
+    args = [*train_args(folder_data), "--out", tmp_path / "run"]
+    assert cli(*args, env={"TRANSFERLAB_FAULT": "term:5"}).returncode == 143
+    assert inproc("train", "--out", tmp_path / "run", "--resume", "--epochs", "5") == 2
+    assert "its config differs (epochs: 3 -> 5)" in capsys.readouterr().err  # a flag given
+    assert inproc("train", "--out", tmp_path / "run", "--resume") == 0
+    meta = checkpoint.read_meta(tmp_path / "run")
+    assert meta["config"]["model"] == "dcnn" and meta["config"]["epochs"] == 3

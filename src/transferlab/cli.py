@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_folder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--log-json", metavar="PATH", help="append one JSON object per step/epoch")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (with the options it was started with)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
 
 
@@ -259,8 +260,20 @@ def cmd_run(args) -> None:
 def cmd_train(args) -> None:
     from . import trainer
 
-    cfg = make_config(_overrides(args))
+    cfg = make_config(_overrides(args), _started_with(args) if args.resume else None)
     trainer.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
+
+
+def _started_with(args):
+    """`train --out R --resume`: the config R was started with, under the flags given again
+    (every flag had to be retyped; those not were "changes")."""
+    from . import outputs
+
+    saved = (outputs.read_mark(Path(args.out).expanduser()) or {}).get("config")
+    try:
+        return make_config(saved, check_applies=False) if isinstance(saved, dict) else None
+    except UserError:  # from an older transferlab: compared as before
+        return None
 
 
 def cmd_finetune(args) -> None:
@@ -373,21 +386,6 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"  # not Python's source line: what to know, as a user reads it
 
 
-def _going_on(args) -> str:
-    """After Ctrl-C: how to continue what it stopped, as a SIGTERM stop says it."""
-    from . import checkpoint, recipe, resume
-
-    out = Path(getattr(args, "out", None) or "")
-    if args.command in ("run", "demo"):
-        return f"; {recipe.AGAIN}"
-    unfinished = out.name and out.is_dir() and not (out / checkpoint.META).is_file()
-    if args.command in ("train", "finetune") and unfinished:
-        return f"; the state saved at its last epoch is in {out / 'state'}: {resume.RESUME}"
-    if args.command == "auto" and unfinished:
-        return f" (the study's finished candidates are kept in {out}): {resume.RESUME}"
-    return ""
-
-
 def console() -> int:
     """The `transferlab` program (and `python -m transferlab`): its clock started with the
     process, before torch was imported (auto's budget counts that start-up too)."""
@@ -400,15 +398,16 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """One command; `started`: when its wall clock began (None: now)."""
     args = build_parser().parse_args(argv)
     args.started = started
+    who = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # data shard
     warnings.formatwarning = _one_line_warning
     try:
         with sigterm_stops(args.command != "serve"):  # (uvicorn stops serve by itself)
             (COMMANDS | cli_ship.COMMANDS)[args.command](args)
     except UserError as err:
-        print(f"transferlab {args.command}: error: {err}", file=sys.stderr)
+        print(f"transferlab {who}: error: {err}", file=sys.stderr)
         return 2
     except Preempted as err:
-        print(f"transferlab {args.command}: {err}", file=sys.stderr)
+        print(f"transferlab {who}: {err}", file=sys.stderr)
         return 143
     except BrokenPipeError:  # `| head` stopped reading: no error of the user's, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit)
@@ -418,20 +417,21 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         where = f" ({name})" if name else ""  # (`atomic_path`'s temp file named as its file)
         full = FULL.get(err.errno, "")
         print(
-            f"transferlab {args.command}: error: {err.strerror or err}{where}{full}",
+            f"transferlab {who}: error: {err.strerror or err}{where}{full}",
             file=sys.stderr,
         )
         return 2
-    except Terminated:  # outside a training step (set-up, auto's feature passes, writing)
-        print(f"transferlab {args.command}: stopped by SIGTERM{_going_on(args)}", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"transferlab {args.command}: interrupted{_going_on(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C; Terminated: SIGTERM outside a training step
+        from .resume import going_on
+
+        said = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted"
+        print(f"transferlab {who}: {said}{going_on(args.command, getattr(args, 'out', None))}",
+              file=sys.stderr)  # fmt: skip
+        return 143 if isinstance(err, Terminated) else 130
     except RuntimeError as err:  # pathlib's expanduser of ~name for a user this machine lacks
         if "home directory" not in str(err):
             raise
-        print(f"transferlab {args.command}: error: a path begins with ~NAME for a user this "
+        print(f"transferlab {who}: error: a path begins with ~NAME for a user this "
               f"machine does not have ({err})", file=sys.stderr)  # fmt: skip
         return 2
     return 0

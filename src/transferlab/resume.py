@@ -130,6 +130,21 @@ class Checkpoints:
 RESUME = "rerun with --resume to continue"  # a stop's advice (a recipe says its own)
 
 
+def going_on(command: str, out: str | None) -> str:
+    """After Ctrl-C or SIGTERM outside a step: how to continue what `command` stopped."""
+    from . import recipe
+
+    out = Path(out or "")
+    if command in ("run", "demo"):
+        return f"; {recipe.AGAIN}"
+    unfinished = out.name and out.is_dir() and not (out / checkpoint.META).is_file()
+    if command in ("train", "finetune") and unfinished:
+        return f"; the state saved at its last epoch is in {out / 'state'}: {RESUME}"
+    if command == "auto" and unfinished:
+        return f" (the study's finished candidates are kept in {out}): {RESUME}"
+    return ""
+
+
 def training_state(loop: Loop, progress: Progress) -> dict:
     """Everything resume needs, as tensors and plain types (weights-only loadable)."""
     return {
