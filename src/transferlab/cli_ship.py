@@ -59,7 +59,31 @@ def commands(sub, _sub, Parser) -> None:
         "--offline", action="store_true", help="only what needs no network (packages, cache)"
     )
 
-    p = _sub(sub, "data", "download a standard dataset (verified, resumable) or shard one")
+    _data_commands(
+        _sub(sub, "data", "download a standard dataset (verified, resumable) or shard one"), Parser
+    )
+
+    p = _sub(sub, "export", "a run as ONNX, TorchScript, safetensors or a Hugging Face/timm "
+             "folder; an ensemble as one ONNX graph")  # fmt: skip
+    p.add_argument("path", help="a run folder or an ensemble folder")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("onnx", "torchscript", "safetensors", "hf"),
+        help="hf: config.json + model.safetensors that timm.create_model('local-dir:DIR', "
+        "pretrained=True) loads; an ensemble: onnx only (uint8 NHWC RGB in, probabilities out)",
+    )
+    p.add_argument("--out", help="file (hf: folder) to write [RUN/export/model.onnx|.pt|"
+                   ".safetensors, RUN/export/hf, ENS/export/ensemble.onnx]")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export (--out, or the default file)")  # fmt: skip
+    p.add_argument(
+        "--input-size", type=int, help="an ensemble graph's input size [its largest member's]"
+    )
+
+
+def _data_commands(p, Parser) -> None:
+    """data list, get and shard."""
     what = p.add_subparsers(
         dest="action", required=True, parser_class=Parser, metavar="{list,get,shard}"
     )
@@ -99,24 +123,6 @@ def commands(sub, _sub, Parser) -> None:
     shard.add_argument("--skip-bad-images", action="store_true", help="leave unreadable ones out")
     shard.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                        help="no progress bars")  # fmt: skip
-
-    p = _sub(sub, "export", "a run as ONNX, TorchScript, safetensors or a Hugging Face/timm "
-             "folder; an ensemble as one ONNX graph")  # fmt: skip
-    p.add_argument("path", help="a run folder or an ensemble folder")
-    p.add_argument(
-        "--format",
-        required=True,
-        choices=("onnx", "torchscript", "safetensors", "hf"),
-        help="hf: config.json + model.safetensors that timm.create_model('local-dir:DIR', "
-        "pretrained=True) loads; an ensemble: onnx only (uint8 NHWC RGB in, probabilities out)",
-    )
-    p.add_argument("--out", help="file (hf: folder) to write [RUN/export/model.onnx|.pt|"
-                   ".safetensors, RUN/export/hf, ENS/export/ensemble.onnx]")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier export (--out, or the default file)")  # fmt: skip
-    p.add_argument(
-        "--input-size", type=int, help="an ensemble graph's input size [its largest member's]"
-    )
 
 
 def cmd_auto(args) -> None:

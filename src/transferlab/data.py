@@ -103,26 +103,6 @@ def check_spec(spec: str, exists: bool = True) -> None:
         raise UserError(f"dataset path does not exist: {arg}")
 
 
-def carving(meta: dict) -> tuple:
-    """How a run split its data: (val fraction, limit, fold)."""
-    fold = (meta.get("config") or {}).get("fold") or "none"
-    return meta.get("val_fraction", 0.1), meta.get("limit"), fold
-
-
-def carving_on(meta: dict, spec: str | None = None) -> tuple:
-    """How a run splits `spec` (its own data if None): its carving; a fold belongs to its own
-    data only."""
-    val_fraction, limit, fold = carving(meta)
-    own = spec is None or canonical(spec) == canonical(meta["data"])
-    return val_fraction, limit, fold if own else "none"
-
-
-def load_as_run(meta: dict, spec: str | None = None) -> Dataset:
-    """A run's data split as it split them (its val carve, limit and `--fold`), or the data
-    `spec` split by its val fraction and limit."""
-    return load(meta["data"] if spec is None else spec, *carving_on(meta, spec))
-
-
 def load(
     spec: str, val_fraction: float = 0.1, limit: int | None = None, fold: str = "none"
 ) -> Dataset:

@@ -62,10 +62,10 @@ def build(
     decoding.check_cache(None)  # $TRANSFERLAB_CACHE, before the folder is claimed
     outputs.refuse_overlap(out, runs, "member")
     outputs.check_out(Path(out), "ensemble", overwrite=overwrite)
-    if apart and not fitted:  # (after every refusal: an error stays one line; auto fits on
+    if apart and not fitted:  # (auto fits on out-of-fold predictions, and says so)
         print(f"note: {apart}: the ensemble's val scores count images a member trained on",
-              file=sys.stderr)  # out-of-fold predictions and says so) # fmt: skip
-    note_copies(runs, metas)
+              file=sys.stderr)  # fmt: skip
+    note_copies(runs, metas)  # notes after every refusal: an error stays one line
     on_features = COMBINERS[method].inputs == "features"
     splits = ("train", *SPLITS) if on_features else SPLITS
     logp, targets, metas, spec, feats = member_logp(

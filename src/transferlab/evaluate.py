@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from . import batching, checkpoint, data, decoding, models
 from .config import UnreadableImages, UserError
+from .folds import load_as_run
 
 
 def bf16_supported() -> bool:
@@ -210,7 +211,7 @@ def score_run(path, data_spec: str | None, split: str, quiet: bool = True, tta: 
     """
     meta = checkpoint.read_meta(path)
     spec = data.canonical(data_spec or meta["data"])
-    ds = data.load_as_run(meta, spec)
+    ds = load_as_run(meta, spec)
     model = load_run_model(path, meta, scoring=True)
     loaded = len(ds.notes)
     logits = predict_split(model, meta, ds, split, f"run {path}", quiet, tta or "none")
@@ -239,10 +240,11 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
 def inherited_note(meta: dict, ds: data.Dataset, split: str = "test") -> str:
     """What a run's `split` of its own data holds of the images the runs its weights came from
     (a fine-tune's parent, theirs) trained on; "" if none."""
-    n = trained_on(meta, ds, split, own=False)
+    found = ancestors(meta)
+    n = _count(found, ds, split)
     if not n:
         return ""
-    parents = " <- ".join(os.path.basename(os.path.normpath(m["_path"])) for m in ancestors(meta))
+    parents = " <- ".join(os.path.basename(os.path.normpath(m["_path"])) for m in found)
     return (f"{n} of the {len(ds.splits[split])} {split} images were training images of the run "
             f"its weights came from ({parents}), so this is not a held-out {split} score")  # fmt: skip
 
@@ -261,15 +263,20 @@ def ancestors(meta: dict) -> list[dict]:
     return found
 
 
-def trained_on(meta: dict, ds: data.Dataset, split: str = "test", own: bool = True) -> int:
-    """How many of `ds`'s `split` images were train or val images of the run (`own`: for a run
-    trained on other data) or of the runs its weights came from, as files (through links, hard
-    links too); data without files (digits) count none."""
+def trained_on(meta: dict, ds: data.Dataset, split: str = "test") -> int:
+    """How many of `ds`'s `split` images a run trained on other data, or the runs its weights
+    came from, trained on."""
+    return _count([meta, *ancestors(meta)], ds, split)
+
+
+def _count(metas: list[dict], ds: data.Dataset, split: str) -> int:
+    """How many of `ds`'s `split` images were train or val images of these runs, as files
+    (through links, hard links too); data without files (digits) count none."""
     scored = ds.splits[split].paths
-    seen = set()
-    for m in ([meta] if own else []) + (ancestors(meta) if scored else []):
-        seen |= _seen(m)
-    return sum(_file_id(p) in seen for p in scored or [])
+    if not scored or not metas:
+        return 0
+    seen = set().union(*(_seen(m) for m in metas))
+    return sum(_file_id(p) in seen for p in scored)
 
 
 def _seen(meta: dict) -> set:
@@ -278,7 +285,7 @@ def _seen(meta: dict) -> set:
     if meta["data"].partition(":")[0] not in data.PATH_KINDS:
         return set()
     try:
-        own = data.load_as_run(meta)
+        own = load_as_run(meta)
     except UserError:
         return set()
     return {_file_id(p) for s in ("train", "val") for p in getattr(own.splits.get(s), "paths", None) or []}  # fmt: skip

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, data, decoding, evaluate, models, outputs
+from . import checkpoint, decoding, evaluate, models, outputs
 from .config import UserError
+from .folds import load_as_run
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt", "safetensors": "model.safetensors"}
 
@@ -59,7 +60,7 @@ def sample_images(meta: dict, n: int = 16) -> tuple[np.ndarray, str]:
     """Up to n real test images at the run's preprocessing (random ones if the data are gone)."""
     prep = models.Preprocessing.from_dict(meta["preprocessing"])
     try:
-        ds = data.load_as_run(meta)
+        ds = load_as_run(meta)
         split = ds.splits["test"].subset(np.arange(min(n, len(ds.splits["test"]))))
         images = decoding.decode(
             split, prep.input_size, prep.channels, prep.interpolation, quiet=True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import data
 from .config import UserError
 from .data import SPLIT_SEED, Split
 
@@ -47,3 +48,23 @@ def fold_splits(splits: dict[str, Split], fold: str) -> dict[str, Split]:
         "val": everything.subset(held),
         "test": splits["test"],
     }
+
+
+def carving(meta: dict) -> tuple:
+    """How a run split its data: (val fraction, limit, fold)."""
+    fold = (meta.get("config") or {}).get("fold") or "none"
+    return meta.get("val_fraction", 0.1), meta.get("limit"), fold
+
+
+def carving_on(meta: dict, spec: str | None = None) -> tuple:
+    """How a run splits `spec` (its own data if None): its carving; a fold belongs to its own
+    data only."""
+    val_fraction, limit, fold = carving(meta)
+    own = spec is None or data.canonical(spec) == data.canonical(meta["data"])
+    return val_fraction, limit, fold if own else "none"
+
+
+def load_as_run(meta: dict, spec: str | None = None) -> data.Dataset:
+    """A run's data split as it split them (its val carve, limit and `--fold`), or the data
+    `spec` split by its val fraction and limit."""
+    return data.load(meta["data"] if spec is None else spec, *carving_on(meta, spec))

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import checkpoint, data, decoding, ensembles, evaluate, plots
 from .config import UserError
+from .folds import load_as_run
 
 SORT_JS = """
 document.querySelectorAll('table.sortable th').forEach((th, col) => {
@@ -163,7 +164,7 @@ def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, na
                 run: Path | None = None) -> str:  # fmt: skip
     """The most confidently wrong test images, if the data can still be read."""
     try:
-        ds = data.load_as_run(meta, spec)
+        ds = load_as_run(meta, spec)
     except (UserError, OSError) as err:  # the data may be gone: the page still renders
         return f'<p class="note">most confidently wrong images: data not readable ({html.escape(str(err))})</p>'
     pred, conf = prob.argmax(1), prob.max(1)

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import checkpoint, data, evaluate
 from .config import UserError
+from .folds import carving_on, load_as_run
 
 SPLITS = ("val", "test")
 
@@ -54,7 +55,7 @@ def member_logp(
     for run, meta in zip(runs, metas, strict=True):  # before any member spends time predicting
         evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
     spec = data.canonical(data_spec or metas[0]["data"])
-    ds = data.load_as_run(metas[0], spec)
+    ds = load_as_run(metas[0], spec)
     others = sorted({data.canonical(m["data"]) for m in metas} - {spec})
     if others:  # as evaluate says of one run scored on other data, --quiet or not
         n_test = len(ds.splits["test"])
@@ -80,7 +81,7 @@ def member_logp(
         model = evaluate.load_run_model(run, meta, scoring=True)  # sha256 verified
         who = f"run {run}"
         evaluate.class_map(meta["classes"], meta["class_names"], ds.classes, ds.names, who)
-        val_fraction, limit, fold = data.carving_on(metas[0], spec)  # how `ds` was split
+        val_fraction, limit, fold = carving_on(metas[0], spec)  # how `ds` was split
         key = checkpoint.features_key(spec, val_fraction, limit, tta, fold)
         for split in splits:
             f = checkpoint.load_features(run, f"{split}-{tta}", key)
@@ -122,19 +123,19 @@ def split_apart(runs: list[str], metas: list[dict], data_spec: str | None) -> st
     """Members that split the scored data otherwise than the first member (its val is their
     train), said in words; "" if none."""
     spec = data.canonical(data_spec or metas[0]["data"])
-    first = data.carving_on(metas[0], spec)
+    first = carving_on(metas[0], spec)
     other = [(r, m) for r, m in zip(runs[1:], metas[1:], strict=True)
-             if data.canonical(m["data"]) == spec and data.carving_on(m, spec) != first]  # fmt: skip
+             if data.canonical(m["data"]) == spec and carving_on(m, spec) != first]  # fmt: skip
     if not other:
         return ""
-    said = [f"{r} as {_carving_words(data.carving_on(m, spec))}" for r, m in other[:2]]
+    said = [f"{r} as {_carving_words(carving_on(m, spec))}" for r, m in other[:2]]
     more = f" and {len(other) - 2} more" if len(other) > 2 else ""
     first_words = _carving_words(first)
     return f"{', '.join(said)}{more} split the data otherwise than {runs[0]} ({first_words})"
 
 
-def _carving_words(carving: tuple) -> str:
-    val_fraction, limit, fold = carving
+def _carving_words(how: tuple) -> str:
+    val_fraction, limit, fold = how
     words = [f"--val-fraction {val_fraction:g}"]
     words += [f"--limit {limit}"] if limit else []
     words += [f"--fold {fold}"] if fold != "none" else []
@@ -146,7 +147,7 @@ def same_data(meta: dict, ds: data.Dataset, first: dict) -> bool:
     recorded = meta.get("data_fingerprint")  # runs made before fingerprints: trust the spec
     return (
         data.canonical(meta["data"]) == ds.spec
-        and data.carving(meta) == data.carving(first)
+        and carving_on(meta, ds.spec) == carving_on(first, ds.spec)
         and recorded in (None, ds.fingerprint)
     )
 

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, data, decoding, engines, evaluate, linear, models
+from . import checkpoint, decoding, engines, evaluate, linear, models
 from .config import UserError
+from .folds import carving
 
 if TYPE_CHECKING:
     from .resume import Progress
@@ -219,7 +220,7 @@ def out_of_fold(cfg, run: Path, y: np.ndarray, folds: list) -> tuple[np.ndarray,
     from . import distributed, trainer
 
     meta = checkpoint.read_meta(run)
-    val_fraction, limit, fold = data.carving(meta)
+    val_fraction, limit, fold = carving(meta)
     key = checkpoint.features_key(meta["data"], val_fraction, limit, "none", fold)
     parts = [checkpoint.load_features(run, f"{s}-none", key) for s in ("train", "val")]
     if any(p is None for p in parts):

@@ -275,24 +275,25 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
     @app.get("/info")
     async def info():
         predictor = await asyncio.to_thread(live.current)
-        return {
-            "path": Path(path).resolve().name,  # not the server's folders (host 0.0.0.0)
-            "classes": predictor.classes,
-            "names": predictor.names,
-            "method": predictor.method,
-            "members": [
-                {
-                    "arch": m["arch"],
-                    "preprocessing": m["preprocessing"],
-                    "weights_sha256": m.get("weights_sha256"),
-                }
-                for m in predictor.metas
-            ],  # fmt: skip
-            "max_batch": max_batch,
-            "max_mb": max_mb,
-        }
+        return described(predictor, path) | {"max_batch": max_batch, "max_mb": max_mb}
 
     return app
+
+
+def described(predictor, path: str | Path) -> dict:
+    """GET /info: what answers (classes, the combiner, each member and its weights' sha256)."""
+    members = [
+        {"arch": m["arch"], "preprocessing": m["preprocessing"],
+         "weights_sha256": m.get("weights_sha256")}
+        for m in predictor.metas
+    ]  # fmt: skip
+    return {
+        "path": Path(path).resolve().name,  # not the server's folders (host 0.0.0.0)
+        "classes": predictor.classes,
+        "names": predictor.names,
+        "method": predictor.method,
+        "members": members,
+    }
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, **options) -> None:

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from . import (
     checkpoint,
     combiners,
-    data,
     decoding,
     ensembles,
     evaluate,
@@ -39,6 +38,7 @@ from . import (
     outputs,
 )
 from .config import UserError
+from .folds import load_as_run
 
 EXPORTED = ("soft", "logit", "weighted", "select", "stacking", "hard")
 LUMA = (0.299, 0.587, 0.114)
@@ -154,7 +154,7 @@ def _interpolation(preps: list[models.Preprocessing], size: int) -> str:
 
 def _sample(info: dict, first: dict, n: int = 16):
     """Up to n real test images of the ensemble's data (a split, a description)."""
-    ds = data.load_as_run(first, info["data"])
+    ds = load_as_run(first, info["data"])
     test = ds.splits["test"]
     return test.subset(
         np.arange(min(n, len(test)))

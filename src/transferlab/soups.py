@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import batching, checkpoint, data, decoding, evaluate, models, outputs
 from .config import UserError
+from .folds import load_as_run
 
 METHODS = ("uniform", "greedy")
 
@@ -144,7 +145,7 @@ def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
     states = [checkpoint.load_run_weights(r, m) for r, m in zip(runs, metas, strict=True)]
     ref, prep = metas[0], models.Preprocessing.from_dict(metas[0]["preprocessing"])
     spec = data.canonical(data_spec or ref["data"])
-    ds = data.load_as_run(ref, spec)
+    ds = load_as_run(ref, spec)
     cache = decoding.resolve_cache(None)
     images = {
         s: decoding.decode(
