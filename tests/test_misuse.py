@@ -842,6 +842,20 @@ def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, ca
     assert re.search(r"[1-6] of the 6 test images trained", capsys.readouterr().err)
     assert main(["evaluate", str(tmp_path / "b"), "--data", f"folder:{photos}"]) == 0
     assert re.search(r"[1-6] of the 6 test images were among its training", capsys.readouterr().err)
+    # recorded where the score is: ensemble.json, evaluate --json, report.md (it was said once)
+    assert (
+        "not a test score" in json.loads((tmp_path / "e" / "ensemble.json").read_text())["notes"][0]
+    )
+    assert main(["evaluate", str(tmp_path / "e"), "--json"]) == 0
+    said = capsys.readouterr()
+    assert "not a test score" in json.loads(said.out.splitlines()[-1])["notes"][0]
+    assert "not a test score" in said.err
+    from transferlab import report
+
+    path, _ = report.write(tmp_path)
+    assert (
+        "e (not a test score: its test images include ones a member trained on)" in path.read_text()
+    )
 
 
 @pytest.mark.parametrize("members,words", [("[a, a]", "member 'a' is listed twice"),

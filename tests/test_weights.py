@@ -324,6 +324,8 @@ def test_models_command_lists_what_is_usable_offline(offline_cache, capsys):
     assert "test_resnet.r160_in1k" in out and "no name is 'resnet'; these contain it" in err
     main(["models", "convnext_tiny.fb_in22k_ft_in1k"])
     assert "hub weights download on first use" in capsys.readouterr().err
+    assert main(["models", "dcnn", "--offline"]) == 2  # a valid --model, with no weights
+    assert "dcnn is transferlab's own CNN: it trains from scratch" in capsys.readouterr().err
 
 
 def test_models_lists_the_top1_timm_records_for_a_tag_at_its_input_size(capsys, monkeypatch):

@@ -144,8 +144,15 @@ def cmd_models(args) -> None:
             print(f"note: no name is '{args.pattern}'; these contain it ('{args.pattern}*' "
                   "lists the names that start with it)", file=sys.stderr)  # fmt: skip
     if not rows:
+        own = (
+            " (dcnn is transferlab's own CNN: it trains from scratch)"
+            if "dcnn" in args.pattern
+            else ""
+        )
         raise UserError(
-            f"no pretrained weights match '{args.pattern}'" + (" offline" if args.offline else "")
+            f"no pretrained weights match '{args.pattern}'"
+            + (" offline" if args.offline else "")
+            + own
         )
     print(f"{'name':<48} {'input':>5} {'top-1':>6}  from")
     for r in rows:

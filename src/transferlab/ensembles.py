@@ -68,9 +68,12 @@ def build(
     note_copies(runs, metas)  # notes after every refusal: an error stays one line
     on_features = COMBINERS[method].inputs == "features"
     splits = ("train", *SPLITS) if on_features else SPLITS
+    notes: list[str] = []  # recorded in ensemble.json: report marks its score
     logp, targets, metas, spec, feats = member_logp(
-        runs, data_spec, quiet, tta, splits, on_features
+        runs, data_spec, quiet, tta, splits, on_features, notes
     )
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if on_features:  # fusion: fitted on train features, its strength chosen on val
         log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
         uniform = np.full(len(runs), 1.0 / len(runs))
@@ -82,7 +85,11 @@ def build(
     out = Path(out)
     with outputs.lock(out):
         outputs.claim(out, "ensemble", outputs.check_out(out, "ensemble", overwrite=overwrite))
-        return _write(out, method, runs, metas, spec, params, logp, targets, feats, tta, t0, how)
+        info = _write(out, method, runs, metas, spec, params, logp, targets, feats, tta, t0, how)
+        if notes:  # recorded with the score they qualify (report marks it)
+            info["notes"] = notes
+            checkpoint.write_json(out / ENSEMBLE, info)
+        return info
 
 
 def _write(
@@ -173,15 +180,16 @@ def read_params(path: str | Path, info: dict) -> dict:
 
 
 def evaluate_ensemble(
-    path: str | Path, data_spec: str | None, split: str, quiet: bool = True
+    path: str | Path, data_spec: str | None, split: str, quiet: bool = True, notes=None
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Recompute an ensemble's combined log-probs on a split from its members' runs."""
+    """Recompute an ensemble's combined log-probs on a split from its members' runs (what a
+    user should know of them goes to `notes`)."""
     info = read(path)
     check_members(info, path)
     runs = [m["run"] for m in info["members"]]
     method, tta = info["method"], info.get("tta", "none")
     logp, targets, _, _, feats = member_logp(
-        runs, data_spec or info["data"], quiet, tta, (split,), method == "fusion"
+        runs, data_spec or info["data"], quiet, tta, (split,), method == "fusion", notes
     )
     combined = combine(method, logp[split], read_params(path, info), feats.get(split))
     return combined, targets[split], info
@@ -202,8 +210,9 @@ def evaluate_path(
     decoding.check_cache(None)
     if is_ensemble(path):
         own_tta(path, read(path), tta)
-        logp, targets, info = evaluate_ensemble(path, data_spec, split, quiet)
-        names, spec, notes = info["class_names"], data.canonical(data_spec or info["data"]), []
+        notes = []
+        logp, targets, info = evaluate_ensemble(path, data_spec, split, quiet, notes)
+        names, spec = info["class_names"], data.canonical(data_spec or info["data"])
     else:
         logp, targets, names, spec, notes = evaluate.score_run(path, data_spec, split, quiet, tta)
     result = evaluate.metrics(logp, targets)

@@ -41,8 +41,10 @@ def member_logp(
     tta: str = "none",
     splits: tuple[str, ...] = SPLITS,
     features: bool = False,
+    notes: list[str] | None = None,
 ) -> tuple[dict, dict, list[dict], str, dict]:
-    """Member log-probs per split, aligned to the first member's classes.
+    """Member log-probs per split, aligned to the first member's classes; what a user should
+    know of the scores (test images a member trained on) goes to `notes`, else to stderr.
 
     Uses a run's cached logits when its data agree and no TTA is asked for; otherwise the
     member predicts the raw images through its own preprocessing (decoded once per distinct
@@ -64,8 +66,8 @@ def member_logp(
         leak = "; ".join(f"{n} of the {n_test} test images trained {r}" for r, n in seen if n)
         why = f"{leak}: the ensemble's test score is not a test score" if leak else (
             "a test image may be one a member trained on")  # fmt: skip
-        print(f"note: scored on {spec}; member(s) trained on {', '.join(others)}: {why}",
-              file=sys.stderr)  # fmt: skip
+        said = f"scored on {spec}; member(s) trained on {', '.join(others)}: {why}"
+        notes.append(said) if notes is not None else print(f"note: {said}", file=sys.stderr)
     loaded = len(ds.notes)  # a member that skipped bad images when trained skips them here
     per_member = {split: [] for split in splits}
     per_member_feats = {split: [] for split in splits}

@@ -143,6 +143,9 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         stale = ""
     except UserError:  # a member was retrained or removed: its numbers no longer hold
         stale = " (stale: a member changed; rebuild it)"
+    leaked = any("not a test score" in note for note in info.get("notes", []))
+    if leaked and not stale:  # (ensemble.json: test images a member trained on, counted)
+        stale = " (not a test score: its test images include ones a member trained on)"
     return {
         "model": _name(path, root) + stale,
         "_stale": bool(stale),
