@@ -67,7 +67,10 @@ def member_logp(
         why = f"{leak}: the ensemble's test score is not a test score" if leak else (
             "a test image may be one a member trained on")  # fmt: skip
         said = f"scored on {spec}; member(s) trained on {', '.join(others)}: {why}"
-        notes.append(said) if notes is not None else print(f"note: {said}", file=sys.stderr)
+        if notes is None:
+            print(f"note: {said}", file=sys.stderr)
+        else:
+            notes.append(said)
     loaded = len(ds.notes)  # a member that skipped bad images when trained skips them here
     per_member = {split: [] for split in splits}
     per_member_feats = {split: [] for split in splits}
