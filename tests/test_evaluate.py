@@ -1,10 +1,12 @@
 """evaluate: metrics (golden values), test-time augmentation views."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from transferlab import evaluate
+from transferlab import checkpoint, evaluate
 
 
 def test_ece_known_answer():
@@ -110,3 +112,15 @@ def test_a_fine_tune_scored_on_images_its_parent_trained_on_says_so(
     assert any(said in note and "not a held-out test score" in note for note in notes)
     *_, notes = evaluate.score_run(trained_run, None, "test")  # its own test: nothing to say
     assert notes == []
+    # recorded where the score is: meta.json, and report.md's row (said once on a terminal before)
+    assert any(said in note for note in checkpoint.read_meta(tmp_path / "ft")["notes"])
+    assert checkpoint.read_meta(trained_run)["notes"] == []
+    from transferlab import report
+
+    (tmp_path / "both").mkdir()
+    for run in (trained_run, tmp_path / "ft"):
+        shutil.copytree(run, tmp_path / "both" / run.name)
+    _, table = report.write(tmp_path / "both")
+    row = next(line for line in table.splitlines() if line.startswith("| ft"))
+    assert "not a test score: its test images include ones its parent run trained on" in row
+    assert "not a test score" not in next(r for r in table.splitlines() if r.startswith("| tiny"))

@@ -113,10 +113,12 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
         weights = f"from {Path(src['parent']).name}"
     elif weights == "soup":
         weights = f"{src['method']} soup of " + ", ".join(Path(r).name for r in src["ingredients"])
+    mark = " (unusable: its weights are missing or corrupt; train it again)" if problem else ""
+    if leaked(meta.get("notes", [])) and not mark:  # (meta.json: counted when it trained)
+        mark = " (not a test score: its test images include ones its parent run trained on)"
     return {
-        "model": _name(path, root)
-        + (" (unusable: its weights are missing or corrupt; train it again)" if problem else ""),
-        "_stale": bool(problem),
+        "model": _name(path, root) + mark,
+        "_stale": bool(mark),
         "data": meta["data"],
         "arch": meta["arch"],
         "weights": weights,
@@ -143,8 +145,9 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         stale = ""
     except UserError:  # a member was retrained or removed: its numbers no longer hold
         stale = " (stale: a member changed; rebuild it)"
-    leaked = any("not a test score" in note for note in info.get("notes", []))
-    if leaked and not stale:  # (ensemble.json: test images a member trained on, counted)
+    if (
+        leaked(info.get("notes", [])) and not stale
+    ):  # (ensemble.json: test images a member trained on, counted)
         stale = " (not a test score: its test images include ones a member trained on)"
     return {
         "model": _name(path, root) + stale,
@@ -165,6 +168,11 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         "_path": path,
         "_names": info["class_names"],
     }
+
+
+def leaked(notes: list[str]) -> bool:
+    """Whether a run's or ensemble's recorded notes say its test images were trained on."""
+    return any("not a test score" in n or "not a held-out test score" in n for n in notes)
 
 
 def _name(path: Path, root: Path) -> str:

@@ -123,6 +123,7 @@ def record(loop: Loop, progress: Progress, logits: dict, seconds: float, epoch, 
         "best_epoch": best_epoch,
         "seconds": round(seconds, 1),
         "metrics": results,
+        "notes": loop.notes,  # what a reader of its test score must know (a leak)
         "versions": versions(),
         **({"snapshot": snapshot} if snapshot else {}),
     }

@@ -57,6 +57,7 @@ class Loop:
     images: dict = field(default_factory=dict)  # split -> decoded uint8 (N, H, W, C)
     labels: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)  # where the weights came from (lineage)
+    notes: list = field(default_factory=list)  # what its scores hold back (meta.json "notes")
     frozen: list = field(default_factory=list)  # modules kept in eval mode (frozen BatchNorm)
     ddp: nn.Module | None = None  # what trains: the model, or DistributedDataParallel around it
     optimizer: torch.optim.Optimizer | None = None
@@ -182,8 +183,9 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
     built = weights.build(cfg, ds.classes, ds.native_size, ds.native_channels, ds.names)
     model, prep, source = built.model, built.prep, built.source
     source["init_sha256"] = checkpoint.state_sha256(model.state_dict())  # lineage, for soups
-    if note := evaluate.inherited_note({"source": source}, ds):  # a fine-tune's test images
-        log(f"[{out.name}] note: {note}", note=True)  # that its parent trained on
+    notes = [n for n in [evaluate.inherited_note({"source": source}, ds)] if n]
+    for note in notes:  # a fine-tune's test images that its parent trained on
+        log(f"[{out.name}] note: {note}", note=True)
     precision = evaluate.resolve_precision(cfg.precision)
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
     origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
@@ -202,7 +204,8 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
         raise UserError(f"crop_pad ({pad}) must be smaller than the input size ({prep.input_size})")
     augment = batching.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip)
     stages = strategies.plan(cfg, model)  # refuses a --freeze the model cannot take
-    return Loop(cfg, d, model, built.arch, prep, precision, augment, stages, ds, source=source)
+    return Loop(cfg, d, model, built.arch, prep, precision, augment, stages, ds, source=source,
+                notes=notes)  # fmt: skip
 
 
 def start_training(loop: Loop, out: Path, resuming: bool, log, quiet: bool) -> None:
