@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import re
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -57,8 +58,11 @@ def parse_budget(text: str) -> float:
         raise UserError(f"--budget must be a duration such as 30m, 90s, 1h or 1h30m, got {text!r}")
     h, m, s = (float(g or 0) for g in parts.groups())
     seconds = 3600 * h + 60 * m + s
-    if seconds < 30:
-        raise UserError(f"--budget {text} is under 30 seconds: nothing can be trained in that")
+    if seconds < 60:  # the study keeps 20 s for its choice and report: 10 s ran nothing
+        raise UserError(
+            f"--budget {text} is under a minute: after the 20 s kept for the choice and the "
+            "report, nothing could be trained"
+        )
     if seconds > 30 * 86400:  # a clock counted in float seconds stays exact far below this
         raise UserError(f"--budget {text} is over 30 days (720h): give a budget the study can keep")
     return seconds
@@ -245,9 +249,10 @@ def run(
     started: float | None = None,
 ) -> dict:
     """The study (module docstring), from data to DIR/best and the report; returns the
-    chosen option with the best folder's test metrics. `quiet`: no progress bars (`log` still
-    prints the study's own lines). `started`: when the budget's clock began (the command line:
-    when the process began importing), else now."""
+    chosen option with the best folder's test metrics. `log` prints its lines; `quiet`: only
+    the last (what was chosen), no progress lines or bars; notes on the data go to stderr.
+    `started`: when the budget's clock began (the command line: when the process began
+    importing), else now."""
     from . import autochoose
 
     t0, out = started or time.time(), Path(out)
@@ -257,7 +262,8 @@ def run(
     ds = data.load(data_spec)  # the splits every member shares (val carved from train, fixed)
     folds.cv_folds(folds.pool(ds.splits).labels, FOLDS)  # too few images: before any folder
     for note in (n for n in ds.notes if not n.startswith("splits: ")):  # as train says them
-        log(f"[auto] {note}")  # (train's splits line would name a val split the study folds in)
+        print(f"[auto] {note}", file=sys.stderr, flush=True)  # (its splits line would name a
+    say = (lambda *a: None) if quiet else log  # val split the study folds in)
     if ds.spec.partition(":")[0] in data.PATH_KINDS:  # a study never writes into its data
         outputs.refuse_writing_into(ds.spec.partition(":")[2], out, cache_dir)
     settings = {
@@ -277,7 +283,13 @@ def run(
         cands = cands or candidates(ds, torch.cuda.is_available())
         left = lambda: seconds - spent - (time.time() - t0)  # noqa: E731
         with _clock(out, lambda: seconds - left()):
-            return _study(out, ds, settings, cands, left, log, quiet)
+            result = _study(out, ds, settings, cands, left, say, quiet)
+    log(
+        f"[auto] {clock(seconds - left())} of {clock(seconds)}: best = {result['desc']}, "
+        f"CV top-1 {result['cv']['top1']:.2%}; test top-1 {result['test']['top1']:.2%} "
+        f"(scored once, now) -> {out / 'best'}"
+    )
+    return result
 
 
 def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, quiet: bool) -> dict:
@@ -324,11 +336,6 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
     result = autochoose.finish(out, ds, cands, log, quiet)
     save_state(out, settings, cands, seconds - left())
     autochoose.write_report(out, ds, cands, result, seconds, seconds - left())
-    log(
-        f"[auto] {clock(seconds - left())} of {clock(seconds)}: best = {result['desc']}, "
-        f"CV top-1 {result['cv']['top1']:.2%}; test top-1 {result['test']['top1']:.2%} "
-        f"(scored once, now) -> {out / 'best'}"
-    )
     return result
 
 
