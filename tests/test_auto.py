@@ -367,6 +367,29 @@ def test_a_fine_tune_is_timed_as_it_trains_with_its_frozen_stages_sending_no_gra
     assert not model.blocks[0][0].bn1.training and model.blocks[3][0].bn1.training
 
 
+def test_a_trained_candidate_s_estimate_counts_what_each_epoch_and_run_spend_besides_batches(
+    monkeypatch,
+):
+    """Each epoch scores its val fold and saves the training state; each run plots and writes.
+    Estimated from its batches alone, the DCNN's folds were 10-60x short (0.4 s of 4.2 s on a
+    quiet 2-core Xeon, `benchmarks/auto_estimates.py`): it took the rest of a small budget,
+    was stopped, and left nothing."""
+    from transferlab import models
+
+    dcnn_model = models.create("dcnn", 3, 3)
+    assert autospace._epoch_overhead(dcnn_model, 32, 3) > 0 and autospace._run_overhead() > 0
+    monkeypatch.setattr(autospace, "_timed", lambda fn, s=0.3: fn() or 0.0)  # batches: free
+    monkeypatch.setattr(autospace, "_decode_cost", lambda *a: 0.0)
+    ds = data.load("synthetic:3")
+    dcnn = next(c for c in autospace.candidates(ds, gpu=False) if c.settings["model"] == "dcnn")
+    monkeypatch.setattr(autospace, "_epoch_overhead", lambda *a: 0.5)
+    monkeypatch.setattr(autospace, "_run_overhead", lambda: 2.0)
+    seconds, _, per_epoch = autospace.estimate(dcnn, ds, "fp32")
+    epochs = dcnn.settings["epochs"]
+    assert seconds == pytest.approx(autospace.FOLDS * (epochs * 0.5 + 2.0))
+    assert per_epoch == pytest.approx(autospace.FOLDS * 0.5)  # what shrinking epochs saves
+
+
 def test_large_images_are_probed_at_320_px_and_fine_tuned_at_192():
     """15-Scene's 45-min study (5-fold out-of-fold): the 320-px probes beat the same backbones
     at their own 224-260 px by 1.0-1.3 points, and the 192-px fine-tune the 128-px one by 2.7;
@@ -612,7 +635,11 @@ def test_unreadable_images_stop_the_study_with_a_hint_it_takes(tmp_path, small_s
     assert main(args) == 2
     out, err = capsys.readouterr()  # the note on stderr, as train's
     note, err = err.strip().splitlines()
-    assert "[auto] skipped 1 file(s)" in note and "cat/notes.txt" in note and "[auto] splits:" not in out
+    assert (
+        "[auto] skipped 1 file(s)" in note
+        and "cat/notes.txt" in note
+        and "[auto] splits:" not in out
+    )
     assert "5-fold CV over 16 train+val images, 4 test images scored once" in out
     assert bad.name in err and "--resume" in err
     assert "--skip-bad-images" not in err

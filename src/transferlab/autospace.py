@@ -4,7 +4,8 @@
 at its own input size (for large images, 96 px and up: at 320 px); the DCNN from scratch; a
 partial fine-tune of EfficientNet-Lite0 (large images: at 192 px); on a GPU, a full fine-tune.
 `estimate`: a few timed batches of each, scaled to every image it sees, decoding and the
-regression included.
+regression included; for a trained candidate also what each epoch spends besides its batches
+(scoring its val fold, saving the state) and each run once (its plot), timed here too.
 
 Why 320 and 192 px for large images: in 15-Scene's 45-min study (5-fold out-of-fold top-1 over
 train+val, mirror features) the Lite0/1/2 probes scored 94.60 / 94.53 / 94.00% at 320 px and
@@ -28,13 +29,15 @@ scored 73.98% CV and 74.24% test, against 74.03% / 74.65% without it.
 from __future__ import annotations
 
 import functools
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data, evaluate, linear, models, strategies, weights
+from . import checkpoint, data, evaluate, linear, models, plots, strategies, weights
 
 FOLDS = 5  # the k of k-fold cross-validation over train+val
 # offline backbones measured on large images only (module docstring)
@@ -216,6 +219,7 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
         width = model.get_classifier().in_features
         fit = _regression_cost(n["train"], n_pool, width, k, precision)
         return n_all * fwd + decode + fit, decode, 0.0
+    overhead = _epoch_overhead(model, s["input_size"], channels)  # before the steps' grads
     # as the trainer runs it: no gradient below --freeze (Lite0's --freeze 4 step is 2.8x faster)
     frozen = strategies.train_only(model, strategies.trainable(model, s.get("freeze", "none")))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
@@ -229,8 +233,39 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
 
     train = _timed(step) / bs
     fold_train = n_pool * (FOLDS - 1) / FOLDS
-    per_fold = s["epochs"] * fold_train * train + (n_pool / FOLDS + 2 * n["test"] + n["val"]) * fwd
-    return FOLDS * per_fold + decode, decode, FOLDS * fold_train * train
+    # each epoch also scores its val fold and saves the training state (a small model's epochs
+    # are mostly this: the DCNN's estimate was 10-60x short without it); each run plots and
+    # writes once
+    epoch = fold_train * train + n_pool / FOLDS * fwd + overhead
+    per_fold = s["epochs"] * epoch + (2 * n["test"] + n["val"]) * fwd + _run_overhead()
+    return FOLDS * per_fold + decode, decode, FOLDS * epoch
+
+
+def _epoch_overhead(model: torch.nn.Module, size: int, channels: int) -> float:
+    """Seconds an epoch spends besides its batches, as `trainer.validate` and `resume.save`
+    spend them: the scoring copy of the model (batch norm folded), the best weights kept, and
+    the training state (weights and Adam's two moments) saved and fsynced."""
+    state = model.state_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def epoch():
+            models.fold_batchnorm(model.eval(), size, channels)
+            moments = [{k: v.detach().clone() for k, v in state.items()} for _ in range(3)]
+            checkpoint.save_state(Path(tmp) / "state.pt", {"model": state, "moments": moments})
+
+        epoch()  # warm: tracing, first-touch allocations
+        t0 = time.perf_counter()
+        epoch()
+        return time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=1)
+def _run_overhead() -> float:
+    """Seconds a run spends once besides its epochs: its curves plot, about half of it."""
+    history = [{"epoch": e, "lr": 0.1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0,
+                "val_acc": 0.5, "seconds": 1.0} for e in (1, 2)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        return 2 * _timed(lambda: plots.curves(history, Path(tmp) / "c.png", "t"), 0.0)
 
 
 def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
