@@ -38,3 +38,26 @@ def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
     assert meta["epochs_run"] == 1 and history
     with pytest.raises(Exception, match="number or auto"):
         make_config({"lr": "fast"})
+
+
+def test_lr_find_on_a_linear_probe_is_refused_and_a_range_without_a_minimum_says_so(
+    folder_data, tmp_path, capsys, monkeypatch
+):
+    """A linear probe is fitted by regression: lr-find "suggested lr 0.1" for it, the range's
+    end tenthed, as it did for any run whose loss still fell at the range's end (21 images)."""
+    from transferlab import lrfind, trainer
+    from transferlab.config import UserError
+
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg(f"folder:{folder_data}", strategy="linear-probe", lr="auto")
+    with pytest.raises(UserError, match="no learning rate to find"):
+        trainer.lr_find(cfg, tmp_path / "probe", quiet=True)
+    assert not (tmp_path / "probe").exists()
+    falling = lambda *a, **kw: ([1e-3, 1e-2, 1e-1, 1.0], [2.0, 1.5, 1.0, 0.5])  # noqa: E731
+    monkeypatch.setattr(lrfind, "range_test", falling)
+    cfg = tiny_cfg(f"folder:{folder_data}", lr="auto", epochs=1)
+    assert trainer.lr_find(cfg, tmp_path / "lrf", quiet=True) == pytest.approx(0.1)
+    err = capsys.readouterr().err
+    assert "the loss still fell at the end of the range (lr 1)" in err and "--lr" in err
+    assert "not of a minimum" in (tmp_path / "lrf" / "lr_find.json").read_text()

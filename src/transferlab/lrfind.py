@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import numpy as np
 import torch
@@ -108,5 +109,13 @@ def find_lr(loop, out, quiet: bool) -> float:
     )
     lr = suggest(lrs, losses)
     plots.lr_find(lrs, losses, lr, out / "lr_find.png", f"{cfg.model} on {cfg.data}")
-    checkpoint.write_json(out / "lr_find.json", {"suggested_lr": lr, "lrs": lrs, "losses": losses})
+    found = {"suggested_lr": lr, "lrs": lrs, "losses": losses}
+    if losses and min(losses) == losses[-1]:  # no minimum: the range's end, tenthed
+        found["note"] = (
+            f"the loss still fell at the end of the range (lr {lrs[-1]:.3g}), so {lr:.3g} is "
+            f"a tenth of the range's end, not of a minimum: {len(loop.labels['train'])} "
+            "training images may be too few for the test; try a fixed --lr"
+        )
+        print(f"[{out.name}] note: {found['note']}", file=sys.stderr, flush=True)
+    checkpoint.write_json(out / "lr_find.json", found)
     return lr

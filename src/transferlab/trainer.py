@@ -395,6 +395,11 @@ def compiled(module: nn.Module, cfg: TrainConfig, log) -> nn.Module:
 def lr_find(cfg: TrainConfig, out: str | Path, quiet: bool = False) -> float:
     """`transferlab lr-find`: the range test alone, into `out` (lr_find.png, lr_find.json)."""
     out, log = Path(out), logger(quiet)
+    if cfg.strategy == "linear-probe":
+        raise UserError(
+            "a linear probe is fitted by L2-regularised regression (--probe-l2), with no "
+            "learning rate to find: lr-find tests the others (--strategy full, lp-ft, ...)"
+        )
     # an earlier lr-find's plot is replaced (atomically) only when the new one is done
     outputs.check_out(out, "lr-find", resume=True)
     loop = setup(cfg, out, log, distributed.Dist(0, 1))
