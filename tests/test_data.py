@@ -285,6 +285,11 @@ def test_hf_columns_named_in_the_spec_override_detection_and_mistakes_are_one_li
         data.load(f"hf:{tmp_path / 'two'},image=coarse,label=coarse")
     with pytest.raises(UserError, match="option 'lable=x' is not image=COLUMN or label=COLUMN"):
         data.load(f"hf:{tmp_path / 'two'},lable=x")
+    # one image column and one other: that one holds the labels (it had to be named)
+    plain = datasets.Features({"img": datasets.Image(), "cls": datasets.Value("string")})
+    table = {"img": images, "cls": ["owl", "emu"] * 4}
+    datasets.Dataset.from_dict(table, plain).save_to_disk(str(tmp_path / "plain"))
+    assert data.load(f"hf:{tmp_path / 'plain'}", val_fraction=0.0).classes == ["emu", "owl"]
 
 
 def test_an_empty_hf_spec_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):

@@ -134,8 +134,11 @@ def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str
         c for c, f in features.items() if isinstance(f, datasets.Image)
     ]  # fmt: skip
     labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
-    labels = [options["label"]] if "label" in options else (
+    other = [c for c in features if c not in images]  # one image column and one other: that
+    labels = [options["label"]] if "label" in options else (  # one holds the labels
         labels or [c for c in ("label", "labels") if c in features]
+        or [c for c in other if len(images) == 1 and len(other) == 1
+            and isinstance(features[c], datasets.Value)]
     )  # fmt: skip
     if len(images) != 1 or len(labels) != 1:
         raise UserError(
