@@ -122,5 +122,45 @@ def test_a_fine_tune_scored_on_images_its_parent_trained_on_says_so(
         shutil.copytree(run, tmp_path / "both" / run.name)
     _, table = report.write(tmp_path / "both")
     row = next(line for line in table.splitlines() if line.startswith("| ft"))
-    assert "not a test score: its test images include ones its parent run trained on" in row
+    assert "not a test score: its test images include ones its weights were trained on" in row
     assert "not a test score" not in next(r for r in table.splitlines() if r.startswith("| tiny"))
+
+
+def test_a_leak_is_counted_through_copies_ensemble_members_soup_ingredients_and_shards(
+    trained_run, folder_data, tmp_path, capsys
+):
+    """Hostile pass 15: a fine-tune on a copied folder (not links), an ensemble with it as a
+    member, a soup with it as an ingredient, and a fine-tune of a run trained on shards of the
+    same images each reported its score as a clean test score."""
+    from transferlab import ensembles, report, shards, soups, trainer
+
+    from conftest import tiny_cfg
+
+    child = tmp_path / "child"  # the parent's training images, copied, as its test split
+    for c in ("a", "b", "c", "d"):
+        for subset, ids in (("train", range(0, 15)), ("test", range(15, 20))):
+            (child / subset / c).mkdir(parents=True)
+            for i in ids:
+                shutil.copy(folder_data / "train" / c / f"{i}.png", child / subset / c)
+    spec = f"folder:{child}"
+    said = "20 of the 20 test images were training images of the run its weights came from"
+    for name in ("ft", "ft2"):
+        trainer.fit(tiny_cfg(spec, weights=str(trained_run), epochs=1), tmp_path / name)
+        assert said in capsys.readouterr().err  # a copy is the same image
+    trainer.fit(tiny_cfg(spec, epochs=1), tmp_path / "scratch", quiet=True)
+
+    info = ensembles.build([str(tmp_path / "ft"), str(tmp_path / "scratch")], "soft",
+                           tmp_path / "ens", quiet=True)  # fmt: skip
+    assert any("20 of the 20 test images trained the runs" in n for n in info.get("notes", []))
+    assert report.leaked(ensembles.read(tmp_path / "ens")["notes"])
+
+    meta = soups.make([str(tmp_path / "ft"), str(tmp_path / "ft2")], "uniform",
+                      tmp_path / "soup", quiet=True)  # fmt: skip
+    assert any("20 of the 20 test images" in n for n in meta["notes"])
+    *_, notes = evaluate.score_run(tmp_path / "soup", None, "test")
+    assert any("ft, ft2, tiny" in n and "not a held-out test score" in n for n in notes)
+
+    shards.write(f"folder:{folder_data}", tmp_path / "shards", quiet=True)
+    trainer.fit(tiny_cfg(f"wds:{tmp_path / 'shards'}", epochs=1), tmp_path / "w", quiet=True)
+    trainer.fit(tiny_cfg(spec, weights=str(tmp_path / "w"), epochs=1), tmp_path / "ftw")
+    assert "20 of the 20 test images were training images of the run its weights came from (w)" in capsys.readouterr().err  # fmt: skip

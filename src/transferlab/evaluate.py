@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import batching, checkpoint, data, decoding, models
+from . import batching, checkpoint, data, decoding, leaks, models
 from .config import UnreadableImages, UserError
 from .folds import load_as_run
 
@@ -215,89 +214,10 @@ def score_run(path, data_spec: str | None, split: str, quiet: bool = True, tta: 
     model = load_run_model(path, meta, scoring=True)
     loaded = len(ds.notes)
     logits = predict_split(model, meta, ds, split, f"run {path}", quiet, tta or "none")
-    notes = data_notes(meta, ds, split) + list(ds.notes[loaded:])  # images left out, as it did
+    notes = leaks.data_notes(meta, ds, split) + list(
+        ds.notes[loaded:]
+    )  # images left out, as it did
     return log_softmax(logits), ds.splits[split].labels, ds.names, spec, notes
-
-
-def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
-    """What a user should know when a run is scored on other data than it was trained on."""
-    trained = data.canonical(meta["data"])
-    if trained != ds.spec:
-        n = trained_on(meta, ds, split)
-        return [f"scored on {ds.spec}; the run was trained on {trained}"
-                + (f": {n} of the {len(ds.splits[split])} {split} images were among its training "
-                   "images, so this is not a test score" if n else "")]  # fmt: skip
-    notes = [note] if (note := inherited_note(meta, ds, split)) else []
-    recorded = meta.get("data_fingerprint")
-    if recorded and recorded != ds.fingerprint:
-        notes.append(
-            f"the files of {ds.spec} changed since the run was trained (fingerprint {recorded} "
-            f"then, {ds.fingerprint} now): its val/test splits may hold other images"
-        )
-    return notes
-
-
-def inherited_note(meta: dict, ds: data.Dataset, split: str = "test") -> str:
-    """What a run's `split` of its own data holds of the images the runs its weights came from
-    (a fine-tune's parent, theirs) trained on; "" if none."""
-    found = ancestors(meta)
-    n = _count(found, ds, split)
-    if not n:
-        return ""
-    parents = " <- ".join(os.path.basename(os.path.normpath(m["_path"])) for m in found)
-    return (f"{n} of the {len(ds.splits[split])} {split} images were training images of the run "
-            f"its weights came from ({parents}), so this is not a held-out {split} score")  # fmt: skip
-
-
-def ancestors(meta: dict) -> list[dict]:
-    """The metas of the runs a run's weights came from (its parent, the parent's parent...), as
-    far as they can still be read; each with its folder as "_path"."""
-    found, source = [], meta.get("source") or {}
-    while source.get("weights") == "run" and source.get("parent") and len(found) < 16:
-        try:
-            parent = checkpoint.read_meta(source["parent"]) | {"_path": source["parent"]}
-        except UserError:  # moved or gone: unmeasured
-            break
-        found.append(parent)
-        source = parent.get("source") or {}
-    return found
-
-
-def trained_on(meta: dict, ds: data.Dataset, split: str = "test") -> int:
-    """How many of `ds`'s `split` images a run trained on other data, or the runs its weights
-    came from, trained on."""
-    return _count([meta, *ancestors(meta)], ds, split)
-
-
-def _count(metas: list[dict], ds: data.Dataset, split: str) -> int:
-    """How many of `ds`'s `split` images were train or val images of these runs, as files
-    (through links, hard links too); data without files (digits) count none."""
-    scored = ds.splits[split].paths
-    if not scored or not metas:
-        return 0
-    seen = set().union(*(_seen(m) for m in metas))
-    return sum(_file_id(p) in seen for p in scored)
-
-
-def _seen(meta: dict) -> set:
-    """The files of a run's train and val splits (none where its data have no files or are
-    gone: the notes name them, unmeasured)."""
-    if meta["data"].partition(":")[0] not in data.PATH_KINDS:
-        return set()
-    try:
-        own = load_as_run(meta)
-    except UserError:
-        return set()
-    return {_file_id(p) for s in ("train", "val") for p in getattr(own.splits.get(s), "paths", None) or []}  # fmt: skip
-
-
-def _file_id(path: str) -> tuple[int, int] | str:
-    """One file however it is reached (a link, a hard link): its device and inode."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return path
-    return st.st_dev, st.st_ino
 
 
 def improves(val: dict, best: dict) -> bool:

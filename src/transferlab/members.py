@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, evaluate
+from . import checkpoint, data, evaluate, leaks
 from .config import UserError
 from .folds import carving_on, load_as_run
 
@@ -59,14 +59,19 @@ def member_logp(
     spec = data.canonical(data_spec or metas[0]["data"])
     ds = load_as_run(metas[0], spec)
     others = sorted({data.canonical(m["data"]) for m in metas} - {spec})
-    if others:  # as evaluate says of one run scored on other data, --quiet or not
-        n_test = len(ds.splits["test"])
-        seen = [(r, evaluate.trained_on(m, ds)) for r, m in zip(runs, metas, strict=True)
-                if data.canonical(m["data"]) != spec]  # fmt: skip
-        leak = "; ".join(f"{n} of the {n_test} test images trained {r}" for r, n in seen if n)
+    n_test, seen = len(ds.splits["test"]), []
+    for run, meta in zip(runs, metas, strict=True):  # a member on other data, or the runs its
+        if data.canonical(meta["data"]) != spec:  # weights came from (a fine-tune's parent)
+            seen.append((run, leaks.trained_on(meta, ds)))
+        elif n := leaks.count(leaks.ancestors(meta), ds, "test"):
+            seen.append((f"the runs {run}'s weights came from", n))
+    leak = "; ".join(f"{n} of the {n_test} test images trained {r}" for r, n in seen if n)
+    if others or leak:  # as evaluate says of one run scored on other data, --quiet or not
         why = f"{leak}: the ensemble's test score is not a test score" if leak else (
             "a test image may be one a member trained on")  # fmt: skip
-        said = f"scored on {spec}; member(s) trained on {', '.join(others)}: {why}"
+        said = (
+            f"scored on {spec}; member(s) trained on {', '.join(others)}: {why}" if others else why
+        )
         if notes is None:
             print(f"note: {said}", file=sys.stderr)
         else:

@@ -115,7 +115,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
         weights = f"{src['method']} soup of " + ", ".join(Path(r).name for r in src["ingredients"])
     mark = " (unusable: its weights are missing or corrupt; train it again)" if problem else ""
     if leaked(meta.get("notes", [])) and not mark:  # (meta.json: counted when it trained)
-        mark = " (not a test score: its test images include ones its parent run trained on)"
+        mark = " (not a test score: its test images include ones its weights were trained on)"
     return {
         "model": _name(path, root) + mark,
         "_stale": bool(mark),

@@ -10,6 +10,7 @@ not the average of statistics: they are recomputed on the training images after 
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import batching, checkpoint, data, decoding, evaluate, models, outputs
+from . import batching, checkpoint, data, decoding, evaluate, leaks, models, outputs
 from .config import UserError
 from .folds import load_as_run
 
@@ -184,16 +185,21 @@ def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
     checkpoint.save_weights(out, model, arch, classes)
     for split, values in logits.items():
         checkpoint.save_logits(out, split, values, ds.splits[split].labels)
+    source = {
+        "weights": "soup",
+        "method": method,
+        "ingredients": [str(Path(runs[i]).resolve()) for i in kept],
+        "candidates": [str(Path(r).resolve()) for r in runs],
+        "init_sha256": ref["source"]["init_sha256"],
+        "batchnorm": "recomputed on train",
+    }
+    notes = [n for n in [leaks.inherited_note({"source": source}, ds)] if n]  # its ingredients'
+    for note in notes:  # training images among its test images
+        print(f"note: {note}", file=sys.stderr, flush=True)
     meta = {
-        **{k: v for k, v in ref.items() if k not in ("probe", "snapshot", "history")},
-        "source": {
-            "weights": "soup",
-            "method": method,
-            "ingredients": [str(Path(runs[i]).resolve()) for i in kept],
-            "candidates": [str(Path(r).resolve()) for r in runs],
-            "init_sha256": ref["source"]["init_sha256"],
-            "batchnorm": "recomputed on train",
-        },
+        **{k: v for k, v in ref.items() if k not in ("probe", "snapshot", "history", "notes")},
+        "source": source,
+        "notes": notes,
         "data": spec,
         "strategy": "soup",
         "epochs_run": 0,

@@ -1,0 +1,135 @@
+"""Which scored images a run has seen: a run scored on other data than its own, a fine-tune
+whose parent (or its parent...) trained on its test images, an ensemble member or a soup
+ingredient that did. Counted by file (links and hard links too) and by content (a copy), so
+that a score that is not a held-out score says so, where it is printed and where it is kept
+(meta.json and ensemble.json `notes`, `evaluate --json`, report.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from . import checkpoint, data
+from .config import UserError
+from .folds import load_as_run
+
+
+def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
+    """What a user should know when a run is scored on other data than it was trained on."""
+    trained = data.canonical(meta["data"])
+    if trained != ds.spec:
+        n = trained_on(meta, ds, split)
+        return [f"scored on {ds.spec}; the run was trained on {trained}"
+                + (f": {n} of the {len(ds.splits[split])} {split} images were among its training "
+                   "images, so this is not a test score" if n else "")]  # fmt: skip
+    notes = [note] if (note := inherited_note(meta, ds, split)) else []
+    recorded = meta.get("data_fingerprint")
+    if recorded and recorded != ds.fingerprint:
+        notes.append(
+            f"the files of {ds.spec} changed since the run was trained (fingerprint {recorded} "
+            f"then, {ds.fingerprint} now): its val/test splits may hold other images"
+        )
+    return notes
+
+
+def inherited_note(meta: dict, ds: data.Dataset, split: str = "test") -> str:
+    """What a run's `split` of its own data holds of the images the runs its weights came from
+    (a fine-tune's parent, a soup's ingredients, theirs) trained on; "" if none."""
+    found = ancestors(meta)
+    n = count(found, ds, split)
+    if not n:
+        return ""
+    names = ", ".join(os.path.basename(os.path.normpath(m["_path"])) for m in found)
+    return (f"{n} of the {len(ds.splits[split])} {split} images were training images of the run "
+            f"its weights came from ({names}), so this is not a held-out {split} score")  # fmt: skip
+
+
+def ancestors(meta: dict) -> list[dict]:
+    """The metas of the runs a run's weights came from (a fine-tune's parent, a soup's
+    ingredients, theirs...), nearest first, as far as they can still be read; each with its
+    folder as "_path"."""
+    found, todo, visited = [], [meta.get("source") or {}], set()
+    while todo and len(found) < 64:
+        source = todo.pop(0)
+        if source.get("weights") == "run":
+            paths = [source["parent"]] if source.get("parent") else []
+        else:
+            paths = source.get("ingredients") or [] if source.get("weights") == "soup" else []
+        for path in (p for p in paths if isinstance(p, str) and p not in visited):
+            visited.add(path)
+            try:
+                parent = checkpoint.read_meta(path) | {"_path": path}
+            except UserError:  # moved or gone: unmeasured
+                continue
+            found.append(parent)
+            todo.append(parent.get("source") or {})
+    return found
+
+
+def trained_on(meta: dict, ds: data.Dataset, split: str = "test") -> int:
+    """How many of `ds`'s `split` images a run trained on other data, or the runs its weights
+    came from, trained on."""
+    return count([meta, *ancestors(meta)], ds, split)
+
+
+def count(metas: list[dict], ds: data.Dataset, split: str) -> int:
+    """How many of `ds`'s `split` images were train or val images of these runs: the same
+    file (through links, hard links too) or a copy of one (the same bytes); data without
+    files (digits) count none."""
+    scored = ds.splits[split].paths
+    if not scored or not metas:
+        return 0
+    seen = set().union(*(_seen(m) for m in metas))
+    ids = {_file_id(p) for p in seen}
+    left = [p for p in scored if _file_id(p) not in ids]
+    by_size: dict[int, list[str]] = {}
+    for p in seen:  # copies: the bytes compared only where the sizes agree
+        by_size.setdefault(_size(p), []).append(p)
+    sizes = {_size(p) for p in left} & set(by_size) - {-1}
+    digests = {_digest(p) for n in sizes for p in by_size[n]}
+    copies = sum(_size(p) in sizes and _digest(p) in digests for p in left)
+    return len(scored) - len(left) + copies
+
+
+def _seen(meta: dict) -> set[str]:
+    """The files of a run's train and val splits (none where its data have no files or are
+    gone: the notes name them, unmeasured). A run on shards: the files they were made from
+    (all but the test split's: a carving of train+val; unmeasured under --limit)."""
+    if meta["data"].partition(":")[0] not in data.PATH_KINDS:
+        return set()
+    try:
+        own = load_as_run(meta)
+        if own.spec.startswith("wds:"):
+            origin = json.loads((Path(own.spec[4:]).expanduser() / "shards.json").read_text())
+            if meta.get("limit") or origin["source"].partition(":")[0] not in data.PATH_KINDS:
+                return set()
+            own = data.load(origin["source"])
+    except (UserError, OSError, ValueError, KeyError):
+        return set()
+    return {p for s in ("train", "val") for p in getattr(own.splits.get(s), "paths", None) or []}
+
+
+def _file_id(path: str) -> tuple[int, int] | str:
+    """One file however it is reached (a link, a hard link): its device and inode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    return st.st_dev, st.st_ino
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def _digest(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return path
