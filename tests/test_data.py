@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from transferlab import data, decoding
-from transferlab.config import UserError
+from transferlab.config import UnreadableImages, UserError
 
 from conftest import make_folder, make_image
 
@@ -243,6 +243,14 @@ def test_hf_datasets_from_disk_and_parquet_keep_their_splits_and_class_names(tmp
         dd[split].to_parquet(str(tmp_path / "pq" / f"{split}.parquet"))
     pq = data.load(f"hf:{tmp_path / 'pq'}")
     assert [len(pq.splits[k]) for k in ("train", "val", "test")] == [24, 6, 9]
+    gap = dd["train"].to_dict()  # a row with no image: unreadable, not a traceback
+    gap["img"][0] = None
+    features = dd["train"].features
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict(gap, features).save_to_disk(str(tmp_path / "gap"))
+    with pytest.raises(UnreadableImages, match="0000000-no-image"):
+        for split in data.load(f"hf:{tmp_path / 'gap'}").splits.values():
+            decoding.decode(split, 16, 3, cache=None)
 
 
 def test_hf_unlabelled_test_split_is_replaced_and_ambiguous_columns_are_one_line(tmp_path):

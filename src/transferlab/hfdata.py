@@ -163,14 +163,19 @@ def _files(datasets, ds, column: str, folder: Path) -> list[str]:
     paths = []
     folder.mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(raw[column]):
-        data = item.get("bytes")
-        if data is None and item.get("path"):
-            data = Path(item["path"]).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()[:16]
-        path = folder / f"{i:07d}-{digest}"
+        data = (item or {}).get("bytes")
+        if data is None and (item or {}).get("path"):
+            try:
+                data = Path(item["path"]).read_bytes()
+            except OSError:  # a path from the machine that made it
+                data = None
+        # a row without an image: an empty file, named so, which decoding calls unreadable
+        # (--skip-bad-images leaves it out), where it was a traceback
+        name = f"{i:07d}-{hashlib.sha256(data).hexdigest()[:16]}" if data else f"{i:07d}-no-image"
+        path = folder / name
         if not path.exists():
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
+            tmp.write_bytes(data or b"")
             os.replace(tmp, path)
         paths.append(str(path))
     return paths
