@@ -85,3 +85,35 @@ def test_an_earlier_export_is_replaced_only_when_asked(trained_run, tmp_path, ca
     assert target.stat().st_ino == first
     assert main(["export", str(run), "--format", "safetensors", "--overwrite"]) == 0
     assert target.stat().st_ino != first
+
+
+def test_overwrite_replaces_only_an_earlier_export_never_a_users_file_or_the_data(
+    trained_run, folder_data, tmp_path, capsys
+):
+    """Hostile pass 15: `export --out myphoto.png` said "pass --overwrite", which then
+    replaced the photo with a TorchScript archive; `--out DATA/red/0.png --overwrite` replaced
+    a training image with an ONNX file."""
+    photo = tmp_path / "myphoto.png"
+    shutil.copy(folder_data / "train" / "a" / "0.png", photo)
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes")
+    for fmt, target in (("torchscript", photo), ("safetensors", photo), ("onnx", notes)):
+        for extra in ([], ["--overwrite"]):
+            argv = ["export", str(trained_run), "--format", fmt, "--out", str(target), *extra]
+            assert main(argv) == 2
+            assert "transferlab did not export; it is left as it is" in capsys.readouterr().err
+    assert photo.read_bytes() == (folder_data / "train" / "a" / "0.png").read_bytes()
+    assert notes.read_text() == "my notes"
+    image = folder_data / "train" / "a" / "1.png"
+    before = image.read_bytes()
+    for target in (image, folder_data / "x.onnx"):  # the run's own data
+        argv = ["export", str(trained_run), "--format", "onnx", "--out", str(target), "--overwrite"]
+        assert main(argv) == 2 and "overlaps the data folder" in capsys.readouterr().err
+    assert image.read_bytes() == before and not (folder_data / "x.onnx").exists()
+    for fmt, name in (("onnx", "m.onnx"), ("torchscript", "m.pt"), ("safetensors", "m.st")):
+        target = tmp_path / name  # an earlier export of each format: replaced when asked
+        assert main(["export", str(trained_run), "--format", fmt, "--out", str(target)]) == 0
+        assert export.is_export(target)
+        assert main(["export", str(trained_run), "--format", fmt, "--out", str(target)]) == 2
+        again = ["export", str(trained_run), "--format", fmt, "--out", str(target), "--overwrite"]
+        assert main(again) == 0

@@ -14,13 +14,14 @@ import io
 import json
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, decoding, evaluate, models, outputs
+from . import checkpoint, data, decoding, evaluate, models, outputs
 from .config import UserError
 from .folds import load_as_run
 
@@ -94,7 +95,7 @@ def export(
     others = {Path(name).suffix for f, name in FORMATS.items() if f != fmt}
     if path.suffix in others:
         raise UserError(f"--out {path} has the extension of another format than {fmt}")
-    check_out_file(path, run, overwrite)
+    check_out_file(path, run, overwrite, meta["data"])
     info = json.dumps(describe(meta))
     model = evaluate.load_run_model(run, meta).cpu().float().eval()  # its weights checked
     model = model.to(memory_format=torch.contiguous_format)
@@ -134,8 +135,12 @@ def out_path(out: str | Path | None, default: Path) -> Path:
     return Path(out).expanduser() if out else default
 
 
-def check_out_file(path: Path, run: Path, overwrite: bool) -> None:
-    """Refuse a target that would write into a run or ensemble, or over a file, unasked."""
+def check_out_file(
+    path: Path, run: Path, overwrite: bool, data_spec: str | None = None, checked: bool = False
+) -> None:
+    """Refuse a target that would write into a run or ensemble or the data it was trained on,
+    over a file unasked, or over a file that is not an earlier transferlab export at all
+    (`checked`: the caller found it is one, as an hf export's folder)."""
     ours = outputs.inside(path, run / "export")
     if path.is_dir():
         raise UserError(f"--out {path} is a folder; give a file name such as {path / 'model.onnx'}")
@@ -146,13 +151,44 @@ def check_out_file(path: Path, run: Path, overwrite: bool) -> None:
                 f"--out {path} is inside the {found[1]} folder {found[0]}; "
                 f"export next to it, or into {run / 'export'}"
             )
+    if data_spec and (root := data.data_root(data_spec)):
+        outputs.refuse_overlap(path, [root], "the data folder")
+    if (
+        path.exists() and not checked and not is_export(path)
+    ):  # a photo, the user's notes: never replaced
+        raise UserError(
+            f"{path} is a file that transferlab did not export; it is left as it is (--overwrite "
+            "replaces only an earlier export): choose another --out"
+        )
     if path.exists() and not overwrite:
-        earlier = " (an earlier export)" if ours else ""
-        raise UserError(f"{path} already exists{earlier}: pass --overwrite to replace it")
+        raise UserError(
+            f"{path} already exists (an earlier export): pass --overwrite to replace it"
+        )
     if path.parent.is_dir():
         outputs.check_file_writable(path, "--out")
     else:
         outputs.check_creatable(path.parent, "export folder")
+
+
+def is_export(path: Path) -> bool:
+    """Whether a file is one transferlab exported: its "transferlab" metadata (safetensors
+    header, TorchScript extra file, ONNX metadata_props) read without loading any weights."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) == 8 and 0 < (n := int.from_bytes(head, "little")) < 100_000_000:
+                try:  # safetensors: an 8-byte length, then a JSON header
+                    return "transferlab" in json.loads(f.read(n)).get("__metadata__", {})
+                except (ValueError, AttributeError):
+                    pass
+        if zipfile.is_zipfile(path):  # TorchScript: a zip archive with extra/transferlab.json
+            with zipfile.ZipFile(path) as z:
+                return any(name.endswith("/extra/transferlab.json") for name in z.namelist())
+        onnx = onnx_packages()[0]
+        proto = onnx.load(str(path), load_external_data=False)
+        return any(p.key == "transferlab" for p in proto.metadata_props)
+    except Exception:  # unreadable, or not a model at all (protobuf says so in many ways)
+        return False
 
 
 def _onnx(packaged: nn.Module, x: torch.Tensor, path: Path, info: str) -> np.ndarray:

@@ -118,7 +118,7 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
     target = export.out_path(out, path / "export" / "ensemble.onnx")
     if target.suffix != ".onnx":
         raise UserError(f"--out {target}: an ensemble exports to one .onnx file")
-    export.check_out_file(target, path, overwrite)
+    export.check_out_file(target, path, overwrite, info["data"])
     nets = [
         evaluate.load_run_model(r, m).cpu().float().eval() for r, m in zip(runs, metas, strict=True)
     ]
@@ -287,4 +287,4 @@ def _check_folder(folder: Path, run: Path, overwrite: bool) -> None:
         )
     if found and not overwrite:
         raise UserError(f"{folder} holds an earlier export: pass --overwrite to replace it")
-    export.check_out_file(folder / "config.json", run, overwrite=True)
+    export.check_out_file(folder / "config.json", run, overwrite=True, checked=True)
