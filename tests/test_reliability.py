@@ -389,6 +389,16 @@ def test_S10_only_trust_pickle_loads_unsafely_with_a_warning(tmp_path, capsys):
     cfg = make_config({"model": "test_resnet", "weights": str(path), "trust_pickle": True})
     with pytest.warns(UserWarning):
         weights.build(cfg, ["a", "b", "c", "d"], 24, 3)
+    # a photo or a text file holds no pickle: said so (it advised --trust-pickle, then crashed)
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    for trust in (False, True):
+        with pytest.raises(UserError, match="photo.png is not a PyTorch checkpoint or a safet"):
+            checkpoint.load_state_dict_file(photo, trust_pickle=trust)
+    bad = tmp_path / "gone-class.pt"  # a class that no longer imports: one line, trusted or not
+    bad.write_bytes(path.read_bytes().replace(b"Namespace", b"Namesp4ce"))
+    with pytest.raises(UserError, match="cannot load .*gone-class.pt even with --trust-pickle"):
+        checkpoint.load_state_dict_file(bad, trust_pickle=True)
 
 
 def test_S11_safetensors_round_trip_bitwise_and_broken_files_fail_clearly(tmp_path):

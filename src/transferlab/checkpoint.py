@@ -163,6 +163,11 @@ def torch_load(path: Path, trust_pickle: bool = False):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         names = unsafe_globals(path)
+        if names == ["unreadable"]:  # a photo, a text file: no pickle to trust at all
+            raise UserError(
+                f"{path} is not a PyTorch checkpoint or a safetensors file: give a run folder, "
+                "a .safetensors file or a .pt/.pth checkpoint"
+            ) from None
         if not trust_pickle:
             raise UserError(
                 f"refusing to load {path}: it holds pickled objects ({', '.join(names)}) that "
@@ -172,8 +177,12 @@ def torch_load(path: Path, trust_pickle: bool = False):
             f"--trust-pickle: loading {path} with {', '.join(names)} allowed; this can run code",
             stacklevel=2,
         )
-        with torch.serialization.safe_globals([_resolve(n) for n in names]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with torch.serialization.safe_globals([_resolve(n) for n in names]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a name that does not import, a class it cannot rebuild
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            raise UserError(f"cannot load {path} even with --trust-pickle: {first}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
 
