@@ -147,6 +147,10 @@ def test_a_leak_is_counted_through_copies_ensemble_members_soup_ingredients_and_
     for name in ("ft", "ft2"):
         trainer.fit(tiny_cfg(spec, weights=str(trained_run), epochs=1), tmp_path / name)
         assert said in capsys.readouterr().err  # a copy is the same image
+    weights_file = str(checkpoint.weights_path(trained_run))  # the run's own file: its lineage
+    trainer.fit(tiny_cfg(spec, weights=weights_file, epochs=1), tmp_path / "ff", quiet=True)
+    assert said in capsys.readouterr().err
+    assert checkpoint.read_meta(tmp_path / "ff")["source"]["parent"] == str(trained_run)
     trainer.fit(tiny_cfg(spec, epochs=1), tmp_path / "scratch", quiet=True)
 
     info = ensembles.build([str(tmp_path / "ft"), str(tmp_path / "scratch")], "soft",

@@ -54,7 +54,7 @@ def ancestors(meta: dict) -> list[dict]:
     found, todo, visited = [], [meta.get("source") or {}], set()
     while todo and len(found) < 64:
         source = todo.pop(0)
-        if source.get("weights") == "run":
+        if source.get("weights") in ("run", "file"):  # a file: when it is a run's weights
             paths = [source["parent"]] if source.get("parent") else []
         else:
             paths = source.get("ingredients") or [] if source.get("weights") == "soup" else []

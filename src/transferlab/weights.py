@@ -25,7 +25,7 @@ import torch.nn as nn
 from timm.models import adapt_input_conv
 
 from . import models, packaged
-from .checkpoint import load_run_weights, load_state_dict_file, read_meta
+from .checkpoint import load_run_weights, load_state_dict_file, read_meta, state_sha256
 from .config import TrainConfig, UserError, names_weights
 from .models import Architecture, Preprocessing
 from .packaged import OFFLINE_IMAGENET
@@ -94,7 +94,26 @@ def resolve(cfg: TrainConfig) -> Source:
             f"not {cfg.model}"
         )
     state = load_state_dict_file(weights, cfg.trust_pickle)
-    return Source(state, pretrained_prep(cfg.model), {"weights": "file", "path": str(weights)})
+    source = {"weights": "file", "path": str(weights)}
+    if parent := run_of_file(weights, state):  # its lineage, as --weights RUN keeps it
+        source["parent"] = parent
+    return Source(state, pretrained_prep(cfg.model), source)
+
+
+def run_of_file(path: str | Path, state: dict) -> str | None:
+    """The run folder a weights file lies in (its model.safetensors, an export of it) when
+    the file holds that run's weights: the run it came from, whose training images count."""
+    from . import outputs
+
+    found = outputs.enclosing(path)
+    if not found or found[1] != "run":
+        return None
+    try:
+        theirs = load_run_weights(found[0], read_meta(found[0]))
+    except UserError:
+        return None
+    same = state_sha256(theirs) == state_sha256(state)
+    return str(found[0]) if same else None
 
 
 def from_run(run: Path) -> Source:
