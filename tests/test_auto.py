@@ -781,3 +781,18 @@ def test_each_timing_is_saved_as_it_is_made(tmp_path, monkeypatch):
         auto._time_candidates(cands, None, "fp32", lambda: 500.0, save)
     loaded, _ = auto.load_state(tmp_path, settings)
     assert [c.estimate for c in loaded] == [10.0, 0]
+
+
+def test_a_recipe_s_auto_step_out_of_budget_says_how_a_recipe_gives_it_more(tmp_path, monkeypatch):
+    """Hostile pass 15: the study's "give a larger --budget (with --resume ...)" in a recipe,
+    where `run` takes neither flag."""
+    from transferlab import recipe
+
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate("a", 0)])
+    monkeypatch.setattr(auto, "estimate", lambda c, ds, precision: (1e6, 0.0, 0.0))
+    book = tmp_path / "r.yaml"
+    book.write_text("data: digits\nsteps:\n  - auto: study\n    budget: 1m\n")
+    with pytest.raises(UserError) as said:
+        recipe.run(book, tmp_path / "out", quiet=True)
+    assert "give step 1 a larger budget (--set steps.0.budget=...) and run the recipe again" in str(said.value)  # fmt: skip
+    assert "--resume" not in str(said.value) and "--budget" not in str(said.value)

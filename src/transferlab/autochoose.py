@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 VOTES = ("soft", "logit", "hard")  # nothing fitted: scored on the out-of-fold predictions as is
 FITTED = ("select", "weighted")  # fitted: scored in a second level of folds
+LARGER = "give a larger --budget"  # (a recipe's auto step says it its own way)
 
 
 def options(names: list[str], logp: np.ndarray, y: np.ndarray, k: int) -> list[dict]:
@@ -74,7 +75,7 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
         cheapest = min(timed, key=lambda c: c.estimate)
         raise UserError(
             f"no candidate finished within the budget (the cheapest, {cheapest.name}: "
-            f"{cheapest.why or cheapest.status}): give a larger --budget (with --resume it "
+            f"{cheapest.why or cheapest.status}): {LARGER} (with --resume it "
             f"continues this study in {out}, its timings kept)"
         )
     names = [c.name for c in done]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from . import checkpoint, ensembles, outputs, report, resume, strategies, trainer
+from . import autochoose, checkpoint, ensembles, outputs, report, resume, strategies, trainer
 from .config import Preempted, TrainConfig, UserError, make_config, to_dict
 from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... live there)
     EXTRA_KEYS,
@@ -84,6 +84,14 @@ def run(
                 STEPS[kind](recipe, name, keys, out, quiet)
             except Preempted as err:  # `run` takes no --resume: it resumes a step by itself
                 raise Preempted(str(err).replace(resume.RESUME, AGAIN)) from None
+            except UserError as err:  # nor --budget: an auto step's budget is set in its own way
+                if kind != "auto" or autochoose.LARGER not in str(err):
+                    raise
+                said = str(err).partition(autochoose.LARGER)[0]
+                raise UserError(
+                    f"{said}give step {i} a larger budget (--set steps.{i - 1}.budget=...) and "
+                    "run the recipe again: the study continues, its timings kept"
+                ) from None
     print(f"== recipe finished in {time.time() - t0:.0f}s -> {out}", flush=True)
     return out
 
