@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from transferlab import ensembles, report
+from transferlab import checkpoint, ensembles, report
 from transferlab.config import UserError
 
 
@@ -219,10 +219,19 @@ def test_a_run_that_has_not_finished_is_named_as_left_out_and_a_file_is_not_miss
     shutil.copytree(trained_run, tmp_path / "stopped")
     (tmp_path / "stopped" / "meta.json").unlink()  # (its state/ kept: resumable)
     report.write(tmp_path)
-    said = (
-        "stopped: a run that has not finished (still training, or stopped: finish it with --resume)"
+    said = (  # the whole command: report and run take no --resume
+        "stopped: a run that has not finished (still training, or stopped: finish it with "
+        f"transferlab train --out {tmp_path / 'stopped'} --resume)"
     )
     assert said in capsys.readouterr().err and said in (tmp_path / "report.md").read_text()
+    from transferlab import outputs
+
+    recipe_out = tmp_path / "recipe-out"  # a recipe's step: the recipe, run again, finishes it
+    recipe_out.mkdir()
+    outputs.mark(recipe_out, "recipe")
+    shutil.copytree(tmp_path / "stopped", recipe_out / "a")
+    with pytest.raises(UserError, match="stopped: run the recipe that made it again to finish"):
+        checkpoint.read_meta(recipe_out / "a")
     with pytest.raises(UserError, match="report.md is a file; report a folder of runs"):
         report.write(tmp_path / "report.md")
 

@@ -32,7 +32,6 @@ from safetensors.torch import load_file, save_file
 
 from .config import UserError
 
-UNFINISHED = "still training, or stopped: finish it with --resume"  # a run with no meta.json
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 UMASK = os.umask(0o022)  # read once (setting it is the only way), then put back
@@ -202,6 +201,21 @@ def _resolve(name: str):
 # ----------------------------------------------------------------------------- meta
 
 
+def unfinished(run: str | Path) -> str:
+    """What to say of a run with no meta.json: how to finish it, in the words of the command
+    that made it (`run` and `auto` take no `train --resume` of their own)."""
+    from .outputs import read_mark
+
+    for folder in Path(run).resolve().parents:
+        kind = (read_mark(folder) or {}).get("kind")
+        if kind == "recipe":
+            return "still training, or stopped: run the recipe that made it again to finish it"
+        if kind == "auto":  # a candidate's fold run
+            return (f"still training, or stopped: finish it with transferlab auto --out {folder} "
+                    "--resume, with the study's --data and --budget")  # fmt: skip
+    return f"still training, or stopped: finish it with transferlab train --out {run} --resume"
+
+
 def read_meta(run: str | Path) -> dict:
     run = Path(run)
     if not run.exists():
@@ -214,7 +228,7 @@ def read_meta(run: str | Path) -> dict:
         raise UserError(f"{run} is a file, not a run folder{came}")
     path = run / META
     if not path.is_file() and (run / "state").is_dir():  # written when a run finishes
-        raise UserError(f"{run} is a run that has not finished ({UNFINISHED})")
+        raise UserError(f"{run} is a run that has not finished ({unfinished(run)})")
     if not path.is_file() and (run / "ensemble.json").is_file():
         raise UserError(f"{run} is an ensemble, not a run folder: name one of its members")
     if not path.is_file():

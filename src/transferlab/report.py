@@ -251,10 +251,11 @@ def _write(root: Path) -> tuple[Path, str]:
     if not rows:
         raise UserError(
             f"no finished run or ensemble under {root}"
-            + (f"; {stopped[0]} is a run that stopped: finish it with --resume" if stopped else "")
+            + (f"; {stopped[0]} is a run that has not finished ({checkpoint.unfinished(stopped[0])})"
+               if stopped else "")
             + (f"; left out: {skipped[0]}" if skipped else "")
         )  # fmt: skip
-    skipped += [f"{s}: a run that has not finished ({checkpoint.UNFINISHED})" for s in stopped]
+    skipped += [f"{s}: a run that has not finished ({checkpoint.unfinished(s)})" for s in stopped]
     for why in skipped:  # the rest are reported
         print(f"note: left out {why}", file=sys.stderr)
     table = markdown_table(rows)
