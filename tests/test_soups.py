@@ -1,5 +1,8 @@
 """Snapshot ensembles and model soups: lineage, cyclic LR, BatchNorm recomputation."""
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -80,6 +83,14 @@ def test_soups_of_snapshots_from_one_start(snapshot_run, tmp_path):
         again = ensembles.evaluate_path(tmp_path / method, split="test")
         assert again["metrics"]["top1"] == pytest.approx(meta["metrics"]["test"]["top1"])
     assert len(checkpoint.read_meta(tmp_path / "uniform")["source"]["ingredients"]) == 2
+    # on other data (--data): its fingerprint and config are that data's, so evaluate finds
+    # nothing changed (it said "the files changed" of files nobody touched)
+    other = tmp_path / "other"
+    shutil.copytree(Path(checkpoint.read_meta(snaps[0])["data"].partition(":")[2]), other)
+    meta = soups.make(snaps, "uniform", tmp_path / "moved", f"folder:{other}", quiet=True)
+    assert meta["config"]["data"] == meta["data"] == f"folder:{other}"
+    said = ensembles.evaluate_path(tmp_path / "moved", split="test")
+    assert not [n for n in said["notes"] if "changed" in n]
 
 
 def test_runs_from_different_starts_are_refused(snapshot_run, trained_run, folder_data, tmp_path):

@@ -200,7 +200,9 @@ def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
         **{k: v for k, v in ref.items() if k not in ("probe", "snapshot", "history", "notes")},
         "source": source,
         "notes": notes,
-        "data": spec,
+        "data": spec,  # what it was built and scored on (--data), with its fingerprint
+        "data_fingerprint": ds.fingerprint,
+        "config": {**ref.get("config", {}), "data": spec},
         "strategy": "soup",
         "epochs_run": 0,
         "best_epoch": 0,
