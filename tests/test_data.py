@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,8 +249,15 @@ def test_hf_datasets_from_disk_and_parquet_keep_their_splits_and_class_names(tmp
     features = dd["train"].features
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict(gap, features).save_to_disk(str(tmp_path / "gap"))
-    with pytest.raises(UnreadableImages, match="0000000-no-image"):
+    with pytest.raises(UnreadableImages) as said:  # named as the user knows it: its row
         for split in data.load(f"hf:{tmp_path / 'gap'}").splits.values():
+            decoding.decode(split, 16, 3, cache=None)
+    assert f"fix those rows in the dataset or pass --skip-bad-images: {tmp_path / 'gap'} train row 0 (" in str(said.value)  # fmt: skip
+    garbage = dd["train"].to_dict()  # bytes that are no image: the same
+    garbage["img"][3] = {"bytes": b"notapng", "path": None}
+    datasets.Dataset.from_dict(garbage, features).save_to_disk(str(tmp_path / "garbage"))
+    with pytest.raises(UnreadableImages, match="garbage train row 3 \\(not an image Pillow"):
+        for split in data.load(f"hf:{tmp_path / 'garbage'}").splits.values():
             decoding.decode(split, 16, 3, cache=None)
 
 
@@ -259,6 +267,16 @@ def test_hf_unlabelled_test_split_is_replaced_and_ambiguous_columns_are_one_line
     ds = data.load(f"hf:{tmp_path / 'nolabels'}")
     assert any("test split has no labels" in n for n in ds.notes)
     assert all("/train/" in p for p in ds.splits["test"].paths)  # held out of train
+    dd = _hf_dataset(tmp_path)  # the Hub's "no label" (-1) in validation: val carved from train
+    dd["validation"] = dd["validation"].map(lambda row: {"fine": -1})
+    dd.save_to_disk(str(tmp_path / "noval"))
+    ds = data.load(f"hf:{tmp_path / 'noval'}")
+    assert any("val split has no labels: a val split is carved from train" in n for n in ds.notes)
+    assert all("/train/" in p for p in ds.splits["val"].paths)
+    for spec, message in ((",label=img", "column 'img' holds images, not labels"),
+                          (",label=fine,label=img", "label= is given twice (fine, img)")):  # fmt: skip
+        with pytest.raises(UserError, match=re.escape(message)):
+            data.load(f"hf:{tmp_path / 'noval'}{spec}")
     two = datasets.Dataset.from_dict({"a": [1, 2], "b": [0, 1]})
     two.save_to_disk(str(tmp_path / "two"))
     with pytest.raises(UserError, match="cannot tell the image and label columns apart"):

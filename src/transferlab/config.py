@@ -32,6 +32,12 @@ class UnreadableImages(UserError):
     def __reduce__(self):  # raised in a DataLoader worker, it travels pickled
         return type(self), (str(self), self.bad, self.fix)
 
+    @classmethod
+    def listed(cls, bad: list[str], fix: str = "fix or remove them") -> UnreadableImages:
+        """The error that lists them, and says what mends them."""
+        said = f"{len(bad)} unreadable image(s), {fix} or pass --skip-bad-images: "
+        return cls(said + "; ".join(bad), bad, fix)
+
 
 def one_line(text: str) -> str:
     """Control characters (newlines, \\x1e, ...) escaped, so a message stays one printed line."""

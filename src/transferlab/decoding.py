@@ -158,12 +158,16 @@ def _decode_files(
             )
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             limit = Image.MAX_IMAGE_PIXELS  # (Pillow's words: "could be decompression bomb")
-            return f"{paths[i]} (over {limit:,} pixels, the limit for one image: shrink it first)"
+            why = f"over {limit:,} pixels, the limit for one image: shrink it first"
         except UnidentifiedImageError:  # (its message repeats the path)
-            return f"{paths[i]} (not an image Pillow reads: another format, or damaged)"
+            why = "not an image Pillow reads: another format, or damaged"
         except UNREADABLE as err:
-            return f"{paths[i]} ({type(err).__name__}: {err})"
-        return None
+            why = f"{type(err).__name__}: {err}"
+        else:
+            return None
+        from .hfdata import named  # a dataset's row, not our copy of it
+
+        return f"{named(paths[i])} ({why})"
 
     show = not quiet and len(paths) >= 500
     pool = ThreadPoolExecutor(max(1, min(cores(), len(paths))))
@@ -183,8 +187,7 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-CACHE_VERSION = 2  # bump when decoding changes, so old cache files are not reused (2: EXIF
-# orientation, 16-bit images by bit depth)
+CACHE_VERSION = 2  # bumped when decoding changes (2: EXIF orientation, 16-bit bit depth)
 
 
 def resolve_cache(setting: str | None) -> Path | None:
@@ -401,11 +404,9 @@ def _to_array(im: Image.Image, channels: int) -> np.ndarray:
 
 
 def unreadable(bad: list[str]) -> UnreadableImages:
-    return UnreadableImages(
-        f"{len(bad)} unreadable image(s), fix or remove them or pass --skip-bad-images: "
-        + "; ".join(bad),
-        bad,
-    )
+    from .hfdata import fix_for  # (a dataset's rows are mended in the dataset)
+
+    return UnreadableImages.listed(bad, fix_for(bad))
 
 
 def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:

@@ -15,6 +15,26 @@ from .config import UserError
 from .data import SPLIT_NAMES, Split
 
 COLUMN_OPTIONS = ("image", "label")
+# the folders its rows' images are written to, and the dataset they are written from: an error
+# names the dataset's row, not the copy, which mending would not mend
+WRITTEN_FROM: dict[str, str] = {}
+ROW = " row "
+
+
+def named(path: str) -> str:
+    """An image as a user knows it: its path, or a written-out row as `NAME SPLIT row N`."""
+    p = Path(path)
+    source = WRITTEN_FROM.get(str(p.parent.parent))
+    if source is None or not p.name[:7].isdigit():
+        return path
+    return f"{source} {p.parent.name}{ROW}{int(p.name[:7])}"
+
+
+def fix_for(bad: list[str]) -> str:
+    """What mends unreadable images: the files, or a dataset's rows (its written-out copies
+    are written again from it)."""
+    rows = any(line.startswith(tuple(WRITTEN_FROM.values())) and ROW in line for line in bad)
+    return "fix those rows in the dataset" if rows else "fix or remove them"
 
 
 def parse(arg: str) -> tuple[str, str, dict[str, str]]:
@@ -26,6 +46,8 @@ def parse(arg: str) -> tuple[str, str, dict[str, str]]:
         key, eq, column = (part.strip() for part in option.partition("="))
         if key not in COLUMN_OPTIONS or not eq or not column:
             raise UserError(f"hf: option '{option}' is not image=COLUMN or label=COLUMN")
+        if key in options:
+            raise UserError(f"hf: option {key}= is given twice ({options[key]}, {column})")
         options[key] = column
     return name, config, options
 
@@ -72,11 +94,16 @@ def source(arg: str, notes: list[str]):
         classes = sorted({str(v) for v in parts["train"][label_col]})
         index = {c: i for i, c in enumerate(classes)}
     folder = root(name, config)
+    WRITTEN_FROM[str(folder)] = name  # its unreadable images named by row
     splits = {}
     for split, ds in parts.items():
         labels = [int(v) if index is None else index.get(str(v), -1) for v in ds[label_col]]
-        if split == "test" and all(v < 0 for v in labels):
-            notes.append(f"{name}'s test split has no labels: a test split is held out of train")
+        if split in ("test", "val") and all(v < 0 for v in labels):  # the Hub's "no label"
+            notes.append(
+                f"{name}'s {split} split has no labels: a {split} split is "
+                + ("held out of" if split == "test" else "carved from")
+                + " train"
+            )
             continue
         if any(v < 0 or v >= len(classes) for v in labels):
             bad = next(i for i, v in enumerate(labels) if v < 0 or v >= len(classes))
@@ -129,6 +156,10 @@ def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str
     if "image" in options and not isinstance(features[options["image"]], datasets.Image):
         raise UserError(
             f"{name}: column '{options['image']}' holds no images; its columns: {listed}"
+        )
+    if "label" in options and isinstance(features[options["label"]], datasets.Image):
+        raise UserError(
+            f"{name}: column '{options['label']}' holds images, not labels; its columns: {listed}"
         )
     images = [options["image"]] if "image" in options else [
         c for c, f in features.items() if isinstance(f, datasets.Image)
