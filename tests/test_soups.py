@@ -130,3 +130,19 @@ def test_a_soup_stopped_before_it_finished_is_made_again(snapshot_run, tmp_path,
     assert soups.make(snaps, "uniform", tmp_path / "s", quiet=True)["strategy"] == "soup"
     with pytest.raises(UserError, match="already holds a run"):  # a finished one stays
         soups.make(snaps, "uniform", tmp_path / "s", quiet=True)
+
+
+def test_a_greedy_soup_of_runs_that_split_the_data_otherwise_is_refused(
+    trained_run, folder_data, tmp_path, capsys
+):
+    """Hostile pass 15: a greedy soup chose on a val split one ingredient trained on (its
+    --val-fraction differed), and recorded that val score, where `ensemble` refuses it."""
+    cfg = tiny_cfg(f"folder:{folder_data}", weights=str(trained_run), epochs=1)
+    trainer.fit(cfg, tmp_path / "a", quiet=True)
+    trainer.fit(make_config({"val_fraction": 0.3}, cfg), tmp_path / "b", quiet=True)
+    runs = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(UserError, match="split the data otherwise .* make a uniform soup"):
+        soups.make(runs, "greedy", tmp_path / "g", quiet=True)
+    assert not (tmp_path / "g").exists()
+    soups.make(runs, "uniform", tmp_path / "u", quiet=True)
+    assert "the soup's val score holds images an ingredient trained on" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import batching, checkpoint, data, decoding, evaluate, leaks, models, outputs
+from . import batching, checkpoint, data, decoding, evaluate, leaks, members, models, outputs
 from .config import UserError
 from .folds import load_as_run
 
@@ -106,6 +106,15 @@ def make(
     runs = [str(r) for r in runs]
     metas = [checkpoint.read_meta(r) for r in runs]
     check_lineage(runs, metas)
+    if (apart := members.split_apart(runs, metas, data_spec)) and method != "uniform":
+        raise UserError(
+            f"{apart}: a {method} soup chooses on the val split as the first run splits it, "
+            "which holds images another run trained on; make a uniform soup, or train them "
+            "with the same --val-fraction, --limit and --fold"
+        )
+    if apart:  # (test is held out before val is carved: its score stands)
+        print(f"note: {apart}: the soup's val score holds images an ingredient trained on",
+              file=sys.stderr)  # fmt: skip
     if len({str(Path(r).resolve()) for r in runs}) < len(runs):
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
