@@ -148,16 +148,3 @@ def test_a_convolution_whose_output_is_used_elsewhere_too_is_not_folded():
 
     m = _noisy_norms(Shared())
     assert models.fold_batchnorm(m, 8) is m
-
-
-def test_denormal_floats_are_flushed_to_zero_once_transferlab_computes():
-    """A DCNN's steps that met denormal floats ran 4-13x slower on CPU (`benchmarks/denormals.py`):
-    models, which every computing module imports, turns on flush-to-zero. Checked in a fresh
-    process, as a user's command starts, and on a tensor large enough for torch's threads."""
-    import subprocess
-    import sys
-
-    code = ("import torch, transferlab.models; x = torch.full((1 << 20,), 1e-39) * 1.0; "
-            "print(int(x.count_nonzero()))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "0"

@@ -18,12 +18,6 @@ import torch.nn as nn
 
 from .config import UserError
 
-# Denormal floats (magnitudes below 1.2e-38) are flushed to zero on CPU, as TensorFlow's CPU
-# thread pools do: a DCNN's training steps ran into them and slowed 4-13x (lr-find on 21
-# images: 2 min, 9.6 s flushed; `benchmarks/denormals.py`). No weight or activation that
-# matters is that small.
-torch.set_flush_denormal(True)
-
 SCRATCH_MEAN, SCRATCH_STD = 0.5, 0.5  # for models trained from scratch: maps [0, 1] to [-1, 1]
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
