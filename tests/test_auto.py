@@ -371,9 +371,9 @@ def test_a_trained_candidate_s_estimate_counts_what_each_epoch_and_run_spend_bes
     monkeypatch,
 ):
     """Each epoch scores its val fold and saves the training state; each run plots and writes.
-    Estimated from its batches alone, the DCNN's folds were 10-60x short (0.4 s of 4.2 s on a
-    quiet 2-core Xeon, `benchmarks/auto_estimates.py`): it took the rest of a small budget,
-    was stopped, and left nothing."""
+    Estimated from its batches alone, a DCNN fold on 21 images was 0.15 of its 2.8 s (0.90
+    with them; `benchmarks/auto_estimates.py`, a 2-core Xeon with AMX, alone): it took the rest
+    of a small budget, was stopped, and left nothing."""
     from transferlab import models
 
     dcnn_model = models.create("dcnn", 3, 3)

@@ -233,9 +233,9 @@ def estimate(c: Candidate, ds: data.Dataset, precision: str) -> tuple[float, flo
 
     train = _timed(step) / bs
     fold_train = n_pool * (FOLDS - 1) / FOLDS
-    # each epoch also scores its val fold and saves the training state (a small model's epochs
-    # are mostly this: the DCNN's estimate was 10-60x short without it); each run plots and
-    # writes once
+    # each epoch also scores its val fold and saves the training state, and each run plots and
+    # writes once: on 21 images, a DCNN fold's estimate was 0.15 of its time without them, 0.90
+    # with them (`benchmarks/auto_estimates.py`, 2-core Xeon with AMX, bf16)
     epoch = fold_train * train + n_pool / FOLDS * fwd + overhead
     per_fold = s["epochs"] * epoch + (2 * n["test"] + n["val"]) * fwd + _run_overhead()
     return FOLDS * per_fold + decode, decode, FOLDS * epoch
