@@ -24,7 +24,7 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
         n = trained_on(meta, ds, split)
         return [f"scored on {ds.spec}; the run was trained on {trained}"
                 + (f": {n} of the {len(ds.splits[split])} {split} images were among its training "
-                   "images, so this is not a test score" if n else "")]  # fmt: skip
+                   f"images, so this is not a held-out {split} score" if n else "")]  # fmt: skip
     notes = [note] if (note := inherited_note(meta, ds, split)) else []
     recorded = meta.get("data_fingerprint")
     if recorded and recorded != ds.fingerprint:
