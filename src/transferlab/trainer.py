@@ -188,6 +188,9 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
     for note in notes:  # a fine-tune's test images that its parent trained on
         log(f"[{out.name}] note: {note}", note=True)
     precision = evaluate.resolve_precision(cfg.precision)
+    if precision == "fp16" and evaluate.device().type != "cuda":  # --help: fp16 is CUDA's
+        log(f"[{out.name}] note: --precision fp16 on a CPU is emulated, slower than bf16 or "
+            "fp32, and evaluate scores the run in fp32 here", note=True)  # fmt: skip
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
     origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
     log(
