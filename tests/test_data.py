@@ -384,3 +384,13 @@ def test_a_split_with_other_classes_names_them_in_words(tmp_path):
     shutil.rmtree(root / "test" / "eel")
     with pytest.raises(UserError, match=r"different classes from train: extra none; missing eel$"):
         data.load(f"folder:{root}")
+
+
+def test_too_few_images_to_split_says_how_many_are_needed(tmp_path):
+    """Hostile pass 15: one image per class gave "too few images (2) to hold out 20% of them",
+    with no way on."""
+    one = make_folder(tmp_path / "one", ["cat", "dog"], 1, subsets=("",))
+    with pytest.raises(UserError, match="give each class 3 or more .* or folders of train/"):
+        data.load(f"folder:{one}")
+    three = make_folder(tmp_path / "three", ["cat", "dog"], 3, subsets=("",))
+    assert all(len(s) for s in data.load(f"folder:{three}").splits.values())
