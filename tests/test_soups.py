@@ -112,6 +112,12 @@ def test_recipe_soup_step_and_report(snapshot_run, tmp_path):
     path.write_text(f"steps:\n  - soup: s\n    members: {snaps}\n    method: uniform\n  - report\n")
     out = recipe.run(path, tmp_path / "out", quiet=True)
     assert "uniform soup of snapshot-1, snapshot-2" in (out / "report.md").read_text()
+    # train steps from scratch with two seeds: refused before step 1 (it failed after both)
+    path.write_text("data: digits\ndefaults: {model: dcnn, epochs: 1, limit: 50}\nsteps:\n"
+                    "  - train: a\n  - train: b\n    seed: 1\n  - soup: s\n    members: [a, b]\n")  # fmt: skip
+    with pytest.raises(UserError, match="step 3 \\(soup s\\): its members start from diff"):
+        recipe.run(path, tmp_path / "seeds", quiet=True)
+    assert not (tmp_path / "seeds").exists()
 
 
 def test_a_soup_stopped_before_it_finished_is_made_again(snapshot_run, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from . import checkpoint, data, decoding, ensembles, evaluate, outputs, weights
-from .config import TrainConfig, UserError, field_names, make_config
+from .config import TrainConfig, UserError, field_names, make_config, names_weights
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
 STEP_KINDS = ("train", "finetune", "ensemble", "soup", "auto", "report")
@@ -191,6 +191,8 @@ def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: l
                 )
             parse_budget(keys.get("budget", ""))
             _auto_data_seed(recipe, keys)
+        elif kind == "soup":
+            _check_soup_starts(recipe, name, keys, i)
         elif kind == "finetune":
             settings = train_settings(recipe, keys, data=False)  # the parent decides the rest
             for key in ("model", "weights"):
@@ -351,6 +353,26 @@ def train_settings(recipe: dict, keys: dict, data: bool = True) -> dict:
     if not data:  # a fine-tune's model and weights are its parent's: these are the train steps'
         every = [{k: v for k, v in d.items() if k not in ("model", "weights")} for d in every]
     return {**base, **every[0], **keys, **every[1]}
+
+
+def _check_soup_starts(recipe: dict, name: str, keys: dict, i: int) -> None:
+    """A soup's members that are this recipe's train steps from scratch with different seeds
+    start from different weights: refused before any step runs (it failed after them)."""
+    steps = [parse_step(step, j) for j, step in enumerate(recipe["steps"], 1)]
+    members = {str(m) for m in keys.get("members") or [] if isinstance(m, str | int)}
+    seeds = {}
+    for kind, member, own in steps:
+        cfg = make_config(train_settings(recipe, own)) if kind == "train" else None
+        if cfg and member in members and cfg.weights in (None, "none"):
+            if not names_weights(cfg.model):  # from scratch: its seed draws every weight
+                seeds[member] = cfg.seed
+    if len(set(seeds.values())) > 1:
+        said = ", ".join(f"{m} seed {s}" for m, s in seeds.items())
+        raise UserError(
+            f"step {i} (soup {name}): its members start from different weights ({said}, "
+            "from scratch): a soup averages runs of one start; give them one seed, or "
+            "fine-tune them from one run"
+        )
 
 
 def _auto_data_seed(recipe: dict, keys: dict) -> tuple[str, int]:
