@@ -629,7 +629,7 @@ def test_unreadable_images_stop_the_study_with_a_hint_it_takes(tmp_path, small_s
     photos = make_folder(tmp_path / "photos", ["cat", "dog"], 10, subsets=("",))
     bad = sorted((photos / "dog").iterdir())[0]
     good = bad.read_bytes()
-    bad.write_bytes(b"not an image")
+    bad.write_bytes(good[:60])  # truncated: its header reads, its pixels do not
     (photos / "cat" / "notes.txt").write_text("left out, and said so, as train says it")
     args = ["auto", "--data", f"folder:{photos}", "--budget", "5m", "--out", str(tmp_path / "s")]  # fmt: skip
     assert main(args) == 2
@@ -648,6 +648,19 @@ def test_unreadable_images_stop_the_study_with_a_hint_it_takes(tmp_path, small_s
     bad.write_bytes(good)  # nothing was trained on it: resumed, its candidates timed anew
     cands, spent = auto.load_state(tmp_path / "s", {**state["settings"], "content": "fixed"})
     assert cands is None and spent >= state["spent"]
+
+
+def test_a_file_that_is_no_image_stops_a_study_before_it_spends_a_second(tmp_path, capsys):
+    """Hostile pass 15: a text file named .png made the timings nonsense (1-4 s, against 53-77
+    s clean) and stopped the study only at its first candidate, 30 s into its budget."""
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 10, subsets=("",))
+    (photos / "dog" / "0.png").write_bytes(b"not an image")
+    args = ["auto", "--data", f"folder:{photos}", "--budget", "5m", "--out", str(tmp_path / "s")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 unreadable image(s) under folder:" in err and "dog/0.png (not an image" in err
+    assert "then run the same command" in err and "--resume" not in err
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_resume_keeps_the_settings_its_fold_runs_began_with_and_counts_only_the_rest(

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, decoding, evaluate, folds, guards, outputs, probe
+from . import autospace, checkpoint, data, decoding, evaluate, folds, guards, outputs, probe
 from .autospace import FOLDS, Candidate, candidates, clean, estimate, recalibrate
 from .config import Preempted, UnreadableImages, UserError
 
@@ -261,6 +261,8 @@ def run(
     decoding.check_cache(cache_dir)
     ds = data.load(data_spec)  # the splits every member shares (val carved from train, fixed)
     folds.cv_folds(folds.pool(ds.splits).labels, FOLDS)  # too few images: before any folder
+    if bad := autospace.unreadable(ds):  # before any folder or second is spent
+        raise _unreadable(decoding.unreadable(bad), ds.spec, [], fresh=not resume)
     for note in (n for n in ds.notes if not n.startswith("splits: ")):  # as train says them
         print(f"[auto] {note}", file=sys.stderr, flush=True)  # (its splits line would name a
     say = (lambda *a: None) if quiet else log  # val split the study folds in)
@@ -370,9 +372,11 @@ def _clock_read(out: Path) -> float:
         return 0.0
 
 
-def _unreadable(err: UnreadableImages, spec: str, cands: list[Candidate]) -> UserError:
-    """The study's own line for images no candidate can read (auto has no --skip-bad-images)."""
+def _unreadable(err: UnreadableImages, spec: str, cands: list[Candidate], fresh: bool = False):
+    """The study's own line for images no candidate can read (auto has no --skip-bad-images);
+    `fresh`: found before the study began."""
     then = "choose another --out" if _trained(cands) else "run the same command with --resume"
+    then = "run the same command" if fresh else then
     return UserError(
         f"{len(err.bad)} unreadable image(s) under {spec}, which every candidate reads: "
         f"{err.fix}, then {then}: " + "; ".join(err.bad)

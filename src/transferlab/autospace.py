@@ -288,6 +288,27 @@ def _decode_cost(ds: data.Dataset, s: dict, channels: int) -> float:
     return (np.mean(timed) if timed else 0.01) / decoding.cores()
 
 
+def unreadable(ds: data.Dataset) -> list[str]:
+    """The images whose header no decoder reads (a text file named .png, say), one line each:
+    found before the study spends a second (they made estimates of nonsense, then stopped it
+    at its first candidate). Headers only: a truncated image is still found when decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .hfdata import named
+
+    bad = []
+    for split in ds.splits.values():
+        for path in split.paths or []:
+            try:
+                Image.open(path).close()
+            except (UnidentifiedImageError, OSError, ValueError) as err:
+                why = (
+                    "not an image Pillow reads" if isinstance(err, UnidentifiedImageError) else err
+                )
+                bad.append(f"{named(path)} ({why})")
+    return bad
+
+
 @functools.lru_cache(maxsize=16)
 def _regression_cost(n_train: int, n_pool: int, features: int, k: int, precision: str) -> float:
     """The probe's regressions as `probe.linear_probe` and `probe.out_of_fold` run them, each
