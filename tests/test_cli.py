@@ -224,7 +224,8 @@ def test_recipe_end_to_end_then_evaluate_json_and_report(capsys, tmp_path):
     assert {"precision", "recall", "f1", "support"} <= set(result["classes"][0])
     # rerunning the recipe skips finished steps instead of redoing them
     code, out, _ = run_cli(capsys, "--quiet", "run", recipe, "--out", tmp_path / "out")
-    assert code == 0 and out.count("skipped") == 3
+    assert code == 0 and out.count("skipped") == 4  # the ensemble too (it was rebuilt)
+    assert "ens: already made from these members, skipped" in out
 
 
 @pytest.mark.slow

@@ -732,7 +732,9 @@ def test_a_recipe_s_errors_do_not_ask_for_flags_run_does_not_take(tmp_path):
     )
     recipe.run(path, tmp_path / "out", quiet=True)
     (tmp_path / "out" / "e" / "NOTES.md").write_text("mine")
-    with pytest.raises(UserError) as err:
+    recipe.run(path, tmp_path / "out", quiet=True)  # made as asked: skipped, the note kept
+    path.write_text(path.read_text().replace("members: [a, b]}", "members: [a, b], method: logit}"))
+    with pytest.raises(UserError) as err:  # asked otherwise: rebuilt, which would delete it
         recipe.run(path, tmp_path / "out", quiet=True)
     assert "rebuilding it would delete files transferlab did not write" in str(err.value)
     assert "(NOTES.md); delete" in str(err.value) and "--overwrite" not in str(err.value)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from . import autochoose, checkpoint, ensembles, outputs, report, resume, strategies, trainer
+from . import autochoose, checkpoint, data, ensembles, outputs, report, resume, strategies, trainer
 from .config import Preempted, TrainConfig, UserError, make_config, to_dict
 from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... live there)
     EXTRA_KEYS,
@@ -171,6 +171,10 @@ def _soup(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
 
 def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
     runs = _members(keys, out)
+    if _made_as_asked(out / name, runs, keys):  # a rerun skips it, as it skips finished runs
+        print(f"   {name}: already made from these members, skipped")
+        print_ensemble(ensembles.read(out / name))
+        return
     with _advice_for_run(out / name):
         info = ensembles.build(
             runs,
@@ -182,6 +186,25 @@ def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> No
             overwrite=True,  # the recipe's own ensemble folder, rebuilt from its members
         )
     print_ensemble(info)
+
+
+def _made_as_asked(folder: Path, runs: list, keys: dict) -> bool:
+    """An ensemble folder made by this step as it asks now, of members unchanged since."""
+    if not ensembles.is_ensemble(folder):
+        return False
+    try:
+        info = ensembles.read(folder)
+        ensembles.check_members(info, folder)  # each member's weights as they were
+    except UserError:
+        return False
+    spec = data.canonical(keys.get("data") or checkpoint.read_meta(runs[0])["data"])
+    return [str(Path(m["run"]).resolve()) for m in info["members"]] == [
+        str(Path(r).resolve()) for r in runs
+    ] and (info["method"], info.get("tta", "none"), info["data"]) == (
+        keys.get("method", "soft"),
+        keys.get("tta", "none"),
+        spec,
+    )
 
 
 def tta_label(tta: str) -> str:
