@@ -145,6 +145,9 @@ def test_unknown_recipe_key(capsys, tmp_path):
         steps = [{"train": "a"}, {"train": "b"}, {"ensemble": "e", "members": ["a"]}]
         got = recipebook.apply_overrides({"steps": steps}, {"steps.2.members": given})
         assert got["steps"][2]["members"] == ["a", "b"]
+    for twice in (["epochs=1", "epochs=2"], ["defaults.epochs=1", "epochs=2"]):  # the last won
+        pairs = [x for pair in twice for x in ("--set", pair)]
+        assert_one_line_error(capsys, ["run", recipe, *pairs], r"--set epochs is given twice")
 
 
 def test_class_mismatch(capsys, trained_run, tmp_path):

@@ -423,6 +423,8 @@ def parse_set(pairs: list[str]) -> dict:
     for pair in pairs or []:
         if "=" not in pair:
             raise UserError(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
+        key, value = (part.strip() for part in pair.split("=", 1))
+        if key in out and out[key] != value:  # the last one won, silently
+            raise UserError(f"--set {key} is given twice, {out[key]} and {value}: give it once")
+        out[key] = value
     return out

@@ -125,7 +125,11 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
                 value = [m.strip() for m in value.strip().strip("[]").split(",") if m.strip()]
             steps[index][parts[2]] = value
         else:
-            recipe["overrides"][key.removeprefix("defaults.")] = value
+            plain = key.removeprefix("defaults.")
+            if plain in recipe["overrides"] and recipe["overrides"][plain] != value:
+                raise UserError(f"--set {plain} is given twice, {recipe['overrides'][plain]!s} "
+                                f"and {value!s} ({key}): give it once")  # fmt: skip
+            recipe["overrides"][plain] = value
     return recipe
 
 
