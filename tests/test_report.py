@@ -174,7 +174,7 @@ def test_report_flags_runs_it_cannot_stand_behind(report_dir, tmp_path, capsys):
     ):
         checkpoint.read_meta(tmp_path / "empty" / "r")  # evaluate said "not a run folder"
     with pytest.raises(
-        UserError, match="no finished run or ensemble under .*r is a run that stopped"
+        UserError, match="no finished run or ensemble under .*r: a run that has not finished"
     ):
         report.write(tmp_path / "empty")
 

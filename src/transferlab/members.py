@@ -58,20 +58,7 @@ def member_logp(
         evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
     spec = data.canonical(data_spec or metas[0]["data"])
     ds = load_as_run(metas[0], spec)
-    others = sorted({data.canonical(m["data"]) for m in metas} - {spec})
-    n_test, seen = len(ds.splits["test"]), []
-    for run, meta in zip(runs, metas, strict=True):  # a member on other data, or the runs its
-        if data.canonical(meta["data"]) != spec:  # weights came from (a fine-tune's parent)
-            seen.append((run, leaks.trained_on(meta, ds)))
-        elif n := leaks.count(leaks.ancestors(meta), ds, "test"):
-            seen.append((f"the runs {run}'s weights came from", n))
-    leak = "; ".join(f"{n} of the {n_test} test images trained {r}" for r, n in seen if n)
-    if others or leak:  # as evaluate says of one run scored on other data, --quiet or not
-        why = f"{leak}: the ensemble's test score is not a test score" if leak else (
-            "a test image may be one a member trained on")  # fmt: skip
-        said = (
-            f"scored on {spec}; member(s) trained on {', '.join(others)}: {why}" if others else why
-        )
+    if said := leak_note(runs, metas, ds):  # as evaluate says of one run, --quiet or not
         if notes is None:
             print(f"note: {said}", file=sys.stderr)
         else:
@@ -127,6 +114,25 @@ def note_copies(runs: list[str], metas: list[dict]) -> None:
             print(f"note: {run} has the same weights as {seen[sha]} (a copy?): that model counts "
                   "twice in the ensemble", file=sys.stderr)  # fmt: skip
         seen.setdefault(sha, run)
+
+
+def leak_note(runs: list[str], metas: list[dict], ds: data.Dataset) -> str:
+    """What an ensemble's test score holds of images its members (trained on other data) or
+    the runs their weights came from (a fine-tune's parent) trained on; "" if nothing."""
+    spec = ds.spec
+    others = sorted({data.canonical(m["data"]) for m in metas} - {spec})
+    n_test, seen = len(ds.splits["test"]), []
+    for run, meta in zip(runs, metas, strict=True):
+        if data.canonical(meta["data"]) != spec:
+            seen.append((run, leaks.trained_on(meta, ds)))
+        elif n := leaks.count(leaks.ancestors(meta), ds, "test"):
+            seen.append((f"the runs {run}'s weights came from", n))
+    leak = "; ".join(f"{n} of the {n_test} test images trained {r}" for r, n in seen if n)
+    if not (others or leak):
+        return ""
+    why = f"{leak}: the ensemble's test score is not a test score" if leak else (
+        "a test image may be one a member trained on")  # fmt: skip
+    return f"scored on {spec}; member(s) trained on {', '.join(others)}: {why}" if others else why
 
 
 def split_apart(runs: list[str], metas: list[dict], data_spec: str | None) -> str:

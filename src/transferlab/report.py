@@ -247,15 +247,11 @@ def _write(root: Path) -> tuple[Path, str]:
     check_writable(root)
     skipped: list[str] = []
     rows = collect(root, skipped)
-    stopped = _unfinished(root)
+    skipped[:0] = [f"{s}: a run that has not finished ({checkpoint.unfinished(s)})"
+                   for s in _unfinished(root)]  # fmt: skip
     if not rows:
-        raise UserError(
-            f"no finished run or ensemble under {root}"
-            + (f"; {stopped[0]} is a run that has not finished ({checkpoint.unfinished(stopped[0])})"
-               if stopped else "")
-            + (f"; left out: {skipped[0]}" if skipped else "")
-        )  # fmt: skip
-    skipped += [f"{s}: a run that has not finished ({checkpoint.unfinished(s)})" for s in stopped]
+        raise UserError(f"no finished run or ensemble under {root}"
+                        + (f"; left out {skipped[0]}" if skipped else ""))  # fmt: skip
     for why in skipped:  # the rest are reported
         print(f"note: left out {why}", file=sys.stderr)
     table = markdown_table(rows)
