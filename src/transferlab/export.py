@@ -153,9 +153,7 @@ def check_out_file(
             )
     if data_spec and (root := data.data_root(data_spec)):
         outputs.refuse_overlap(path, [root], "the data folder")
-    if (
-        path.exists() and not checked and not is_export(path)
-    ):  # a photo, the user's notes: never replaced
+    if path.exists() and not checked and not is_export(path):  # a photo, the user's notes
         raise UserError(
             f"{path} is a file that transferlab did not export; it is left as it is (--overwrite "
             "replaces only an earlier export): choose another --out"

@@ -22,7 +22,10 @@ ROW = " row "
 
 
 def named(path: str) -> str:
-    """An image as a user knows it: its path, or a written-out row as `NAME SPLIT row N`."""
+    """An image as a user knows it: its path, or a written-out row as `NAME SPLIT row N` (a
+    shard's member: as it names itself)."""
+    if not isinstance(path, str):
+        return str(path)
     p = Path(path)
     source = WRITTEN_FROM.get(str(p.parent.parent))
     if source is None or not p.name[:7].isdigit():
