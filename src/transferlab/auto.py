@@ -263,9 +263,9 @@ def run(
     folds.cv_folds(folds.pool(ds.splits).labels, FOLDS)  # too few images: before any folder
     if bad := autospace.unreadable(ds):  # before any folder or second is spent
         raise _unreadable(decoding.unreadable(bad), ds.spec, [], fresh=not resume)
-    for note in (n for n in ds.notes if not n.startswith("splits: ")):  # as train says them
-        print(f"[auto] {note}", file=sys.stderr, flush=True)  # (its splits line would name a
-    say = (lambda *a: None) if quiet else log  # val split the study folds in)
+    for note in (n for n in ds.notes if not n.startswith("splits: ")):  # (its val split is
+        print(f"[auto] {note}", file=sys.stderr, flush=True)  # folded in) as train says them
+    say = (lambda *a: None) if quiet else log  # --quiet: no progress lines either
     if ds.spec.partition(":")[0] in data.PATH_KINDS:  # a study never writes into its data
         outputs.refuse_writing_into(ds.spec.partition(":")[2], out, cache_dir)
     settings = {

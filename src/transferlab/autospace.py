@@ -301,11 +301,10 @@ def unreadable(ds: data.Dataset) -> list[str]:
         for path in split.paths or []:
             try:
                 Image.open(path).close()
-            except (UnidentifiedImageError, OSError, ValueError) as err:
-                why = (
-                    "not an image Pillow reads" if isinstance(err, UnidentifiedImageError) else err
-                )
-                bad.append(f"{named(path)} ({why})")
+            except UnidentifiedImageError:  # (its message repeats the path)
+                bad.append(f"{named(path)} (not an image Pillow reads)")
+            except (OSError, ValueError) as err:
+                bad.append(f"{named(path)} ({err})")
     return bad
 
 

@@ -198,13 +198,10 @@ def _made_as_asked(folder: Path, runs: list, keys: dict) -> bool:
     except UserError:
         return False
     spec = data.canonical(keys.get("data") or checkpoint.read_meta(runs[0])["data"])
-    return [str(Path(m["run"]).resolve()) for m in info["members"]] == [
-        str(Path(r).resolve()) for r in runs
-    ] and (info["method"], info.get("tta", "none"), info["data"]) == (
-        keys.get("method", "soft"),
-        keys.get("tta", "none"),
-        spec,
-    )
+    had = [str(Path(m["run"]).resolve()) for m in info["members"]]
+    made = (info["method"], info.get("tta", "none"), info["data"])
+    asked = (keys.get("method", "soft"), keys.get("tta", "none"), spec)
+    return had == [str(Path(r).resolve()) for r in runs] and made == asked
 
 
 def tta_label(tta: str) -> str:
