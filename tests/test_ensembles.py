@@ -211,3 +211,22 @@ def test_a_fold_run_is_scored_on_its_fold_and_members_split_apart_are_not_fitted
     assert "copy has the same weights as" in capsys.readouterr().err
     with pytest.raises(UserError, match="val_fraction has no effect here: it needs fold none"):
         tiny_cfg(spec, fold="1/5", val_fraction=0.3)
+
+
+def test_a_member_whose_parent_trained_on_the_val_split_is_not_fitted_on_it(
+    trained_run, folder_data, tmp_path, capsys
+):
+    """A fine-tune split as the first member splits the data, from a parent that split it
+    otherwise (--val-fraction 0.05): the combiner was fitted on val images its parent trained
+    on."""
+    spec = f"folder:{folder_data}"
+    parent = tmp_path / "parent"
+    trainer.fit(tiny_cfg(spec, val_fraction=0.05, epochs=1), parent, quiet=True)
+    child = tmp_path / "child"  # split as trained_run is (--val-fraction 0.1)
+    trainer.fit(tiny_cfg(spec, weights=str(parent), epochs=1), child, quiet=True)
+    runs = [trained_run, child]
+    with pytest.raises(UserError, match=r"of the 12 val images trained the runs .*child's "
+                       "weights came from: weighted is fitted on val"):  # fmt: skip
+        ensembles.build(runs, "weighted", tmp_path / "e", quiet=True)
+    ensembles.build(runs, "soft", tmp_path / "e", quiet=True)  # a vote: said, not refused
+    assert "val images trained the runs" in capsys.readouterr().err

@@ -55,7 +55,8 @@ def build(
     if apart and method in FITTED and not fitted:
         raise UserError(
             f"{apart}: {method} is fitted on {COMBINERS[method].fitted_on} split as the first "
-            "member splits it, which holds images another member trained on; combine them with "
+            "member splits it, which holds images a member (or a run it came from) trained on; "
+            "combine them with "
             "soft, logit or hard, or train the members with the same --val-fraction, --limit "
             "and --fold"
         )

@@ -75,14 +75,14 @@ def trained_on(meta: dict, ds: data.Dataset, split: str = "test") -> int:
     return count([meta, *ancestors(meta)], ds, split)
 
 
-def count(metas: list[dict], ds: data.Dataset, split: str) -> int:
-    """How many of `ds`'s `split` images were train or val images of these runs: the same
-    file (through links, hard links too) or a copy of one (the same bytes); data without
-    files (digits) count none."""
+def count(metas: list[dict], ds: data.Dataset, split: str, used=("train", "val")) -> int:
+    """How many of `ds`'s `split` images were images of these runs' `used` splits (train and
+    val: what they fitted or chose on): the same file (through links, hard links too) or a
+    copy of one (the same bytes); data without files (digits) count none."""
     scored = ds.splits[split].paths
     if not scored or not metas:
         return 0
-    seen = set().union(*(_seen(m) for m in metas))
+    seen = set().union(*(_seen(m, used) for m in metas))
     ids = {_file_id(p) for p in seen}
     left = [p for p in scored if _file_id(p) not in ids]
     by_size: dict[int, list[str]] = {}
@@ -94,10 +94,11 @@ def count(metas: list[dict], ds: data.Dataset, split: str) -> int:
     return len(scored) - len(left) + copies
 
 
-def _seen(meta: dict) -> set[str]:
-    """The files of a run's train and val splits (none where its data have no files or are
-    gone: the notes name them, unmeasured). A run on shards: the files they were made from
-    (all but the test split's: a carving of train+val; unmeasured under --limit)."""
+def _seen(meta: dict, used: tuple[str, ...]) -> set[str]:
+    """The files of a run's `used` splits (none where its data have no files or are gone: the
+    notes name them, unmeasured). A run on shards: the files they were made from (all but the
+    test split's: a carving of train+val unknown here, so train alone is unmeasured; so is
+    anything under --limit)."""
     if meta["data"].partition(":")[0] not in data.PATH_KINDS:
         return set()
     try:
@@ -106,10 +107,12 @@ def _seen(meta: dict) -> set[str]:
             origin = json.loads((Path(own.spec[4:]).expanduser() / "shards.json").read_text())
             if meta.get("limit") or origin["source"].partition(":")[0] not in data.PATH_KINDS:
                 return set()
+            if set(used) != {"train", "val"}:
+                return set()
             own = data.load(origin["source"])
     except (UserError, OSError, ValueError, KeyError):
         return set()
-    return {p for s in ("train", "val") for p in getattr(own.splits.get(s), "paths", None) or []}
+    return {p for s in used for p in getattr(own.splits.get(s), "paths", None) or []}
 
 
 def _file_id(path: str) -> tuple[int, int] | str:

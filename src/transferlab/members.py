@@ -137,17 +137,27 @@ def leak_note(runs: list[str], metas: list[dict], ds: data.Dataset) -> str:
 
 def split_apart(runs: list[str], metas: list[dict], data_spec: str | None) -> str:
     """Members that split the scored data otherwise than the first member (its val is their
-    train), said in words; "" if none."""
+    train), or whose weights came from runs that trained on that val, said in words; "" if
+    none."""
     spec = data.canonical(data_spec or metas[0]["data"])
     first = carving_on(metas[0], spec)
     other = [(r, m) for r, m in zip(runs[1:], metas[1:], strict=True)
              if data.canonical(m["data"]) == spec and carving_on(m, spec) != first]  # fmt: skip
-    if not other:
-        return ""
-    said = [f"{r} as {_carving_words(carving_on(m, spec))}" for r, m in other[:2]]
-    more = f" and {len(other) - 2} more" if len(other) > 2 else ""
-    first_words = _carving_words(first)
-    return f"{', '.join(said)}{more} split the data otherwise than {runs[0]} ({first_words})"
+    parts = []
+    if other:
+        said = [f"{r} as {_carving_words(carving_on(m, spec))}" for r, m in other[:2]]
+        more = f" and {len(other) - 2} more" if len(other) > 2 else ""
+        first_words = _carving_words(first)
+        parts.append(f"{', '.join(said)}{more} split the data otherwise than {runs[0]} "
+                     f"({first_words})")  # fmt: skip
+    found = [(r, a) for r, m in zip(runs, metas, strict=True) if (a := leaks.ancestors(m))]
+    if found:  # a fine-tune whose parent trained on this val (split otherwise, say)
+        ds = load_as_run(metas[0], spec)
+        for run, came in found:
+            if n := leaks.count(came, ds, "val", used=("train",)):  # (its own val: fine)
+                parts.append(f"{n} of the {len(ds.splits['val'])} val images trained the runs "
+                             f"{run}'s weights came from")  # fmt: skip
+    return "; ".join(parts)
 
 
 def _carving_words(how: tuple) -> str:

@@ -109,7 +109,8 @@ def make(
     if (apart := members.split_apart(runs, metas, data_spec)) and method != "uniform":
         raise UserError(
             f"{apart}: a {method} soup chooses on the val split as the first run splits it, "
-            "which holds images another run trained on; make a uniform soup, or train them "
+            "which holds images a run (or a run it came from) trained on; make a uniform soup, "
+            "or train them "
             "with the same --val-fraction, --limit and --fold"
         )
     if apart:  # (test is held out before val is carved: its score stands)
