@@ -190,7 +190,7 @@ def test_a_study_chooses_by_cv_builds_best_and_resumes(tmp_path, folder_data, sm
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "oof").iterdir()}
     assert main(args + ["--resume"]) == 0  # finished candidates are not run again
     assert {p.name: p.stat().st_mtime_ns for p in (out / "oof").iterdir()} == stamps
-    capsys.readouterr()
+    assert "(scored again: a resumed study scores its choice)" in capsys.readouterr().out
 
     (out / "best" / "mine.txt").write_text("keep me")  # best/ is rebuilt: refused at once
     spent = json.loads((out / "auto.json").read_text())["spent"]

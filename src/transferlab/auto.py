@@ -249,10 +249,9 @@ def run(
     started: float | None = None,
 ) -> dict:
     """The study (module docstring), from data to DIR/best and the report; returns the
-    chosen option with the best folder's test metrics. `log` prints its lines; `quiet`: only
-    the last (what was chosen), no progress lines or bars; notes on the data go to stderr.
-    `started`: when the budget's clock began (the command line: when the process began
-    importing), else now."""
+    chosen option with the best folder's test metrics. `quiet`: `log` prints only what was
+    chosen (notes on the data go to stderr). `started`: when the budget's clock began (the
+    command line: when the process began importing), else now."""
     from . import autochoose
 
     t0, out = started or time.time(), Path(out)
@@ -286,10 +285,11 @@ def run(
         left = lambda: seconds - spent - (time.time() - t0)  # noqa: E731
         with _clock(out, lambda: seconds - left()):
             result = _study(out, ds, settings, cands, left, say, quiet)
+    scored = "scored again: a resumed study scores its choice" if resume else "scored once, now"
     log(
-        f"[auto] {clock(seconds - left())} of {clock(seconds)}: best = {result['desc']}, "
-        f"CV top-1 {result['cv']['top1']:.2%}; test top-1 {result['test']['top1']:.2%} "
-        f"(scored once, now) -> {out / 'best'}"
+        f"[auto] {clock(seconds - left())} of {clock(seconds)}: best = {result['desc']}, CV "
+        f"top-1 {result['cv']['top1']:.2%}; test top-1 {result['test']['top1']:.2%} ({scored}) "
+        f"-> {out / 'best'}"
     )
     return result
 
