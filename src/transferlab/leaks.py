@@ -35,6 +35,11 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
     return notes
 
 
+def inherited_notes(source: dict, ds: data.Dataset) -> list[str]:
+    """A new run's notes on its test split, from where its weights came (`source`)."""
+    return [note] if (note := inherited_note({"source": source}, ds)) else []
+
+
 def inherited_note(meta: dict, ds: data.Dataset, split: str = "test") -> str:
     """What a run's `split` of its own data holds of the images the runs its weights came from
     (a fine-tune's parent, a soup's ingredients, theirs) trained on; "" if none."""
@@ -83,14 +88,16 @@ def count(metas: list[dict], ds: data.Dataset, split: str, used=("train", "val")
     if not scored or not metas:
         return 0
     seen = set().union(*(_seen(m, used) for m in metas))
-    ids = {_file_id(p) for p in seen}
-    left = [p for p in scored if _file_id(p) not in ids]
+    stats = {p: _stat(p) for p in {*seen, *scored}}  # one stat a file: identity and size
+    ids = {_file_id(p, stats[p]) for p in seen}
+    left = [p for p in scored if _file_id(p, stats[p]) not in ids]
     by_size: dict[int, list[str]] = {}
-    for p in seen:  # copies: the bytes compared only where the sizes agree
-        by_size.setdefault(_size(p), []).append(p)
-    sizes = {_size(p) for p in left} & set(by_size) - {-1}
+    for p in (p for p in seen if stats[p]):  # copies: the bytes compared only where sizes agree
+        by_size.setdefault(stats[p].st_size, []).append(p)
+    sizes = {stats[p].st_size for p in left if stats[p]} & set(by_size)
     digests = {_digest(p) for n in sizes for p in by_size[n]}
-    copies = sum(_size(p) in sizes and _digest(p) in digests for p in left)
+    copies = sum(bool(stats[p]) and stats[p].st_size in sizes and _digest(p) in digests
+                 for p in left)  # fmt: skip
     return len(scored) - len(left) + copies
 
 
@@ -115,20 +122,16 @@ def _seen(meta: dict, used: tuple[str, ...]) -> set[str]:
     return {p for s in used for p in getattr(own.splits.get(s), "paths", None) or []}
 
 
-def _file_id(path: str) -> tuple[int, int] | str:
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _file_id(path: str, st: os.stat_result | None) -> tuple[int, int] | str:
     """One file however it is reached (a link, a hard link): its device and inode."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return path
-    return st.st_dev, st.st_ino
-
-
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return -1
+    return (st.st_dev, st.st_ino) if st else path
 
 
 def _digest(path: str) -> str:

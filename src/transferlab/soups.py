@@ -203,7 +203,7 @@ def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
         "init_sha256": ref["source"]["init_sha256"],
         "batchnorm": "recomputed on train",
     }
-    notes = [n for n in [leaks.inherited_note({"source": source}, ds)] if n]  # its ingredients'
+    notes = leaks.inherited_notes(source, ds)  # its ingredients'
     for note in notes:  # training images among its test images
         print(f"note: {note}", file=sys.stderr, flush=True)
     meta = {
