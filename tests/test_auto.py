@@ -187,10 +187,10 @@ def test_a_study_chooses_by_cv_builds_best_and_resumes(tmp_path, folder_data, sm
     if best.is_ensemble:
         assert best.info["fitted_on"] == "cv"
 
-    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "oof").iterdir()}
-    assert main(args + ["--resume"]) == 0  # finished candidates are not run again
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "oof").iterdir()} == stamps
-    assert "(scored again: a resumed study scores its choice)" in capsys.readouterr().out
+    stamps = {p: p.stat().st_mtime_ns for p in [*(out / "oof").iterdir(), *(out / "best").iterdir()]}  # fmt: skip
+    assert main(args + ["--resume"]) == 0  # finished candidates are not run again, nor is test
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # scored: the same choice, kept
+    assert "(scored before, kept: the same choice as then)" in capsys.readouterr().out
 
     (out / "best" / "mine.txt").write_text("keep me")  # best/ is rebuilt: refused at once
     spent = json.loads((out / "auto.json").read_text())["spent"]

@@ -285,10 +285,9 @@ def run(
         left = lambda: seconds - spent - (time.time() - t0)  # noqa: E731
         with _clock(out, lambda: seconds - left()):
             result = _study(out, ds, settings, cands, left, say, quiet)
-    scored = "scored again: a resumed study scores its choice" if resume else "scored once, now"
     log(
         f"[auto] {clock(seconds - left())} of {clock(seconds)}: best = {result['desc']}, CV "
-        f"top-1 {result['cv']['top1']:.2%}; test top-1 {result['test']['top1']:.2%} ({scored}) "
+        f"top-1 {result['cv']['top1']:.2%}; test top-1 {result['test']['top1']:.2%} ({result['scored']}) "
         f"-> {out / 'best'}"
     )
     return result

@@ -92,8 +92,9 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
         )
     for c, w in zip(done, best["weights"], strict=True):
         c.why = f"in best (weight {w:.2f})" if w > 0 else (c.why or "not chosen")
-    test = _build_best(out, done, best, quiet)
+    test, scored = _build_best(out, done, best, quiet)
     return {
+        "scored": scored,
         "desc": best["option"],
         "method": best["method"],
         "cv": {k: best[k] for k in ("top1", "loss")},
@@ -106,9 +107,10 @@ def _plain(v):
     return v.tolist() if isinstance(v, np.ndarray) else v
 
 
-def _build_best(out: Path, done: list[Candidate], best: dict, quiet: bool) -> dict:
+def _build_best(out: Path, done: list[Candidate], best: dict, quiet: bool) -> tuple[dict, str]:
     """DIR/best: the chosen probe's run copied, or an ensemble of the chosen members' runs (a
-    trained candidate's k fold runs share its weight); returns its test metrics."""
+    trained candidate's k fold runs share its weight); returns its test metrics and when they
+    were scored (before, where DIR/best already held this choice: `_kept`)."""
     runs, weights = [], []
     for c, w in zip(done, best["weights"], strict=True):
         if w <= 0:
@@ -118,15 +120,42 @@ def _build_best(out: Path, done: list[Candidate], best: dict, quiet: bool) -> di
         runs += members
         weights += [w / len(members)] * len(members)
     dest = out / "best"
+    method = "soft" if best["method"] == "single" else best["method"]
+    weights = list(np.asarray(weights) / np.sum(weights))
+    if (kept := _kept(dest, runs, method, weights)) is not None:
+        return kept, "scored before, kept: the same choice as then"
+    scored = (
+        "scored again: best/ rebuilt for another choice" if dest.exists() else "scored once, now"
+    )
     _clear(dest)
     if len(runs) == 1:
         shutil.copytree(runs[0], dest, ignore=shutil.ignore_patterns(".transferlab.lock", "state"))
-        return checkpoint.read_meta(dest)["metrics"]["test"]
-    method = "soft" if best["method"] == "single" else best["method"]
+        return checkpoint.read_meta(dest)["metrics"]["test"], scored
     how = "fitted on out-of-fold predictions over train+val (transferlab auto)"
-    params = {"weights": np.asarray(weights) / np.sum(weights)}
+    params = {"weights": np.asarray(weights)}
     info = ensembles.build([str(r) for r in runs], method, dest, quiet=quiet, fitted=(params, how))
-    return info["metrics"]["test"]
+    return info["metrics"]["test"], scored
+
+
+def _kept(dest: Path, runs: list[Path], method: str, weights: list[float]) -> dict | None:
+    """The test metrics of a DIR/best that already holds this choice, built from these runs'
+    weights (a resumed study that chooses as before: test is not scored again); else None."""
+    sha = [checkpoint.read_meta(r).get("weights_sha256") for r in runs]
+    if len(runs) == 1 and checkpoint.is_run(dest):
+        meta = checkpoint.read_meta(dest)
+        same = [meta.get("weights_sha256")] == sha
+        return meta["metrics"]["test"] if same else None
+    if not ensembles.is_ensemble(dest):
+        return None
+    info = ensembles.read(dest, resolve=False)
+    was = [(Path(m["run"]).resolve(), m["weights_sha256"], m["weight"]) for m in info["members"]]
+    now = [(Path(r).resolve(), s, w) for r, s, w in zip(runs, sha, weights, strict=True)]
+    same = (
+        info["method"] == method
+        and len(was) == len(now)
+        and all(a[:2] == b[:2] and abs(a[2] - b[2]) < 1e-6 for a, b in zip(was, now, strict=False))
+    )
+    return info["metrics"]["test"] if same else None
 
 
 REBUILT = "a study rebuilds best/ from its candidates when it ends"
