@@ -148,3 +148,31 @@ def test_a_convolution_whose_output_is_used_elsewhere_too_is_not_folded():
 
     m = _noisy_norms(Shared())
     assert models.fold_batchnorm(m, 8) is m
+
+
+def test_auto_precision_trains_in_fp32_where_a_cpu_bf16_conv_gradient_can_turn_nan(
+    tmp_path, monkeypatch, capsys
+):
+    """oneDNN's bf16 weight gradient of a strided 3x3 convolution on maps 1 pixel high is NaN
+    in the taps that see only padding (resnet50 on 8-px digits, a Xeon with AMX): --precision
+    auto trains such a model in fp32 and says why; --precision bf16 is kept, and said."""
+    import timm
+
+    r50 = timm.create_model("resnet50", num_classes=10)
+    assert models.bf16_grad_trap(r50, 16) == "layer4.0.conv2" and r50.training
+    assert models.bf16_grad_trap(r50, 20) == models.bf16_grad_trap(r50, 224) == ""
+    lite = timm.create_model("tf_efficientnet_lite0", num_classes=10)  # depthwise: exact
+    assert models.bf16_grad_trap(lite, 8) == ""
+
+    monkeypatch.setattr(evaluate, "bf16_supported", lambda: True)
+    meta = trainer.fit(tiny_cfg("digits", precision="auto", input_size=8, epochs=1, limit=64),
+                       tmp_path / "auto", quiet=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert meta["precision"] == "fp32" and "precision fp32, not bf16" in err
+    assert "(layer3.0.conv2)" in err
+    meta = trainer.fit(tiny_cfg("digits", precision="auto", input_size=32, epochs=1, limit=64),
+                       tmp_path / "large", quiet=True)  # fmt: skip
+    assert meta["precision"] == "bf16" and "NaN" not in capsys.readouterr().err
+    meta = trainer.fit(tiny_cfg("digits", precision="bf16", input_size=8, epochs=1, limit=64),
+                       tmp_path / "asked", quiet=True)  # fmt: skip
+    assert meta["precision"] == "bf16" and "--precision fp32 or a larger" in capsys.readouterr().err

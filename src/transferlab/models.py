@@ -357,6 +357,35 @@ def fold_batchnorm(model: nn.Module, input_size: int, channels: int = 3) -> nn.M
     return folded if pairs and close else model
 
 
+def bf16_grad_trap(model: nn.Module, input_size: int, channels: int = 3) -> str:
+    """The first convolution whose bf16 weight gradient the CPU's kernels (oneDNN, torch 2.14)
+    can fill with NaN, at this input size: not grouped, strided, wider than 1x1, on maps with a
+    side of 1 pixel (resnet50 under 20 px: layer4.0.conv2, whose taps that see only padding
+    got NaN where they are 0; fp32, depthwise and larger maps are exact:
+    `python benchmarks/bf16_conv_trap.py`); "" if none. Found by one eval-mode forward pass."""
+    hit: list[str] = []
+
+    def check(name):
+        def hook(m, args, out):
+            if min(args[0].shape[-2:]) == 1 and not hit:
+                hit.append(name)
+
+        return hook
+
+    suspects = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+                and m.groups == 1 and max(m.stride) > 1 and max(m.kernel_size) > 1]  # fmt: skip
+    hooks = [m.register_forward_hook(check(n)) for n, m in suspects]
+    was, device = model.training, next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, input_size, input_size, device=device))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return hit[0] if hit else ""
+
+
 def check_arch(name: str) -> None:
     """`dcnn`, a timm architecture, or one with a pretrained tag (`resnet50.a1_in1k`); hub and
     local-dir names are checked when their config is read."""
