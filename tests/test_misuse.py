@@ -211,6 +211,35 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
     assert (exp / "recipe.yaml").read_bytes() == text and sorted(os.listdir(exp)) == ["recipe.yaml"]
 
 
+def test_out_never_lands_in_a_folder_the_images_lie_in_and_a_tilde_the_shell_left_is_home(
+    capsys, folder_data, tmp_path, monkeypatch
+):
+    """The data folder's check missed the folders its images lie in outside it: a linked class
+    folder's target, the folders a CSV lists; `--out=~/x` (no shell expansion after =) made
+    a folder named ~ here."""
+    linked = tmp_path / "linked"
+    (linked / "train").mkdir(parents=True)
+    for c in "abcd":
+        (linked / "train" / c).symlink_to(folder_data / "train" / c)
+    shutil.copytree(folder_data / "test", linked / "test")
+    fail(capsys, "train", "--data", f"folder:{linked}", *TINY, "--out",
+         folder_data / "train" / "b" / "run", pattern="a folder the images of .* lie in")  # fmt: skip
+    rows = [f"{p},{p.parent.name}" for p in sorted((folder_data / "train").glob("*/*.png"))]
+    (tmp_path / "l.csv").write_text("file_name,label\n" + "\n".join(rows) + "\n")
+    for command in (["train", *TINY], ["auto", "--budget", "1m"]):
+        fail(capsys, *command, "--data", f"csv:{tmp_path / 'l.csv'}", "--out",
+             folder_data / "train" / "c" / "run", pattern="a folder the images of .* lie in")  # fmt: skip
+    assert sorted(p.name for p in (folder_data / "train").iterdir()) == ["a", "b", "c", "d"]
+    assert not list((folder_data / "train").glob("*/run"))
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(["train", "--data=digits", *TINY, "--limit", "60", "--out=~/runs/x", "--quiet"]) == 0
+    )
+    assert checkpoint.is_run(tmp_path / "home" / "runs" / "x") and not (tmp_path / "~").exists()
+
+
 def test_a_transferlab_folder_among_class_folders_is_not_a_class(tmp_path):
     """A run written beside the class folders (--out for CSV data whose images live there)
     became a class of its plots, read by every later run on that folder."""

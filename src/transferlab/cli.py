@@ -397,6 +397,11 @@ def console() -> int:
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """One command; `started`: when its wall clock began (None: now)."""
     args = build_parser().parse_args(argv)
+    for key, value in vars(args).items():  # `--out=~/x`, quoted '~/x': the shell left the ~
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, key, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, key, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
     args.started = started
     who = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # data shard
     warnings.formatwarning = _one_line_warning

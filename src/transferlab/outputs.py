@@ -321,11 +321,24 @@ def refuse_overlap(
             )
 
 
-def refuse_writing_into(folder: str | Path, out: str | Path, cache_dir: str | None) -> None:
+def refuse_writing_into(
+    folder: str | Path, out: str | Path, cache_dir: str | None, splits: dict | None = None
+) -> None:
     """Neither --out nor the decode cache (--cache-dir, else $TRANSFERLAB_CACHE; the default
-    is the user's own) is, holds or sits inside the data folder a command reads."""
+    is the user's own) is, holds or sits inside the data folder a command reads, nor, given
+    its `splits`, a folder their images lie in (a linked class folder, a CSV's images)."""
     from .decoding import named_cache
 
-    refuse_overlap(out, [folder], "the data folder")
-    if named := named_cache(cache_dir):
-        refuse_overlap(named[0], [folder], "the data folder", named[1])
+    named = named_cache(cache_dir)
+    paths = [p for s in (splits or {}).values() for p in s.paths or ()]  # (shards: none)
+    dirs = sorted({Path(os.path.realpath(d)) for d in {os.path.dirname(p) for p in paths}})
+    for place, flag in [(out, "--out"), *([named] if named else [])]:
+        refuse_overlap(place, [folder], "the data folder", flag)
+        resolved = Path(place).expanduser().resolve()
+        above = {resolved, *resolved.parents}
+        for d in dirs:
+            if d in above or resolved in d.parents:
+                raise UserError(
+                    f"{flag} {place} overlaps {d}, a folder the images of {folder} lie in: a "
+                    f"command never writes into its own input; choose another {flag}"
+                )
