@@ -25,6 +25,7 @@ def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
 def test_readme_onnx_example_runs(trained_run, tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxruntime")
     import numpy as np
+    from PIL import Image
 
     import transferlab
     from transferlab import export
@@ -37,17 +38,27 @@ def test_readme_onnx_example_runs(trained_run, tmp_path, monkeypatch, capsys):
     wide = photo.resize((90, 50))
     wide.paste(photo.rotate(90).crop((0, 0, 40, 50)), (50, 0))
     wide.save("photo.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turned 90 degrees, as phones save photos
+    wide.save("turned.jpg", exif=exif, quality=95)
+    gray = np.asarray(wide.convert("L"), np.uint16) * 257  # 16-bit, the full range
+    Image.fromarray(gray).save("deep.png")
+    see_through = wide.convert("RGBA")
+    see_through.putalpha(Image.linear_gradient("L").resize(wide.size))
+    see_through.save("glass.png")
     design = README.parent / "docs" / "DESIGN.md"
-    ns = {}
-    exec(compile(example("onnx-example", design).replace("photo.jpg", "photo.png"),
-                 "DESIGN onnx-example", "exec"), ns)  # fmt: skip
-    assert capsys.readouterr().out.strip() in {"a", "b", "c", "d"}
-    want = transferlab.load(trained_run).predict("photo.png", top_k=4)[0]["predictions"]
-    got = np.exp(ns["logits"] - ns["logits"].max())
-    got = got / got.sum()  # as transferlab predicts: the same crop, resampling and numbers
-    assert [round(float(got[ns["meta"]["class_names"].index(p["class"])]), 3) for p in want] == [
-        round(p["prob"], 3) for p in want
-    ]
+    model = transferlab.load(trained_run)
+    for name in ("photo.png", "turned.jpg", "deep.png", "glass.png"):
+        ns = {}
+        exec(compile(example("onnx-example", design).replace("photo.jpg", name),
+                     "DESIGN onnx-example", "exec"), ns)  # fmt: skip
+        assert capsys.readouterr().out.strip() in {"a", "b", "c", "d"}
+        want = model.predict(name, top_k=4)[0]["predictions"]
+        got = np.exp(ns["logits"] - ns["logits"].max())
+        got = got / got.sum()  # as transferlab predicts: the same crop, resampling and numbers
+        assert [
+            round(float(got[ns["meta"]["class_names"].index(p["class"])]), 3) for p in want
+        ] == [round(p["prob"], 3) for p in want], name
 
 
 def test_api_takes_what_people_hold(trained_run, folder_data, tmp_path):
