@@ -229,6 +229,9 @@ def test_out_never_lands_in_a_folder_the_images_lie_in_and_a_tilde_the_shell_lef
     for command in (["train", *TINY], ["auto", "--budget", "1m"]):
         fail(capsys, *command, "--data", f"csv:{tmp_path / 'l.csv'}", "--out",
              folder_data / "train" / "c" / "run", pattern="a folder the images of .* lie in")  # fmt: skip
+    (tmp_path / "r.yaml").write_text(f"data: csv:{tmp_path / 'l.csv'}\nsteps: [{{train: a}}]\n")
+    fail(capsys, "run", tmp_path / "r.yaml", "--out", folder_data / "train" / "d" / "run",
+         pattern="a folder the images of .* lie in")  # (its recipe.yaml was left there) # fmt: skip
     assert sorted(p.name for p in (folder_data / "train").iterdir()) == ["a", "b", "c", "d"]
     assert not list((folder_data / "train").glob("*/run"))
 

@@ -238,8 +238,9 @@ def _refuse_out_in_data(recipe: dict, out: Path) -> None:
     caches = sorted({str(d["cache_dir"]) for d in every if d.get("cache_dir") not in (None, "off")})
     for spec in sorted({str(d["data"]) for d in every if d.get("data")}):
         kind, _, arg = spec.partition(":")
-        if kind in data.PATH_KINDS and arg:
-            outputs.refuse_writing_into(arg, out, None)  # --out, $TRANSFERLAB_CACHE
+        if kind in data.PATH_KINDS and arg:  # (and where its images lie: a CSV's, linked)
+            splits = data.load(spec).splits if kind in ("csv", "folder") else None
+            outputs.refuse_writing_into(arg, out, None, splits)  # --out, $TRANSFERLAB_CACHE
             for cache in caches:  # (refused at its step, after the steps before it)
                 outputs.refuse_overlap(cache, [arg], "the data folder", "cache_dir")
 
