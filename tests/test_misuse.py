@@ -226,8 +226,9 @@ def test_out_never_lands_in_a_folder_the_images_lie_in_and_a_tilde_the_shell_lef
          folder_data / "train" / "b" / "run", pattern="a folder the images of .* lie in")  # fmt: skip
     rows = [f"{p},{p.parent.name}" for p in sorted((folder_data / "train").glob("*/*.png"))]
     (tmp_path / "l.csv").write_text("file_name,label\n" + "\n".join(rows) + "\n")
-    for command in (["train", *TINY], ["auto", "--budget", "1m"]):
-        fail(capsys, *command, "--data", f"csv:{tmp_path / 'l.csv'}", "--out",
+    for command in (["train", *TINY], ["auto", "--budget", "1m"], ["data", "shard", "--quiet"]):
+        data_flag = ["--data"] if command[0] != "data" else []
+        fail(capsys, *command, *data_flag, f"csv:{tmp_path / 'l.csv'}", "--out",
              folder_data / "train" / "c" / "run", pattern="a folder the images of .* lie in")  # fmt: skip
     (tmp_path / "r.yaml").write_text(f"data: csv:{tmp_path / 'l.csv'}\nsteps: [{{train: a}}]\n")
     fail(capsys, "run", tmp_path / "r.yaml", "--out", folder_data / "train" / "d" / "run",

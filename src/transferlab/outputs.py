@@ -330,15 +330,20 @@ def refuse_writing_into(
     from .decoding import named_cache
 
     named = named_cache(cache_dir)
-    paths = [p for s in (splits or {}).values() for p in s.paths or ()]  # (shards: none)
-    dirs = sorted({Path(os.path.realpath(d)) for d in {os.path.dirname(p) for p in paths}})
     for place, flag in [(out, "--out"), *([named] if named else [])]:
         refuse_overlap(place, [folder], "the data folder", flag)
-        resolved = Path(place).expanduser().resolve()
-        above = {resolved, *resolved.parents}
-        for d in dirs:
-            if d in above or resolved in d.parents:
-                raise UserError(
-                    f"{flag} {place} overlaps {d}, a folder the images of {folder} lie in: a "
-                    f"command never writes into its own input; choose another {flag}"
-                )
+        refuse_image_folders(place, splits or {}, folder, flag)
+
+
+def refuse_image_folders(place: str | Path, splits: dict, folder, flag: str = "--out") -> None:
+    """`place` is not, holds or sits inside a folder the `splits`' images lie in (links
+    resolved), which can be outside their data `folder`: a linked class folder, a CSV's."""
+    paths = [p for s in splits.values() for p in s.paths or ()]  # (shards: none)
+    resolved = Path(place).expanduser().resolve()
+    above = {resolved, *resolved.parents}
+    for d in sorted({Path(os.path.realpath(d)) for d in {os.path.dirname(p) for p in paths}}):
+        if d in above or resolved in d.parents:
+            raise UserError(
+                f"{flag} {place} overlaps {d}, a folder the images of {folder} lie in: a "
+                f"command never writes into its own input; choose another {flag}"
+            )
