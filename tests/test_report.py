@@ -249,3 +249,35 @@ def test_a_run_named_with_a_pipe_or_made_with_a_newline_keeps_its_table_row_whol
     header = table[0].count("|")
     rows = [line for line in table if "a\\|b" in line or "c\\nd" in line]
     assert len(rows) == 2 and all(re.sub(r"\\\|", "", row).count("|") == header for row in rows)
+
+
+def test_a_report_a_user_wrote_into_is_never_written_over(trained_run, tmp_path):
+    """report.md and results.csv with a user's notes added were replaced without a word (only
+    their first line was read): each file's sha256 as written is kept, and a changed one is
+    refused by report and by --overwrite of the run folder it is in, and left as it is."""
+    from transferlab import trainer
+
+    from conftest import tiny_cfg
+
+    shutil.copytree(trained_run, tmp_path / "tiny")
+    report.write(tmp_path)
+    report.write(tmp_path)  # unchanged since: written again
+    for name, line in (
+        ("report.md", "\nmy conclusion: ship it\n"),
+        ("results.csv", "x,,,MY NOTE\n"),
+    ):
+        path, was = tmp_path / name, (tmp_path / name).read_bytes()
+        path.write_bytes(was + line.encode())
+        with pytest.raises(UserError, match=f"{name} was changed since transferlab report wrote"):
+            report.write(tmp_path)
+        assert path.read_bytes() == was + line.encode()
+        path.write_bytes(was)  # the notes taken out: its own again
+    report.write(tmp_path)
+    report.write(tmp_path / "tiny")  # a report inside a run folder, with notes added
+    (tmp_path / "tiny" / "report.md").write_text(
+        (tmp_path / "tiny" / "report.md").read_text() + "mine"
+    )
+    cfg = tiny_cfg("digits", epochs=1, limit=60)
+    with pytest.raises(UserError, match="report.md"):
+        trainer.fit(cfg, tmp_path / "tiny", overwrite=True, quiet=True)
+    assert (tmp_path / "tiny" / "report.md").read_text().endswith("mine")

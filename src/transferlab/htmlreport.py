@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, decoding, ensembles, evaluate, plots
+from . import checkpoint, data, decoding, ensembles, evaluate, outputs, plots
 from .config import UserError
 from .folds import load_as_run
 
@@ -243,7 +243,7 @@ on augmented batches during training. Click a column header to sort.</p>
 </body></html>
 """
     out = root / "report.html"
-    checkpoint.write_text(out, page)
+    outputs.write_report_file(out, page)
     return out
 
 

@@ -41,6 +41,7 @@ OWNED = (
     "export/ensemble.onnx.data", "export/hf/config.json", "export/hf/model.safetensors",
     *(f"export/hf/.hf-*/{f}" for f in ("config.json", "model.safetensors")),  # a killed export's
     f"explain/{_D * 3}*-gradcam.png", "shards.json", *(f"{s}-{_D * 6}.tar" for s in _SPLITS),
+    ".transferlab-report.json",
 )  # fmt: skip
 TEMP = ".*.tmp"  # a temp file of an interrupted atomic write (checkpoint.atomic_path)
 # Report files, recognised by how their text starts (a user's own file of that name is not ours).
@@ -49,6 +50,7 @@ REPORTS = {
     "results.csv": ("model,arch,weights", "model,data,arch,weights"),  # runs on 1 or more data
     "report.html": "<!doctype html>",
 }
+REPORT_SHA = ".transferlab-report.json"  # each report file's sha256 as written: edited, not ours
 
 
 def read_mark(folder: Path) -> dict | None:
@@ -94,19 +96,51 @@ def owned(rel: str, path: Path) -> bool:
     return rel in REPORTS and is_report(path)
 
 
-def is_report(path: Path) -> bool:
-    """A report.md / results.csv / report.html that `transferlab report` wrote."""
-    start = REPORTS.get(Path(path).name)
+def is_report(path: Path, edited_too: bool = False) -> bool:
+    """A report.md / results.csv / report.html that `transferlab report` wrote, unchanged since
+    (its sha256 in REPORT_SHA; reports from before it by their start only); `edited_too`: or
+    changed since (a user's notes added)."""
+    path = Path(path)
+    start = REPORTS.get(path.name)
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             head = f.read(400)
+        written = _report_shas(path.parent).get(path.name)
+        same = written is None or edited_too or _sha(path.read_bytes()) in written
     except OSError:
         return False
     return (
         bool(start)
         and head.startswith(start)
         and (start != "<!doctype html>" or "transferlab report" in head)
+        and same
     )
+
+
+def write_report_file(path: Path, text: str) -> None:
+    """Write a report file, its sha256 recorded first, beside the one before it (a kill between
+    the two writes leaves the file as either, each recognised as transferlab's)."""
+    from .checkpoint import atomic_path, write_json
+
+    shas, data = _report_shas(path.parent), text.encode("utf-8")
+    shas[path.name] = [*shas.get(path.name, [])[-1:], _sha(data)]
+    write_json(path.parent / REPORT_SHA, shas)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _report_shas(folder: Path) -> dict:
+    try:
+        shas = json.loads((folder / REPORT_SHA).read_text())
+        return shas if isinstance(shas, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def _few(names: list[str], n: int = 3) -> str:

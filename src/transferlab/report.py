@@ -197,10 +197,10 @@ def check_writable(root: Path) -> None:
     for name in outputs.REPORTS:
         path = Path(root) / name
         if path.exists() and not outputs.is_report(path):
-            raise UserError(
-                f"{path} was not written by transferlab report; it is left as it is: "
-                "move it or report another folder"
-            )
+            how = ("was changed since transferlab report wrote it (notes of yours?)"
+                   if outputs.is_report(path, edited_too=True) else
+                   "was not written by transferlab report")  # fmt: skip
+            raise UserError(f"{path} {how}; it is left as it is: move it or report another folder")
 
 
 def _is_study(folder: Path) -> bool:
@@ -298,11 +298,11 @@ def _write(root: Path) -> tuple[Path, str]:
             rel = r["_curves"].relative_to(root)
             parts += [f"### {r['model']}", "", f"![{r['model']} curves]({rel})", ""]
     path = root / "report.md"
-    checkpoint.write_text(path, "\n".join(parts))
+    outputs.write_report_file(path, "\n".join(parts))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns(rows), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    checkpoint.write_text(root / "results.csv", buf.getvalue())
+    outputs.write_report_file(root / "results.csv", buf.getvalue())
     htmlreport.write_html(root, rows, columns(rows))
     return path, table
