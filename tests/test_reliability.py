@@ -552,6 +552,17 @@ def test_S16_a_run_that_skipped_bad_images_is_rescored_as_it_scored_itself(tmp_p
     ens = ["ensemble", str(tmp_path / "r"), str(twin), "--out", str(tmp_path / "e")]
     assert main([*ens, "--tta", "flip"]) == 0  # members predict again, without it
     assert "left out 1 unreadable test image(s)" in capsys.readouterr().err
+    # recorded with the score and marked where it is kept (it was said by evaluate only)
+    said = "test score on 19 of the 20 test images: 1 unreadable left out (--skip-bad-images)"
+    assert checkpoint.read_meta(tmp_path / "r")["notes"] == [said]
+    assert main([*ens[:-1], str(tmp_path / "e2")]) == 0  # from the members' saved logits
+    for e in ("e", "e2"):
+        assert json.loads((tmp_path / e / "ensemble.json").read_text())["notes"] == [said]
+    assert main(["report", str(tmp_path)]) == 0
+    table = (tmp_path / "report.md").read_text() + (tmp_path / "results.csv").read_text()
+    for name in ("r", "twin", "e", "e2"):
+        assert f"| {name} (test score on 19 of the 20 test images) |" in table
+        assert f"\n{name} (test score on 19 of the 20 test images)," in table
 
 
 def test_S16_unreadable_images_of_every_split_are_named_at_once(tmp_path, capsys):

@@ -64,6 +64,7 @@ def member_logp(
         else:
             notes.append(said)
     loaded = len(ds.notes)  # a member that skipped bad images when trained skips them here
+    listed = {split: len(ds.splits[split]) for split in splits}
     per_member = {split: [] for split in splits}
     per_member_feats = {split: [] for split in splits}
     targets = {}
@@ -96,6 +97,9 @@ def member_logp(
             first["classes"], first["class_names"], ds.classes, ds.names, f"run {runs[0]}"
         )
         targets = {split: to_first[ds.splits[split].labels] for split in splits}
+    if notes is not None and "test" in splits and (n := len(targets["test"])) < listed["test"]:
+        notes.append(f"test score on {n} of the {listed['test']} test images: "
+                     f"{listed['test'] - n} unreadable left out (--skip-bad-images)")  # fmt: skip
     logp = {split: np.stack(per_member[split]) for split in splits}
     feats = (
         {split: np.concatenate(per_member_feats[split], axis=1) for split in splits}
