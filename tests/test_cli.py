@@ -218,8 +218,10 @@ def test_recipe_end_to_end_then_evaluate_json_and_report(capsys, tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     for name in ("net", "net-ft", "dcnn", "ens", "curves.png"):
         assert name in report
-    code, out, _ = run_cli(capsys, "evaluate", tmp_path / "out" / "net", "--json")
-    result = json.loads(out.strip().splitlines()[-1])
+    code, out, err = run_cli(capsys, "evaluate", tmp_path / "out" / "net", "--json")
+    result = json.loads(out)  # stdout is the JSON alone (jq, json.load); the summary: stderr
+    assert "top-1" in err and "confusion matrix ->" in err
+    assert run_cli(capsys, "--quiet", "evaluate", tmp_path / "out" / "net", "--json")[1:] == (out, "")  # fmt: skip
     meta = json.loads((tmp_path / "out" / "net" / "meta.json").read_text())
     assert result["top1"] == meta["metrics"]["test"]["top1"] and result["n"] == 36
     assert result["macro_f1"] == meta["metrics"]["test"]["macro_f1"]

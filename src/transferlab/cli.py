@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import os
 import re
@@ -190,7 +191,8 @@ def _result_commands(sub) -> None:
     p.add_argument("--data", help="dataset spec [the one it was trained on]")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="the split scored (val is carved from train, as when it was trained) [test]")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    p.add_argument("--json", action="store_true",
+                   help="print the metrics as one JSON object, alone on stdout (the summary on stderr)")  # fmt: skip
     p.add_argument("--tta", help=TTA_HELP + " [none; an ensemble: its own]")
 
     p = _sub(sub, "ensemble", "combine runs (any architecture, input size, channels)")
@@ -301,18 +303,20 @@ def cmd_evaluate(args) -> None:
 
     result = ensembles.evaluate_path(args.path, args.data, args.split, args.quiet, args.tta)
     m = result["metrics"]
-    for note in result["notes"]:  # on stderr: `--json | tail -1` keeps the numbers
+    for note in result["notes"]:  # on stderr: `--json` leaves stdout to the numbers
         print(f"note: {note}", file=sys.stderr)
-    print(
+    say = functools.partial(print, file=sys.stderr if args.json else sys.stdout)  # --json:
+    say = (lambda *a: None) if args.json and args.quiet else say  # stdout is the JSON alone
+    say(
         f"{args.path} on {result['data']} [{args.split}]: top-1 {m['top1']:.2%}  "
         f"top-5 {m['top5']:.2%}  macro-F1 {m['macro_f1']:.2%}  balanced accuracy "
         f"{m['balanced_accuracy']:.2%}  loss {m['loss']:.4f}  n={m['n']}"
     )
     if m["most_confused"]:
-        print("most confused (true -> predicted: count): " + ", ".join(
+        say("most confused (true -> predicted: count): " + ", ".join(
             f"{c['true']} -> {c['predicted']}: {c['count']}" for c in m["most_confused"]
         ))  # fmt: skip
-    print(f"confusion matrix -> {result['confusion']}  (per-class precision/recall/F1: --json)")
+    say(f"confusion matrix -> {result['confusion']}  (per-class precision/recall/F1: --json)")
     if args.json:  # with what the notes said (a score that is not a test score)
         print(json.dumps(m | {"notes": result["notes"]}))
 
