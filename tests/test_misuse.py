@@ -532,6 +532,13 @@ def test_S34_one_class_is_refused_and_classes_missing_from_a_split_are_listed(tm
     make_image(2, 0).save(root / "wolf" / "0.png")
     ds = data.load(f"folder:{root}")
     assert any("have no" in n and "wolf" in n for n in ds.notes), ds.notes
+    # class folders a level too deep: said as such ("class folder has no images" said neither)
+    deep = make_folder(tmp_path / "deep" / "photos", ["cat", "dog"], 5, subsets=("",)).parent
+    with pytest.raises(UserError, match=f"holds one folder, photos, which holds folders \\(cat, dog\\): if they are the class folders, point --data at {deep / 'photos'}$"):  # fmt: skip
+        data.load(f"folder:{deep}")
+    below = make_folder(tmp_path / "below", ["cat/imgs", "dog/imgs"], 5, subsets=("",))
+    with pytest.raises(UserError, match="cat has no images, only folders \\(imgs\\): .* not below; move them up"):  # fmt: skip
+        data.load(f"folder:{below}")
 
 
 def test_S34_skipped_class_folders_and_files_are_listed(capsys, tmp_path):

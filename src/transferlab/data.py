@@ -360,8 +360,8 @@ def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
     left: dict[str, list[str]] = {"hidden": [], "other": [], "folder": []}  # what is not read
     for i, name in enumerate(classes):
         files = _image_files(root / name)
-        if not files:
-            raise UserError(f"class folder has no images: {root / name}")
+        if not files:  # (or they lie a folder below)
+            raise UserError(_no_images(root, name, len(classes) == 1))
         paths += files
         labels += [i] * len(files)
         for f in (root / name).iterdir():
@@ -381,6 +381,15 @@ def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
                 f"skipped {len(names)} {what} in {root} {why}: {', '.join(names[:5])}{more}"
             )
     return Split(np.array(labels, dtype=np.int64), paths=paths)
+
+
+def _no_images(root: Path, name: str, alone: bool) -> str:
+    subs = ", ".join(sorted(d.name for d in _visible_dirs(root / name, [])))
+    where = f"{root} holds one folder, {name}, which holds folders ({subs}): if they are the "
+    where += f"class folders, point --data at {root / name}"
+    below = f"class folder {root / name} has no images, only folders ({subs}): a class's images "
+    below += "are read from its own folder, not below; move them up into it"
+    return (where if alone else below) if subs else f"class folder has no images: {root / name}"
 
 
 NATIVE_SAMPLE = 64  # files whose sizes decide a folder's native size
@@ -413,8 +422,7 @@ def carve(split: Split, fraction: float) -> tuple[Split, Split]:
     idx = np.arange(len(split))
     counts = np.bincount(split.labels)
     n_classes = int((counts > 0).sum())
-    n_held = max(1, int(np.ceil(fraction * len(idx))))
-    stratify = None
+    n_held, stratify = max(1, int(np.ceil(fraction * len(idx)))), None
     if counts[counts > 0].min() >= 2:  # stratify, with at least one held-out image per class
         n_held, stratify = max(n_held, n_classes), split.labels
     if len(idx) - n_held < 1:
