@@ -133,11 +133,12 @@ def load(
         splits = {k: v.subset(stratified_head(v.labels, limit)) for k, v in splits.items()}
     sizes = ", ".join(f"{k} {len(splits[k])} ({origin[k]})" for k in ("train", "val", "test"))
     notes.append(f"splits: {sizes}")
+    few = f"--limit {limit}, under the {len(classes)} classes" if limit and limit < len(classes) else "too few images"  # fmt: skip
     for name in ("train", "val", "test"):
         absent = sorted(set(range(len(classes))) - set(splits[name].labels.tolist()))
         if absent:
             notes.append(
-                f"{len(absent)} class(es) have no {name} image (too few images): "
+                f"{len(absent)} class(es) have no {name} image ({few}): "
                 + ", ".join(classes[i] for i in absent[:5])
                 + (" ..." if len(absent) > 5 else "")
             )
@@ -439,8 +440,7 @@ def stratified_head(labels: np.ndarray, limit: int) -> np.ndarray:
     """Indices of at most `limit` samples, spread evenly over classes, seeded."""
     if limit >= len(labels):
         return np.arange(len(labels))
-    rng = np.random.default_rng(SPLIT_SEED)
-    perm = rng.permutation(len(labels))
+    perm = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
     rank = np.zeros(len(labels), dtype=np.int64)
     seen: dict[int, int] = {}
     for i in perm:  # rank of each sample within its class, in permuted order
