@@ -375,7 +375,7 @@ def test_csv_header_spaces_are_ignored_and_labels_differing_in_case_are_noted(tm
     rows = [f"img/{i}.png,{['red', 'RED', 'blue'][i % 3]}" for i in range(24)]
     ds = data.load(f"csv:{_csv_data(tmp_path, rows, 'file_name, label')}")
     assert ds.classes == ["RED", "blue", "red"]
-    assert "labels that differ only in case are separate classes: RED, red" in ds.notes
+    assert "class names that differ only in case are separate classes: RED, red" in ds.notes
 
 
 def test_a_split_with_other_classes_names_them_in_words(tmp_path):

@@ -532,6 +532,8 @@ def test_S34_one_class_is_refused_and_classes_missing_from_a_split_are_listed(tm
     make_image(2, 0).save(root / "wolf" / "0.png")
     ds = data.load(f"folder:{root}")
     assert any("have no" in n and "wolf" in n for n in ds.notes), ds.notes
+    twins = make_folder(tmp_path / "twins", ["Cat", "cat", "dog"], 5, subsets=("",))
+    assert "class names that differ only in case are separate classes: Cat, cat" in data.load(f"folder:{twins}").notes  # fmt: skip
     notes = data.load("digits", limit=5).notes  # (it blamed "too few images")
     assert "5 class(es) have no train image (--limit 5, under the 10 classes): " in " ".join(notes)
     # class folders a level too deep: said as such ("class folder has no images" said neither)

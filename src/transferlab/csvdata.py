@@ -51,12 +51,7 @@ def source(file: str, notes: list[str]):
     if "train" not in by_split:
         raise UserError(f"{file}: no train rows (rows without a split column value are train)")
     labels = {label for _, label, _ in by_split["train"]}
-    by_case: dict[str, list[str]] = {}
-    for label in labels:
-        by_case.setdefault(label.lower(), []).append(label)
-    folded = sorted(c for same in by_case.values() if len(same) > 1 for c in same)
-    if folded:  # kept apart, as given; likely one class typed two ways
-        notes.append(f"labels that differ only in case are separate classes: {', '.join(folded)}")
+    # (labels that differ only in case: kept apart, as given, and said by data.load)
     # numbers in numeric order ("01" before "1": ties by text, so the order never varies)
     classes = sorted(
         labels, key=lambda c: (0, int(c), c) if c.isascii() and c.isdigit() else (1, c)

@@ -115,6 +115,8 @@ def load(
         raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
     notes: list[str] = []
     classes, names, given, native_size_, channels = SOURCES[kind](arg, notes)
+    if twins := sorted(c for c in classes if [d.lower() for d in classes].count(c.lower()) > 1):
+        notes.append(f"class names that differ only in case are separate classes: {', '.join(twins)}")  # fmt: skip
     if len(classes) < 2:
         raise UserError(
             f"{spec} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least "
@@ -162,10 +164,7 @@ def carve_val(given: dict[str, Split], origin: dict, val_fraction: float) -> dic
     """The source's val split, or `val_fraction` of train (never of test)."""
     if "val" not in given:
         given["train"], given["val"] = carve(given["train"], val_fraction)
-        origin["val"], origin["train"] = (
-            f"{val_fraction:.0%} of train by --val-fraction",
-            "what remains",
-        )
+        origin["val"], origin["train"] = f"{val_fraction:.0%} of train by --val-fraction", "what remains"  # fmt: skip
     return {k: given[k] for k in ("train", "val", "test")}
 
 
