@@ -1,6 +1,9 @@
 """Grad-CAM (the grad-cam package) through `transferlab explain`: it points where the evidence
 is, and the command writes one overlay per image without touching anything else."""
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -56,6 +59,9 @@ def test_explain_writes_an_overlay_per_image_for_the_predicted_or_named_class(
                  str(tmp_path / "cam")]) == 0  # fmt: skip
     assert "Grad-CAM of d -> " in capsys.readouterr().out
     assert len(list((tmp_path / "cam").glob("*-gradcam.png"))) == 1
+    shutil.copy(files[0], tmp_path / "new\nline.png")  # a name with a newline: not in its overlay's
+    made = explain.explain(trained_run, [str(tmp_path / "new\nline.png")], tmp_path / "cam1")
+    assert Path(made[0]["overlay"]).name == "000-new_line-gradcam.png"
     (tmp_path / "fake.png").write_bytes(b"not an image")  # was left out without a word
     explain.explain(trained_run, [files[0], str(tmp_path / "fake.png")], tmp_path / "cam2")
     assert "skipped: " in capsys.readouterr().err

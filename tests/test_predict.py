@@ -93,6 +93,8 @@ def test_cli_formats(trained_run, images, capsys):
     lines = predict.table(rows).splitlines()  # wide characters take two columns: aligned
     at = [predict._width(line[: line.index("a 0.500")]) for line in lines[1:]]  # columns
     assert at == [10, 10] and lines[0].index("top-1") == 10
+    rows = [{"path": "new\nline.png", "predictions": [{"name": "a", "prob": 0.5}]}]
+    assert predict.table(rows).splitlines()[1].split() == ["new\\nline.png", "a", "0.500"]
 
 
 def test_cli_errors_are_one_line(trained_run, images, tmp_path, capsys):

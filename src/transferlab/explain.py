@@ -104,7 +104,8 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
     taken = [int(n) for n in names_there if n.isdigit()]
     rows, start = [], max(taken, default=-1) + 1  # RUN/explain gathers: none is written over
     for i, (f, picture) in enumerate(zip(kept, blended, strict=True)):
-        stem = Path(f).stem if isinstance(f, str) else f"image-{i}"
+        name = Path(f).stem if isinstance(f, str) else f"image-{i}"
+        stem = "".join(c if c.isprintable() else "_" for c in name)  # (a newline in a name)
         path = folder / f"{start + i:03d}-{stem}-gradcam.png"
         pred = int(prob[i].argmax())
         explained = pred if index is None else index

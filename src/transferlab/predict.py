@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from . import checkpoint, combiners, data, decoding, ensembles, evaluate, members, models
-from .config import UserError
+from .config import UserError, one_line
 
 
 def image_files(inputs: list[str]) -> list[str]:
@@ -238,7 +238,8 @@ def table(rows: list[dict]) -> str:
     k = len(rows[0]["predictions"])
     cells = [["file"] + [f"top-{r + 1}" for r in range(k)]]
     cells += [
-        [row["path"]] + [f"{p['name']} {p['prob']:.3f}" for p in row["predictions"]] for row in rows
+        [one_line(row["path"])] + [f"{p['name']} {p['prob']:.3f}" for p in row["predictions"]]
+        for row in rows  # (a newline in a file name: escaped, the row kept whole)
     ]
     widths = [max(_width(c[i]) for c in cells) for i in range(len(cells[0]))]
     return "\n".join(
