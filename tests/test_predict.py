@@ -29,13 +29,15 @@ def images(tmp_path):
 def test_predict_a_run_on_a_folder_skips_unreadable_files(trained_run, images):
     os.mkfifo(images / "pipe.png")  # its read blocked forever
     (images / "album.jpg").mkdir()  # was a skipped image, IsADirectoryError
+    (images / "gone.jpg").symlink_to(images / "nowhere.jpg")  # was left out without a word
     rows, bad = predict.predict(trained_run, [str(images)], top_k=3, quiet=True)
     assert sorted(r["path"].split("photos/")[1] for r in rows) == [
         "a.png",
         "sub/alpha.png",
         "sub/gray.jpg",
     ]
-    assert len(bad) == 1 and "broken.jpg" in bad[0]
+    assert len(bad) == 2 and "broken.jpg" in bad[0] and "gone.jpg" in bad[1]
+    (images / "gone.jpg").unlink()
     classes = checkpoint.read_meta(trained_run)["classes"]
     for row in rows:
         probs = [p["prob"] for p in row["predictions"]]

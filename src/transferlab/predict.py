@@ -37,8 +37,8 @@ def image_files(inputs: list[str]) -> list[str]:
                 for f in p.rglob("*")
                 if f.suffix.lower() in data.IMAGE_EXTENSIONS
                 and not f.name.startswith(".")
-                and f.is_file()  # a pipe named x.png blocked the read forever; x.png/ is a folder
-            )
+                and (f.is_file() or not f.exists())  # a pipe named x.png blocked the read
+            )  # forever; x.png/ is a folder; a broken link is listed, then skipped with a line
             ours = {d for d in {f.parent for f in found} if _in_ours(d, p)}
             kept = [f for f in found if f.parent not in ours]
             if len(kept) < len(found):  # runs' plots and overlays among the photos: not photos
