@@ -128,6 +128,8 @@ def test_a_soup_stopped_before_it_finished_is_made_again(snapshot_run, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         soups.make(snaps, "uniform", tmp_path / "s", quiet=True)
     assert not (tmp_path / "s" / checkpoint.META).exists()
+    with pytest.raises(UserError, match="whose command stopped before it finished .*: run that"):
+        checkpoint.read_meta(tmp_path / "s")  # evaluate, predict: "not a run folder"
     monkeypatch.undo()
     (tmp_path / "s" / "mine.txt").write_text("keep")  # a user's file: never replaced
     with pytest.raises(UserError, match="--overwrite would delete files transferlab did not"):

@@ -231,6 +231,13 @@ def read_meta(run: str | Path) -> dict:
         raise UserError(f"{run} is a run that has not finished ({unfinished(run)})")
     if not path.is_file() and (run / "ensemble.json").is_file():
         raise UserError(f"{run} is an ensemble, not a run folder: name one of its members")
+    from .outputs import read_mark
+
+    if not path.is_file() and (read_mark(run) or {}).get("kind") in ("run", "ensemble"):
+        raise UserError(  # (a soup killed while it averaged)
+            f"{run} is a transferlab folder whose command stopped before it finished "
+            "(it holds no results): run that command again"
+        )
     if not path.is_file():
         raise UserError(f"not a run folder (no {META}): {run}")
     try:
