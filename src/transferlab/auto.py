@@ -285,11 +285,9 @@ def run(
         left = lambda: seconds - spent - (time.time() - t0)  # noqa: E731
         with _clock(out, lambda: seconds - left()):
             result = _study(out, ds, settings, cands, left, say, quiet)
-    log(
-        f"[auto] {clock(seconds - left())} of {clock(seconds)}: best = {result['desc']}, CV "
-        f"top-1 {result['cv']['top1']:.2%}; test top-1 {result['test']['top1']:.2%} ({result['scored']}) "
-        f"-> {out / 'best'}"
-    )
+    cv, test = result["cv"]["top1"], result["test"]["top1"]
+    log(f"[auto] {clock(seconds - left())} of {clock(seconds)}: best = {result['desc']}, CV top-1 "
+        f"{cv:.2%}; test top-1 {test:.2%} ({result['scored']}) -> {out / 'best'}")  # fmt: skip
     return result
 
 

@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def load(
         raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
     notes: list[str] = []
     classes, names, given, native_size_, channels = SOURCES[kind](arg, notes)
-    if twins := sorted(c for c in classes if [d.lower() for d in classes].count(c.lower()) > 1):
+    lower = Counter(c.lower() for c in classes)
+    if twins := sorted(c for c in classes if lower[c.lower()] > 1):
         notes.append(f"class names that differ only in case are separate classes: {', '.join(twins)}")  # fmt: skip
     if len(classes) < 2:
         raise UserError(
@@ -291,8 +293,7 @@ SOURCES = {"digits": _digits, "tiny-imagenet": _tiny_imagenet, "folder": _folder
 
 
 def _existing_dir(path: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
+    if not (p := Path(path).expanduser()).exists():
         raise UserError(f"dataset path does not exist: {path}")
     if not p.is_dir():
         raise UserError(f"dataset path is not a folder: {path}")

@@ -363,19 +363,24 @@ def refuse_writing_into(
     its `splits`, a folder their images lie in (a linked class folder, a CSV's images)."""
     from .decoding import named_cache
 
-    named = named_cache(cache_dir)
+    named, dirs = named_cache(cache_dir), image_folders(splits or {})
     for place, flag in [(out, "--out"), *([named] if named else [])]:
         refuse_overlap(place, [folder], "the data folder", flag)
-        refuse_image_folders(place, splits or {}, folder, flag)
+        refuse_image_folders(place, dirs, folder, flag)
 
 
-def refuse_image_folders(place: str | Path, splits: dict, folder, flag: str = "--out") -> None:
-    """`place` is not, holds or sits inside a folder the `splits`' images lie in (links
-    resolved), which can be outside their data `folder`: a linked class folder, a CSV's."""
-    paths = [p for s in splits.values() for p in s.paths or ()]  # (shards: none)
+def image_folders(splits: dict) -> list[Path]:
+    """The folders the `splits`' images lie in, links resolved (shards: none)."""
+    parents = {os.path.dirname(p) for s in splits.values() for p in s.paths or ()}
+    return sorted({Path(os.path.realpath(d)) for d in parents})
+
+
+def refuse_image_folders(place: str | Path, dirs: list[Path], folder, flag: str = "--out") -> None:
+    """`place` is not, holds or sits inside one of `dirs` (`image_folders`), which can be
+    outside the data `folder`: a linked class folder, a CSV's images."""
     resolved = Path(place).expanduser().resolve()
     above = {resolved, *resolved.parents}
-    for d in sorted({Path(os.path.realpath(d)) for d in {os.path.dirname(p) for p in paths}}):
+    for d in dirs:
         if d in above or resolved in d.parents:
             raise UserError(
                 f"{flag} {place} overlaps {d}, a folder the images of {folder} lie in: a "

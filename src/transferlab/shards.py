@@ -59,7 +59,7 @@ def write(
     root = data.data_root(ds.spec)
     if root is not None:
         outputs.refuse_overlap(out, [root], "the data folder")
-    outputs.refuse_image_folders(out, ds.splits, root or ds.spec)
+    outputs.refuse_image_folders(out, outputs.image_folders(ds.splits), root or ds.spec)
     keep, bad = {}, []
     for name, split in ds.splits.items():  # every image read before the disk changes
         keep[name], lines = _check(split, ds.native_channels, f"check {name}", quiet)

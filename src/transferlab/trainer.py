@@ -205,10 +205,9 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
         + f", precision={precision}"
         + (f", {d.world} processes" if d.world > 1 else "")
     )
-    if d.main and ds.spec.partition(":")[0] in data.PATH_KINDS:  # a run never writes into
-        outputs.refuse_writing_into(
-            ds.spec.partition(":")[2], out, cfg.cache_dir, ds.splits
-        )  # its data
+    kind, _, folder = ds.spec.partition(":")
+    if d.main and kind in data.PATH_KINDS:  # a run never writes into its data
+        outputs.refuse_writing_into(folder, out, cfg.cache_dir, ds.splits)
     pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep.input_size // 8
     if cfg.crop == "pad" and pad >= prep.input_size:
         raise UserError(f"crop_pad ({pad}) must be smaller than the input size ({prep.input_size})")
