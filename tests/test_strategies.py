@@ -129,3 +129,24 @@ def test_head_first_trains_the_head_alone_for_one_epoch_then_everything(folder_d
     last = torch.load(tmp_path / "h2" / "state" / "last.pt", weights_only=True)["model"]
     assert not torch.equal(start["conv1.0.weight"], last["conv1.0.weight"])  # epoch 2: all
     assert meta["trainable_params"] == meta["params"] and meta["epochs_run"] == 2
+
+
+def test_lp_ft_fine_tunes_from_its_probe_and_never_ends_below_it_unsaid(tmp_path, capsys):
+    """The probe head was fitted on eval-mode features but met train-mode BatchNorm in the
+    fine-tune: its first step's loss was 19,498 (the DCNN on digits; Lite0: 70) and the run
+    kept its fine-tuned epochs, far below the probe (81% -> 14% val). Now every BatchNorm keeps
+    its statistics in the fine-tune, and the probe is epoch 0: kept, and said, unless a
+    fine-tuned epoch beats it on val."""
+    import json
+
+    cfg = tiny_cfg("digits", model="dcnn", input_size=16, strategy="lp-ft", epochs=2,
+                   flip=False, crop="none", lr=1e-3)  # fmt: skip
+    meta = trainer.fit(cfg, tmp_path / "r", quiet=True, log_json=str(tmp_path / "log.jsonl"))
+    steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    first = next(e["loss"] for e in steps if e.get("event") == "step")
+    history = (tmp_path / "r" / "history.csv").read_text().splitlines()
+    probe_loss = float(history[1].split(",")[2])  # epoch 0: the probe's train loss
+    assert history[1].startswith("0,") and probe_loss < 0.1 and first < 10, first  # (dropout)
+    assert meta["epochs_run"] == 2 and meta["metrics"]["val"]["top1"] >= meta["probe"]["val_acc"]
+    if meta["best_epoch"] == 0:  # the fine-tune did not beat it here: kept, and said
+        assert "no fine-tuned epoch beat the probe on val" in capsys.readouterr().err

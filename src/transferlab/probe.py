@@ -196,7 +196,12 @@ def stage(
         "val_acc": best["val_acc"],
         "seconds": round(time.time() - t0, 1),
     }
-    if not final:
+    state = {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()}
+    if not final:  # lp-ft: the probe is epoch 0, kept unless a fine-tuned epoch beats it on val
+        row = next(r for r in rows if r["l2"] == best["l2"])
+        progress.history = [{k: v for k, v in row.items() if k != "l2"} | {"epoch": 0}]
+        progress.best = {"val_acc": best["val_acc"], "val_loss": best["val_loss"], "epoch": 0,
+                         "state": state}  # fmt: skip
         return None
     if cfg.feature_engine == "onnxruntime":  # its features are fp32: evaluate must compute that
         loop.precision = "fp32"
@@ -208,7 +213,7 @@ def stage(
         "val_acc": best["val_acc"],
         "val_loss": best["val_loss"],
         "epoch": best["epoch"],
-        "state": {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()},
+        "state": state,
     }
     return best["features"]
 

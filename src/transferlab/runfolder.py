@@ -119,7 +119,7 @@ def record(loop: Loop, progress: Progress, logits: dict, seconds: float, epoch, 
         "probe": None if snapshot else progress.probe,
         "params": models.count_params(loop.model),
         "trainable_params": models.count_params(loop.model, trainable=True),
-        "epochs_run": len(history),
+        "epochs_run": sum(r["epoch"] > 0 for r in history),  # (lp-ft's probe: epoch 0)
         "best_epoch": best_epoch,
         "seconds": round(seconds, 1),
         "metrics": results,

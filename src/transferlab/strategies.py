@@ -5,7 +5,9 @@ full           one stage: every parameter trains from the first step (the refere
 linear-probe   one probe stage: the backbone is frozen, its pooled features are computed once
                (eval mode, so BatchNorm statistics cannot move) and only the head is fitted
 lp-ft          a probe stage, then a training stage at --lr (Kumar et al. 2022: a fitted head
-               keeps fine-tuning from distorting the pretrained features)
+               keeps fine-tuning from distorting the pretrained features), every BatchNorm on
+               the running statistics the probe was fitted on; the probe is epoch 0, kept
+               unless a fine-tuned epoch beats it on val
 head-first     one epoch of SGD on the head alone (the backbone and its BatchNorm frozen), then
                everything trains (fastai's `fine_tune(freeze_epochs=1)`; Keras' "train the top,
                then unfreeze"): the new head stops sending random gradients into the backbone
@@ -53,7 +55,8 @@ class Stage:
     trains: frozenset[str]  # names of the parameters that train; the rest are frozen
     probe: bool = False  # the head is fitted on frozen features, by L-BFGS, not SGD
     lr_groups: tuple[LRGroup, ...] = ()  # () : one group, every trained parameter at --lr
-    frozen_bn: str = "eval"  # modules with only frozen parameters: "eval" (statistics fixed)
+    frozen_bn: str = "eval"  # modules with only frozen parameters: "eval" (statistics fixed);
+    # "all": every BatchNorm's statistics fixed, trained or not (lp-ft: the probe's features)
 
 
 def plan(cfg: TrainConfig, model: nn.Module) -> list[Stage]:
@@ -81,15 +84,20 @@ def plan(cfg: TrainConfig, model: nn.Module) -> list[Stage]:
         groups = layer_decay_groups(model, trains, cfg.weight_decay, cfg.layer_decay)
         name = f"layer-decay ({len(block_groups(model))} block groups, LR x{cfg.layer_decay:g} per group down)"
         return [Stage(name, cfg.epochs, trains, lr_groups=groups)]
-    if cfg.strategy == "lp-ft":
+    if cfg.strategy == "lp-ft":  # the head fitted on eval-mode features meets those features:
         probe = Stage("probe (the head, on frozen features)", 0, head, probe=True)
-        return [probe, Stage("fine-tune", cfg.epochs, trains)]
+        return [probe, Stage("fine-tune", cfg.epochs, trains, frozen_bn="all")]  # batch
+    # statistics instead gave a loss of 70 (Lite0) to 19,000 (the DCNN) at its first step
     return [Stage("train", cfg.epochs, trains)]
 
 
 def enter(model: nn.Module, stage: Stage) -> list[nn.Module]:
     """Set what trains in `stage`; returns the modules to keep in eval mode."""
     frozen = train_only(model, stage.trains)
+    if stage.frozen_bn == "all":
+        return frozen + [
+            m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+        ]
     return frozen if stage.frozen_bn == "eval" else []
 
 

@@ -126,6 +126,9 @@ def fit(
                 if stage.probe:
                     checkpoints.save()
         loop.model.load_state_dict(progress.best["state"])
+        if progress.best["epoch"] == 0 and len(loop.stages) > 1:  # lp-ft: its probe kept
+            log(f"[{out.name}] note: no fine-tuned epoch beat the probe on val: the run keeps the "
+                f"probe's head (epoch 0); a lower --lr (now {cfg.lr}) may let it", note=True)  # fmt: skip
         meta = runfolder.write(out, loop, progress, time.time() - t_start, features=features)
         m = meta["metrics"]
         log(
