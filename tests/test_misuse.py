@@ -766,6 +766,39 @@ def test_a_recipe_s_defaults_model_is_the_train_steps_and_its_out_expands_home(
     assert checkpoint.is_run(tmp_path / "home" / "x" / "f") and not (tmp_path / "~").exists()
 
 
+def test_a_recipe_reuses_a_fine_tune_or_soup_only_if_made_from_its_runs_as_they_are(tmp_path):
+    """A parent step changed (and, as told, deleted) was trained anew while its fine-tune,
+    made from the old one, was skipped and reported "from a"; a changed fine-tune step was
+    refused only after the steps before it had trained. Both are refused before step 1."""
+    path = tmp_path / "r.yaml"
+    text = (
+        "data: digits\ndefaults: {model: dcnn, epochs: 1, limit: 60, input_size: 16}\nsteps:\n"
+        "  - {train: a, lr: 0.003}\n  - {finetune: ft, from: a, lr: 0.0003}\n"
+        "  - {finetune: ft2, from: a, lr: 0.0001}\n"
+        "  - {soup: s, members: [ft, ft2], method: uniform}\n"
+    )
+    path.write_text(text)
+    out = recipe.run(path, tmp_path / "out", quiet=True)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")}
+    path.write_text(text.replace("lr: 0.0003", "lr: 0.0005"))  # the fine-tune step changed
+    with pytest.raises(UserError, match="ft is finished but was made with other options"):
+        recipe.run(path, out, quiet=True)
+    path.write_text(text.replace("lr: 0.003", "lr: 0.01"))  # the parent changed, and deleted
+    shutil.rmtree(out / "a")
+    with pytest.raises(UserError, match="ft is finished, but a, which it is made from, will be made anew"):  # fmt: skip
+        recipe.run(path, out, quiet=True)
+    assert not (out / "a").exists()  # refused before step 1 (a was trained first)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")} == {
+        p: t for p, t in stamps.items() if p.parent.name != "a"
+    }
+    was = checkpoint.read_meta(out / "ft2")["source"]["parent_sha256"]  # the old a's weights
+    with pytest.raises(UserError, match="ft2 is finished but was made from .* as it was before"):
+        recipe._refuse_stale(out / "ft2", [was], [out / "s"])  # (a parent replaced by hand)
+    shutil.rmtree(out / "ft"), shutil.rmtree(out / "ft2")
+    with pytest.raises(UserError, match="s is finished, but ft, ft2, which it is made from"):
+        recipe.run(path, out, quiet=True)
+
+
 def test_a_recipe_s_errors_do_not_ask_for_flags_run_does_not_take(tmp_path):
     """A note in a recipe's ensemble folder failed every rerun with "--overwrite would delete
     ..."; run takes no --overwrite (nor --resume: it resumes steps by itself)."""

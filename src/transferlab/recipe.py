@@ -69,10 +69,7 @@ def run(
     outputs.check_out(out, "recipe", resume=True)
     if any(parse_step(step, i)[0] == "report" for i, step in enumerate(recipe["steps"], 1)):
         report.check_writable(out)
-    for i, step in enumerate(recipe["steps"], 1):
-        kind, name, keys = parse_step(step, i)
-        if kind == "train" and checkpoint.is_run(out / name):
-            refuse_changed(out / name, make_config(train_settings(recipe, keys)))
+    _check_finished(recipe, out)
     with outputs.lock(out):
         outputs.claim(out, "recipe", outputs.check_out(out, "recipe", resume=True))
         checkpoint.write_text(resolved, yaml.safe_dump(recipe, sort_keys=False))
@@ -104,25 +101,66 @@ def _train(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
 
 
 def _finetune(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
+    _fit(_finetune_config(recipe, keys, out), out / name, quiet, [ref_path(keys["from"], out)])
+
+
+def _finetune_config(recipe: dict, keys: dict, out: Path) -> TrainConfig:
     keys = dict(keys)
     parent = ref_path(keys.pop("from"), out)
-    settings = train_settings(recipe, keys, data=False)
-    _fit(strategies.finetune_config(parent, settings), out / name, quiet)
+    return strategies.finetune_config(parent, train_settings(recipe, keys, data=False))
 
 
-def refuse_changed(run_dir: Path, cfg: TrainConfig) -> None:
-    """A finished step is reused only if it was made with the options the recipe asks for."""
-    changed = resume.config_changes(checkpoint.read_meta(run_dir).get("config") or {}, to_dict(cfg))
+def _check_finished(recipe: dict, out: Path) -> None:
+    """Before step 1: each finished train, finetune or soup step is reused only if it was made
+    as the recipe asks now, from the runs it names as they are now, none of which will be made
+    anew (a changed parent deleted: its fine-tune was kept, made from the old one)."""
+    anew: set[str] = set()  # steps that will train (unfinished now)
+    for i, step in enumerate(recipe["steps"], 1):
+        kind, name, keys = parse_step(step, i)
+        if kind not in ("train", "finetune", "soup"):
+            continue
+        if not checkpoint.is_run(out / name):
+            anew.add(name)
+            continue
+        inputs = [keys["from"]] if kind == "finetune" else keys.get("members", [])
+        if redone := [str(r) for r in inputs if str(r) in anew]:
+            raise UserError(f"{out / name} is finished, but {', '.join(redone)}, which it is made "
+                            f"from, will be made anew: delete {out / name} too, or choose another --out")  # fmt: skip
+        if kind == "train":
+            refuse_changed(out / name, make_config(train_settings(recipe, keys)))
+        elif kind == "finetune":
+            refuse_changed(
+                out / name, _finetune_config(recipe, keys, out), [ref_path(keys["from"], out)]
+            )
+        else:
+            _soup_made_as_asked(out / name, _members(keys, out), keys.get("method", "greedy"))
+
+
+def refuse_changed(run_dir: Path, cfg: TrainConfig, parents: tuple | list = ()) -> None:
+    """A finished step is reused only if it was made with the options the recipe asks for, and
+    a fine-tune from its `parents` holding the weights they hold now."""
+    meta = checkpoint.read_meta(run_dir)
+    changed = resume.config_changes(meta.get("config") or {}, to_dict(cfg))
     if changed:
         raise UserError(
             f"{run_dir} is finished but was made with other options ({changed}); delete it "
             "or choose another --out"
         )
+    was = (meta.get("source") or {}).get("parent_sha256")  # (runs before it: not recorded)
+    _refuse_stale(run_dir, [was] if was else None, parents)
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, quiet: bool) -> None:
+def _refuse_stale(run_dir: Path, was: list | None, runs: list) -> None:
+    """`run_dir` was made from `runs` whose weights were `was` (None: not recorded)."""
+    now = [checkpoint.read_meta(r).get("weights_sha256") for r in runs if checkpoint.is_run(r)]
+    if was is not None and sorted(was) != sorted(now):
+        raise UserError(f"{run_dir} is finished but was made from {', '.join(str(r) for r in runs)} as "
+                        f"it was before (other weights now); delete {run_dir} to make it anew, or choose another --out")  # fmt: skip
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, quiet: bool, parents: tuple | list = ()) -> None:
     if checkpoint.is_run(run_dir):
-        refuse_changed(run_dir, cfg)
+        refuse_changed(run_dir, cfg, parents)
         print(f"   {run_dir} is complete: skipped (delete it to redo)")
         return
     with _advice_for_run(run_dir):
@@ -154,19 +192,24 @@ def _soup(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
 
     members, method = _members(keys, out), keys.get("method", "greedy")
     if (out / name / checkpoint.META).exists():
-        made = checkpoint.read_meta(out / name).get("source") or {}
-        asked = {"method": method, "candidates": sorted(str(Path(m).resolve()) for m in members)}
-        had = {"method": made.get("method"),
-               "candidates": sorted(str(Path(m).resolve()) for m in made.get("candidates", []))}  # fmt: skip
-        if asked != had:
-            raise UserError(f"{out / name} is a soup of other runs or by another method; delete it "
-                            "or choose another --out")  # fmt: skip
+        _soup_made_as_asked(out / name, members, method)
         print(f"   {name}: already made, skipped")
         return
     meta = soups.make(members, method, out / name, keys.get("data"), quiet)
     m = meta["metrics"]
     print(f"   {name}: soup of {len(meta['source']['ingredients'])} runs, val {m['val']['top1']:.2%}"
           f", test {m['test']['top1']:.2%}")  # fmt: skip
+
+
+def _soup_made_as_asked(folder: Path, members: list[str], method: str) -> None:
+    made = checkpoint.read_meta(folder).get("source") or {}
+    asked = {"method": method, "candidates": sorted(str(Path(m).resolve()) for m in members)}
+    had = {"method": made.get("method"),
+           "candidates": sorted(str(Path(m).resolve()) for m in made.get("candidates", []))}  # fmt: skip
+    if asked != had:
+        raise UserError(f"{folder} is a soup of other runs or by another method; delete it "
+                        "or choose another --out")  # fmt: skip
+    _refuse_stale(folder, made.get("candidates_sha256"), members)
 
 
 def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:

@@ -200,6 +200,7 @@ def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
         "method": method,
         "ingredients": [str(Path(runs[i]).resolve()) for i in kept],
         "candidates": [str(Path(r).resolve()) for r in runs],
+        "candidates_sha256": [m.get("weights_sha256") for m in metas],
         "init_sha256": ref["source"]["init_sha256"],
         "batchnorm": "recomputed on train",
     }
