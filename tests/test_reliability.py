@@ -196,7 +196,7 @@ def test_ctrl_c_says_how_to_continue_as_sigterm_does_and_a_recipe_says_its_own_w
     args = [*train_args(folder_data), "--out", tmp_path / "run"]
     stopped = cli(*args, env={"TRANSFERLAB_FAULT": "int:5"})
     assert stopped.returncode == 130, stopped.stderr
-    said = f"interrupted; the state saved at its last epoch is in {tmp_path / 'run' / 'state'}: "
+    said = f"interrupted; the state it saved last is in {tmp_path / 'run' / 'state'}: "
     assert said + "rerun with --resume to continue" in stopped.stderr.strip().splitlines()[-1]
     assert inproc(*args, "--resume") == 0
     recipe = tmp_path / "r.yaml"
@@ -700,3 +700,12 @@ def test_resume_takes_the_options_the_run_was_started_with(folder_data, tmp_path
     assert inproc("train", "--out", tmp_path / "run", "--resume") == 0
     meta = checkpoint.read_meta(tmp_path / "run")
     assert meta["config"]["model"] == "dcnn" and meta["config"]["epochs"] == 3
+    # finetune --from SRC --out R --resume, as train's: it said "epochs: 2 -> 3", "lr: ...",
+    # the parent's values filled in again, none typed
+    ft = ["finetune", "--from", tmp_path / "run", "--out", tmp_path / "ft"]
+    assert cli(*ft, "--epochs", "2", "--lr", "0.0005", env={"TRANSFERLAB_FAULT": "term:3"}).returncode == 143  # fmt: skip
+    assert inproc(*ft, "--resume", "--epochs", "4") == 2
+    assert "its config differs (epochs: 2 -> 4)" in capsys.readouterr().err  # the one typed
+    assert inproc(*ft, "--resume") == 0
+    config = checkpoint.read_meta(tmp_path / "ft")["config"]
+    assert (config["epochs"], config["lr"]) == (2, 0.0005)

@@ -260,28 +260,16 @@ def cmd_run(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from . import trainer
+    from . import resume, trainer
 
-    cfg = make_config(_overrides(args), _started_with(args) if args.resume else None)
+    cfg = make_config(_overrides(args), resume.started_with(args.out) if args.resume else None)
     trainer.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 
-def _started_with(args):
-    """`train --out R --resume`: the config R was started with, under the flags given again
-    (every flag had to be retyped; those not were "changes")."""
-    from . import outputs
-
-    saved = (outputs.read_mark(Path(args.out).expanduser()) or {}).get("config")
-    try:
-        return make_config(saved, check_applies=False) if isinstance(saved, dict) else None
-    except UserError:  # from an older transferlab: compared as before
-        return None
-
-
 def cmd_finetune(args) -> None:
-    from . import strategies, trainer
+    from . import resume, trainer
 
-    cfg = strategies.finetune_config(args.source, _overrides(args))
+    cfg = resume.finetune_config(args.source, _overrides(args), args.out if args.resume else None)
     trainer.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 

@@ -130,6 +130,32 @@ class Checkpoints:
 RESUME = "rerun with --resume to continue"  # a stop's advice (a recipe says its own)
 
 
+def started_with(out) -> TrainConfig | None:
+    """`train --out R --resume`: the config R was started with, under which the flags given
+    again apply (every flag had to be retyped; those not were "changes")."""
+    from .config import make_config
+    from .outputs import read_mark
+
+    saved = (read_mark(Path(out).expanduser()) or {}).get("config")
+    try:
+        return make_config(saved, check_applies=False) if isinstance(saved, dict) else None
+    except UserError:  # from an older transferlab: compared as before
+        return None
+
+
+def finetune_config(source, overrides: dict, resuming=None) -> TrainConfig:
+    """`finetune --from SRC`'s config; `resuming` R: R's own (the flags given again applied)
+    when R started from SRC, as `train --out R --resume` takes them (the parent's epochs and
+    a tenth of its LR, filled in again, were "changes" the user never typed)."""
+    from .config import make_config
+    from .strategies import finetune_config as new
+
+    started = started_with(resuming) if resuming else None
+    if started is not None and Path(started.weights or "").resolve() == Path(source).resolve():
+        return make_config(overrides, started)
+    return new(source, overrides)
+
+
 def going_on(command: str, out: str | None) -> str:
     """After Ctrl-C or SIGTERM outside a step: how to continue what `command` stopped."""
     from . import recipe
@@ -139,7 +165,7 @@ def going_on(command: str, out: str | None) -> str:
         return f"; {recipe.AGAIN}"
     unfinished = out.name and out.is_dir() and not (out / checkpoint.META).is_file()
     if command in ("train", "finetune") and unfinished:
-        return f"; the state saved at its last epoch is in {out / 'state'}: {RESUME}"
+        return f"; the state it saved last is in {out / 'state'}: {RESUME}"
     if command == "auto" and unfinished:
         return f" (the study's finished candidates are kept in {out}): {RESUME}"
     return ""
