@@ -7,7 +7,7 @@ convolution on 1x1 maps is NaN in bf16 in 7 of 8 trials channels_last, 3 of 8 co
 of 8 on 2x1 maps (the taps that see only padding, whose gradient is 0); never in fp32, with
 stride 1, grouped (depthwise), or on 2x2 maps. resnet50 meets it under 20 px (8-px digits: NaN loss
 at step 2-6 of the first epoch). Its place in the kernels is oneDNN's; transferlab's answer is
---precision auto choosing fp32 for such a model (trainer.cpu_bf16_checked).
+--precision auto choosing fp32 for such a model (guards.cpu_bf16_checked).
 
     python benchmarks/bf16_conv_trap.py [--trials 8]
 """

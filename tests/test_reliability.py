@@ -697,6 +697,8 @@ def test_resume_takes_the_options_the_run_was_started_with(folder_data, tmp_path
     assert cli(*args, env={"TRANSFERLAB_FAULT": "term:5"}).returncode == 143
     assert inproc("train", "--out", tmp_path / "run", "--resume", "--epochs", "5") == 2
     assert "its config differs (epochs: 3 -> 5)" in capsys.readouterr().err  # a flag given
+    assert inproc("train", "--out", tmp_path / "rn", "--resume") == 2  # a typo: it trained anew
+    assert "--resume: " in capsys.readouterr().err and not (tmp_path / "rn").exists()
     assert inproc("train", "--out", tmp_path / "run", "--resume") == 0
     meta = checkpoint.read_meta(tmp_path / "run")
     assert meta["config"]["model"] == "dcnn" and meta["config"]["epochs"] == 3

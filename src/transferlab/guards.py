@@ -1,6 +1,7 @@
 """What surrounds a training run while it trains: its event log (JSON lines, TensorBoard),
-SIGTERM turned into a clean stop at a step boundary, out-of-memory turned into advice, and the
-fault-injection hook the reliability tests kill runs with."""
+SIGTERM turned into a clean stop at a step boundary, out-of-memory turned into advice, a CPU
+kernel's bf16 trap avoided (fp32), and the fault-injection hook the reliability tests kill runs
+with."""
 
 from __future__ import annotations
 
@@ -118,3 +119,24 @@ def out_of_memory_hint(batch_size: int):
         if "can't allocate memory" in str(err) or "out of memory" in str(err).lower():
             raise UserError(f"out of memory: reduce --batch-size (now {batch_size})") from None
         raise
+
+
+def cpu_bf16_checked(cfg, model, prep, precision: str, note) -> str:
+    """`precision`, or fp32 where --precision auto chose bf16 on a CPU and the model trains a
+    convolution whose bf16 weight gradient the CPU kernels can make NaN (`models.bf16_grad_trap`;
+    --precision bf16 asked for: kept, and said)."""
+    from . import evaluate, models
+
+    if precision != "bf16" or evaluate.device().type != "cpu" or cfg.strategy == "linear-probe":
+        return precision
+    if not (conv := models.bf16_grad_trap(model, prep.input_size, prep.channels)):
+        return precision
+    why = (f"{cfg.model} at {prep.input_size} px runs a strided convolution on maps 1 pixel wide "
+           f"({conv}), whose bf16 weight gradient this CPU's kernels can fill with NaN")  # fmt: skip
+    if cfg.precision == "auto":
+        note(f"note: precision fp32, not bf16: {why}")
+        return "fp32"
+    note(
+        f"note: {why}; if the loss turns NaN, train with --precision fp32 or a larger --input-size"
+    )
+    return precision

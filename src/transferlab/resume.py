@@ -188,7 +188,7 @@ def restore(out: Path, loop: Loop, log) -> Progress | None:
     """Load the newest valid checkpoint into the training objects; None when there is none."""
     found = checkpoint.newest_checkpoint(out / "state", trust_pickle=loop.cfg.trust_pickle)
     if found is None:
-        log(f"[{out.name}] nothing to resume in {out / 'state'}: starting from scratch")
+        log(f"[{out.name}] nothing to resume in {out / 'state'}: starting from scratch", note=True)
         return None
     state, path = found
     refuse_config_change(out, state.get("config"), loop.cfg)

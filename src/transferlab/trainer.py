@@ -161,6 +161,9 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
         if cfg.data.partition(":")[0] in data.PATH_KINDS:  # (a file among the images)
             outputs.refuse_overlap(log_json, [cfg.data.partition(":")[2]], "the data folder", "--log-json")  # fmt: skip
     decoding.check_cache(cfg.cache_dir)
+    if resume and not out.exists():  # a typo after a crash: it trained anew without a word
+        raise UserError(f"--resume: {out} does not exist, so nothing in it can be resumed: check "
+                        "the path, or leave out --resume to start a new run")  # fmt: skip
     if outputs.check_out(out, "run", resume, overwrite) == "resume":
         refuse_config_change(out, (outputs.read_mark(out) or {}).get("config"), cfg)
 
@@ -197,7 +200,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
     if precision == "fp16" and evaluate.device().type != "cuda":  # --help: fp16 is CUDA's
         log(f"[{out.name}] note: --precision fp16 on a CPU is emulated, slower than bf16 or "
             "fp32, and evaluate scores the run in fp32 here", note=True)  # fmt: skip
-    precision = cpu_bf16_checked(cfg, model, prep, precision, lambda m: log(f"[{out.name}] {m}", note=True))  # fmt: skip
+    precision = guards.cpu_bf16_checked(cfg, model, prep, precision, lambda m: log(f"[{out.name}] {m}", note=True))  # fmt: skip
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
     origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
     log(
@@ -218,25 +221,6 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
     stages = strategies.plan(cfg, model)  # refuses a --freeze the model cannot take
     return Loop(cfg, d, model, built.arch, prep, precision, augment, stages, ds, source=source,
                 notes=notes)  # fmt: skip
-
-
-def cpu_bf16_checked(cfg: TrainConfig, model, prep, precision: str, note) -> str:
-    """`precision`, or fp32 where --precision auto chose bf16 on a CPU and the model trains a
-    convolution whose bf16 weight gradient the CPU kernels can make NaN (`models.bf16_grad_trap`;
-    --precision bf16 asked for: kept, and said)."""
-    if precision != "bf16" or evaluate.device().type != "cpu" or cfg.strategy == "linear-probe":
-        return precision
-    if not (conv := models.bf16_grad_trap(model, prep.input_size, prep.channels)):
-        return precision
-    why = (f"{cfg.model} at {prep.input_size} px runs a strided convolution on maps 1 pixel wide "
-           f"({conv}), whose bf16 weight gradient this CPU's kernels can fill with NaN")  # fmt: skip
-    if cfg.precision == "auto":
-        note(f"note: precision fp32, not bf16: {why}")
-        return "fp32"
-    note(
-        f"note: {why}; if the loss turns NaN, train with --precision fp32 or a larger --input-size"
-    )
-    return precision
 
 
 def start_training(loop: Loop, out: Path, resuming: bool, log, quiet: bool) -> None:
@@ -322,7 +306,7 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, a
 
 def non_finite(loop: Loop, progress: Progress, loss: float) -> UserError:
     """The line for a NaN or infinite loss, with the ways on: a lower LR, and fp32 where the
-    run is in bf16/fp16, whose kernels can be the cause (`cpu_bf16_checked` avoids the one
+    run is in bf16/fp16, whose kernels can be the cause (`guards.cpu_bf16_checked` avoids the one
     known: a strided conv's weight gradient on 1x1 maps, on a Xeon with AMX)."""
     lr = loop.optimizer.defaults["lr"]
     also = "" if loop.precision == "fp32" else f", or --precision fp32 ({loop.precision} kernels"
