@@ -82,6 +82,18 @@ def test_api_takes_what_people_hold(trained_run, folder_data, tmp_path):
     probs = [[p["prob"] for p in r["predictions"]] for r in rows]
     assert all(np.allclose(p, probs[0], atol=1e-6) for p in probs), probs
     assert run.predict(image)[0]["predictions"] == run.predict(file)[0]["predictions"]
+    # as a file is read: transparency onto white (it was dropped), 2 channels are gray + alpha
+    # (an (H, W, 2) array was H images of W x 2 pixels)
+    glass = image.convert("RGBA")
+    glass.putalpha(Image.linear_gradient("L").resize(image.size))
+    glass.save(tmp_path / "glass.png")
+    assert run.predict(glass)[0]["predictions"] == run.predict(tmp_path / "glass.png")[0]["predictions"]  # fmt: skip
+    la = np.asarray(glass.convert("LA"))
+    Image.fromarray(la).save(tmp_path / "la.png")
+    assert len(run.predict(la)) == 1
+    assert run.predict(la)[0]["predictions"] == run.predict(tmp_path / "la.png")[0]["predictions"]
+    with pytest.raises(transferlab.UserError, match="split must be train, val or test, not 'x'"):
+        run.evaluate("x")  # (a KeyError)
     for bad, message in ((arr * 2.0, "float image arrays"), (arr.astype(np.int64), "uint8 or float"),
                          (object(), "cannot predict a object"), ([], "nothing to predict"),
                          (arr.transpose(2, 0, 1), "ambiguous \\(one channels-first image")):  # fmt: skip

@@ -28,34 +28,31 @@ if TYPE_CHECKING:
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 # what Pillow raises for a file it cannot decode (the warning: where warnings are errors)
-UNREADABLE = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    Image.DecompressionBombError,
-    Image.DecompressionBombWarning,
-)
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)  # fmt: skip
 
 
 def open_image(path: str, channels: int) -> Image.Image:
-    """Open any image mode as sane 8-bit RGB or L (16-bit and palette modes included), turned
-    as its EXIF orientation says (as every viewer shows a phone's photo)."""
     with Image.open(path) as im:
         im.load()
-        ImageOps.exif_transpose(im, in_place=True)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # by bit depth, as its 8-bit copy
-            arr = np.asarray(im, dtype=np.float64)  # (not stretched to its brightest pixel)
-            im = Image.fromarray((arr.clip(0, 65535) / 257).round().astype(np.uint8), "L")
-        elif im.mode == "F":
-            arr = np.asarray(im, dtype=np.float64)
-            lo, hi = arr.min(), arr.max()
-            im = Image.fromarray(((arr - lo) / ((hi - lo) or 1) * 255).astype(np.uint8), "L")
-        if im.mode == "P":
-            im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA"):  # flatten transparency onto white
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im.convert("RGBA"))
-        return im.convert("L" if channels == 1 else "RGB")
+        return sane(im, channels)
+
+
+def sane(im: Image.Image, channels: int) -> Image.Image:
+    """Any image mode as sane 8-bit RGB or L (16-bit and palette modes included), turned as
+    its EXIF orientation says (as every viewer shows a phone's photo); a file's or one in
+    memory (`predict`'s PIL images and arrays) alike. `im` itself is left as it was."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # by bit depth, as its 8-bit copy
+        arr = np.asarray(im, dtype=np.float64)  # (not stretched to its brightest pixel)
+        im = Image.fromarray((arr.clip(0, 65535) / 257).round().astype(np.uint8), "L")
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = arr.min(), arr.max()
+        im = Image.fromarray(((arr - lo) / ((hi - lo) or 1) * 255).astype(np.uint8), "L")
+    if im.mode in ("P", "PA", "RGBA", "LA"):  # transparency flattened onto white
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return im.convert("L" if channels == 1 else "RGB")
 
 
 def resize(im: Image.Image, size: int, interpolation: str) -> Image.Image:

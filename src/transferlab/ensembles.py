@@ -208,6 +208,8 @@ def evaluate_path(
     `tta` applies to a run (None: none); an ensemble uses the TTA it was built with.
     """
     path = Path(path)
+    if split not in ("train", "val", "test"):  # (the API's; the CLI's are its choices)
+        raise UserError(f"split must be train, val or test, not {split!r}")
     decoding.check_cache(None)
     if is_ensemble(path):
         own_tta(path, read(path), tta)

@@ -77,7 +77,7 @@ def items(inputs: list) -> list:
             out.append(x)
         else:
             arr = as_uint8(x)
-            batch = arr.ndim == 4 or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4))
+            batch = arr.ndim == 4 or (arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4))
             if batch and arr.ndim == 3 and arr.shape[0] in (1, 3, 4):
                 raise UserError(
                     f"an image array of shape {arr.shape} is ambiguous (one channels-first image, "
@@ -120,7 +120,6 @@ def _decode(files: list, prep: models.Preprocessing, quiet: bool) -> tuple[np.nd
         split, prep.input_size, prep.channels, prep.interpolation, True, "decode", quiet
     )
     by_path = dict(zip(kept.paths, decoded, strict=True))
-    mode = "L" if prep.channels == 1 else "RGB"
     out, names = [], []
     for f in files:
         if isinstance(f, str) and f not in by_path:
@@ -129,7 +128,9 @@ def _decode(files: list, prep: models.Preprocessing, quiet: bool) -> tuple[np.nd
         if isinstance(f, str):
             out.append(by_path[f])
         else:
-            im = decoding.resize(f.convert(mode), prep.input_size, prep.interpolation)
+            im = decoding.resize(
+                decoding.sane(f, prep.channels), prep.input_size, prep.interpolation
+            )
             out.append(np.asarray(im, dtype=np.uint8).reshape(prep.input_size, prep.input_size, -1))
     shape = (0, prep.input_size, prep.input_size, prep.channels)
     return (np.stack(out) if out else np.zeros(shape, np.uint8)), names, bad
