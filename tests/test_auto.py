@@ -105,6 +105,7 @@ def test_schedule_skips_what_does_not_fit_and_prefers_gain_per_second():
     first = auto.pick(cands, 1000, set())
     assert first.name == "fast"  # 0.7 / 50 s beats 0.8 / 500 s
     assert cands[2].status == "skipped" and "5000 s" in cands[2].why
+    assert cands[2].why.startswith("needs 5750 s (estimated 5000 s x1.15 margin), 1000 s left")
     first.status, first.cv = "done", {"top1": 0.9, "loss": 0.3}
     assert auto.pick(cands, 1000, set()).name == "slow"
     assert auto.pick(cands, 100, set()) is None and cands[0].status == "skipped"
@@ -518,7 +519,7 @@ def test_when_every_candidate_failed_the_study_says_why_not_the_budget(tmp_path)
         autochoose.finish(tmp_path, None, failed, print, True)
     assert "--budget" not in str(err.value)
     failed[1].status, failed[1].why = "skipped", "estimated 20 s (x1.15 margin), 9 s left"
-    with pytest.raises(UserError, match=r"the cheapest, b: estimated 20 s \(x1.15 margin\), 9 s left\): give a larger --budget") as err:  # fmt: skip
+    with pytest.raises(UserError, match=r"no candidate fitted within the budget \(the cheapest, b: estimated 20 s \(x1.15 margin\), 9 s left\): give a larger --budget") as err:  # fmt: skip
         autochoose.finish(tmp_path, None, failed, print, True)
     assert f"with --resume it continues this study in {tmp_path}" in str(err.value)  # not anew
 

@@ -106,8 +106,8 @@ def pick(cands: list[Candidate], left: float, decoded: set) -> Candidate | None:
             _shrink(c, left)
         if c.cost() * SAFETY > left:
             c.status = "skipped"
-            c.why = (f"estimated {c.cost():.0f} s (x{SAFETY} margin), {max(left, 0):.0f} s "
-                     "left after the time kept for the choice and report")  # fmt: skip
+            c.why = (f"needs {c.cost() * SAFETY:.0f} s (estimated {c.cost():.0f} s x{SAFETY} margin), "
+                     f"{max(left, 0):.0f} s left after the time kept for the choice and report")  # fmt: skip
         else:
             fitting.append(c)
     return max(fitting, key=lambda c: gain(c, done) / max(c.cost(), 1.0), default=None)

@@ -73,8 +73,9 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
         skipped = [c for c in cands if c.status == "skipped"] or cands
         timed = [c for c in skipped if c.estimate > 0] or skipped  # why: estimate, time left
         cheapest = min(timed, key=lambda c: c.estimate)
+        began = "finished" if any(c.status == "stopped" for c in cands) else "fitted"
         raise UserError(
-            f"no candidate finished within the budget (the cheapest, {cheapest.name}: "
+            f"no candidate {began} within the budget (the cheapest, {cheapest.name}: "
             f"{cheapest.why or cheapest.status}): {LARGER} (with --resume it "
             f"continues this study in {out}, its timings kept)"
         )
