@@ -150,3 +150,19 @@ def test_lp_ft_fine_tunes_from_its_probe_and_never_ends_below_it_unsaid(tmp_path
     assert meta["epochs_run"] == 2 and meta["metrics"]["val"]["top1"] >= meta["probe"]["val_acc"]
     if meta["best_epoch"] == 0:  # the fine-tune did not beat it here: kept, and said
         assert "no fine-tuned epoch beat the probe on val" in capsys.readouterr().err
+
+
+def test_patience_stops_early_only_with_epochs_left_and_names_its_rule(
+    tmp_path, capsys, monkeypatch
+):
+    """It said "early stop: val top-1 has not improved" after the last epoch (not early), and
+    a lower val loss at the same top-1 counts as an improvement, which it did not say."""
+    from transferlab import evaluate
+
+    improves = evaluate.improves
+    monkeypatch.setattr(evaluate, "improves", lambda val, best: best["epoch"] == 0 and improves(val, best))  # fmt: skip
+    meta = trainer.fit(tiny_cfg("digits", epochs=3, patience=1, limit=60), tmp_path / "a")
+    assert meta["epochs_run"] == 2  # epoch 1 the best; epoch 2 not better: stop, 1 left
+    assert "early stop: val (top-1, then loss) has not improved for 1 epoch(s), 1 left unrun" in capsys.readouterr().out  # fmt: skip
+    meta = trainer.fit(tiny_cfg("digits", epochs=3, patience=2, limit=60), tmp_path / "b")
+    assert meta["epochs_run"] == 3 and "early stop" not in capsys.readouterr().out

@@ -157,7 +157,9 @@ def _training_commands(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
-    p = _sub(sub, "run", "run a YAML recipe (train, finetune, ensemble and report steps)")
+    p = _sub(
+        sub, "run", "run a YAML recipe (train, finetune, ensemble, soup, auto and report steps)"
+    )
     p.add_argument("recipe", help="path to a recipe .yaml")
     p.add_argument("--out", help="output folder [runs/<recipe name>]")
     p.add_argument(

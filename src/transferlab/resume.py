@@ -227,8 +227,12 @@ def config_changes(saved: dict, now: dict) -> str:
     if now.get("schedule") in ("constant", "plateau") and not now.get("snapshots"):
         safe.add("epochs")  # the LR does not depend on it: a run may be extended
     keys = sorted(k for k in saved.keys() | now.keys() if k not in safe)
+
+    def say(value):  # 0.1 / 3 * 0.009 as 0.0003, not 0.00030000000000000003
+        return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
     diffs = [
-        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        f"{k}: {say(saved.get(k))} -> {say(now.get(k))}"
         for k in keys
         if norm(k, saved.get(k)) != norm(k, now.get(k))
     ]

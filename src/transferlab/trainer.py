@@ -371,8 +371,9 @@ def validate(loop: Loop, progress: Progress, seconds: float, name: str, log) -> 
         f"train {row['train_acc']:.2%}  val loss {val['loss']:.4f}  val {val['top1']:.2%}  "
         f"{seconds:.1f}s"
     )
-    if cfg.patience and progress.stale >= cfg.patience:
-        log(f"[{name}] early stop: val top-1 has not improved for {progress.stale} epochs")
+    if cfg.patience and progress.stale >= cfg.patience and row["epoch"] < cfg.epochs:
+        log(f"[{name}] early stop: val (top-1, then loss) has not improved for {progress.stale} "
+            f"epoch(s), {cfg.epochs - row['epoch']} left unrun")  # fmt: skip
         progress.stopped_early = True
     progress.epoch, progress.step, progress.totals = row["epoch"] + 1, 0, [0.0, 0, 0]
 
