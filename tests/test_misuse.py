@@ -766,7 +766,9 @@ def test_a_recipe_s_defaults_model_is_the_train_steps_and_its_out_expands_home(
     assert checkpoint.is_run(tmp_path / "home" / "x" / "f") and not (tmp_path / "~").exists()
 
 
-def test_a_recipe_reuses_a_fine_tune_or_soup_only_if_made_from_its_runs_as_they_are(tmp_path):
+def test_a_recipe_reuses_a_fine_tune_or_soup_only_if_made_from_its_runs_as_they_are(
+    tmp_path, capsys
+):
     """A parent step changed (and, as told, deleted) was trained anew while its fine-tune,
     made from the old one, was skipped and reported "from a"; a changed fine-tune step was
     refused only after the steps before it had trained. Both are refused before step 1."""
@@ -797,6 +799,18 @@ def test_a_recipe_reuses_a_fine_tune_or_soup_only_if_made_from_its_runs_as_they_
     shutil.rmtree(out / "ft"), shutil.rmtree(out / "ft2")
     with pytest.raises(UserError, match="s is finished, but ft, ft2, which it is made from"):
         recipe.run(path, out, quiet=True)
+    other = tmp_path / "other.yaml"  # its recipe.yaml was replaced, the report mixed both
+    other.write_text("name: other\n" + text)
+    with pytest.raises(
+        UserError, match="holds the steps of recipe None .*: run recipe 'other' into"
+    ):
+        recipe.run(other, out, quiet=True)
+    assert "name" not in yaml.safe_load((out / "recipe.yaml").read_text())
+    path.write_text(text.replace("lr: 0.003", "lr: 0.01").replace("  - {soup: s, members: [ft, ft2], method: uniform}\n", ""))  # fmt: skip
+    recipe.run(path, out, quiet=True)  # a step removed: its run is said, as the report lists it
+    assert (
+        f"note: {out} also holds s, which no step of this recipe makes" in capsys.readouterr().err
+    )
 
 
 def test_a_recipe_s_errors_do_not_ask_for_flags_run_does_not_take(tmp_path):

@@ -22,6 +22,7 @@ rerunning a recipe after a crash loses nothing.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def run(
             f"--out {out} would overwrite the recipe being run ({path}); choose another --out"
         )
     outputs.check_out(out, "recipe", resume=True)
+    _refuse_another_recipe(recipe, out)
     if any(parse_step(step, i)[0] == "report" for i, step in enumerate(recipe["steps"], 1)):
         report.check_writable(out)
     _check_finished(recipe, out)
@@ -108,6 +110,24 @@ def _finetune_config(recipe: dict, keys: dict, out: Path) -> TrainConfig:
     keys = dict(keys)
     parent = ref_path(keys.pop("from"), out)
     return strategies.finetune_config(parent, train_settings(recipe, keys, data=False))
+
+
+def _refuse_another_recipe(recipe: dict, out: Path) -> None:
+    """OUT made by a recipe of another name is refused (its recipe.yaml was replaced without a
+    word, the report mixed both); runs no step makes now (renamed, removed) are said."""
+    try:
+        was = yaml.safe_load((out / "recipe.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    if isinstance(was, dict) and was.get("name") != recipe.get("name"):
+        raise UserError(f"{out} holds the steps of recipe {was.get('name')!r} (its recipe.yaml): run "
+                        f"recipe {recipe.get('name')!r} into another --out")  # fmt: skip
+    names = {parse_step(step, i)[1] for i, step in enumerate(recipe["steps"], 1)}
+    if left := sorted(
+        d.name for d in out.iterdir() if outputs.read_mark(d) and d.name not in names
+    ):
+        print(f"note: {out} also holds {', '.join(left)}, which no step of this recipe makes "
+              "(renamed or removed?): its report lists them too", file=sys.stderr)  # fmt: skip
 
 
 def _check_finished(recipe: dict, out: Path) -> None:
