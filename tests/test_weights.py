@@ -121,6 +121,13 @@ def test_wrong_architecture_names_keys(tmp_path):
     cfg = make_config({"model": "test_resnet", "weights": str(tmp_path / "dcnn.safetensors")})
     with pytest.raises(UserError, match="weights do not fit the model: missing .*unexpected"):
         weights.build(cfg, ["a", "b"], 32, 3)
+    save_file(  # gray weights for colour images: the shapes said, not the way on
+        {k: v.contiguous() for k, v in models.create("dcnn", 4, 1).state_dict().items()},
+        tmp_path / "gray.safetensors",
+    )
+    cfg = make_config({"model": "dcnn", "weights": str(tmp_path / "gray.safetensors")})
+    with pytest.raises(UserError, match="take 1 input channel\\(s\\): add --channels 1$"):
+        weights.build(cfg, ["a", "b"], 32, 3)
 
 
 def test_nan_weights_are_refused(tmp_path):

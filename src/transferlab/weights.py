@@ -343,6 +343,9 @@ def load_into(
             if wrong
             else "",
         ]
+        first = models.first_conv_key(model)  # the input channels differ: say how to match
+        if first in wrong and body[first].shape[1:] != target[first].shape[1:]:
+            parts.append(f"the weights take {body[first].shape[1]} input channel(s): add --channels {body[first].shape[1]}")  # fmt: skip
         raise UserError("weights do not fit the model: " + "; ".join(p for p in parts if p))
     for k, v in body.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
