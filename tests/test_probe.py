@@ -22,7 +22,9 @@ def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_p
     assert changed <= {"fc.weight", "fc.bias"} and changed  # BN running stats untouched
     assert meta["trainable_params"] == sum(src[k].numel() for k in ("fc.weight", "fc.bias"))
     assert meta["probe"]["l2"] in PROBE_L2  # fitted along the path to the CV's choice:
-    assert meta["epochs_run"] == len(path_to(PROBE_L2, meta["probe"]["l2"]))
+    rows = (tmp_path / "lp" / "history.csv").read_text().splitlines()[1:]  # one per strength
+    assert len(rows) == len(path_to(PROBE_L2, meta["probe"]["l2"]))
+    assert meta["epochs_run"] == 0  # no epoch of SGD (it counted the strengths: 4 of --epochs 3)
     assert meta["metrics"]["test"]["top1"] > 0.5
 
 

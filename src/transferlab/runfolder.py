@@ -119,7 +119,10 @@ def record(loop: Loop, progress: Progress, logits: dict, seconds: float, epoch, 
         "probe": None if snapshot else progress.probe,
         "params": models.count_params(loop.model),
         "trainable_params": models.count_params(loop.model, trainable=True),
-        "epochs_run": sum(r["epoch"] > 0 for r in history),  # (lp-ft's probe: epoch 0)
+        "epochs_run": 0
+        if cfg.strategy == "linear-probe"
+        else sum(r["epoch"] > 0 for r in history),  # fmt: skip
+        # (a probe's history rows are its L2 strengths; lp-ft's probe is epoch 0)
         "best_epoch": best_epoch,
         "seconds": round(seconds, 1),
         "metrics": results,
