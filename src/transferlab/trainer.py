@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -161,7 +162,8 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
         if cfg.data.partition(":")[0] in data.PATH_KINDS:  # (a file among the images)
             outputs.refuse_overlap(log_json, [cfg.data.partition(":")[2]], "the data folder", "--log-json")  # fmt: skip
     decoding.check_cache(cfg.cache_dir)
-    if resume and not out.exists():  # a typo after a crash: it trained anew without a word
+    elastic = "TORCHELASTIC_RESTART_COUNT" in os.environ  # torchrun --max-restarts: --resume
+    if resume and not out.exists() and not elastic:  # from its first launch; else a typo
         raise UserError(f"--resume: {out} does not exist, so nothing in it can be resumed: check "
                         "the path, or leave out --resume to start a new run")  # fmt: skip
     if outputs.check_out(out, "run", resume, overwrite) == "resume":
