@@ -35,6 +35,21 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
     return notes
 
 
+PART = "test score on "  # a test score without the unreadable images --skip-bad-images left out
+
+
+def part_of_test_notes(n: int, of: int) -> list[str]:
+    """The note of a test score on `n` of the split's `of` images; [] when on all of them."""
+    left = f"{of - n} unreadable left out (--skip-bad-images)"
+    return [f"{PART}{n} of the {of} test images: {left}"] if n < of else []
+
+
+def part_of_test(notes: list[str]) -> str:
+    """The report's mark of that note (" (test score on 16 of the 17 test images)"), or ""."""
+    said = [n.split(":")[0] for n in notes if n.startswith(PART)]
+    return f" ({said[0]})" if said else ""
+
+
 def inherited_notes(source: dict, ds: data.Dataset) -> list[str]:
     """A new run's notes on its test split, from where its weights came (`source`)."""
     return [note] if (note := inherited_note({"source": source}, ds)) else []

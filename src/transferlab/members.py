@@ -97,9 +97,8 @@ def member_logp(
             first["classes"], first["class_names"], ds.classes, ds.names, f"run {runs[0]}"
         )
         targets = {split: to_first[ds.splits[split].labels] for split in splits}
-    if notes is not None and "test" in splits and (n := len(targets["test"])) < listed["test"]:
-        notes.append(f"test score on {n} of the {listed['test']} test images: "
-                     f"{listed['test'] - n} unreadable left out (--skip-bad-images)")  # fmt: skip
+    if notes is not None and "test" in splits:
+        notes += leaks.part_of_test_notes(len(targets["test"]), listed["test"])
     logp = {split: np.stack(per_member[split]) for split in splits}
     feats = (
         {split: np.concatenate(per_member_feats[split], axis=1) for split in splits}

@@ -197,11 +197,11 @@ def stage(
         "seconds": round(time.time() - t0, 1),
     }
     state = {k: v.detach().clone().cpu() for k, v in loop.model.state_dict().items()}
+    progress.best = {k: best[k] for k in ("val_acc", "val_loss", "epoch")} | {"state": state}
     if not final:  # lp-ft: the probe is epoch 0, kept unless a fine-tuned epoch beats it on val
         row = next(r for r in rows if r["l2"] == best["l2"])
         progress.history = [{k: v for k, v in row.items() if k != "l2"} | {"epoch": 0}]
-        progress.best = {"val_acc": best["val_acc"], "val_loss": best["val_loss"], "epoch": 0,
-                         "state": state}  # fmt: skip
+        progress.best["epoch"] = 0
         return None
     if cfg.feature_engine == "onnxruntime":  # its features are fp32: evaluate must compute that
         loop.precision = "fp32"
@@ -209,12 +209,6 @@ def stage(
     progress.history = rows
     progress.val_logits = torch.from_numpy(best["val_logits"])  # cached features: no 2nd pass
     progress.test_logits = torch.from_numpy(best["test_logits"])
-    progress.best = {
-        "val_acc": best["val_acc"],
-        "val_loss": best["val_loss"],
-        "epoch": best["epoch"],
-        "state": state,
-    }
     return best["features"]
 
 

@@ -9,7 +9,7 @@ import io
 import sys
 from pathlib import Path
 
-from . import checkpoint, ensembles, evaluate, htmlreport, outputs
+from . import checkpoint, ensembles, evaluate, htmlreport, leaks, outputs
 from .config import UserError, one_line
 
 COLUMNS = [
@@ -117,7 +117,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
     if leaked(meta.get("notes", [])) and not mark:  # (meta.json: counted when it trained)
         mark = " (not a test score: its test images include ones its weights were trained on)"
     return {
-        "model": _name(path, root) + (mark or part_of_test(meta.get("notes", []))),
+        "model": _name(path, root) + (mark or leaks.part_of_test(meta.get("notes", []))),
         "_stale": bool(mark),
         "data": meta["data"],
         "arch": meta["arch"],
@@ -150,7 +150,7 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
     ):  # (ensemble.json: test images a member trained on, counted)
         stale = " (not a test score: its test images include ones a member trained on)"
     return {
-        "model": _name(path, root) + (stale or part_of_test(info.get("notes", []))),
+        "model": _name(path, root) + (stale or leaks.part_of_test(info.get("notes", []))),
         "_stale": bool(stale),
         "data": info["data"],
         "arch": f"ensemble ({info['method']})",
@@ -173,13 +173,6 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
 def leaked(notes: list[str]) -> bool:
     """Whether a run's or ensemble's recorded notes say its test images were trained on."""
     return any("not a test score" in n or "not a held-out test score" in n for n in notes)
-
-
-def part_of_test(notes: list[str]) -> str:
-    """The mark of a test score on part of the test split (unreadable images left out by
-    --skip-bad-images, recorded in the notes), or ""."""
-    said = [n.split(":")[0] for n in notes if n.startswith("test score on ")]
-    return f" ({said[0]})" if said else ""  # "test score on 16 of the 17 test images"
 
 
 def _name(path: Path, root: Path) -> str:

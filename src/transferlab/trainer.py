@@ -92,9 +92,7 @@ def fit(
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (with
     # --overwrite it had emptied the old run first)
     loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
-    if (n := len(loop.labels["test"])) < (of := len(loop.ds.splits["test"])):  # recorded
-        loop.notes.append(f"test score on {n} of the {of} test images: {of - n} unreadable "
-                          "left out (--skip-bad-images)")  # fmt: skip
+    loop.notes += leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))
     with claimed(out, resume, overwrite, cfg, d):
         start_training(loop, out, resume and (out / "state").exists(), log, quiet)
         progress = (restore(out, loop, log) if resume else None) or Progress()
