@@ -247,8 +247,7 @@ def test_a_corrupt_archive_is_refused_in_one_line_and_not_kept(serve, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "cifar-10-python.tar.gz is corrupt (MD5" in err
-    assert list((tmp_path / "downloads").iterdir()) == []
-    assert not (tmp_path / "cifar10").exists()
+    assert list(tmp_path.iterdir()) == []  # the folder as it was: nothing kept, nothing claimed
 
 
 def test_a_folder_holding_anything_else_is_refused_untouched(serve, tmp_path, capsys):
@@ -266,9 +265,14 @@ def test_an_unreachable_server_is_one_line(monkeypatch, tmp_path, capsys):
     standard = download.STANDARD["cifar10"]
     gone = (download.Resource("http://127.0.0.1:9/cifar-10-python.tar.gz", "0" * 32),)
     monkeypatch.setitem(download.STANDARD, "cifar10", dataclasses.replace(standard, resources=gone))
-    assert main(["data", "get", "cifar10", "--to", str(tmp_path / "d")]) == 2
+    assert main(["data", "get", "cifar10", "--to", str(tmp_path / "d" / "e")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot reach http://127.0.0.1:9/" in err
+    assert list(tmp_path.iterdir()) == []  # offline: no empty folders left behind
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "mine.txt").write_text("x")  # a folder of the user's: kept as it was
+    assert main(["data", "get", "cifar10", "--to", str(tmp_path / "d" / "e")]) == 2
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d", "mine.txt"]
 
 
 def test_unknown_name_is_refused_before_touching_disk(tmp_path, capsys):

@@ -227,20 +227,25 @@ def get(name: str, to: str | Path, quiet: bool = False) -> str:
     if name not in STANDARD:
         raise UserError(f"unknown dataset '{name}' (known: {', '.join(STANDARD)})")
     root = Path(to).expanduser().resolve()
+    made = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     state = _claim(root, name)
     if state.get("spec"):
         return state["spec"]
     standard = STANDARD[name]
     downloads = root / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    for res in standard.resources:
-        file = downloads / res.filename
-        if not file.exists():
-            fetch(res, file, quiet)
-        if res.archive and res.filename not in state["extracted"]:
-            extract_archive(file, root)
-            state["extracted"].append(res.filename)
-            _save(root, state)
+    try:
+        for res in standard.resources:
+            file = downloads / res.filename
+            if not file.exists():
+                fetch(res, file, quiet)
+            if res.archive and res.filename not in state["extracted"]:
+                extract_archive(file, root)
+                state["extracted"].append(res.filename)
+                _save(root, state)
+    except UserError:
+        _unclaim(root, made)
+        raise
     state["spec"] = str(standard.layout(root))
     _save(root, state)
     return state["spec"]
@@ -261,6 +266,21 @@ def _claim(root: Path, name: str) -> dict:
     state = {"name": name, "extracted": [], "spec": None}
     _save(root, state)
     return state
+
+
+def _unclaim(root: Path, made: list[Path]) -> None:
+    """A try that kept nothing (offline, a corrupt first archive) leaves the folder as it was:
+    its record and empty downloads/ removed, and the folders it created; a partial download
+    (a .part to continue) or an extracted archive keeps everything."""
+    downloads = root / "downloads"
+    if any(downloads.iterdir()) or sorted(p.name for p in root.iterdir()) != sorted(
+        [STATE, "downloads"]
+    ):
+        return
+    downloads.rmdir()
+    (root / STATE).unlink()
+    for folder in made:  # deepest first; each empty now
+        folder.rmdir()
 
 
 def _save(root: Path, state: dict) -> None:
