@@ -46,6 +46,7 @@ def test_run_folder_has_everything(trained_run):
         "val_acc",
         "seconds",
     }
+    assert float(rows[-1]["lr"]) > 0  # the LR its last step trained at (cosine's next one is 0)
     assert meta["metrics"]["test"]["top1"] > 0.5  # learnable synthetic data
     state = torch.load(trained_run / "state/last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 4 and len(state["progress"]["history"]) == 3

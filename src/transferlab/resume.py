@@ -36,6 +36,7 @@ class Progress:
     step: int = 0  # batches done in this epoch (a mid-epoch resume skips them)
     global_step: int = 0  # batches done in the run
     totals: list = field(default_factory=lambda: [0.0, 0, 0])  # epoch's loss sum, correct, seen
+    lr: float = 0.0  # the LR the epoch's last step trained at (history.csv's lr: not the next's)
     losses: list = field(default_factory=list)  # every step's loss (bitwise resume checks it)
     history: list = field(default_factory=list)  # one row per finished epoch
     stale: int = 0  # epochs since val last improved (early stopping)

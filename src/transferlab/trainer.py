@@ -291,6 +291,7 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, a
         with record_function("optimizer"):
             loop.scaler.step(loop.optimizer)
             loop.scaler.update()
+            progress.lr = max(g["lr"] for g in loop.optimizer.param_groups)
             if cfg.schedule != "plateau":
                 loop.scheduler.step()
         with record_function("bookkeeping"):  # this rank's summed loss and correct, on device
@@ -343,12 +344,13 @@ def validate(loop: Loop, progress: Progress, seconds: float, name: str, log) -> 
     """Score val, record the epoch, keep the best weights, decide on early stopping."""
     cfg = loop.cfg
     val = evaluate.metrics(runfolder.predict_all(loop, loop.images["val"]), loop.labels["val"])
-    if cfg.schedule == "plateau":
+    lr = progress.lr or max(g["lr"] for g in loop.optimizer.param_groups)  # (older checkpoints)
+    if cfg.schedule == "plateau":  # (its cut applies to the next epoch, not this row)
         loop.scheduler.step(val["loss"])
     loss_sum, correct, seen = progress.totals
     row = {
         "epoch": progress.epoch,
-        "lr": max(g["lr"] for g in loop.optimizer.param_groups),
+        "lr": lr,
         "train_loss": loss_sum / max(seen, 1),
         "train_acc": correct / max(seen, 1),
         "val_loss": val["loss"],
