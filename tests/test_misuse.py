@@ -154,6 +154,9 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
     fail(capsys, "soup", run_copy, run_copy, "--out", tmp_path / "soup", pattern="listed twice")
     fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY,
          "--out", folder_data / "train" / "newrun", pattern="overlaps the data folder")  # fmt: skip
+    for command in ("ensemble", "soup"):  # scored on that data, written among its photos
+        fail(capsys, command, run_copy, other, "--out", folder_data / "train" / "a" / command,
+             pattern="overlaps the data folder")  # fmt: skip
     for command in (["train", *TINY], ["auto", "--budget", "1m"]):  # its cache too
         fail(capsys, *command, "--data", f"folder:{folder_data}", "--out", tmp_path / "new",
              "--cache-dir", folder_data / "cache", pattern="--cache-dir .* overlaps the data")  # fmt: skip
@@ -189,6 +192,7 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
         not (folder_data / "runs").exists() and not (folder_data / "train" / "log.jsonl").exists()
     )
     assert sorted(p.name for p in (folder_data / "train").iterdir()) == ["a", "b", "c", "d"]
+    assert not list((folder_data / "train" / "a").glob("*/"))
     fail(capsys, "report", run_copy / "state", pattern="inside the run folder")
     assert not (run_copy / "state" / "report.md").exists()
     # report over a user's own report.md

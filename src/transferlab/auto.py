@@ -265,8 +265,7 @@ def run(
     for note in (n for n in ds.notes if not n.startswith("splits: ")):  # (its val split is
         print(f"[auto] {note}", file=sys.stderr, flush=True)  # folded in) as train says them
     say = (lambda *a: None) if quiet else log  # --quiet: no progress lines either
-    if ds.spec.partition(":")[0] in data.PATH_KINDS:  # a study never writes into its data
-        outputs.refuse_writing_into(ds.spec.partition(":")[2], out, cache_dir, ds.splits)
+    outputs.refuse_writing_into_data(ds, out, cache_dir)  # a study never writes into its data
     settings = {
         "data": ds.spec,
         "content": content(ds),

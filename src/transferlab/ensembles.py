@@ -18,6 +18,7 @@ import numpy as np
 from . import checkpoint, data, decoding, evaluate, outputs, plots
 from .combiners import COMBINERS, FITTED, accounting, combine, fit
 from .config import UserError
+from .folds import load_as_run
 from .members import SPLITS, check_members, member_logp, note_copies, split_apart
 
 ENSEMBLE = "ensemble.json"
@@ -61,7 +62,9 @@ def build(
             "and --fold"
         )
     decoding.check_cache(None)  # $TRANSFERLAB_CACHE, before the folder is claimed
-    outputs.refuse_overlap(out, runs, "member")
+    outputs.refuse_overlap(out, runs, "member")  # nor into the data it is scored on:
+    scored = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
+    outputs.refuse_writing_into_data(scored, out)
     outputs.check_out(Path(out), "ensemble", overwrite=overwrite)
     if apart and not fitted:  # (auto fits on out-of-fold predictions, and says so)
         print(f"note: {apart}: the ensemble's val scores count images a member trained on",

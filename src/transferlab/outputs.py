@@ -355,6 +355,16 @@ def refuse_overlap(
             )
 
 
+def refuse_writing_into_data(ds, out: str | Path, cache_dir: str | None = None) -> None:
+    """`refuse_writing_into` the data a command reads, loaded (`ds`, a data.Dataset): a
+    folder, a CSV, shards; a named set (digits, hf:) has no folder of the user's."""
+    from .data import PATH_KINDS
+
+    kind, _, folder = ds.spec.partition(":")
+    if kind in PATH_KINDS:
+        refuse_writing_into(folder, out, cache_dir, ds.splits)
+
+
 def refuse_writing_into(
     folder: str | Path, out: str | Path, cache_dir: str | None, splits: dict | None = None
 ) -> None:

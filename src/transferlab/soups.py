@@ -119,12 +119,14 @@ def make(
     if len({str(Path(r).resolve()) for r in runs}) < len(runs):
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
+    ds = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
+    outputs.refuse_writing_into_data(ds, out)  # nor into the data it is scored on
     decoding.check_cache(None)
     again = _stopped(Path(out))  # a soup stopped before it finished is made again
     outputs.check_out(Path(out), "run", overwrite=again)
     with outputs.lock(Path(out)):
         outputs.claim(Path(out), "run", outputs.check_out(Path(out), "run", overwrite=again))
-        return _cook(runs, metas, method, Path(out), data_spec, quiet, log, t0)
+        return _cook(runs, metas, method, Path(out), ds, quiet, log, t0)
 
 
 def _stopped(out: Path) -> bool:
@@ -151,12 +153,12 @@ def _greedy(order: list[int], cook, runs, log) -> list[int]:
     return kept
 
 
-def _cook(runs, metas, method, out: Path, data_spec, quiet, log, t0) -> dict:
-    """make() once the output folder is validated, claimed and locked."""
+def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0) -> dict:
+    """make() once the output folder is validated, claimed and locked; `ds` as the first
+    run splits the data it is scored on."""
     states = [checkpoint.load_run_weights(r, m) for r, m in zip(runs, metas, strict=True)]
     ref, prep = metas[0], models.Preprocessing.from_dict(metas[0]["preprocessing"])
-    spec = data.canonical(data_spec or ref["data"])
-    ds = load_as_run(ref, spec)
+    spec = ds.spec
     cache = decoding.resolve_cache(None)
     images = {
         s: decoding.decode(

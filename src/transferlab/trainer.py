@@ -211,9 +211,8 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
         + f", precision={precision}"
         + (f", {d.world} processes" if d.world > 1 else "")
     )
-    kind, _, folder = ds.spec.partition(":")
-    if d.main and kind in data.PATH_KINDS:  # a run never writes into its data
-        outputs.refuse_writing_into(folder, out, cfg.cache_dir, ds.splits)
+    if d.main:  # a run never writes into its data
+        outputs.refuse_writing_into_data(ds, out, cfg.cache_dir)
     pad = cfg.crop_pad if cfg.crop_pad >= 0 else prep.input_size // 8
     if cfg.crop == "pad" and pad >= prep.input_size:
         raise UserError(f"crop_pad ({pad}) must be smaller than the input size ({prep.input_size})")
