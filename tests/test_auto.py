@@ -201,6 +201,13 @@ def test_a_study_chooses_by_cv_builds_best_and_resumes(tmp_path, folder_data, sm
     assert "[auto]" not in said.out  # before the study started, not after its budget
     assert json.loads((out / "auto.json").read_text())["spent"] == spent
     (out / "best" / "mine.txt").unlink()
+    for name in ("report.md", "report.html"):  # notes added to the study's report: refused
+        kept = (out / name).read_text()  # at once, never written over
+        (out / name).write_text(kept + "my notes\n")
+        assert main(args + ["--resume"]) == 2
+        assert f"{name} was changed since transferlab auto wrote it" in capsys.readouterr().err
+        assert (out / name).read_text() == kept + "my notes\n"
+        (out / name).write_text(kept)  # as written again: the study's
 
     assert main(args) == 2  # an existing study is neither replaced nor mixed into
     assert "--resume" in capsys.readouterr().err

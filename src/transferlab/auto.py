@@ -46,6 +46,7 @@ from .config import Preempted, UnreadableImages, UserError
 
 SAFETY = 1.15  # a candidate starts only if its estimate times this fits in the time left
 STATE = "auto.json"
+REPORTS = ("report.md", "report.html")  # the study's own (autochoose.write_report)
 CLOCK, CLOCK_EVERY = "auto.clock", 1.0  # the time spent, written every second (`_clock`)
 
 
@@ -257,6 +258,8 @@ def run(
     t0, out = started or time.time(), Path(out)
     seconds = parse_budget(budget) if isinstance(budget, str) else float(budget)
     check_out(out, resume)
+    # notes a user added to the study's report since are never written over:
+    outputs.check_reports_writable(out, REPORTS, "transferlab auto", "choose another --out")
     decoding.check_cache(cache_dir)
     ds = data.load(data_spec)  # the splits every member shares (val carved from train, fixed)
     folds.cv_folds(folds.pool(ds.splits).labels, FOLDS)  # too few images: before any folder

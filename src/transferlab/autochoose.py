@@ -226,7 +226,8 @@ def write_report(
         "",
         _md(["option", "CV top-1", "CV NLL", ""], opts),
     ]
-    checkpoint.write_text(out / "report.md", "\n".join(md) + "\n")
+    outputs.write_report_file(out / "report.md", "\n".join(md) + "\n")  # (a user's edit: refused
+    # before the study began, auto.run)
     body = (
         f"<h1>transferlab report: auto</h1><p>{html.escape(summary)}</p><h2>Candidates</h2>"
         f"{_html(head, rows)}<h2>Options (how the candidates combine)</h2>"
@@ -236,7 +237,7 @@ def write_report(
         "body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
     )
     page = f"<!doctype html>\n<html><head><meta charset=utf-8><title>transferlab report: auto</title><style>{style}</style></head><body>{body}</body></html>\n"
-    checkpoint.write_text(out / "report.html", page)
+    outputs.write_report_file(out / "report.html", page)
 
 
 def _md(head: list[str], rows: list[list[str]]) -> str:

@@ -117,6 +117,17 @@ def is_report(path: Path, edited_too: bool = False) -> bool:
     )
 
 
+def check_reports_writable(root: Path, names: tuple[str, ...], who: str, elsewhere: str) -> None:
+    """Refuse to write over report files (`names`) that `who` (transferlab report, auto) did
+    not write, or wrote and a user changed since (notes added): one line, before any work."""
+    for name in names:
+        path = Path(root) / name
+        if path.exists() and not is_report(path):
+            how = (f"was changed since {who} wrote it (notes of yours?)"
+                   if is_report(path, edited_too=True) else f"was not written by {who}")  # fmt: skip
+            raise UserError(f"{path} {how}; it is left as it is: move it or {elsewhere}")
+
+
 def write_report_file(path: Path, text: str) -> None:
     """Write a report file, its sha256 recorded first, beside the one before it (a kill between
     the two writes leaves the file as either, each recognised as transferlab's)."""

@@ -194,13 +194,9 @@ def cell(text) -> str:
 
 def check_writable(root: Path) -> None:
     """Refuse to write over a report.md, results.csv or report.html that transferlab did not."""
-    for name in outputs.REPORTS:
-        path = Path(root) / name
-        if path.exists() and not outputs.is_report(path):
-            how = ("was changed since transferlab report wrote it (notes of yours?)"
-                   if outputs.is_report(path, edited_too=True) else
-                   "was not written by transferlab report")  # fmt: skip
-            raise UserError(f"{path} {how}; it is left as it is: move it or report another folder")
+    outputs.check_reports_writable(
+        root, tuple(outputs.REPORTS), "transferlab report", "report another folder"
+    )
 
 
 def _is_study(folder: Path) -> bool:
