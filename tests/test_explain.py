@@ -74,6 +74,14 @@ def test_explain_writes_an_overlay_per_image_for_the_predicted_or_named_class(
     (tmp_path / "mine" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="exists and is not empty"):
         explain.explain(trained_run, files, out=tmp_path / "mine")
+    photos = tmp_path / "photos"  # overlays written among the photos they explain: never
+    photos.mkdir()  # taken for photos by the next predict or explain of that folder
+    for f in files[:2]:
+        shutil.copy(f, photos)
+    explain.explain(trained_run, [str(photos)], out=photos / "cams")
+    assert predict.image_files([str(photos)]) == [str(p) for p in sorted(photos.glob("*.png"))]
+    more = explain.explain(trained_run, [str(photos)], out=photos / "cams")  # gathers there
+    assert [Path(r["overlay"]).name[:3] for r in more] == ["002", "003"]
 
 
 def test_the_target_layer_is_the_one_that_makes_the_final_feature_map():

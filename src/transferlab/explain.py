@@ -100,6 +100,8 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
                       None if index is None else [index] * len(kept))  # fmt: skip
     blended = overlay(images, maps)
     folder.mkdir(parents=True, exist_ok=True)
+    if not outputs.inside(folder, run / "explain"):  # (there: the run's marker says it)
+        outputs.mark(folder, "explain")  # so predict and explain never take them for photos
     names_there = (p.name.split("-", 1)[0] for p in folder.glob("[0-9][0-9][0-9]*-gradcam.png"))
     taken = [int(n) for n in names_there if n.isdigit()]
     rows, start = [], max(taken, default=-1) + 1  # RUN/explain gathers: none is written over
@@ -118,8 +120,12 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
 
 
 def _check_folder(folder: Path, run: Path) -> None:
-    """RUN/explain (ours: overlays gather there), or a new or empty folder outside every run."""
-    if outputs.inside(folder, run / "explain"):
+    """RUN/explain or an --out explain made (ours: overlays gather there), or a new or empty
+    folder outside every run."""
+    if (
+        outputs.inside(folder, run / "explain")
+        or (outputs.read_mark(folder) or {}).get("kind") == "explain"
+    ):
         return
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--out {folder} exists and is not empty; give a new or empty folder")
