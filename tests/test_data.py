@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +377,18 @@ def test_csv_header_spaces_are_ignored_and_labels_differing_in_case_are_noted(tm
     ds = data.load(f"csv:{_csv_data(tmp_path, rows, 'file_name, label')}")
     assert ds.classes == ["RED", "blue", "red"]
     assert "class names that differ only in case are separate classes: RED, red" in ds.notes
+
+
+def test_one_label_in_two_unicode_forms_is_one_class_and_two_such_folders_are_noted(tmp_path):
+    """Hostile pass 18: café from macOS (NFD) and from elsewhere (NFC) made two classes that
+    print alike, without a word."""
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    rows = [f"img/{i}.png,{[nfc, nfd, 'thé'][i % 3]}" for i in range(24)]
+    ds = data.load(f"csv:{_csv_data(tmp_path, rows, 'file_name,label')}")
+    assert ds.classes == [nfc, "thé"] and not any("Unicode" in n for n in ds.notes)
+    root = make_folder(tmp_path / "f", [nfc, nfd, "eau"], 4)  # folders: the user's, kept apart
+    said = [n for n in data.load(f"folder:{root}").notes if "differ only in" in n]
+    assert said == [f"class names that differ only in Unicode form or case are separate classes: {ascii(nfd)}, {ascii(nfc)}"]  # fmt: skip
 
 
 def test_a_split_with_other_classes_names_them_in_words(tmp_path):

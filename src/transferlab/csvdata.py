@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ def source(file: str, notes: list[str]):
                 "quote a file_name or label that holds a comma"
             )
         name, label = (row.get("file_name") or "").strip(), (row.get("label") or "").strip()
+        label = unicodedata.normalize("NFC", label)  # café typed on macOS (NFD) and elsewhere
         raw = (row.get("split") or "train").strip().lower()
         if raw not in SPLIT_NAMES:
             raise UserError(

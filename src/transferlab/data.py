@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,16 +110,16 @@ def load(
 ) -> Dataset:
     """Load a dataset spec (`digits`, `folder:PATH`, ...); `fold` "i/k": val is fold i of k of
     train+val, train the rest, test unchanged (`folds.fold_splits`)."""
+    check_spec(spec, exists=False)
     kind, _, arg = str(spec).partition(":")
-    if kind not in SOURCES:
-        raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)})")
-    if kind in PATH_KINDS and not arg:
-        raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
     notes: list[str] = []
     classes, names, given, native_size_, channels = SOURCES[kind](arg, notes)
-    lower = Counter(c.lower() for c in classes)
-    if twins := sorted(c for c in classes if lower[c.lower()] > 1):
-        notes.append(f"class names that differ only in case are separate classes: {', '.join(twins)}")  # fmt: skip
+    key = {c: unicodedata.normalize("NFKC", c).casefold() for c in classes}  # Cat, cat; café
+    alike = Counter(key.values())  # typed on macOS (NFD) and elsewhere: folders kept apart, said
+    if twins := sorted(c for c in classes if alike[key[c]] > 1):  # (a CSV's labels: NFC, one)
+        case = len({unicodedata.normalize("NFC", c) for c in twins}) == len(twins)
+        how, shown = ("case", twins) if case else ("Unicode form or case", map(ascii, twins))
+        notes.append(f"class names that differ only in {how} are separate classes: {', '.join(shown)}")  # fmt: skip
     if len(classes) < 2:
         raise UserError(
             f"{spec} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least "
@@ -135,8 +136,7 @@ def load(
         origin["val"], origin["train"] = f"fold {fold} of train+val", "the other folds"
     if limit:
         splits = {k: v.subset(stratified_head(v.labels, limit)) for k, v in splits.items()}
-    sizes = ", ".join(f"{k} {len(splits[k])} ({origin[k]})" for k in ("train", "val", "test"))
-    notes.append(f"splits: {sizes}")
+    notes.append("splits: " + ", ".join(f"{k} {len(splits[k])} ({origin[k]})" for k in splits))
     few = f"--limit {limit}, under the {len(classes)} classes" if limit and limit < len(classes) else "too few images"  # fmt: skip
     for name in ("train", "val", "test"):
         absent = sorted(set(range(len(classes))) - set(splits[name].labels.tolist()))
