@@ -37,6 +37,13 @@ def test_predict_a_run_on_a_folder_skips_unreadable_files(trained_run, images):
         "sub/gray.jpg",
     ]
     assert len(bad) == 2 and "broken.jpg" in bad[0] and "gone.jpg" in bad[1]
+    assert bad[1].endswith(f"gone.jpg (a broken link to {images / 'nowhere.jpg'})")  # in words:
+    (images / "cut.png").write_bytes((images / "a.png").read_bytes()[:-60])  # no class names
+    _, bad = predict.predict(
+        trained_run, [str(images / "a.png"), str(images / "cut.png")], quiet=True
+    )
+    assert bad == [f"{images / 'cut.png'} (truncated: the file ends early, as an interrupted copy or download leaves it)"]  # fmt: skip
+    (images / "cut.png").unlink()
     (images / "gone.jpg").unlink()
     classes = checkpoint.read_meta(trained_run)["classes"]
     for row in rows:

@@ -162,10 +162,9 @@ def load_state(
         spent = max(float(state["spent"]), _clock_read(out))
         fixed = {k: state["settings"].get(k) for k in ("data", "folds", "seed")}
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise UserError(
-            f"{out / STATE} cannot be read ({type(err).__name__}: {err}): the study cannot be "
-            "resumed; choose another --out"
-        ) from None
+        why = f"no {err} in it" if isinstance(err, KeyError) else getattr(err, "strerror", 0) or err
+        raise UserError(f"{out / STATE} cannot be read ({why}): the study cannot be resumed; "
+                        "choose another --out") from None  # fmt: skip
     changed = [k for k in fixed if fixed[k] != settings.get(k)]
     if changed:
         was, now = (", ".join(f"{k} {d[k]}" for k in changed) for d in (fixed, settings))

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import os
 import signal
 import threading
 import types
@@ -37,6 +38,25 @@ class UnreadableImages(UserError):
         """The error that lists them, and says what mends them."""
         said = f"{len(bad)} unreadable image(s), {fix} or pass --skip-bad-images: "
         return cls(said + "; ".join(bad), bad, fix)
+
+    @staticmethod
+    def why(err: BaseException, path: str) -> str:
+        """Why the image at `path` could not be decoded, in words (no exception class names)."""
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            return (
+                f"over {Image.MAX_IMAGE_PIXELS:,} pixels, the limit for one image: shrink it first"
+            )
+        if isinstance(err, UnidentifiedImageError):  # (its message repeats the path)
+            return "not an image Pillow reads: another format, or damaged"
+        if isinstance(err, FileNotFoundError):
+            return f"a broken link to {os.readlink(path)}" if os.path.islink(path) else "not found"
+        if isinstance(err, (PermissionError, IsADirectoryError)):
+            return "no permission to read it" if isinstance(err, PermissionError) else "a folder"
+        if "truncated" in str(err):  # (Pillow's "image file is truncated (12 bytes not processed)")
+            return "truncated: the file ends early, as an interrupted copy or download leaves it"
+        return f"damaged: {getattr(err, 'strerror', None) or err}"
 
 
 def one_line(text: str) -> str:

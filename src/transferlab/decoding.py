@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from . import outputs
@@ -153,18 +153,11 @@ def _decode_files(
             out[i] = _to_array(
                 resize(open_image(paths[i], channels), size, interpolation), channels
             )
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            limit = Image.MAX_IMAGE_PIXELS  # (Pillow's words: "could be decompression bomb")
-            why = f"over {limit:,} pixels, the limit for one image: shrink it first"
-        except UnidentifiedImageError:  # (its message repeats the path)
-            why = "not an image Pillow reads: another format, or damaged"
         except UNREADABLE as err:
-            why = f"{type(err).__name__}: {err}"
-        else:
-            return None
-        from .hfdata import named  # a dataset's row, not our copy of it
+            from .hfdata import named  # a dataset's row, not our copy of it
 
-        return f"{named(paths[i])} ({why})"
+            return f"{named(paths[i])} ({UnreadableImages.why(err, paths[i])})"
+        return None
 
     show = not quiet and len(paths) >= 500
     pool = ThreadPoolExecutor(max(1, min(cores(), len(paths))))
