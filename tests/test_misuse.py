@@ -228,6 +228,13 @@ def test_out_never_lands_in_a_folder_the_images_lie_in_and_a_tilde_the_shell_lef
     shutil.copytree(folder_data / "test", linked / "test")
     fail(capsys, "train", "--data", f"folder:{linked}", *TINY, "--out",
          folder_data / "train" / "b" / "run", pattern="a folder the images of .* lie in")  # fmt: skip
+    files = tmp_path / "files"  # a tree of linked files (over a photo library): the same
+    for p in (folder_data / "train").glob("*/*.png"):
+        (files / "train" / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (files / "train" / p.parent.name / p.name).symlink_to(p)
+    shutil.copytree(folder_data / "test", files / "test")
+    fail(capsys, "train", "--data", f"folder:{files}", *TINY, "--out",
+         folder_data / "train" / "a" / "run", pattern="a folder the images of .* lie in")  # fmt: skip
     rows = [f"{p},{p.parent.name}" for p in sorted((folder_data / "train").glob("*/*.png"))]
     (tmp_path / "l.csv").write_text("file_name,label\n" + "\n".join(rows) + "\n")
     for command in (["train", *TINY], ["auto", "--budget", "1m"], ["data", "shard", "--quiet"]):

@@ -391,8 +391,11 @@ def refuse_writing_into(
 
 
 def image_folders(splits: dict) -> list[Path]:
-    """The folders the `splits`' images lie in, links resolved (shards: none)."""
-    parents = {os.path.dirname(p) for s in splits.values() for p in s.paths or ()}
+    """The folders the `splits`' images lie in, links resolved: a linked folder's target and a
+    linked file's own folder (a tree of links over a photo library); shards: none."""
+    paths = [p for s in splits.values() for p in s.paths or ()]
+    parents = {os.path.dirname(p) for p in paths}
+    parents |= {os.path.dirname(os.path.realpath(p)) for p in paths if os.path.islink(p)}
     return sorted({Path(os.path.realpath(d)) for d in parents})
 
 
