@@ -263,3 +263,29 @@ def test_an_ensemble_whose_member_changed_is_not_served(tmp_path, folder_data, t
     with pytest.raises(serve.BadUpload) as err:
         live.rows([Image.new("RGB", (24, 24))], 2)
     assert err.value.status == 503 and "twin" in err.value.message
+
+
+@pytest.mark.parametrize(
+    "content_type,cap_mb", [("image/png", 0.5), ("multipart/form-data; boundary=x", 8)]
+)
+def test_a_body_without_its_length_is_read_only_up_to_the_limit(content_type, cap_mb):
+    """Hostile pass 18: a chunked upload (no Content-Length) was read whole, then refused: a
+    1 GB body grew the server by 2 GB. Now it stops reading once past the limit."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from transferlab import serve
+
+    sent = 0
+
+    async def receive():  # 64 MB on offer, in 64 KB chunks
+        nonlocal sent
+        sent += 1
+        return {"type": "http.request", "body": bytes(65536), "more_body": sent < 1000}
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "query_string": b"",
+             "headers": [(b"content-type", content_type.encode())]}  # fmt: skip
+    with pytest.raises(serve.BadUpload, match=f"passed {cap_mb:g} MB before its end; the limit is 0.5 MB"):  # fmt: skip
+        asyncio.run(serve.uploads_of(Request(scope, receive), max_mb=0.5))
+    assert sent * 65536 <= cap_mb * 1e6 + 65536  # one chunk past the limit at most

@@ -52,7 +52,12 @@ def commands(sub, _sub, Parser) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="images per model call [32]")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the first image waits for others to batch with [5]")  # fmt: skip
-    p.add_argument("--max-mb", type=float, default=20.0, help="largest image accepted [20 MB]")
+    p.add_argument(
+        "--max-mb",
+        type=float,
+        default=20.0,
+        help="largest image accepted [20 MB]; a form of several is read up to 16 times that, a body no further than its limit",
+    )
     p = _sub(sub, "models", "pretrained weights usable here (timm names, input size, source)")
     p.add_argument("pattern", nargs="?", default="*", help="a glob such as 'resnet50*' [*]")
     p.add_argument(

@@ -167,11 +167,23 @@ class BadUpload(Exception):
         self.status, self.message = status, message
 
 
-async def uploads_of(request) -> list[tuple[str, bytes]]:
-    """(name, bytes) per image: the form's files, or the raw body as one image."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return [("body", await request.body())]
-    form = await request.form()
+async def uploads_of(request, max_mb: float) -> list[tuple[str, bytes]]:
+    """(name, bytes) per image: the form's files, or the raw body as one image. The body is
+    read only up to its limit (a raw one `max_mb`, a form 16 times that), whatever its
+    length says or whether it says one (chunked): a 413 once it passes it."""
+    form = request.headers.get("content-type", "").startswith("multipart/form-data")
+    cap, body = max_mb * 1e6 * (16 if form else 1), bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise BadUpload(413, f"the body passed {cap / 1e6:g} MB before its end; the limit is {max_mb} MB")  # fmt: skip
+    if not form:
+        return [("body", bytes(body))]
+
+    async def replay():  # the form parsed from what was read
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    form = await Request(request.scope, replay).form()
     uploads = [
         (v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")
     ]
@@ -250,7 +262,7 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
             raise BadUpload(
                 413, f"the request is {declared / 1e6:.1f} MB; the limit is {max_mb} MB"
             )
-        uploads = await uploads_of(request)
+        uploads = await uploads_of(request, max_mb)
         if len(uploads) > MAX_FILES:
             raise BadUpload(
                 413, f"the request holds {len(uploads)} images; the limit is {MAX_FILES}"
