@@ -281,3 +281,10 @@ def test_a_report_a_user_wrote_into_is_never_written_over(trained_run, tmp_path)
     with pytest.raises(UserError, match="report.md"):
         trainer.fit(cfg, tmp_path / "tiny", overwrite=True, quiet=True)
     assert (tmp_path / "tiny" / "report.md").read_text().endswith("mine")
+    moved = tmp_path / "moved"  # `mv runs/* moved/`: the * leaves .transferlab-report.json
+    moved.mkdir()  # behind, and the notes went with the first report written there
+    shutil.move(tmp_path / "tiny", moved / "tiny")
+    (moved / "report.md").write_text((tmp_path / "report.md").read_text() + "my notes\n")
+    with pytest.raises(UserError, match="report.md has no record of how transferlab report wrote it"):  # fmt: skip
+        report.write(moved)
+    assert (moved / "report.md").read_text().endswith("my notes\n")

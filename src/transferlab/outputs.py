@@ -96,35 +96,43 @@ def owned(rel: str, path: Path) -> bool:
     return rel in REPORTS and is_report(path)
 
 
-def is_report(path: Path, edited_too: bool = False) -> bool:
-    """A report.md / results.csv / report.html that `transferlab report` wrote, unchanged since
-    (its sha256 in REPORT_SHA; reports from before it by their start only); `edited_too`: or
-    changed since (a user's notes added)."""
+def is_report(path: Path) -> bool:
+    """A report.md / results.csv / report.html that transferlab wrote, unchanged since."""
+    return report_state(path) == "ours"
+
+
+def report_state(path: Path) -> str:
+    """ "ours" (transferlab wrote it, unchanged since: its sha256 is in REPORT_SHA beside it),
+    "edited" (a user's notes added since), "unrecorded" (it starts as one, but no sha256 was
+    kept: moved or copied without REPORT_SHA, or older than it; notes may be in it), or
+    "foreign"; a report is written over only when "ours"."""
     path = Path(path)
     start = REPORTS.get(path.name)
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             head = f.read(400)
+        if not (start and head.startswith(start)) or (
+            start == "<!doctype html>" and "transferlab report" not in head
+        ):
+            return "foreign"
         written = _report_shas(path.parent).get(path.name)
-        same = written is None or edited_too or _sha(path.read_bytes()) in written
+        return "unrecorded" if written is None else "ours" if _sha(path.read_bytes()) in written else "edited"  # fmt: skip
     except OSError:
-        return False
-    return (
-        bool(start)
-        and head.startswith(start)
-        and (start != "<!doctype html>" or "transferlab report" in head)
-        and same
-    )
+        return "foreign"
 
 
 def check_reports_writable(root: Path, names: tuple[str, ...], who: str, elsewhere: str) -> None:
     """Refuse to write over report files (`names`) that `who` (transferlab report, auto) did
-    not write, or wrote and a user changed since (notes added): one line, before any work."""
-    for name in names:
-        path = Path(root) / name
-        if path.exists() and not is_report(path):
-            how = (f"was changed since {who} wrote it (notes of yours?)"
-                   if is_report(path, edited_too=True) else f"was not written by {who}")  # fmt: skip
+    not write, or wrote and a user changed since (notes added), or whose writing left no
+    record here (moved without REPORT_SHA): one line, before any work."""
+    for path in (Path(root) / name for name in names):
+        if path.exists() and (state := report_state(path)) != "ours":
+            how = {
+                "edited": f"was changed since {who} wrote it (notes of yours?)",
+                "unrecorded": f"has no record of how {who} wrote it ({REPORT_SHA} is not beside "
+                "it: moved or copied?), so it may hold notes of yours",
+                "foreign": f"was not written by {who}",
+            }[state]
             raise UserError(f"{path} {how}; it is left as it is: move it or {elsewhere}")
 
 
