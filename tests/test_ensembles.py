@@ -80,6 +80,12 @@ def test_members_trained_on_other_data_are_noted(trained_run, folder_data, tmp_p
         f"note: scored on folder:{folder_data.resolve()}; member(s) trained on folder:{(tmp_path / 'more').resolve()}"
         in out
     )
+    fresh = make_folder(tmp_path / "fresh", ["a", "b", "c", "d"], 6, size=28)  # no image shared:
+    alone = tmp_path / "alone"  # counted, none found, said as evaluate says it (no "may be")
+    trainer.fit(tiny_cfg(f"folder:{fresh}", epochs=1), alone, quiet=True)
+    ensembles.build([trained_run, alone], "soft", tmp_path / "ens2", quiet=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if "trained on" in line]
+    assert said == [f"note: scored on folder:{folder_data.resolve()}; member(s) trained on folder:{fresh.resolve()}"]  # fmt: skip
     twin = shutil.copytree(trained_run, tmp_path / "twin")
     ensembles.build([trained_run, twin], "soft", tmp_path / "same")
     assert "member(s) trained on" not in capsys.readouterr().err

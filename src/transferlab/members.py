@@ -131,11 +131,12 @@ def leak_note(runs: list[str], metas: list[dict], ds: data.Dataset) -> str:
         elif n := leaks.count(leaks.ancestors(meta), ds, "test"):
             seen.append((f"the runs {run}'s weights came from", n))
     leak = "; ".join(f"{n} of the {n_test} test images trained {r}" for r, n in seen if n)
-    if not (others or leak):
-        return ""
-    why = f"{leak}: the ensemble's test score is not a test score" if leak else (
-        "a test image may be one a member trained on")  # fmt: skip
-    return f"scored on {spec}; member(s) trained on {', '.join(others)}: {why}" if others else why
+    why = f"{leak}: the ensemble's test score is not a test score" if leak else ""
+    if not others:  # counted, as evaluate counts them for one run: never guessed ("may be")
+        return why
+    return f"scored on {spec}; member(s) trained on {', '.join(others)}" + (
+        f": {why}" if why else ""
+    )
 
 
 def split_apart(runs: list[str], metas: list[dict], data_spec: str | None) -> str:
