@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -44,6 +45,17 @@ def test_predict_a_run_on_a_folder_skips_unreadable_files(trained_run, images):
     )
     assert bad == [f"{images / 'cut.png'} (truncated: the file ends early, as an interrupted copy or download leaves it)"]  # fmt: skip
     (images / "cut.png").unlink()
+    (images / ".ipynb_checkpoints").mkdir()  # a notebook's copy: not a photo, as in --data
+    shutil.copy(images / "a.png", images / ".ipynb_checkpoints" / "a-checkpoint.png")
+    (images / "more").symlink_to(images / "sub")  # a linked folder: searched (it was not)
+    (images / "sub" / "loop").symlink_to(images)  # a link loop: each real folder once
+    found = predict.image_files([str(images)])
+    assert [f.split("photos/")[1] for f in found if "gone" not in f and "broken" not in f] == [
+        "a.png", "sub/alpha.png", "sub/gray.jpg"
+    ]  # fmt: skip
+    assert predict.image_files([str(images / "more")])[0].endswith("more/alpha.png")
+    (images / "sub" / "loop").unlink()
+    (images / "more").unlink()
     (images / "gone.jpg").unlink()
     classes = checkpoint.read_meta(trained_run)["classes"]
     for row in rows:

@@ -303,7 +303,7 @@ def _existing_dir(path: str) -> Path:
 JUNK_DIRS = {"__MACOSX", "__pycache__"}  # what zip tools and Python leave behind
 
 
-def _hidden(name: str) -> bool:
+def hidden_name(name: str) -> bool:
     return name.startswith(".") or name in JUNK_DIRS
 
 
@@ -313,8 +313,8 @@ def _visible_dirs(path: Path, notes: list[str] | None = None) -> list[Path]:
     says so; one written there became a class of its plots); what is skipped goes to `notes`,
     never silently."""
     dirs = sorted(d for d in path.iterdir() if d.is_dir())
-    hidden = [d.name for d in dirs if _hidden(d.name)]
-    ours = [d.name for d in dirs if not _hidden(d.name) and _marked(d)]
+    hidden = [d.name for d in dirs if hidden_name(d.name)]
+    ours = [d.name for d in dirs if not hidden_name(d.name) and _marked(d)]
     if notes is not None:
         for names, what in ((hidden, "hidden folder(s)"), (ours, "transferlab output folder(s)")):
             if names:

@@ -34,7 +34,7 @@ def image_files(inputs: list[str]) -> list[str]:
         if p.is_dir():
             found = sorted(
                 f
-                for f in p.rglob("*")
+                for f in _under(p)
                 if f.suffix.lower() in data.IMAGE_EXTENSIONS
                 and not f.name.startswith(".")
                 and (f.is_file() or not f.exists())  # a pipe named x.png blocked the read
@@ -54,6 +54,21 @@ def image_files(inputs: list[str]) -> list[str]:
             what = "not a regular file or folder" if p.exists() else "no such file or folder"
             raise UserError(f"{what}: {item}")
     return files
+
+
+def _under(top: Path) -> list[Path]:
+    """Every file under `top`: linked folders followed, each real folder once (a link loop
+    ends); hidden and junk folders (.ipynb_checkpoints, __MACOSX) not searched, as --data."""
+    seen, found = set(), []
+    for root, dirs, names in os.walk(top, followlinks=True):
+        if (real := os.path.realpath(root)) in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        kept = (d for d in dirs if not data.hidden_name(d))  # real folders before links to them
+        dirs[:] = sorted(kept, key=lambda d: (os.path.islink(os.path.join(root, d)), d))
+        found += [Path(root, n) for n in names]
+    return found
 
 
 def _in_ours(folder: Path, top: Path) -> bool:
