@@ -168,3 +168,31 @@ def test_a_leak_is_counted_through_copies_ensemble_members_soup_ingredients_and_
     trainer.fit(tiny_cfg(f"wds:{tmp_path / 'shards'}", epochs=1), tmp_path / "w", quiet=True)
     trainer.fit(tiny_cfg(spec, weights=str(tmp_path / "w"), epochs=1), tmp_path / "ftw")
     assert "20 of the 20 test images were training images of the run its weights came from (w)" in capsys.readouterr().err  # fmt: skip
+
+
+def test_test_images_that_are_copies_of_its_own_training_images_are_counted(tmp_path, capsys):
+    """Hostile pass 18: a test split holding byte copies of train images (a scraper's
+    duplicates, a copy made by hand) was scored as held out, without a word."""
+    from transferlab import report, trainer
+
+    from conftest import make_folder, tiny_cfg
+
+    root = make_folder(tmp_path / "d", ["a", "b", "c", "d"], 6)
+    for c in ("a", "b"):  # 2 of the 24 test images: copies of training images
+        shutil.copy(root / "train" / c / "0.png", root / "test" / c / "0.png")
+    trainer.fit(tiny_cfg(f"folder:{root}", epochs=1), tmp_path / "runs" / "r", quiet=True)
+    said = "2 of the 24 test images are byte copies of training images of the same data: each the same file or bytes as one of its train/val images; its test score counts them"  # fmt: skip
+    assert said in capsys.readouterr().err
+    assert said in checkpoint.read_meta(tmp_path / "runs" / "r")["notes"]
+    *_, notes = evaluate.score_run(tmp_path / "runs" / "r", None, "test")
+    assert said in notes
+    report.write(tmp_path / "runs")
+    mark = "| r (2 of the 24 test images are byte copies of training images of the same data) |"
+    assert mark in (tmp_path / "runs" / "report.md").read_text()
+    from transferlab import ensembles
+
+    shutil.copytree(tmp_path / "runs" / "r", tmp_path / "runs" / "r2")  # an ensemble says it too
+    ensembles.build(
+        [tmp_path / "runs" / "r", tmp_path / "runs" / "r2"], "soft", tmp_path / "runs" / "e"
+    )
+    assert said in ensembles.read(tmp_path / "runs" / "e")["notes"]

@@ -26,6 +26,7 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
                 + (f": {n} of the {len(ds.splits[split])} {split} images were among its training "
                    f"images, so this is not a held-out {split} score" if n else "")]  # fmt: skip
     notes = [note] if (note := inherited_note(meta, ds, split)) else []
+    notes += own_copies(ds, split)
     recorded = meta.get("data_fingerprint")
     if recorded and recorded != ds.fingerprint:
         notes.append(
@@ -44,15 +45,33 @@ def part_of_test_notes(n: int, of: int) -> list[str]:
     return [f"{PART}{n} of the {of} test images: {left}"] if n < of else []
 
 
-def part_of_test(notes: list[str]) -> str:
-    """The report's mark of that note (" (test score on 16 of the 17 test images)"), or ""."""
-    said = [n.split(":")[0] for n in notes if n.startswith(PART)]
-    return f" ({said[0]})" if said else ""
+def test_marks(notes: list[str]) -> str:
+    """The report's marks of those notes and of `own_copies`' (" (test score on 16 of the 17
+    test images)", " (11 of the 2985 test images are byte copies of ...)"), or ""."""
+    said = [n.split(":")[0] for n in notes if n.startswith(PART) or COPIES in n]
+    return "".join(f" ({s})" for s in said)
 
 
-def inherited_notes(source: dict, ds: data.Dataset) -> list[str]:
-    """A new run's notes on its test split, from where its weights came (`source`)."""
-    return [note] if (note := inherited_note({"source": source}, ds)) else []
+COPIES = " are byte copies of training images of the same data"  # own_copies' notes
+
+
+def own_copies(ds: data.Dataset, split: str = "test") -> list[str]:
+    """The note of a `split` holding the data's own training images again (train, and val
+    for test): the same file through a link, or a copy (the same bytes) made by hand or by a
+    scraper; [] if none (data without files: none counted)."""
+    scored, others = ds.splits[split].paths, [s for s in ("train", "val") if s != split]
+    seen = {p for s in others for p in ds.splits[s].paths or ()}
+    if not (n := _among(seen, scored) if scored and seen else 0):
+        return []
+    return [f"{n} of the {len(scored)} {split} images{COPIES}: each the same file or bytes as "
+            f"one of its {'/'.join(others)} images; its {split} score counts them"]  # fmt: skip
+
+
+def test_notes(source: dict, ds: data.Dataset) -> list[str]:
+    """A new run's notes on its test split: what the runs its weights came from (`source`)
+    trained on, and its own training images again."""
+    inherited = [note] if (note := inherited_note({"source": source}, ds)) else []
+    return inherited + own_copies(ds)
 
 
 def inherited_note(meta: dict, ds: data.Dataset, split: str = "test") -> str:
@@ -102,7 +121,11 @@ def count(metas: list[dict], ds: data.Dataset, split: str, used=("train", "val")
     scored = ds.splits[split].paths
     if not scored or not metas:
         return 0
-    seen = set().union(*(_seen(m, used) for m in metas))
+    return _among(set().union(*(_seen(m, used) for m in metas)), scored)
+
+
+def _among(seen: set[str], scored: list[str]) -> int:
+    """How many `scored` files are among the `seen` ones, by file or by content."""
     stats = {p: _stat(p) for p in {*seen, *scored}}  # one stat a file: identity and size
     ids = {_file_id(p, stats[p]) for p in seen}
     left = [p for p in scored if _file_id(p, stats[p]) not in ids]

@@ -58,8 +58,8 @@ def member_logp(
         evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
     spec = data.canonical(data_spec or metas[0]["data"])
     ds = load_as_run(metas[0], spec)
-    if said := leak_note(runs, metas, ds):  # as evaluate says of one run, --quiet or not
-        if notes is None:
+    for said in filter(None, [leak_note(runs, metas, ds), *leaks.own_copies(ds)]):
+        if notes is None:  # as evaluate says them of one run, --quiet or not
             print(f"note: {said}", file=sys.stderr)
         else:
             notes.append(said)
