@@ -130,7 +130,8 @@ def _among(seen: set[str], scored: list[str]) -> int:
     ids = {_file_id(p, stats[p]) for p in seen}
     left = [p for p in scored if _file_id(p, stats[p]) not in ids]
     by_size: dict[int, list[str]] = {}
-    for p in (p for p in seen if stats[p]):  # copies: the bytes compared only where sizes agree
+    for p in (p for p in seen if stats[p] and stats[p].st_size):  # copies: the bytes compared
+        # where sizes agree (empty files: no image, unreadable, not copies of one another)
         by_size.setdefault(stats[p].st_size, []).append(p)
     sizes = {stats[p].st_size for p in left if stats[p]} & set(by_size)
     digests = {_digest(p) for n in sizes for p in by_size[n]}
