@@ -45,7 +45,7 @@ def part_of_test_notes(n: int, of: int) -> list[str]:
     return [f"{PART}{n} of the {of} test images: {left}"] if n < of else []
 
 
-def test_marks(notes: list[str]) -> str:
+def score_marks(notes: list[str]) -> str:
     """The report's marks of those notes and of `own_copies`' (" (test score on 16 of the 17
     test images)", " (11 of the 2985 test images are byte copies of ...)"), or ""."""
     said = [n.split(":")[0] for n in notes if n.startswith(PART) or COPIES in n]
@@ -67,7 +67,7 @@ def own_copies(ds: data.Dataset, split: str = "test") -> list[str]:
             f"one of its {'/'.join(others)} images; its {split} score counts them"]  # fmt: skip
 
 
-def test_notes(source: dict, ds: data.Dataset) -> list[str]:
+def new_run_notes(source: dict, ds: data.Dataset) -> list[str]:
     """A new run's notes on its test split: what the runs its weights came from (`source`)
     trained on, and its own training images again."""
     inherited = [note] if (note := inherited_note({"source": source}, ds)) else []

@@ -117,7 +117,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
     if leaked(meta.get("notes", [])) and not mark:  # (meta.json: counted when it trained)
         mark = " (not a test score: its test images include ones its weights were trained on)"
     return {
-        "model": _name(path, root) + (mark or leaks.test_marks(meta.get("notes", []))),
+        "model": _name(path, root) + (mark or leaks.score_marks(meta.get("notes", []))),
         "_stale": bool(mark),
         "data": meta["data"],
         "arch": meta["arch"],
@@ -150,7 +150,7 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
     ):  # (ensemble.json: test images a member trained on, counted)
         stale = " (not a test score: its test images include ones a member trained on)"
     return {
-        "model": _name(path, root) + (stale or leaks.test_marks(info.get("notes", []))),
+        "model": _name(path, root) + (stale or leaks.score_marks(info.get("notes", []))),
         "_stale": bool(stale),
         "data": info["data"],
         "arch": f"ensemble ({info['method']})",

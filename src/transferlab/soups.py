@@ -206,7 +206,7 @@ def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0) -> d
         "init_sha256": ref["source"]["init_sha256"],
         "batchnorm": "recomputed on train",
     }
-    notes = leaks.test_notes(source, ds)  # its ingredients'
+    notes = leaks.new_run_notes(source, ds)  # its ingredients'
     for note in notes:  # training images among its test images
         print(f"note: {note}", file=sys.stderr, flush=True)
     meta = {

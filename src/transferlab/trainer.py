@@ -193,7 +193,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
     built = weights.build(cfg, ds.classes, ds.native_size, ds.native_channels, ds.names)
     model, prep, source = built.model, built.prep, built.source
     source["init_sha256"] = checkpoint.state_sha256(model.state_dict())  # lineage, for soups
-    notes = leaks.test_notes(source, ds)
+    notes = leaks.new_run_notes(source, ds)
     for note in notes:  # a fine-tune's test images that its parent trained on
         log(f"[{out.name}] note: {note}", note=True)
     precision = evaluate.resolve_precision(cfg.precision)
