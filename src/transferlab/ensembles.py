@@ -74,7 +74,7 @@ def build(
     splits = ("train", *SPLITS) if on_features else SPLITS
     notes: list[str] = []  # recorded in ensemble.json: report marks its score
     logp, targets, metas, spec, feats = member_logp(
-        runs, data_spec, quiet, tta, splits, on_features, notes
+        runs, data_spec, quiet, tta, splits, on_features, notes, scored
     )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

@@ -42,6 +42,7 @@ def member_logp(
     splits: tuple[str, ...] = SPLITS,
     features: bool = False,
     notes: list[str] | None = None,
+    ds: data.Dataset | None = None,
 ) -> tuple[dict, dict, list[dict], str, dict]:
     """Member log-probs per split, aligned to the first member's classes; what a user should
     know of the scores (test images a member trained on) goes to `notes`, else to stderr.
@@ -57,7 +58,7 @@ def member_logp(
     for run, meta in zip(runs, metas, strict=True):  # before any member spends time predicting
         evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
     spec = data.canonical(data_spec or metas[0]["data"])
-    ds = load_as_run(metas[0], spec)
+    ds = load_as_run(metas[0], spec) if ds is None else ds  # (`ds`: loaded already)
     for said in filter(None, [leak_note(runs, metas, ds), *leaks.own_copies(ds)]):
         if notes is None:  # as evaluate says them of one run, --quiet or not
             print(f"note: {said}", file=sys.stderr)
