@@ -3,6 +3,7 @@ cross-validation, the deadline, and a whole study (resumed, misused)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 import time
@@ -12,7 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab import auto, autochoose, autospace, checkpoint, data, folds, guards, linear
+from transferlab import (
+    auto,
+    autochoose,
+    autospace,
+    checkpoint,
+    data,
+    evaluate,
+    folds,
+    guards,
+    linear,
+    trainer,
+)
 from transferlab.cli import main
 from transferlab.config import Preempted, UserError
 
@@ -48,6 +60,25 @@ def test_folds_cover_train_and_val_once_and_leave_test_alone():
 def test_fold_setting_is_checked(fold):
     with pytest.raises(UserError, match="fold"):
         tiny_cfg("digits", fold=fold)
+
+
+def test_a_fold_run_keeps_its_last_epoch_so_nothing_is_chosen_on_its_held_out_fold(
+    folder_data, tmp_path, monkeypatch
+):
+    """A --fold run's val is its held-out fold, whose predictions are the study's out-of-fold
+    scores: keeping the epoch that scored best on it made them optimistic. It keeps its last
+    epoch (val chooses nothing), and early stopping on that fold is refused."""
+    spec = f"folder:{folder_data}"
+    monkeypatch.setattr(evaluate, "improves", lambda val, best: best["epoch"] < 1)  # epoch 1 best
+    trainer.fit(tiny_cfg(spec, epochs=3), tmp_path / "plain", quiet=True)
+    assert checkpoint.read_meta(tmp_path / "plain")["best_epoch"] == 1  # (what the patch says)
+    trainer.fit(tiny_cfg(spec, epochs=3, fold="2/5"), tmp_path / "fold", quiet=True)
+    meta = checkpoint.read_meta(tmp_path / "fold")
+    last = list(csv.DictReader((tmp_path / "fold" / "history.csv").open()))[-1]
+    assert meta["best_epoch"] == 3
+    assert meta["metrics"]["val"]["top1"] == pytest.approx(float(last["val_acc"]))
+    with pytest.raises(UserError, match="patience has no effect here: it needs fold none"):
+        tiny_cfg(spec, fold="1/5", patience=2)
 
 
 def test_out_of_fold_logits_never_see_their_own_rows():

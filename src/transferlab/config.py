@@ -175,9 +175,7 @@ class TrainConfig:
     )
     val_fraction: float = opt(0.1, "share of train carved out as val when the data have none")
     limit: int | None = opt(None, "at most this many images per split (smoke tests)")
-    fold: str = opt(
-        "none", "i/k: cross-validation: val is fold i of k of train+val, train the other folds"
-    )
+    fold: str = opt("none", "i/k: CV of train+val: fit k-1 folds, keep the last epoch, score i")
     seed: int = opt(0, "seeds init, sampler order and augmentation (splits are fixed)")
     precision: str = opt("auto", "auto | bf16 | fp16 (CUDA) | fp32")
     compile: bool = opt(False, "torch.compile the training model (for GPUs; no gain seen on CPU)")
@@ -270,6 +268,7 @@ APPLIES = {
     "stem": (lambda c: c.model != "dcnn", "a timm model (dcnn has its own stem)"),
     "warmup_epochs": (lambda c: c.schedule != "plateau", "schedule cosine or constant"),
     "val_fraction": (lambda c: c.fold == "none", "fold none (with a fold, val is that fold)"),
+    "patience": (lambda c: c.fold == "none", "fold none (a fold's val scores, never chooses)"),
 }
 
 

@@ -357,7 +357,9 @@ def validate(loop: Loop, progress: Progress, seconds: float, name: str, log) -> 
         "seconds": seconds,
     }
     progress.history.append(row)
-    if evaluate.improves(val, progress.best):
+    # a --fold run's val is its held-out fold, whose predictions are out-of-fold scores: it
+    # keeps its last epoch, so nothing is chosen on the images that score it
+    if cfg.fold != "none" or evaluate.improves(val, progress.best):
         progress.best = {
             "val_acc": val["top1"],
             "val_loss": val["loss"],
