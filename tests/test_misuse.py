@@ -527,6 +527,36 @@ def test_S33_a_run_records_its_data_absolutely_and_evaluate_says_when_data_diffe
     assert "changed since the run was trained" in capsys.readouterr().err
 
 
+def test_an_ensemble_of_runs_whose_data_files_changed_says_so_and_fits_nothing_on_them(
+    capsys, tmp_path, monkeypatch
+):
+    """Images added to a folder without a test split after its members trained: the test and
+    val splits are carved again and held images they trained on (4 of 10), and ensemble,
+    evaluate of the ensemble and report said nothing (evaluate of one member did)."""
+    make_folder(tmp_path / "d", ["a", "b"], 12, subsets=())
+    monkeypatch.chdir(tmp_path)
+    for run, seed in (("r1", "0"), ("r2", "1")):
+        assert (
+            cli("--quiet", "train", "--data", "folder:d", *TINY, "--seed", seed, "--out", run) == 0
+        )
+    make_folder(tmp_path / "more", ["a", "b"], 4, subsets=(), first=12)
+    for c in ("a", "b"):  # the user adds 4 images to each class
+        for i in range(4):
+            shutil.copy(tmp_path / "more" / c / f"{i}.png", tmp_path / "d" / c / f"new{i}.png")
+    capsys.readouterr()
+    assert cli("ensemble", "r1", "r2", "--method", "soft", "--out", "e") == 0
+    said = "changed since r1, r2 were trained"
+    assert said in capsys.readouterr().err
+    assert any(
+        said in n for n in json.loads((tmp_path / "e" / "ensemble.json").read_text())["notes"]
+    )
+    assert cli("evaluate", "e") == 0 and said in capsys.readouterr().err
+    assert cli("--quiet", "report", ".") == 0
+    assert "e (its data's files changed since training)" in (tmp_path / "report.md").read_text()
+    assert cli("ensemble", "r1", "r2", "--method", "weighted", "--out", "w") == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
 def test_S34_a_folders_native_size_is_not_decided_by_one_odd_file(tmp_path):
     root = make_folder(tmp_path / "d", ["a", "b"], 10, size=40)
     Image.new("RGB", (1, 1)).save(root / "train" / "a" / "!first.png")  # sorts first

@@ -26,14 +26,28 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
                 + (f": {n} of the {len(ds.splits[split])} {split} images were among its training "
                    f"images, so this is not a held-out {split} score" if n else "")]  # fmt: skip
     notes = [note] if (note := inherited_note(meta, ds, split)) else []
-    notes += own_copies(ds, split)
-    recorded = meta.get("data_fingerprint")
-    if recorded and recorded != ds.fingerprint:
-        notes.append(
-            f"the files of {ds.spec} changed since the run was trained (fingerprint {recorded} "
-            f"then, {ds.fingerprint} now): its val/test splits may hold other images"
-        )
-    return notes
+    return notes + own_copies(ds, split) + changed_notes([("the run", meta)], ds)
+
+
+CHANGED = "changed since"  # changed_notes'
+
+
+def changed_notes(named: list[tuple[str, dict]], ds: data.Dataset) -> list[str]:
+    """The note of runs trained on `ds`'s spec when its files were others (images added,
+    say): its val/test splits are carved again and may hold images they trained on, which
+    cannot be counted (the files then are not recorded, only their fingerprint)."""
+    changed = [(os.path.basename(os.path.normpath(who)), m["data_fingerprint"]) for who, m in named
+               if data.canonical(m["data"]) == ds.spec
+               and m.get("data_fingerprint") not in (None, ds.fingerprint)]  # fmt: skip
+    if not changed:
+        return []
+    who = ", ".join(w for w, _ in changed[:3]) + (
+        f" and {len(changed) - 3} more" * (len(changed) > 3)
+    )
+    then = ", ".join(sorted({f for _, f in changed}))
+    return [f"the files of {ds.spec} {CHANGED} {who} {'was' if len(changed) == 1 else 'were'} "
+            f"trained (fingerprint {then} then, {ds.fingerprint} now): its val/test splits may "
+            "hold other images, some of them trained on"]  # fmt: skip
 
 
 PART = "test score on "  # a test score without the unreadable images --skip-bad-images left out
@@ -46,9 +60,10 @@ def part_of_test_notes(n: int, of: int) -> list[str]:
 
 
 def score_marks(notes: list[str]) -> str:
-    """The report's marks of those notes and of `own_copies`' (" (test score on 16 of the 17
-    test images)", " (11 of the 2985 test images are byte copies of ...)"), or ""."""
+    """The report's marks of those notes, `own_copies`' and `changed_notes`' (" (test score on
+    16 of the 17 test images)", " (11 of the 2985 test images are byte copies of ...)"), or ""."""
     said = [n.split(":")[0] for n in notes if n.startswith(PART) or COPIES in n]
+    said += ["its data's files changed since training"] * any(f" {CHANGED} " in n for n in notes)
     return "".join(f" ({s})" for s in said)
 
 

@@ -59,7 +59,8 @@ def member_logp(
         evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
     spec = data.canonical(data_spec or metas[0]["data"])
     ds = load_as_run(metas[0], spec) if ds is None else ds  # (`ds`: loaded already)
-    for said in filter(None, [leak_note(runs, metas, ds), *leaks.own_copies(ds)]):
+    changed = leaks.changed_notes(split_alike(runs, metas, spec), ds)
+    for said in filter(None, [leak_note(runs, metas, ds), *leaks.own_copies(ds), *changed]):
         if notes is None:  # as evaluate says them of one run, --quiet or not
             print(f"note: {said}", file=sys.stderr)
         else:
@@ -156,13 +157,23 @@ def split_apart(runs: list[str], metas: list[dict], data_spec: str | None) -> st
         parts.append(f"{', '.join(said)}{more} split the data otherwise than {runs[0]} "
                      f"({first_words})")  # fmt: skip
     found = [(r, a) for r, m in zip(runs, metas, strict=True) if (a := leaks.ancestors(m))]
-    if found:  # a fine-tune whose parent trained on this val (split otherwise, say)
+    same = split_alike(runs, metas, spec)
+    if found or any(m.get("data_fingerprint") for _, m in same):
         ds = load_as_run(metas[0], spec)
-        for run, came in found:
+        parts += [n.split(" (fingerprint")[0] for n in leaks.changed_notes(same, ds)]
+        for run, came in found:  # a fine-tune whose parent trained on this val (split otherwise)
             if n := leaks.count(came, ds, "val", used=("train",)):  # (its own val: fine)
                 parts.append(f"{n} of the {len(ds.splits['val'])} val images trained the runs "
                              f"{run}'s weights came from")  # fmt: skip
     return "; ".join(parts)
+
+
+def split_alike(runs: list[str], metas: list[dict], spec: str) -> list[tuple[str, dict]]:
+    """The members trained on `spec` split as the first member splits it (whose recorded
+    fingerprint is that of the data as scored, unless its files changed)."""
+    first = carving_on(metas[0], spec)
+    return [(str(r), m) for r, m in zip(runs, metas, strict=True)
+            if data.canonical(m["data"]) == spec and carving_on(m, spec) == first]  # fmt: skip
 
 
 def _carving_words(how: tuple) -> str:
