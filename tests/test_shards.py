@@ -289,3 +289,33 @@ def test_train_shards_are_decoded_on_the_gpu_when_there_is_one(jpeg_shards, monk
     lazy.device = None
     cfg = tiny_cfg(f"wds:{jpeg_shards}", num_workers=2)  # workers decode on the CPU (CUDA in
     assert trainer.on_device(lazy, cfg, "r", lambda *a: None).device is None  # forked ones: no)
+
+
+def test_shards_carved_otherwise_than_a_run_count_its_training_images_in_their_val(
+    sharded, tmp_path, capsys
+):
+    """Shards made with --val-fraction 0.3 of the folder two runs split at 0.1: their val
+    held the runs' training images; evaluate said only "scored on other data" and a weighted
+    ensemble was fitted on them (the same carving mismatch between two members is refused)."""
+    src = f"folder:{sharded / 'src'}"
+    runs = [str(tmp_path / r) for r in ("r1", "r2")]
+    for run, seed in zip(runs, (0, 1), strict=True):
+        trainer.fit(tiny_cfg(src, epochs=1, seed=seed), run, quiet=True)
+    out = str(tmp_path / "w3")
+    assert main(["--quiet", "data", "shard", src, "--out", out, "--val-fraction", "0.3"]) == 0
+    ds, then = data.load(src, 0.3), data.load(src)
+    val = set(ds.splits["val"].paths)
+    n = len(val & set(then.splits["train"].paths))  # (of 36 val images: 24 trained on)
+    seen = len(val & {*then.splits["train"].paths, *then.splits["val"].paths})  # (or chosen on)
+    assert n > 20
+    capsys.readouterr()
+    assert main(["evaluate", runs[0], "--data", f"wds:{out}", "--split", "val"]) == 0
+    assert f"{seen} of the {len(val)} val images were among its training" in (
+        capsys.readouterr().err
+    )
+    args = ["ensemble", *runs, "--method", "weighted", "--data", f"wds:{out}"]
+    assert main([*args, "--out", str(tmp_path / "e")]) == 2
+    assert f"{n} of the {len(ds.splits['val'])} val images trained {runs[0]}" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "e").exists()

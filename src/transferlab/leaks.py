@@ -133,10 +133,26 @@ def count(metas: list[dict], ds: data.Dataset, split: str, used=("train", "val")
     """How many of `ds`'s `split` images were images of these runs' `used` splits (train and
     val: what they fitted or chose on): the same file (through links, hard links too) or a
     copy of one (the same bytes); data without files (digits) count none."""
-    scored = ds.splits[split].paths
+    scored = _scored_paths(ds, split)
     if not scored or not metas:
         return 0
     return _among(set().union(*(_seen(m, used) for m in metas)), scored)
+
+
+def _scored_paths(ds: data.Dataset, split: str) -> list[str] | None:
+    """The files of `ds`'s `split`; shards: the files that split was made from, as `data
+    shard` split their source (None where unknown: shards made before they recorded their
+    --val-fraction, a source without files, or one whose files changed since)."""
+    if ds.splits[split].paths is not None or not ds.spec.startswith("wds:"):
+        return ds.splits[split].paths
+    try:
+        index = json.loads((Path(ds.spec[4:]).expanduser() / "shards.json").read_text())
+        if index["source"].partition(":")[0] not in data.PATH_KINDS:
+            return None
+        origin = data.load(index["source"], index["val_fraction"])
+    except (UserError, OSError, ValueError, KeyError):
+        return None
+    return origin.splits[split].paths if origin.fingerprint == index["fingerprint"] else None
 
 
 def _among(seen: set[str], scored: list[str]) -> int:
@@ -170,7 +186,7 @@ def _seen(meta: dict, used: tuple[str, ...]) -> set[str]:
                 return set()
             if set(used) != {"train", "val"}:
                 return set()
-            own = data.load(origin["source"])
+            own = data.load(origin["source"], origin["val_fraction"])  # (as it was sharded)
     except (UserError, OSError, ValueError, KeyError):
         return set()
     return {p for s in used for p in getattr(own.splits.get(s), "paths", None) or []}

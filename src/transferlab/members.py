@@ -158,9 +158,18 @@ def split_apart(runs: list[str], metas: list[dict], data_spec: str | None) -> st
                      f"({first_words})")  # fmt: skip
     found = [(r, a) for r, m in zip(runs, metas, strict=True) if (a := leaks.ancestors(m))]
     same = split_alike(runs, metas, spec)
-    if found or any(m.get("data_fingerprint") for _, m in same):
+    elsewhere = [
+        (r, m) for r, m in zip(runs, metas, strict=True) if data.canonical(m["data"]) != spec
+    ]
+    if found or elsewhere or any(m.get("data_fingerprint") for _, m in same):
         ds = load_as_run(metas[0], spec)
         parts += [n.split(" (fingerprint")[0] for n in leaks.changed_notes(same, ds)]
+        for (
+            run,
+            meta,
+        ) in elsewhere:  # trained on other data: shards of its own, say, split otherwise
+            if n := leaks.count([meta], ds, "val", used=("train",)):
+                parts.append(f"{n} of the {len(ds.splits['val'])} val images trained {run}")
         for run, came in found:  # a fine-tune whose parent trained on this val (split otherwise)
             if n := leaks.count(came, ds, "val", used=("train",)):  # (its own val: fine)
                 parts.append(f"{n} of the {len(ds.splits['val'])} val images trained the runs "

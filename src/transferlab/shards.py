@@ -84,6 +84,7 @@ def write(
             splits[name] = {"shards": names, "n": len(keep[name])}
         index = {
             "format": FORMAT, "source": ds.spec, "fingerprint": ds.fingerprint,
+            "val_fraction": val_fraction,  # how val was carved (where the source has none)
             "classes": ds.classes, "names": ds.names, "native_size": ds.native_size,
             "native_channels": ds.native_channels, "splits": splits, "skipped": bad,
         }  # fmt: skip
