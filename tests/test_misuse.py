@@ -557,6 +557,29 @@ def test_an_ensemble_of_runs_whose_data_files_changed_says_so_and_fits_nothing_o
     assert said in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 
+def test_overwrite_removes_only_files_whose_content_is_transferlabs(tmp_path, monkeypatch):
+    """A user's notes saved as export/model.onnx and a photo named confusion.png were deleted
+    by train --overwrite (matched by name), where export --overwrite checks the content."""
+    from PIL import Image
+
+    make_folder(tmp_path / "d", ["a", "b"], 12)
+    monkeypatch.chdir(tmp_path)
+    train = ["--quiet", "train", "--data", "folder:d", *TINY, "--out", "r"]
+    assert cli(*train) == 0
+    assert cli("--quiet", "export", "r", "--format", "torchscript") == 0
+    assert cli(*train, "--overwrite") == 0  # its own export and pictures: replaced
+    assert not (tmp_path / "r" / "export").exists()
+    for mine in ("export/model.onnx", "confusion.png"):
+        (tmp_path / "r" / "export").mkdir(exist_ok=True)
+        if mine.endswith(".png"):
+            Image.new("RGB", (8, 8), "red").save(tmp_path / "r" / mine)
+        else:
+            (tmp_path / "r" / mine).write_text("my notes")
+        assert cli(*train, "--overwrite") == 2
+        assert (tmp_path / "r" / mine).exists()
+        (tmp_path / "r" / mine).unlink()
+
+
 def test_S34_a_folders_native_size_is_not_decided_by_one_odd_file(tmp_path):
     root = make_folder(tmp_path / "d", ["a", "b"], 10, size=40)
     Image.new("RGB", (1, 1)).save(root / "train" / "a" / "!first.png")  # sorts first

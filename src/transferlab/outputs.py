@@ -92,8 +92,26 @@ def owned(rel: str, path: Path) -> bool:
     if len(parts) > 2 and parts[0] == "snapshots" and fnmatch(parts[1], "snapshot-*"):
         rel = "/".join(parts[2:])  # inside a snapshot run
     if fnmatch(Path(rel).name, TEMP) or any(fnmatch(rel, pattern) for pattern in OWNED):
-        return not path.is_symlink()
+        return not path.is_symlink() and _looks_ours(rel, path)
     return rel in REPORTS and is_report(path)
+
+
+def _looks_ours(rel: str, path: Path) -> bool:
+    """Where its content can tell: an export carries transferlab's metadata and a picture the
+    matplotlib that drew it (a user's photo or notes under one of those names are not ours)."""
+    if rel.startswith("export/") and rel.endswith((".onnx", ".pt", ".safetensors")):
+        from .export import is_export  # (it imports this module)
+
+        return "/hf/" in f"/{rel}" or is_export(path)
+    if rel.endswith(".png"):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                return "matplotlib" in str(im.info.get("Software", "")).lower()
+        except (OSError, ValueError):  # (not an image Pillow reads: not ours)
+            return False
+    return True
 
 
 def is_report(path: Path) -> bool:
