@@ -580,6 +580,23 @@ def test_overwrite_removes_only_files_whose_content_is_transferlabs(tmp_path, mo
         (tmp_path / "r" / mine).unlink()
 
 
+def test_a_torchscript_export_given_as_weights_is_one_line_naming_what_to_give(
+    tmp_path, monkeypatch, capsys
+):
+    """It printed torch's warning and its advice to set weights_only=False (no flag does)."""
+    make_folder(tmp_path / "d", ["a", "b"], 12)
+    monkeypatch.chdir(tmp_path)
+    assert cli("--quiet", "train", "--data", "folder:d", *TINY, "--out", "r") == 0
+    assert cli("--quiet", "export", "r", "--format", "torchscript") == 0
+    capsys.readouterr()
+    for trust in ([], ["--trust-pickle"]):
+        argv = ["train", "--data", "folder:d", *TINY, "--weights", "r/export/model.pt", *trust]
+        assert cli(*argv, "--out", "w") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "r/export/model.pt is a TorchScript program" in err
+        assert "weights_only" not in err and not (tmp_path / "w").exists()
+
+
 def test_S34_a_folders_native_size_is_not_decided_by_one_odd_file(tmp_path):
     root = make_folder(tmp_path / "d", ["a", "b"], 10, size=40)
     Image.new("RGB", (1, 1)).save(root / "train" / "a" / "!first.png")  # sorts first

@@ -13,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import importlib
 import json
 import os
-import pickle
 import re
 import resource
 import shutil
@@ -30,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import safeload
 from .config import UserError
 
 WEIGHTS = "model.safetensors"
@@ -143,59 +142,13 @@ def load_state_dict_file(path: str | Path, trust_pickle: bool = False) -> dict:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"cannot read {path}: {err}") from None
-    state = torch_load(path, trust_pickle)
+    state = safeload.torch_load(path, trust_pickle)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} does not hold a state dict of tensors")
     return state
-
-
-def torch_load(path: Path, trust_pickle: bool = False):
-    """torch.load with weights_only=True, always: pickled code is refused, naming its globals.
-
-    Only `trust_pickle` (the CLI's --trust-pickle) admits the globals a file names, with a
-    warning; even then the loader stays the weights-only one, told to allow just those names.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        names = unsafe_globals(path)
-        if names == ["unreadable"]:  # a photo, a text file: no pickle to trust at all
-            raise UserError(
-                f"{path} is not a PyTorch checkpoint or a safetensors file: give a run folder, "
-                "a .safetensors file or a .pt/.pth checkpoint"
-            ) from None
-        if not trust_pickle:
-            raise UserError(
-                f"refusing to load {path}: it holds pickled objects ({', '.join(names)}) that "
-                "could run code; pass --trust-pickle only if you trust its author"
-            ) from None
-        warnings.warn(
-            f"--trust-pickle: loading {path} with {', '.join(names)} allowed; this can run code",
-            stacklevel=2,
-        )
-        try:
-            with torch.serialization.safe_globals([_resolve(n) for n in names]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a name that does not import, a class it cannot rebuild
-            first = (str(err).splitlines() or [type(err).__name__])[0]
-            raise UserError(f"cannot load {path} even with --trust-pickle: {first}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
-
-
-def unsafe_globals(path: Path) -> list[str]:
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or ["unknown"]
-    except Exception:  # a file too broken to list is reported as such by the caller
-        return ["unreadable"]
-
-
-def _resolve(name: str):
-    module, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
 
 
 # ----------------------------------------------------------------------------- meta
@@ -390,7 +343,7 @@ def load_state(path: Path, trust_pickle: bool = False) -> dict:
         raise UserError(f"{path} has no sha256 manifest (unfinished save)")
     if _manifest(path).read_text().split()[0] != sha256(path):
         raise UserError(f"{path} does not match its sha256 manifest (corrupt)")
-    return torch_load(path, trust_pickle)
+    return safeload.torch_load(path, trust_pickle)
 
 
 # ----------------------------------------------------------------------------- logits
