@@ -167,3 +167,18 @@ def test_hf_export_of_a_model_timm_cannot_build_is_refused(members, tmp_path):
     with pytest.raises(UserError, match="writes a plain timm model; .* is dcnn"):
         shipping.export_hf(members[1], tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_an_ensemble_graph_below_its_largest_members_size_says_it_is_not_the_ensemble(
+    members, tmp_path, capsys
+):
+    """`export ENS --input-size 8` (members at 24 and 16 px) wrote a graph whose probabilities
+    were far from the ensemble's, said only as a number, and exited 0."""
+    ensembles.build([members[0], members[2]], "soft", tmp_path / "ens", quiet=True)
+    argv = ["export", str(tmp_path / "ens"), "--format", "onnx", "--out"]
+    assert main([*argv, str(tmp_path / "a.onnx")]) == 0
+    assert "note: the graph's top-1" not in capsys.readouterr().err  # its own size: no note
+    assert main([*argv, str(tmp_path / "b.onnx"), "--input-size", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the graph's top-1 agrees with the ensemble's on " in err
+    assert "its input, 8 px, is below the largest member's 24 px" in err

@@ -213,6 +213,14 @@ def cmd_export(args) -> None:
                "convert inside the graph, not with PIL from the original image; vs the same "
                f"graph in PyTorch: {check['max_abs_graph_diff']:.2e})")
         )  # fmt: skip
+        below = bool(args.input_size) and args.input_size < check["largest_member"]
+        if below or check["top1_agrees"] < check["n"]:  # the graph is not the ensemble here
+            said = f"the graph's top-1 agrees with the ensemble's on {check['top1_agrees']} of {check['n']} images"  # fmt: skip
+            if below:
+                said += (f"; its input, {args.input_size} px, is below the largest member's "
+                         f"{check['largest_member']} px: leave --input-size out for the "
+                         "ensemble's own predictions")  # fmt: skip
+            print(f"note: {said}", file=sys.stderr)
         runs = [m["run"] for m in ensembles.read(args.path)["members"]]
         _fp32_note([checkpoint.read_meta(r) for r in runs], "the ensemble's")
         print(f"onnx -> {result['path']}")

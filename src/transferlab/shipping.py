@@ -144,7 +144,8 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
     exact = all(p.input_size == size and p.channels == 3 for p in preps)
     return {"path": str(target), "check": {"max_abs_prob_diff": float(np.abs(got - own).max()),
             "max_abs_graph_diff": float(np.abs(got - traced).max()), "images": source,
-            "resize_matches": exact}}  # fmt: skip
+            "resize_matches": exact, "top1_agrees": int((got.argmax(1) == own.argmax(1)).sum()),
+            "n": len(got), "largest_member": max(p.input_size for p in preps)}}  # fmt: skip
 
 
 def _interpolation(preps: list[models.Preprocessing], size: int) -> str:
