@@ -312,6 +312,33 @@ def test_S28_recipe_step_names_are_plain_and_stay_inside_out(capsys, tmp_path, n
     assert sorted(os.listdir(tmp_path)) == ["r.yaml"]  # nothing made, inside or outside
 
 
+def test_a_recipe_mistake_knowable_from_the_recipe_fails_before_any_step_and_leaves_no_folder(
+    capsys, tmp_path, monkeypatch
+):
+    """weights: naming a step failed as "file not found" after that step had trained; a soup
+    of a fine-tune and its parent failed after every step before it; a recipe that failed as
+    its first step began left its --out behind (mark, lock and recipe.yaml)."""
+    monkeypatch.chdir(tmp_path)
+    step = {"model": "dcnn", "epochs": 1}
+    recipes = {
+        "weights: a names a step of this recipe; to start from its run, make this step "
+        "'- finetune: NAME' with 'from: a'": [{"train": "a", **step}, {"train": "b", **step, "weights": "a"}],
+        "weights: nope.safetensors does not exist": [{"train": "a", **step, "weights": "nope.safetensors"}],
+        r"its members start from different weights \(c is a fine-tune of a\)": [
+            {"train": "a", **step}, {"finetune": "c", "from": "a"},
+            {"soup": "s", "members": ["a", "c"]}],
+        "no finished run or ensemble under": ["report"],
+    }  # fmt: skip
+    for i, (said, steps) in enumerate(recipes.items()):
+        (tmp_path / f"{i}.yaml").write_text(yaml.safe_dump({"data": "digits", "steps": steps}))
+        fail(capsys, "run", f"{i}.yaml", "--out", f"deep/out{i}", pattern=said)
+        assert not (tmp_path / "deep").exists(), said  # (nor the folder above it)
+    (tmp_path / "mine").mkdir()  # an empty folder the user made: kept, as it was
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"data": "digits", "steps": ["report"]}))
+    fail(capsys, "run", "r.yaml", "--out", "mine", pattern="no finished run")
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
 def test_S29_one_process_per_output_folder_and_a_crash_does_not_leave_it_locked(capsys, tmp_path):
     out = tmp_path / "r"
     holder = subprocess.Popen(

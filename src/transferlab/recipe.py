@@ -72,6 +72,33 @@ def run(
     if any(parse_step(step, i)[0] == "report" for i, step in enumerate(recipe["steps"], 1)):
         report.check_writable(out)
     _check_finished(recipe, out)
+    made = [f for f in (out, *out.parents) if not f.exists()]  # deepest first
+    before = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    try:
+        t0 = _steps(recipe, out, resolved, quiet)
+    except UserError:
+        _unmake(out, made, before)
+        raise
+    print(f"== recipe finished in {time.time() - t0:.0f}s -> {out}", flush=True)
+    return out
+
+
+def _unmake(out: Path, made: list[Path], before: set[str]) -> None:
+    """A recipe that failed before any step wrote a thing (a report of nothing, a step
+    refused as it began) leaves `out` as it was: the mark, lock and recipe.yaml it added
+    removed, and the folders it made."""
+    new = {p.name for p in out.iterdir()} - before if out.is_dir() else set()
+    if not new or not new <= {outputs.MARK, outputs.LOCK, "recipe.yaml"}:
+        return
+    for name in new:
+        (out / name).unlink(missing_ok=True)
+    for folder in made:
+        with contextlib.suppress(OSError):  # (not empty: something else made it meanwhile)
+            folder.rmdir()
+
+
+def _steps(recipe: dict, out: Path, resolved: Path, quiet: bool) -> float:
+    """Claim `out` and run every step; returns the time they began."""
     with outputs.lock(out):
         outputs.claim(out, "recipe", outputs.check_out(out, "recipe", resume=True))
         checkpoint.write_text(resolved, yaml.safe_dump(recipe, sort_keys=False))
@@ -91,8 +118,7 @@ def run(
                     f"{said}give step {i} a larger budget (--set steps.{i - 1}.budget=...) and "
                     "run the recipe again: the study continues, its timings kept"
                 ) from None
-    print(f"== recipe finished in {time.time() - t0:.0f}s -> {out}", flush=True)
-    return out
+    return t0
 
 
 AGAIN = "run the recipe again to continue (finished steps are skipped, this one resumes)"

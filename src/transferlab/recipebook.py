@@ -185,6 +185,7 @@ def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: l
             cfg = make_config(train_settings(recipe, keys))  # bad values fail before any
             weights.check_model(cfg)  # step runs, a typo in a later step's model too
             data.check_spec(cfg.data, exists=out is not None)
+            _check_weights(recipe, cfg.weights, out is not None)
         elif kind == "auto":
             from .auto import parse_budget
 
@@ -217,6 +218,25 @@ def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: l
             raise UserError(f"step {i} ({kind} {name}): {NOT_RUNS[hit]}")
         names.append(name)
         kinds[name] = kind
+
+
+def _check_weights(recipe: dict, given: str | None, exists: bool) -> None:
+    """A train step's weights: a step's name is refused with the fine-tune that does it (it
+    failed after the step named had trained, as a file not found); a path must exist."""
+    if given in (None, "imagenet", "none"):
+        return
+    steps = [parse_step(step, j)[1] for j, step in enumerate(recipe["steps"], 1)]
+    if given in steps:
+        raise UserError(
+            f"weights: {given} names a step of this recipe; to start from its run, make this "
+            f"step '- finetune: NAME' with 'from: {given}' (weights: is a run folder or a "
+            "weights file, read from the current folder)"
+        )
+    if exists and not Path(given).expanduser().exists():
+        raise UserError(
+            f"weights: {given} does not exist (a run folder or a weights file, read from the "
+            "current folder, not --out; imagenet, or none)"
+        )
 
 
 @contextlib.contextmanager
@@ -377,6 +397,17 @@ def _check_soup_starts(recipe: dict, name: str, keys: dict, i: int) -> None:
             f"step {i} (soup {name}): its members start from different weights ({said}, "
             "from scratch): a soup averages runs of one start; give them one seed, or "
             "fine-tune them from one run"
+        )
+    parents = {
+        m: str(own.get("from")) for kind, m, own in steps if kind == "finetune" and m in members
+    }
+    child = next((m for m, p in parents.items() if p in members), None)
+    if child or len(set(parents.values())) > 1:  # (it failed after every step before it)
+        said = f"{child} is a fine-tune of {parents[child]}" if child else ", ".join(
+            f"{m} from {p}" for m, p in parents.items())  # fmt: skip
+        raise UserError(
+            f"step {i} (soup {name}): its members start from different weights ({said}): a "
+            "soup averages runs fine-tuned from one start; ensemble them instead"
         )
 
 
