@@ -226,6 +226,17 @@ def _hf_dataset(tmp_path, with_test_labels=True):
     )
 
 
+def test_quiet_silences_the_hugging_face_datasets_bars(tmp_path):
+    """`--quiet` printed datasets' "Generating train split" bar for hf:FILE.parquet."""
+    _hf_dataset(tmp_path)["train"].to_parquet(str(tmp_path / "hf.parquet"))
+    argv = ["train", "--data", f"hf:{tmp_path / 'hf.parquet'}", "--model", "dcnn", "--epochs",
+            "1", "--input-size", "16", "--out"]  # fmt: skip
+    env = os.environ | {"TRANSFERLAB_CACHE": str(tmp_path / "cache")}
+    run = [sys.executable, "-m", "transferlab", "--quiet", *argv, str(tmp_path / "r")]
+    done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "Generating" not in done.stderr, done.stderr[-500:]
+
+
 def test_hf_datasets_from_disk_and_parquet_keep_their_splits_and_class_names(tmp_path):
     dd = _hf_dataset(tmp_path)
     dd.save_to_disk(str(tmp_path / "saved"))

@@ -397,6 +397,11 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         elif isinstance(value, list):
             setattr(args, key, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
     args.started = started
+    if getattr(args, "quiet", False):  # the Hugging Face libraries' own bars (hf: data, hub)
+        os.environ |= {
+            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        }
     who = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # data shard
     warnings.formatwarning = _one_line_warning
     try:
