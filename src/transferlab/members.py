@@ -164,10 +164,7 @@ def split_apart(runs: list[str], metas: list[dict], data_spec: str | None) -> st
     if found or elsewhere or any(m.get("data_fingerprint") for _, m in same):
         ds = load_as_run(metas[0], spec)
         parts += [n.split(" (fingerprint")[0] for n in leaks.changed_notes(same, ds)]
-        for (
-            run,
-            meta,
-        ) in elsewhere:  # trained on other data: shards of its own, say, split otherwise
+        for run, meta in elsewhere:  # trained on other data (shards of its own, say)
             if n := leaks.count([meta], ds, "val", used=("train",)):
                 parts.append(f"{n} of the {len(ds.splits['val'])} val images trained {run}")
         for run, came in found:  # a fine-tune whose parent trained on this val (split otherwise)

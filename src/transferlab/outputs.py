@@ -102,7 +102,7 @@ def _looks_ours(rel: str, path: Path) -> bool:
     if rel.startswith("export/") and rel.endswith((".onnx", ".pt", ".safetensors")):
         from .export import is_export  # (it imports this module)
 
-        return "/hf/" in f"/{rel}" or is_export(path)
+        return rel.startswith("export/hf/") or is_export(path)
     if rel.endswith(".png"):
         from PIL import Image
 

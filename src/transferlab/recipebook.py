@@ -226,7 +226,7 @@ def _check_weights(recipe: dict, given: str | None, exists: bool) -> None:
     if given in (None, "imagenet", "none"):
         return
     steps = [parse_step(step, j)[1] for j, step in enumerate(recipe["steps"], 1)]
-    if given in steps:
+    if given in steps and not Path(given).expanduser().exists():  # (a folder here: as before)
         raise UserError(
             f"weights: {given} names a step of this recipe; to start from its run, make this "
             f"step '- finetune: NAME' with 'from: {given}' (weights: is a run folder or a "
