@@ -52,7 +52,8 @@ def build(
     t0 = time.time()
     runs = [str(r) for r in runs]
     metas = [checkpoint.read_meta(run) for run in runs]  # each a finished run, named if not
-    apart = split_apart(runs, metas, data_spec)
+    scored = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
+    apart = split_apart(runs, metas, data_spec, scored)
     if apart and method in FITTED and not fitted:
         raise UserError(
             f"{apart}: {method} is fitted on {COMBINERS[method].fitted_on} split as the first "
@@ -63,7 +64,6 @@ def build(
         )
     decoding.check_cache(None)  # $TRANSFERLAB_CACHE, before the folder is claimed
     outputs.refuse_overlap(out, runs, "member")  # nor into the data it is scored on:
-    scored = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
     outputs.refuse_writing_into_data(scored, out)
     outputs.check_out(Path(out), "ensemble", overwrite=overwrite)
     if apart and not fitted:  # (auto fits on out-of-fold predictions, and says so)

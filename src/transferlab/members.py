@@ -141,7 +141,9 @@ def leak_note(runs: list[str], metas: list[dict], ds: data.Dataset) -> str:
     )
 
 
-def split_apart(runs: list[str], metas: list[dict], data_spec: str | None) -> str:
+def split_apart(
+    runs: list[str], metas: list[dict], data_spec: str | None, ds: data.Dataset | None = None
+) -> str:
     """Members that split the scored data otherwise than the first member (its val is their
     train), or whose weights came from runs that trained on that val, said in words; "" if
     none."""
@@ -162,7 +164,7 @@ def split_apart(runs: list[str], metas: list[dict], data_spec: str | None) -> st
         (r, m) for r, m in zip(runs, metas, strict=True) if data.canonical(m["data"]) != spec
     ]
     if found or elsewhere or any(m.get("data_fingerprint") for _, m in same):
-        ds = load_as_run(metas[0], spec)
+        ds = load_as_run(metas[0], spec) if ds is None else ds  # (`ds`: loaded already)
         parts += [n.split(" (fingerprint")[0] for n in leaks.changed_notes(same, ds)]
         for run, meta in elsewhere:  # trained on other data (shards of its own, say)
             if n := leaks.count([meta], ds, "val", used=("train",)):
