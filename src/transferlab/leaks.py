@@ -146,13 +146,19 @@ def _scored_paths(ds: data.Dataset, split: str) -> list[str] | None:
     if ds.splits[split].paths is not None or not ds.spec.startswith("wds:"):
         return ds.splits[split].paths
     try:
-        index = json.loads((Path(ds.spec[4:]).expanduser() / "shards.json").read_text())
-        if index["source"].partition(":")[0] not in data.PATH_KINDS:
-            return None
-        origin = data.load(index["source"], index["val_fraction"])
-    except (UserError, OSError, ValueError, KeyError):
+        index, origin = _sharded_from(ds.spec)
+    except (UserError, OSError, ValueError, KeyError, TypeError):  # (None: a source without files)
         return None
     return origin.splits[split].paths if origin.fingerprint == index["fingerprint"] else None
+
+
+def _sharded_from(spec: str) -> tuple[dict, data.Dataset] | None:
+    """A wds: spec's shards.json and the data they were made from, split as `data shard` split
+    it; None where that data has no files."""
+    index = json.loads((Path(spec[4:]).expanduser() / "shards.json").read_text())
+    if index["source"].partition(":")[0] not in data.PATH_KINDS:
+        return None
+    return index, data.load(index["source"], index["val_fraction"])
 
 
 def _among(seen: set[str], scored: list[str]) -> int:
@@ -181,13 +187,10 @@ def _seen(meta: dict, used: tuple[str, ...]) -> set[str]:
     try:
         own = load_as_run(meta)
         if own.spec.startswith("wds:"):
-            origin = json.loads((Path(own.spec[4:]).expanduser() / "shards.json").read_text())
-            if meta.get("limit") or origin["source"].partition(":")[0] not in data.PATH_KINDS:
+            if meta.get("limit") or set(used) != {"train", "val"}:
                 return set()
-            if set(used) != {"train", "val"}:
-                return set()
-            own = data.load(origin["source"], origin["val_fraction"])  # (as it was sharded)
-    except (UserError, OSError, ValueError, KeyError):
+            own = _sharded_from(own.spec)[1]  # (None: a source without files)
+    except (UserError, OSError, ValueError, KeyError, TypeError):
         return set()
     return {p for s in used for p in getattr(own.splits.get(s), "paths", None) or []}
 
