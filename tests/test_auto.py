@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 import time
 from dataclasses import replace
@@ -247,6 +248,17 @@ def test_a_study_chooses_by_cv_builds_best_and_resumes(tmp_path, folder_data, sm
     err = capsys.readouterr().err  # what differs, in words (it printed a Python dict)
     assert "was started with data folder:" in err and "(now data digits)" in err
     assert "{" not in err and "folds" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_study_shows_one_test_score_its_choice_s(tmp_path, folder_data, small_space, capsys):
+    """Test is scored once, at the end: the candidates' runs (and fold runs) keep their test
+    predictions for the choice but never print a test score (each printed one, so a user watching
+    saw a leaderboard on test)."""
+    out = tmp_path / "study"
+    assert main(["auto", "--data", f"folder:{folder_data}", "--budget", "10m", "--out", str(out)]) == 0  # fmt: skip
+    said = [line for line in capsys.readouterr().out.splitlines() if re.search(r"test\b.*%", line)]
+    assert len(said) == 1 and said[0].startswith("[auto]") and "test top-1" in said[0]
 
 
 @pytest.mark.parametrize(

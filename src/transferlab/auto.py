@@ -445,4 +445,6 @@ def _fit_run(cfg, run: Path, quiet: bool) -> dict:
         return checkpoint.read_meta(run)
     resume = (run / "state").is_dir()
     overwrite = not resume and run.exists()  # the study said the data's notes once
-    return trainer.fit(cfg, run, resume=resume, overwrite=overwrite, quiet=quiet, data_notes=False)
+    return trainer.fit(
+        cfg, run, resume=resume, overwrite=overwrite, quiet=quiet, data_notes=False, say_test=False
+    )

@@ -75,12 +75,15 @@ def fit(
     quiet: bool = False,
     log_json: str | Path | None = None,
     data_notes: bool = True,
+    say_test: bool = True,
 ) -> dict:
     """Train (or fine-tune, when cfg.weights names a run) one model into the run folder `out`.
 
     `log_json` appends one JSON object per step and per epoch to that file. Launched by
     torchrun, every rank trains its share of each batch and only rank 0 writes. `data_notes`:
     False when the caller said what loading the data left out (auto, once for all its runs).
+    `say_test`: False where the test score must not be shown yet (auto's candidates: test is
+    scored once, by the study's choice; the run still keeps its test predictions for that).
     """
     out, d = Path(out), distributed.setup()
     quiet = quiet or not d.main
@@ -130,10 +133,8 @@ def fit(
                 f"probe's head (epoch 0); a lower --lr (now {cfg.lr}) may let it", note=True)  # fmt: skip
         meta = runfolder.write(out, loop, progress, time.time() - t_start, features=features)
         m = meta["metrics"]
-        log(
-            f"[{out.name}] best epoch {progress.best['epoch']}: val {m['val']['top1']:.2%}  "
-            f"test {m['test']['top1']:.2%} (top-5 {m['test']['top5']:.2%})  -> {out}"
-        )
+        test = f"test {m['test']['top1']:.2%} (top-5 {m['test']['top5']:.2%})  " if say_test else ""
+        log(f"[{out.name}] best epoch {progress.best['epoch']}: val {m['val']['top1']:.2%}  {test}-> {out}")  # fmt: skip
         d.barrier()
         return meta
 
