@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -259,6 +260,27 @@ def test_a_study_shows_one_test_score_its_choice_s(tmp_path, folder_data, small_
     assert main(["auto", "--data", f"folder:{folder_data}", "--budget", "10m", "--out", str(out)]) == 0  # fmt: skip
     said = [line for line in capsys.readouterr().out.splitlines() if re.search(r"test\b.*%", line)]
     assert len(said) == 1 and said[0].startswith("[auto]") and "test top-1" in said[0]
+
+
+def test_a_test_split_of_byte_copies_of_training_images_is_said_and_marked(
+    tmp_path, folder_data, small_space, monkeypatch, capsys
+):
+    """A test image that is a training image again (the same bytes, another name) is said at
+    the start, as train says it, and marks the test score in the last line and both reports
+    (the study said nothing: a clean 'scored once' figure)."""
+    photos = tmp_path / "photos"
+    shutil.copytree(folder_data, photos)
+    for i in range(2):
+        shutil.copyfile(photos / "train" / "a" / f"{i}.png", photos / "test" / "a" / f"{i}.png")
+    probe_only = auto.candidates
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: probe_only(ds, gpu)[:1])
+    out = tmp_path / "study"
+    assert main(["auto", "--data", f"folder:{photos}", "--budget", "5m", "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    copies = "2 of the 40 test images are byte copies of training images"
+    assert f"[auto] note: {copies}" in said.err
+    assert "test top-1" in said.out.splitlines()[-1] and copies in said.out.splitlines()[-1]
+    assert all(copies in (out / name).read_text() for name in ("report.md", "report.html"))
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import autospace, checkpoint, data, decoding, evaluate, folds, guards, outputs, probe
+from . import autospace, checkpoint, data, decoding, evaluate, folds, guards, leaks, outputs, probe
 from .autospace import FOLDS, Candidate, candidates, clean, estimate, recalibrate
 from .config import Preempted, UnreadableImages, UserError
 
@@ -264,8 +264,9 @@ def run(
     folds.cv_folds(folds.pool(ds.splits).labels, FOLDS)  # too few images: before any folder
     if bad := autospace.unreadable(ds):  # before any folder or second is spent
         raise _unreadable(decoding.unreadable(bad), ds.spec, [], fresh=not resume)
-    for note in (n for n in ds.notes if not n.startswith("splits: ")):  # (its val split is
-        print(f"[auto] {note}", file=sys.stderr, flush=True)  # folded in) as train says them
+    notes = [n for n in ds.notes if not n.startswith("splits: ")]  # (val: folded in)
+    for note in notes + [f"note: {n}" for n in leaks.own_copies(ds)]:  # as train says them
+        print(f"[auto] {note}", file=sys.stderr, flush=True)
     say = (lambda *a: None) if quiet else log  # --quiet: no progress lines either
     outputs.refuse_writing_into_data(ds, out, cache_dir)  # a study never writes into its data
     settings = {
@@ -288,7 +289,7 @@ def run(
             result = _study(out, ds, settings, cands, left, say, quiet)
     cv, test = result["cv"]["top1"], result["test"]["top1"]
     log(f"[auto] {clock(seconds - left())} of {clock(seconds)}: best = {result['desc']}, CV top-1 "
-        f"{cv:.2%}; test top-1 {test:.2%} ({result['scored']}) -> {out / 'best'}")  # fmt: skip
+        f"{cv:.2%}; test top-1 {test:.2%}{result.get('mark', '')} ({result['scored']}) -> {out / 'best'}")  # fmt: skip
     return result
 
 
@@ -444,7 +445,5 @@ def _fit_run(cfg, run: Path, quiet: bool) -> dict:
     if checkpoint.is_run(run):
         return checkpoint.read_meta(run)
     resume = (run / "state").is_dir()
-    overwrite = not resume and run.exists()  # the study said the data's notes once
-    return trainer.fit(
-        cfg, run, resume=resume, overwrite=overwrite, quiet=quiet, data_notes=False, say_test=False
-    )
+    how = {"resume": resume, "overwrite": not resume and run.exists(), "quiet": quiet}
+    return trainer.fit(cfg, run, **how, data_notes=False, say_test=False)  # the study says them

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import checkpoint, combiners, data, ensembles, evaluate, folds, outputs
+from . import checkpoint, combiners, data, ensembles, evaluate, folds, leaks, outputs
 from .config import UserError
 
 if TYPE_CHECKING:
@@ -94,7 +94,10 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
     for c, w in zip(done, best["weights"], strict=True):
         c.why = f"in best (weight {w:.2f})" if w > 0 else (c.why or "not chosen")
     test, scored = _build_best(out, done, best, quiet)
+    notes = _notes(out / "best")  # what its test score holds (byte copies of training images)
     return {
+        "notes": notes,
+        "mark": leaks.score_marks(notes),
         "scored": scored,
         "desc": best["option"],
         "method": best["method"],
@@ -136,6 +139,12 @@ def _build_best(out: Path, done: list[Candidate], best: dict, quiet: bool) -> tu
     params = {"weights": np.asarray(weights)}
     info = ensembles.build([str(r) for r in runs], method, dest, quiet=quiet, fitted=(params, how))
     return info["metrics"]["test"], scored
+
+
+def _notes(dest: Path) -> list[str]:
+    """The notes DIR/best recorded with its test score (as `report` reads them)."""
+    ens = ensembles.is_ensemble(dest)
+    return (ensembles.read(dest, resolve=False) if ens else checkpoint.read_meta(dest)).get("notes", [])  # fmt: skip
 
 
 def _kept(dest: Path, runs: list[Path], method: str, weights: list[float]) -> dict | None:
@@ -214,9 +223,9 @@ def write_report(
         f"Data {ds.spec}: {len(ds.classes)} classes. Budget {budget / 60:.1f} min, used "
         f"{spent / 60:.1f} min. Every score below is cross-validated ({len(folds.pool(ds.splits))} "
         f"train+val images, out-of-fold); test ({len(ds.splits['test'])} images) was scored "
-        f"once, by the chosen option: top-1 {t['top1']:.2%}, top-5 {t['top5']:.2%}, NLL "
-        f"{t['loss']:.4f}. DIR/best: {result['desc']}."
-    )
+        f"once, by the chosen option: top-1 {t['top1']:.2%}{result.get('mark', '')}, top-5 "
+        f"{t['top5']:.2%}, NLL {t['loss']:.4f}. DIR/best: {result['desc']}."
+    ) + "".join(f" Note: {n}." for n in result.get("notes", []))
     md = [
         "# transferlab report: auto",
         "",
