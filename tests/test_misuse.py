@@ -974,6 +974,34 @@ def test_a_run_whose_classes_were_edited_by_hand_is_refused_by_every_command(
     fail(capsys, "evaluate", run_copy, pattern=r"corrupt .*meta.json: not valid JSON \(")
 
 
+def test_an_ensemble_json_edited_by_hand_is_one_line_everywhere_and_report_leaves_it_out(
+    capsys, run_copy, folder_data, tmp_path
+):
+    """ensemble.json was read unchecked: a missing key was a KeyError (IndexError, TypeError)
+    traceback in report, evaluate, predict and export, and a report of the parent folder died
+    on it (or refused everything) instead of leaving that folder out, as it does a broken run."""
+    other = run_copy.parent / "b"
+    shutil.copytree(run_copy, other)
+    ens = run_copy.parent / "ens"
+    assert main(["ensemble", str(run_copy), str(other), "--out", str(ens), "--quiet"]) == 0
+    capsys.readouterr()  # (its note: the same weights twice)
+    info = json.loads((ens / "ensemble.json").read_text())
+    image = next((folder_data / "test" / "a").iterdir())
+    edits = [{k: v for k, v in info.items() if k != key} for key in ("members", "data", "metrics", "classes")]  # fmt: skip
+    edits += [info | {"members": []}, info | {"members": [{"run": "../a"}]}, info | {"method": ["soft"]}]  # fmt: skip
+    for edit in [*edits, [1]]:
+        (ens / "ensemble.json").write_text(json.dumps(edit))
+        for argv in (["predict", ens, image], ["evaluate", ens],
+                     ["export", ens, "--format", "onnx", "--out", tmp_path / "m.onnx"]):  # fmt: skip
+            fail(capsys, *argv, pattern=r"corrupt .*ensemble.json: no ")
+        assert main(["report", str(run_copy.parent), "--quiet"]) == 0
+        assert "note: left out corrupt" in capsys.readouterr().err
+        assert "| ens" not in (run_copy.parent / "report.md").read_text()
+    (ens / "ensemble.json").write_text("oops")
+    fail(capsys, "evaluate", ens, pattern=r"corrupt .*ensemble.json: not valid JSON \(")
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_a_path_for_a_user_this_machine_lacks_is_one_line(capsys, tmp_path):
     """~nosuchuser/x as --out or --cache-dir was a RuntimeError traceback (exit 1)."""
     for flag, out in (("--out", "~nosuchuser/x"), ("--cache-dir", "~nosuchuser/x")):

@@ -157,10 +157,15 @@ def read(path: str | Path, resolve: bool = True) -> dict:
     """ensemble.json, each member's "run" resolved: relative to the ensemble folder (so a tree
     of runs and ensembles can be moved, copied or archived), else where it was at build time.
     `resolve=False`: as recorded (a member may be gone)."""
+    file = Path(path) / ENSEMBLE
     try:
-        info = json.loads((Path(path) / ENSEMBLE).read_text())
+        info = _checked(json.loads(file.read_text()), file)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {Path(path) / ENSEMBLE}: {err}") from None
+        raise UserError(
+            f"corrupt {file}: not valid JSON ({err})"
+            if isinstance(err, ValueError)
+            else f"cannot read {file}: {err}"
+        ) from None
     for m in info["members"] if not resolve else ():
         m["run"] = m.get("run_at_build", m["run"])
     for m in info["members"] if resolve else ():
@@ -172,6 +177,31 @@ def read(path: str | Path, resolve: bool = True) -> dict:
                 f"the ensemble) nor at {places[1]} (where it was built); put it back in either"
             )
         m["run"] = str(found)
+    return info
+
+
+def _checked(info, file: Path) -> dict:
+    """ensemble.json as its readers index it, else one line naming what is missing (a hand-edited
+    or foreign file was a KeyError in report, evaluate, predict, export and serve)."""
+    if not isinstance(info, dict):
+        raise UserError(f"corrupt {file}: no JSON object in it (not a finished ensemble's record)")
+    members, metrics = info.get("members"), info.get("metrics")
+    ok = {
+        "method": isinstance(info.get("method"), str) and info["method"] in COMBINERS,
+        "data": isinstance(info.get("data"), str),
+        "classes": all(isinstance(info.get(k), list) for k in ("classes", "class_names")),
+        "members (each with its run and weight)": isinstance(members, list)
+        and bool(members)
+        and all(isinstance(m, dict) and isinstance(m.get("run"), str) for m in members)
+        and all(isinstance(m.get("weight"), int | float) for m in members),
+        "metrics (val and test)": isinstance(metrics, dict)
+        and all(isinstance(metrics.get(s), dict) for s in SPLITS),
+    }
+    if wrong := [what for what, good in ok.items() if not good]:
+        raise UserError(
+            f"corrupt {file}: no valid {', '.join(wrong)} (not a finished ensemble's record; "
+            "edited by hand?)"
+        )
     return info
 
 

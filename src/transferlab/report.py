@@ -53,9 +53,14 @@ def collect(root: Path, skipped: list[str] | None = None) -> list[dict]:
         if _study_inside(ens_path.parent, root):
             continue
         try:
+            info = ensembles.read(ens_path.parent, resolve=False)
+        except UserError as err:  # not an ensemble's record: left out, as a run's
+            skipped.append(str(err))
+            continue
+        try:
             info = ensembles.read(ens_path.parent)
         except UserError:  # a member is gone: its row says stale
-            info = ensembles.read(ens_path.parent, resolve=False)
+            pass
         rows.append(_ensemble_row(ens_path.parent, root, info))
     for row in rows:
         row["_classes"] = class_scores(row["_path"], row["_names"])
