@@ -375,7 +375,7 @@ def test_a_resume_reconsiders_what_an_earlier_budget_skipped(tmp_path):
     done, skipped = _candidate("done", 30), _candidate("skipped", 75)
     done.status, done.cv = "done", {"top1": 0.9, "loss": 0.3}
     _finished(tmp_path / "candidates" / "done")
-    auto.save_oof(tmp_path, "done", np.zeros((4, 2)), np.zeros((2, 2)))
+    autochoose.save_oof(tmp_path, "done", np.zeros((4, 2)), np.zeros((2, 2)))
     skipped.status, skipped.why = "skipped", "estimated 75 s, 10 s left"
     auto.save_state(tmp_path, settings, [done, skipped], 38.0)
     cands, spent = auto.load_state(tmp_path, settings | {"budget": 180.0})
@@ -807,7 +807,7 @@ def test_a_finished_candidate_removed_by_hand_is_run_again_on_resume(tmp_path):
     probe, dcnn, kept = (_candidate(n, 10.0, kind=k) for n, k in [("p", "probe"), ("d", "train"), ("k", "probe")])  # fmt: skip
     for c in (probe, dcnn, kept):
         c.status, c.cv, c.why = "done", {"top1": 0.9, "loss": 0.3}, "in best (weight 0.50)"
-        auto.save_oof(tmp_path, c.name, np.zeros((4, 2)), np.zeros((2, 2)))
+        autochoose.save_oof(tmp_path, c.name, np.zeros((4, 2)), np.zeros((2, 2)))
     for run in ["p", "k", *(f"d/fold-{i}" for i in (1, 2, 4, 5))]:  # d's fold 3 removed
         _finished(tmp_path / "candidates" / run)
     (tmp_path / "oof" / "p.npz").unlink()
@@ -817,6 +817,25 @@ def test_a_finished_candidate_removed_by_hand_is_run_again_on_resume(tmp_path):
     assert [c.status for c in (probe, dcnn, kept)] == ["pending", "pending", "done"]
     assert probe.cv == dcnn.cv == {} and kept.cv and dcnn.folds_done == 4
     assert dcnn.cost() == pytest.approx(2.0)
+
+
+def test_a_finished_candidate_whose_oof_file_is_damaged_is_run_again_on_resume(tmp_path):
+    """A cut-short, garbage or foreign out-of-fold file: the resume ran the other candidates
+    first, then died at the choice with numpy's traceback ("pickled data... load it unsafely",
+    BadZipFile), the time counted as spent, every time."""
+    cands = [_candidate(n, 10.0, kind="probe") for n in ("cut", "junk", "other", "fine")]
+    for c in cands:
+        c.status, c.cv = "done", {"top1": 0.9, "loss": 0.3}
+        autochoose.save_oof(tmp_path, c.name, np.zeros((4, 2)), np.zeros((2, 2)))
+        _finished(tmp_path / "candidates" / c.name)
+    oof = tmp_path / "oof"
+    (oof / "cut.npz").write_bytes((oof / "cut.npz").read_bytes()[:100])
+    (oof / "junk.npz").write_text("junk\n")
+    autochoose.save_oof(tmp_path, "other", np.zeros((5, 3)), np.zeros((2, 3)))  # another study's
+    settings = {"data": "digits", "folds": 5, "seed": 0, "budget": 300.0}
+    auto.save_state(tmp_path, settings, cands, 100.0)
+    found = auto.load_state(tmp_path, settings, shape=(4, 2))[0]
+    assert [c.status for c in found] == ["pending", "pending", "pending", "done"]
 
 
 def test_a_resume_refuses_a_damaged_auto_json_and_a_budget_already_spent(tmp_path):

@@ -40,7 +40,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import autospace, checkpoint, data, decoding, evaluate, folds, guards, leaks, outputs, probe
+from . import (
+    autochoose,
+    autospace,
+    checkpoint,
+    data,
+    decoding,
+    evaluate,
+    folds,
+    guards,
+    leaks,
+    outputs,
+    probe,
+)
 from .autospace import FOLDS, Candidate, candidates, clean, estimate, recalibrate
 from .config import Preempted, UnreadableImages, UserError
 
@@ -141,21 +153,20 @@ def _unshrink(c: Candidate) -> None:
 
 
 def save_state(out: Path, settings: dict, cands: list[Candidate], spent: float) -> None:
-    checkpoint.write_json(
-        out / STATE,
-        {"settings": settings, "spent": round(spent, 1), "candidates": [asdict(c) for c in cands]},
-    )
+    state = {"settings": settings, "spent": round(spent, 1), "candidates": [asdict(c) for c in cands]}  # fmt: skip
+    checkpoint.write_json(out / STATE, state)
 
 
 def load_state(
-    out: Path, settings: dict, was_spelled: str = ""
+    out: Path, settings: dict, was_spelled: str = "", shape: tuple | None = None
 ) -> tuple[list[Candidate] | None, float]:
     """A resumed study's candidates and time spent (`CLOCK` too: a study killed mid-candidate);
     its data, folds and seed must not change, nor its images once something was trained on them
     (changed before: no candidates, the study times them anew). Candidates skipped or stopped
     for lack of time are pending again, at their own epochs (a resume may bring a larger
     budget) unless their fold runs began: those keep their settings and finished fold runs.
-    `was_spelled`: the images' `content` as studies before 4bd961f hashed it (paths as typed)."""
+    `was_spelled`: the images' `content` as studies before 4bd961f hashed it (paths as typed);
+    `shape`: each out-of-fold file's (train+val images, classes), else its candidate reruns."""
     try:
         state = json.loads((out / STATE).read_text())
         cands = [Candidate(**c) for c in state["candidates"]]
@@ -189,8 +200,10 @@ def load_state(
             c.begun = folder.is_dir()
             c.folds_done = sum(checkpoint.is_run(folder / f"fold-{i}") for i in range(1, FOLDS + 1))
         runs = c.folds_done == FOLDS if c.kind == "train" else checkpoint.is_run(folder)
-        if c.status == "done" and not (runs and (out / "oof" / f"{c.name}.npz").is_file()):
-            c.status, c.cv, c.why = "pending", {}, ""  # removed by hand: run what is missing
+        if c.status == "done" and not (
+            runs and autochoose.load_oof(out, c.name, shape) is not None
+        ):
+            c.status, c.cv, c.why = "pending", {}, ""  # removed or damaged: run what is missing
         if c.status in ("skipped", "stopped"):
             c.status, c.why = "pending", ""
             if not c.begun:
@@ -215,16 +228,6 @@ def content(ds: data.Dataset, as_typed: bool = False) -> str:
         paths = split.paths if split.paths is not None else split.shards or []
         decoding.stamp(h, paths, None if as_typed else root)
     return h.hexdigest()[:16]
-
-
-def save_oof(out: Path, name: str, logp: np.ndarray, test_logp: np.ndarray) -> None:
-    with checkpoint.atomic_path(out / "oof" / f"{name}.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, logp=logp.astype(np.float32), test=test_logp.astype(np.float32))
-
-
-def load_oof(out: Path, name: str) -> np.ndarray:
-    with np.load(out / "oof" / f"{name}.npz", allow_pickle=False) as z:
-        return z["logp"]
 
 
 def check_out(out: Path, resume: bool) -> str:
@@ -252,8 +255,6 @@ def run(
     chosen option with the best folder's test metrics. `quiet`: `log` prints only what was
     chosen (notes on the data go to stderr). `started`: when the budget's clock began (the
     command line: when the process began importing), else now."""
-    from . import autochoose
-
     t0, out = started or time.time(), Path(out)
     seconds = parse_budget(budget) if isinstance(budget, str) else float(budget)
     check_out(out, resume)
@@ -281,7 +282,8 @@ def run(
         action = outputs.check_out(out, "auto", resume=resume)
         outputs.check_rebuildable(out / "best", autochoose.REBUILT)  # before the budget is spent
         outputs.claim(out, "auto", action)
-        state = load_state(out, settings, content(ds, as_typed=True)) if resume else None
+        shape = (len(folds.pool(ds.splits)), len(ds.classes))
+        state = load_state(out, settings, content(ds, as_typed=True), shape) if resume else None
         cands, spent = state or (None, 0.0)
         cands = cands or candidates(ds, torch.cuda.is_available())
         left = lambda: seconds - spent - (time.time() - t0)  # noqa: E731
@@ -295,8 +297,6 @@ def run(
 
 def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, quiet: bool) -> dict:
     """Time the candidates, run them as the schedule says, choose, build best/ and report."""
-    from . import autochoose
-
     seconds = settings["budget"]
     reserve = max(20.0, 0.05 * seconds)  # for the choice, best/ and the report
     precision = evaluate.resolve_precision("auto")
@@ -434,7 +434,7 @@ def _run_candidate(c: Candidate, ds, out: Path, settings: dict, log, quiet: bool
         test = np.log(np.mean(np.exp(np.stack(test)), axis=0))  # the folds bagged
     metrics = evaluate.metrics(logp, y)
     c.cv = {"top1": metrics["top1"], "loss": metrics["loss"]}
-    save_oof(out, c.name, logp, test)
+    autochoose.save_oof(out, c.name, logp, test)
     c.status = "done"
 
 

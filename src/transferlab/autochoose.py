@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import shutil
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,22 @@ def _score(logp: np.ndarray, y: np.ndarray) -> dict:
     return {"top1": m["top1"], "loss": m["loss"]}
 
 
+def save_oof(out: Path, name: str, logp: np.ndarray, test_logp: np.ndarray) -> None:
+    with checkpoint.atomic_path(out / "oof" / f"{name}.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, logp=logp.astype(np.float32), test=test_logp.astype(np.float32))
+
+
+def load_oof(out: Path, name: str, shape: tuple | None = None) -> np.ndarray | None:
+    """A candidate's out-of-fold log-probabilities; None where its file is missing, damaged
+    (a copy cut short, a full disk) or not of `shape` (a resume runs that candidate again)."""
+    try:
+        with np.load(out / "oof" / f"{name}.npz", allow_pickle=False) as z:
+            logp = z["logp"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return logp if shape is None or logp.shape == tuple(shape) else None
+
+
 def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool) -> dict:
     """Choose (highest out-of-fold top-1, then lowest NLL), build DIR/best, score test once."""
     from . import auto
@@ -80,7 +97,7 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
             f"continues this study in {out}, its timings kept)"
         )
     names = [c.name for c in done]
-    logp = np.stack([auto.load_oof(out, n) for n in names])
+    logp = np.stack([load_oof(out, n) for n in names])
     y = folds.pool(ds.splits).labels
     rows = options(names, logp, y, auto.FOLDS)
     best = max(rows, key=lambda r: (round(r["top1"], 10), -r["loss"]))
