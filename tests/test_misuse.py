@@ -456,6 +456,15 @@ def test_S31_an_option_that_would_have_no_effect_is_refused(capsys, tmp_path, ex
          "--out", tmp_path / "r", pattern="unrecognized arguments: --epochs")  # fmt: skip
 
 
+def test_a_fine_tune_refuses_architecture_options_its_parent_fixes(capsys, run_copy, tmp_path):
+    """`finetune --pool-stages 2` (or `--stem small`) was accepted and recorded in its config,
+    while the run kept its parent's architecture: an option that did nothing, without a word."""
+    for flag, value in (("--pool-stages", "2"), ("--stem", "small")):
+        fail(capsys, "finetune", "--from", run_copy, flag, value, "--out", tmp_path / "ft",
+             pattern=f"{flag} {value} does not match the run .*whose weights fix")  # fmt: skip
+        assert not (tmp_path / "ft").exists()
+
+
 def test_S31_a_finetune_step_cannot_swap_its_parent_weights(run_copy, tmp_path):
     from transferlab import strategies
 

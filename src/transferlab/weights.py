@@ -143,11 +143,12 @@ def build(
     src = resolve(cfg)
     if src.architecture:  # a run: its own architecture and channels (mirroring: this run's)
         arch = replace(src.architecture, mirror=cfg.mirror_features)
-        if cfg.model not in (arch.name, None, "", "auto") and cfg.model != TrainConfig.model:
-            raise UserError(
-                f"--model {cfg.model} does not match the run {src.lineage['parent']}, "
-                f"which is a {arch.name}"
-            )
+        for key, has in (("model", arch.name), ("stem", arch.stem), ("pool_stages", arch.pool_stages)):  # fmt: skip
+            if getattr(cfg, key) not in (has, None, "", "auto", getattr(TrainConfig, key)):
+                raise UserError(  # (stem, pool_stages: they were ignored, without a word)
+                    f"--{key.replace('_', '-')} {getattr(cfg, key)} does not match the run "
+                    f"{src.lineage['parent']}, whose weights fix its architecture ({key} {has})"
+                )
         channels = cfg.channels or src.prep.channels
         if channels != src.prep.channels:
             raise UserError(
