@@ -3,7 +3,7 @@ import shutil
 import numpy as np
 import pytest
 
-from transferlab import checkpoint, combiners, ensembles, evaluate, models, trainer
+from transferlab import checkpoint, combiners, ensembles, evaluate, models, report, trainer
 from transferlab.config import UserError, make_config
 
 from conftest import make_folder, tiny_cfg
@@ -212,6 +212,12 @@ def test_a_fold_run_is_scored_on_its_fold_and_members_split_apart_are_not_fitted
     assert not (tmp_path / "e").exists()
     ensembles.build(runs, "soft", tmp_path / "e", quiet=True)
     assert "the ensemble's val scores count images a member trained on" in capsys.readouterr().err
+    # said again wherever that val score is shown (auto's best/ of fold runs said it nowhere)
+    seen = "f2 as --val-fraction 0.1 --fold 2/5 split the data otherwise"
+    assert any(seen in n for n in ensembles.read(tmp_path / "e")["notes"])
+    assert any(seen in n for n in ensembles.evaluate_path(tmp_path / "e", split="val")["notes"])
+    assert ensembles.evaluate_path(tmp_path / "e", split="test")["notes"] == []
+    assert "% (members trained on it) |" in report.write(tmp_path)[0].read_text()
     copy = shutil.copytree(runs[0], tmp_path / "copy", ignore=shutil.ignore_patterns("*.lock"))
     ensembles.build([runs[0], copy], "soft", tmp_path / "e2", quiet=True)
     assert "copy has the same weights as" in capsys.readouterr().err

@@ -196,3 +196,5 @@ def test_test_images_that_are_copies_of_its_own_training_images_are_counted(tmp_
         [tmp_path / "runs" / "r", tmp_path / "runs" / "r2"], "soft", tmp_path / "runs" / "e"
     )
     assert said in ensembles.read(tmp_path / "runs" / "e")["notes"]
+    for split, shown in (("test", [said]), ("val", [])):  # a test note where test is scored
+        assert ensembles.evaluate_path(tmp_path / "runs" / "e", split=split)["notes"] == shown

@@ -19,7 +19,7 @@ from . import checkpoint, data, decoding, evaluate, outputs, plots
 from .combiners import COMBINERS, FITTED, accounting, combine, fit
 from .config import UserError
 from .folds import load_as_run
-from .members import SPLITS, check_members, member_logp, note_copies, split_apart
+from .members import SPLITS, VAL_SEEN, check_members, member_logp, note_copies, split_apart
 
 ENSEMBLE = "ensemble.json"
 PARAMS = "combiner.npz"  # the fitted combiner (weights; the stacker's coefficients)
@@ -66,9 +66,9 @@ def build(
     outputs.refuse_overlap(out, runs, "member")  # nor into the data it is scored on:
     outputs.refuse_writing_into_data(scored, out)
     outputs.check_out(Path(out), "ensemble", overwrite=overwrite)
-    if apart and not fitted:  # (auto fits on out-of-fold predictions, and says so)
-        print(f"note: {apart}: the ensemble's val scores count images a member trained on",
-              file=sys.stderr)  # fmt: skip
+    val_seen = [f"{apart}: {VAL_SEEN}"] if apart else []  # recorded: evaluate, report say it
+    if val_seen and not fitted:  # (auto fits on out-of-fold predictions, and says so)
+        print(f"note: {val_seen[0]}", file=sys.stderr)
     note_copies(runs, metas)  # notes after every refusal: an error stays one line
     on_features = COMBINERS[method].inputs == "features"
     splits = ("train", *SPLITS) if on_features else SPLITS
@@ -90,8 +90,8 @@ def build(
     with outputs.lock(out):
         outputs.claim(out, "ensemble", outputs.check_out(out, "ensemble", overwrite=overwrite))
         info = _write(out, method, runs, metas, spec, params, logp, targets, feats, tta, t0, how)
-        if notes:  # recorded with the score they qualify (report marks it)
-            info["notes"] = notes
+        if notes or val_seen:  # recorded with the scores they qualify (report marks them)
+            info["notes"] = notes + val_seen
             checkpoint.write_json(out / ENSEMBLE, info)
         return info
 
@@ -222,9 +222,12 @@ def evaluate_ensemble(
     check_members(info, path)
     runs = [m["run"] for m in info["members"]]
     method, tta = info["method"], info.get("tta", "none")
-    logp, targets, _, _, feats = member_logp(
-        runs, data_spec or info["data"], quiet, tta, (split,), method == "fusion", notes
+    spec = data_spec or info["data"]
+    logp, targets, metas, _, feats = member_logp(
+        runs, spec, quiet, tta, (split,), method == "fusion", notes
     )
+    if split == "val" and notes is not None and (apart := split_apart(runs, metas, spec)):
+        notes.append(f"{apart}: {VAL_SEEN}")
     combined = combine(method, logp[split], read_params(path, info), feats.get(split))
     return combined, targets[split], info
 

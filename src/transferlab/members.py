@@ -60,7 +60,8 @@ def member_logp(
     spec = data.canonical(data_spec or metas[0]["data"])
     ds = load_as_run(metas[0], spec) if ds is None else ds  # (`ds`: loaded already)
     changed = leaks.changed_notes(split_alike(runs, metas, spec), ds)
-    for said in filter(None, [leak_note(runs, metas, ds), *leaks.own_copies(ds), *changed]):
+    tested = [leak_note(runs, metas, ds), *leaks.own_copies(ds)] if "test" in splits else []
+    for said in filter(None, [*tested, *changed]):  # (test's notes: where test is scored)
         if notes is None:  # as evaluate says them of one run, --quiet or not
             print(f"note: {said}", file=sys.stderr)
         else:
@@ -139,6 +140,9 @@ def leak_note(runs: list[str], metas: list[dict], ds: data.Dataset) -> str:
     return f"scored on {spec}; member(s) trained on {', '.join(others)}" + (
         f": {why}" if why else ""
     )
+
+
+VAL_SEEN = "the ensemble's val scores count images a member trained on"
 
 
 def split_apart(

@@ -9,7 +9,7 @@ import io
 import sys
 from pathlib import Path
 
-from . import checkpoint, ensembles, evaluate, htmlreport, leaks, outputs
+from . import checkpoint, ensembles, evaluate, htmlreport, leaks, members, outputs
 from .config import UserError, one_line
 
 COLUMNS = [
@@ -163,7 +163,7 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         "input": "per member",
         "params": "-",
         "train top-1": "-",
-        "val top-1": _pct(m["val"]["top1"]),
+        "val top-1": _pct(m["val"]["top1"]) + _in_sample(info),
         "test top-1": _pct(m["test"]["top1"]),
         "test top-5": _pct(m["test"]["top5"]),
         "epochs": "-",
@@ -173,6 +173,15 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         "_path": path,
         "_names": info["class_names"],
     }
+
+
+def _in_sample(info: dict) -> str:
+    """The mark of an ensemble's val score that is no held-out score: members trained on it
+    (fold runs, runs that split the data otherwise), its combiner was fitted on it, or (fusion,
+    fitted on train) its strength chosen on it."""
+    if any(members.VAL_SEEN in n for n in info.get("notes", [])):
+        return " (members trained on it)"
+    return {"val": " (fitted on it)", "train": " (chosen on it)"}.get(info.get("fitted_on"), "")
 
 
 def leaked(notes: list[str]) -> bool:
