@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,28 @@ def test_overwrite_replaces_only_an_earlier_export_never_a_users_file_or_the_dat
         assert main(["export", str(trained_run), "--format", fmt, "--out", str(target)]) == 2
         again = ["export", str(trained_run), "--format", fmt, "--out", str(target), "--overwrite"]
         assert main(again) == 0
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
+def test_an_export_never_replaces_a_file_written_meanwhile_unless_asked(
+    trained_run, tmp_path, monkeypatch, fmt
+):
+    """Two exports of different runs to one new file at once: both said `-> FILE`, exit 0, and
+    the file held the later one's model (checked absent, then replaced, without --overwrite)."""
+    from transferlab import evaluate
+    from transferlab.config import UserError
+
+    other = Path(export.export(trained_run, fmt, tmp_path / "other" / f"m.{fmt}")["path"])
+    target, load = tmp_path / f"m.{fmt}", evaluate.load_run_model
+
+    def other_export_meanwhile(*a, **k):  # the other command writes while this one loads
+        shutil.copyfile(other, target)
+        return load(*a, **k)
+
+    monkeypatch.setattr(evaluate, "load_run_model", other_export_meanwhile)
+    with pytest.raises(UserError, match="written by another command meanwhile .*--overwrite"):
+        export.export(trained_run, fmt, target)
+    assert target.read_bytes() == other.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, "other"])  # no temp
+    assert export.export(trained_run, fmt, target, overwrite=True)["path"] == str(target)
+    assert export.is_export(target)

@@ -38,9 +38,11 @@ os.umask(UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path):
+def atomic_path(path: Path, exclusive: bool = False):
     """Yield a temp path in the same folder; on success fsync it and os.replace onto `path`,
-    with the mode the file had, else the one a new file gets (mkstemp's is 0600)."""
+    with the mode the file had, else the one a new file gets (mkstemp's is 0600).
+    `exclusive`: never over a file that appeared since the caller checked (another command
+    writing the same path at once): a hard link, which fails where a file exists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -54,7 +56,7 @@ def atomic_path(path: Path):
         except OSError:
             mode = 0o666 & ~UMASK
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        _link(tmp, path) if exclusive else os.replace(tmp, path)
     except Exception as err:
         code = write_errno(err, Path(tmp))
         if code is None:
@@ -63,6 +65,22 @@ def atomic_path(path: Path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _link(tmp: str | Path, path: Path) -> None:
+    """`tmp` at `path` unless a file is there (os.replace where links are not supported)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UserError(f"{path} was written by another command meanwhile (an export to the "
+                        "same file at once?): pass --overwrite to replace it") from None  # fmt: skip
+    except OSError as err:
+        if (
+            err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK)
+            or path.exists()
+        ):
+            raise
+        os.replace(tmp, path)
 
 
 def write_errno(err: Exception, tmp: Path) -> int | None:

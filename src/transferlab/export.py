@@ -104,7 +104,7 @@ def export(
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        with checkpoint.atomic_path(path) as tmp:  # a crash never leaves half a file
+        with checkpoint.atomic_path(path, not overwrite) as tmp:  # never half a file
             save_file(state, str(tmp), metadata={"transferlab": info})
         return {"path": str(path), "check": None}
     packaged = Packaged(model, models.Preprocessing.from_dict(meta["preprocessing"])).eval()
@@ -118,11 +118,11 @@ def export(
             traced = torch.jit.trace(packaged, x[:1])
             buffer = io.BytesIO()  # (written to a file, a full disk aborted the process in C++)
             torch.jit.save(traced, buffer, _extra_files={"transferlab.json": info})
-            with checkpoint.atomic_path(path) as tmp:
-                tmp.write_bytes(buffer.getvalue())
+            with checkpoint.atomic_path(path, not overwrite) as tmp:  # (another export to
+                tmp.write_bytes(buffer.getvalue())  # the same file at once: refused)
             got = torch.jit.load(str(path))(x).numpy()
     else:
-        got = _onnx(packaged, x, path, info)
+        got = onnx_file(packaged, x, path, info, "logits", exclusive=not overwrite)
     diff = float(np.abs(got - reference).max())
     return {"path": str(path), "check": {"max_abs_logit_diff": diff, "images": source}}
 
@@ -189,10 +189,6 @@ def is_export(path: Path) -> bool:
         return False
 
 
-def _onnx(packaged: nn.Module, x: torch.Tensor, path: Path, info: str) -> np.ndarray:
-    return onnx_file(packaged, x, path, info, "logits")
-
-
 def onnx_packages():
     """(onnx, onnxruntime), or the one line that says how to install them."""
     try:
@@ -226,14 +222,17 @@ def onnx_proto(module: nn.Module, x: torch.Tensor, output: str):
     return program.model_proto
 
 
-def onnx_file(module: nn.Module, x: torch.Tensor, path: Path, info: str, output: str) -> np.ndarray:
+def onnx_file(
+    module: nn.Module, x: torch.Tensor, path: Path, info: str, output: str, exclusive: bool
+) -> np.ndarray:
     """`module` as ONNX at `path` (batch size dynamic; `info` in the metadata under
-    "transferlab"); returns onnxruntime's outputs for `x`."""
+    "transferlab"; `exclusive`: see `checkpoint.atomic_path`); returns onnxruntime's outputs
+    for `x`."""
     onnx, onnxruntime = onnx_packages()
     proto = onnx_proto(module, x, output)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "transferlab", info
-    with checkpoint.atomic_path(path) as tmp:
+    with checkpoint.atomic_path(path, exclusive) as tmp:
         onnx.save(proto, str(tmp))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"image": x.numpy()})[0]

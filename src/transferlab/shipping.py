@@ -136,9 +136,8 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
         "output": "probabilities (N, num_classes) in the order of `classes`",
         "members": [{"arch": m["arch"], **p.to_dict()} for m, p in zip(metas, preps, strict=True)],
     }  # fmt: skip
-    got = export.onnx_file(
-        graph, torch.from_numpy(rgb), target, json.dumps(description), "probabilities"
-    )
+    got = export.onnx_file(graph, torch.from_numpy(rgb), target, json.dumps(description),
+                           "probabilities", exclusive=not overwrite)  # fmt: skip
     with torch.no_grad():
         traced = graph(torch.from_numpy(rgb)).numpy()  # the graph in PyTorch: ONNX's fidelity
     exact = all(p.input_size == size and p.channels == 3 for p in preps)
