@@ -528,6 +528,26 @@ def test_a_recipe_auto_step_validates_and_takes_data_and_seed_like_a_train_step(
     assert recipe._auto_data_seed(book, {"budget": "1m", "seed": 5}) == ("synthetic:8", 7)
 
 
+def test_a_recipe_s_study_begun_on_other_data_is_refused_before_step_1(tmp_path):
+    """It was refused in its turn, after the steps before it had run (one trained), in the
+    CLI's words, naming no step."""
+    from transferlab import outputs, recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("data: digits\nsteps:\n  - train: t\n    model: dcnn\n    epochs: 1\n"
+                    "  - auto: s\n    budget: 1m\n")  # fmt: skip
+    out = tmp_path / "out"
+    settings = {"data": "digits", "content": "", "folds": 5, "seed": 0, "budget": 60.0}
+    outputs.mark(out, "recipe")  # a recipe's folder, whose study was begun on digits, seed 0
+    outputs.mark(out / "s", "auto")
+    auto.save_state(out / "s", settings, [], 10.0)
+    for change, said in (("data", "data digits (now synthetic:8)"), ("seed", "seed 0 (now 3)")):
+        new = {"data": "synthetic:8"} if change == "data" else {"seed": 3}
+        with pytest.raises(UserError, match=rf"step 2 \(auto s\): .*begun with {re.escape(said)}"):
+            recipe.run(path, out, quiet=True, overrides=new)
+        assert not (out / "t").exists()  # step 1 did not run
+
+
 def test_a_resume_refuses_images_that_changed_since_the_study_began(tmp_path):
     """Folders renamed (labels swapped), files added or rewritten: the saved out-of-fold and
     test scores would not hold, so the study is not continued (it reported 100% for 37.5%)."""

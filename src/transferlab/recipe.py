@@ -22,6 +22,7 @@ rerunning a recipe after a crash loses nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,8 @@ def _check_finished(recipe: dict, out: Path) -> None:
     anew: set[str] = set()  # steps that will train (unfinished now)
     for i, step in enumerate(recipe["steps"], 1):
         kind, name, keys = parse_step(step, i)
+        if kind == "auto":
+            _study_as_asked(recipe, keys, out / name, f"step {i} (auto {name})")
         if kind not in ("train", "finetune", "soup"):
             continue
         if not checkpoint.is_run(out / name):
@@ -180,6 +183,22 @@ def _check_finished(recipe: dict, out: Path) -> None:
             )
         else:
             _soup_made_as_asked(out / name, _members(keys, out), keys.get("method", "greedy"))
+
+
+def _study_as_asked(recipe: dict, keys: dict, study: Path, step: str) -> None:
+    """A study begun in `study` continues only on the data and seed it began with (else it was
+    refused when its turn came, after the steps before it had run)."""
+    from . import auto
+
+    try:
+        was = json.loads((study / auto.STATE).read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none begun (or damaged: the study itself says so, in its turn)
+    spec, seed = _auto_data_seed(recipe, keys)
+    now = {"data": data.canonical(spec), "seed": seed}
+    if changed := [f"{k} {was.get(k)} (now {now[k]})" for k in now if was.get(k) != now[k]]:
+        raise UserError(f"{step}: {study} was begun with {', '.join(changed)}: give the step "
+                        f"what it began with, or delete {study} or choose another --out")  # fmt: skip
 
 
 def refuse_changed(run_dir: Path, cfg: TrainConfig, parents: tuple | list = ()) -> None:
