@@ -131,3 +131,33 @@ def test_readme_own_data_walkthrough_runs_as_written_from_a_folder_and_a_csv(
     first = lines[0].replace("folder:~/photos", "csv:labels.csv").replace("/lite0", "/csv")
     assert main(["--quiet", *shlex.split(first)[1:]]) == 0, capsys.readouterr().err
     assert (tmp_path / "runs/photos/csv/meta.json").is_file()
+
+
+def test_the_api_exports_and_refuses_as_the_cli_does(trained_run, tmp_path):
+    """Model.export called export.export: an ensemble's ONNX graph was refused ("name one of
+    its members") and `hf` was unknown; None for a folder was a bare TypeError, a str for a list
+    of runs "a run is listed twice", top_k="3" a TypeError."""
+    import shutil
+
+    import transferlab
+    from transferlab.config import UserError
+
+    other = shutil.copytree(trained_run, tmp_path / "b", ignore=shutil.ignore_patterns("*.lock"))
+    ens = transferlab.ensemble([trained_run, other], out=tmp_path / "ens")
+    assert ens.export("onnx", tmp_path / "e.onnx")["check"]["n"] > 0
+    assert (tmp_path / "e.onnx").is_file()
+    run = transferlab.load(other)
+    assert Path(run.export("hf")["path"], "config.json").is_file()
+    with pytest.raises(UserError, match="an ensemble exports as one ONNX graph, not torchscript"):
+        ens.export("torchscript")
+    for call, message in (
+        (lambda: transferlab.load(None), "load\\(\\) takes the path of a run or ensemble folder"),
+        (lambda: transferlab.train(None, data="digits"), "train\\(\\) needs out="),
+        (lambda: transferlab.finetune(None, tmp_path / "f"), "finetune\\(\\) starts from"),
+        (lambda: transferlab.soup([trained_run, other], out=None), "soup\\(\\) needs out="),
+        (lambda: transferlab.ensemble(str(other), out=tmp_path / "e2"), "takes a list of run"),
+        (lambda: transferlab.ensemble([other, None], out=tmp_path / "e2"), "each run of"),
+        (lambda: run.predict(str(trained_run), top_k="3"), "top_k must be a whole number"),
+    ):
+        with pytest.raises(UserError, match=message):
+            call()

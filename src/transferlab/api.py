@@ -48,7 +48,10 @@ class Model:
         """Top-k predictions for image files, folders, PIL images or arrays (uint8, or float
         in [0, 1]; (H, W[, C]) or a batch (N, H, W[, C])): one of them or a list."""
         from . import predict
+        from .config import UserError
 
+        if not isinstance(top_k, int) or isinstance(top_k, bool):  # (the CLI's is parsed)
+            raise UserError(f"top_k must be a whole number, got {top_k!r}")
         inputs = list(images) if isinstance(images, (list, tuple)) else [images]
         rows, _ = predict.predict(self.path, inputs, top_k, tta, quiet)
         return rows
@@ -60,10 +63,18 @@ class Model:
 
         return ensembles.evaluate_path(self.path, data, split, True, tta)["metrics"]
 
-    def export(self, format: str, out: str | Path | None = None, overwrite: bool = False) -> dict:
-        from . import export
+    def export(
+        self,
+        format: str,
+        out: str | Path | None = None,
+        overwrite: bool = False,
+        input_size: int | None = None,
+    ) -> dict:
+        """As `transferlab export`: a run in `format` (onnx, torchscript, safetensors, hf), an
+        ensemble as one ONNX graph (`input_size`: its input, else its largest member's)."""
+        from . import shipping
 
-        return export.export(self.path, format, out, overwrite)
+        return shipping.export_any(self.path, format, out, overwrite, input_size)
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -74,7 +85,7 @@ def load(path: str | Path) -> Model:
     from . import checkpoint, ensembles
     from .config import UserError
 
-    path = Path(path)
+    path = _path(path, "load() takes the path of a run or ensemble folder")
     if not ensembles.is_ensemble(path):
         checkpoint.read_meta(path)  # a clear error when it is neither
     if not path.is_dir():
@@ -93,6 +104,7 @@ def train(
 
     if not data:
         raise UserError("train() needs data=..., e.g. data='folder:photos' or data='digits'")
+    out = _path(out, "train() needs out=, the run folder to write")
     trainer.fit(make_config({**config, "data": data}), out, resume=resume, quiet=quiet)
     return Model(Path(out))
 
@@ -105,6 +117,8 @@ def finetune(
     other classes gets a new head."""
     from . import strategies, trainer
 
+    run = _path(run, "finetune() starts from a finished run: its folder, or a Model")
+    out = _path(out, "finetune() needs out=, the run folder to write")
     cfg = strategies.finetune_config(os.fspath(run), config)
     trainer.fit(cfg, out, resume=resume, quiet=quiet)
     return Model(Path(out))
@@ -118,7 +132,8 @@ def ensemble(
     (an existing ensemble there is replaced only with `overwrite`)."""
     from . import ensembles
 
-    ensembles.build([os.fspath(r) for r in runs], method, out, None, quiet, tta, overwrite)
+    out = _path(out, "ensemble() needs out=, the ensemble folder to write")
+    ensembles.build(_runs(runs, "ensemble"), method, out, None, quiet, tta, overwrite)
     return Model(Path(out))
 
 
@@ -126,5 +141,26 @@ def soup(runs: list, method: str = "greedy", out: str | Path = "runs/soup") -> M
     """Average the weights of runs fine-tuned from one start into the run folder `out`."""
     from . import soups
 
-    soups.make([os.fspath(r) for r in runs], method, out, quiet=True)
+    out = _path(out, "soup() needs out=, the run folder to write")
+    soups.make(_runs(runs, "soup"), method, out, quiet=True)
     return Model(Path(out))
+
+
+def _path(value, what: str) -> Path:
+    """A folder argument as a Path; anything else is the CLI's kind of one-line error (None
+    was a bare TypeError from os.fspath)."""
+    from .config import UserError
+
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+        raise UserError(f"{what}, not {value!r}")
+    return Path(value)
+
+
+def _runs(runs, what: str) -> list[str]:
+    """The runs of an ensemble or soup: a list of folders (a single string was read letter by
+    letter: "a run is listed twice")."""
+    if isinstance(runs, str | os.PathLike) or not isinstance(runs, list | tuple):
+        from .config import UserError
+
+        raise UserError(f"{what}() takes a list of run folders, not {runs!r}")
+    return [os.fspath(_path(r, f"each run of {what}() is a folder or a Model")) for r in runs]

@@ -197,15 +197,11 @@ def cmd_data(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from . import checkpoint, ensembles, export, shipping
+    from . import checkpoint, ensembles, shipping
 
+    result = shipping.export_any(args.path, args.format, args.out, args.overwrite, args.input_size)
+    check = result["check"]
     if ensembles.is_ensemble(args.path):
-        if args.format != "onnx":
-            raise UserError(
-                f"an ensemble exports as one ONNX graph, not {args.format}: --format onnx"
-            )
-        result = shipping.export_ensemble(args.path, args.out, args.overwrite, args.input_size)
-        check = result["check"]
         print(
             f"checked on {check['images']}: max |probability difference| vs transferlab's "
             f"ensemble {check['max_abs_prob_diff']:.2e}"
@@ -225,13 +221,6 @@ def cmd_export(args) -> None:
         _fp32_note([checkpoint.read_meta(r) for r in runs], "the ensemble's")
         print(f"onnx -> {result['path']}")
         return
-    if args.input_size:
-        raise UserError("--input-size applies to an ensemble; a run's graph takes its own size")
-    if args.format == "hf":
-        result = shipping.export_hf(args.path, args.out, args.overwrite)
-    else:
-        result = export.export(args.path, args.format, args.out, args.overwrite)
-    check = result["check"]
     if check:
         print(
             f"checked on {check['images']}: max |logit difference| vs PyTorch fp32 "

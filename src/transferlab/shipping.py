@@ -92,6 +92,22 @@ class EnsembleGraph(nn.Module):
         return torch.einsum("m,mnk->nk", self.weights, logp.exp())  # soft, weighted, select
 
 
+def export_any(
+    path: str | Path, fmt: str, out=None, overwrite: bool = False, input_size: int | None = None
+) -> dict:
+    """What `transferlab export` writes (and the API's `Model.export`): an ensemble as one ONNX
+    graph (`input_size`: its input), a run in `fmt` (onnx, torchscript, safetensors, hf)."""
+    if ensembles.is_ensemble(path):
+        if fmt != "onnx":
+            raise UserError(f"an ensemble exports as one ONNX graph, not {fmt}: --format onnx")
+        return export_ensemble(path, out, overwrite, input_size)
+    if input_size:
+        raise UserError("--input-size applies to an ensemble; a run's graph takes its own size")
+    if fmt == "hf":
+        return export_hf(path, out, overwrite)
+    return export.export(path, fmt, out, overwrite)
+
+
 def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = False,
                     size: int | None = None) -> dict:  # fmt: skip
     """ENS/export/ensemble.onnx (or `out`); checked with onnxruntime against the ensemble."""
