@@ -61,3 +61,16 @@ def test_lr_find_on_a_linear_probe_is_refused_and_a_range_without_a_minimum_says
     err = capsys.readouterr().err
     assert "the loss still fell at the end of the range (lr 1)" in err and "--lr" in err
     assert "not of a minimum" in (tmp_path / "lrf" / "lr_find.json").read_text()
+
+
+def test_its_log_axis_prints_no_font_lookups(tmp_path):
+    """`lr-find --quiet` printed matplotlib's "findfont: Font family ['cmex10'] not found"
+    lines (mathtext's fonts, absent from a slim install): a fresh process, as a user runs it."""
+    import subprocess
+    import sys
+
+    code = ("from pathlib import Path; from transferlab import plots; "
+            f"plots.lr_find([1e-5, 1e-3, 1e-1], [2.0, 1.0, 3.0], 1e-3, Path({str(tmp_path)!r}) / 'lr.png', 't')")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and (tmp_path / "lr.png").is_file(), done.stderr
+    assert "findfont" not in done.stderr

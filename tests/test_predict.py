@@ -145,3 +145,13 @@ def test_a_run_among_the_inputs_is_not_taken_for_photos(trained_run, folder_data
     assert re.search(
         r"skipped \d+ image\(s\) in transferlab output folders under", capsys.readouterr().err
     )
+
+
+def test_the_table_keeps_a_row_on_one_line_whatever_a_class_is_called():
+    """A class folder named with a newline (accepted by train) broke predict's table: the file
+    name was escaped, the class name printed raw."""
+    from transferlab import predict
+
+    rows = [{"path": "a\nb.png", "predictions": [{"name": "ca\nt", "prob": 0.9}]}]
+    lines = predict.table(rows).splitlines()
+    assert len(lines) == 2 and "ca\\nt 0.900" in lines[1] and "a\\nb.png" in lines[1]

@@ -288,3 +288,13 @@ def test_a_report_a_user_wrote_into_is_never_written_over(trained_run, tmp_path)
     with pytest.raises(UserError, match="report.md has no record of how transferlab report wrote it"):  # fmt: skip
         report.write(moved)
     assert (moved / "report.md").read_text().endswith("my notes\n")
+
+
+def test_an_ensemble_of_fold_runs_names_their_candidate():
+    """auto's best/ of a trained candidate listed its members as fold-1, ..., fold-5."""
+    from pathlib import Path
+
+    from transferlab import report
+
+    assert report._member(Path("study/candidates/dcnn-24/fold-3")) == "dcnn-24/fold-3"
+    assert report._member(Path("runs/fold-3b")) == "fold-3b"

@@ -328,7 +328,12 @@ def test_models_command_lists_what_is_usable_offline(offline_cache, capsys):
     ]
     main(["models", "resnet", "--offline"])  # a plain word: the names holding it, said so
     out, err = capsys.readouterr()
-    assert "test_resnet.r160_in1k" in out and "no name is 'resnet'; these contain it" in err
+    assert (
+        "test_resnet.r160_in1k" in out and "no name matches 'resnet'; these contain 'resnet'" in err
+    )
+    main(["models", "lite*", "--offline"])  # a glob that misses the tf_ prefix: the same help
+    out, err = capsys.readouterr()
+    assert "tf_efficientnet_lite0" in out and "no name matches 'lite*'; these contain 'lite'" in err
     main(["models", "convnext_tiny.fb_in22k_ft_in1k"])
     assert "hub weights download on first use" in capsys.readouterr().err
     assert main(["models", "dcnn", "--offline"]) == 2  # a valid --model, with no weights

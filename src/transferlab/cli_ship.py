@@ -143,10 +143,11 @@ def cmd_models(args) -> None:
     from . import weights
 
     rows = weights.available(args.pattern, args.offline)
-    if not rows and not set("*?[") & set(args.pattern):  # a plain word: the names holding it
-        rows = weights.available(f"*{args.pattern}*", args.offline)
+    word = args.pattern.strip("*")  # 'lite*' matched nothing: timm's names begin tf_...
+    if not rows and word and not set("*?[") & set(word):  # the names holding the word
+        rows = weights.available(f"*{word}*", args.offline)
         if rows:
-            print(f"note: no name is '{args.pattern}'; these contain it ('{args.pattern}*' "
+            print(f"note: no name matches '{args.pattern}'; these contain '{word}' ('{word}*' "
                   "lists the names that start with it)", file=sys.stderr)  # fmt: skip
     if not rows:
         own = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,10 @@ FALLBACK_FONTS = (
     "Noto Color Emoji",
     "Symbola",
 )
+# mathtext (a log axis's 10^-3) looks up fonts a slim install lacks (cmex10, STIXGeneral) and
+# falls back to DejaVu Sans, logging each miss ("findfont: ...") past --quiet: a missing glyph
+# is said once, below, instead.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 _installed = {f.name for f in matplotlib.font_manager.fontManager.ttflist}
 matplotlib.rcParams["font.family"] = [
     "DejaVu Sans",

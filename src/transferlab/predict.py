@@ -254,7 +254,8 @@ def table(rows: list[dict]) -> str:
     k = len(rows[0]["predictions"])
     cells = [["file"] + [f"top-{r + 1}" for r in range(k)]]
     cells += [
-        [one_line(row["path"])] + [f"{p['name']} {p['prob']:.3f}" for p in row["predictions"]]
+        [one_line(row["path"])]
+        + [f"{one_line(p['name'])} {p['prob']:.3f}" for p in row["predictions"]]
         for row in rows  # (a newline in a file name: escaped, the row kept whole)
     ]
     widths = [max(_width(c[i]) for c in cells) for i in range(len(cells[0]))]

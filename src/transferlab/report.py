@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
 
 def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
     m = info["metrics"]
-    names = ", ".join(Path(x["run"]).name for x in info["members"])
+    names = ", ".join(_member(Path(x["run"])) for x in info["members"])
     try:
         ensembles.check_members(info, path)
         stale = ""
@@ -173,6 +174,12 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         "_path": path,
         "_names": info["class_names"],
     }
+
+
+def _member(run: Path) -> str:
+    """A member's name in the report: a fold run's with its candidate's (auto's best/ listed
+    fold-1, ..., fold-5 of which candidate, it did not say)."""
+    return f"{run.parent.name}/{run.name}" if re.fullmatch(r"fold-\d+", run.name) else run.name
 
 
 def _in_sample(info: dict) -> str:
