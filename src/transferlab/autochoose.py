@@ -9,15 +9,12 @@ import html
 import shutil
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import checkpoint, combiners, data, ensembles, evaluate, folds, leaks, outputs
+from .autospace import FOLDS, Candidate
 from .config import UserError
-
-if TYPE_CHECKING:
-    from .autospace import Candidate
 
 VOTES = ("soft", "logit", "hard")  # nothing fitted: scored on the out-of-fold predictions as is
 FITTED = ("select", "weighted")  # fitted: scored in a second level of folds
@@ -80,8 +77,6 @@ def load_oof(out: Path, name: str, shape: tuple | None = None) -> np.ndarray | N
 
 def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool) -> dict:
     """Choose (highest out-of-fold top-1, then lowest NLL), build DIR/best, score test once."""
-    from . import auto
-
     done = [c for c in cands if c.status == "done"]
     if not done:
         failed = [c for c in cands if c.status == "failed"]
@@ -99,7 +94,7 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
     names = [c.name for c in done]
     logp = np.stack([load_oof(out, n) for n in names])
     y = folds.pool(ds.splits).labels
-    rows = options(names, logp, y, auto.FOLDS)
+    rows = options(names, logp, y, FOLDS)
     best = max(rows, key=lambda r: (round(r["top1"], 10), -r["loss"]))
     width = max(32, *(len(r["option"]) for r in rows))
     for r in rows:
