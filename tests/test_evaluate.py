@@ -126,6 +126,38 @@ def test_a_fine_tune_scored_on_images_its_parent_trained_on_says_so(
     assert "not a test score" not in next(r for r in table.splitlines() if r.startswith("| tiny"))
 
 
+def test_a_fine_tune_s_leak_is_said_from_any_folder_and_after_its_parent_moved(
+    trained_run, folder_data, tmp_path, monkeypatch, capsys
+):
+    """Hostile pass 21: the parent was recorded as typed (relative), so from another folder,
+    or once the parent had moved, evaluate and ensemble counted nothing and said nothing: the
+    score read as held out."""
+    from transferlab import ensembles, trainer
+
+    from conftest import tiny_cfg
+
+    shutil.copytree(trained_run, tmp_path / "p", ignore=shutil.ignore_patterns("*.lock"))
+    child = tmp_path / "child"  # the parent's training images as the child's test split
+    for c in ("a", "b", "c", "d"):
+        for subset, ids in (("train", range(0, 15)), ("test", range(15, 20))):
+            (child / subset / c).mkdir(parents=True)
+            for i in ids:
+                shutil.copy(folder_data / "train" / c / f"{i}.png", child / subset / c)
+    monkeypatch.chdir(tmp_path)
+    trainer.fit(tiny_cfg(f"folder:{child}", weights="p", epochs=1), tmp_path / "ft", quiet=True)
+    said = "20 of the 20 test images were training images of the run its weights came from"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    *_, notes = evaluate.score_run(tmp_path / "ft", None, "test")
+    assert any(said in n and "not a held-out test score" in n for n in notes), notes
+    assert not any("counted when it trained" in n for n in notes)  # counted now, from anywhere
+    (tmp_path / "p").rename(tmp_path / "p_moved")
+    *_, notes = evaluate.score_run(tmp_path / "ft", None, "test")
+    assert any(said in n and "counted when it trained" in n for n in notes), notes
+    info = ensembles.build([tmp_path / "ft", tmp_path / "p_moved"], "soft", tmp_path / "e", quiet=True)  # fmt: skip
+    assert any("20 of the 20 test images trained the runs" in n for n in info["notes"])
+
+
 def test_a_leak_is_counted_through_copies_ensemble_members_soup_ingredients_and_shards(
     trained_run, folder_data, tmp_path, capsys
 ):

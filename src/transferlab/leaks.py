@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from . import checkpoint, data
@@ -89,22 +90,40 @@ def new_run_notes(source: dict, ds: data.Dataset) -> list[str]:
     return inherited + own_copies(ds)
 
 
+INHERITED = "training images of the run its weights came from"  # inherited_note's
+
+
 def inherited_note(meta: dict, ds: data.Dataset, split: str = "test") -> str:
     """What a run's `split` of its own data holds of the images the runs its weights came from
     (a fine-tune's parent, a soup's ingredients, theirs) trained on; "" if none."""
-    found = ancestors(meta)
-    n = count(found, ds, split)
+    n, names, gone = inherited(meta, ds, split)
     if not n:
         return ""
-    names = ", ".join(os.path.basename(os.path.normpath(m["_path"])) for m in found)
-    return (f"{n} of the {len(ds.splits[split])} {split} images were training images of the run "
-            f"its weights came from ({names}), so this is not a held-out {split} score")  # fmt: skip
+    how = f" (counted when it trained: {', '.join(gone)} can no longer be read)" if gone else ""
+    return (f"{n} of the {len(ds.splits[split])} {split} images were {INHERITED} ({names}), so "
+            f"this is not a held-out {split} score{how}")  # fmt: skip
 
 
-def ancestors(meta: dict) -> list[dict]:
+def inherited(meta: dict, ds: data.Dataset, split: str = "test") -> tuple[int, str, list[str]]:
+    """How many of `ds`'s `split` images the runs a run's weights came from trained on, their
+    names, and those that can no longer be read (moved, deleted, or recorded as typed from
+    another folder: the count recorded when it trained, on its own test split, stands in for
+    them; it was silently none)."""
+    gone: list[str] = []
+    found = ancestors(meta, gone)
+    n = count(found, ds, split)
+    if gone and split == "test" and data.canonical(meta["data"]) == ds.spec:
+        recorded = [int(m[1]) for note in meta.get("notes", []) if INHERITED in note
+                    and (m := re.match(r"(\d+) of the ", note))]  # fmt: skip
+        n = max([n, *recorded])
+    names = [os.path.basename(os.path.normpath(m["_path"])) for m in found]
+    return n, ", ".join(names + [os.path.basename(os.path.normpath(g)) for g in gone]), gone
+
+
+def ancestors(meta: dict, gone: list[str] | None = None) -> list[dict]:
     """The metas of the runs a run's weights came from (a fine-tune's parent, a soup's
     ingredients, theirs...), nearest first, as far as they can still be read; each with its
-    folder as "_path"."""
+    folder as "_path" (those that cannot: added to `gone`)."""
     found, todo, visited = [], [meta.get("source") or {}], set()
     while todo and len(found) < 64:
         source = todo.pop(0)
@@ -116,7 +135,9 @@ def ancestors(meta: dict) -> list[dict]:
             visited.add(path)
             try:
                 parent = checkpoint.read_meta(path) | {"_path": path}
-            except UserError:  # moved or gone: unmeasured
+            except UserError:  # moved or gone: unmeasured (said by `inherited`)
+                if gone is not None:
+                    gone.append(path)
                 continue
             found.append(parent)
             todo.append(parent.get("source") or {})

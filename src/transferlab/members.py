@@ -131,7 +131,7 @@ def leak_note(runs: list[str], metas: list[dict], ds: data.Dataset) -> str:
     for run, meta in zip(runs, metas, strict=True):
         if data.canonical(meta["data"]) != spec:
             seen.append((run, leaks.trained_on(meta, ds)))
-        elif n := leaks.count(leaks.ancestors(meta), ds, "test"):
+        elif n := leaks.inherited(meta, ds)[0]:  # (a parent moved: counted when it trained)
             seen.append((f"the runs {run}'s weights came from", n))
     leak = "; ".join(f"{n} of the {n_test} test images trained {r}" for r, n in seen if n)
     why = f"{leak}: the ensemble's test score is not a test score" if leak else ""

@@ -120,7 +120,8 @@ def from_run(run: Path) -> Source:
     """A finished run: its weights (checked against the recorded sha256), preprocessing,
     classes and architecture."""
     meta = read_meta(run)
-    lineage = {"weights": "run", "parent": str(run), "parent_weights": meta.get("source"),
+    lineage = {"weights": "run", "parent": str(Path(run).resolve()),  # from any folder (as typed:
+               "parent_weights": meta.get("source"),  # its leaks went uncounted elsewhere)
                "parent_sha256": meta.get("weights_sha256")}  # (a recipe: is it the same?) # fmt: skip
     return Source(
         load_run_weights(run, meta),
