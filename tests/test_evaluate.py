@@ -230,3 +230,24 @@ def test_test_images_that_are_copies_of_its_own_training_images_are_counted(tmp_
     assert said in ensembles.read(tmp_path / "runs" / "e")["notes"]
     for split, shown in (("test", [said]), ("val", [])):  # a test note where test is scored
         assert ensembles.evaluate_path(tmp_path / "runs" / "e", split=split)["notes"] == shown
+
+
+def test_a_score_on_data_with_fewer_classes_says_its_predictions_were_restricted(
+    trained_run, folder_data, tmp_path
+):
+    """Hostile pass 21: a 10-class run scored on a folder of 2 of its classes read 60% (its
+    other classes dropped from the softmax) where predict answered none right, without a word."""
+    from transferlab import ensembles
+
+    for c in ("a", "b"):
+        shutil.copytree(folder_data / "test" / c, tmp_path / "two" / "test" / c)
+        shutil.copytree(folder_data / "train" / c, tmp_path / "two" / "train" / c)
+    spec = f"folder:{tmp_path / 'two'}"
+    said = f"scored over the 2 of the run's 4 classes that {spec} holds"
+    *_, notes = evaluate.score_run(trained_run, spec, "test")
+    assert any(said in n for n in notes), notes
+    *_, notes = evaluate.score_run(trained_run, None, "test")  # its own data: all its classes
+    assert not any("scored over" in n for n in notes)
+    other = shutil.copytree(trained_run, tmp_path / "b", ignore=shutil.ignore_patterns("*.lock"))
+    ensembles.build([trained_run, other], "soft", tmp_path / "e", quiet=True)
+    assert any(said in n for n in ensembles.evaluate_path(tmp_path / "e", spec)["notes"])

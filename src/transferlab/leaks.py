@@ -25,9 +25,21 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
         n = trained_on(meta, ds, split)
         return [f"scored on {ds.spec}; the run was trained on {trained}"
                 + (f": {n} of the {len(ds.splits[split])} {split} images were among its training "
-                   f"images, so this is not a held-out {split} score" if n else "")]  # fmt: skip
+                   f"images, so this is not a held-out {split} score" if n else "")] + fewer_classes(meta, ds)  # fmt: skip
     notes = [note] if (note := inherited_note(meta, ds, split)) else []
     return notes + own_copies(ds, split) + changed_notes([("the run", meta)], ds)
+
+
+def fewer_classes(meta: dict, ds: data.Dataset) -> list[str]:
+    """The note of a score on data with fewer classes than the run predicts: its predictions
+    are restricted to those (its 60% was 0% as predict answers: the run's other classes were
+    dropped from the softmax without a word)."""
+    k, n = meta["num_classes"], len(ds.classes)
+    if n >= k:
+        return []
+    return [f"scored over the {n} of the run's {k} classes that {ds.spec} holds: its predictions "
+            f"are restricted to them (its other classes are never predicted here, as predict "
+            f"and serve may), so the score reads higher than on images of all {k}"]  # fmt: skip
 
 
 CHANGED = "changed since"  # changed_notes'
