@@ -251,3 +251,31 @@ def test_a_score_on_data_with_fewer_classes_says_its_predictions_were_restricted
     other = shutil.copytree(trained_run, tmp_path / "b", ignore=shutil.ignore_patterns("*.lock"))
     ensembles.build([trained_run, other], "soft", tmp_path / "e", quiet=True)
     assert any(said in n for n in ensembles.evaluate_path(tmp_path / "e", spec)["notes"])
+
+
+def test_a_score_survives_a_folder_it_cannot_write_and_never_replaces_the_run_s_own_figure(
+    trained_run, folder_data, tmp_path, monkeypatch, capsys
+):
+    """Hostile pass 21: evaluate of a read-only run printed no score, only "Read-only file
+    system (RUN/confusion.png)"; evaluate --data OTHER replaced the run's own confusion.png."""
+    import errno
+
+    from transferlab import ensembles, plots
+    from transferlab.cli import main
+
+    run = shutil.copytree(trained_run, tmp_path / "r", ignore=shutil.ignore_patterns("*.lock"))
+    ensembles.evaluate_path(run)  # its own test split's figure
+    own = (run / "confusion.png").read_bytes()
+    shutil.copytree(folder_data, tmp_path / "other")
+    result = ensembles.evaluate_path(run, f"folder:{tmp_path / 'other'}")
+    assert result["confusion"] == str(run / "confusion-other-data.png")
+    assert (run / "confusion.png").read_bytes() == own
+
+    def read_only(matrix, names, path, title):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(plots, "confusion", read_only)
+    assert main(["evaluate", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "top-1" in out and "confusion matrix ->" not in out
+    assert "the confusion matrix was not written (Read-only file system" in err

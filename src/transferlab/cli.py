@@ -306,7 +306,8 @@ def cmd_evaluate(args) -> None:
         say("most confused (true -> predicted: count): " + ", ".join(
             f"{c['true']} -> {c['predicted']}: {c['count']}" for c in m["most_confused"]
         ))  # fmt: skip
-    say(f"confusion matrix -> {result['confusion']}  (per-class precision/recall/F1: --json)")
+    if result["confusion"]:  # (not where the folder is read-only: a note says so)
+        say(f"confusion matrix -> {result['confusion']}  (per-class precision/recall/F1: --json)")
     if args.json:  # with what the notes said (a score that is not a test score)
         print(json.dumps(m | {"notes": result["notes"]}))
 

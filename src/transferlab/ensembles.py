@@ -253,17 +253,23 @@ def evaluate_path(
         own_tta(path, read(path), tta)
         notes = []
         logp, targets, info = evaluate_ensemble(path, data_spec, split, quiet, notes)
-        names, spec = info["class_names"], data.canonical(data_spec or info["data"])
+        names, spec, own = info["class_names"], data.canonical(data_spec or info["data"]), info
     else:
         logp, targets, names, spec, notes = evaluate.score_run(path, data_spec, split, quiet, tta)
+        own = checkpoint.read_meta(path)
     result = evaluate.metrics(logp, targets)
-    figure = path / ("confusion.png" if split == "test" else f"confusion-{split}.png")
+    other = "-other-data" if spec != data.canonical(own["data"]) else ""  # (not over its own)
+    figure = path / f"confusion{'' if split == 'test' else '-' + split}{other}.png"
     matrix = evaluate.confusion(logp.argmax(1), targets, len(names))
-    plots.confusion(
-        matrix, names, figure, f"{path.name} on {spec} [{split}]: top-1 {result['top1']:.2%}"
-    )
+    try:
+        plots.confusion(
+            matrix, names, figure, f"{path.name} on {spec} [{split}]: top-1 {result['top1']:.2%}"
+        )
+    except OSError as err:  # a read-only folder: the score stands (it was lost to a figure)
+        notes.append(f"the confusion matrix was not written ({err.strerror or err}: {figure})")
+        figure = None
     result |= evaluate.per_class(logp, targets, names)
-    return {"metrics": result, "data": spec, "confusion": str(figure), "notes": notes}
+    return {"metrics": result, "data": spec, "confusion": figure and str(figure), "notes": notes}
 
 
 def own_tta(path: Path, info: dict, tta: str | None) -> str:

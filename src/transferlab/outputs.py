@@ -33,7 +33,8 @@ _SPLITS, _D = ("train", "val", "test"), "[0-9]"
 OWNED = (
     MARK, LOCK, "model.safetensors", "meta.json", "history.csv", "curves.png", "lr_find.png",
     "lr_find.json", "ensemble.json", "combiner.npz", "confusion.png", "confusion-train.png",
-    "confusion-val.png", "state/last.pt", "state/last.pt.sha256", f"state/step-{_D * 9}.pt",
+    "confusion-val.png", *(f"confusion{s}-other-data.png" for s in ("", "-train", "-val")),
+    "state/last.pt", "state/last.pt.sha256", f"state/step-{_D * 9}.pt",
     f"state/step-{_D * 9}.pt.sha256", *(f"logits/{s}.npz" for s in _SPLITS),
     *(f"features/{s}-{t}.npz" for s in _SPLITS for t in ("none", "flip", "crops")),
     "tensorboard/events.out.tfevents.*", "export/model.onnx", "export/model.onnx.data",
