@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from transferlab import checkpoint, ensembles, models, soups, strategies, trainer
+from transferlab import checkpoint, ensembles, models, report, soups, strategies, trainer
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -83,6 +83,9 @@ def test_soups_of_snapshots_from_one_start(snapshot_run, tmp_path):
         again = ensembles.evaluate_path(tmp_path / method, split="test")
         assert again["metrics"]["top1"] == pytest.approx(meta["metrics"]["test"]["top1"])
     assert len(checkpoint.read_meta(tmp_path / "uniform")["source"]["ingredients"]) == 2
+    rows = report.write(tmp_path)[1].splitlines()  # a greedy soup's val chose its ingredients
+    assert "% (chosen on it) |" in next(r for r in rows if r.startswith("| greedy "))
+    assert "(chosen on it)" not in next(r for r in rows if r.startswith("| uniform "))
     # on other data (--data): its fingerprint and config are that data's, so evaluate finds
     # nothing changed (it said "the files changed" of files nobody touched)
     other = tmp_path / "other"
@@ -154,3 +157,9 @@ def test_a_greedy_soup_of_runs_that_split_the_data_otherwise_is_refused(
     assert not (tmp_path / "g").exists()
     soups.make(runs, "uniform", tmp_path / "u", quiet=True)
     assert "the soup's val score holds images an ingredient trained on" in capsys.readouterr().err
+    # recorded and marked in the report's val column, as an ensemble's (hostile pass 21)
+    assert any("val score holds images" in n for n in checkpoint.read_meta(tmp_path / "u")["notes"])
+    table = report.write(tmp_path)[0].read_text()
+    assert "% (ingredients trained on it) |" in next(
+        r for r in table.splitlines() if r.startswith("| u ")
+    )

@@ -143,6 +143,7 @@ def leak_note(runs: list[str], metas: list[dict], ds: data.Dataset) -> str:
 
 
 VAL_SEEN = "the ensemble's val scores count images a member trained on"
+SOUP_VAL_SEEN = "the soup's val score holds images an ingredient trained on"
 
 
 def split_apart(

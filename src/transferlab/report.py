@@ -131,7 +131,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
         "input": f"{prep['input_size']}px x{prep['channels']}",
         "params": f"{meta['params'] / 1e6:.2f}M",
         "train top-1": _pct(m.get("train", {}).get("top1")),
-        "val top-1": _pct(m["val"]["top1"]),
+        "val top-1": _pct(m["val"]["top1"]) + _soup_in_sample(meta),
         "test top-1": _pct(m["test"]["top1"]),
         "test top-5": _pct(m["test"]["top5"]),
         "epochs": str(meta["epochs_run"]),
@@ -189,6 +189,15 @@ def _in_sample(info: dict) -> str:
     if any(members.VAL_SEEN in n for n in info.get("notes", [])):
         return " (members trained on it)"
     return {"val": " (fitted on it)", "train": " (chosen on it)"}.get(info.get("fitted_on"), "")
+
+
+def _soup_in_sample(meta: dict) -> str:
+    """The mark of a soup's val score that is no held-out score: ingredients trained on it
+    (fold runs), or a greedy soup chose its ingredients by it."""
+    if any(members.SOUP_VAL_SEEN in n for n in meta.get("notes", [])):
+        return " (ingredients trained on it)"
+    src = meta.get("source") or {}
+    return " (chosen on it)" if src.get("weights") == "soup" and src.get("method") == "greedy" else ""  # fmt: skip
 
 
 def leaked(notes: list[str]) -> bool:

@@ -113,9 +113,9 @@ def make(
             "or train them "
             "with the same --val-fraction, --limit and --fold"
         )
-    if apart:  # (test is held out before val is carved: its score stands)
-        print(f"note: {apart}: the soup's val score holds images an ingredient trained on",
-              file=sys.stderr)  # fmt: skip
+    val_seen = [f"{apart}: {members.SOUP_VAL_SEEN}"] if apart else []  # recorded: report marks
+    if val_seen:  # (test is held out before val is carved: its score stands)
+        print(f"note: {val_seen[0]}", file=sys.stderr)
     if len({str(Path(r).resolve()) for r in runs}) < len(runs):
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
@@ -126,7 +126,7 @@ def make(
     outputs.check_out(Path(out), "run", overwrite=again)
     with outputs.lock(Path(out)):
         outputs.claim(Path(out), "run", outputs.check_out(Path(out), "run", overwrite=again))
-        return _cook(runs, metas, method, Path(out), ds, quiet, log, t0)
+        return _cook(runs, metas, method, Path(out), ds, quiet, log, t0, val_seen)
 
 
 def _stopped(out: Path) -> bool:
@@ -153,9 +153,9 @@ def _greedy(order: list[int], cook, runs, log) -> list[int]:
     return kept
 
 
-def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0) -> dict:
+def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0, val_seen) -> dict:
     """make() once the output folder is validated, claimed and locked; `ds` as the first
-    run splits the data it is scored on."""
+    run splits the data it is scored on; `val_seen`: the note of a val ingredients trained on."""
     states = [checkpoint.load_run_weights(r, m) for r, m in zip(runs, metas, strict=True)]
     ref, prep = metas[0], models.Preprocessing.from_dict(metas[0]["preprocessing"])
     spec = ds.spec
@@ -212,7 +212,7 @@ def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0) -> d
     meta = {
         **{k: v for k, v in ref.items() if k not in ("probe", "snapshot", "history", "notes")},
         "source": source,
-        "notes": notes,
+        "notes": notes + val_seen,
         "data": spec,  # what it was built and scored on (--data), with its fingerprint
         "data_fingerprint": ds.fingerprint,
         "config": {**ref.get("config", {}), "data": spec},
