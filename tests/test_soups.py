@@ -163,3 +163,22 @@ def test_a_greedy_soup_of_runs_that_split_the_data_otherwise_is_refused(
     assert "% (ingredients trained on it) |" in next(
         r for r in table.splitlines() if r.startswith("| u ")
     )
+
+
+def test_a_soup_on_other_data_needs_its_runs_classes_in_their_order(
+    snapshot_run, folder_data, tmp_path
+):
+    """Hostile pass 21: soup --data OTHER compared OTHER's labels with the model's outputs by
+    index (a soup right on every image recorded val 0%, and greedy chose on that); a class the
+    runs lack was an IndexError traceback after --out was claimed."""
+    snaps = sorted((snapshot_run / "snapshots").iterdir())
+    for name, classes in (("fewer", ("a", "b")), ("more", ("a", "b", "c", "d", "e"))):
+        for c in classes:
+            for split in ("train", "test"):
+                src = folder_data / split / (c if c != "e" else "d")
+                shutil.copytree(src, tmp_path / name / split / c)
+    with pytest.raises(UserError, match="soup is scored on data with its runs' 4 classes in their order; .* holds 2 of them"):  # fmt: skip
+        soups.make(snaps, "greedy", tmp_path / "s1", f"folder:{tmp_path / 'fewer'}", quiet=True)
+    with pytest.raises(UserError, match="does not know class\\(es\\) e of this dataset"):
+        soups.make(snaps, "uniform", tmp_path / "s2", f"folder:{tmp_path / 'more'}", quiet=True)
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()

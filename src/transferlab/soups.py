@@ -120,6 +120,7 @@ def make(
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
     ds = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
+    _check_classes(metas[0], ds, runs[0])  # before the folder is claimed
     outputs.refuse_writing_into_data(ds, out)  # nor into the data it is scored on
     decoding.check_cache(None)
     again = _stopped(Path(out))  # a soup stopped before it finished is made again
@@ -127,6 +128,19 @@ def make(
     with outputs.lock(Path(out)):
         outputs.claim(Path(out), "run", outputs.check_out(Path(out), "run", overwrite=again))
         return _cook(runs, metas, method, Path(out), ds, quiet, log, t0, val_seen)
+
+
+def _check_classes(ref: dict, ds: data.Dataset, run: str) -> None:
+    """A soup is scored (and a greedy one chosen) on data holding the runs' classes in their
+    order: with --data OTHER its labels were compared with the model's outputs by index (a
+    soup right on every image recorded 0%; a class the runs lack, a traceback)."""
+    cols = evaluate.class_map(ref["classes"], ref["class_names"], ds.classes, ds.names, f"run {run}")  # fmt: skip
+    if len(cols) != ref["num_classes"] or list(cols) != list(range(len(cols))):
+        raise UserError(
+            f"a soup is scored on data with its runs' {ref['num_classes']} classes in their "
+            f"order; {ds.spec} holds {len(cols)} of them{' in another order' if len(cols) == ref['num_classes'] else ''}: "
+            "make the soup on the runs' own data, then score it there with evaluate --data"
+        )  # fmt: skip
 
 
 def _stopped(out: Path) -> bool:
