@@ -418,3 +418,8 @@ def test_too_few_images_to_split_says_how_many_are_needed(tmp_path):
         data.load(f"folder:{one}")
     three = make_folder(tmp_path / "three", ["cat", "dog"], 3, subsets=("",))
     assert all(len(s) for s in data.load(f"folder:{three}").splits.values())
+    # a fraction in range that leaves fewer train images than classes: it was sklearn's
+    # ValueError traceback (hostile pass 21)
+    ten = make_folder(tmp_path / "ten", ["a", "b", "c"], 10, subsets=("",))
+    with pytest.raises(UserError, match="too few images .* to hold out 89% .* a smaller fraction"):
+        data.load(f"folder:{ten}", val_fraction=0.89)

@@ -426,11 +426,11 @@ def carve(split: Split, fraction: float) -> tuple[Split, Split]:
     n_held, stratify = max(1, int(np.ceil(fraction * len(idx)))), None
     if counts[counts > 0].min() >= 2:  # stratify, with at least one held-out image per class
         n_held, stratify = max(n_held, n_classes), split.labels
-    if len(idx) - n_held < 1:
+    if len(idx) - n_held < (n_classes if stratify is not None else 1):  # (sklearn's traceback)
         raise UserError(
             f"too few images ({len(idx)}) to hold out {fraction:.0%} of them and train on the "
-            "rest: give each class 3 or more (one each for train, val and test), or folders "
-            "of train/ and test/ images"
+            "rest (an image of each class): a smaller fraction, or give each class 3 or more "
+            "(one each for train, val and test), or folders of train/ and test/ images"
         )
     rest, held = train_test_split(idx, test_size=n_held, random_state=SPLIT_SEED, stratify=stratify)
     return split.subset(np.sort(rest)), split.subset(np.sort(held))
