@@ -298,3 +298,18 @@ def test_an_ensemble_of_fold_runs_names_their_candidate():
 
     assert report._member(Path("study/candidates/dcnn-24/fold-3")) == "dcnn-24/fold-3"
     assert report._member(Path("runs/fold-3b")) == "fold-3b"
+
+
+def test_a_limited_run_s_test_score_is_marked_as_on_part_of_the_test_split(tmp_path, capsys):
+    """Hostile pass 21: a --limit run's test score (on 5 of 8 test images) sat in report.md
+    beside full-test scores unmarked (a --skip-bad-images partial test was marked)."""
+    from transferlab import report, trainer
+
+    from conftest import tiny_cfg
+
+    trainer.fit(tiny_cfg("digits", epochs=1, limit=30), tmp_path / "lim", quiet=True)
+    said = "test score on 30 of the 360 test images: --limit 30"
+    assert said in capsys.readouterr().err
+    assert said in checkpoint.read_meta(tmp_path / "lim")["notes"]
+    _, table = report.write(tmp_path)
+    assert "| lim (test score on 30 of the 360 test images) |" in table

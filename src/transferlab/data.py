@@ -134,8 +134,9 @@ def load(
 
         splits = fold_splits(splits, fold)
         origin["val"], origin["train"] = f"fold {fold} of train+val", "the other folds"
-    if limit:
-        splits = {k: v.subset(stratified_head(v.labels, limit)) for k, v in splits.items()}
+    if limit:  # its test score is on part of the test split: said, recorded, marked (report)
+        n_test, splits = len(splits["test"]), {k: v.subset(stratified_head(v.labels, limit)) for k, v in splits.items()}  # fmt: skip
+        notes += [f"test score on {len(splits['test'])} of the {n_test} test images: --limit {limit}"] * (len(splits["test"]) < n_test)  # fmt: skip
     notes.append("splits: " + ", ".join(f"{k} {len(splits[k])} ({origin[k]})" for k in splits))
     few = f"--limit {limit}, under the {len(classes)} classes" if limit and limit < len(classes) else "too few images"  # fmt: skip
     for name in ("train", "val", "test"):
@@ -147,10 +148,7 @@ def load(
                 + (" ..." if len(absent) > 5 else "")
             )
     root = data_root(spec)
-    return Dataset(
-        canonical(spec), classes, names, splits, native_size_, channels,
-        fingerprint(splits, root), tuple(notes),
-    )  # fmt: skip
+    return Dataset(canonical(spec), classes, names, splits, native_size_, channels, fingerprint(splits, root), tuple(notes))  # fmt: skip
 
 
 def hold_out_test(given: dict[str, Split]) -> tuple[dict, dict]:
