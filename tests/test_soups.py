@@ -165,6 +165,15 @@ def test_a_greedy_soup_of_runs_that_split_the_data_otherwise_is_refused(
     )
 
 
+def test_a_soup_of_the_same_weights_twice_says_so(snapshot_run, tmp_path, capsys):
+    """Hostile pass 21: a run and its last snapshot (the same weights) averaged as two, without
+    the note ensemble gives."""
+    snaps = sorted((snapshot_run / "snapshots").iterdir())
+    soups.make([snapshot_run, *snaps], "uniform", tmp_path / "s", quiet=True)
+    err = capsys.readouterr().err
+    assert "snapshot-2 has the same weights as" in err and "counts twice in the soup" in err
+
+
 def test_a_soup_on_other_data_needs_its_runs_classes_in_their_order(
     snapshot_run, folder_data, tmp_path
 ):

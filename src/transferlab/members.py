@@ -111,14 +111,15 @@ def member_logp(
     return logp, targets, metas, spec, feats
 
 
-def note_copies(runs: list[str], metas: list[dict]) -> None:
-    """Members with the same weights (a copied run folder) count one model twice: said."""
+def note_copies(runs: list[str], metas: list[dict], what: str = "ensemble") -> None:
+    """Members (a soup's ingredients) with the same weights (a copied run folder, a run and
+    its last snapshot) count one model twice: said."""
     seen = {}
     for run, meta in zip(runs, metas, strict=True):
         sha = meta.get("weights_sha256")
         if sha and sha in seen:
             print(f"note: {run} has the same weights as {seen[sha]} (a copy?): that model counts "
-                  "twice in the ensemble", file=sys.stderr)  # fmt: skip
+                  f"twice in the {what}", file=sys.stderr)  # fmt: skip
         seen.setdefault(sha, run)
 
 
