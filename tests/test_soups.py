@@ -165,6 +165,15 @@ def test_a_greedy_soup_of_runs_that_split_the_data_otherwise_is_refused(
     )
 
 
+def test_a_fine_tune_of_a_snapshot_run_does_not_take_its_snapshots(snapshot_run):
+    """Hostile pass 21: finetune --from a --snapshots 2 run --epochs 1 failed "snapshots must
+    divide epochs (1), got 2", an option the user never gave (and without --epochs it made
+    snapshots again, unasked)."""
+    assert strategies.finetune_config(str(snapshot_run), {"epochs": 1}).snapshots == 0
+    asked = strategies.finetune_config(str(snapshot_run), {"epochs": 4, "snapshots": 2})
+    assert asked.snapshots == 2
+
+
 def test_a_soup_of_the_same_weights_twice_says_so(snapshot_run, tmp_path, capsys):
     """Hostile pass 21: a run and its last snapshot (the same weights) averaged as two, without
     the note ensemble gives."""

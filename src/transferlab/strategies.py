@@ -248,7 +248,8 @@ def finetune_config(run, overrides: dict) -> TrainConfig:
         **{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__},
     )
     lr = (base.lr if base.lr != "auto" else 1e-3) / 10  # a tenth of the parent's
-    base = replace(base, weights=str(run), model=meta["arch"], lr=lr, limit=meta.get("limit"))
+    base = replace(base, weights=str(run), model=meta["arch"], lr=lr, limit=meta.get("limit"),
+                   snapshots=TrainConfig.snapshots)  # (the parent's schedule, not asked) # fmt: skip
     if overrides.get("strategy", base.strategy) != "linear-probe":  # a probe's mirrored views
         base = replace(base, mirror_features=False)  # do not carry into training
     return make_config(overrides, base)
