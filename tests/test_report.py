@@ -313,3 +313,15 @@ def test_a_limited_run_s_test_score_is_marked_as_on_part_of_the_test_split(tmp_p
     assert said in checkpoint.read_meta(tmp_path / "lim")["notes"]
     _, table = report.write(tmp_path)
     assert "| lim (test score on 30 of the 360 test images) |" in table
+
+
+def test_runs_linked_into_the_folder_are_reported_once(trained_run, tmp_path):
+    """Hostile pass 21: runs gathered with ln -s for a comparison were left out (rglob does
+    not follow linked folders): "no finished run", or a row missing without a word."""
+    from transferlab import report
+
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "linked").symlink_to(trained_run)
+    (tmp_path / "cmp" / "loop").symlink_to(tmp_path / "cmp")  # a loop: read once
+    _, table = report.write(tmp_path / "cmp")
+    assert [r.split("|")[1].strip() for r in table.splitlines()[2:]] == ["linked"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import re
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def collect(root: Path, skipped: list[str] | None = None) -> list[dict]:
     """One row per run folder and ensemble folder found under `root` (sorted by path); a run
     whose meta.json cannot be read is left out, said in `skipped`."""
     rows, skipped = [], [] if skipped is None else skipped
-    for meta_path in sorted(root.rglob(checkpoint.META)):
+    for meta_path in _files(root, checkpoint.META):
         if _study_inside(meta_path.parent, root):
             continue
         try:
@@ -50,7 +51,7 @@ def collect(root: Path, skipped: list[str] | None = None) -> list[dict]:
             skipped.append(str(err))
             continue
         rows.append(_run_row(meta_path.parent, root, meta))
-    for ens_path in sorted(root.rglob(ensembles.ENSEMBLE)):
+    for ens_path in _files(root, ensembles.ENSEMBLE):
         if _study_inside(ens_path.parent, root):
             continue
         try:
@@ -68,6 +69,20 @@ def collect(root: Path, skipped: list[str] | None = None) -> list[dict]:
         row["test macro-F1"] = _pct(row["_classes"].get("macro_f1"))
         row["test bal. acc"] = _pct(row["_classes"].get("balanced_accuracy"))
     return rows
+
+
+def _files(root: Path, name: str) -> list[Path]:
+    """The files called `name` under `root`, sorted, through linked folders too (runs gathered
+    with ln -s for a comparison were left out without a word), each real folder once."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link loop, or a folder linked twice: once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / name] if name in files else []
+    return sorted(found)
 
 
 def _study_inside(path: Path, root: Path) -> bool:
