@@ -423,3 +423,9 @@ def test_too_few_images_to_split_says_how_many_are_needed(tmp_path):
     ten = make_folder(tmp_path / "ten", ["a", "b", "c"], 10, subsets=("",))
     with pytest.raises(UserError, match="too few images .* to hold out 89% .* a smaller fraction"):
         data.load(f"folder:{ten}", val_fraction=0.89)
+
+
+def test_a_small_val_fraction_is_said_as_given():
+    """Hostile pass 21: --val-fraction 0.001 was said "val 10 (0% of train ...)"."""
+    assert "val 10 (0.1% of train by --val-fraction)" in data.load("digits", 0.001).notes[0]
+    assert "val 144 (10% of train by --val-fraction)" in data.load("digits", 0.1).notes[0]

@@ -164,7 +164,7 @@ def carve_val(given: dict[str, Split], origin: dict, val_fraction: float) -> dic
     """The source's val split, or `val_fraction` of train (never of test)."""
     if "val" not in given:
         given["train"], given["val"] = carve(given["train"], val_fraction)
-        origin["val"], origin["train"] = f"{val_fraction:.0%} of train by --val-fraction", "what remains"  # fmt: skip
+        origin["val"], origin["train"] = f"{val_fraction * 100:.3g}% of train by --val-fraction", "what remains"  # fmt: skip
     return {k: given[k] for k in ("train", "val", "test")}
 
 
