@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, data, decoding, evaluate, leaks, outputs, plots
+from . import checkpoint, data, decoding, evaluate, outputs, plots
 from .combiners import COMBINERS, FITTED, accounting, combine, fit
 from .config import UserError
 from .folds import load_as_run
@@ -228,8 +228,6 @@ def evaluate_ensemble(
     )
     if split == "val" and notes is not None and (apart := split_apart(runs, metas, spec)):
         notes.append(f"{apart}: {VAL_SEEN}")
-    if notes is not None:  # (the members' columns follow the data's classes)
-        notes += leaks.fewer_classes(metas[0], load_as_run(metas[0], data.canonical(spec)))
     combined = combine(method, logp[split], read_params(path, info), feats.get(split))
     return combined, targets[split], info
 

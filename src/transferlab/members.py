@@ -61,7 +61,8 @@ def member_logp(
     ds = load_as_run(metas[0], spec) if ds is None else ds  # (`ds`: loaded already)
     changed = leaks.changed_notes(split_alike(runs, metas, spec), ds)
     tested = [leak_note(runs, metas, ds), *leaks.own_copies(ds)] if "test" in splits else []
-    for said in filter(None, [*tested, *changed]):  # (test's notes: where test is scored)
+    restricted = leaks.fewer_classes(metas[0], ds)  # columns follow the data's classes
+    for said in filter(None, [*tested, *changed, *restricted]):  # (test's: where it is scored)
         if notes is None:  # as evaluate says them of one run, --quiet or not
             print(f"note: {said}", file=sys.stderr)
         else:
