@@ -119,13 +119,13 @@ def make(
     if len({str(Path(r).resolve()) for r in runs}) < len(runs):
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
-    members.note_copies(runs, metas, "soup")  # (a run and its last snapshot, say)
     ds = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
     _check_classes(metas[0], ds, runs[0])  # before the folder is claimed
     outputs.refuse_writing_into_data(ds, out)  # nor into the data it is scored on
     decoding.check_cache(None)
     again = _stopped(Path(out))  # a soup stopped before it finished is made again
     outputs.check_out(Path(out), "run", overwrite=again)
+    members.note_copies(runs, metas, "soup")  # after every refusal: an error stays one line
     with outputs.lock(Path(out)):
         outputs.claim(Path(out), "run", outputs.check_out(Path(out), "run", overwrite=again))
         return _cook(runs, metas, method, Path(out), ds, quiet, log, t0, val_seen)

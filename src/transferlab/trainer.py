@@ -189,7 +189,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
     weights.check_model(cfg)  # a typo in --model costs no data loading
     ds = data.load(cfg.data, cfg.val_fraction, cfg.limit, cfg.fold)
     for note in ds.notes:  # all but the sizes say what was left out or is missing
-        log(f"[{out.name}] {note}", note=not note.startswith("splits: "))
+        log(f"[{out.name}] {note}", note=not note.startswith(("splits: ", leaks.PART)))
     torch.manual_seed(cfg.seed)  # model init
     built = weights.build(cfg, ds.classes, ds.native_size, ds.native_channels, ds.names)
     model, prep, source = built.model, built.prep, built.source
