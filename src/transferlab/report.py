@@ -146,7 +146,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
         "input": f"{prep['input_size']}px x{prep['channels']}",
         "params": f"{meta['params'] / 1e6:.2f}M",
         "train top-1": _pct(m.get("train", {}).get("top1")),
-        "val top-1": _pct(m["val"]["top1"]) + _soup_in_sample(meta),
+        "val top-1": _pct(m["val"]["top1"]) + _val_mark(meta),
         "test top-1": _pct(m["test"]["top1"]),
         "test top-5": _pct(m["test"]["top5"]),
         "epochs": str(meta["epochs_run"]),
@@ -179,7 +179,7 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         "input": "per member",
         "params": "-",
         "train top-1": "-",
-        "val top-1": _pct(m["val"]["top1"]) + _in_sample(info),
+        "val top-1": _pct(m["val"]["top1"]) + _val_mark(info),
         "test top-1": _pct(m["test"]["top1"]),
         "test top-5": _pct(m["test"]["top5"]),
         "epochs": "-",
@@ -197,22 +197,19 @@ def _member(run: Path) -> str:
     return f"{run.parent.name}/{run.name}" if re.fullmatch(r"fold-\d+", run.name) else run.name
 
 
-def _in_sample(info: dict) -> str:
-    """The mark of an ensemble's val score that is no held-out score: members trained on it
-    (fold runs, runs that split the data otherwise), its combiner was fitted on it, or (fusion,
-    fitted on train) its strength chosen on it."""
-    if any(members.VAL_SEEN in n for n in info.get("notes", [])):
+def _val_mark(record: dict) -> str:
+    """The mark of a val score that is no held-out score (an ensemble's ensemble.json, a run's
+    meta.json): members or ingredients trained on it (fold runs, runs split otherwise), a
+    greedy soup chose its ingredients by it, a combiner was fitted on it, or (fusion, fitted on
+    train) its strength chosen on it."""
+    notes, src = record.get("notes", []), record.get("source") or {}
+    if any(members.VAL_SEEN in n for n in notes):
         return " (members trained on it)"
-    return {"val": " (fitted on it)", "train": " (chosen on it)"}.get(info.get("fitted_on"), "")
-
-
-def _soup_in_sample(meta: dict) -> str:
-    """The mark of a soup's val score that is no held-out score: ingredients trained on it
-    (fold runs), or a greedy soup chose its ingredients by it."""
-    if any(members.SOUP_VAL_SEEN in n for n in meta.get("notes", [])):
+    if any(members.SOUP_VAL_SEEN in n for n in notes):
         return " (ingredients trained on it)"
-    src = meta.get("source") or {}
-    return " (chosen on it)" if src.get("weights") == "soup" and src.get("method") == "greedy" else ""  # fmt: skip
+    if src.get("weights") == "soup" and src.get("method") == "greedy":
+        return " (chosen on it)"
+    return {"val": " (fitted on it)", "train": " (chosen on it)"}.get(record.get("fitted_on"), "")
 
 
 def leaked(notes: list[str]) -> bool:

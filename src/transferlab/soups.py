@@ -114,8 +114,6 @@ def make(
             "with the same --val-fraction, --limit and --fold"
         )
     val_seen = [f"{apart}: {members.SOUP_VAL_SEEN}"] if apart else []  # recorded: report marks
-    if val_seen:  # (test is held out before val is carved: its score stands)
-        print(f"note: {val_seen[0]}", file=sys.stderr)
     if len({str(Path(r).resolve()) for r in runs}) < len(runs):
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
@@ -125,6 +123,8 @@ def make(
     decoding.check_cache(None)
     again = _stopped(Path(out))  # a soup stopped before it finished is made again
     outputs.check_out(Path(out), "run", overwrite=again)
+    for note in val_seen:  # (test is held out before val is carved: its score stands)
+        print(f"note: {note}", file=sys.stderr)
     members.note_copies(runs, metas, "soup")  # after every refusal: an error stays one line
     with outputs.lock(Path(out)):
         outputs.claim(Path(out), "run", outputs.check_out(Path(out), "run", overwrite=again))
