@@ -17,6 +17,8 @@ def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_p
     meta = trainer.fit(cfg, tmp_path / "lp")
     out = capsys.readouterr().out
     assert "stage probe: 0.000M of" in out or "stage probe:" in out
+    assert f"[lp] l2 {meta['probe']['l2']:g}: val" in out  # its kept strength, not an "epoch"
+    assert "best epoch" not in out
     src, new = (load_file(p / "model.safetensors") for p in (trained_run, tmp_path / "lp"))
     changed = {k for k in src if not torch.equal(src[k], new[k])}
     assert changed <= {"fc.weight", "fc.bias"} and changed  # BN running stats untouched
@@ -26,6 +28,9 @@ def test_linear_probe_moves_only_the_head_and_never_batchnorm(trained_run, tmp_p
     assert len(rows) == len(path_to(PROBE_L2, meta["probe"]["l2"]))
     assert meta["epochs_run"] == 0  # no epoch of SGD (it counted the strengths: 4 of --epochs 3)
     assert meta["metrics"]["test"]["top1"] > 0.5
+    from transferlab import htmlreport  # its report page says the strength, not "epochs"
+
+    assert ("probe L2 strength", meta["probe"]["l2"]) in htmlreport._run_meta(meta)
 
 
 class _Pooled(torch.nn.Module):

@@ -123,7 +123,9 @@ def _run_meta(meta: dict) -> list[tuple[str, str]]:
         ("strategy", meta.get("strategy", "")),
         ("seed", meta.get("seed")),
         ("input", f"{meta['preprocessing']['input_size']}px x{meta['preprocessing']['channels']}"),
-        ("epochs run / best", f"{meta.get('epochs_run')} / {meta.get('best_epoch')}"),
+        ("probe L2 strength", (meta.get("probe") or {}).get("l2"))
+        if meta.get("strategy") == "linear-probe"  # its history rows are strengths, not epochs
+        else ("epochs run / best", f"{meta.get('epochs_run')} / {meta.get('best_epoch')}"),
         ("lr, batch", f"{cfg.get('lr')}, {cfg.get('batch_size')}"),
         ("wall time", f"{meta['seconds']:.0f} s"),
         ("versions", versions),

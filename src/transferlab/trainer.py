@@ -134,7 +134,8 @@ def fit(
         meta = runfolder.write(out, loop, progress, time.time() - t_start, features=features)
         m = meta["metrics"]
         test = f"test {m['test']['top1']:.2%} (top-5 {m['test']['top5']:.2%})  " if say_test else ""
-        log(f"[{out.name}] best epoch {progress.best['epoch']}: val {m['val']['top1']:.2%}  {test}-> {out}")  # fmt: skip
+        kept = f"l2 {progress.probe['l2']:g}" if cfg.strategy == "linear-probe" else f"best epoch {progress.best['epoch']}"  # fmt: skip
+        log(f"[{out.name}] {kept}: val {m['val']['top1']:.2%}  {test}-> {out}")  # fmt: skip
         d.barrier()
         return meta
 
