@@ -279,3 +279,22 @@ def test_unknown_name_is_refused_before_touching_disk(tmp_path, capsys):
     assert main(["data", "get", "cifar-10", "--to", str(tmp_path / "d")]) == 2
     assert "unknown dataset 'cifar-10' (known: cifar10," in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_a_to_that_is_no_folder_or_a_damaged_record_is_one_line(serve, tmp_path, capsys):
+    server, _ = serve("cifar10")
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "damaged").mkdir()
+    record = tmp_path / "damaged" / download.STATE
+    for to, text in (("/dev/null", None), ("file", None), ("damaged", "{bad"), ("damaged", "[1]")):
+        if text is not None:
+            record.write_text(text)
+        assert main(["data", "get", "cifar10", "--to", str(tmp_path / to)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert ("is not a folder" if text is None else "is not a readable download record") in err
+    assert (tmp_path / "file").read_text() == "mine" and record.read_text() == "[1]"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        ["damaged", "file", download.STATE]
+    )
+    assert server.ranges == []

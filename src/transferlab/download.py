@@ -255,17 +255,29 @@ def _claim(root: Path, name: str) -> dict:
     """The folder's record of what it holds; refuse a folder with anything else in it."""
     record = root / STATE
     if record.is_file():
-        state = json.loads(record.read_text())
+        state = _record(record)
         if state.get("name") != name:
             raise UserError(f"{root} holds the dataset '{state.get('name')}'; choose another --to")
         return state
-    if root.is_file() or (root.is_dir() and any(root.iterdir())):
-        what = "is a file" if root.is_file() else "holds other files"
+    if root.exists() and not (root.is_dir() and not any(root.iterdir())):
+        what = "holds other files" if root.is_dir() else "is not a folder"  # a file, /dev/null
         raise UserError(f"{root} {what}; choose a new or empty folder for --to")
     root.mkdir(parents=True, exist_ok=True)
     state = {"name": name, "extracted": [], "spec": None}
     _save(root, state)
     return state
+
+
+def _record(record: Path) -> dict:
+    """A folder's download record, refused in one line if it is not one (damaged, edited)."""
+    try:
+        state = json.loads(record.read_text())
+        if isinstance(state, dict) and isinstance(state.get("extracted"), list):
+            return state
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    raise UserError(f"{record} is not a readable download record (damaged?); remove it to start "
+                    f"again, or choose a new or empty folder for --to")  # fmt: skip
 
 
 def _unclaim(root: Path, made: list[Path]) -> None:
