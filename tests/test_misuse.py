@@ -867,6 +867,22 @@ def test_a_broken_link_on_the_way_to_out_and_an_empty_log_name_are_named(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dang"]
 
 
+def test_a_blank_value_is_refused_before_anything_is_made(capsys, run_copy, tmp_path, monkeypatch):
+    """`--out "$DIR"` with DIR unset: pathlib's "" is the current folder, and an empty one became
+    the run; `--out ' '` made a folder named " "."""
+    (work := tmp_path / "w").mkdir()
+    monkeypatch.chdir(work)
+    train = ["train", "--data", "digits", *TINY]
+    for argv, said in (([*train, "--out", ""], "--out is empty"),
+                       ([*train, "--out= "], "--out is empty"),
+                       (["train", "--data", "", *TINY, "--out", "r"], "--data is empty"),
+                       (["ensemble", run_copy, "", "--out", "e"], "an argument is empty"),
+                       (["soup", run_copy, run_copy, "--out", "  "], "--out is empty"),
+                       (["data", "shard", "digits", "--out", ""], "--out is empty")):  # fmt: skip
+        fail(capsys, *argv, pattern=said)
+    assert list(work.iterdir()) == []
+
+
 def test_a_recipe_s_defaults_model_is_the_train_steps_and_its_out_expands_home(
     tmp_path, monkeypatch
 ):

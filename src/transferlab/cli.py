@@ -381,6 +381,16 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"  # not Python's source line: what to know, as a user reads it
 
 
+def _refuse_blank(argv: list[str]) -> None:
+    """A blank value (`--out "$DIR"` with DIR unset) is the current folder to pathlib: a run
+    written into it, a folder named " ". Refused, for every option and argument."""
+    for i, token in enumerate(argv):
+        flag, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
+        if (eq or not flag) and not value.strip():
+            where = flag or (argv[i - 1] if i and argv[i - 1].startswith("-") else "an argument")
+            raise UserError(f"{where} is empty ({value!r}): give a path or a value")
+
+
 def console() -> int:
     """The `transferlab` program (and `python -m transferlab`): its clock started with the
     process, before torch was imported (auto's budget counts that start-up too)."""
@@ -391,6 +401,7 @@ def console() -> int:
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """One command; `started`: when its wall clock began (None: now)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     for key, value in vars(args).items():  # `--out=~/x`, quoted '~/x': the shell left the ~
         if isinstance(value, str) and value.startswith("~"):
@@ -406,6 +417,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     who = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # data shard
     warnings.formatwarning = _one_line_warning
     try:
+        _refuse_blank(argv)
         with sigterm_stops(args.command != "serve"):  # (uvicorn stops serve by itself)
             (COMMANDS | cli_ship.COMMANDS)[args.command](args)
     except UserError as err:
