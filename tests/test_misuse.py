@@ -398,6 +398,10 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "steps: [{auto: s, budget: 1m}, {train: a}, {ensemble: e, members: [s, a]}]": "an auto step is a study, not a run",
         "steps: [{auto: s, budget: 1m}, {finetune: f, from: s}]": "an auto step is a study",
         "steps: [{train: report.md}]": "'report.md' is a file of the recipe's folder",
+        # an empty value was read as none given: the steps ran into runs/NAME, on other data
+        "out: ''\nsteps: [report]": "recipe key 'out' is empty",
+        "data: digits\nsteps: [{train: a, data: ' '}]": "step 1: 'data' is empty",
+        "defaults: {model: ''}\nsteps: [report]": "defaults: model is empty",
     }
     for text, message in bad.items():
         path = tmp_path / "r.yaml"
@@ -418,9 +422,13 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "steps.0": "steps.N.KEY",
         "nope": "unknown config key 'nope'",
         "steps.0.learning_rate": "unknown key 'learning_rate'",
+        "out": "recipe key 'out' is empty",
+        "lr": "--set lr is empty",
     }.items():
         with pytest.raises(UserError, match=message):
-            recipe.run(path, tmp_path / "out", {pair: "1"}, quiet=True)
+            recipe.run(
+                path, tmp_path / "out", {pair: "" if pair in ("out", "lr") else "1"}, quiet=True
+            )
     assert not (tmp_path / "out").exists()
 
 

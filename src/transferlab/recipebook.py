@@ -146,6 +146,7 @@ def validate(recipe: dict, out: Path | None = None) -> None:
     for key in ("name", "description", "data", "out"):
         if recipe.get(key) is not None and not isinstance(recipe[key], str):
             raise UserError(f"recipe key '{key}' must be text, got {type(recipe[key]).__name__}")
+    _refuse_blank(recipe)
     name = recipe.get("name")
     if name is not None and not (NAME.fullmatch(name) and name not in (".", "..")):
         raise UserError(
@@ -171,6 +172,21 @@ def validate(recipe: dict, out: Path | None = None) -> None:
             _check_step(recipe, kind, name, keys, i, names, kinds, out)
     if out is not None:
         _refuse_out_in_data(recipe, out)
+
+
+def _refuse_blank(recipe: dict) -> None:
+    """An empty value (`out: ""`, `--set data=`) read as one not given: the steps ran into
+    runs/NAME, on the recipe's data. Refused, naming where it is."""
+    places = [(f"recipe key '{k}'", v) for k, v in recipe.items() if k != "description"]
+    for key, where in (("defaults", "defaults: {}"), ("overrides", "--set {}")):
+        values = recipe.get(key) if isinstance(recipe.get(key), dict) else {}
+        places += [(where.format(k), v) for k, v in values.items()]
+    for i, step in enumerate(recipe.get("steps") if isinstance(recipe.get("steps"), list) else []):
+        values = step if isinstance(step, dict) else {}
+        places += [(f"step {i + 1}: '{k}'", v) for k, v in values.items()]
+    where = next((w for w, v in places if isinstance(v, str) and not v.strip()), None)
+    if where:
+        raise UserError(f"{where} is empty: give a value, or leave it out")
 
 
 def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: list[str],
