@@ -1103,7 +1103,10 @@ def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, ca
     assert main(["--quiet", *e2]) == 0  # a note on the data, not progress: --quiet hid it
     assert re.search(r"[1-6] of the 6 test images trained", capsys.readouterr().err)
     assert main(["evaluate", str(tmp_path / "b"), "--data", f"folder:{photos}"]) == 0
-    assert re.search(r"[1-6] of the 6 test images were among its training", capsys.readouterr().err)
+    assert re.search(
+        r"[1-6] of the 6 test images were among its training or validation images",
+        capsys.readouterr().err,
+    )
     assert main(["evaluate", str(tmp_path / "b"), "--data", f"folder:{photos}", "--split", "train"]) == 0  # fmt: skip
     assert "so this is not a held-out train score" in capsys.readouterr().err  # (it said "test")
     # recorded where the score is: ensemble.json, evaluate --json, report.md (it was said once)

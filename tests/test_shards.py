@@ -310,7 +310,7 @@ def test_shards_carved_otherwise_than_a_run_count_its_training_images_in_their_v
     assert n > 20
     capsys.readouterr()
     assert main(["evaluate", runs[0], "--data", f"wds:{out}", "--split", "val"]) == 0
-    assert f"{seen} of the {len(val)} val images were among its training" in (
+    assert f"{seen} of the {len(val)} val images were among its training or validation images" in (
         capsys.readouterr().err
     )
     args = ["ensemble", *runs, "--method", "weighted", "--data", f"wds:{out}"]

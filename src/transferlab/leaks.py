@@ -25,7 +25,7 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
         n = trained_on(meta, ds, split)
         return [f"scored on {ds.spec}; the run was trained on {trained}"
                 + (f": {n} of the {len(ds.splits[split])} {split} images were among its training "
-                   f"images, so this is not a held-out {split} score" if n else "")] + fewer_classes(meta, ds)  # fmt: skip
+                   f"or validation images, so this is not a held-out {split} score" if n else "")] + fewer_classes(meta, ds)  # fmt: skip
     notes = [note] if (note := inherited_note(meta, ds, split)) else []
     return notes + own_copies(ds, split) + changed_notes([("the run", meta)], ds)
 
