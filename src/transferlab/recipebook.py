@@ -177,14 +177,16 @@ def validate(recipe: dict, out: Path | None = None) -> None:
 def _refuse_blank(recipe: dict) -> None:
     """An empty value (`out: ""`, `--set data=`) read as one not given: the steps ran into
     runs/NAME, on the recipe's data. Refused, naming where it is."""
-    places = [(f"recipe key '{k}'", v) for k, v in recipe.items() if k != "description"]
+    places = [(f"recipe key '{k}'", k, v) for k, v in recipe.items() if k != "description"]
     for key, where in (("defaults", "defaults: {}"), ("overrides", "--set {}")):
         values = recipe.get(key) if isinstance(recipe.get(key), dict) else {}
-        places += [(where.format(k), v) for k, v in values.items()]
+        places += [(where.format(k), k, v) for k, v in values.items()]
     for i, step in enumerate(recipe.get("steps") if isinstance(recipe.get("steps"), list) else []):
         values = step if isinstance(step, dict) else {}
-        places += [(f"step {i + 1}: '{k}'", v) for k, v in values.items()]
-    where = next((w for w, v in places if isinstance(v, str) and not v.strip()), None)
+        places += [(f"step {i + 1}: '{k}'", k, v) for k, v in values.items()]
+    said_elsewhere = (*STEP_KINDS, "cache_dir")  # in more words: a plain name, a folder or off
+    where = next((w for w, k, v in places
+                  if isinstance(v, str) and not v.strip() and k not in said_elsewhere), None)  # fmt: skip
     if where:
         raise UserError(f"{where} is empty: give a value, or leave it out")
 
