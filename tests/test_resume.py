@@ -124,3 +124,28 @@ def test_stats_read_from_the_device_every_few_steps_change_nothing_and_resume_ex
     trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)
     r = load_file(tmp_path / "r" / "model.safetensors")
     assert all(torch.equal(w[0][k], r[k]) for k in r)
+
+
+def test_a_resume_on_data_whose_files_changed_is_refused(folder_data, tmp_path, monkeypatch):
+    """Images added after a kill: --resume carved the splits anew without a word, so images it
+    had trained on were scored as val and test, and its place in the epoch indexed others."""
+    import shutil
+
+    from transferlab.config import Preempted, UserError
+
+    (data := tmp_path / "data").mkdir()
+    shutil.copytree(folder_data / "train", data / "train")
+    shutil.copytree(folder_data / "test", data / "test")
+    cfg = tiny_cfg(f"folder:{data}", epochs=2)
+    monkeypatch.setenv("TRANSFERLAB_FAULT", "term:3")
+    with pytest.raises(Preempted):
+        trainer.fit(cfg, tmp_path / "r", quiet=True)
+    monkeypatch.delenv("TRANSFERLAB_FAULT")
+    added = data / "train" / "a" / "added.png"
+    shutil.copy(next((data / "test" / "b").iterdir()), added)
+    before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
+    with pytest.raises(UserError, match=r"cannot resume .*: the files of folder:.* changed since"):
+        trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before  # as it was
+    added.unlink()  # the data as they were: it resumes
+    assert trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)["epochs_run"] == 2

@@ -218,6 +218,22 @@ def refuse_config_change(out: Path, saved: dict | None, cfg: TrainConfig) -> Non
         )
 
 
+def refuse_data_change(out: Path, ds) -> None:
+    """--resume on data whose files changed (images added, removed, renamed) is refused: its
+    splits would be carved anew, so images it trained on could be scored as val or test, and
+    its place in the epoch would index other images (it resumed without a word)."""
+    from .outputs import read_mark
+
+    then = (read_mark(out) or {}).get("data_fingerprint")
+    if then not in (None, ds.fingerprint):
+        raise UserError(
+            f"cannot resume {out}: the files of {ds.spec} changed since it began (fingerprint "
+            f"{then} then, {ds.fingerprint} now), so its splits would be carved anew and images "
+            "it trained on could be scored as val or test; resume on the data as they were, or "
+            "pass --overwrite instead of --resume to start over"
+        )
+
+
 def config_changes(saved: dict, now: dict) -> str:
     """The keys whose values differ between a saved config and this one ("" when none)."""
 

@@ -39,7 +39,7 @@ from . import (
     weights,
 )
 from .config import TrainConfig, UserError, to_dict
-from .resume import Checkpoints, Progress, refuse_config_change, restore
+from .resume import Checkpoints, Progress, refuse_config_change, refuse_data_change, restore
 from .shards import ShardImages
 
 
@@ -92,11 +92,13 @@ def fit(
     check_destination(cfg, out, resume, overwrite, log_json, d)  # before anything is loaded
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
     loop = setup(cfg, out, said, d)  # data, model, weights, plan: validated, nothing written
+    if resume and d.main:
+        refuse_data_change(out, loop.ds)
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (with
     # --overwrite it had emptied the old run first)
     loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
     loop.notes += leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))
-    with claimed(out, resume, overwrite, cfg, d):
+    with claimed(out, resume, overwrite, {"config": to_dict(cfg), "data_fingerprint": loop.ds.fingerprint}, d):  # fmt: skip
         start_training(loop, out, resume and (out / "state").exists(), log, quiet)
         progress = (restore(out, loop, log) if resume else None) or Progress()
         t_start, features = time.time() - progress.seconds, None
@@ -171,13 +173,14 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
 
 
 @contextlib.contextmanager
-def claimed(out: Path, resume: bool, overwrite: bool, cfg: TrainConfig, d):
-    """The run folder, locked and claimed (rank 0), decided again under the lock: another
-    process may have been faster. Every rank waits until it is."""
+def claimed(out: Path, resume: bool, overwrite: bool, mark: dict, d):
+    """The run folder, locked and claimed (rank 0) with `mark` (its config and data's
+    fingerprint, what a resume must match), decided again under the lock: another process may
+    have been faster. Every rank waits until it is."""
     with outputs.lock(out) if d.main else contextlib.nullcontext():
         if d.main:
             action = outputs.check_out(out, "run", resume, overwrite)
-            outputs.claim(out, "run", action, {"config": to_dict(cfg)})
+            outputs.claim(out, "run", action, mark)
         d.barrier()
         yield
 
