@@ -158,6 +158,7 @@ def test_the_api_exports_and_refuses_as_the_cli_does(trained_run, tmp_path):
         (lambda: transferlab.ensemble(str(other), out=tmp_path / "e2"), "takes a list of run"),
         (lambda: transferlab.ensemble([other, None], out=tmp_path / "e2"), "each run of"),
         (lambda: run.predict(str(trained_run), top_k="3"), "top_k must be a whole number"),
+        (lambda: run.export("HF"), r"known: onnx, torchscript, safetensors, hf\)"),
     ):
         with pytest.raises(UserError, match=message):
             call()

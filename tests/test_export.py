@@ -46,6 +46,39 @@ def test_torchscript_and_safetensors(trained_run, tmp_path):
         assert "preprocessing" in json.loads(f.metadata()["transferlab"])
 
 
+def test_a_safetensors_export_followed_as_it_describes_itself_gives_the_run_s_logits(
+    trained_run, tmp_path
+):
+    """Its metadata said "normalisation is inside the model": the weights alone, fed [0, 1]
+    images as told, gave other logits than the ONNX and TorchScript files."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from transferlab import models
+
+    export.export(trained_run, "safetensors", tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        info = json.loads(f.metadata()["transferlab"])
+    assert (
+        "inside the model" not in info["input"]
+        and "this file holds the weights alone" in info["input"]
+    )
+    model = models.Architecture(**info["architecture"]).build(len(info["classes"]), 3).eval()
+    model.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    prep = info["preprocessing"]
+    x = torch.rand(2, 3, prep["input_size"], prep["input_size"])
+    mean, std = (torch.tensor(prep[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+    export.export(trained_run, "torchscript", tmp_path / "m.pt")
+    with torch.no_grad():
+        want = torch.jit.load(str(tmp_path / "m.pt"))(x)
+        assert torch.allclose(models.logits(model, (x - mean) / std), want, atol=1e-4)
+    meta = checkpoint.read_meta(trained_run)  # options timm alone lacks: said where they matter
+    mirrored = meta | {"architecture": meta["architecture"] | {"mirror": True}}
+    assert "timm.create_model('test_resnet') alone predicts otherwise" in export.describe(
+        mirrored, "safetensors")["input"]  # fmt: skip
+    assert "normalisation is inside the model" in export.describe(mirrored, "onnx")["input"]
+
+
 def test_cli_export_and_its_errors(trained_run, tmp_path, capsys):
     assert main(["export", str(trained_run), "--format", "safetensors"]) == 0
     assert (trained_run / "export" / "model.safetensors").is_file()

@@ -42,17 +42,34 @@ class Packaged(nn.Module):
         return models.logits(self.model, (x - self.mean) / self.std)
 
 
-def describe(meta: dict) -> dict:
+def describe(meta: dict, fmt: str = "onnx") -> dict:
+    """What an exported file holds and takes, written into it. A safetensors file holds the
+    weights alone: its normalisation and any architecture option timm lacks are said (it read
+    "normalisation is inside the model", and following it gave other logits)."""
     prep = models.Preprocessing.from_dict(meta["preprocessing"])
+    arch = models.Architecture.of_run(meta)
+    normalised = "normalisation is inside the model"
+    if fmt == "safetensors":
+        normalised = (f"then normalise it, (x - mean) / std per channel with mean {list(prep.mean)} "
+                      f"and std {list(prep.std)}: this file holds the weights alone")  # fmt: skip
+    extras = [f"stem {arch.stem}" * (arch.stem != "default"),
+              f"pool_stages {arch.pool_stages}" * bool(arch.pool_stages),
+              "mirror (the head sees the mean pooled features of each image and its mirror)"
+              * arch.mirror]  # fmt: skip
+    built = ""
+    if fmt == "safetensors" and any(extras):
+        built = (f"; built by transferlab.models.create with {', '.join(filter(None, extras))}: "
+                 f"timm.create_model('{arch.name}') alone predicts otherwise")  # fmt: skip
     return {
         "arch": meta["arch"],
+        "architecture": arch.to_dict(),
         "classes": meta["classes"],
         "class_names": meta["class_names"],
         "preprocessing": prep.to_dict(),
         "input": f"float32 (N, {prep.channels}, {prep.input_size}, {prep.input_size}), "
         f"values in [0, 1] ({'grayscale' if prep.channels == 1 else 'RGB'}): the shorter side "
         f"resized to {prep.input_size} with {prep.interpolation} interpolation, then the centre "
-        "square cropped (as transferlab predict does); normalisation is inside the model",
+        f"square cropped (as transferlab predict does); {normalised}{built}",
         "output": "logits (N, num_classes) in the order of `classes`",
     }
 
@@ -88,7 +105,7 @@ def export(
     replaced only with `overwrite`.
     """
     if fmt not in FORMATS:
-        raise UserError(f"unknown export format '{fmt}' (known: {', '.join(FORMATS)})")
+        raise UserError(f"unknown export format '{fmt}' (known: {', '.join(FORMATS)}, hf)")
     run = Path(run)
     meta = checkpoint.read_meta(run)
     path = out_path(out, run / "export" / FORMATS[fmt])
@@ -96,7 +113,7 @@ def export(
     if path.suffix in others:
         raise UserError(f"--out {path} has the extension of another format than {fmt}")
     check_out_file(path, run, overwrite, meta["data"])
-    info = json.dumps(describe(meta))
+    info = json.dumps(describe(meta, fmt))
     model = evaluate.load_run_model(run, meta).cpu().float().eval()  # its weights checked
     model = model.to(memory_format=torch.contiguous_format)
     path.parent.mkdir(parents=True, exist_ok=True)  # only then: a refusal leaves no folder
