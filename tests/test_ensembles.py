@@ -166,6 +166,9 @@ def test_a_moved_tree_of_runs_and_ensemble_predicts_the_same(hetero_runs, tmp_pa
     for run in ("dcnn", "resnet"):
         shutil.copytree(hetero_runs / run, tree / run)
     ensembles.build([tree / "dcnn", tree / "resnet"], "stacking", tree / "ens", quiet=True)
+    fitted = "the ensemble's combiner was fitted on its val split: not a held-out val score"
+    assert ensembles.evaluate_path(tree / "ens", split="val")["notes"] == [fitted]  # as the
+    assert ensembles.evaluate_path(tree / "ens", split="test")["notes"] == []  # report marks it
     images = [str(p) for p in sorted((hetero_runs / "data" / "test" / "b").iterdir())[:4]]
     before, _ = predict.predict(tree / "ens", images, top_k=3, quiet=True)
     shutil.move(tree, tmp_path / "moved")  # the whole tree: members found beside the ensemble

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import transferlab
 from transferlab import checkpoint, ensembles, models, report, soups, strategies, trainer
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
@@ -86,6 +87,9 @@ def test_soups_of_snapshots_from_one_start(snapshot_run, tmp_path):
     rows = report.write(tmp_path)[1].splitlines()  # a greedy soup's val chose its ingredients
     assert "% (chosen on it) |" in next(r for r in rows if r.startswith("| greedy "))
     assert "(chosen on it)" not in next(r for r in rows if r.startswith("| uniform "))
+    chose = "the greedy soup chose its ingredients by its val score: not a held-out val score"
+    assert chose in transferlab.load(tmp_path / "greedy").evaluate("val")["notes"]  # said too
+    assert transferlab.load(tmp_path / "uniform").evaluate("val")["notes"] == []
     # on other data (--data): its fingerprint and config are that data's, so evaluate finds
     # nothing changed (it said "the files changed" of files nobody touched)
     other = tmp_path / "other"

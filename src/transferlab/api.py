@@ -59,9 +59,13 @@ class Model:
     def evaluate(
         self, split: str = "test", data: str | None = None, tta: str | None = None
     ) -> dict:
+        """As `transferlab evaluate`: its metrics, and under "notes" what a reader of them must
+        know (test images a member trained on, a val score a combiner was fitted on), as the
+        CLI says them (they were dropped: the score read as held out)."""
         from . import ensembles
 
-        return ensembles.evaluate_path(self.path, data, split, True, tta)["metrics"]
+        result = ensembles.evaluate_path(self.path, data, split, True, tta)
+        return result["metrics"] | {"notes": result["notes"]}
 
     def export(
         self,

@@ -19,7 +19,15 @@ from . import checkpoint, data, decoding, evaluate, outputs, plots
 from .combiners import COMBINERS, FITTED, accounting, combine, fit
 from .config import UserError
 from .folds import load_as_run
-from .members import SPLITS, VAL_SEEN, check_members, member_logp, note_copies, split_apart
+from .members import (
+    SPLITS,
+    VAL_SEEN,
+    check_members,
+    member_logp,
+    note_copies,
+    split_apart,
+    val_used,
+)
 
 ENSEMBLE = "ensemble.json"
 PARAMS = "combiner.npz"  # the fitted combiner (weights; the stacker's coefficients)
@@ -257,6 +265,9 @@ def evaluate_path(
         own = checkpoint.read_meta(path)
     result = evaluate.metrics(logp, targets)
     other = "-other-data" if spec != data.canonical(own["data"]) else ""  # (not over its own)
+    used = val_used(own)[1] if split == "val" and not other else ""
+    if used and not any(used in n for n in notes):  # (the report marks it: said here too)
+        notes.append(f"{used}: not a held-out val score")
     figure = path / f"confusion{'' if split == 'test' else '-' + split}{other}.png"
     matrix = evaluate.confusion(logp.argmax(1), targets, len(names))
     try:

@@ -122,8 +122,8 @@ def inherited(meta: dict, ds: data.Dataset, split: str = "test") -> tuple[int, s
     another folder: the count recorded when it trained, on its own test split, stands in for
     them; it was silently none)."""
     gone: list[str] = []
-    found = ancestors(meta, gone)
-    n = count(found, ds, split)
+    found = ancestors(meta, gone)  # (their val, on val: the same carve, chosen on, not trained
+    n = count(found, ds, split, ("train",) if split == "val" else ("train", "val"))  # on)
     if gone and split == "test" and data.canonical(meta["data"]) == ds.spec:
         recorded = [int(m[1]) for note in meta.get("notes", []) if INHERITED in note
                     and (m := re.match(r"(\d+) of the ", note))]  # fmt: skip

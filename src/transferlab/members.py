@@ -148,6 +148,25 @@ VAL_SEEN = "the ensemble's val scores count images a member trained on"
 SOUP_VAL_SEEN = "the soup's val score holds images an ingredient trained on"
 
 
+def val_used(record: dict) -> tuple[str, str]:
+    """Why a run's or an ensemble's val score (meta.json, ensemble.json) is no held-out score,
+    as the report marks it and `evaluate --split val` says it: members or ingredients trained
+    on it (fold runs, runs split otherwise), a greedy soup chose its ingredients by it, a
+    combiner was fitted on it or (fusion, fitted on train) its strength chosen on it; ("", "")
+    if none of these."""
+    notes, src = record.get("notes", []), record.get("source") or {}
+    if any(VAL_SEEN in n for n in notes):
+        return "members trained on it", VAL_SEEN
+    if any(SOUP_VAL_SEEN in n for n in notes):
+        return "ingredients trained on it", SOUP_VAL_SEEN
+    if src.get("weights") == "soup" and src.get("method") == "greedy":
+        return "chosen on it", "the greedy soup chose its ingredients by its val score"
+    return {
+        "val": ("fitted on it", "the ensemble's combiner was fitted on its val split"),
+        "train": ("chosen on it", "the ensemble's combiner strength was chosen on its val split"),
+    }.get(record.get("fitted_on"), ("", ""))
+
+
 def split_apart(
     runs: list[str], metas: list[dict], data_spec: str | None, ds: data.Dataset | None = None
 ) -> str:

@@ -198,18 +198,9 @@ def _member(run: Path) -> str:
 
 
 def _val_mark(record: dict) -> str:
-    """The mark of a val score that is no held-out score (an ensemble's ensemble.json, a run's
-    meta.json): members or ingredients trained on it (fold runs, runs split otherwise), a
-    greedy soup chose its ingredients by it, a combiner was fitted on it, or (fusion, fitted on
-    train) its strength chosen on it."""
-    notes, src = record.get("notes", []), record.get("source") or {}
-    if any(members.VAL_SEEN in n for n in notes):
-        return " (members trained on it)"
-    if any(members.SOUP_VAL_SEEN in n for n in notes):
-        return " (ingredients trained on it)"
-    if src.get("weights") == "soup" and src.get("method") == "greedy":
-        return " (chosen on it)"
-    return {"val": " (fitted on it)", "train": " (chosen on it)"}.get(record.get("fitted_on"), "")
+    """The mark of a val score that is no held-out score (`members.val_used`), or ""."""
+    mark = members.val_used(record)[0]
+    return f" ({mark})" if mark else ""
 
 
 def leaked(notes: list[str]) -> bool:
