@@ -450,6 +450,10 @@ def test_S31_resume_refuses_a_changed_config_naming_the_keys(capsys, tmp_path, f
         (["--layer-decay", "0.5"], "layer_decay has no effect here"),
         (["--head-init", "match"], "head_init has no effect here"),
         (["--schedule", "plateau", "--warmup-epochs", "1"], "warmup_epochs has no effect here"),
+        # a probe has no epochs to stop or find an LR for; a trained run no probe's features
+        (["--strategy", "linear-probe", "--lr", "auto"], "lr has no effect here: .*L-BFGS"),
+        (["--strategy", "linear-probe", "--patience", "1"], "patience has no effect here"),
+        (["--feature-engine", "torch"], "feature_engine has no effect here: it needs strategy"),
     ],
 )
 def test_S31_an_option_that_would_have_no_effect_is_refused(capsys, tmp_path, extra, message):

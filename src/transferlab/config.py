@@ -268,7 +268,18 @@ APPLIES = {
     "stem": (lambda c: c.model != "dcnn", "a timm model (dcnn has its own stem)"),
     "warmup_epochs": (lambda c: c.schedule != "plateau", "schedule cosine or constant"),
     "val_fraction": (lambda c: c.fold == "none", "fold none (with a fold, val is that fold)"),
-    "patience": (lambda c: c.fold == "none", "fold none (a fold's val scores, never chooses)"),
+    "patience": (
+        lambda c: c.fold == "none" and c.strategy != "linear-probe",
+        "fold none (a fold's val scores, never chooses) and epochs to stop (linear-probe has none)",
+    ),
+    "lr": (  # auto: an LR range test, of which a probe has nothing to find (lr-find says so)
+        lambda c: c.lr != "auto" or c.strategy != "linear-probe",
+        "epochs of training to find it for (linear-probe fits its head by L-BFGS)",
+    ),
+    "feature_engine": (
+        lambda c: c.strategy in ("linear-probe", "lp-ft"),
+        "strategy linear-probe or lp-ft (it computes a probe's features)",
+    ),
 }
 
 
