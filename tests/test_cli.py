@@ -231,6 +231,11 @@ def test_recipe_end_to_end_then_evaluate_json_and_report(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "--quiet", "run", recipe, "--out", tmp_path / "out")
     assert code == 0 and out.count("skipped") == 4  # the ensemble too (it was rebuilt)
     assert "ens: already made from these members, skipped" in out
+    # an edited ensemble step is made again, and says how it was made (it was, without a word)
+    args = ("--quiet", "run", recipe, "--out", tmp_path / "out", "--set", "steps.3.method=soft")
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and "ens: was made otherwise (method: 'weighted' -> 'soft'): made again" in out
+    assert json.loads((tmp_path / "out" / "ens" / "ensemble.json").read_text())["method"] == "soft"
 
 
 @pytest.mark.slow

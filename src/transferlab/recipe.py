@@ -279,10 +279,13 @@ def _soup_made_as_asked(folder: Path, members: list[str], method: str) -> None:
 
 def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
     runs = _members(keys, out)
-    if _made_as_asked(out / name, runs, keys):  # a rerun skips it, as it skips finished runs
+    changed = _made_otherwise(out / name, runs, keys)
+    if changed == "":  # a rerun skips it, as it skips finished runs
         print(f"   {name}: already made from these members, skipped")
         print_ensemble(ensembles.read(out / name))
         return
+    if changed:  # made from its members again, as the step asks now (it was, without a word)
+        print(f"   {name}: was made otherwise ({changed}): made again as the step asks now")
     with _advice_for_run(out / name):
         info = ensembles.build(
             runs,
@@ -296,20 +299,23 @@ def _ensemble(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> No
     print_ensemble(info)
 
 
-def _made_as_asked(folder: Path, runs: list, keys: dict) -> bool:
-    """An ensemble folder made by this step as it asks now, of members unchanged since."""
+def _made_otherwise(folder: Path, runs: list, keys: dict) -> str | None:
+    """How this step's ensemble folder was made otherwise than the step asks now ("" if as
+    asked, of members unchanged since; None if there is none to compare)."""
     if not ensembles.is_ensemble(folder):
-        return False
+        return None
     try:
         info = ensembles.read(folder)
         ensembles.check_members(info, folder)  # each member's weights as they were
-    except UserError:
-        return False
+    except UserError as err:
+        return f"{err}"
     spec = data.canonical(keys.get("data") or checkpoint.read_meta(runs[0])["data"])
     had = [str(Path(m["run"]).resolve()) for m in info["members"]]
-    made = (info["method"], info.get("tta", "none"), info["data"])
-    asked = (keys.get("method", "soft"), keys.get("tta", "none"), spec)
-    return had == [str(Path(r).resolve()) for r in runs] and made == asked
+    made = {"members": had, "method": info["method"], "tta": info.get("tta", "none"),
+            "data": info["data"]}  # fmt: skip
+    asked = {"members": [str(Path(r).resolve()) for r in runs], "method": keys.get("method", "soft"),
+             "tta": keys.get("tta", "none"), "data": spec}  # fmt: skip
+    return resume.config_changes(made, asked)
 
 
 def tta_label(tta: str) -> str:
