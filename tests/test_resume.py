@@ -126,11 +126,14 @@ def test_stats_read_from_the_device_every_few_steps_change_nothing_and_resume_ex
     assert all(torch.equal(w[0][k], r[k]) for k in r)
 
 
-def test_a_resume_on_data_whose_files_changed_is_refused(folder_data, tmp_path, monkeypatch):
+def test_a_resume_on_data_whose_files_changed_is_refused(
+    folder_data, tmp_path, monkeypatch, capsys
+):
     """Images added after a kill: --resume carved the splits anew without a word, so images it
     had trained on were scored as val and test, and its place in the epoch indexed others."""
     import shutil
 
+    from transferlab.cli import main
     from transferlab.config import Preempted, UserError
 
     (data := tmp_path / "data").mkdir()
@@ -143,9 +146,14 @@ def test_a_resume_on_data_whose_files_changed_is_refused(folder_data, tmp_path, 
     monkeypatch.delenv("TRANSFERLAB_FAULT")
     added = data / "train" / "a" / "added.png"
     shutil.copy(next((data / "test" / "b").iterdir()), added)
+    (data / "train" / "a" / "notes.txt").write_text("a file it skips, with a note")
     before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
     with pytest.raises(UserError, match=r"cannot resume .*: the files of folder:.* changed since"):
         trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "r"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()  # one line: before the note of the file it skips
+    assert len(err.splitlines()) == 1 and "changed since it began" in err
     assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before  # as it was
     added.unlink()  # the data as they were: it resumes
     assert trainer.fit(cfg, tmp_path / "r", resume=True, quiet=True)["epochs_run"] == 2

@@ -91,9 +91,9 @@ def fit(
     cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
     check_destination(cfg, out, resume, overwrite, log_json, d)  # before anything is loaded
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
-    loop = setup(cfg, out, said, d)  # data, model, weights, plan: validated, nothing written
-    if resume and d.main:
-        refuse_data_change(out, loop.ds)
+    loop = setup(
+        cfg, out, said, d, resume
+    )  # data, model, weights, plan: validated, nothing written
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (with
     # --overwrite it had emptied the old run first)
     loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
@@ -185,13 +185,15 @@ def claimed(out: Path, resume: bool, overwrite: bool, mark: dict, d):
         yield
 
 
-def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist) -> Loop:
+def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = False) -> Loop:
     """Data, model (on the device, channels_last), preprocessing, lineage, precision, the plan.
 
     Everything a user can get wrong is refused here, before the run folder is touched.
     """
     weights.check_model(cfg)  # a typo in --model costs no data loading
     ds = data.load(cfg.data, cfg.val_fraction, cfg.limit, cfg.fold)
+    if resume and d.main:  # (before any note: a refusal is one line)
+        refuse_data_change(out, ds)
     for note in ds.notes:  # all but the sizes say what was left out or is missing
         log(f"[{out.name}] {note}", note=not note.startswith(("splits: ", leaks.PART)))
     torch.manual_seed(cfg.seed)  # model init
