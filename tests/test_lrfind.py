@@ -50,7 +50,9 @@ def test_lr_find_on_a_linear_probe_is_refused_and_a_range_without_a_minimum_says
 
     from conftest import tiny_cfg
 
-    cfg = tiny_cfg(f"folder:{folder_data}", strategy="linear-probe", lr="auto")
+    with pytest.raises(UserError, match="lr has no effect here: .*L-BFGS"):  # train --lr auto
+        tiny_cfg(f"folder:{folder_data}", strategy="linear-probe", lr="auto")
+    cfg = tiny_cfg(f"folder:{folder_data}", strategy="linear-probe")  # as lr-find makes it
     with pytest.raises(UserError, match="no learning rate to find"):
         trainer.lr_find(cfg, tmp_path / "probe", quiet=True)
     assert not (tmp_path / "probe").exists()
