@@ -226,6 +226,11 @@ def test_a_run_that_has_not_finished_is_named_as_left_out_and_a_file_is_not_miss
     assert said in capsys.readouterr().err and said in (tmp_path / "report.md").read_text()
     from transferlab import outputs
 
+    (tmp_path / "first-epoch").mkdir()  # before its first checkpoint: no state/, its mark
+    outputs.mark(tmp_path / "first-epoch", "run")
+    report.write(tmp_path)
+    assert "first-epoch: a run that has not finished" in capsys.readouterr().err
+
     recipe_out = tmp_path / "recipe-out"  # a recipe's step: the recipe, run again, finishes it
     recipe_out.mkdir()
     outputs.mark(recipe_out, "recipe")

@@ -207,6 +207,10 @@ def test_a_default_top_k_above_the_classes_is_clamped_as_predict_does(trained_ru
     for flag, value in (("--top-k", "0"), ("--max-batch", "-1"), ("--max-mb", "nan")):
         assert main(["serve", str(trained_run), flag, value]) == 2  # the flag, not all four
         assert f"{flag} must be positive, got {value}" in capsys.readouterr().err
+    for value in ("inf", "1e300"):  # a traceback; no limit at all, unsaid
+        assert main(["serve", str(trained_run), "--max-mb", value]) == 2
+        err = capsys.readouterr().err
+        assert "--max-mb is at most 10000" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_run_replaced_while_served_is_answered_from_the_files_on_disk(tmp_path, folder_data):

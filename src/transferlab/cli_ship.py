@@ -254,6 +254,8 @@ def cmd_serve(args) -> None:
                         ("--max-mb", args.max_mb)):  # fmt: skip
         if not value > 0:  # nan too
             raise UserError(f"{flag} must be positive, got {value:g}")
+    if not args.max_mb <= 10_000:  # inf: a traceback; 1e300: no limit at all, unsaid
+        raise UserError(f"--max-mb is at most 10000 (MB per image), got {args.max_mb:g}")
     if not 0 <= args.max_wait_ms <= 10_000:
         raise UserError(f"--max-wait-ms is 0..10000 (milliseconds), got {args.max_wait_ms:g}")
     serve.serve(args.path, args.host, args.port, max_batch=args.max_batch,

@@ -248,13 +248,14 @@ def write(root: str | Path, held: bool = False) -> tuple[Path, str]:
 
 
 def _unfinished(root: Path) -> list[Path]:
-    """The run folders under `root` with training state but no meta.json yet (they were left
-    out of the table without a word)."""
+    """The run folders under `root` without meta.json yet: marked as runs, or with training
+    state (they were left out of the table without a word; one in its first epoch has no
+    state yet, only its mark)."""
+    found = {p.parent for name in (outputs.MARK, "state") for p in root.rglob(name)}
     return sorted(
-        p.parent
-        for p in root.rglob("state")
-        if not (p.parent / "meta.json").exists()
-        and (outputs.read_mark(p.parent) or {}).get("kind") == "run"
+        p
+        for p in found
+        if not (p / "meta.json").exists() and (outputs.read_mark(p) or {}).get("kind") == "run"
     )
 
 
