@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -330,3 +331,16 @@ def test_runs_linked_into_the_folder_are_reported_once(trained_run, tmp_path):
     (tmp_path / "cmp" / "loop").symlink_to(tmp_path / "cmp")  # a loop: read once
     _, table = report.write(tmp_path / "cmp")
     assert [r.split("|")[1].strip() for r in table.splitlines()[2:]] == ["linked"]
+
+
+def test_a_report_of_the_current_folder_is_titled_with_its_name(trained_run, tmp_path, monkeypatch):
+    """`report .` wrote "# transferlab report: " and an empty <title> and <h1>."""
+    shutil.copytree(trained_run, tmp_path / "study" / "a")
+    monkeypatch.chdir(tmp_path / "study")
+    report.write(Path("."))
+    assert (
+        (tmp_path / "study" / "report.md").read_text().startswith("# transferlab report: study\n")
+    )
+    page = (tmp_path / "study" / "report.html").read_text()
+    assert "<title>transferlab report: study</title>" in page
+    assert "<h1>transferlab report: study</h1>" in page

@@ -233,9 +233,9 @@ def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
             f"{name}: most confident mistakes", run,
         ) + "</section>"  # fmt: skip
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>transferlab report: {html.escape(root.name)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>transferlab report: {html.escape(root.resolve().name)}</title>
 <style>{CSS}</style></head><body>
-<h1>transferlab report: {html.escape(root.name)}</h1>
+<h1>transferlab report: {html.escape(root.resolve().name)}</h1>
 <p class="note">Top-1 on the held-out test split; val is carved from train; train top-1 is measured
 on augmented batches during training. Click a column header to sort.</p>
 <table class="sortable" id="comparison"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>

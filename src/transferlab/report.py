@@ -300,7 +300,7 @@ def _write(root: Path) -> tuple[Path, str]:
         default=None,
     )
     parts = [
-        f"# transferlab report: {root.name}",
+        f"# transferlab report: {root.resolve().name}",  # (`report .`: its name, not "")
         "",
         "Top-1 on the held-out test split; "
         "val is carved from train. Train top-1 is measured on augmented batches during "
