@@ -293,3 +293,29 @@ def test_a_body_without_its_length_is_read_only_up_to_the_limit(content_type, ca
     with pytest.raises(serve.BadUpload, match=f"passed {cap_mb:g} MB before its end; the limit is 0.5 MB"):  # fmt: skip
         asyncio.run(serve.uploads_of(Request(scope, receive), max_mb=0.5))
     assert sent * 65536 <= cap_mb * 1e6 + 65536  # one chunk past the limit at most
+
+
+def test_a_request_cancelled_while_batched_does_not_stop_the_worker():
+    """Its future was set all the same: InvalidStateError ended the worker, and every request
+    after it waited for ever."""
+    import asyncio
+
+    from transferlab import serve
+
+    class Answers:
+        def rows(self, images, k):
+            return [{"predictions": [{"label": "a"}]} for _ in images], None
+
+    async def requests():
+        batcher = serve.Batcher(Answers(), max_batch=4, max_wait_ms=20, queue=asyncio.Queue())
+        worker = asyncio.create_task(batcher.run())
+        left = asyncio.get_running_loop().create_future()
+        left.cancel()  # its client hung up while it waited in the queue
+        batcher.queue.put_nowait((None, 1, left))
+        await asyncio.sleep(0.1)
+        try:
+            return await asyncio.wait_for(batcher.predict([None], 1), 5)
+        finally:
+            worker.cancel()
+
+    assert asyncio.run(requests()) == [[{"label": "a"}]]

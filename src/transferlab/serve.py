@@ -133,7 +133,7 @@ class Batcher:
             while len(items) < self.max_batch and (left := deadline - loop.time()) > 0:
                 try:
                     items.append(await asyncio.wait_for(self.queue.get(), left))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # (TimeoutError's alias since 3.11; not in 3.10)  # noqa: UP041
                     break
             images = [image for image, _, _ in items]
             k = max(top_k for _, top_k, _ in items)
@@ -142,10 +142,12 @@ class Batcher:
                 rows, _ = await asyncio.to_thread(self.live.rows, images, k)
             except Exception as err:  # noqa: BLE001 - every waiting request hears of it
                 for _, _, future in items:
-                    future.set_exception(err)
+                    if not future.done():  # (a request cancelled meanwhile: its client left)
+                        future.set_exception(err)
                 continue
             for row, (_, top_k, future) in zip(rows, items, strict=True):
-                future.set_result(row["predictions"][:top_k])
+                if not future.done():  # (setting it raised, and the worker died for good)
+                    future.set_result(row["predictions"][:top_k])
 
     async def predict(self, images: list[Image.Image], top_k: int) -> list[list[dict]]:
         loop = asyncio.get_running_loop()
