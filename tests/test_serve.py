@@ -132,6 +132,12 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
     many, headers = multipart([(f"{i}.png", good) for i in range(65)])
     got_status, got = call(url + "/predict", many, headers)
     assert got_status == 413 and "holds 65 images; the limit is 64" in got["error"]
+    # FastAPI's own answers take the same shape ({"detail": ...} was theirs)
+    form = {"Content-Type": "multipart/form-data"}  # no boundary: a form that cannot be read
+    for where, body, headers, status in (("/predict", b"x", form, 400), ("/nowhere", None, {}, 404),
+                                         ("/health", b"x", {}, 405)):  # fmt: skip
+        got_status, got = call(url + where, body, headers)
+        assert got_status == status and set(got) == {"error"}, (where, got)
     assert call(url + "/predict", good)[0] == 200  # still serving
 
 

@@ -39,6 +39,7 @@ try:  # the optional extra `serve`; module-level so FastAPI resolves the handler
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 except ImportError:
     FastAPI = None
 
@@ -248,6 +249,10 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
     @app.exception_handler(BadUpload)
     async def bad_upload(request, err: BadUpload):
         return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(HTTPException)  # 404, 405, a malformed form: {"detail"} was theirs
+    async def http_error(request, err: HTTPException):
+        return JSONResponse({"error": str(err.detail)}, err.status_code, dict(err.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def bad_query(request, err: RequestValidationError):
