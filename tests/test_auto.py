@@ -921,3 +921,15 @@ def test_a_recipe_s_auto_step_out_of_budget_says_how_a_recipe_gives_it_more(tmp_
         recipe.run(book, tmp_path / "out", quiet=True)
     assert "give step 1 a larger budget (--set steps.0.budget=...) and run the recipe again" in str(said.value)  # fmt: skip
     assert "--resume" not in str(said.value) and "--budget" not in str(said.value)
+
+
+def test_a_chosen_candidate_keeps_why_it_ran_as_it_did_and_a_resume_s_choice_its_own():
+    """A member cut to 5 of its 10 epochs read "in best (weight 0.20)" alone: two studies' CV
+    of one candidate differed with nothing saying why; a resume kept the earlier choice's words."""
+    cut = "5 of 10 epochs, to fit the time left"
+    assert autochoose.chosen_why(cut, 0.2) == f"in best (weight 0.20); {cut}"
+    assert autochoose.chosen_why(cut, 0.0) == f"not chosen; {cut}"
+    assert autochoose.chosen_why("", 0.5) == "in best (weight 0.50)"
+    again = autochoose.chosen_why(autochoose.chosen_why(cut, 0.2), 0.0)  # chosen otherwise now
+    assert again == f"not chosen; {cut}"
+    assert autochoose.chosen_why("in best (weight 0.50)", 0.0) == "not chosen"

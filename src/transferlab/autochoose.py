@@ -6,6 +6,7 @@ out-of-fold predictions), score test once, and write the leaderboard (report.md,
 from __future__ import annotations
 
 import html
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -104,7 +105,7 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
             + ("  <- chosen" if r is best else "")
         )
     for c, w in zip(done, best["weights"], strict=True):
-        c.why = f"in best (weight {w:.2f})" if w > 0 else (c.why or "not chosen")
+        c.why = chosen_why(c.why, w)
     test, scored = _build_best(out, done, best, quiet)
     notes = _notes(out / "best")  # what its test score holds (byte copies of training images)
     return {
@@ -117,6 +118,15 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
         "options": [{k: _plain(v) for k, v in r.items()} for r in rows],
         "test": test,
     }
+
+
+def chosen_why(why: str, weight: float) -> str:
+    """A finished candidate's leaderboard line: whether the choice took it, then why it ran as
+    it did ("5 of 10 epochs, to fit the time left": a chosen one's was dropped, and a resume's
+    choice kept the earlier choice's words)."""
+    said = f"in best (weight {weight:.2f})" if weight > 0 else "not chosen"
+    own = re.sub(r"^(in best \(weight [\d.]+\)|not chosen)(; )?", "", why or "")
+    return f"{said}; {own}" if own else said
 
 
 def _plain(v):
