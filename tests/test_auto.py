@@ -933,3 +933,21 @@ def test_a_chosen_candidate_keeps_why_it_ran_as_it_did_and_a_resume_s_choice_its
     again = autochoose.chosen_why(autochoose.chosen_why(cut, 0.2), 0.0)  # chosen otherwise now
     assert again == f"not chosen; {cut}"
     assert autochoose.chosen_why("in best (weight 0.50)", 0.0) == "not chosen"
+
+
+def test_a_study_stopped_by_sigterm_says_to_resume_the_study_not_its_fold(tmp_path, monkeypatch):
+    """It said "state saved in S/candidates/dcnn-19/fold-1/state: rerun with --resume": the
+    fold run's folder, which a user would resume with train, outside the study."""
+
+    def stopped(c, *a):
+        raise Preempted(f"stopped by SIGTERM at epoch 2 step 1; state saved in {out}/candidates"
+                        f"/{c.name}/fold-1/state: rerun with --resume to continue")  # fmt: skip
+
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate("a", 0, kind="train")])
+    monkeypatch.setattr(auto, "estimate", lambda c, ds, precision: (10.0, 0.0, 0.0))
+    monkeypatch.setattr(auto, "_run_candidate", stopped)
+    out = tmp_path / "study"
+    with pytest.raises(Preempted) as err:
+        auto.run("digits", "5m", out, quiet=True, log=lambda *a: None)
+    assert str(err.value) == (f"stopped by SIGTERM in candidate a (the study, its state too, is "
+                              f"kept in {out}): rerun with --resume to continue")  # fmt: skip

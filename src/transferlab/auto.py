@@ -55,6 +55,7 @@ from . import (
 )
 from .autospace import FOLDS, Candidate, candidates, clean, estimate, recalibrate
 from .config import Preempted, UnreadableImages, UserError
+from .resume import RESUME
 
 SAFETY = 1.15  # a candidate starts only if its estimate times this fits in the time left
 STATE = "auto.json"
@@ -324,8 +325,9 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
         except UserError as err:
             c.status, c.why = "failed", str(err)
         except Preempted:
-            if time.time() <= stop_at:
-                raise  # the user's SIGTERM: the study stops (--resume continues it)
+            if time.time() <= stop_at:  # the user's SIGTERM: the study stops, said as the study
+                raise Preempted(f"stopped by SIGTERM in candidate {c.name} (the study, its state "
+                                f"too, is kept in {out}): {RESUME}") from None  # fmt: skip
             c.status, c.why = "stopped", "the budget ran out while it trained"
         c.seconds += time.time() - t1
         decoded.add(tuple(c.pixels))
