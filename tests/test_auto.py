@@ -951,3 +951,18 @@ def test_a_study_stopped_by_sigterm_says_to_resume_the_study_not_its_fold(tmp_pa
         auto.run("digits", "5m", out, quiet=True, log=lambda *a: None)
     assert str(err.value) == (f"stopped by SIGTERM in candidate a (the study, its state too, is "
                               f"kept in {out}): rerun with --resume to continue")  # fmt: skip
+
+
+def test_the_study_s_pages_leave_out_notes_of_val_scores_they_do_not_show(trained_run, tmp_path):
+    """Its report opened with "the ensemble's val scores count images a member trained on",
+    on pages of CV and test scores only: it read as a doubt of the CV."""
+    import shutil
+
+    from transferlab import members
+
+    best = shutil.copytree(trained_run, tmp_path / "best")
+    meta = json.loads((best / "meta.json").read_text())
+    copies = "2 of the 40 test images are byte copies of training images of the same data: ..."
+    meta["notes"] = [f"f2 split the data otherwise: {members.VAL_SEEN}", copies]
+    (best / "meta.json").write_text(json.dumps(meta))
+    assert autochoose._notes(best) == [copies]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint, combiners, data, ensembles, evaluate, folds, leaks, outputs
+from . import checkpoint, combiners, data, ensembles, evaluate, folds, leaks, members, outputs
 from .autospace import FOLDS, Candidate
 from .config import UserError
 
@@ -164,9 +164,11 @@ def _build_best(out: Path, done: list[Candidate], best: dict, quiet: bool) -> tu
 
 
 def _notes(dest: Path) -> list[str]:
-    """The notes DIR/best recorded with its test score (as `report` reads them)."""
+    """The notes DIR/best recorded with its test score (as `report` reads them); not those of
+    its val scores, which the study's pages do not show (they read as doubts of its CV)."""
     ens = ensembles.is_ensemble(dest)
-    return (ensembles.read(dest, resolve=False) if ens else checkpoint.read_meta(dest)).get("notes", [])  # fmt: skip
+    notes = (ensembles.read(dest, resolve=False) if ens else checkpoint.read_meta(dest)).get("notes", [])  # fmt: skip
+    return [n for n in notes if not members.val_used({"notes": [n]})[0]]
 
 
 def _kept(dest: Path, runs: list[Path], method: str, weights: list[float]) -> dict | None:
