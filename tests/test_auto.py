@@ -966,3 +966,22 @@ def test_the_study_s_pages_leave_out_notes_of_val_scores_they_do_not_show(traine
     meta["notes"] = [f"f2 split the data otherwise: {members.VAL_SEEN}", copies]
     (best / "meta.json").write_text(json.dumps(meta))
     assert autochoose._notes(best) == [copies]
+
+
+def test_a_study_folder_named_as_a_run_points_at_its_choice(tmp_path, capsys):
+    """evaluate, predict, serve, finetune... of the study's folder said "not a run folder (no
+    meta.json)"; report alone pointed at DIR/best."""
+    from transferlab import outputs
+
+    (study := tmp_path / "s").mkdir()
+    outputs.mark(study, "auto")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    for argv in (["evaluate", study], ["predict", study, tmp_path / "x.png"], ["finetune", "--from", study,
+                 "--out", tmp_path / "f"], ["export", study, "--format", "onnx"]):  # fmt: skip
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"{study} is a transferlab auto study, not a run folder: its choice "
+                            f"is {study / 'best'} (a run or an ensemble): name that"), err  # fmt: skip
+    assert not (tmp_path / "f").exists()

@@ -209,6 +209,9 @@ def read_meta(run: str | Path) -> dict:
             f"{run} is a transferlab folder whose command stopped before it finished "
             "(it holds no results): run that command again"
         )
+    if not path.is_file() and (read_mark(run) or {}).get("kind") == "auto":
+        raise UserError(f"{run} is a transferlab auto study, not a run folder: its choice is "
+                        f"{run / 'best'} (a run or an ensemble): name that")  # fmt: skip
     if not path.is_file():
         raise UserError(f"not a run folder (no {META}): {run}")
     try:
