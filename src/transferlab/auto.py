@@ -326,8 +326,7 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
             c.status, c.why = "failed", str(err)
         except Preempted:
             if time.time() <= stop_at:  # the user's SIGTERM: the study stops, said as the study
-                raise Preempted(f"stopped by SIGTERM in candidate {c.name} (the study, its state "
-                                f"too, is kept in {out}): {RESUME}") from None  # fmt: skip
+                raise Preempted(f"stopped by SIGTERM in candidate {c.name} (the study, its state too, is kept in {out}): {RESUME}") from None  # fmt: skip
             c.status, c.why = "stopped", "the budget ran out while it trained"
         c.seconds += time.time() - t1
         decoded.add(tuple(c.pixels))

@@ -282,10 +282,7 @@ def cmd_lr_find(args) -> None:
     print(f"suggested lr {lr:.3g}  (plot: {Path(args.out) / 'lr_find.png'})")
 
 
-TTA_HELP = (
-    "test-time augmentation per member: none | flip (mirror) | crops (ten-crop: corners and "
-    "centre at 87.5%%, each mirrored; inputs >= 96 px)"
-)
+TTA_HELP = "test-time augmentation per member: none | flip (mirror) | crops (ten-crop: corners and centre at 87.5%%, each mirrored; inputs >= 96 px)"  # fmt: skip
 
 
 def cmd_evaluate(args) -> None:
@@ -377,13 +374,8 @@ FULL = dict.fromkeys(  # what the user can do about it
 )
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"  # not Python's source line: what to know, as a user reads it
-
-
 def _refuse_blank(argv: list[str]) -> None:
-    """A blank value (`--out "$DIR"` with DIR unset) is the current folder to pathlib: a run
-    written into it, a folder named " ". Refused, for every option and argument."""
+    """A blank value (`--out "$DIR"`, DIR unset: pathlib's current folder, where a run went)."""
     for i, token in enumerate(argv):
         flag, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
         if (eq or not flag) and not value.strip():
@@ -401,7 +393,6 @@ def console() -> int:
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """One command; `started`: when its wall clock began (None: now)."""
-    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     for key, value in vars(args).items():  # `--out=~/x`, quoted '~/x': the shell left the ~
         if isinstance(value, str) and value.startswith("~"):
@@ -415,9 +406,10 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         }
     who = " ".join(filter(None, (args.command, getattr(args, "action", None))))  # data shard
-    warnings.formatwarning = _one_line_warning
+    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"  # what to know,
+    # as a user reads it, not Python's source line
     try:
-        _refuse_blank(argv)
+        _refuse_blank(sys.argv[1:] if argv is None else argv)
         with sigterm_stops(args.command != "serve"):  # (uvicorn stops serve by itself)
             (COMMANDS | cli_ship.COMMANDS)[args.command](args)
     except UserError as err:

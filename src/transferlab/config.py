@@ -251,36 +251,26 @@ def _coerce(name: str, value: object, hint: object) -> object:
     return str(value)
 
 
-# Options that act only in some setups: given explicitly elsewhere, they would be silently
-# ignored, so they are refused. (key, condition on the final config, what it needs)
+# Options that act only in some setups (key: condition on the final config, what it needs): given elsewhere, silently ignored, so refused
+# fmt: off
 APPLIES = {
     "momentum": (lambda c: c.optimizer == "sgd", "optimizer sgd"),
     "crop_pad": (lambda c: c.crop == "pad", "crop pad"),
-    "probe_l2": (
-        lambda c: c.strategy in ("linear-probe", "lp-ft"),
-        "strategy linear-probe or lp-ft",
-    ),
+    "probe_l2": (lambda c: c.strategy in ("linear-probe", "lp-ft"), "strategy linear-probe or lp-ft"),
     "layer_decay": (lambda c: c.strategy == "layer-decay", "strategy layer-decay"),
-    "head_init": (
-        lambda c: c.weights is not None or names_weights(c.model),
-        "weights to start from (--weights, or a model name with a pretrained tag)",
-    ),
+    "head_init": (lambda c: c.weights is not None or names_weights(c.model),
+                  "weights to start from (--weights, or a model name with a pretrained tag)"),
     "stem": (lambda c: c.model != "dcnn", "a timm model (dcnn has its own stem)"),
     "warmup_epochs": (lambda c: c.schedule != "plateau", "schedule cosine or constant"),
     "val_fraction": (lambda c: c.fold == "none", "fold none (with a fold, val is that fold)"),
-    "patience": (
-        lambda c: c.fold == "none" and c.strategy != "linear-probe",
-        "fold none (a fold's val scores, never chooses) and epochs to stop (linear-probe has none)",
-    ),
-    "lr": (  # auto: an LR range test, of which a probe has nothing to find (lr-find says so)
-        lambda c: c.lr != "auto" or c.strategy != "linear-probe",
-        "epochs of training to find it for (linear-probe fits its head by L-BFGS)",
-    ),
-    "feature_engine": (
-        lambda c: c.strategy in ("linear-probe", "lp-ft"),
-        "strategy linear-probe or lp-ft (it computes a probe's features)",
-    ),
+    "patience": (lambda c: c.fold == "none" and c.strategy != "linear-probe",
+                 "fold none (a fold's val scores, never chooses) and epochs to stop (linear-probe has none)"),
+    "lr": (lambda c: c.lr != "auto" or c.strategy != "linear-probe",  # auto: a range test; a probe
+           "epochs of training to find it for (linear-probe fits its head by L-BFGS)"),  # has none
+    "feature_engine": (lambda c: c.strategy in ("linear-probe", "lp-ft"),
+                       "strategy linear-probe or lp-ft (it computes a probe's features)"),
 }
+# fmt: on
 
 
 def make_config(
