@@ -168,7 +168,7 @@ def _notes(dest: Path) -> list[str]:
     its val scores, which the study's pages do not show (they read as doubts of its CV)."""
     ens = ensembles.is_ensemble(dest)
     notes = (ensembles.read(dest, resolve=False) if ens else checkpoint.read_meta(dest)).get("notes", [])  # fmt: skip
-    return [n for n in notes if not members.val_used({"notes": [n]})[0]]
+    return [n for n in notes if members.VAL_SEEN not in n and members.SOUP_VAL_SEEN not in n]
 
 
 def _kept(dest: Path, runs: list[Path], method: str, weights: list[float]) -> dict | None:

@@ -259,7 +259,7 @@ def _claim(root: Path, name: str) -> dict:
         if state.get("name") != name:
             raise UserError(f"{root} holds the dataset '{state.get('name')}'; choose another --to")
         return state
-    if root.exists() and not (root.is_dir() and not any(root.iterdir())):
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
         what = "holds other files" if root.is_dir() else "is not a folder"  # a file, /dev/null
         raise UserError(f"{root} {what}; choose a new or empty folder for --to")
     root.mkdir(parents=True, exist_ok=True)

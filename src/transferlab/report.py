@@ -251,7 +251,7 @@ def _unfinished(root: Path) -> list[Path]:
     """The run folders under `root` without meta.json yet: marked as runs, or with training
     state (they were left out of the table without a word; one in its first epoch has no
     state yet, only its mark)."""
-    found = {p.parent for name in (outputs.MARK, "state") for p in root.rglob(name)}
+    found = {p.parent for p in root.rglob("*") if p.name in (outputs.MARK, "state")}  # one walk
     return sorted(
         p
         for p in found
