@@ -182,3 +182,22 @@ def test_an_ensemble_graph_below_its_largest_members_size_says_it_is_not_the_ens
     err = capsys.readouterr().err
     assert "note: the graph's top-1 agrees with the ensemble's on " in err
     assert "its input, 8 px, is below the largest member's 24 px" in err
+
+
+def test_an_hf_export_into_a_folder_another_export_is_writing_is_refused(trained_run, tmp_path):
+    """Two exports into one folder at once both passed the folder's check, then replaced each
+    other's files one by one: a config.json of one run beside the weights of another."""
+    import fcntl
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)  # what the other export holds while it writes
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=f"another export is writing into {out} now"):
+            shipping.export_hf(trained_run, out)
+        assert list(out.iterdir()) == []
+    finally:
+        os.close(fd)
+    shipping.export_hf(trained_run, out)  # its lock gone: the export is made
+    assert (out / "config.json").is_file()

@@ -231,9 +231,11 @@ def export_hf(run: str | Path, out: str | Path | None, overwrite: bool = False) 
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        _save_hf(model, folder, meta, {"in_chans": prep.channels} if prep.channels != 3 else None)
+        with _held(folder):  # two exports into one folder at once mixed their files
+            _check_folder(folder, run, overwrite)  # again: one may have finished meanwhile
+            _save_hf(model, folder, meta, {"in_chans": prep.channels} if prep.channels != 3 else None)  # fmt: skip
     except Exception as err:  # a full disk: one line, and no new empty folder left behind
-        if made:
+        if made and not isinstance(err, UserError):  # (not one another export writes in)
             with contextlib.suppress(OSError):
                 folder.rmdir()
         code = checkpoint.write_errno(err, folder / "model.safetensors")
@@ -241,6 +243,27 @@ def export_hf(run: str | Path, out: str | Path | None, overwrite: bool = False) 
             raise
         raise OSError(code, os.strerror(code), str(folder)) from err
     return {"path": str(folder), "check": None}
+
+
+@contextlib.contextmanager
+def _held(folder: Path):
+    """An flock on the folder itself (no lock file among the exported ones); the kernel drops
+    it when the holder exits, kill -9 too. Where flock is missing (Windows): no guard."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another export is writing into {folder} now; wait for it to "
+                            "finish or choose another --out") from None  # fmt: skip
+        yield
+    finally:
+        os.close(fd)
 
 
 def _save_hf(model, folder: Path, meta: dict, model_args: dict | None) -> None:
