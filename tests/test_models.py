@@ -67,6 +67,10 @@ def test_pooled_stages_widen_only_the_head_and_a_matched_head_starts_as_the_sour
     meta = trainer.fit(tiny_cfg(f"folder:{folder_data}", epochs=1, pool_stages=1), tmp_path / "r")
     assert meta["architecture"]["pool_stages"] == 1 and "pool_stages" not in meta["preprocessing"]
     assert evaluate.load_run_model(tmp_path / "r", meta).fc.in_features > src.num_features
+    # bf16 on a CPU: the check for a bf16 gradient trap ran the plain timm forward into the
+    # widened head (a shape-mismatch traceback, every strategy that trains the network)
+    cfg = tiny_cfg(f"folder:{folder_data}", epochs=1, pool_stages=1, precision="bf16")
+    assert trainer.fit(cfg, tmp_path / "bf16")["architecture"]["pool_stages"] == 1
 
 
 def test_logits_keep_the_head_in_fp32_under_bf16_with_no_patched_method_and_no_hook():

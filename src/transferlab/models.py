@@ -362,7 +362,8 @@ def bf16_grad_trap(model: nn.Module, input_size: int, channels: int = 3) -> str:
     can fill with NaN, at this input size: not grouped, strided, wider than 1x1, on maps with a
     side of 1 pixel (resnet50 under 20 px: layer4.0.conv2, whose taps that see only padding
     got NaN where they are 0; fp32, depthwise and larger maps are exact:
-    `python benchmarks/bf16_conv_trap.py`); "" if none. Found by one eval-mode forward pass."""
+    `python benchmarks/bf16_conv_trap.py`); "" if none. Found by one eval-mode forward pass
+    through `logits` (a head that sees pooled stages needs them)."""
     hit: list[str] = []
 
     def check(name):
@@ -378,7 +379,7 @@ def bf16_grad_trap(model: nn.Module, input_size: int, channels: int = 3) -> str:
     was, device = model.training, next(model.parameters()).device
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, input_size, input_size, device=device))
+            logits(model.eval(), torch.zeros(1, channels, input_size, input_size, device=device))
     finally:
         model.train(was)
         for h in hooks:
