@@ -386,3 +386,25 @@ def test_imagenet_weights_for_the_dcnn_or_a_typo_is_one_plain_line(
     assert main([*argv, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("did you mean") <= 1 and len(err.splitlines()) == 1
+
+
+def test_weights_none_is_scratch_even_for_a_tagged_name(offline_cache):
+    """The config read the word `none` as not given, so `--model resnet18.a1_in1k --weights
+    none`, a from-scratch baseline, trained from the tag's pretrained weights (meta.json said
+    `weights: null`); hf-hub: and local-dir: with it were never refused."""
+    cfg = make_config({"model": "test_resnet.r160_in1k", "weights": "none"})
+    assert cfg.weights == "none"
+    built = weights.build(cfg, ["a", "b"], 32, 3)
+    assert built.source["weights"] == "scratch"
+    want, got = offline_cache.state_dict(), built.model.state_dict()
+    assert not all(torch.equal(got[k], want[k]) for k in want if not k.startswith("fc."))
+    with pytest.raises(UserError, match="names weights; to train from scratch, name its arch"):
+        weights.build(make_config({"model": "hf-hub:timm/test_resnet.r160_in1k",
+                                   "weights": "none"}), ["a", "b"], 32, 3)  # fmt: skip
+    with pytest.raises(UserError, match="head_init has no effect here: it needs weights"):
+        make_config({"model": "test_resnet.r160_in1k", "weights": "none", "head_init": "match"})
+    from transferlab.resume import config_changes  # a run recorded before (weights: null)
+
+    assert config_changes({"model": "dcnn", "weights": None}, {"model": "dcnn", "weights": "none"}) == ""  # fmt: skip
+    tagged = {"model": "test_resnet.r160_in1k"}  # null was the tag's weights: not scratch
+    assert config_changes(tagged | {"weights": None}, tagged | {"weights": "none"})

@@ -211,7 +211,7 @@ def _coerce(name: str, value: object, hint: object) -> object:
         return _coerce(name, value, float)
     optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
     base = next((a for a in hint.__args__ if a is not type(None)), str) if optional else hint
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")[name == "weights":]):  # fmt: skip
         if optional:
             return None
         raise UserError(f"{name} may not be empty")
@@ -258,7 +258,7 @@ APPLIES = {
     "crop_pad": (lambda c: c.crop == "pad", "crop pad"),
     "probe_l2": (lambda c: c.strategy in ("linear-probe", "lp-ft"), "strategy linear-probe or lp-ft"),
     "layer_decay": (lambda c: c.strategy == "layer-decay", "strategy layer-decay"),
-    "head_init": (lambda c: c.weights is not None or names_weights(c.model),
+    "head_init": (lambda c: c.weights != "none" and (c.weights is not None or names_weights(c.model)),
                   "weights to start from (--weights, or a model name with a pretrained tag)"),
     "stem": (lambda c: c.model != "dcnn", "a timm model (dcnn has its own stem)"),
     "warmup_epochs": (lambda c: c.schedule != "plateau", "schedule cosine or constant"),

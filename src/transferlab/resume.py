@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import checkpoint, data, guards
-from .config import Preempted, TrainConfig, UserError, to_dict
+from .config import Preempted, TrainConfig, UserError, names_weights, to_dict
 
 if TYPE_CHECKING:
     from .trainer import Loop
@@ -238,6 +238,8 @@ def config_changes(saved: dict, now: dict) -> str:
     """The keys whose values differ between a saved config and this one ("" when none)."""
 
     def norm(key, value):
+        if key == "weights" and value is None and not names_weights(now.get("model", "")):
+            return "none"  # (runs from before `none` was kept as the word: the same scratch)
         return data.canonical(value) if key == "data" and isinstance(value, str) else value
 
     safe = set(SAFE_ON_RESUME)
