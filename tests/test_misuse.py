@@ -799,6 +799,32 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_anything_runs(tmp_path, ca
     assert note.read_text() == "keep me"
 
 
+def test_a_cache_dir_in_the_run_or_in_another_run_is_refused_before_anything_is_made(
+    tmp_path, capsys, folder_data
+):
+    """--cache-dir = --out (or inside it) left a folder of cache files that every retry,
+    --overwrite too, refused as "not a run folder"; --cache-dir in another run wrote into it,
+    and that run's --overwrite was refused from then on."""
+    train = ["train", "--data", f"folder:{folder_data}", "--model", "dcnn", "--input-size", "16",
+             "--epochs", "1", "--limit", "20", "--quiet"]  # fmt: skip
+    assert main([*train, "--out", str(tmp_path / "base")]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in (tmp_path / "base").iterdir())
+    for cache, out, says in (
+        ("new", "new", "is inside --out"),
+        ("new/cache", "new", "is inside --out"),
+        ("base", "new", "is inside the transferlab run folder"),
+        ("base/cache", "new", "is inside the transferlab run folder"),
+    ):
+        assert (
+            main([*train, "--cache-dir", str(tmp_path / cache), "--out", str(tmp_path / out)]) == 2
+        )
+        err = capsys.readouterr().err
+        assert says in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == before
+
+
 def test_a_cache_named_by_the_environment_or_a_recipe_is_checked_before_anything_runs(
     tmp_path, capsys, monkeypatch
 ):

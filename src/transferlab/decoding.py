@@ -201,11 +201,18 @@ def named_cache(setting: str | None, what: str = "--cache-dir") -> tuple[Path, s
     return path, what if setting else "$TRANSFERLAB_CACHE"
 
 
-def check_cache(setting: str | None, what: str = "--cache-dir") -> None:
-    """The cache the user named can be made a folder here: refused before a command claims its
-    folder (it failed at the first decode, after a run's folder or a study's seconds)."""
-    if named := named_cache(setting, what):
-        outputs.check_creatable(*named)
+def check_cache(setting: str | None, what: str = "--cache-dir", out: Path | None = None) -> None:
+    """The cache the user named can be made a folder here, and is not `out` (the folder the
+    command writes), in it, or in a folder transferlab made: its files were left among a run's
+    (the run then refused as "not a run folder", its --overwrite too). Refused before a command
+    claims its folder (it failed at the first decode, after a run's folder or a study's seconds)."""
+    if not (named := named_cache(setting, what)):
+        return
+    outputs.check_creatable(*named)
+    if out is not None and outputs.inside(named[0], out):
+        raise UserError(f"{named[1]} {named[0]} is inside --out {out}: its files would lie among the run's; choose another {named[1]}")  # fmt: skip
+    if found := outputs.enclosing(named[0]) or ((named[0], k["kind"]) if (k := outputs.read_mark(named[0])) else None):  # fmt: skip
+        raise UserError(f"{named[1]} {named[0]} is inside the transferlab {found[1]} folder {found[0]}: choose another {named[1]}")  # fmt: skip
 
 
 def cache_key(paths: list[str], size: int, channels: int, interpolation: str) -> str:

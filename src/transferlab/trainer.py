@@ -163,7 +163,7 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
         outputs.check_log_file(log_json, out)
         if cfg.data.partition(":")[0] in data.PATH_KINDS:  # (a file among the images)
             outputs.refuse_overlap(log_json, [cfg.data.partition(":")[2]], "the data folder", "--log-json")  # fmt: skip
-    decoding.check_cache(cfg.cache_dir)
+    decoding.check_cache(cfg.cache_dir, out=out)
     elastic = "TORCHELASTIC_RESTART_COUNT" in os.environ  # torchrun --max-restarts: --resume
     if resume and not out.exists() and not elastic:  # from its first launch; else a typo
         raise UserError(f"--resume: {out} does not exist, so nothing in it can be resumed: check "
