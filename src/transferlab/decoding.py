@@ -216,19 +216,22 @@ def check_cache(setting: str | None, what: str = "--cache-dir", out: Path | None
 
 
 def cache_key(paths: list[str], size: int, channels: int, interpolation: str) -> str:
-    """A digest of what the decoded array depends on: files (path, size, mtime) and target."""
+    """A digest of what the decoded array depends on: files (path, size, mtime, ctime) and
+    target. The ctime, which no copy or os.utime can set: `cp -p`, rsync -a and tar keep the
+    mtime, and a BMP's size never changes, so new pixels were served from the old array."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, size, channels, interpolation]).encode())
-    stamp(h, paths)
+    stamp(h, paths, ctime=True)
     return h.hexdigest()[:32]
 
 
-def stamp(h, paths: list[str], root: Path | None = None) -> None:
-    """Feed each file's path (relative to `root` if given), size and modification time to the
-    hash `h` (no file is read)."""
+def stamp(h, paths: list[str], root: Path | None = None, ctime: bool = False) -> None:
+    """Feed each file's path (relative to `root` if given), size and modification time (and
+    `ctime`, its inode's change time) to the hash `h` (no file is read)."""
     for path in paths:
         st = os.stat(path)
         name = os.path.relpath(path, root) if root is not None else path
-        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(errors="surrogateescape"))
+        changed = f"\0{st.st_ctime_ns}" if ctime else ""
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}{changed}\n".encode(errors="surrogateescape"))  # fmt: skip
 
 
 def _cached_decode(
