@@ -113,7 +113,7 @@ def tiny_cfg(data: str, **kw):
         "precision": "fp32",
         **kw,
     }
-    return make_config(base)
+    return make_config(base, check_applies=kw)  # (a probe takes no epochs, batch size or lr)
 
 
 @pytest.fixture(scope="session")

@@ -453,6 +453,12 @@ def test_S31_resume_refuses_a_changed_config_naming_the_keys(capsys, tmp_path, f
         # a probe has no epochs to stop or find an LR for; a trained run no probe's features
         (["--strategy", "linear-probe", "--lr", "auto"], "lr has no effect here: .*L-BFGS"),
         (["--strategy", "linear-probe", "--patience", "1"], "patience has no effect here"),
+        # TINY's epochs and batch size, and these: a probe's head is fitted by L-BFGS (its
+        # results were bit-identical with any of them)
+        (
+            ["--strategy", "linear-probe", "--crop", "rrc", "--label-smoothing", "0.1"],
+            "epochs has no effect with strategy linear-probe: it fits its head by L-BFGS",
+        ),
         (["--feature-engine", "torch"], "feature_engine has no effect here: it needs strategy"),
     ],
 )

@@ -181,3 +181,28 @@ def test_a_mirror_probe_sees_both_views_wherever_it_predicts(trained_run, tmp_pa
 
 def checkpoint_meta_without_mirror(meta: dict) -> dict:
     return {**meta, "architecture": {**meta["architecture"], "mirror": False}}
+
+
+def test_an_option_a_probe_never_uses_is_refused_where_it_is_given_not_in_shared_defaults():
+    """A probe ran bit-identical with any --lr, --epochs, --optimizer, --crop and the rest: the
+    options were accepted and recorded without a word. A recipe's defaults and --set, which
+    every step shares, still set them for the steps that train for epochs."""
+    from transferlab.config import PROBE_IGNORES, TrainConfig, UserError, make_config
+    from transferlab.recipebook import train_config
+
+    values = {"epochs": 3, "batch_size": 8, "optimizer": "sgd", "lr": 0.5, "weight_decay": 0.3,
+              "schedule": "constant", "warmup_epochs": 0.5, "label_smoothing": 0.2, "crop": "rrc"}  # fmt: skip
+    assert set(values) == set(PROBE_IGNORES)
+    for key, value in values.items():
+        with pytest.raises(UserError, match=f"^{key} has no effect with strategy linear-probe"):
+            make_config({"strategy": "linear-probe", key: value})
+        make_config({"strategy": "linear-probe", key: getattr(TrainConfig(), key)})  # a no-op
+        make_config({"strategy": "lp-ft", key: value})  # its fine-tune uses it
+    recipe = {
+        "data": "digits",
+        "defaults": {"epochs": 5, "lr": 0.001},
+        "overrides": {"crop": "rrc"},
+    }
+    assert train_config(recipe, {"strategy": "linear-probe"}).epochs == 5  # (unused: shared)
+    with pytest.raises(UserError, match="^epochs has no effect with strategy linear-probe"):
+        train_config(recipe, {"strategy": "linear-probe", "epochs": 3})

@@ -145,9 +145,7 @@ class TrainConfig:
     weight_decay: float = opt(0.05, "decoupled for adamw, L2 for adam/sgd")
     momentum: float = opt(0.9, "SGD momentum (optimizer sgd only)")
     schedule: str = opt("cosine", "cosine | plateau | constant")
-    warmup_epochs: float = opt(
-        0.0, "linear warm-up before the schedule (fraction of epochs allowed)"
-    )
+    warmup_epochs: float = opt(0.0, "linear warm-up before the schedule (fraction of epochs allowed)")  # fmt: skip
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
     flip: bool = opt(True, "random horizontal flip (off for digits and text)")
     crop: str = opt("pad", "pad (random crop with padding) | rrc (random-resized-crop) | none")
@@ -163,12 +161,8 @@ class TrainConfig:
         False,
         "linear-probe: the head sees the mean features of each image and its mirror (twice the forward cost; the model keeps doing so wherever it predicts)",
     )
-    layer_decay: float = opt(
-        0.75, "layer-decay: each block group's LR is this times the group above"
-    )
-    probe_l2: float | str = opt(
-        "auto", "linear probe's L2 (standardised features); auto: CV on train"
-    )
+    layer_decay: float = opt(0.75, "layer-decay: each block group's LR is this times the group above")  # fmt: skip
+    probe_l2: float | str = opt("auto", "linear probe's L2 (standardised features); auto: CV on train")  # fmt: skip
     freeze: str = opt(
         "none",
         "none | backbone (the head trains) | N (the N lowest block groups, stem first, stay frozen); frozen BatchNorm keeps its statistics",
@@ -270,14 +264,17 @@ APPLIES = {
     "feature_engine": (lambda c: c.strategy in ("linear-probe", "lp-ft"),
                        "strategy linear-probe or lp-ft (it computes a probe's features)"),
 }
+# what a linear probe never uses: it fits its head by L-BFGS on features computed once
+PROBE_IGNORES = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "crop")
 # fmt: on
 
 
 def make_config(
-    overrides: dict, base: TrainConfig | None = None, check_applies: bool = True
+    overrides: dict, base: TrainConfig | None = None, check_applies: bool | typing.Iterable = True
 ) -> TrainConfig:
     """Apply a dict of overrides to a config; unknown keys and wrong types raise UserError,
-    and so does an option given for a setup it does not act in (see APPLIES)."""
+    and so does an option given for a setup it does not act in (see APPLIES; `check_applies`:
+    the keys to check, when not all: a recipe step's own, not the defaults every step shares)."""
     base = base or TrainConfig()
     names = field_names(TrainConfig)
     hints = typing.get_type_hints(TrainConfig)
@@ -292,11 +289,13 @@ def make_config(
     cfg = dataclasses.replace(base, **clean)
     validate(cfg)
     defaults = TrainConfig()
-    for key in clean if check_applies else ():  # (the default value does nothing anyway)
-        if key in APPLIES and clean[key] != getattr(defaults, key) and not APPLIES[key][0](cfg):
-            raise UserError(
-                f"{key} has no effect here: it needs {APPLIES[key][1]}; drop it or change that"
-            )
+    given = clean if check_applies is True else {k.replace("-", "_") for k in check_applies or ()}  # fmt: skip
+    checked = [k for k in clean if k in given and clean[k] != getattr(defaults, k)]  # (a default does nothing anyway)  # fmt: skip
+    for key in sorted(checked, key=lambda k: k not in APPLIES):  # (its own words first)
+        if key in APPLIES and not APPLIES[key][0](cfg):
+            raise UserError(f"{key} has no effect here: it needs {APPLIES[key][1]}; drop it or change that")  # fmt: skip
+        if key in PROBE_IGNORES and cfg.strategy == "linear-probe":
+            raise UserError(f"{key} has no effect with strategy linear-probe: it fits its head by L-BFGS on features computed once (no epochs, optimizer or augmentation); drop it or choose another strategy")  # fmt: skip
     return cfg
 
 

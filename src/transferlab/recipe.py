@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from . import autochoose, checkpoint, data, ensembles, outputs, report, resume, strategies, trainer
-from .config import Preempted, TrainConfig, UserError, make_config, to_dict
+from .config import Preempted, TrainConfig, UserError, to_dict
 from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... live there)
     EXTRA_KEYS,
     MAX_BYTES,
@@ -42,6 +42,7 @@ from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... 
     load,
     parse_step,
     ref_path,
+    train_config,
     train_settings,
     validate,
 )
@@ -126,7 +127,7 @@ AGAIN = "run the recipe again to continue (finished steps are skipped, this one 
 
 
 def _train(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
-    _fit(make_config(train_settings(recipe, keys)), out / name, quiet)
+    _fit(train_config(recipe, keys), out / name, quiet)
 
 
 def _finetune(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
@@ -176,7 +177,7 @@ def _check_finished(recipe: dict, out: Path) -> None:
             raise UserError(f"{out / name} is finished, but {', '.join(redone)}, which it is made "
                             f"from, will be made anew: delete {out / name} too, or choose another --out")  # fmt: skip
         if kind == "train":
-            refuse_changed(out / name, make_config(train_settings(recipe, keys)))
+            refuse_changed(out / name, train_config(recipe, keys))
         elif kind == "finetune":
             refuse_changed(
                 out / name, _finetune_config(recipe, keys, out), [ref_path(keys["from"], out)]

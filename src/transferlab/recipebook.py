@@ -200,7 +200,7 @@ def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: l
         if name in names:
             raise UserError(f"step {i}: the name '{name}' is used by an earlier step")
         if kind == "train":
-            cfg = make_config(train_settings(recipe, keys))  # bad values fail before any
+            cfg = train_config(recipe, keys)  # bad values fail before any
             weights.check_model(cfg)  # step runs, a typo in a later step's model too
             data.check_spec(cfg.data, exists=out is not None)
             _check_weights(recipe, cfg.weights, out is not None)
@@ -388,6 +388,13 @@ def parse_step(step, index: int) -> tuple[str, str, dict]:
     return kind, value, keys
 
 
+def train_config(recipe: dict, keys: dict) -> TrainConfig:
+    """A train step's config; an option that has no effect on it is refused where the step
+    names it, not where the defaults or --set every step shares name it (a probe among runs
+    that train for epochs)."""
+    return make_config(train_settings(recipe, keys), check_applies=keys)
+
+
 def train_settings(recipe: dict, keys: dict, data: bool = True) -> dict:
     """A train/finetune step's options: defaults < step keys < --set overrides (a finetune
     takes its parent's data unless it names its own)."""
@@ -405,7 +412,7 @@ def _check_soup_starts(recipe: dict, name: str, keys: dict, i: int) -> None:
     members = {str(m) for m in keys.get("members") or [] if isinstance(m, str | int)}
     seeds = {}
     for kind, member, own in steps:
-        cfg = make_config(train_settings(recipe, own)) if kind == "train" else None
+        cfg = train_config(recipe, own) if kind == "train" else None
         if cfg and member in members and cfg.weights in (None, "none"):
             if not names_weights(cfg.model):  # from scratch: its seed draws every weight
                 seeds[member] = cfg.seed
