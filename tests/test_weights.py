@@ -408,3 +408,42 @@ def test_weights_none_is_scratch_even_for_a_tagged_name(offline_cache):
     assert config_changes({"model": "dcnn", "weights": None}, {"model": "dcnn", "weights": "none"}) == ""  # fmt: skip
     tagged = {"model": "test_resnet.r160_in1k"}  # null was the tag's weights: not scratch
     assert config_changes(tagged | {"weights": None}, tagged | {"weights": "none"})
+
+
+def test_a_weights_file_brings_the_classes_of_its_run_or_its_export(trained_run, tmp_path):
+    """A run's model.safetensors (or its safetensors export) as --weights onto data whose
+    classes are in another order kept its head by position: red images came out "blue" with
+    p=1.0; a copied export no longer knew its run, so its training images went uncounted."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from transferlab import export
+
+    cfg = lambda w: make_config({"model": "test_resnet", "weights": str(w), "input_size": 24})  # noqa: E731
+    shuffled, own = ["d", "c", "b", "a"], ["a", "b", "c", "d"]
+    built = weights.build(cfg(trained_run / "model.safetensors"), shuffled, 24, 3)
+    assert built.source["head"] == "new"
+    exported = export.export(trained_run, "safetensors", tmp_path / "e" / "m.safetensors")["path"]
+    shutil.copy(exported, tmp_path / "copy.safetensors")  # shipped: outside any run folder
+    for classes, head in ((own, "kept"), (shuffled, "new")):
+        built = weights.build(cfg(tmp_path / "copy.safetensors"), classes, 24, 3)
+        assert built.source["head"] == head
+        assert built.source["parent"] == str(trained_run.resolve())  # its leaks count
+    save_file(load_file(exported), tmp_path / "plain.safetensors")  # no record of anything
+    built = weights.build(cfg(tmp_path / "plain.safetensors"), shuffled, 24, 3)
+    assert built.source["head"].startswith("kept by position: the file names no classes")
+    assert "parent" not in built.source
+
+
+def test_damaged_or_foreign_weights_in_the_cache_are_said_as_such(offline_cache, tmp_path):
+    """A truncated model.safetensors in the cache (or another model's) was "no weights in the
+    cache: download them once online", which huggingface_hub never does over a file it has."""
+    snapshot = next((tmp_path / "hf" / "hub").glob("models--*/snapshots/*"))
+    blob = snapshot / "model.safetensors"
+    blob.write_bytes(blob.read_bytes()[:1000])
+    with pytest.raises(UserError, match="in the Hugging Face cache .* do not load .*: delete"):
+        weights.build(make_config({"model": "test_resnet.r160_in1k"}), ["a", "b"], 32, 3)
+    blob.unlink()  # gone: what the cache lacks
+    with pytest.raises(UserError, match="no weights for test_resnet.r160_in1k in the Hugging"):
+        weights.build(make_config({"model": "test_resnet.r160_in1k"}), ["a", "b"], 32, 3)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import safeload
@@ -167,6 +167,17 @@ def load_state_dict_file(path: str | Path, trust_pickle: bool = False) -> dict:
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} does not hold a state dict of tensors")
     return state
+
+
+def file_record(path: str | Path) -> dict:
+    """What a safetensors export of a run records of itself (`export.describe`: its classes,
+    the run it came from); {} for any other file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            info = json.loads((f.metadata() or {}).get("transferlab", "{}"))
+        return info if isinstance(info, dict) else {}
+    except (SafetensorError, OSError, ValueError):
+        return {}
 
 
 # ----------------------------------------------------------------------------- meta

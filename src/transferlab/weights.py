@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from timm.models import adapt_input_conv
 
-from . import models, packaged
+from . import checkpoint, models, packaged
 from .checkpoint import load_run_weights, load_state_dict_file, read_meta, state_sha256
 from .config import TrainConfig, UserError, names_weights
 from .models import Architecture, Preprocessing
@@ -77,40 +77,40 @@ def resolve(cfg: TrainConfig) -> Source:
     check_model(cfg)
     if weights == "none" or (not weights and not names_weights(cfg.model)):  # a tag: its weights
         if cfg.model.startswith(("hf-hub:", "local-dir:")):
-            raise UserError(
-                f"{cfg.model} names weights; to train from scratch, name its architecture"
-            )
+            raise UserError(f"{cfg.model} names weights; to train from scratch, name its architecture")  # fmt: skip
         return Source(None, None, {"weights": "scratch"})
     if weights == "imagenet" and cfg.model == "dcnn":  # the hub would be searched in vain
-        raise UserError(
-            "dcnn has no ImageNet weights (transferlab's own small CNN): train it without "
-            f"--weights, or choose a backbone that has them: {', '.join(OFFLINE_IMAGENET)}"
-        )
+        raise UserError(f"dcnn has no ImageNet weights (transferlab's own small CNN): train it without --weights, or choose a backbone that has them: {', '.join(OFFLINE_IMAGENET)}")  # fmt: skip
     if not weights or weights == "imagenet":
         return pretrained(cfg.model, "imagenet" if weights else "pretrained")
     if cfg.model.startswith(("hf-hub:", "local-dir:")):
-        raise UserError(
-            f"--weights FILE takes the preprocessing of a timm name (arch or arch.tag), "
-            f"not {cfg.model}"
-        )
+        raise UserError(f"--weights FILE takes the preprocessing of a timm name (arch or arch.tag), not {cfg.model}")  # fmt: skip
     state = load_state_dict_file(weights, cfg.trust_pickle)
-    source = {"weights": "file", "path": str(weights)}
-    if parent := run_of_file(weights, state):  # its lineage, as --weights RUN keeps it
-        source["parent"] = parent
-    return Source(state, pretrained_prep(cfg.model), source)
+    source = {"weights": "file", "path": str(Path(weights).expanduser().resolve())}
+    record = checkpoint.file_record(weights)  # an export's: its classes, the run it came from
+    classes = (record.get("classes"), record.get("class_names") or record.get("classes"))
+    if parent := run_of_file(weights, state) or run_of_file(weights, state, record.get("run")):
+        source["parent"] = parent  # its lineage, as --weights RUN keeps it (a copied export too)
+        meta = read_meta(parent)
+        classes = (meta["classes"], meta.get("class_names"))
+    return Source(state, pretrained_prep(cfg.model), source, *classes)
 
 
-def run_of_file(path: str | Path, state: dict) -> str | None:
-    """The run folder a weights file lies in (its model.safetensors, an export of it) when
-    the file holds that run's weights: the run it came from, whose training images count."""
+def run_of_file(path: str | Path, state: dict, run: str | None = None) -> str | None:
+    """The run folder a weights file lies in (its model.safetensors, an export of it), or
+    `run`, the one its export records, when the file holds that run's weights: the run it came
+    from, whose training images count."""
     from . import outputs
 
-    found = outputs.enclosing(path)
+    if run is not None:  # (what an export records: a path, else nothing to follow)
+        found = (Path(run), "run") if isinstance(run, str) else None
+    else:
+        found = outputs.enclosing(path)
     if not found or found[1] != "run":
         return None
     try:
         theirs = load_run_weights(found[0], read_meta(found[0]))
-    except UserError:
+    except (UserError, OSError, ValueError, KeyError):
         return None
     same = state_sha256(theirs) == state_sha256(state)
     return str(found[0]) if same else None
@@ -152,10 +152,7 @@ def build(
                 )
         channels = cfg.channels or src.prep.channels
         if channels != src.prep.channels:
-            raise UserError(
-                f"run {src.lineage['parent']} was trained on {src.prep.channels} channel(s), "
-                f"not {channels}"
-            )
+            raise UserError(f"run {src.lineage['parent']} was trained on {src.prep.channels} channel(s), not {channels}")  # fmt: skip
         model = arch.build(len(classes), channels)
         _load(model, src, classes, names, cfg.head_init)
         return Built(model, arch, replace(src.prep, input_size=cfg.input_size or src.prep.input_size), src.lineage)  # fmt: skip
@@ -183,6 +180,8 @@ def build(
 def _load(model, src: Source, classes, names, head_init: str) -> None:
     summary = load_into(model, src.state, classes, src.classes, head_init, names, src.names)
     src.lineage["head"] = _head_note(summary, len(classes), head_init)
+    if src.lineage["head"] == "kept" and src.classes is None:  # (a file of no run names none)
+        src.lineage["head"] = "kept by position: the file names no classes, so its row i is the data's class i"  # fmt: skip
 
 
 def _head_note(summary: dict, num_classes: int, head_init: str = "fresh") -> str:
@@ -211,11 +210,11 @@ def pretrained(name: str, kind: str = "pretrained") -> Source:
         if offline:
             from huggingface_hub import constants
 
-            raise UserError(
-                f"no weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                f"and {offline}: download them once online, or pass --weights FILE; offline "
-                f"ImageNet weights exist for {', '.join(OFFLINE_IMAGENET)}"
-            ) from None
+            if not isinstance(
+                err, OSError
+            ):  # (not found: OSErrors) its files are there, damaged or of another model
+                raise UserError(f"the weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) do not load ({first}): delete its folder there (models--ORG--NAME) and download them again online, or pass --weights FILE") from None  # fmt: skip
+            raise UserError(f"no weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {offline}: download them once online, or pass --weights FILE; offline ImageNet weights exist for {', '.join(OFFLINE_IMAGENET)}") from None  # fmt: skip
         raise UserError(f"could not get pretrained weights for {name}: {first}") from None
     pcfg = model.pretrained_cfg
     lineage = {"weights": kind, "name": name, "hub": pcfg.get("hf_hub_id") or None}
