@@ -460,6 +460,17 @@ def test_S31_resume_refuses_a_changed_config_naming_the_keys(capsys, tmp_path, f
             "epochs has no effect with strategy linear-probe: it fits its head by L-BFGS",
         ),
         (["--feature-engine", "torch"], "feature_engine has no effect here: it needs strategy"),
+        (
+            [
+                "--strategy",
+                "linear-probe",
+                "--feature-engine",
+                "onnxruntime",
+                "--precision",
+                "bf16",
+            ],
+            "feature_engine onnxruntime computes in fp32, not precision bf16",
+        ),  # (it ran fp32)
     ],
 )
 def test_S31_an_option_that_would_have_no_effect_is_refused(capsys, tmp_path, extra, message):

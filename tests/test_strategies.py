@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from transferlab import models, strategies, trainer
-from transferlab.config import make_config
+from transferlab.config import UserError, make_config
 
 from conftest import tiny_cfg
 
@@ -24,14 +24,18 @@ def test_gradual_epoch_one_trains_only_the_head_and_freezes_batchnorm(
 ):
     from safetensors.torch import load_file
 
-    cfg = tiny_cfg(f"folder:{folder_data}", strategy="gradual", epochs=1)
+    cfg = tiny_cfg(f"folder:{folder_data}", strategy="gradual", epochs=2)
     start, model = _initial_state(cfg)
-    meta = trainer.fit(cfg, tmp_path / "g1")
+    trainer.fit(cfg, tmp_path / "g1")
     assert "stage 1/" in capsys.readouterr().out
-    after = load_file(tmp_path / "g1" / "model.safetensors")
+    first = next((tmp_path / "g1" / "state").glob("step-*.pt"))  # the end of epoch 1
+    after = torch.load(first, weights_only=True)["model"]
     changed = {k for k in start if not torch.equal(start[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}  # running stats of every BatchNorm unchanged
-    assert meta["trainable_params"] == model.fc.weight.numel() + model.fc.bias.numel()
+    last = load_file(tmp_path / "g1" / "model.safetensors")  # epoch 2: the top two groups
+    assert {k for k in start if not torch.equal(start[k], last[k])} > changed
+    with pytest.raises(UserError, match="with epochs 1 the backbone never trains"):
+        tiny_cfg(f"folder:{folder_data}", strategy="gradual", epochs=1)  # (head-first's alike)
 
 
 def test_freeze_n_keeps_the_lowest_block_groups_fixed_and_trains_the_rest(folder_data, tmp_path):
@@ -119,14 +123,15 @@ def test_dcnn_has_block_groups_for_gradual_unfreezing():
 
 
 def test_head_first_trains_the_head_alone_for_one_epoch_then_everything(folder_data, tmp_path):
-    from safetensors.torch import load_file
 
-    cfg = tiny_cfg(f"folder:{folder_data}", strategy="head-first", epochs=1)
+    cfg = tiny_cfg(f"folder:{folder_data}", strategy="head-first", epochs=2)
     start, model = _initial_state(cfg)
-    trainer.fit(cfg, tmp_path / "h1", quiet=True)
-    after = load_file(tmp_path / "h1" / "model.safetensors")
+    meta = trainer.fit(cfg, tmp_path / "h2", quiet=True)
+    first = next((tmp_path / "h2" / "state").glob("step-*.pt"))  # the end of epoch 1
+    after = torch.load(first, weights_only=True)["model"]
     assert {k for k in start if not torch.equal(start[k], after[k])} == {"fc.weight", "fc.bias"}
-    meta = trainer.fit(make_config({"epochs": 2}, cfg), tmp_path / "h2", quiet=True)
+    with pytest.raises(UserError, match="strategy head-first trains the head alone in its first"):
+        make_config({"epochs": 1}, cfg)
     last = torch.load(tmp_path / "h2" / "state" / "last.pt", weights_only=True)["model"]
     assert not torch.equal(start["conv1.0.weight"], last["conv1.0.weight"])  # epoch 2: all
     assert meta["trainable_params"] == meta["params"] and meta["epochs_run"] == 2

@@ -332,11 +332,9 @@ def validate(cfg: TrainConfig) -> None:
             "itself what is frozen; use strategy full, lp-ft, head-first or layer-decay with freeze"
         )
     if cfg.freeze == "backbone" and cfg.strategy in ("lp-ft", "head-first", "layer-decay"):
-        raise UserError(  # its fine-tuning stage trained the head alone, without a word
-            f"freeze backbone leaves strategy {cfg.strategy} only the head to train in every "
-            "stage; use strategy linear-probe (or full) for the head alone, or freeze N to "
-            "fine-tune the top of the backbone"
-        )
+        raise UserError(f"freeze backbone leaves strategy {cfg.strategy} only the head to train in every stage; use strategy linear-probe (or full) for the head alone, or freeze N to fine-tune the top of the backbone")  # fmt: skip
+    if cfg.strategy in ("head-first", "gradual") and cfg.epochs < 2:  # (bit-identical, both)
+        raise UserError(f"strategy {cfg.strategy} trains the head alone in its first epoch: with epochs {cfg.epochs} the backbone never trains; give epochs 2 or more, or use strategy linear-probe for the head alone")  # fmt: skip
     if cfg.fold != "none" and not _is_fold(cfg.fold):
         raise UserError(f"fold must be none or i/k with 1 <= i <= k and k >= 2, got {cfg.fold!r}")
     if cfg.feature_engine == "onnxruntime" and not all(
@@ -347,10 +345,9 @@ def validate(cfg: TrainConfig) -> None:
             "pip install 'transferlab[export]'"
         )
     if cfg.mirror_features and cfg.strategy != "linear-probe":
-        raise UserError(
-            f"mirror_features averages a frozen backbone's features over each image and its "
-            f"mirror: it needs strategy linear-probe, not {cfg.strategy}"
-        )
+        raise UserError(f"mirror_features averages a frozen backbone's features over each image and its mirror: it needs strategy linear-probe, not {cfg.strategy}")  # fmt: skip
+    if cfg.feature_engine == "onnxruntime" and cfg.precision in ("bf16", "fp16"):  # (ran fp32)
+        raise UserError(f"feature_engine onnxruntime computes in fp32, not precision {cfg.precision}: drop one of them (auto picks the faster engine for fp32 runs)")  # fmt: skip
     if not 0 <= cfg.pool_stages <= 4:
         raise UserError(f"pool_stages must be between 0 and 4, got {cfg.pool_stages}")
     if cfg.channels not in (None, 1, 3):
