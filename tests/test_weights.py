@@ -21,6 +21,10 @@ def test_class_rows_match_by_id_then_by_name():
         ["n2", "x", "n9"], ["dog", "Cat", "fish"], ["n1", "n2", "n3"], ["cat", "dog", "bird"]
     )
     assert rows == {0: 1, 1: 0}  # n2 by id; "Cat" by name; fish is new
+    # ImageNet names half its classes by lists of synonyms: a folder "goldfish" matched none
+    imagenet = (weights.imagenet_wnids(), weights.imagenet_names())
+    rows = weights.class_rows(["goldfish", "tench", "n01440764"], ["goldfish", "Tench", "x"], *imagenet)  # fmt: skip
+    assert rows == {0: 1, 1: 0, 2: 0}
 
 
 def test_matched_head_copies_shared_rows_and_keeps_the_rest_fresh():

@@ -146,10 +146,7 @@ def build(
         arch = replace(src.architecture, mirror=cfg.mirror_features)
         for key, has in (("model", arch.name), ("stem", arch.stem), ("pool_stages", arch.pool_stages)):  # fmt: skip
             if getattr(cfg, key) not in (has, None, "", "auto", getattr(TrainConfig, key)):
-                raise UserError(  # (stem, pool_stages: they were ignored, without a word)
-                    f"--{key.replace('_', '-')} {getattr(cfg, key)} does not match the run "
-                    f"{src.lineage['parent']}, whose weights fix its architecture ({key} {has})"
-                )
+                raise UserError(f"--{key.replace('_', '-')} {getattr(cfg, key)} does not match the run {src.lineage['parent']}, whose weights fix its architecture ({key} {has})")  # fmt: skip
         channels = cfg.channels or src.prep.channels
         if channels != src.prep.channels:
             raise UserError(f"run {src.lineage['parent']} was trained on {src.prep.channels} channel(s), not {channels}")  # fmt: skip
@@ -382,6 +379,9 @@ def class_rows(
     """Target class index -> source class index, for classes both have (by id, then name)."""
     by_id = {c: j for j, c in enumerate(src_classes)}
     by_name = {str(n).lower(): j for j, n in enumerate(src_names)}
+    for j, n in enumerate(src_names):  # ImageNet's "goldfish, Carassius auratus": each synonym
+        for word in str(n).lower().split(", "):
+            by_name.setdefault(word, j)
     out = {}
     for i, (c, n) in enumerate(zip(classes, names, strict=True)):
         j = by_id.get(c, by_name.get(str(n).lower()))
