@@ -76,3 +76,16 @@ def test_its_log_axis_prints_no_font_lookups(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and (tmp_path / "lr.png").is_file(), done.stderr
     assert "findfont" not in done.stderr
+
+
+def test_lr_find_under_torchrun_is_one_line_and_makes_no_folder(tmp_path, capsys, monkeypatch):
+    """Under torchrun each process claimed the folder: one said "in use by another transferlab
+    process", the other was stopped, and a folder holding only the lock was left."""
+    from transferlab.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process
+    argv = ["lr-find", "--data", "digits", "--model", "dcnn", "--out", str(tmp_path / "lrf")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lr-find runs in one process: run it without torchrun" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "lrf").exists()
