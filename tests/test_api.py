@@ -162,3 +162,24 @@ def test_the_api_exports_and_refuses_as_the_cli_does(trained_run, tmp_path):
     ):
         with pytest.raises(UserError, match=message):
             call()
+
+
+def test_train_takes_overwrite_and_log_json_and_says_its_own_keywords(tmp_path):
+    """train() over an existing run said "pass --resume ... or --overwrite", options the API
+    did not have (overwrite= was "unknown config key"; log_json= too)."""
+    import json
+
+    import transferlab
+    from transferlab.config import UserError
+
+    kw = {"data": "digits", "model": "dcnn", "epochs": 1, "limit": 40}
+    transferlab.train(tmp_path / "r", **kw)
+    with pytest.raises(UserError, match="pass resume=True to continue it or overwrite=True to"):
+        transferlab.train(tmp_path / "r", **kw)
+    run = transferlab.train(tmp_path / "r", overwrite=True, log_json=tmp_path / "log.jsonl", **kw)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert rows and run.metrics["test"]["n"] > 0
+    transferlab.finetune(run, tmp_path / "ft", epochs=1)
+    with pytest.raises(UserError, match="pass resume=True to continue it or overwrite=True to"):
+        transferlab.finetune(run, tmp_path / "ft", epochs=1)
+    transferlab.finetune(run, tmp_path / "ft", epochs=1, overwrite=True)

@@ -12,7 +12,9 @@ ens = transferlab.ensemble([run, "runs/dcnn"], method="weighted", out="runs/ens"
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,24 +100,28 @@ def load(path: str | Path) -> Model:
 
 
 def train(
-    out: str | Path, data: str | None = None, quiet: bool = True, resume: bool = False, **config
-) -> Model:
-    """Train one model on `data` (a spec: folder:PATH, csv:FILE, ...) into the run folder `out`;
-    keyword arguments are TrainConfig fields (the CLI's --options: model, weights, strategy,
-    epochs, lr, ...)."""
+    out: str | Path, data: str | None = None, quiet: bool = True, resume: bool = False,
+    overwrite: bool = False, log_json: str | Path | None = None, **config,
+) -> Model:  # fmt: skip
+    """Train one model on `data` (a spec: folder:PATH, csv:FILE, ...) into the run folder `out`
+    (`resume` a stopped one, `overwrite` one there; `log_json`: the CLI's --log-json); keyword
+    arguments are TrainConfig fields (the CLI's --options: model, weights, strategy, epochs, lr,
+    ...)."""
     from . import trainer
     from .config import UserError, make_config
 
     if not data:
         raise UserError("train() needs data=..., e.g. data='folder:photos' or data='digits'")
     out = _path(out, "train() needs out=, the run folder to write")
-    trainer.fit(make_config({**config, "data": data}), out, resume=resume, quiet=quiet)
+    with _api_words():
+        trainer.fit(make_config({**config, "data": data}), out, resume, overwrite, quiet, log_json)
     return Model(Path(out))
 
 
 def finetune(
-    run: str | Path | Model, out: str | Path, quiet: bool = True, resume: bool = False, **config
-) -> Model:
+    run: str | Path | Model, out: str | Path, quiet: bool = True, resume: bool = False,
+    overwrite: bool = False, log_json: str | Path | None = None, **config,
+) -> Model:  # fmt: skip
     """Continue training from a finished run into `out` (the CLI's `finetune --from RUN`): its
     data, architecture and preprocessing unless overridden, at a tenth of its LR; new data with
     other classes gets a new head."""
@@ -124,7 +130,8 @@ def finetune(
     run = _path(run, "finetune() starts from a finished run: its folder, or a Model")
     out = _path(out, "finetune() needs out=, the run folder to write")
     cfg = strategies.finetune_config(os.fspath(run), config)
-    trainer.fit(cfg, out, resume=resume, quiet=quiet)
+    with _api_words():
+        trainer.fit(cfg, out, resume, overwrite, quiet, log_json)
     return Model(Path(out))
 
 
@@ -137,7 +144,8 @@ def ensemble(
     from . import ensembles
 
     out = _path(out, "ensemble() needs out=, the ensemble folder to write")
-    ensembles.build(_runs(runs, "ensemble"), method, out, None, quiet, tta, overwrite)
+    with _api_words():
+        ensembles.build(_runs(runs, "ensemble"), method, out, None, quiet, tta, overwrite)
     return Model(Path(out))
 
 
@@ -148,6 +156,23 @@ def soup(runs: list, method: str = "greedy", out: str | Path = "runs/soup") -> M
     out = _path(out, "soup() needs out=, the run folder to write")
     soups.make(_runs(runs, "soup"), method, out, quiet=True)
     return Model(Path(out))
+
+
+@contextlib.contextmanager
+def _api_words():
+    """The CLI's flags in an error, as this API's keywords: "pass --resume ... or --overwrite"
+    named options train() lacked."""
+    from .config import UserError
+
+    try:
+        yield
+    except UserError as err:
+        said = re.sub(r"--(resume|overwrite)\b", r"\1=True", str(err)).replace(
+            "--log-json", "log_json"
+        )
+        if type(err) is not UserError or said == str(err):
+            raise
+        raise UserError(said) from None
 
 
 def _path(value, what: str) -> Path:
