@@ -320,9 +320,25 @@ def test_named_weights_missing_from_the_offline_cache_fail_in_seconds_in_one_lin
         weights.build(make_config({"model": "resnet18.nope"}), ["a", "b"], 32, 3)  # fmt: skip
 
 
-def test_models_command_lists_what_is_usable_offline(offline_cache, capsys):
+def test_models_command_lists_what_is_usable_offline(offline_cache, capsys, tmp_path):
+    import shutil
+
     from transferlab.cli import main
 
+    hub = tmp_path / "hf" / "hub"  # beside it: what timm cannot use, once listed as cache
+    good = next(hub.glob("models--*"))
+    for repo, broken in (("models--bert-base-uncased", "config"), ("models--timm--test_resnet.stopped", "weights")):  # fmt: skip
+        shutil.copytree(good, hub / repo, symlinks=True)
+        snapshot = next((hub / repo).glob("snapshots/*"))
+        if broken == "config":  # a transformers model: no timm architecture
+            (snapshot / "config.json").write_text('{"model_type": "bert"}')
+        else:  # a download that stopped before its weights
+            (snapshot / "model.safetensors").unlink()
+    assert weights.available("*bert*", offline=True) == weights.available("*stopped", offline=True) == []  # fmt: skip
+    shutil.copytree(good, hub / "models--timm--test_resnet.custom", symlinks=True)  # a tag timm
+    assert [r["name"] for r in weights.available("*custom", offline=True)] == [  # lacks: a
+        "hf-hub:timm/test_resnet.custom"  # RuntimeError traceback; hf-hub: builds it
+    ]
     main(["models", "--offline"])
     out = capsys.readouterr().out
     assert "test_resnet.r160_in1k" in out and "cache" in out and "tf_efficientnet_lite0" in out

