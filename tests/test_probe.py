@@ -206,3 +206,23 @@ def test_an_option_a_probe_never_uses_is_refused_where_it_is_given_not_in_shared
     assert train_config(recipe, {"strategy": "linear-probe"}).epochs == 5  # (unused: shared)
     with pytest.raises(UserError, match="^epochs has no effect with strategy linear-probe"):
         train_config(recipe, {"strategy": "linear-probe", "epochs": 3})
+
+
+def test_a_probe_logs_and_draws_its_l2_strengths_not_epochs(trained_run, tmp_path, monkeypatch):
+    """--log-json of a linear probe stayed empty, and curves.png drew its L2 strengths as
+    "epoch" 1..4 (meta.json: epochs_run 0)."""
+    import json
+
+    from transferlab import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append((fig, path.name)))
+    cfg = strategies.finetune_config(trained_run, {"strategy": "linear-probe"})
+    trainer.fit(cfg, tmp_path / "p", quiet=True, log_json=tmp_path / "log.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    history = (tmp_path / "p" / "history.csv").read_text().splitlines()[1:]  # a row a strength
+    assert [r["event"] for r in rows] == ["probe"] * len(history) and len(history) > 1
+    curves = next(fig for fig, name in figures if name == "curves.png")
+    assert {(ax.get_xlabel(), ax.get_xscale()) for ax in curves.axes} == {
+        ("probe L2 strength (standardised features)", "log")
+    }

@@ -57,13 +57,16 @@ def _note_missing_glyphs(fig) -> None:
 
 
 def curves(history: list[dict], path: Path, title: str) -> None:
-    """Loss and accuracy, train vs val: the reference report's two figures side by side."""
-    epochs = [r["epoch"] for r in history]
+    """Loss and accuracy, train vs val: the reference report's two figures side by side. A
+    linear probe's rows are the L2 strengths it fitted, not epochs: drawn against them."""
+    probe = bool(history) and all("l2" in r for r in history)
+    xs = [r["l2"] if probe else r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "top-1 accuracy")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", ms=3, label="train")
-        ax.plot(epochs, [r[f"val_{key}"] for r in history], "o-", ms=3, label="val")
-        ax.set_xlabel("epoch")
+        ax.plot(xs, [r[f"train_{key}"] for r in history], "o-", ms=3, label="train")
+        ax.plot(xs, [r[f"val_{key}"] for r in history], "o-", ms=3, label="val")
+        ax.set_xlabel("probe L2 strength (standardised features)" if probe else "epoch")
+        ax.set_xscale("log" if probe else "linear")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -79,7 +79,7 @@ def fit(
 ) -> dict:
     """Train (or fine-tune, when cfg.weights names a run) one model into the run folder `out`.
 
-    `log_json` appends one JSON object per step and per epoch to that file. Launched by
+    `log_json` appends one JSON object per step and per epoch (a probe: per L2 strength) to that file. Launched by
     torchrun, every rank trains its share of each batch and only rank 0 writes. `data_notes`:
     False when the caller said what loading the data left out (auto, once for all its runs).
     `say_test`: False where the test score must not be shown yet (auto's candidates: test is
@@ -116,6 +116,8 @@ def fit(
                     features = probe.stage(
                         loop, progress, final, log, quiet, checkpoints.check_stop
                     )
+                    for row in progress.history:  # each L2 strength fitted (lp-ft: the kept)
+                        checkpoints.events.write(event="probe", **row)
                 last = strategies.end_epoch(loop.stages, index)
                 while progress.epoch <= last and not progress.stopped_early:
                     t0 = time.time()
