@@ -41,6 +41,8 @@ def ddp_data(tmp_path_factory):
     """3 classes x 15 train images: 5 val (odd: padding is exercised), 40 train = 16+16+8."""
     root = tmp_path_factory.mktemp("ddp")
     make_folder(root / "data", ["a", "b", "c"], 15)
+    a = next(p for p in (root / "data").rglob("a") if p.is_dir())
+    (a / "readme.txt").write_text("not an image: a note to say once")
     return root / "data"
 
 
@@ -78,6 +80,7 @@ def clean_runs(ddp_data, tmp_path_factory):
     assert main(["--quiet", *map(str, train_args(ddp_data, root / "one"))]) == 0
     two = torchrun(*train_args(ddp_data, root / "two"))
     assert two.returncode == 0, two.stderr
+    (root / "two.stderr").write_text(two.stderr)
     return root
 
 
@@ -99,6 +102,8 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(clean_run
         p.name for p in (clean_runs / "one").iterdir()
     )
     assert not list((clean_runs / "two").rglob("*.tmp"))
+    said = (clean_runs / "two.stderr").read_text()  # each note once, not once a process
+    assert said.count("skipped 1 file(s)") == 1 and said.count("readme.txt") == 1, said
 
 
 @pytest.mark.slow

@@ -87,7 +87,7 @@ def fit(
     """
     out, d = Path(out), distributed.setup()
     quiet = quiet or not d.main
-    log = logger(quiet)
+    log = logger(quiet) if d.main else lambda *a, note=False: None  # rank 0 says each note once
     cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
     check_destination(cfg, out, resume, overwrite, log_json, d)  # before anything is loaded
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
