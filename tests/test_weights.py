@@ -281,7 +281,7 @@ def offline_cache(tmp_path, monkeypatch):
 
 
 def test_tagged_hub_and_local_dir_names_load_their_weights_and_preprocessing_offline(
-    offline_cache, tmp_path
+    offline_cache, tmp_path, monkeypatch
 ):
     import timm.models._hub as timm_hub
 
@@ -303,6 +303,11 @@ def test_tagged_hub_and_local_dir_names_load_their_weights_and_preprocessing_off
         {"model": "test_resnet.r160_in1k", "weights": str(tmp_path / "w.safetensors")}
     )
     assert weights.build(cfg, ["a", "b"], 32, 3).prep.input_size == 160
+    monkeypatch.chdir(tmp_path)  # paths typed relative are recorded resolved: from any folder
+    cfg = make_config({"model": "test_resnet.r160_in1k", "weights": "w.safetensors"})
+    assert weights.build(cfg, ["a", "b"], 32, 3).source["path"] == str(tmp_path.resolve() / "w.safetensors")  # fmt: skip
+    built = weights.build(make_config({"model": "local-dir:local"}), ["a", "b"], 32, 3)
+    assert built.source["name"] == f"local-dir:{tmp_path.resolve() / 'local'}"
     # the architecture without a tag: from scratch, at the data's own size
     built = weights.build(make_config({"model": "test_resnet"}), ["a", "b"], 32, 3)
     assert built.source == {"weights": "scratch"} and built.prep.input_size == 32

@@ -214,7 +214,8 @@ def pretrained(name: str, kind: str = "pretrained") -> Source:
             raise UserError(f"no weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {offline}: download them once online, or pass --weights FILE; offline ImageNet weights exist for {', '.join(OFFLINE_IMAGENET)}") from None  # fmt: skip
         raise UserError(f"could not get pretrained weights for {name}: {first}") from None
     pcfg = model.pretrained_cfg
-    lineage = {"weights": kind, "name": name, "hub": pcfg.get("hf_hub_id") or None}
+    where = f"local-dir:{Path(name[10:]).expanduser().resolve()}" if name.startswith("local-dir:") else name  # fmt: skip
+    lineage = {"weights": kind, "name": where, "hub": pcfg.get("hf_hub_id") or None}
     src = Source(model.state_dict(), _prep_of(pcfg), lineage, arch=pcfg.get("architecture"))
     if pcfg.get("num_classes") == 1000:
         src.classes, src.names = imagenet_wnids(), imagenet_names()
