@@ -113,7 +113,8 @@ def export(
     if path.suffix in others:
         raise UserError(f"--out {path} has the extension of another format than {fmt}")
     check_out_file(path, run, overwrite, meta["data"])
-    info = json.dumps(describe(meta, fmt) | {"run": str(run.resolve())})  # (its lineage)
+    lineage = {"run": str(run.resolve())} if fmt == "safetensors" else {}  # as --weights FILE
+    info = json.dumps(describe(meta, fmt) | lineage)  # (a copy: its run's leaks are counted)
     model = evaluate.load_run_model(run, meta).cpu().float().eval()  # its weights checked
     model = model.to(memory_format=torch.contiguous_format)
     path.parent.mkdir(parents=True, exist_ok=True)  # only then: a refusal leaves no folder
