@@ -215,3 +215,11 @@ def test_compile_trains_through_torch_compile(folder_data, tmp_path, monkeypatch
         eager["metrics"]["val"]["loss"], rel=0.02
     )
     assert meta["config"]["compile"] is True
+
+
+def test_fp16_on_a_cpu_lets_no_torch_warning_through(folder_data, tmp_path, recwarn):
+    """GradScaler skips a step whose fp16 gradients overflowed, and torch then warned that the
+    LR scheduler stepped before the optimizer: a library's words, not one of transferlab's."""
+    cfg = make_config({"data": f"folder:{folder_data}", "model": "dcnn", "input_size": 32, "epochs": 1, "precision": "fp16"})  # fmt: skip
+    trainer.fit(cfg, tmp_path / "r", quiet=True)
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,9 +92,7 @@ def fit(
     cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
     check_destination(cfg, out, resume, overwrite, log_json, d)  # before anything is loaded
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
-    loop = setup(
-        cfg, out, said, d, resume
-    )  # data, model, weights, plan: validated, nothing written
+    loop = setup(cfg, out, said, d, resume)  # data, model, weights, plan: validated, nothing written  # fmt: skip
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (with
     # --overwrite it had emptied the old run first)
     loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
@@ -302,7 +301,9 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, a
             loop.scaler.update()
             progress.lr = max(g["lr"] for g in loop.optimizer.param_groups)
             if cfg.schedule != "plateau":
-                loop.scheduler.step()
+                with warnings.catch_warnings():  # fp16: a step GradScaler skipped (inf) is its own
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # fmt: skip
+                    loop.scheduler.step()
         with record_function("bookkeeping"):  # this rank's summed loss and correct, on device
             correct = (logits.argmax(1) == y).sum().double()
             pending.append((torch.stack([loss.detach().double() * len(y), correct]), len(y), idx))
