@@ -202,17 +202,17 @@ def named_cache(setting: str | None, what: str = "--cache-dir") -> tuple[Path, s
 
 
 def check_cache(setting: str | None, what: str = "--cache-dir", out: Path | None = None) -> None:
-    """The cache the user named can be made a folder here, and is not `out` (the folder the
-    command writes), in it, or in a folder transferlab made: its files were left among a run's
-    (the run then refused as "not a run folder", its --overwrite too). Refused before a command
-    claims its folder (it failed at the first decode, after a run's folder or a study's seconds)."""
+    """The cache the user named can be made a folder here and lies neither in `out` (the folder
+    the command writes) nor in a folder transferlab made (its files lay among a run's, which
+    every retry then refused); checked before a command claims its folder."""
     if not (named := named_cache(setting, what)):
         return
-    outputs.check_creatable(*named)
-    if out is not None and outputs.inside(named[0], out):
-        raise UserError(f"{named[1]} {named[0]} is inside --out {out}: its files would lie among the run's; choose another {named[1]}")  # fmt: skip
-    if found := outputs.enclosing(named[0]) or ((named[0], k["kind"]) if (k := outputs.read_mark(named[0])) else None):  # fmt: skip
-        raise UserError(f"{named[1]} {named[0]} is inside the transferlab {found[1]} folder {found[0]}: choose another {named[1]}")  # fmt: skip
+    (place, flag), mark = named, outputs.read_mark(named[0])
+    outputs.check_creatable(place, flag)
+    if out is not None and outputs.inside(place, out):
+        raise UserError(f"{flag} {place} is inside --out {out}: its files would lie among the run's; choose another {flag}")  # fmt: skip
+    if found := outputs.enclosing(place) or (mark and (place, mark.get("kind"))):
+        raise UserError(f"{flag} {place} is inside the transferlab {found[1]} folder {found[0]}: choose another {flag}")  # fmt: skip
 
 
 def cache_key(paths: list[str], size: int, channels: int, interpolation: str) -> str:

@@ -80,8 +80,9 @@ def fit(
 ) -> dict:
     """Train (or fine-tune, when cfg.weights names a run) one model into the run folder `out`.
 
-    `log_json` appends one JSON object per step and per epoch (a probe: per L2 strength) to that file. Launched by
-    torchrun, every rank trains its share of each batch and only rank 0 writes. `data_notes`:
+    `log_json` appends one JSON object per step and per epoch (a probe: per L2 strength) to
+    that file. Launched by torchrun, every rank trains its share of each batch and only rank 0
+    writes. `data_notes`:
     False when the caller said what loading the data left out (auto, once for all its runs).
     `say_test`: False where the test score must not be shown yet (auto's candidates: test is
     scored once, by the study's choice; the run still keeps its test predictions for that).

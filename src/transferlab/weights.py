@@ -89,31 +89,29 @@ def resolve(cfg: TrainConfig) -> Source:
     source = {"weights": "file", "path": str(Path(weights).expanduser().resolve())}
     record = checkpoint.file_record(weights)  # an export's: its classes, the run it came from
     classes = (record.get("classes"), record.get("class_names") or record.get("classes"))
-    if parent := run_of_file(weights, state) or run_of_file(weights, state, record.get("run")):
+    if parent := run_of_file(weights, state, str(record.get("run") or "")):
         source["parent"] = parent  # its lineage, as --weights RUN keeps it (a copied export too)
         meta = read_meta(parent)
         classes = (meta["classes"], meta.get("class_names"))
     return Source(state, pretrained_prep(cfg.model), source, *classes)
 
 
-def run_of_file(path: str | Path, state: dict, run: str | None = None) -> str | None:
-    """The run folder a weights file lies in (its model.safetensors, an export of it), or
-    `run`, the one its export records, when the file holds that run's weights: the run it came
-    from, whose training images count."""
+def run_of_file(path: str | Path, state: dict, recorded: str = "") -> str | None:
+    """The run a weights file came from, whose training images count: the run folder it lies
+    in (its model.safetensors, an export of it), else the one its export `recorded` (a copy
+    shipped elsewhere), when that run holds the file's weights."""
     from . import outputs
 
-    if run is not None:  # (what an export records: a path, else nothing to follow)
-        found = (Path(run), "run") if isinstance(run, str) else None
-    else:
-        found = outputs.enclosing(path)
-    if not found or found[1] != "run":
-        return None
-    try:
-        theirs = load_run_weights(found[0], read_meta(found[0]))
-    except (UserError, OSError, ValueError, KeyError):
-        return None
-    same = state_sha256(theirs) == state_sha256(state)
-    return str(found[0]) if same else None
+    for found in (outputs.enclosing(path), (Path(recorded), "run") if recorded else None):
+        if not found or found[1] != "run":
+            continue
+        try:
+            theirs = load_run_weights(found[0], read_meta(found[0]))
+        except (UserError, OSError, ValueError, KeyError):
+            continue
+        if state_sha256(theirs) == state_sha256(state):
+            return str(found[0])
+    return None
 
 
 def from_run(run: Path) -> Source:
@@ -207,9 +205,7 @@ def pretrained(name: str, kind: str = "pretrained") -> Source:
         if offline:
             from huggingface_hub import constants
 
-            if not isinstance(
-                err, OSError
-            ):  # (not found: OSErrors) its files are there, damaged or of another model
+            if not isinstance(err, OSError):  # (not found is one) there, but damaged or foreign
                 raise UserError(f"the weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) do not load ({first}): delete its folder there (models--ORG--NAME) and download them again online, or pass --weights FILE") from None  # fmt: skip
             raise UserError(f"no weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {offline}: download them once online, or pass --weights FILE; offline ImageNet weights exist for {', '.join(OFFLINE_IMAGENET)}") from None  # fmt: skip
         raise UserError(f"could not get pretrained weights for {name}: {first}") from None
