@@ -204,3 +204,18 @@ def test_a_soup_on_other_data_needs_its_runs_classes_in_their_order(
     with pytest.raises(UserError, match="does not know class\\(es\\) e of this dataset"):
         soups.make(snaps, "uniform", tmp_path / "s2", f"folder:{tmp_path / 'more'}", quiet=True)
     assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
+
+
+def test_a_soup_of_linear_probes_keeps_their_batchnorm_and_scores_as_they_do(folder_data, tmp_path):
+    """Hostile pass 25: two identical probes souped scored test 62.5% (loss 14.9) against their
+    100%: the soup recomputed BatchNorm statistics on train, so the frozen features their
+    heads were fitted on moved."""
+    probes = []
+    for i in (0, 1):  # on a random backbone, as the hostile user had it
+        cfg = tiny_cfg(f"folder:{folder_data}", strategy="linear-probe")
+        probes.append(trainer.fit(cfg, tmp_path / f"p{i}", quiet=True))
+    meta = soups.make([tmp_path / "p0", tmp_path / "p1"], "uniform", tmp_path / "s", quiet=True)
+    assert meta["source"]["batchnorm"] == "kept: the same in every ingredient"
+    for split in ("val", "test"):
+        best = max(p["metrics"][split]["loss"] for p in probes)  # (convex in the head)
+        assert meta["metrics"][split]["loss"] <= best + 1e-6, split

@@ -5,7 +5,8 @@ started from (pretrained backbone and head initialisation): every run records a 
 its initial state in meta.json (source.init_sha256), and anything else is refused with the
 reason. `uniform` averages every run; `greedy` adds runs in order of their val top-1 and keeps
 each one only if the soup's val top-1 does not drop. BatchNorm statistics of an average are
-not the average of statistics: they are recomputed on the training images after averaging.
+not the average of statistics: they are recomputed on the training images after averaging
+(unless every run holds the same ones: a frozen backbone's, as linear probes do).
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ def average(states: list[dict]) -> dict:
         else:
             out[name] = t.clone()
     return out
+
+
+def same_statistics(states: list[dict]) -> bool:
+    """Every state holds the same BatchNorm statistics: a frozen backbone's (linear probes, or
+    runs that froze it). Their average is then exact; recomputed, the features a probe's head
+    was fitted on moved (two identical probes souped: test 100% -> 62.5%)."""
+    keys = [k for k in states[0] if k.endswith(("running_mean", "running_var"))]
+    return all(torch.equal(s[k], states[0][k]) for s in states[1:] for k in keys)
 
 
 def recompute_batchnorm(
@@ -193,7 +202,8 @@ def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0, val_
 
     def cook(members: list[int]) -> dict:
         model.load_state_dict(average([states[i] for i in members]))
-        recompute_batchnorm(model, images["train"], prep, batch)
+        if not same_statistics([states[i] for i in members]):  # probes: their own, exact
+            recompute_batchnorm(model, images["train"], prep, batch)
         logits = evaluate.predict(
             evaluate.frozen(model, prep), images["val"], prep, precision, batch
         )
@@ -219,7 +229,9 @@ def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0, val_
         "candidates": [str(Path(r).resolve()) for r in runs],
         "candidates_sha256": [m.get("weights_sha256") for m in metas],
         "init_sha256": ref["source"]["init_sha256"],
-        "batchnorm": "recomputed on train",
+        "batchnorm": "kept: the same in every ingredient"
+        if same_statistics([states[i] for i in kept])
+        else "recomputed on train",  # fmt: skip
     }
     notes = leaks.new_run_notes(source, ds)  # its ingredients'
     for note in notes:  # training images among its test images
