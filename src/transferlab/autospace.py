@@ -97,6 +97,8 @@ def candidates(ds: data.Dataset, gpu: bool) -> list[Candidate]:
         }
         settings |= {"head_init": "match"} if imagenet else {"pool_stages": 4}
         name = f"{_short(row['name'])}-{size}-probe"
+        if any(c.name == name for c in found):  # two tags of one architecture (the HF cache)
+            name = f"{_short(row['name'])}.{row['name'].partition('.')[2]}-{size}-probe"
         found.append(Candidate(name, "probe", clean(settings), prior, row["name"]))
     found.append(_dcnn(ds))
     lite0 = "tf_efficientnet_lite0"
