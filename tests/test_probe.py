@@ -226,3 +226,15 @@ def test_a_probe_logs_and_draws_its_l2_strengths_not_epochs(trained_run, tmp_pat
     assert {(ax.get_xlabel(), ax.get_xscale()) for ax in curves.axes} == {
         ("probe L2 strength (standardised features)", "log")
     }
+
+
+def test_a_fine_tune_of_a_probe_given_epochs_asks_for_a_strategy(trained_run, tmp_path):
+    """Hostile pass 25: `finetune --from PROBE --epochs 3` was told to "choose another strategy"
+    that the user never chose: a fine-tune keeps its parent's, here linear-probe."""
+    from transferlab.config import UserError
+
+    probe = tmp_path / "probe"
+    trainer.fit(strategies.finetune_config(trained_run, {"strategy": "linear-probe"}), probe, quiet=True)  # fmt: skip
+    with pytest.raises(UserError, match="is a linear probe, and a fine-tune keeps its strategy unless told: pass --strategy full"):  # fmt: skip
+        strategies.finetune_config(probe, {"epochs": 3})
+    assert strategies.finetune_config(probe, {"epochs": 3, "strategy": "full"}).epochs == 3

@@ -202,9 +202,9 @@ def named_cache(setting: str | None, what: str = "--cache-dir") -> tuple[Path, s
 
 
 def check_cache(setting: str | None, what: str = "--cache-dir", out: Path | None = None) -> None:
-    """The cache the user named can be made a folder here and lies neither in `out` (the folder
-    the command writes) nor in a folder transferlab made (its files lay among a run's, which
-    every retry then refused); checked before a command claims its folder."""
+    """The cache the user named can be made a folder here, lies neither in `out` (the folder the
+    command writes) nor in a run or ensemble, and is no folder transferlab made (its files lay
+    among a run's, which every retry then refused); checked before a command claims a folder."""
     if not (named := named_cache(setting, what)):
         return
     (place, flag), mark = named, outputs.read_mark(named[0])

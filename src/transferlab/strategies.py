@@ -34,7 +34,7 @@ import torch.nn as nn
 from timm.optim import param_groups_layer_decay
 
 from . import checkpoint
-from .config import TrainConfig, UserError, make_config
+from .config import PROBE_IGNORES, TrainConfig, UserError, make_config
 
 
 @dataclass(frozen=True)
@@ -252,4 +252,6 @@ def finetune_config(run, overrides: dict) -> TrainConfig:
                    snapshots=TrainConfig.snapshots)  # (the parent's schedule, not asked) # fmt: skip
     if overrides.get("strategy", base.strategy) != "linear-probe":  # a probe's mirrored views
         base = replace(base, mirror_features=False)  # do not carry into training
+    elif given := [k for k in overrides if k.replace("-", "_") in PROBE_IGNORES]:  # (inherited)
+        raise UserError(f"{run} is a linear probe, and a fine-tune keeps its strategy unless told: pass --strategy full (or lp-ft, head-first, ...) to train it with {given[0]}, or drop {given[0]}")  # fmt: skip
     return make_config(overrides, base)
