@@ -418,7 +418,7 @@ def test_weights_none_is_scratch_even_for_a_tagged_name(offline_cache):
     none`, a from-scratch baseline, trained from the tag's pretrained weights (meta.json said
     `weights: null`); hf-hub: and local-dir: with it were never refused."""
     cfg = make_config({"model": "test_resnet.r160_in1k", "weights": "none"})
-    assert cfg.weights == "none"
+    assert cfg.weights == "none" == make_config({"weights": "None"}).weights  # (as --help had it)
     built = weights.build(cfg, ["a", "b"], 32, 3)
     assert built.source["weights"] == "scratch"
     want, got = offline_cache.state_dict(), built.model.state_dict()

@@ -122,8 +122,8 @@ class TrainConfig:
     )
     weights: str | None = opt(
         None,
-        "None (scratch, or the tag's weights for a tagged --model) | imagenet (timm's default "
-        "tag) | none | a run folder | a .safetensors/.pt file",
+        "not given: scratch, or the tag's weights for a tagged --model | imagenet (timm's "
+        "default tag) | none (scratch, a tagged --model too) | a run folder | a .safetensors/.pt file",
     )
     head_init: str = opt(
         "fresh",
@@ -206,6 +206,7 @@ def _coerce(name: str, value: object, hint: object) -> object:
     optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
     base = next((a for a in hint.__args__ if a is not type(None)), str) if optional else hint
     nothing = ("null",) if name == "weights" else ("none", "null")  # (weights none: scratch)
+    value = "none" if name == "weights" and str(value).lower() == "none" else value  # (None too)
     if value is None or (optional and isinstance(value, str) and value.lower() in nothing):
         if optional:
             return None
