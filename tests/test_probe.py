@@ -191,7 +191,7 @@ def test_an_option_a_probe_never_uses_is_refused_where_it_is_given_not_in_shared
     from transferlab.recipebook import train_config
 
     values = {"epochs": 3, "batch_size": 8, "optimizer": "sgd", "lr": 0.5, "weight_decay": 0.3,
-              "schedule": "constant", "warmup_epochs": 0.5, "label_smoothing": 0.2, "crop": "rrc"}  # fmt: skip
+              "schedule": "constant", "warmup_epochs": 0.5, "label_smoothing": 0.2, "crop": "rrc", "crop_pad": 2, "checkpoint_every": 5}  # fmt: skip
     assert set(values) == set(PROBE_IGNORES)
     for key, value in values.items():
         with pytest.raises(UserError, match=f"^{key} has no effect with strategy linear-probe"):

@@ -267,7 +267,7 @@ APPLIES = {
                        "strategy linear-probe or lp-ft (it computes a probe's features)"),
 }
 # what a linear probe never uses: it fits its head by L-BFGS on features computed once
-PROBE_IGNORES = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "crop")
+PROBE_IGNORES = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "crop", "crop_pad", "checkpoint_every")
 # fmt: on
 
 

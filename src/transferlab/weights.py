@@ -206,7 +206,7 @@ def pretrained(name: str, kind: str = "pretrained") -> Source:
             from huggingface_hub import constants
 
             if not isinstance(err, OSError):  # (not found is one) there, but damaged or foreign
-                raise UserError(f"the weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) do not load ({first}): delete its folder there (models--ORG--NAME) and download them again online, or pass --weights FILE") from None  # fmt: skip
+                raise UserError(f"the weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) do not load ({' '.join(str(err).split())[:240]}): delete its folder there (models--ORG--NAME) and download them again online, or pass --weights FILE") from None  # fmt: skip
             raise UserError(f"no weights for {name} in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {offline}: download them once online, or pass --weights FILE; offline ImageNet weights exist for {', '.join(OFFLINE_IMAGENET)}") from None  # fmt: skip
         raise UserError(f"could not get pretrained weights for {name}: {first}") from None
     pcfg = model.pretrained_cfg
