@@ -205,9 +205,9 @@ def _coerce(name: str, value: object, hint: object) -> object:
         return _coerce(name, value, float)
     optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
     base = next((a for a in hint.__args__ if a is not type(None)), str) if optional else hint
-    nothing = ("null",) if name == "weights" else ("none", "null")  # (weights none: scratch)
-    value = "none" if name == "weights" and str(value).lower() == "none" else value  # (None too)
-    if value is None or (optional and isinstance(value, str) and value.lower() in nothing):
+    if name == "weights" and str(value).lower() == "none":  # the word: scratch (None: as typed)
+        return "none"
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
         raise UserError(f"{name} may not be empty")

@@ -222,6 +222,7 @@ def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0, val_
     checkpoint.save_weights(out, model, arch, classes)
     for split, values in logits.items():
         checkpoint.save_logits(out, split, values, ds.splits[split].labels)
+    shared = same_statistics([states[i] for i in kept])  # (BatchNorm: kept, not recomputed)
     source = {
         "weights": "soup",
         "method": method,
@@ -229,9 +230,7 @@ def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0, val_
         "candidates": [str(Path(r).resolve()) for r in runs],
         "candidates_sha256": [m.get("weights_sha256") for m in metas],
         "init_sha256": ref["source"]["init_sha256"],
-        "batchnorm": "kept: the same in every ingredient"
-        if same_statistics([states[i] for i in kept])
-        else "recomputed on train",  # fmt: skip
+        "batchnorm": "kept: the same in every ingredient" if shared else "recomputed on train",
     }
     notes = leaks.new_run_notes(source, ds)  # its ingredients'
     for note in notes:  # training images among its test images
