@@ -344,6 +344,17 @@ def test_models_command_lists_what_is_usable_offline(offline_cache, capsys, tmp_
     assert [r["name"] for r in weights.available("*custom", offline=True)] == [  # lacks: a
         "hf-hub:timm/test_resnet.custom"  # RuntimeError traceback; hf-hub: builds it
     ]
+    blob = next(good.glob("snapshots/*/model.safetensors"))  # a copy cut short: was listed,
+    data = blob.read_bytes()  # then refused by train as "do not load"
+    blob.unlink()
+    blob.write_bytes(data[: len(data) - 100])
+    assert weights.available("test_*", offline=True) == []
+    blob.unlink()
+    blob.write_bytes(data)  # whole again, with a config.json that does not parse: timm's own
+    config = next(good.glob("snapshots/*/config.json"))  # tag builds from timm's cfg (was hidden)
+    config.unlink()
+    config.write_text("{bad json")
+    assert weights.build(make_config({"model": "test_resnet.r160_in1k"}), ["a"], 32, 3).source["weights"] == "pretrained"  # fmt: skip
     main(["models", "--offline"])
     out = capsys.readouterr().out
     assert "test_resnet.r160_in1k" in out and "cache" in out and "tf_efficientnet_lite0" in out

@@ -235,10 +235,27 @@ def cached_models() -> set[str]:
         files = {
             f.file_name: f.file_path for v in repo.revisions if "main" in v.refs for f in v.files
         }
-        try:
-            arch = json.loads(files["config.json"].read_text()).get("architecture")
+        org, _, name = repo.repo_id.partition("/")
+        try:  # timm's own tags build from timm's pretrained_cfg (a broken config.json hid them)
+            arch = name if org == "timm" and name in timm.list_pretrained(name) else json.loads(files["config.json"].read_text()).get("architecture")  # fmt: skip
         except (KeyError, OSError, ValueError, AttributeError):
             continue
+        if "model.safetensors" in files and not _complete(files["model.safetensors"]):
+            continue  # a copy cut short was listed, then refused as "do not load"
         if files.keys() & {"model.safetensors", "pytorch_model.bin"} and timm.is_model(str(arch)):
             usable.add(repo.repo_id)
     return usable
+
+
+def _complete(path) -> bool:
+    """A safetensors file holds every byte its header promises (read from the header alone)."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, 100_000_000)))
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        return Path(path).stat().st_size == 8 + n + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
