@@ -297,6 +297,53 @@ def test_hf_unlabelled_test_split_is_replaced_and_ambiguous_columns_are_one_line
         data.load(f"hf:{tmp_path}")
 
 
+def test_hf_each_split_is_read_through_its_own_labels_and_split_names_as_datasets_reads_them(
+    tmp_path,
+):
+    """A split encoded apart from train (its own ClassLabel, or plain names) was read with
+    train's indices: right answers scored 50%, tracebacks, or a labelled test split dropped."""
+    datasets = pytest.importorskip("datasets")
+    dd = _hf_dataset(tmp_path)
+    own = datasets.ClassLabel(names=["bee", "cat"])  # test without ant: bee=0, cat=1 in it
+    dd["test"] = dd["test"].filter(lambda r: r["fine"] > 0).cast_column("fine", datasets.Value("int64"))  # fmt: skip
+    dd["test"] = dd["test"].map(lambda r: {"fine": r["fine"] - 1}).cast_column("fine", own)
+    names = dd["validation"].cast_column("fine", datasets.Value("string"))  # "0".."2" as text
+    dd["validation"] = names.map(lambda r: {"fine": ["ant", "bee", "cat"][int(r["fine"])]})
+    dd.save_to_disk(str(tmp_path / "apart"))
+    ds = data.load(f"hf:{tmp_path / 'apart'}")
+    assert ds.splits["test"].labels.tolist() == [1, 2] * 3  # bee, cat: not ant, bee
+    assert ds.splits["val"].labels.tolist() == [0, 1, 2] * 2
+    flipped = datasets.DatasetDict({"train": dd["validation"], "test": dd["test"]})  # names in
+    flipped.save_to_disk(str(tmp_path / "flipped"))  # train, a ClassLabel in test: kept
+    assert data.load(f"hf:{tmp_path / 'flipped'}").splits["test"].labels.tolist() == [1, 2] * 3
+    for label, message in ((None, "train row 2 has no label"), ("Cat", "train row 2: label 'Cat' is not a class")):  # fmt: skip
+        rows = dd["validation"].to_dict()
+        rows["fine"][2] = label
+        bad = datasets.Dataset.from_dict(rows, dd["validation"].features)
+        datasets.DatasetDict({"train": dd["validation"], "test": bad}).save_to_disk(str(tmp_path / "bad"))  # fmt: skip
+        with pytest.raises(UserError, match=message.replace("train", "test")):
+            data.load(f"hf:{tmp_path / 'bad'}")
+        shutil.rmtree(tmp_path / "bad")
+    numbers = datasets.Dataset.from_dict({"img": dd["train"]["img"], "n": [i % 12 for i in range(24)]})  # fmt: skip
+    numbers.cast_column("img", datasets.Image()).save_to_disk(str(tmp_path / "numbers"))
+    assert data.load(f"hf:{tmp_path / 'numbers'}").classes == [str(i) for i in range(12)]
+    twice = datasets.DatasetDict({"train": dd["train"], "val": dd["validation"], "validation": dd["validation"]})  # fmt: skip
+    twice.save_to_disk(str(tmp_path / "twice"))  # one of them was dropped without a word
+    with pytest.raises(UserError, match="has 2 val splits \\(val, validation\\): keep one"):
+        data.load(f"hf:{tmp_path / 'twice'}")
+    dd = _hf_dataset(tmp_path)
+    for split, file in (("train", "train"), ("validation", "Dev"), ("test", "TEST_set")):
+        dd[split].to_parquet(str(tmp_path / "pq" / f"{file}.parquet"))  # dev and Test: trained on
+    assert {k: len(v) for k, v in data.load(f"hf:{tmp_path / 'pq'}").splits.items()} == {"train": 24, "val": 6, "test": 9}  # fmt: skip
+    dd["test"].to_parquet(str(tmp_path / "pq" / "extra.parquet"))
+    with pytest.raises(UserError, match="parquet file\\(s\\) extra.parquet name no split"):
+        data.load(f"hf:{tmp_path / 'pq'}")
+    empty = datasets.DatasetDict({"train": dd["train"], "test": dd["train"].select([])})
+    empty.save_to_disk(str(tmp_path / "empty"))  # datasets cannot load it back: IndexError
+    with pytest.raises(UserError, match="test split holds no rows, which datasets cannot load"):
+        data.load(f"hf:{tmp_path / 'empty'}")
+
+
 def test_hf_columns_named_in_the_spec_override_detection_and_mistakes_are_one_line(tmp_path):
     datasets = pytest.importorskip("datasets")
     images = [make_image(i % 2, i) for i in range(8)]

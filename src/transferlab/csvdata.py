@@ -54,10 +54,7 @@ def source(file: str, notes: list[str]):
         raise UserError(f"{file}: no train rows (rows without a split column value are train)")
     labels = {label for _, label, _ in by_split["train"]}
     # (labels that differ only in case: kept apart, as given, and said by data.load)
-    # numbers in numeric order ("01" before "1": ties by text, so the order never varies)
-    classes = sorted(
-        labels, key=lambda c: (0, int(c), c) if c.isascii() and c.isdigit() else (1, c)
-    )
+    classes = label_order(labels)
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for split, items in by_split.items():
@@ -104,3 +101,9 @@ def _read(path: Path, file: str) -> tuple[list[str], list[tuple[int, dict]]]:
         raise UserError(f"{file}: column {twice[0]} appears twice (columns {' and '.join(at)}): "
                         "keep one")  # fmt: skip
     return columns, [(reader.line_num, row) for row in reader]
+
+
+def label_order(labels) -> list[str]:
+    """Class names sorted, numbers in numeric order ("01" before "1": ties by text, so the order
+    never varies)."""
+    return sorted(labels, key=lambda c: (0, int(c), c) if c.isascii() and c.isdigit() else (1, c))

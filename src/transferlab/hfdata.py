@@ -6,13 +6,16 @@ timm models the Hugging Face hub cache holds whole (`models --offline`)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from . import weights
 from .config import UserError
+from .csvdata import label_order
 from .data import SPLIT_NAMES, Split
 
 COLUMN_OPTIONS = ("image", "label")
@@ -86,51 +89,72 @@ def source(arg: str, notes: list[str]):
     unknown = sorted(set(loaded) - set(SPLIT_NAMES))
     if unknown:
         notes.append(f"ignored split(s) of {name}: {', '.join(unknown)}")
+    for kind in ("train", "val", "test"):  # val and validation: one was dropped without a word
+        if len(twice := [k for k in loaded if SPLIT_NAMES.get(k) == kind]) > 1:
+            raise UserError(f"{name} has {len(twice)} {kind} splits ({', '.join(twice)}): keep one, or name them apart")  # fmt: skip
     parts = {SPLIT_NAMES[k]: v for k, v in loaded.items() if k in SPLIT_NAMES}
     if "train" not in parts:
         raise UserError(f"{name} has no train split (it has {', '.join(loaded) or 'none'})")
     image_col, label_col = _columns(datasets, parts["train"], name, options)
     feature = parts["train"].features[label_col]
-    if isinstance(feature, datasets.ClassLabel):
+    if by_index := isinstance(feature, datasets.ClassLabel):
         classes = list(feature.names)
-        index = None
-    else:
-        classes = sorted({str(v) for v in parts["train"][label_col]})
-        index = {c: i for i, c in enumerate(classes)}
+    else:  # numbers in numeric order, as csv: orders them ("10" came before "2")
+        classes = label_order({str(v) for v in parts["train"][label_col] if v is not None})
     folder = root(name, config)
     WRITTEN_FROM[str(folder)] = name  # its unreadable images named by row
     splits = {}
     for split, ds in parts.items():
-        labels = [int(v) if index is None else index.get(str(v), -1) for v in ds[label_col]]
-        if split in ("test", "val") and all(v < 0 for v in labels):  # the Hub's "no label"
+        labels = _labels(datasets, ds, label_col, classes, by_index)
+        if split in ("test", "val") and all(v is None for v in labels):  # the Hub's "no label"
             notes.append(
-                f"{name}'s {split} split has no labels: a {split} split is "
+                f"{name}'s {split} split has {'no labels' if labels else 'no rows'}: a {split} split is "
                 + ("held out of" if split == "test" else "carved from")
                 + " train"
-            )
+            )  # fmt: skip
             continue
-        if any(v < 0 or v >= len(classes) for v in labels):
-            bad = next(i for i, v in enumerate(labels) if v < 0 or v >= len(classes))
-            raise UserError(
-                f"{name} {split} row {bad}: label {ds[bad][label_col]!r} is not a class"
-            )
+        if (row := next((i for i, v in enumerate(labels) if v is None), None)) is not None:
+            raise UserError(f"{name} {split} row {row} has no label: label it, or remove the row")
+        if (row := next((i for i, v in enumerate(labels) if v < 0), None)) is not None:
+            value, f = ds[row][label_col], ds.features[label_col]
+            shown = f.int2str(value) if isinstance(f, datasets.ClassLabel) and 0 <= value < f.num_classes else value  # fmt: skip
+            raise UserError(f"{name} {split} row {row}: label {shown!r} is not a class of its train split ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")  # fmt: skip
         paths = _files(datasets, ds, image_col, folder / split)
         splits[split] = Split(np.array(labels, dtype=np.int64), paths=paths)
     return classes, classes, splits, None, 3
+
+
+def _labels(datasets, ds, col: str, classes: list[str], by_index: bool) -> list[int | None]:
+    """Each row's index in `classes`: None where it has no label (the Hub marks a test split's
+    -1), -1 where it names no class. A split's own ClassLabel is read through its own names (a
+    split encoded apart from train was read with train's: right answers scored 50%); plain
+    numbers are indices when train's labels are a ClassLabel (`by_index`), else names."""
+    feature = ds.features[col]
+    own = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    index = {c: i for i, c in enumerate(classes)}
+    labels = []
+    for v in ds[col]:
+        if v is None or (own is not None and v < 0):
+            labels.append(None)
+        elif own is not None:
+            labels.append(index.get(own[v], -1) if v < len(own) else -1)
+        elif by_index and isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            labels.append(int(v) if v < len(classes) else -1)  # (v < 0: the Hub's "no label")
+        else:
+            labels.append(index.get(str(v), -1))
+    return labels
 
 
 def _load(datasets, name: str, config: str | None):
     path = Path(name).expanduser()
     try:
         if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
+            if empty := [s.parent.name for s in path.glob("*/state.json") if json.loads(s.read_text()).get("_data_files") == []]:  # fmt: skip
+                raise UserError(f"{name}'s {' and '.join(empty)} split holds no rows, which datasets cannot load back (list index out of range): save the dataset without it")  # fmt: skip
             return datasets.load_from_disk(str(path))
         if path.suffix == ".parquet" or (path.is_dir() and list(path.glob("*.parquet"))):
             files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
-            by_split: dict[str, list[str]] = {}
-            for f in files:
-                split = next((k for k in SPLIT_NAMES if f.stem.startswith(k)), "train")
-                by_split.setdefault(split, []).append(str(f))
-            return datasets.load_dataset("parquet", data_files=by_split)
+            return datasets.load_dataset("parquet", data_files=_parquet_splits(datasets, files, name))  # fmt: skip
         if path.exists():
             raise UserError(f"{name} is neither a save_to_disk folder nor parquet")
         why = weights.hub_unreachable()  # in 5 s; the hub client retries for half a minute
@@ -149,6 +173,18 @@ def _load(datasets, name: str, config: str | None):
     except Exception as err:  # the hub, the cache and the formats raise many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load Hugging Face dataset {name}: {first}") from None
+
+
+def _parquet_splits(datasets, files: list[Path], name: str) -> dict[str, list[str]]:
+    """Parquet files by the split their name says, by the words `datasets` reads there (in any
+    case: dev.parquet is val, Test.parquet test; both were trained on); none named: all train."""
+    words = {w: SPLIT_NAMES.get(str(k), "val") for k, ws in datasets.data_files.SPLIT_KEYWORDS.items() for w in ws}  # fmt: skip
+    said = {f: next((words[t] for t in re.split(r"[-._ 0-9]+", f.stem.lower()) if t in words), None) for f in files}  # fmt: skip
+    if not any(said.values()):
+        return {"train": [str(f) for f in files]}
+    if unsaid := [f.name for f, split in said.items() if split is None]:
+        raise UserError(f"{name}: parquet file(s) {', '.join(unsaid[:5])} name no split (train, val, test) where others do: rename them, or move them out")  # fmt: skip
+    return {split: [str(f) for f, s in said.items() if s == split] for split in dict.fromkeys(said.values())}  # fmt: skip
 
 
 def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str]:
@@ -221,8 +257,6 @@ def cached_models() -> set[str]:
     refs/main's snapshot holds model.safetensors (or pytorch_model.bin) and a config.json that
     names a timm architecture (`models --offline` listed transformers models and downloads that
     stopped halfway as usable here)."""
-    import json
-
     import timm
     from huggingface_hub import constants, scan_cache_dir
 
@@ -249,8 +283,6 @@ def cached_models() -> set[str]:
 
 def _complete(path) -> bool:
     """A safetensors file holds every byte its header promises (read from the header alone)."""
-    import json
-
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
