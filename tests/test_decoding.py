@@ -50,6 +50,28 @@ def test_resize_keeps_aspect_by_centre_crop():
         assert np.asarray(out)[:, 1:-1].min() >= 200 and np.asarray(out)[1:-1].min() >= 200
 
 
+def test_a_thin_strip_is_resized_only_where_it_is_kept(monkeypatch):
+    """A 114-byte 10000x1 PNG was resized whole to 2,240,000 x 224 before its centre crop (2 GB
+    in predict and serve): now only the kept square is resized, the same picture to within a
+    grey level or so, and a usual aspect ratio is resized as before, bit for bit."""
+    asked = []
+    real = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda im, size, *a, **k: asked.append(size) or real(im, size, *a, **k))  # fmt: skip
+    rng = np.random.default_rng(0)
+    for w, h in ((2000, 20), (20, 2000), (100_000, 1)):
+        strip = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        out = decoding.resize(strip, 32, "bilinear")
+        assert out.size == (32, 32) and max(x * y for x, y in asked) <= 16 * 32 * 32, (w, h)
+        asked.clear()
+        nw, nh = (max(32, round(v * 32 / min(w, h))) for v in (w, h))
+        whole = real(strip, (nw, nh), Image.BILINEAR)
+        whole = np.asarray(whole.crop(((nw - 32) // 2, (nh - 32) // 2, (nw + 32) // 2, (nh + 32) // 2)), int)  # fmt: skip
+        assert np.abs(np.asarray(out, int) - whole).mean() < 1, (w, h)
+    usual = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    expected = real(usual, (48, 32), Image.BILINEAR).crop((8, 0, 40, 32))
+    assert np.array_equal(np.asarray(decoding.resize(usual, 32, "bilinear")), np.asarray(expected))
+
+
 def test_decode_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
     import os
 

@@ -62,8 +62,12 @@ def resize(im: Image.Image, size: int, interpolation: str) -> Image.Image:
         return im
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    im = im.resize((nw, nh), INTERPOLATIONS[interpolation])
     left, top = (nw - size) // 2, (nh - size) // 2
+    if nw * nh > 16 * size * size:  # a thin strip (a 114-byte 10000x1 PNG grew to 2 GB at 224
+        sx, sy = nw / w, nh / h  # px): only the square kept is resized, from its source box
+        box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+        return im.resize((size, size), INTERPOLATIONS[interpolation], box=box)
+    im = im.resize((nw, nh), INTERPOLATIONS[interpolation])
     return im.crop((left, top, left + size, top + size))
 
 
