@@ -156,6 +156,8 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
     assert ds.splits["test"].paths[0] == str(tmp_path / "img" / "18.png")
     assert ds.splits["test"].labels.tolist() == [0, 1, 2, 0, 1, 2]
     assert ds.native_size == 24 and ds.spec == f"csv:{path.resolve()}"
+    capital = _csv_data(tmp_path, [r.replace("validation", "Valid") for r in rows], "File_Name,LABEL,Split")  # fmt: skip
+    assert [len(data.load(f"csv:{capital}").splits[k]) for k in ("train", "val", "test")] == [15, 3, 6]  # fmt: skip
     no_split = _csv_data(tmp_path, [f"img/{i}.png,{i % 3}" for i in range(24)], "file_name,label")
     ds = data.load(f"csv:{no_split}")
     assert len(ds.splits["test"]) == 5 and "test 5 (20% of train held out)" in ds.notes[0]
@@ -178,6 +180,7 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
         # a blank line counted (it said line 4: the editor's line is 5)
         ("file_name,label", ["img/0.png,a", "", "img/1.png,b", "img/0.png,c"], "line 5: img/0.png is on line 2 too"),
         ("file_name,label,label", ["img/0.png,a,b"], "column label appears twice \\(columns 2 and 3\\)"),
+        ("file_name,label,split,Split", ["img/0.png,a,train,test"], "column split appears twice \\(columns 3 and 4\\)"),
         ("file_name;label", ["img/0.png;a"], "separate the columns with commas"),
         ("file_name,label", ["img/0.png,a", " img/99.png,b"], "not found \\(spaces around a name are ignored\\)"),
         ("file_name,label", ["img/0.png,a", "img\\1.png,b"], "not found; separate folders with /"),

@@ -13,6 +13,9 @@ import numpy as np
 from .config import UserError
 from .data import SPLIT_NAMES, Split
 
+COLUMNS = ("file_name", "label", "split")  # in any case (a Split column was silently unused:
+# its test rows were trained on)
+
 
 def source(file: str, notes: list[str]):
     """One row per image: `file_name,label[,split]` (Hugging Face imagefolder's metadata.csv
@@ -87,7 +90,8 @@ def _read(path: Path, file: str) -> tuple[list[str], list[tuple[int, dict]]]:
             "it as UTF-8 (Excel: CSV UTF-8)"
         ) from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    reader.fieldnames = columns = [c.strip() for c in reader.fieldnames or []]  # "a, b" too
+    columns = [c.strip() for c in reader.fieldnames or []]  # "a, b" too; Split or LABEL: a
+    reader.fieldnames = columns = [c.lower() if c.lower() in COLUMNS else c for c in columns]
     missing = [c for c in ("file_name", "label") if c not in columns]
     if missing:
         commas = "; separate the columns with commas" if ";" in "".join(columns) else ""
@@ -95,7 +99,7 @@ def _read(path: Path, file: str) -> tuple[list[str], list[tuple[int, dict]]]:
             f"{file}: no {' or '.join(missing)} column (found {', '.join(columns) or 'none'}); "
             f"a data CSV has columns file_name,label and optionally split{commas}"
         )
-    twice = [c for c in ("file_name", "label", "split") if columns.count(c) > 1]
+    twice = [c for c in COLUMNS if columns.count(c) > 1]
     if twice:  # DictReader would keep the last one, silently
         at = [str(i) for i, c in enumerate(columns, 1) if c == twice[0]]
         raise UserError(f"{file}: column {twice[0]} appears twice (columns {' and '.join(at)}): "
