@@ -1,13 +1,14 @@
 """WebDataset shards: `data shard` writes them, `--data wds:DIR` streams them (issue 20.4)."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from transferlab import batching, data, decoding, shards, trainer
+from transferlab import batching, data, decoding, leaks, shards, trainer
 from transferlab.cli import main
 from transferlab.config import Preempted
 
@@ -319,3 +320,22 @@ def test_shards_carved_otherwise_than_a_run_count_its_training_images_in_their_v
         capsys.readouterr().err
     )
     assert not (tmp_path / "e").exists()
+
+
+def test_shards_say_what_their_source_showed_byte_copies_and_carved_splits(tmp_path, capsys):
+    """A run on a CSV noted "2 of the 10 test images are byte copies of training images"; a
+    run on its shards said nothing (the shards hold no files to compare) and called splits
+    the sharder carved "given"."""
+    import shutil
+
+    src = make_folder(tmp_path / "src", ["a", "b"], 8)
+    for i in (0, 1):  # two test images that are copies of training images
+        shutil.copy(src / "train" / "a" / f"{i}.png", src / "test" / "a" / f"{i}.png")
+    folder = data.load(f"folder:{src}")
+    assert main(["--quiet", "data", "shard", f"folder:{src}", "--out", str(tmp_path / "w")]) == 0
+    ds = data.load(f"wds:{tmp_path / 'w'}")
+    assert leaks.own_copies(ds) == leaks.own_copies(folder) != []
+    assert "2 of the 16 test images are byte copies" in leaks.own_copies(ds)[0]
+    assert f"sharded from folder:{src}, whose splits: train 14 (what remains), val 2 (10% of train by --val-fraction), test 16 (given)" in ds.notes  # fmt: skip
+    trainer.fit(tiny_cfg(f"wds:{tmp_path / 'w'}", epochs=1), str(tmp_path / "r"), quiet=True)
+    assert any("byte copies" in n for n in json.loads((tmp_path / "r" / "meta.json").read_text())["notes"])  # fmt: skip

@@ -87,6 +87,10 @@ def own_copies(ds: data.Dataset, split: str = "test") -> list[str]:
     """The note of a `split` holding the data's own training images again (train, and val
     for test): the same file through a link, or a copy (the same bytes) made by hand or by a
     scraper; [] if none (data without files: none counted)."""
+    if ds.spec.startswith("wds:"):
+        from .shards import recorded_copies
+
+        return recorded_copies(ds.spec, split)
     scored, others = ds.splits[split].paths, [s for s in ("train", "val") if s != split]
     seen = {p for s in others for p in ds.splits[s].paths or ()}
     if not (n := _among(seen, scored) if scored and seen else 0):

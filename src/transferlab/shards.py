@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import data, decoding, outputs
+from . import data, decoding, leaks, outputs
 from .config import UnreadableImages, UserError
 
 INDEX = "shards.json"
@@ -87,6 +87,9 @@ def write(
             "val_fraction": val_fraction,  # how val was carved (where the source has none)
             "classes": ds.classes, "names": ds.names, "native_size": ds.native_size,
             "native_channels": ds.native_channels, "splits": splits, "skipped": bad,
+            # what only the source's files show, said again by every run on the shards
+            "origin": next((n for n in ds.notes if n.startswith("splits: ")), ""),
+            "copies": {k: leaks.own_copies(ds, k) for k in ("val", "test")},
         }  # fmt: skip
         from .checkpoint import write_json
 
@@ -145,6 +148,8 @@ def source(arg: str, notes: list[str]):
         raise UserError(f"{index_path} is not a transferlab shard index ({FORMAT})")
     if index["skipped"]:
         notes.append(f"{len(index['skipped'])} unreadable image(s) were left out when sharding")
+    if index.get("origin"):  # (the line below says "given": by the shards, carved before them)
+        notes.append(f"sharded from {index['source']}, whose {index['origin']}")
     splits = {name: _index_split(root, s["shards"], len(index["classes"]))
               for name, s in index["splits"].items()}  # fmt: skip
     return index["classes"], index["names"], splits, index["native_size"], index["native_channels"]
@@ -316,3 +321,14 @@ def _resize_crop(im: torch.Tensor, size: int, interpolation: str) -> torch.Tenso
         top, left = (nh - size) // 2, (nw - size) // 2
         im = x[0, :, top : top + size, left : left + size].round_().clamp_(0, 255).to(torch.uint8)
     return im
+
+
+def recorded_copies(spec: str, split: str) -> list[str]:
+    """leaks.own_copies of the data a shard folder was written from, as `data shard` found them
+    (the shards hold no files to compare: a run on them said nothing of copies its source's
+    run noted)."""
+    try:
+        index = json.loads((Path(spec.partition(":")[2]) / INDEX).read_text())
+        return list(index.get("copies", {}).get(split, []))
+    except (OSError, ValueError, AttributeError):
+        return []
