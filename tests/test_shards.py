@@ -20,7 +20,7 @@ def sharded(tmp_path_factory):
     """A folder (4 classes x 30 train + 10 test) and its shards, 7 images per shard."""
     root = tmp_path_factory.mktemp("wds")
     make_folder(root / "src" / "train", ["a", "b", "c", "d"], 30, subsets=("",))
-    make_folder(root / "src" / "test", ["a", "b", "c", "d"], 10, subsets=("",))
+    make_folder(root / "src" / "test", ["a", "b", "c", "d"], 10, subsets=("",), first=30)
     args = ["--quiet", "data", "shard", f"folder:{root / 'src'}", "--out", str(root / "wds")]
     assert main([*args, "--shard-size", "7"]) == 0
     return root
@@ -336,6 +336,6 @@ def test_shards_say_what_their_source_showed_byte_copies_and_carved_splits(tmp_p
     ds = data.load(f"wds:{tmp_path / 'w'}")
     assert leaks.own_copies(ds) == leaks.own_copies(folder) != []
     assert "2 of the 16 test images are byte copies" in leaks.own_copies(ds)[0]
-    assert f"sharded from folder:{src}, whose splits: train 14 (what remains), val 2 (10% of train by --val-fraction), test 16 (given)" in ds.notes  # fmt: skip
+    assert f"splits: as folder:{src} gave them when sharded: train 14 (what remains), val 2 (10% of train by --val-fraction), test 16 (given)" in ds.notes  # fmt: skip
     trainer.fit(tiny_cfg(f"wds:{tmp_path / 'w'}", epochs=1), str(tmp_path / "r"), quiet=True)
     assert any("byte copies" in n for n in json.loads((tmp_path / "r" / "meta.json").read_text())["notes"])  # fmt: skip

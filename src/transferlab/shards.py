@@ -149,7 +149,7 @@ def source(arg: str, notes: list[str]):
     if index["skipped"]:
         notes.append(f"{len(index['skipped'])} unreadable image(s) were left out when sharding")
     if index.get("origin"):  # (the line below says "given": by the shards, carved before them)
-        notes.append(f"sharded from {index['source']}, whose {index['origin']}")
+        notes.append(f"splits: as {index['source']} gave them when sharded: {index['origin'].removeprefix('splits: ')}")  # fmt: skip
     splits = {name: _index_split(root, s["shards"], len(index["classes"]))
               for name, s in index["splits"].items()}  # fmt: skip
     return index["classes"], index["names"], splits, index["native_size"], index["native_channels"]
