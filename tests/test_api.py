@@ -99,6 +99,19 @@ def test_api_takes_what_people_hold(trained_run, folder_data, tmp_path):
                          (arr.transpose(2, 0, 1), "ambiguous \\(one channels-first image")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             run.predict(bad)
+    cut = tmp_path / "cut.jpg"  # Pillow's own exceptions, one line each (they were raw): a batch
+    image.save(cut)  # as torch holds it, 5 channels, a closed, truncated or empty image
+    cut.write_bytes(cut.read_bytes()[:-100])
+    closed = Image.open(file)
+    closed.close()
+    for bad, message in ((np.stack([arr, arr]).transpose(0, 3, 1, 2), "looks channels-first \\(N, C, H, W\\)"),
+                         (np.zeros((2, 6, 6, 5), np.uint8), "with 1-4 channels, got shape \\(6, 6, 5\\)"),
+                         (closed, "image 0 of those given cannot be read: Operation on closed image"),
+                         ([image, Image.open(cut)], "image 1 of those given cannot be read: image file is truncated"),
+                         (Image.new("RGB", (0, 0)), "cannot be read: it is 0x0 pixels")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            run.predict(bad)
+    assert len(run.predict(image, top_k=np.int64(2))[0]["predictions"]) == 2
     ft = transferlab.finetune(run, tmp_path / "ft", epochs=1)
     assert ft.info["source"]["parent"] == str(trained_run) and ft.metrics["test"]["n"] > 0
 

@@ -13,6 +13,7 @@ ens = transferlab.ensemble([run, "runs/dcnn"], method="weighted", out="runs/ens"
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -52,8 +53,9 @@ class Model:
         from . import predict
         from .config import UserError
 
-        if not isinstance(top_k, int) or isinstance(top_k, bool):  # (the CLI's is parsed)
-            raise UserError(f"top_k must be a whole number, got {top_k!r}")
+        if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool):  # (the CLI's is
+            raise UserError(f"top_k must be a whole number, got {top_k!r}")  # parsed; np.int64 too)
+        top_k = int(top_k)
         inputs = list(images) if isinstance(images, (list, tuple)) else [images]
         rows, _ = predict.predict(self.path, inputs, top_k, tta, quiet)
         return rows

@@ -98,6 +98,8 @@ def items(inputs: list) -> list:
                     f"an image array of shape {arr.shape} is ambiguous (one channels-first image, "
                     f"or {arr.shape[0]} gray ones?): give (H, W, C), or (N, H, W, 1) for gray images"
                 )
+            if arr.ndim == 4 and arr.shape[1] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+                raise UserError(f"a batch of shape {arr.shape} looks channels-first (N, C, H, W), as torch holds images: give (N, H, W, C), e.g. x.permute(0, 2, 3, 1)")  # fmt: skip
             out += [_pil(a) for a in arr] if batch else [_pil(arr)]
     if not out:
         raise UserError("nothing to predict: give image files, folders, PIL images or arrays")
@@ -122,9 +124,21 @@ def as_uint8(x) -> np.ndarray:
 def _pil(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 1:
-        raise UserError(f"an image array is (H, W) or (H, W, C), got shape {arr.shape}")
+    if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 1 or arr.shape[2:] not in ((), (2,), (3,), (4,)):  # fmt: skip
+        raise UserError(f"an image array is (H, W) or (H, W, C) with 1-4 channels, got shape {arr.shape}")  # fmt: skip
     return Image.fromarray(arr)
+
+
+def _in_memory(im: Image.Image, i: int, prep: models.Preprocessing) -> np.ndarray:
+    """An in-memory image as the model sees it, or one line saying why it cannot be (a closed,
+    truncated or empty image was Pillow's own exception)."""
+    try:
+        if min(im.size) < 1:
+            raise ValueError(f"it is {im.size[0]}x{im.size[1]} pixels")
+        im = decoding.resize(decoding.sane(im, prep.channels), prep.input_size, prep.interpolation)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"image {i} of those given cannot be read: {' '.join(str(err).split()) or type(err).__name__}") from None  # fmt: skip
+    return np.asarray(im, dtype=np.uint8).reshape(prep.input_size, prep.input_size, -1)
 
 
 def _decode(files: list, prep: models.Preprocessing, quiet: bool) -> tuple[np.ndarray, list, list]:
@@ -136,17 +150,11 @@ def _decode(files: list, prep: models.Preprocessing, quiet: bool) -> tuple[np.nd
     )
     by_path = dict(zip(kept.paths, decoded, strict=True))
     out, names = [], []
-    for f in files:
+    for i, f in enumerate(files):
         if isinstance(f, str) and f not in by_path:
             continue
         names.append(f)
-        if isinstance(f, str):
-            out.append(by_path[f])
-        else:
-            im = decoding.resize(
-                decoding.sane(f, prep.channels), prep.input_size, prep.interpolation
-            )
-            out.append(np.asarray(im, dtype=np.uint8).reshape(prep.input_size, prep.input_size, -1))
+        out.append(by_path[f] if isinstance(f, str) else _in_memory(f, i, prep))
     shape = (0, prep.input_size, prep.input_size, prep.channels)
     return (np.stack(out) if out else np.zeros(shape, np.uint8)), names, bad
 
