@@ -108,6 +108,8 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
     for i, (f, picture) in enumerate(zip(kept, blended, strict=True)):
         name = Path(f).stem if isinstance(f, str) else f"image-{i}"
         stem = "".join(c if c.isprintable() else "_" for c in name)  # (a newline in a name)
+        stem = stem.encode()[:200].decode(errors="ignore")  # a 240-byte name was "File name too
+        # long" after some overlays were written (the number keeps the shortened ones apart)
         path = folder / f"{start + i:03d}-{stem}-gradcam.png"
         pred = int(prob[i].argmax())
         explained = pred if index is None else index
