@@ -75,9 +75,13 @@ def part_of_test_notes(n: int, of: int) -> list[str]:
 def score_marks(notes: list[str]) -> str:
     """The report's marks of those notes, `own_copies`' and `changed_notes`' (" (test score on
     16 of the 17 test images)", " (11 of the 2985 test images are byte copies of ...)"), or ""."""
+    return "".join(f" ({s})" for s in score_notes(notes))
+
+
+def score_notes(notes: list[str]) -> list[str]:
+    """`score_marks`' words, one per mark (results.csv's notes column)."""
     said = [n.split(":")[0] for n in notes if n.startswith(PART) or COPIES in n]
-    said += ["its data's files changed since training"] * any(f" {CHANGED} " in n for n in notes)
-    return "".join(f" ({s})" for s in said)
+    return said + ["its data's files changed since training"] * any(f" {CHANGED} " in n for n in notes)  # fmt: skip
 
 
 COPIES = " are byte copies of training images of the same data"  # own_copies' notes

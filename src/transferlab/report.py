@@ -134,11 +134,13 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
         weights = f"from {Path(src['parent']).name}"
     elif weights == "soup":
         weights = f"{src['method']} soup of " + ", ".join(Path(r).name for r in src["ingredients"])
-    mark = " (unusable: its weights are missing or corrupt; train it again)" if problem else ""
+    mark = "unusable: its weights are missing or corrupt; train it again" if problem else ""
     if leaked(meta.get("notes", [])) and not mark:  # (meta.json: counted when it trained)
-        mark = " (not a test score: its test images include ones its weights were trained on)"
+        mark = "not a test score: its test images include ones its weights were trained on"
+    marks = [mark] if mark else leaks.score_notes(meta.get("notes", []))
     return {
-        "model": _name(path, root) + (mark or leaks.score_marks(meta.get("notes", []))),
+        "model": _name(path, root) + "".join(f" ({s})" for s in marks),
+        "_csv": _csv_fields(_name(path, root), marks, m["val"]["top1"], meta),
         "_stale": bool(mark),
         "data": meta["data"],
         "arch": meta["arch"],
@@ -170,8 +172,10 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         leaked(info.get("notes", [])) and not stale
     ):  # (ensemble.json: test images a member trained on, counted)
         stale = " (not a test score: its test images include ones a member trained on)"
+    marks = [stale[2:-1]] if stale else leaks.score_notes(info.get("notes", []))
     return {
-        "model": _name(path, root) + (stale or leaks.score_marks(info.get("notes", []))),
+        "model": _name(path, root) + "".join(f" ({s})" for s in marks),
+        "_csv": _csv_fields(_name(path, root), marks, m["val"]["top1"], info),
         "_stale": bool(stale),
         "data": info["data"],
         "arch": f"ensemble ({info['method']})",
@@ -195,6 +199,15 @@ def _member(run: Path) -> str:
     """A member's name in the report: a fold run's with its candidate's (auto's best/ listed
     fold-1, ..., fold-5 of which candidate, it did not say)."""
     return f"{run.parent.name}/{run.name}" if re.fullmatch(r"fold-\d+", run.name) else run.name
+
+
+def _csv_fields(name: str, marks: list[str], val: float | None, record: dict) -> dict:
+    """results.csv's model and val columns without the marks report.md writes beside them, and
+    those marks in a notes column (a program keyed rows by "r (test score on 19 of the 20 test
+    images)" and read "85.00% (...)" as a number)."""
+    val_mark = members.val_used(record)[0]
+    notes = marks + [f"val: {val_mark}"] * bool(val_mark)
+    return {"model": name, "val top-1": _pct(val), "notes": "; ".join(notes)}
 
 
 def _val_mark(record: dict) -> str:
@@ -330,9 +343,9 @@ def _write(root: Path) -> tuple[Path, str]:
     path = root / "report.md"
     outputs.write_report_file(path, "\n".join(parts))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns(rows), extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=[*columns(rows), "notes"], extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(r | r["_csv"] for r in rows)
     outputs.write_report_file(root / "results.csv", buf.getvalue())
     htmlreport.write_html(root, rows, columns(rows))
     return path, table
