@@ -136,6 +136,8 @@ def test_folded_batchnorms_leave_the_features_unchanged_and_the_model_untouched(
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # a copy folded
     if arch == "test_efficientnet":  # timm's BatchNormAct2d keeps its activation
         assert any(isinstance(x, (torch.nn.ReLU, torch.nn.SiLU)) for x in folded.modules())
+    next(p for p in m.parameters() if p.dim() == 4).data.fill_(float("nan"))  # a diverged run's
+    assert models.fold_batchnorm(m, 32) is m  # weights: left unfolded (allclose raised on NaN)
 
 
 def test_a_convolution_whose_output_is_used_elsewhere_too_is_not_folded():

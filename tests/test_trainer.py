@@ -145,6 +145,12 @@ def test_non_finite_loss_stops_naming_the_step(folder_data, tmp_path):
     # with AMX: NaN weight gradients where fp32 trained): said as a way on
     with pytest.raises(UserError, match="lower --lr .*, or --precision fp32 \\(bf16 kernels"):
         trainer.fit(make_config({"precision": "bf16"}, cfg), tmp_path / "nan16", quiet=True)
+    # weights gone NaN while the train loss stayed finite (AdamW at --lr 1000): no epoch was
+    # best, a TypeError traceback (or allclose's on a NaN tolerance, where BatchNorm is folded)
+    make_folder(tmp_path / "d", ["a", "b", "c", "d"], 12)
+    cfg = tiny_cfg(f"folder:{tmp_path / 'd'}", epochs=1, lr=1000, optimizer="adamw", input_size=32)
+    with pytest.raises(UserError, match="non-finite val loss \\(nan\\) at epoch 1 .* lower --lr \\(now 1000\\)"):  # fmt: skip
+        trainer.fit(cfg, tmp_path / "nan-weights", quiet=True)
 
 
 def test_dcnn_on_grayscale_digits_learns(tmp_path):

@@ -353,6 +353,8 @@ def fold_batchnorm(model: nn.Module, input_size: int, channels: int = 3) -> nn.M
             after = [getattr(bn, a) for a in ("drop", "act") if hasattr(bn, a)]  # BatchNormAct2d
             folded.set_submodule(names[bn], nn.Sequential(*after) if after else nn.Identity())
         got = logits(folded, x, pre_logits=True)
+    if not reference.isfinite().all():  # weights gone NaN (a diverged run): nothing to fold
+        return model  # (allclose raised on a NaN tolerance: a traceback)
     close = torch.allclose(got, reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
     return folded if pairs and close else model
 

@@ -208,8 +208,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
     notes += [n for n in ds.notes if n.startswith(leaks.PART)]  # --limit's: recorded, marked
     precision = evaluate.resolve_precision(cfg.precision)
     if precision == "fp16" and evaluate.device().type != "cuda":  # --help: fp16 is CUDA's
-        log(f"[{out.name}] note: --precision fp16 on a CPU is emulated, slower than bf16 or "
-            "fp32, and evaluate scores the run in fp32 here", note=True)  # fmt: skip
+        log(f"[{out.name}] note: --precision fp16 on a CPU is emulated, slower than bf16 or fp32, and evaluate scores the run in fp32 here", note=True)  # fmt: skip
     precision = guards.cpu_bf16_checked(cfg, model, prep, precision, lambda m: log(f"[{out.name}] {m}", note=True))  # fmt: skip
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
     origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
@@ -316,7 +315,7 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, a
     read_steps(loop, pending, progress, batches, after_step)
 
 
-def non_finite(loop: Loop, progress: Progress, loss: float) -> UserError:
+def non_finite(loop: Loop, progress: Progress, loss: float, which: str = "") -> UserError:
     """The line for a NaN or infinite loss, with the ways on: a lower LR, and fp32 where the
     run is in bf16/fp16, whose kernels can be the cause (`guards.cpu_bf16_checked` avoids the one
     known: a strided conv's weight gradient on 1x1 maps, on a Xeon with AMX)."""
@@ -324,7 +323,7 @@ def non_finite(loop: Loop, progress: Progress, loss: float) -> UserError:
     also = "" if loop.precision == "fp32" else f", or --precision fp32 ({loop.precision} kernels"
     also += " can produce it where fp32 does not)" if also else ""
     return UserError(
-        f"non-finite loss ({loss}) at epoch {progress.epoch} step {progress.step}; try a lower "
+        f"non-finite {which}loss ({loss}) at epoch {progress.epoch} step {progress.step}; try a lower "
         f"--lr (now {lr:g}){also}; checkpoints written before this step are intact"
     )
 
@@ -354,7 +353,10 @@ def read_steps(loop: Loop, pending: list, progress: Progress, bar, after_step) -
 def validate(loop: Loop, progress: Progress, seconds: float, name: str, log) -> None:
     """Score val, record the epoch, keep the best weights, decide on early stopping."""
     cfg = loop.cfg
-    val = evaluate.metrics(runfolder.predict_all(loop, loop.images["val"]), loop.labels["val"])
+    val = runfolder.predict_all(loop, loop.images["val"])
+    if not np.isfinite(val).all():  # weights gone NaN under a finite train loss (--lr 50: no
+        raise non_finite(loop, progress, float(val.sum()), "val ")  # best epoch, a traceback)
+    val = evaluate.metrics(val, loop.labels["val"])
     lr = progress.lr or max(g["lr"] for g in loop.optimizer.param_groups)  # (older checkpoints)
     if cfg.schedule == "plateau":  # (its cut applies to the next epoch, not this row)
         loop.scheduler.step(val["loss"])
@@ -381,14 +383,9 @@ def validate(loop: Loop, progress: Progress, seconds: float, name: str, log) -> 
         progress.stale = 0
     else:
         progress.stale += 1
-    log(
-        f"[{name}] epoch {row['epoch']:>3}  loss {row['train_loss']:.4f}  "
-        f"train {row['train_acc']:.2%}  val loss {val['loss']:.4f}  val {val['top1']:.2%}  "
-        f"{seconds:.1f}s"
-    )
+    log(f"[{name}] epoch {row['epoch']:>3}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2%}  val loss {val['loss']:.4f}  val {val['top1']:.2%}  {seconds:.1f}s")  # fmt: skip
     if cfg.patience and progress.stale >= cfg.patience and row["epoch"] < cfg.epochs:
-        log(f"[{name}] early stop: val (top-1, then loss) has not improved for {progress.stale} "
-            f"epoch(s), {cfg.epochs - row['epoch']} left unrun")  # fmt: skip
+        log(f"[{name}] early stop: val (top-1, then loss) has not improved for {progress.stale} epoch(s), {cfg.epochs - row['epoch']} left unrun")  # fmt: skip
         progress.stopped_early = True
     progress.epoch, progress.step, progress.totals = row["epoch"] + 1, 0, [0.0, 0, 0]
 
