@@ -317,8 +317,19 @@ def test_a_limited_run_s_test_score_is_marked_as_on_part_of_the_test_split(tmp_p
     said = "test score on 30 of the 360 test images: --limit 30"
     assert said in capsys.readouterr().out  # with the splits (--quiet: an error stays one line)
     assert said in checkpoint.read_meta(tmp_path / "lim")["notes"]
+    # and every score made of it says it (hostile pass 27: evaluate, a soup and an ensemble of
+    # limited runs were bare): the same mark in the report, the note in evaluate's JSON
+    from transferlab import api, ensembles
+
+    runs = [tmp_path / "lim", tmp_path / "lim-2"]
+    trainer.fit(tiny_cfg("digits", epochs=1, limit=30, lr=0.02), runs[1], quiet=True)
+    api.soup(runs, "uniform", tmp_path / "soup")
+    api.ensemble(runs, "soft", tmp_path / "ens")
+    for made in ("lim", "soup", "ens"):
+        assert said in ensembles.evaluate_path(tmp_path / made, None, "test")["notes"], made
     _, table = report.write(tmp_path)
-    assert "| lim (test score on 30 of the 360 test images) |" in table
+    for made in ("lim", "soup", "ens"):
+        assert f"| {made} (test score on 30 of the 360 test images) |" in table
 
 
 def test_runs_linked_into_the_folder_are_reported_once(trained_run, tmp_path):

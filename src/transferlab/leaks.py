@@ -25,9 +25,9 @@ def data_notes(meta: dict, ds: data.Dataset, split: str = "test") -> list[str]:
         n = trained_on(meta, ds, split)
         return [f"scored on {ds.spec}; the run was trained on {trained}"
                 + (f": {n} of the {len(ds.splits[split])} {split} images were among its training "
-                   f"or validation images, so this is not a held-out {split} score" if n else "")] + fewer_classes(meta, ds)  # fmt: skip
+                   f"or validation images, so this is not a held-out {split} score" if n else "")] + fewer_classes(meta, ds) + part_notes(ds, split)  # fmt: skip
     notes = [note] if (note := inherited_note(meta, ds, split)) else []
-    return notes + own_copies(ds, split) + changed_notes([("the run", meta)], ds)
+    return notes + own_copies(ds, split) + changed_notes([("the run", meta)], ds) + part_notes(ds, split)  # fmt: skip
 
 
 def fewer_classes(meta: dict, ds: data.Dataset) -> list[str]:
@@ -64,6 +64,12 @@ def changed_notes(named: list[tuple[str, dict]], ds: data.Dataset) -> list[str]:
 
 
 PART = "test score on "  # a test score without the unreadable images --skip-bad-images left out
+
+
+def part_notes(ds: data.Dataset, split: str = "test") -> list[str]:
+    """The notes of a test score on part of the split as `ds` was loaded (--limit): recorded and
+    said by every score of it (evaluate, a soup's and an ensemble's said nothing)."""
+    return [n for n in ds.notes if n.startswith(PART)] if split == "test" else []
 
 
 def part_of_test_notes(n: int, of: int) -> list[str]:

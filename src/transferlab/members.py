@@ -60,7 +60,7 @@ def member_logp(
     spec = data.canonical(data_spec or metas[0]["data"])
     ds = load_as_run(metas[0], spec) if ds is None else ds  # (`ds`: loaded already)
     changed = leaks.changed_notes(split_alike(runs, metas, spec), ds)
-    tested = [leak_note(runs, metas, ds), *leaks.own_copies(ds)] if "test" in splits else []
+    tested = [leak_note(runs, metas, ds), *leaks.own_copies(ds), *leaks.part_notes(ds)] if "test" in splits else []  # fmt: skip
     restricted = leaks.fewer_classes(metas[0], ds)  # columns follow the data's classes
     for said in filter(None, [*tested, *changed, *restricted]):  # (test's: where it is scored)
         if notes is None:  # as evaluate says them of one run, --quiet or not

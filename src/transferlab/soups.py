@@ -232,7 +232,7 @@ def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0, val_
         "init_sha256": ref["source"]["init_sha256"],
         "batchnorm": "kept: the same in every ingredient" if shared else "recomputed on train",
     }
-    notes = leaks.new_run_notes(source, ds)  # its ingredients'
+    notes = leaks.new_run_notes(source, ds) + leaks.part_notes(ds)  # its ingredients'
     for note in notes:  # training images among its test images
         print(f"note: {note}", file=sys.stderr, flush=True)
     meta = {

@@ -205,7 +205,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
     notes = leaks.new_run_notes(source, ds)
     for note in notes:  # a fine-tune's test images that its parent trained on
         log(f"[{out.name}] note: {note}", note=True)
-    notes += [n for n in ds.notes if n.startswith(leaks.PART)]  # --limit's: recorded, marked
+    notes += leaks.part_notes(ds)  # --limit's: recorded, marked
     precision = evaluate.resolve_precision(cfg.precision)
     if precision == "fp16" and evaluate.device().type != "cuda":  # --help: fp16 is CUDA's
         log(f"[{out.name}] note: --precision fp16 on a CPU is emulated, slower than bf16 or fp32, and evaluate scores the run in fp32 here", note=True)  # fmt: skip
