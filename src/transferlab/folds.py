@@ -61,6 +61,8 @@ def carving_on(meta: dict, spec: str | None = None) -> tuple:
     data only."""
     val_fraction, limit, fold = carving(meta)
     own = spec is None or data.canonical(spec) == data.canonical(meta["data"])
+    if str(spec or meta["data"]).startswith("wds:"):  # shards hold their val: a --val-fraction
+        val_fraction = None  # given is unused (two runs were said to split them otherwise)
     return val_fraction, limit, fold if own else "none"
 
 

@@ -100,7 +100,7 @@ def own_copies(ds: data.Dataset, split: str = "test") -> list[str]:
     if ds.spec.startswith("wds:"):
         from .shards import recorded_copies
 
-        return recorded_copies(ds.spec, split)
+        return recorded_copies(ds.spec, split, len(ds.splits[split]))
     scored, others = ds.splits[split].paths, [s for s in ("train", "val") if s != split]
     seen = {p for s in others for p in ds.splits[s].paths or ()}
     if not (n := _among(seen, scored) if scored and seen else 0):

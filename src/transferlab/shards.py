@@ -323,12 +323,19 @@ def _resize_crop(im: torch.Tensor, size: int, interpolation: str) -> torch.Tenso
     return im
 
 
-def recorded_copies(spec: str, split: str) -> list[str]:
+def recorded_copies(spec: str, split: str, n: int) -> list[str]:
     """leaks.own_copies of the data a shard folder was written from, as `data shard` found them
     (the shards hold no files to compare: a run on them said nothing of copies its source's
-    run noted)."""
+    run noted), for a score on `n` of the split's images (--limit: on part of them, which may
+    or may not hold those copies; the whole split's count was said as this score's)."""
     try:
         index = json.loads((Path(spec.partition(":")[2]) / INDEX).read_text())
-        return list(index.get("copies", {}).get(split, []))
-    except (OSError, ValueError, AttributeError):
+        notes, whole = list(index.get("copies", {}).get(split, [])), index["splits"][split]["n"]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return []
+    if n == whole:
+        return notes
+    return [
+        f"{note.split(':')[0]} when sharded: this score on {n} of them may count some"
+        for note in notes
+    ]
