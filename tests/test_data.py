@@ -341,6 +341,30 @@ def test_hf_each_split_is_read_through_its_own_labels_and_split_names_as_dataset
     dd["test"].to_parquet(str(tmp_path / "pq" / "extra.parquet"))
     with pytest.raises(UserError, match="parquet file\\(s\\) extra.parquet name no split"):
         data.load(f"hf:{tmp_path / 'pq'}")
+    (tmp_path / "pq" / "extra.parquet").rename(tmp_path / "pq" / "Eval.PARQUET")  # any case,
+    (tmp_path / "hub").mkdir()  # and under data/, as a dataset repo downloads: Eval is test
+    (tmp_path / "pq").rename(tmp_path / "hub" / "data")
+    assert {k: len(v) for k, v in data.load(f"hf:{tmp_path / 'hub'}").splits.items()} == {"train": 24, "val": 6, "test": 18}  # fmt: skip
+    named = datasets.DatasetDict({"train": dd["train"], "dev": dd["validation"], "Test": dd["test"]})  # fmt: skip
+    named.save_to_disk(str(tmp_path / "named"))  # dev and Test were ignored splits
+    assert {k: len(v) for k, v in data.load(f"hf:{tmp_path / 'named'}").splits.items()} == {"train": 24, "val": 6, "test": 9}  # fmt: skip
+    plain = dd["train"].cast_column("fine", datasets.Value("float64")).to_dict()
+    plain["fine"][3] = float("nan")  # a missing label as pandas writes it: was a class "nan"
+    hub = datasets.Features({"img": datasets.Image(), "fine": datasets.Value("float64")})
+    datasets.Dataset.from_dict(plain, hub).save_to_disk(str(tmp_path / "nan"))
+    with pytest.raises(UserError, match="train row 3 has no label"):
+        data.load(f"hf:{tmp_path / 'nan'}")
+    floats = datasets.DatasetDict({"train": dd["train"].cast_column("fine", datasets.Value("int64")),
+                                   "test": dd["test"].cast_column("fine", datasets.Value("float64"))})  # fmt: skip
+    floats.save_to_disk(str(tmp_path / "floats"))  # 1.0 is the 1 of train (was refused)
+    assert data.load(f"hf:{tmp_path / 'floats'}").splits["test"].labels.tolist() == [0, 1, 2] * 3
+    nolabels = datasets.DatasetDict({"train": dd["train"], "test": dd["test"].cast_column("fine", datasets.Value("int64")).map(lambda r: {"fine": -1})})  # fmt: skip
+    nolabels.save_to_disk(str(tmp_path / "nolabels"))  # plain -1s: the Hub's "no label" too
+    assert any("test split has no labels" in n for n in data.load(f"hf:{tmp_path / 'nolabels'}").notes)  # fmt: skip
+    several = datasets.Features({"img": datasets.Image(), "labels": datasets.Sequence(datasets.Value("int64"))})  # fmt: skip
+    datasets.Dataset.from_dict({"img": dd["train"]["img"][:4], "labels": [[0, 1], [0], [1], [2]]}, several).save_to_disk(str(tmp_path / "several"))  # fmt: skip
+    with pytest.raises(UserError, match="column 'labels' holds .* values, several labels an image"):
+        data.load(f"hf:{tmp_path / 'several'}")
     empty = datasets.DatasetDict({"train": dd["train"], "test": dd["train"].select([])})
     empty.save_to_disk(str(tmp_path / "empty"))  # datasets cannot load it back: IndexError
     with pytest.raises(UserError, match="test split holds no rows, which datasets cannot load"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -86,13 +87,13 @@ def source(arg: str, notes: list[str]):
     loaded = _load(datasets, name, config or None)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
-    unknown = sorted(set(loaded) - set(SPLIT_NAMES))
-    if unknown:
+    kinds = {k: _split_of(datasets, k) for k in loaded}  # Test, dev: as datasets reads them
+    if unknown := sorted(k for k, kind in kinds.items() if kind is None):
         notes.append(f"ignored split(s) of {name}: {', '.join(unknown)}")
     for kind in ("train", "val", "test"):  # val and validation: one was dropped without a word
-        if len(twice := [k for k in loaded if SPLIT_NAMES.get(k) == kind]) > 1:
+        if len(twice := [k for k in loaded if kinds[k] == kind]) > 1:
             raise UserError(f"{name} has {len(twice)} {kind} splits ({', '.join(twice)}): keep one, or name them apart")  # fmt: skip
-    parts = {SPLIT_NAMES[k]: v for k, v in loaded.items() if k in SPLIT_NAMES}
+    parts = {kinds[k]: v for k, v in loaded.items() if kinds[k]}
     if "train" not in parts:
         raise UserError(f"{name} has no train split (it has {', '.join(loaded) or 'none'})")
     image_col, label_col = _columns(datasets, parts["train"], name, options)
@@ -100,7 +101,7 @@ def source(arg: str, notes: list[str]):
     if by_index := isinstance(feature, datasets.ClassLabel):
         classes = list(feature.names)
     else:  # numbers in numeric order, as csv: orders them ("10" came before "2")
-        classes = label_order({str(v) for v in parts["train"][label_col] if v is not None})
+        classes = label_order({_named(v) for v in parts["train"][label_col]} - {None})
     folder = root(name, config)
     WRITTEN_FROM[str(folder)] = name  # its unreadable images named by row
     splits = {}
@@ -134,15 +135,30 @@ def _labels(datasets, ds, col: str, classes: list[str], by_index: bool) -> list[
     index = {c: i for i, c in enumerate(classes)}
     labels = []
     for v in ds[col]:
-        if v is None or (own is not None and v < 0):
-            labels.append(None)
+        if _named(v) is None or ((own is not None or by_index) and isinstance(v, int) and v < 0):
+            labels.append(None)  # (a number below 0: the Hub's "no label")
         elif own is not None:
             labels.append(index.get(own[v], -1) if v < len(own) else -1)
         elif by_index and isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            labels.append(int(v) if v < len(classes) else -1)  # (v < 0: the Hub's "no label")
+            labels.append(int(v) if v < len(classes) else -1)
         else:
-            labels.append(index.get(str(v), -1))
+            labels.append(index.get(_named(v), -1))
     return labels
+
+
+def _named(value) -> str | None:
+    """A plain label as a class name: None for none (NaN too: it was a class "nan"), a whole
+    float as its integer (0.0 is the 0 of a split pandas made float by a missing label)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _split_of(datasets, key: str) -> str | None:
+    """The split a name says, by the words `datasets` reads in file names, in any case (Test,
+    dev, validation; a parquet file's stem too), or None."""
+    words = {w: SPLIT_NAMES.get(str(k), "val") for k, ws in datasets.data_files.SPLIT_KEYWORDS.items() for w in ws}  # fmt: skip
+    return next((words[t] for t in re.split(r"[-._ 0-9]+", key.lower()) if t in words), None)
 
 
 def _load(datasets, name: str, config: str | None):
@@ -152,8 +168,10 @@ def _load(datasets, name: str, config: str | None):
             if empty := [s.parent.name for s in path.glob("*/state.json") if json.loads(s.read_text()).get("_data_files") == []]:  # fmt: skip
                 raise UserError(f"{name}'s {' and '.join(empty)} split holds no rows, which datasets cannot load back (list index out of range): save the dataset without it")  # fmt: skip
             return datasets.load_from_disk(str(path))
-        if path.suffix == ".parquet" or (path.is_dir() and list(path.glob("*.parquet"))):
-            files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+        if path.is_dir() and not _parquets(path) and _parquets(path / "data"):
+            path = path / "data"  # the Hub's layout, as a dataset repo downloads
+        if path.suffix.lower() == ".parquet" or (path.is_dir() and _parquets(path)):
+            files = [path] if path.is_file() else _parquets(path)
             return datasets.load_dataset("parquet", data_files=_parquet_splits(datasets, files, name))  # fmt: skip
         if path.exists():
             raise UserError(f"{name} is neither a save_to_disk folder nor parquet")
@@ -178,13 +196,17 @@ def _load(datasets, name: str, config: str | None):
 def _parquet_splits(datasets, files: list[Path], name: str) -> dict[str, list[str]]:
     """Parquet files by the split their name says, by the words `datasets` reads there (in any
     case: dev.parquet is val, Test.parquet test; both were trained on); none named: all train."""
-    words = {w: SPLIT_NAMES.get(str(k), "val") for k, ws in datasets.data_files.SPLIT_KEYWORDS.items() for w in ws}  # fmt: skip
-    said = {f: next((words[t] for t in re.split(r"[-._ 0-9]+", f.stem.lower()) if t in words), None) for f in files}  # fmt: skip
+    said = {f: _split_of(datasets, f.stem) for f in files}
     if not any(said.values()):
         return {"train": [str(f) for f in files]}
     if unsaid := [f.name for f, split in said.items() if split is None]:
         raise UserError(f"{name}: parquet file(s) {', '.join(unsaid[:5])} name no split (train, val, test) where others do: rename them, or move them out")  # fmt: skip
     return {split: [str(f) for f, s in said.items() if s == split] for split in dict.fromkeys(said.values())}  # fmt: skip
+
+
+def _parquets(folder: Path) -> list[Path]:
+    """The parquet files in `folder`, any case of extension (Test.PARQUET was left out)."""
+    return sorted(f for f in folder.glob("*") if f.suffix.lower() == ".parquet") if folder.is_dir() else []  # fmt: skip
 
 
 def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str]:
@@ -216,6 +238,8 @@ def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str
             f"{name}: cannot tell the image and label columns apart (columns: {listed}); name "
             "them: hf:NAME,image=COLUMN,label=COLUMN"
         )
+    if not isinstance(features[labels[0]], (datasets.ClassLabel, datasets.Value)):  # a list:
+        raise UserError(f"{name}: column '{labels[0]}' holds {type(features[labels[0]]).__name__} values, several labels an image: transferlab trains one label an image; name another with label=COLUMN")  # fmt: skip
     return images[0], labels[0]
 
 
