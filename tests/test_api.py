@@ -96,7 +96,8 @@ def test_api_takes_what_people_hold(trained_run, folder_data, tmp_path):
         run.evaluate("x")  # (a KeyError)
     for bad, message in ((arr * 2.0, "float image arrays"), (arr.astype(np.int64), "uint8 or float"),
                          (object(), "cannot predict a object"), ([], "nothing to predict"),
-                         (arr.transpose(2, 0, 1), "ambiguous \\(one channels-first image")):  # fmt: skip
+                         (arr.transpose(2, 0, 1), "ambiguous \\(one channels-first image"),
+                         (arr.transpose(2, 0, 1)[:2], "ambiguous \\(one channels-first image")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             run.predict(bad)
     cut = tmp_path / "cut.jpg"  # Pillow's own exceptions, one line each (they were raw): a batch

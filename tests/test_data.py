@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferlab import data, decoding
+from transferlab import csvdata, data, decoding
 from transferlab.config import UnreadableImages, UserError
 
 from conftest import make_folder, make_image
@@ -151,7 +151,8 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
             for i in range(24)]  # fmt: skip
     path = _csv_data(tmp_path, rows)
     ds = data.load(f"csv:{path}")
-    assert ds.classes == ["0", "5", "10"]  # numbers in numeric order
+    assert ds.classes == ["0", "5", "10"]  # numbers in numeric order, below 0 too
+    assert csvdata.label_order(["10", "b", "2", "-1", "a"]) == ["-1", "2", "10", "a", "b"]
     assert [len(ds.splits[k]) for k in ("train", "val", "test")] == [15, 3, 6]
     assert ds.splits["test"].paths[0] == str(tmp_path / "img" / "18.png")
     assert ds.splits["test"].labels.tolist() == [0, 1, 2, 0, 1, 2]

@@ -62,10 +62,11 @@ def test_explain_writes_an_overlay_per_image_for_the_predicted_or_named_class(
     shutil.copy(files[0], tmp_path / "new\nline.png")  # a name with a newline: not in its overlay's
     made = explain.explain(trained_run, [str(tmp_path / "new\nline.png")], tmp_path / "cam1")
     assert Path(made[0]["overlay"]).name == "000-new_line-gradcam.png"
-    long = tmp_path / f"{'é' * 120}.png"  # 244 bytes: its overlay's name was too long (exit 2)
-    shutil.copy(files[0], long)
-    made = explain.explain(trained_run, [files[0], str(long)], tmp_path / "cam-long")
-    assert Path(made[1]["overlay"]).name == f"001-{'é' * 100}-gradcam.png"
+    long = [tmp_path / f"{'é' * 120}.png", *(tmp_path / f"{'é' * 110}-{x * 10}.png" for x in "XY")]
+    for f in long:  # 244 bytes: its overlay's name was too long (exit 2); both ends are kept
+        shutil.copy(files[0], f)  # (the ends of two long names tell them apart)
+    made = explain.explain(trained_run, [files[0], *map(str, long)], tmp_path / "cam-long")
+    assert [Path(r["overlay"]).name for r in made[1:]] == [f"{i:03d}-{'é' * 60}~{end}-gradcam.png" for i, end in ((1, "é" * 38), (2, "é" * 32 + "-" + "X" * 10), (3, "é" * 32 + "-" + "Y" * 10))]  # fmt: skip
     (tmp_path / "fake.png").write_bytes(b"not an image")  # was left out without a word
     explain.explain(trained_run, [files[0], str(tmp_path / "fake.png")], tmp_path / "cam2")
     assert "skipped: " in capsys.readouterr().err

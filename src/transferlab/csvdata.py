@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import unicodedata
 from pathlib import Path
 
@@ -108,6 +109,6 @@ def _read(path: Path, file: str) -> tuple[list[str], list[tuple[int, dict]]]:
 
 
 def label_order(labels) -> list[str]:
-    """Class names sorted, numbers in numeric order ("01" before "1": ties by text, so the order
-    never varies)."""
-    return sorted(labels, key=lambda c: (0, int(c), c) if c.isascii() and c.isdigit() else (1, c))
+    """Class names sorted, numbers in numeric order (-1 before 2 before 10; "01" before "1": ties
+    by text, so the order never varies)."""
+    return sorted(labels, key=lambda c: (0, int(c), c) if re.fullmatch(r"-?[0-9]+", c) else (1, c))

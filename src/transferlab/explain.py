@@ -108,8 +108,9 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
     for i, (f, picture) in enumerate(zip(kept, blended, strict=True)):
         name = Path(f).stem if isinstance(f, str) else f"image-{i}"
         stem = "".join(c if c.isprintable() else "_" for c in name)  # (a newline in a name)
-        stem = stem.encode()[:200].decode(errors="ignore")  # a 240-byte name was "File name too
-        # long" after some overlays were written (the number keeps the shortened ones apart)
+        if len(stem.encode()) > 200:  # a 240-byte name was "File name too long" after some
+            head, tail = stem.encode()[:120], stem.encode()[-76:]  # overlays were written; its
+            stem = f"{head.decode(errors='ignore')}~{tail.decode(errors='ignore')}"  # ends kept
         path = folder / f"{start + i:03d}-{stem}-gradcam.png"
         pred = int(prob[i].argmax())
         explained = pred if index is None else index

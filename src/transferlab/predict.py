@@ -93,7 +93,7 @@ def items(inputs: list) -> list:
         else:
             arr = as_uint8(x)
             batch = arr.ndim == 4 or (arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4))
-            if batch and arr.ndim == 3 and arr.shape[0] in (1, 3, 4):
+            if batch and arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4):
                 raise UserError(
                     f"an image array of shape {arr.shape} is ambiguous (one channels-first image, "
                     f"or {arr.shape[0]} gray ones?): give (H, W, C), or (N, H, W, 1) for gray images"
