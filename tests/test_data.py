@@ -162,6 +162,8 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
     no_split = _csv_data(tmp_path, [f"img/{i}.png,{i % 3}" for i in range(24)], "file_name,label")
     ds = data.load(f"csv:{no_split}")
     assert len(ds.splits["test"]) == 5 and "test 5 (20% of train held out)" in ds.notes[0]
+    six = _csv_data(tmp_path, [f"img/{i}.png,{i % 6}" for i in range(12)], "file_name,label")
+    assert "test 6 (20% of train held out, raised to 50% for one image of each class)" in str(data.load(f"csv:{six}").notes)  # fmt: skip
 
 
 @pytest.mark.parametrize(

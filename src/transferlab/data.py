@@ -121,10 +121,7 @@ def load(
         how, shown = ("case", twins) if case else ("Unicode form or case", map(ascii, twins))
         notes.append(f"class names that differ only in {how} are separate classes: {', '.join(shown)}")  # fmt: skip
     if len(classes) < 2:
-        raise UserError(
-            f"{spec} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least "
-            "two: point --data at the folder that holds the class folders"
-        )
+        raise UserError(f"{spec} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least two: point --data at the folder that holds the class folders")  # fmt: skip
     given, origin = hold_out_test(given)
     if native_size_ is None:  # the median image of train (before val is carved from it)
         native_size_ = native_size(given["train"].paths)
@@ -156,7 +153,7 @@ def hold_out_test(given: dict[str, Split]) -> tuple[dict, dict]:
     given, origin = dict(given), {k: "given" for k in given}
     if "test" not in given:
         given["train"], given["test"] = carve(given["train"], TEST_FRACTION)
-        origin["test"], origin["train"] = f"{TEST_FRACTION:.0%} of train held out", "what remains"
+        origin["test"], origin["train"] = f"{TEST_FRACTION:.0%} of train held out{_raised(given, 'test', TEST_FRACTION)}", "what remains"  # fmt: skip
     return given, origin
 
 
@@ -164,8 +161,19 @@ def carve_val(given: dict[str, Split], origin: dict, val_fraction: float) -> dic
     """The source's val split, or `val_fraction` of train (never of test)."""
     if "val" not in given:
         given["train"], given["val"] = carve(given["train"], val_fraction)
-        origin["val"], origin["train"] = f"{val_fraction * 100:.3g}% of train by --val-fraction", "what remains"  # fmt: skip
+        origin["val"], origin["train"] = f"{val_fraction * 100:.3g}% of train by --val-fraction{_raised(given, 'val', val_fraction)}", "what remains"  # fmt: skip
     return {k: given[k] for k in ("train", "val", "test")}
+
+
+def _raised(given: dict[str, Split], held: str, fraction: float) -> str:
+    """What `carve` held out beyond `fraction`, to give each class one image (it said 10% of a
+    train split whose val was 33%)."""
+    n, of = len(given[held]), len(given[held]) + len(given["train"])
+    return (
+        f", raised to {n / of:.0%} for one image of each class"
+        if n > np.ceil(fraction * of)
+        else ""
+    )
 
 
 def fingerprint(splits: dict[str, Split], root: Path | None) -> str:
@@ -264,14 +272,9 @@ def _folder(root: str, notes: list[str]):
         return classes, classes, {"train": _folder_split(root_path, classes, notes)}, None, 3
     for split, dirs in named.items():
         if len(dirs) > 1:
-            raise UserError(
-                f"{root}: both {' and '.join(d.name for d in dirs)}/ hold the {split} split; keep one"
-            )
+            raise UserError(f"{root}: both {' and '.join(d.name for d in dirs)}/ hold the {split} split; keep one")  # fmt: skip
     if "train" not in named:
-        raise UserError(
-            f"{root} has {', '.join(d[0].name for d in named.values())}/ but no train/: "
-            "put the training images in train/<class>/"
-        )
+        raise UserError(f"{root} has {', '.join(d[0].name for d in named.values())}/ but no train/: put the training images in train/<class>/")  # fmt: skip
     others = sorted(set(subdirs) - {d[0].name for d in named.values()})
     if others:
         notes.append(f"ignored folder(s) beside train/ in {root}: {', '.join(others)}")
@@ -351,10 +354,7 @@ def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
     found = [d.name for d in _visible_dirs(root, notes)]
     if set(found) != set(classes):
         extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
-        raise UserError(
-            f"{root} has different classes from train: extra {', '.join(extra) or 'none'}; "
-            f"missing {', '.join(missing) or 'none'}"
-        )
+        raise UserError(f"{root} has different classes from train: extra {', '.join(extra) or 'none'}; missing {', '.join(missing) or 'none'}")  # fmt: skip
     paths, labels = [], []
     left: dict[str, list[str]] = {"hidden": [], "other": [], "folder": []}  # what is not read
     for i, name in enumerate(classes):
@@ -425,11 +425,7 @@ def carve(split: Split, fraction: float) -> tuple[Split, Split]:
     if counts[counts > 0].min() >= 2:  # stratify, with at least one held-out image per class
         n_held, stratify = max(n_held, n_classes), split.labels
     if len(idx) - n_held < (n_classes if stratify is not None else 1):  # (sklearn's traceback)
-        raise UserError(
-            f"too few images ({len(idx)}) to hold out {fraction:.0%} of them and train on the "
-            "rest (an image of each class): a smaller fraction, or give each class 3 or more "
-            "(one each for train, val and test), or folders of train/ and test/ images"
-        )
+        raise UserError(f"too few images ({len(idx)}) to hold out {fraction:.0%} of them and train on the rest (an image of each class): a smaller fraction, or give each class 3 or more (one each for train, val and test), or folders of train/ and test/ images")  # fmt: skip
     rest, held = train_test_split(idx, test_size=n_held, random_state=SPLIT_SEED, stratify=stratify)
     return split.subset(np.sort(rest)), split.subset(np.sort(held))
 
