@@ -379,11 +379,7 @@ def _reserve(path: Path, nbytes: int, desc: str) -> None:
     free = shutil.disk_usage(path.parent).free
     if not full and free >= nbytes:
         return  # no posix_fallocate here, or not on this file system, but room enough
-    raise UserError(
-        f"{desc}: the decode cache needs {nbytes / 1e9:.1f} GB in {path.parent} and "
-        f"{free / 1e9:.1f} GB is free: free some space, or set TRANSFERLAB_CACHE "
-        "(or --cache-dir) to a disk with room, or --cache-dir off to decode in memory"
-    )
+    raise UserError(f"{desc}: the decode cache needs {nbytes / 1e9:.1f} GB in {path.parent} and {free / 1e9:.1f} GB is free: free some space, or set TRANSFERLAB_CACHE (or --cache-dir) to a disk with room, or --cache-dir off to decode in memory")  # fmt: skip
 
 
 def _read_cached(array_path: Path, info_path: Path, shape: tuple) -> tuple | None:
@@ -447,8 +443,5 @@ def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
         images[split], labels[split] = arr, kept.labels
     if unread:
         raise unreadable(unread)
-    log(
-        f"[{name}] train {len(labels['train'])}, val {len(labels['val'])}, "
-        f"test {len(labels['test'])} images"
-    )
+    log(f"[{name}] train {len(labels['train'])}, val {len(labels['val'])}, test {len(labels['test'])} images")  # fmt: skip
     return images, labels
