@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 
 from .config import UserError
-from .data import SPLIT_NAMES, Split
+from .data import SPLIT_NAMES, Split, label_order
 
 COLUMNS = ("file_name", "label", "split")  # in any case (a Split column was silently unused:
 # its test rows were trained on)
@@ -106,9 +105,3 @@ def _read(path: Path, file: str) -> tuple[list[str], list[tuple[int, dict]]]:
         raise UserError(f"{file}: column {twice[0]} appears twice (columns {' and '.join(at)}): "
                         "keep one")  # fmt: skip
     return columns, [(reader.line_num, row) for row in reader]
-
-
-def label_order(labels) -> list[str]:
-    """Class names sorted, numbers in numeric order (-1 before 2 before 10; "01" before "1": ties
-    by text, so the order never varies)."""
-    return sorted(labels, key=lambda c: (0, int(c), c) if re.fullmatch(r"-?[0-9]+", c) else (1, c))

@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -174,6 +175,11 @@ def _raised(given: dict[str, Split], held: str, fraction: float) -> str:
         if n > np.ceil(fraction * of)
         else ""
     )
+
+
+def label_order(labels) -> list[str]:
+    """Class names sorted, numbers in numeric order (-1, 2, 10; "01" before "1": ties by text)."""
+    return sorted(labels, key=lambda c: (0, int(c), c) if re.fullmatch(r"-?[0-9]+", c) else (1, c))
 
 
 def fingerprint(splits: dict[str, Split], root: Path | None) -> str:

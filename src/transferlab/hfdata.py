@@ -16,8 +16,7 @@ import numpy as np
 
 from . import weights
 from .config import UserError
-from .csvdata import label_order
-from .data import SPLIT_NAMES, Split
+from .data import SPLIT_NAMES, Split, label_order
 
 COLUMN_OPTIONS = ("image", "label")
 # the folders its rows' images are written to, and the dataset they are written from: an error
@@ -87,7 +86,7 @@ def source(arg: str, notes: list[str]):
     loaded = _load(datasets, name, config or None)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
-    kinds = {k: _split_of(datasets, k) for k in loaded}  # Test, dev: as datasets reads them
+    kinds = {k: _split_of(datasets, k, whole=True) for k in loaded}  # Test, dev: as datasets
     if unknown := sorted(k for k, kind in kinds.items() if kind is None):
         notes.append(f"ignored split(s) of {name}: {', '.join(unknown)}")
     for kind in ("train", "val", "test"):  # val and validation: one was dropped without a word
@@ -154,11 +153,12 @@ def _named(value) -> str | None:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def _split_of(datasets, key: str) -> str | None:
+def _split_of(datasets, key: str, whole: bool = False) -> str | None:
     """The split a name says, by the words `datasets` reads in file names, in any case (Test,
-    dev, validation; a parquet file's stem too), or None."""
+    dev, validation): a split's whole name, or a word of a parquet file's (train-00000), or None."""
     words = {w: SPLIT_NAMES.get(str(k), "val") for k, ws in datasets.data_files.SPLIT_KEYWORDS.items() for w in ws}  # fmt: skip
-    return next((words[t] for t in re.split(r"[-._ 0-9]+", key.lower()) if t in words), None)
+    said = [key.lower()] if whole else re.split(r"[-._ 0-9]+", key.lower())
+    return next((words[t] for t in said if t in words), None)
 
 
 def _load(datasets, name: str, config: str | None):

@@ -167,12 +167,10 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         ensembles.check_members(info, path)
         stale = ""
     except UserError:  # a member was retrained or removed: its numbers no longer hold
-        stale = " (stale: a member changed; rebuild it)"
-    if (
-        leaked(info.get("notes", [])) and not stale
-    ):  # (ensemble.json: test images a member trained on, counted)
-        stale = " (not a test score: its test images include ones a member trained on)"
-    marks = [stale[2:-1]] if stale else leaks.score_notes(info.get("notes", []))
+        stale = "stale: a member changed; rebuild it"
+    if leaked(info.get("notes", [])) and not stale:  # (ensemble.json: counted when it was built)
+        stale = "not a test score: its test images include ones a member trained on"
+    marks = [stale] if stale else leaks.score_notes(info.get("notes", []))
     return {
         "model": _name(path, root) + "".join(f" ({s})" for s in marks),
         "_csv": _csv_fields(_name(path, root), marks, m["val"]["top1"], info),
