@@ -132,7 +132,9 @@ def test_folder_splits_are_used_as_given_and_missing_ones_are_carved_and_said(tm
     with pytest.raises(UserError, match="both val and validation/ hold the val split"):
         data.load(f"folder:{part}")
     (part / "validation").rmdir()
-    (part / "train").rename(part / "training")
+    (part / "train").rename(part / "training")  # read as datasets reads it: train
+    assert all("/training/" in p for p in data.load(f"folder:{part}").splits["train"].paths)
+    (part / "training").rename(part / "images")
     with pytest.raises(UserError, match="has val/ but no train/"):
         data.load(f"folder:{part}")
 
@@ -159,6 +161,8 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
     assert ds.native_size == 24 and ds.spec == f"csv:{path.resolve()}"
     capital = _csv_data(tmp_path, [r.replace("validation", "Valid") for r in rows], "File_Name,LABEL,Split")  # fmt: skip
     assert [len(data.load(f"csv:{capital}").splits[k]) for k in ("train", "val", "test")] == [15, 3, 6]  # fmt: skip
+    dev = [r.replace("validation", "dev").replace("test", "Eval") for r in rows]  # as hf: reads
+    assert [len(data.load(f"csv:{_csv_data(tmp_path, dev)}").splits[k]) for k in ("train", "val", "test")] == [15, 3, 6]  # fmt: skip
     no_split = _csv_data(tmp_path, [f"img/{i}.png,{i % 3}" for i in range(24)], "file_name,label")
     ds = data.load(f"csv:{no_split}")
     assert len(ds.splits["test"]) == 5 and "test 5 (20% of train held out)" in ds.notes[0]
@@ -170,7 +174,7 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
     "header, rows, message",
     [
         ("file,label", ["img/0.png,a"], "no file_name column \\(found file, label\\)"),
-        ("file_name,label,split", ["img/0.png,a,train", "img/1.png,b,dev"], "line 3: split 'dev'"),
+        ("file_name,label,split", ["img/0.png,a,train", "img/1.png,b,holdout"], "line 3: split 'holdout' is not one of train, training, val"),
         ("file_name,label", ["img/0.png,a", "img/99.png,b"], "line 3: img/99.png not found"),
         ("file_name,label", ["img/0.png,a", "img,b"], "line 3: img is a folder, not an image"),
         ("file_name,label,split", ["img/0.png,a,train", "img/1.png,b,train", "img/2.png,c,test"],

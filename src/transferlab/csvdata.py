@@ -35,9 +35,7 @@ def source(file: str, notes: list[str]):
         label = unicodedata.normalize("NFC", label)  # café typed on macOS (NFD) and elsewhere
         raw = (row.get("split") or "train").strip().lower()
         if raw not in SPLIT_NAMES:
-            raise UserError(
-                f"{file} line {n}: split '{raw}' is not train, val (validation) or test"
-            )
+            raise UserError(f"{file} line {n}: split '{raw}' is not one of {', '.join(SPLIT_NAMES)}")  # fmt: skip
         if not name or not label:
             raise UserError(f"{file} line {n}: empty file_name or label")
         image = path.parent / name

@@ -63,7 +63,9 @@ class Dataset:
 
 
 PATH_KINDS = ("tiny-imagenet", "folder", "csv", "wds")  # specs whose argument is a path
-SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
+# the split names Hugging Face datasets reads (data_files.SPLIT_KEYWORDS): folders, CSV, hf: alike
+SPLIT_NAMES = {w: k for k, ws in {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"),
+               "test": ("test", "testing", "eval", "evaluation")}.items() for w in ws}  # fmt: skip
 
 
 def canonical(spec: str) -> str:
@@ -170,11 +172,7 @@ def _raised(given: dict[str, Split], held: str, fraction: float) -> str:
     """What `carve` held out beyond `fraction`, to give each class one image (it said 10% of a
     train split whose val was 33%)."""
     n, of = len(given[held]), len(given[held]) + len(given["train"])
-    return (
-        f", raised to {n / of:.0%} for one image of each class"
-        if n > np.ceil(fraction * of)
-        else ""
-    )
+    return f", raised to {n / of:.0%} for one image of each class" if n > np.ceil(fraction * of) else ""  # fmt: skip
 
 
 def label_order(labels) -> list[str]:
@@ -265,8 +263,8 @@ def _tiny_imagenet(root: str, notes: list[str]):
 
 
 def _folder(root: str, notes: list[str]):
-    """Class folders, or train/ with val/ (or validation/) and test/ of class folders, each
-    used as given."""
+    """Class folders, or train/ with val/ and test/ of class folders (or SPLIT_NAMES' other
+    names: validation/, dev/, eval/), each used as given."""
     root_path = _existing_dir(root)
     subdirs = {d.name: d for d in _visible_dirs(root_path)}
     named: dict[str, list[Path]] = {}  # split -> its folders (val/ and validation/ both: refused)

@@ -86,7 +86,7 @@ def source(arg: str, notes: list[str]):
     loaded = _load(datasets, name, config or None)
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
-    kinds = {k: _split_of(datasets, k, whole=True) for k in loaded}  # Test, dev: as datasets
+    kinds = {k: _split_of(k, whole=True) for k in loaded}  # Test, dev: as datasets
     if unknown := sorted(k for k, kind in kinds.items() if kind is None):
         notes.append(f"ignored split(s) of {name}: {', '.join(unknown)}")
     for kind in ("train", "val", "test"):  # val and validation: one was dropped without a word
@@ -153,12 +153,11 @@ def _named(value) -> str | None:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def _split_of(datasets, key: str, whole: bool = False) -> str | None:
+def _split_of(key: str, whole: bool = False) -> str | None:
     """The split a name says, by the words `datasets` reads in file names, in any case (Test,
     dev, validation): a split's whole name, or a word of a parquet file's (train-00000), or None."""
-    words = {w: SPLIT_NAMES.get(str(k), "val") for k, ws in datasets.data_files.SPLIT_KEYWORDS.items() for w in ws}  # fmt: skip
     said = [key.lower()] if whole else re.split(r"[-._ 0-9]+", key.lower())
-    return next((words[t] for t in said if t in words), None)
+    return next((SPLIT_NAMES[t] for t in said if t in SPLIT_NAMES), None)
 
 
 def _load(datasets, name: str, config: str | None):
@@ -172,7 +171,7 @@ def _load(datasets, name: str, config: str | None):
             path = path / "data"  # the Hub's layout, as a dataset repo downloads
         if path.suffix.lower() == ".parquet" or (path.is_dir() and _parquets(path)):
             files = [path] if path.is_file() else _parquets(path)
-            return datasets.load_dataset("parquet", data_files=_parquet_splits(datasets, files, name))  # fmt: skip
+            return datasets.load_dataset("parquet", data_files=_parquet_splits(files, name))  # fmt: skip
         if path.exists():
             raise UserError(f"{name} is neither a save_to_disk folder nor parquet")
         why = weights.hub_unreachable()  # in 5 s; the hub client retries for half a minute
@@ -193,10 +192,10 @@ def _load(datasets, name: str, config: str | None):
         raise UserError(f"could not load Hugging Face dataset {name}: {first}") from None
 
 
-def _parquet_splits(datasets, files: list[Path], name: str) -> dict[str, list[str]]:
+def _parquet_splits(files: list[Path], name: str) -> dict[str, list[str]]:
     """Parquet files by the split their name says, by the words `datasets` reads there (in any
     case: dev.parquet is val, Test.parquet test; both were trained on); none named: all train."""
-    said = {f: _split_of(datasets, f.stem) for f in files}
+    said = {f: _split_of(f.stem) for f in files}
     if not any(said.values()):
         return {"train": [str(f) for f in files]}
     if unsaid := [f.name for f, split in said.items() if split is None]:
