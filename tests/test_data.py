@@ -483,6 +483,15 @@ def test_one_label_in_two_unicode_forms_is_one_class_and_two_such_folders_are_no
     assert said == [f"class names that differ only in Unicode form or case are separate classes: {ascii(nfd)}, {ascii(nfc)}"]  # fmt: skip
 
 
+def test_a_class_folder_not_named_in_utf8_is_refused_before_training(tmp_path):
+    """Hostile pass 28: caf\xe9 (Latin-1, from an old archive) trained, then evaluate and report
+    ended in tracebacks and serve answered every request with a 500."""
+    root = make_folder(tmp_path / "f", ["ok", "other"], 4, subsets=())
+    os.rename(os.fsencode(root / "other"), os.fsencode(root) + b"/caf\xe9")
+    with pytest.raises(UserError, match=r"class folder caf\\xe9 is not named in UTF-8 .*convmv"):
+        data.load(f"folder:{root}")
+
+
 def test_a_split_with_other_classes_names_them_in_words(tmp_path):
     """It printed Python lists: "extra [], missing ['eel']"."""
     root = make_folder(tmp_path / "d", ["ant", "eel"], 2)

@@ -112,6 +112,22 @@ def test_wrong_image_grid_title_fits_even_with_a_single_image():
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width  # not clipped at either edge
 
 
+def test_names_are_drawn_as_written_and_a_long_title_stays_inside_its_figure():
+    """A class named "$5-$10" was drawn as math ("5 − 10"), "x $\\frac{ y $" stopped evaluate
+    with a traceback, and a data path ran the confusion matrix's title off the picture."""
+    from transferlab import plots
+
+    names = ["$5-$10 range", "x $\\frac{ y $", "z $^$"]
+    title = "run on folder:/home/someone/a/rather/long/path/to/the/images [test]: top-1 28.57%"
+    fig = plots.confusion_figure(np.eye(3), names, title)
+    fig.canvas.draw()
+    drawn = [t for t in fig.findobj(plots.matplotlib.text.Text) if t.get_text()]
+    assert {t._preprocess_math(t.get_text()) for t in drawn} >= {(n, False) for n in names}
+    box = fig.axes[0].title.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width
+    plots.png(fig)
+
+
 def test_runs_on_other_data_get_a_data_column_and_no_gain_line(report_dir, tmp_path):
     """Runs of two datasets in one folder were one table of numbers that do not compare."""
     import json

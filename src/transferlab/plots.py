@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -34,6 +35,17 @@ matplotlib.rcParams["font.family"] = [
     *(f for f in FALLBACK_FONTS if f in _installed),
 ]
 _NOTED: set[str] = set()
+
+
+def _plain(text: str) -> str:
+    """A name drawn as written: matplotlib reads text between two $ as math (a class named
+    "$5-$10" was drawn "5 − 10", and "x $\\frac{ y $" stopped evaluate with a traceback)."""
+    return str(text).replace("$", r"\$")
+
+
+def _title(text: str, inches: float, points: float = 12) -> str:
+    """A title as written, wrapped to 3/4 of its figure's width (a data path cut it off)."""
+    return textwrap.fill(_plain(text), max(20, int(0.75 * inches * 72 / (0.6 * points))))
 
 
 def _note_missing_glyphs(fig) -> None:
@@ -70,7 +82,7 @@ def curves(history: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(_title(title, 10))
     fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     _save(fig, path)
 
@@ -93,7 +105,7 @@ def lr_find(lrs: list[float], losses: list[float], suggested: float, path: Path,
         ax.set_ylim(min(finite) * 0.95, min(max(finite), 3 * min(finite)) * 1.05)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title)
+    ax.set_title(_title(title, 6))
     fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     _save(fig, path)
 
@@ -117,7 +129,7 @@ def save_image(image: np.ndarray, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(3.2, 3.5))
     ax.imshow(image, interpolation="nearest")
     ax.axis("off")
-    ax.set_title(title, fontsize=7)
+    ax.set_title(_title(title, 3.2, 7), fontsize=7)
     fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     _save(fig, path)
 
@@ -143,7 +155,7 @@ def confusion_figure(matrix: np.ndarray, names: list[str], title: str):
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if k <= 40:
-        short = [n.split(",")[0][:18] for n in names]
+        short = [_plain(n.split(",")[0][:18]) for n in names]
         ax.set_xticks(range(k), short, rotation=90, fontsize=8)
         ax.set_yticks(range(k), short, fontsize=8)
     for i, j in zip(*np.nonzero(matrix), strict=True) if k <= 15 else ():
@@ -151,7 +163,7 @@ def confusion_figure(matrix: np.ndarray, names: list[str], title: str):
         ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(_title(title, size))
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     return fig
@@ -186,7 +198,9 @@ def per_class_figure(accuracy: np.ndarray, names: list[str]):
     fig, ax = plt.subplots(figsize=(min(2 + 0.25 * k, 12), 3))
     ax.bar(range(k), accuracy, color="C0")
     if k <= 60:
-        ax.set_xticks(range(k), [n.split(",")[0][:14] for n in names], rotation=90, fontsize=7)
+        ax.set_xticks(
+            range(k), [_plain(n.split(",")[0][:14]) for n in names], rotation=90, fontsize=7
+        )
     ax.set_ylim(0, 1)
     ax.set_ylabel("test top-1")
     ax.set_title("per-class accuracy", fontsize=9)
@@ -202,11 +216,13 @@ def gain_figure(labels: list[str], values: list[float], is_ensemble: list[bool],
     ax.bar(range(len(labels)), [100 * v for v in values], color=colors)
     for i, v in enumerate(values):
         ax.text(i, 100 * v, f"{100 * v:.1f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(
+        range(len(labels)), [_plain(x) for x in labels], rotation=45, ha="right", fontsize=7
+    )
     low = 100 * min(values)
     ax.set_ylim(max(0, low - 10), min(100, 100 * max(values) + 3))
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_title(title, max(4, 0.6 * len(labels) + 1.5), 9), fontsize=9)
     fig.set_layout_engine("tight")  # laid out as it is drawn (`_draw`)
     return fig
 
@@ -221,7 +237,7 @@ def wrong_grid_figure(images: np.ndarray, captions: list[str], title: str):
         ax.axis("off")
     for ax, img, cap in zip(axes.ravel(), images, captions, strict=False):
         ax.imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
-        ax.set_title(cap, fontsize=6.5)
-    fig.suptitle(title, fontsize=9)
+        ax.set_title(_plain(cap), fontsize=6.5)
+    fig.suptitle(_title(title, width, 9), fontsize=9)
     fig.set_layout_engine("tight", h_pad=1.2)
     return fig
