@@ -128,6 +128,31 @@ def test_names_are_drawn_as_written_and_a_long_title_stays_inside_its_figure():
     plots.png(fig)
 
 
+def test_names_in_report_md_are_text_and_in_results_csv_are_not_formulas(trained_run, tmp_path):
+    """Hostile pass 28: a run named <img onerror=...> was live HTML in report.md (report.html
+    escaped it), a run named "my run (v2)" had an image link CommonMark cannot read, and a run
+    or class named =HYPERLINK(...) was a formula in results.csv and `predict --csv`."""
+    import csv
+
+    from transferlab import predict
+
+    names = ["<img src=x onerror=alert(1)> & co", "my run (v2)", '=HYPERLINK("e.com","x")']
+    for name in names:
+        shutil.copytree(trained_run, tmp_path / name)
+    report.write(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "<img" not in text and "| &lt;img src=x onerror=alert(1)&gt; &amp; co |" in text
+    assert "![my run (v2) curves](my%20run%20%28v2%29/curves.png)" in text
+    with open(tmp_path / "results.csv", newline="") as f:
+        models = [row["model"] for row in csv.DictReader(f)]
+    assert sorted(models) == sorted([names[0], names[1], "'" + names[2]])
+    rows = [{"path": "@x.png", "predictions": [{"class": c, "name": c, "prob": 0.5}]}
+            for c in ("-2+3", "-1", "+2.5", "a-b", "\tx")]  # fmt: skip
+    cells = [r[:4] for r in csv.reader(predict.csv_text(rows).splitlines()[1:])]
+    assert [r[2] for r in cells] == ["'-2+3", "-1", "+2.5", "a-b", "'\tx"]
+    assert cells[0][0] == "'@x.png"
+
+
 def test_runs_on_other_data_get_a_data_column_and_no_gain_line(report_dir, tmp_path):
     """Runs of two datasets in one folder were one table of numbers that do not compare."""
     import json

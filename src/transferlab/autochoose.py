@@ -16,6 +16,7 @@ import numpy as np
 from . import checkpoint, combiners, data, ensembles, evaluate, folds, leaks, members, outputs
 from .autospace import FOLDS, Candidate
 from .config import UserError
+from .report import md, md_table
 
 VOTES = ("soft", "logit", "hard")  # nothing fitted: scored on the out-of-fold predictions as is
 FITTED = ("select", "weighted")  # fitted: scored in a second level of folds
@@ -250,16 +251,16 @@ def write_report(
         f"once, by the chosen option: top-1 {t['top1']:.2%}{result.get('mark', '')}, top-5 "
         f"{t['top5']:.2%}, NLL {t['loss']:.4f}. DIR/best: {result['desc']}."
     ) + "".join(f" Note: {n}." for n in result.get("notes", []))
-    md = [
+    text = [
         "# transferlab report: auto",
         "",
-        summary,
+        md(summary),
         "",
-        _md(head, rows),
+        md_table(head, rows),
         "",
-        _md(["option", "CV top-1", "CV NLL", ""], opts),
+        md_table(["option", "CV top-1", "CV NLL", ""], opts),
     ]
-    outputs.write_report_file(out / "report.md", "\n".join(md) + "\n")  # (a user's edit: refused
+    outputs.write_report_file(out / "report.md", "\n".join(text) + "\n")  # (a user's edit: refused
     # before the study began, auto.run)
     body = (
         f"<h1>transferlab report: auto</h1><p>{html.escape(summary)}</p><h2>Candidates</h2>"
@@ -271,11 +272,6 @@ def write_report(
     )
     page = f"<!doctype html>\n<html><head><meta charset=utf-8><title>transferlab report: auto</title><style>{style}</style></head><body>{body}</body></html>\n"
     outputs.write_report_file(out / "report.html", page)
-
-
-def _md(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(str(v) for v in r) + " |" for r in rows])
 
 
 def _html(head: list[str], rows: list[list[str]]) -> str:

@@ -301,7 +301,7 @@ def cmd_evaluate(args) -> None:
     )
     if m["most_confused"]:
         say("most confused (true -> predicted: count): " + ", ".join(
-            f"{c['true']} -> {c['predicted']}: {c['count']}" for c in m["most_confused"]
+            f"{one_line(c['true'])} -> {one_line(c['predicted'])}: {c['count']}" for c in m["most_confused"]
         ))  # fmt: skip
     if result["confusion"]:  # (not where the folder is read-only: a note says so)
         say(f"confusion matrix -> {result['confusion']}  (per-class precision/recall/F1: --json)")

@@ -281,13 +281,18 @@ def _width(text: str) -> int:
 
 
 def csv_text(rows: list[dict]) -> str:
+    """The predictions as CSV, each cell safe to open in a spreadsheet (report.spreadsheet_safe:
+    a class or file named =HYPERLINK(...) was a live formula)."""
     import csv
     import io
+
+    from .report import spreadsheet_safe  # (report imports ensembles, as this module does)
 
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["path", "rank", "class", "name", "prob"])
     for row in rows:
         for rank, p in enumerate(row["predictions"], 1):
-            writer.writerow([row["path"], rank, p["class"], p["name"], f"{p['prob']:.6f}"])
+            cells = [row["path"], rank, p["class"], p["name"], f"{p['prob']:.6f}"]
+            writer.writerow(map(spreadsheet_safe, cells))
     return buf.getvalue()

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 from . import checkpoint, ensembles, evaluate, htmlreport, leaks, members, outputs
 from .config import UserError, one_line
@@ -108,15 +109,15 @@ def class_scores(path: Path, names: list[str]) -> dict:
 def per_class_markdown(row: dict) -> list[str]:
     """The per-class table and the most-confused pairs of one row, as markdown lines."""
     scores = row["_classes"]
-    lines = [f"## Per class: {row['model']} (test)", "",
+    lines = [f"## Per class: {md(row['model'])} (test)", "",
              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]  # fmt: skip
     lines += [
-        f"| {cell(c['name'])} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
+        f"| {md(c['name'])} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
         f"{c['support']} |"
         for c in scores["classes"]
     ]
     pairs = ", ".join(
-        f"{p['true']} → {p['predicted']} {p['count']} ({p['share_of_true']:.0%} of {p['true']})"
+        f"{md(p['true'])} → {md(p['predicted'])} {p['count']} ({p['share_of_true']:.0%} of {md(p['true'])})"
         for p in scores["most_confused"]
     )
     return [*lines, "", f"Most confused (true → predicted): {pairs or 'none'}", ""]
@@ -225,15 +226,28 @@ def _name(path: Path, root: Path) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = columns(rows)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    return md_table(columns(rows), [[r[c] for c in columns(rows)] for r in rows])
 
 
-def cell(text) -> str:
-    """A markdown table cell: one line, its | escaped (a run or class named so split a row)."""
-    return one_line(str(text)).replace("|", "\\|")
+def md(text) -> str:
+    """Text for report.md: one line, & < > as entities (a run named <img onerror=...> was live
+    HTML there; report.html escaped it) and | escaped (a run or class named so split a row)."""
+    return one_line(str(text)).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")  # fmt: skip
+
+
+def md_table(head: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(md, head)) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(md, r)) + " |" for r in rows])
+
+
+def spreadsheet_safe(value):
+    """A CSV cell a spreadsheet will not run as a formula: text starting = + - @ (a tab, a
+    return) gets a ' first, as OWASP advises; numbers (-1, +2.5) are kept as they are."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        with contextlib.suppress(ValueError):
+            return value if float(value) == float(value) else "'" + value  # (nan: text)
+        return "'" + value
+    return value
 
 
 def check_writable(root: Path) -> None:
@@ -311,7 +325,7 @@ def _write(root: Path) -> tuple[Path, str]:
         default=None,
     )
     parts = [
-        f"# transferlab report: {root.resolve().name}",  # (`report .`: its name, not "")
+        f"# transferlab report: {md(root.resolve().name)}",  # (`report .`: its name, not "")
         "",
         "Top-1 on the held-out test split; "
         "val is carved from train. Train top-1 is measured on augmented batches during "
@@ -319,13 +333,13 @@ def _write(root: Path) -> tuple[Path, str]:
         "",
         table,
         "",
-        *(f"Left out: {why}\n" for why in skipped),
+        *(f"Left out: {md(why)}\n" for why in skipped),
     ]
     if best_single and best_ens:
         gain = 100 * (best_ens["_test"] - best_single["_test"])
         parts += [
-            f"Best single model: **{best_single['model']}** {best_single['test top-1']}; "
-            f"best ensemble: **{best_ens['model']}** {best_ens['test top-1']} "
+            f"Best single model: **{md(best_single['model'])}** {best_single['test top-1']}; "
+            f"best ensemble: **{md(best_ens['model'])}** {best_ens['test top-1']} "
             f"({gain:+.2f} points).",
             "",
         ]
@@ -337,13 +351,14 @@ def _write(root: Path) -> tuple[Path, str]:
     for r in rows:
         if r["_curves"] is not None and r["_curves"].is_file():
             rel = r["_curves"].relative_to(root)
-            parts += [f"### {r['model']}", "", f"![{r['model']} curves]({rel})", ""]
+            alt = md(r["model"]).replace("[", "\\[").replace("]", "\\]")  # (a link's text)
+            parts += [f"### {md(r['model'])}", "", f"![{alt} curves]({quote(rel.as_posix())})", ""]
     path = root / "report.md"
     outputs.write_report_file(path, "\n".join(parts))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*columns(rows), "notes"], extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(r | r["_csv"] for r in rows)
+    writer.writerows({k: spreadsheet_safe(v) for k, v in (r | r["_csv"]).items()} for r in rows)
     outputs.write_report_file(root / "results.csv", buf.getvalue())
     htmlreport.write_html(root, rows, columns(rows))
     return path, table
