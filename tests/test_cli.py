@@ -145,9 +145,17 @@ def test_unknown_recipe_key(capsys, tmp_path):
         steps = [{"train": "a"}, {"train": "b"}, {"ensemble": "e", "members": ["a"]}]
         got = recipebook.apply_overrides({"steps": steps}, {"steps.2.members": given})
         assert got["steps"][2]["members"] == ["a", "b"]
-    for twice in (["epochs=1", "epochs=2"], ["defaults.epochs=1", "epochs=2"]):  # the last won
-        pairs = [x for pair in twice for x in ("--set", pair)]
-        assert_one_line_error(capsys, ["run", recipe, *pairs], r"--set epochs is given twice")
+    pairs = ["--set", "epochs=1", "--set", "epochs=2"]  # the last won
+    assert_one_line_error(capsys, ["run", recipe, *pairs], r"--set epochs is given twice")
+    # hostile pass 28: defaults.lr overrode every step's own lr (the demo's resnet50 at 0.1)
+    book = {"defaults": {"lr": 0.01}, "steps": [{"train": "a", "lr": 0.002}, {"train": "b"}]}
+    got = recipebook.apply_overrides(book, {"defaults.lr": "0.1", "defaults.epochs": "2"})
+    assert got["defaults"] == {"lr": "0.1", "epochs": "2"} and got["steps"] == book["steps"]
+    assert not got["overrides"] and book["defaults"] == {"lr": 0.01}  # (the recipe: as it was)
+    # ... and --set out was dropped under --out, while recipe.yaml recorded it
+    assert_one_line_error(capsys, ["run", recipe, "--out", tmp_path / "a", "--set", f"out={tmp_path / 'b'}"],
+                          r"--out .*a and --set out=.*b disagree: give one")  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_class_mismatch(capsys, trained_run, tmp_path):

@@ -993,7 +993,8 @@ def test_a_recipe_reuses_a_fine_tune_or_soup_only_if_made_from_its_runs_as_they_
         UserError, match="holds the steps of recipe None .*: run recipe 'other' into"
     ):
         recipe.run(other, out, quiet=True)
-    assert "name" not in yaml.safe_load((out / "recipe.yaml").read_text())
+    was = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert "name" not in was and was["out"] == str(out)  # where it ran (the file has no out:)
     path.write_text(text.replace("lr: 0.003", "lr: 0.01").replace("  - {soup: s, members: [ft, ft2], method: uniform}\n", ""))  # fmt: skip
     recipe.run(path, out, quiet=True)  # a step removed: its run is said, as the report lists it
     assert (

@@ -167,8 +167,8 @@ def _training_commands(sub) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe value: a training option, data=, or steps.N.key= (N counts "
-        "from 0; members=a,b)",
+        help="override a recipe value: a training option (every step), defaults.KEY= (steps "
+        "that set KEY keep theirs), data=, or steps.N.key= (N counts from 0; members=a,b)",
     )
     p.add_argument("--limit", help="at most N images per split (smoke test)")
 

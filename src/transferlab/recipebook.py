@@ -100,7 +100,8 @@ def count_values(node, path, ancestors: tuple = (), budget: list | None = None) 
 
 
 def apply_overrides(recipe: dict, overrides: dict) -> dict:
-    """`--set` pairs: top-level keys (data, out), `steps.N.key`, or TrainConfig fields."""
+    """`--set` pairs: top-level keys (data, out), `steps.N.key`, `defaults.key` (a step's own
+    value stays), or TrainConfig fields (every step)."""
     recipe = copy.deepcopy(recipe)
     recipe.setdefault("overrides", {})
     for key, value in overrides.items():
@@ -124,6 +125,8 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
             if parts[2] == "members" and isinstance(value, str):  # m1,m2 or [m1, m2]
                 value = [m.strip() for m in value.strip().strip("[]").split(",") if m.strip()]
             steps[index][parts[2]] = value
+        elif key.startswith("defaults.") and isinstance(recipe.get("defaults") or {}, dict):
+            recipe["defaults"] = {**(recipe.get("defaults") or {}), key[9:]: value}  # (not steps')
         else:
             plain = key.removeprefix("defaults.")
             if plain in recipe["overrides"] and recipe["overrides"][plain] != value:
