@@ -151,6 +151,8 @@ def test_S27_commands_never_write_into_their_own_input(capsys, run_copy, folder_
          run_copy / "logits" / "x.safetensors", pattern="inside the run folder")  # fmt: skip
     fail(capsys, "export", other, "--format", "torchscript", "--out", tmp_path / "m.onnx",
          pattern="extension of another format")  # fmt: skip
+    for name in ("m.txt", "m", "m.onnx.bak"):  # written as onnx without a word
+        fail(capsys, "export", other, "--format", "onnx", "--out", tmp_path / name, pattern=f"{name} does not end in .onnx: name it")  # fmt: skip
     fail(capsys, "soup", run_copy, run_copy, "--out", tmp_path / "soup", pattern="listed twice")
     fail(capsys, "train", "--data", f"folder:{folder_data}", *TINY,
          "--out", folder_data / "train" / "newrun", pattern="overlaps the data folder")  # fmt: skip

@@ -26,6 +26,7 @@ from .config import UserError
 from .folds import load_as_run
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt", "safetensors": "model.safetensors"}
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript"), "safetensors": (".safetensors", ".st")}  # fmt: skip
 
 
 class Packaged(nn.Module):
@@ -109,10 +110,11 @@ def export(
     run = Path(run)
     meta = checkpoint.read_meta(run)
     path = out_path(out, run / "export" / FORMATS[fmt])
-    others = {Path(name).suffix for f, name in FORMATS.items() if f != fmt}
-    if path.suffix in others:
-        raise UserError(f"--out {path} has the extension of another format than {fmt}")
     check_out_file(path, run, overwrite, meta["data"])
+    if path.suffix.lower() not in SUFFIXES[fmt]:  # (x.txt, or none: onnx without a word)
+        other = any(path.suffix.lower() in v for v in SUFFIXES.values())
+        how = "has the extension of another format than" if other else "does not end in"
+        raise UserError(f"--out {path} {how} {' or '.join(SUFFIXES[fmt])}: name it *{SUFFIXES[fmt][0]}")  # fmt: skip
     lineage = {"run": str(run.resolve())} if fmt == "safetensors" else {}  # as --weights FILE
     info = json.dumps(describe(meta, fmt) | lineage)  # (a copy: its run's leaks are counted)
     model = evaluate.load_run_model(run, meta).cpu().float().eval()  # its weights checked
