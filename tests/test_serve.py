@@ -43,7 +43,7 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, dict]:
+def multipart(files: list[tuple[str, bytes]], **fields: str) -> tuple[bytes, dict]:
     boundary = uuid.uuid4().hex
     parts = b"".join(
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
@@ -51,6 +51,9 @@ def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, dict]:
         + body
         + b"\r\n"
         for name, body in files
+    ) + b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in fields.items()
     )
     return parts + f"--{boundary}--\r\n".encode(), {
         "Content-Type": f"multipart/form-data; boundary={boundary}"
@@ -116,6 +119,14 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
     status, every = call(url + "/predict?top_k=99", good)  # all 4 classes, as predict --top-k 99
     assert status == 200 and len(every["results"][0]["predictions"]) == 4
     assert call(url + "/predict?top_k=x", good)[0] == 422
+    # hostile pass 28: a form's top_k (and any other text field) was ignored without a word
+    status, one = call(url + "/predict", *multipart([("a.png", good)], top_k="1"))
+    assert status == 200 and len(one["results"][0]["predictions"]) == 1
+    for query, fields, want, words in [("", {"top_k": "0"}, 422, "top_k must be 1 or more"),
+                                       ("?top_k=2", {"top_k": "1"}, 422, "disagree: give one"),
+                                       ("", {"caption": "x"}, 400, "field(s) caption are not read")]:  # fmt: skip
+        got_status, got = call(url + "/predict" + query, *multipart([("a.png", good)], **fields))
+        assert got_status == want and words in got["error"], (fields, got)
     from PIL import Image
 
     huge = io.BytesIO()  # 450 KB of PNG, 144 Mpx (4 GB) decoded: refused from its header

@@ -170,10 +170,11 @@ class BadUpload(Exception):
         self.status, self.message = status, message
 
 
-async def uploads_of(request, max_mb: float) -> list[tuple[str, bytes]]:
-    """(name, bytes) per image: the form's files, or the raw body as one image. The body is
-    read only up to its limit (a raw one `max_mb`, a form 16 times that), whatever its
-    length says or whether it says one (chunked): a 413 once it passes it."""
+async def uploads_of(request, max_mb: float, fields: dict | None = None) -> list[tuple[str, bytes]]:
+    """(name, bytes) per image: the form's files, or the raw body as one image; the form's
+    text fields go into `fields`. The body is read only up to its limit (a raw one `max_mb`, a
+    form 16 times that), whatever its length says or whether it says one (chunked): a 413 once
+    it passes it."""
     form = request.headers.get("content-type", "").startswith("multipart/form-data")
     cap, body = max_mb * 1e6 * (16 if form else 1), bytearray()
     async for chunk in request.stream():
@@ -190,9 +191,24 @@ async def uploads_of(request, max_mb: float) -> list[tuple[str, bytes]]:
     uploads = [
         (v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")
     ]
+    if fields is not None:
+        fields.update((k, v) for k, v in form.multi_items() if isinstance(v, str))
     if not uploads:
         raise BadUpload(400, "the form holds no files: send images as form files")
     return uploads
+
+
+def _form_top_k(fields: dict, query: str | None, top_k: int) -> int:
+    """A form's top_k field, as ?top_k= (it was ignored, as was any other text field)."""
+    if other := sorted(set(fields) - {"top_k"}):
+        raise BadUpload(400, f"the form's text field(s) {', '.join(other)} are not read: send images as form files, top_k as ?top_k=N or a top_k field")  # fmt: skip
+    if "top_k" not in fields or fields["top_k"].strip() == query:
+        return top_k
+    if query is not None:
+        raise BadUpload(422, f"?top_k={query} and the form's top_k={fields['top_k']} disagree: give one")  # fmt: skip
+    if not fields["top_k"].strip().isdecimal() or int(fields["top_k"]) < 1:
+        raise BadUpload(422, f"top_k must be 1 or more, got {fields['top_k']!r}")
+    return int(fields["top_k"])
 
 
 _OVER_LIMIT = (
@@ -269,7 +285,8 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
             raise BadUpload(
                 413, f"the request is {declared / 1e6:.1f} MB; the limit is {max_mb} MB"
             )
-        uploads = await uploads_of(request, max_mb)
+        uploads = await uploads_of(request, max_mb, fields := {})
+        top_k = _form_top_k(fields, request.query_params.get("top_k"), top_k)
         if len(uploads) > MAX_FILES:
             raise BadUpload(
                 413, f"the request holds {len(uploads)} images; the limit is {MAX_FILES}"
