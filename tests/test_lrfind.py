@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from transferlab import batching, models
-from transferlab.config import make_config
+from transferlab.config import UserError, make_config
 
 
 def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
@@ -19,6 +19,10 @@ def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
     cfg = tiny_cfg(f"folder:{folder_data}", lr="auto", epochs=1)
     lr = trainer.lr_find(cfg, tmp_path / "lrf", quiet=True)
     assert 1e-6 < lr < 1.0 and (tmp_path / "lrf" / "lr_find.png").stat().st_size > 0
+    # hostile pass 28: another model's or data's range test in that folder was replaced silently
+    with pytest.raises(UserError, match=f"lrf holds the range test of {cfg.model} on folder:{folder_data}: choose another --out"):  # fmt: skip
+        trainer.lr_find(tiny_cfg("digits", lr="auto", epochs=1), tmp_path / "lrf", quiet=True)
+    trainer.lr_find(cfg, tmp_path / "lrf", quiet=True)  # the same test again: replaced
     # the range test trains a throw-away copy: the model's weights, BN statistics and the RNG
     # come back exactly as they were
     model = models.create("test_resnet", 4, 3)

@@ -10,8 +10,10 @@ afterwards: a range test leaves no trace on the run that follows.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import batching, checkpoint, evaluate, models, plots, strategies
+from . import batching, checkpoint, data, evaluate, models, plots, strategies
+from .config import UserError
 
 
 def range_test(
@@ -109,7 +112,7 @@ def find_lr(loop, out, quiet: bool) -> float:
     )
     lr = suggest(lrs, losses)
     plots.lr_find(lrs, losses, lr, out / "lr_find.png", f"{cfg.model} on {cfg.data}")
-    found = {"suggested_lr": lr, "lrs": lrs, "losses": losses}
+    found = {"suggested_lr": lr, "lrs": lrs, "losses": losses} | _tested(cfg)
     if losses and min(losses) == losses[-1]:  # no minimum: the range's end, tenthed
         found["note"] = (
             f"the loss still fell at the end of the range (lr {lrs[-1]:.3g}), so {lr:.3g} is "
@@ -119,3 +122,18 @@ def find_lr(loop, out, quiet: bool) -> float:
         print(f"[{out.name}] note: {found['note']}", file=sys.stderr, flush=True)
     checkpoint.write_json(out / "lr_find.json", found)
     return lr
+
+
+def _tested(cfg) -> dict:
+    return {"model": cfg.model, "data": data.canonical(cfg.data)}
+
+
+def check_earlier(out: Path, cfg) -> None:
+    """An earlier range test in `out` is replaced only by one of the same model on the same data
+    (one of another model or data was replaced without a word)."""
+    try:
+        was = json.loads((Path(out) / "lr_find.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(was, dict) and "model" in was and {k: was.get(k) for k in ("model", "data")} != _tested(cfg):  # fmt: skip
+        raise UserError(f"{out} holds the range test of {was['model']} on {was.get('data')}: choose another --out for {cfg.model} on {cfg.data} (the same model and data replace it)")  # fmt: skip

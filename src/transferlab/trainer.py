@@ -438,6 +438,7 @@ def lr_find(cfg: TrainConfig, out: str | Path, quiet: bool = False) -> float:
         raise UserError("lr-find runs in one process: run it without torchrun (train --lr auto under torchrun runs the range test itself)")  # fmt: skip
     # an earlier lr-find's plot is replaced (atomically) only when the new one is done
     outputs.check_out(out, "lr-find", resume=True)
+    lrfind.check_earlier(out, cfg)
     loop = setup(cfg, out, log, distributed.Dist(0, 1))
     loop.frozen = strategies.enter(loop.model, loop.stages[-1])
     with outputs.lock(out):
