@@ -1216,7 +1216,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_nothing_is_left_half_writte
     (torch's "unexpected pos", "(os error 27)"), hf left an empty folder."""
     file_size_limit((run_copy / "model.safetensors").stat().st_size // 2)
     for fmt in ("torchscript", "safetensors", "onnx", "hf"):
-        out = tmp_path / "ex" / f"m-{fmt}"
+        suffix = {"torchscript": ".pt", "safetensors": ".safetensors", "onnx": ".onnx"}.get(fmt, "")
+        out = tmp_path / "ex" / f"m-{fmt}{suffix}"  # (hf: a folder)
         fail(capsys, "export", run_copy, "--format", fmt, "--out", out,
              pattern=rf"File too large \({re.escape(str(out))}\): free space there")  # fmt: skip
         assert not out.exists()

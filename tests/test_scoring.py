@@ -54,12 +54,11 @@ def test_exporting_a_bf16_run_says_the_file_computes_in_fp32(trained_run, tmp_pa
         trained_run, {"strategy": "linear-probe", "probe_l2": 0.01, "precision": "bf16"}
     )
     trainer.fit(cfg, probed, quiet=True)
-    assert (
-        main(["export", str(probed), "--format", "safetensors", "--out", str(tmp_path / "w")]) == 0
-    )
+    w = tmp_path / "w.safetensors"
+    assert main(["export", str(probed), "--format", "safetensors", "--out", str(w)]) == 0
     assert "note: the file computes in fp32; the run's scores" in capsys.readouterr().err
     assert main(["export", str(trained_run), "--format", "safetensors",
-                 "--out", str(tmp_path / "w32")]) == 0  # fmt: skip
+                 "--out", str(tmp_path / "w32.st")]) == 0  # fmt: skip
     assert "note:" not in capsys.readouterr().err  # an fp32 run: the same numbers
     ens = tmp_path / "ens"
     assert main(["ensemble", str(probed), str(trained_run), "--out", str(ens), "--quiet"]) == 0

@@ -60,9 +60,9 @@ def run(
     steps made with other options); only then does the disk change.
     """
     recipe = apply_overrides(load(path), overrides or {})
+    validate(recipe)  # (first: an empty --set out= is said as that)
     if out is not None and str((overrides or {}).get("out", out)) != str(out):
         raise UserError(f"--out {out} and --set out={overrides['out']} disagree: give one")
-    validate(recipe)
     out = Path(out or recipe.get("out") or Path("runs") / (recipe.get("name") or Path(path).stem))
     recipe["out"] = str(out)  # its recipe.yaml says where it ran (--out over the file's out:)
     out = out.expanduser()  # out: ~/runs/x made a folder named ~ here
