@@ -131,21 +131,28 @@ def test_names_are_drawn_as_written_and_a_long_title_stays_inside_its_figure():
 def test_names_in_report_md_are_text_and_in_results_csv_are_not_formulas(trained_run, tmp_path):
     """Hostile pass 28: a run named <img onerror=...> was live HTML in report.md (report.html
     escaped it), a run named "my run (v2)" had an image link CommonMark cannot read, and a run
-    or class named =HYPERLINK(...) was a formula in results.csv and `predict --csv`."""
+    or class named =HYPERLINK(...) was a formula in results.csv and `predict --csv`. Pass 29:
+    Markdown's own syntax ([x](javascript:...), a backtick, \\|) was live, or split a row."""
     import csv
 
     from transferlab import predict
 
-    names = ["<img src=x onerror=alert(1)> & co", "my run (v2)", '=HYPERLINK("e.com","x")']
+    names = ["<img src=x onerror=alert(1)> & co", "my run (v2)", '=HYPERLINK("e.com","x")',
+             "[x](javascript:alert(1))", "r\\|z `c` $5-$10"]  # fmt: skip
     for name in names:
         shutil.copytree(trained_run, tmp_path / name)
     report.write(tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "<img" not in text and "| &lt;img src=x onerror=alert(1)&gt; &amp; co |" in text
     assert "![my run (v2) curves](my%20run%20%28v2%29/curves.png)" in text
+    assert "| \\[x\\](javascript:alert(1)) |" in text and not re.search(r"(?<!\\)\]\(java", text)
+    assert "| r\\\\\\|z \\`c\\` &#36;5-&#36;10 |" in text  # each character escaped
+    for table in (b.splitlines() for b in text.split("\n\n") if b.startswith("|")):  # rows whole
+        cells = {len(re.findall(r"(?<!\\)(?:\\\\)*\|", row)) for row in table}
+        assert cells == {table[0].count("|")}, table
     with open(tmp_path / "results.csv", newline="") as f:
         models = [row["model"] for row in csv.DictReader(f)]
-    assert sorted(models) == sorted([names[0], names[1], "'" + names[2]])
+    assert sorted(models) == sorted([names[0], names[1], "'" + names[2], *names[3:]])
     rows = [{"path": "@x.png", "predictions": [{"class": c, "name": c, "prob": 0.5}]}
             for c in ("-2+3", "-1", "+2.5", "a-b", "\tx")]  # fmt: skip
     cells = [r[:4] for r in csv.reader(predict.csv_text(rows).splitlines()[1:])]
@@ -294,7 +301,7 @@ def test_a_run_named_with_a_pipe_or_made_with_a_newline_keeps_its_table_row_whol
     path, _ = report.write(root)
     table = [line for line in path.read_text().splitlines() if line.startswith("|")]
     header = table[0].count("|")
-    rows = [line for line in table if "a\\|b" in line or "c\\nd" in line]
+    rows = [line for line in table if "a\\|b" in line or "c\\\\nd" in line]  # (\\ escaped)
     assert len(rows) == 2 and all(re.sub(r"\\\|", "", row).count("|") == header for row in rows)
 
 

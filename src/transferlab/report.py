@@ -229,10 +229,16 @@ def markdown_table(rows: list[dict]) -> str:
     return md_table(columns(rows), [[r[c] for c in columns(rows)] for r in rows])
 
 
+# Markdown's inline punctuation escaped, HTML's (and math's $) as entities: a run or class named
+# <img onerror=...> or [x](javascript:...) was live in report.md (escaped in report.html), a
+# backtick opened code, and a | (or \| once | was escaped) split a table row (_ stays: inside a
+# word, as in paths, it is no emphasis)
+_MD = str.maketrans({c: "\\" + c for c in "\\`*[]|"} | {"&": "&amp;", "<": "&lt;", ">": "&gt;", "$": "&#36;"})  # fmt: skip
+
+
 def md(text) -> str:
-    """Text for report.md: one line, & < > as entities (a run named <img onerror=...> was live
-    HTML there; report.html escaped it) and | escaped (a run or class named so split a row)."""
-    return one_line(str(text)).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")  # fmt: skip
+    """Text for report.md, shown as written on one line (the name, not Markdown or HTML)."""
+    return one_line(str(text)).translate(_MD)
 
 
 def md_table(head: list[str], rows: list[list]) -> str:
@@ -351,8 +357,8 @@ def _write(root: Path) -> tuple[Path, str]:
     for r in rows:
         if r["_curves"] is not None and r["_curves"].is_file():
             rel = r["_curves"].relative_to(root)
-            alt = md(r["model"]).replace("[", "\\[").replace("]", "\\]")  # (a link's text)
-            parts += [f"### {md(r['model'])}", "", f"![{alt} curves]({quote(rel.as_posix())})", ""]
+            name, link = md(r["model"]), quote(rel.as_posix())
+            parts += [f"### {name}", "", f"![{name} curves]({link})", ""]
     path = root / "report.md"
     outputs.write_report_file(path, "\n".join(parts))
     buf = io.StringIO()
