@@ -43,10 +43,10 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def multipart(files: list[tuple[str, bytes]], **fields: str) -> tuple[bytes, dict]:
+def multipart(files: list[tuple[str, bytes]], part="file", **fields: str) -> tuple[bytes, dict]:
     boundary = uuid.uuid4().hex
     parts = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{part}"; filename="{name}"\r\n'
         f"Content-Type: application/octet-stream\r\n\r\n".encode()
         + body
         + b"\r\n"
@@ -122,8 +122,16 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
     # hostile pass 28: a form's top_k (and any other text field) was ignored without a word
     status, one = call(url + "/predict", *multipart([("a.png", good)], top_k="1"))
     assert status == 200 and len(one["results"][0]["predictions"]) == 1
+    status, two = call(url + "/predict?top_k=2", *multipart([("a.png", good)], top_k=" 2"))
+    assert status == 200 and len(two["results"][0]["predictions"]) == 2
+    status, got = call(url + "/predict", *multipart([("a.png", good), ("k.png", good)], top_k="1"))
+    assert status == 200 and len(got["results"]) == 2
+    status, got = call(url + "/predict", *multipart([("a.png", good)], part="top_k"))
+    assert status == 400 and "top_k is a text field, not a file" in got["error"]
     for query, fields, want, words in [("", {"top_k": "0"}, 422, "top_k must be 1 or more"),
-                                       ("?top_k=2", {"top_k": "1"}, 422, "disagree: give one"),
+                                       ("?top_k=2", {"top_k": "1"}, 422, "top_k is given as 2, 1: give one"),
+                                       ("?top_k=1&top_k=2", {}, 422, "given as 1, 2"),  # (pass 29: the last)
+                                       ("?top_k=2", {"top_k": "\u0662"}, 422, "got '\u0662'"),
                                        ("", {"caption": "x"}, 400, "field(s) caption are not read")]:  # fmt: skip
         got_status, got = call(url + "/predict" + query, *multipart([("a.png", good)], **fields))
         assert got_status == want and words in got["error"], (fields, got)

@@ -170,7 +170,7 @@ class BadUpload(Exception):
         self.status, self.message = status, message
 
 
-async def uploads_of(request, max_mb: float, fields: dict | None = None) -> list[tuple[str, bytes]]:
+async def uploads_of(request, max_mb: float, fields: dict | None = None) -> list[tuple[str, bytes]]:  # fmt: skip
     """(name, bytes) per image: the form's files, or the raw body as one image; the form's
     text fields go into `fields`. The body is read only up to its limit (a raw one `max_mb`, a
     form 16 times that), whatever its length says or whether it says one (chunked): a 413 once
@@ -191,24 +191,27 @@ async def uploads_of(request, max_mb: float, fields: dict | None = None) -> list
     uploads = [
         (v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")
     ]
-    if fields is not None:
-        fields.update((k, v) for k, v in form.multi_items() if isinstance(v, str))
+    for k, v in form.multi_items():
+        if k == "top_k" and not isinstance(v, str):  # (it was predicted as an image)
+            raise BadUpload(400, "top_k is a text field, not a file: -F top_k=3 or ?top_k=3")
+        if isinstance(v, str) and fields is not None:
+            fields.setdefault(k, []).append(v)
     if not uploads:
         raise BadUpload(400, "the form holds no files: send images as form files")
     return uploads
 
 
-def _form_top_k(fields: dict, query: str | None, top_k: int) -> int:
-    """A form's top_k field, as ?top_k= (it was ignored, as was any other text field)."""
+def _form_top_k(fields: dict[str, list[str]], queries: list[str], top_k: int) -> int:
+    """top_k from ?top_k= and the form's top_k fields, which agree (a form's was ignored, then
+    the last of several was taken); any other text field is refused (it was ignored)."""
     if other := sorted(set(fields) - {"top_k"}):
         raise BadUpload(400, f"the form's text field(s) {', '.join(other)} are not read: send images as form files, top_k as ?top_k=N or a top_k field")  # fmt: skip
-    if "top_k" not in fields or fields["top_k"].strip() == query:
-        return top_k
-    if query is not None:
-        raise BadUpload(422, f"?top_k={query} and the form's top_k={fields['top_k']} disagree: give one")  # fmt: skip
-    if not fields["top_k"].strip().isdecimal() or int(fields["top_k"]) < 1:
-        raise BadUpload(422, f"top_k must be 1 or more, got {fields['top_k']!r}")
-    return int(fields["top_k"])
+    said = [v.strip() for v in (*queries, *fields.get("top_k", []))]
+    if bad := [v for v in said if not (v.isascii() and v.isdecimal()) or int(v) < 1]:
+        raise BadUpload(422, f"top_k must be 1 or more, got {bad[0]!r}")
+    if len({int(v) for v in said}) > 1:
+        raise BadUpload(422, f"top_k is given as {', '.join(said)}: give one")
+    return int(said[0]) if said else top_k
 
 
 _OVER_LIMIT = (
@@ -286,7 +289,7 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
                 413, f"the request is {declared / 1e6:.1f} MB; the limit is {max_mb} MB"
             )
         uploads = await uploads_of(request, max_mb, fields := {})
-        top_k = _form_top_k(fields, request.query_params.get("top_k"), top_k)
+        top_k = _form_top_k(fields, request.query_params.getlist("top_k"), top_k)
         if len(uploads) > MAX_FILES:
             raise BadUpload(
                 413, f"the request holds {len(uploads)} images; the limit is {MAX_FILES}"
