@@ -128,15 +128,18 @@ def test_folder_splits_are_used_as_given_and_missing_ones_are_carved_and_said(tm
     assert all("/val/" in p for p in ds.splits["val"].paths) and len(ds.splits["val"]) == 20
     assert all("/train/" in p for p in ds.splits["test"].paths)  # held out of train, not val
     assert "test 4 (20% of train held out)" in ds.notes[0], ds.notes
-    (part / "validation").mkdir()
+    (part / "validation" / "a").mkdir(parents=True)  # (a split folder holds class folders)
     with pytest.raises(UserError, match="both val and validation/ hold the val split"):
         data.load(f"folder:{part}")
-    (part / "validation").rmdir()
+    shutil.rmtree(part / "validation")
     (part / "train").rename(part / "training")  # read as datasets reads it: train
     assert all("/training/" in p for p in data.load(f"folder:{part}").splits["train"].paths)
     (part / "training").rename(part / "images")
     with pytest.raises(UserError, match="has val/ but no train/"):
         data.load(f"folder:{part}")
+    # pass 29: classes named dev, eval, Test (images inside, no class folders) are classes
+    named = make_folder(tmp_path / "named", ["dev", "eval", "Test", "cat"], 4, subsets=())
+    assert data.load(f"folder:{named}").classes == ["Test", "cat", "dev", "eval"]
 
 
 def _csv_data(tmp_path, rows: list[str], header: str = "file_name,label,split"):

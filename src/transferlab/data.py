@@ -269,7 +269,7 @@ def _folder(root: str, notes: list[str]):
     subdirs = {d.name: d for d in _visible_dirs(root_path)}
     named: dict[str, list[Path]] = {}  # split -> its folders (val/ and validation/ both: refused)
     for name, d in subdirs.items():
-        if name.lower() in SPLIT_NAMES:  # Train/ and Test/ too, as many downloads name them
+        if name.lower() in SPLIT_NAMES and _visible_dirs(d):  # Train/, Test/ too; a class named dev holds images  # fmt: skip
             named.setdefault(SPLIT_NAMES[name.lower()], []).append(d)
     if not named:  # class folders at the top
         classes = _class_dirs(root_path, notes)
