@@ -158,8 +158,8 @@ def test_the_api_exports_and_refuses_as_the_cli_does(trained_run, tmp_path):
 
     other = shutil.copytree(trained_run, tmp_path / "b", ignore=shutil.ignore_patterns("*.lock"))
     ens = transferlab.ensemble([trained_run, other], out=tmp_path / "ens")
-    assert ens.export("onnx", tmp_path / "e.onnx")["check"]["n"] > 0
-    assert (tmp_path / "e.onnx").is_file()
+    assert ens.export("onnx", tmp_path / "e.ONNX")["check"]["n"] > 0  # (pass 29: refused)
+    assert (tmp_path / "e.ONNX").is_file()
     run = transferlab.load(other)
     assert Path(run.export("hf")["path"], "config.json").is_file()
     with pytest.raises(UserError, match="an ensemble exports as one ONNX graph, not torchscript"):
@@ -173,6 +173,11 @@ def test_the_api_exports_and_refuses_as_the_cli_does(trained_run, tmp_path):
         (lambda: transferlab.ensemble([other, None], out=tmp_path / "e2"), "each run of"),
         (lambda: run.predict(str(trained_run), top_k="3"), "top_k must be a whole number"),
         (lambda: run.export("HF"), r"known: onnx, torchscript, safetensors, hf\)"),
+        (
+            lambda: ens.export("onnx", tmp_path / "e.ONNX", overwrite="no"),
+            "True or False, not 'no'",
+        ),
+        (lambda: run.export("onnx", 123), "out is the path of the file to write, not 123"),
     ):
         with pytest.raises(UserError, match=message):
             call()

@@ -98,3 +98,14 @@ def test_the_target_layer_is_the_one_that_makes_the_final_feature_map():
         explain.target_layer(model).register_forward_hook(lambda m, i, o, s=seen: s.append(o.shape))
         final = model.forward_features(torch.rand(1, channels, 64, 64)).shape
         assert seen[-1][-2:] == final[-2:]  # the coarsest map: the one the head pools
+
+
+def test_explain_prints_one_line_per_image_whatever_a_class_is_called(
+    trained_run, monkeypatch, capsys
+):
+    """Hostile pass 29: a class named with a newline split explain's line in two (evaluate
+    and predict escaped it)."""
+    row = {"file": "x.png", "predicted": "new\nline", "prob": 0.5, "explained": "a", "overlay": "o.png"}  # fmt: skip
+    monkeypatch.setattr(explain, "explain", lambda *a, **k: [row])
+    assert main(["explain", str(trained_run), "x.png"]) == 0
+    assert capsys.readouterr().out == "x.png: new\\nline (0.50); Grad-CAM of a -> o.png\n"

@@ -81,7 +81,11 @@ class Model:
         """As `transferlab export`: a run in `format` (onnx, torchscript, safetensors, hf), an
         ensemble as one ONNX graph (`input_size`: its input, else its largest member's)."""
         from . import shipping
+        from .config import UserError
 
+        if not isinstance(overwrite, bool):  # ("no" was true: the file was replaced)
+            raise UserError(f"overwrite is True or False, not {overwrite!r}")
+        out = None if out is None else _path(out, "out is the path of the file to write")
         return shipping.export_any(self.path, format, out, overwrite, input_size)
 
     def __fspath__(self) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import UserError
+from .config import UserError, one_line
 
 EXAMPLES = {
     "auto": "transferlab auto --data folder:photos --budget 30m --out runs/auto\n"
@@ -269,8 +269,7 @@ def cmd_explain(args) -> None:
         raise UserError("explain one run (an ensemble's members each looked somewhere else)")
     rows = explain.explain(args.path, args.inputs, args.out, args.target, args.quiet)
     for r in rows:
-        print(f"{r['file']}: {r['predicted']} ({r['prob']:.2f}); Grad-CAM of {r['explained']} "
-              f"-> {r['overlay']}")  # fmt: skip
+        print(one_line(f"{r['file']}: {r['predicted']} ({r['prob']:.2f}); Grad-CAM of {r['explained']} -> {r['overlay']}"))  # fmt: skip
 
 
 COMMANDS = {"auto": cmd_auto, "models": cmd_models, "data": cmd_data, "export": cmd_export, "serve": cmd_serve,

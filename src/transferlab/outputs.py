@@ -193,10 +193,8 @@ def check_creatable(path: Path, what: str) -> None:
     probe = path
     while not probe.exists():
         if not probe.name.isprintable():  # a newline split report.md's table row in two
-            raise UserError(
-                f"{what} {one_line(str(path))} would make a name with a control character (a "
-                "newline, a tab): choose another"
-            )
+            odd = "that is not UTF-8" if any(0xDC80 <= ord(c) <= 0xDCFF for c in probe.name) else "with a control character (a newline, a tab)"  # fmt: skip
+            raise UserError(f"{what} {one_line(str(path))} would make a name {odd}: choose another")  # fmt: skip
         if probe.is_symlink():  # (mkdir below it: "File exists")
             raise UserError(
                 f"cannot create {what} {path}: {probe} is a broken link (to {os.readlink(probe)})"

@@ -132,7 +132,7 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
     preps = [models.Preprocessing.from_dict(m["preprocessing"]) for m in metas]
     size = int(size or max(p.input_size for p in preps))
     target = export.out_path(out, path / "export" / "ensemble.onnx")
-    if target.suffix != ".onnx":
+    if target.suffix.lower() != ".onnx":  # (as a run's export: A.ONNX)
         raise UserError(f"--out {target}: an ensemble exports to one .onnx file")
     export.check_out_file(target, path, overwrite, info["data"])
     nets = [
