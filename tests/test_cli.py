@@ -152,6 +152,8 @@ def test_unknown_recipe_key(capsys, tmp_path):
     got = recipebook.apply_overrides(book, {"defaults.lr": "0.1", "defaults.epochs": "2"})
     assert got["defaults"] == {"lr": "0.1", "epochs": "2"} and got["steps"] == book["steps"]
     assert not got["overrides"] and book["defaults"] == {"lr": 0.01}  # (the recipe: as it was)
+    with pytest.raises(Exception, match="top-level data: --set data=SPEC"):  # pass 29: ran
+        recipebook.apply_overrides(book, {"defaults.data": "digits"})  # on it, said the other
     # ... and --set out was dropped under --out, while recipe.yaml recorded it
     assert_one_line_error(capsys, ["run", recipe, "--out", tmp_path / "a", "--set", f"out={tmp_path / 'b'}"],
                           r"--out .*a and --set out=.*b disagree: give one")  # fmt: skip

@@ -125,6 +125,8 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
             if parts[2] == "members" and isinstance(value, str):  # m1,m2 or [m1, m2]
                 value = [m.strip() for m in value.strip().strip("[]").split(",") if m.strip()]
             steps[index][parts[2]] = value
+        elif key == "defaults.data":  # (every step trained on it; recipe.yaml said the other)
+            raise UserError("--set defaults.data: the recipe's data is its top-level data: --set data=SPEC")  # fmt: skip
         elif key.startswith("defaults.") and isinstance(recipe.get("defaults") or {}, dict):
             recipe["defaults"] = {**(recipe.get("defaults") or {}), key[9:]: value}  # (not steps')
         else:
