@@ -710,6 +710,8 @@ def test_resume_takes_the_options_the_run_was_started_with(folder_data, tmp_path
     assert cli(*ft, "--epochs", "2", "--lr", "0.0005", env={"TRANSFERLAB_FAULT": "term:3"}).returncode == 143  # fmt: skip
     assert inproc(*ft, "--resume", "--epochs", "4") == 2
     assert "its config differs (epochs: 2 -> 4)" in capsys.readouterr().err  # the one typed
-    assert inproc(*ft, "--resume") == 0
+    assert inproc("finetune", "--out", tmp_path / "ft2") == 2  # (neither --from nor --resume)
+    assert "finetune needs --from RUN" in capsys.readouterr().err
+    assert inproc("finetune", "--out", tmp_path / "ft", "--resume") == 0  # --from: demanded
     config = checkpoint.read_meta(tmp_path / "ft")["config"]
     assert (config["epochs"], config["lr"]) == (2, 0.0005)

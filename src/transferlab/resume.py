@@ -152,6 +152,10 @@ def finetune_config(source, overrides: dict, resuming=None) -> TrainConfig:
     from .strategies import finetune_config as new
 
     started = started_with(resuming) if resuming else None
+    if source is None:  # `finetune --out R --resume`, as `train --out R --resume` is enough
+        if started is None or not started.weights:
+            raise UserError("finetune needs --from RUN, the run to start from (--out R --resume alone continues the fine-tune R)")  # fmt: skip
+        source = started.weights
     if started is not None and Path(started.weights or "").resolve() == Path(source).resolve():
         return make_config(overrides, started)
     return new(source, overrides)
