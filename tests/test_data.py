@@ -483,7 +483,11 @@ def test_one_label_in_two_unicode_forms_is_one_class_and_two_such_folders_are_no
     assert ds.classes == [nfc, "thé"] and not any("Unicode" in n for n in ds.notes)
     root = make_folder(tmp_path / "f", [nfc, nfd, "eau"], 4)  # folders: the user's, kept apart
     said = [n for n in data.load(f"folder:{root}").notes if "differ only in" in n]
-    assert said == [f"class names that differ only in Unicode form or case are separate classes: {ascii(nfd)}, {ascii(nfc)}"]  # fmt: skip
+    assert said == [f"class names that differ only in Unicode form, width or case are separate classes: {ascii(nfd)}, {ascii(nfc)}"]  # fmt: skip
+    for names, how in ((["=1", "\uff1d1", "b"], "width"), (["Cat", "cat", "b"], "case")):
+        root = make_folder(tmp_path / how, names, 4)  # pass 29: =1, ＝1 said to differ in case
+        said = [n for n in data.load(f"folder:{root}").notes if "differ only in" in n][0]
+        assert said.startswith("class names that differ only in " + ("case are" if how == "case" else "Unicode form, width"))  # fmt: skip
 
 
 def test_a_class_folder_not_named_in_utf8_is_refused_before_training(tmp_path):

@@ -120,8 +120,9 @@ def load(
     key = {c: unicodedata.normalize("NFKC", c).casefold() for c in classes}  # Cat, cat; café
     alike = Counter(key.values())  # typed on macOS (NFD) and elsewhere: folders kept apart, said
     if twins := sorted(c for c in classes if alike[key[c]] > 1):  # (a CSV's labels: NFC, one)
-        case = len({unicodedata.normalize("NFC", c) for c in twins}) == len(twins)
-        how, shown = ("case", twins) if case else ("Unicode form or case", map(ascii, twins))
+        nfc = [unicodedata.normalize("NFC", c) for c in twins]  # (=1 and ＝1 were "in case")
+        case = len(set(nfc)) == len(twins) and min(Counter(c.casefold() for c in nfc).values()) > 1  # fmt: skip
+        how, shown = ("case", twins) if case else ("Unicode form, width or case", map(ascii, twins))
         notes.append(f"class names that differ only in {how} are separate classes: {', '.join(shown)}")  # fmt: skip
     if len(classes) < 2:
         raise UserError(f"{spec} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least two: point --data at the folder that holds the class folders")  # fmt: skip
@@ -142,11 +143,7 @@ def load(
     for name in ("train", "val", "test"):
         absent = sorted(set(range(len(classes))) - set(splits[name].labels.tolist()))
         if absent:
-            notes.append(
-                f"{len(absent)} class(es) have no {name} image ({few}): "
-                + ", ".join(classes[i] for i in absent[:5])
-                + (" ..." if len(absent) > 5 else "")
-            )
+            notes.append(f"{len(absent)} class(es) have no {name} image ({few}): " + ", ".join(classes[i] for i in absent[:5]) + (" ..." if len(absent) > 5 else ""))  # fmt: skip
     root = data_root(spec)
     return Dataset(canonical(spec), classes, names, splits, native_size_, channels, fingerprint(splits, root), tuple(notes))  # fmt: skip
 
