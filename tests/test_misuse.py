@@ -935,7 +935,8 @@ def test_a_blank_value_is_refused_before_anything_is_made(capsys, run_copy, tmp_
                        (["train", "--data", "", *TINY, "--out", "r"], "--data is empty"),
                        (["ensemble", run_copy, "", "--out", "e"], "an argument is empty"),
                        (["soup", run_copy, run_copy, "--out", "  "], "--out is empty"),
-                       (["data", "shard", "digits", "--out", ""], "--out is empty")):  # fmt: skip
+                       (["data", "shard", "digits", "--out", ""], "--out is empty"),
+                       (["evaluate", run_copy, "--tta", ""], r"--tta is empty \(''\): give it a value \(see --help\)$")):  # fmt: skip
         fail(capsys, *argv, pattern=said)
     assert list(work.iterdir()) == []
 

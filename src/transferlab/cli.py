@@ -155,7 +155,7 @@ def _training_commands(sub) -> None:
     """demo, run, train, finetune, lr-find: the commands that train."""
     p = _sub(sub, "demo", "the seed experiment on the bundled digits data (no download)")
     p.add_argument("--out", default="runs/demo", help="output folder [runs/demo]")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as run's --set (epochs=1: quicker)")  # fmt: skip
 
     p = _sub(
         sub, "run", "run a YAML recipe (train, finetune, ensemble, soup, auto and report steps)"
@@ -380,7 +380,7 @@ def _refuse_blank(argv: list[str]) -> None:
         flag, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
         if (eq or not flag) and not value.strip():
             where = flag or (argv[i - 1] if i and argv[i - 1].startswith("-") else "an argument")
-            raise UserError(f"{where} is empty ({value!r}): give a path or a value")
+            raise UserError(f"{where} is empty ({value!r}): give it a value (see --help)")
 
 
 def console() -> int:
