@@ -128,7 +128,7 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
         elif key == "defaults.data":  # (every step trained on it; recipe.yaml said the other)
             raise UserError("--set defaults.data: the recipe's data is its top-level data: --set data=SPEC")  # fmt: skip
         elif key.startswith("defaults.") and isinstance(recipe.get("defaults") or {}, dict):
-            recipe["defaults"] = {**(recipe.get("defaults") or {}), key[9:]: value}  # (not steps')
+            recipe["defaults"] = {**(recipe.get("defaults") or {}), key.removeprefix("defaults."): value}  # fmt: skip
         else:
             plain = key.removeprefix("defaults.")
             if plain in recipe["overrides"] and recipe["overrides"][plain] != value:

@@ -2,8 +2,8 @@
 extra `serve`).
 
 - `POST /predict`: one or many images, as multipart form files (any field name) or as the raw
-  request body; `?top_k=N` (or a form field top_k; other text fields: 400). Answers `{"results": [{"file", "predictions": [{"class", "name",
-  "prob"}]}]}` in upload order.
+  request body; `?top_k=N` or a form field top_k (other text fields: 400). Answers
+  `{"results": [{"file", "predictions": [{"class", "name", "prob"}]}]}` in upload order.
 - `GET /health`: `{"status": "ok", "requests", "images", "batches"}`; 503 with `"error"` while
   the folder cannot be served (see below).
 - `GET /info`: classes, names, the ensemble method, each member's preprocessing and weights'
