@@ -712,6 +712,8 @@ def test_resume_takes_the_options_the_run_was_started_with(folder_data, tmp_path
     assert "its config differs (epochs: 2 -> 4)" in capsys.readouterr().err  # the one typed
     assert inproc("finetune", "--out", tmp_path / "ft2") == 2  # (neither --from nor --resume)
     assert "finetune needs --from RUN" in capsys.readouterr().err
+    assert inproc("finetune", "--out", tmp_path / "run", "--resume") == 2  # pass 30: a train
+    assert f"{tmp_path / 'run'} was not fine-tuned from a run: continue it with transferlab train --out" in capsys.readouterr().err  # fmt: skip
     assert inproc("finetune", "--out", tmp_path / "ft", "--resume") == 0  # --from: demanded
     config = checkpoint.read_meta(tmp_path / "ft")["config"]
     assert (config["epochs"], config["lr"]) == (2, 0.0005)

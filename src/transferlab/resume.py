@@ -153,8 +153,10 @@ def finetune_config(source, overrides: dict, resuming=None) -> TrainConfig:
 
     started = started_with(resuming) if resuming else None
     if source is None:  # `finetune --out R --resume`, as `train --out R --resume` is enough
-        if started is None or not started.weights:
-            raise UserError("finetune needs --from RUN, the run to start from (--out R --resume alone continues the fine-tune R)")  # fmt: skip
+        if started is None:
+            raise UserError(f"finetune needs --from RUN, the run to start from{f' (nothing to resume in {resuming})' if resuming else ''}")  # fmt: skip
+        if started.weights in (None, "none", "imagenet") or Path(started.weights).is_file():
+            raise UserError(f"{resuming} was not fine-tuned from a run: continue it with transferlab train --out {resuming} --resume")  # fmt: skip
         source = started.weights
     if started is not None and Path(started.weights or "").resolve() == Path(source).resolve():
         return make_config(overrides, started)
