@@ -138,7 +138,7 @@ def test_names_in_report_md_are_text_and_in_results_csv_are_not_formulas(trained
     from transferlab import predict
 
     names = ["<img src=x onerror=alert(1)> & co", "my run (v2)", '=HYPERLINK("e.com","x")',
-             "[x](javascript:alert(1))", "r\\|z `c` $5-$10"]  # fmt: skip
+             "[x](javascript:alert(1))", "r\\|z `c` $5-$10", "_u_ ~~s~~ a_b"]  # fmt: skip
     for name in names:
         shutil.copytree(trained_run, tmp_path / name)
     report.write(tmp_path)
@@ -147,6 +147,7 @@ def test_names_in_report_md_are_text_and_in_results_csv_are_not_formulas(trained
     assert "![my run (v2) curves](my%20run%20%28v2%29/curves.png)" in text
     assert "| \\[x\\](javascript:alert(1)) |" in text and not re.search(r"(?<!\\)\]\(java", text)
     assert "| r\\\\\\|z \\`c\\` &#36;5-&#36;10 |" in text  # each character escaped
+    assert "| \\_u\\_ &#126;&#126;s&#126;&#126; a_b |" in text  # pass 30: emphasis, strikethrough
     for table in (b.splitlines() for b in text.split("\n\n") if b.startswith("|")):  # rows whole
         cells = {len(re.findall(r"(?<!\\)(?:\\\\)*\|", row)) for row in table}
         assert cells == {table[0].count("|")}, table

@@ -231,14 +231,14 @@ def markdown_table(rows: list[dict]) -> str:
 
 # Markdown's inline punctuation escaped, HTML's (and math's $) as entities: a run or class named
 # <img onerror=...> or [x](javascript:...) was live in report.md (escaped in report.html), a
-# backtick opened code, and a | (or \| once | was escaped) split a table row (_ stays: inside a
-# word, as in paths, it is no emphasis)
-_MD = str.maketrans({c: "\\" + c for c in "\\`*[]|"} | {"&": "&amp;", "<": "&lt;", ">": "&gt;", "$": "&#36;"})  # fmt: skip
+# backtick opened code, and a | (or \| once | was escaped) split a table row; _ only at a
+# word's edge (_u_ was emphasis; inside a word, as in paths, it is none)
+_MD = str.maketrans({c: "\\" + c for c in "\\`*[]|"} | {"&": "&amp;", "<": "&lt;", ">": "&gt;", "$": "&#36;", "~": "&#126;"})  # fmt: skip
 
 
 def md(text) -> str:
     """Text for report.md, shown as written on one line (the name, not Markdown or HTML)."""
-    return one_line(str(text)).translate(_MD)
+    return re.sub(r"(?<![^\W_])_|_(?![^\W_])", r"\_", one_line(str(text)).translate(_MD))
 
 
 def md_table(head: list[str], rows: list[list]) -> str:
