@@ -129,7 +129,7 @@ def test_folder_splits_are_used_as_given_and_missing_ones_are_carved_and_said(tm
     assert all("/train/" in p for p in ds.splits["test"].paths)  # held out of train, not val
     assert "test 4 (20% of train held out)" in ds.notes[0], ds.notes
     (part / "validation" / "a").mkdir(parents=True)  # (a split folder holds class folders)
-    with pytest.raises(UserError, match="both val and validation/ hold the val split"):
+    with pytest.raises(UserError, match="both val/ and validation/ hold the val split"):
         data.load(f"folder:{part}")
     shutil.rmtree(part / "validation")
     (part / "train").rename(part / "training")  # read as datasets reads it: train

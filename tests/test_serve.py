@@ -128,7 +128,7 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
     assert status == 200 and len(got["results"]) == 2
     status, got = call(url + "/predict", *multipart([("a.png", good)], part="top_k"))
     assert status == 400 and "top_k is a text field, not a file" in got["error"]
-    for query, fields, want, words in [("", {"top_k": "0"}, 422, "top_k must be 1 or more"),
+    for query, fields, want, words in [("", {"top_k": "0"}, 422, "top_k is a whole number, 1 or more"),
                                        ("?top_k=2", {"top_k": "1"}, 422, "top_k is given as 2, 1: give one"),
                                        ("?top_k=1&top_k=2", {}, 422, "given as 1, 2"),  # (pass 29: the last)
                                        ("?top_k=2", {"top_k": "\u0662"}, 422, "got '\u0662'"),

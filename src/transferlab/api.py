@@ -85,6 +85,10 @@ class Model:
 
         if not isinstance(overwrite, bool):  # ("no" was true: the file was replaced)
             raise UserError(f"overwrite is True or False, not {overwrite!r}")
+        if not isinstance(format, str):
+            raise UserError(f"format is one of onnx, torchscript, safetensors, hf, not {format!r}")
+        if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral)):  # fmt: skip
+            raise UserError(f"input_size is a whole number of pixels, not {input_size!r}")
         out = None if out is None else _path(out, "out is the path of the file to write")
         return shipping.export_any(self.path, format, out, overwrite, input_size)
 

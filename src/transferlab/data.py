@@ -273,9 +273,9 @@ def _folder(root: str, notes: list[str]):
         return classes, classes, {"train": _folder_split(root_path, classes, notes)}, None, 3
     for split, dirs in named.items():
         if len(dirs) > 1:
-            raise UserError(f"{root}: both {' and '.join(d.name for d in dirs)}/ hold the {split} split; keep one")  # fmt: skip
+            raise UserError(f"{root}: both {' and '.join(d.name + '/' for d in dirs)} hold the {split} split; keep one")  # fmt: skip
     if "train" not in named:
-        raise UserError(f"{root} has {', '.join(d[0].name for d in named.values())}/ but no train/: put the training images in train/<class>/")  # fmt: skip
+        raise UserError(f"{root} has {', '.join(d[0].name + '/' for d in named.values())} but no train/: put the training images in train/<class>/")  # fmt: skip
     others = sorted(set(subdirs) - {d[0].name for d in named.values()})
     if others:
         notes.append(f"ignored folder(s) beside train/ in {root}: {', '.join(others)}")

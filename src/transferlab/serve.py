@@ -208,7 +208,7 @@ def _form_top_k(fields: dict[str, list[str]], queries: list[str], top_k: int) ->
         raise BadUpload(400, f"the form's text field(s) {', '.join(other)} are not read: send images as form files, top_k as ?top_k=N or a top_k field")  # fmt: skip
     said = [v.strip() for v in (*queries, *fields.get("top_k", []))]
     if bad := [v for v in said if not (v.isascii() and v.isdecimal()) or int(v) < 1]:
-        raise BadUpload(422, f"top_k must be 1 or more, got {bad[0]!r}")
+        raise BadUpload(422, f"top_k is a whole number, 1 or more, got {bad[0]!r}")
     if len({int(v) for v in said}) > 1:
         raise BadUpload(422, f"top_k is given as {', '.join(said)}: give one")
     return int(said[0]) if said else top_k
