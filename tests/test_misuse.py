@@ -1119,6 +1119,8 @@ def test_a_name_with_a_control_character_is_refused_before_anything_is_made(
              work / bad, pattern=said)  # fmt: skip
     latin1 = Path(os.fsdecode(os.fsencode(work) + b"/r\xe9"))  # (pass 29: said as a control
     fail(capsys, "train", "--data", "digits", *TINY, "--out", latin1, pattern="would make a name that is not UTF-8")  # fmt: skip
+    image = next(Path(run_copy).parent.rglob("*.png"))  # (pass 30: explain made it)
+    fail(capsys, "explain", run_copy, image, "--out", latin1, pattern="would make a name that is not UTF-8")  # fmt: skip
     assert list(work.iterdir()) == []
 
 

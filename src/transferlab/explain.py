@@ -132,6 +132,7 @@ def _check_folder(folder: Path, run: Path) -> None:
         return
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--out {folder} exists and is not empty; give a new or empty folder")
+    outputs.check_creatable(folder, "explain folder")  # (one not in UTF-8 was made)
     found = outputs.enclosing(folder)
     if found:
         raise UserError(f"--out {folder} is inside the {found[1]} folder {found[0]}")
