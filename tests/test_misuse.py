@@ -375,6 +375,7 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "steps: [5]": "must be a mapping",
         "steps: [{train: [a]}]": "needs a plain name",
         "steps: [{train: {model: dcnn}}]": "needs a plain name",
+        "steps: [{train: _a_b_}]": "starting with a letter or digit\\), got '_a_b_'",  # pass 30
         "steps: [{report: x}]": "report takes no name",
         "steps: [{train: a, finetune: b}]": "exactly one of",
         "steps: [{train: a}, {train: a}]": "used by an earlier step",

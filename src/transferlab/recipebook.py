@@ -155,7 +155,7 @@ def validate(recipe: dict, out: Path | None = None) -> None:
     name = recipe.get("name")
     if name is not None and not (NAME.fullmatch(name) and name not in (".", "..")):
         raise UserError(
-            f"recipe name {name!r} must be a plain name (letters, digits, . _ -): it names the "
+            f"recipe name {name!r} must be a plain name (letters, digits, . _ -, a letter or digit first): it names the "
             "default output folder runs/NAME"
         )
     for key in ("defaults", "overrides"):
@@ -388,7 +388,7 @@ def parse_step(step, index: int) -> tuple[str, str, dict]:
     if not isinstance(value, str) or not NAME.fullmatch(value) or value in (".", ".."):
         raise UserError(
             f"step {index} ({kind}) needs a plain name for its run folder inside --out "
-            f"(letters, digits, . _ -), got {value!r}"[:200]
+            f"(letters, digits, . _ -, starting with a letter or digit), got {value!r}"[:200]
         )
     return kind, value, keys
 
