@@ -132,7 +132,8 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
                                        ("?top_k=2", {"top_k": "1"}, 422, "top_k is given as 2, 1: give one"),
                                        ("?top_k=1&top_k=2", {}, 422, "given as 1, 2"),  # (pass 29: the last)
                                        ("?top_k=2", {"top_k": "\u0662"}, 422, "got '\u0662'"),
-                                       ("", {"caption": "x"}, 400, "field(s) caption are not read")]:  # fmt: skip
+                                       ("", {"caption": "x"}, 400, "field(s) caption are not read"),
+                                       ("?TOP_K=1", {}, 400, "unknown query parameter(s) TOP_K: the one read is top_k")]:  # fmt: skip
         got_status, got = call(url + "/predict" + query, *multipart([("a.png", good)], **fields))
         assert got_status == want and words in got["error"], (fields, got)
     from PIL import Image

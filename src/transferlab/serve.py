@@ -2,7 +2,7 @@
 extra `serve`).
 
 - `POST /predict`: one or many images, as multipart form files (any field name) or as the raw
-  request body; `?top_k=N` or a form field top_k (other text fields: 400). Answers
+  request body; `?top_k=N` or a form field top_k (other fields or parameters: 400). Answers
   `{"results": [{"file", "predictions": [{"class", "name", "prob"}]}]}` in upload order.
 - `GET /health`: `{"status": "ok", "requests", "images", "batches"}`; 503 with `"error"` while
   the folder cannot be served (see below).
@@ -288,6 +288,8 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
             raise BadUpload(
                 413, f"the request is {declared / 1e6:.1f} MB; the limit is {max_mb} MB"
             )
+        if other := sorted(set(request.query_params) - {"top_k"}):  # (?TOP_K=1 was ignored)
+            raise BadUpload(400, f"unknown query parameter(s) {', '.join(other)}: the one read is top_k")  # fmt: skip
         uploads = await uploads_of(request, max_mb, fields := {})
         top_k = _form_top_k(fields, request.query_params.getlist("top_k"), top_k)
         if len(uploads) > MAX_FILES:
