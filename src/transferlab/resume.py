@@ -155,7 +155,7 @@ def finetune_config(source, overrides: dict, resuming=None) -> TrainConfig:
     if source is None:  # `finetune --out R --resume`, as `train --out R --resume` is enough
         if started is None:
             raise UserError(f"finetune needs --from RUN, the run to start from{f' (nothing to resume in {resuming})' if resuming else ''}")  # fmt: skip
-        if started.weights in (None, "none", "imagenet") or Path(started.weights).is_file():
+        if started.weights in (None, "none", "imagenet") or ":" in started.weights or Path(started.weights).is_file():  # fmt: skip
             raise UserError(f"{resuming} was not fine-tuned from a run: continue it with transferlab train --out {resuming} --resume")  # fmt: skip
         source = started.weights
     if started is not None and Path(started.weights or "").resolve() == Path(source).resolve():
