@@ -348,7 +348,7 @@ def _class_dirs(root: Path, notes: list[str]) -> list[str]:
     classes = [d.name for d in _visible_dirs(root)]
     if not classes:
         raise UserError(f"no class folders in {root}")
-    if odd := [c for c in classes if any(0xDC80 <= ord(ch) <= 0xDCFF for ch in c)]:
+    if odd := [c for c in classes if outputs.not_utf8(c)]:
         raise UserError(f"{root}: class folder {odd[0].encode(errors='surrogateescape').decode(errors='backslashreplace')} is not named in UTF-8 (an archive from another system?): rename it, e.g. convmv -f latin1 -t utf8 -r --notest {root}")  # fmt: skip
     return classes
 

@@ -185,6 +185,11 @@ def _few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def not_utf8(name: str) -> bool:
+    """A file name whose bytes are not UTF-8 (Python holds them as lone surrogates)."""
+    return any(0xDC80 <= ord(c) <= 0xDCFF for c in name)
+
+
 def check_creatable(path: Path, what: str) -> None:
     """`path` can be created (or written) here: no file in the way, a writable ancestor."""
     path = Path(path).expanduser()
@@ -193,7 +198,7 @@ def check_creatable(path: Path, what: str) -> None:
     probe = path
     while not probe.exists():
         if not probe.name.isprintable():  # a newline split report.md's table row in two
-            odd = "that is not UTF-8" if any(0xDC80 <= ord(c) <= 0xDCFF for c in probe.name) else "with a control character (a newline, a tab)"  # fmt: skip
+            odd = "that is not UTF-8" if not_utf8(probe.name) else "with a control character (a newline, a tab)"  # fmt: skip
             raise UserError(f"{what} {one_line(str(path))} would make a name {odd}: choose another")  # fmt: skip
         if probe.is_symlink():  # (mkdir below it: "File exists")
             raise UserError(
