@@ -226,7 +226,8 @@ def _name(path: Path, root: Path) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    return md_table(columns(rows), [[r[c] for c in columns(rows)] for r in rows])
+    cols = columns(rows)  # (once: it reads every row)
+    return md_table(cols, [[r[c] for c in cols] for r in rows])
 
 
 # Markdown's inline punctuation escaped, HTML's (and math's $) as entities: a run or class named
