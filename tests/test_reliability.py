@@ -717,3 +717,17 @@ def test_resume_takes_the_options_the_run_was_started_with(folder_data, tmp_path
     assert inproc("finetune", "--out", tmp_path / "ft", "--resume") == 0  # --from: demanded
     config = checkpoint.read_meta(tmp_path / "ft")["config"]
     assert (config["epochs"], config["lr"]) == (2, 0.0005)
+    # pass 30: a fine-tune whose parent moved could not be resumed: "weights file not found",
+    # and --from ITS_NEW_PATH was "a config change"; now the new place is taken, its weights
+    # checked against those the fine-tune started from
+    ft3 = tmp_path / "ft3"
+    assert cli(*ft[:-1], ft3, "--epochs", "2", env={"TRANSFERLAB_FAULT": "term:3"}).returncode == 143  # fmt: skip
+    (tmp_path / "run").rename(tmp_path / "moved")
+    assert inproc("finetune", "--out", ft3, "--resume") == 2
+    assert "which is not there any more: if that run moved, resume with --from" in capsys.readouterr().err  # fmt: skip
+    assert (
+        inproc("finetune", "--out", ft3, "--resume", "--from", tmp_path / "ft") == 2
+    )  # other weights
+    assert "its config differs (" in (err := capsys.readouterr().err) and "weights: " in err
+    assert inproc("finetune", "--out", ft3, "--resume", "--from", tmp_path / "moved") == 0
+    assert checkpoint.read_meta(ft3)["source"]["parent"] == str((tmp_path / "moved").resolve())

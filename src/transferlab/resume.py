@@ -12,7 +12,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,10 +157,31 @@ def finetune_config(source, overrides: dict, resuming=None) -> TrainConfig:
             raise UserError(f"finetune needs --from RUN, the run to start from{f' (nothing to resume in {resuming})' if resuming else ''}")  # fmt: skip
         if started.weights in (None, "none", "imagenet") or ":" in started.weights or Path(started.weights).is_file():  # fmt: skip
             raise UserError(f"{resuming} was not fine-tuned from a run: continue it with transferlab train --out {resuming} --resume")  # fmt: skip
+        if not Path(started.weights).expanduser().exists():
+            raise UserError(f"{resuming} was fine-tuned from {started.weights}, which is not there any more: if that run moved, resume with --from ITS_NEW_PATH (its weights must be the ones {resuming} started from)")  # fmt: skip
         source = started.weights
     if started is not None and Path(started.weights or "").resolve() == Path(source).resolve():
         return make_config(overrides, started)
+    if started is not None and moved_parent(resuming, started.weights, source):
+        return replace(make_config(overrides, started), weights=str(source))
     return new(source, overrides)
+
+
+def moved_parent(out, then, now) -> bool:
+    """A fine-tune's parent run moved: the run `out` started from (`then`) is not there any
+    more, and the run `now` holds its weights (the sha256 `out` recorded when it began)."""
+    from .outputs import read_mark
+
+    if not then or not now or Path(then).expanduser().exists() or not Path(now).expanduser().is_dir():  # fmt: skip
+        return False
+    want = (read_mark(Path(out).expanduser()) or {}).get("parent_sha256")
+    try:
+        return (
+            want is not None
+            and checkpoint.read_meta(Path(now).expanduser()).get("weights_sha256") == want
+        )
+    except (UserError, OSError, ValueError):
+        return False
 
 
 def going_on(command: str, out: str | None) -> str:
@@ -216,6 +237,8 @@ SAFE_ON_RESUME = {"num_workers", "eval_batch_size", "checkpoint_every", "keep_la
 
 def refuse_config_change(out: Path, saved: dict | None, cfg: TrainConfig) -> None:
     """--resume continues the same run: a config that changed (but for SAFE_ON_RESUME) is refused."""
+    if saved and moved_parent(out, saved.get("weights"), cfg.weights):  # the same parent, moved
+        saved = {**saved, "weights": cfg.weights}
     changed = config_changes(saved, to_dict(cfg)) if saved else ""
     if changed:
         raise UserError(

@@ -98,7 +98,8 @@ def fit(
     # --overwrite it had emptied the old run first)
     loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
     loop.notes += leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))
-    with claimed(out, resume, overwrite, {"config": to_dict(cfg), "data_fingerprint": loop.ds.fingerprint}, d):  # fmt: skip
+    mark = {"config": to_dict(cfg), "data_fingerprint": loop.ds.fingerprint, "parent_sha256": loop.source.get("parent_sha256")}  # fmt: skip
+    with claimed(out, resume, overwrite, mark, d):
         start_training(loop, out, resume and (out / "state").exists(), log, quiet)
         progress = (restore(out, loop, log) if resume else None) or Progress()
         t_start, features = time.time() - progress.seconds, None
