@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from transferlab import checkpoint, evaluate
+from transferlab.config import UserError
 
 
 def test_ece_known_answer():
@@ -251,6 +252,10 @@ def test_a_score_on_data_with_fewer_classes_says_its_predictions_were_restricted
     other = shutil.copytree(trained_run, tmp_path / "b", ignore=shutil.ignore_patterns("*.lock"))
     ensembles.build([trained_run, other], "soft", tmp_path / "e", quiet=True)
     assert any(said in n for n in ensembles.evaluate_path(tmp_path / "e", spec)["notes"])
+    shutil.rmtree(tmp_path / "two" / "test" / "b")  # one class: 100% by construction, refused
+    shutil.rmtree(tmp_path / "two" / "train" / "b")  # with its reason, not the training rule's
+    with pytest.raises(UserError, match="holds one class \\(a\\): .* every image would be right"):
+        evaluate.score_run(trained_run, spec, "test")
 
 
 def test_a_score_survives_a_folder_it_cannot_write_and_never_replaces_the_run_s_own_figure(

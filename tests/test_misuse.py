@@ -676,6 +676,10 @@ def test_S34_one_class_is_refused_and_classes_missing_from_a_split_are_listed(tm
     root = make_folder(tmp_path / "one", ["cat"], 10)
     with pytest.raises(UserError, match="1 class \\(cat\\); a classifier needs at least two"):
         data.load(f"folder:{root}")
+    # scoring on it (evaluate --data) was refused by that training rule; now the reason is its
+    # own: restricted to the data's one class, every image would be right
+    with pytest.raises(UserError, match="holds one class \\(cat\\): .* every image would be right; .*: transferlab predict RUN "):  # fmt: skip
+        data.load(f"folder:{root}", scoring=True)
     root = make_folder(tmp_path / "few", ["cat", "dog"], 10, subsets=("",))
     (root / "wolf").mkdir()
     make_image(2, 0).save(root / "wolf" / "0.png")

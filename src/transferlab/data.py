@@ -108,11 +108,10 @@ def check_spec(spec: str, exists: bool = True) -> None:
         raise UserError(f"dataset path does not exist: {arg}")
 
 
-def load(
-    spec: str, val_fraction: float = 0.1, limit: int | None = None, fold: str = "none"
-) -> Dataset:
+def load(spec: str, val_fraction: float = 0.1, limit: int | None = None, fold: str = "none", scoring: bool = False) -> Dataset:  # fmt: skip
     """Load a dataset spec (`digits`, `folder:PATH`, ...); `fold` "i/k": val is fold i of k of
-    train+val, train the rest, test unchanged (`folds.fold_splits`)."""
+    train+val, train the rest, test unchanged (`folds.fold_splits`); `scoring`: data a run is
+    scored on, not trained on (its refusals say so)."""
     check_spec(spec, exists=False)
     kind, _, arg = str(spec).partition(":")
     notes: list[str] = []
@@ -124,6 +123,8 @@ def load(
         case = len(set(nfc)) == len(twins) and min(Counter(c.casefold() for c in nfc).values()) > 1  # fmt: skip
         how, shown = ("case", twins) if case else ("Unicode form, width or case", map(ascii, twins))
         notes.append(f"class names that differ only in {how} are separate classes: {', '.join(shown)}")  # fmt: skip
+    if len(classes) == 1 and scoring:  # restricted to the data's classes, every image is right
+        raise UserError(f"{spec} holds one class ({classes[0]}): a run is scored over the classes its data holds, so on one class every image would be right; to see what the run calls them: transferlab predict RUN {arg if kind == 'folder' else 'IMAGES'}")  # fmt: skip
     if len(classes) < 2:
         raise UserError(f"{spec} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least two: point --data at the folder that holds the class folders")  # fmt: skip
     given, origin = hold_out_test(given)

@@ -69,4 +69,4 @@ def carving_on(meta: dict, spec: str | None = None) -> tuple:
 def load_as_run(meta: dict, spec: str | None = None) -> data.Dataset:
     """A run's data split as it split them (its val carve, limit and `--fold`), or the data
     `spec` split by its val fraction and limit."""
-    return data.load(meta["data"] if spec is None else spec, *carving_on(meta, spec))
+    return data.load(meta["data"] if spec is None else spec, *carving_on(meta, spec), scoring=spec is not None)  # fmt: skip
