@@ -497,6 +497,9 @@ def test_a_class_folder_not_named_in_utf8_is_refused_before_training(tmp_path):
     os.rename(os.fsencode(root / "other"), os.fsencode(root) + b"/caf\xe9")
     with pytest.raises(UserError, match=r"class folder caf\\xe9 is not named in UTF-8 .*convmv"):
         data.load(f"folder:{root}")
+    os.rename(os.fsencode(root) + b"/caf\xe9", os.fsencode(root) + b"/ \t")  # an empty label
+    with pytest.raises(UserError, match=r"class folder ' \\t' is named only with spaces"):
+        data.load(f"folder:{root}")
 
 
 def test_a_split_with_other_classes_names_them_in_words(tmp_path):

@@ -351,6 +351,8 @@ def _class_dirs(root: Path, notes: list[str]) -> list[str]:
         raise UserError(f"no class folders in {root}")
     if odd := [c for c in classes if outputs.not_utf8(c)]:
         raise UserError(f"{root}: class folder {odd[0].encode(errors='surrogateescape').decode(errors='backslashreplace')} is not named in UTF-8 (an archive from another system?): rename it, e.g. convmv -f latin1 -t utf8 -r --notest {root}")  # fmt: skip
+    if blank := [c for c in classes if not c.strip()]:  # shown as an empty label everywhere
+        raise UserError(f"{root}: class folder {blank[0]!r} is named only with spaces: rename it to the class's name")  # fmt: skip
     return classes
 
 
