@@ -1,6 +1,7 @@
 """Grad-CAM (the grad-cam package) through `transferlab explain`: it points where the evidence
 is, and the command writes one overlay per image without touching anything else."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,12 @@ def test_explain_writes_an_overlay_per_image_for_the_predicted_or_named_class(
     again = explain.explain(trained_run, files[:1], target="1")  # by index; the first kept
     assert again[0]["explained"] == "b"  # and RUN/explain gathers: the first overlays stay
     assert again[0]["overlay"] not in [r["overlay"] for r in rows]
+    digits = shutil.copytree(trained_run, tmp_path / "digits", ignore=shutil.ignore_patterns("*.lock"))  # fmt: skip
+    meta = json.loads((digits / "meta.json").read_text())
+    (digits / "meta.json").write_text(json.dumps({**meta, "class_names": ["a", "2", "c", "d"]}))
+    capsys.readouterr()  # a class named 2 is not index 2: it was taken without a word
+    assert explain.explain(digits, files[:1], target="2")[0]["explained"] == "2"
+    assert "note: --class 2 is the class named 2; index 2 is c" in capsys.readouterr().err
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="exists and is not empty"):

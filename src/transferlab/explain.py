@@ -87,6 +87,8 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
                 f"index 0..{len(names) - 1}"
             )
         index = lookup[target]
+        if target.isdigit() and index != int(target) < len(names):  # (digits: class names too)
+            print(f"note: --class {target} is the class named {target}; index {target} is {names[int(target)]}", file=sys.stderr)  # fmt: skip
     files = predict.items(inputs)
     folder = Path(out).expanduser() if out else run / "explain"
     _check_folder(folder, run)
