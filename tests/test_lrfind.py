@@ -17,12 +17,12 @@ def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
 
     assert lrfind.suggest([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 9.0]) == pytest.approx(1e-3)
     cfg = tiny_cfg(f"folder:{folder_data}", lr="auto", epochs=1)
-    lr = trainer.lr_find(cfg, tmp_path / "lrf", quiet=True)
+    lr = lrfind.command(cfg, tmp_path / "lrf", quiet=True)
     assert 1e-6 < lr < 1.0 and (tmp_path / "lrf" / "lr_find.png").stat().st_size > 0
     # hostile pass 28: another model's or data's range test in that folder was replaced silently
     with pytest.raises(UserError, match=f"lrf holds the range test of {cfg.model} on folder:{folder_data}: choose another --out"):  # fmt: skip
-        trainer.lr_find(tiny_cfg("digits", lr="auto", epochs=1), tmp_path / "lrf", quiet=True)
-    trainer.lr_find(cfg, tmp_path / "lrf", quiet=True)  # the same test again: replaced
+        lrfind.command(tiny_cfg("digits", lr="auto", epochs=1), tmp_path / "lrf", quiet=True)
+    lrfind.command(cfg, tmp_path / "lrf", quiet=True)  # the same test again: replaced
     # the range test trains a throw-away copy: the model's weights, BN statistics and the RNG
     # come back exactly as they were
     model = models.create("test_resnet", 4, 3)
@@ -49,7 +49,7 @@ def test_lr_find_on_a_linear_probe_is_refused_and_a_range_without_a_minimum_says
 ):
     """A linear probe is fitted by regression: lr-find "suggested lr 0.1" for it, the range's
     end tenthed, as it did for any run whose loss still fell at the range's end (21 images)."""
-    from transferlab import lrfind, trainer
+    from transferlab import lrfind
     from transferlab.config import UserError
 
     from conftest import tiny_cfg
@@ -58,15 +58,25 @@ def test_lr_find_on_a_linear_probe_is_refused_and_a_range_without_a_minimum_says
         tiny_cfg(f"folder:{folder_data}", strategy="linear-probe", lr="auto")
     cfg = tiny_cfg(f"folder:{folder_data}", strategy="linear-probe")  # as lr-find makes it
     with pytest.raises(UserError, match="no learning rate to find"):
-        trainer.lr_find(cfg, tmp_path / "probe", quiet=True)
+        lrfind.command(cfg, tmp_path / "probe", quiet=True)
     assert not (tmp_path / "probe").exists()
     falling = lambda *a, **kw: ([1e-3, 1e-2, 1e-1, 1.0], [2.0, 1.5, 1.0, 0.5])  # noqa: E731
     monkeypatch.setattr(lrfind, "range_test", falling)
     cfg = tiny_cfg(f"folder:{folder_data}", lr="auto", epochs=1)
-    assert trainer.lr_find(cfg, tmp_path / "lrf", quiet=True) == pytest.approx(0.1)
+    assert lrfind.command(cfg, tmp_path / "lrf", quiet=True) == pytest.approx(0.1)
     err = capsys.readouterr().err
     assert "the loss still fell at the end of the range (lr 1)" in err and "--lr" in err
     assert "not of a minimum" in (tmp_path / "lrf" / "lr_find.json").read_text()
+    # it decoded val and test (Tiny ImageNet's 10,000 test images) and noted --limit's classes
+    # without a test image, though a range test reads train only
+    from transferlab import decoding
+
+    read, decode = [], decoding.decode_checked
+    monkeypatch.setattr(decoding, "decode_checked", lambda *a, **kw: read.append(a[5]) or decode(*a, **kw))  # fmt: skip
+    lrfind.command(tiny_cfg(f"folder:{folder_data}", limit=2), tmp_path / "lim", quiet=True)
+    err = capsys.readouterr().err
+    assert read == ["decode train"] and "have no train image" in err
+    assert "test image" not in err and "val image" not in err
 
 
 def test_its_log_axis_prints_no_font_lookups(tmp_path):

@@ -276,9 +276,9 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_lr_find(args) -> None:
-    from . import trainer
+    from . import lrfind
 
-    lr = trainer.lr_find(make_config(_overrides(args)), args.out, args.quiet)
+    lr = lrfind.command(make_config(_overrides(args)), args.out, args.quiet)
     print(f"suggested lr {lr:.3g}  (plot: {Path(args.out) / 'lr_find.png'})")
 
 

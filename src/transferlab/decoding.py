@@ -409,7 +409,7 @@ def unreadable(bad: list[str]) -> UnreadableImages:
     return UnreadableImages.listed(bad, fix_for(bad))
 
 
-def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
+def decode_splits(ds, prep, cfg, name, log, quiet, splits=("train", "val", "test")) -> tuple[dict, dict]:  # fmt: skip
     """Decode every split at the model's size; bad images stop the run (all splits' named at
     once: fixed split by split, they took a run each) or, if asked, are dropped."""
     cache, train = resolve_cache(cfg.cache_dir), ds.splits["train"]
@@ -419,7 +419,7 @@ def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
         log(f"[{name}] images read from {len(train.shards)} train shard(s) and decoded per batch "
             f"({'--num-workers ' + str(cfg.num_workers) if cfg.num_workers else 'a thread per core'}; no cache)")  # fmt: skip
     images, labels, unread = {}, {}, []
-    for split in ("train", "val", "test"):
+    for split in splits:
         try:
             arr, kept, bad = decode_checked(
                 ds.splits[split],
@@ -443,5 +443,5 @@ def decode_splits(ds, prep, cfg, name, log, quiet) -> tuple[dict, dict]:
         images[split], labels[split] = arr, kept.labels
     if unread:
         raise unreadable(unread)
-    log(f"[{name}] train {len(labels['train'])}, val {len(labels['val'])}, test {len(labels['test'])} images")  # fmt: skip
+    log(f"[{name}] {', '.join(f'{k} {len(v)}' for k, v in labels.items())} images")
     return images, labels

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -137,3 +139,28 @@ def check_earlier(out: Path, cfg) -> None:
         return
     if isinstance(was, dict) and "model" in was and {k: was.get(k) for k in ("model", "data")} != _tested(cfg):  # fmt: skip
         raise UserError(f"{out} holds the range test of {was['model']} on {was.get('data')}: choose another --out for {cfg.model} on {cfg.data} (the same model and data replace it)")  # fmt: skip
+
+
+def command(cfg, out: str | Path, quiet: bool = False) -> float:
+    """`transferlab lr-find`: the range test alone, into `out` (lr_find.png, lr_find.json)."""
+    from . import decoding, distributed, outputs
+    from .trainer import logger, setup  # (trainer runs the range test of --lr auto: lazily)
+
+    out, log = Path(out), logger(quiet)
+    if cfg.strategy == "linear-probe":
+        raise UserError("a linear probe is fitted by L2-regularised regression (--probe-l2), with no learning rate to find: lr-find tests the others (--strategy full, lp-ft, ...)")  # fmt: skip
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (each rank claimed the folder: one failed)
+        raise UserError("lr-find runs in one process: run it without torchrun (train --lr auto under torchrun runs the range test itself)")  # fmt: skip
+    # an earlier lr-find's plot is replaced (atomically) only when the new one is done
+    outputs.check_out(out, "lr-find", resume=True)
+    check_earlier(out, cfg)
+
+    def train_only(line, note=False):  # it reads no val or test image: their notes are moot
+        return None if re.search(r"\b(val|test) (image|score)", line) else log(line, note=note)
+
+    loop = setup(cfg, out, train_only, distributed.Dist(0, 1))
+    loop.frozen = strategies.enter(loop.model, loop.stages[-1])
+    with outputs.lock(out):
+        outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", resume=True))
+        loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet, ("train",))  # fmt: skip
+        return find_lr(loop, out, quiet)

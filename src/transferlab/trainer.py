@@ -428,21 +428,3 @@ def compiled(module: nn.Module, cfg: TrainConfig, log) -> nn.Module:
         return module
     log("   torch.compile: the first steps compile the model (seconds to minutes)")
     return torch.compile(module)
-
-
-def lr_find(cfg: TrainConfig, out: str | Path, quiet: bool = False) -> float:
-    """`transferlab lr-find`: the range test alone, into `out` (lr_find.png, lr_find.json)."""
-    out, log = Path(out), logger(quiet)
-    if cfg.strategy == "linear-probe":
-        raise UserError("a linear probe is fitted by L2-regularised regression (--probe-l2), with no learning rate to find: lr-find tests the others (--strategy full, lp-ft, ...)")  # fmt: skip
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (each rank claimed the folder: one failed)
-        raise UserError("lr-find runs in one process: run it without torchrun (train --lr auto under torchrun runs the range test itself)")  # fmt: skip
-    # an earlier lr-find's plot is replaced (atomically) only when the new one is done
-    outputs.check_out(out, "lr-find", resume=True)
-    lrfind.check_earlier(out, cfg)
-    loop = setup(cfg, out, log, distributed.Dist(0, 1))
-    loop.frozen = strategies.enter(loop.model, loop.stages[-1])
-    with outputs.lock(out):
-        outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", resume=True))
-        loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
-        return lrfind.find_lr(loop, out, quiet)
