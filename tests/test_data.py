@@ -140,6 +140,12 @@ def test_folder_splits_are_used_as_given_and_missing_ones_are_carved_and_said(tm
     # pass 29: classes named dev, eval, Test (images inside, no class folders) are classes
     named = make_folder(tmp_path / "named", ["dev", "eval", "Test", "cat"], 4, subsets=())
     assert data.load(f"folder:{named}").classes == ["Test", "cat", "dev", "eval"]
+    # beside train/, such a dev/ of images (no class folders) is left out: said with why
+    beside = make_folder(tmp_path / "beside", ["cat", "dog"], 4, subsets=("train",))
+    shutil.copytree(beside / "train" / "cat", beside / "dev")
+    (beside / "notes").mkdir()
+    said = f"ignored folder(s) beside train/ in {beside}: dev, notes (dev/ holds images, not a folder per class as a split does)"  # fmt: skip
+    assert said in data.load(f"folder:{beside}").notes
 
 
 def _csv_data(tmp_path, rows: list[str], header: str = "file_name,label,split"):

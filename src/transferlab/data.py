@@ -277,9 +277,9 @@ def _folder(root: str, notes: list[str]):
             raise UserError(f"{root}: both {' and '.join(d.name + '/' for d in dirs)} hold the {split} split; keep one")  # fmt: skip
     if "train" not in named:
         raise UserError(f"{root} has {', '.join(d[0].name + '/' for d in named.values())} but no train/: put the training images in train/<class>/")  # fmt: skip
-    others = sorted(set(subdirs) - {d[0].name for d in named.values()})
-    if others:
-        notes.append(f"ignored folder(s) beside train/ in {root}: {', '.join(others)}")
+    if others := sorted(set(subdirs) - {d[0].name for d in named.values()}):  # dev/ of images: put
+        held = [n + "/" for n in others if _image_files(subdirs[n])]  # there by mistake, said
+        notes.append(f"ignored folder(s) beside train/ in {root}: {', '.join(others)}" + (f" ({' '.join(held)} holds images, not a folder per class as a split does)" if held else ""))  # fmt: skip
     classes = _class_dirs(named["train"][0], notes)
     splits = {k: _folder_split(d[0], classes, notes) for k, d in named.items()}
     return classes, classes, splits, None, 3
