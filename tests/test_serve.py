@@ -158,6 +158,10 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
                                          ("/health", b"x", {}, 405)):  # fmt: skip
         got_status, got = call(url + where, body, headers)
         assert got_status == status and set(got) == {"error"}, (where, got)
+    urlencoded = {"Content-Type": "application/x-www-form-urlencoded"}  # curl --data top_k=1:
+    got_status, got = call(url + "/predict", b"top_k=1", urlencoded)  # "not a readable image"
+    assert got_status == 415 and "the body is a URL-encoded form (curl --data k=v)" in got["error"]
+    assert call(url + "/predict", good, urlencoded)[0] == 200  # curl --data-binary @IMG's header
     assert call(url + "/predict", good)[0] == 200  # still serving
 
 

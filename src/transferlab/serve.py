@@ -181,6 +181,9 @@ async def uploads_of(request, max_mb: float, fields: dict | None = None) -> list
         body += chunk
         if len(body) > cap:
             raise BadUpload(413, f"the body passed {cap / 1e6:g} MB before its end; the limit is {max_mb} MB")  # fmt: skip
+    urlencoded = request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")  # fmt: skip
+    if urlencoded and body.isascii() and b"=" in body:  # (curl --data-binary @IMG says it too)
+        raise BadUpload(415, "the body is a URL-encoded form (curl --data k=v), which holds no image: send images as form files (-F file=@IMG) or as the body (--data-binary @IMG), top_k as ?top_k=N")  # fmt: skip
     if not form:
         return [("body", bytes(body))]
 
