@@ -90,7 +90,8 @@ class Model:
         if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral)):  # fmt: skip
             raise UserError(f"input_size is a whole number of pixels, not {input_size!r}")
         out = None if out is None else _path(out, "out is the path of the file to write")
-        return shipping.export_any(self.path, format, out, overwrite, input_size)
+        with _api_words():  # ("pass --overwrite to replace it")
+            return shipping.export_any(self.path, format, out, overwrite, input_size)
 
     def __fspath__(self) -> str:
         return str(self.path)
