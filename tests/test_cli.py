@@ -150,8 +150,12 @@ def test_unknown_recipe_key(capsys, tmp_path):
     # hostile pass 28: defaults.lr overrode every step's own lr (the demo's resnet50 at 0.1)
     book = {"defaults": {"lr": 0.01}, "steps": [{"train": "a", "lr": 0.002}, {"train": "b"}]}
     got = recipebook.apply_overrides(book, {"defaults.lr": "0.1", "defaults.epochs": "2"})
-    assert got["defaults"] == {"lr": "0.1", "epochs": "2"} and got["steps"] == book["steps"]
+    assert got["defaults"] == {"lr": 0.1, "epochs": 2} and got["steps"] == book["steps"]
     assert not got["overrides"] and book["defaults"] == {"lr": 0.01}  # (the recipe: as it was)
+    # numbers as YAML holds them (recipe.yaml recorded epochs: '2'); names and data stay text
+    got = recipebook.apply_overrides(book, {"lr": "1e-3", "seed": "-2", "name": "7", "steps.0.name": "8", "fold": "1/5"})  # fmt: skip
+    assert got["overrides"] == {"lr": 0.001, "seed": -2, "fold": "1/5"} and got["name"] == "7"
+    assert got["steps"][0]["name"] == "8"
     with pytest.raises(Exception, match="top-level data: --set data=SPEC"):  # pass 29: ran
         recipebook.apply_overrides(book, {"defaults.data": "digits"})  # on it, said the other
     # ... and --set out was dropped under --out, while recipe.yaml recorded it

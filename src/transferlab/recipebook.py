@@ -105,6 +105,9 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
     recipe = copy.deepcopy(recipe)
     recipe.setdefault("overrides", {})
     for key, value in overrides.items():
+        number = re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", str(value))  # as YAML:
+        if number and key.rpartition(".")[2] not in ("data", "out", "name", "members"):  # not '3'
+            value = int(value) if value.lstrip("+-").isdigit() else float(value)
         if key in ("data", "out", "name"):
             recipe[key] = value
         elif key.startswith("steps.") or key == "steps":
@@ -114,12 +117,8 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
                 raise UserError(f"--set {key}: write steps.N.KEY=VALUE (N counts from 0)")
             index = int(parts[1])
             if not isinstance(steps, list) or index >= len(steps):
-                raise UserError(
-                    f"--set {key}: no step {index} in this recipe (--set counts its steps from "
-                    f"0: steps.0 to steps.{len(steps) - 1})"
-                    if isinstance(steps, list) and steps
-                    else f"--set {key}: this recipe has no steps"
-                )
+                raise UserError(f"--set {key}: no step {index} in this recipe (--set counts its steps from 0: steps.0 to steps.{len(steps) - 1})"  # fmt: skip
+                                if isinstance(steps, list) and steps else f"--set {key}: this recipe has no steps")  # fmt: skip
             if not isinstance(steps[index], dict):
                 raise UserError(f"--set {key}: steps.{index} is a report step, which takes no keys")
             if parts[2] == "members" and isinstance(value, str):  # m1,m2 or [m1, m2]
