@@ -222,6 +222,7 @@ def test_a_probe_logs_and_draws_its_l2_strengths_not_epochs(trained_run, tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     history = (tmp_path / "p" / "history.csv").read_text().splitlines()[1:]  # a row a strength
     assert [r["event"] for r in rows] == ["probe"] * len(history) and len(history) > 1
+    assert all(r["lr"] is None for r in rows)  # a regression has no learning rate (it read 0.0)
     curves = next(fig for fig, name in figures if name == "curves.png")
     assert {(ax.get_xlabel(), ax.get_xscale()) for ax in curves.axes} == {
         ("probe L2 strength (standardised features)", "log")

@@ -209,7 +209,7 @@ def fit_linear(
         rows.append(
             {
                 "epoch": i,
-                "lr": 0.0,
+                "lr": None,  # a regression has none (it read 0.0)
                 "l2": lam,
                 "train_loss": train["loss"],
                 "train_acc": train["top1"],
