@@ -90,6 +90,17 @@ def test_soups_of_snapshots_from_one_start(snapshot_run, tmp_path):
     chose = "the greedy soup chose its ingredients by its val score: not a held-out val score"
     assert chose in transferlab.load(tmp_path / "greedy").evaluate("val")["notes"]  # said too
     assert transferlab.load(tmp_path / "uniform").evaluate("val")["notes"] == []
+    # hostile pass 31: train --out SOUP --resume found no state/, "started from scratch" and
+    # trained over the soup; a finished run whose state/ was deleted was trained anew too
+    before = checkpoint.sha256(checkpoint.weights_path(tmp_path / "uniform"))
+    cfg = tiny_cfg(checkpoint.read_meta(snaps[0])["data"], epochs=1)
+    with pytest.raises(UserError, match="uniform holds a soup, with no checkpoint to continue from: nothing to resume"):  # fmt: skip
+        trainer.fit(cfg, tmp_path / "uniform", resume=True, quiet=True)
+    assert checkpoint.sha256(checkpoint.weights_path(tmp_path / "uniform")) == before
+    finished = shutil.copytree(snaps[0], tmp_path / "finished")
+    shutil.rmtree(finished / "state", ignore_errors=True)
+    with pytest.raises(UserError, match="holds a finished run whose state/ is gone"):
+        trainer.fit(cfg, finished, resume=True, quiet=True)
     # on other data (--data): its fingerprint and config are that data's, so evaluate finds
     # nothing changed (it said "the files changed" of files nobody touched)
     other = tmp_path / "other"

@@ -172,6 +172,9 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
         raise UserError(f"--resume: {out} does not exist, so nothing in it can be resumed: check "
                         "the path, or leave out --resume to start a new run")  # fmt: skip
     if outputs.check_out(out, "run", resume, overwrite) == "resume":
+        if (out / checkpoint.META).is_file() and not any((out / "state").glob("*.pt")):  # it trained anew over it  # fmt: skip
+            what = "a soup" if checkpoint.read_meta(out).get("strategy") == "soup" else "a finished run whose state/ is gone"  # fmt: skip
+            raise UserError(f"--resume: {out} holds {what}, with no checkpoint to continue from: nothing to resume; score it with transferlab evaluate {out}, or pass --overwrite instead of --resume to train anew there")  # fmt: skip
         refuse_config_change(out, (outputs.read_mark(out) or {}).get("config"), cfg)
 
 
