@@ -227,6 +227,43 @@ def test_S3_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkey
     assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*"))
 
 
+class Killed(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+@pytest.mark.parametrize("then", [None, 5, 6])  # the first save; step 5 saved again; the next
+def test_S3_a_kill_at_any_rename_of_a_save_leaves_a_whole_checkpoint(tmp_path, monkeypatch, keep_last, then):  # fmt: skip
+    """Hostile pass 31: killed between last.pt's replacement and its manifest's (step 5 saved
+    again at its epoch's end), a whole last.pt read "corrupt"; with --keep-last 1 nothing could
+    be resumed. Killed between the two renames of the rotation, neither file was whole."""
+    replace, calls = os.replace, [0]
+    for kill_at in range(1, 8):
+        folder = tmp_path / f"{kill_at}" / "state"
+        if then is not None:
+            checkpoint.save_checkpoint(folder, {"w": torch.ones(3)}, 5, keep_last)
+
+        def killing(*args, kill_at=kill_at):
+            calls[0] += 1
+            if calls[0] == kill_at:
+                raise Killed
+            return replace(*args)
+
+        calls[0] = 0
+        monkeypatch.setattr(os, "replace", killing)
+        try:
+            checkpoint.save_checkpoint(folder, {"w": torch.zeros(3)}, then or 5, keep_last)
+        except Killed:
+            pass
+        monkeypatch.setattr(os, "replace", replace)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing skipped as corrupt or unfinished
+            found = checkpoint.newest_checkpoint(folder)
+        if then is None and found is None:
+            continue  # killed before the first save was whole: nothing to resume, said so
+        assert any(torch.equal(found[0]["w"], w) for w in (torch.ones(3), torch.zeros(3)))
+
+
 def test_S4_resume_skips_empty_truncated_and_unmarked_checkpoints_naming_them(tmp_path):
     folder = tmp_path / "state"
     for step in (1, 2, 3, 4):

@@ -304,11 +304,17 @@ def is_run(path: Path) -> bool:
 
 
 def save_state(path: Path, state: dict, step: int = 0) -> None:
-    """Save training state atomically, then its sha256 manifest (the completeness marker)."""
+    """Save training state atomically with its sha256 manifest (the completeness marker). The
+    manifest names the new file's hash before the file replaces the old one, and the old one's
+    until it has: a kill between the two (the same step saved again) left a whole last.pt
+    "corrupt", and with --keep-last 1 nothing to resume."""
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    write_text(_manifest(path), f"{sha256(path)}  step={int(step)}\n")
+        line = f"{sha256(tmp)}  step={int(step)}\n"
+        old = _manifest(path).read_text().splitlines(keepends=True)[:2] if path.is_file() and _manifest(path).is_file() else []  # fmt: skip
+        write_text(_manifest(path), "".join([line, *old]))
+    write_text(_manifest(path), line)
 
 
 def _manifest(path: Path) -> Path:
@@ -317,7 +323,7 @@ def _manifest(path: Path) -> Path:
 
 def _manifest_step(path: Path) -> int | None:
     try:
-        return int(_manifest(path).read_text().split("step=")[1])
+        return int(_manifest(path).read_text().splitlines()[0].split("step=")[1])
     except (OSError, IndexError, ValueError):
         return None
 
@@ -330,10 +336,14 @@ def save_checkpoint(folder: Path, state: dict, step: int, keep_last: int = 2) ->
     folder = Path(folder)
     last = folder / "last.pt"
     previous = _manifest_step(last) if last.is_file() else None
-    if previous is not None and previous != step:
-        older = folder / f"step-{previous:09d}.pt"
-        os.replace(last, older)
-        os.replace(_manifest(last), _manifest(older))
+    if previous is not None and previous != step:  # kept whole at every instant: its manifest
+        older = folder / f"step-{previous:09d}.pt"  # first, then the file as a second name
+        write_text(_manifest(older), _manifest(last).read_text())  # (moved in two steps, a
+        older.unlink(missing_ok=True)  # kill between left neither whole: nothing to resume)
+        try:
+            os.link(last, older)  # last.pt is replaced by a new file below: this one stays
+        except OSError:  # (a file system without hard links)
+            shutil.copy2(last, older)
     save_state(last, state, step)
     for old in sorted(folder.glob("step-*.pt"), reverse=True)[max(keep_last - 1, 0) :]:
         old.unlink(missing_ok=True)
@@ -373,7 +383,7 @@ def load_state(path: Path, trust_pickle: bool = False) -> dict:
         raise UserError(f"{path} is empty or missing")
     if not _manifest(path).is_file():
         raise UserError(f"{path} has no sha256 manifest (unfinished save)")
-    if _manifest(path).read_text().split()[0] != sha256(path):
+    if sha256(path) not in [line.split()[0] for line in _manifest(path).read_text().splitlines() if line.strip()]:  # fmt: skip
         raise UserError(f"{path} does not match its sha256 manifest (corrupt)")
     return safeload.torch_load(path, trust_pickle)
 
