@@ -328,6 +328,21 @@ def test_a_report_a_user_wrote_into_is_never_written_over(trained_run, tmp_path)
         assert path.read_bytes() == was + line.encode()
         path.write_bytes(was)  # the notes taken out: its own again
     report.write(tmp_path)
+    from transferlab import checkpoint  # pass 31: two failed writes in a row (disk full) and the
+
+    atomic = checkpoint.atomic_path
+
+    def full(path, exclusive=False):  # file there read as changed by the user, for good
+        if Path(path).name.startswith("report"):  # (its record of shas is written)
+            raise OSError(27, "File too large")
+        return atomic(path, exclusive)
+
+    for copy in ("c1", "c2"):  # each write its own text: a run more
+        shutil.copytree(trained_run, tmp_path / copy, ignore=shutil.ignore_patterns("*.lock"))
+        with pytest.MonkeyPatch.context() as m, pytest.raises((OSError, UserError)):
+            m.setattr(checkpoint, "atomic_path", full)
+            report.write(tmp_path)
+    report.write(tmp_path)
     report.write(tmp_path / "tiny")  # a report inside a run folder, with notes added
     (tmp_path / "tiny" / "report.md").write_text(
         (tmp_path / "tiny" / "report.md").read_text() + "mine"

@@ -156,12 +156,15 @@ def check_reports_writable(root: Path, names: tuple[str, ...], who: str, elsewhe
 
 
 def write_report_file(path: Path, text: str) -> None:
-    """Write a report file, its sha256 recorded first, beside the one before it (a kill between
-    the two writes leaves the file as either, each recognised as transferlab's)."""
+    """Write a report file, its sha256 recorded first, beside that of the file there now (a
+    kill between the two writes leaves the file as either, each recognised as transferlab's;
+    the one before it was kept instead, and two failed writes in a row made the file there
+    "changed since transferlab report wrote it" for good)."""
     from .checkpoint import atomic_path, write_json
 
     shas, data = _report_shas(path.parent), text.encode("utf-8")
-    shas[path.name] = [*shas.get(path.name, [])[-1:], _sha(data)]
+    there = [_sha(path.read_bytes())] if path.is_file() else []  # (checked as ours before)
+    shas[path.name] = [*there, _sha(data)]
     write_json(path.parent / REPORT_SHA, shas)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
