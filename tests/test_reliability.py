@@ -729,6 +729,23 @@ def test_sigterm_outside_a_training_step_stops_the_command_in_one_line(
     assert signal.getsignal(signal.SIGTERM) is before  # given back
 
 
+def test_a_stop_while_torch_is_still_being_imported_is_said_in_one_line(tmp_path):
+    """Hostile pass 31: Ctrl-C or SIGTERM in a command's first seconds, while torch or
+    matplotlib was being imported, gave two tracebacks and exit 1: the handler imported them
+    again for its words. Here torch cannot be imported at all; the stop is still one line."""
+    code = ("import sys; sys.modules['torch'] = sys.modules['matplotlib'] = None\n"
+            "from transferlab import cli\n"
+            "def stopped(args): raise KeyboardInterrupt\n"
+            "cli.COMMANDS['train'] = stopped\n"
+            f"sys.exit(cli.main(['train', '--data', 'digits', '--out', {str(tmp_path / 'r')!r}]))")  # fmt: skip
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (ran.returncode, ran.stderr) == (130, "transferlab train: interrupted\n")
+    (tmp_path / "r" / "state").mkdir(parents=True)  # ("the state it saved last is in" none)
+    from transferlab.stops import going_on
+
+    assert going_on("train", tmp_path / "r") == "; it stopped before its first checkpoint, so nothing was saved: rerun with --resume to start it from the beginning"  # fmt: skip
+
+
 def test_resume_takes_the_options_the_run_was_started_with(folder_data, tmp_path, capsys):
     """`train --out R --resume` called every flag not typed again a change ("model: 'dcnn' ->
     'resnet50'") and advised --overwrite, which would have trained that other model."""

@@ -55,7 +55,7 @@ from . import (
 )
 from .autospace import FOLDS, Candidate, candidates, clean, estimate, recalibrate
 from .config import Preempted, UnreadableImages, UserError
-from .resume import RESUME
+from .stops import RESUME
 
 SAFETY = 1.15  # a candidate starts only if its estimate times this fits in the time left
 STATE = "auto.json"

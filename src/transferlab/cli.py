@@ -26,6 +26,7 @@ from .config import (
     parse_set,
     sigterm_stops,
 )
+from .stops import going_on
 
 EXAMPLES = {
     "demo": "transferlab demo                       # ~10 min on 2 CPU cores, no download",
@@ -431,8 +432,6 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C; Terminated: SIGTERM outside a training step
-        from .resume import going_on
-
         said = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted"
         print(f"transferlab {who}: {said}{going_on(args.command, getattr(args, 'out', None))}",
               file=sys.stderr)  # fmt: skip

@@ -46,6 +46,7 @@ from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... 
     train_settings,
     validate,
 )
+from .stops import AGAIN, RESUME
 
 
 def run(
@@ -114,7 +115,7 @@ def _steps(recipe: dict, out: Path, resolved: Path, quiet: bool) -> float:
             try:
                 STEPS[kind](recipe, name, keys, out, quiet)
             except Preempted as err:  # `run` takes no --resume: it resumes a step by itself
-                raise Preempted(str(err).replace(resume.RESUME, AGAIN)) from None
+                raise Preempted(str(err).replace(RESUME, AGAIN)) from None
             except UserError as err:  # nor --budget: an auto step's budget is set in its own way
                 if kind != "auto" or autochoose.LARGER not in str(err):
                     raise
@@ -124,9 +125,6 @@ def _steps(recipe: dict, out: Path, resolved: Path, quiet: bool) -> float:
                     "run the recipe again: the study continues, its timings kept"
                 ) from None
     return t0
-
-
-AGAIN = "run the recipe again to continue (finished steps are skipped, this one resumes)"
 
 
 def _train(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from . import checkpoint, data, guards
 from .config import Preempted, TrainConfig, UserError, names_weights, to_dict
+from .stops import RESUME
 
 if TYPE_CHECKING:
     from .trainer import Loop
@@ -128,9 +129,6 @@ class Checkpoints:
             )
 
 
-RESUME = "rerun with --resume to continue"  # a stop's advice (a recipe says its own)
-
-
 def started_with(out) -> TrainConfig | None:
     """`train --out R --resume`: the config R was started with, under which the flags given
     again apply (every flag had to be retyped; those not were "changes")."""
@@ -182,21 +180,6 @@ def moved_parent(out, then, now) -> bool:
         )
     except (UserError, OSError, ValueError):
         return False
-
-
-def going_on(command: str, out: str | None) -> str:
-    """After Ctrl-C or SIGTERM outside a step: how to continue what `command` stopped."""
-    from . import recipe
-
-    out = Path(out or "")
-    if command in ("run", "demo"):
-        return f"; {recipe.AGAIN}"
-    unfinished = out.name and out.is_dir() and not (out / checkpoint.META).is_file()
-    if command in ("train", "finetune") and unfinished:
-        return f"; the state it saved last is in {out / 'state'}: {RESUME}"
-    if command == "auto" and unfinished:
-        return f" (the study's finished candidates are kept in {out}): {RESUME}"
-    return ""
 
 
 def training_state(loop: Loop, progress: Progress) -> dict:
