@@ -370,8 +370,7 @@ COMMANDS = {
 
 FULL = dict.fromkeys(  # what the user can do about it
     (errno.ENOSPC, errno.EDQUOT, errno.EFBIG),
-    ": free space there (or raise the file-size limit, ulimit -f) and run it again; a run "
-    "continues with --resume",
+    ": free space there (or raise the file-size limit, ulimit -f) and run it again",
 )
 
 
@@ -425,7 +424,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     except OSError as err:  # the disk or the OS refused (full, read-only, gone): say which file
         name = re.sub(r"(^|/)\.([^/]+)\.\w{8}\.tmp$", r"\1\2", str(err.filename or ""))
         where = f" ({name})" if name else ""  # (`atomic_path`'s temp file named as its file)
-        full = FULL.get(err.errno, "")
+        full = FULL.get(err.errno, "") + (" with --resume" if err.errno in FULL and args.command in ("train", "finetune", "auto") else "")  # fmt: skip
         print(
             f"transferlab {who}: error: {err.strerror or err}{where}{full}",
             file=sys.stderr,
