@@ -156,6 +156,8 @@ def test_unknown_recipe_key(capsys, tmp_path):
     got = recipebook.apply_overrides(book, {"lr": "1e-3", "seed": "-2", "name": "7", "steps.0.name": "8", "fold": "1/5"})  # fmt: skip
     assert got["overrides"] == {"lr": 0.001, "seed": -2, "fold": "1/5"} and got["name"] == "7"
     assert got["steps"][0]["name"] == "8"
+    got = recipebook.apply_overrides(book, {"steps.0.weights": "007", "steps.0.train": "2024"})
+    assert got["steps"][0] | {"weights": "007", "train": "2024"} == got["steps"][0]  # (pass 32: 7)
     with pytest.raises(Exception, match="top-level data: --set data=SPEC"):  # pass 29: ran
         recipebook.apply_overrides(book, {"defaults.data": "digits"})  # on it, said the other
     # ... and --set out was dropped under --out, while recipe.yaml recorded it

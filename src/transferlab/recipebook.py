@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
 import re
 from pathlib import Path
@@ -99,14 +100,17 @@ def count_values(node, path, ancestors: tuple = (), budget: list | None = None) 
             count_values(child, path, (*ancestors, node), budget)
 
 
+NUMBERS = {f.name for f in dataclasses.fields(TrainConfig) if re.search(r"\b(int|float)\b", str(f.type))}  # fmt: skip
+
+
 def apply_overrides(recipe: dict, overrides: dict) -> dict:
     """`--set` pairs: top-level keys (data, out), `steps.N.key`, `defaults.key` (a step's own
     value stays), or TrainConfig fields (every step)."""
     recipe = copy.deepcopy(recipe)
     recipe.setdefault("overrides", {})
     for key, value in overrides.items():
-        number = re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", str(value))  # as YAML:
-        if number and key.rpartition(".")[2] not in ("data", "out", "name", "members"):  # not '3'
+        number = isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value)  # fmt: skip
+        if number and key.rpartition(".")[2] in NUMBERS:  # as YAML: not '3'; 007 a path
             value = int(value) if value.lstrip("+-").isdigit() else float(value)
         if key in ("data", "out", "name"):
             recipe[key] = value
@@ -138,10 +142,8 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
 
 
 def validate(recipe: dict, out: Path | None = None) -> None:
-    """Every key, type, step form, name and member reference, before any step runs.
-
-    With `out`, members and parents are checked to exist (an earlier step or a run folder).
-    """
+    """Every key, type, step form, name and member reference, before any step runs; with
+    `out`, members and parents are checked to exist (an earlier step or a run folder)."""
     unknown = [k for k in recipe if k not in (*TOP_KEYS, "overrides")]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), TOP_KEYS, n=1)
