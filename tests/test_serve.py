@@ -162,6 +162,10 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
     got_status, got = call(url + "/predict", b"top_k=1", urlencoded)  # "not a readable image"
     assert got_status == 415 and "the body is a URL-encoded form (curl --data k=v)" in got["error"]
     assert call(url + "/predict", good, urlencoded)[0] == 200  # curl --data-binary @IMG's header
+    got_status, got = call(url + "/predict", good.replace(b"\n", b""), urlencoded)  # --data @IMG
+    assert got_status == 415 and "(curl --data @IMG strips an image's line breaks): send it with --data-binary @IMG" in got["error"]  # fmt: skip
+    shouted = {"Content-Type": "APPLICATION/X-WWW-FORM-URLENCODED"}  # (media types: any case)
+    assert "URL-encoded form" in call(url + "/predict", b"top_k=1", shouted)[1]["error"]
     assert call(url + "/predict", good)[0] == 200  # still serving
 
 

@@ -170,6 +170,10 @@ class BadUpload(Exception):
         self.status, self.message = status, message
 
 
+def urlencoded(request) -> bool:  # curl --data's (and --data-binary's, urllib's) header
+    return request.headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded")  # fmt: skip
+
+
 async def uploads_of(request, max_mb: float, fields: dict | None = None) -> list[tuple[str, bytes]]:  # fmt: skip
     """(name, bytes) per image: the form's files, or the raw body as one image; the form's
     text fields go into `fields`. The body is read only up to its limit (a raw one `max_mb`, a
@@ -181,8 +185,7 @@ async def uploads_of(request, max_mb: float, fields: dict | None = None) -> list
         body += chunk
         if len(body) > cap:
             raise BadUpload(413, f"the body passed {cap / 1e6:g} MB before its end; the limit is {max_mb} MB")  # fmt: skip
-    urlencoded = request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")  # fmt: skip
-    if urlencoded and body.isascii() and b"=" in body:  # (curl --data-binary @IMG says it too)
+    if urlencoded(request) and body.isascii() and b"=" in body:  # (--data-binary @IMG: read)
         raise BadUpload(415, "the body is a URL-encoded form (curl --data k=v), which holds no image: send images as form files (-F file=@IMG) or as the body (--data-binary @IMG), top_k as ?top_k=N")  # fmt: skip
     if not form:
         return [("body", bytes(body))]
@@ -299,9 +302,12 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
             raise BadUpload(
                 413, f"the request holds {len(uploads)} images; the limit is {MAX_FILES}"
             )
-        images = await asyncio.to_thread(  # decoded off the event loop: /health still answers
-            lambda: [image_of(name, body, max_mb) for name, body in uploads]
-        )
+        try:  # decoded off the event loop: /health still answers
+            images = await asyncio.to_thread(lambda: [image_of(n, b, max_mb) for n, b in uploads])
+        except BadUpload as err:  # curl --data @IMG: its line breaks stripped
+            if err.status == 415 and urlencoded(request):
+                err.message += "; sent as a URL-encoded form (curl --data @IMG strips an image's line breaks): send it with --data-binary @IMG or -F file=@IMG"  # fmt: skip
+            raise
         results = await batcher.predict(images, top_k)
         return {"results": [{"file": name, "predictions": preds}
                             for (name, _), preds in zip(uploads, results, strict=True)]}  # fmt: skip
