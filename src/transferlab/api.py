@@ -178,9 +178,8 @@ def _api_words():
     try:
         yield
     except UserError as err:
-        said = re.sub(r"--(resume|overwrite)\b", r"\1=True", str(err)).replace(
-            "--log-json", "log_json"
-        )
+        said = re.sub(r"--(resume|overwrite)\b", r"\1=True", str(err)).replace("--log-json", "log_json")  # fmt: skip
+        said = re.sub(r"--(format|out|input-size)\b", lambda m: m[1].replace("-", "_"), said)
         if type(err) is not UserError or said == str(err):
             raise
         raise UserError(said) from None
