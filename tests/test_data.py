@@ -514,6 +514,9 @@ def test_a_split_with_other_classes_names_them_in_words(tmp_path):
     shutil.rmtree(root / "test" / "eel")
     with pytest.raises(UserError, match=r"different classes from train: extra none; missing eel$"):
         data.load(f"folder:{root}")
+    (root / "test" / "ant").rename(root / "test" / "ant ")  # pass 32: "extra ant ; missing ant"
+    with pytest.raises(UserError, match=r"extra 'ant '; missing ant, eel$"):
+        data.load(f"folder:{root}")
 
 
 def test_too_few_images_to_split_says_how_many_are_needed(tmp_path):

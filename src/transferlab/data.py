@@ -359,7 +359,7 @@ def _class_dirs(root: Path, notes: list[str]) -> list[str]:
 def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
     found = [d.name for d in _visible_dirs(root, notes)]
     if set(found) != set(classes):
-        extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+        extra, missing = ([repr(c) if c != c.strip() else c for c in sorted(side)] for side in (set(found) - set(classes), set(classes) - set(found)))  # fmt: skip
         raise UserError(f"{root} has different classes from train: extra {', '.join(extra) or 'none'}; missing {', '.join(missing) or 'none'}")  # fmt: skip
     paths, labels = [], []
     left: dict[str, list[str]] = {"hidden": [], "other": [], "folder": []}  # what is not read
