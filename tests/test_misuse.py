@@ -962,6 +962,21 @@ def test_a_recipe_s_defaults_model_is_the_train_steps_and_its_out_expands_home(
     assert checkpoint.is_run(tmp_path / "home" / "x" / "f") and not (tmp_path / "~").exists()
 
 
+def test_a_recipe_reuses_a_fine_tune_whose_parent_moved_when_its_weights_are_the_same(tmp_path):
+    """Hostile pass 32: a finished fine-tune step whose outside parent moved (the recipe's
+    `from:` edited to the new place) was "made with other options (weights: 'P' -> 'Q')"."""
+    head = "data: digits\ndefaults: {model: dcnn, epochs: 1, limit: 60, input_size: 16}\nsteps:\n"
+    (tmp_path / "p.yaml").write_text(head + "  - {train: p}\n")
+    parent = recipe.run(tmp_path / "p.yaml", tmp_path / "a", quiet=True) / "p"
+    (tmp_path / "f.yaml").write_text(head + f"  - {{finetune: ft, from: {parent}}}\n")
+    ft = recipe.run(tmp_path / "f.yaml", tmp_path / "b", quiet=True) / "ft" / "model.safetensors"
+    made = ft.stat().st_mtime_ns
+    parent.rename(tmp_path / "moved")
+    (tmp_path / "f.yaml").write_text(head + f"  - {{finetune: ft, from: {tmp_path / 'moved'}}}\n")
+    recipe.run(tmp_path / "f.yaml", tmp_path / "b", quiet=True)  # the same weights: skipped
+    assert ft.stat().st_mtime_ns == made
+
+
 def test_a_recipe_reuses_a_fine_tune_or_soup_only_if_made_from_its_runs_as_they_are(
     tmp_path, capsys
 ):

@@ -778,10 +778,21 @@ def test_resume_takes_the_options_the_run_was_started_with(folder_data, tmp_path
     assert cli(*ft[:-1], ft3, "--epochs", "2", env={"TRANSFERLAB_FAULT": "term:3"}).returncode == 143  # fmt: skip
     (tmp_path / "run").rename(tmp_path / "moved")
     assert inproc("finetune", "--out", ft3, "--resume") == 2
-    assert "which is not there any more: if that run moved, resume with --from" in capsys.readouterr().err  # fmt: skip
-    assert (
-        inproc("finetune", "--out", ft3, "--resume", "--from", tmp_path / "ft") == 2
-    )  # other weights
-    assert "its config differs (" in (err := capsys.readouterr().err) and "weights: " in err
+    assert "which is not found from here: resume from the folder it was started in, or give --from" in capsys.readouterr().err  # fmt: skip
+    assert inproc("finetune", "--out", ft3, "--resume", "--from", tmp_path / "ft") == 2
+    said = "ft holds other weights than the run it was fine-tuned from"  # pass 32: it listed
+    assert said in capsys.readouterr().err  # the options of that other run as "changes"
     assert inproc("finetune", "--out", ft3, "--resume", "--from", tmp_path / "moved") == 0
     assert checkpoint.read_meta(ft3)["source"]["parent"] == str((tmp_path / "moved").resolve())
+    # pass 32: another run found at the parent's path (a path typed relative, resumed from
+    # another folder; a new run trained where the parent was) was taken as the parent
+    ft4 = tmp_path / "ft4"
+    assert cli("finetune", "--from", tmp_path / "moved", "--out", ft4, "--epochs", "2", env={"TRANSFERLAB_FAULT": "term:3"}).returncode == 143  # fmt: skip
+    (tmp_path / "moved").rename(tmp_path / "moved2")
+    shutil.copytree(tmp_path / "ft", tmp_path / "moved", ignore=shutil.ignore_patterns("*.lock"))
+    assert inproc("finetune", "--out", ft4, "--resume") == 2
+    assert "moved holds other weights than the run it was fine-tuned from" in capsys.readouterr().err  # fmt: skip
+    # ... and a fine-tune of ft3, whose parent (moved2's weights) is no longer at the path it
+    # recorded, was a KeyError ('data') in counting what its ancestors trained on
+    shutil.rmtree(tmp_path / "moved")
+    assert inproc("finetune", "--from", ft3, "--out", tmp_path / "ft5", "--epochs", "1") == 0

@@ -101,6 +101,12 @@ def test_soups_of_snapshots_from_one_start(snapshot_run, tmp_path):
     shutil.rmtree(finished / "state", ignore_errors=True)
     with pytest.raises(UserError, match="holds a finished run whose state/ is gone"):
         trainer.fit(cfg, finished, resume=True, quiet=True)
+    from transferlab import outputs, resume  # pass 32: finetune --out SOUP --resume asked for
+
+    with pytest.raises(UserError, match="uniform holds a soup, with no checkpoint"):  # --from
+        resume.finetune_config(None, {}, tmp_path / "uniform")
+    with pytest.raises(UserError, match="finished already exists: pass --overwrite to replace it$"):  # fmt: skip
+        outputs.check_out(finished, "run")  # ("pass --resume to continue it": then refused)
     # on other data (--data): its fingerprint and config are that data's, so evaluate finds
     # nothing changed (it said "the files changed" of files nobody touched)
     other = tmp_path / "other"

@@ -138,7 +138,7 @@ def inherited(meta: dict, ds: data.Dataset, split: str = "test") -> tuple[int, s
     gone: list[str] = []
     found = ancestors(meta, gone)  # (their val, on val: the same carve, chosen on, not trained
     n = count(found, ds, split, ("train",) if split == "val" else ("train", "val"))  # on)
-    if gone and split == "test" and data.canonical(meta["data"]) == ds.spec:
+    if gone and split == "test" and meta.get("data") and data.canonical(meta["data"]) == ds.spec:  # fmt: skip
         recorded = [int(m[1]) for note in meta.get("notes", []) if INHERITED in note
                     and (m := re.match(r"(\d+) of the ", note))]  # fmt: skip
         n = max([n, *recorded])

@@ -285,10 +285,11 @@ def check_out(out: Path, kind: str, resume: bool = False, overwrite: bool = Fals
     if resume:
         return "resume"
     if not overwrite:
+        finished = (out / "meta.json").is_file() and not any((out / "state").glob("*.pt"))
         raise UserError(
             f"{kind} folder {out} already exists: pass --resume to continue it "
             "or --overwrite to replace it"
-            if kind == "run"
+            if kind == "run" and not finished  # (a soup: "pass --resume", then refused)
             else f"{kind} folder {out} already exists: pass --resume to continue it or choose "
             "another --out"
             if kind == "auto"

@@ -207,13 +207,14 @@ def refuse_changed(run_dir: Path, cfg: TrainConfig, parents: tuple | list = ()) 
     """A finished step is reused only if it was made with the options the recipe asks for, and
     a fine-tune from its `parents` holding the weights they hold now."""
     meta = checkpoint.read_meta(run_dir)
-    changed = resume.config_changes(meta.get("config") or {}, to_dict(cfg))
-    if changed:
+    made, was = meta.get("config") or {}, (meta.get("source") or {}).get("parent_sha256")
+    if was and cfg.weights and checkpoint.is_run(cfg.weights) and checkpoint.read_meta(cfg.weights).get("weights_sha256") == was:  # fmt: skip
+        made = {**made, "weights": cfg.weights}  # its parent, moved: the same weights elsewhere
+    if changed := resume.config_changes(made, to_dict(cfg)):
         raise UserError(
             f"{run_dir} is finished but was made with other options ({changed}); delete it "
             "or choose another --out"
         )
-    was = (meta.get("source") or {}).get("parent_sha256")  # (runs before it: not recorded)
     _refuse_stale(run_dir, [was] if was else None, parents)
 
 

@@ -151,18 +151,34 @@ def finetune_config(source, overrides: dict, resuming=None) -> TrainConfig:
 
     started = started_with(resuming) if resuming else None
     if source is None:  # `finetune --out R --resume`, as `train --out R --resume` is enough
+        if started is None and resuming and (why := nothing_to_resume(Path(resuming).expanduser())):  # fmt: skip
+            raise UserError(why)
         if started is None:
             raise UserError(f"finetune needs --from RUN, the run to start from{f' (nothing to resume in {resuming})' if resuming else ''}")  # fmt: skip
         if started.weights in (None, "none", "imagenet") or ":" in started.weights or Path(started.weights).is_file():  # fmt: skip
             raise UserError(f"{resuming} was not fine-tuned from a run: continue it with transferlab train --out {resuming} --resume")  # fmt: skip
-        if not Path(started.weights).expanduser().exists():
-            raise UserError(f"{resuming} was fine-tuned from {started.weights}, which is not there any more: if that run moved, resume with --from ITS_NEW_PATH (its weights must be the ones {resuming} started from)")  # fmt: skip
+        if not Path(started.weights).expanduser().exists():  # (kept as typed: from where it began)
+            raise UserError(f"{resuming} was fine-tuned from {started.weights}, which is not found from here: resume from the folder it was started in, or give --from the run's path (if it moved: its new one; its weights must be the ones {resuming} started from)")  # fmt: skip
         source = started.weights
     if started is not None and Path(started.weights or "").resolve() == Path(source).resolve():
         return make_config(overrides, started)
     if started is not None and moved_parent(resuming, started.weights, source):
         return replace(make_config(overrides, started), weights=str(source))
     return new(source, overrides)
+
+
+def nothing_to_resume(out: Path) -> str | None:
+    """Why --resume has nothing to continue in `out` (it "started from scratch" over a soup), or
+    None: a folder of another kind, a soup, a finished run whose state/ was deleted."""
+    from .outputs import read_mark
+
+    kind = (read_mark(out) or {}).get("kind", "run")
+    if kind != "run":
+        return f"--resume: {out} is a transferlab {kind} folder, not a run: nothing to resume"
+    if (out / checkpoint.META).is_file() and not any((out / "state").glob("*.pt")):
+        what = "a soup" if checkpoint.read_meta(out).get("strategy") == "soup" else "a finished run whose state/ is gone"  # fmt: skip
+        return f"--resume: {out} holds {what}, with no checkpoint to continue from: nothing to resume; score it with transferlab evaluate {out}, or pass --overwrite instead of --resume to train anew there"  # fmt: skip
+    return None
 
 
 def moved_parent(out, then, now) -> bool:
@@ -216,6 +232,23 @@ def restore(out: Path, loop: Loop, log) -> Progress | None:
 # Options that change neither the maths nor the data, so a run may resume with new values.
 SAFE_ON_RESUME = {"num_workers", "eval_batch_size", "checkpoint_every", "keep_last", "cache_dir",
                   "trust_pickle"}  # fmt: skip
+
+
+def refuse_other_parent(out: Path, weights: str | None) -> None:
+    """A fine-tune resumes from the weights it started from: a run found at its parent's path
+    (typed relative, resumed from another folder; a new run trained where the parent was) is
+    checked by the sha256 recorded when it began (it was taken as the parent without a word)."""
+    from .outputs import read_mark
+
+    want = (read_mark(out) or {}).get("parent_sha256")
+    if not want or not weights or not Path(weights).expanduser().is_dir():
+        return
+    try:
+        has = checkpoint.read_meta(Path(weights).expanduser()).get("weights_sha256")
+    except (UserError, OSError, ValueError):
+        return
+    if has != want:
+        raise UserError(f"cannot resume {out}: {weights} holds other weights than the run it was fine-tuned from (sha256 {str(has)[:12]}..., not {want[:12]}...): give --from the run it started from")  # fmt: skip
 
 
 def refuse_config_change(out: Path, saved: dict | None, cfg: TrainConfig) -> None:

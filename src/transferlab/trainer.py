@@ -40,7 +40,15 @@ from . import (
     weights,
 )
 from .config import TrainConfig, UserError, to_dict
-from .resume import Checkpoints, Progress, refuse_config_change, refuse_data_change, restore
+from .resume import (
+    Checkpoints,
+    Progress,
+    nothing_to_resume,
+    refuse_config_change,
+    refuse_data_change,
+    refuse_other_parent,
+    restore,
+)
 from .shards import ShardImages
 
 
@@ -172,9 +180,9 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
         raise UserError(f"--resume: {out} does not exist, so nothing in it can be resumed: check "
                         "the path, or leave out --resume to start a new run")  # fmt: skip
     if outputs.check_out(out, "run", resume, overwrite) == "resume":
-        if (out / checkpoint.META).is_file() and not any((out / "state").glob("*.pt")):  # it trained anew over it  # fmt: skip
-            what = "a soup" if checkpoint.read_meta(out).get("strategy") == "soup" else "a finished run whose state/ is gone"  # fmt: skip
-            raise UserError(f"--resume: {out} holds {what}, with no checkpoint to continue from: nothing to resume; score it with transferlab evaluate {out}, or pass --overwrite instead of --resume to train anew there")  # fmt: skip
+        if why := nothing_to_resume(out):  # (it "started from scratch" over a soup)
+            raise UserError(why)
+        refuse_other_parent(out, cfg.weights)  # (before the config: what differs is the run)
         refuse_config_change(out, (outputs.read_mark(out) or {}).get("config"), cfg)
 
 
