@@ -145,6 +145,8 @@ def test_unknown_recipe_key(capsys, tmp_path):
         steps = [{"train": "a"}, {"train": "b"}, {"ensemble": "e", "members": ["a"]}]
         got = recipebook.apply_overrides({"steps": steps}, {"steps.2.members": given})
         assert got["steps"][2]["members"] == ["a", "b"]
+    assert_one_line_error(capsys, ["run", recipe, "--set", "budget=30m"],  # pass 32: no word
+                          r"unknown config key 'budget'; auto steps take it: --set steps.N.budget=")  # fmt: skip
     pairs = ["--set", "epochs=1", "--set", "epochs=2"]  # the last won
     assert_one_line_error(capsys, ["run", recipe, *pairs], r"--set epochs is given twice")
     # hostile pass 28: defaults.lr overrode every step's own lr (the demo's resnet50 at 0.1)

@@ -40,9 +40,7 @@ def load(path: str | Path) -> dict:
             else f"recipe not found: {path}"
         )  # fmt: skip
     if path.stat().st_size > MAX_BYTES:
-        raise UserError(
-            f"{path} is {path.stat().st_size:,} bytes; a recipe is at most {MAX_BYTES:,}"
-        )
+        raise UserError(f"{path} is {path.stat().st_size:,} bytes; a recipe is at most {MAX_BYTES:,}")  # fmt: skip
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -168,8 +166,11 @@ def validate(recipe: dict, out: Path | None = None) -> None:
     for key in ("defaults", "overrides"):
         try:
             make_config(recipe.get(key) or {})
-        except UserError as err:
-            raise UserError(f"the recipe's {key}: {err}") from None
+        except UserError as err:  # --set budget=30m: a key of auto steps, not of every step
+            m = re.match(r"unknown config key '(\w+)'", str(err))
+            owners = [kind for kind, keys in EXTRA_KEYS.items() if m and m[1] in keys]
+            where = f"; {' and '.join(owners)} steps take it: --set steps.N.{m[1]}=... (N from 0)" if owners and key == "overrides" else ""  # fmt: skip
+            raise UserError(f"the recipe's {key}: {err}{where}") from None
     names: list[str] = []
     kinds: dict[str, str] = {}
     for i, step in enumerate(steps, 1):  # numbered as `run` prints them: step 1 is the first
@@ -257,10 +258,7 @@ def _check_weights(recipe: dict, given: str | None, exists: bool) -> None:
             "weights file, read from the current folder)"
         )
     if exists and not Path(given).expanduser().exists():
-        raise UserError(
-            f"weights: {given} does not exist (a run folder or a weights file, read from the "
-            "current folder, not --out; imagenet, or none)"
-        )
+        raise UserError(f"weights: {given} does not exist (a run folder or a weights file, read from the current folder, not --out; imagenet, or none)")  # fmt: skip
 
 
 @contextlib.contextmanager
