@@ -23,6 +23,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .config import UserError, one_line
+from .stops import has_checkpoint
 
 MARK = ".transferlab"
 LOCK = ".transferlab.lock"
@@ -285,7 +286,7 @@ def check_out(out: Path, kind: str, resume: bool = False, overwrite: bool = Fals
     if resume:
         return "resume"
     if not overwrite:
-        finished = (out / "meta.json").is_file() and not any((out / "state").glob("*.pt"))
+        finished = (out / "meta.json").is_file() and not has_checkpoint(out)
         raise UserError(
             f"{kind} folder {out} already exists: pass --resume to continue it "
             "or --overwrite to replace it"

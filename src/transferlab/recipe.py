@@ -208,7 +208,7 @@ def refuse_changed(run_dir: Path, cfg: TrainConfig, parents: tuple | list = ()) 
     a fine-tune from its `parents` holding the weights they hold now."""
     meta = checkpoint.read_meta(run_dir)
     made, was = meta.get("config") or {}, (meta.get("source") or {}).get("parent_sha256")
-    if was and cfg.weights and checkpoint.is_run(cfg.weights) and checkpoint.read_meta(cfg.weights).get("weights_sha256") == was:  # fmt: skip
+    if was and cfg.weights and resume.holds_weights(cfg.weights, was):
         made = {**made, "weights": cfg.weights}  # its parent, moved: the same weights elsewhere
     if changed := resume.config_changes(made, to_dict(cfg)):
         raise UserError(

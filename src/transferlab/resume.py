@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint, data, guards
 from .config import Preempted, TrainConfig, UserError, names_weights, to_dict
-from .stops import RESUME
+from .stops import RESUME, has_checkpoint
 
 if TYPE_CHECKING:
     from .trainer import Loop
@@ -175,7 +175,7 @@ def nothing_to_resume(out: Path) -> str | None:
     kind = (read_mark(out) or {}).get("kind", "run")
     if kind != "run":
         return f"--resume: {out} is a transferlab {kind} folder, not a run: nothing to resume"
-    if (out / checkpoint.META).is_file() and not any((out / "state").glob("*.pt")):
+    if (out / checkpoint.META).is_file() and not has_checkpoint(out):
         what = "a soup" if checkpoint.read_meta(out).get("strategy") == "soup" else "a finished run whose state/ is gone"  # fmt: skip
         return f"--resume: {out} holds {what}, with no checkpoint to continue from: nothing to resume; score it with transferlab evaluate {out}, or pass --overwrite instead of --resume to train anew there"  # fmt: skip
     return None
@@ -184,18 +184,24 @@ def nothing_to_resume(out: Path) -> str | None:
 def moved_parent(out, then, now) -> bool:
     """A fine-tune's parent run moved: the run `out` started from (`then`) is not there any
     more, and the run `now` holds its weights (the sha256 `out` recorded when it began)."""
-    from .outputs import read_mark
+    want = _parent_sha256(out)
+    return bool(want and then and now) and not Path(then).expanduser().exists() and holds_weights(now, want)  # fmt: skip
 
-    if not then or not now or Path(then).expanduser().exists() or not Path(now).expanduser().is_dir():  # fmt: skip
-        return False
-    want = (read_mark(Path(out).expanduser()) or {}).get("parent_sha256")
+
+def holds_weights(run: str | Path, sha: str) -> bool:
+    """Whether `run` is a finished run folder whose weights have the sha256 `sha` (a fine-tune's
+    parent found again, moved or not: by its weights, not its path)."""
     try:
-        return (
-            want is not None
-            and checkpoint.read_meta(Path(now).expanduser()).get("weights_sha256") == want
-        )
+        return checkpoint.is_run(Path(run).expanduser()) and checkpoint.read_meta(Path(run).expanduser()).get("weights_sha256") == sha  # fmt: skip
     except (UserError, OSError, ValueError):
         return False
+
+
+def _parent_sha256(out) -> str | None:
+    """The sha256 of the weights the fine-tune `out` started from (its mark; None: not kept)."""
+    from .outputs import read_mark
+
+    return (read_mark(Path(out).expanduser()) or {}).get("parent_sha256")
 
 
 def training_state(loop: Loop, progress: Progress) -> dict:
@@ -238,17 +244,9 @@ def refuse_other_parent(out: Path, weights: str | None) -> None:
     """A fine-tune resumes from the weights it started from: a run found at its parent's path
     (typed relative, resumed from another folder; a new run trained where the parent was) is
     checked by the sha256 recorded when it began (it was taken as the parent without a word)."""
-    from .outputs import read_mark
-
-    want = (read_mark(out) or {}).get("parent_sha256")
-    if not want or not weights or not Path(weights).expanduser().is_dir():
-        return
-    try:
-        has = checkpoint.read_meta(Path(weights).expanduser()).get("weights_sha256")
-    except (UserError, OSError, ValueError):
-        return
-    if has != want:
-        raise UserError(f"cannot resume {out}: {weights} holds other weights than the run it was fine-tuned from (sha256 {str(has)[:12]}..., not {want[:12]}...): give --from the run it started from")  # fmt: skip
+    want = _parent_sha256(out)
+    if want and weights and Path(weights).expanduser().is_dir() and not holds_weights(weights, want):  # fmt: skip
+        raise UserError(f"cannot resume {out}: {weights} holds other weights than the run it was fine-tuned from (sha256 {want[:12]}...): give --from the run it started from")  # fmt: skip
 
 
 def refuse_config_change(out: Path, saved: dict | None, cfg: TrainConfig) -> None:

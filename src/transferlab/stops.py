@@ -11,6 +11,11 @@ AGAIN = "run the recipe again to continue (finished steps are skipped, this one 
 META = "meta.json"  # (checkpoint.META: a finished run's record)
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether the run folder `out` holds a training state to continue from (state/*.pt)."""
+    return any((Path(out) / "state").glob("*.pt"))
+
+
 def going_on(command: str, out: str | None) -> str:
     """After Ctrl-C or SIGTERM outside a step: how to continue what `command` stopped."""
     out = Path(out or "")
@@ -18,7 +23,7 @@ def going_on(command: str, out: str | None) -> str:
         return f"; {AGAIN}"
     unfinished = out.name and out.is_dir() and not (out / META).is_file()
     if command in ("train", "finetune") and unfinished:
-        if not any((out / "state").glob("*.pt")):  # ("the state it saved last is in" none)
+        if not has_checkpoint(out):  # ("the state it saved last is in" none)
             return "; it stopped before its first checkpoint, so nothing was saved: rerun with --resume to start it from the beginning"  # fmt: skip
         return f"; the state it saved last is in {out / 'state'}: {RESUME}"
     if command == "auto" and unfinished:
