@@ -167,9 +167,9 @@ def validate(recipe: dict, out: Path | None = None) -> None:
         try:
             make_config(recipe.get(key) or {})
         except UserError as err:  # --set budget=30m: a key of auto steps, not of every step
-            m = re.match(r"unknown config key '(\w+)'", str(err))
-            owners = [kind for kind, keys in EXTRA_KEYS.items() if m and m[1] in keys]
-            where = f"; {' and '.join(owners)} steps take it: --set steps.N.{m[1]}=... (N from 0)" if owners and key == "overrides" else ""  # fmt: skip
+            first = next((k for k in recipe.get(key) or {} if str(k).replace("-", "_") not in field_names(TrainConfig)), None)  # fmt: skip
+            owners = [kind for kind, keys in EXTRA_KEYS.items() if first in keys]
+            where = f"; {' and '.join(owners)} steps take it: --set steps.N.{first}=... (N from 0)" if owners and key == "overrides" else ""  # fmt: skip
             raise UserError(f"the recipe's {key}: {err}{where}") from None
     names: list[str] = []
     kinds: dict[str, str] = {}
