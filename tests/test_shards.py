@@ -228,7 +228,7 @@ def damage(wds, copy) -> str:
 
 @pytest.fixture(scope="module")
 def jpeg_shards(tmp_path_factory):
-    """JPEGs of several shapes (one grayscale, one CMYK) and a PNG, sharded."""
+    """JPEGs of several shapes (one grayscale, one CMYK, one its EXIF turns) and a PNG, sharded."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("jpeg")
@@ -240,7 +240,9 @@ def jpeg_shards(tmp_path_factory):
             smooth = rng.integers(0, 255, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
             im = Image.fromarray(smooth).resize((w, h), Image.BICUBIC)
             im = im.convert("L") if i == 1 else im.convert("CMYK") if i == 2 else im
-            im.save(root / "src" / c / f"{i}.jpg", quality=90)
+            exif = im.getexif()
+            exif[0x0112] = 6 if i == 3 else 1  # (a phone's sideways photo: turned when read)
+            im.save(root / "src" / c / f"{i}.jpg", quality=90, exif=exif)
         im.save(root / "src" / c / "9.png")
     args = ["--quiet", "data", "shard", f"folder:{root / 'src'}", "--out", str(root / "wds")]
     assert main(args) == 0

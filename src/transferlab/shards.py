@@ -281,13 +281,14 @@ class ShardImages:
         """The images as a uint8 tensor (N, size, size, C) on `self.device`: JPEGs decoded there
         by torchvision (nvJPEG on a GPU, a batch at a time), resized and centre-cropped as
         decoding.resize does (antialiased; within a few levels of Pillow's pixels). Other
-        formats, and any batch torchvision refuses (a damaged or CMYK JPEG), take the CPU path,
-        which names a damaged member."""
+        formats, a JPEG its EXIF turns (nvJPEG would not: a phone's sideways photo trained as
+        shot, predicted upright), and any batch torchvision refuses (a damaged JPEG), take the
+        CPU path, which names a damaged member."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         device = torch.device(self.device or "cpu")
         files = self._read()
-        jpeg = [i for i, f in enumerate(files) if f.getbuffer()[:3] == b"\xff\xd8\xff"]
+        jpeg = [i for i, f in enumerate(files) if f.getbuffer()[:3] == b"\xff\xd8\xff" and _upright(f)]  # fmt: skip
         out = torch.empty(self.shape, dtype=torch.uint8, device=device)
         if jpeg:
             mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
@@ -306,6 +307,19 @@ class ShardImages:
         if rest:  # the bytes already read, decoded by Pillow
             out[rest] = torch.from_numpy(self._decode([files[i] for i in rest])).to(device)
         return out
+
+
+def _upright(f: _Member) -> bool:
+    """Whether a JPEG's EXIF leaves it as stored (no orientation, or 1), as `decoding` shows it."""
+    from PIL import Image
+
+    try:
+        with Image.open(f) as im:
+            return im.getexif().get(0x0112, 1) == 1
+    except Exception:  # unreadable: the CPU path names it
+        return False
+    finally:
+        f.seek(0)
 
 
 def _resize_crop(im: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
