@@ -532,7 +532,11 @@ def broken_dataset(root: Path) -> tuple[Path, list[str]]:
     }
     for rel, content in bad.items():
         (root / rel).write_bytes(content)
-    return root, list(bad)
+    (root / "train/a/3.png").unlink()  # a dangling link to the top of the tree (every --out
+    (root / "train/a/3.png").symlink_to("/transferlab-gone.png")  # "overlapped /") and a loop
+    (root / "train/b/4.png").unlink()
+    (root / "train/b/4.png").symlink_to("4.png")
+    return root, [*bad, "train/a/3.png", "train/b/4.png"]
 
 
 def train_on(root: Path, out: Path, *extra: str) -> list[str]:
@@ -556,7 +560,7 @@ def test_S16_corrupt_images_stop_before_the_first_step_listing_every_path(tmp_pa
     root, bad = broken_dataset(tmp_path / "d")
     assert main(train_on(root, tmp_path / "r")) == 2
     err = capsys.readouterr().err
-    assert "4 unreadable image(s)" in err and all(b in err for b in bad)
+    assert "6 unreadable image(s)" in err and all(b in err for b in bad)
     assert not (tmp_path / "r" / "state").exists()  # stopped before the first step
     # the truncated JPEG passes open() and verify(): only load() notices
     from PIL import Image
@@ -570,6 +574,7 @@ def test_S16_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, capsys):
     assert main(train_on(root, tmp_path / "r", "--skip-bad-images")) == 0
     out = capsys.readouterr().err  # a note: on stderr
     assert "skipped" in out and all(b.split("/")[-1] in out for b in bad)
+    assert "4.png (a link loop" in out and "3.png (a broken link to /transferlab-gone.png)" in out
     meta = checkpoint.read_meta(tmp_path / "r")
     assert meta["metrics"]["test"]["n"] == 20
 
@@ -610,7 +615,7 @@ def test_S16_unreadable_images_of_every_split_are_named_at_once(tmp_path, capsys
     (root / "test" / "a" / "0.png").write_bytes(b"")
     assert main(train_on(root, tmp_path / "r")) == 2
     err = capsys.readouterr().err
-    assert "5 unreadable image(s)" in err and all(b in err for b in [*bad, "test/a/0.png"])
+    assert "7 unreadable image(s)" in err and all(b in err for b in [*bad, "test/a/0.png"])
 
 
 def test_S16_a_quiet_run_still_says_which_images_it_left_out(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import importlib.util
 import math
 import os
@@ -54,6 +55,8 @@ class UnreadableImages(UserError):
             return f"a broken link to {os.readlink(path)}" if os.path.islink(path) else "not found"
         if isinstance(err, (PermissionError, IsADirectoryError)):
             return "no permission to read it" if isinstance(err, PermissionError) else "a folder"
+        if getattr(err, "errno", None) == errno.ELOOP:
+            return "a link loop: its links lead to one another, never to a file"
         if "truncated" in str(err):  # (Pillow's "image file is truncated (12 bytes not processed)")
             return "truncated: the file ends early, as an interrupted copy or download leaves it"
         return f"damaged: {getattr(err, 'strerror', None) or err}"

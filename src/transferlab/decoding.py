@@ -230,10 +230,16 @@ def cache_key(paths: list[str], size: int, channels: int, interpolation: str) ->
 
 def stamp(h, paths: list[str], root: Path | None = None, ctime: bool = False) -> None:
     """Feed each file's path (relative to `root` if given), size and modification time (and
-    `ctime`, its inode's change time) to the hash `h` (no file is read)."""
+    `ctime`, its inode's change time) to the hash `h` (no file is read). A path that cannot be
+    stat'ed (gone, a dangling link, a link loop) counts by its error: decoding it names it as
+    unreadable, and --skip-bad-images leaves it out (it stopped every command here instead)."""
     for path in paths:
-        st = os.stat(path)
         name = os.path.relpath(path, root) if root is not None else path
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            h.update(f"{name}\0unreadable {err.errno}\n".encode(errors="surrogateescape"))
+            continue
         changed = f"\0{st.st_ctime_ns}" if ctime else ""
         h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}{changed}\n".encode(errors="surrogateescape"))  # fmt: skip
 
@@ -241,10 +247,7 @@ def stamp(h, paths: list[str], root: Path | None = None, ctime: bool = False) ->
 def _cached_decode(
     split: Split, size: int, channels: int, interpolation: str, desc: str, quiet: bool, cache: Path
 ) -> tuple[np.ndarray, list[int], list[str]]:
-    try:
-        key = cache_key(split.paths, size, channels, interpolation)
-    except OSError as err:  # a file vanished: report it like any unreadable image
-        raise UserError(f"cannot read {err.filename}: {err.strerror}") from None
+    key = cache_key(split.paths, size, channels, interpolation)
     array_path, info_path = cache / f"{key}.npy", cache / f"{key}.json"
     found = _read_cached(array_path, info_path, (len(split), size, size, channels))
     from .distributed import current

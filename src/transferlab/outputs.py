@@ -427,10 +427,11 @@ def refuse_writing_into(
 
 def image_folders(splits: dict) -> list[Path]:
     """The folders the `splits`' images lie in, links resolved: a linked folder's target and a
-    linked file's own folder (a tree of links over a photo library); shards: none."""
+    linked file's own folder (a tree of links over a photo library; a dangling link's target
+    holds no image: `ln -s /gone.png` made every --out "overlap /"); shards: none."""
     paths = [p for s in splits.values() for p in s.paths or ()]
     parents = {os.path.dirname(p) for p in paths}
-    parents |= {os.path.dirname(os.path.realpath(p)) for p in paths if os.path.islink(p)}
+    parents |= {os.path.dirname(os.path.realpath(p)) for p in paths if os.path.islink(p) and os.path.exists(p)}  # fmt: skip
     return sorted({Path(os.path.realpath(d)) for d in parents})
 
 
