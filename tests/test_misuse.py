@@ -488,6 +488,24 @@ def test_S31_an_option_that_would_have_no_effect_is_refused(capsys, tmp_path, ex
          "--out", tmp_path / "r", pattern="unrecognized arguments: --epochs")  # fmt: skip
 
 
+def test_a_val_fraction_for_data_that_bring_their_own_val_is_refused(capsys, tmp_path):
+    """`--val-fraction 0.3` on a folder with val/ or on shards carved nothing, yet was recorded
+    as the run's, and `evaluate --data SOURCE --split val` carved 30% by it: another val."""
+    from conftest import make_folder
+
+    root = make_folder(tmp_path / "d", ["a", "b"], 6, subsets=("train", "val", "test"))
+    rows = [f"{p},{p.parent.name},{p.parent.parent.name}" for p in sorted(root.glob("*/*/*.png"))]
+    (tmp_path / "l.csv").write_text("file_name,label,split\n" + "\n".join(rows) + "\n")
+    assert cli("--quiet", "data", "shard", f"folder:{root}", "--out", tmp_path / "w") == 0
+    for spec in (f"folder:{root}", f"csv:{tmp_path / 'l.csv'}", f"wds:{tmp_path / 'w'}"):
+        fail(capsys, "train", "--data", spec, *TINY, "--val-fraction", "0.3", "--out",
+             tmp_path / "r", pattern="val_fraction has no effect here: .*no val split of their own")  # fmt: skip
+        assert not (tmp_path / "r").exists()
+    shutil.rmtree(root / "val")  # none of its own: carved by it
+    assert cli("--quiet", "train", "--data", f"folder:{root}", *TINY, "--val-fraction", "0.3",
+               "--out", tmp_path / "r") == 0  # fmt: skip
+
+
 def test_a_fine_tune_refuses_architecture_options_its_parent_fixes(capsys, run_copy, tmp_path):
     """`finetune --pool-stages 2` (or `--stem small`) was accepted and recorded in its config,
     while the run kept its parent's architecture: an option that did nothing, without a word."""

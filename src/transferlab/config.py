@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import importlib
 import importlib.util
 import math
 import os
@@ -128,19 +129,10 @@ class TrainConfig:
         "not given: scratch, or the tag's weights for a tagged --model | imagenet (timm's "
         "default tag) | none (scratch, a tagged --model too) | a run folder | a .safetensors/.pt file",
     )
-    head_init: str = opt(
-        "fresh",
-        "fresh | match: start new classes from the source head's rows for classes it shares (by id or name)",
-    )
+    head_init: str = opt("fresh", "fresh | match: start new classes from the source head's rows for classes it shares (by id or name)")  # fmt: skip
     input_size: int | None = opt(None, "None: the data's native size (scratch) or the weights' own")
-    channels: int | None = opt(
-        None,
-        "1 (gray; RGB kernels summed) or 3 (gray repeated); None: 3 for timm models, the data's own for dcnn",
-    )
-    stem: str = opt(
-        "default",
-        "default | small: 3x3 stride-1 first conv, no max-pool (32-64 px inputs; pretrained kernel cropped)",
-    )
+    channels: int | None = opt(None, "1 (gray; RGB kernels summed) or 3 (gray repeated); None: 3 for timm models, the data's own for dcnn")  # fmt: skip
+    stem: str = opt("default", "default | small: 3x3 stride-1 first conv, no max-pool (32-64 px inputs; pretrained kernel cropped)")  # fmt: skip
     epochs: int = opt(10, "maximum number of passes over the training split")
     batch_size: int = opt(64, "images per optimizer step")
     optimizer: str = opt("adamw", "adam | adamw | sgd")
@@ -261,7 +253,8 @@ APPLIES = {
                   "weights to start from (--weights, or a model name with a pretrained tag)"),
     "stem": (lambda c: c.model != "dcnn", "a timm model (dcnn has its own stem)"),
     "warmup_epochs": (lambda c: c.schedule != "plateau", "schedule cosine or constant"),
-    "val_fraction": (lambda c: c.fold == "none", "fold none (with a fold, val is that fold)"),
+    "val_fraction": (lambda c: c.fold == "none" and not importlib.import_module(".folds", __package__).own_val(c.data),
+                     "fold none (with a fold, val is that fold) and data with no val split of their own (a folder's val/, shards, a CSV's split column)"),
     "patience": (lambda c: c.fold == "none" and c.strategy != "linear-probe",
                  "fold none (a fold's val scores, never chooses) and epochs to stop (linear-probe has none)"),
     "lr": (lambda c: c.lr != "auto" or c.strategy != "linear-probe",  # auto: a range test; a probe

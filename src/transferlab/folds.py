@@ -11,6 +11,14 @@ from .config import UserError
 from .data import SPLIT_SEED, Split
 
 
+def own_val(spec: str) -> bool:
+    """Whether the data `spec` names bring a val split of their own (a folder's val/, shards,
+    a CSV's split column, a Hub dataset's validation): --val-fraction carves nothing from them
+    (it was recorded as the run's, and `evaluate --data` carved by it)."""
+    kind, _, arg = str(spec).partition(":")
+    return kind in data.SOURCES and "val" in data.SOURCES[kind](arg, [])[2]
+
+
 def pool(splits: dict[str, Split]) -> Split:
     """train and val as one split (train first): what cross-validation folds."""
     a, b = splits["train"], splits["val"]
