@@ -77,6 +77,8 @@ def test_a_safetensors_export_followed_as_it_describes_itself_gives_the_run_s_lo
     assert "timm.create_model('test_resnet') alone predicts otherwise" in export.describe(
         mirrored, "safetensors")["input"]  # fmt: skip
     assert "normalisation is inside the model" in export.describe(mirrored, "onnx")["input"]
+    for fmt in ("onnx", "safetensors"):  # what predict does first: a phone's photo fed as stored
+        assert "turned as its EXIF orientation says" in export.describe(meta, fmt)["input"]
 
 
 def test_cli_export_and_its_errors(trained_run, tmp_path, capsys):

@@ -44,6 +44,7 @@ def test_ensemble_onnx_matches_the_ensemble_where_the_resize_matches(members, tm
     meta = session.get_modelmeta().custom_metadata_map["transferlab"]
     info = json.loads(meta)
     assert info["method"] == method and info["input"].startswith("uint8 (N, 24, 24, 3) NHWC RGB")
+    assert "turned as its EXIF orientation says" in info["input"]  # as predict turns it
     images = np.random.default_rng(0).integers(0, 256, (5, 24, 24, 3), dtype=np.uint8)
     (prob,) = session.run(None, {"image": images})  # any batch size
     assert prob.shape == (5, 4) and np.allclose(prob.sum(1), 1, atol=1e-5)

@@ -43,6 +43,12 @@ class Packaged(nn.Module):
         return models.logits(self.model, (x - self.mean) / self.std)
 
 
+# what `decoding.sane` does, in an export's own description of its input (it said the resize alone: a
+# phone's photo fed as stored scored otherwise than predict and serve scored it)
+AS_DECODED = ("each image first turned as its EXIF orientation says (PIL's ImageOps.exif_transpose), "
+              "16-bit values divided by 257, transparency flattened onto white")  # fmt: skip
+
+
 def describe(meta: dict, fmt: str = "onnx") -> dict:
     """What an exported file holds and takes, written into it. A safetensors file holds the
     weights alone: its normalisation and any architecture option timm lacks are said (it read
@@ -68,7 +74,7 @@ def describe(meta: dict, fmt: str = "onnx") -> dict:
         "class_names": meta["class_names"],
         "preprocessing": prep.to_dict(),
         "input": f"float32 (N, {prep.channels}, {prep.input_size}, {prep.input_size}), "
-        f"values in [0, 1] ({'grayscale' if prep.channels == 1 else 'RGB'}): the shorter side "
+        f"values in [0, 1] ({'grayscale' if prep.channels == 1 else 'RGB'}): {AS_DECODED}, the shorter side "
         f"resized to {prep.input_size} with {prep.interpolation} interpolation, then the centre "
         f"square cropped (as transferlab predict does); {normalised}{built}",
         "output": "logits (N, num_classes) in the order of `classes`",

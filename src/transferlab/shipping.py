@@ -146,7 +146,7 @@ def export_ensemble(path: str | Path, out: str | Path | None, overwrite: bool = 
     own = _own_probabilities(nets, metas, preps, orders, info, params, split)
     description = {
         "classes": info["classes"], "class_names": info["class_names"], "method": info["method"],
-        "input": f"uint8 (N, {size}, {size}, 3) NHWC RGB: the shorter side resized to {size} "
+        "input": f"uint8 (N, {size}, {size}, 3) NHWC RGB: {export.AS_DECODED}, the shorter side resized to {size} "
                  f"with {_interpolation(preps, size)} interpolation, then the centre square "
                  "cropped; each member resizes and normalises inside the graph",
         "output": "probabilities (N, num_classes) in the order of `classes`",
