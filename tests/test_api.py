@@ -209,3 +209,24 @@ def test_train_takes_overwrite_and_log_json_and_says_its_own_keywords(tmp_path):
     with pytest.raises(UserError, match="pass resume=True to continue it or overwrite=True to"):
         transferlab.finetune(run, tmp_path / "ft", epochs=1)
     transferlab.finetune(run, tmp_path / "ft", epochs=1, overwrite=True)
+
+
+def test_a_model_is_the_run_it_was_loaded_as_after_the_notebook_changes_folder(
+    trained_run, tmp_path, monkeypatch
+):
+    """A Model kept its path as typed: after os.chdir, "r" was another run's folder (its data,
+    its numbers, its predictions) or "run folder not found"."""
+    import shutil
+
+    import transferlab
+
+    shutil.copytree(trained_run, tmp_path / "a" / "r")
+    monkeypatch.chdir(tmp_path / "a")
+    run = transferlab.load("r")
+    n = run.metrics["test"]["n"]
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    assert run.path == tmp_path / "a" / "r" and run.metrics["test"]["n"] == n
+    trained = transferlab.train("t", data="digits", model="dcnn", epochs=1, limit=40)
+    monkeypatch.chdir(tmp_path)
+    assert trained.path == tmp_path / "b" / "t" and trained.info["data"] == "digits"

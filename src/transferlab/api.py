@@ -26,6 +26,9 @@ class Model:
 
     path: Path
 
+    def __post_init__(self):  # absolute: after os.chdir (a notebook's), "r" was another run
+        object.__setattr__(self, "path", Path(os.path.abspath(os.path.expanduser(self.path))))
+
     @property
     def is_ensemble(self) -> bool:
         from . import ensembles
