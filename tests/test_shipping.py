@@ -162,6 +162,13 @@ def test_an_hf_export_killed_midway_leaves_nothing_that_blocks_the_next(trained_
     shipping.export_hf(run, None, overwrite=True)
     assert not old.exists() and new.is_dir()
     assert sorted(p.name for p in hf.iterdir() if p != new) == ["config.json", "model.safetensors"]
+    mine = tmp_path / "mine" / ".hf-notes"  # a user's folder of that name, an hour old: deleted
+    mine.mkdir(parents=True)
+    (mine / "diary.txt").write_text("mine")
+    os.utime(mine, (time.time() - 3600,) * 2)
+    with pytest.raises(UserError, match=r"holds other files \(.hf-notes\)"):
+        shipping.export_hf(run, mine.parent, overwrite=True)
+    assert (mine / "diary.txt").read_text() == "mine"
 
 
 def test_hf_export_of_a_model_timm_cannot_build_is_refused(members, tmp_path):

@@ -273,7 +273,7 @@ def _save_hf(model, folder: Path, meta: dict, model_args: dict | None) -> None:
     import timm.models
 
     for left in folder.glob(f"{TEMP}*"):  # not one being written now: minutes old
-        if left.is_dir() and not left.is_symlink() and time.time() - left.stat().st_mtime > 120:
+        if _temp(left) and time.time() - left.stat().st_mtime > 120:
             shutil.rmtree(left, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=TEMP) as tmp:
         timm.models.save_for_hf(model, tmp, model_config={"label_names": meta["class_names"]},
@@ -299,8 +299,11 @@ def _ours(folder: Path) -> bool:
 
 
 def _temp(path: Path) -> bool:
-    """A temp folder of an export (written now, or left by one killed)."""
-    return path.name.startswith(TEMP) and path.is_dir() and not path.is_symlink()
+    """A temp folder of an export (written now, or left by one killed): named so, holding
+    only files an export writes (a user's .hf-notes/ of other files was deleted)."""
+    if not path.name.startswith(TEMP) or not path.is_dir() or path.is_symlink():
+        return False
+    return all(f.name in HF_FILES and f.is_file() and not f.is_symlink() for f in path.iterdir())
 
 
 def _check_folder(folder: Path, run: Path, overwrite: bool) -> None:
