@@ -508,6 +508,17 @@ def test_a_class_folder_not_named_in_utf8_is_refused_before_training(tmp_path):
         data.load(f"folder:{root}")
 
 
+def test_a_class_folder_that_is_a_broken_link_is_refused_not_dropped(tmp_path):
+    """Hostile pass 34: class9 -> a drive not mounted was left out without a word (exit 0, a
+    model of the other classes); a broken link to an image at the top stays ignored."""
+    root = make_folder(tmp_path / "f", ["ant", "eel"], 4, subsets=())
+    (root / "notes.png").symlink_to(tmp_path / "gone.png")
+    assert data.load(f"folder:{root}").classes == ["ant", "eel"]
+    (root / "class9").symlink_to("/mnt/transferlab-unmounted/class9")
+    with pytest.raises(UserError, match="class9 is a broken link to /mnt/transferlab-unmounted/class9: a class folder that is not there"):  # fmt: skip
+        data.load(f"folder:{root}")
+
+
 def test_a_split_with_other_classes_names_them_in_words(tmp_path):
     """It printed Python lists: "extra [], missing ['eel']"."""
     root = make_folder(tmp_path / "d", ["ant", "eel"], 2)

@@ -311,11 +311,12 @@ def hidden_name(name: str) -> bool:
 
 
 def _visible_dirs(path: Path, notes: list[str] | None = None) -> list[Path]:
-    """Sub-folders, skipping hidden ones (.ipynb_checkpoints, __MACOSX: never classes; a
-    folder such as _background is a class) and transferlab's own (a run, a study: its marker
-    says so; one written there became a class of its plots); what is skipped goes to `notes`,
-    never silently."""
+    """Sub-folders, skipping hidden ones (.ipynb_checkpoints, __MACOSX: never classes; _background
+    is a class) and transferlab's own (a run, a study: its marker; one written there became a
+    class of its plots), said in `notes`; a folder's broken link is refused (dropped unsaid)."""
     dirs = sorted(d for d in path.iterdir() if d.is_dir())
+    if gone := [d for d in path.iterdir() if d.is_symlink() and not d.exists() and not hidden_name(d.name) and d.suffix.lower() not in IMAGE_EXTENSIONS]:  # fmt: skip
+        raise UserError(f"{gone[0]} is a broken link to {os.readlink(gone[0])}: a class folder that is not there (a drive not mounted?); mount it, or remove the link")  # fmt: skip
     hidden = [d.name for d in dirs if hidden_name(d.name)]
     ours = [d.name for d in dirs if not hidden_name(d.name) and _marked(d)]
     if notes is not None:
@@ -326,8 +327,7 @@ def _visible_dirs(path: Path, notes: list[str] | None = None) -> list[Path]:
 
 
 def _marked(folder: Path) -> bool:
-    """A folder transferlab wrote: its marker is transferlab's JSON (a user's own file named
-    .transferlab in a class folder keeps the class)."""
+    """A folder transferlab wrote: its marker is transferlab's JSON (a user's .transferlab file keeps the class)."""
     try:
         mark = json.loads((folder / outputs.MARK).read_text())
     except (OSError, ValueError):
