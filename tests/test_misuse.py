@@ -501,6 +501,19 @@ def test_a_val_fraction_for_data_that_bring_their_own_val_is_refused(capsys, tmp
         fail(capsys, "train", "--data", spec, *TINY, "--val-fraction", "0.3", "--out",
              tmp_path / "r", pattern="val_fraction has no effect here: .*no val split of their own")  # fmt: skip
         assert not (tmp_path / "r").exists()
+    fail(capsys, "data", "shard", f"folder:{root}", "--val-fraction", "0.3", "--out",
+         tmp_path / "w2", pattern="--val-fraction has no effect here: .*a val split of its own")  # fmt: skip
+    # a fine-tune takes its parent's 0.3 (carved from data of no val), recorded: an ensemble
+    # with a run of the default was refused "weighted" (split otherwise, val trained a member)
+    flat = make_folder(tmp_path / "flat", ["a", "b"], 10, subsets=(), first=500)
+    assert cli("--quiet", "train", "--data", f"folder:{flat}", *TINY, "--val-fraction", "0.3",
+               "--out", tmp_path / "p") == 0  # fmt: skip
+    for argv in (["finetune", "--from", tmp_path / "p", "--epochs", "1", "--out", tmp_path / "ft"],
+                 ["train", *TINY, "--out", tmp_path / "t"]):  # fmt: skip
+        assert cli("--quiet", *argv, "--data", f"folder:{root}") == 0
+    ens = [tmp_path / "t", tmp_path / "ft", "--method", "weighted", "--out", tmp_path / "e"]
+    assert cli("--quiet", "ensemble", *ens) == 0
+    assert "split the data otherwise" not in capsys.readouterr().err
     shutil.rmtree(root / "val")  # none of its own: carved by it
     assert cli("--quiet", "train", "--data", f"folder:{root}", *TINY, "--val-fraction", "0.3",
                "--out", tmp_path / "r") == 0  # fmt: skip

@@ -176,7 +176,7 @@ def split_apart(
     spec = data.canonical(data_spec or metas[0]["data"])
     first = carving_on(metas[0], spec)
     other = [(r, m) for r, m in zip(runs[1:], metas[1:], strict=True)
-             if data.canonical(m["data"]) == spec and carving_on(m, spec) != first]  # fmt: skip
+             if data.canonical(m["data"]) == spec and not _splits_as(metas[0], m, spec)]  # fmt: skip
     parts = []
     if other:
         said = [f"{r} as {_carving_words(carving_on(m, spec))}" for r, m in other[:2]]
@@ -205,9 +205,16 @@ def split_apart(
 def split_alike(runs: list[str], metas: list[dict], spec: str) -> list[tuple[str, dict]]:
     """The members trained on `spec` split as the first member splits it (whose recorded
     fingerprint is that of the data as scored, unless its files changed)."""
-    first = carving_on(metas[0], spec)
     return [(str(r), m) for r, m in zip(runs, metas, strict=True)
-            if data.canonical(m["data"]) == spec and carving_on(m, spec) == first]  # fmt: skip
+            if data.canonical(m["data"]) == spec and _splits_as(metas[0], m, spec)]  # fmt: skip
+
+
+def _splits_as(first: dict, meta: dict, spec: str) -> bool:
+    """Whether a run splits `spec` as the `first` does: by the same carving, or into the same
+    splits as recorded (a --val-fraction recorded for data with a val of their own carved
+    nothing: "split otherwise", "val holds images a member trained on", said of no image)."""
+    same = meta.get("data_fingerprint") and meta["data_fingerprint"] == first.get("data_fingerprint")  # fmt: skip
+    return carving_on(meta, spec) == carving_on(first, spec) or bool(same)
 
 
 def _carving_words(how: tuple) -> str:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import data, decoding, leaks, outputs
 from .config import UnreadableImages, UserError
+from .folds import own_val
 
 INDEX = "shards.json"
 FORMAT = "transferlab-shards/1"
@@ -54,6 +55,8 @@ def write(
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     if str(spec).startswith("wds:"):
         raise UserError(f"{spec} is already sharded: shard the original data to change the shards")
+    if val_fraction != 0.1 and own_val(spec):  # (recorded in shards.json, carving nothing)
+        raise UserError(f"--val-fraction has no effect here: {spec} has a val split of its own (a folder's val/, a CSV's split column); drop it")  # fmt: skip
     ds = data.load(spec, val_fraction)
     action = outputs.check_out(out, "shards", overwrite=overwrite)
     root = data.data_root(ds.spec)
