@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -111,11 +112,15 @@ def test_shard_misuse_is_one_clear_line_and_changes_nothing(sharded, tmp_path, c
     (bad / "train" / "a" / "0.png").write_bytes(b"not an image")
     assert main(["data", "shard", f"folder:{bad}", "--out", str(tmp_path / "o")]) == 2
     assert "unreadable" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (bad / "test" / "a" / "1.png").write_bytes(b"")  # and a test image: 11 of 12 sharded,
+    shutil.copy(bad / "train" / "b" / "1.png", bad / "test" / "b" / "1.png")  # 1 a copy
     argv = ["data", "shard", f"folder:{bad}", "--out", str(tmp_path / "o"), "--skip-bad-images"]
     assert main(["--quiet", *argv]) == 0
-    assert len(data.load(f"wds:{tmp_path / 'o'}").splits["train"]) + 1 == len(
-        data.load(f"folder:{bad}").splits["train"]
-    )
+    err = capsys.readouterr().err  # said, as train says it (it was only in shards.json)
+    assert "left out 2 unreadable image(s)" in err and "a/0.png" in err and "a/1.png" in err
+    wds_ = data.load(f"wds:{tmp_path / 'o'}")
+    assert len(wds_.splits["train"]) + 1 == len(data.load(f"folder:{bad}").splits["train"])
+    assert leaks.own_copies(wds_)[0].startswith("1 of the 11 test images")  # (said "of the 12")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "shards.json").write_text('{"format": "transferlab-shards/1"}')
     for spec, expect in [

@@ -15,6 +15,7 @@ stay in one shard at a time, and a resumed run skips to its batch exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -72,7 +73,7 @@ def write(
             f"{len(bad)} unreadable image(s), nothing was written: fix or remove them or pass "
             "--skip-bad-images: " + "; ".join(bad)
         )
-    splits = {}
+    splits, kept = {}, dataclasses.replace(ds, splits={k: v.subset(np.array(keep[k], int)) for k, v in ds.splits.items()})  # fmt: skip
     with outputs.lock(out):
         outputs.claim(out, "shards", action)
         for name, split in ds.splits.items():
@@ -92,7 +93,7 @@ def write(
             "native_channels": ds.native_channels, "splits": splits, "skipped": bad,
             # what only the source's files show, said again by every run on the shards
             "origin": next((n for n in ds.notes if n.startswith("splits: ")), ""),
-            "copies": {k: leaks.own_copies(ds, k) for k in ("val", "test")},
+            "copies": {k: leaks.own_copies(kept, k) for k in ("val", "test")},  # (of what is in them)
         }  # fmt: skip
         from .checkpoint import write_json
 
