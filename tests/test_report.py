@@ -70,6 +70,11 @@ def test_gradcam_of_the_most_confidently_wrong_images(report_dir):
                                   report_dir / "tiny")  # fmt: skip
     assert 'alt="confidently wrong"' in part
     assert 'alt="Grad-CAM of the confidently wrong images"' in part
+    # it said "no wrong test images" of a model it did not name, and of a changed test split
+    right = htmlreport._wrong_grid(meta["data"], meta, prob, prob.argmax(1), meta["class_names"], "t")  # fmt: skip
+    assert "t, the best model on test, got every test image right" in right
+    part = htmlreport._wrong_grid(meta["data"], meta, prob[:-1], wrong[:-1], meta["class_names"], "t")  # fmt: skip
+    assert f"t: not shown, its test split now holds {len(wrong)} images, not the {len(wrong) - 1}" in part  # fmt: skip
 
 
 def test_report_html_is_self_contained(report_dir):
@@ -155,9 +160,9 @@ def test_names_in_report_md_are_text_and_in_results_csv_are_not_formulas(trained
         models = [row["model"] for row in csv.DictReader(f)]
     assert sorted(models) == sorted([names[0], names[1], "'" + names[2], *names[3:]])
     rows = [{"path": "@x.png", "predictions": [{"class": c, "name": c, "prob": 0.5}]}
-            for c in ("-2+3", "-1", "+2.5", "a-b", "\tx")]  # fmt: skip
+            for c in ("-2+3", "-1", "+2.5", "a-b", "\tx", "-")]  # fmt: skip
     cells = [r[:4] for r in csv.reader(predict.csv_text(rows).splitlines()[1:])]
-    assert [r[2] for r in cells] == ["'-2+3", "-1", "+2.5", "a-b", "'\tx"]
+    assert [r[2] for r in cells] == ["'-2+3", "-1", "+2.5", "a-b", "'\tx", "-"]  # (- was '-)
     assert cells[0][0] == "'@x.png"
 
 

@@ -162,22 +162,27 @@ def _gain_chart(info: dict, name: str) -> str:
     return _img(plots.png(fig), f"{name} gain chart")
 
 
-def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, names, title,
+def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, names, who: str,
                 run: Path | None = None) -> str:  # fmt: skip
-    """The most confidently wrong test images, if the data can still be read."""
+    """The most confidently wrong test images of the best model (`who`), if the data can still
+    be read as it was scored (it said "no wrong test images" of a model it did not name, and
+    of a test split that had changed)."""
     try:
         ds = load_as_run(meta, spec)
     except (UserError, OSError) as err:  # the data may be gone: the page still renders
         return f'<p class="note">most confidently wrong images: data not readable ({html.escape(str(err))})</p>'
     pred, conf = prob.argmax(1), prob.max(1)
     wrong = np.flatnonzero(pred != targets)
-    if len(wrong) == 0 or len(ds.splits["test"]) != len(targets):
-        return '<p class="note">no wrong test images</p>'
+    if len(ds.splits["test"]) != len(targets):
+        return f'<p class="note">{html.escape(who)}: not shown, its test split now holds {len(ds.splits["test"])} images, not the {len(targets)} it was scored on (the data changed)</p>'
+    if len(wrong) == 0:
+        return f'<p class="note">{html.escape(who)}, the best model on test, got every test image right</p>'
     pick = wrong[np.argsort(-conf[wrong])][:12]
     images = decoding.decode(ds.splits["test"].subset(pick), 96, 3, quiet=True)
     captions = [
         f"true {names[targets[i]][:16]}\npred {names[pred[i]][:16]} ({conf[i]:.2f})" for i in pick
     ]
+    title = f"{who}: most confident mistakes"
     grid = _img(plots.png(plots.wrong_grid_figure(images, captions, title)), "confidently wrong")
     return grid + (_gradcam_grid(run, ds.splits["test"].subset(pick), captions) if run else "")
 
@@ -229,14 +234,13 @@ def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
         _, name, info, extra, run = best
         ref = info if "data" in info and "preprocessing" in info else _first_member_meta(info)
         wrong = "<section><h2>Most confidently wrong test images</h2>" + _wrong_grid(
-            info["data"], ref, extra["prob"], extra["targets"], info["class_names"],
-            f"{name}: most confident mistakes", run,
+            info["data"], ref, extra["prob"], extra["targets"], info["class_names"], name, run,
         ) + "</section>"  # fmt: skip
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>transferlab report: {html.escape(root.resolve().name)}</title>
 <style>{CSS}</style></head><body>
 <h1>transferlab report: {html.escape(root.resolve().name)}</h1>
-<p class="note">Top-1 on the held-out test split; val is carved from train; train top-1 is measured
+<p class="note">Top-1 on the held-out test split; val is the data's own or carved from train; train top-1 is measured
 on augmented batches during training. Click a column header to sort.</p>
 <table class="sortable" id="comparison"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
 {wrong}

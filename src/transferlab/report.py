@@ -249,8 +249,9 @@ def md_table(head: list[str], rows: list[list]) -> str:
 
 def spreadsheet_safe(value):
     """A CSV cell a spreadsheet will not run as a formula: text starting = + - @ (a tab, a
-    return) gets a ' first, as OWASP advises; numbers (-1, +2.5) are kept as they are."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+    return) gets a ' first, as OWASP advises; numbers (-1, +2.5) and the lone - of a cell with
+    no value are kept as they are (results.csv held '- for it)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") and value != "-":
         with contextlib.suppress(ValueError):
             return value if float(value) == float(value) else "'" + value  # (nan: text)
         return "'" + value
