@@ -754,6 +754,16 @@ def test_a_file_that_is_no_image_stops_a_study_before_it_spends_a_second(tmp_pat
     assert "1 unreadable image(s) under folder:" in err and "dog/0.png (not an image" in err
     assert "then run the same command" in err and "--resume" not in err
     assert not (tmp_path / "s").exists()
+    (photos / "dog" / "0.png").unlink()  # pass 34: said as errno text, not as train says them
+    (photos / "dog" / "0.png").symlink_to("/transferlab-gone.png")
+    (photos / "cat" / "0.png").unlink()
+    (photos / "cat" / "0.png").symlink_to("0.png")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        "dog/0.png (a broken link to /transferlab-gone.png)" in err
+        and "cat/0.png (a link loop" in err
+    )
 
 
 def test_a_resume_keeps_the_settings_its_fold_runs_began_with_and_counts_only_the_rest(

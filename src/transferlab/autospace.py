@@ -294,8 +294,9 @@ def unreadable(ds: data.Dataset) -> list[str]:
     """The images whose header no decoder reads (a text file named .png, say), one line each:
     found before the study spends a second (they made estimates of nonsense, then stopped it
     at its first candidate). Headers only: a truncated image is still found when decoded."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    from .config import UnreadableImages
     from .hfdata import named
 
     bad = []
@@ -303,10 +304,8 @@ def unreadable(ds: data.Dataset) -> list[str]:
         for path in split.paths or []:
             try:
                 Image.open(path).close()
-            except UnidentifiedImageError:  # (its message repeats the path)
-                bad.append(f"{named(path)} (not an image Pillow reads)")
-            except (OSError, ValueError) as err:
-                bad.append(f"{named(path)} ({err})")
+            except (OSError, ValueError) as err:  # in train's words (a link loop: "[Errno 40]")
+                bad.append(f"{named(path)} ({UnreadableImages.why(err, path)})")
     return bad
 
 
