@@ -113,6 +113,8 @@ def test_api_takes_what_people_hold(trained_run, folder_data, tmp_path):
         with pytest.raises(UserError, match=message):
             run.predict(bad)
     assert len(run.predict(image, top_k=np.int64(2))[0]["predictions"]) == 2
+    with pytest.raises(UserError, match="^top_k must be at least 1, got 0$"):  # (it said --top-k)
+        run.predict(image, top_k=0)
     ft = transferlab.finetune(run, tmp_path / "ft", epochs=1)
     assert ft.info["source"]["parent"] == str(trained_run) and ft.metrics["test"]["n"] > 0
 

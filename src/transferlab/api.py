@@ -60,8 +60,8 @@ class Model:
             raise UserError(f"top_k must be a whole number, got {top_k!r}")  # parsed; np.int64 too)
         top_k = int(top_k)
         inputs = list(images) if isinstance(images, (list, tuple)) else [images]
-        rows, _ = predict.predict(self.path, inputs, top_k, tta, quiet)
-        return rows
+        with _api_words():  # ("--top-k must be at least 1")
+            return predict.predict(self.path, inputs, top_k, tta, quiet)[0]
 
     def evaluate(
         self, split: str = "test", data: str | None = None, tta: str | None = None
@@ -182,7 +182,9 @@ def _api_words():
         yield
     except UserError as err:
         said = re.sub(r"--(resume|overwrite)\b", r"\1=True", str(err)).replace("--log-json", "log_json")  # fmt: skip
-        said = re.sub(r"--(format|out|input-size)\b", lambda m: m[1].replace("-", "_"), said)
+        said = re.sub(
+            r"--(format|out|input-size|top-k|tta)\b", lambda m: m[1].replace("-", "_"), said
+        )
         if type(err) is not UserError or said == str(err):
             raise
         raise UserError(said) from None
