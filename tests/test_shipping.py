@@ -115,6 +115,7 @@ def test_hf_folder_loads_back_in_timm_offline_with_labels_and_preprocessing(
         and "tag" not in config["pretrained_cfg"]
     )
     assert config["pretrained_cfg"]["pool_size"] == [1, 1]  # at 24 px: not 224 px's (7, 7)
+    assert "turned as its EXIF orientation says" in config["input"]  # as the other formats say
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert list(model.pretrained_cfg["mean"]) == list(meta["preprocessing"]["mean"])
     x = torch.rand(2, 3, 24, 24)

@@ -59,6 +59,8 @@ def describe(meta: dict, fmt: str = "onnx") -> dict:
     if fmt == "safetensors":
         normalised = (f"then normalise it, (x - mean) / std per channel with mean {list(prep.mean)} "
                       f"and std {list(prep.std)}: this file holds the weights alone")  # fmt: skip
+    elif fmt == "hf":  # (config.json's pretrained_cfg holds them, for timm's own transforms)
+        normalised = f"then normalise it with pretrained_cfg's mean {list(prep.mean)} and std {list(prep.std)}"  # fmt: skip
     extras = [f"stem {arch.stem}" * (arch.stem != "default"),
               f"pool_stages {arch.pool_stages}" * bool(arch.pool_stages),
               "mirror (the head sees the mean pooled features of each image and its mirror)"

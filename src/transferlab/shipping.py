@@ -279,7 +279,8 @@ def _save_hf(model, folder: Path, meta: dict, model_args: dict | None) -> None:
         timm.models.save_for_hf(model, tmp, model_config={"label_names": meta["class_names"]},
                                 model_args=model_args, safe_serialization=True)  # fmt: skip
         config = Path(tmp) / "config.json"  # marked: only an export of ours is ever replaced
-        checkpoint.write_text(config, json.dumps(json.loads(config.read_text()) | MARK, indent=2))
+        said = {"input": export.describe(meta, "hf")["input"]}  # (what predict does first too)
+        checkpoint.write_text(config, json.dumps(json.loads(config.read_text()) | MARK | said, indent=2))  # fmt: skip
         for file in sorted(Path(tmp).iterdir(), key=lambda f: f == config):  # 0600: as umask
             os.chmod(file, 0o666 & ~checkpoint.UMASK)
             os.replace(file, folder / file.name)
