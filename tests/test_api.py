@@ -232,3 +232,7 @@ def test_a_model_is_the_run_it_was_loaded_as_after_the_notebook_changes_folder(
     trained = transferlab.train("t", data="digits", model="dcnn", epochs=1, limit=40)
     monkeypatch.chdir(tmp_path)
     assert trained.path == tmp_path / "b" / "t" and trained.info["data"] == "digits"
+    monkeypatch.setenv("HOME", str(tmp_path / "b"))  # "~/u" was a folder named ~ here, and the
+    home = transferlab.train("~/u", data="digits", model="dcnn", epochs=1, limit=40)  # Model ~'s
+    assert home.path == tmp_path / "b" / "u" and not (tmp_path / "~").exists()
+    assert transferlab.load("~/t").path == trained.path  # (load refused it: "not found")

@@ -197,7 +197,7 @@ def _path(value, what: str) -> Path:
 
     if not isinstance(value, str | os.PathLike) or not os.fspath(value):
         raise UserError(f"{what}, not {value!r}")
-    return Path(value)
+    return Path(os.path.expanduser(value))  # as the CLI's (out="~/r" made a folder named ~)
 
 
 def _runs(runs, what: str) -> list[str]:
