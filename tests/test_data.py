@@ -512,11 +512,23 @@ def test_a_class_folder_that_is_a_broken_link_is_refused_not_dropped(tmp_path):
     """Hostile pass 34: class9 -> a drive not mounted was left out without a word (exit 0, a
     model of the other classes); a broken link to an image at the top stays ignored."""
     root = make_folder(tmp_path / "f", ["ant", "eel"], 4, subsets=())
-    (root / "notes.png").symlink_to(tmp_path / "gone.png")
+    for name in ("notes.png", "README.md", ".cache"):  # named as a file is, or hidden: left
+        (root / name).symlink_to(tmp_path / "gone")  # as they are (pass 35: refused as classes)
     assert data.load(f"folder:{root}").classes == ["ant", "eel"]
     (root / "class9").symlink_to("/mnt/transferlab-unmounted/class9")
     with pytest.raises(UserError, match="class9 is a broken link to /mnt/transferlab-unmounted/class9: a class folder that is not there"):  # fmt: skip
         data.load(f"folder:{root}")
+    (root / "class9").unlink()
+    (root / "class9").symlink_to("class9")  # a loop: no drive to mount
+    with pytest.raises(UserError, match="class9 is a link loop: a class folder"):
+        data.load(f"folder:{root}")
+    split = make_folder(tmp_path / "s", ["ant", "eel"], 4, subsets=("train", "test"))
+    (split / "latest").symlink_to("/transferlab-old/place")  # beside train/: no class, left
+    assert data.load(f"folder:{split}").classes == ["ant", "eel"]
+    (split / "test" / "eel").rename(split / "eel")
+    (split / "test" / "eel").symlink_to("/mnt/transferlab-unmounted/eel")  # in a split: refused
+    with pytest.raises(UserError, match="test/eel is a broken link to"):
+        data.load(f"folder:{split}")
 
 
 def test_a_split_with_other_classes_names_them_in_words(tmp_path):

@@ -6,6 +6,7 @@ never carved from test). Decoding is in `decoding`, training batches in `batchin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -223,43 +224,6 @@ def _synthetic(arg: str, notes: list[str]):
     return classes, classes, {"train": Split(labels.astype(np.int64), arrays=arrays)}, size, 3
 
 
-def _tiny_imagenet(root: str, notes: list[str]):
-    root_path = _existing_dir(root)
-    wnids_file = root_path / "wnids.txt"
-    if not wnids_file.is_file():
-        raise UserError(f"not a Tiny ImageNet folder (no wnids.txt): {root}")
-    wnids = [w.strip() for w in wnids_file.read_text().split() if w.strip()]
-    words = {}
-    if (root_path / "words.txt").is_file():
-        for line in (root_path / "words.txt").read_text().splitlines():
-            wnid, _, name = line.partition("\t")
-            words[wnid] = name.strip()
-    index = {w: i for i, w in enumerate(wnids)}
-    paths, labels = [], []
-    for wnid in wnids:
-        files = _image_files(root_path / "train" / wnid / "images")
-        if not files:
-            raise UserError(f"class {wnid} has no training images in {root_path / 'train' / wnid}")
-        paths += files
-        labels += [index[wnid]] * len(files)
-    ann = root_path / "val" / "val_annotations.txt"
-    if not ann.is_file():
-        raise UserError(f"missing {ann}")
-    test_paths, test_labels = [], []
-    for line in ann.read_text().splitlines():
-        parts = line.split("\t")
-        if len(parts) < 2:
-            continue
-        if parts[1] not in index:
-            raise UserError(f"{ann}: class {parts[1]} is not in wnids.txt")
-        test_paths.append(str(root_path / "val" / "images" / parts[0]))
-        test_labels.append(index[parts[1]])
-    names = [words.get(w, w) for w in wnids]
-    train = Split(np.array(labels, dtype=np.int64), paths=paths)
-    test = Split(np.array(test_labels, dtype=np.int64), paths=test_paths)
-    return wnids, names, {"train": train, "test": test}, 64, 3  # its val/ is our test
-
-
 def _folder(root: str, notes: list[str]):
     """Class folders, or train/ with val/ and test/ of class folders (or SPLIT_NAMES' other
     names: validation/, dev/, eval/), each used as given."""
@@ -287,11 +251,12 @@ def _folder(root: str, notes: list[str]):
 
 def _elsewhere(module: str):
     """A source kept in its own module, imported only for its specs (csv: csvdata.py; hf: the
-    optional datasets extra; wds: shards.py; each imports this module)."""
+    optional datasets extra; wds: shards.py; tiny-imagenet: tinyimagenet.py; each imports this
+    module)."""
     return lambda arg, notes: importlib.import_module(f".{module}", __package__).source(arg, notes)
 
 
-SOURCES = {"digits": _digits, "tiny-imagenet": _tiny_imagenet, "folder": _folder, "csv": _elsewhere("csvdata"),
+SOURCES = {"digits": _digits, "tiny-imagenet": _elsewhere("tinyimagenet"), "folder": _folder, "csv": _elsewhere("csvdata"),
            "hf": _elsewhere("hfdata"), "wds": _elsewhere("shards"), "synthetic": _synthetic}  # fmt: skip
 
 
@@ -313,10 +278,8 @@ def hidden_name(name: str) -> bool:
 def _visible_dirs(path: Path, notes: list[str] | None = None) -> list[Path]:
     """Sub-folders, skipping hidden ones (.ipynb_checkpoints, __MACOSX: never classes; _background
     is a class) and transferlab's own (a run, a study: its marker; one written there became a
-    class of its plots), said in `notes`; a folder's broken link is refused (dropped unsaid)."""
+    class of its plots), said in `notes`."""
     dirs = sorted(d for d in path.iterdir() if d.is_dir())
-    if gone := [d for d in path.iterdir() if d.is_symlink() and not d.exists() and not hidden_name(d.name) and d.suffix.lower() not in IMAGE_EXTENSIONS]:  # fmt: skip
-        raise UserError(f"{gone[0]} is a broken link to {os.readlink(gone[0])}: a class folder that is not there (a drive not mounted?); mount it, or remove the link")  # fmt: skip
     hidden = [d.name for d in dirs if hidden_name(d.name)]
     ours = [d.name for d in dirs if not hidden_name(d.name) and _marked(d)]
     if notes is not None:
@@ -345,7 +308,25 @@ def _image_files(path: Path) -> list[str]:
     )
 
 
+def _no_broken_class(root: Path) -> None:
+    """A class folder that is a broken link (a drive not mounted) or a link loop is refused: it
+    was dropped without a word. A link named as a file is (README.md) is left as files are."""
+    for d in (d for d in root.iterdir() if d.is_symlink() and not d.exists() and not hidden_name(d.name) and not d.suffix):  # fmt: skip
+        why = "a link loop" if _errno(d) == errno.ELOOP else f"a broken link to {os.readlink(d)}"
+        raise UserError(f"{d} is {why}: a class folder that is not there; mend the link (a drive not mounted?) or remove it")  # fmt: skip
+
+
+def _errno(path: Path) -> int:
+    """The error number stat'ing `path` gives (ELOOP: a link loop), 0 if none."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno
+    return 0
+
+
 def _class_dirs(root: Path, notes: list[str]) -> list[str]:
+    _no_broken_class(root)
     classes = [d.name for d in _visible_dirs(root)]
     if not classes:
         raise UserError(f"no class folders in {root}")
@@ -357,6 +338,7 @@ def _class_dirs(root: Path, notes: list[str]) -> list[str]:
 
 
 def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
+    _no_broken_class(root)
     found = [d.name for d in _visible_dirs(root, notes)]
     if set(found) != set(classes):
         extra, missing = ([repr(c) if c != c.strip() else c for c in sorted(side)] for side in (set(found) - set(classes), set(classes) - set(found)))  # fmt: skip
