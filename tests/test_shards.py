@@ -121,6 +121,7 @@ def test_shard_misuse_is_one_clear_line_and_changes_nothing(sharded, tmp_path, c
     wds_ = data.load(f"wds:{tmp_path / 'o'}")
     assert len(wds_.splits["train"]) + 1 == len(data.load(f"folder:{bad}").splits["train"])
     assert leaks.own_copies(wds_)[0].startswith("1 of the 11 test images")  # (said "of the 12")
+    assert any(n.endswith("test 12 (given), before 2 unreadable were left out") for n in wds_.notes)  # fmt: skip
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "shards.json").write_text('{"format": "transferlab-shards/1"}')
     for spec, expect in [

@@ -92,7 +92,7 @@ def write(
             "classes": ds.classes, "names": ds.names, "native_size": ds.native_size,
             "native_channels": ds.native_channels, "splits": splits, "skipped": bad,
             # what only the source's files show, said again by every run on the shards
-            "origin": next((n for n in ds.notes if n.startswith("splits: ")), ""),
+            "origin": next((n for n in ds.notes if n.startswith("splits: ")), "") + f", before {len(bad)} unreadable were left out" * bool(bad),  # fmt: skip
             "copies": {k: leaks.own_copies(kept, k) for k in ("val", "test")},  # (of what is in them)
         }  # fmt: skip
         from .checkpoint import write_json
