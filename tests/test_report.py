@@ -74,7 +74,10 @@ def test_gradcam_of_the_most_confidently_wrong_images(report_dir):
     right = htmlreport._wrong_grid(meta["data"], meta, prob, prob.argmax(1), meta["class_names"], "t")  # fmt: skip
     assert "t, the best model on test, got every test image right" in right
     part = htmlreport._wrong_grid(meta["data"], meta, prob[:-1], wrong[:-1], meta["class_names"], "t")  # fmt: skip
-    assert f"t: not shown, its test split now holds {len(wrong)} images, not the {len(wrong) - 1}" in part  # fmt: skip
+    assert f"t: not shown, the files of its data changed since it was scored (its test split now holds {len(wrong)} images; it was scored on {len(wrong) - 1})" in part  # fmt: skip
+    moved = meta | {"data_fingerprint": "another"}  # the same count of other images (pass 35:
+    part = htmlreport._wrong_grid(meta["data"], moved, prob, wrong, meta["class_names"], "t")  # drawn)  # fmt: skip
+    assert "t: not shown, the files of its data changed" in part and "<img" not in part
 
 
 def test_report_html_is_self_contained(report_dir):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, data, decoding, ensembles, evaluate, outputs, plots
-from .config import UserError
+from .config import UserError, one_line
 from .folds import load_as_run
 
 SORT_JS = """
@@ -173,8 +173,8 @@ def _wrong_grid(spec: str, meta: dict, prob: np.ndarray, targets: np.ndarray, na
         return f'<p class="note">most confidently wrong images: data not readable ({html.escape(str(err))})</p>'
     pred, conf = prob.argmax(1), prob.max(1)
     wrong = np.flatnonzero(pred != targets)
-    if len(ds.splits["test"]) != len(targets):
-        return f'<p class="note">{html.escape(who)}: not shown, its test split now holds {len(ds.splits["test"])} images, not the {len(targets)} it was scored on (the data changed)</p>'
+    if len(ds.splits["test"]) != len(targets) or ds.fingerprint != meta.get("data_fingerprint", ds.fingerprint):  # fmt: skip
+        return f'<p class="note">{html.escape(who)}: not shown, the files of its data changed since it was scored (its test split now holds {len(ds.splits["test"])} images; it was scored on {len(targets)})</p>'
     if len(wrong) == 0:
         return f'<p class="note">{html.escape(who)}, the best model on test, got every test image right</p>'
     pick = wrong[np.argsort(-conf[wrong])][:12]
@@ -228,7 +228,13 @@ def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
         sections.append("".join(parts))
         if extra and not r.get("_stale") and (best is None or r["_test"] > best[0]):
             run = Path(info["members"][0]["run"]) if is_ens else path
-            best = (r["_test"], r["model"], info, extra, run)
+            best = (
+                r["_test"],
+                one_line(str(path.relative_to(root)) or path.name),
+                info,
+                extra,
+                run,
+            )  # (not its notes)
     wrong = ""
     if best:
         _, name, info, extra, run = best
