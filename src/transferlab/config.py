@@ -242,7 +242,7 @@ def _coerce(name: str, value: object, hint: object) -> object:
     return str(value)
 
 
-# Options that act only in some setups (key: condition on the final config, what it needs): given elsewhere, silently ignored, so refused
+# Options that act only in some setups (key: condition on the final config, what it needs, or a function of the config saying which need failed): given elsewhere, silently ignored, so refused
 # fmt: off
 APPLIES = {
     "momentum": (lambda c: c.optimizer == "sgd", "optimizer sgd"),
@@ -254,9 +254,10 @@ APPLIES = {
     "stem": (lambda c: c.model != "dcnn", "a timm model (dcnn has its own stem)"),
     "warmup_epochs": (lambda c: c.schedule != "plateau", "schedule cosine or constant"),
     "val_fraction": (lambda c: c.fold == "none" and not importlib.import_module(".folds", __package__).own_val(c.data),
-                     "fold none (with a fold, val is that fold) and data with no val split of their own (a folder's val/, shards, a CSV's split column)"),
+                     lambda c: "fold none (with a fold, val is that fold)" if c.fold != "none" else
+                     f"data with no val split of their own, and {c.data} has one (a folder's val/, shards, a CSV's split column)"),
     "patience": (lambda c: c.fold == "none" and c.strategy != "linear-probe",
-                 "fold none (a fold's val scores, never chooses) and epochs to stop (linear-probe has none)"),
+                 lambda c: "fold none (a fold's val scores, never chooses)" if c.fold != "none" else "epochs to stop (linear-probe has none)"),
     "lr": (lambda c: c.lr != "auto" or c.strategy != "linear-probe",  # auto: a range test; a probe
            "epochs of training to find it for (linear-probe fits its head by L-BFGS)"),  # has none
     "feature_engine": (lambda c: c.strategy in ("linear-probe", "lp-ft"),
@@ -291,7 +292,8 @@ def make_config(
     checked = [k for k in clean if k in given and clean[k] != getattr(defaults, k)]  # (a default does nothing anyway)  # fmt: skip
     for key in sorted(checked, key=lambda k: k not in APPLIES):  # (its own words first)
         if key in APPLIES and not APPLIES[key][0](cfg):
-            raise UserError(f"{key} has no effect here: it needs {APPLIES[key][1]}; drop it or change that")  # fmt: skip
+            needs = APPLIES[key][1](cfg) if callable(APPLIES[key][1]) else APPLIES[key][1]
+            raise UserError(f"{key} has no effect here: it needs {needs}; drop it or change that")
         if key in PROBE_IGNORES and cfg.strategy == "linear-probe":
             raise UserError(f"{key} has no effect with strategy linear-probe: it fits its head by L-BFGS on features computed once (no epochs, optimizer or augmentation); drop it or choose another strategy")  # fmt: skip
     return cfg
