@@ -118,6 +118,19 @@ def test_cli_formats(trained_run, images, capsys):
     assert predict.table(rows).splitlines()[1].split() == ["new\\nline.png", "a", "0.500"]
 
 
+def test_json_names_a_file_not_named_in_utf8_so_strict_readers_take_it(trained_run, images, tmp_path, capsys):  # fmt: skip
+    """predict --json wrote `\\udcff` for byte 0xff of a file name: a lone surrogate, which
+    strict JSON readers (not Python's) refuse, and with it the whole list."""
+    import os
+    import shutil
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(images / "a.png", os.path.join(os.fsencode(tmp_path / "in"), b"caf\xe9.png"))
+    assert main(["--quiet", "predict", str(trained_run), str(tmp_path / "in"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "\\udc" not in out and json.loads(out)[0]["path"].endswith("caf\\xe9.png")
+
+
 def test_cli_errors_are_one_line(trained_run, images, tmp_path, capsys):
     for argv, pattern in (
         ([str(trained_run), str(tmp_path / "nope.jpg")], "no such file or folder"),

@@ -327,7 +327,7 @@ def cmd_predict(args) -> None:
     for line in bad:
         print(f"skipped: {line}", file=sys.stderr)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(predict.json_text(rows))
     elif args.csv:
         print(predict.csv_text(rows), end="")
     else:

@@ -296,3 +296,15 @@ def csv_text(rows: list[dict]) -> str:
             cells = [row["path"], rank, p["class"], p["name"], f"{p['prob']:.6f}"]
             writer.writerow(map(spreadsheet_safe, cells))
     return buf.getvalue()
+
+
+def json_text(rows: list[dict]) -> str:
+    """The predictions as one JSON list. A file name whose bytes are not UTF-8 is written with
+    its odd bytes as `\\xff`: as the lone surrogate Python holds (`\\udcff`), strict JSON readers
+    refused the whole list."""
+    import json
+
+    def text(name: str) -> str:
+        return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+    return json.dumps([row | {"path": text(row["path"])} for row in rows], indent=1)
