@@ -236,3 +236,24 @@ def test_a_soup_of_linear_probes_keeps_their_batchnorm_and_scores_as_they_do(fol
     for split in ("val", "test"):
         best = max(p["metrics"][split]["loss"] for p in probes)  # (convex in the head)
         assert meta["metrics"][split]["loss"] <= best + 1e-6, split
+
+
+def test_a_soup_s_report_shows_each_ingredient_s_seed_and_lr(snapshot_run, tmp_path):
+    """report.html showed a soup's first ingredient's seed and LR as its own, and "0 / 0"
+    epochs (hostile pass 34, F12)."""
+    import json
+
+    from transferlab import htmlreport
+
+    first, second = sorted((snapshot_run / "snapshots").iterdir())
+    other = shutil.copytree(second, tmp_path / "seed7")  # the same start, another seed and LR
+    meta = json.loads((other / "meta.json").read_text())
+    meta["seed"], meta["config"]["lr"] = 7, 0.5
+    (other / "meta.json").write_text(json.dumps(meta))
+    soup = soups.make([first, other], "uniform", tmp_path / "soup", quiet=True)
+    rows = dict(htmlreport._run_meta(soup))
+    seed = checkpoint.read_meta(first)["seed"]
+    assert rows["seeds of its ingredients"] == f"{seed}, 7" and "seed" not in rows
+    assert rows["lrs of its ingredients"].endswith(", 0.5") and "lr, batch" not in rows
+    assert rows["strategy"] == "uniform soup of snapshot-1, seed7"
+    assert "epochs run / best" not in rows

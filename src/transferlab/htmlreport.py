@@ -115,7 +115,7 @@ def _meta_table(items: list[tuple[str, str]]) -> str:
 def _run_meta(meta: dict) -> list[tuple[str, str]]:
     src, cfg = meta["source"], meta.get("config", {})
     versions = ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items() if v)
-    return [
+    items = [
         ("data", meta["data"]),
         ("architecture", meta["arch"]),
         ("weights", src.get("weights")),
@@ -130,6 +130,16 @@ def _run_meta(meta: dict) -> list[tuple[str, str]]:
         ("wall time", f"{meta['seconds']:.0f} s"),
         ("versions", versions),
     ]
+    if meta.get("strategy") != "soup":
+        return items
+    names = ", ".join(Path(r).name for r in src["ingredients"])
+    soup = {  # its ingredients' seeds and LRs (it had the first one's), no epochs of its own
+        "strategy": ("strategy", f"{src['method']} soup of {names}"),
+        "seed": ("seeds of its ingredients", ", ".join(map(str, src.get("seeds") or "-"))),
+        "epochs run / best": None,
+        "lr, batch": ("lrs of its ingredients", ", ".join(map(str, src.get("lrs") or "-"))),
+    }
+    return [soup.get(k, (k, v)) for k, v in items if soup.get(k, True)]
 
 
 def _ensemble_meta(info: dict) -> list[tuple[str, str]]:

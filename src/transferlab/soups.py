@@ -230,6 +230,8 @@ def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0, val_
         "candidates": [str(Path(r).resolve()) for r in runs],
         "candidates_sha256": [m.get("weights_sha256") for m in metas],
         "init_sha256": ref["source"]["init_sha256"],
+        "seeds": [metas[i].get("seed") for i in kept],  # (its report: each one's, not the first's)
+        "lrs": [metas[i].get("config", {}).get("lr") for i in kept],
         "batchnorm": "kept: the same in every ingredient" if shared else "recomputed on train",
     }
     notes = leaks.new_run_notes(source, ds) + leaks.part_notes(ds)  # its ingredients'
@@ -237,6 +239,7 @@ def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0, val_
         print(f"note: {note}", file=sys.stderr, flush=True)
     meta = {
         **{k: v for k, v in ref.items() if k not in ("probe", "snapshot", "history", "notes")},
+        "seed": None,  # (each ingredient's: source.seeds)
         "source": source,
         "notes": notes + val_seen,
         "data": spec,  # what it was built and scored on (--data), with its fingerprint
