@@ -1,6 +1,7 @@
 """report.html rendered by a real browser (Debian's chromium, headless): no console errors,
 the comparison table and the figures present, a screenshot taken."""
 
+import csv
 import re
 import shutil
 import subprocess
@@ -173,13 +174,17 @@ def test_runs_on_other_data_get_a_data_column_and_no_gain_line(report_dir, tmp_p
     """Runs of two datasets in one folder were one table of numbers that do not compare."""
     import json
 
+    from transferlab import folds
+
     assert "| data |" not in (report_dir / "report.md").read_text()  # one dataset: no column
     root = tmp_path / "mixed"
     shutil.copytree(report_dir / "ens", root / "ens")
     for name in ("tiny", "tiny-copy", "tiny-2"):
         shutil.copytree(report_dir / "tiny", root / name)
     meta = json.loads((root / "tiny-copy" / "meta.json").read_text())
-    (root / "tiny-copy" / "meta.json").write_text(json.dumps(meta | {"data": "digits"}))
+    meta |= {"data": "digits"}  # and its fingerprint: not marked as data that changed since
+    meta["data_fingerprint"] = folds.load_as_run(meta).fingerprint
+    (root / "tiny-copy" / "meta.json").write_text(json.dumps(meta))
     ensembles.build(
         [root / "tiny", root / "tiny-2"], "soft", root / "ens", quiet=True, overwrite=True
     )
@@ -191,7 +196,7 @@ def test_runs_on_other_data_get_a_data_column_and_no_gain_line(report_dir, tmp_p
     text = path.read_text()
     assert "Best single model" in text  # the ensemble against the run on its own data
     for name in ("tiny", "tiny-2"):
-        (root / name / "meta.json").write_text(json.dumps(meta | {"data": "digits"}))
+        (root / name / "meta.json").write_text(json.dumps(meta))
     assert "Best single model" not in report.write(root)[0].read_text()
 
 
@@ -427,3 +432,24 @@ def test_a_report_of_the_current_folder_is_titled_with_its_name(trained_run, tmp
     page = (tmp_path / "study" / "report.html").read_text()
     assert "<title>transferlab report: study</title>" in page
     assert "<h1>transferlab report: study</h1>" in page
+
+
+def test_a_run_whose_data_changed_since_it_was_scored_is_marked_in_report_md_and_csv(tmp_path):
+    """evaluate and report.html said a run's data files had changed since it was scored;
+    report.md and results.csv showed its old numbers unmarked (hostile pass 35, F8)."""
+    from transferlab import trainer
+
+    from conftest import make_folder, tiny_cfg
+
+    root = make_folder(tmp_path / "d", ["a", "b"], 6, subsets=("train", "val", "test"))
+    trainer.fit(tiny_cfg(f"folder:{root}", epochs=1), tmp_path / "runs" / "r", quiet=True)
+    shutil.copytree(tmp_path / "runs" / "r", tmp_path / "runs" / "r2")  # the same data: once
+    said = "its data's files changed since it was scored: evaluate it again"
+    assert said not in report.write(tmp_path / "runs")[1]
+    shutil.copy(root / "test" / "a" / "0.png", root / "test" / "b" / "new.png")  # one more
+    table = report.write(tmp_path / "runs")[1]
+    assert f"| r ({said}) |" in table and f"| r2 ({said}) |" in table
+    rows = list(csv.DictReader((tmp_path / "runs" / "results.csv").open()))
+    assert [(r["model"], r["notes"]) for r in rows] == [("r", said), ("r2", said)]
+    shutil.rmtree(root)  # gone: nothing to compare with, no mark (report.html says unreadable)
+    assert said not in report.write(tmp_path / "runs")[1]

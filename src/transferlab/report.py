@@ -42,7 +42,7 @@ def columns(rows: list[dict]) -> list[str]:
 def collect(root: Path, skipped: list[str] | None = None) -> list[dict]:
     """One row per run folder and ensemble folder found under `root` (sorted by path); a run
     whose meta.json cannot be read is left out, said in `skipped`."""
-    rows, skipped = [], [] if skipped is None else skipped
+    rows, skipped, now = [], [] if skipped is None else skipped, {}
     for meta_path in _files(root, checkpoint.META):
         if _study_inside(meta_path.parent, root):
             continue
@@ -51,7 +51,7 @@ def collect(root: Path, skipped: list[str] | None = None) -> list[dict]:
         except UserError as err:
             skipped.append(str(err))
             continue
-        rows.append(_run_row(meta_path.parent, root, meta))
+        rows.append(_run_row(meta_path.parent, root, meta, now))
     for ens_path in _files(root, ensembles.ENSEMBLE):
         if _study_inside(ens_path.parent, root):
             continue
@@ -127,7 +127,23 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def _run_row(path: Path, root: Path, meta: dict) -> dict:
+def _changed(meta: dict, now: dict) -> list[str]:
+    """The mark of a run whose data's files changed since it was scored, as evaluate and
+    report.html say (report.md and results.csv did not); none when the data cannot be read.
+    `now`: the fingerprints found so far, by data and carving (runs on the same data: once)."""
+    from . import folds
+
+    key = (meta["data"], folds.carving(meta))
+    if meta.get("data_fingerprint") and key not in now:
+        try:
+            now[key] = folds.load_as_run(meta).fingerprint
+        except (UserError, OSError):  # gone, or unreadable: nothing to compare with
+            now[key] = None
+    changed = now.get(key) not in (None, meta.get("data_fingerprint"))
+    return ["its data's files changed since it was scored: evaluate it again"] * changed
+
+
+def _run_row(path: Path, root: Path, meta: dict, now: dict | None = None) -> dict:
     m, src, prep = meta["metrics"], meta["source"], meta["preprocessing"]
     problem = checkpoint.weights_problem(path, meta)  # its numbers are of weights now gone
     weights = src["weights"]
@@ -139,6 +155,7 @@ def _run_row(path: Path, root: Path, meta: dict) -> dict:
     if leaked(meta.get("notes", [])) and not mark:  # (meta.json: counted when it trained)
         mark = "not a test score: its test images include ones its weights were trained on"
     marks = [mark] if mark else leaks.score_notes(meta.get("notes", []))
+    marks += _changed(meta, {} if now is None else now) if not mark else []
     return {
         "model": _name(path, root) + "".join(f" ({s})" for s in marks),
         "_csv": _csv_fields(_name(path, root), marks, m["val"]["top1"], meta),
