@@ -65,3 +65,29 @@ def test_exporting_a_bf16_run_says_the_file_computes_in_fp32(trained_run, tmp_pa
     capsys.readouterr()
     assert main(["export", str(ens), "--format", "onnx", "--out", str(tmp_path / "e.onnx")]) == 0
     assert "note: the file computes in fp32; the ensemble's scores" in capsys.readouterr().err
+
+
+def test_log_probabilities_rank_classes_as_their_logits_do():
+    """evaluate scored a bf16 run's near-tie (0.00299999 vs 0.003, the target last) as a tie:
+    log-softmax in float32 rounded both to -1.0966163, the first class won, and its recorded
+    80% read 60% (hostile pass 36, F4)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    near = np.array([[0.00299999, -0.003, 0.003]], np.float32)
+    assert evaluate.metrics(evaluate.log_softmax(near), np.array([2]))["top1"] == 1.0
+    finite = st.floats(-30, 30, width=32).filter(lambda x: x == 0 or abs(x) >= 1e-6)  # a
+    # network's logits as runs record them (float32; 1e-32 apart is past what any float holds)
+
+    @settings(max_examples=200, derandomize=True, database=None, deadline=None)
+    @given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(2, 7)), elements=finite),
+           st.integers(0, 6), st.integers(0, 6))  # fmt: skip
+    def ranks_alike(logits, i, j):
+        i, j = i % logits.shape[1], j % logits.shape[1]  # column j one float32 step above i's
+        up = np.nextafter(logits[:, i], np.float32(np.inf))  # (where that stays a logit's size)
+        logits[:, j] = np.where((i != j) & (np.abs(logits[:, i]) >= 1e-6), up, logits[:, j])
+        logp = evaluate.log_softmax(logits)
+        assert (np.argsort(-logp, 1, kind="stable") == np.argsort(-logits, 1, kind="stable")).all()
+
+    ranks_alike()

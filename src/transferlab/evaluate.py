@@ -230,7 +230,9 @@ def improves(val: dict, best: dict) -> bool:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
+    """In float64: in float32, two logits a bf16 run left 1e-8 apart became one log-prob, and
+    the tie went to the first class (a run's recorded 80% was scored 60%)."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
@@ -244,7 +246,7 @@ def metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
         nan = float("nan")
         return {"top1": nan, "top5": nan, "loss": nan, "ece": nan, "macro_f1": nan,
                 "balanced_accuracy": nan, "n": 0}  # fmt: skip
-    logp = log_softmax(logits.astype(np.float64))
+    logp = log_softmax(logits)
     k = min(5, logits.shape[1])
     topk = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     with warnings.catch_warnings():  # a class predicted but absent from targets: expected
