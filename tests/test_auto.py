@@ -1000,9 +1000,9 @@ def test_a_study_folder_named_as_a_run_points_at_its_choice(tmp_path, capsys):
 def test_two_tags_of_one_architecture_are_two_candidates_with_two_names(monkeypatch):
     """Hostile pass 25: resnet18.a1_in1k and resnet18.a2_in1k in the HF cache were both
     "resnet18-224-probe"; a candidate's folder, timings and leaderboard row go by its name."""
-    from transferlab import weights
+    from transferlab import catalog
 
     rows = [{"name": f"resnet18.{t}_in1k", "from": "cache", "input_size": 224, "top1": 70.0} for t in ("a1", "a2")]  # fmt: skip
-    monkeypatch.setattr(weights, "available", lambda *a, **kw: rows)
+    monkeypatch.setattr(catalog, "available", lambda *a, **kw: rows)
     names = [c.name for c in autospace.candidates(data.load("digits"), gpu=False) if c.kind == "probe"]  # fmt: skip
     assert names == ["resnet18-224-probe", "resnet18.a2_in1k-224-probe"]
