@@ -86,6 +86,9 @@ def test_explain_writes_an_overlay_per_image_for_the_predicted_or_named_class(
     (tmp_path / "mine" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="exists and is not empty"):
         explain.explain(trained_run, files, out=tmp_path / "mine")
+    (tmp_path / "afile").touch()  # an empty file was "exists and is not empty" (pass 36, F1)
+    with pytest.raises(UserError, match="afile is a file, not a folder; give a new or empty folder"):  # fmt: skip
+        explain.explain(trained_run, files, out=tmp_path / "afile")
     photos = tmp_path / "photos"  # overlays written among the photos they explain: never
     photos.mkdir()  # taken for photos by the next predict or explain of that folder
     for f in files[:2]:

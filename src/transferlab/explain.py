@@ -132,7 +132,9 @@ def _check_folder(folder: Path, run: Path) -> None:
         or (outputs.read_mark(folder) or {}).get("kind") == "explain"
     ):
         return
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    if folder.exists() and not folder.is_dir():  # (an empty file was "not empty")
+        raise UserError(f"--out {folder} is a file, not a folder; give a new or empty folder")
+    if folder.exists() and any(folder.iterdir()):
         raise UserError(f"--out {folder} exists and is not empty; give a new or empty folder")
     outputs.check_creatable(folder, "explain folder")  # (one not in UTF-8 was made)
     found = outputs.enclosing(folder)
