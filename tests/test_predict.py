@@ -27,7 +27,7 @@ def images(tmp_path):
     return root
 
 
-def test_predict_a_run_on_a_folder_skips_unreadable_files(trained_run, images):
+def test_predict_a_run_on_a_folder_skips_unreadable_files(trained_run, images, capsys):
     os.mkfifo(images / "pipe.png")  # its read blocked forever
     (images / "album.jpg").mkdir()  # was a skipped image, IsADirectoryError
     (images / "gone.jpg").symlink_to(images / "nowhere.jpg")  # was left out without a word
@@ -57,6 +57,9 @@ def test_predict_a_run_on_a_folder_skips_unreadable_files(trained_run, images):
     (images / "sub" / "loop").unlink()
     (images / "more").unlink()
     (images / "gone.jpg").unlink()
+    twice = [str(images / "sub" / "alpha.png"), str(images / "sub"), f"{images}/sub/../sub/alpha.png"]  # fmt: skip
+    assert predict.image_files(twice) == [twice[0], str(images / "sub" / "gray.jpg")]  # rows
+    assert "note: 2 image(s) given more than once are predicted once" in capsys.readouterr().err  # fmt: skip
     classes = checkpoint.read_meta(trained_run)["classes"]
     for row in rows:
         probs = [p["prob"] for p in row["predictions"]]

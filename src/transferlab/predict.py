@@ -53,7 +53,13 @@ def image_files(inputs: list[str]) -> list[str]:
         else:
             what = "not a regular file or folder" if p.exists() else "no such file or folder"
             raise UserError(f"{what}: {item}")
-    return files
+    first: dict[str, str] = {}
+    for f in files:
+        first.setdefault(os.path.abspath(f), f)
+    once = list(first.values())
+    if len(once) < len(files):  # (a file and its folder, or one file twice: rows repeated)
+        print(f"note: {len(files) - len(once)} image(s) given more than once are predicted once", file=sys.stderr)  # fmt: skip
+    return once
 
 
 def _under(top: Path) -> list[Path]:
