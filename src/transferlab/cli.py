@@ -84,12 +84,7 @@ def _sub(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     )
     # also after the subcommand (`transferlab train ... --quiet`); SUPPRESS keeps a --quiet
     # given before it
-    p.add_argument(
-        "--quiet",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help=QUIET,
-    )
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET)
     return p
 
 
@@ -132,11 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, fine-tune, evaluate and ensemble image classifiers; write the report.",
         epilog="Start with `transferlab demo`; every command has --help with an example.",
     )
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help=QUIET,
-    )
+    parser.add_argument("--quiet", action="store_true", help=QUIET)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _training_commands(sub)
     _result_commands(sub)
@@ -172,6 +163,7 @@ def _training_commands(sub) -> None:
         "that set KEY keep theirs), data=, or steps.N.key= (N counts from 0; members=a,b)",
     )
     p.add_argument("--limit", help="at most N images per split (smoke test)")
+    p.add_argument("--resume", action="store_true", help="what running it again does anyway: finished steps are kept, a stopped one continues")  # fmt: skip
 
     p = _sub(sub, "train", "train one model into a run folder")
     _run_folder_options(p)

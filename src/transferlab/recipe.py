@@ -114,7 +114,7 @@ def _steps(recipe: dict, out: Path, resolved: Path, quiet: bool) -> float:
             print(f"== step {i}/{len(recipe['steps'])}: {kind} {name}", flush=True)
             try:
                 STEPS[kind](recipe, name, keys, out, quiet)
-            except Preempted as err:  # `run` takes no --resume: it resumes a step by itself
+            except Preempted as err:  # `run` resumes a step by itself (--resume: said anyway)
                 raise Preempted(str(err).replace(RESUME, AGAIN)) from None
             except UserError as err:  # nor --budget: an auto step's budget is set in its own way
                 if kind != "auto" or autochoose.LARGER not in str(err):
@@ -237,7 +237,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, quiet: bool, parents: tuple | list = (
 
 @contextlib.contextmanager
 def _advice_for_run(folder: Path):
-    """train's and ensemble's advice names --resume and --overwrite, which `run` does not take
+    """train's and ensemble's advice names --resume and --overwrite, which `run` does not act on
     (it resumes a step by itself): say what a recipe's user can do."""
     try:
         yield
