@@ -284,3 +284,14 @@ def test_a_score_survives_a_folder_it_cannot_write_and_never_replaces_the_run_s_
     out, err = capsys.readouterr()
     assert "top-1" in out and "confusion matrix ->" not in out
     assert "the confusion matrix was not written (Read-only file system" in err
+    monkeypatch.undo()  # a photo of the user's named confusion-val.png was drawn over (F5)
+    shutil.copy(next(folder_data.glob("test/*/*.png")), run / "confusion-val.png")
+    mine = (run / "confusion-val.png").read_bytes()
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    err = capsys.readouterr().err
+    assert "the confusion matrix was not written (confusion-val.png there is not a figure transferlab drew, and is kept" in err  # fmt: skip
+    assert (run / "confusion-val.png").read_bytes() == mine
+    (run / "confusion-val.png").unlink()
+    assert main(["evaluate", str(run), "--split", "val"]) == 0  # ours: drawn, and redrawn
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    assert "not written" not in capsys.readouterr().err
