@@ -139,6 +139,16 @@ def test_unknown_recipe_key(capsys, tmp_path):
                           r"step 2 \(auto s\): --limit does not apply to an auto step")  # fmt: skip
     assert_one_line_error(capsys, ["run", recipe, "--limit", "5", "--set", "limit=4"],
                           r"--limit 5 and --set limit=4 disagree")  # fmt: skip
+    # pass 36, F6: a fine-tune's freeze past its parent's blocks failed after step 1 trained
+    recipe.write_text("data: digits\ndefaults: {model: resnet18}\nsteps:\n  - train: a\n"
+                      "  - finetune: b\n    from: a\n  - finetune: c\n    from: b\n    freeze: 6\n")  # fmt: skip
+    assert_one_line_error(capsys, ["run", recipe, "--out", tmp_path / "f"],
+                          r"step 3 \(finetune c\): freeze 6 would freeze everything: ResNet has 6")  # fmt: skip
+    assert not (tmp_path / "f").exists()
+    recipe.write_text(recipe.read_text().replace("freeze: 6", "freeze: 5"))  # its last group
+    from transferlab import recipe as recipes
+
+    recipes.validate(recipes.load(recipe), tmp_path / "f")
     from transferlab import recipebook
 
     for given in ("a,b", "[a, b]"):  # it stayed the text 'a,b': "needs members: [A, B, ...]"

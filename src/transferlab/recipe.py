@@ -33,7 +33,6 @@ from . import autochoose, checkpoint, data, ensembles, outputs, report, resume, 
 from .config import Preempted, TrainConfig, UserError, to_dict
 from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... live there)
     EXTRA_KEYS,
-    MAX_BYTES,
     NAME,
     STEP_KINDS,
     TOP_KEYS,
@@ -46,6 +45,7 @@ from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... 
     train_settings,
     validate,
 )
+from .recipefile import MAX_BYTES  # noqa: F401  (the recipe's API)
 from .stops import AGAIN, RESUME
 
 

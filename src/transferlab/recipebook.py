@@ -1,5 +1,5 @@
-"""A recipe file: its loading (strict YAML, bounded), `--set` overrides, and every check made
-before a step runs (keys, values, names, members, models, data specs); `recipe` runs it."""
+"""A recipe: `--set` overrides, and every check made before a step runs (keys, values, names,
+members, models, data specs); `recipefile` reads it, `recipe` runs it."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import difflib
 import re
 from pathlib import Path
 
-import yaml
-
-from . import checkpoint, data, decoding, ensembles, evaluate, outputs, weights
+from . import checkpoint, data, decoding, ensembles, evaluate, outputs, strategies, weights
 from .config import TrainConfig, UserError, field_names, make_config, names_weights
+from .recipefile import TOP_KEYS, load  # noqa: F401  (load: the recipe's API)
 
-TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
 STEP_KINDS = ("train", "finetune", "ensemble", "soup", "auto", "report")
 EXTRA_KEYS = {
     "auto": ("budget", "seed", "cache_dir"),
@@ -26,76 +24,7 @@ EXTRA_KEYS = {
 }
 
 
-MAX_BYTES = 1_000_000  # a recipe is a page of YAML, not a data file
-MAX_VALUES = 100_000  # values after expanding YAML aliases: a "billion laughs" stops here
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a step's run folder, inside --out
-
-
-def load(path: str | Path) -> dict:
-    """Read a recipe file: UTF-8 YAML, at most MAX_BYTES, no alias bomb or cycle."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(
-            f"recipe {path} is a folder: name its .yaml file" if path.is_dir()
-            else f"recipe not found: {path}"
-        )  # fmt: skip
-    if path.stat().st_size > MAX_BYTES:
-        raise UserError(f"{path} is {path.stat().st_size:,} bytes; a recipe is at most {MAX_BYTES:,}")  # fmt: skip
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"{path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}): "
-            "save it as UTF-8"
-        ) from None
-    try:
-        recipe = yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as err:
-        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path} is not valid YAML{where}: {problem or err}") from None
-    except RecursionError:
-        raise UserError(f"{path} nests too deeply to be a recipe") from None
-    count_values(recipe, path)
-    if recipe is None:
-        recipe = {}
-    if not isinstance(recipe, dict):
-        raise UserError(f"{path}: a recipe is a mapping with keys {', '.join(TOP_KEYS)}")
-    return recipe
-
-
-class StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last
-    one silently: `model: dcnn` then `model: resnet50` would train a ResNet-50)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys give way
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)) or key == "<<":
-                continue
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' is given twice in one mapping", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def count_values(node, path, ancestors: tuple = (), budget: list | None = None) -> None:
-    """Walk the loaded YAML as its aliases expand it; refuse cycles and more than MAX_VALUES."""
-    budget = budget if budget is not None else [MAX_VALUES]
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise UserError(f"{path} expands to more than {MAX_VALUES:,} values (a YAML alias bomb?)")
-    if isinstance(node, (dict, list)):
-        if any(node is a for a in ancestors):
-            raise UserError(f"{path} refers to itself (a YAML alias inside its own anchor)")
-        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
-        for child in children:
-            count_values(child, path, (*ancestors, node), budget)
 
 
 NUMBERS = {f.name for f in dataclasses.fields(TrainConfig) if re.search(r"\b(int|float)\b", str(f.type))}  # fmt: skip
@@ -237,12 +166,27 @@ def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: l
             decoding.check_cache(own.get("cache_dir"), f"the cache_dir of step {i} ({kind} {name})")
         if out is not None and kind in ("finetune", "ensemble", "soup"):
             _check_refs(kind, name, keys, names, out, i)
+        if kind in ("train", "finetune") and (arch := _arch(recipe, kind, keys, i)):
+            strategies.check_freeze(arch, str(train_settings(recipe, keys, data=False).get("freeze", "none")))  # fmt: skip
         refs = keys.get("members") if kind in ("ensemble", "soup") else [keys.get("from")]
         hit = next((kinds[str(r)] for r in refs or [] if kinds.get(str(r)) in NOT_RUNS), None)
         if hit:  # (it failed after every step before it had run)
             raise UserError(f"step {i} ({kind} {name}): {NOT_RUNS[hit]}")
         names.append(name)
         kinds[name] = kind
+
+
+def _arch(recipe: dict, kind: str, keys: dict, i: int) -> str | None:
+    """The architecture step i trains (a finetune's: its `from` step's, before it, or run
+    folder's); None where the recipe cannot tell (a hub name, a weights file)."""
+    if kind == "finetune":
+        ref = str(keys.get("from"))
+        steps = [(*parse_step(step, j), j) for j, step in enumerate(recipe["steps"][: i - 1], 1)]
+        parent = next(((k, v, j) for k, n, v, j in steps if n == ref and k in ("train", "finetune")), None)  # fmt: skip
+        meta = Path(ref).expanduser() / checkpoint.META
+        return _arch(recipe, *parent) if parent else meta.is_file() and checkpoint.read_meta(meta.parent)["arch"] or None  # fmt: skip
+    cfg = train_config(recipe, keys)
+    return None if ":" in cfg.model or cfg.weights not in (None, "imagenet", "none") else cfg.model  # fmt: skip
 
 
 def _check_weights(recipe: dict, given: str | None, exists: bool) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay
 
-from . import checkpoint
+from . import checkpoint, models
 from .config import PROBE_IGNORES, TrainConfig, UserError, make_config
 
 
@@ -255,3 +255,12 @@ def finetune_config(run, overrides: dict) -> TrainConfig:
     elif given := [k for k in overrides if k.replace("-", "_") in PROBE_IGNORES]:  # (inherited)
         raise UserError(f"{run} is a linear probe, and a fine-tune keeps its strategy unless told: pass --strategy full (or lp-ft, head-first, ...) to train it with {given[0]}, or drop {given[0]}")  # fmt: skip
     return make_config(overrides, base)
+
+
+def check_freeze(arch: str, freeze: str) -> None:
+    """`--freeze N` leaves something to train in `arch` (its blocks counted on the meta
+    device, no memory): a recipe says so before step 1, not after the steps before it."""
+    if not freeze.isdigit():
+        return
+    with torch.device("meta"):
+        trainable(models.create(arch, 2, 3), freeze)
