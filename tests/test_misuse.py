@@ -1011,6 +1011,24 @@ def test_a_recipe_reuses_a_fine_tune_whose_parent_moved_when_its_weights_are_the
     assert ft.stat().st_mtime_ns == made
 
 
+def test_a_fine_tune_of_a_run_retrained_outside_the_recipe_says_its_parent_changed(tmp_path):
+    """A recipe's fine-tune of a run folder retrained since with another --seed was refused as
+    "made with other options (seed: 0 -> 7)", options the user never changed in the recipe
+    (it inherits them from its parent); the cause is the parent (hostile pass 36, F3)."""
+    from transferlab import trainer
+
+    from conftest import tiny_cfg
+
+    parent = tmp_path / "p"
+    trainer.fit(tiny_cfg("digits", limit=60, epochs=1), parent, quiet=True)
+    path = tmp_path / "r.yaml"
+    path.write_text(f"data: digits\ndefaults: {{limit: 60}}\nsteps:\n  - {{finetune: ft, from: {parent}, epochs: 1}}\n")  # fmt: skip
+    out = recipe.run(path, tmp_path / "out", quiet=True)
+    trainer.fit(tiny_cfg("digits", limit=60, epochs=1, seed=7), parent, quiet=True, overwrite=True)
+    with pytest.raises(UserError, match=f"ft is finished but was made from {parent} as it was before \\(other weights now\\)"):  # fmt: skip
+        recipe.run(path, out, quiet=True)
+
+
 def test_a_recipe_reuses_a_fine_tune_or_soup_only_if_made_from_its_runs_as_they_are(
     tmp_path, capsys
 ):

@@ -210,12 +210,12 @@ def refuse_changed(run_dir: Path, cfg: TrainConfig, parents: tuple | list = ()) 
     made, was = meta.get("config") or {}, (meta.get("source") or {}).get("parent_sha256")
     if was and cfg.weights and resume.holds_weights(cfg.weights, was):
         made = {**made, "weights": cfg.weights}  # its parent, moved: the same weights elsewhere
-    if changed := resume.config_changes(made, to_dict(cfg)):
+    _refuse_stale(run_dir, [was] if was else None, parents)  # (first: a retrained parent's
+    if changed := resume.config_changes(made, to_dict(cfg)):  # options were said as the step's)
         raise UserError(
             f"{run_dir} is finished but was made with other options ({changed}); delete it "
             "or choose another --out"
         )
-    _refuse_stale(run_dir, [was] if was else None, parents)
 
 
 def _refuse_stale(run_dir: Path, was: list | None, runs: list) -> None:
