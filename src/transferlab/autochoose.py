@@ -248,8 +248,8 @@ def write_report(
         f"Data {ds.spec}: {len(ds.classes)} classes. Budget {budget / 60:.1f} min, used "
         f"{spent / 60:.1f} min. Every score below is cross-validated ({len(folds.pool(ds.splits))} "
         f"train+val images, out-of-fold); test ({len(ds.splits['test'])} images) was scored "
-        f"once, by the chosen option: top-1 {t['top1']:.2%}{result.get('mark', '')}, top-5 "
-        f"{t['top5']:.2%}, NLL {t['loss']:.4f}. DIR/best: {result['desc']}."
+        f"once, by the chosen option: top-1 {t['top1']:.2%}{result.get('mark', '')}, "
+        f"{evaluate.top5_text(t, 'top-5 {:.2%}, ')}NLL {t['loss']:.4f}. DIR/best: {result['desc']}."
     ) + "".join(f" Note: {n}." for n in result.get("notes", []))
     text = [
         "# transferlab report: auto",

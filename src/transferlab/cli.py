@@ -279,7 +279,7 @@ TTA_HELP = "test-time augmentation per member: none | flip (mirror) | crops (ten
 
 
 def cmd_evaluate(args) -> None:
-    from . import ensembles
+    from . import ensembles, evaluate
 
     result = ensembles.evaluate_path(args.path, args.data, args.split, args.quiet, args.tta)
     m = result["metrics"]
@@ -289,7 +289,7 @@ def cmd_evaluate(args) -> None:
     say = (lambda *a: None) if args.json and args.quiet else say  # stdout is the JSON alone
     say(
         f"{args.path} on {result['data']} [{args.split}]: top-1 {m['top1']:.2%}  "
-        f"top-5 {m['top5']:.2%}  macro-F1 {m['macro_f1']:.2%}  balanced accuracy "
+        f"{evaluate.top5_text(m, 'top-5 {:.2%}  ')}macro-F1 {m['macro_f1']:.2%}  balanced accuracy "
         f"{m['balanced_accuracy']:.2%}  loss {m['loss']:.4f}  n={m['n']}"
     )
     if m["most_confused"]:
@@ -327,13 +327,13 @@ def cmd_predict(args) -> None:
 
 
 def cmd_soup(args) -> None:
-    from . import soups
+    from . import evaluate, soups
 
     meta = soups.make(args.runs, args.method, args.out, args.data, quiet=args.quiet)
     m, src = meta["metrics"], meta["source"]
     print(
         f"{args.method} soup of {len(src['ingredients'])}/{len(src['candidates'])} runs: "
-        f"val {m['val']['top1']:.2%}  test {m['test']['top1']:.2%} (top-5 {m['test']['top5']:.2%})"
+        f"val {m['val']['top1']:.2%}  test {m['test']['top1']:.2%}{evaluate.top5_text(m['test'], ' (top-5 {:.2%})')}"
         f"  -> {args.out}"
     )
 

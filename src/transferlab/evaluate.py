@@ -236,8 +236,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
+def top5_text(m: dict, template: str = "top-5 {:.2%}") -> str:
+    """`template` filled with the top-5 score, or "" where it has none (5 classes or fewer:
+    every answer is among the top 5, a 100% that says nothing)."""
+    return "" if m.get("top5") is None else template.format(m["top5"])
+
+
 def metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
-    """top1, top5 (fractions), mean NLL loss, ECE, macro-F1, balanced accuracy and n, from
+    """top1, top5 (None with 5 classes or fewer: always 1), mean NLL loss, ECE, macro-F1, balanced accuracy and n, from
     logits or log-probabilities."""
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
@@ -254,7 +260,9 @@ def metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
         balanced = balanced_accuracy_score(targets, topk[:, 0])
     return {
         "top1": float((topk[:, 0] == targets).mean()),
-        "top5": float((topk == targets[:, None]).any(axis=1).mean()),
+        "top5": float((topk == targets[:, None]).any(axis=1).mean())
+        if logits.shape[1] > 5
+        else None,
         "loss": float(-logp[np.arange(n), targets].mean()),
         "ece": ece(np.exp(logp.max(axis=1)), topk[:, 0] == targets),
         "macro_f1": float(f1_score(targets, topk[:, 0], average="macro", zero_division=0)),

@@ -29,7 +29,18 @@ from pathlib import Path
 
 import yaml
 
-from . import autochoose, checkpoint, data, ensembles, outputs, report, resume, strategies, trainer
+from . import (
+    autochoose,
+    checkpoint,
+    data,
+    ensembles,
+    evaluate,
+    outputs,
+    report,
+    resume,
+    strategies,
+    trainer,
+)
 from .config import Preempted, TrainConfig, UserError, to_dict
 from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... live there)
     EXTRA_KEYS,
@@ -336,7 +347,7 @@ def print_ensemble(info: dict) -> None:
         )
     t = info["metrics"]["test"]
     print(
-        f"   {info['method']}{tta_label(info.get('tta', 'none'))} ensemble: test top-1 {t['top1']:.2%}, top-5 {t['top5']:.2%}, "
+        f"   {info['method']}{tta_label(info.get('tta', 'none'))} ensemble: test top-1 {t['top1']:.2%}, {evaluate.top5_text(t, 'top-5 {:.2%}, ')}"
         f"NLL {t['loss']:.4f}, ECE {t['ece']:.3f} "
         f"({100 * info['gain_over_best_member']:+.2f} points over the best member, "
         f"{100 * info['gain_over_mean_member']:+.2f} over the mean member; oracle "

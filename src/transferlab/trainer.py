@@ -146,7 +146,7 @@ def fit(
                 f"probe's head (epoch 0); a lower --lr (now {cfg.lr}) may let it", note=True)  # fmt: skip
         meta = runfolder.write(out, loop, progress, time.time() - t_start, features=features)
         m = meta["metrics"]
-        test = f"test {m['test']['top1']:.2%} (top-5 {m['test']['top5']:.2%})  " if say_test else ""
+        test = f"test {m['test']['top1']:.2%}{evaluate.top5_text(m['test'], ' (top-5 {:.2%})')}  " if say_test else ""  # fmt: skip
         kept = f"l2 {progress.probe['l2']:g}" if cfg.strategy == "linear-probe" else f"best epoch {progress.best['epoch']}"  # fmt: skip
         log(f"[{out.name}] {kept}: val {m['val']['top1']:.2%}  {test}-> {out}")  # fmt: skip
         d.barrier()
