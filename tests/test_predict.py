@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from transferlab import checkpoint, combiners, ensembles, evaluate, predict
 from transferlab.cli import main
@@ -57,9 +58,14 @@ def test_predict_a_run_on_a_folder_skips_unreadable_files(trained_run, images, c
     (images / "sub" / "loop").unlink()
     (images / "more").unlink()
     (images / "gone.jpg").unlink()
-    twice = [str(images / "sub" / "alpha.png"), str(images / "sub"), f"{images}/sub/../sub/alpha.png"]  # fmt: skip
-    assert predict.image_files(twice) == [twice[0], str(images / "sub" / "gray.jpg")]  # rows
-    assert "note: 2 image(s) given more than once are predicted once" in capsys.readouterr().err  # fmt: skip
+    (images / "link.png").symlink_to(images / "sub" / "alpha.png")  # the same file, linked
+    twice = [str(images / "sub" / "alpha.png"), str(images / "sub"), f"{images}/sub/../sub/alpha.png", str(images / "link.png")]  # fmt: skip
+    pil = Image.open(twice[0])  # given as files one at a time: each was kept (pass 37, F4)
+    assert predict.items([*twice, pil, pil]) == [twice[0], str(images / "sub" / "gray.jpg"), pil, pil]  # fmt: skip
+    assert "note: 3 image(s) given more than once are predicted once" in capsys.readouterr().err  # fmt: skip
+    once, _ = predict.predict(trained_run, twice, quiet=True)
+    assert [r["path"] for r in once] == [twice[0], str(images / "sub" / "gray.jpg")]
+    (images / "link.png").unlink()
     classes = checkpoint.read_meta(trained_run)["classes"]
     for row in rows:
         probs = [p["prob"] for p in row["predictions"]]

@@ -53,13 +53,7 @@ def image_files(inputs: list[str]) -> list[str]:
         else:
             what = "not a regular file or folder" if p.exists() else "no such file or folder"
             raise UserError(f"{what}: {item}")
-    first: dict[str, str] = {}
-    for f in files:
-        first.setdefault(os.path.abspath(f), f)
-    once = list(first.values())
-    if len(once) < len(files):  # (a file and its folder, or one file twice: rows repeated)
-        print(f"note: {len(files) - len(once)} image(s) given more than once are predicted once", file=sys.stderr)  # fmt: skip
-    return once
+    return files
 
 
 def _under(top: Path) -> list[Path]:
@@ -109,7 +103,16 @@ def items(inputs: list) -> list:
             out += [_pil(a) for a in arr] if batch else [_pil(arr)]
     if not out:
         raise UserError("nothing to predict: give image files, folders, PIL images or arrays")
-    return out
+    seen: set[str] = set()  # a file named twice, or named and inside a named folder: once
+    once = [x for x in out if not isinstance(x, str) or not (_key(x) in seen or seen.add(_key(x)))]  # fmt: skip
+    if len(once) < len(out):  # (its rows were repeated in the table, CSV and JSON)
+        print(f"note: {len(out) - len(once)} image(s) given more than once are predicted once", file=sys.stderr)  # fmt: skip
+    return once
+
+
+def _key(path: str) -> str:
+    """One file whatever it was called by: ./x.png, x.png, a link to it."""
+    return os.path.realpath(path)
 
 
 def as_uint8(x) -> np.ndarray:
