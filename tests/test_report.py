@@ -444,7 +444,7 @@ def test_a_run_whose_data_changed_since_it_was_scored_is_marked_in_report_md_and
     root = make_folder(tmp_path / "d", ["a", "b"], 6, subsets=("train", "val", "test"))
     trainer.fit(tiny_cfg(f"folder:{root}", epochs=1), tmp_path / "runs" / "r", quiet=True)
     shutil.copytree(tmp_path / "runs" / "r", tmp_path / "runs" / "r2")  # the same data: once
-    said = "its data's files changed since it was scored: evaluate it again"
+    said = "scored before its data's files changed (the old numbers: evaluate scores it on the files as they are)"
     assert said not in report.write(tmp_path / "runs")[1]
     shutil.copy(root / "test" / "a" / "0.png", root / "test" / "b" / "new.png")  # one more
     table = report.write(tmp_path / "runs")[1]

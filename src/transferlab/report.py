@@ -140,7 +140,7 @@ def _changed(meta: dict, now: dict) -> list[str]:
         except (UserError, OSError):  # gone, or unreadable: nothing to compare with
             now[key] = None
     changed = now.get(key) not in (None, meta.get("data_fingerprint"))
-    return ["its data's files changed since it was scored: evaluate it again"] * changed
+    return ["scored before its data's files changed (the old numbers: evaluate scores it on the files as they are)"] * changed  # fmt: skip
 
 
 def _run_row(path: Path, root: Path, meta: dict, now: dict | None = None) -> dict:
