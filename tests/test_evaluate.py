@@ -293,8 +293,18 @@ def test_a_score_survives_a_folder_it_cannot_write_and_never_replaces_the_run_s_
     mine = (run / "confusion-val.png").read_bytes()
     assert main(["evaluate", str(run), "--split", "val"]) == 0
     err = capsys.readouterr().err
-    assert "the confusion matrix was not written (confusion-val.png there is not a figure transferlab drew, and is kept" in err  # fmt: skip
+    assert "the confusion matrix was not written (confusion-val.png there is not a figure transferlab drew (or one drawn before it marked its figures), and is kept: delete it to have it drawn" in err  # fmt: skip
     assert (run / "confusion-val.png").read_bytes() == mine
+    import matplotlib.pyplot as plt  # pass 37: a plot of the user's, matplotlib's as ours are
+
+    plt.plot([1, 2]), plt.savefig(run / "confusion-val.png"), plt.close()
+    mine = (run / "confusion-val.png").read_bytes()
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    assert (run / "confusion-val.png").read_bytes() == mine and "not written" in capsys.readouterr().err  # fmt: skip
+    (run / "confusion-val.png").unlink()
+    (run / "confusion-val.png").symlink_to(tmp_path / "elsewhere.png")  # dangling: replaced
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    assert (run / "confusion-val.png").is_symlink() and "not written" in capsys.readouterr().err
     (run / "confusion-val.png").unlink()
     assert main(["evaluate", str(run), "--split", "val"]) == 0  # ours: drawn, and redrawn
     assert main(["evaluate", str(run), "--split", "val"]) == 0

@@ -271,8 +271,8 @@ def evaluate_path(
     figure = path / f"confusion{'' if split == 'test' else '-' + split}{other}.png"
     matrix = evaluate.confusion(logp.argmax(1), targets, len(names))
     try:
-        if figure.exists() and not outputs.owned(figure.name, figure):  # a user's photo: kept
-            raise OSError(f"{figure.name} there is not a figure transferlab drew, and is kept")
+        if os.path.lexists(figure) and (figure.is_symlink() or not plots.drawn_here(figure)):
+            raise OSError(f"{figure.name} there is not a figure transferlab drew (or one drawn before it marked its figures), and is kept: delete it to have it drawn")  # fmt: skip
         plots.confusion(
             matrix, names, figure, f"{path.name} on {spec} [{split}]: top-1 {result['top1']:.2%}"
         )

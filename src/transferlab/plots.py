@@ -120,8 +120,23 @@ def _draw(fig, target, dpi: int) -> None:
     _note_missing_glyphs(fig)
     with warnings.catch_warnings():  # one per missing glyph, figure and pass: noted above
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
-        fig.savefig(target, format="png", dpi=dpi)
+        fig.savefig(target, format="png", dpi=dpi, metadata={"Software": SOFTWARE})
     plt.close(fig)
+
+
+SOFTWARE = f"transferlab (matplotlib {matplotlib.__version__})"  # each figure's PNG says it
+
+
+def drawn_here(path: Path) -> bool:
+    """A figure transferlab drew (its PNG says so): one a user made with matplotlib under the
+    same name (confusion.png) says matplotlib alone, and is never drawn over."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return str(im.info.get("Software", "")).startswith("transferlab")
+    except (OSError, ValueError):
+        return False
 
 
 def save_image(image: np.ndarray, path: Path, title: str) -> None:
