@@ -453,3 +453,20 @@ def test_a_run_whose_data_changed_since_it_was_scored_is_marked_in_report_md_and
     assert [(r["model"], r["notes"]) for r in rows] == [("r", said), ("r2", said)]
     shutil.rmtree(root)  # gone: nothing to compare with, no mark (report.html says unreadable)
     assert said not in report.write(tmp_path / "runs")[1]
+
+
+def test_a_top_5_of_5_classes_or_fewer_is_shown_as_none_for_runs_scored_before_that_rule(
+    report_dir, tmp_path
+):
+    """Runs scored before top-5 was left out for 5 classes or fewer stored 100%, which
+    report.md and results.csv still showed (hostile pass 37, F1)."""
+    import json
+
+    old = shutil.copytree(report_dir / "tiny", tmp_path / "old")
+    meta = json.loads((old / "meta.json").read_text())
+    assert len(meta["classes"]) <= 5 and meta["metrics"]["test"]["top5"] is None
+    meta["metrics"]["test"]["top5"] = 1.0  # as it was recorded then
+    (old / "meta.json").write_text(json.dumps(meta))
+    report.write(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["test top-5"] for r in rows] == ["-"]

@@ -123,6 +123,12 @@ def per_class_markdown(row: dict) -> list[str]:
     return [*lines, "", f"Most confused (true → predicted): {pairs or 'none'}", ""]
 
 
+def _top5(scores: dict, record: dict) -> str:
+    """A top-5 score, "-" with 5 classes or fewer (runs scored before that rule stored 100%)."""
+    few = len(record.get("classes") or ()) in range(1, 6)
+    return _pct(None if few else scores.get("top5"))
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
@@ -168,7 +174,7 @@ def _run_row(path: Path, root: Path, meta: dict, now: dict | None = None) -> dic
         "train top-1": _pct(m.get("train", {}).get("top1")),
         "val top-1": _pct(m["val"]["top1"]) + _val_mark(meta),
         "test top-1": _pct(m["test"]["top1"]),
-        "test top-5": _pct(m["test"]["top5"]),
+        "test top-5": _top5(m["test"], meta),
         "epochs": str(meta["epochs_run"]),
         "seconds": f"{meta['seconds']:.0f}",
         "_curves": path / "curves.png",
@@ -201,7 +207,7 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
         "train top-1": "-",
         "val top-1": _pct(m["val"]["top1"]) + _val_mark(info),
         "test top-1": _pct(m["test"]["top1"]),
-        "test top-5": _pct(m["test"]["top5"]),
+        "test top-5": _top5(m["test"], info),
         "epochs": "-",
         "seconds": f"{info['seconds']:.0f}",
         "_curves": None,
