@@ -227,13 +227,20 @@ def test_package_weights_answer_to_the_timm_tag_they_are(offline_cache):
 def test_a_hub_or_local_name_that_names_nothing_is_said_so_not_blamed_on_the_cache(offline_cache, trained_run, tmp_path):  # fmt: skip
     """`--model hf-hub:` or `hf-hub:timm/` was "the weights in the Hugging Face cache do not
     load: delete its folder there"; `local-dir:RUN` "Config file not found" (pass 36, F9, F10)."""
-    for name in ("hf-hub:", "hf-hub:timm/", "hf-hub:a b/c", "hf-hub:x--y/z@main"):
+    for name in ("hf-hub:", "hf-hub:timm/", "hf-hub:a b/c", "hf-hub:x--y/z@main", "hf-hub:timm/r@"):
         with pytest.raises(UserError, match=f"^--model {re.escape(name)} names no Hugging Face repo: hf-hub:ORG/NAME"):  # fmt: skip
             weights.build(make_config({"model": name}), ["a"], 32, 3)
     with pytest.raises(UserError, match=f"is a transferlab run: start from it with --weights {trained_run} "):  # fmt: skip
         weights.build(make_config({"model": f"local-dir:{trained_run}"}), ["a"], 32, 3)
     with pytest.raises(UserError, match="nope is no folder of timm weights"):
         weights.build(make_config({"model": f"local-dir:{tmp_path / 'nope'}"}), ["a"], 32, 3)
+    (tmp_path / "cfg").mkdir()  # pass 37, F7: a recipe found these after the steps before it
+    (tmp_path / "cfg" / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="cfg holds a config.json but no weights file beside it"):
+        weights.check_model(make_config({"model": f"local-dir:{tmp_path / 'cfg'}"}))
+    (tmp_path / "cfg" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="its config.json is not JSON"):
+        weights.check_model(make_config({"model": f"local-dir:{tmp_path / 'cfg'}"}))
 
 
 @pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import os
 import socket
 import sys
@@ -77,8 +78,12 @@ def _check_hub_name(name: str) -> None:
     if kind == "hf-hub":
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+        repo, at, revision = rest.partition("@")
         try:
-            return validate_repo_id(rest.partition("@")[0])
+            validate_repo_id(repo)
+            if at and not revision.strip():
+                raise HFValidationError("nothing after @, where a revision goes")
+            return
         except HFValidationError as err:
             raise UserError(f"--model {name} names no Hugging Face repo: hf-hub:ORG/NAME, as hf-hub:timm/resnet18.a1_in1k ({err})") from None  # fmt: skip
     folder = Path(rest).expanduser()
@@ -86,6 +91,12 @@ def _check_hub_name(name: str) -> None:
         raise UserError(f"--model {name} is a transferlab run: start from it with --weights {rest} (its architecture comes with it), or finetune --from {rest}")  # fmt: skip
     if not (folder / "config.json").is_file():
         raise UserError(f"--model {name}: {rest or 'the path'} is no folder of timm weights (their config.json beside them, as `export --format hf` writes)")  # fmt: skip
+    if not any(p.suffix in (".safetensors", ".pth", ".bin") for p in folder.iterdir()):  # timm's
+        raise UserError(f"--model {name}: {rest} holds a config.json but no weights file beside it (model.safetensors, pytorch_model.bin, ...)")  # fmt: skip
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (ValueError, OSError) as err:
+        raise UserError(f"--model {name}: its config.json is not JSON ({err})") from None
 
 
 def resolve(cfg: TrainConfig) -> Source:
