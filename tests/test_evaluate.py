@@ -21,6 +21,7 @@ def test_metrics_known_answer():
     logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]))
     m = evaluate.metrics(logits, np.array([0, 1]))
     assert m["top1"] == 0.5 and m["top5"] is None and m["n"] == 2  # 3 classes: none (F11)
+    assert evaluate.points(-1e-9) == evaluate.points(0.0) == "+0.00" and evaluate.points(-0.0125) == "-1.25"  # fmt: skip
     assert evaluate.top5_text(m) == "" and evaluate.top5_text({"top5": 0.5}) == "top-5 50.00%"
     six = np.log(np.full((2, 6), 0.1) + np.eye(6)[[0, 5]])  # 6 classes: the 6th is out of 5
     assert evaluate.metrics(six, np.array([5, 0]))["top5"] == 0.5

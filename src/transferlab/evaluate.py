@@ -236,6 +236,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
+def points(share: float) -> str:
+    """A difference of shares as signed points: +1.25; +0.00 for none (it was -0.00)."""
+    return f"{round(100 * share, 2) + 0.0:+.2f}"
+
+
 def top5_text(m: dict, template: str = "top-5 {:.2%}") -> str:
     """`template` filled with the top-5 score, or "" where it has none (5 classes or fewer:
     every answer is among the top 5, a 100% that says nothing)."""

@@ -161,7 +161,7 @@ def _points(info: dict, key: str, unit: str = " points") -> str:
     """A share as points (+x.xx) or a percentage; '-' for folders written before it existed."""
     if key not in info:
         return "-"
-    return f"{100 * info[key]:.2f}%" if unit == "%" else f"{100 * info[key]:+.2f}{unit}"
+    return f"{100 * info[key]:.2f}%" if unit == "%" else evaluate.points(info[key]) + unit
 
 
 def _gain_chart(info: dict, name: str) -> str:

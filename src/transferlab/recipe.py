@@ -349,8 +349,8 @@ def print_ensemble(info: dict) -> None:
     print(
         f"   {info['method']}{tta_label(info.get('tta', 'none'))} ensemble: test top-1 {t['top1']:.2%}, {evaluate.top5_text(t, 'top-5 {:.2%}, ')}"
         f"NLL {t['loss']:.4f}, ECE {t['ece']:.3f} "
-        f"({100 * info['gain_over_best_member']:+.2f} points over the best member, "
-        f"{100 * info['gain_over_mean_member']:+.2f} over the mean member; oracle "
+        f"({evaluate.points(info['gain_over_best_member'])} points over the best member, "
+        f"{evaluate.points(info['gain_over_mean_member'])} over the mean member; oracle "
         f"{info['oracle_top1']:.2%}, disagreement {info['disagreement']:.1%}; "
         f"{info['splits']['combiner']})"
     )

@@ -367,11 +367,11 @@ def _write(root: Path) -> tuple[Path, str]:
         *(f"Left out: {md(why)}\n" for why in skipped),
     ]
     if best_single and best_ens:
-        gain = 100 * (best_ens["_test"] - best_single["_test"])
+        gain = evaluate.points(best_ens["_test"] - best_single["_test"])
         parts += [
             f"Best single model: **{md(best_single['model'])}** {best_single['test top-1']}; "
             f"best ensemble: **{md(best_ens['model'])}** {best_ens['test top-1']} "
-            f"({gain:+.2f} points).",
+            f"({gain} points).",
             "",
         ]
     best = max((r for r in rows if r["_classes"] and not r.get("_stale")), key=lambda r: r["_test"],
