@@ -248,8 +248,8 @@ def top5_text(m: dict, template: str = "top-5 {:.2%}") -> str:
 
 
 def metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
-    """top1, top5 (None with 5 classes or fewer: always 1), mean NLL loss, ECE, macro-F1, balanced accuracy and n, from
-    logits or log-probabilities."""
+    """top1, top5 (None with 5 classes or fewer: always 1), mean NLL loss, ECE, macro-F1,
+    balanced accuracy and n, from logits or log-probabilities."""
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
     n = len(targets)
