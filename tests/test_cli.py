@@ -114,6 +114,11 @@ def test_unknown_model_suggests_close_matches(capsys, tmp_path):
         ["train", "--data", f"folder:{tmp_path / 'nope'}", "--model", "DCNN", "--out", tmp_path / "r"],
         r"unknown model 'DCNN' \(did you mean dcnn",
     )  # fmt: skip
+    assert_one_line_error(  # pass 37, F10: its tag was dropped from the suggestion
+        capsys,
+        ["train", "--model", "TF_EFFICIENTNET_LITE0.IN1K", "--out", tmp_path / "r"],
+        r"unknown model 'TF_EFFICIENTNET_LITE0.IN1K' \(did you mean tf_efficientnet_lite0.in1k, ",
+    )
 
 
 def test_non_numeric_learning_rate(capsys, tmp_path):

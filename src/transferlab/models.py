@@ -404,6 +404,8 @@ def check_arch(name: str) -> None:
         return
     known = ["dcnn", *timm.list_models()]  # all lower case: ResNet50 and DCNN find theirs
     close = difflib.get_close_matches(arch.lower(), known, n=3, cutoff=0.6)
+    if tag and close[:1] == [arch.lower()] and name.lower() in timm.list_pretrained(name.lower()):
+        close[0] = name.lower()  # its tag kept (TF_...LITE0.IN1K: the tag was dropped)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise UserError(f"unknown model '{name}'{hint}; see `transferlab models` or use 'dcnn'")
 
