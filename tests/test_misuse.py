@@ -1027,6 +1027,10 @@ def test_a_fine_tune_of_a_run_retrained_outside_the_recipe_says_its_parent_chang
     trainer.fit(tiny_cfg("digits", limit=60, epochs=1, seed=7), parent, quiet=True, overwrite=True)
     with pytest.raises(UserError, match=f"ft is finished but was made from {parent} as it was before \\(other weights now\\)"):  # fmt: skip
         recipe.run(path, out, quiet=True)
+    arch = checkpoint.read_meta(out / "ft")["arch"]  # pass 37, F9: replaced by another model
+    trainer.fit(tiny_cfg("digits", limit=60, epochs=1, model="dcnn", input_size=16), parent, quiet=True, overwrite=True)  # fmt: skip
+    with pytest.raises(UserError, match=f"as it was before \\(other weights now, of dcnn where it is {arch}\\)"):  # fmt: skip
+        recipe.run(path, out, quiet=True)
 
 
 def test_a_recipe_reuses_a_fine_tune_or_soup_only_if_made_from_its_runs_as_they_are(

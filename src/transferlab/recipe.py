@@ -233,8 +233,11 @@ def _refuse_stale(run_dir: Path, was: list | None, runs: list) -> None:
     """`run_dir` was made from `runs` whose weights were `was` (None: not recorded)."""
     now = [checkpoint.read_meta(r).get("weights_sha256") for r in runs if checkpoint.is_run(r)]
     if was is not None and sorted(was) != sorted(now):
+        mine = checkpoint.read_meta(run_dir).get("arch")  # a parent replaced by another model: said
+        other = sorted({checkpoint.read_meta(r).get("arch") for r in runs if checkpoint.is_run(r)} - {mine})  # fmt: skip
+        what = f"other weights now, of {', '.join(map(str, other))} where it is {mine}" if other else "other weights now"  # fmt: skip
         raise UserError(f"{run_dir} is finished but was made from {', '.join(str(r) for r in runs)} as "
-                        f"it was before (other weights now); delete {run_dir} to make it anew, or choose another --out")  # fmt: skip
+                        f"it was before ({what}); delete {run_dir} to make it anew, or choose another --out")  # fmt: skip
 
 
 def _fit(cfg: TrainConfig, run_dir: Path, quiet: bool, parents: tuple | list = ()) -> None:
