@@ -353,3 +353,20 @@ def test_small_mistakes_and_warnings_read_as_one_line(tmp_path, capsys):
     assert warnings.formatwarning("skipping checkpoint", UserWarning, "x.py", 3) == (
         "warning: skipping checkpoint\n"
     )
+
+
+def test_in_a_log_file_the_line_after_a_progress_bar_starts_a_line_of_its_own(
+    folder_data, tmp_path
+):
+    # `transferlab train ... > log 2>&1`: a bar that erased itself with a carriage return left
+    # the next line of the run (stdout, the same file) on the bar's line
+    log = tmp_path / "log"
+    with open(log, "wb") as f:
+        subprocess.run([sys.executable, "-m", "transferlab", "train", "--data", f"folder:{folder_data}",
+                        "--model", "test_resnet", "--epochs", "2", "--batch-size", "16", "--input-size",
+                        "24", "--precision", "fp32", "--out", str(tmp_path / "run")],
+                       stdout=f, stderr=subprocess.STDOUT, check=True)  # fmt: skip
+    lines = log.read_bytes().decode().split("\n")  # (read_text makes each \r a \n)
+    assert any(line.startswith("[run] epoch   2 ") for line in lines), lines
+    for line in lines:  # a bar's line ends with its last state: "... 3/3 [00:00<00:00, ...]"
+        assert "\r" not in line or line.rstrip().endswith("]"), repr(line)

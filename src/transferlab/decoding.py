@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
 from . import outputs
+from .bars import bar
 from .config import UnreadableImages, UserError
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def _decode_files(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # threads share it
             done = pool.map(one, range(len(paths)))
-            errors = list(tqdm(done, desc, len(paths), leave=False, disable=not show, unit="img"))
+            errors = list(bar(done, desc, len(paths), disable=not show, unit="img"))
     finally:  # an interrupt stops at the images being decoded, not after all of them
         pool.shutdown(cancel_futures=True)
     bad_idx = [i for i, e in enumerate(errors) if e is not None]

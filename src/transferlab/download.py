@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 from torchvision import datasets as tvd
 from torchvision.datasets.utils import calculate_md5, extract_archive
-from tqdm.auto import tqdm
 
+from .bars import bar as progress_bar
 from .config import UserError
 
 STATE = ".transferlab-data.json"
@@ -336,8 +336,8 @@ def _receive(response, part: Path, have: int, quiet: bool) -> None:
     if have and response.status != 206:  # the server sent the whole file: start over
         have = 0
     size = int(response.headers.get("Content-Length") or 0)
-    bar = tqdm(total=have + size or None, initial=have, unit="B", unit_scale=True,
-               desc=part.name.removesuffix(".part"), disable=quiet, leave=False)  # fmt: skip
+    bar = progress_bar(total=have + size or None, initial=have, unit="B", unit_scale=True,
+                       desc=part.name.removesuffix(".part"), disable=quiet)  # fmt: skip
     try:
         with open(part, "ab" if have else "wb") as f, bar:
             while chunk := response.read(CHUNK):

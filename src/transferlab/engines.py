@@ -55,11 +55,11 @@ class Engine:
 
     def features(self, images: np.ndarray, desc: str, quiet: bool, check=lambda w: None):
         """Features (N, F) of a whole split, `check(desc)` before each batch (it raises to stop)."""
-        from tqdm.auto import tqdm
+        from .bars import bar
 
         out = []
         starts = range(0, len(images), self.batch)
-        for s in tqdm(starts, desc=desc, disable=quiet, leave=False, unit="batch"):
+        for s in bar(starts, desc=desc, disable=quiet, unit="batch"):
             check(desc)
             out.append(self.run(images[s : s + self.batch]))
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

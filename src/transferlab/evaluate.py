@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import batching, checkpoint, data, decoding, leaks, models
+from .bars import bar
 from .config import UnreadableImages, UserError
 from .folds import load_as_run
 
@@ -72,7 +72,7 @@ def predict(
     dev = device()
     out = []
     starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=desc, disable=quiet, leave=False, unit="batch"):
+    for start in bar(starts, desc=desc, disable=quiet, unit="batch"):
         x = torch.from_numpy(np.array(images[start : start + batch_size]))  # (B, H, W, C) uint8
         x = batching.normalize(x.to(dev, non_blocking=True), prep.mean, prep.std)
         y = sum(models.logits(model, v, precision, pre_logits) for v in views(x, tta))

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import batching, checkpoint, data, evaluate, models, plots, strategies
+from .bars import bar as progress_bar
 from .config import UserError
 
 
@@ -52,7 +52,7 @@ def range_test(
     for m in frozen:
         m.eval()
     lrs, losses, avg, best = [], [], 0.0, math.inf
-    bar = tqdm(total=steps, desc="lr-find", disable=quiet, leave=False, unit="step")
+    bar = progress_bar(total=steps, desc="lr-find", disable=quiet, unit="step")
     epoch = 0
     try:
         while len(lrs) < steps:

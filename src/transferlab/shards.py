@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from . import data, decoding, leaks, outputs
+from .bars import bar
 from .config import UnreadableImages, UserError
 from .folds import own_val
 
@@ -81,7 +81,7 @@ def write(
                 str(out / f"{name}-%06d.tar"), maxcount=shard_size, verbose=0
             ) as sink:
                 order = np.random.default_rng(data.SPLIT_SEED).permutation(keep[name])
-                for i in tqdm(order, f"shard {name}", disable=quiet, leave=False, unit="img"):
+                for i in bar(order, f"shard {name}", disable=quiet, unit="img"):
                     label = int(split.labels[i])
                     sink.write({"__key__": f"{i:08d}", **_sample(split, i), "cls": label})
             names = sorted(p.name for p in out.glob(f"{name}-*.tar"))

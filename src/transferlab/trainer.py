@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
-from tqdm.auto import tqdm
 
 from . import (
     batching,
@@ -39,6 +38,7 @@ from . import (
     strategies,
     weights,
 )
+from .bars import bar
 from .config import TrainConfig, UserError, to_dict
 from .resume import (
     Checkpoints,
@@ -270,17 +270,16 @@ def epoch_batches(loop: Loop, train_images, progress: Progress, quiet: bool):
     cfg, d, epoch = loop.cfg, loop.dist, progress.epoch
     batches = batching.loader(train_images, loop.labels["train"], cfg.batch_size, cfg.seed,
                               epoch, True, cfg.num_workers, progress.step, d.rank, d.world)  # fmt: skip
-    bar = tqdm(
+    shown = bar(
         batches,
         desc=f"epoch {epoch}/{cfg.epochs}",
         disable=quiet,
-        leave=False,
         unit="batch",
         initial=progress.step,
         total=progress.step + len(batches),
     )
     n, size = len(loop.labels["train"]), loop.prep.input_size
-    return bar, loop.augment.params(n, size, cfg.seed, epoch)
+    return shown, loop.augment.params(n, size, cfg.seed, epoch)
 
 
 def host_sync_every(dev: torch.device) -> int:
