@@ -211,6 +211,20 @@ def test_train_takes_overwrite_and_log_json_and_says_its_own_keywords(tmp_path):
     with pytest.raises(UserError, match="pass resume=True to continue it or overwrite=True to"):
         transferlab.finetune(run, tmp_path / "ft", epochs=1)
     transferlab.finetune(run, tmp_path / "ft", epochs=1, overwrite=True)
+    # hostile pass 38: overwrite="no" (a true string) emptied and rebuilt the folder there
+    ens = transferlab.ensemble([tmp_path / "r", tmp_path / "ft"], out=tmp_path / "e")
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    for call, word in (
+        (lambda v: transferlab.train(tmp_path / "r", overwrite=v, **kw), "overwrite"),
+        (lambda v: transferlab.train(tmp_path / "r", resume=v, **kw), "resume"),
+        (lambda v: transferlab.finetune(run, tmp_path / "ft", epochs=1, overwrite=v), "overwrite"),
+        (lambda v: transferlab.finetune(run, tmp_path / "ft", quiet=v), "quiet"),
+        (lambda v: transferlab.ensemble([run, tmp_path / "ft"], out=ens, overwrite=v), "overwrite"),
+        (lambda v: ens.predict(tmp_path / "r", quiet=v), "quiet"),
+    ):
+        with pytest.raises(UserError, match=f"^{word} is True or False, not 'no'$"):
+            call("no")
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_a_model_is_the_run_it_was_loaded_as_after_the_notebook_changes_folder(

@@ -59,6 +59,7 @@ class Model:
         if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool):  # (the CLI's is
             raise UserError(f"top_k must be a whole number, got {top_k!r}")  # parsed; np.int64 too)
         top_k = int(top_k)
+        _flags(quiet=quiet)
         inputs = list(images) if isinstance(images, (list, tuple)) else [images]
         with _api_words():  # ("--top-k must be at least 1")
             return predict.predict(self.path, inputs, top_k, tta, quiet)[0]
@@ -86,8 +87,7 @@ class Model:
         from . import shipping
         from .config import UserError
 
-        if not isinstance(overwrite, bool):  # ("no" was true: the file was replaced)
-            raise UserError(f"overwrite is True or False, not {overwrite!r}")
+        _flags(overwrite=overwrite)
         if not isinstance(format, str):
             raise UserError(f"format is one of onnx, torchscript, safetensors, hf, not {format!r}")
         if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral)):  # fmt: skip
@@ -126,6 +126,7 @@ def train(
 
     if not data:
         raise UserError("train() needs data=..., e.g. data='folder:photos' or data='digits'")
+    _flags(quiet=quiet, resume=resume, overwrite=overwrite)
     out = _path(out, "train() needs out=, the run folder to write")
     with _api_words():
         trainer.fit(make_config({**config, "data": data}), out, resume, overwrite, quiet, log_json)
@@ -141,6 +142,7 @@ def finetune(
     other classes gets a new head."""
     from . import strategies, trainer
 
+    _flags(quiet=quiet, resume=resume, overwrite=overwrite)
     run = _path(run, "finetune() starts from a finished run: its folder, or a Model")
     out = _path(out, "finetune() needs out=, the run folder to write")
     cfg = strategies.finetune_config(os.fspath(run), config)
@@ -157,6 +159,7 @@ def ensemble(
     (an existing ensemble there is replaced only with `overwrite`)."""
     from . import ensembles
 
+    _flags(quiet=quiet, overwrite=overwrite)
     out = _path(out, "ensemble() needs out=, the ensemble folder to write")
     with _api_words():
         ensembles.build(_runs(runs, "ensemble"), method, out, None, quiet, tta, overwrite)
@@ -188,6 +191,15 @@ def _api_words():
         if type(err) is not UserError or said == str(err):
             raise
         raise UserError(said) from None
+
+
+def _flags(**flags) -> None:
+    """Each a bool: overwrite="no" is true, and replaced the run there (hostile passes 36, 38)."""
+    from .config import UserError
+
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise UserError(f"{name} is True or False, not {value!r}")
 
 
 def _path(value, what: str) -> Path:
