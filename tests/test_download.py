@@ -250,6 +250,20 @@ def test_a_corrupt_archive_is_refused_in_one_line_and_not_kept(serve, tmp_path, 
     assert list(tmp_path.iterdir()) == []  # the folder as it was: nothing kept, nothing claimed
 
 
+def test_an_archive_put_in_downloads_by_hand_is_checked_before_it_is_extracted(
+    serve, tmp_path, capsys
+):
+    # hostile pass 38: a file already in DIR/downloads/ was extracted unchecked (a traceback)
+    server, _ = serve("cifar10")
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / download.STATE).write_text('{"name": "cifar10", "extracted": [], "spec": null}')
+    (tmp_path / "downloads" / "cifar-10-python.tar.gz").write_bytes(b"garbage")
+    assert main(["data", "get", "cifar10", "--to", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cifar-10-python.tar.gz is not the archive expected (MD5" in err  # fmt: skip
+    assert (tmp_path / "downloads" / "cifar-10-python.tar.gz").read_bytes() == b"garbage"
+
+
 def test_a_folder_holding_anything_else_is_refused_untouched(serve, tmp_path, capsys):
     server, _ = serve("cifar10")
     (tmp_path / "mine.txt").write_text("precious")

@@ -240,6 +240,8 @@ def get(name: str, to: str | Path, quiet: bool = False) -> str:
             if not file.exists():
                 fetch(res, file, quiet)
             if res.archive and res.filename not in state["extracted"]:
+                if (md5 := calculate_md5(file)) != res.md5:  # (put there by hand, or damaged)
+                    raise UserError(f"{file} is not the archive expected (MD5 {md5}, expected {res.md5}): move it away and run the same command again to download it")  # fmt: skip
                 extract_archive(file, root)
                 state["extracted"].append(res.filename)
                 _save(root, state)
