@@ -1,10 +1,12 @@
 """lrfind: the LR range test."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from transferlab import batching, models
+from transferlab import batching, models, strategies
 from transferlab.config import UserError, make_config
 
 
@@ -40,6 +42,10 @@ def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
     assert (tmp_path / "auto" / "lr_find.png").exists()
     history = (tmp_path / "auto" / "history.csv").read_text()
     assert meta["epochs_run"] == 1 and history
+    # hostile pass 38: a fine-tune of a --lr auto run started at 1e-3 / 10, not at a tenth of
+    # the LR its parent trained at
+    found = json.loads((tmp_path / "auto" / "lr_find.json").read_text())["suggested_lr"]
+    assert found != 1e-3 and strategies.finetune_config(tmp_path / "auto", {}).lr == found / 10
     with pytest.raises(Exception, match="number or auto"):
         make_config({"lr": "fast"})
 

@@ -25,8 +25,10 @@ cannot move either. One optimizer serves the whole plan: it holds the parameters
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import timm.models
 import torch
@@ -247,7 +249,7 @@ def finetune_config(run, overrides: dict) -> TrainConfig:
         TrainConfig(),
         **{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__},
     )
-    lr = (base.lr if base.lr != "auto" else 1e-3) / 10  # a tenth of the parent's
+    lr = (base.lr if base.lr != "auto" else _found_lr(run)) / 10  # a tenth of the parent's
     base = replace(base, weights=str(run), model=meta["arch"], lr=lr, limit=meta.get("limit"),
                    snapshots=TrainConfig.snapshots)  # (the parent's schedule, not asked) # fmt: skip
     if overrides.get("strategy", base.strategy) != "linear-probe":  # a probe's mirrored views
@@ -255,6 +257,15 @@ def finetune_config(run, overrides: dict) -> TrainConfig:
     elif given := [k for k in overrides if k.replace("-", "_") in PROBE_IGNORES]:  # (inherited)
         raise UserError(f"{run} is a linear probe, and a fine-tune keeps its strategy unless told: pass --strategy full (or lp-ft, head-first, ...) to train it with {given[0]}, or drop {given[0]}")  # fmt: skip
     return make_config(overrides, base)
+
+
+def _found_lr(run) -> float:
+    """The LR a `--lr auto` run trained at: its range test's, in lr_find.json (1e-3, where that
+    is gone or the run was a probe, which tests none)."""
+    try:
+        return float(json.loads((Path(run) / "lr_find.json").read_text())["suggested_lr"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1e-3
 
 
 def check_freeze(arch: str, freeze: str) -> None:
