@@ -370,3 +370,14 @@ def test_in_a_log_file_the_line_after_a_progress_bar_starts_a_line_of_its_own(
     assert any(line.startswith("[run] epoch   2 ") for line in lines), lines
     for line in lines:  # a bar's line ends with its last state: "... 3/3 [00:00<00:00, ...]"
         assert "\r" not in line or line.rstrip().endswith("]"), repr(line)
+
+
+def test_flipping_digits_is_noted_and_no_flip_is_quiet(capsys, tmp_path):
+    # hostile pass 38: `train`'s default data is digits, and its default --flip mirrored them
+    # without a word, while --help said flipping was "off for digits and text"
+    args = ["train", "--data", "digits", "--model", "dcnn", "--epochs", 1, "--input-size", 8,
+            "--limit", 60, "--quiet"]  # fmt: skip
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "a")
+    assert code == 0 and "are greyscale and 8 px, like digits or letters" in err, err
+    code, _, err = run_cli(capsys, *args, "--no-flip", "--out", tmp_path / "b")
+    assert code == 0 and "--flip" not in err, err

@@ -133,7 +133,7 @@ def candidates(ds: data.Dataset, gpu: bool) -> list[Candidate]:
             "crop": "rrc",
         }
         found.append(Candidate("lite2-260-full", "train", full, 0.80, full["model"]))
-    flip = not (ds.native_channels == 1 and ds.native_size <= 32)  # digits, text: no mirroring
+    flip = not ds.symbols  # digits, text: no mirroring
     for c in found:
         c.settings |= {} if flip else {"flip": False}
         if flip and c.kind == "probe":  # +0.7 points for twice the forward passes (models.logits)

@@ -142,7 +142,7 @@ class TrainConfig:
     schedule: str = opt("cosine", "cosine | plateau | constant")
     warmup_epochs: float = opt(0.0, "linear warm-up before the schedule (fraction of epochs allowed)")  # fmt: skip
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
-    flip: bool = opt(True, "random horizontal flip (off for digits and text)")
+    flip: bool = opt(True, "random horizontal flip (pass --no-flip for digits and text: a mirrored one reads as another)")  # fmt: skip
     crop: str = opt("pad", "pad (random crop with padding) | rrc (random-resized-crop) | none")
     crop_pad: int = opt(-1, "padding in pixels for crop=pad; -1: input_size // 8")
     patience: int = opt(0, "early stopping: epochs without val improvement (0: off)")

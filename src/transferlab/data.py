@@ -59,6 +59,11 @@ class Dataset:
     fingerprint: str = ""  # sha256 of every split's (relative path or pixels, label)
     notes: tuple[str, ...] = ()  # what loading skipped (folders, files), to be printed
 
+    @property
+    def symbols(self) -> bool:
+        """Greyscale and 32 px or less, like digits and letters: a mirror reads as another."""
+        return self.native_channels == 1 and self.native_size <= 32
+
 
 # ----------------------------------------------------------------------------- sources
 
