@@ -208,3 +208,70 @@ def test_ranks_decode_the_cache_together_each_its_half_byte_identical_to_one_pro
     assert [r["opened"] for r in launch("two", "again")] == [0, 0]  # found: nothing decoded
     own = launch("own-{rank}", "own")  # caches the ranks do not share (one per node)
     assert [(r["opened"], r["sum"]) for r in own] == [(len(split), int(one[0].sum()))] * 2
+
+
+@pytest.mark.slow
+def test_a_rank_killed_without_restarts_is_one_line_and_resumes_in_one_process(ddp_data, tmp_path):
+    """Hostile pass 38: the surviving rank printed gloo's traceback and not how to continue
+    (F7); a resume in another number of processes was taken without a word (F9)."""
+    args = [*train_args(ddp_data, tmp_path / "run"), "--model", "test_resnet"]  # (BatchNorm)
+    run = torchrun(*args, env={"TRANSFERLAB_FAULT": "kill:4@1"})
+    assert run.returncode != 0 and "[rank0]" not in run.stderr, run.stderr
+    said = [line for line in run.stderr.splitlines() if line.startswith("transferlab train: ")]
+    assert len(said) == 1 and said[0].endswith(f"{tmp_path / 'run' / 'state'}: rerun with --resume to continue"), said  # fmt: skip
+    assert "Connection" in said[0] or "stopped by SIGTERM" in said[0], said  # (torchrun's too)
+    assert run.stderr.count("normalises the BatchNorm layers over its share") == 1
+    assert main(["--quiet", *map(str, args), "--resume"]) == 0
+    notes = checkpoint.read_meta(tmp_path / "run")["notes"]
+    assert any(n.startswith("trained in 2 process(es) to step 4, then in 1") for n in notes)
+
+
+def test_what_a_job_of_several_processes_refuses_and_says(tmp_path, capsys, monkeypatch):
+    """Hostile pass 38: --batch-size 2 over 3 processes gave one rank an empty share, whose NaN
+    loss read "try a lower --lr" three times (F2); `auto` and `run` under torchrun said "in use
+    by another transferlab process", the other rank (F1)."""
+    from transferlab import distributed, models
+    from transferlab.config import EveryRank
+
+    said = []
+    for rank in (0, 2):
+        with pytest.raises(EveryRank, match="--batch-size 2 is the global batch, shared by the 3 processes"):  # fmt: skip
+            distributed.check(Dist(rank, 3), 2, models.create("test_resnet", 3, 3), said.append)
+    distributed.check(Dist(0, 2), 5, models.create("test_convnext", 3, 3), said.append)
+    assert said == []  # no BatchNorm: nothing to say
+    distributed.check(Dist(0, 2), 5, models.create("test_resnet", 3, 3), said.append)
+    assert said and "over its share of the batch (2-3 images), not over all 5" in said[0]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("1", 0), ("0", 1)):  # rank 0 says it, once
+        monkeypatch.setenv("RANK", rank)
+        out = tmp_path / f"auto{rank}"
+        assert main(["auto", "--data", "digits", "--budget", "1m", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == lines and not out.exists(), err
+    assert "auto runs in one process: run it without torchrun" in err
+
+
+def test_train_lr_auto_under_torchrun_runs_the_range_test_on_rank_0_only(
+    folder_data, tmp_path, monkeypatch
+):
+    """Hostile pass 38 (F8): every rank ran its own range test, wrote lr_find.json and trained
+    at the LR it found (on GPUs, maybe another one than rank 0's)."""
+    from dataclasses import dataclass
+
+    from transferlab import lrfind, trainer
+
+    from conftest import tiny_cfg
+
+    @dataclass(frozen=True)
+    class Rank1(Dist):
+        def broadcast(self, obj):
+            assert obj is None  # what rank 1 sends
+            return 0.0123  # rank 0's
+
+    monkeypatch.setattr(lrfind, "find_lr", lambda *a: pytest.fail("rank 1 ran the range test"))
+    monkeypatch.setattr(trainer.distributed, "wrap", lambda model, *a, **k: model)  # (no group)
+    cfg = tiny_cfg(f"folder:{folder_data}", lr="auto", epochs=1)
+    loop = trainer.setup(cfg, tmp_path / "r", lambda *a, **k: None, Rank1(1, 2))
+    loop.images, loop.labels = {"train": np.zeros((8, 24, 24, 3), np.uint8)}, {"train": np.zeros(8)}
+    trainer.start_training(loop, tmp_path / "r", False, lambda *a, **k: None, True)
+    assert loop.optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.0123)

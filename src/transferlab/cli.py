@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import cli_ship
 from .config import (
+    EveryRank,
     Preempted,
     Terminated,
     TrainConfig,
@@ -402,10 +403,13 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     # as a user reads it, not Python's source line
     try:
         _refuse_blank(sys.argv[1:] if argv is None else argv)
+        if os.environ.get("WORLD_SIZE", "1") != "1" and args.command not in ("train", "finetune"):
+            raise EveryRank(f"{args.command} runs in one process: run it without torchrun (train and finetune run under it{'; train --lr auto runs the range test itself' if args.command == 'lr-find' else ''})")  # fmt: skip
         with sigterm_stops(args.command != "serve"):  # (uvicorn stops serve by itself)
             (COMMANDS | cli_ship.COMMANDS)[args.command](args)
     except UserError as err:
-        print(f"transferlab {who}: error: {err}", file=sys.stderr)
+        if not isinstance(err, EveryRank) or os.environ.get("RANK", "0") == "0":
+            print(f"transferlab {who}: error: {err}", file=sys.stderr)
         return 2
     except Preempted as err:
         print(f"transferlab {who}: {err}", file=sys.stderr)
@@ -428,6 +432,10 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 143 if isinstance(err, Terminated) else 130
     except RuntimeError as err:  # pathlib's expanduser of ~name for a user this machine lacks
+        if os.environ.get("WORLD_SIZE", "1") != "1" and re.search(r"^Dist|/gloo/|NCCL", f"{type(err).__name__} {err}"):  # fmt: skip
+            said = re.sub(r"^\[[^\]]*\] ", "", str(err).strip().splitlines()[0]).split(". ")[0]  # fmt: skip
+            print(f"transferlab {who}: error: another process of this torchrun job stopped ({said}){going_on(args.command, getattr(args, 'out', None))}", file=sys.stderr)  # fmt: skip
+            return 1
         if "home directory" not in str(err):
             raise
         print(f"transferlab {who}: error: a path begins with ~NAME for a user this "

@@ -24,6 +24,10 @@ class UserError(Exception):
         super().__init__(one_line(str(message)))
 
 
+class EveryRank(UserError):
+    """A refusal each process of a torchrun job reaches alike: rank 0 says it, once."""
+
+
 class UnreadableImages(UserError):
     """Images that cannot be decoded (`bad`: one line each, naming the file and why; `fix`:
     what mends them)."""

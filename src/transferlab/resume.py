@@ -214,6 +214,7 @@ def training_state(loop: Loop, progress: Progress) -> dict:
         "rng": torch.get_rng_state(),
         "progress": progress.to_state(),
         "config": to_dict(loop.cfg),
+        "processes": loop.dist.world,
     }
 
 
@@ -232,6 +233,10 @@ def restore(out: Path, loop: Loop, log) -> Progress | None:
     torch.set_rng_state(state["rng"])
     p = Progress.from_state(state["progress"])
     log(f"[{out.name}] resumed from {path.name}: epoch {p.epoch}, step {p.step}")
+    if state.get("processes", loop.dist.world) != loop.dist.world:  # (BatchNorm: shares differ)
+        loop.notes.append(f"trained in {state['processes']} process(es) to step {p.global_step}, then in {loop.dist.world}")  # fmt: skip
+        log(f"[{out.name}] note: it {loop.notes[-1]}: any BatchNorm layers normalised other shares of each batch before, so it may equal neither", note=True)  # fmt: skip
+
     return p
 
 

@@ -239,6 +239,8 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
         raise UserError(f"crop_pad ({pad}) must be smaller than the input size ({prep.input_size})")
     augment = batching.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip)
     stages = strategies.plan(cfg, model)  # refuses a --freeze the model cannot take
+    if not all(s.probe for s in stages):  # (a probe's feature passes shard any split)
+        distributed.check(d, cfg.batch_size, model, lambda m: log(f"[{out.name}] {m}", note=True))
     if cfg.flip and ds.symbols and not all(s.probe for s in stages):  # (`train`'s default data)
         log(f"[{out.name}] note: --flip mirrors training images at random, and the images of {ds.spec} are greyscale and {ds.native_size} px, like digits or letters, which a mirror turns into others (or none): pass --no-flip", note=True)  # fmt: skip
     return Loop(cfg, d, model, built.arch, prep, precision, augment, stages, ds, source=source,
@@ -252,7 +254,7 @@ def start_training(loop: Loop, out: Path, resuming: bool, log, quiet: bool) -> N
     loop.frozen = strategies.enter(model, widest)
     log(f"[{out.name}] strategy {cfg.strategy}: {len(loop.stages)} stage(s)")
     if cfg.lr == "auto" and not all(s.probe for s in loop.stages) and not resuming:
-        lr = lrfind.find_lr(loop, out, quiet)
+        lr = loop.dist.broadcast(lrfind.find_lr(loop, out, quiet) if loop.dist.main else None)
         log(f"[{out.name}] lr-find: suggested lr {lr:.3g} (plot: {out / 'lr_find.png'})")
     else:  # a resumed run's optimizer state carries its learning rates
         lr = cfg.lr if cfg.lr != "auto" else 1e-3
