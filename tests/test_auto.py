@@ -933,6 +933,36 @@ def test_a_recipe_s_auto_step_out_of_budget_says_how_a_recipe_gives_it_more(tmp_
     assert "--resume" not in str(said.value) and "--budget" not in str(said.value)
 
 
+def test_a_recipe_s_finished_study_given_more_by_set_once_is_skipped_after(
+    tmp_path, monkeypatch, capsys
+):
+    """Hostile pass 38 (F12): after `--set steps.N.budget=2m` (the advice above) finished the
+    study, the recipe run again as written was refused: "has spent ... more than --budget
+    1m00s: resume it with a larger budget" (the auto command's words)."""
+    from transferlab import outputs, recipe
+
+    def finished(data, budget, study, **kw):  # a study that spent 100 s of its 2 minutes
+        outputs.claim(study, "auto", outputs.check_out(study, "auto", resume=False))
+        auto.save_state(study, {"data": "digits", "folds": 5, "seed": 0, "budget": 120.0}, [], 100.0)  # fmt: skip
+        (study / "best").mkdir()
+        (study / "best" / "ensemble.json").write_text("{}")
+        (study / "report.md").write_text("# study\n")
+
+    book = tmp_path / "r.yaml"
+    book.write_text("data: digits\nsteps:\n  - auto: study\n    budget: 2m\n")
+    monkeypatch.setattr(auto, "run", finished)
+    recipe.run(book, tmp_path / "out", quiet=True)
+    book.write_text("data: digits\nsteps:\n  - auto: study\n    budget: 1m\n")
+    monkeypatch.setattr(auto, "run", lambda *a, **k: pytest.fail("the finished study ran again"))
+    recipe.run(book, tmp_path / "out", quiet=True)
+    said = "out/study is complete: skipped (it spent 1m40s, more than the 1m the step gives it now"
+    assert said in capsys.readouterr().out
+    monkeypatch.undo()  # a study not finished (no report yet) is refused, in a recipe's words
+    (tmp_path / "out" / "study" / "report.md").unlink()
+    with pytest.raises(UserError, match=r"has spent 1m40s already, more than --budget 1m00s: give step 1 a larger budget \(--set steps.0.budget=...\)"):  # fmt: skip
+        recipe.run(book, tmp_path / "out", quiet=True)
+
+
 def test_a_chosen_candidate_keeps_why_it_ran_as_it_did_and_a_resume_s_choice_its_own():
     """A member cut to 5 of its 10 epochs read "in best (weight 0.20)" alone: two studies' CV
     of one candidate differed with nothing saying why; a resume kept the earlier choice's words."""

@@ -185,7 +185,7 @@ def load_state(
     if spent > settings["budget"]:
         raise UserError(
             f"{out} has spent {clock(spent)} already, more than --budget {clock(settings['budget'])}"
-            ": resume it with a larger budget"
+            f": {autochoose.LARGER} to resume it"
         )
     was, now = state["settings"].get("content"), settings.get("content")
     if was and now and was not in (now, was_spelled):  # none before the check: not compared

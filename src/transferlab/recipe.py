@@ -371,8 +371,27 @@ def _auto(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
 
     data, seed = _auto_data_seed(recipe, keys)
     study = out / name
+    if spent := _finished_over(study, keys["budget"]):
+        print(f"   {study} is complete: skipped (it spent {auto.clock(spent)}, more than the {keys['budget']} the step gives it now; a larger budget continues it)")  # fmt: skip
+        return
     auto.run(data, keys["budget"], study, resume=(study / auto.STATE).is_file(), seed=seed,
              quiet=quiet, cache_dir=keys.get("cache_dir"), log=lambda *a: print(*a, flush=True))  # fmt: skip
+
+
+def _finished_over(study: Path, budget) -> float | None:
+    """A finished study (best/ and its report made) that spent more than `budget`: a recipe
+    run again after `--set steps.N.budget=` raised it skips it, as a finished run (it was
+    refused: "has spent ... more than --budget"). Returns the seconds it spent, else None."""
+    from . import auto, ensembles
+
+    try:
+        spent = float(json.loads((study / auto.STATE).read_text())["spent"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    seconds = auto.parse_budget(budget) if isinstance(budget, str) else float(budget)
+    best, made = study / "best", (study / "report.md").is_file()
+    done = made and (checkpoint.is_run(best) or ensembles.is_ensemble(best))
+    return spent if spent > seconds and done else None
 
 
 STEPS = {
