@@ -237,6 +237,8 @@ def test_what_a_job_of_several_processes_refuses_and_says(tmp_path, capsys, monk
     for rank in (0, 2):
         with pytest.raises(EveryRank, match="--batch-size 2 is the global batch, shared by the 3 processes"):  # fmt: skip
             distributed.check(Dist(rank, 3), 2, models.create("test_resnet", 3, 3), said.append)
+    with pytest.raises(EveryRank, match="at least two images of it, .* \\(--batch-size 4 or more\\)"):  # fmt: skip
+        distributed.check(Dist(0, 2), 3, models.create("test_resnet", 3, 3), said.append)
     distributed.check(Dist(0, 2), 5, models.create("test_convnext", 3, 3), said.append)
     assert said == []  # no BatchNorm: nothing to say
     distributed.check(Dist(0, 2), 5, models.create("test_resnet", 3, 3), said.append)

@@ -86,8 +86,9 @@ class EpochSampler(torch.utils.data.Sampler):
     """Yields batches of indices whose order is a pure function of (seed, epoch).
 
     `start` skips the first batches (mid-epoch resume). A last batch of one sample is merged
-    into the previous batch, since BatchNorm cannot train on a single sample. Under
-    DistributedDataParallel, rank r of `world` takes the r-th stride of every global batch.
+    into the previous batch, since BatchNorm cannot train on a single sample (under
+    DistributedDataParallel, one of fewer than 2 x `world`: rank r of `world` takes the r-th
+    stride of every global batch).
     `groups` (each sample's WebDataset shard): the shards in a shuffled order, each shard's
     samples shuffled within it, so that reads stay in one shard at a time.
     """
@@ -122,7 +123,7 @@ class EpochSampler(torch.utils.data.Sampler):
                         for i in torch.randperm(len(parts), generator=g).tolist()]  # fmt: skip
             order = torch.cat(shuffled)
         out = list(order.split(self.batch_size))
-        if self.shuffle and len(out) > 1 and len(out[-1]) <= self.world:
+        if self.shuffle and len(out) > 1 and len(out[-1]) < 2 * self.world:
             out[-2] = torch.cat(out[-2:])
             out.pop()
         return out

@@ -129,15 +129,16 @@ def _leave() -> None:
 
 
 def check(d: Dist, batch_size: int, model: torch.nn.Module, say) -> None:
-    """What a job of several processes asks of a run that trains: each process at least one
-    image of every global batch (`--batch-size` 2 over 3 processes: an empty share, a NaN loss);
-    `say` what BatchNorm layers do (each process's share: no SyncBatchNorm on CPU)."""
+    """What a job of several processes asks of a run that trains: each process at least two
+    images of every global batch, as one process has (`--batch-size` 2 over 3 processes: an
+    empty share, a NaN loss); `say` what BatchNorm layers do (each process's share: no
+    SyncBatchNorm on CPU)."""
     if d.world == 1:
         return
-    if batch_size < d.world:
+    if batch_size < 2 * d.world:
         from .config import EveryRank
 
-        raise EveryRank(f"--batch-size {batch_size} is the global batch, shared by the {d.world} processes of this torchrun job: each needs at least one image of it (--batch-size {d.world} or more)")  # fmt: skip
+        raise EveryRank(f"--batch-size {batch_size} is the global batch, shared by the {d.world} processes of this torchrun job: each needs at least two images of it, as BatchNorm cannot train on one (--batch-size {2 * d.world} or more)")  # fmt: skip
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         say(f"note: each of the {d.world} processes normalises the BatchNorm layers over its share of the batch ({batch_size // d.world}-{-(-batch_size // d.world)} images), not over all {batch_size}: the run does not equal one process on the same batch")  # fmt: skip
 

@@ -261,7 +261,7 @@ def start_training(loop: Loop, out: Path, resuming: bool, log, quiet: bool) -> N
     loop.optimizer = strategies.make_optimizer(
         cfg, strategies.optimizer_groups(model, widest, lr), lr
     )
-    steps = len(batching.EpochSampler(len(loop.labels["train"]), cfg.batch_size, 0, 0, True))
+    steps = len(batching.EpochSampler(len(loop.labels["train"]), cfg.batch_size, 0, 0, True, world=loop.dist.world))  # fmt: skip
     loop.scheduler = strategies.make_scheduler(cfg, loop.optimizer, steps)
     loop.scaler = torch.amp.GradScaler(evaluate.device().type, enabled=loop.precision == "fp16")
     changing = len({s.trains for s in loop.stages if not s.probe}) > 1  # DDP: unused params
