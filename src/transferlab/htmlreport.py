@@ -231,7 +231,7 @@ def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
         parts = [f"<section><h2>{html.escape(r['model'])}</h2>"]
         if is_ens:
-            parts += [_gain_chart(info, r["model"]), _meta_table(_ensemble_meta(info))]
+            parts += [_gain_chart(info, r["_csv"]["model"]), _meta_table(_ensemble_meta(info))]  # fmt: skip
         else:
             parts += [_file_img(r["_curves"], "training curves"), _meta_table(_run_meta(info))]
         parts += [figures, _class_table(r.get("_classes") or {}), "</section>"]

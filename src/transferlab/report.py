@@ -64,7 +64,7 @@ def collect(root: Path, skipped: list[str] | None = None) -> list[dict]:
             info = ensembles.read(ens_path.parent)
         except UserError:  # a member is gone: its row says stale
             pass
-        rows.append(_ensemble_row(ens_path.parent, root, info))
+        rows.append(_ensemble_row(ens_path.parent, root, info, now))
     for row in rows:
         row["_classes"] = class_scores(row["_path"], row["_names"])
         row["test macro-F1"] = _pct(row["_classes"].get("macro_f1"))
@@ -149,6 +149,16 @@ def _changed(meta: dict, now: dict) -> list[str]:
     return ["scored before its data's files changed (the old numbers: evaluate scores it on the files as they are)"] * changed  # fmt: skip
 
 
+def _members_changed(info: dict, now: dict) -> list[str]:
+    """An ensemble's mark when a member's data files changed since it was scored: its scores
+    are of the same old files (only its members' rows said so)."""
+    for member in info["members"]:
+        with contextlib.suppress(UserError):  # (a member gone: the row says stale already)
+            if changed := _changed(checkpoint.read_meta(Path(member["run"])), now):
+                return changed
+    return []
+
+
 def _run_row(path: Path, root: Path, meta: dict, now: dict | None = None) -> dict:
     m, src, prep = meta["metrics"], meta["source"], meta["preprocessing"]
     problem = checkpoint.weights_problem(path, meta)  # its numbers are of weights now gone
@@ -184,7 +194,7 @@ def _run_row(path: Path, root: Path, meta: dict, now: dict | None = None) -> dic
     }
 
 
-def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
+def _ensemble_row(path: Path, root: Path, info: dict, now: dict | None = None) -> dict:
     m = info["metrics"]
     names = ", ".join(_member(Path(x["run"])) for x in info["members"])
     try:
@@ -195,6 +205,7 @@ def _ensemble_row(path: Path, root: Path, info: dict) -> dict:
     if leaked(info.get("notes", [])) and not stale:  # (ensemble.json: counted when it was built)
         stale = "not a test score: its test images include ones a member trained on"
     marks = [stale] if stale else leaks.score_notes(info.get("notes", []))
+    marks += _members_changed(info, {} if now is None else now) if not stale else []
     return {
         "model": _name(path, root) + "".join(f" ({s})" for s in marks),
         "_csv": _csv_fields(_name(path, root), marks, m["val"]["top1"], info),
