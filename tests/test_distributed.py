@@ -1,5 +1,6 @@
 """DistributedDataParallel under torchrun: 2 gloo processes on loopback vs one process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def train_args(data_dir, out):
         "fp32",
         "--checkpoint-every",
         2,
+        "--log-json",
+        f"{out}.jsonl",
         "--out",
         out,
     ]
@@ -97,6 +100,11 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(clean_run
     assert two["metrics"]["val"]["loss"] == pytest.approx(one["metrics"]["val"]["loss"], abs=1e-5)
     assert two["metrics"]["val"]["n"] == 5 and two["metrics"]["test"]["n"] == 45
     assert max_diff(clean_runs / "one", clean_runs / "two") < 1e-5
+    steps = [  # the images each step trained on: the global batch (rank 0's half: pass 38, F13)
+        [r["indices"] for r in map(json.loads, (clean_runs / f"{d}.jsonl").open()) if r["event"] == "step"]
+        for d in ("one", "two")
+    ]  # fmt: skip
+    assert steps[0] == steps[1] and len(steps[0]) == 6 and len(steps[0][0]) == 16
     # only rank 0 wrote: one set of files, no stray temp files
     assert sorted(p.name for p in (clean_runs / "two").iterdir()) == sorted(
         p.name for p in (clean_runs / "one").iterdir()
@@ -180,8 +188,6 @@ Path(sys.argv[3], f"rank{d.rank}.json").write_text(json.dumps(report))
 
 
 def test_ranks_decode_the_cache_together_each_its_half_byte_identical_to_one_process(tmp_path):
-    import json
-
     from transferlab import data, decoding
 
     make_folder(tmp_path / "d", ["a", "b", "c"], 12)

@@ -65,6 +65,19 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
+    def global_batches(self, shares: list[list[int]]) -> list[list[int]]:
+        """Each step's global batch from every rank's share of it (EpochSampler: rank r holds
+        the r-th stride), for the record of the images a step trained on."""
+        if self.world == 1:
+            return shares
+        out = []
+        for parts in zip(*self.all_objects(shares), strict=True):
+            batch = [0] * sum(map(len, parts))
+            for r, part in enumerate(parts):
+                batch[r :: self.world] = part
+            out.append(batch)
+        return out
+
     def shard(self, n: int) -> np.ndarray:
         """This rank's indices of 0..n-1, padded (like DistributedSampler) to equal length."""
         idx = np.arange(n)

@@ -351,6 +351,7 @@ def read_steps(loop: Loop, pending: list, progress: Progress, bar, after_step) -
     stats, sizes, indices = zip(*pending, strict=True)
     local = torch.stack(stats).cpu().tolist()  # the host sync: (loss sum, correct) per step
     sums = loop.dist.all_sum([[ls, c, float(n)] for (ls, c), n in zip(local, sizes, strict=True)])
+    batches = loop.dist.global_batches([i.tolist() for i in indices])  # (each rank: its share)
     for j, step in enumerate(sums):
         loss_sum, seen = step[0], step[2]
         if not math.isfinite(loss_sum):
@@ -359,7 +360,7 @@ def read_steps(loop: Loop, pending: list, progress: Progress, bar, after_step) -
         progress.losses.append(loss_sum / seen)
         progress.step += 1
         progress.global_step += 1
-        after_step(indices[j].tolist(), boundary=j == len(pending) - 1)
+        after_step(batches[j], boundary=j == len(pending) - 1)
     pending.clear()
     total_loss, correct, seen = progress.totals
     bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.2%}")
