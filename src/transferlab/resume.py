@@ -236,7 +236,6 @@ def restore(out: Path, loop: Loop, log) -> Progress | None:
     if state.get("processes", loop.dist.world) != loop.dist.world:  # (BatchNorm: shares differ)
         loop.notes.append(f"trained in {state['processes']} process(es) to step {p.global_step}, then in {loop.dist.world}")  # fmt: skip
         log(f"[{out.name}] note: it {loop.notes[-1]}: any BatchNorm layers normalised other shares of each batch before, so it may equal neither", note=True)  # fmt: skip
-
     return p
 
 

@@ -239,9 +239,10 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
         raise UserError(f"crop_pad ({pad}) must be smaller than the input size ({prep.input_size})")
     augment = batching.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip)
     stages = strategies.plan(cfg, model)  # refuses a --freeze the model cannot take
-    if not all(s.probe for s in stages):  # (a probe's feature passes shard any split)
+    trains = not all(s.probe for s in stages)  # (a probe's feature passes shard any split)
+    if trains:
         distributed.check(d, cfg.batch_size, model, lambda m: log(f"[{out.name}] {m}", note=True))
-    if cfg.flip and ds.symbols and not all(s.probe for s in stages):  # (`train`'s default data)
+    if trains and cfg.flip and ds.symbols:  # (`train`'s default data)
         log(f"[{out.name}] note: --flip mirrors training images at random, and the images of {ds.spec} are greyscale and {ds.native_size} px, like digits or letters, which a mirror turns into others (or none): pass --no-flip", note=True)  # fmt: skip
     return Loop(cfg, d, model, built.arch, prep, precision, augment, stages, ds, source=source,
                 notes=notes)  # fmt: skip
