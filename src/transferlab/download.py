@@ -237,10 +237,10 @@ def get(name: str, to: str | Path, quiet: bool = False) -> str:
     try:
         for res in standard.resources:
             file = downloads / res.filename
-            if not file.exists():
-                fetch(res, file, quiet)
+            if fetched := not file.exists():
+                fetch(res, file, quiet)  # (MD5-checked)
             if res.archive and res.filename not in state["extracted"]:
-                if (md5 := calculate_md5(file)) != res.md5:  # (put there by hand, or damaged)
+                if not fetched and (md5 := calculate_md5(file)) != res.md5:  # (by hand, damaged)
                     raise UserError(f"{file} is not the archive expected (MD5 {md5}, expected {res.md5}): move it away and run the same command again to download it")  # fmt: skip
                 extract_archive(file, root)
                 state["extracted"].append(res.filename)
