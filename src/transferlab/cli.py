@@ -27,7 +27,7 @@ from .config import (
     parse_set,
     sigterm_stops,
 )
-from .stops import going_on
+from .stops import going_on, other_rank, peer_stopped, said_by_rank_0
 
 EXAMPLES = {
     "demo": "transferlab demo                       # ~10 min on 2 CPU cores, no download",
@@ -51,7 +51,7 @@ EXAMPLES = {
 }
 
 
-QUIET = "no progress bars or progress lines (notes on images left out still print, to stderr)"
+QUIET = "no progress bars or progress lines (notes, on images left out and on what a run does that you may not want, still print, to stderr)"  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -386,7 +386,8 @@ def console() -> int:
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """One command; `started`: when its wall clock began (None: now)."""
-    args = build_parser().parse_args(argv)
+    with said_by_rank_0():  # (the other processes of a torchrun job: the same usage, --help)
+        args = build_parser().parse_args(argv)
     for key, value in vars(args).items():  # `--out=~/x`, quoted '~/x': the shell left the ~
         if isinstance(value, str) and value.startswith("~"):
             setattr(args, key, os.path.expanduser(value))
@@ -408,11 +409,12 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         with sigterm_stops(args.command != "serve"):  # (uvicorn stops serve by itself)
             (COMMANDS | cli_ship.COMMANDS)[args.command](args)
     except UserError as err:
-        if not isinstance(err, EveryRank) or os.environ.get("RANK", "0") == "0":
+        if not isinstance(err, EveryRank) or not other_rank():
             print(f"transferlab {who}: error: {err}", file=sys.stderr)
         return 2
     except Preempted as err:
-        print(f"transferlab {who}: {err}", file=sys.stderr)
+        if not other_rank():  # (each process stopped alike: rank 0 says where its state is)
+            print(f"transferlab {who}: {err}", file=sys.stderr)
         return 143
     except BrokenPipeError:  # `| head` stopped reading: no error of the user's, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit)
@@ -428,13 +430,12 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C; Terminated: SIGTERM outside a training step
         said = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted"
-        print(f"transferlab {who}: {said}{going_on(args.command, getattr(args, 'out', None))}",
-              file=sys.stderr)  # fmt: skip
+        if not other_rank():  # (torchrun's SIGTERM, when another process failed)
+            print(f"transferlab {who}: {said}{going_on(args.command, getattr(args, 'out', None))}", file=sys.stderr)  # fmt: skip
         return 143 if isinstance(err, Terminated) else 130
     except RuntimeError as err:  # pathlib's expanduser of ~name for a user this machine lacks
-        if os.environ.get("WORLD_SIZE", "1") != "1" and re.search(r"^Dist|/gloo/|NCCL", f"{type(err).__name__} {err}"):  # fmt: skip
-            said = re.sub(r"^\[[^\]]*\] ", "", str(err).strip().splitlines()[0]).split(". ")[0]  # fmt: skip
-            print(f"transferlab {who}: error: another process of this torchrun job stopped ({said}){going_on(args.command, getattr(args, 'out', None))}", file=sys.stderr)  # fmt: skip
+        if said := peer_stopped(err):
+            print(f"transferlab {who}: error: {said}{going_on(args.command, getattr(args, 'out', None))}", file=sys.stderr)  # fmt: skip
             return 1
         if "home directory" not in str(err):
             raise

@@ -1,9 +1,14 @@
-"""What a stopped command says (Ctrl-C, SIGTERM): how to continue it. Torch-free, imported with
-the CLI: the words are ready when a signal lands while torch or matplotlib is still being
-imported (importing them then, in the handler, ended in a second traceback and exit 1)."""
+"""What a stopped command says (Ctrl-C, SIGTERM, a torchrun job's process gone): how to continue
+it. Torch-free, imported with the CLI: the words are ready when a signal lands while torch or
+matplotlib is still being imported (importing them then, in the handler, ended in a second
+traceback and exit 1)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import re
 from pathlib import Path
 
 RESUME = "rerun with --resume to continue"  # a stop's advice (a recipe says its own)
@@ -14,6 +19,32 @@ META = "meta.json"  # (checkpoint.META: a finished run's record)
 def has_checkpoint(out: Path) -> bool:
     """Whether the run folder `out` holds a training state to continue from (state/*.pt)."""
     return any((Path(out) / "state").glob("*.pt"))
+
+
+def other_rank() -> bool:
+    """A process of a torchrun job but rank 0: it leaves what each process says alike (argparse's
+    usage and --help, a refusal all reach, the SIGTERM that ends the job when one failed) to
+    rank 0 (it said "stopped by SIGTERM: rerun with --resume" under rank 0's refusal)."""
+    return os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
+
+
+def said_by_rank_0():
+    """stdout and stderr kept from the user in the other processes of a torchrun job."""
+    if not other_rank():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
+
+
+def peer_stopped(err: Exception) -> str | None:
+    """What a torchrun job's collective raised when another of its processes died (gloo's
+    "Connection reset by peer", NCCL's), in a line's words; None for any other error."""
+    if os.environ.get("WORLD_SIZE", "1") == "1" or not re.search(r"^Dist|/gloo/|NCCL", f"{type(err).__name__} {err}"):  # fmt: skip
+        return None
+    said = re.sub(r"^\[[^\]]*\] ", "", str(err).strip().splitlines()[0]).split(". ")[0]  # fmt: skip
+    return f"another process of this torchrun job stopped ({said})"
 
 
 def going_on(command: str, out: str | None) -> str:
