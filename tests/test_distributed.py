@@ -236,18 +236,20 @@ def test_what_a_job_of_several_processes_refuses_and_says(tmp_path, capsys, monk
     """Hostile pass 38: --batch-size 2 over 3 processes gave one rank an empty share, whose NaN
     loss read "try a lower --lr" three times (F2); `auto` and `run` under torchrun said "in use
     by another transferlab process", the other rank (F1)."""
-    from transferlab import distributed, models
-    from transferlab.config import EveryRank
+    from transferlab import cli, distributed, models
+    from transferlab.config import EveryRank, Terminated
 
     said = []
     for rank in (0, 2):
         with pytest.raises(EveryRank, match="--batch-size 2 is the global batch, shared by the 3 processes"):  # fmt: skip
-            distributed.check(Dist(rank, 3), 2, models.create("test_resnet", 3, 3), said.append)
+            distributed.check(Dist(rank, 3), 2, 99, models.create("test_resnet", 3, 3), said.append)
     with pytest.raises(EveryRank, match="at least two images of it, .* \\(--batch-size 4 or more\\)"):  # fmt: skip
-        distributed.check(Dist(0, 2), 3, models.create("test_resnet", 3, 3), said.append)
-    distributed.check(Dist(0, 2), 5, models.create("test_convnext", 3, 3), said.append)
+        distributed.check(Dist(0, 2), 3, 99, models.create("test_resnet", 3, 3), said.append)
+    with pytest.raises(EveryRank, match="the 3 training images cannot give each of the 2 processes of this torchrun job two of a batch, .* in 1 process"):  # fmt: skip
+        distributed.check(Dist(0, 2), 64, 3, models.create("test_resnet", 3, 3), said.append)
+    distributed.check(Dist(0, 2), 5, 99, models.create("test_convnext", 3, 3), said.append)
     assert said == []  # no BatchNorm: nothing to say
-    distributed.check(Dist(0, 2), 5, models.create("test_resnet", 3, 3), said.append)
+    distributed.check(Dist(0, 2), 5, 99, models.create("test_resnet", 3, 3), said.append)
     assert said and "over its share of the batch (2-3 images), not over all 5" in said[0]
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, lines in (("1", 0), ("0", 1)):  # rank 0 says it, once
@@ -257,6 +259,24 @@ def test_what_a_job_of_several_processes_refuses_and_says(tmp_path, capsys, monk
         err = capsys.readouterr().err
         assert len(err.splitlines()) == lines and not out.exists(), err
     assert "auto runs in one process: run it without torchrun" in err
+    # hostile pass 39: what every process says alike, the others said again: argparse's usage
+    # and --help, and, under rank 0's refusal, "stopped by SIGTERM: rerun with --resume" (the
+    # SIGTERM torchrun sends the others when one fails)
+    monkeypatch.setenv("RANK", "1")
+    for argv in (["train", "--epochz", "1"], ["train", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert capsys.readouterr() == ("", "")
+
+    def terminated(args):
+        raise Terminated
+
+    monkeypatch.setitem(cli.COMMANDS, "train", terminated)
+    assert main(["train", "--out", str(tmp_path / "t")]) == 143
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--out", str(tmp_path / "t")]) == 143
+    assert capsys.readouterr().err.startswith("transferlab train: stopped by SIGTERM")
 
 
 def test_train_lr_auto_under_torchrun_runs_the_range_test_on_rank_0_only(

@@ -141,13 +141,17 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
-def check(d: Dist, batch_size: int, model: torch.nn.Module, say) -> None:
+def check(d: Dist, batch_size: int, n: int, model: torch.nn.Module, say) -> None:
     """What a job of several processes asks of a run that trains: each process at least two
     images of every global batch, as one process has (`--batch-size` 2 over 3 processes: an
-    empty share, a NaN loss); `say` what BatchNorm layers do (each process's share: no
-    SyncBatchNorm on CPU)."""
+    empty share, a NaN loss), of `n` training images too; `say` what BatchNorm layers do
+    (each process's share: no SyncBatchNorm on CPU)."""
     if d.world == 1:
         return
+    if n < 2 * d.world:  # (one batch: no last batch to merge)
+        from .config import EveryRank
+
+        raise EveryRank(f"the {n} training images cannot give each of the {d.world} processes of this torchrun job two of a batch, as BatchNorm needs: run it in {max(1, n // 2)} process(es) or fewer")  # fmt: skip
     if batch_size < 2 * d.world:
         from .config import EveryRank
 

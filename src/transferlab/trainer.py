@@ -241,7 +241,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
     stages = strategies.plan(cfg, model)  # refuses a --freeze the model cannot take
     trains = not all(s.probe for s in stages)  # (a probe's feature passes shard any split)
     if trains:
-        distributed.check(d, cfg.batch_size, model, lambda m: log(f"[{out.name}] {m}", note=True))
+        distributed.check(d, cfg.batch_size, len(ds.splits["train"]), model, lambda m: log(f"[{out.name}] {m}", note=True))  # fmt: skip
     if trains and cfg.flip and ds.symbols:  # (`train`'s default data)
         log(f"[{out.name}] note: --flip mirrors training images at random, and the images of {ds.spec} are greyscale and {ds.native_size} px, like digits or letters, which a mirror turns into others (or none): pass --no-flip", note=True)  # fmt: skip
     return Loop(cfg, d, model, built.arch, prep, precision, augment, stages, ds, source=source,
