@@ -46,6 +46,13 @@ def test_lr_find_suggests_a_rate_leaves_the_model_untouched_and_drives_lr_auto(
     # the LR its parent trained at
     found = json.loads((tmp_path / "auto" / "lr_find.json").read_text())["suggested_lr"]
     assert found != 1e-3 and strategies.finetune_config(tmp_path / "auto", {}).lr == found / 10
+    # hostile pass 39: with lr_find.json gone or damaged it fell back to 1e-3 / 10 unsaid
+    for text in (None, "garbage{", '{"suggested_lr": -5}'):
+        lr_file = tmp_path / "auto" / "lr_find.json"
+        lr_file.unlink() if text is None else lr_file.write_text(text)
+        with pytest.raises(UserError, match=f"auto trained with --lr auto, and {lr_file}, which .* is missing or damaged: give the fine-tune an --lr"):  # fmt: skip
+            strategies.finetune_config(tmp_path / "auto", {})
+        assert strategies.finetune_config(tmp_path / "auto", {"lr": 0.02}).lr == 0.02
     with pytest.raises(Exception, match="number or auto"):
         make_config({"lr": "fast"})
 

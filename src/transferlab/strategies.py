@@ -249,7 +249,9 @@ def finetune_config(run, overrides: dict) -> TrainConfig:
         TrainConfig(),
         **{k: v for k, v in meta["config"].items() if k in TrainConfig.__dataclass_fields__},
     )
-    lr = (base.lr if base.lr != "auto" else _found_lr(run)) / 10  # a tenth of the parent's
+    if base.lr == "auto":  # the LR its range test found (not read where --lr replaces it)
+        base = replace(base, lr=1e-3 if "lr" in overrides else _found_lr(run))
+    lr = base.lr / 10  # a tenth of the parent's
     base = replace(base, weights=str(run), model=meta["arch"], lr=lr, limit=meta.get("limit"),
                    snapshots=TrainConfig.snapshots)  # (the parent's schedule, not asked) # fmt: skip
     if overrides.get("strategy", base.strategy) != "linear-probe":  # a probe's mirrored views
@@ -260,12 +262,16 @@ def finetune_config(run, overrides: dict) -> TrainConfig:
 
 
 def _found_lr(run) -> float:
-    """The LR a `--lr auto` run trained at: its range test's, in lr_find.json (1e-3, where that
-    is gone or the run was a probe, which tests none)."""
+    """The LR a `--lr auto` run trained at: its range test's, in its lr_find.json (when that was
+    gone or damaged, the fine-tune started at 1e-4 without a word)."""
+    path = Path(run) / "lr_find.json"
     try:
-        return float(json.loads((Path(run) / "lr_find.json").read_text())["suggested_lr"])
+        lr = float(json.loads(path.read_text())["suggested_lr"])
+        if math.isfinite(lr) and lr > 0:
+            return lr
     except (OSError, ValueError, KeyError, TypeError):
-        return 1e-3
+        pass
+    raise UserError(f"{run} trained with --lr auto, and {path}, which holds the LR its range test found, is missing or damaged: give the fine-tune an --lr")  # fmt: skip
 
 
 def check_freeze(arch: str, freeze: str) -> None:
