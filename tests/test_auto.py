@@ -957,8 +957,11 @@ def test_a_recipe_s_finished_study_given_more_by_set_once_is_skipped_after(
     recipe.run(book, tmp_path / "out", quiet=True)
     said = "out/study is complete: skipped (it spent 1m40s, more than the 1m the step gives it now"
     assert said in capsys.readouterr().out
-    monkeypatch.undo()  # a study not finished (no report yet) is refused, in a recipe's words
-    (tmp_path / "out" / "study" / "report.md").unlink()
+    (tmp_path / "out" / "study" / "report.md").unlink()  # deleted by its user: still finished
+    recipe.run(book, tmp_path / "out", quiet=True)  # (pass 39: refused, "give ... more budget")
+    assert said in capsys.readouterr().out
+    monkeypatch.undo()  # a study not finished (no best/ yet) is refused, in a recipe's words
+    shutil.rmtree(tmp_path / "out" / "study" / "best")
     with pytest.raises(UserError, match=r"has spent 1m40s already, more than --budget 1m00s: give step 1 a larger budget \(--set steps.0.budget=...\)"):  # fmt: skip
         recipe.run(book, tmp_path / "out", quiet=True)
 

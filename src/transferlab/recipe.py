@@ -379,7 +379,7 @@ def _auto(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> None:
 
 
 def _finished_over(study: Path, budget) -> float | None:
-    """A finished study (best/ and its report made) that spent more than `budget`: a recipe
+    """A finished study (its best/ made) that spent more than `budget`: a recipe
     run again after `--set steps.N.budget=` raised it skips it, as a finished run (it was
     refused: "has spent ... more than --budget"). Returns the seconds it spent, else None."""
     from . import auto, ensembles
@@ -389,8 +389,8 @@ def _finished_over(study: Path, budget) -> float | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     seconds = auto.parse_budget(budget) if isinstance(budget, str) else float(budget)
-    best, made = study / "best", (study / "report.md").is_file()
-    done = made and (checkpoint.is_run(best) or ensembles.is_ensemble(best))
+    best = study / "best"  # (written after every candidate, before the report)
+    done = checkpoint.is_run(best) or ensembles.is_ensemble(best)
     return spent if spent > seconds and done else None
 
 
