@@ -445,6 +445,8 @@ def test_a_run_whose_data_changed_since_it_was_scored_is_marked_in_report_md_and
     trainer.fit(tiny_cfg(f"folder:{root}", epochs=1), tmp_path / "runs" / "r", quiet=True)
     shutil.copytree(tmp_path / "runs" / "r", tmp_path / "runs" / "r2")  # the same data: once
     ensembles.build([tmp_path / "runs" / "r", tmp_path / "runs" / "r2"], "soft", tmp_path / "runs" / "e", quiet=True)  # fmt: skip
+    other = shutil.copytree(root, tmp_path / "other")  # an ensemble scored on other data (pass 39)
+    ensembles.build([tmp_path / "runs" / "r", tmp_path / "runs" / "r2"], "soft", tmp_path / "runs" / "o", f"folder:{other}", quiet=True)  # fmt: skip
     said = "scored before its data's files changed (the old numbers: evaluate scores it on the files as they are)"
     assert said not in report.write(tmp_path / "runs")[1]
     shutil.copy(root / "test" / "a" / "0.png", root / "test" / "b" / "new.png")  # one more
@@ -456,11 +458,14 @@ def test_a_run_whose_data_changed_since_it_was_scored_is_marked_in_report_md_and
     rows = list(csv.DictReader((tmp_path / "runs" / "results.csv").open()))
     assert sorted((r["model"], r["notes"]) for r in rows) == [
         ("e", said),
+        ("o", ""),  # scored on other data, as they were
         ("r", said),
         ("r2", said),
     ]
     shutil.rmtree(root)  # gone: nothing to compare with, no mark (report.html says unreadable)
     assert said not in report.write(tmp_path / "runs")[1]
+    shutil.copy(other / "test" / "a" / "0.png", other / "test" / "b" / "new.png")
+    assert f"| o ({said}) |" in report.write(tmp_path / "runs")[1]
 
 
 def test_a_top_5_of_5_classes_or_fewer_is_shown_as_none_for_runs_scored_before_that_rule(

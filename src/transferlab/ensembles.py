@@ -97,17 +97,16 @@ def build(
     out = Path(out)
     with outputs.lock(out):
         outputs.claim(out, "ensemble", outputs.check_out(out, "ensemble", overwrite=overwrite))
-        info = _write(out, method, runs, metas, spec, params, logp, targets, feats, tta, t0, how)
-        if notes or val_seen:  # recorded with the scores they qualify (report marks them)
-            info["notes"] = notes + val_seen
-            checkpoint.write_json(out / ENSEMBLE, info)
-        return info
+        kept = {"data_fingerprint": scored.fingerprint}  # (report: have its files changed since?)
+        kept |= {"notes": notes + val_seen} if notes or val_seen else {}  # (the scores they mark)
+        return _write(out, method, runs, metas, spec, params, logp, targets, feats, tta, t0, how, kept)  # fmt: skip
 
 
 def _write(
-    out: Path, method, runs, metas, spec, params, logp, targets, feats, tta, t0, how
+    out: Path, method, runs, metas, spec, params, logp, targets, feats, tta, t0, how, kept: dict
 ) -> dict:
-    """The ensemble folder: combiner.npz, logits/, ensemble.json (last: marks it complete)."""
+    """The ensemble folder: combiner.npz, logits/, ensemble.json (last: marks it complete),
+    with `kept` (the data's fingerprint, notes on its scores) too."""
     with checkpoint.atomic_path(out / PARAMS) as tmp, open(tmp, "wb") as f:
         np.savez(f, **params)
     results, members, combined = {}, [], {}
@@ -146,6 +145,7 @@ def _write(
         "metrics": results,
         **accounting(logp["test"], combined["test"], targets["test"]),
         "seconds": round(time.time() - t0, 2),
+        **kept,
     }
     checkpoint.write_json(out / ENSEMBLE, info)
     return info

@@ -133,29 +133,37 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def _changed(meta: dict, now: dict) -> list[str]:
+def _changed(meta: dict, now: dict, spec: str | None = None, then: str | None = None) -> list[str]:
     """The mark of a run whose data's files changed since it was scored, as evaluate and
     report.html say (report.md and results.csv did not); none when the data cannot be read.
-    `now`: the fingerprints found so far, by data and carving (runs on the same data: once)."""
+    `now`: the fingerprints found so far, by data and carving (runs on the same data: once).
+    `spec`, `then`: an ensemble's data, split as its first member (`meta`) splits them, and
+    the fingerprint it recorded."""
     from . import folds
 
-    key = (meta["data"], folds.carving(meta))
-    if meta.get("data_fingerprint") and key not in now:
+    then = meta.get("data_fingerprint") if spec is None else then
+    key = (spec or meta["data"], spec is not None, folds.carving_on(meta, spec))
+    if then and key not in now:
         try:
-            now[key] = folds.load_as_run(meta).fingerprint
+            now[key] = folds.load_as_run(meta, spec).fingerprint
         except (UserError, OSError):  # gone, or unreadable: nothing to compare with
             now[key] = None
-    changed = now.get(key) not in (None, meta.get("data_fingerprint"))
+    changed = now.get(key) not in (None, then)
     return ["scored before its data's files changed (the old numbers: evaluate scores it on the files as they are)"] * changed  # fmt: skip
 
 
-def _members_changed(info: dict, now: dict) -> list[str]:
-    """An ensemble's mark when a member's data files changed since it was scored: its scores
-    are of the same old files (only its members' rows said so)."""
-    for member in info["members"]:
-        with contextlib.suppress(UserError):  # (a member gone: the row says stale already)
-            if changed := _changed(checkpoint.read_meta(Path(member["run"])), now):
-                return changed
+def _ensemble_changed(info: dict, now: dict) -> list[str]:
+    """An ensemble's mark when the files it was scored on changed since (only its members'
+    rows said so); one built before it kept their fingerprint: when its first member's data,
+    the same, changed."""
+    from . import data
+
+    with contextlib.suppress(UserError):  # (a member gone: the row says stale already)
+        meta = checkpoint.read_meta(Path(info["members"][0]["run"]))
+        if "data_fingerprint" in info:
+            return _changed(meta, now, data.canonical(info["data"]), info["data_fingerprint"])
+        if data.canonical(info["data"]) == data.canonical(meta["data"]):
+            return _changed(meta, now)
     return []
 
 
@@ -205,7 +213,7 @@ def _ensemble_row(path: Path, root: Path, info: dict, now: dict | None = None) -
     if leaked(info.get("notes", [])) and not stale:  # (ensemble.json: counted when it was built)
         stale = "not a test score: its test images include ones a member trained on"
     marks = [stale] if stale else leaks.score_notes(info.get("notes", []))
-    marks += _members_changed(info, {} if now is None else now) if not stale else []
+    marks += _ensemble_changed(info, {} if now is None else now) if not stale else []
     return {
         "model": _name(path, root) + "".join(f" ({s})" for s in marks),
         "_csv": _csv_fields(_name(path, root), marks, m["val"]["top1"], info),
