@@ -236,20 +236,24 @@ def test_what_a_job_of_several_processes_refuses_and_says(tmp_path, capsys, monk
     """Hostile pass 38: --batch-size 2 over 3 processes gave one rank an empty share, whose NaN
     loss read "try a lower --lr" three times (F2); `auto` and `run` under torchrun said "in use
     by another transferlab process", the other rank (F1)."""
-    from transferlab import cli, distributed, models
+    from types import SimpleNamespace
+
+    from transferlab import cli, distributed, guards, models
     from transferlab.config import EveryRank, Terminated
 
-    said = []
     for rank in (0, 2):
         with pytest.raises(EveryRank, match="--batch-size 2 is the global batch, shared by the 3 processes"):  # fmt: skip
-            distributed.check(Dist(rank, 3), 2, 99, models.create("test_resnet", 3, 3), said.append)
+            distributed.check(Dist(rank, 3), 2, 99)
     with pytest.raises(EveryRank, match="at least two images of it, .* \\(--batch-size 4 or more\\)"):  # fmt: skip
-        distributed.check(Dist(0, 2), 3, 99, models.create("test_resnet", 3, 3), said.append)
+        distributed.check(Dist(0, 2), 3, 99)
     with pytest.raises(EveryRank, match="the 3 training images cannot give each of the 2 processes of this torchrun job two of a batch, .* in 1 process"):  # fmt: skip
-        distributed.check(Dist(0, 2), 64, 3, models.create("test_resnet", 3, 3), said.append)
-    distributed.check(Dist(0, 2), 5, 99, models.create("test_convnext", 3, 3), said.append)
-    assert said == []  # no BatchNorm: nothing to say
-    distributed.check(Dist(0, 2), 5, 99, models.create("test_resnet", 3, 3), said.append)
+        distributed.check(Dist(0, 2), 64, 3)
+    distributed.check(Dist(0, 2), 4, 4)
+    loop = SimpleNamespace(cfg=SimpleNamespace(flip=False, batch_size=5), dist=Dist(0, 2), stages=[SimpleNamespace(probe=False)], ds=None)  # fmt: skip
+    loop.model = models.create("test_convnext", 3, 3)
+    assert guards.advice(loop) == []  # no BatchNorm: nothing to say
+    loop.model = models.create("test_resnet", 3, 3)
+    said = guards.advice(loop)
     assert said and "over its share of the batch (2-3 images), not over all 5" in said[0]
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, lines in (("1", 0), ("0", 1)):  # rank 0 says it, once

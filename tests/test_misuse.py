@@ -485,6 +485,7 @@ def test_S31_an_option_that_would_have_no_effect_is_refused(capsys, tmp_path, ex
     )
     assert cli("--quiet", "train", "--data", "digits", "--model", "dcnn", "--stem", "default",
                "--epochs", "1", "--limit", "60", "--out", tmp_path / "ok") == 0  # a no-op default  # fmt: skip
+    capsys.readouterr()  # (its notes: --flip on digits)
     fail(capsys, "train", "--data", "digits", "--model", "dcnn", "--stem", "small",
          "--out", tmp_path / "r", pattern="stem has no effect here")  # fmt: skip
     fail(capsys, "lr-find", "--data", "digits", "--model", "dcnn", "--epochs", "50",
@@ -944,6 +945,7 @@ def test_a_cache_setting_that_names_no_folder_is_refused_and_off_is_any_case(
         )
     for i, word in enumerate(("OFF", "None", " off ")):
         assert main([*train, "--out", f"r{i}", "--cache-dir", word]) == 0
+    capsys.readouterr()  # (their notes: --flip on digits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "r0", "r1", "r2"]
     (tmp_path / "afile").write_text("mine")
     monkeypatch.setenv("TRANSFERLAB_CACHE", "afile")

@@ -141,11 +141,10 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
-def check(d: Dist, batch_size: int, n: int, model: torch.nn.Module, say) -> None:
+def check(d: Dist, batch_size: int, n: int) -> None:
     """What a job of several processes asks of a run that trains: each process at least two
     images of every global batch, as one process has (`--batch-size` 2 over 3 processes: an
-    empty share, a NaN loss), of `n` training images too; `say` what BatchNorm layers do
-    (each process's share: no SyncBatchNorm on CPU)."""
+    empty share, a NaN loss), of `n` training images too."""
     if d.world == 1:
         return
     if n < 2 * d.world:  # (one batch: no last batch to merge)
@@ -156,8 +155,6 @@ def check(d: Dist, batch_size: int, n: int, model: torch.nn.Module, say) -> None
         from .config import EveryRank
 
         raise EveryRank(f"--batch-size {batch_size} is the global batch, shared by the {d.world} processes of this torchrun job: each needs at least two images of it, as BatchNorm cannot train on one (--batch-size {2 * d.world} or more)")  # fmt: skip
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        say(f"note: each of the {d.world} processes normalises the BatchNorm layers over its share of the batch ({batch_size // d.world}-{-(-batch_size // d.world)} images), not over all {batch_size}: the run does not equal one process on the same batch")  # fmt: skip
 
 
 def wrap(model: torch.nn.Module, d: Dist, some_frozen: bool = False) -> torch.nn.Module:

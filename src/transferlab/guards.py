@@ -1,7 +1,7 @@
 """What surrounds a training run while it trains: its event log (JSON lines, TensorBoard),
 SIGTERM turned into a clean stop at a step boundary, out-of-memory turned into advice, a CPU
-kernel's bf16 trap avoided (fp32), and the fault-injection hook the reliability tests kill runs
-with."""
+kernel's bf16 trap avoided (fp32), advice on what it does that its user may not want, and the
+fault-injection hook the reliability tests kill runs with."""
 
 from __future__ import annotations
 
@@ -140,3 +140,16 @@ def cpu_bf16_checked(cfg, model, prep, precision: str, note) -> str:
         f"note: {why}; if the loss turns NaN, train with --precision fp32 or a larger --input-size"
     )
     return precision
+
+
+def advice(loop) -> list[str]:
+    """What a run about to train does that its user may not want: mirror digits (`train`'s
+    default data), normalise BatchNorm over each torchrun process's share of a batch."""
+    cfg, ds, d, said = loop.cfg, loop.ds, loop.dist, []
+    if all(s.probe for s in loop.stages):
+        return said
+    if cfg.flip and ds.symbols:
+        said.append(f"--flip mirrors training images at random, and the images of {ds.spec} are greyscale and {ds.native_size} px, like digits or letters, which a mirror turns into others (or none): pass --no-flip")  # fmt: skip
+    if d.world > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in loop.model.modules()):  # fmt: skip
+        said.append(f"each of the {d.world} processes normalises the BatchNorm layers over its share of the batch ({cfg.batch_size // d.world}-{-(-cfg.batch_size // d.world)} images), not over all {cfg.batch_size}: the run does not equal one process on the same batch")  # fmt: skip
+    return said

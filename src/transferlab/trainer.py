@@ -110,6 +110,8 @@ def fit(
     with claimed(out, resume, overwrite, mark, d):
         start_training(loop, out, resume and (out / "state").exists(), log, quiet)
         progress = (restore(out, loop, log) if resume else None) or Progress()
+        for note in guards.advice(loop):  # (after every refusal: an error stays one line)
+            log(f"[{out.name}] note: {note}", note=True)
         t_start, features = time.time() - progress.seconds, None
         train_images = on_device(loop.images["train"], cfg, out.name, log)
         with Checkpoints(out, loop, progress, log_json, t_start) as checkpoints:
@@ -239,11 +241,8 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
         raise UserError(f"crop_pad ({pad}) must be smaller than the input size ({prep.input_size})")
     augment = batching.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip)
     stages = strategies.plan(cfg, model)  # refuses a --freeze the model cannot take
-    trains = not all(s.probe for s in stages)  # (a probe's feature passes shard any split)
-    if trains:
-        distributed.check(d, cfg.batch_size, len(ds.splits["train"]), model, lambda m: log(f"[{out.name}] {m}", note=True))  # fmt: skip
-    if trains and cfg.flip and ds.symbols:  # (`train`'s default data)
-        log(f"[{out.name}] note: --flip mirrors training images at random, and the images of {ds.spec} are greyscale and {ds.native_size} px, like digits or letters, which a mirror turns into others (or none): pass --no-flip", note=True)  # fmt: skip
+    if not all(s.probe for s in stages):  # (a probe's feature passes shard any split)
+        distributed.check(d, cfg.batch_size, len(ds.splits["train"]))
     return Loop(cfg, d, model, built.arch, prep, precision, augment, stages, ds, source=source,
                 notes=notes)  # fmt: skip
 
