@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .config import EveryRank
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -148,12 +150,8 @@ def check(d: Dist, batch_size: int, n: int) -> None:
     if d.world == 1:
         return
     if n < 2 * d.world:  # (one batch: no last batch to merge)
-        from .config import EveryRank
-
         raise EveryRank(f"the {n} training images cannot give each of the {d.world} processes of this torchrun job two of a batch, as BatchNorm needs: run it in {max(1, n // 2)} process(es) or fewer")  # fmt: skip
     if batch_size < 2 * d.world:
-        from .config import EveryRank
-
         raise EveryRank(f"--batch-size {batch_size} is the global batch, shared by the {d.world} processes of this torchrun job: each needs at least two images of it, as BatchNorm cannot train on one (--batch-size {2 * d.world} or more)")  # fmt: skip
 
 
