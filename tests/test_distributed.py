@@ -232,6 +232,46 @@ def test_a_rank_killed_without_restarts_is_one_line_and_resumes_in_one_process(d
     assert any(n.startswith("trained in 2 process(es) to step 4, then in 1") for n in notes)
 
 
+@pytest.mark.slow
+def test_a_refusal_under_torchrun_is_one_line_whichever_process_reaches_it(ddp_data, tmp_path):
+    """Stop 53's low items: an unknown model was refused once per process; a refusal of rank
+    0 alone (an --out that holds a user's file) was followed by the other rank's "another
+    process of this torchrun job stopped"."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    for change, words in (
+        (["--model", "nosuchmodel"], "error: unknown model 'nosuchmodel'"),
+        (["--out", tmp_path / "mine"], "is not a transferlab run folder (it holds notes.txt)"),
+    ):
+        run = torchrun(*train_args(ddp_data, tmp_path / "run"), *change)
+        said = [line for line in run.stderr.splitlines() if line.startswith("transferlab train")]
+        assert run.returncode != 0 and len(said) == 1 and words in said[0], run.stderr
+    assert not (tmp_path / "run").exists()
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_refusal_one_process_reaches_is_said_by_rank_0_naming_that_process():
+    from dataclasses import dataclass
+
+    from transferlab.config import EveryRank, UserError
+
+    @dataclass(frozen=True)
+    class Gathered(Dist):  # rank 0 of 3, whose rank 2 refused
+        def all_objects(self, obj):
+            return [obj, None, "no such file: x.png"]
+
+    with pytest.raises(EveryRank, match="^process 2 of this torchrun job: no such file: x.png$"):
+        Gathered(0, 3).agreed(lambda: 7)
+    assert Dist().agreed(lambda: 7) == 7
+    with pytest.raises(UserError, match="^mine$") as raised:
+
+        def refuse():
+            raise UserError("mine")
+
+        Gathered(0, 3).agreed(refuse)
+    assert isinstance(raised.value, EveryRank)
+
+
 def test_what_a_job_of_several_processes_refuses_and_says(tmp_path, capsys, monkeypatch):
     """Hostile pass 38: --batch-size 2 over 3 processes gave one rank an empty share, whose NaN
     loss read "try a lower --lr" three times (F2); `auto` and `run` under torchrun said "in use

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import EveryRank
+from .config import EveryRank, UserError
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,20 @@ class Dist:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def agreed(self, step):
+        """`step()` in every process: a UserError any of them raised is raised in all, as
+        EveryRank, so that rank 0 says it once and no process waits for one that stopped."""
+        if self.world == 1:
+            return step()
+        try:
+            result, said = step(), None
+        except UserError as err:
+            result, said = None, str(err)
+        for rank, line in enumerate(self.all_objects(said)):
+            if line is not None:
+                raise EveryRank(line if rank == 0 else f"process {rank} of this torchrun job: {line}")  # fmt: skip
+        return result
 
     def all_objects(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""

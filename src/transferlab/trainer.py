@@ -99,9 +99,9 @@ def fit(
     quiet = quiet or not d.main
     log = logger(quiet) if d.main else lambda *a, note=False: None  # rank 0 says each note once
     cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
-    check_destination(cfg, out, resume, overwrite, log_json, d)  # before anything is loaded
+    d.agreed(lambda: check_destination(cfg, out, resume, overwrite, log_json, d))  # before anything is loaded  # fmt: skip
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
-    loop = setup(cfg, out, said, d, resume)  # data, model, weights, plan: validated, nothing written  # fmt: skip
+    loop = d.agreed(lambda: setup(cfg, out, said, d, resume))  # data, model, weights, plan: validated, nothing written  # fmt: skip
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (with
     # --overwrite it had emptied the old run first)
     loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
