@@ -224,7 +224,29 @@ def test_train_takes_overwrite_and_log_json_and_says_its_own_keywords(tmp_path):
     ):
         with pytest.raises(UserError, match=f"^{word} is True or False, not 'no'$"):
             call("no")
+    # hostile pass 40: bare TypeErrors (F2), and soup()'s "choose another --out" (F3)
+    for call, words in (
+        (
+            lambda: transferlab.train(tmp_path / "n", log_json=123, **kw),
+            "^log_json is a file to write, not 123$",
+        ),  # fmt: skip
+        (
+            lambda: transferlab.finetune(run, tmp_path / "n", log_json=1.5),
+            "^log_json is a file to write, not 1.5$",
+        ),  # fmt: skip
+        (
+            lambda: transferlab.Model(None),
+            "^Model\\(\\) takes the path of a run or ensemble folder, not None$",
+        ),  # fmt: skip
+        (
+            lambda: transferlab.soup([run, tmp_path / "ft"], out=tmp_path / "r"),
+            "choose another out$",
+        ),  # fmt: skip
+    ):
+        with pytest.raises(UserError, match=words):
+            call()
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "n").exists()
 
 
 def test_a_model_is_the_run_it_was_loaded_as_after_the_notebook_changes_folder(

@@ -56,8 +56,16 @@ def test_folder_errors_name_the_problem(tmp_path):
     (tmp_path / "e" / "a").mkdir(parents=True)
     with pytest.raises(UserError, match="no images"):
         data.load(f"folder:{tmp_path / 'e'}")
-    with pytest.raises(UserError, match="unknown dataset kind 'imagenet'"):
+    with pytest.raises(UserError, match="unknown dataset kind 'imagenet'.*synthetic\\)$"):
         data.load("imagenet:/x")
+    (tmp_path / "labels.CSV").write_text("path,label\n")  # hostile pass 40 (F3): a bare path
+    (tmp_path / "e" / "wnids.txt").write_text("n01\n")
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "dataset_dict.json").write_text("{}")
+    bare = ((tmp_path / "d", "folder"), (tmp_path / "labels.CSV", "csv"), (tmp_path / "e", "tiny-imagenet"), (tmp_path / "h", "hf"))  # fmt: skip
+    for spec, meant in bare:
+        with pytest.raises(UserError, match=f"known: .*\\): did you mean {meant}:{spec}\\?$"):
+            data.load(str(spec))
 
 
 def make_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=6):

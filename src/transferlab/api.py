@@ -27,7 +27,8 @@ class Model:
     path: Path
 
     def __post_init__(self):  # absolute: after os.chdir (a notebook's), "r" was another run
-        object.__setattr__(self, "path", Path(os.path.abspath(os.path.expanduser(self.path))))
+        path = _path(self.path, "Model() takes the path of a run or ensemble folder")
+        object.__setattr__(self, "path", Path(os.path.abspath(path)))
 
     @property
     def is_ensemble(self) -> bool:
@@ -128,6 +129,7 @@ def train(
         raise UserError("train() needs data=..., e.g. data='folder:photos' or data='digits'")
     _flags(quiet=quiet, resume=resume, overwrite=overwrite)
     out = _path(out, "train() needs out=, the run folder to write")
+    log_json = None if log_json is None else _path(log_json, "log_json is a file to write")
     with _api_words():
         trainer.fit(make_config({**config, "data": data}), out, resume, overwrite, quiet, log_json)
     return Model(Path(out))
@@ -145,6 +147,7 @@ def finetune(
     _flags(quiet=quiet, resume=resume, overwrite=overwrite)
     run = _path(run, "finetune() starts from a finished run: its folder, or a Model")
     out = _path(out, "finetune() needs out=, the run folder to write")
+    log_json = None if log_json is None else _path(log_json, "log_json is a file to write")
     cfg = strategies.finetune_config(os.fspath(run), config)
     with _api_words():
         trainer.fit(cfg, out, resume, overwrite, quiet, log_json)
@@ -171,7 +174,8 @@ def soup(runs: list, method: str = "greedy", out: str | Path = "runs/soup") -> M
     from . import soups
 
     out = _path(out, "soup() needs out=, the run folder to write")
-    soups.make(_runs(runs, "soup"), method, out, quiet=True)
+    with _api_words():  # ("choose another --out")
+        soups.make(_runs(runs, "soup"), method, out, quiet=True)
     return Model(Path(out))
 
 

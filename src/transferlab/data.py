@@ -107,11 +107,25 @@ def check_spec(spec: str, exists: bool = True) -> None:
     (`exists`: checked to exist too)."""
     kind, _, arg = str(spec).partition(":")
     if kind not in SOURCES:
-        raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)})")
+        meant = _kind_of(Path(str(spec)).expanduser())
+        hint = f": did you mean {meant}:{spec}?" if meant else ""
+        raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)}){hint}")  # fmt: skip
     if kind in PATH_KINDS and not arg:
         raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
     if exists and kind in PATH_KINDS and not Path(arg).expanduser().exists():
         raise UserError(f"dataset path does not exist: {arg}")
+
+
+def _kind_of(path: Path) -> str | None:
+    """The kind of spec a bare path given as --data reads as (None: not one)."""
+    if path.is_file():
+        return "csv" if path.suffix.lower() == ".csv" else None
+    if not path.is_dir():
+        return None
+    if (path / "wnids.txt").is_file():
+        return "tiny-imagenet"
+    saved = ("dataset_dict.json", "state.json")  # `datasets`' save_to_disk
+    return "hf" if any((path / name).is_file() for name in saved) else "folder"
 
 
 def load(spec: str, val_fraction: float = 0.1, limit: int | None = None, fold: str = "none", scoring: bool = False) -> Dataset:  # fmt: skip
