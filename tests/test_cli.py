@@ -1,4 +1,5 @@
 import json
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -293,12 +294,11 @@ def test_demo_recipe_runs_with_a_smoke_override(capsys, tmp_path):
 @pytest.mark.shared_data
 def test_tiny_imagenet_recipe_smoke_run(capsys, shared_data, tmp_path):
     """The reference's full Tiny ImageNet experiment, cut to 100 images per split and 1 epoch."""
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-imagenet.yaml"
     code, out, err = run_cli(
         capsys,
         "--quiet",
         "run",
-        recipe,
+        "tiny-imagenet",  # (by name: the one transferlab comes with)
         "--limit",
         100,
         "--set",
@@ -321,6 +321,31 @@ def test_every_shipped_recipe_is_valid(path):
     from transferlab import recipe
 
     recipe.validate(recipe.load(path))
+
+
+def test_the_recipes_transferlab_comes_with_run_by_name_from_anywhere(tmp_path, monkeypatch, capsys):  # fmt: skip
+    """Hostile pass 40 (F4): `run --help`'s example, recipes/tiny-imagenet.yaml, and the README's
+    recipes were not found outside a checkout of the repository (only seed-demo was packaged),
+    and `models --help`'s example (convnext*, --offline) was an error offline."""
+    from transferlab import recipefile
+
+    shipped = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))  # fmt: skip
+    assert shipped == sorted(p.name for p in recipefile.OWN.glob("*.yaml")) and len(shipped) >= 7
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny-imagenet", "digits-five.yaml"):
+        assert recipefile.find(name).parent == recipefile.OWN
+    (tmp_path / "digits-five").write_text("steps: [{train: mine}]\n")  # yours comes first
+    assert recipefile.find("digits-five") == Path("digits-five")
+    for name in ("nope", "sub/tiny-imagenet", "tiny-imagenet.yml"):
+        code, _, err = run_cli(capsys, "run", name, "--out", tmp_path / "r")
+        assert code == 2 and err.strip().endswith(f"recipe not found: {name} (the ones transferlab comes with, run by name: 15-scene, 15-scene-transfer, digits-five, seed-demo, tiny-imagenet, tiny-imagenet-transfer, transfer-study)"), err  # fmt: skip
+    from transferlab.cli_ship import EXAMPLES  # models --help's first example, as printed
+
+    argv = shlex.split(EXAMPLES["models"].splitlines()[0].partition("#")[0])
+    assert argv[:2] == ["transferlab", "models"]
+    code, out, _ = run_cli(capsys, *argv[1:])
+    assert code == 0 and "tf_efficientnet_lite0" in out
+    assert not (tmp_path / "r").exists()
 
 
 def test_output_cut_short_by_a_pipe_is_no_error():

@@ -10,7 +10,6 @@ import os
 import re
 import sys
 import warnings
-from importlib import resources
 from pathlib import Path
 
 from . import cli_ship
@@ -31,8 +30,9 @@ from .stops import going_on, other_rank, peer_stopped, said_by_rank_0
 
 EXAMPLES = {
     "demo": "transferlab demo                       # ~10 min on 2 CPU cores, no download",
-    "run": "transferlab run recipes/tiny-imagenet.yaml --set data=tiny-imagenet:~/tiny-imagenet-200\n"
-    "  transferlab run recipes/tiny-imagenet.yaml --limit 400 --set epochs=1   # smoke test",
+    "run": "transferlab run tiny-imagenet --set data=tiny-imagenet:~/tiny-imagenet-200   # one it comes with\n"
+    "  transferlab run tiny-imagenet --limit 400 --set epochs=1 --set data=tiny-imagenet:~/tiny-imagenet-200   # smoke test\n"
+    "  transferlab run my-recipe.yaml --out runs/mine",
     "train": "transferlab train --data digits --model resnet50 --input-size 32 --epochs 10 "
     "--out runs/r50\n  transferlab train --data folder:~/photos --model tf_efficientnet_lite0 "
     "--weights imagenet --out runs/lite0",
@@ -153,7 +153,7 @@ def _training_commands(sub) -> None:
     p = _sub(
         sub, "run", "run a YAML recipe (train, finetune, ensemble, soup, auto and report steps)"
     )
-    p.add_argument("recipe", help="path to a recipe .yaml")
+    p.add_argument("recipe", help="path to a recipe .yaml, or the name of one transferlab comes with: " + ", ".join(sorted(r.stem for r in (Path(__file__).parent / "recipes").glob("*.yaml"))))  # fmt: skip
     p.add_argument("--out", help="output folder [runs/<recipe name>]")
     p.add_argument(
         "--set",
@@ -238,9 +238,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def cmd_demo(args) -> None:
     from . import recipe
 
-    path = resources.files("transferlab") / "recipes" / "seed-demo.yaml"
-    with resources.as_file(path) as p:
-        recipe.run(p, args.out, parse_set(args.set), quiet=args.quiet)
+    recipe.run(recipe.OWN / "seed-demo.yaml", args.out, parse_set(args.set), quiet=args.quiet)
 
 
 def cmd_run(args) -> None:

@@ -14,7 +14,8 @@ EXAMPLES = {
     "explain": "transferlab explain runs/lite0 photo.jpg holiday/   # -> runs/lite0/explain/*.png",
     "serve": "transferlab serve runs/ens --port 8000\n"
     "  curl -F file=@photo.jpg 'http://127.0.0.1:8000/predict?top_k=3'",
-    "models": "transferlab models 'convnext*' --offline",
+    "models": "transferlab models --offline   # the weights this machine has\n"
+    "  transferlab models 'convnext*'   # timm's (their weights download when first used)",
     "data": "transferlab data get cifar10 --to ~/data/cifar10   # prints the --data spec to use\n"
     "  transferlab data shard folder:photos --out photos-wds   # then --data wds:photos-wds\n"
     "  transferlab data list",

@@ -56,7 +56,7 @@ from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... 
     train_settings,
     validate,
 )
-from .recipefile import MAX_BYTES  # noqa: F401  (the recipe's API)
+from .recipefile import MAX_BYTES, OWN, find  # noqa: F401  (MAX_BYTES, OWN: the recipe's API)
 from .stops import AGAIN, RESUME
 
 
@@ -71,6 +71,7 @@ def run(
     Everything is checked first (keys, values, names, members, the output folder, finished
     steps made with other options); only then does the disk change.
     """
+    path = find(path)  # (a name: one transferlab comes with)
     recipe = apply_overrides(load(path), overrides or {})
     validate(recipe)  # (first: an empty --set out= is said as that)
     if out is not None and str((overrides or {}).get("out", out)) != str(out):

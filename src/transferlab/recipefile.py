@@ -11,17 +11,27 @@ from .config import UserError
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
 MAX_BYTES = 1_000_000  # a recipe is a page of YAML, not a data file
+OWN = Path(__file__).parent / "recipes"  # the recipes transferlab comes with (package data)
 MAX_VALUES = 100_000  # values after expanding YAML aliases: a "billion laughs" stops here
+
+
+def find(path: str | Path) -> Path:
+    """A recipe file: `path`, or where it names one transferlab comes with (`tiny-imagenet`,
+    `digits-five.yaml`), that one."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder: name its .yaml file")
+    own = {p.stem: p for p in OWN.glob("*.yaml")}
+    if len(path.parts) == 1 and path.name.removesuffix(".yaml") in own:
+        return own[path.name.removesuffix(".yaml")]
+    raise UserError(f"recipe not found: {path} (the ones transferlab comes with, run by name: {', '.join(sorted(own))})")  # fmt: skip
 
 
 def load(path: str | Path) -> dict:
     """Read a recipe file: UTF-8 YAML, at most MAX_BYTES, no alias bomb or cycle."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(
-            f"recipe {path} is a folder: name its .yaml file" if path.is_dir()
-            else f"recipe not found: {path}"
-        )  # fmt: skip
+    path = find(path)
     if path.stat().st_size > MAX_BYTES:
         raise UserError(f"{path} is {path.stat().st_size:,} bytes; a recipe is at most {MAX_BYTES:,}")  # fmt: skip
     try:
