@@ -245,3 +245,32 @@ def test_a_member_whose_parent_trained_on_the_val_split_is_not_fitted_on_it(
         ensembles.build(runs, "weighted", tmp_path / "e", quiet=True)
     ensembles.build(runs, "soft", tmp_path / "e", quiet=True)  # a vote: said, not refused
     assert "val images trained the runs" in capsys.readouterr().err
+
+
+def test_tta_that_mirrors_a_run_trained_without_mirrors_is_noted(tmp_path, capsys):
+    """Hostile pass 40 (F5): `evaluate --tta flip` of a digits run trained with --no-flip lost
+    10 points without a word, and an ensemble of two such runs said "+1.94 points"."""
+    from transferlab.cli import main
+
+    tiny = ["--data", "digits", "--model", "dcnn", "--input-size", "16", "--epochs", "1", "--limit", "40", "--quiet"]  # fmt: skip
+    assert main(["train", *tiny, "--no-flip", "--out", str(tmp_path / "nf")]) == 0
+    assert main(["train", *tiny, "--flip", "--out", str(tmp_path / "f")]) == 0
+    capsys.readouterr()
+    image = str(next((tmp_path / "nf").glob("*.png")))  # (any image will do)
+    said = "averages each image with its mirror, and {} was trained with --no-flip: a mirrored digit or letter may read as another class to it (leave out --tta)"  # fmt: skip
+    for argv, noted in (
+        (["evaluate", tmp_path / "nf", "--tta", "flip"], True),
+        (["evaluate", tmp_path / "nf"], False),
+        (["evaluate", tmp_path / "f", "--tta", "flip"], False),
+        (
+            ["ensemble", tmp_path / "nf", tmp_path / "f", "--tta", "flip", "--out", tmp_path / "e"],
+            True,
+        ),  # fmt: skip
+        (["predict", tmp_path / "nf", image, "--tta", "flip"], True),
+        (["predict", tmp_path / "nf", image], False),
+    ):
+        assert main([str(a) for a in argv]) == 0
+        err = capsys.readouterr().err
+        assert (f"note: --tta flip {said.format(tmp_path / 'nf')}" in err) == noted, (argv, err)
+        assert err.count("--no-flip") == noted, (argv, err)
+    assert "\n" not in said and "mirrors, and" in evaluate.mirror_notes("crops", ["a", "b"], [{"config": {"flip": False}}] * 2)[0]  # fmt: skip

@@ -102,6 +102,16 @@ def check_tta(tta: str, input_size: int | None = None, who: str = "") -> None:
         )
 
 
+def mirror_notes(tta: str, runs: list, metas: list[dict]) -> list[str]:
+    """What --tta flip or crops (their views mirrored) does to a run trained with --no-flip:
+    it never saw a mirror, which it may read as another class (digits, text)."""
+    unflipped = [str(r) for r, m in zip(runs, metas, strict=True) if (m.get("config") or {}).get("flip") is False]  # fmt: skip
+    if tta == "none" or not unflipped:
+        return []
+    one = len(unflipped) == 1
+    return [f"--tta {tta} averages each image with its mirror{'s' if tta == 'crops' else ''}, and {', '.join(unflipped)} {'was' if one else 'were'} trained with --no-flip: a mirrored digit or letter may read as another class to {'it' if one else 'them'} (leave out --tta)"]  # fmt: skip
+
+
 def views(x: torch.Tensor, tta: str):
     """The views of a normalised batch (B, C, H, W) that TTA averages over."""
     size = x.shape[-1]
@@ -214,9 +224,8 @@ def score_run(path, data_spec: str | None, split: str, quiet: bool = True, tta: 
     model = load_run_model(path, meta, scoring=True)
     loaded = len(ds.notes)
     logits = predict_split(model, meta, ds, split, f"run {path}", quiet, tta or "none")
-    notes = leaks.data_notes(meta, ds, split) + list(
-        ds.notes[loaded:]
-    )  # images left out, as it did
+    notes = leaks.data_notes(meta, ds, split) + list(ds.notes[loaded:])  # images left out, as it did  # fmt: skip
+    notes += mirror_notes(tta or "none", [path], [meta])
     return log_softmax(logits), ds.splits[split].labels, ds.names, spec, notes
 
 

@@ -61,6 +61,7 @@ def member_logp(
     ds = load_as_run(metas[0], spec) if ds is None else ds  # (`ds`: loaded already)
     changed = leaks.changed_notes(split_alike(runs, metas, spec), ds)
     tested = [leak_note(runs, metas, ds), *leaks.own_copies(ds), *leaks.part_notes(ds)] if "test" in splits else []  # fmt: skip
+    tested += evaluate.mirror_notes(tta, runs, metas)
     restricted = leaks.fewer_classes(metas[0], ds)  # columns follow the data's classes
     for said in filter(None, [*tested, *changed, *restricted]):  # (test's: where it is scored)
         if notes is None:  # as evaluate says them of one run, --quiet or not
