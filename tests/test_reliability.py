@@ -786,6 +786,8 @@ def test_resume_takes_the_options_the_run_was_started_with(folder_data, tmp_path
     (tmp_path / "run").rename(tmp_path / "moved")
     assert inproc("finetune", "--out", ft3, "--resume") == 2
     assert "which is not found from here: resume from the folder it was started in, or give --from" in capsys.readouterr().err  # fmt: skip
+    assert inproc("finetune", "--out", ft3, "--resume", "--from", tmp_path / "run") == 2  # pass 40
+    assert capsys.readouterr().err.endswith(f"error: run folder not found: {tmp_path / 'run'} ({ft3} was fine-tuned from {tmp_path / 'run'}: if that run moved, give --from its new path)\n")  # fmt: skip
     assert inproc("finetune", "--out", ft3, "--resume", "--from", tmp_path / "ft") == 2
     said = "ft holds other weights than the run it was fine-tuned from"  # pass 32: it listed
     assert said in capsys.readouterr().err  # the options of that other run as "changes"

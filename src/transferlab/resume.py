@@ -160,6 +160,8 @@ def finetune_config(source, overrides: dict, resuming=None) -> TrainConfig:
         if not Path(started.weights).expanduser().exists():  # (kept as typed: from where it began)
             raise UserError(f"{resuming} was fine-tuned from {started.weights}, which is not found from here: resume from the folder it was started in, or give --from the run's path (if it moved: its new one; its weights must be the ones {resuming} started from)")  # fmt: skip
         source = started.weights
+    if started is not None and not Path(source).expanduser().exists():  # (it said "weights file not found")  # fmt: skip
+        raise UserError(f"run folder not found: {source} ({resuming} was fine-tuned from {started.weights}: if that run moved, give --from its new path)")  # fmt: skip
     if started is not None and Path(started.weights or "").resolve() == Path(source).resolve():
         return make_config(overrides, started)
     if started is not None and moved_parent(resuming, started.weights, source):
