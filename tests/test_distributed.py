@@ -289,12 +289,15 @@ def test_what_a_job_of_several_processes_refuses_and_says(tmp_path, capsys, monk
     with pytest.raises(EveryRank, match="the 3 training images cannot give each of the 2 processes of this torchrun job two of a batch, .* in 1 process"):  # fmt: skip
         distributed.check(Dist(0, 2), 64, 3)
     distributed.check(Dist(0, 2), 4, 4)
-    loop = SimpleNamespace(cfg=SimpleNamespace(flip=False, batch_size=5), dist=Dist(0, 2), stages=[SimpleNamespace(probe=False)], ds=None)  # fmt: skip
+    loop = SimpleNamespace(cfg=SimpleNamespace(flip=False, batch_size=5), dist=Dist(0, 2), stages=[SimpleNamespace(probe=False)], ds=None, labels={"train": range(99)})  # fmt: skip
     loop.model = models.create("test_convnext", 3, 3)
     assert guards.advice(loop) == []  # no BatchNorm: nothing to say
     loop.model = models.create("test_resnet", 3, 3)
     said = guards.advice(loop)
     assert said and "over its share of the batch (2-3 images), not over all 5" in said[0]
+    loop.cfg.batch_size = 64  # hostile pass 40 (F7): 16 training images, one batch of 16
+    loop.labels["train"] = range(16)
+    assert "over its share of the batch (8-8 images), not over all 16:" in guards.advice(loop)[0]
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, lines in (("1", 0), ("0", 1)):  # rank 0 says it, once
         monkeypatch.setenv("RANK", rank)
