@@ -19,7 +19,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transferlab import checkpoint, data, decoding, ensembles, evaluate, models, trainer, weights
+from transferlab import (
+    checkpoint,
+    data,
+    decoding,
+    ensembles,
+    evaluate,
+    models,
+    outputs,
+    trainer,
+    weights,
+)
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -805,3 +815,27 @@ def test_resume_takes_the_options_the_run_was_started_with(folder_data, tmp_path
     # recorded, was a KeyError ('data') in counting what its ancestors trained on
     shutil.rmtree(tmp_path / "moved")
     assert inproc("finetune", "--from", ft3, "--out", tmp_path / "ft5", "--epochs", "1") == 0
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_resumes_with_other_options(tmp_path, capsys):  # fmt: skip
+    """Hostile pass 40: a recipe step stopped by "non-finite loss; try a lower --lr" was refused
+    with the lower LR ("cannot resume: its config differs (lr: 50 -> 0.001)"), though nothing
+    of it was saved; a run with a checkpoint still resumes only as it began."""
+    tiny = ["--data", "digits", "--model", "dcnn", "--input-size", "16", "--epochs", "1", "--limit", "40", "--no-flip"]  # fmt: skip
+    run = tmp_path / "r"
+    assert inproc("train", *tiny, "--lr", "50", "--out", run) == 2
+    assert "non-finite" in capsys.readouterr().err and not checkpoint.is_run(run)
+    assert inproc("train", *tiny, "--lr", "0.001", "--out", run, "--resume") == 0
+    assert checkpoint.read_meta(run)["config"]["lr"] == 0.001
+    assert outputs.read_mark(run)["config"]["lr"] == 0.001
+    recipe = tmp_path / "r.yaml"  # the same in a recipe, which resumes its steps by itself
+    recipe.write_text("data: digits\ndefaults: {model: dcnn, input_size: 16, epochs: 1, flip: false}\nsteps: [{train: a, lr: 50}]\n")  # fmt: skip
+    assert inproc("run", recipe, "--limit", "40", "--out", tmp_path / "o") == 2
+    recipe.write_text(recipe.read_text().replace("lr: 50", "lr: 0.001"))
+    assert inproc("run", recipe, "--limit", "40", "--out", tmp_path / "o") == 0
+    assert checkpoint.read_meta(tmp_path / "o" / "a")["config"]["lr"] == 0.001
+    capsys.readouterr()
+    stopped = cli("train", *tiny, "--epochs", "3", "--out", tmp_path / "s", env={"TRANSFERLAB_FAULT": "term:3"})  # fmt: skip
+    assert stopped.returncode == 143
+    assert inproc("train", *tiny, "--epochs", "3", "--lr", "0.002", "--out", tmp_path / "s", "--resume") == 2  # fmt: skip
+    assert "its config differs (lr: 0.001 -> 0.002)" in capsys.readouterr().err

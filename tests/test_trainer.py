@@ -1,6 +1,8 @@
 import csv
 import json
+import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -151,6 +153,11 @@ def test_non_finite_loss_stops_naming_the_step(folder_data, tmp_path):
     cfg = tiny_cfg(f"folder:{tmp_path / 'd'}", epochs=1, lr=1000, optimizer="adamw", input_size=32)
     with pytest.raises(UserError, match="non-finite val loss \\(nan\\) at epoch 1 .* lower --lr \\(now 1000\\)"):  # fmt: skip
         trainer.fit(cfg, tmp_path / "nan-weights", quiet=True)
+    # hostile pass 40 (F1): beyond float32 (Adam's first step is 10 x lr), a RuntimeError
+    cfg = replace(cfg, optimizer="adam")
+    for lr in (1e38, 1e39):
+        with pytest.raises(UserError, match=f"^the optimizer's step at epoch 1 is too large for float32: try a lower --lr \\(now {re.escape(str(lr))}\\); checkpoints"):  # fmt: skip
+            trainer.fit(replace(cfg, lr=lr), tmp_path / f"over{lr:g}", quiet=True)
 
 
 def test_dcnn_on_grayscale_digits_learns(tmp_path):

@@ -109,15 +109,18 @@ def past_deadline() -> bool:
 
 
 @contextlib.contextmanager
-def out_of_memory_hint(batch_size: int):
-    """Turn an out-of-memory error into advice; the last checkpoint on disk stays intact."""
+def said_in_one_line(cfg, epoch: int):
+    """An epoch's out-of-memory error, or a step too large for float32 (--lr 1e39: Adam's
+    addcdiv_), as advice in one line; the last checkpoint on disk stays intact."""
     try:
         yield
     except torch.OutOfMemoryError:
-        raise UserError(f"out of memory: reduce --batch-size (now {batch_size})") from None
+        raise UserError(f"out of memory: reduce --batch-size (now {cfg.batch_size})") from None
     except RuntimeError as err:
         if "can't allocate memory" in str(err) or "out of memory" in str(err).lower():
-            raise UserError(f"out of memory: reduce --batch-size (now {batch_size})") from None
+            raise UserError(f"out of memory: reduce --batch-size (now {cfg.batch_size})") from None
+        if "without overflow" in str(err):
+            raise UserError(f"the optimizer's step at epoch {epoch} is too large for float32: try a lower --lr (now {cfg.lr}); checkpoints written before this step are intact") from None  # fmt: skip
         raise
 
 

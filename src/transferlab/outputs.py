@@ -335,7 +335,7 @@ def claim(out: Path, kind: str, action: str, info: dict | None = None) -> None:
             else:
                 entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    mark(out, kind, info if action != "resume" else None)
+    mark(out, kind, info)
 
 
 def mark(out: Path, kind: str, info: dict | None = None) -> None:

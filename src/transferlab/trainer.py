@@ -43,6 +43,7 @@ from .config import TrainConfig, UserError, to_dict
 from .resume import (
     Checkpoints,
     Progress,
+    has_checkpoint,
     nothing_to_resume,
     refuse_config_change,
     refuse_data_change,
@@ -133,7 +134,7 @@ def fit(
                 while progress.epoch <= last and not progress.stopped_early:
                     t0 = time.time()
                     batches, augment = epoch_batches(loop, train_images, progress, quiet)
-                    with guards.out_of_memory_hint(cfg.batch_size):
+                    with guards.said_in_one_line(cfg, progress.epoch):
                         train_one_epoch(loop, batches, augment, progress, checkpoints.after_step)
                     validate(loop, progress, time.time() - t0, out.name, log)
                     checkpoints.events.write(event="epoch", **progress.history[-1])
@@ -184,8 +185,9 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
     if outputs.check_out(out, "run", resume, overwrite) == "resume":
         if why := nothing_to_resume(out):  # (it "started from scratch" over a soup)
             raise UserError(why)
-        refuse_other_parent(out, cfg.weights)  # (before the config: what differs is the run)
-        refuse_config_change(out, (outputs.read_mark(out) or {}).get("config"), cfg)
+        if has_checkpoint(out):  # (none: nothing was saved, and it begins as it is told now)
+            refuse_other_parent(out, cfg.weights)  # (before the config: what differs is the run)
+            refuse_config_change(out, (outputs.read_mark(out) or {}).get("config"), cfg)
 
 
 @contextlib.contextmanager
@@ -196,7 +198,7 @@ def claimed(out: Path, resume: bool, overwrite: bool, mark: dict, d):
     with outputs.lock(out) if d.main else contextlib.nullcontext():
         if d.main:
             action = outputs.check_out(out, "run", resume, overwrite)
-            outputs.claim(out, "run", action, mark)
+            outputs.claim(out, "run", action, mark if action != "resume" or not has_checkpoint(out) else None)  # fmt: skip
         d.barrier()
         yield
 
@@ -208,7 +210,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
     """
     weights.check_model(cfg)  # a typo in --model costs no data loading
     ds = data.load(cfg.data, cfg.val_fraction, cfg.limit, cfg.fold)
-    if resume and d.main:  # (before any note: a refusal is one line)
+    if resume and d.main and has_checkpoint(out):  # (before any note: a refusal is one line)
         refuse_data_change(out, ds)
     for note in ds.notes:  # all but the sizes say what was left out or is missing
         log(f"[{out.name}] {note}", note=not note.startswith(("splits: ", leaks.PART)))
