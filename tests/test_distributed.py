@@ -241,11 +241,18 @@ def test_a_refusal_under_torchrun_is_one_line_whichever_process_reaches_it(ddp_d
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     for change, words in (
         (["--model", "nosuchmodel"], "error: unknown model 'nosuchmodel'"),
+        (
+            ["--optimizer", "foo"],
+            "error: optimizer must be one of adam, adamw, sgd, got 'foo'",
+        ),  # pass 41
         (["--out", tmp_path / "mine"], "is not a transferlab run folder (it holds notes.txt)"),
     ):
         run = torchrun(*train_args(ddp_data, tmp_path / "run"), *change)
         said = [line for line in run.stderr.splitlines() if line.startswith("transferlab train")]
         assert run.returncode != 0 and len(said) == 1 and words in said[0], run.stderr
+    run = torchrun("finetune", "--from", tmp_path / "nope", "--out", tmp_path / "ft")  # pass 41
+    said = [line for line in run.stderr.splitlines() if line.startswith("transferlab finetune")]
+    assert said == [f"transferlab finetune: error: run folder not found: {tmp_path / 'nope'}"], run.stderr  # fmt: skip
     assert not (tmp_path / "run").exists()
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 

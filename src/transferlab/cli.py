@@ -26,7 +26,7 @@ from .config import (
     parse_set,
     sigterm_stops,
 )
-from .stops import going_on, other_rank, peer_stopped, said_by_rank_0
+from .stops import alike, going_on, other_rank, peer_stopped, said_by_rank_0
 
 EXAMPLES = {
     "demo": "transferlab demo                       # ~10 min on 2 CPU cores, no download",
@@ -256,14 +256,14 @@ def cmd_run(args) -> None:
 def cmd_train(args) -> None:
     from . import resume, trainer
 
-    cfg = make_config(_overrides(args), resume.started_with(args.out) if args.resume else None)
+    cfg = alike(lambda: make_config(_overrides(args), resume.started_with(args.out) if args.resume else None))  # fmt: skip
     trainer.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 
 def cmd_finetune(args) -> None:
     from . import resume, trainer
 
-    cfg = resume.finetune_config(args.source, _overrides(args), args.out if args.resume else None)
+    cfg = alike(lambda: resume.finetune_config(args.source, _overrides(args), args.out if args.resume else None))  # fmt: skip
     trainer.fit(cfg, args.out, args.resume, args.overwrite, args.quiet, args.log_json)
 
 

@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from .config import EveryRank, UserError
+
 RESUME = "rerun with --resume to continue"  # a stop's advice (a recipe says its own)
 AGAIN = "run the recipe again to continue (finished steps are skipped, this one resumes)"
 META = "meta.json"  # (checkpoint.META: a finished run's record)
@@ -26,6 +28,15 @@ def other_rank() -> bool:
     usage and --help, a refusal all reach, the SIGTERM that ends the job when one failed) to
     rank 0 (it said "stopped by SIGTERM: rerun with --resume" under rank 0's refusal)."""
     return os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
+
+
+def alike(make):
+    """`make()`, which every process of a torchrun job does alike from the same arguments (a
+    config): its refusal is an EveryRank, said once by rank 0."""
+    try:
+        return make()
+    except UserError as err:
+        raise (err if isinstance(err, EveryRank) else EveryRank(str(err))) from None
 
 
 def said_by_rank_0():
