@@ -332,11 +332,13 @@ def test_the_recipes_transferlab_comes_with_run_by_name_from_anywhere(tmp_path, 
     shipped = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))  # fmt: skip
     assert shipped == sorted(p.name for p in recipefile.OWN.glob("*.yaml")) and len(shipped) >= 7
     monkeypatch.chdir(tmp_path)
-    for name in ("tiny-imagenet", "digits-five.yaml"):
-        assert recipefile.find(name).parent == recipefile.OWN
+    for name in ("tiny-imagenet", "digits-five.yaml", "recipes/15-scene.yaml", "seed-demo.yml"):
+        assert recipefile.find(name).parent == recipefile.OWN, name  # (pass 41 F3: the docs')
     (tmp_path / "digits-five").write_text("steps: [{train: mine}]\n")  # yours comes first
     assert recipefile.find("digits-five") == Path("digits-five")
-    for name in ("nope", "sub/tiny-imagenet", "tiny-imagenet.yml"):
+    (tmp_path / "15-scene.yaml").write_text("steps: [{train: mine}]\n")  # pass 41 (F2): the
+    assert recipefile.find("15-scene") == Path("15-scene.yaml")  # packaged one ran, unsaid
+    for name in ("nope", "sub/tiny-imagenet", "../tiny-imagenet"):
         code, _, err = run_cli(capsys, "run", name, "--out", tmp_path / "r")
         assert code == 2 and err.strip().endswith(f"recipe not found: {name} (the ones transferlab comes with, run by name: 15-scene, 15-scene-transfer, digits-five, seed-demo, tiny-imagenet, tiny-imagenet-transfer, transfer-study)"), err  # fmt: skip
     from transferlab.cli_ship import EXAMPLES  # models --help's first example, as printed

@@ -268,6 +268,8 @@ def test_tta_that_mirrors_a_run_trained_without_mirrors_is_noted(tmp_path, capsy
         ),  # fmt: skip
         (["predict", tmp_path / "nf", image, "--tta", "flip"], True),
         (["predict", tmp_path / "nf", image], False),
+        (["evaluate", tmp_path / "e"], True),  # pass 41 (F4): named "e/../nf"; and predict
+        (["predict", tmp_path / "e", image], True),  # with the ensemble's own TTA said nothing
     ):
         assert main([str(a) for a in argv]) == 0
         err = capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 
 import numpy as np
@@ -105,7 +106,7 @@ def check_tta(tta: str, input_size: int | None = None, who: str = "") -> None:
 def mirror_notes(tta: str, runs: list, metas: list[dict]) -> list[str]:
     """What --tta flip or crops (their views mirrored) does to a run trained with --no-flip:
     it never saw a mirror, which it may read as another class (digits, text)."""
-    unflipped = [str(r) for r, m in zip(runs, metas, strict=True) if (m.get("config") or {}).get("flip") is False]  # fmt: skip
+    unflipped = [os.path.normpath(r) for r, m in zip(runs, metas, strict=True) if (m.get("config") or {}).get("flip") is False]  # fmt: skip
     if tta == "none" or not unflipped:
         return []
     one = len(unflipped) == 1

@@ -210,7 +210,7 @@ class Predictor:
             self.classes, self.names = meta["classes"], meta["class_names"]
         for run, meta in zip(runs, self.metas, strict=True):
             evaluate.check_tta(self.tta, meta["preprocessing"]["input_size"], f"run {run}")
-        for said in evaluate.mirror_notes(tta or "none", runs, self.metas):  # (asked for: an ensemble's was said as it was built)  # fmt: skip
+        for said in evaluate.mirror_notes(self.tta, runs, self.metas):  # (an ensemble's own too)
             print(f"note: {said}", file=sys.stderr)
         self.models = [
             evaluate.load_run_model(r, m, scoring=True)

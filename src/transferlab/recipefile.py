@@ -16,16 +16,20 @@ MAX_VALUES = 100_000  # values after expanding YAML aliases: a "billion laughs" 
 
 
 def find(path: str | Path) -> Path:
-    """A recipe file: `path`, or where it names one transferlab comes with (`tiny-imagenet`,
-    `digits-five.yaml`), that one."""
+    """A recipe file: `path`, or `path`.yaml (yours first), or where it names one transferlab
+    comes with (`tiny-imagenet`, `digits-five.yaml`, `recipes/15-scene.yaml` as the docs and a
+    checkout have it), that one."""
     path = Path(path)
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if stem == path.name and Path(f"{path}.yaml").is_file():  # (`run digits-five`: yours)
+        path = Path(f"{path}.yaml")
     if path.is_file():
         return path
     if path.is_dir():
         raise UserError(f"recipe {path} is a folder: name its .yaml file")
     own = {p.stem: p for p in OWN.glob("*.yaml")}
-    if len(path.parts) == 1 and path.name.removesuffix(".yaml") in own:
-        return own[path.name.removesuffix(".yaml")]
+    if str(path.parent) in (".", "recipes") and stem in own:
+        return own[stem]
     raise UserError(f"recipe not found: {path} (the ones transferlab comes with, run by name: {', '.join(sorted(own))})")  # fmt: skip
 
 

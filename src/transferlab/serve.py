@@ -6,7 +6,7 @@ extra `serve`).
   `{"results": [{"file", "predictions": [{"class", "name", "prob"}]}]}` in upload order.
 - `GET /health`: `{"status": "ok", "requests", "images", "batches"}`; 503 with `"error"` while
   the folder cannot be served (see below).
-- `GET /info`: classes, names, the ensemble method, each member's preprocessing and weights'
+- `GET /info`: classes, names, the ensemble method and TTA, each member's preprocessing and weights'
   sha256 (which model answers).
 
 Requests that arrive together are batched: the first image waits up to `max_wait_ms` for
@@ -331,7 +331,8 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
 
 
 def described(predictor, path: str | Path) -> dict:
-    """GET /info: what answers (classes, the combiner, each member and its weights' sha256)."""
+    """GET /info: what answers (classes, the combiner, its TTA, each member and its weights'
+    sha256)."""
     members = [
         {"arch": m["arch"], "preprocessing": m["preprocessing"],
          "weights_sha256": m.get("weights_sha256")}
@@ -342,6 +343,7 @@ def described(predictor, path: str | Path) -> dict:
         "classes": predictor.classes,
         "names": predictor.names,
         "method": predictor.method,
+        "tta": predictor.tta,
         "members": members,
     }
 
