@@ -839,3 +839,28 @@ def test_a_run_that_stopped_before_its_first_checkpoint_resumes_with_other_optio
     assert stopped.returncode == 143
     assert inproc("train", *tiny, "--epochs", "3", "--lr", "0.002", "--out", tmp_path / "s", "--resume") == 2  # fmt: skip
     assert "its config differs (lr: 0.001 -> 0.002)" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_keeps_its_record(tmp_path, capsys):
+    """Hostile pass 41 (F5): `--resume` of a finished run under torchrun trained nothing, yet
+    rewrote meta.json to say it "trained in 1 process(es) to step 1, then in 2"."""
+    from types import SimpleNamespace
+
+    from transferlab import resume
+
+    tiny = ["--data", "digits", "--model", "dcnn", "--input-size", "16", "--epochs", "2", "--limit", "40", "--no-flip"]  # fmt: skip
+    assert inproc("train", *tiny, "--out", tmp_path / "r") == 0
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "r").rglob("*") if p.is_file() and p.name != outputs.LOCK}  # fmt: skip
+    capsys.readouterr()
+    assert main([*map(str, ["train", *tiny, "--out", tmp_path / "r", "--resume"])]) == 0
+    assert "finished already: nothing to resume" in capsys.readouterr().out
+    assert files == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    probe, train = SimpleNamespace(probe=True, epochs=0), SimpleNamespace(probe=False, epochs=2)
+
+    def at(stage, epoch, early=False):
+        return resume.Progress(stage=stage, epoch=epoch, stopped_early=early)
+
+    assert resume.finished([train], at(0, 3)) and not resume.finished([train], at(0, 2))
+    assert resume.finished([train], at(0, 1, early=True)) and resume.finished([probe], at(1, 1))
+    assert not resume.finished([probe, train], at(1, 1)) and resume.finished([probe, train], at(1, 3))  # fmt: skip
+    assert not resume.finished([probe], at(0, 1))

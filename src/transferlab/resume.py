@@ -235,10 +235,18 @@ def restore(out: Path, loop: Loop, log) -> Progress | None:
     torch.set_rng_state(state["rng"])
     p = Progress.from_state(state["progress"])
     log(f"[{out.name}] resumed from {path.name}: epoch {p.epoch}, step {p.step}")
-    if state.get("processes", loop.dist.world) != loop.dist.world:  # (BatchNorm: shares differ)
+    if state.get("processes", loop.dist.world) != loop.dist.world and not finished(loop.stages, p):  # (BatchNorm: shares differ)  # fmt: skip
         loop.notes.append(f"trained in {state['processes']} process(es) to step {p.global_step}, then in {loop.dist.world}")  # fmt: skip
         log(f"[{out.name}] note: it {loop.notes[-1]}: any BatchNorm layers normalised other shares of each batch before, so it may equal neither", note=True)  # fmt: skip
     return p
+
+
+def finished(stages: list, p: Progress) -> bool:
+    """Whether a run restored at `p` has nothing left to train (its last checkpoint is its end)."""
+    from .strategies import end_epoch
+
+    last = len(stages) - 1
+    return p.stopped_early or p.stage > last or (p.stage == last and not stages[last].probe and p.epoch > end_epoch(stages, last))  # fmt: skip
 
 
 # Options that change neither the maths nor the data, so a run may resume with new values.

@@ -43,6 +43,7 @@ from .config import TrainConfig, UserError, to_dict
 from .resume import (
     Checkpoints,
     Progress,
+    finished,
     has_checkpoint,
     nothing_to_resume,
     refuse_config_change,
@@ -103,14 +104,16 @@ def fit(
     d.agreed(lambda: check_destination(cfg, out, resume, overwrite, log_json, d))  # before anything is loaded  # fmt: skip
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
     loop = d.agreed(lambda: setup(cfg, out, said, d, resume))  # data, model, weights, plan: validated, nothing written  # fmt: skip
-    # decoded before the folder is claimed: an unreadable image leaves --out as it was (with
-    # --overwrite it had emptied the old run first)
+    # decoded before the folder is claimed: an unreadable image leaves --out as it was (--overwrite had emptied it)
     loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
     loop.notes += leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))
     mark = {"config": to_dict(cfg), "data_fingerprint": loop.ds.fingerprint, "parent_sha256": loop.source.get("parent_sha256")}  # fmt: skip
     with claimed(out, resume, overwrite, mark, d):
         start_training(loop, out, resume and (out / "state").exists(), log, quiet)
         progress = (restore(out, loop, log) if resume else None) or Progress()
+        if resume and (out / checkpoint.META).is_file() and finished(loop.stages, progress):
+            log(f"[{out.name}] finished already: nothing to resume -> {out}")  # (its record kept)
+            return checkpoint.read_meta(out)
         for note in guards.advice(loop):  # (after every refusal: an error stays one line)
             log(f"[{out.name}] note: {note}", note=True)
         t_start, features = time.time() - progress.seconds, None
