@@ -62,7 +62,9 @@ def test_folder_errors_name_the_problem(tmp_path):
     (tmp_path / "e" / "wnids.txt").write_text("n01\n")
     (tmp_path / "h").mkdir()
     (tmp_path / "h" / "dataset_dict.json").write_text("{}")
-    bare = ((tmp_path / "d", "folder"), (tmp_path / "labels.CSV", "csv"), (tmp_path / "e", "tiny-imagenet"), (tmp_path / "h", "hf"))  # fmt: skip
+    (tmp_path / "w").mkdir()  # pass 41 (F6): `data shard`'s folder
+    (tmp_path / "w" / "shards.json").write_text("{}")
+    bare = ((tmp_path / "w", "wds"), (tmp_path / "d", "folder"), (tmp_path / "labels.CSV", "csv"), (tmp_path / "e", "tiny-imagenet"), (tmp_path / "h", "hf"))  # fmt: skip
     for spec, meant in bare:
         with pytest.raises(UserError, match=f"known: .*\\): did you mean {meant}:{spec}\\?$"):
             data.load(str(spec))

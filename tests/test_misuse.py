@@ -756,7 +756,7 @@ def test_S34_skipped_class_folders_and_files_are_listed(capsys, tmp_path):
 
 
 BAD_VALUES = [
-    ("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "1e309"),
+    ("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "1e309"), ("--lr", "1e39"),
     ("--label-smoothing", "1.5"), ("--label-smoothing", "-0.1"), ("--batch-size", "1"),
     ("--batch-size", "0"), ("--eval-batch-size", "0"), ("--epochs", "0"), ("--epochs", "1e309"),
     ("--crop-pad", "100"), ("--crop-pad", "-5"), ("--num-workers", "-3"), ("--patience", "-1"),

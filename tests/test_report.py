@@ -432,6 +432,11 @@ def test_a_report_of_the_current_folder_is_titled_with_its_name(trained_run, tmp
     page = (tmp_path / "study" / "report.html").read_text()
     assert "<title>transferlab report: study</title>" in page
     assert "<h1>transferlab report: study</h1>" in page
+    monkeypatch.chdir(tmp_path / "study" / "a")  # hostile pass 41 (F8): a run's own folder,
+    for root in (Path("."), tmp_path / "study" / "a"):  # its row named "."
+        report.write(root)
+        rows = (tmp_path / "study" / "a" / "results.csv").read_text().splitlines()
+        assert len(rows) == 2 and rows[1].startswith("a,"), rows
 
 
 def test_a_run_whose_data_changed_since_it_was_scored_is_marked_in_report_md_and_csv(tmp_path):

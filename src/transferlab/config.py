@@ -388,7 +388,7 @@ RANGES = {
     "epochs": (1, 100_000, ""),
     "batch_size": (2, 65_536, " (BatchNorm cannot train on one image per batch)"),
     "eval_batch_size": (1, 65_536, ""),
-    "lr": ((0,), (math.inf,), ""),
+    "lr": ((0,), (3.4e38,), " (float32's largest)"),
     "probe_l2": ((0,), 1e6, ""),
     "weight_decay": (0, 10, ""),
     "momentum": (0, (1,), ""),

@@ -124,6 +124,8 @@ def _kind_of(path: Path) -> str | None:
         return None
     if (path / "wnids.txt").is_file():
         return "tiny-imagenet"
+    if (path / "shards.json").is_file():  # `transferlab data shard`'s
+        return "wds"
     saved = ("dataset_dict.json", "state.json")  # `datasets`' save_to_disk
     return "hf" if any((path / name).is_file() for name in saved) else "folder"
 

@@ -264,7 +264,8 @@ def leaked(notes: list[str]) -> bool:
 
 def _name(path: Path, root: Path) -> str:
     """A run's name in the report: its path under the root, as one line."""
-    return one_line(str(path.relative_to(root)) or path.name)
+    rel = path.relative_to(root)  # (the root itself, a run: its own name, not ".")
+    return one_line(str(rel) if rel.parts else path.resolve().name)
 
 
 def markdown_table(rows: list[dict]) -> str:
