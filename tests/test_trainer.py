@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from transferlab import checkpoint, ensembles, strategies, trainer
-from transferlab.config import UserError, make_config
+from transferlab.config import EveryRank, UserError, make_config
 
 from conftest import make_folder, tiny_cfg
 
@@ -156,7 +156,7 @@ def test_non_finite_loss_stops_naming_the_step(folder_data, tmp_path):
     # hostile pass 40 (F1): beyond float32 (Adam's first step is 10 x lr), a RuntimeError
     cfg = replace(cfg, optimizer="adam")
     for lr in (1e38, 1e39):
-        with pytest.raises(UserError, match=f"^the optimizer's step at epoch 1 is too large for float32: try a lower --lr \\(now {re.escape(str(lr))}\\); checkpoints"):  # fmt: skip
+        with pytest.raises(EveryRank, match=f"^the optimizer's step at epoch 1 is too large for float32: try a lower --lr \\(now {re.escape(str(lr))}\\); checkpoints"):  # fmt: skip
             trainer.fit(replace(cfg, lr=lr), tmp_path / f"over{lr:g}", quiet=True)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UserError
+from .config import EveryRank, UserError
 
 
 class EventLog:
@@ -120,7 +120,7 @@ def said_in_one_line(cfg, epoch: int):
         if "can't allocate memory" in str(err) or "out of memory" in str(err).lower():
             raise UserError(f"out of memory: reduce --batch-size (now {cfg.batch_size})") from None
         if "without overflow" in str(err):
-            raise UserError(f"the optimizer's step at epoch {epoch} is too large for float32: try a lower --lr (now {cfg.lr}); checkpoints written before this step are intact") from None  # fmt: skip
+            raise EveryRank(f"the optimizer's step at epoch {epoch} is too large for float32: try a lower --lr (now {cfg.lr}); checkpoints written before this step are intact") from None  # fmt: skip
         raise
 
 

@@ -39,7 +39,7 @@ from . import (
     weights,
 )
 from .bars import bar
-from .config import TrainConfig, UserError, to_dict
+from .config import EveryRank, TrainConfig, UserError, to_dict
 from .resume import (
     Checkpoints,
     Progress,
@@ -335,14 +335,14 @@ def train_one_epoch(loop: Loop, batches, aug_params: dict, progress: Progress, a
     read_steps(loop, pending, progress, batches, after_step)
 
 
-def non_finite(loop: Loop, progress: Progress, loss: float, which: str = "") -> UserError:
+def non_finite(loop: Loop, progress: Progress, loss: float, which: str = "") -> EveryRank:
     """The line for a NaN or infinite loss, with the ways on: a lower LR, and fp32 where the
     run is in bf16/fp16, whose kernels can be the cause (`guards.cpu_bf16_checked` avoids the one
     known: a strided conv's weight gradient on 1x1 maps, on a Xeon with AMX)."""
     lr = loop.optimizer.defaults["lr"]
     also = "" if loop.precision == "fp32" else f", or --precision fp32 ({loop.precision} kernels"
     also += " can produce it where fp32 does not)" if also else ""
-    return UserError(
+    return EveryRank(  # (summed over the ranks: each stops alike, rank 0 says it)
         f"non-finite {which}loss ({loss}) at epoch {progress.epoch} step {progress.step}; try a lower "
         f"--lr (now {lr:g}){also}; checkpoints written before this step are intact"
     )
