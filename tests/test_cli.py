@@ -328,6 +328,7 @@ def test_the_recipes_transferlab_comes_with_run_by_name_from_anywhere(tmp_path, 
     recipes were not found outside a checkout of the repository (only seed-demo was packaged),
     and `models --help`'s example (convnext*, --offline) was an error offline."""
     from transferlab import recipefile
+    from transferlab.config import UserError
 
     shipped = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))  # fmt: skip
     assert shipped == sorted(p.name for p in recipefile.OWN.glob("*.yaml")) and len(shipped) >= 7
@@ -338,7 +339,12 @@ def test_the_recipes_transferlab_comes_with_run_by_name_from_anywhere(tmp_path, 
     assert recipefile.find("digits-five") == Path("digits-five")
     (tmp_path / "15-scene.yaml").write_text("steps: [{train: mine}]\n")  # pass 41 (F2): the
     assert recipefile.find("15-scene") == Path("15-scene.yaml")  # packaged one ran, unsaid
-    for name in ("nope", "sub/tiny-imagenet", "../tiny-imagenet"):
+    (tmp_path / "seed-demo.yml").write_text("steps: [{train: mine}]\n")  # pass 42 (F3): .yml,
+    assert recipefile.find("seed-demo") == Path("seed-demo.yml")  # a link to nothing, ./NAME
+    (tmp_path / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    with pytest.raises(UserError, match="^recipe gone.yaml is a link to .*nowhere.yaml, which does not exist$"):  # fmt: skip
+        recipefile.find("gone.yaml")
+    for name in ("nope", "sub/tiny-imagenet", "../tiny-imagenet", "./tiny-imagenet.yaml", "tiny-imagenet.yml.yaml"):  # fmt: skip
         code, _, err = run_cli(capsys, "run", name, "--out", tmp_path / "r")
         assert code == 2 and err.strip().endswith(f"recipe not found: {name} (the ones transferlab comes with, run by name: 15-scene, 15-scene-transfer, digits-five, seed-demo, tiny-imagenet, tiny-imagenet-transfer, transfer-study)"), err  # fmt: skip
     from transferlab.cli_ship import EXAMPLES  # models --help's first example, as printed

@@ -774,6 +774,15 @@ def test_S35_every_bad_numeric_value_is_one_line_and_exit_2(capsys, tmp_path, fl
     assert not (tmp_path / "r").exists()
 
 
+def test_data_that_leaves_one_training_image_or_gives_digits_a_path_is_one_line(capsys, tmp_path):
+    """Hostile pass 42: `--limit 1` ended in BatchNorm's traceback and a half-made folder (F4);
+    `--data digits:~/mnist` trained on the bundled 8x8 digits without a word (F2)."""
+    tiny = ["--model", "dcnn", "--input-size", "16", "--no-flip", "--out", tmp_path / "r"]
+    fail(capsys, "train", "--data", "digits", "--limit", "1", *tiny, pattern="^transferlab train: error: the training split holds 1 image: a model needs at least 2 to train on")  # fmt: skip
+    fail(capsys, "train", "--data", "digits:/data/mnist", *tiny, pattern="^transferlab train: error: 'digits:/data/mnist': digits is scikit-learn's bundled 8x8 digits and takes no path")  # fmt: skip
+    assert not (tmp_path / "r").exists()
+
+
 def test_S35_unwritable_paths_are_refused_up_front(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     argv = ["train", "--data", "digits", *TINY]

@@ -110,6 +110,8 @@ def check_spec(spec: str, exists: bool = True) -> None:
         meant = _kind_of(Path(str(spec)).expanduser())
         hint = f": did you mean {meant}:{spec}?" if meant else ""
         raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)}){hint}")  # fmt: skip
+    if kind == "digits" and arg:  # (digits:~/mnist trained on the 8x8 digits, unsaid)
+        raise UserError(f"'{spec}': digits is scikit-learn's bundled 8x8 digits and takes no path: --data digits (your own images: folder:PATH)")  # fmt: skip
     if kind in PATH_KINDS and not arg:
         raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
     if exists and kind in PATH_KINDS and not Path(arg).expanduser().exists():

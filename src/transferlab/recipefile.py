@@ -3,6 +3,7 @@ size, and the values its aliases expand to)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -19,18 +20,20 @@ def find(path: str | Path) -> Path:
     """A recipe file: `path`, or `path`.yaml (yours first), or where it names one transferlab
     comes with (`tiny-imagenet`, `digits-five.yaml`, `recipes/15-scene.yaml` as the docs and a
     checkout have it), that one."""
-    path = Path(path)
-    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
-    if stem == path.name and Path(f"{path}.yaml").is_file():  # (`run digits-five`: yours)
-        path = Path(f"{path}.yaml")
+    text, path = str(path), Path(path)
+    stem = next((path.name[: -len(e)] for e in (".yaml", ".yml") if path.name.endswith(e)), path.name)  # fmt: skip
+    if stem == path.name:  # (`run digits-five`: yours, digits-five.yaml or .yml, first)
+        path = next((p for p in (Path(f"{text}.yaml"), Path(f"{text}.yml")) if p.is_file()), path)
     if path.is_file():
         return path
     if path.is_dir():
         raise UserError(f"recipe {path} is a folder: name its .yaml file")
+    if path.is_symlink():
+        raise UserError(f"recipe {path} is a link to {os.readlink(path)}, which does not exist")
     own = {p.stem: p for p in OWN.glob("*.yaml")}
-    if str(path.parent) in (".", "recipes") and stem in own:
+    if (text == path.name or text == f"recipes/{path.name}") and stem in own:  # (not ./NAME)
         return own[stem]
-    raise UserError(f"recipe not found: {path} (the ones transferlab comes with, run by name: {', '.join(sorted(own))})")  # fmt: skip
+    raise UserError(f"recipe not found: {text} (the ones transferlab comes with, run by name: {', '.join(sorted(own))})")  # fmt: skip
 
 
 def load(path: str | Path) -> dict:

@@ -215,6 +215,8 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
     ds = data.load(cfg.data, cfg.val_fraction, cfg.limit, cfg.fold)
     if resume and d.main and has_checkpoint(out):  # (before any note: a refusal is one line)
         refuse_data_change(out, ds)
+    if cfg.strategy != "linear-probe":  # (a probe's feature passes shard any split)
+        distributed.check(d, cfg.batch_size, len(ds.splits["train"]))
     for note in ds.notes:  # all but the sizes say what was left out or is missing
         log(f"[{out.name}] {note}", note=not note.startswith(("splits: ", leaks.PART)))
     torch.manual_seed(cfg.seed)  # model init
@@ -246,8 +248,6 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
         raise UserError(f"crop_pad ({pad}) must be smaller than the input size ({prep.input_size})")
     augment = batching.Augment(crop=cfg.crop, pad=pad, flip=cfg.flip)
     stages = strategies.plan(cfg, model)  # refuses a --freeze the model cannot take
-    if not all(s.probe for s in stages):  # (a probe's feature passes shard any split)
-        distributed.check(d, cfg.batch_size, len(ds.splits["train"]))
     return Loop(cfg, d, model, built.arch, prep, precision, augment, stages, ds, source=source,
                 notes=notes)  # fmt: skip
 
