@@ -122,14 +122,8 @@ def _kind_of(path: Path) -> str | None:
     """The kind of spec a bare path given as --data reads as (None: not one)."""
     if path.is_file():
         return "csv" if path.suffix.lower() == ".csv" else None
-    if not path.is_dir():
-        return None
-    if (path / "wnids.txt").is_file():
-        return "tiny-imagenet"
-    if (path / "shards.json").is_file():  # `transferlab data shard`'s
-        return "wds"
-    saved = ("dataset_dict.json", "state.json")  # `datasets`' save_to_disk
-    return "hf" if any((path / name).is_file() for name in saved) else "folder"
+    marks = {"wnids.txt": "tiny-imagenet", "shards.json": "wds", "dataset_dict.json": "hf", "state.json": "hf"}  # fmt: skip
+    return next((kind for name, kind in marks.items() if (path / name).is_file()), "folder") if path.is_dir() else None  # fmt: skip
 
 
 def load(spec: str, val_fraction: float = 0.1, limit: int | None = None, fold: str = "none", scoring: bool = False) -> Dataset:  # fmt: skip
