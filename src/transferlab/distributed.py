@@ -158,9 +158,9 @@ def _leave() -> None:
 
 
 def check(d: Dist, batch_size: int, n: int) -> None:
-    """What a job of several processes asks of a run that trains: each process at least two
-    images of every global batch, as one process has (`--batch-size` 2 over 3 processes: an
-    empty share, a NaN loss), of `n` training images too."""
+    """What a run that trains asks of its `n` training images: two at least, and in a job of
+    several processes, each process two of every global batch, as one process has
+    (`--batch-size` 2 over 3 processes: an empty share, a NaN loss)."""
     if d.world == 1 and n < 2:  # (--limit 1: BatchNorm's traceback and a half-made folder)
         raise UserError(f"the training split holds {n} image: a model needs at least 2 to train on (a larger --limit, or more images)")  # fmt: skip
     if d.world == 1:
