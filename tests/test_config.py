@@ -49,3 +49,14 @@ def test_a_mistyped_choice_is_refused_with_the_closest_choice():
             make_config({key: typo})
     with pytest.raises(UserError, match=r"got 'zzz'$"):  # nothing close: no guess
         make_config({"crop": "zzz"})
+
+
+def test_a_number_is_read_as_written_or_refused_naming_it():
+    # stop 54's cosmetic points: 1e-400 was "got 0.0"; a huge --set epochs was echoed rounded
+    with pytest.raises(UserError, match=r"^lr 1e-400 is too small for a float: it reads as 0$"):
+        make_config({"lr": "1e-400"})
+    with pytest.raises(UserError, match=r"got 99999999999999999999$"):
+        make_config({"epochs": "99999999999999999999"})
+    with pytest.raises(UserError, match=r"lr must be > 0 .* got 0.0$"):
+        make_config({"lr": "0e5"})  # a zero written as zero is refused by the range
+    assert make_config({"epochs": " +7 "}).epochs == 7 and make_config({"lr": "1e-45"}).lr == 1e-45

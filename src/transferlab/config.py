@@ -213,16 +213,7 @@ def _coerce(name: str, value: object, hint: object) -> object:
     if base is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in (
-            "true",
-            "yes",
-            "1",
-            "on",
-            "false",
-            "no",
-            "0",
-            "off",
-        ):
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):  # fmt: skip
             return value.lower() in ("true", "yes", "1", "on")
         raise UserError(f"{name} must be true or false, got {value!r}")
     if base in (int, float):
@@ -234,6 +225,10 @@ def _coerce(name: str, value: object, hint: object) -> object:
             raise UserError(f"{name} must be a number, got {value!r}") from None
         if not math.isfinite(number):
             raise UserError(f"{name} must be a finite number, got {value!r}")
+        if number == 0 and isinstance(value, str) and set(value.lower().partition("e")[0]) & set("123456789"):  # fmt: skip
+            raise UserError(f"{name} {value} is too small for a float: it reads as 0")  # (1e-400)
+        if base is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)  # exactly (99999999999999999999 is not 1e20)
         if base is int:
             if number != int(number):
                 raise UserError(f"{name} must be a whole number, got {value!r}")
