@@ -68,6 +68,10 @@ def test_folder_errors_name_the_problem(tmp_path):
     for spec, meant in bare:
         with pytest.raises(UserError, match=f"known: .*\\): did you mean {meant}:{spec}\\?$"):
             data.load(str(spec))
+    (tmp_path / "loose").mkdir()  # stop 54: images with no class folders got "folder:"
+    (tmp_path / "loose" / "x.png").write_bytes(b"")
+    with pytest.raises(UserError, match=r"\): \S+loose holds no class folders \(folder:PATH .* predict RUN \S+loose\)$"):  # fmt: skip
+        data.load(str(tmp_path / "loose"))
 
 
 def make_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=6):

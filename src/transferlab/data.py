@@ -107,9 +107,7 @@ def check_spec(spec: str, exists: bool = True) -> None:
     (`exists`: checked to exist too)."""
     kind, _, arg = str(spec).partition(":")
     if kind not in SOURCES:
-        meant = _kind_of(Path(str(spec)).expanduser())
-        hint = f": did you mean {meant}:{spec}?" if meant else ""
-        raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)}){hint}")  # fmt: skip
+        raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)}){_meant(spec)}")  # fmt: skip
     if kind == "digits" and arg:  # (digits:~/mnist trained on the 8x8 digits, unsaid)
         raise UserError(f"'{spec}': digits is scikit-learn's bundled 8x8 digits and takes no path: --data digits (your own images: folder:PATH)")  # fmt: skip
     if kind in PATH_KINDS and not arg:
@@ -118,12 +116,16 @@ def check_spec(spec: str, exists: bool = True) -> None:
         raise UserError(f"dataset path does not exist: {arg}")
 
 
-def _kind_of(path: Path) -> str | None:
-    """The kind of spec a bare path given as --data reads as (None: not one)."""
-    if path.is_file():
-        return "csv" if path.suffix.lower() == ".csv" else None
-    marks = {"wnids.txt": "tiny-imagenet", "shards.json": "wds", "dataset_dict.json": "hf", "state.json": "hf"}  # fmt: skip
-    return next((kind for name, kind in marks.items() if (path / name).is_file()), "folder") if path.is_dir() else None  # fmt: skip
+def _meant(spec: str) -> str:
+    """What a bare path given as --data may have meant, said after its refusal ('': not a path)."""
+    path, marks = Path(spec).expanduser(), {"wnids.txt": "tiny-imagenet", "shards.json": "wds", "dataset_dict.json": "hf", "state.json": "hf"}  # fmt: skip
+    if not path.is_dir():
+        return f": did you mean csv:{spec}?" if path.suffix.lower() == ".csv" and path.is_file() else ""  # fmt: skip
+    if kind := next((kind for name, kind in marks.items() if (path / name).is_file()), None):
+        return f": did you mean {kind}:{spec}?"
+    if os.access(path, os.R_OK | os.X_OK) and not any(entry.is_dir() for entry in path.iterdir()):
+        return f": {spec} holds no class folders (folder:PATH takes a folder of one folder per class; to classify images: transferlab predict RUN {spec})"  # fmt: skip
+    return f": did you mean folder:{spec}?"
 
 
 def load(spec: str, val_fraction: float = 0.1, limit: int | None = None, fold: str = "none", scoring: bool = False) -> Dataset:  # fmt: skip
@@ -318,11 +320,7 @@ def _marked(folder: Path) -> bool:
 def _image_files(path: Path) -> list[str]:
     if not path.is_dir():
         return []
-    return sorted(
-        str(f)
-        for f in path.iterdir()
-        if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
-    )
+    return sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))  # fmt: skip
 
 
 def _no_broken_class(root: Path) -> None:
