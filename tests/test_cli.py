@@ -335,6 +335,15 @@ def test_the_recipes_transferlab_comes_with_run_by_name_from_anywhere(tmp_path, 
     monkeypatch.chdir(tmp_path)
     for name in ("tiny-imagenet", "digits-five.yaml", "recipes/15-scene.yaml", "seed-demo.yml"):
         assert recipefile.find(name).parent == recipefile.OWN, name  # (pass 41 F3: the docs')
+    (tmp_path / "digits-five").mkdir()  # pass 43 (F5): `run digits-five --out digits-five`
+    assert recipefile.find("digits-five").parent == recipefile.OWN  # could not be run again
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(UserError, match="^recipe folder.yaml is a folder: name its .yaml file$"):
+        recipefile.find("folder.yaml")
+    (tmp_path / "to-folder.yaml").symlink_to(tmp_path / "folder.yaml")  # (a link, not gone)
+    with pytest.raises(UserError, match="^recipe to-folder.yaml is a folder: name its .yaml file$"):  # fmt: skip
+        recipefile.find("to-folder.yaml")
+    (tmp_path / "digits-five").rmdir()
     (tmp_path / "digits-five").write_text("steps: [{train: mine}]\n")  # yours comes first
     assert recipefile.find("digits-five") == Path("digits-five")
     (tmp_path / "15-scene.yaml").write_text("steps: [{train: mine}]\n")  # pass 41 (F2): the

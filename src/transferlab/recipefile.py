@@ -26,13 +26,13 @@ def find(path: str | Path) -> Path:
         path = next((p for p in (Path(f"{text}.yaml"), Path(f"{text}.yml")) if p.is_file()), path)
     if path.is_file():
         return path
-    if path.is_dir():
-        raise UserError(f"recipe {path} is a folder: name its .yaml file")
-    if path.is_symlink():
+    if path.is_symlink() and not path.exists():
         raise UserError(f"recipe {path} is a link to {os.readlink(path)}, which does not exist")
     own = {p.stem: p for p in OWN.glob("*.yaml")}
-    if (text == path.name or text == f"recipes/{path.name}") and stem in own:  # (not ./NAME)
-        return own[stem]
+    if (text == path.name or text == f"recipes/{path.name}") and stem in own:  # (not ./NAME; a
+        return own[stem]  # folder of that name, `--out digits-five` say, is not a recipe)
+    if path.is_dir():
+        raise UserError(f"recipe {path} is a folder: name its .yaml file")
     raise UserError(f"recipe not found: {text} (the ones transferlab comes with, run by name: {', '.join(sorted(own))})")  # fmt: skip
 
 
