@@ -182,6 +182,7 @@ def test_the_api_exports_and_refuses_as_the_cli_does(trained_run, tmp_path):
         (lambda: run.export("onnx", 123), "out is the path of the file to write, not 123"),
         (lambda: ens.export("onnx", tmp_path / "e.ONNX"), "pass overwrite=True to replace it$"),
         (lambda: run.export("onnx", input_size=7), "^input_size applies to an ensemble"),  # pass 32
+        (lambda: run.export("onnx", input_size=0), "^input_size applies to an ensemble"),  # pass 43
         (lambda: run.export(["onnx"]), "format is one of onnx, .*, not \\['onnx'\\]"),  # pass 30
         (
             lambda: ens.export("onnx", input_size=16.7),

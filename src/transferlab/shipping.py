@@ -101,7 +101,7 @@ def export_any(
         if fmt != "onnx":
             raise UserError(f"an ensemble exports as one ONNX graph, not {fmt}: --format onnx")
         return export_ensemble(path, out, overwrite, input_size)
-    if input_size:
+    if input_size is not None:  # (0 too)
         raise UserError("--input-size applies to an ensemble; a run's graph takes its own size")
     if fmt == "hf":
         return export_hf(path, out, overwrite)
