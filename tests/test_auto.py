@@ -38,7 +38,7 @@ def test_budget_durations(text, seconds):
     assert auto.parse_budget(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["30", "", "m", "-5m", "10 minutes", "1h-2m", "10s", "721h", "9" * 20 + "h"])  # fmt: skip
+@pytest.mark.parametrize("text", ["30", "", "m", "-5m", "10 minutes", "1h-2m", "10s", "721h", "9" * 20 + "h", "1h90m", "1m60s", "1h0m75s"])  # fmt: skip
 def test_budget_refuses_what_is_not_a_duration(text):
     with pytest.raises(UserError):
         auto.parse_budget(text)

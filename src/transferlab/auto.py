@@ -65,13 +65,13 @@ CLOCK, CLOCK_EVERY = "auto.clock", 1.0  # the time spent, written every second (
 
 def parse_budget(text: str) -> float:
     """'30m', '90s', '1h', '1h30m' -> seconds; a bare number is refused (which unit?)."""
-    parts = re.fullmatch(
-        r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", str(text)
-    )
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", str(text))  # fmt: skip
     if not parts or not any(parts.groups()):
         raise UserError(f"--budget must be a duration such as 30m, 90s, 1h or 1h30m, got {text!r}")
     h, m, s = (float(g or 0) for g in parts.groups())
     seconds = 3600 * h + 60 * m + s
+    if part := (h and m >= 60 and "minutes") or ((h or m) and s >= 60 and "seconds"):  # 1h90m
+        raise UserError(f"--budget {text}: {part} of 60 or more after a larger unit look like a typo; for {seconds / 60:g} minutes write {seconds / 60:g}m")  # fmt: skip
     if seconds < 60:  # the study keeps 20 s for its choice and report: 10 s ran nothing
         raise UserError(
             f"--budget {text} is under a minute: after the 20 s kept for the choice and the "
