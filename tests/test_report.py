@@ -300,6 +300,15 @@ def test_a_run_that_has_not_finished_is_named_as_left_out_and_a_file_is_not_miss
     shutil.copytree(tmp_path / "stopped", recipe_out / "a")
     with pytest.raises(UserError, match="stopped: run the recipe that made it again to finish"):
         checkpoint.read_meta(recipe_out / "a")
+    study = recipe_out / "au"  # pass 43 (F4): an auto step's candidate the study skipped
+    shutil.copytree(trained_run, study / "best")  # for its budget was "left out: finish it
+    (study / "auto.json").write_text("{}")  # with transferlab auto --resume", which did not
+    outputs.mark(study, "auto")
+    shutil.copytree(tmp_path / "stopped", study / "candidates" / "dcnn-16" / "fold-1")
+    capsys.readouterr()
+    report.write(recipe_out)
+    said = capsys.readouterr().err
+    assert "recipe-out/a: a run" in said and "dcnn-16" not in said and "transferlab auto" not in said, said  # fmt: skip
     with pytest.raises(UserError, match="report.md is a file; report a folder of runs"):
         report.write(tmp_path / "report.md")
 

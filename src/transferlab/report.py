@@ -326,13 +326,15 @@ def write(root: str | Path, held: bool = False) -> tuple[Path, str]:
 def _unfinished(root: Path) -> list[Path]:
     """The run folders under `root` without meta.json yet: marked as runs, or with training
     state (they were left out of the table without a word; one in its first epoch has no
-    state yet, only its mark)."""
+    state yet, only its mark). Not an auto study's candidates: the study decides which it
+    finishes (one skipped for its budget stays so), and its best/ is what is reported."""
     found = {p.parent for p in root.rglob("*") if p.name in (outputs.MARK, "state")}  # one walk
     return sorted(
         p
         for p in found
         if not (p / "meta.json").exists() and (outputs.read_mark(p) or {}).get("kind") == "run"
-    )
+        and not _study_inside(p, root)
+    )  # fmt: skip
 
 
 def _write(root: Path) -> tuple[Path, str]:
