@@ -44,6 +44,29 @@ def test_budget_refuses_what_is_not_a_duration(text):
         auto.parse_budget(text)
 
 
+def test_timing_stops_where_it_would_leave_no_time_to_run_a_timed_candidate(monkeypatch):
+    """Hostile pass 43 (F1): resumed with a larger budget, a study spent all of it timing the
+    candidates not yet timed, then could not run the 11 s one it had timed before."""
+    left = [60.0]
+
+    def timing(c, ds, precision):  # each timing costs 20 s and says 30 s
+        left[0] -= 20.0
+        return 30.0, 0.0, 0.0
+
+    monkeypatch.setattr(auto, "estimate", timing)
+    Candidate = autospace.Candidate
+    before = Candidate("before", "probe", {}, 0.7, "a", estimate=10.0)
+    fresh = [Candidate(f"c{i}", "probe", {}, 0.7, "b") for i in range(3)]
+    auto._time_candidates([fresh[0], before, *fresh[1:]], None, "fp32", lambda: left[0], lambda: None)  # fmt: skip
+    assert [c.estimate for c in fresh] == [30.0, 30.0, 0.0] and left[0] == 20.0
+    assert (fresh[2].status, fresh[2].why) == ("skipped", "not timed: the time left was kept to run before")  # fmt: skip
+    assert auto.pick([before, *fresh], left[0], set()) is before  # 11.5 s of 20
+    left[0] = 15.0  # nothing timed yet: timing goes on while time is left, as before
+    fresh = [Candidate(f"c{i}", "probe", {}, 0.7, "b") for i in range(2)]
+    auto._time_candidates(fresh, None, "fp32", lambda: left[0], lambda: None)
+    assert [c.status for c in fresh] == ["pending", "skipped"] and fresh[1].why.startswith("the budget ran out")  # fmt: skip
+
+
 def test_folds_cover_train_and_val_once_and_leave_test_alone():
     ds = data.load("digits")
     pool = folds.pool(ds.splits)

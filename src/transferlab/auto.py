@@ -73,10 +73,7 @@ def parse_budget(text: str) -> float:
     if part := (h and m >= 60 and "minutes") or ((h or m) and s >= 60 and "seconds"):  # 1h90m
         raise UserError(f"--budget {text}: {part} of 60 or more after a larger unit look like a typo; for {seconds / 60:g} minutes write {seconds / 60:g}m")  # fmt: skip
     if seconds < 60:  # the study keeps 20 s for its choice and report: 10 s ran nothing
-        raise UserError(
-            f"--budget {text} is under a minute: after the 20 s kept for the choice and the "
-            "report, nothing could be trained"
-        )
+        raise UserError(f"--budget {text} is under a minute: after the 20 s kept for the choice and the report, nothing could be trained")  # fmt: skip
     if seconds > 30 * 86400:  # a clock counted in float seconds stays exact far below this
         raise UserError(f"--budget {text} is over 30 days (720h): give a budget the study can keep")
     return seconds
@@ -158,9 +155,7 @@ def save_state(out: Path, settings: dict, cands: list[Candidate], spent: float) 
     checkpoint.write_json(out / STATE, state)
 
 
-def load_state(
-    out: Path, settings: dict, was_spelled: str = "", shape: tuple | None = None
-) -> tuple[list[Candidate] | None, float]:
+def load_state(out: Path, settings: dict, was_spelled: str = "", shape: tuple | None = None) -> tuple[list[Candidate] | None, float]:  # fmt: skip
     """A resumed study's candidates and time spent (`CLOCK` too: a study killed mid-candidate);
     its data, folds and seed must not change, nor its images once something was trained on them
     (changed before: no candidates, the study times them anew). Candidates skipped or stopped
@@ -183,10 +178,7 @@ def load_state(
         raise UserError(f"{out} was started with {was} (now {now}): resume it with the same "
                         f"{' and '.join(changed)}, or start a new study in another folder")  # fmt: skip
     if spent > settings["budget"]:
-        raise UserError(
-            f"{out} has spent {clock(spent)} already, more than --budget {clock(settings['budget'])}"
-            f": {autochoose.LARGER} to resume it"
-        )
+        raise UserError(f"{out} has spent {clock(spent)} already, more than --budget {clock(settings['budget'])}: {autochoose.LARGER} to resume it")  # fmt: skip
     was, now = state["settings"].get("content"), settings.get("content")
     if was and now and was not in (now, was_spelled):  # none before the check: not compared
         if not _trained(cands):
@@ -384,18 +376,26 @@ def _unreadable(err: UnreadableImages, spec: str, cands: list[Candidate], fresh:
 
 
 def _time_candidates(cands: list[Candidate], ds, precision: str, left, save) -> None:
-    """Estimate each pending candidate's cost (`estimate`) while `left()` seconds remain,
-    `save()`-ing the study after each."""
-    for c in cands:
-        if c.status == "pending" and not c.estimate and left() <= 0:
+    """Estimate each pending candidate's cost (`estimate`) while `left()` seconds remain and,
+    after the longest timing yet, still run the cheapest timed one (a resume with a larger
+    budget spent it all on timing, then ran nothing); `save()` the study after each."""
+    longest = 0.0
+    for c in (c for c in cands if c.status == "pending" and not c.estimate):
+        timed = [d for d in cands if d.status == "pending" and d.estimate]
+        cheapest = min(timed, key=Candidate.cost, default=None)
+        if left() <= 0:
             c.status, c.why = "skipped", "the budget ran out before it was timed"
-        elif c.status == "pending" and not c.estimate:
+        elif cheapest and left() - longest < cheapest.cost() * SAFETY:
+            c.status, c.why = "skipped", f"not timed: the time left was kept to run {cheapest.name}"
+        else:
+            before = left()
             try:
                 c.estimate, c.decode, c.per_epoch = estimate(c, ds, precision)
             except UnreadableImages as err:
                 raise _unreadable(err, ds.spec, cands) from None
             except UserError as err:  # e.g. a cached backbone that cannot pool stages
                 c.status, c.why = "failed", str(err)
+            longest = max(longest, before - left())
             save()
 
 
@@ -425,9 +425,7 @@ def _run_candidate(c: Candidate, ds, out: Path, settings: dict, log, quiet: bool
             meta = _fit_run(make_config({"fold": f"{i}/{FOLDS}"}, cfg), run, quiet)
             logits, targets = checkpoint.load_logits(run, "val")
             if len(targets) != len(held) or (targets != y[held]).any():
-                raise UserError(
-                    f"{c.name} fold {i}: its val split is not fold {i} (skipped images?)"
-                )
+                raise UserError(f"{c.name} fold {i}: its val split is not fold {i} (skipped images?)")  # fmt: skip
             logp[held] = evaluate.log_softmax(logits)
             test.append(evaluate.log_softmax(checkpoint.load_logits(run, "test")[0]))
             c.folds_done = i
