@@ -157,7 +157,7 @@ def test_ensemble_with_tta_is_recorded_and_recomputed(hetero_runs, tmp_path):
         ensembles.build(runs, "soft", tmp_path / "bad", quiet=True, tta="mirror")
 
 
-def test_a_moved_tree_of_runs_and_ensemble_predicts_the_same(hetero_runs, tmp_path):
+def test_a_moved_tree_of_runs_and_ensemble_predicts_the_same(hetero_runs, tmp_path, capsys):
     import shutil
 
     from transferlab import predict
@@ -182,8 +182,13 @@ def test_a_moved_tree_of_runs_and_ensemble_predicts_the_same(hetero_runs, tmp_pa
         predict.predict(tmp_path / "ens-alone", images, quiet=True)
     shutil.copytree(tmp_path / "moved" / "dcnn", tree / "dcnn")  # back where it was built
     shutil.copytree(tmp_path / "moved" / "resnet", tree / "resnet")
+    capsys.readouterr()
     alone, _ = predict.predict(tmp_path / "ens-alone", images, top_k=3, quiet=True)
     assert alone == before
+    predict.predict(tmp_path / "ens-alone", images, quiet=True)  # pass 43 (F7): unsaid, the
+    said = capsys.readouterr().err.splitlines()  # copy leaned on its original; said once each
+    assert [line.split(":")[0] for line in said] == ["note"] * 2, said
+    assert said[0].startswith("note: member ../dcnn of ensemble ") and said[0].endswith(f"ens-alone/../dcnn): using the run it was built from, {tree / 'dcnn'}")  # fmt: skip
 
 
 def test_the_same_run_twice_is_not_an_ensemble(trained_run, tmp_path):
