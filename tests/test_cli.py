@@ -174,6 +174,11 @@ def test_unknown_recipe_key(capsys, tmp_path):
     got = recipebook.apply_overrides(book, {"lr": "1e-3", "seed": "-2", "name": "7", "steps.0.name": "8", "fold": "1/5"})  # fmt: skip
     assert got["overrides"] == {"lr": 0.001, "seed": -2, "fold": "1/5"} and got["name"] == "7"
     assert got["steps"][0]["name"] == "8"
+    got = recipebook.apply_overrides(book, {"lr": "'1e-3'", "epochs": '"2"', "steps.1.model": "'dcnn'", "data": "'", "name": "\"'"})  # fmt: skip
+    assert got["overrides"] == {"lr": "1e-3", "epochs": "2"} and got["steps"][1]["model"] == "dcnn"  # fmt: skip
+    assert (got["data"], got["name"]) == ("'", "\"'")  # pass 43 (F6): quoted as YAML quotes
+    step = recipebook.parse_step(got["steps"][1], 2)[2]  # (a recipe's lr: "1e-3"), one quote kept
+    assert (recipebook.train_config(got, step).lr, recipebook.train_config(got, step).model) == (0.001, "dcnn")  # fmt: skip
     got = recipebook.apply_overrides(book, {"steps.0.weights": "007", "steps.0.train": "2024"})
     assert got["steps"][0] | {"weights": "007", "train": "2024"} == got["steps"][0]  # (pass 32: 7)
     with pytest.raises(Exception, match="top-level data: --set data=SPEC"):  # pass 29: ran
