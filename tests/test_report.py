@@ -306,9 +306,15 @@ def test_a_run_that_has_not_finished_is_named_as_left_out_and_a_file_is_not_miss
     outputs.mark(study, "auto")
     shutil.copytree(tmp_path / "stopped", study / "candidates" / "dcnn-16" / "fold-1")
     capsys.readouterr()
+    shutil.copytree(trained_run, study / "mine")  # pass 44 (F3): not the study's, put in it:
+    shutil.copytree(study, study / "inner", ignore=shutil.ignore_patterns("inner", "mine"))  # in
+    shutil.copytree(tmp_path / "stopped", study / "mine-stopped")  # the table or said left out
     report.write(recipe_out)
     said = capsys.readouterr().err
     assert "recipe-out/a: a run" in said and "dcnn-16" not in said and "transferlab auto" not in said, said  # fmt: skip
+    assert "au/mine-stopped: a run" in said, said
+    rows = [r.split(",")[0] for r in (recipe_out / "results.csv").read_text().splitlines()[1:]]
+    assert sorted(rows) == ["au/best", "au/inner/best", "au/mine"], rows
     with pytest.raises(UserError, match="report.md is a file; report a folder of runs"):
         report.write(tmp_path / "report.md")
 

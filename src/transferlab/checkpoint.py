@@ -192,6 +192,8 @@ def unfinished(run: str | Path) -> str:
         kind = (read_mark(folder) or {}).get("kind")
         if kind == "recipe":
             return "still training, or stopped: run the recipe that made it again to finish it"
+        if kind == "auto" and not Path(run).resolve().is_relative_to(folder / "candidates"):
+            break  # not the study's: a run put in its folder (pass 44)
         if kind == "auto":  # a candidate's fold run
             return (f"still training, or stopped: finish it with transferlab auto --out {folder} "
                     "--resume, with the study's --data and --budget")  # fmt: skip

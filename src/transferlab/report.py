@@ -87,13 +87,10 @@ def _files(root: Path, name: str) -> list[Path]:
 
 
 def _study_inside(path: Path, root: Path) -> bool:
-    """A candidate of a `transferlab auto` study: not a result (its test was never scored);
-    the study's best/ is."""
+    """A candidate of a `transferlab auto` study (under its candidates/): not a result (its
+    test was never scored); the study's best/ is, and so is anything else put in its folder."""
     parts = path.relative_to(root).parts
-    for i in range(len(parts)):
-        if (root.joinpath(*parts[:i]) / "auto.json").is_file():
-            return parts[i] != "best"
-    return False
+    return any(part == "candidates" and (root.joinpath(*parts[:i]) / "auto.json").is_file() for i, part in enumerate(parts))  # fmt: skip
 
 
 def class_scores(path: Path, names: list[str]) -> dict:
