@@ -59,12 +59,27 @@ def test_timing_stops_where_it_would_leave_no_time_to_run_a_timed_candidate(monk
     fresh = [Candidate(f"c{i}", "probe", {}, 0.7, "b") for i in range(3)]
     auto._time_candidates([fresh[0], before, *fresh[1:]], None, "fp32", lambda: left[0], lambda: None)  # fmt: skip
     assert [c.estimate for c in fresh] == [30.0, 30.0, 0.0] and left[0] == 20.0
-    assert (fresh[2].status, fresh[2].why) == ("skipped", "not timed: the time left was kept to run before")  # fmt: skip
+    assert (fresh[2].status, fresh[2].why) == ("skipped", "not timed: timing it would leave too little time to run the cheapest candidate timed")  # fmt: skip
     assert auto.pick([before, *fresh], left[0], set()) is before  # 11.5 s of 20
+    left[0], fresh = 11.0, [Candidate(f"c{i}", "probe", {}, 0.7, "b") for i in range(2)]
+    before.status = "pending"  # pass 44 (F1): none timed fits (11.5 s of 11): time kept for
+    auto._time_candidates([before, *fresh], None, "fp32", lambda: left[0], lambda: None)  # none
+    assert [c.estimate for c in fresh] == [30.0, 0.0] and fresh[1].why.startswith("the budget ran out")  # fmt: skip
     left[0] = 15.0  # nothing timed yet: timing goes on while time is left, as before
     fresh = [Candidate(f"c{i}", "probe", {}, 0.7, "b") for i in range(2)]
     auto._time_candidates(fresh, None, "fp32", lambda: left[0], lambda: None)
     assert [c.status for c in fresh] == ["pending", "skipped"] and fresh[1].why.startswith("the budget ran out")  # fmt: skip
+
+
+def test_the_leaderboard_leaves_the_estimate_of_a_candidate_never_timed_blank(tmp_path):
+    """Pass 44 (F1): a candidate skipped before it was timed showed an estimate of 0 s."""
+    settings = {"model": "dcnn", "input_size": 16}
+    timed = autospace.Candidate("timed", "probe", settings, 0.7, "a", estimate=12.4, status="skipped")  # fmt: skip
+    untimed = autospace.Candidate("untimed", "probe", settings, 0.7, "b", status="skipped")
+    result = {"test": {"top1": 0.9, "loss": 0.3}, "desc": "x", "options": []}
+    autochoose.write_report(tmp_path, data.load("digits"), [timed, untimed], result, 60.0, 30.0)
+    rows = [r for r in (tmp_path / "report.md").read_text().splitlines() if r.startswith("| untimed") or r.startswith("| timed")]  # fmt: skip
+    assert [r.split("|")[7].strip() for r in rows] == ["12", ""], rows
 
 
 def test_folds_cover_train_and_val_once_and_leave_test_alone():

@@ -377,16 +377,15 @@ def _unreadable(err: UnreadableImages, spec: str, cands: list[Candidate], fresh:
 
 def _time_candidates(cands: list[Candidate], ds, precision: str, left, save) -> None:
     """Estimate each pending candidate's cost (`estimate`) while `left()` seconds remain and,
-    after the longest timing yet, still run the cheapest timed one (a resume with a larger
+    after the longest timing yet, the cheapest timed one still runs (a resume with a larger
     budget spent it all on timing, then ran nothing); `save()` the study after each."""
     longest = 0.0
     for c in (c for c in cands if c.status == "pending" and not c.estimate):
-        timed = [d for d in cands if d.status == "pending" and d.estimate]
-        cheapest = min(timed, key=Candidate.cost, default=None)
+        timed = [d.cost() * SAFETY for d in cands if d.status == "pending" and d.estimate]
         if left() <= 0:
             c.status, c.why = "skipped", "the budget ran out before it was timed"
-        elif cheapest and left() - longest < cheapest.cost() * SAFETY:
-            c.status, c.why = "skipped", f"not timed: the time left was kept to run {cheapest.name}"
+        elif left() - longest < min(timed, default=0) <= left():  # (it fits: kept for it)
+            c.status, c.why = "skipped", "not timed: timing it would leave too little time to run the cheapest candidate timed"  # fmt: skip
         else:
             before = left()
             try:

@@ -232,7 +232,7 @@ def write_report(
             f"{c.settings['input_size']}px",
             f"{c.cv['top1']:.2%}" if c.cv else "",
             f"{c.cv['loss']:.4f}" if c.cv else "",
-            f"{c.estimate:.0f}",
+            f"{c.estimate:.0f}" if c.estimate else "",  # (not timed)
             f"{c.seconds:.0f}",
             c.status,
             c.why,
