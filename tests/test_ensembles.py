@@ -185,10 +185,15 @@ def test_a_moved_tree_of_runs_and_ensemble_predicts_the_same(hetero_runs, tmp_pa
     capsys.readouterr()
     alone, _ = predict.predict(tmp_path / "ens-alone", images, top_k=3, quiet=True)
     assert alone == before
-    predict.predict(tmp_path / "ens-alone", images, quiet=True)  # pass 43 (F7): unsaid, the
-    said = capsys.readouterr().err.splitlines()  # copy leaned on its original; said once each
-    assert [line.split(":")[0] for line in said] == ["note"] * 2, said
-    assert said[0].startswith("note: member ../dcnn of ensemble ") and said[0].endswith(f"ens-alone/../dcnn): using the run it was built from, {tree / 'dcnn'}")  # fmt: skip
+    from transferlab.cli import main  # pass 43 (F7): unsaid, the copy leaned on its original
+
+    alone = tmp_path / "ens-alone"
+    code = main(["evaluate", str(alone), "--tta", "crops"])  # pass 44 (F4): a refusal is its
+    said = capsys.readouterr().err.splitlines()  # line alone, without the notes before it
+    assert code == 2 and len(said) == 1 and "error: --tta crops" in said[0], said
+    code = main(["evaluate", str(alone)])  # said once each, after every refusal
+    said = capsys.readouterr().err.splitlines()
+    assert code == 0 and said[-2:] == [f"note: member ../{m} of ensemble {alone} is not beside it ({alone / '..' / m}): using the run it was built from, {tree / m}" for m in ("dcnn", "resnet")], said  # fmt: skip
 
 
 def test_the_same_run_twice_is_not_an_ensemble(trained_run, tmp_path):

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import stops
+
 
 @dataclass(frozen=True)
 class Model:
@@ -73,7 +75,8 @@ class Model:
         CLI says them (they were dropped: the score read as held out)."""
         from . import ensembles
 
-        result = ensembles.evaluate_path(self.path, data, split, True, tta)
+        with _api_words():
+            result = ensembles.evaluate_path(self.path, data, split, True, tta)
         return result["metrics"] | {"notes": result["notes"]}
 
     def export(
@@ -187,7 +190,9 @@ def _api_words():
 
     try:
         yield
+        stops.say_later()  # (the notes that waited for every refusal)
     except UserError as err:
+        stops.LATER.clear()
         said = re.sub(r"--(resume|overwrite)\b", r"\1=True", str(err)).replace("--log-json", "log_json")  # fmt: skip
         said = re.sub(
             r"--(format|out|input-size|top-k|tta)\b", lambda m: m[1].replace("-", "_"), said

@@ -26,7 +26,7 @@ from .config import (
     parse_set,
     sigterm_stops,
 )
-from .stops import alike, going_on, other_rank, peer_stopped, said_by_rank_0
+from .stops import LATER, alike, going_on, other_rank, peer_stopped, said_by_rank_0, say_later
 
 EXAMPLES = {
     "demo": "transferlab demo                       # ~10 min on 2 CPU cores, no download",
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             setattr(args, key, os.path.expanduser(value))
         elif isinstance(value, list):
             setattr(args, key, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
-    args.started = started
+    args.started, LATER[:] = started, []  # (a note of a call that was refused: not this one's)
     if getattr(args, "quiet", False):  # the Hugging Face libraries' own bars (hf: data, hub)
         os.environ |= {
             "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             raise EveryRank(f"{args.command} runs in one process: run it without torchrun (train and finetune run under it{'; train --lr auto runs the range test itself' if args.command == 'lr-find' else ''})")  # fmt: skip
         with sigterm_stops(args.command != "serve"):  # (uvicorn stops serve by itself)
             (COMMANDS | cli_ship.COMMANDS)[args.command](args)
+            say_later()  # (notes that wait for every refusal: `stops.later`)
     except UserError as err:
         if not isinstance(err, EveryRank) or not other_rank():
             print(f"transferlab {who}: error: {err}", file=sys.stderr)

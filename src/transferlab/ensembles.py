@@ -28,6 +28,7 @@ from .members import (
     split_apart,
     val_used,
 )
+from .stops import later
 
 ENSEMBLE = "ensemble.json"
 PARAMS = "combiner.npz"  # the fitted combiner (weights; the stacker's coefficients)
@@ -161,9 +162,6 @@ def is_ensemble(path: str | Path) -> bool:
     return (Path(path) / ENSEMBLE).is_file()
 
 
-_NOTED: set[str] = set()  # the members said to be read from where they were built, once
-
-
 def read(path: str | Path, resolve: bool = True) -> dict:
     """ensemble.json, each member's "run" resolved: relative to the ensemble folder (so a tree
     of runs and ensembles can be moved, copied or archived), else where it was at build time.
@@ -187,9 +185,8 @@ def read(path: str | Path, resolve: bool = True) -> dict:
                 f"member {Path(m['run']).name} of ensemble {path} is not at {places[0]} (beside "
                 f"the ensemble) nor at {places[1]} (where it was built); put it back in either"
             )
-        if found == places[1] and str(places[0]) not in _NOTED:  # (a copy leaning on its original)
-            _NOTED.add(str(places[0]))
-            print(f"note: member {m['run']} of ensemble {path} is not beside it ({places[0]}): using the run it was built from, {found}", file=sys.stderr)  # fmt: skip
+        if found == places[1]:  # (a copy leaning on its original, unsaid)
+            later(f"member {m['run']} of ensemble {path} is not beside it ({places[0]}): using the run it was built from, {found}")  # fmt: skip
         m["run"] = str(found)
     return info
 

@@ -362,6 +362,10 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, **options
     app = app_for(path, **options)
     import uvicorn
 
+    from .stops import say_later
+
+    say_later()  # every refusal is behind: the notes that waited for them
+
     print(f"serving {path} on http://{host}:{port} (POST /predict, GET /health, GET /info)",
           flush=True)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -9,6 +9,7 @@ import contextlib
 import io
 import os
 import re
+import sys
 from pathlib import Path
 
 from .config import EveryRank, UserError
@@ -16,6 +17,8 @@ from .config import EveryRank, UserError
 RESUME = "rerun with --resume to continue"  # a stop's advice (a recipe says its own)
 AGAIN = "run the recipe again to continue (finished steps are skipped, this one resumes)"
 META = "meta.json"  # (checkpoint.META: a finished run's record)
+LATER: list[str] = []  # notes said once the command has refused nothing (`later`, `say_later`)
+SAID: set[str] = set()
 
 
 def has_checkpoint(out: Path) -> bool:
@@ -71,3 +74,17 @@ def going_on(command: str, out: str | None) -> str:
     if command == "auto" and unfinished:
         return f" (the study's finished candidates are kept in {out}): {RESUME}"
     return ""
+
+
+def later(note: str) -> None:
+    """A note read where the command has not yet checked all it refuses (its options, a member's
+    weights): said by `say_later` once it has, once; a refusal stays one line."""
+    if note not in LATER:
+        LATER.append(note)
+
+
+def say_later() -> None:
+    for note in (n for n in LATER if n not in SAID):  # once a process (the API's calls)
+        print(f"note: {note}", file=sys.stderr)
+        SAID.add(note)
+    LATER.clear()
