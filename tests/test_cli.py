@@ -174,8 +174,10 @@ def test_unknown_recipe_key(capsys, tmp_path):
     got = recipebook.apply_overrides(book, {"lr": "1e-3", "seed": "-2", "name": "7", "steps.0.name": "8", "fold": "1/5"})  # fmt: skip
     assert got["overrides"] == {"lr": 0.001, "seed": -2, "fold": "1/5"} and got["name"] == "7"
     assert got["steps"][0]["name"] == "8"
-    got = recipebook.apply_overrides(book, {"lr": "'1e-3'", "epochs": '"2"', "steps.1.model": "'dcnn'", "data": "'", "name": "\"'"})  # fmt: skip
-    assert got["overrides"] == {"lr": "1e-3", "epochs": "2"} and got["steps"][1]["model"] == "dcnn"  # fmt: skip
+    from transferlab.config import parse_set
+
+    got = recipebook.apply_overrides(book, parse_set(["lr='1e-3'", 'epochs="2"', "steps.1.model='dcnn'", "data='", "name=\"'"]))  # fmt: skip
+    assert got["overrides"] == {"lr": 0.001, "epochs": 2} and got["steps"][1]["model"] == "dcnn"  # fmt: skip
     assert (got["data"], got["name"]) == ("'", "\"'")  # pass 43 (F6): quoted as YAML quotes
     step = recipebook.parse_step(got["steps"][1], 2)[2]  # (a recipe's lr: "1e-3"), one quote kept
     assert (recipebook.train_config(got, step).lr, recipebook.train_config(got, step).model) == (0.001, "dcnn")  # fmt: skip
@@ -187,6 +189,9 @@ def test_unknown_recipe_key(capsys, tmp_path):
     assert_one_line_error(capsys, ["run", recipe, "--out", tmp_path / "a", "--set", f"out={tmp_path / 'b'}"],
                           r"--out .*a and --set out=.*b disagree: give one")  # fmt: skip
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "f.txt").write_text("mine")  # pass 44 (F5): the same folder, quoted, agrees
+    assert_one_line_error(capsys, ["run", recipe, "--out", tmp_path / "f.txt", "--set", f"out='{tmp_path / 'f.txt'}'"],
+                          r"f.txt is a file")  # fmt: skip
 
 
 def test_class_mismatch(capsys, trained_run, tmp_path):

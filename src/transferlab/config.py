@@ -439,6 +439,8 @@ def parse_set(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise UserError(f"--set expects key=value, got {pair!r}")
         key, value = (part.strip() for part in pair.split("=", 1))
+        if len(value) > 1 and value[0] == value[-1] in "'\"":  # lr='1e-3': as YAML reads it
+            value = value[1:-1]
         if key in out and out[key] != value:  # the last one won, silently
             raise UserError(f"--set {key} is given twice, {out[key]} and {value}: give it once")
         out[key] = value

@@ -36,9 +36,7 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
     recipe = copy.deepcopy(recipe)
     recipe.setdefault("overrides", {})
     for key, value in overrides.items():
-        quoted = isinstance(value, str) and len(value) > 1 and value[0] == value[-1] in "'\""
-        value = value[1:-1] if quoted else value  # lr='1e-3' as YAML reads it: the recipe's "1e-3"
-        number = not quoted and isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value)  # fmt: skip
+        number = isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value)  # fmt: skip
         if number and key.rpartition(".")[2] in NUMBERS:  # as YAML: not '3'; 007 a path
             value = int(value) if value.lstrip("+-").isdigit() else float(value)
         if key in ("data", "out", "name"):
