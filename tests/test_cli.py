@@ -360,6 +360,15 @@ def test_the_recipes_transferlab_comes_with_run_by_name_from_anywhere(tmp_path, 
     assert recipefile.find("15-scene") == Path("15-scene.yaml")  # packaged one ran, unsaid
     (tmp_path / "seed-demo.yml").write_text("steps: [{train: mine}]\n")  # pass 42 (F3): .yml,
     assert recipefile.find("seed-demo") == Path("seed-demo.yml")  # a link to nothing, ./NAME
+    from transferlab import stops  # pass 44 (F2): which ran was unsaid; said as steps begin
+
+    assert stops.LATER[-1] == f"running seed-demo.yml, yours: transferlab comes with a recipe named seed-demo too (to run that one: transferlab run {recipefile.OWN / 'seed-demo.yaml'})"  # fmt: skip
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "digits-five.yaml").write_text("steps: [{train: mine}]\n")
+    assert recipefile.find("sub/digits-five.yaml").parent == Path("sub")  # a path: yours, plainly
+    said = [n.split(",")[0] for n in stops.LATER if n.startswith("running ")]
+    assert said == ["running digits-five", "running 15-scene.yaml", "running seed-demo.yml"], said
+    assert_one_line_error(capsys, ["run", "seed-demo", "--out", tmp_path / "15-scene.yaml"], r"error: recipe folder .*15-scene.yaml is a file")  # fmt: skip
     (tmp_path / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")
     with pytest.raises(UserError, match="^recipe gone.yaml is a link to .*nowhere.yaml, which does not exist$"):  # fmt: skip
         recipefile.find("gone.yaml")

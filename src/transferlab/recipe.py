@@ -57,7 +57,7 @@ from .recipebook import (  # noqa: F401  (the recipe's API: load, validate, ... 
     validate,
 )
 from .recipefile import MAX_BYTES, OWN, find  # noqa: F401  (MAX_BYTES, OWN: the recipe's API)
-from .stops import AGAIN, RESUME
+from .stops import AGAIN, RESUME, say_later
 
 
 def run(
@@ -121,6 +121,7 @@ def _steps(recipe: dict, out: Path, resolved: Path, quiet: bool) -> float:
         outputs.claim(out, "recipe", outputs.check_out(out, "recipe", resume=True))
         checkpoint.write_text(resolved, yaml.safe_dump(recipe, sort_keys=False))
         t0 = time.time()
+        say_later()  # (every refusal is behind: which recipe file ran, say)
         for i, step in enumerate(recipe["steps"], 1):
             kind, name, keys = parse_step(step, i)
             print(f"== step {i}/{len(recipe['steps'])}: {kind} {name}", flush=True)

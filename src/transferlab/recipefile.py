@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .config import UserError
+from .stops import later
 
 TOP_KEYS = ("name", "description", "data", "out", "defaults", "steps")
 MAX_BYTES = 1_000_000  # a recipe is a page of YAML, not a data file
@@ -24,11 +25,13 @@ def find(path: str | Path) -> Path:
     stem = next((path.name[: -len(e)] for e in (".yaml", ".yml") if path.name.endswith(e)), path.name)  # fmt: skip
     if stem == path.name:  # (`run digits-five`: yours, digits-five.yaml or .yml, first)
         path = next((p for p in (Path(f"{text}.yaml"), Path(f"{text}.yml")) if p.is_file()), path)
-    if path.is_file():
+    own = {p.stem: p for p in OWN.glob("*.yaml")}
+    if path.is_file():  # (yours, named as one transferlab comes with: which ran, said)
+        if stem in own and text == Path(text).name and path.resolve() != own[stem].resolve():
+            later(f"running {path}, yours: transferlab comes with a recipe named {stem} too (to run that one: transferlab run {own[stem]})")  # fmt: skip
         return path
     if path.is_symlink() and not path.exists():
         raise UserError(f"recipe {path} is a link to {os.readlink(path)}, which does not exist")
-    own = {p.stem: p for p in OWN.glob("*.yaml")}
     if (text == path.name or text == f"recipes/{path.name}") and stem in own:  # (not ./NAME; a
         return own[stem]  # folder of that name, `--out digits-five` say, is not a recipe)
     if path.is_dir():
