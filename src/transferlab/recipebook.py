@@ -39,6 +39,8 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
         number = isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value)  # fmt: skip
         if number and key.rpartition(".")[2] in NUMBERS:  # as YAML: not '3'; 007 a path
             value = int(value) if value.lstrip("+-").isdigit() else float(value)
+        if key in ("data", "out", "name") and isinstance(value, str) and not value.strip():
+            raise UserError(f"--set {key} is empty: give a value, or leave it out")  # (as lr's)
         if key in ("data", "out", "name"):
             recipe[key] = value
         elif key.startswith("steps.") or key == "steps":
