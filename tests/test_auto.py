@@ -65,6 +65,10 @@ def test_timing_stops_where_it_would_leave_no_time_to_run_a_timed_candidate(monk
     before.status = "pending"  # pass 44 (F1): none timed fits (11.5 s of 11): time kept for
     auto._time_candidates([before, *fresh], None, "fp32", lambda: left[0], lambda: None)  # none
     assert [c.estimate for c in fresh] == [30.0, 0.0] and fresh[1].why.startswith("the budget ran out")  # fmt: skip
+    left[0], fresh = 30.0, [Candidate("c0", "probe", {}, 0.7, "b")]  # pass 45 (F6): a resume
+    before.estimate, before.timing = 20.0, 25.0  # keeps time for its earlier rounds' timings
+    auto._time_candidates([before, *fresh], None, "fp32", lambda: left[0], lambda: None)  # too:
+    assert fresh[0].status == "skipped" and left[0] == 30.0  # 23 s of 30 left for `before`
     left[0] = 15.0  # nothing timed yet: timing goes on while time is left, as before
     fresh = [Candidate(f"c{i}", "probe", {}, 0.7, "b") for i in range(2)]
     auto._time_candidates(fresh, None, "fp32", lambda: left[0], lambda: None)
@@ -940,10 +944,10 @@ def test_each_timing_is_saved_as_it_is_made(tmp_path, monkeypatch):
     counted their time as spent."""
     settings = {"data": "digits", "folds": 5, "seed": 0, "budget": 600.0}
     cands = [_candidate("a", 0), _candidate("b", 0)]
-    timed = iter([(10.0, 1.0, 1.0), KeyboardInterrupt()])
+    timed, now = iter([(10.0, 1.0, 1.0), KeyboardInterrupt()]), [500.0]
 
     def estimate(c, ds, precision):
-        got = next(timed)
+        got, now[0] = next(timed), now[0] - 12.0  # (each timing: 12 s)
         if isinstance(got, BaseException):
             raise got  # killed while timing the second
         return got
@@ -951,9 +955,9 @@ def test_each_timing_is_saved_as_it_is_made(tmp_path, monkeypatch):
     monkeypatch.setattr(auto, "estimate", estimate)
     save = lambda: auto.save_state(tmp_path, settings, cands, 30.0)  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
-        auto._time_candidates(cands, None, "fp32", lambda: 500.0, save)
+        auto._time_candidates(cands, None, "fp32", lambda: now[0], save)
     loaded, _ = auto.load_state(tmp_path, settings)
-    assert [c.estimate for c in loaded] == [10.0, 0]
+    assert [c.estimate for c in loaded] == [10.0, 0] and [c.timing for c in loaded] == [12.0, 0]
 
 
 def test_a_recipe_s_auto_step_out_of_budget_says_how_a_recipe_gives_it_more(tmp_path, monkeypatch):

@@ -379,7 +379,7 @@ def _time_candidates(cands: list[Candidate], ds, precision: str, left, save) -> 
     """Estimate each pending candidate's cost (`estimate`) while `left()` seconds remain and,
     after the longest timing yet, the cheapest timed one still runs (a resume with a larger
     budget spent it all on timing, then ran nothing); `save()` the study after each."""
-    longest = 0.0
+    longest = max((c.timing for c in cands), default=0.0)  # (a resume: its earlier rounds')
     for c in (c for c in cands if c.status == "pending" and not c.estimate):
         timed = [d.cost() * SAFETY for d in cands if d.status == "pending" and d.estimate]
         if left() <= 0:
@@ -394,7 +394,8 @@ def _time_candidates(cands: list[Candidate], ds, precision: str, left, save) -> 
                 raise _unreadable(err, ds.spec, cands) from None
             except UserError as err:  # e.g. a cached backbone that cannot pool stages
                 c.status, c.why = "failed", str(err)
-            longest = max(longest, before - left())
+            c.timing = before - left()
+            longest = max(longest, c.timing)
             save()
 
 

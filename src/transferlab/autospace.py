@@ -64,6 +64,7 @@ class Candidate:
     full: dict = field(default_factory=dict)  # a shrunk candidate's own epochs and warm-up
     begun: bool = False  # its fold runs started: their settings stay (never shrunk again)
     folds_done: int = 0  # of its fold runs, those finished (kept on resume)
+    timing: float = 0.0  # the seconds its timing took (a resume keeps time for the longest)
 
     def cost(self) -> float:
         """The seconds its estimate says are still to run (finished fold runs are kept)."""
