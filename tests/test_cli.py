@@ -174,13 +174,19 @@ def test_unknown_recipe_key(capsys, tmp_path):
     got = recipebook.apply_overrides(book, {"lr": "1e-3", "seed": "-2", "name": "7", "steps.0.name": "8", "fold": "1/5"})  # fmt: skip
     assert got["overrides"] == {"lr": 0.001, "seed": -2, "fold": "1/5"} and got["name"] == "7"
     assert got["steps"][0]["name"] == "8"
-    from transferlab.config import parse_set
+    from transferlab.config import UserError, parse_set
 
     got = recipebook.apply_overrides(book, parse_set(["lr='1e-3'", 'epochs="2"', "steps.1.model='dcnn'", "data='", "name=\"'"]))  # fmt: skip
     assert got["overrides"] == {"lr": 0.001, "epochs": 2} and got["steps"][1]["model"] == "dcnn"  # fmt: skip
     assert (got["data"], got["name"]) == ("'", "\"'")  # pass 43 (F6): quoted as YAML quotes
     step = recipebook.parse_step(got["steps"][1], 2)[2]  # (a recipe's lr: "1e-3"), one quote kept
     assert (recipebook.train_config(got, step).lr, recipebook.train_config(got, step).model) == (0.001, "dcnn")  # fmt: skip
+    for pairs in (
+        ["steps.1.model=zz", "model=nosuch"],
+        ["model=nosuch", "steps.1.model=zz"],
+    ):  # pass
+        with pytest.raises(UserError, match=r"^--set model=nosuch sets every step, over --set steps.1.model=zz: give"):  # fmt: skip
+            recipebook.apply_overrides(book, parse_set(pairs))  # 45 (F3): step 2's beaten, unsaid
     got = recipebook.apply_overrides(book, {"steps.0.weights": "007", "steps.0.train": "2024"})
     assert got["steps"][0] | {"weights": "007", "train": "2024"} == got["steps"][0]  # (pass 32: 7)
     with pytest.raises(Exception, match="top-level data: --set data=SPEC"):  # pass 29: ran
@@ -392,6 +398,10 @@ def test_output_cut_short_by_a_pipe_is_no_error():
     proc.stdout.close()  # the reader is gone, as head leaves
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "error" not in err and "Traceback" not in err
+    # pass 45 (F1): a note that waited for the output (a moved ensemble's member) was lost
+    code = "from transferlab import cli, stops\ndef cmd(args):\n    stops.later('waited')\n    raise BrokenPipeError\ncli.COMMANDS['report'] = cmd\nraise SystemExit(cli.main(['report', '.']))"  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (141, "note: waited\n"), done
 
 
 def test_finetune_help_shows_the_defaults_it_uses(capsys):

@@ -72,6 +72,10 @@ def test_folder_errors_name_the_problem(tmp_path):
     (tmp_path / "loose" / "x.png").write_bytes(b"")
     with pytest.raises(UserError, match=r"\): \S+loose holds no class folders \(folder:PATH .* predict RUN \S+loose\)$"):  # fmt: skip
         data.load(str(tmp_path / "loose"))
+    with pytest.raises(
+        UserError, match=r"synthetic\): and no file or folder \S+nowhere exists$"
+    ):  # pass 45
+        data.load(str(tmp_path / "nowhere"))
 
 
 def make_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=6):

@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             print(f"transferlab {who}: {err}", file=sys.stderr)
         return 143
     except BrokenPipeError:  # `| head` stopped reading: no error of the user's, nothing to say
+        say_later()  # (but the notes that waited: stderr is still read)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit)
         return 141  # as a shell reports a process SIGPIPE ended
     except OSError as err:  # the disk or the OS refused (full, read-only, gone): say which file

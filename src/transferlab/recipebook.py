@@ -67,6 +67,9 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
                 raise UserError(f"--set {plain} is given twice, {recipe['overrides'][plain]!s} "
                                 f"and {value!s} ({key}): give it once")  # fmt: skip
             recipe["overrides"][plain] = value
+    for key in (k for k in overrides if k.startswith("steps.") and k.count(".") == 2):  # pass 45:
+        if (plain := key.split(".")[2]) in recipe["overrides"]:  # the step's was silently beaten
+            raise UserError(f"--set {plain}={recipe['overrides'][plain]} sets every step, over --set {key}={overrides[key]}: give the steps theirs one by one (--set steps.N.{plain}=...), or one value for all")  # fmt: skip
     return recipe
 
 
