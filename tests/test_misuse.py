@@ -984,6 +984,7 @@ def test_a_blank_value_is_refused_before_anything_is_made(capsys, run_copy, tmp_
                        ([*train, "--out= "], "--out is empty"),
                        (["train", "--data", "", *TINY, "--out", "r"], "--data is empty"),
                        (["ensemble", run_copy, "", "--out", "e"], "an argument is empty"),
+                       (["models", "--offline", ""], "error: an argument is empty"),  # pass 45: "--offline"
                        (["soup", run_copy, run_copy, "--out", "  "], "--out is empty"),
                        (["data", "shard", "digits", "--out", ""], "--out is empty"),
                        (["evaluate", run_copy, "--tta", ""], r"--tta is empty \(''\): give it a value \(see --help\)$")):  # fmt: skip

@@ -365,12 +365,13 @@ FULL = dict.fromkeys(  # what the user can do about it
 )
 
 
-def _refuse_blank(argv: list[str]) -> None:
-    """A blank value (`--out "$DIR"`, DIR unset: pathlib's current folder, where a run went)."""
+def _refuse_blank(argv: list[str], args) -> None:
+    """A blank value (`--out "$DIR"`, DIR unset: the current folder, where a run went; `--offline ''`: an argument's)."""
     for i, token in enumerate(argv):
         flag, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
         if (eq or not flag) and not value.strip():
-            where = flag or (argv[i - 1] if i and argv[i - 1].startswith("-") else "an argument")
+            switch = i and isinstance(getattr(args, argv[i - 1].lstrip("-").replace("-", "_"), None), bool)  # fmt: skip
+            where = flag or (argv[i - 1] if i and argv[i - 1].startswith("-") and not switch else "an argument")  # fmt: skip
             raise UserError(f"{where} is empty ({value!r}): give it a value (see --help)")
 
 
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"  # what to know,
     # as a user reads it, not Python's source line
     try:
-        _refuse_blank(sys.argv[1:] if argv is None else argv)
+        _refuse_blank(sys.argv[1:] if argv is None else argv, args)
         if os.environ.get("WORLD_SIZE", "1") != "1" and args.command not in ("train", "finetune"):
             raise EveryRank(f"{args.command} runs in one process: run it without torchrun (train and finetune run under it{'; train --lr auto runs the range test itself' if args.command == 'lr-find' else ''})")  # fmt: skip
         with sigterm_stops(args.command != "serve"):  # (uvicorn stops serve by itself)
