@@ -434,6 +434,10 @@ def test_runs_linked_into_the_folder_are_reported_once(trained_run, tmp_path):
     (tmp_path / "cmp" / "loop").symlink_to(tmp_path / "cmp")  # a loop: read once
     _, table = report.write(tmp_path / "cmp")
     assert [r.split("|")[1].strip() for r in table.splitlines()[2:]] == ["linked"]
+    shutil.copytree(trained_run, tmp_path / "cmp" / "real")  # pass 45 (F4): a link to it (here
+    (tmp_path / "cmp" / "a-link").symlink_to(tmp_path / "cmp" / "real")  # first by name) named
+    _, table = report.write(tmp_path / "cmp")  # its row, the notes the real folder
+    assert sorted(r.split("|")[1].strip() for r in table.splitlines()[2:]) == ["linked", "real"]
 
 
 def test_a_report_of_the_current_folder_is_titled_with_its_name(trained_run, tmp_path, monkeypatch):

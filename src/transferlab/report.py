@@ -82,7 +82,8 @@ def _files(root: Path, name: str) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        found += [Path(folder) / name] if name in files else []
+        dirs.sort(key=lambda d: (os.path.islink(os.path.join(folder, d)), d))  # a folder before
+        found += [Path(folder) / name] if name in files else []  # a link to it: its own name
     return sorted(found)
 
 
