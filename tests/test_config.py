@@ -60,3 +60,7 @@ def test_a_number_is_read_as_written_or_refused_naming_it():
     with pytest.raises(UserError, match=r"lr must be > 0 .* got 0.0$"):
         make_config({"lr": "0e5"})  # a zero written as zero is refused by the range
     assert make_config({"epochs": " +7 "}).epochs == 7 and make_config({"lr": "1e-45"}).lr == 1e-45
+    with pytest.raises(UserError, match=r"got '0' \(nothing frozen: freeze none\)$"):  # pass 45
+        make_config({"freeze": "0"})
+    with pytest.raises(UserError, match=r"got '-1'$"):
+        make_config({"freeze": "-1"})

@@ -51,7 +51,7 @@ EXAMPLES = {
 }
 
 
-QUIET = "no progress bars or progress lines (notes, on images left out and on what a run does that you may not want, still print, to stderr)"  # fmt: skip
+QUIET = "no progress bars or progress lines (a train or finetune that succeeds says nothing: its scores are in OUT/meta.json; notes, on images left out and on what a run does that you may not want, still print, to stderr)"  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):

@@ -324,6 +324,7 @@ def validate(cfg: TrainConfig) -> None:
     ):
         raise UserError(
             f"freeze must be none, backbone or a number of block groups (1, 2, ...), got {cfg.freeze!r}"
+            + (" (nothing frozen: freeze none)" if cfg.freeze.strip("0") == "" else "")
         )
     if cfg.freeze != "none" and cfg.strategy in ("linear-probe", "gradual"):
         raise UserError(
