@@ -1,4 +1,5 @@
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -176,9 +177,12 @@ def test_unknown_recipe_key(capsys, tmp_path):
     assert got["steps"][0]["name"] == "8"
     from transferlab.config import UserError, parse_set
 
-    got = recipebook.apply_overrides(book, parse_set(["lr='1e-3'", 'epochs="2"', "steps.1.model='dcnn'", "data='", "name=\"'"]))  # fmt: skip
+    got = recipebook.apply_overrides(book, parse_set(["lr='1e-3'", 'epochs="2"', "steps.1.model='dcnn'", "data=o'", "name=a'b"]))  # fmt: skip
     assert got["overrides"] == {"lr": 0.001, "epochs": 2} and got["steps"][1]["model"] == "dcnn"  # fmt: skip
-    assert (got["data"], got["name"]) == ("'", "\"'")  # pass 43 (F6): quoted as YAML quotes
+    assert (got["data"], got["name"]) == ("o'", "a'b")  # pass 43 (F6): quoted as YAML quotes
+    for pair in ("out='oz", "out='", "out=\"oz'"):  # pass 45 (F10): a folder named 'oz made
+        with pytest.raises(UserError, match=f"^--set {re.escape(pair)}: its quote . is not closed$"):  # fmt: skip
+            parse_set([pair])
     step = recipebook.parse_step(got["steps"][1], 2)[2]  # (a recipe's lr: "1e-3"), one quote kept
     assert (recipebook.train_config(got, step).lr, recipebook.train_config(got, step).model) == (0.001, "dcnn")  # fmt: skip
     for pairs in (

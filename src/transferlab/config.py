@@ -440,6 +440,8 @@ def parse_set(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise UserError(f"--set expects key=value, got {pair!r}")
         key, value = (part.strip() for part in pair.split("=", 1))
+        if value[:1] in ("'", '"') and not (len(value) > 1 and value[-1] == value[0]):  # out='o
+            raise UserError(f"--set {pair}: its quote {value[0]} is not closed")
         if len(value) > 1 and value[0] == value[-1] in "'\"":  # lr='1e-3': as YAML reads it
             value = value[1:-1]
         if key in out and out[key] != value:  # the last one won, silently
