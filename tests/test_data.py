@@ -76,6 +76,9 @@ def test_folder_errors_name_the_problem(tmp_path):
         UserError, match=r"synthetic\): and no file or folder \S+nowhere exists$"
     ):  # pass 45
         data.load(str(tmp_path / "nowhere"))
+    (tmp_path / "notes.txt").write_text("x")  # (a file that is there: no hint)
+    with pytest.raises(UserError, match=r"synthetic\)$"):
+        data.load(str(tmp_path / "notes.txt"))
 
 
 def make_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=6):

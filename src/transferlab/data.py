@@ -119,8 +119,10 @@ def check_spec(spec: str, exists: bool = True) -> None:
 def _meant(spec: str) -> str:
     """What a bare path given as --data may have meant, said after its refusal ('': not a path)."""
     path, marks = Path(spec).expanduser(), {"wnids.txt": "tiny-imagenet", "shards.json": "wds", "dataset_dict.json": "hf", "state.json": "hf"}  # fmt: skip
-    if not path.is_dir():
-        return f": did you mean csv:{spec}?" if path.suffix.lower() == ".csv" and path.is_file() else f": and no file or folder {spec} exists" if "/" in spec and ":" not in spec else ""  # fmt: skip
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return f": did you mean csv:{spec}?"
+    if not path.is_dir():  # (a path, as its / says, not a kind: that it does not exist either)
+        return f": and no file or folder {spec} exists" if "/" in spec and ":" not in spec and not path.exists() else ""  # fmt: skip
     if kind := next((kind for name, kind in marks.items() if (path / name).is_file()), None):
         return f": did you mean {kind}:{spec}?"
     if os.access(path, os.R_OK | os.X_OK) and not any(entry.is_dir() for entry in path.iterdir()):
