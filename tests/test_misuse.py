@@ -1219,6 +1219,10 @@ def test_a_fine_tune_from_an_ensemble_says_it_is_an_ensemble(capsys, run_copy, t
     capsys.readouterr()
     fail(capsys, "finetune", "--from", tmp_path / "ens", "--out", tmp_path / "ft",
          pattern="is an ensemble, not a run folder: name one of its members")  # fmt: skip
+    fail(capsys, "ensemble", tmp_path / "ens", "--out", tmp_path / "e2",  # pass 46 (F1): "needs two"
+         pattern="is an ensemble, not a run folder: name one of its members")  # fmt: skip
+    fail(capsys, "ensemble", tmp_path / "nope", "--out", tmp_path / "e2", pattern="run folder not found")  # fmt: skip
+    fail(capsys, "ensemble", run_copy, "--out", tmp_path / "e2", pattern="needs at least two runs$")  # fmt: skip
 
 
 def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, capsys):

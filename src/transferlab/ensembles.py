@@ -54,6 +54,8 @@ def build(
     if method not in COMBINERS:
         raise UserError(f"unknown ensemble method '{method}' (known: {', '.join(COMBINERS)})")
     if len(runs) < 2:
+        for run in runs:  # (an ensemble given alone: said as that, not "add another run")
+            checkpoint.read_meta(run)
         raise UserError("an ensemble needs at least two runs")
     if len({Path(r).resolve() for r in runs}) < len(runs):  # (a link to one counts as it)
         raise UserError("a run is listed twice among the ensemble's members; list each once")
