@@ -379,6 +379,9 @@ def test_the_recipes_transferlab_comes_with_run_by_name_from_anywhere(tmp_path, 
     said = [n.split(",")[0] for n in stops.LATER if n.startswith("running ")]
     assert said == ["running digits-five", "running 15-scene.yaml", "running seed-demo.yml"], said
     assert_one_line_error(capsys, ["run", "seed-demo", "--out", tmp_path / "15-scene.yaml"], r"error: recipe folder .*15-scene.yaml is a file")  # fmt: skip
+    (tmp_path / "seed-demo.yaml").write_text("steps: [{train: other}]\n")  # pass 46 (F2): one
+    with pytest.raises(UserError, match="^recipe seed-demo could be seed-demo.yaml or seed-demo.yml: name the file$"):  # fmt: skip
+        recipefile.find("seed-demo")  # of the two ran, unsaid
     (tmp_path / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")
     with pytest.raises(UserError, match="^recipe gone.yaml is a link to .*nowhere.yaml, which does not exist$"):  # fmt: skip
         recipefile.find("gone.yaml")

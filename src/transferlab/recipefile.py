@@ -24,7 +24,10 @@ def find(path: str | Path) -> Path:
     text, path = str(path), Path(path)
     stem = next((path.name[: -len(e)] for e in (".yaml", ".yml") if path.name.endswith(e)), path.name)  # fmt: skip
     if stem == path.name:  # (`run digits-five`: yours, digits-five.yaml or .yml, first)
-        path = next((p for p in (Path(f"{text}.yaml"), Path(f"{text}.yml")) if p.is_file()), path)
+        yours = [p for p in (path, Path(f"{text}.yaml"), Path(f"{text}.yml")) if p.is_file()]
+        if len(yours) > 1:  # (one was run, unsaid)
+            raise UserError(f"recipe {text} could be {' or '.join(map(str, yours))}: name the file")
+        path = yours[0] if yours else path
     own = {p.stem: p for p in OWN.glob("*.yaml")}
     if path.is_file():  # (yours, named as one transferlab comes with: which ran, said)
         if stem in own and text == Path(text).name and path.resolve() != own[stem].resolve():
