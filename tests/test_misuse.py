@@ -604,8 +604,8 @@ def test_S32_an_ensemble_refuses_a_member_that_changed(capsys, run_copy, trained
     assert "ens (stale: a member changed; rebuild it)" in (tmp_path / "report.md").read_text()
     assert "best ensemble" not in (tmp_path / "report.md").read_text()
     shutil.rmtree(other)  # a member gone altogether: still a stale row, not an error
-    assert cli("report", tmp_path) == 0
-    assert "ens (stale: a member changed; rebuild it)" in (tmp_path / "report.md").read_text()
+    assert cli("report", tmp_path) == 0  # (pass 46: said as "changed", which it had not)
+    assert "ens (stale: a member is gone; put it back or rebuild it)" in (tmp_path / "report.md").read_text()  # fmt: skip
 
 
 def test_S33_a_run_records_its_data_absolutely_and_evaluate_says_when_data_differ(

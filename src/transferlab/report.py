@@ -62,8 +62,8 @@ def collect(root: Path, skipped: list[str] | None = None) -> list[dict]:
             continue
         try:
             info = ensembles.read(ens_path.parent)
-        except UserError:  # a member is gone: its row says stale
-            pass
+        except UserError:  # a member is gone: its row says stale, and why
+            info["gone"] = True
         rows.append(_ensemble_row(ens_path.parent, root, info, now))
     for row in rows:
         row["_classes"] = class_scores(row["_path"], row["_names"])
@@ -207,7 +207,7 @@ def _ensemble_row(path: Path, root: Path, info: dict, now: dict | None = None) -
         ensembles.check_members(info, path)
         stale = ""
     except UserError:  # a member was retrained or removed: its numbers no longer hold
-        stale = "stale: a member changed; rebuild it"
+        stale = f"stale: a member {'is gone; put it back or' if info.get('gone') else 'changed;'} rebuild it"  # fmt: skip
     if leaked(info.get("notes", [])) and not stale:  # (ensemble.json: counted when it was built)
         stale = "not a test score: its test images include ones a member trained on"
     marks = [stale] if stale else leaks.score_notes(info.get("notes", []))
