@@ -15,7 +15,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import checkpoint, combiners, data, decoding, ensembles, evaluate, members, models
+from . import (
+    checkpoint,
+    classfolders,
+    combiners,
+    data,
+    decoding,
+    ensembles,
+    evaluate,
+    members,
+    models,
+)
 from .config import UserError, one_line
 
 
@@ -65,7 +75,9 @@ def _under(top: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        kept = (d for d in dirs if not data.hidden_name(d))  # real folders before links to them
+        kept = (
+            d for d in dirs if not classfolders.hidden_name(d)
+        )  # real folders before links to them
         dirs[:] = sorted(kept, key=lambda d: (os.path.islink(os.path.join(root, d)), d))
         found += [Path(root, n) for n in names]
     return found

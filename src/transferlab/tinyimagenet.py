@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from .classfolders import existing_dir, image_files
 from .config import UserError
-from .data import Split, _existing_dir, _image_files
+from .data import Split
 
 
 def source(root: str, notes: list[str]):
     """wnids.txt, words.txt, train/WNID/images/ and val/ with val_annotations.txt (its val is our
     test: the official split, never trained on)."""
-    root_path = _existing_dir(root)
+    root_path = existing_dir(root)
     wnids_file = root_path / "wnids.txt"
     if not wnids_file.is_file():
         raise UserError(f"not a Tiny ImageNet folder (no wnids.txt): {root}")
@@ -24,7 +25,7 @@ def source(root: str, notes: list[str]):
     index = {w: i for i, w in enumerate(wnids)}
     paths, labels = [], []
     for wnid in wnids:
-        files = _image_files(root_path / "train" / wnid / "images")
+        files = image_files(root_path / "train" / wnid / "images")
         if not files:
             raise UserError(f"class {wnid} has no training images in {root_path / 'train' / wnid}")
         paths += files
