@@ -81,6 +81,31 @@ def test_folder_errors_name_the_problem(tmp_path):
         data.load(str(tmp_path / "notes.txt"))
 
 
+def test_a_mistyped_data_spec_is_told_what_it_may_have_meant(tmp_path, monkeypatch):
+    """Hostile pass 46 (F4): a kind in another case or one letter off, a relative path that
+    is not there and a .tar shard got the bare list of kinds."""
+    monkeypatch.chdir(tmp_path)
+    meant = {
+        "Digits": r"did you mean digits\?",
+        "Folder:img3": r"did you mean folder:img3\?",
+        "folde:/x": r"did you mean folder:/x\?",
+        "digts": r"did you mean digits\?",
+        "mydata": "and no file or folder mydata exists",
+        "s.tar": "wds:PATH takes the folder transferlab data shard wrote .*, not one .tar",
+        "CSV:l.csv": r"did you mean csv:l.csv\?",
+        "imagenet:/x": "",  # (not ImageNet's tiny one: no hint)
+    }
+    (tmp_path / "s.tar").write_bytes(b"")
+    for spec, hint in meant.items():
+        with pytest.raises(UserError, match=f"known: [^)]*\\){': ' * bool(hint)}{hint}$"):
+            data.load(spec)
+    make_folder(tmp_path / "Digits", ["a", "b"], 3, subsets=("",))  # a folder of that name
+    with pytest.raises(UserError, match=r"known: .*\): did you mean folder:Digits\?$"):
+        data.load("Digits")
+    with pytest.raises(UserError, match=r"^unknown dataset kind 'mydata' \(known"):  # once
+        data.load("mydata")
+
+
 def make_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=6):
     root.mkdir(parents=True, exist_ok=True)
     (root / "wnids.txt").write_text("\n".join(wnids) + "\n")

@@ -7,6 +7,7 @@ never carved from test). Each path source has its module (`_elsewhere`); decodin
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import os
@@ -105,7 +106,7 @@ def check_spec(spec: str, exists: bool = True) -> None:
     (`exists`: checked to exist too)."""
     kind, _, arg = str(spec).partition(":")
     if kind not in SOURCES:
-        raise UserError(f"unknown dataset kind '{kind}' in '{spec}' (known: {', '.join(SOURCES)}){_meant(spec)}")  # fmt: skip
+        raise UserError(f"unknown dataset kind '{kind}'{f' in {spec!r}' * (spec != kind)} (known: {', '.join(SOURCES)}){_meant(spec)}")  # fmt: skip
     if kind == "digits" and arg:  # (digits:~/mnist trained on the 8x8 digits, unsaid)
         raise UserError(f"'{spec}': digits is scikit-learn's bundled 8x8 digits and takes no path: --data digits (your own images: folder:PATH)")  # fmt: skip
     if kind in PATH_KINDS and not arg:
@@ -117,10 +118,14 @@ def check_spec(spec: str, exists: bool = True) -> None:
 def _meant(spec: str) -> str:
     """What a bare path given as --data may have meant, said after its refusal ('': not a path)."""
     path, marks = Path(spec).expanduser(), {"wnids.txt": "tiny-imagenet", "shards.json": "wds", "dataset_dict.json": "hf", "state.json": "hf"}  # fmt: skip
-    if path.is_file() and path.suffix.lower() == ".csv":
-        return f": did you mean csv:{spec}?"
-    if not path.is_dir():  # (a path, as its / says, not a kind: that it does not exist either)
-        return f": and no file or folder {spec} exists" if "/" in spec and ":" not in spec and not path.exists() else ""  # fmt: skip
+    kind, colon, arg = spec.partition(":")
+    close = [k for k in SOURCES if k == kind.casefold()] or difflib.get_close_matches(kind, SOURCES, 1, 0.8)  # fmt: skip
+    if close and not path.exists():  # Digits, Folder:x, folde:x, digts (a folder digts: below)
+        return f": did you mean {close[0]}{colon}{arg}?"
+    if path.is_file() and path.suffix.lower() in (".csv", ".tar"):  # (wds: the folder of shards)
+        return f": did you mean csv:{spec}?" if path.suffix.lower() == ".csv" else ": wds:PATH takes the folder transferlab data shard wrote (its shards.json beside the .tar files), not one .tar"  # fmt: skip
+    if not path.is_dir():  # (a path, not a kind: that it does not exist either)
+        return "" if colon or path.exists() else f": and no file or folder {spec} exists"
     if kind := next((kind for name, kind in marks.items() if (path / name).is_file()), None):
         return f": did you mean {kind}:{spec}?"
     if os.access(path, os.R_OK | os.X_OK) and not any(entry.is_dir() for entry in path.iterdir()):
