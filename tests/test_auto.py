@@ -645,6 +645,25 @@ def test_report_never_rewrites_a_study_s_own_report(tmp_path):
     assert not (study / "results.csv").exists()
 
 
+def test_report_of_a_study_names_the_runs_a_user_put_in_it(tmp_path):
+    """Hostile pass 45 (F9): runs put in a study are reported with the folder holding it,
+    and the refusal to report the study hid them."""
+    from transferlab import checkpoint, ensembles, outputs, report
+
+    study = tmp_path / "study"
+    for run, name in (("best", checkpoint.META), ("candidates/a", checkpoint.META), ("mine", checkpoint.META), ("votes", ensembles.ENSEMBLE)):  # fmt: skip
+        (study / run).mkdir(parents=True)
+        (study / run / name).write_text("{}")
+    outputs.mark(study, "auto")
+    (study / "auto.json").write_text("{}")  # (what makes candidates/ a study's)
+    with pytest.raises(UserError, match=rf"evaluate \S+best; the runs you put in it \(mine, votes\) are in the report of the folder that holds it: transferlab report {tmp_path}$"):  # fmt: skip
+        report.write(study / "candidates")
+    (study / "mine" / checkpoint.META).unlink()
+    (study / "votes" / ensembles.ENSEMBLE).unlink()
+    with pytest.raises(UserError, match=r"evaluate \S+best$"):  # (none: not said)
+        report.write(study)
+
+
 def test_when_every_candidate_failed_the_study_says_why_not_the_budget(tmp_path):
     failed = [_candidate("a", 10), _candidate("b", 20)]
     for c in failed:

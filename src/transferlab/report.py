@@ -346,10 +346,12 @@ def _write(root: Path) -> tuple[Path, str]:
         raise UserError(f"{root} is inside the {found[1]} folder {found[0]}: report that")
     study = next((f for f in (root.resolve(), *root.resolve().parents) if _is_study(f)), None)
     if study:  # its report.md/.html are the study's leaderboard: never rewritten by this
+        theirs = sorted({p.parent.relative_to(study).parts[0] for name in (checkpoint.META, ensembles.ENSEMBLE) for p in _files(study, name) if not _study_inside(p.parent, study)} - {"best"})  # fmt: skip
         raise UserError(
             f"{study} is a transferlab auto study with its own report (report.md, report.html); "
             f"evaluate its choice with transferlab evaluate {study / 'best'}"
-        )
+            + (f"; the runs you put in it ({', '.join(theirs)}) are in the report of the folder that holds it: transferlab report {study.parent}" if theirs else "")
+        )  # fmt: skip
     check_writable(root)
     skipped: list[str] = []
     rows = collect(root, skipped)
