@@ -104,6 +104,12 @@ def test_a_mistyped_data_spec_is_told_what_it_may_have_meant(tmp_path, monkeypat
         data.load("Digits")
     with pytest.raises(UserError, match=r"^unknown dataset kind 'mydata' \(known"):  # once
         data.load("mydata")
+    (tmp_path / "flat" / ".ipynb_checkpoints").mkdir(parents=True)  # pass 47 (F1): a hidden
+    make_image(0, 0).save(tmp_path / "flat" / "x.png")  # folder is no class: folder:flat failed
+    (tmp_path / "empty").mkdir()  # (F2): predict RUN empty failed too
+    for spec, hint in (("flat", r"per class; to classify images: transferlab predict RUN flat"), ("empty", "per class, and it holds no images either")):  # fmt: skip
+        with pytest.raises(UserError, match=rf"\): {spec} holds no class folders \(folder:PATH takes a folder of one folder {hint}\)$"):  # fmt: skip
+            data.load(spec)
 
 
 def make_tiny_imagenet(root, wnids=("n01", "n02", "n03"), per_class=6):

@@ -21,10 +21,10 @@ def source(root: str, notes: list[str]):
     """Class folders, or train/ with val/ and test/ of class folders (or SPLIT_NAMES' other
     names: validation/, dev/, eval/), each used as given."""
     root_path = existing_dir(root)
-    subdirs = {d.name: d for d in _visible_dirs(root_path)}
+    subdirs = {d.name: d for d in visible_dirs(root_path)}
     named: dict[str, list[Path]] = {}  # split -> its folders (val/ and validation/ both: refused)
     for name, d in subdirs.items():
-        if name.lower() in SPLIT_NAMES and _visible_dirs(d):  # Train/, Test/ too; a class named dev holds images  # fmt: skip
+        if name.lower() in SPLIT_NAMES and visible_dirs(d):  # Train/, Test/ too; a class named dev holds images  # fmt: skip
             named.setdefault(SPLIT_NAMES[name.lower()], []).append(d)
     if not named:  # class folders at the top
         classes = _class_dirs(root_path, notes)
@@ -57,7 +57,7 @@ def hidden_name(name: str) -> bool:
     return name.startswith(".") or name in JUNK_DIRS
 
 
-def _visible_dirs(path: Path, notes: list[str] | None = None) -> list[Path]:
+def visible_dirs(path: Path, notes: list[str] | None = None) -> list[Path]:
     """Sub-folders, skipping hidden ones (.ipynb_checkpoints, __MACOSX: never classes; _background
     is a class) and transferlab's own (a run, a study: its marker; one written there became a
     class of its plots), said in `notes`."""
@@ -105,7 +105,7 @@ def _errno(path: Path) -> int:
 
 def _class_dirs(root: Path, notes: list[str]) -> list[str]:
     _no_broken_class(root)
-    classes = [d.name for d in _visible_dirs(root)]
+    classes = [d.name for d in visible_dirs(root)]
     if not classes:
         raise UserError(f"no class folders in {root}")
     if odd := [c for c in classes if outputs.not_utf8(c)]:
@@ -117,7 +117,7 @@ def _class_dirs(root: Path, notes: list[str]) -> list[str]:
 
 def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
     _no_broken_class(root)
-    found = [d.name for d in _visible_dirs(root, notes)]
+    found = [d.name for d in visible_dirs(root, notes)]
     if set(found) != set(classes):
         extra, missing = ([repr(c) if c != c.strip() else c for c in sorted(side)] for side in (set(found) - set(classes), set(classes) - set(found)))  # fmt: skip
         raise UserError(f"{root} has different classes from train: extra {', '.join(extra) or 'none'}; missing {', '.join(missing) or 'none'}")  # fmt: skip
@@ -149,7 +149,7 @@ def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
 
 
 def _no_images(root: Path, name: str, alone: bool) -> str:
-    subs = ", ".join(sorted(d.name for d in _visible_dirs(root / name, [])))
+    subs = ", ".join(sorted(d.name for d in visible_dirs(root / name, [])))
     where = f"{root} holds one folder, {name}, which holds folders ({subs}): if they are the "
     where += f"class folders, point --data at {root / name}"
     below = f"class folder {root / name} has no images, only folders ({subs}): a class's images "

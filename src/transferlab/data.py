@@ -128,8 +128,10 @@ def _meant(spec: str) -> str:
         return "" if colon or path.exists() else f": and no file or folder {spec} exists"
     if kind := next((kind for name, kind in marks.items() if (path / name).is_file()), None):
         return f": did you mean {kind}:{spec}?"
-    if os.access(path, os.R_OK | os.X_OK) and not any(entry.is_dir() for entry in path.iterdir()):
-        return f": {spec} holds no class folders (folder:PATH takes a folder of one folder per class; to classify images: transferlab predict RUN {spec})"  # fmt: skip
+    from .classfolders import image_files, visible_dirs  # (it imports this module)
+
+    if os.access(path, os.R_OK | os.X_OK) and not visible_dirs(path):  # (.ipynb_checkpoints)
+        return f": {spec} holds no class folders (folder:PATH takes a folder of one folder per class{f'; to classify images: transferlab predict RUN {spec}' if image_files(path) else ', and it holds no images either'})"  # fmt: skip
     return f": did you mean folder:{spec}?"
 
 
