@@ -116,12 +116,12 @@ class TrainConfig:
 
     data: str = opt(
         "digits",
-        "dataset spec: digits | tiny-imagenet:PATH | folder:PATH (class folders, or train/ "
-        "val/ test/ of them) | csv:FILE (file_name,label[,split]) | hf:NAME[:CONFIG] or hf:PATH "
-        "(Hugging Face datasets: the Hub or its cache, save_to_disk, parquet; columns found by "
-        "type or named: ,image=COL,label=COL) | wds:DIR (WebDataset shards from `transferlab "
-        "data shard`, decoded per batch, never cached); splits the data have are "
-        "used as given, a missing test is 20% of train, a missing val --val-fraction of train",
+        "dataset spec: digits | tiny-imagenet:PATH | folder:PATH (class folders, or train/ val/ test/ "
+        "of them) | csv:FILE (file_name,label[,split]) | hf:NAME[:CONFIG] or hf:PATH (Hugging Face "
+        "datasets: the Hub or its cache, save_to_disk, parquet; columns found by type or named: "
+        ",image=COL,label=COL) | wds:DIR (WebDataset shards from `transferlab data shard`, decoded per"
+        " batch, never cached) | synthetic:N[xSIZE] (random images, for smoke tests); splits the data "
+        "have are used as given, a missing test is 20% of train, a missing val --val-fraction of train",
     )
     model: str = opt(
         "resnet50",
