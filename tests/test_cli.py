@@ -459,3 +459,12 @@ def test_flipping_digits_is_noted_and_no_flip_is_quiet(capsys, tmp_path):
     assert code == 0 and "are greyscale and 8 px, like digits or letters" in err, err
     code, _, err = run_cli(capsys, *args, "--no-flip", "--out", tmp_path / "b")
     assert code == 0 and "--flip" not in err, err
+    recipe = (
+        "data: digits\ndefaults: {model: dcnn, input_size: 8, epochs: 1%s}\nsteps: [{train: a}]\n"
+    )
+    (tmp_path / "r.yaml").write_text(recipe % "")  # pass 47 (F4): run takes no --no-flip
+    code, _, err = run_cli(capsys, "run", tmp_path / "r.yaml", "--limit", 60, "--quiet", "--out", tmp_path / "c")  # fmt: skip
+    assert code == 0 and "pass --no-flip (a recipe: flip: false)" in err, err
+    (tmp_path / "r.yaml").write_text(recipe % ", flip: false")  # the advice, followed
+    code, _, err = run_cli(capsys, "run", tmp_path / "r.yaml", "--limit", 60, "--quiet", "--out", tmp_path / "d")  # fmt: skip
+    assert code == 0 and "--flip" not in err, err
