@@ -780,7 +780,11 @@ def test_data_that_leaves_one_training_image_or_gives_digits_a_path_is_one_line(
     tiny = ["--model", "dcnn", "--input-size", "16", "--no-flip", "--out", tmp_path / "r"]
     fail(capsys, "train", "--data", "digits", "--limit", "1", *tiny, pattern="^transferlab train: error: the training split holds 1 image: a model needs at least 2 to train on")  # fmt: skip
     fail(capsys, "train", "--data", "digits:/data/mnist", *tiny, pattern="^transferlab train: error: 'digits:/data/mnist': digits is scikit-learn's bundled 8x8 digits and takes no path")  # fmt: skip
-    assert not (tmp_path / "r").exists()
+    fail(capsys, "train", "--data", "digits:", *tiny, pattern="^transferlab train: error: 'digits:': digits is scikit-learn's bundled 8x8 digits and takes no path")  # fmt: skip
+    assert not (tmp_path / "r").exists()  # pass 47 (F5): digits: was recorded as other data
+    from transferlab import data
+
+    assert data.load("synthetic:", limit=20).spec == "synthetic" == data.load("synthetic", limit=20).spec  # fmt: skip
 
 
 def test_S35_unwritable_paths_are_refused_up_front(capsys, tmp_path):

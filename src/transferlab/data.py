@@ -84,7 +84,7 @@ def canonical(spec: str) -> str:
         name, config, options = hfdata.parse(arg)
         if name and Path(name).expanduser().exists():  # a local dataset
             return hfdata.spec_of(str(Path(name).expanduser().resolve()), config, options)
-    return str(spec)
+    return kind if kind == "synthetic" and not arg else str(spec)  # (pass 47: two datasets)
 
 
 def data_root(spec: str) -> Path | None:
@@ -107,7 +107,7 @@ def check_spec(spec: str, exists: bool = True) -> None:
     kind, _, arg = str(spec).partition(":")
     if kind not in SOURCES:
         raise UserError(f"unknown dataset kind '{kind}'{f' in {spec!r}' * (spec != kind)} (known: {', '.join(SOURCES)}){_meant(spec)}")  # fmt: skip
-    if kind == "digits" and arg:  # (digits:~/mnist trained on the 8x8 digits, unsaid)
+    if kind == "digits" and kind != spec:  # (digits:~/mnist trained on the 8x8 digits, unsaid)
         raise UserError(f"'{spec}': digits is scikit-learn's bundled 8x8 digits and takes no path: --data digits (your own images: folder:PATH)")  # fmt: skip
     if kind in PATH_KINDS and not arg:
         raise UserError(f"dataset '{kind}' needs a path: {kind}:PATH")
