@@ -787,6 +787,20 @@ def test_data_that_leaves_one_training_image_or_gives_digits_a_path_is_one_line(
     assert data.load("synthetic:", limit=20).spec == "synthetic" == data.load("synthetic", limit=20).spec  # fmt: skip
 
 
+def test_a_run_refused_after_its_data_loaded_says_one_line(capsys, tmp_path):
+    """Hostile pass 47 (F8): the data's notes and the run's splits and header lines were said,
+    then --weights imagenet of dcnn, or an --out inside the data, refused."""
+    make_folder(tmp_path / "d", ["a", "b"], 6, subsets=("",))
+    (tmp_path / "d" / ".ipynb_checkpoints").mkdir()  # (a note: skipped hidden folder)
+    tiny = ["--data", f"folder:{tmp_path / 'd'}", "--model", "dcnn", "--input-size", "16"]
+    for more in (["--weights", "imagenet", "--out", tmp_path / "r"], ["--out", tmp_path / "d" / "a" / "r"]):  # fmt: skip
+        for command in ("train", "lr-find"):
+            fail(capsys, command, *tiny, *more, pattern=r"^transferlab [a-z-]+: error: (dcnn has no ImageNet|--out \S+ overlaps the data)")  # fmt: skip
+    code = main(["train", *map(str, tiny), "--epochs", "1", "--out", str(tmp_path / "ok")])
+    out, err = capsys.readouterr()  # (said once it is not refused)
+    assert code == 0 and "skipped hidden folder(s)" in err and "[ok] dcnn on folder:" in out, (out, err)  # fmt: skip
+
+
 def test_S35_unwritable_paths_are_refused_up_front(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     argv = ["train", "--data", "digits", *TINY]

@@ -1,7 +1,8 @@
 """What surrounds a training run while it trains: its event log (JSON lines, TensorBoard),
 SIGTERM turned into a clean stop at a step boundary, out-of-memory turned into advice, a CPU
-kernel's bf16 trap avoided (fp32), advice on what it does that its user may not want, and the
-fault-injection hook the reliability tests kill runs with."""
+kernel's bf16 trap avoided (fp32), advice on what it does that its user may not want, its set-up's
+lines held until nothing more is refused, and the fault-injection hook the reliability tests kill
+runs with."""
 
 from __future__ import annotations
 
@@ -157,3 +158,13 @@ def advice(loop) -> list[str]:
         b = min(cfg.batch_size, len(loop.labels["train"]))  # (a split smaller than a batch: one)
         said.append(f"each of the {d.world} processes normalises the BatchNorm layers over its share of the batch ({b // d.world}-{-(-b // d.world)} images), not over all {b}: the run does not equal one process on the same batch")  # fmt: skip
     return said
+
+
+def held(make, log):
+    """`make(log)` with the lines it logs said once it returned: a refusal in it stays one line
+    (a run's data notes and header were said, then its --weights or --out refused; pass 47)."""
+    lines: list = []
+    made = make(lambda *a, **k: lines.append((a, k)))
+    for a, k in lines:
+        log(*a, **k)
+    return made

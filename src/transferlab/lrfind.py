@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import batching, checkpoint, data, evaluate, models, plots, strategies
+from . import batching, checkpoint, data, evaluate, guards, models, plots, strategies
 from .bars import bar as progress_bar
 from .config import UserError
 
@@ -158,7 +158,7 @@ def command(cfg, out: str | Path, quiet: bool = False) -> float:
     def train_only(line, note=False):  # it reads no val or test image: their notes are moot
         return None if re.search(r"\b(val|test) (image|score)", line) else log(line, note=note)
 
-    loop = setup(cfg, out, train_only, distributed.Dist(0, 1))
+    loop = guards.held(lambda said: setup(cfg, out, said, distributed.Dist(0, 1)), train_only)
     loop.frozen = strategies.enter(loop.model, loop.stages[-1])
     with outputs.lock(out):
         outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", resume=True))

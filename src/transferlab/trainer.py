@@ -103,7 +103,7 @@ def fit(
     cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
     d.agreed(lambda: check_destination(cfg, out, resume, overwrite, log_json, d))  # before anything is loaded  # fmt: skip
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
-    loop = d.agreed(lambda: setup(cfg, out, said, d, resume))  # data, model, weights, plan: validated, nothing written  # fmt: skip
+    loop = d.agreed(lambda: guards.held(lambda log: setup(cfg, out, log, d, resume), said))  # data, model, weights, plan: validated, nothing written  # fmt: skip
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (--overwrite had emptied it)
     loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
     loop.notes += leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))
