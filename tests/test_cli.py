@@ -385,9 +385,13 @@ def test_the_recipes_transferlab_comes_with_run_by_name_from_anywhere(tmp_path, 
     (tmp_path / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")
     with pytest.raises(UserError, match="^recipe gone.yaml is a link to .*nowhere.yaml, which does not exist$"):  # fmt: skip
         recipefile.find("gone.yaml")
-    for name in ("nope", "sub/tiny-imagenet", "../tiny-imagenet", "./tiny-imagenet.yaml", "tiny-imagenet.yml.yaml"):  # fmt: skip
+    for name in ("nope", "sub/tiny-imagenet", "../tiny-imagenet", "./tiny-imagenet.yaml"):  # fmt: skip
         code, _, err = run_cli(capsys, "run", name, "--out", tmp_path / "r")
         assert code == 2 and err.strip().endswith(f"recipe not found: {name} (the ones transferlab comes with, run by name: 15-scene, 15-scene-transfer, digits-five, seed-demo, tiny-imagenet, tiny-imagenet-transfer, transfer-study)"), err  # fmt: skip
+    meant = {"digits-fiv": "digits-five", "DIGITS-FIVE": "digits-five", "digits_five.yaml": "digits-five", "tiny-imagenet.yml.yaml": "tiny-imagenet"}  # fmt: skip
+    for name, hint in meant.items():  # pass 47 (F7): they got the list alone
+        code, _, err = run_cli(capsys, "run", name, "--out", tmp_path / "r")
+        assert code == 2 and err.strip().endswith(f"recipe not found: {name} (the ones transferlab comes with, run by name: 15-scene, 15-scene-transfer, digits-five, seed-demo, tiny-imagenet, tiny-imagenet-transfer, transfer-study); did you mean {hint}?"), err  # fmt: skip
     from transferlab.cli_ship import EXAMPLES  # models --help's first example, as printed
 
     argv = shlex.split(EXAMPLES["models"].splitlines()[0].partition("#")[0])
@@ -395,6 +399,9 @@ def test_the_recipes_transferlab_comes_with_run_by_name_from_anywhere(tmp_path, 
     code, out, _ = run_cli(capsys, *argv[1:])
     assert code == 0 and "tf_efficientnet_lite0" in out
     assert not (tmp_path / "r").exists()
+    line = EXAMPLES["data"].splitlines()[0]  # pass 47 (F6): data get's --to holds cifar10/
+    argv = shlex.split(line.partition("#")[0])
+    assert f"folder:{argv[argv.index('--to') + 1]}/cifar10" in line.partition("#")[2], line
 
 
 def test_output_cut_short_by_a_pipe_is_no_error():

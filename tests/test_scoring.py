@@ -56,7 +56,7 @@ def test_exporting_a_bf16_run_says_the_file_computes_in_fp32(trained_run, tmp_pa
     trainer.fit(cfg, probed, quiet=True)
     w = tmp_path / "w.safetensors"
     assert main(["export", str(probed), "--format", "safetensors", "--out", str(w)]) == 0
-    assert "note: the file computes in fp32; the run's scores" in capsys.readouterr().err
+    assert "note: the file holds fp32 weights; the run's scores" in capsys.readouterr().err  # (47)
     assert main(["export", str(trained_run), "--format", "safetensors",
                  "--out", str(tmp_path / "w32.st")]) == 0  # fmt: skip
     assert "note:" not in capsys.readouterr().err  # an fp32 run: the same numbers

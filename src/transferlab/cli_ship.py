@@ -16,7 +16,7 @@ EXAMPLES = {
     "  curl -F file=@photo.jpg 'http://127.0.0.1:8000/predict?top_k=3'",
     "models": "transferlab models --offline   # the weights this machine has\n"
     "  transferlab models 'convnext*'   # timm's (their weights download when first used)",
-    "data": "transferlab data get cifar10 --to ~/data/cifar10   # prints the --data spec to use\n"
+    "data": "transferlab data get cifar10 --to ~/data   # prints the spec: folder:~/data/cifar10\n"
     "  transferlab data shard folder:photos --out photos-wds   # then --data wds:photos-wds\n"
     "  transferlab data list",
     "export": "transferlab export runs/lite0 --format onnx    # -> runs/lite0/export/model.onnx",
@@ -230,18 +230,19 @@ def cmd_export(args) -> None:
             f"checked on {check['images']}: max |logit difference| vs PyTorch fp32 "
             f"{check['max_abs_logit_diff']:.2e}"
         )
-    _fp32_note([checkpoint.read_meta(args.path)], "the run's")
+    _fp32_note([checkpoint.read_meta(args.path)], "the run's", args.format in ("safetensors", "hf"))
     print(f"{args.format} -> {result['path']}")
 
 
-def _fp32_note(metas: list[dict], whose: str) -> None:
-    """Exported files compute in fp32: say so where the runs score in another precision here."""
+def _fp32_note(metas: list[dict], whose: str, weights: bool = False) -> None:
+    """Exported files compute in fp32 (`weights`: hold fp32 weights, which compute nothing;
+    pass 47): say so where the runs score in another precision here."""
     from . import evaluate
 
     scored = {evaluate.inference_precision(m.get("precision", "fp32")) for m in metas} - {"fp32"}
     if scored:
         print(
-            f"note: the file computes in fp32; {whose} scores, evaluate, predict and serve here "
+            f"note: the file {'holds fp32 weights' if weights else 'computes in fp32'}; {whose} scores, evaluate, predict and serve here "
             f"run {'/'.join(sorted(scored))}, so a few images' top-1 may differ (--precision fp32 "
             "when training gives identical numbers)",
             file=sys.stderr,

@@ -3,6 +3,7 @@ size, and the values its aliases expand to)."""
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def find(path: str | Path) -> Path:
         return own[stem]  # folder of that name, `--out digits-five` say, is not a recipe)
     if path.is_dir():
         raise UserError(f"recipe {path} is a folder: name its .yaml file")
-    raise UserError(f"recipe not found: {text} (the ones transferlab comes with, run by name: {', '.join(sorted(own))})")  # fmt: skip
+    close = [] if "/" in text else difflib.get_close_matches(stem.casefold().replace("_", "-"), own, 1, 0.8)  # fmt: skip
+    raise UserError(f"recipe not found: {text} (the ones transferlab comes with, run by name: {', '.join(sorted(own))}){f'; did you mean {close[0]}?' if close else ''}")  # fmt: skip
 
 
 def load(path: str | Path) -> dict:
