@@ -614,3 +614,7 @@ def test_a_small_val_fraction_is_said_as_given():
     not that it was raised to one image of each class."""
     assert "val 10 (0.1% of train by --val-fraction, raised to 1% for one image of each class)" in data.load("digits", 0.001).notes[0]  # fmt: skip
     assert "val 144 (10% of train by --val-fraction)" in data.load("digits", 0.1).notes[0]
+    said = data.load("digits", 0.1, limit=20).notes  # pass 47 (F7): counts --limit cut, unsaid
+    assert "splits: train 20 (what remains; --limit 20), val 20 (10% of train by --val-fraction; --limit 20), test 20 (20% of train held out; --limit 20)" in said, said  # fmt: skip
+    said = data.load("digits", 0.1, limit=200).notes  # (val's 144 images: not cut)
+    assert "splits: train 200 (what remains; --limit 200), val 144 (10% of train by --val-fraction), test 200 (20% of train held out; --limit 200)" in said, said  # fmt: skip

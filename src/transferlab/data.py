@@ -164,6 +164,7 @@ def load(spec: str, val_fraction: float = 0.1, limit: int | None = None, fold: s
         splits = fold_splits(splits, fold)
         origin["val"], origin["train"] = f"fold {fold} of train+val", "the other folds"
     if limit:  # its test score is on part of the test split: said, recorded, marked (report)
+        origin = {k: f"{v}; --limit {limit}" if len(splits[k]) > limit else v for k, v in origin.items()}  # (pass 47: 10% of train)  # fmt: skip
         n_test, splits = len(splits["test"]), {k: v.subset(stratified_head(v.labels, limit)) for k, v in splits.items()}  # fmt: skip
         notes += [f"test score on {len(splits['test'])} of the {n_test} test images: --limit {limit}"] * (len(splits["test"]) < n_test)  # fmt: skip
     notes.append("splits: " + ", ".join(f"{k} {len(splits[k])} ({origin[k]})" for k in splits))
