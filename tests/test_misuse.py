@@ -796,6 +796,11 @@ def test_a_run_refused_after_its_data_loaded_says_one_line(capsys, tmp_path):
     for more in (["--weights", "imagenet", "--out", tmp_path / "r"], ["--out", tmp_path / "d" / "a" / "r"]):  # fmt: skip
         for command in ("train", "lr-find"):
             fail(capsys, command, *tiny, *more, pattern=r"^transferlab [a-z-]+: error: (dcnn has no ImageNet|--out \S+ overlaps the data)")  # fmt: skip
+    shutil.copytree(tmp_path / "d", tmp_path / "e")  # pass 48 (F3): an unreadable image too
+    for i in range(6):  # (some in train, which lr-find decodes alone)
+        (tmp_path / "e" / "ab"[i % 2] / f"bad{i}.png").write_text("not a png")
+    for command in ("train", "lr-find"):
+        fail(capsys, command, *tiny[2:], "--data", f"folder:{tmp_path / 'e'}", "--out", tmp_path / "r", pattern=r"error: \d unreadable image")  # fmt: skip
     code = main(["train", *map(str, tiny), "--epochs", "1", "--out", str(tmp_path / "ok")])
     out, err = capsys.readouterr()  # (said once it is not refused)
     assert code == 0 and "skipped hidden folder(s)" in err and "[ok] dcnn on folder:" in out, (out, err)  # fmt: skip

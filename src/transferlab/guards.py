@@ -161,10 +161,17 @@ def advice(loop) -> list[str]:
 
 
 def held(make, log):
-    """`make(log)` with the lines it logs said once it returned: a refusal in it stays one line
-    (a run's data notes and header were said, then its --weights or --out refused; pass 47)."""
+    """`make(log)` with the lines it logs said once it returned, but its notes (stderr) only
+    when the caller calls the function returned beside it (after decoding its images): a
+    refusal stays one line (a run's data notes came before its --weights, --out or an
+    unreadable image refused; passes 47, 48)."""
     lines: list = []
     made = make(lambda *a, **k: lines.append((a, k)))
-    for a, k in lines:
+    for a, k in (line for line in lines if not line[1].get("note")):
         log(*a, **k)
-    return made
+
+    def notes() -> None:
+        for a, k in (line for line in lines if line[1].get("note")):
+            log(*a, **k)
+
+    return made, notes

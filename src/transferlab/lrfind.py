@@ -158,9 +158,12 @@ def command(cfg, out: str | Path, quiet: bool = False) -> float:
     def train_only(line, note=False):  # it reads no val or test image: their notes are moot
         return None if re.search(r"\b(val|test) (image|score)", line) else log(line, note=note)
 
-    loop = guards.held(lambda said: setup(cfg, out, said, distributed.Dist(0, 1)), train_only)
+    loop, notes = guards.held(
+        lambda said: setup(cfg, out, said, distributed.Dist(0, 1)), train_only
+    )
     loop.frozen = strategies.enter(loop.model, loop.stages[-1])
     with outputs.lock(out):
         outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", resume=True))
         loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet, ("train",))  # fmt: skip
+        notes()  # (once no image is unreadable)
         return find_lr(loop, out, quiet)

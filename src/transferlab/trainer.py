@@ -92,10 +92,9 @@ def fit(
 
     `log_json` appends one JSON object per step and per epoch (a probe: per L2 strength) to
     that file. Launched by torchrun, every rank trains its share of each batch and only rank 0
-    writes. `data_notes`:
-    False when the caller said what loading the data left out (auto, once for all its runs).
-    `say_test`: False where the test score must not be shown yet (auto's candidates: test is
-    scored once, by the study's choice; the run still keeps its test predictions for that).
+    writes. `data_notes`: False when the caller said what loading the data left out (auto, once
+    for all its runs). `say_test`: False where the test score must not be shown yet (auto's
+    candidates: test is scored once, by the study's choice; the run keeps its test predictions).
     """
     out, d = Path(out), distributed.setup()
     quiet = quiet or not d.main
@@ -103,9 +102,10 @@ def fit(
     cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
     d.agreed(lambda: check_destination(cfg, out, resume, overwrite, log_json, d))  # before anything is loaded  # fmt: skip
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
-    loop = d.agreed(lambda: guards.held(lambda log: setup(cfg, out, log, d, resume), said))  # data, model, weights, plan: validated, nothing written  # fmt: skip
+    loop, notes = d.agreed(lambda: guards.held(lambda log: setup(cfg, out, log, d, resume), said))  # data, model, weights, plan: validated, nothing written  # fmt: skip
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (--overwrite had emptied it)
     loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
+    notes()  # (said once no image is unreadable: a refusal stays one line)
     loop.notes += leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))
     mark = {"config": to_dict(cfg), "data_fingerprint": loop.ds.fingerprint, "parent_sha256": loop.source.get("parent_sha256")}  # fmt: skip
     with claimed(out, resume, overwrite, mark, d):
