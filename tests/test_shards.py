@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transferlab import batching, data, decoding, leaks, shards, trainer
+from transferlab import batching, data, decoding, leaks, outputs, shards, trainer
 from transferlab.cli import main
-from transferlab.config import Preempted
+from transferlab.config import Preempted, UserError
 
 from conftest import make_folder, tiny_cfg
 
@@ -131,6 +131,21 @@ def test_shard_misuse_is_one_clear_line_and_changes_nothing(sharded, tmp_path, c
     ]:
         with pytest.raises(Exception, match=expect):
             data.load(spec)
+    (tmp_path / "x.tar").write_bytes(b"")  # pass 48 (F1): told to shard into these two
+    make_folder(tmp_path / "cls", ["a", "b"], 1, subsets=("",))
+    (tmp_path / "stopped").mkdir()  # a data shard that did not finish: its mark alone
+    outputs.mark(tmp_path / "stopped", "shards")
+    for spec, expect in [
+        (f"wds:{tmp_path / 'x.tar'}", r"is a file; wds: takes the folder transferlab data shard wrote \(its shards.json beside the .tar files\)$"),
+        (f"wds:{tmp_path / 'o' / 'train-000000.tar'}", f": did you mean wds:{tmp_path / 'o'}\\?$"),
+        (f"wds:{tmp_path / 'cls'}", f"it holds folders, not shards \\(class folders: folder:{tmp_path / 'cls'}; to shard them: transferlab data shard folder:\\S+ --out A_NEW_FOLDER\\)$"),
+        (f"wds:{mine}", "has no shards.json \\(not a shard folder\\): make one with transferlab data shard SPEC --out A_NEW_FOLDER$"),
+        (f"wds:{tmp_path / 'stopped'}", f"did not finish\\): make one with transferlab data shard SPEC --out {tmp_path / 'stopped'} --overwrite$"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError, match=expect):
+            data.load(spec)
+    argv = ["--quiet", "data", "shard", "digits", "--out", str(tmp_path / "stopped"), "--overwrite"]  # fmt: skip
+    assert main(argv) == 0 and data.load(f"wds:{tmp_path / 'stopped'}")  # (the advice, followed)
 
 
 def test_a_file_is_sharded_under_its_format_whatever_its_name(tmp_path):

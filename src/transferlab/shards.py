@@ -131,17 +131,30 @@ def _sample(split: data.Split, i: int) -> dict[str, bytes]:
 # ----------------------------------------------------------------------------- reading
 
 
+def _not_shards(root: Path) -> str:
+    """Why `root` is no shard folder, and what to do: shard into it only where `data shard`
+    would (it was told to shard into a .tar file or a folder of class folders; pass 48)."""
+    from .classfolders import visible_dirs
+
+    make = "make one with transferlab data shard SPEC --out"
+    if not root.exists():
+        return f"does not exist: {make} {root}"
+    if not root.is_dir():
+        near = f": did you mean wds:{root.parent}?" if (root.parent / INDEX).is_file() else ""
+        return f"is a file; wds: takes the folder transferlab data shard wrote (its {INDEX} beside the .tar files){near}"  # fmt: skip
+    if (outputs.read_mark(root) or {}).get("kind") == "shards":  # (a shard run that stopped)
+        return f"has no {INDEX} (its data shard did not finish): {make} {root} --overwrite"
+    if os.access(root, os.R_OK | os.X_OK) and visible_dirs(root):
+        return f"has no {INDEX}: it holds folders, not shards (class folders: folder:{root}; to shard them: transferlab data shard folder:{root} --out A_NEW_FOLDER)"  # fmt: skip
+    return f"has no {INDEX} (not a shard folder): {make} A_NEW_FOLDER"
+
+
 def source(arg: str, notes: list[str]):
     """data.SOURCES["wds"]: the splits of a shard folder, each member found by its offset."""
     root = Path(arg).expanduser()
     index_path = root / INDEX
     if not index_path.is_file():
-        what = (
-            "does not exist"
-            if not root.exists()
-            else f"has no {INDEX} (not a complete shard folder)"
-        )
-        raise UserError(f"wds:{arg} {what}: make one with transferlab data shard SPEC --out {arg}")
+        raise UserError(f"wds:{arg} {_not_shards(root)}")
     try:
         index = json.loads(index_path.read_text())
         keys = {"classes", "names", "splits", "native_size", "native_channels", "skipped"}
