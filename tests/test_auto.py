@@ -656,11 +656,22 @@ def test_report_of_a_study_names_the_runs_a_user_put_in_it(tmp_path):
         (study / run / name).write_text("{}")
     outputs.mark(study, "auto")
     (study / "auto.json").write_text("{}")  # (what makes candidates/ a study's)
-    with pytest.raises(UserError, match=rf"evaluate \S+best; the runs you put in it \(mine, votes\) are in the report of the folder that holds it: transferlab report {tmp_path}$"):  # fmt: skip
+    with pytest.raises(UserError, match=rf"evaluate \S+best; the runs you put in it \(mine, votes\) are reported with the folder that holds the study: transferlab report {tmp_path}$"):  # fmt: skip
         report.write(study / "candidates")
     (study / "mine" / checkpoint.META).unlink()
     (study / "votes" / ensembles.ENSEMBLE).unlink()
     with pytest.raises(UserError, match=r"evaluate \S+best$"):  # (none: not said)
+        report.write(study)
+    inner = study / "inner"  # pass 48 (F4): a study in a study was "a run you put in it",
+    for run in ("best", "candidates/a", "mine"):  # and `report study`, advised, refused too
+        (inner / run).mkdir(parents=True)
+        (inner / run / checkpoint.META).write_text("{}")
+    (inner / "auto.json").write_text("{}")
+    outputs.mark(inner, "auto")
+    shutil.rmtree(study / "best")
+    with pytest.raises(UserError, match=rf"report.html\); evaluate its choice with transferlab evaluate \S+inner/best; the runs you put in it \(mine\) are reported with the folder that holds the study: transferlab report {tmp_path}$"):  # fmt: skip
+        report.write(inner)
+    with pytest.raises(UserError, match=rf"report.html\); it has chosen nothing yet \(no best/\); the runs you put in it \(inner/mine\) are reported with the folder that holds the study: transferlab report {tmp_path}$"):  # fmt: skip
         report.write(study)
 
 

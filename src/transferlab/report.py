@@ -335,6 +335,21 @@ def _unfinished(root: Path) -> list[Path]:
     )  # fmt: skip
 
 
+def _refuse_study(root: Path) -> None:
+    """A study's report.md/.html are its leaderboard: never rewritten by this (`root` is a
+    study or inside one). The runs a user put in it (not its candidates, nor a best/) are
+    reported with the folder that holds the outermost study (hostile passes 45, 48)."""
+    studies = [f for f in (root.resolve(), *root.resolve().parents) if _is_study(f)]
+    if not studies:
+        return
+    study, above = studies[0], studies[-1].parent
+    bests = [f / "best" for f in [study, *(m.parent for m in study.rglob(outputs.MARK))] if _is_study(f)]  # fmt: skip
+    runs = sorted(str(p.parent.relative_to(study)) for name in (checkpoint.META, ensembles.ENSEMBLE) for p in _files(study, name) if not _study_inside(p.parent, study) and not any(b in (p.parent, *p.parent.parents) for b in bests))  # fmt: skip
+    choice = f"evaluate its choice with transferlab evaluate {study / 'best'}" if (study / "best").is_dir() else "it has chosen nothing yet (no best/)"  # fmt: skip
+    theirs = f"; the runs you put in it ({', '.join(runs)}) are reported with the folder that holds the study: transferlab report {above}" if runs else ""  # fmt: skip
+    raise UserError(f"{study} is a transferlab auto study with its own report (report.md, report.html); {choice}{theirs}")  # fmt: skip
+
+
 def _write(root: Path) -> tuple[Path, str]:
     if not root.is_dir():
         raise UserError(
@@ -344,14 +359,7 @@ def _write(root: Path) -> tuple[Path, str]:
     found = outputs.enclosing(root)  # not into the insides of a run (its state/, logits/)
     if found:
         raise UserError(f"{root} is inside the {found[1]} folder {found[0]}: report that")
-    study = next((f for f in (root.resolve(), *root.resolve().parents) if _is_study(f)), None)
-    if study:  # its report.md/.html are the study's leaderboard: never rewritten by this
-        theirs = sorted({p.parent.relative_to(study).parts[0] for name in (checkpoint.META, ensembles.ENSEMBLE) for p in _files(study, name) if not _study_inside(p.parent, study)} - {"best"})  # fmt: skip
-        raise UserError(
-            f"{study} is a transferlab auto study with its own report (report.md, report.html); "
-            f"evaluate its choice with transferlab evaluate {study / 'best'}"
-            + (f"; the runs you put in it ({', '.join(theirs)}) are in the report of the folder that holds it: transferlab report {study.parent}" if theirs else "")
-        )  # fmt: skip
+    _refuse_study(root)
     check_writable(root)
     skipped: list[str] = []
     rows = collect(root, skipped)
