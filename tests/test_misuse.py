@@ -806,6 +806,18 @@ def test_a_run_refused_after_its_data_loaded_says_one_line(capsys, tmp_path):
     assert code == 0 and "skipped hidden folder(s)" in err and "[ok] dcnn on folder:" in out, (out, err)  # fmt: skip
 
 
+def test_resume_with_no_whole_checkpoint_is_refused_before_the_run_says_a_line(capsys, tmp_path):  # fmt: skip
+    """Hostile pass 48 (F5): five progress lines and a warning came before the refusal."""
+    argv = ["train", "--data", "digits", "--model", "dcnn", "--input-size", "8", "--epochs", "1", "--limit", "40", "--no-flip", "--quiet", "--out", str(tmp_path / "r")]  # fmt: skip
+    assert main(argv) == 0
+    for f in (tmp_path / "r" / "state").iterdir():
+        f.write_text("junk")
+    capsys.readouterr()
+    assert main([a for a in argv if a != "--quiet"] + ["--resume"]) == 2
+    out, err = capsys.readouterr()  # (no progress line, no warning)
+    assert out == "" and re.fullmatch(rf"transferlab train: error: --resume: no valid checkpoint to resume from: \S+last.pt does not match its sha256 manifest \(corrupt\); the run finished: score it with transferlab evaluate {tmp_path / 'r'}\n", err), (out, err)  # fmt: skip
+
+
 def test_S35_unwritable_paths_are_refused_up_front(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     argv = ["train", "--data", "digits", *TINY]

@@ -360,25 +360,26 @@ def candidates(folder: Path) -> list[Path]:
     return ([folder / "last.pt"] if (folder / "last.pt").exists() else []) + found
 
 
-def newest_checkpoint(folder: Path, trust_pickle: bool = False) -> tuple[dict, Path] | None:
+def newest_checkpoint(folder: Path, trust_pickle: bool = False, check_only: bool = False) -> tuple[dict | None, Path] | None:  # fmt: skip
     """The newest checkpoint that is complete and verified; skipped ones are named in warnings.
 
     Returns None when there is no checkpoint at all; raises when there are some but none is valid
-    (never a silent restart from scratch).
+    (never a silent restart from scratch). `check_only`: verified, not loaded, nothing said.
     """
     paths, skipped = candidates(folder), []
     for path in paths:
         try:
-            return load_state(path, trust_pickle), path
+            return load_state(path, trust_pickle, check_only), path
         except UserError as err:
             skipped.append(str(err))
-            warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
+            if not check_only:
+                warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
     if skipped:
         raise UserError("no valid checkpoint to resume from: " + "; ".join(skipped))
     return None
 
 
-def load_state(path: Path, trust_pickle: bool = False) -> dict:
+def load_state(path: Path, trust_pickle: bool = False, check_only: bool = False) -> dict | None:
     """Load a training state only if its manifest matches; weights-only unpickling."""
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
@@ -387,7 +388,7 @@ def load_state(path: Path, trust_pickle: bool = False) -> dict:
         raise UserError(f"{path} has no sha256 manifest (unfinished save)")
     if sha256(path) not in [line.split()[0] for line in _manifest(path).read_text().splitlines() if line.strip()]:  # fmt: skip
         raise UserError(f"{path} does not match its sha256 manifest (corrupt)")
-    return safeload.torch_load(path, trust_pickle)
+    return None if check_only else safeload.torch_load(path, trust_pickle)
 
 
 # ----------------------------------------------------------------------------- logits

@@ -180,6 +180,11 @@ def nothing_to_resume(out: Path) -> str | None:
     if (out / checkpoint.META).is_file() and not has_checkpoint(out):
         what = "a soup" if checkpoint.read_meta(out).get("strategy") == "soup" else "a finished run whose state/ is gone"  # fmt: skip
         return f"--resume: {out} holds {what}, with no checkpoint to continue from: nothing to resume; score it with transferlab evaluate {out}, or pass --overwrite instead of --resume to train anew there"  # fmt: skip
+    try:  # (checked before the run says a line: pass 48)
+        checkpoint.newest_checkpoint(out / "state", check_only=True)
+    except UserError as err:
+        done = f"; the run finished: score it with transferlab evaluate {out}" if (out / checkpoint.META).is_file() else ""  # fmt: skip
+        return f"--resume: {err}{done}"
     return None
 
 
