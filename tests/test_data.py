@@ -115,6 +115,12 @@ def test_a_mistyped_data_spec_is_told_what_it_may_have_meant(tmp_path, monkeypat
         data.load("Digits")
     with pytest.raises(UserError, match=r"^unknown dataset kind 'mydata' \(known"):  # once
         data.load("mydata")
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")  # pass 48 (F6): "no file"
+    with pytest.raises(UserError, match=rf"\): and broken is a broken link to {tmp_path / 'nowhere'}$"):  # fmt: skip
+        data.load("broken")
+    assert not any("folder:digits" in n for n in data.load("digits").notes)
+    make_folder(tmp_path / "digits", ["a", "b"], 3, subsets=("",))  # (F7): unsaid
+    assert "--data digits is scikit-learn's bundled 8x8 digits; for the folder digits/ here: --data folder:digits" in data.load("digits").notes  # fmt: skip
     (tmp_path / "flat" / ".ipynb_checkpoints").mkdir(parents=True)  # pass 47 (F1): a hidden
     make_image(0, 0).save(tmp_path / "flat" / "x.png")  # folder is no class: folder:flat failed
     (tmp_path / "empty").mkdir()  # (F2): predict RUN empty failed too

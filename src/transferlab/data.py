@@ -125,7 +125,8 @@ def _meant(spec: str) -> str:
     if path.is_file() and path.suffix.lower() in (".csv", ".tar"):  # (wds: the folder of shards)
         return f": did you mean csv:{spec}?" if path.suffix.lower() == ".csv" else ": wds:PATH takes the folder transferlab data shard wrote (its shards.json beside the .tar files), not one .tar"  # fmt: skip
     if not path.is_dir():  # (a path, not a kind: that it does not exist either)
-        return "" if colon or path.exists() else f": and no file or folder {spec} exists"
+        gone = f": and {spec} is a broken link to {os.readlink(path)}" if path.is_symlink() else f": and no file or folder {spec} exists"  # fmt: skip
+        return "" if colon or path.exists() else gone
     if kind := next((kind for name, kind in marks.items() if (path / name).is_file()), None):
         return f": did you mean {kind}:{spec}?"
     from .classfolders import image_files, visible_dirs  # (it imports this module)
@@ -225,6 +226,9 @@ def fingerprint(splits: dict[str, Split], root: Path | None) -> str:
 
 def _digits(_: str, notes: list[str]):
     from sklearn.datasets import load_digits
+
+    if Path("digits").is_dir():  # (pass 48: `--data digits` beside your folder digits/)
+        notes.append("--data digits is scikit-learn's bundled 8x8 digits; for the folder digits/ here: --data folder:digits")  # fmt: skip
 
     bunch = load_digits()
     arrays = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None]  # (N, 8, 8, 1)
