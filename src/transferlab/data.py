@@ -105,6 +105,8 @@ def check_spec(spec: str, exists: bool = True) -> None:
     """The mistakes a spec can show without reading it: an unknown kind, a missing path
     (`exists`: checked to exist too)."""
     kind, _, arg = str(spec).partition(":")
+    if kind not in SOURCES and Path(spec).is_symlink() and not Path(spec).exists():  # (pass 49)
+        raise UserError(f"{spec} is a broken link to {os.readlink(spec)}: mend it, or give --data a folder or file that is there")  # fmt: skip
     if kind not in SOURCES:
         raise UserError(f"unknown dataset kind '{kind}'{f' in {spec!r}' * (spec != kind)} (known: {', '.join(SOURCES)}){_meant(spec)}")  # fmt: skip
     if kind == "digits" and kind != spec:  # (digits:~/mnist trained on the 8x8 digits, unsaid)
@@ -125,8 +127,7 @@ def _meant(spec: str) -> str:
     if path.is_file() and path.suffix.lower() in (".csv", ".tar"):  # (wds: the folder of shards)
         return f": did you mean csv:{spec}?" if path.suffix.lower() == ".csv" else ": wds:PATH takes the folder transferlab data shard wrote (its shards.json beside the .tar files), not one .tar"  # fmt: skip
     if not path.is_dir():  # (a path, not a kind: that it does not exist either)
-        gone = f": and {spec} is a broken link to {os.readlink(path)}" if path.is_symlink() else f": and no file or folder {spec} exists"  # fmt: skip
-        return "" if colon or path.exists() else gone
+        return "" if colon or path.exists() else f": and no file or folder {spec} exists"
     if kind := next((kind for name, kind in marks.items() if (path / name).is_file()), None):
         return f": did you mean {kind}:{spec}?"
     from .classfolders import image_files, visible_dirs  # (it imports this module)
