@@ -816,6 +816,12 @@ def test_resume_with_no_whole_checkpoint_is_refused_before_the_run_says_a_line(c
     assert main([a for a in argv if a != "--quiet"] + ["--resume"]) == 2
     out, err = capsys.readouterr()  # (no progress line, no warning)
     assert out == "" and re.fullmatch(rf"transferlab train: error: --resume: no valid checkpoint to resume from: \S+last.pt does not match its sha256 manifest \(corrupt\); the run finished: score it with transferlab evaluate {tmp_path / 'r'}\n", err), (out, err)  # fmt: skip
+    (tmp_path / "r" / "meta.json").unlink()  # pass 49 (F3, F6): a stopped run's, no advice;
+    fail(capsys, *argv, "--resume", pattern=r"\(corrupt\); to train it anew, pass --overwrite instead of --resume$")  # fmt: skip
+    from transferlab import checkpoint  # report advised the --resume refused
+
+    assert checkpoint.unfinished(tmp_path / "r") == f"stopped, and no checkpoint of it is whole: train it anew with transferlab train --out {tmp_path / 'r'} --overwrite and its settings"  # fmt: skip
+    assert main([*argv, "--overwrite"]) == 0  # (the advice, followed)
 
 
 def test_S35_unwritable_paths_are_refused_up_front(capsys, tmp_path):

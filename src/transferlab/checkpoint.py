@@ -184,8 +184,7 @@ def file_record(path: str | Path) -> dict:
 
 
 def unfinished(run: str | Path) -> str:
-    """What to say of a run with no meta.json: how to finish it, in the words of the command
-    that made it (`run` and `auto` take no `train --resume` of their own)."""
+    """How to finish a run with no meta.json, in the words of the command that made it."""
     from .outputs import read_mark
 
     for folder in Path(run).resolve().parents:
@@ -197,6 +196,10 @@ def unfinished(run: str | Path) -> str:
         if kind == "auto":  # a candidate's fold run
             return (f"still training, or stopped: finish it with transferlab auto --out {folder} "
                     "--resume, with the study's --data and --budget")  # fmt: skip
+    try:  # (none whole: --resume, advised, was refused; pass 49)
+        newest_checkpoint(Path(run) / "state", check_only=True)
+    except UserError:
+        return f"stopped, and no checkpoint of it is whole: train it anew with transferlab train --out {run} --overwrite and its settings"  # fmt: skip
     return f"still training, or stopped: finish it with transferlab train --out {run} --resume"
 
 

@@ -183,7 +183,7 @@ def nothing_to_resume(out: Path) -> str | None:
     try:  # (checked before the run says a line: pass 48)
         checkpoint.newest_checkpoint(out / "state", check_only=True)
     except UserError as err:
-        done = f"; the run finished: score it with transferlab evaluate {out}" if (out / checkpoint.META).is_file() else ""  # fmt: skip
+        done = f"; the run finished: score it with transferlab evaluate {out}" if (out / checkpoint.META).is_file() else "; to train it anew, pass --overwrite instead of --resume"  # fmt: skip
         return f"--resume: {err}{done}"
     return None
 
