@@ -148,6 +148,18 @@ def test_shard_misuse_is_one_clear_line_and_changes_nothing(sharded, tmp_path, c
     assert main(argv) == 0 and data.load(f"wds:{tmp_path / 'stopped'}")  # (the advice, followed)
 
 
+def test_data_shard_says_what_loading_the_data_left_out(tmp_path, capsys):
+    """Hostile pass 49 (F1): data shard said none of the data's notes (a hidden folder
+    skipped), and nor did a run on the shards."""
+    make_folder(tmp_path / "d", ["a", "b"], 3, subsets=("",))
+    (tmp_path / "d" / ".junk").mkdir()
+    argv = ["--quiet", "data", "shard", f"folder:{tmp_path / 'd'}", "--out", str(tmp_path / "w")]
+    assert main(argv) == 0
+    assert f"note: skipped hidden folder(s) in {tmp_path / 'd'}: .junk" in capsys.readouterr().err
+    said = data.load(f"wds:{tmp_path / 'w'}").notes
+    assert f"when sharded: skipped hidden folder(s) in {tmp_path / 'd'}: .junk" in said, said
+
+
 def test_a_file_is_sharded_under_its_format_whatever_its_name(tmp_path):
     import webdataset as wds
 

@@ -188,7 +188,9 @@ def cmd_data(args) -> None:
             raise UserError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
         index = shards.write(args.spec, args.out, args.shard_size, args.val_fraction,
                              args.overwrite, args.skip_bad_images, args.quiet)  # fmt: skip
-        if index["skipped"]:  # (notes print with --quiet too, as train's)
+        for note in index["notes"]:  # (notes print with --quiet too, as train's; pass 49)
+            print(f"note: {note}", file=sys.stderr)
+        if index["skipped"]:
             print(f"note: left out {len(index['skipped'])} unreadable image(s): {'; '.join(index['skipped'])}", file=sys.stderr)  # fmt: skip
         counts = ", ".join(
             f"{k} {v['n']} in {len(v['shards'])}" for k, v in index["splits"].items()

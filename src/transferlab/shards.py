@@ -94,6 +94,7 @@ def write(
             # what only the source's files show, said again by every run on the shards
             "origin": next((n for n in ds.notes if n.startswith("splits: ")), "") + f", before {len(bad)} unreadable were left out" * bool(bad),  # fmt: skip
             "copies": {k: leaks.own_copies(kept, k) for k in ("val", "test")},  # (of what is in them)
+            "notes": [n for n in ds.notes if not n.startswith("splits: ")],  # (data shard said none)
         }  # fmt: skip
         from .checkpoint import write_json
 
@@ -165,6 +166,7 @@ def source(arg: str, notes: list[str]):
         raise UserError(f"{index_path} is not a transferlab shard index ({FORMAT})")
     if index["skipped"]:
         notes.append(f"{len(index['skipped'])} unreadable image(s) were left out when sharding")
+    notes += [f"when sharded: {n}" for n in index.get("notes", []) if n.startswith("skipped ")]
     if index.get("origin"):  # (the line below says "given": by the shards, carved before them)
         notes.append(f"splits: as {index['source']} gave them when sharded: {index['origin'].removeprefix('splits: ')}")  # fmt: skip
     splits = {name: _index_split(root, s["shards"], len(index["classes"]))
