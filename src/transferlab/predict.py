@@ -15,17 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import (
-    checkpoint,
-    classfolders,
-    combiners,
-    data,
-    decoding,
-    ensembles,
-    evaluate,
-    members,
-    models,
-)
+from . import checkpoint, combiners, data, decoding, ensembles, evaluate, members, models
+from .classfolders import hidden_name
 from .config import UserError, one_line
 
 
@@ -75,9 +66,7 @@ def _under(top: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        kept = (
-            d for d in dirs if not classfolders.hidden_name(d)
-        )  # real folders before links to them
+        kept = (d for d in dirs if not hidden_name(d))  # real folders before links to them
         dirs[:] = sorted(kept, key=lambda d: (os.path.islink(os.path.join(root, d)), d))
         found += [Path(root, n) for n in names]
     return found
