@@ -243,8 +243,8 @@ def _synthetic(arg: str, notes: list[str]):
     a central square (10 classes), made in memory; for benchmarks and smoke tests."""
     match = re.fullmatch(r"(?:([0-9]+)(?:x([0-9]+))?)?", arg)  # (x alone, 0, -5: pass 48)
     n, size = (int(match[1] or 2000), int(match[2] or 64)) if match else (0, 0)
-    if n < 10 or size < 8:
-        raise UserError(f"synthetic data is synthetic:N or synthetic:NxSIZE, N >= 10 images (of 10 classes) of SIZE >= 8 px, got '{arg}'")  # fmt: skip
+    if n < 1 or size < 8:
+        raise UserError(f"synthetic data is synthetic:N or synthetic:NxSIZE, N >= 1 images (of 10 classes) of SIZE >= 8 px, got '{arg}'")  # fmt: skip
     if n * size * size * 3 > 2**32:  # (made in memory: numpy's traceback, or the machine's)
         raise UserError(f"synthetic:{arg} would hold {n * size * size * 3 / 2**30:.3g} GiB of pixels in memory: at most 4 (N x SIZE x SIZE x 3 bytes)")  # fmt: skip
     rng = np.random.default_rng(SPLIT_SEED)
