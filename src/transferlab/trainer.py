@@ -43,7 +43,6 @@ from .config import EveryRank, TrainConfig, UserError, to_dict
 from .resume import (
     Checkpoints,
     Progress,
-    finished,
     has_checkpoint,
     nothing_to_resume,
     refuse_config_change,
@@ -101,6 +100,9 @@ def fit(
     log = logger(quiet) if d.main else lambda *a, note=False: None  # rank 0 says each note once
     cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
     d.agreed(lambda: check_destination(cfg, out, resume, overwrite, log_json, d))  # before anything is loaded  # fmt: skip
+    if resume and (out / checkpoint.META).is_file() and has_checkpoint(out):  # fmt: skip
+        log(f"[{out.name}] finished already: nothing to resume -> {out}")  # (its record kept)
+        return checkpoint.read_meta(out)
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
     loop, notes = d.agreed(lambda: guards.held(lambda log: setup(cfg, out, log, d, resume), said))  # data, model, weights, plan: validated, nothing written  # fmt: skip
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (--overwrite had emptied it)
@@ -111,9 +113,6 @@ def fit(
     with claimed(out, resume, overwrite, mark, d):
         start_training(loop, out, resume and (out / "state").exists(), log, quiet)
         progress = (restore(out, loop, log) if resume else None) or Progress()
-        if resume and (out / checkpoint.META).is_file() and finished(loop.stages, progress):
-            log(f"[{out.name}] finished already: nothing to resume -> {out}")  # (its record kept)
-            return checkpoint.read_meta(out)
         for note in guards.advice(loop):  # (after every refusal: an error stays one line)
             log(f"[{out.name}] note: {note}", note=True)
         t_start, features = time.time() - progress.seconds, None
