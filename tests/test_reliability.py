@@ -276,6 +276,21 @@ def test_S3_a_kill_at_any_rename_of_a_save_leaves_a_whole_checkpoint(tmp_path, m
         assert any(torch.equal(found[0]["w"], w) for w in (torch.ones(3), torch.zeros(3)))
 
 
+def test_a_manifest_a_kill_left_without_its_checkpoint_is_pruned(tmp_path, monkeypatch):
+    """Hostile pass 49 (F2): killed between a kept checkpoint's manifest and its second name,
+    its step-N.pt.sha256 stayed in state/ for good (saved at that step again: no rotation)."""
+    from unittest import mock
+
+    folder = tmp_path / "state"
+    checkpoint.save_checkpoint(folder, {"w": torch.ones(3)}, 4)
+    with mock.patch.object(os, "link", side_effect=Killed), pytest.raises(Killed):
+        checkpoint.save_checkpoint(folder, {"w": torch.zeros(3)}, 5)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "last.pt.sha256", "step-000000004.pt.sha256"]  # fmt: skip
+    checkpoint.save_checkpoint(folder, {"w": torch.zeros(3)}, 4)  # resumed at step 4, saved there
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "last.pt.sha256"]
+    assert torch.equal(checkpoint.newest_checkpoint(folder)[0]["w"], torch.zeros(3))
+
+
 def test_S4_resume_skips_empty_truncated_and_unmarked_checkpoints_naming_them(tmp_path):
     folder = tmp_path / "state"
     for step in (1, 2, 3, 4):

@@ -75,10 +75,7 @@ def _link(tmp: str | Path, path: Path) -> None:
         raise UserError(f"{path} was written by another command meanwhile (an export to the "
                         "same file at once?): pass --overwrite to replace it") from None  # fmt: skip
     except OSError as err:
-        if (
-            err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK)
-            or path.exists()
-        ):
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK) or path.exists():  # fmt: skip
             raise
         os.replace(tmp, path)
 
@@ -350,7 +347,9 @@ def save_checkpoint(folder: Path, state: dict, step: int, keep_last: int = 2) ->
         except OSError:  # (a file system without hard links)
             shutil.copy2(last, older)
     save_state(last, state, step)
-    for old in sorted(folder.glob("step-*.pt"), reverse=True)[max(keep_last - 1, 0) :]:
+    steps = sorted(folder.glob("step-*.pt"), reverse=True)  # and manifests a kill left alone:
+    orphans = {m.with_suffix("") for m in folder.glob("step-*.pt.sha256")} - set(steps)  # fmt: skip
+    for old in [*steps[max(keep_last - 1, 0) :], *orphans]:
         old.unlink(missing_ok=True)
         _manifest(old).unlink(missing_ok=True)
     return last
