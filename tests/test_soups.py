@@ -164,6 +164,21 @@ def test_a_soup_stopped_before_it_finished_is_made_again(snapshot_run, tmp_path,
         soups.make(snaps, "uniform", tmp_path / "s", quiet=True)
 
 
+def test_soup_overwrite_replaces_a_run_there_and_nothing_else(snapshot_run, tmp_path, capsys):
+    """Hostile pass 47 (F7): a soup made again (another method, other runs) had to go to another
+    --out, or into a folder deleted by hand: soup took no --overwrite."""
+    snaps = [str(p) for p in sorted((snapshot_run / "snapshots").iterdir())]
+    out = tmp_path / "s"
+    assert main(["soup", *snaps, "--method", "uniform", "--out", str(out)]) == 0
+    assert main(["soup", *snaps[:2], "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith("already holds a run: pass --overwrite to replace it, or choose another --out\n")  # fmt: skip
+    assert main(["soup", *snaps[:2], "--out", str(out), "--overwrite"]) == 0
+    assert checkpoint.read_meta(out)["source"]["candidates"] == sorted(snaps[:2])
+    assert main(["soup", *snaps[:2], "--out", snaps[0], "--overwrite"]) == 2  # an ingredient
+    assert "overlaps ingredient run" in capsys.readouterr().err
+    assert transferlab.soup(snaps[:2], "uniform", out, overwrite=True).path == out
+
+
 def test_a_greedy_soup_of_runs_that_split_the_data_otherwise_is_refused(
     trained_run, folder_data, tmp_path, capsys
 ):

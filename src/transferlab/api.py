@@ -172,13 +172,15 @@ def ensemble(
     return Model(Path(out))
 
 
-def soup(runs: list, method: str = "greedy", out: str | Path = "runs/soup") -> Model:
-    """Average the weights of runs fine-tuned from one start into the run folder `out`."""
+def soup(runs: list, method: str = "greedy", out: str | Path = "runs/soup", overwrite: bool = False) -> Model:  # fmt: skip
+    """Average the weights of runs fine-tuned from one start into the run folder `out` (a run
+    there is replaced only with `overwrite`)."""
     from . import soups
 
     out = _path(out, "soup() needs out=, the run folder to write")
+    _flags(overwrite=overwrite)
     with _api_words():  # ("choose another --out")
-        soups.make(_runs(runs, "soup"), method, out, quiet=True)
+        soups.make(_runs(runs, "soup"), method, out, quiet=True, overwrite=overwrite)
     return Model(Path(out))
 
 

@@ -217,15 +217,11 @@ def _result_commands(sub) -> None:
 
     p = _sub(sub, "soup", "average the weights of runs fine-tuned from the same start")
     p.add_argument("runs", nargs="+", help="run folders (one architecture, one initial state)")
-    p.add_argument(
-        "--method",
-        default="greedy",
-        choices=("uniform", "greedy"),
-        help="uniform: average all; greedy: add runs best-val-first while val top-1 does not "
-        "drop [greedy]",
-    )
+    p.add_argument("--method", default="greedy", choices=("uniform", "greedy"),
+                   help="uniform: average all; greedy: add runs best-val-first while val top-1 does not drop [greedy]")  # fmt: skip
     p.add_argument("--out", required=True, help="run folder to write (scored like any run)")
     p.add_argument("--data", help="dataset spec [the runs' own]")
+    p.add_argument("--overwrite", action="store_true", help="replace a soup or run in --out")
 
     p = _sub(sub, "report", "write report.md and results.csv for every run under a folder")
     p.add_argument("path", help="a folder holding run and ensemble folders")
@@ -328,7 +324,7 @@ def cmd_predict(args) -> None:
 def cmd_soup(args) -> None:
     from . import evaluate, soups
 
-    meta = soups.make(args.runs, args.method, args.out, args.data, quiet=args.quiet)
+    meta = soups.make(args.runs, args.method, args.out, args.data, args.quiet, args.overwrite)
     m, src = meta["metrics"], meta["source"]
     print(
         f"{args.method} soup of {len(src['ingredients'])}/{len(src['candidates'])} runs: "

@@ -104,12 +104,14 @@ def make(
     out: str | Path,
     data_spec: str | None = None,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """Average runs' weights into a new run folder `out`, scored like any run."""
+    """Average runs' weights into a new run folder `out`, scored like any run (a run or soup
+    there is replaced, once every check has passed, only with `overwrite`)."""
     if method not in METHODS:
         raise UserError(f"unknown soup method '{method}' (known: {', '.join(METHODS)})")
-    if (Path(out) / checkpoint.META).exists():
-        raise UserError(f"{out} already holds a run; choose another --out")
+    if (Path(out) / checkpoint.META).exists() and not overwrite:
+        raise UserError(f"{out} already holds a run: pass --overwrite to replace it, or choose another --out")  # fmt: skip
     t0 = time.time()
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     runs = [str(r) for r in runs]
@@ -130,7 +132,7 @@ def make(
     _check_classes(metas[0], ds, runs[0])  # before the folder is claimed
     outputs.refuse_writing_into_data(ds, out)  # nor into the data it is scored on
     decoding.check_cache(None)
-    again = _stopped(Path(out))  # a soup stopped before it finished is made again
+    again = overwrite or _stopped(Path(out))  # (a soup stopped before it finished: made again)
     outputs.check_out(Path(out), "run", overwrite=again)
     for note in val_seen:  # (test is held out before val is carved: its score stands)
         print(f"note: {note}", file=sys.stderr)
