@@ -94,6 +94,10 @@ def test_a_refused_export_leaves_the_disk_as_it_was(trained_run, tmp_path, capsy
     assert main(["export", str(trained_run), "--format", "onnx", "--out", f"{tmp_path}/new/"]) == 2
     assert "is a folder; give a file name such as" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    for fmt, name in export.FORMATS.items():  # pass 50: an existing folder was told model.onnx
+        for out in (tmp_path, f"{tmp_path}/"):
+            assert main(["export", str(trained_run), "--format", fmt, "--out", str(out)]) == 2
+            assert capsys.readouterr().err.endswith(f"give a file name such as {tmp_path / name}\n")  # fmt: skip
     half = tmp_path / "half"
     half.mkdir()
     shutil.copy(trained_run / "meta.json", half)

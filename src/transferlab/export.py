@@ -157,9 +157,9 @@ def export(
 
 def out_path(out: str | Path | None, default: Path) -> Path:
     """--out as a file path (`default` without one); `DIR/` names a folder, as an existing
-    folder does: refused the same way, not written as a file called DIR."""
-    if out and str(out).endswith(("/", os.sep)):
-        raise UserError(f"--out {out} is a folder; give a file name such as {out}{default.name}")
+    folder is: refused naming a file of the format's, not written as a file called DIR."""
+    if out and (str(out).endswith(("/", os.sep)) or Path(out).expanduser().is_dir()):
+        raise UserError(f"--out {out} is a folder; give a file name such as {Path(out) / default.name}")  # fmt: skip
     return Path(out).expanduser() if out else default
 
 
