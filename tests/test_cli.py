@@ -425,6 +425,7 @@ def test_finetune_help_shows_the_defaults_it_uses(capsys):
         main(["finetune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "[the --from run's / 10]" in text and "[digits]" not in text and "[0.001]" not in text
+    assert "--from RUN the run to start from (required, but with --out R --resume: the one R started from)" in text  # fmt: skip
 
 
 def test_small_mistakes_and_warnings_read_as_one_line(tmp_path, capsys):

@@ -171,7 +171,7 @@ def _training_commands(sub) -> None:
     _config_options(p)
 
     p = _sub(sub, "finetune", "continue training from a run's weights (new data: new head)")
-    p.add_argument("--from", dest="source", help="the run to start from (--resume: R's)")
+    p.add_argument("--from", dest="source", metavar="RUN", help="the run to start from (required, but with --out R --resume: the one R started from)")  # fmt: skip
     _run_folder_options(p)
     _config_options(p, skip=("model", "weights"), parent=True)
 
