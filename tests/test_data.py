@@ -492,6 +492,36 @@ def test_hf_columns_named_in_the_spec_override_detection_and_mistakes_are_one_li
     assert data.load(f"hf:{tmp_path / 'plain'}", val_fraction=0.0).classes == ["emu", "owl"]
 
 
+def test_a_parquet_pyarrow_wrote_reads_its_image_rows_and_a_damaged_one_is_one_line(tmp_path, capfd):  # fmt: skip
+    """Hostile pass 50: images stored as `datasets` stores them ({bytes, path}) in a parquet
+    that pyarrow wrote were "cannot tell the columns apart: name them", then, named, "holds no
+    images"; a damaged parquet printed datasets' own error line before ours."""
+    pytest.importorskip("datasets")
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(image):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return buffer.getvalue()
+
+    rows = [{"bytes": png(make_image(i % 2, i)), "path": None} for i in range(12)]
+    pq.write_table(pa.table({"image": rows, "label": [i % 2 for i in range(12)]}), tmp_path / "p.parquet")  # fmt: skip
+    for spec in (f"hf:{tmp_path / 'p.parquet'}", f"hf:{tmp_path / 'p.parquet'},image=image,label=label"):  # fmt: skip
+        ds = data.load(spec, val_fraction=0.0)
+        every = [s for split in ds.splits.values() for s in zip(split.paths, split.labels.tolist(), strict=True)]  # fmt: skip
+        assert ds.classes == ["0", "1"] and sorted(label for _, label in every) == [0] * 6 + [1] * 6
+        files = {Path(p).read_bytes() for p, _ in every}
+        assert files == {r["bytes"] for r in rows}
+    (tmp_path / "bad.parquet").write_bytes(b"junk")
+    capfd.readouterr()
+    with pytest.raises(UserError, match="could not load Hugging Face dataset .*bad.parquet: Parquet file size is 4 bytes"):  # fmt: skip
+        data.load(f"hf:{tmp_path / 'bad.parquet'}")
+    assert capfd.readouterr().err == ""
+
+
 def test_an_empty_hf_spec_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert data.canonical("hf:") == "hf:"

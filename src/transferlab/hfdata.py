@@ -161,6 +161,17 @@ def _split_of(key: str, whole: bool = False) -> str | None:
 
 
 def _load(datasets, name: str, config: str | None):
+    """`name` loaded; what `datasets` logs as an error on the way ("Failed to read schema ...")
+    is said once, in our one line (it printed a line of its own first)."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        return _read(datasets, name, config)
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _read(datasets, name: str, config: str | None):
     path = Path(name).expanduser()
     try:
         if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
@@ -214,16 +225,16 @@ def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str
     for option, column in options.items():
         if column not in features:
             raise UserError(f"{name} has no column '{column}' ({option}=); its columns: {listed}")
-    if "image" in options and not isinstance(features[options["image"]], datasets.Image):
+    if "image" in options and not _images(datasets, features[options["image"]]):
         raise UserError(
             f"{name}: column '{options['image']}' holds no images; its columns: {listed}"
         )
-    if "label" in options and isinstance(features[options["label"]], datasets.Image):
+    if "label" in options and _images(datasets, features[options["label"]]):
         raise UserError(
             f"{name}: column '{options['label']}' holds images, not labels; its columns: {listed}"
         )
     images = [options["image"]] if "image" in options else [
-        c for c, f in features.items() if isinstance(f, datasets.Image)
+        c for c, f in features.items() if _images(datasets, f)
     ]  # fmt: skip
     labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
     other = [c for c in features if c not in images]  # one image column and one other: that
@@ -240,6 +251,13 @@ def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str
     if not isinstance(features[labels[0]], (datasets.ClassLabel, datasets.Value)):  # a list:
         raise UserError(f"{name}: column '{labels[0]}' holds {type(features[labels[0]]).__name__} values, several labels an image: transferlab trains one label an image; name another with label=COLUMN")  # fmt: skip
     return images[0], labels[0]
+
+
+def _images(datasets, feature) -> bool:
+    """An Image column, or one stored as Image stores its rows, {bytes, path}, without its type
+    (a parquet pyarrow wrote: "holds no images" when named, as `datasets` would read it)."""
+    stored = isinstance(feature, dict) and "bytes" in feature and set(feature) <= {"bytes", "path"}
+    return isinstance(feature, datasets.Image) or (stored and getattr(feature["bytes"], "dtype", "") in ("binary", "large_binary"))  # fmt: skip
 
 
 def root(name: str, config: str) -> Path:
