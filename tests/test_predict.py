@@ -138,6 +138,8 @@ def test_json_names_a_file_not_named_in_utf8_so_strict_readers_take_it(trained_r
     assert main(["--quiet", "predict", str(trained_run), str(tmp_path / "in"), "--json"]) == 0
     out = capsys.readouterr().out
     assert "\\udc" not in out and json.loads(out)[0]["path"].endswith("caf\\xe9.png")
+    assert main(["--quiet", "predict", str(trained_run), str(tmp_path / "in")]) == 0  # the table
+    assert "caf\\xe9.png  " in capsys.readouterr().out  # (it said caf\\udce9.png)
 
 
 def test_cli_errors_are_one_line(trained_run, images, tmp_path, capsys):

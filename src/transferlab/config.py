@@ -68,8 +68,10 @@ class UnreadableImages(UserError):
 
 
 def one_line(text: str) -> str:
-    """Control characters (newlines, \\x1e, ...) escaped, so a message stays one printed line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """Control characters (newlines, \\x1e, ...) escaped, so a message stays one printed line;
+    a file name's byte that is not UTF-8 as the `\\xff` it is, as `--json` writes it (Python's
+    lone surrogate for it printed as `\\udcff`)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else repr(c)[1:-1] for c in text)  # fmt: skip
 
 
 def names_weights(name: str) -> bool:
