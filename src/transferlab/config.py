@@ -51,9 +51,7 @@ class UnreadableImages(UserError):
         from PIL import Image, UnidentifiedImageError
 
         if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            return (
-                f"over {Image.MAX_IMAGE_PIXELS:,} pixels, the limit for one image: shrink it first"
-            )
+            return f"over {Image.MAX_IMAGE_PIXELS:,} pixels, the limit for one image: shrink it first"  # fmt: skip
         if isinstance(err, UnidentifiedImageError):  # (its message repeats the path)
             return "not an image Pillow reads: another format, or damaged"
         if isinstance(err, FileNotFoundError):
@@ -68,9 +66,8 @@ class UnreadableImages(UserError):
 
 
 def one_line(text: str) -> str:
-    """Control characters (newlines, \\x1e, ...) escaped, so a message stays one printed line;
-    a file name's byte that is not UTF-8 as the `\\xff` it is, as `--json` writes it (Python's
-    lone surrogate for it printed as `\\udcff`)."""
+    """Control characters (newlines, \\x1e, ...) escaped, so a message stays one printed line; a
+    file name's byte that is not UTF-8 as `\\xff`, as `--json` writes it (it said `\\udcff`)."""
     return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else repr(c)[1:-1] for c in text)  # fmt: skip
 
 
