@@ -179,6 +179,27 @@ def test_soup_overwrite_replaces_a_run_there_and_nothing_else(snapshot_run, tmp_
     assert transferlab.soup(snaps[:2], "uniform", out, overwrite=True).path == out
 
 
+def test_no_soup_or_fine_tune_replaces_a_run_its_inputs_came_from(tmp_path, capsys):
+    """Hostile pass 51 (F2): `soup F1 F2 --out R --overwrite`, R the run both were fine-tuned
+    from, replaced R with the soup (refused only over an ingredient); so did a fine-tune of F1
+    over R. R is read to count the soup's leaks, and a stopped fine-tune of R resumes from it."""
+    tiny = ["--data", "digits", "--input-size", "16", "--limit", "40", "--no-flip", "--epochs", "1", "--quiet"]  # fmt: skip
+    run = {name: str(tmp_path / name) for name in ("r0", "r1", "f1", "f2")}
+    assert main(["train", "--model", "dcnn", *tiny, "--out", run["r0"]]) == 0
+    assert main(["finetune", "--from", run["r0"], *tiny, "--out", run["r1"]]) == 0
+    for name, seed in (("f1", "1"), ("f2", "2")):
+        assert main(["finetune", "--from", run["r1"], *tiny, "--seed", seed, "--out", run[name]]) == 0  # fmt: skip
+    kept = {name: checkpoint.sha256(checkpoint.weights_path(Path(path))) for name, path in run.items()}  # fmt: skip
+    capsys.readouterr()
+    for parent in ("r1", "r0"):  # the parent, and its own
+        assert main(["soup", run["f1"], run["f2"], "--out", run[parent], "--overwrite"]) == 2
+        assert f"overlaps an ancestor of the ingredients, {run[parent]}: a command never writes into its own input" in capsys.readouterr().err  # fmt: skip
+        assert main(["finetune", "--from", run["f1"], *tiny, "--out", run[parent], "--overwrite"]) == 2  # fmt: skip
+        assert f"overlaps an ancestor of the run it starts from, {run[parent]}:" in capsys.readouterr().err  # fmt: skip
+    assert kept == {name: checkpoint.sha256(checkpoint.weights_path(Path(path))) for name, path in run.items()}  # fmt: skip
+    assert main(["soup", run["f1"], run["f2"], "--method", "uniform", "--out", str(tmp_path / "s")]) == 0  # fmt: skip
+
+
 def test_a_greedy_soup_of_runs_that_split_the_data_otherwise_is_refused(
     trained_run, folder_data, tmp_path, capsys
 ):

@@ -7,6 +7,7 @@ that a score that is not a held-out score says so, where it is printed and where
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -167,6 +168,16 @@ def ancestors(meta: dict, gone: list[str] | None = None) -> list[dict]:
                 continue
             found.append(parent)
             todo.append(parent.get("source") or {})
+    return found
+
+
+def lineage(runs: list[str | Path]) -> list[str]:
+    """`runs` and the runs their weights came from (`ancestors`): what a command reads to count
+    its leaks, so never its --out (a soup --overwrite over its ingredients' parent replaced it)."""
+    found = []
+    for run in runs:
+        with contextlib.suppress(UserError, OSError):  # (not a run: the command says so itself)
+            found += [str(run), *(a["_path"] for a in ancestors(checkpoint.read_meta(run)))]
     return found
 
 

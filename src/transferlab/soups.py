@@ -128,6 +128,7 @@ def make(
     if len({str(Path(r).resolve()) for r in runs}) < len(runs):
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
+    outputs.refuse_overlap(out, leaks.lineage(runs), "an ancestor of the ingredients,")
     ds = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
     _check_classes(metas[0], ds, runs[0])  # before the folder is claimed
     outputs.refuse_writing_into_data(ds, out)  # nor into the data it is scored on
