@@ -870,6 +870,11 @@ def test_resuming_a_finished_run_keeps_its_record(tmp_path, capsys):
     assert main([*map(str, ["train", *tiny, "--out", tmp_path / "r", "--resume"])]) == 0
     said = capsys.readouterr()  # pass 48 F8: its header, splits and "resumed from last.pt" first
     assert said.out == f"[r] finished already: nothing to resume -> {tmp_path / 'r'}\n" and said.err == ""  # fmt: skip
+    damaged = shutil.copytree(tmp_path / "r", tmp_path / "d")  # pass 51: said finished, then failed
+    (damaged / "meta.json").write_text('{"arch": "dcn')
+    assert main([*map(str, ["train", *tiny, "--out", damaged, "--resume"])]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and said.err.startswith("transferlab train: error: corrupt") and len(said.err.splitlines()) == 1  # fmt: skip
     assert files == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
     probe, train = SimpleNamespace(probe=True, epochs=0), SimpleNamespace(probe=False, epochs=2)
 

@@ -100,9 +100,9 @@ def fit(
     log = logger(quiet) if d.main else lambda *a, note=False: None  # rank 0 says each note once
     cfg = replace(cfg, data=data.canonical(cfg.data))  # the record holds from any cwd
     d.agreed(lambda: check_destination(cfg, out, resume, overwrite, log_json, d))  # before anything is loaded  # fmt: skip
-    if resume and (out / checkpoint.META).is_file() and has_checkpoint(out):  # fmt: skip
+    if resume and (out / checkpoint.META).is_file() and has_checkpoint(out) and (meta := checkpoint.read_meta(out)):  # fmt: skip
         log(f"[{out.name}] finished already: nothing to resume -> {out}")  # (its record kept)
-        return checkpoint.read_meta(out)
+        return meta
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
     loop, notes = d.agreed(lambda: guards.held(lambda log: setup(cfg, out, log, d, resume), said))  # data, model, weights, plan: validated, nothing written  # fmt: skip
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (--overwrite had emptied it)
