@@ -509,12 +509,20 @@ def test_a_parquet_pyarrow_wrote_reads_its_image_rows_and_a_damaged_one_is_one_l
 
     rows = [{"bytes": png(make_image(i % 2, i)), "path": None} for i in range(12)]
     pq.write_table(pa.table({"image": rows, "label": [i % 2 for i in range(12)]}), tmp_path / "p.parquet")  # fmt: skip
-    for spec in (f"hf:{tmp_path / 'p.parquet'}", f"hf:{tmp_path / 'p.parquet'},image=image,label=label"):  # fmt: skip
-        ds = data.load(spec, val_fraction=0.0)
-        every = [s for split in ds.splits.values() for s in zip(split.paths, split.labels.tolist(), strict=True)]  # fmt: skip
-        assert ds.classes == ["0", "1"] and sorted(label for _, label in every) == [0] * 6 + [1] * 6
-        files = {Path(p).read_bytes() for p, _ in every}
-        assert files == {r["bytes"] for r in rows}
+    (tmp_path / "raw").mkdir()  # pass 51 (F5): or the bytes alone, the way most writers keep them
+    pq.write_table(pa.table({"image": [r["bytes"] for r in rows], "label": [i % 2 for i in range(12)]}), tmp_path / "raw" / "train.parquet")  # fmt: skip
+    for where in ("p.parquet", "raw"):
+        for spec in (f"hf:{tmp_path / where}", f"hf:{tmp_path / where},image=image,label=label"):
+            capfd.readouterr()
+            ds = data.load(spec, val_fraction=0.0)
+            assert capfd.readouterr().err == ""  # pass 51 (F6): "Generating train split" bars
+            every = [s for split in ds.splits.values() for s in zip(split.paths, split.labels.tolist(), strict=True)]  # fmt: skip
+            assert ds.classes == ["0", "1"] and sorted(label for _, label in every) == [0] * 6 + [1] * 6  # fmt: skip
+            files = {Path(p).read_bytes() for p, _ in every}
+            assert files == {r["bytes"] for r in rows}
+    pq.write_table(pa.table({"image": [b"x"], "label": [0]}).slice(0, 0), tmp_path / "raw" / "test.parquet")  # fmt: skip
+    with pytest.raises(UserError, match="raw: parquet file\\(s\\) test.parquet hold no rows, which datasets cannot load: remove them"):  # fmt: skip
+        data.load(f"hf:{tmp_path / 'raw'}")
     (tmp_path / "bad.parquet").write_bytes(b"junk")
     capfd.readouterr()
     with pytest.raises(UserError, match="could not load Hugging Face dataset .*bad.parquet: Parquet file size is 4 bytes"):  # fmt: skip

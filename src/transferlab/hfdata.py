@@ -162,13 +162,19 @@ def _split_of(key: str, whole: bool = False) -> str | None:
 
 def _load(datasets, name: str, config: str | None):
     """`name` loaded; what `datasets` logs as an error on the way ("Failed to read schema ...")
-    is said once, in our one line (it printed a line of its own first)."""
-    level = datasets.logging.get_verbosity()
+    is said once, in our one line (it printed a line of its own first), and a dataset on this
+    machine is read without its bars ("Generating train split"): in a moment, and they came
+    before a refusal too (the hub's download keeps them)."""
+    level, off = datasets.logging.get_verbosity(), datasets.utils.are_progress_bars_disabled()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    if Path(name).expanduser().exists():
+        datasets.utils.disable_progress_bars()
     try:
         return _read(datasets, name, config)
     finally:
         datasets.logging.set_verbosity(level)
+        if not off:
+            datasets.utils.enable_progress_bars()
 
 
 def _read(datasets, name: str, config: str | None):
@@ -182,6 +188,8 @@ def _read(datasets, name: str, config: str | None):
             path = path / "data"  # the Hub's layout, as a dataset repo downloads
         if path.suffix.lower() == ".parquet" or (path.is_dir() and _parquets(path)):
             files = [path] if path.is_file() else _parquets(path)
+            if empty := [f.name for f in files if _rows(f) == 0]:  # (datasets: "An error occurred")
+                raise UserError(f"{name}: parquet file(s) {', '.join(empty[:5])} hold no rows, which datasets cannot load: remove them")  # fmt: skip
             return datasets.load_dataset("parquet", data_files=_parquet_splits(files, name))  # fmt: skip
         if path.exists():
             raise UserError(f"{name} is neither a save_to_disk folder nor parquet")
@@ -212,6 +220,12 @@ def _parquet_splits(files: list[Path], name: str) -> dict[str, list[str]]:
     if unsaid := [f.name for f, split in said.items() if split is None]:
         raise UserError(f"{name}: parquet file(s) {', '.join(unsaid[:5])} name no split (train, val, test) where others do: rename them, or move them out")  # fmt: skip
     return {split: [str(f) for f, s in said.items() if s == split] for split in dict.fromkeys(said.values())}  # fmt: skip
+
+
+def _rows(file: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(file).num_rows
 
 
 def _parquets(folder: Path) -> list[Path]:
@@ -254,10 +268,11 @@ def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str
 
 
 def _images(datasets, feature) -> bool:
-    """An Image column, or one stored as Image stores its rows, {bytes, path}, without its type
-    (a parquet pyarrow wrote: "holds no images" when named, as `datasets` would read it)."""
-    stored = isinstance(feature, dict) and "bytes" in feature and set(feature) <= {"bytes", "path"}
-    return isinstance(feature, datasets.Image) or (stored and getattr(feature["bytes"], "dtype", "") in ("binary", "large_binary"))  # fmt: skip
+    """An Image column, or one of image files' bytes without that type: `{bytes, path}` as Image
+    stores them, or bare bytes (a parquet pyarrow wrote: "holds no images" once named)."""
+    if isinstance(feature, dict) and set(feature) <= {"bytes", "path"}:
+        feature = feature.get("bytes")
+    return isinstance(feature, datasets.Image) or getattr(feature, "dtype", "") in ("binary", "large_binary")  # fmt: skip
 
 
 def root(name: str, config: str) -> Path:
