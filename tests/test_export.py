@@ -94,6 +94,10 @@ def test_a_refused_export_leaves_the_disk_as_it_was(trained_run, tmp_path, capsy
     assert main(["export", str(trained_run), "--format", "onnx", "--out", f"{tmp_path}/new/"]) == 2
     assert "is a folder; give a file name such as" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    assert main(["export", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0  # fmt: skip
+    capsys.readouterr()  # pass 51 (F3): "pass --overwrite", then its extension refused
+    assert main(["export", str(trained_run), "--format", "torchscript", "--out", str(tmp_path / "m.onnx")]) == 2  # fmt: skip
+    assert "has the extension of another format than .pt or .pth or .torchscript" in capsys.readouterr().err  # fmt: skip
     for fmt, name in export.FORMATS.items():  # pass 50: an existing folder was told model.onnx
         for out in (tmp_path, f"{tmp_path}/"):
             assert main(["export", str(trained_run), "--format", fmt, "--out", str(out)]) == 2

@@ -125,6 +125,10 @@ def test_hf_folder_loads_back_in_timm_offline_with_labels_and_preprocessing(
     with pytest.raises(UserError, match="holds an earlier export: pass --overwrite"):
         shipping.export_hf(trained_run, tmp_path / "hf")
     shipping.export_hf(trained_run, tmp_path / "hf", overwrite=True)
+    for name in ("model.safetensors", "weights.BIN", "m.onnx"):  # pass 51 (F4): a folder so named
+        with pytest.raises(UserError, match=f"--out \\S+{name} is named as a model file, and --format hf writes a folder"):  # fmt: skip
+            shipping.export_hf(trained_run, tmp_path / "x" / name)
+        assert not (tmp_path / "x").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="holds other files \\(notes.txt\\)"):

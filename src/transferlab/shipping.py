@@ -312,6 +312,8 @@ def _check_folder(folder: Path, run: Path, overwrite: bool) -> None:
     --overwrite); anything else in it is never touched."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--out {folder} is a file; --format hf writes a folder")
+    if not folder.exists() and folder.suffix.lower() in {".bin", *(s for v in export.SUFFIXES.values() for s in v)}:  # fmt: skip
+        raise UserError(f"--out {folder} is named as a model file, and --format hf writes a folder (config.json and model.safetensors in it): name the folder, as {folder.with_suffix('')}")  # fmt: skip
     own = run / "export" / "hf"
     if outputs.inside(folder, run) and folder.resolve() != own.resolve():
         raise UserError(f"--out {folder} is inside the run {run}: leave it out ({own}) or pick "
