@@ -250,7 +250,7 @@ def _check_keys(kind: str, name: str, keys: dict, index: int) -> None:
     allowed |= {"data"} if kind in ("train", "finetune", "ensemble", "soup", "auto") else set()
     for key in keys:
         if str(key).replace("-", "_") not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=2)
+            close = ["members"] if key in ("runs", "run") and "members" in allowed else difflib.get_close_matches(str(key), sorted(allowed), n=2)  # fmt: skip
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UserError(f"unknown key '{key}' in step {index} ({kind} {name}){hint}")
 
