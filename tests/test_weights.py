@@ -10,7 +10,17 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from transferlab import catalog, data, decoding, evaluate, models, packaged, trainer, weights
+from transferlab import (
+    catalog,
+    checkpoint,
+    data,
+    decoding,
+    evaluate,
+    models,
+    packaged,
+    trainer,
+    weights,
+)
 from transferlab.cli import main
 from transferlab.config import UserError, make_config
 
@@ -516,3 +526,16 @@ def test_damaged_or_foreign_weights_in_the_cache_are_said_as_such(offline_cache,
     blob.unlink()  # gone: what the cache lacks
     with pytest.raises(UserError, match="no weights for test_resnet.r160_in1k in the Hugging"):
         weights.build(make_config({"model": "test_resnet.r160_in1k"}), ["a", "b"], 32, 3)
+
+
+def test_head_init_match_of_a_head_kept_whole_says_it_did_nothing(trained_run, tmp_path, capsys):
+    """Hostile pass 51 (F7): `finetune --head-init match` on data with its parent's classes kept
+    the head whole without a word, where options that do nothing are refused or said."""
+    data_spec = checkpoint.read_meta(trained_run)["data"]
+    argv = ["finetune", "--from", str(trained_run), "--data", data_spec, "--epochs", "1", "--out"]
+    assert main([*argv, str(tmp_path / "kept"), "--head-init", "match"]) == 0
+    said = capsys.readouterr()
+    assert "weights=run (head kept)" in said.out
+    assert "note: --head-init match did nothing: the data's classes are those its weights were trained on, so their head is kept whole" in said.err  # fmt: skip
+    assert main([*argv, str(tmp_path / "plain")]) == 0
+    assert "head-init" not in capsys.readouterr().err

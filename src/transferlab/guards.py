@@ -148,10 +148,13 @@ def cpu_bf16_checked(cfg, model, prep, precision: str, note) -> str:
 
 def advice(loop) -> list[str]:
     """What a run about to train does that its user may not want: mirror digits (`train`'s
-    default data), normalise BatchNorm over each torchrun process's share of a batch."""
+    default data), normalise BatchNorm over each torchrun process's share of a batch; and an
+    option that did nothing once the data was known (--head-init match of a head kept whole)."""
     cfg, ds, d, said = loop.cfg, loop.ds, loop.dist, []
     if all(s.probe for s in loop.stages):
         return said
+    if cfg.head_init == "match" and str(loop.source.get("head", "")).startswith("kept"):  # pass 51
+        said.append("--head-init match did nothing: the data's classes are those its weights were trained on, so their head is kept whole")  # fmt: skip
     if cfg.flip and ds.symbols:
         said.append(f"--flip mirrors training images at random, and the images of {ds.spec} are greyscale and {ds.native_size} px, like digits or letters, which a mirror turns into others (or none): pass --no-flip (a recipe: flip: false)")  # fmt: skip
     if d.world > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in loop.model.modules()):  # fmt: skip
