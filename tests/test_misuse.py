@@ -801,6 +801,11 @@ def test_a_run_refused_after_its_data_loaded_says_one_line(capsys, tmp_path):
         (tmp_path / "e" / "ab"[i % 2] / f"bad{i}.png").write_text("not a png")
     for command in ("train", "lr-find"):
         fail(capsys, command, *tiny[2:], "--data", f"folder:{tmp_path / 'e'}", "--out", tmp_path / "r", pattern=r"error: \d unreadable image")  # fmt: skip
+    for path in (tmp_path / "e").rglob("*.png"):  # pass 52 (F3): --skip-bad-images left no
+        path.write_text("not a png")  # image: a ZeroDivisionError, a half-made folder
+    for command in ("train", "lr-find"):
+        fail(capsys, command, *tiny[2:], "--data", f"folder:{tmp_path / 'e'}", "--skip-bad-images", "--out", tmp_path / "none", pattern=r"error: too few images are readable once --skip-bad-images left out the others \(train 0(, val 0, test 0)?; train needs 2, val and test 1\)")  # fmt: skip
+        assert not (tmp_path / "none").exists()
     code = main(["train", *map(str, tiny), "--epochs", "1", "--out", str(tmp_path / "ok")])
     out, err = capsys.readouterr()  # (said once it is not refused)
     assert code == 0 and "skipped hidden folder(s)" in err and "[ok] dcnn on folder:" in out, (out, err)  # fmt: skip

@@ -421,7 +421,7 @@ def decode_splits(ds, prep, cfg, name, log, quiet, splits=("train", "val", "test
     if train.members is not None:
         log(f"[{name}] images read from {len(train.shards)} train shard(s) and decoded per batch "
             f"({'--num-workers ' + str(cfg.num_workers) if cfg.num_workers else 'a thread per core'}; no cache)")  # fmt: skip
-    images, labels, unread = {}, {}, []
+    images, labels, unread, skipped = {}, {}, [], []
     for split in splits:
         try:
             arr, kept, bad = decode_checked(
@@ -438,13 +438,13 @@ def decode_splits(ds, prep, cfg, name, log, quiet, splits=("train", "val", "test
         except UnreadableImages as err:
             unread += err.bad
             continue
-        if bad:
-            log(
-                f"[{name}] skipped {len(bad)} unreadable {split} image(s): " + "; ".join(bad),
-                note=True,
-            )
+        skipped += [f"[{name}] skipped {len(bad)} unreadable {split} image(s): " + "; ".join(bad)] * bool(bad)  # fmt: skip
         images[split], labels[split] = arr, kept.labels
     if unread:
         raise unreadable(unread)
+    if few := [f"{s} {len(v)}" for s, v in labels.items() if len(v) < 1 + (s == "train")]:  # fmt: skip
+        raise UserError(f"too few images are readable once --skip-bad-images left out the others ({', '.join(few)}; train needs 2, val and test 1): fix or replace the unreadable ones")  # fmt: skip
+    for line in skipped:  # (said once nothing refuses: a refusal stays one line)
+        log(line, note=True)
     log(f"[{name}] {', '.join(f'{k} {len(v)}' for k, v in labels.items())} images")
     return images, labels
