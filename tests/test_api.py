@@ -212,6 +212,17 @@ def test_train_takes_overwrite_and_log_json_and_says_its_own_keywords(tmp_path):
     with pytest.raises(UserError, match="pass resume=True to continue it or overwrite=True to"):
         transferlab.finetune(run, tmp_path / "ft", epochs=1)
     transferlab.finetune(run, tmp_path / "ft", epochs=1, overwrite=True)
+    kept = (tmp_path / "ft" / "meta.json").read_bytes()  # pass 52 (F8): resumed, the run's own
+    for call in (  # options stand where none is given, as `train --out R --resume` (the API
+        lambda: transferlab.train(tmp_path / "ft", resume=True, **kw),  # refused "its config
+        lambda: transferlab.train(tmp_path / "ft", resume=True),  # differs (lr: ...; weights:
+        lambda: transferlab.finetune(run, tmp_path / "ft", resume=True),  # 'r' -> None)")
+    ):
+        assert call().path == tmp_path / "ft" and (tmp_path / "ft" / "meta.json").read_bytes() == kept  # fmt: skip
+    transferlab.finetune(run, tmp_path / "ft2", epochs=2, lr=0.01)  # (not the parent's, nor /10)
+    assert transferlab.finetune(run, tmp_path / "ft2", resume=True).info["config"]["epochs"] == 2
+    with pytest.raises(UserError, match="config differs \\(lr: "):  # (an option given: compared)
+        transferlab.train(tmp_path / "ft", resume=True, lr=0.5)
     # hostile pass 38: overwrite="no" (a true string) emptied and rebuilt the folder there
     ens = transferlab.ensemble([tmp_path / "r", tmp_path / "ft"], out=tmp_path / "e")
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}

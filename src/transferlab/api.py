@@ -124,17 +124,21 @@ def train(
     """Train one model on `data` (a spec: folder:PATH, csv:FILE, ...) into the run folder `out`
     (`resume` a stopped one, `overwrite` one there; `log_json`: the CLI's --log-json); keyword
     arguments are TrainConfig fields (the CLI's --options: model, weights, strategy, epochs, lr,
-    ...)."""
+    ...). Resumed, as `train --out R --resume`, the run's own options stand where none is given
+    (the defaults were "changes": pass 52)."""
+    from . import resume as resuming
     from . import trainer
     from .config import UserError, make_config
 
-    if not data:
-        raise UserError("train() needs data=..., e.g. data='folder:photos' or data='digits'")
     _flags(quiet=quiet, resume=resume, overwrite=overwrite)
     out = _path(out, "train() needs out=, the run folder to write")
+    started = resuming.started_with(out) if resume else None
+    if not data and started is None:
+        raise UserError("train() needs data=..., e.g. data='folder:photos' or data='digits'")
     log_json = None if log_json is None else _path(log_json, "log_json is a file to write")
     with _api_words():
-        trainer.fit(make_config({**config, "data": data}), out, resume, overwrite, quiet, log_json)
+        cfg = make_config({**config, **({"data": data} if data else {})}, started)
+        trainer.fit(cfg, out, resume, overwrite, quiet, log_json)
     return Model(Path(out))
 
 
@@ -145,14 +149,15 @@ def finetune(
     """Continue training from a finished run into `out` (the CLI's `finetune --from RUN`): its
     data, architecture and preprocessing unless overridden, at a tenth of its LR; new data with
     other classes gets a new head."""
-    from . import strategies, trainer
+    from . import resume as resuming
+    from . import trainer
 
     _flags(quiet=quiet, resume=resume, overwrite=overwrite)
     run = _path(run, "finetune() starts from a finished run: its folder, or a Model")
     out = _path(out, "finetune() needs out=, the run folder to write")
     log_json = None if log_json is None else _path(log_json, "log_json is a file to write")
-    cfg = strategies.finetune_config(os.fspath(run), config)
-    with _api_words():
+    with _api_words():  # (resumed: its own options where none is given, as the CLI's)
+        cfg = resuming.finetune_config(os.fspath(run), config, out if resume else None)
         trainer.fit(cfg, out, resume, overwrite, quiet, log_json)
     return Model(Path(out))
 
