@@ -196,6 +196,10 @@ def test_no_soup_or_fine_tune_replaces_a_run_its_inputs_came_from(tmp_path, caps
         assert f"overlaps an ancestor of the ingredients, {run[parent]}: a command never writes into its own input" in capsys.readouterr().err  # fmt: skip
         assert main(["finetune", "--from", run["f1"], *tiny, "--out", run[parent], "--overwrite"]) == 2  # fmt: skip
         assert f"overlaps an ancestor of the run it starts from, {run[parent]}:" in capsys.readouterr().err  # fmt: skip
+    weights = str(checkpoint.weights_path(Path(run["f1"])))  # pass 52 (F1): its weights file
+    for target, said in ((run["f1"], f"the run it starts from {weights}:"), (run["r0"], f"an ancestor of the run it starts from, {run['r0']}:")):  # fmt: skip
+        assert main(["train", "--model", "dcnn", "--weights", weights, *tiny, "--out", target, "--overwrite"]) == 2  # fmt: skip
+        assert f"overlaps {said}" in capsys.readouterr().err
     assert kept == {name: checkpoint.sha256(checkpoint.weights_path(Path(path))) for name, path in run.items()}  # fmt: skip
     assert main(["soup", run["f1"], run["f2"], "--method", "uniform", "--out", str(tmp_path / "s")]) == 0  # fmt: skip
 

@@ -175,7 +175,8 @@ def lineage(runs: list[str | Path]) -> list[str]:
     """`runs` and the runs their weights came from (`ancestors`): what a command reads to count
     its leaks, so never its --out (a soup --overwrite over its ingredients' parent replaced it)."""
     found = []
-    for run in runs:
+    for run in (Path(r).expanduser() for r in runs):  # (a weights file: the run it lies in)
+        run = run.parent if run.is_file() and checkpoint.is_run(run.parent) else run
         with contextlib.suppress(UserError, OSError):  # (not a run: the command says so itself)
             found += [str(run), *(a["_path"] for a in ancestors(checkpoint.read_meta(run)))]
     return found

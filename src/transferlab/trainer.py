@@ -173,7 +173,7 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
     """--out, --log-json and --resume checked before anything is loaded (rank 0 decides)."""
     if not d.main:
         return
-    if cfg.weights and Path(cfg.weights).expanduser().is_dir():  # a fine-tune's run: its own
+    if cfg.weights and Path(cfg.weights).expanduser().exists():  # fmt: skip
         outputs.refuse_overlap(out, [cfg.weights], "the run it starts from")  # --out said "exists"
         outputs.refuse_overlap(out, leaks.lineage([cfg.weights]), "an ancestor of the run it starts from,")  # fmt: skip
     if log_json is not None:
