@@ -140,6 +140,12 @@ def test_json_names_a_file_not_named_in_utf8_so_strict_readers_take_it(trained_r
     assert "\\udc" not in out and json.loads(out)[0]["path"].endswith("caf\\xe9.png")
     assert main(["--quiet", "predict", str(trained_run), str(tmp_path / "in")]) == 0  # the table
     assert "caf\\xe9.png  " in capsys.readouterr().out  # (it said caf\\udce9.png)
+    with open(os.path.join(os.fsencode(tmp_path / "in"), b"bad\xff.png"), "wb") as f:
+        f.write(b"junk")  # pass 52 (F4, F5): the CSV held byte 0xe9 (pandas refused it), and
+    assert main(["--quiet", "predict", str(trained_run), str(tmp_path / "in"), "--csv"]) == 0
+    out, err = capsys.readouterr()  # a skipped file was named bad\\udcff.png
+    assert ",caf\\xe9.png,1," in out.replace(str(tmp_path / "in") + os.sep, ",") and out.encode().decode("utf-8")  # fmt: skip
+    assert err == "skipped: " + str(tmp_path / "in" / "bad\\xff.png") + " (not an image Pillow reads: another format, or damaged)\n"  # fmt: skip
 
 
 def test_cli_errors_are_one_line(trained_run, images, tmp_path, capsys):

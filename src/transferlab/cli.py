@@ -312,7 +312,7 @@ def cmd_predict(args) -> None:
 
     rows, bad = predict.predict(args.path, args.inputs, args.top_k, args.tta, args.quiet)
     for line in bad:
-        print(f"skipped: {line}", file=sys.stderr)
+        print(f"skipped: {one_line(line)}", file=sys.stderr)  # (a name's \\xff, not \\udcff)
     if args.json:
         print(predict.json_text(rows))
     elif args.csv:

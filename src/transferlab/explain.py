@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, evaluate, export, models, outputs, plots
-from .config import UserError
+from .config import UserError, one_line
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -97,7 +97,7 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
     if not kept:
         raise UserError("no readable images: " + "; ".join(bad))
     for line in bad:  # as predict says them (they were left out without a word)
-        print(f"skipped: {line}", file=sys.stderr)
+        print(f"skipped: {one_line(line)}", file=sys.stderr)
     maps, prob = cams(evaluate.load_run_model(run, meta), prep, images,
                       None if index is None else [index] * len(kept))  # fmt: skip
     blended = overlay(images, maps)

@@ -305,7 +305,7 @@ def csv_text(rows: list[dict]) -> str:
     writer.writerow(["path", "rank", "class", "name", "prob"])
     for row in rows:
         for rank, p in enumerate(row["predictions"], 1):
-            cells = [row["path"], rank, p["class"], p["name"], f"{p['prob']:.6f}"]
+            cells = [utf8(row["path"]), rank, p["class"], p["name"], f"{p['prob']:.6f}"]
             writer.writerow(map(spreadsheet_safe, cells))
     return buf.getvalue()
 
@@ -316,7 +316,10 @@ def json_text(rows: list[dict]) -> str:
     refused the whole list."""
     import json
 
-    def text(name: str) -> str:
-        return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+    return json.dumps([row | {"path": utf8(row["path"])} for row in rows], indent=1)
 
-    return json.dumps([row | {"path": text(row["path"])} for row in rows], indent=1)
+
+def utf8(name: str) -> str:
+    """A file name as UTF-8 text: a byte that is not UTF-8 as `\\xff` (the CSV held the raw
+    byte, which pandas refused; JSON held the lone surrogate)."""
+    return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
