@@ -117,6 +117,12 @@ def make(
     runs = [str(r) for r in runs]
     metas = [checkpoint.read_meta(r) for r in runs]
     check_lineage(runs, metas)
+    if len({str(Path(r).resolve()) for r in runs}) < len(runs):
+        raise UserError("a run is listed twice among the soup's ingredients; list each once")
+    outputs.refuse_overlap(out, runs, "ingredient run")
+    outputs.refuse_overlap(out, leaks.lineage(runs), "an ancestor of the ingredients,")
+    ds = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
+    _check_classes(metas[0], ds, runs[0])  # before the folder is claimed
     if (apart := members.split_apart(runs, metas, data_spec)) and method != "uniform":
         raise UserError(
             f"{apart}: a {method} soup chooses on the val split as the first run splits it, "
@@ -125,12 +131,6 @@ def make(
             "with the same --val-fraction, --limit and --fold"
         )
     val_seen = [f"{apart}: {members.SOUP_VAL_SEEN}"] if apart else []  # recorded: report marks
-    if len({str(Path(r).resolve()) for r in runs}) < len(runs):
-        raise UserError("a run is listed twice among the soup's ingredients; list each once")
-    outputs.refuse_overlap(out, runs, "ingredient run")
-    outputs.refuse_overlap(out, leaks.lineage(runs), "an ancestor of the ingredients,")
-    ds = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
-    _check_classes(metas[0], ds, runs[0])  # before the folder is claimed
     outputs.refuse_writing_into_data(ds, out)  # nor into the data it is scored on
     decoding.check_cache(None)
     again = overwrite or _stopped(Path(out))  # (a soup stopped before it finished: made again)
