@@ -164,6 +164,8 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
     assert call(url + "/predict", good, urlencoded)[0] == 200  # curl --data-binary @IMG's header
     got_status, got = call(url + "/predict", good.replace(b"\n", b""), urlencoded)  # --data @IMG
     assert got_status == 415 and "(curl --data @IMG strips an image's line breaks): send it with --data-binary @IMG" in got["error"]  # fmt: skip
+    got_status, got = call(url + "/predict", b"junk", urlencoded)  # pass 52 (F6): no image at all
+    assert got_status == 415 and "--data" not in got["error"]  # (was told to use --data-binary)
     shouted = {"Content-Type": "APPLICATION/X-WWW-FORM-URLENCODED"}  # (media types: any case)
     assert "URL-encoded form" in call(url + "/predict", b"top_k=1", shouted)[1]["error"]
     assert call(url + "/predict", good)[0] == 200  # still serving
