@@ -520,6 +520,14 @@ def test_a_parquet_pyarrow_wrote_reads_its_image_rows_and_a_damaged_one_is_one_l
             assert ds.classes == ["0", "1"] and sorted(label for _, label in every) == [0] * 6 + [1] * 6  # fmt: skip
             files = {Path(p).read_bytes() for p, _ in every}
             assert files == {r["bytes"] for r in rows}
+    (tmp_path / "two").mkdir()  # pass 52 (F7): beside a thumbnail, the column named image
+    thumbs = [png(make_image(i % 2, i, size=8)) for i in range(12)]
+    pq.write_table(pa.table({"thumb": thumbs, "image": [r["bytes"] for r in rows], "label": [i % 2 for i in range(12)]}), tmp_path / "two" / "train.parquet")  # fmt: skip
+    ds = data.load(f"hf:{tmp_path / 'two'}")
+    assert {Path(p).read_bytes() for split in ds.splits.values() for p in split.paths} == {r["bytes"] for r in rows}  # fmt: skip
+    pq.write_table(pa.table({"a": thumbs, "b": thumbs, "label": [0] * 12}), tmp_path / "two" / "train.parquet")  # fmt: skip
+    with pytest.raises(UserError, match="cannot tell the image and label columns apart \\(columns: a \\(binary\\), b \\(binary\\), label \\(int64\\)\\)"):  # fmt: skip
+        data.load(f"hf:{tmp_path / 'two'}")
     pq.write_table(pa.table({"image": [b"x"], "label": [0]}).slice(0, 0), tmp_path / "raw" / "test.parquet")  # fmt: skip
     with pytest.raises(UserError, match="raw: parquet file\\(s\\) test.parquet hold no rows, which datasets cannot load: remove them"):  # fmt: skip
         data.load(f"hf:{tmp_path / 'raw'}")

@@ -235,7 +235,7 @@ def _parquets(folder: Path) -> list[Path]:
 
 def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str]:
     features = ds.features
-    listed = ", ".join(f"{c} ({type(f).__name__})" for c, f in features.items())
+    listed = ", ".join(f"{c} ({getattr(f, 'dtype', None) if isinstance(f, datasets.Value) else type(f).__name__})" for c, f in features.items())  # fmt: skip
     for option, column in options.items():
         if column not in features:
             raise UserError(f"{name} has no column '{column}' ({option}=); its columns: {listed}")
@@ -250,6 +250,7 @@ def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str
     images = [options["image"]] if "image" in options else [
         c for c, f in features.items() if _images(datasets, f)
     ]  # fmt: skip
+    images = ["image"] if len(images) > 1 and "image" in images else images  # (a thumb beside it)
     labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
     other = [c for c in features if c not in images]  # one image column and one other: that
     labels = [options["label"]] if "label" in options else (  # one holds the labels
