@@ -166,6 +166,10 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
     assert got_status == 415 and "(curl --data @IMG strips an image's line breaks): send it with --data-binary @IMG" in got["error"]  # fmt: skip
     got_status, got = call(url + "/predict", b"junk", urlencoded)  # pass 52 (F6): no image at all
     assert got_status == 415 and "--data" not in got["error"]  # (was told to use --data-binary)
+    got_status, got = call(url + "/predict", good[:60], urlencoded)  # pass 53 (F7): cut short,
+    assert got_status == 415 and "--data" not in got["error"]  # its line breaks whole: not curl's
+    got_status, got = call(url + "/predict", good.replace(b"\n", b"").replace(b"\r", b""), {"Content-Type": "image/png"})  # fmt: skip
+    assert got_status == 415 and "(curl --data @IMG strips an image's line breaks)" in got["error"]  # (-H type)  # fmt: skip
     shouted = {"Content-Type": "APPLICATION/X-WWW-FORM-URLENCODED"}  # (media types: any case)
     assert "URL-encoded form" in call(url + "/predict", b"top_k=1", shouted)[1]["error"]
     assert call(url + "/predict", good)[0] == 200  # still serving

@@ -298,3 +298,25 @@ def test_a_soup_s_report_shows_each_ingredient_s_seed_and_lr(snapshot_run, tmp_p
     assert rows["lrs of its ingredients"].endswith(", 0.5") and "lr, batch" not in rows
     assert rows["strategy"] == "uniform soup of snapshot-1, seed7"
     assert "epochs run / best" not in rows
+
+
+def test_a_soup_of_runs_that_skipped_unreadable_images_leaves_them_out_too(folder_data, tmp_path, capsys):  # fmt: skip
+    """Hostile pass 53 (F6): the soup decoded every image, refused the unreadable ones with
+    "pass --skip-bad-images", a flag soup lacks, and left its half-made folder behind."""
+    shutil.copytree(folder_data, tmp_path / "d")
+    for name in ("a/junk.png", "b/junk.png"):
+        (tmp_path / "d" / "train" / name).write_text("junk")
+    tiny = ["--data", f"folder:{tmp_path / 'd'}", "--input-size", "16", "--epochs", "1", "--quiet", "--skip-bad-images"]  # fmt: skip
+    assert main(["train", "--model", "dcnn", *tiny, "--out", str(tmp_path / "r")]) == 0
+    for seed in ("1", "2"):
+        assert main(["finetune", "--from", str(tmp_path / "r"), *tiny, "--seed", seed, "--out", str(tmp_path / seed)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["soup", str(tmp_path / "1"), str(tmp_path / "2"), "--method", "uniform", "--out", str(tmp_path / "s")]) == 0  # fmt: skip
+    assert capsys.readouterr().err.count("image(s), as its runs did (--skip-bad-images): ") >= 1
+    assert sum(note.count("junk.png") for note in checkpoint.read_meta(tmp_path / "s")["notes"]) == 2  # fmt: skip
+    meta = checkpoint.read_meta(tmp_path / "1")  # a run that did not skip them: refused, no folder
+    meta["config"]["skip_bad_images"] = False
+    (tmp_path / "1" / "meta.json").write_text(__import__("json").dumps(meta))
+    assert main(["soup", str(tmp_path / "1"), str(tmp_path / "2"), "--method", "uniform", "--out", str(tmp_path / "t")]) == 2  # fmt: skip
+    assert "unreadable image(s) in the data the soup is scored on" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -174,8 +174,8 @@ def urlencoded(request) -> bool:  # curl --data's (and --data-binary's, urllib's
     return request.headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded")  # fmt: skip
 
 
-# how image files begin (PNG, JPEG, GIF, BMP, WebP, TIFF): a body that does, yet is unreadable,
-# may be an image curl --data stripped; one that does not is no image at all (pass 52)
+# how image files begin (PNG, JPEG, GIF, BMP, WebP, TIFF): a body that does, is unreadable and
+# holds no line break is an image curl --data stripped, whatever its type (passes 52, 53)
 IMAGE_STARTS = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF", b"II*", b"MM\x00*")
 
 
@@ -310,8 +310,8 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
         try:  # decoded off the event loop: /health still answers
             images = await asyncio.to_thread(lambda: [image_of(n, b, max_mb) for n, b in uploads])
         except BadUpload as err:  # curl --data @IMG: its line breaks stripped
-            if err.status == 415 and urlencoded(request) and any(b.startswith(IMAGE_STARTS) for _, b in uploads):  # fmt: skip
-                err.message += "; sent as a URL-encoded form (curl --data @IMG strips an image's line breaks): send it with --data-binary @IMG or -F file=@IMG"  # fmt: skip
+            if err.status == 415 and any(b.startswith(IMAGE_STARTS) and b"\n" not in b for _, b in uploads):  # fmt: skip
+                err.message += "; it begins as an image and holds no line break (curl --data @IMG strips an image's line breaks): send it with --data-binary @IMG or -F file=@IMG"  # fmt: skip
             raise
         results = await batcher.predict(images, top_k)
         return {"results": [{"file": name, "predictions": preds}

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import batching, checkpoint, data, decoding, evaluate, leaks, members, models, outputs
-from .config import UserError
+from .config import UnreadableImages, UserError
 from .folds import load_as_run
 
 METHODS = ("uniform", "greedy")
@@ -133,6 +133,7 @@ def make(
     val_seen = [f"{apart}: {members.SOUP_VAL_SEEN}"] if apart else []  # recorded: report marks
     outputs.refuse_writing_into_data(ds, out)  # nor into the data it is scored on
     decoding.check_cache(None)
+    images = _decoded(ds, metas[0], quiet, val_seen)  # before --out is claimed (pass 53)
     again = overwrite or _stopped(Path(out))  # (a soup stopped before it finished: made again)
     outputs.check_out(Path(out), "run", overwrite=again)
     for note in val_seen:  # (test is held out before val is carved: its score stands)
@@ -140,7 +141,27 @@ def make(
     members.note_copies(runs, metas, "soup")  # after every refusal: an error stays one line
     with outputs.lock(Path(out)):
         outputs.claim(Path(out), "run", outputs.check_out(Path(out), "run", overwrite=again))
-        return _cook(runs, metas, method, Path(out), ds, quiet, log, t0, val_seen)
+        return _cook(runs, metas, method, Path(out), ds, images, log, t0, val_seen)
+
+
+def _decoded(ds: data.Dataset, ref: dict, quiet: bool, notes: list[str]) -> dict:
+    """The splits at the runs' size; an unreadable image left out, and said in `notes`, where
+    the runs left theirs out (--skip-bad-images: the advice was that flag, which soup lacks)."""
+    prep, skip = models.Preprocessing.from_dict(ref["preprocessing"]), bool(ref.get("config", {}).get("skip_bad_images"))  # fmt: skip
+    images, unread = {}, []
+    for s in ("train", "val", "test"):
+        try:
+            images[s], kept, bad = decoding.decode_checked(ds.splits[s], prep.input_size, prep.channels, prep.interpolation, skip, f"decode {s}", quiet, decoding.resolve_cache(None))  # fmt: skip
+        except UnreadableImages as err:
+            unread += err.bad
+            continue
+        if bad:
+            notes += leaks.part_of_test_notes(len(kept), len(ds.splits[s])) if s == "test" else []
+            notes.append(f"left out {len(bad)} unreadable {s} image(s), as its runs did (--skip-bad-images): " + "; ".join(bad))  # fmt: skip
+            ds.splits[s] = kept
+    if unread:
+        raise UnreadableImages(f"{len(unread)} unreadable image(s) in the data the soup is scored on: fix or remove them (a score counts every image of its split): " + "; ".join(unread), unread)  # fmt: skip
+    return images
 
 
 def _check_classes(ref: dict, ds: data.Dataset, run: str) -> None:
@@ -180,25 +201,13 @@ def _greedy(order: list[int], cook, runs, log) -> list[int]:
     return kept
 
 
-def _cook(runs, metas, method, out: Path, ds: data.Dataset, quiet, log, t0, val_seen) -> dict:
+def _cook(runs, metas, method, out: Path, ds: data.Dataset, images, log, t0, val_seen) -> dict:
     """make() once the output folder is validated, claimed and locked; `ds` as the first
-    run splits the data it is scored on; `val_seen`: the note of a val ingredients trained on."""
+    run splits the data it is scored on, `images` its splits decoded; `val_seen`: the notes of
+    a val ingredients trained on, and of images left out."""
     states = [checkpoint.load_run_weights(r, m) for r, m in zip(runs, metas, strict=True)]
     ref, prep = metas[0], models.Preprocessing.from_dict(metas[0]["preprocessing"])
     spec = ds.spec
-    cache = decoding.resolve_cache(None)
-    images = {
-        s: decoding.decode(
-            ds.splits[s],
-            prep.input_size,
-            prep.channels,
-            prep.interpolation,
-            f"decode {s}",
-            quiet,
-            cache,
-        )
-        for s in ("train", "val", "test")
-    }
     model = models.for_run(ref).to(evaluate.device())
     batch = ref.get("eval_batch_size", 256)
     precision = evaluate.inference_precision(ref.get("precision", "fp32"))
