@@ -223,6 +223,8 @@ def test_train_takes_overwrite_and_log_json_and_says_its_own_keywords(tmp_path):
     assert transferlab.finetune(run, tmp_path / "ft2", resume=True).info["config"]["epochs"] == 2
     with pytest.raises(UserError, match="config differs \\(lr: "):  # (an option given: compared)
         transferlab.train(tmp_path / "ft", resume=True, lr=0.5)
+    with pytest.raises(UserError, match="^resume=True: \\S+nope does not exist, so nothing in it can be resumed"):  # fmt: skip
+        transferlab.train(tmp_path / "nope", resume=True)  # pass 53 (F2): "train() needs data="
     # hostile pass 38: overwrite="no" (a true string) emptied and rebuilt the folder there
     ens = transferlab.ensemble([tmp_path / "r", tmp_path / "ft"], out=tmp_path / "e")
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}

@@ -124,8 +124,8 @@ def train(
     """Train one model on `data` (a spec: folder:PATH, csv:FILE, ...) into the run folder `out`
     (`resume` a stopped one, `overwrite` one there; `log_json`: the CLI's --log-json); keyword
     arguments are TrainConfig fields (the CLI's --options: model, weights, strategy, epochs, lr,
-    ...). Resumed, as `train --out R --resume`, the run's own options stand where none is given
-    (the defaults were "changes": pass 52)."""
+    ...). Resumed, as `train --out R --resume`, the run's own options stand where none is
+    given."""
     from . import resume as resuming
     from . import trainer
     from .config import UserError, make_config
@@ -133,7 +133,7 @@ def train(
     _flags(quiet=quiet, resume=resume, overwrite=overwrite)
     out = _path(out, "train() needs out=, the run folder to write")
     started = resuming.started_with(out) if resume else None
-    if not data and started is None:
+    if not data and not resume:  # (resumed: its own, or "does not exist" said by fit)
         raise UserError("train() needs data=..., e.g. data='folder:photos' or data='digits'")
     log_json = None if log_json is None else _path(log_json, "log_json is a file to write")
     with _api_words():
