@@ -443,7 +443,7 @@ def decode_splits(ds, prep, cfg, name, log, quiet, splits=("train", "val", "test
     if unread:
         raise unreadable(unread)
     if few := [f"{s} {len(v)}" for s, v in labels.items() if len(v) < 1 + (s == "train")]:  # fmt: skip
-        raise UserError(f"too few images are readable once --skip-bad-images left out the others ({', '.join(few)}; train needs 2, val and test 1): fix or replace the unreadable ones")  # fmt: skip
+        raise UserError(f"too few images are readable once --skip-bad-images left out the others ({', '.join(few)}; train needs 2{', val and test 1' * (len(labels) > 1)}): fix or replace the unreadable ones")  # fmt: skip
     for line in skipped:  # (said once nothing refuses: a refusal stays one line)
         log(line, note=True)
     log(f"[{name}] {', '.join(f'{k} {len(v)}' for k, v in labels.items())} images")
