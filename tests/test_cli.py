@@ -65,7 +65,7 @@ def test_a_mistake_names_the_subcommand_and_an_exported_file_names_its_run(
 ):
     """`soup ... --overwrite` said `transferlab: error: unrecognized arguments`; predict on an
     exported model.onnx said "not a run folder (no meta.json)"."""
-    for argv, prog in ((["soup", "a", "b", "--out", "x", "--overwrite"], "soup"),
+    for argv, prog in ((["soup", "a", "b", "--out", "x", "--resume"], "soup"),  # (--overwrite: taken now)
                        (["data", "get", "cifar10", "--to", "x", "--bogus"], "data get")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

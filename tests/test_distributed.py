@@ -294,7 +294,7 @@ def test_what_a_job_of_several_processes_refuses_and_says(tmp_path, capsys, monk
     with pytest.raises(EveryRank, match="the 3 training images cannot give each of the 2 processes of this torchrun job two of a batch, .* in 1 process"):  # fmt: skip
         distributed.check(Dist(0, 2), 64, 3)
     distributed.check(Dist(0, 2), 4, 4)
-    loop = SimpleNamespace(cfg=SimpleNamespace(flip=False, batch_size=5), dist=Dist(0, 2), stages=[SimpleNamespace(probe=False)], ds=None, labels={"train": range(99)})  # fmt: skip
+    loop = SimpleNamespace(cfg=SimpleNamespace(flip=False, batch_size=5, head_init="fresh"), dist=Dist(0, 2), stages=[SimpleNamespace(probe=False)], ds=None, labels={"train": range(99)})  # fmt: skip
     loop.model = models.create("test_convnext", 3, 3)
     assert guards.advice(loop) == []  # no BatchNorm: nothing to say
     loop.model = models.create("test_resnet", 3, 3)

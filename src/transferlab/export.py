@@ -118,11 +118,12 @@ def export(
     run = Path(run)
     meta = checkpoint.read_meta(run)
     path = out_path(out, run / "export" / FORMATS[fmt])
+    check_out_file(path, run, True, meta["data"])  # (a user's file: said first, as left as it is)
     if path.suffix.lower() not in SUFFIXES[fmt]:  # (x.txt, or none: onnx without a word)
         other = any(path.suffix.lower() in v for v in SUFFIXES.values())
         how = "has the extension of another format than" if other else "does not end in"
         raise UserError(f"--out {path} {how} {' or '.join(SUFFIXES[fmt])}: name it *{SUFFIXES[fmt][0]}")  # fmt: skip
-    check_out_file(path, run, overwrite, meta["data"])  # (after: "pass --overwrite" was refused)
+    check_out_file(path, run, overwrite, meta["data"])  # (an earlier export: after the extension)
     lineage = {"run": str(run.resolve())} if fmt == "safetensors" else {}  # as --weights FILE
     info = json.dumps(describe(meta, fmt) | lineage)  # (a copy: its run's leaks are counted)
     model = evaluate.load_run_model(run, meta).cpu().float().eval()  # its weights checked
