@@ -604,6 +604,10 @@ def test_S16_skip_bad_images_trains_on_the_rest_and_reports(tmp_path, capsys):
     assert "4.png (a link loop" in out and "3.png (a broken link to /transferlab-gone.png)" in out
     meta = checkpoint.read_meta(tmp_path / "r")
     assert meta["metrics"]["test"]["n"] == 20
+    # the record says which train images it never saw (the screen alone said so)
+    (note,) = meta["notes"]
+    assert note.startswith("skipped 6 unreadable train image(s) (--skip-bad-images): ")
+    assert all(b in note for b in bad)
 
 
 def test_S16_a_run_that_skipped_bad_images_is_rescored_as_it_scored_itself(tmp_path, capsys):
@@ -624,7 +628,11 @@ def test_S16_a_run_that_skipped_bad_images_is_rescored_as_it_scored_itself(tmp_p
     assert "left out 1 unreadable test image(s)" in capsys.readouterr().err
     # recorded with the score and marked where it is kept (it was said by evaluate only)
     said = "test score on 19 of the 20 test images: 1 unreadable left out (--skip-bad-images)"
-    assert checkpoint.read_meta(tmp_path / "r")["notes"] == [said]
+    notes = checkpoint.read_meta(tmp_path / "r")["notes"]
+    assert notes[0].startswith("skipped 6 unreadable train image(s)") and notes[1:] == [
+        f"skipped 1 unreadable test image(s) (--skip-bad-images): {root / 'test/a/0.png'} (not an image Pillow reads: another format, or damaged)",
+        said,
+    ]
     assert main([*ens[:-1], str(tmp_path / "e2")]) == 0  # from the members' saved logits
     for e in ("e", "e2"):
         assert json.loads((tmp_path / e / "ensemble.json").read_text())["notes"] == [said]

@@ -412,9 +412,9 @@ def unreadable(bad: list[str]) -> UnreadableImages:
     return UnreadableImages.listed(bad, fix_for(bad))
 
 
-def decode_splits(ds, prep, cfg, name, log, quiet, splits=("train", "val", "test")) -> tuple[dict, dict]:  # fmt: skip
-    """Decode every split at the model's size; bad images stop the run (all splits' named at
-    once: fixed split by split, they took a run each) or, if asked, are dropped."""
+def decode_splits(ds, prep, cfg, name, log, quiet, splits=("train", "val", "test")) -> tuple[dict, dict, list]:  # fmt: skip
+    """Decode every split at the model's size; bad images stop the run (all splits' named at once:
+    fixed split by split, they took a run each) or, if asked, are dropped, in the lines returned."""
     cache, train = resolve_cache(cfg.cache_dir), ds.splits["train"]
     if cache and train.paths is not None:
         log(f"[{name}] decoded-image cache: {cache}")
@@ -438,13 +438,13 @@ def decode_splits(ds, prep, cfg, name, log, quiet, splits=("train", "val", "test
         except UnreadableImages as err:
             unread += err.bad
             continue
-        skipped += [f"[{name}] skipped {len(bad)} unreadable {split} image(s): " + "; ".join(bad)] * bool(bad)  # fmt: skip
+        skipped += [f"skipped {len(bad)} unreadable {split} image(s) (--skip-bad-images): " + "; ".join(bad)] * bool(bad)  # fmt: skip
         images[split], labels[split] = arr, kept.labels
     if unread:
         raise unreadable(unread)
     if few := [f"{s} {len(v)}" for s, v in labels.items() if len(v) < 1 + (s == "train")]:  # fmt: skip
         raise UserError(f"too few images are readable once --skip-bad-images left out the others ({', '.join(few)}; train needs 2{', val and test 1' * (len(labels) > 1)}): fix or replace the unreadable ones")  # fmt: skip
     for line in skipped:  # (said once nothing refuses: a refusal stays one line)
-        log(line, note=True)
+        log(f"[{name}] {line}", note=True)
     log(f"[{name}] {', '.join(f'{k} {len(v)}' for k, v in labels.items())} images")
-    return images, labels
+    return images, labels, skipped

@@ -162,7 +162,7 @@ def command(cfg, out: str | Path, quiet: bool = False) -> float:
         lambda said: setup(cfg, out, said, distributed.Dist(0, 1)), train_only
     )
     loop.frozen = strategies.enter(loop.model, loop.stages[-1])
-    loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet, ("train",))  # fmt: skip
+    loop.images, loop.labels, _ = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet, ("train",))  # fmt: skip
     notes()  # (once no image is unreadable; decoded before --out is made, as train's: pass 52)
     with outputs.lock(out):
         outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", resume=True))

@@ -106,9 +106,9 @@ def fit(
     said = log if data_notes else lambda *a, note=False: None if note else log(*a)
     loop, notes = d.agreed(lambda: guards.held(lambda log: setup(cfg, out, log, d, resume), said))  # data, model, weights, plan: validated, nothing written  # fmt: skip
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (--overwrite had emptied it)
-    loop.images, loop.labels = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
+    loop.images, loop.labels, skipped = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
     notes()  # (said once no image is unreadable: a refusal stays one line)
-    loop.notes += leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))
+    loop.notes += skipped + leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))
     mark = {"config": to_dict(cfg), "data_fingerprint": loop.ds.fingerprint, "parent_sha256": loop.source.get("parent_sha256")}  # fmt: skip
     with claimed(out, resume, overwrite, mark, d):
         start_training(loop, out, resume and (out / "state").exists(), log, quiet)
