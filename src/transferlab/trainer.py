@@ -174,8 +174,8 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
     if not d.main:
         return
     if cfg.weights and Path(cfg.weights).expanduser().exists():  # fmt: skip
-        outputs.refuse_overlap(out, [cfg.weights], "the run it starts from")  # --out said "exists"
-        outputs.refuse_overlap(out, leaks.lineage([cfg.weights]), "an ancestor of the run it starts from,")  # fmt: skip
+        outputs.refuse_overlap(out, [cfg.weights, *leaks.lineage([cfg.weights])[:1]], "the run it starts from")  # fmt: skip
+        outputs.refuse_overlap(out, leaks.lineage([cfg.weights])[1:], "an ancestor of the run it starts from,")  # fmt: skip
     if log_json is not None:
         outputs.check_log_file(log_json, out)
         if cfg.data.partition(":")[0] in data.PATH_KINDS:  # (a file among the images)
