@@ -236,6 +236,7 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
     ds = data.load(f"csv:{path}")
     assert ds.classes == ["0", "5", "10"]  # numbers in numeric order, below 0 too
     assert data.label_order(["10", "b", "2", "-1", "a"]) == ["-1", "2", "10", "a", "b"]
+    assert data.label_order(["1.0", "2.0", "1e1"]) == ["1.0", "1e1", "2.0"]  # whole: names
     assert [len(ds.splits[k]) for k in ("train", "val", "test")] == [15, 3, 6]
     assert ds.splits["test"].paths[0] == str(tmp_path / "img" / "18.png")
     assert ds.splits["test"].labels.tolist() == [0, 1, 2, 0, 1, 2]
@@ -684,3 +685,30 @@ def test_a_small_val_fraction_is_said_as_given():
     assert "splits: train 20 (what remains; --limit 20), val 20 (10% of train by --val-fraction; --limit 20), test 20 (20% of train held out; --limit 20)" in said, said  # fmt: skip
     said = data.load("digits", 0.1, limit=200).notes  # (val's 144 images: not cut)
     assert "splits: train 200 (what remains; --limit 200), val 144 (10% of train by --val-fraction), test 200 (20% of train held out; --limit 200)" in said, said  # fmt: skip
+
+
+def test_fractional_number_labels_are_refused_as_measurements_not_classes(tmp_path):
+    """Hostile pass 53: a column of measurements (0.37, 1.52) became a class per value (20
+    images, 19 classes) and trained without a word, from csv: and from hf: alike."""
+    rows = [f"img/{i}.png,{i % 3}.{i + 10}" for i in range(24)]
+    with pytest.raises(UserError, match=r"metadata.csv: its labels are numbers, some with a fraction \(0.10, 0.13, 0.16, ...; 24 distinct\): transferlab classifies images into classes"):  # fmt: skip
+        data.load(f"csv:{_csv_data(tmp_path, rows)}")
+    pytest.importorskip("datasets")
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(i):
+        buffer = io.BytesIO()
+        make_image(i % 2, i).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    (tmp_path / "pq").mkdir()
+    table = {"image": [png(i) for i in range(12)], "label": [i % 2 + i / 100 for i in range(12)]}
+    pq.write_table(pa.table(table), tmp_path / "pq" / "train.parquet")
+    with pytest.raises(UserError, match="pq: its labels are numbers, some with a fraction \\(0.02, 0.04, 0.06, ...; 12 distinct\\)"):  # fmt: skip
+        data.load(f"hf:{tmp_path / 'pq'}")
+    table["label"] = [float(i % 2) for i in range(12)]  # whole floats: pandas' 0 and 1
+    pq.write_table(pa.table(table), tmp_path / "pq" / "train.parquet")
+    assert data.load(f"hf:{tmp_path / 'pq'}").classes == ["0", "1"]

@@ -197,7 +197,7 @@ def test_no_soup_or_fine_tune_replaces_a_run_its_inputs_came_from(tmp_path, caps
         assert main(["finetune", "--from", run["f1"], *tiny, "--out", run[parent], "--overwrite"]) == 2  # fmt: skip
         assert f"overlaps an ancestor of the run it starts from, {run[parent]}:" in capsys.readouterr().err  # fmt: skip
     weights = str(checkpoint.weights_path(Path(run["f1"])))  # pass 52 (F1): its weights file
-    state = str(Path(run["f1"]) / "state")  # inside the weights' run: that run (pass 53: "an ancestor")
+    state = str(Path(run["f1"]) / "state")  # in the weights' run (pass 53: "an ancestor")
     for target, said in ((run["f1"], f"the run it starts from {weights}:"), (state, f"the run it starts from {run['f1']}:"), (run["r0"], f"an ancestor of the run it starts from, {run['r0']}:")):  # fmt: skip
         assert main(["train", "--model", "dcnn", "--weights", weights, *tiny, "--out", target, "--overwrite"]) == 2  # fmt: skip
         assert f"overlaps {said}" in capsys.readouterr().err

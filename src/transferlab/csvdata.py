@@ -55,7 +55,7 @@ def source(file: str, notes: list[str]):
         raise UserError(f"{file}: no train rows (rows without a split column value are train)")
     labels = {label for _, label, _ in by_split["train"]}
     # (labels that differ only in case: kept apart, as given, and said by data.load)
-    classes = label_order(labels)
+    classes = label_order(labels, str(file))
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for split, items in by_split.items():

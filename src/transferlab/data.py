@@ -203,8 +203,14 @@ def _raised(given: dict[str, Split], held: str, fraction: float) -> str:
     return f", raised to {n / of:.0%} for one image of each class" if n > np.ceil(fraction * of) else ""  # fmt: skip
 
 
-def label_order(labels) -> list[str]:
-    """Class names sorted, numbers in numeric order (-1, 2, 10; "01" before "1": ties by text)."""
+def label_order(labels, where: str = "the data") -> list[str]:
+    """Class names sorted, numbers in numeric order (-1, 2, 10; "01" before "1": ties by text).
+    Fractional numbers are refused: a measurement (0.37, 1.52) is not a class, and each value
+    became one (20 images, 19 classes, trained without a word)."""
+    number = r"[-+]?[0-9]*\.?[0-9]+(e[-+]?[0-9]+)?"
+    if labels and all(re.fullmatch(number, c, re.I) for c in labels):
+        if fractional := sorted(c for c in labels if not float(c).is_integer()):
+            raise UserError(f"{where}: its labels are numbers, some with a fraction ({', '.join(fractional[:3])}{', ...' if len(fractional) > 3 else ''}; {len(labels)} distinct): transferlab classifies images into classes, and a measurement is not one; label each image with its class (a name, or a whole number)")  # fmt: skip
     return sorted(labels, key=lambda c: (0, int(c), c) if re.fullmatch(r"-?[0-9]+", c) else (1, c))
 
 

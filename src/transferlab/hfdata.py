@@ -100,7 +100,7 @@ def source(arg: str, notes: list[str]):
     if by_index := isinstance(feature, datasets.ClassLabel):
         classes = list(feature.names)
     else:  # numbers in numeric order, as csv: orders them ("10" came before "2")
-        classes = label_order({_named(v) for v in parts["train"][label_col]} - {None})
+        classes = label_order({_named(v) for v in parts["train"][label_col]} - {None}, name)
     folder = root(name, config)
     WRITTEN_FROM[str(folder)] = name  # its unreadable images named by row
     splits = {}

@@ -108,7 +108,7 @@ def fit(
     # decoded before the folder is claimed: an unreadable image leaves --out as it was (--overwrite had emptied it)
     loop.images, loop.labels, skipped = decoding.decode_splits(loop.ds, loop.prep, cfg, out.name, log, quiet)  # fmt: skip
     notes()  # (said once no image is unreadable: a refusal stays one line)
-    loop.notes += skipped + leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))
+    loop.notes += skipped + leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))  # fmt: skip
     mark = {"config": to_dict(cfg), "data_fingerprint": loop.ds.fingerprint, "parent_sha256": loop.source.get("parent_sha256")}  # fmt: skip
     with claimed(out, resume, overwrite, mark, d):
         start_training(loop, out, resume and (out / "state").exists(), log, quiet)
