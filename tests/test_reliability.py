@@ -725,11 +725,15 @@ def test_S21_S23_nan_loss_and_oom_stop_clearly_and_keep_earlier_checkpoints(
     assert path.name == "last.pt" and state["progress"]["global_step"] == 4
 
 
-def test_S22_amp_scaler_state_survives_resume(folder_data, tmp_path, capsys):
+def test_S22_amp_scaler_state_survives_resume(folder_data, tmp_path, capsys, monkeypatch):
     cfg = tiny_cfg(f"folder:{folder_data}", precision="fp16", epochs=2, schedule="constant")
     full = trainer.fit(cfg, tmp_path / "full", quiet=True)
     if not torch.cuda.is_available():  # accepted, recorded, and said to be emulated here
         assert "--precision fp16 on a CPU is emulated" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # so is bf16 on a CPU without it (pass 54: not a word)
+        monkeypatch.setattr(evaluate, "bf16_supported", lambda: False)
+        trainer.fit(make_config({"precision": "bf16", "epochs": 1}, cfg), tmp_path / "b", quiet=True)  # fmt: skip
+        assert "--precision bf16 on this CPU is emulated" in capsys.readouterr().err
     trainer.fit(make_config({"epochs": 1}, cfg), tmp_path / "r", quiet=True)
     state = torch.load(tmp_path / "r" / "state" / "last.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]

@@ -131,6 +131,8 @@ def cpu_bf16_checked(cfg, model, prep, precision: str, note) -> str:
     --precision bf16 asked for: kept, and said)."""
     from . import evaluate, models
 
+    if precision == "bf16" and evaluate.device().type == "cpu" and not evaluate.bf16_supported():
+        note("note: --precision bf16 on this CPU is emulated (it has no avx512_bf16 or amx_bf16): slower than fp32, which --precision auto picks here, and evaluate scores the run in fp32 here")  # fmt: skip
     if precision != "bf16" or evaluate.device().type != "cpu" or cfg.strategy == "linear-probe":
         return precision
     if not (conv := models.bf16_grad_trap(model, prep.input_size, prep.channels)):
