@@ -475,7 +475,11 @@ def test_flipping_digits_is_noted_and_no_flip_is_quiet(capsys, tmp_path):
     )
     (tmp_path / "r.yaml").write_text(recipe % "")  # pass 47 (F4): run takes no --no-flip
     code, _, err = run_cli(capsys, "run", tmp_path / "r.yaml", "--limit", 60, "--quiet", "--out", tmp_path / "c")  # fmt: skip
-    assert code == 0 and "pass --no-flip (a recipe: flip: false)" in err, err
+    assert code == 0 and "pass --no-flip (a recipe: flip: false; the API: flip=False)" in err, err
+    import transferlab  # pass 53: the API's user was told a flag (its keyword: flip=False)
+
+    transferlab.train(tmp_path / "e", data="digits", model="dcnn", epochs=1, input_size=8, limit=60, flip=False)  # fmt: skip
+    assert "--flip" not in capsys.readouterr().err  # the advice, followed
     (tmp_path / "r.yaml").write_text(recipe % ", flip: false")  # the advice, followed
     code, _, err = run_cli(capsys, "run", tmp_path / "r.yaml", "--limit", 60, "--quiet", "--out", tmp_path / "d")  # fmt: skip
     assert code == 0 and "--flip" not in err, err

@@ -158,7 +158,7 @@ def advice(loop) -> list[str]:
     if cfg.head_init == "match" and str(loop.source.get("head", "")).startswith("kept"):  # pass 51
         said.append("--head-init match did nothing: the data's classes are those its weights were trained on, so their head is kept whole")  # fmt: skip
     if cfg.flip and ds.symbols:
-        said.append(f"--flip mirrors training images at random, and the images of {ds.spec} are greyscale and {ds.native_size} px, like digits or letters, which a mirror turns into others (or none): pass --no-flip (a recipe: flip: false)")  # fmt: skip
+        said.append(f"--flip mirrors training images at random, and the images of {ds.spec} are greyscale and {ds.native_size} px, like digits or letters, which a mirror turns into others (or none): pass --no-flip (a recipe: flip: false; the API: flip=False)")  # fmt: skip
     if d.world > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in loop.model.modules()):  # fmt: skip
         b = min(cfg.batch_size, len(loop.labels["train"]))  # (a split smaller than a batch: one)
         said.append(f"each of the {d.world} processes normalises the BatchNorm layers over its share of the batch ({b // d.world}-{-(-b // d.world)} images), not over all {b}: the run does not equal one process on the same batch")  # fmt: skip
