@@ -653,6 +653,22 @@ def test_S16_unreadable_images_of_every_split_are_named_at_once(tmp_path, capsys
     assert "7 unreadable image(s)" in err and all(b in err for b in [*bad, "test/a/0.png"])
 
 
+def test_S16_a_refusal_names_the_first_twenty_unreadable_images_and_counts_the_rest(tmp_path, capsys):  # fmt: skip
+    """Pass 53: a dataset of damaged rows was refused in one line naming every one of them
+    (10,000 rows: a line of 10,000 names); --skip-bad-images' note still lists each."""
+    make_folder(tmp_path / "d", ["a", "b"], 20)
+    junk = sorted((tmp_path / "d" / "train").rglob("*.png"))[:25]
+    for path in junk:
+        path.write_bytes(b"junk")
+    assert main(train_on(tmp_path / "d", tmp_path / "r")) == 2
+    err = capsys.readouterr().err
+    assert "25 unreadable image(s)" in err and err.endswith("; and 5 more\n") and len(err.splitlines()) == 1  # fmt: skip
+    assert sum(str(p) in err for p in junk) == 20
+    assert main(train_on(tmp_path / "d", tmp_path / "r", "--skip-bad-images")) == 0
+    err = capsys.readouterr().err
+    assert all(str(p) in err for p in junk)
+
+
 def test_S16_a_quiet_run_still_says_which_images_it_left_out(tmp_path, capsys):
     """--quiet dropped every line, this one too: images left out without a word."""
     root, bad = broken_dataset(tmp_path / "d")

@@ -371,7 +371,7 @@ def _unreadable(err: UnreadableImages, spec: str, cands: list[Candidate], fresh:
     then = "run the same command" if fresh else then
     return UserError(
         f"{len(err.bad)} unreadable image(s) under {spec}, which every candidate reads: "
-        f"{err.fix}, then {then}: " + "; ".join(err.bad)
+        f"{err.fix}, then {then}: " + UnreadableImages.some(err.bad)
     )
 
 

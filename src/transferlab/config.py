@@ -43,7 +43,12 @@ class UnreadableImages(UserError):
     def listed(cls, bad: list[str], fix: str = "fix or remove them") -> UnreadableImages:
         """The error that lists them, and says what mends them."""
         said = f"{len(bad)} unreadable image(s), {fix} or pass --skip-bad-images: "
-        return cls(said + "; ".join(bad), bad, fix)
+        return cls(said + cls.some(bad), bad, fix)
+
+    @staticmethod
+    def some(bad: list[str], most: int = 20) -> str:
+        """The first `most` joined, and how many more: a refusal of 10,000 stays readable."""
+        return "; ".join(bad[:most]) + f"; and {len(bad) - most:,} more" * (len(bad) > most)
 
     @staticmethod
     def why(err: BaseException, path: str) -> str:
@@ -73,8 +78,7 @@ def one_line(text: str) -> str:
 
 def names_weights(name: str) -> bool:
     """A model name that names pretrained weights: arch.tag, hf-hub:ORG/NAME, local-dir:PATH."""
-    name = str(name or "")
-    return name.startswith(("hf-hub:", "local-dir:")) or "." in name
+    return str(name or "").startswith(("hf-hub:", "local-dir:")) or "." in str(name or "")
 
 
 class Preempted(Exception):
@@ -82,8 +86,7 @@ class Preempted(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM outside a training step: stops the command as Ctrl-C does (a training step
-    stops at its boundary instead, state saved: `guards.stop_on_sigterm`)."""
+    """SIGTERM outside a training step stops the command as Ctrl-C does (`guards.stop_on_sigterm`)."""
 
 
 @contextlib.contextmanager
@@ -409,9 +412,7 @@ def _is_fold(text: str) -> bool:
 
 
 def _within(value: float, low, high) -> bool:
-    above = value > low[0] if isinstance(low, tuple) else value >= low
-    below = value < high[0] if isinstance(high, tuple) else value <= high
-    return above and below
+    return (value > low[0] if isinstance(low, tuple) else value >= low) and (value < high[0] if isinstance(high, tuple) else value <= high)  # fmt: skip
 
 
 def _range_text(low, high) -> str:

@@ -188,7 +188,8 @@ def predict_split(
     except UnreadableImages as err:  # its hint, --skip-bad-images, is train's alone
         raise UnreadableImages(
             f"{len(err.bad)} unreadable image(s) in the {split} split {who} is scored on: "
-            f"{err.fix} (a score counts every image of its split): " + "; ".join(err.bad),
+            f"{err.fix} (a score counts every image of its split): "
+            + UnreadableImages.some(err.bad),
             err.bad,
             err.fix,
         ) from None

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, evaluate, export, models, outputs, plots
-from .config import UserError, one_line
+from .config import UnreadableImages, UserError, one_line
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -95,7 +95,7 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
     prep = models.Preprocessing.from_dict(meta["preprocessing"])
     images, kept, bad = predict._decode(files, prep, quiet)
     if not kept:
-        raise UserError("no readable images: " + "; ".join(bad))
+        raise UserError("no readable images: " + UnreadableImages.some(bad))
     for line in bad:  # as predict says them (they were left out without a word)
         print(f"skipped: {one_line(line)}", file=sys.stderr)
     maps, prob = cams(evaluate.load_run_model(run, meta), prep, images,

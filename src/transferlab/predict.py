@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import checkpoint, combiners, data, decoding, ensembles, evaluate, members, models
 from .classfolders import hidden_name
-from .config import UserError, one_line
+from .config import UnreadableImages, UserError, one_line
 
 
 def image_files(inputs: list[str]) -> list[str]:
@@ -174,7 +174,7 @@ def _member(model, meta: dict, files: list, tta: str, quiet: bool):
     prep = models.Preprocessing.from_dict(meta["preprocessing"])
     images, kept, bad = _decode(files, prep, quiet)
     if not kept:
-        raise UserError("no readable images: " + "; ".join(bad))
+        raise UserError("no readable images: " + UnreadableImages.some(bad))
     feats = evaluate.predict(
         model,
         images,

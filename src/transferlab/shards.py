@@ -71,7 +71,7 @@ def write(
     if bad and not skip_bad:
         raise UserError(
             f"{len(bad)} unreadable image(s), nothing was written: fix or remove them or pass "
-            "--skip-bad-images: " + "; ".join(bad)
+            "--skip-bad-images: " + UnreadableImages.some(bad)
         )
     splits, kept = {}, dataclasses.replace(ds, splits={k: v.subset(np.array(keep[k], int)) for k, v in ds.splits.items()})  # fmt: skip
     with outputs.lock(out):
@@ -271,7 +271,7 @@ class ShardImages:
             fix = "write the shards again from the source with transferlab data shard"
             raise UnreadableImages(
                 f"{len(bad)} unreadable image(s) in the shards (damaged since they were written: "
-                f"{fix}): " + "; ".join(bad),
+                f"{fix}): " + UnreadableImages.some(bad),
                 bad,
                 fix,
             )

@@ -160,7 +160,7 @@ def _decoded(ds: data.Dataset, ref: dict, quiet: bool, notes: list[str]) -> dict
             notes.append(f"left out {len(bad)} unreadable {s} image(s), as its runs did (--skip-bad-images): " + "; ".join(bad))  # fmt: skip
             ds.splits[s] = kept
     if unread:
-        raise UnreadableImages(f"{len(unread)} unreadable image(s) in the data the soup is scored on: fix or remove them (a score counts every image of its split): " + "; ".join(unread), unread)  # fmt: skip
+        raise UnreadableImages(f"{len(unread)} unreadable image(s) in the data the soup is scored on: fix or remove them (a score counts every image of its split): " + UnreadableImages.some(unread), unread)  # fmt: skip
     return images
 
 
