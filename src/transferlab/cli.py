@@ -313,6 +313,8 @@ def cmd_predict(args) -> None:
     rows, bad = predict.predict(args.path, args.inputs, args.top_k, args.tta, args.quiet)
     for line in bad:
         print(f"skipped: {one_line(line)}", file=sys.stderr)  # (a name's \\xff, not \\udcff)
+    for line in predict.escaped(rows):  # (a name of its own may read alike)
+        print(line, file=sys.stderr)
     if args.json:
         print(predict.json_text(rows))
     elif args.csv:

@@ -323,3 +323,12 @@ def utf8(name: str) -> str:
     """A file name as UTF-8 text: a byte that is not UTF-8 as `\\xff` (the CSV held the raw
     byte, which pandas refused; JSON held the lone surrogate)."""
     return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
+def escaped(rows: list[dict]) -> list[str]:
+    """The note of file names written with `\\xff` for a byte that is not UTF-8 (`utf8`): said,
+    as a name holding a backslash and "xff" of its own reads alike (pass 54)."""
+    from .outputs import not_utf8
+
+    odd = [utf8(r["path"]) for r in rows if not_utf8(r["path"])]
+    return [f"note: {len(odd)} file name(s) hold bytes that are not UTF-8, each such byte written as \\xNN: {', '.join(odd[:3])}{', ...' * (len(odd) > 3)}"] * bool(odd)  # fmt: skip
