@@ -191,6 +191,11 @@ def test_no_soup_or_fine_tune_replaces_a_run_its_inputs_came_from(tmp_path, caps
         assert main(["finetune", "--from", run["r1"], *tiny, "--seed", seed, "--out", run[name]]) == 0  # fmt: skip
     kept = {name: checkpoint.sha256(checkpoint.weights_path(Path(path))) for name, path in run.items()}  # fmt: skip
     capsys.readouterr()
+    for overwrite in ([], ["--overwrite"]):  # pass 54 (F1): "pass --overwrite", then refused
+        assert main(["soup", run["f1"], run["f2"], "--out", run["f1"], *overwrite]) == 2
+        assert f"overlaps ingredient run {run['f1']}: a command" in capsys.readouterr().err
+        assert main(["soup", run["f1"], run["f2"], "--out", run["r1"], *overwrite]) == 2
+        assert "overlaps an ancestor of the ingredients" in capsys.readouterr().err
     for parent in ("r1", "r0"):  # the parent, and its own
         assert main(["soup", run["f1"], run["f2"], "--out", run[parent], "--overwrite"]) == 2
         assert f"overlaps an ancestor of the ingredients, {run[parent]}: a command never writes into its own input" in capsys.readouterr().err  # fmt: skip

@@ -110,8 +110,6 @@ def make(
     there is replaced, once every check has passed, only with `overwrite`)."""
     if method not in METHODS:
         raise UserError(f"unknown soup method '{method}' (known: {', '.join(METHODS)})")
-    if (Path(out) / checkpoint.META).exists() and not overwrite:
-        raise UserError(f"{out} already holds a run: pass --overwrite to replace it, or choose another --out")  # fmt: skip
     t0 = time.time()
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     runs = [str(r) for r in runs]
@@ -121,6 +119,8 @@ def make(
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
     outputs.refuse_overlap(out, leaks.lineage(runs), "an ancestor of the ingredients,")
+    if (Path(out) / checkpoint.META).exists() and not overwrite:  # (then: --overwrite helps)
+        raise UserError(f"{out} already holds a run: pass --overwrite to replace it, or choose another --out")  # fmt: skip
     ds = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
     _check_classes(metas[0], ds, runs[0])  # before the folder is claimed
     if (apart := members.split_apart(runs, metas, data_spec)) and method != "uniform":
