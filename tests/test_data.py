@@ -712,3 +712,31 @@ def test_fractional_number_labels_are_refused_as_measurements_not_classes(tmp_pa
     table["label"] = [float(i % 2) for i in range(12)]  # whole floats: pandas' 0 and 1
     pq.write_table(pa.table(table), tmp_path / "pq" / "train.parquet")
     assert data.load(f"hf:{tmp_path / 'pq'}").classes == ["0", "1"]
+
+
+def test_an_image_cell_without_an_image_and_an_empty_file_are_said_as_such(tmp_path):
+    """Hostile pass 54 (F3): a row whose image is null, and an empty file, were "not an image
+    Pillow reads: another format, or damaged": the user looked for a file that was not there."""
+    pytest.importorskip("datasets")
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transferlab import decoding
+
+    def png(i):
+        buffer = io.BytesIO()
+        make_image(i % 2, i).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    images = [None, b"", *(png(i) for i in range(2, 12))]
+    pq.write_table(pa.table({"image": images, "label": [i % 2 for i in range(12)]}), tmp_path / "t.parquet")  # fmt: skip
+    ds = data.load(f"hf:{tmp_path / 't.parquet'}", val_fraction=0.0)
+    bad = [line for split in ds.splits.values() for line in decoding.decode_checked(split, 16, 3, skip_bad=True, quiet=True)[2]]  # fmt: skip
+    assert sorted(bad) == [f"{tmp_path / 't.parquet'} train row {i} (no image in its row)" for i in (0, 1)]  # fmt: skip
+    make_folder(tmp_path / "f", ["a", "b"], 3, subsets=())
+    (tmp_path / "f" / "a" / "0.png").write_bytes(b"")
+    splits = data.load(f"folder:{tmp_path / 'f'}").splits.values()
+    bad = [line for split in splits for line in decoding.decode_checked(split, 16, 3, skip_bad=True, quiet=True)[2]]  # fmt: skip
+    assert bad == [f"{tmp_path / 'f' / 'a' / '0.png'} (an empty file)"]

@@ -58,7 +58,8 @@ class UnreadableImages(UserError):
         if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
             return f"over {Image.MAX_IMAGE_PIXELS:,} pixels, the limit for one image: shrink it first"  # fmt: skip
         if isinstance(err, UnidentifiedImageError):  # (its message repeats the path)
-            return "not an image Pillow reads: another format, or damaged"
+            empty = isinstance(path, str) and os.path.isfile(path) and not os.path.getsize(path)
+            return ("no image in its row" if path.endswith("-no-image") else "an empty file") if empty else "not an image Pillow reads: another format, or damaged"  # fmt: skip
         if isinstance(err, FileNotFoundError):
             return f"a broken link to {os.readlink(path)}" if os.path.islink(path) else "not found"
         if isinstance(err, (PermissionError, IsADirectoryError)):
@@ -264,8 +265,7 @@ APPLIES = {
     "feature_engine": (lambda c: c.strategy in ("linear-probe", "lp-ft"),
                        "strategy linear-probe or lp-ft (it computes a probe's features)"),
 }
-# what a linear probe never uses: it fits its head by L-BFGS on features computed once
-PROBE_IGNORES = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "crop", "crop_pad", "checkpoint_every")
+PROBE_IGNORES = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "crop", "crop_pad", "checkpoint_every")  # what a linear probe never uses: it fits its head by L-BFGS on features computed once
 # fmt: on
 
 
