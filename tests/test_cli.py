@@ -139,7 +139,7 @@ def test_unknown_recipe_key(capsys, tmp_path):
     assert_one_line_error(capsys, ["run", recipe], r"unknown key 'learning_rate' in step 1")
     for kind in ("soup", "ensemble"):  # pass 51 (F8): as soup and ensemble (and the API) call them
         recipe.write_text(f"data: digits\nsteps:\n  - train: a\n  - {kind}: s\n    runs: [a]\n")
-        assert_one_line_error(capsys, ["run", recipe], rf"unknown key 'runs' in step 2 \({kind} s\) \(did you mean members\?\)$")  # fmt: skip
+        assert_one_line_error(capsys, ["run", recipe], rf"unknown key 'runs' in step 2 \({kind} s; --set steps.1.runs\) \(did you mean members\?\)$")  # fmt: skip
     recipe.write_text("data: digits\nsteps:\n  - train: a\n  - train: b\n    epochs: 0\n")
     assert_one_line_error(capsys, ["run", recipe], r"step 2 \(train b\): epochs must be >= 1")
     recipe.write_text("data: digits\ndefaults: {epochs: 1.5}\nsteps:\n  - train: a\n")

@@ -252,7 +252,7 @@ def _check_keys(kind: str, name: str, keys: dict, index: int) -> None:
         if str(key).replace("-", "_") not in allowed:
             close = ["members"] if key in ("runs", "run") and "members" in allowed else difflib.get_close_matches(str(key), sorted(allowed), n=2)  # fmt: skip
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"unknown key '{key}' in step {index} ({kind} {name}){hint}")
+            raise UserError(f"unknown key '{key}' in step {index} ({kind} {name}; --set steps.{index - 1}.{key}){hint}")  # fmt: skip
 
 
 RESERVED = ("recipe.yaml", *outputs.REPORTS)  # files of the recipe's folder, not step names
