@@ -229,7 +229,7 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
     notes += leaks.part_notes(ds)  # --limit's: recorded, marked
     precision = evaluate.resolve_precision(cfg.precision)
     if precision == "fp16" and evaluate.device().type != "cuda":  # --help: fp16 is CUDA's
-        log(f"[{out.name}] note: --precision fp16 on a CPU is emulated, slower than bf16 or fp32, and evaluate scores the run in fp32 here", note=True)  # fmt: skip
+        log(f"[{out.name}] note: --precision fp16 on a CPU is emulated, slower than {'bf16 or ' * evaluate.bf16_supported()}fp32, and evaluate scores the run in fp32 here", note=True)  # fmt: skip
     precision = guards.cpu_bf16_checked(cfg, model, prep, precision, lambda m: log(f"[{out.name}] {m}", note=True))  # fmt: skip
     model.to(evaluate.device()).to(memory_format=torch.channels_last)
     origin = cfg.model if source["weights"] != "run" else f"from {source['parent']}"
