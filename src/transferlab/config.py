@@ -173,7 +173,7 @@ class TrainConfig:
     limit: int | None = opt(None, "at most this many images per split (smoke tests)")
     fold: str = opt("none", "i/k: CV of train+val: fit k-1 folds, keep the last epoch, score i")
     seed: int = opt(0, "seeds init, sampler order and augmentation (splits are fixed)")
-    precision: str = opt("auto", "auto | bf16 | fp16 (CUDA) | fp32")
+    precision: str = opt("auto", "auto (bf16 where the CPU or GPU has it natively: avx512_bf16, amx, CUDA; else fp32) | bf16 | fp16 (CUDA) | fp32")  # fmt: skip
     compile: bool = opt(False, "torch.compile the training model (for GPUs; no gain seen on CPU)")
     num_workers: int = opt(0, "DataLoader worker processes (0 is fastest on 2 cores)")
     eval_batch_size: int = opt(256, "images per forward pass when predicting")
