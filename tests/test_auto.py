@@ -688,6 +688,24 @@ def test_when_every_candidate_failed_the_study_says_why_not_the_budget(tmp_path)
     assert f"with --resume it continues this study in {tmp_path}" in str(err.value)  # not anew
 
 
+def test_no_timing_starts_with_less_time_left_than_a_timing_took(tmp_path, monkeypatch):
+    """Hostile pass 55 (F5): once no candidate timed fitted, the next was timed with 5 s left,
+    and its 32 s of timing took the study past its budget."""
+
+    def slow(c, ds, precision):
+        time.sleep(3.0)  # of the 30 s budget, 20 s are the reserve: two or three timings fit
+        return 1000.0, 0.0, 0.0
+
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate(n, 0) for n in "abcd"])
+    monkeypatch.setattr(auto, "estimate", slow)
+    with pytest.raises(UserError, match="give a larger --budget"):
+        auto.run("digits", 30.0, tmp_path / "s", quiet=True, log=lambda *a: None)
+    state = json.loads((tmp_path / "s" / auto.STATE).read_text())
+    whys = [c["why"] for c in state["candidates"] if c["estimate"] == 0]
+    assert whys and all(w.startswith("not timed: a timing took up to 3 s, and ") for w in whys), whys  # fmt: skip
+    assert max(c["timing"] for c in state["candidates"]) < 4.0
+
+
 def test_timing_stops_when_the_budget_is_spent(tmp_path, monkeypatch):
     """Candidates are timed against the budget too: once only the reserve is left, the rest are
     skipped untimed (a 1-minute study on 2 busy cores had run 1.5-3x over, timing them all)."""
@@ -698,7 +716,8 @@ def test_timing_stops_when_the_budget_is_spent(tmp_path, monkeypatch):
 
     monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate("a", 0), _candidate("b", 0)])  # fmt: skip
     monkeypatch.setattr(auto, "estimate", slow)
-    with pytest.raises(UserError, match="give a larger --budget"):
+    # pass 55 (F1): how large a budget fits the cheapest (10.5 s spent + 1000 s x1.15, + 5%)
+    with pytest.raises(UserError, match="; a budget of 21m would fit it\\): give a larger --budget"):  # fmt: skip
         auto.run("digits", 30.0, tmp_path / "s", quiet=True, log=lambda *a: None)  # (the CLI's
         # floor is a minute: seconds, as the API takes them, keep this test short)
     state = json.loads((tmp_path / "s" / auto.STATE).read_text())

@@ -53,11 +53,10 @@ from . import (
     outputs,
     probe,
 )
-from .autospace import FOLDS, Candidate, candidates, clean, estimate, recalibrate
+from .autospace import FOLDS, SAFETY, Candidate, candidates, clean, estimate, recalibrate
 from .config import Preempted, UnreadableImages, UserError
 from .stops import RESUME
 
-SAFETY = 1.15  # a candidate starts only if its estimate times this fits in the time left
 STATE = "auto.json"
 REPORTS = ("report.md", "report.html")  # the study's own (autochoose.write_report)
 CLOCK, CLOCK_EVERY = "auto.clock", 1.0  # the time spent, written every second (`_clock`)
@@ -291,7 +290,7 @@ def run(
 def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, quiet: bool) -> dict:
     """Time the candidates, run them as the schedule says, choose, build best/ and report."""
     seconds = settings["budget"]
-    reserve = max(20.0, 0.05 * seconds)  # for the choice, best/ and the report
+    reserve = autospace.reserve(seconds)  # for the choice, best/ and the report
     precision = evaluate.resolve_precision("auto")
     n_fold, n_test = len(ds.splits["train"]) + len(ds.splits["val"]), len(ds.splits["test"])
     log(
@@ -327,7 +326,7 @@ def _study(out: Path, ds, settings: dict, cands: list[Candidate], left, log, qui
         log(f"[auto {clock(left())} left] {c.name}: {c.status}{said}")
         save_state(out, settings, cands, seconds - left())
     save_state(out, settings, cands, seconds - left())  # what the last pick skipped
-    result = autochoose.finish(out, ds, cands, log, quiet)
+    result = autochoose.finish(out, ds, cands, log, quiet, spent=seconds - left())
     save_state(out, settings, cands, seconds - left())
     autochoose.write_report(out, ds, cands, result, seconds, seconds - left())
     return result
@@ -384,6 +383,8 @@ def _time_candidates(cands: list[Candidate], ds, precision: str, left, save) -> 
         timed = [d.cost() * SAFETY for d in cands if d.status == "pending" and d.estimate]
         if left() <= 0:
             c.status, c.why = "skipped", "the budget ran out before it was timed"
+        elif left() < longest:  # (pass 55: a 1m study timed one for 32 s with 5 s left)
+            c.status, c.why = "skipped", f"not timed: a timing took up to {longest:.0f} s, and {left():.0f} s were left"  # fmt: skip
         elif left() - longest < min(timed, default=0) <= left():  # (it fits: kept for it)
             c.status, c.why = "skipped", "not timed: timing it would leave too little time to run the cheapest candidate timed"  # fmt: skip
         else:

@@ -6,6 +6,7 @@ out-of-fold predictions), score test once, and write the leaderboard (report.md,
 from __future__ import annotations
 
 import html
+import math
 import re
 import shutil
 import zipfile
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, combiners, data, ensembles, evaluate, folds, leaks, members, outputs
-from .autospace import FOLDS, Candidate
+from .autospace import FOLDS, SAFETY, Candidate, reserve
 from .config import UserError
 from .report import md, md_table
 
@@ -77,8 +78,10 @@ def load_oof(out: Path, name: str, shape: tuple | None = None) -> np.ndarray | N
     return logp if shape is None or logp.shape == tuple(shape) else None
 
 
-def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool) -> dict:
-    """Choose (highest out-of-fold top-1, then lowest NLL), build DIR/best, score test once."""
+def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool, spent: float = 0.0) -> dict:  # fmt: skip
+    """Choose (highest out-of-fold top-1, then lowest NLL), build DIR/best, score test once.
+    `spent`: the study's seconds so far (with none chosen, the budget that would fit the
+    cheapest is said: pass 55 followed "give a larger --budget" with 2m, and it needed 4m)."""
     done = [c for c in cands if c.status == "done"]
     if not done:
         failed = [c for c in cands if c.status == "failed"]
@@ -88,9 +91,13 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
         timed = [c for c in skipped if c.estimate > 0] or skipped  # why: estimate, time left
         cheapest = min(timed, key=lambda c: c.estimate)
         began = "finished" if any(c.status == "stopped" for c in cands) else "fitted"
+        need = spent + cheapest.cost() * SAFETY  # and the reserve of the budget that fits it
+        need = max(need + reserve(need), need / 0.95)
+        fits = spent > 0 and cheapest.status == "skipped" and cheapest.estimate > 0
+        fits = f"; a budget of {math.ceil(need / 60)}m would fit it" * fits
         raise UserError(
             f"no candidate {began} within the budget (the cheapest, {cheapest.name}: "
-            f"{cheapest.why or cheapest.status}): {LARGER} (with --resume it "
+            f"{cheapest.why or cheapest.status}{fits}): {LARGER} (with --resume it "
             f"continues this study in {out}, its timings kept)"
         )
     names = [c.name for c in done]

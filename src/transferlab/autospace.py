@@ -40,6 +40,14 @@ import torch
 from . import catalog, checkpoint, data, evaluate, linear, models, plots, strategies, weights
 
 FOLDS = 5  # the k of k-fold cross-validation over train+val
+SAFETY = 1.15  # a candidate starts only if its estimate times this fits in the time left
+
+
+def reserve(budget: float) -> float:
+    """The seconds of a budget kept for the choice, best/ and the report."""
+    return max(20.0, 0.05 * budget)
+
+
 # offline backbones measured on large images only (module docstring)
 LARGE_ONLY = {"mobilenetv2_100.deepsort_in1k"}
 
