@@ -214,7 +214,9 @@ def _gradcam_grid(run: Path, split: data.Split, captions: list[str]) -> str:
     return _img(plots.png(figure), "Grad-CAM of the confidently wrong images")
 
 
-def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
+def write_html(root: Path, rows: list[dict], columns: list[str], left_out: list[str] = ()) -> Path:  # fmt: skip
+    """report.html: the table, then each run's section; `left_out`: the runs report.md says it
+    left out (unfinished, unreadable), said under the table too (pass 56: not a word of them)."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in [*columns, "test NLL", "test ECE"])
     body, sections, best = [], [], None
     for r in rows:
@@ -259,6 +261,7 @@ def write_html(root: Path, rows: list[dict], columns: list[str]) -> Path:
 <p class="note">Top-1 on the held-out test split; val is the data's own or carved from train; train top-1 is measured
 on augmented batches during training. Click a column header to sort.</p>
 <table class="sortable" id="comparison"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
+{"".join(f'<p class="note">Left out: {html.escape(one_line(why))}</p>' for why in left_out)}
 {wrong}
 {"".join(sections)}
 <script>{SORT_JS}</script>

@@ -389,7 +389,7 @@ def _write(root: Path) -> tuple[Path, str]:
         f"# transferlab report: {md(root.resolve().name)}",  # (`report .`: its name, not "")
         "",
         "Top-1 on the held-out test split; "
-        "val is carved from train. Train top-1 is measured on augmented batches during "
+        "val is the data's own or carved from train. Train top-1 is measured on augmented batches during "
         "training.",
         "",
         table,
@@ -421,5 +421,5 @@ def _write(root: Path) -> tuple[Path, str]:
     writer.writeheader()
     writer.writerows({k: spreadsheet_safe(v) for k, v in (r | r["_csv"]).items()} for r in rows)
     outputs.write_report_file(root / "results.csv", buf.getvalue())
-    htmlreport.write_html(root, rows, columns(rows))
+    htmlreport.write_html(root, rows, columns(rows), skipped)
     return path, table
