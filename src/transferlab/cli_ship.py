@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import UserError, one_line
 
@@ -27,11 +28,11 @@ def commands(sub, _sub, Parser) -> None:
     """Add auto, data, models, export, serve and explain to the subcommands `sub`."""
     p = _sub(sub, "auto", "the best classifier a time budget buys: candidates timed, run while "
              "time is left, chosen by cross-validation, test scored once")  # fmt: skip
-    p.add_argument("--data", required=True, help="dataset spec (as for train: folder:PATH, ...)")
-    p.add_argument("--budget", required=True, help="wall time for everything: 30m, 90s, 1h30m")
+    p.add_argument("--data", help="dataset spec (as for train: folder:PATH, ...); required, but with --resume [the study's]")  # fmt: skip
+    p.add_argument("--budget", help="wall time for everything: 30m, 90s, 1h30m; required, but with --resume [the study's]")  # fmt: skip
     p.add_argument("--out", required=True, help="a new folder (or, with --resume, the study's)")
     p.add_argument("--resume", action="store_true", help="continue a study that was stopped")
-    p.add_argument("--seed", type=int, default=0, help="members' seed (folds never change) [0]")
+    p.add_argument("--seed", type=int, help="members' seed (folds never change) [0; with --resume, the study's]")  # fmt: skip
     p.add_argument("--cache-dir", help="decoded-image and feature cache [$TRANSFERLAB_CACHE]")
 
     p = _sub(sub, "explain", "Grad-CAM: where in each image a run looked for its prediction")
@@ -134,10 +135,27 @@ def _data_commands(p, Parser) -> None:
 def cmd_auto(args) -> None:
     from . import auto
 
-    if args.seed < 0:
+    if args.resume:  # the study's own --data, --budget and --seed where none is given (pass 55)
+        auto.check_out(Path(args.out), resume=True)  # ("holds no transferlab auto study")
+        was = _recorded(Path(args.out) / auto.STATE)
+        args.data, args.budget = args.data or was.get("data"), args.budget or was.get("budget")
+        args.seed = was.get("seed", 0) if args.seed is None else args.seed
+    if missing := [f"--{k}" for k in ("data", "budget") if getattr(args, k) is None]:
+        raise UserError(f"auto needs {' and '.join(missing)} (a study to resume has them: --resume --out STUDY)")  # fmt: skip
+    if (args.seed or 0) < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
-    auto.run(args.data, args.budget, args.out, args.resume, args.seed, args.quiet, args.cache_dir,
+    auto.run(args.data, args.budget, args.out, args.resume, args.seed or 0, args.quiet, args.cache_dir,
              log=lambda *a: print(*a, flush=True), started=args.started)  # fmt: skip
+
+
+def _recorded(state: Path) -> dict:
+    """A study's settings as its auto.json holds them ({} where it cannot say: auto says why)."""
+    import json
+
+    try:
+        return dict(json.loads(state.read_text())["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def cmd_models(args) -> None:
