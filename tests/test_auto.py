@@ -33,7 +33,7 @@ from transferlab.config import Preempted, UserError
 from conftest import make_folder, tiny_cfg
 
 
-@pytest.mark.parametrize("text,seconds", [("30m", 1800), ("90s", 90), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150)])  # fmt: skip
+@pytest.mark.parametrize("text,seconds", [("30m", 1800), ("90s", 90), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150), ("1M", 60), ("1H30M", 5400)])  # fmt: skip
 def test_budget_durations(text, seconds):
     assert auto.parse_budget(text) == seconds
 
@@ -42,6 +42,19 @@ def test_budget_durations(text, seconds):
 def test_budget_refuses_what_is_not_a_duration(text):
     with pytest.raises(UserError):
         auto.parse_budget(text)
+
+
+def test_a_bare_number_budget_is_told_its_units_and_a_recipe_its_key(tmp_path):
+    """Hostile pass 55 (F3, F4): `--budget 90` was not told 90s; a recipe's `budget: 90` was
+    told about --budget, a flag `run` lacks."""
+    from transferlab import recipe
+
+    with pytest.raises(UserError, match=r"^--budget must be .*, got '90' \(a number needs its unit: 90s or 90m\?\)$"):  # fmt: skip
+        auto.parse_budget("90")
+    (tmp_path / "r.yaml").write_text("data: digits\nsteps:\n  - auto: study\n    budget: 90\n")
+    with pytest.raises(UserError, match=r"^step 1 \(auto study\): budget: must be a duration .* \(a number needs its unit: 90s or 90m\?\)$"):  # fmt: skip
+        recipe.run(tmp_path / "r.yaml", tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_timing_stops_where_it_would_leave_no_time_to_run_a_timed_candidate(monkeypatch):
@@ -704,6 +717,25 @@ def test_no_timing_starts_with_less_time_left_than_a_timing_took(tmp_path, monke
     whys = [c["why"] for c in state["candidates"] if c["estimate"] == 0]
     assert whys and all(w.startswith("not timed: a timing took up to 3 s, and ") for w in whys), whys  # fmt: skip
     assert max(c["timing"] for c in state["candidates"]) < 4.0
+
+
+def test_a_study_resumes_with_its_own_data_budget_and_seed(tmp_path, monkeypatch, capsys):
+    """Hostile pass 55 (F2): `auto --out S --resume` was "the following arguments are required:
+    --data, --budget", which the study had recorded (and another --data is refused)."""
+    monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate("a", 0)])
+    monkeypatch.setattr(auto, "estimate", lambda c, ds, precision: (1000.0, 0.0, 0.0))
+    study = str(tmp_path / "s")
+    with pytest.raises(UserError, match="give a larger --budget"):
+        auto.run("digits", 60.0, study, seed=3, quiet=True, log=lambda *a: None)
+    assert main(["auto", "--out", study, "--resume"]) == 2  # ran: its data, budget, seed read
+    assert "no candidate fitted within the budget (the cheapest, a: needs 1150 s" in capsys.readouterr().err  # fmt: skip
+    assert main(["auto", "--out", study, "--resume", "--seed", "0"]) == 2  # given: as given
+    assert "was started with seed 3 (now seed 0)" in capsys.readouterr().err
+    assert main(["auto", "--out", study]) == 2
+    assert "auto needs --data and --budget (a study to resume has them" in capsys.readouterr().err
+    assert main(["auto", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "holds no transferlab auto study" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_timing_stops_when_the_budget_is_spent(tmp_path, monkeypatch):

@@ -62,19 +62,20 @@ REPORTS = ("report.md", "report.html")  # the study's own (autochoose.write_repo
 CLOCK, CLOCK_EVERY = "auto.clock", 1.0  # the time spent, written every second (`_clock`)
 
 
-def parse_budget(text: str) -> float:
-    """'30m', '90s', '1h', '1h30m' -> seconds; a bare number is refused (which unit?)."""
-    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", str(text))  # fmt: skip
+def parse_budget(text: str, name: str = "--budget") -> float:
+    """'30m', '90s', '1h', '1h30m' (any case) -> seconds; else refused, naming `name` (a recipe's)."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", str(text), re.I)  # fmt: skip
     if not parts or not any(parts.groups()):
-        raise UserError(f"--budget must be a duration such as 30m, 90s, 1h or 1h30m, got {text!r}")
+        bare = f" (a number needs its unit: {str(text).strip()}s or {str(text).strip()}m?)" * bool(re.fullmatch(r"\s*\d+(\.\d+)?\s*", str(text)))  # fmt: skip
+        raise UserError(f"{name} must be a duration such as 30m, 90s, 1h or 1h30m, got {text!r}{bare}")  # fmt: skip
     h, m, s = (float(g or 0) for g in parts.groups())
     seconds = 3600 * h + 60 * m + s
     if part := (h and m >= 60 and "minutes") or ((h or m) and s >= 60 and "seconds"):  # 1h90m
-        raise UserError(f"--budget {text}: {part} of 60 or more after a larger unit look like a typo; for {seconds / 60:g} minutes write {seconds / 60:g}m")  # fmt: skip
+        raise UserError(f"{name} {text}: {part} of 60 or more after a larger unit look like a typo; for {seconds / 60:g} minutes write {seconds / 60:g}m")  # fmt: skip
     if seconds < 60:  # the study keeps 20 s for its choice and report: 10 s ran nothing
-        raise UserError(f"--budget {text} is under a minute: after the 20 s kept for the choice and the report, nothing could be trained")  # fmt: skip
+        raise UserError(f"{name} {text} is under a minute: after the 20 s kept for the choice and the report, nothing could be trained")  # fmt: skip
     if seconds > 30 * 86400:  # a clock counted in float seconds stays exact far below this
-        raise UserError(f"--budget {text} is over 30 days (720h): give a budget the study can keep")
+        raise UserError(f"{name} {text} is over 30 days (720h): give a budget the study can keep")
     return seconds
 
 

@@ -153,7 +153,7 @@ def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: l
                     "--limit does not apply to an auto step (a study splits all its data): "
                     f"smoke-test it with a small budget, --set steps.{i - 1}.budget=1m"
                 )
-            parse_budget(keys.get("budget", ""))
+            parse_budget(keys.get("budget", ""), "budget:")
             _auto_data_seed(recipe, keys)
         elif kind == "soup":
             _check_soup_starts(recipe, name, keys, i)
@@ -316,9 +316,12 @@ def parse_step(step, index: int) -> tuple[str, str, dict]:
         raise UserError(f"step {index} must be a mapping like '- train: NAME', got {step!r}"[:200])
     kinds = [k for k in step if k in STEP_KINDS]
     if len(kinds) != 1:
+        close = [m for k in step for m in difflib.get_close_matches(str(k), STEP_KINDS, n=1)]
+        hint = f" (did you mean {close[0]}?)" if not kinds and close else ""  # (pass 55: trian)
         raise UserError(
             f"step {index} needs exactly one of {', '.join(STEP_KINDS)}; "
             f"got keys {', '.join(map(str, step))}"[:300]
+            + hint
         )
     kind, value = kinds[0], step[kinds[0]]
     keys = {k: v for k, v in step.items() if k != kind}
