@@ -64,6 +64,11 @@ def test_members_with_other_classes_are_refused_naming_them(hetero_runs, trained
     with pytest.raises(UserError, match=r"different classes: .*tiny.*only in .*tiny: d;") as err:
         ensembles.build([hetero_runs / "dcnn", trained_run], "soft", tmp_path / "x", quiet=True)
     assert "[" not in str(err.value)  # names, not a Python list
+    from transferlab import members  # pass 56 (F3): ten classes read as five, no count
+
+    digits, abc = {"classes": [str(i) for i in range(10)]}, {"classes": ["a", "b", "c"]}
+    with pytest.raises(UserError, match=r"\(only in d: 0, 1, 2, 3, 4 \(\+5 more\); only in l: a, b, c\)$"):  # fmt: skip
+        members.check_classes([abc, digits], ["l", "d"])
 
 
 def test_members_trained_on_other_data_are_noted(trained_run, folder_data, tmp_path, capsys):

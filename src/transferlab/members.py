@@ -16,18 +16,21 @@ from .folds import carving_on, load_as_run
 SPLITS = ("val", "test")
 
 
+def _some(names: list[str]) -> str:
+    """The first five, and how many more (pass 56: ten classes read as five), or none."""
+    return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "") or "none"
+
+
 def check_classes(metas: list[dict], runs: list[str]) -> list[np.ndarray]:
     """Per member, the column order that aligns its classes with the first member's."""
     ref = metas[0]["classes"]
     orders = []
     for meta, run in zip(metas, runs, strict=True):
         if set(meta["classes"]) != set(ref):
-            extra = sorted(set(meta["classes"]) - set(ref))[:5]
-            missing = sorted(set(ref) - set(meta["classes"]))[:5]
+            extra, missing = (sorted(a - b) for a, b in ((set(meta["classes"]), set(ref)), (set(ref), set(meta["classes"]))))  # fmt: skip
             raise UserError(
                 f"members have different classes: {run} vs {runs[0]} "
-                f"(only in {run}: {', '.join(extra) or 'none'}; only in {runs[0]}: "
-                f"{', '.join(missing) or 'none'})"
+                f"(only in {run}: {_some(extra)}; only in {runs[0]}: {_some(missing)})"
             )
         index = {c: i for i, c in enumerate(meta["classes"])}
         orders.append(np.array([index[c] for c in ref]))
