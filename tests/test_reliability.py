@@ -669,6 +669,20 @@ def test_S16_a_refusal_names_the_first_twenty_unreadable_images_and_counts_the_r
     assert all(str(p) in err for p in junk)
 
 
+def test_S16_junk_files_alike_in_train_and_test_are_not_called_copies_the_score_counts(tmp_path, capsys):  # fmt: skip
+    """Hostile pass 57 (F1): identical junk files (a scraper's saved error page) in train and
+    test were "3 of the 10 test images are byte copies ...: its test score counts them", where
+    --skip-bad-images had left every one of them out of the score."""
+    make_folder(tmp_path / "d", ["a", "b"], 10)
+    for split in ("train", "test"):
+        for i in range(3):
+            (tmp_path / "d" / split / "a" / f"junk{i}.png").write_bytes(b"<html>not found</html>")
+    shutil.copy(tmp_path / "d" / "train" / "b" / "0.png", tmp_path / "d" / "test" / "b" / "copy.png")  # fmt: skip
+    assert main(train_on(tmp_path / "d", tmp_path / "r", "--skip-bad-images")) == 0
+    copies = [n for n in checkpoint.read_meta(tmp_path / "r")["notes"] if "byte copies" in n]
+    assert copies == ["1 of the 24 test images are byte copies of training images of the same data: each the same file or bytes as one of its train/val images; its test score counts them"]  # fmt: skip
+
+
 def test_S16_a_quiet_run_still_says_which_images_it_left_out(tmp_path, capsys):
     """--quiet dropped every line, this one too: images left out without a word."""
     root, bad = broken_dataset(tmp_path / "d")

@@ -231,9 +231,22 @@ def _among(seen: set[str], scored: list[str]) -> int:
         by_size.setdefault(stats[p].st_size, []).append(p)
     sizes = {stats[p].st_size for p in left if stats[p]} & set(by_size)
     digests = {_digest(p) for n in sizes for p in by_size[n]}
-    copies = sum(bool(stats[p]) and stats[p].st_size in sizes and _digest(p) in digests
-                 for p in left)  # fmt: skip
-    return len(scored) - len(left) + copies
+    copies = [p for p in left if stats[p] and stats[p].st_size in sizes and _digest(p) in digests]  # fmt: skip
+    same = [p for p in scored if _file_id(p, stats[p]) in ids]
+    return sum(map(_readable, same + copies))  # (pass 57: a junk file's copies, never scored)
+
+
+def _readable(path: str) -> bool:
+    """Whether Pillow reads the image: an unreadable copy is in no score (refused, or left out
+    by --skip-bad-images), so not counted in one. Only copies are read: they are few."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception:  # (every way a file is not an image)
+        return False
+    return True
 
 
 def _seen(meta: dict, used: tuple[str, ...]) -> set[str]:
