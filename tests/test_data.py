@@ -691,7 +691,7 @@ def test_fractional_number_labels_are_refused_as_measurements_not_classes(tmp_pa
     """Hostile pass 53: a column of measurements (0.37, 1.52) became a class per value (20
     images, 19 classes) and trained without a word, from csv: and from hf: alike."""
     rows = [f"img/{i}.png,{i % 3}.{i + 10}" for i in range(24)]
-    with pytest.raises(UserError, match=r"metadata.csv: its labels are numbers, some with a fraction \(0.10, 0.13, 0.16, ...; 24 distinct\): transferlab classifies images into classes"):  # fmt: skip
+    with pytest.raises(UserError, match=r"metadata.csv: its labels are numbers, some not whole \(0.10, 0.13, 0.16, ...; 24 distinct\): transferlab classifies images into classes"):  # fmt: skip
         data.load(f"csv:{_csv_data(tmp_path, rows)}")
     pytest.importorskip("datasets")
     import io
@@ -707,11 +707,24 @@ def test_fractional_number_labels_are_refused_as_measurements_not_classes(tmp_pa
     (tmp_path / "pq").mkdir()
     table = {"image": [png(i) for i in range(12)], "label": [i % 2 + i / 100 for i in range(12)]}
     pq.write_table(pa.table(table), tmp_path / "pq" / "train.parquet")
-    with pytest.raises(UserError, match="pq: its labels are numbers, some with a fraction \\(0.02, 0.04, 0.06, ...; 12 distinct\\)"):  # fmt: skip
+    with pytest.raises(UserError, match="pq: its labels are numbers, some not whole \\(0.02, 0.04, 0.06, ...; 12 distinct\\)"):  # fmt: skip
         data.load(f"hf:{tmp_path / 'pq'}")
     table["label"] = [float(i % 2) for i in range(12)]  # whole floats: pandas' 0 and 1
     pq.write_table(pa.table(table), tmp_path / "pq" / "train.parquet")
     assert data.load(f"hf:{tmp_path / 'pq'}").classes == ["0", "1"]
+    table["label"] = [[float("inf"), 1.0, 2.0][i % 3] for i in range(12)]  # pass 56 (F8): a class
+    pq.write_table(pa.table(table), tmp_path / "pq" / "train.parquet")
+    with pytest.raises(UserError, match="pq: its labels are numbers, some not whole \\(inf; 3 distinct\\)"):  # fmt: skip
+        data.load(f"hf:{tmp_path / 'pq'}")
+    table["label"] = [0] * 12  # pass 56 (F7): "point --data at the folder of class folders"
+    pq.write_table(pa.table(table), tmp_path / "pq" / "train.parquet")
+    with pytest.raises(UserError, match="has 1 class \\(0\\); a classifier needs at least two: its label column holds one value: name another with label=COLUMN"):  # fmt: skip
+        data.load(f"hf:{tmp_path / 'pq'}")
+    one = _csv_data(tmp_path, [f"img/{i}.png,cat" for i in range(24)])
+    with pytest.raises(UserError, match="a classifier needs at least two: its label column holds one value: label the images of at least two classes$"):  # fmt: skip
+        data.load(f"csv:{one}")
+    rows = [f"img/{i}.png,{['1', '1.0', '2'][i % 3]}" for i in range(24)]  # pass 57 (F2)
+    assert "class names that are one number written two ways are separate classes: 1, 1.0" in data.load(f"csv:{_csv_data(tmp_path, rows)}").notes  # fmt: skip
 
 
 def test_an_image_cell_without_an_image_and_an_empty_file_are_said_as_such(tmp_path):

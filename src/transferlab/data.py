@@ -152,10 +152,14 @@ def load(spec: str, val_fraction: float = 0.1, limit: int | None = None, fold: s
         case = len(set(nfc)) == len(twins) and min(Counter(c.casefold() for c in nfc).values()) > 1  # fmt: skip
         how, shown = ("case", twins) if case else ("Unicode form, width or case", map(ascii, twins))
         notes.append(f"class names that differ only in {how} are separate classes: {', '.join(shown)}")  # fmt: skip
+    numbers = Counter(float(c) for c in classes if re.fullmatch(NUMBER, c, re.I))
+    if twins := sorted((c for c in classes if re.fullmatch(NUMBER, c, re.I) and numbers[float(c)] > 1), key=float):  # fmt: skip
+        notes.append(f"class names that are one number written two ways are separate classes: {', '.join(twins)}")  # fmt: skip
     if len(classes) == 1 and scoring:  # restricted to the data's classes, every image is right
         raise UserError(f"{spec} holds one class ({classes[0]}): a run is scored over the classes its data holds, so on one class every image would be right; to see what the run calls them: transferlab predict RUN {arg if kind == 'folder' else 'IMAGES'}")  # fmt: skip
     if len(classes) < 2:
-        raise UserError(f"{spec} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least two: point --data at the folder that holds the class folders")  # fmt: skip
+        fix = {"csv": "its label column holds one value: label the images of at least two classes", "hf": "its label column holds one value: name another with label=COLUMN, or label at least two classes"}.get(kind, "point --data at the folder that holds the class folders")  # fmt: skip
+        raise UserError(f"{spec} has {len(classes)} class ({', '.join(classes)}); a classifier needs at least two: {fix}")  # fmt: skip
     given, origin = hold_out_test(given)
     if native_size_ is None:  # the median image of train (before val is carved from it)
         native_size_ = native_size(given["train"].paths)
@@ -203,14 +207,16 @@ def _raised(given: dict[str, Split], held: str, fraction: float) -> str:
     return f", raised to {n / of:.0%} for one image of each class" if n > np.ceil(fraction * of) else ""  # fmt: skip
 
 
+NUMBER = r"[-+]?([0-9]*\.?[0-9]+(e[-+]?[0-9]+)?|inf|infinity|nan)"  # a label that is a number
+
+
 def label_order(labels, where: str = "the data") -> list[str]:
     """Class names sorted, numbers in numeric order (-1, 2, 10; "01" before "1": ties by text).
-    Fractional numbers are refused: a measurement (0.37, 1.52) is not a class, and each value
-    became one (20 images, 19 classes, trained without a word)."""
-    number = r"[-+]?[0-9]*\.?[0-9]+(e[-+]?[0-9]+)?"
-    if labels and all(re.fullmatch(number, c, re.I) for c in labels):
+    Numbers not whole are refused: a measurement (0.37, 1.52, inf) is not a class, and each
+    value became one (20 images, 19 classes, trained without a word)."""
+    if labels and all(re.fullmatch(NUMBER, c, re.I) for c in labels):
         if fractional := sorted(c for c in labels if not float(c).is_integer()):
-            raise UserError(f"{where}: its labels are numbers, some with a fraction ({', '.join(fractional[:3])}{', ...' if len(fractional) > 3 else ''}; {len(labels)} distinct): transferlab classifies images into classes, and a measurement is not one; label each image with its class (a name, or a whole number)")  # fmt: skip
+            raise UserError(f"{where}: its labels are numbers, some not whole ({', '.join(fractional[:3])}{', ...' if len(fractional) > 3 else ''}; {len(labels)} distinct): transferlab classifies images into classes, and a measurement is not one; label each image with its class (a name, or a whole number)")  # fmt: skip
     return sorted(labels, key=lambda c: (0, int(c), c) if re.fullmatch(r"-?[0-9]+", c) else (1, c))
 
 
