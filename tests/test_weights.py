@@ -412,7 +412,9 @@ def test_models_command_lists_what_is_usable_offline(offline_cache, capsys, tmp_
     )
     main(["models", "lite*", "--offline"])  # a glob that misses the tf_ prefix: the same help
     out, err = capsys.readouterr()
-    assert "tf_efficientnet_lite0" in out and "no name matches 'lite*'; these contain 'lite'" in err
+    assert "tf_efficientnet_lite0" in out and err == "note: no name matches 'lite*'; these contain 'lite'\n"  # fmt: skip
+    main(["models", "resnet", "--offline"])  # pass 56 (F5): it advised 'lite*' for 'lite*'
+    assert "('resnet*' lists the names that start with it)" in capsys.readouterr().err
     main(["models", "convnext_tiny.fb_in22k_ft_in1k"])
     assert "hub weights download on first use" in capsys.readouterr().err
     assert main(["models", "dcnn", "--offline"]) == 2  # a valid --model, with no weights

@@ -166,8 +166,8 @@ def cmd_models(args) -> None:
     if not rows and word and not set("*?[") & set(word):  # the names holding the word
         rows = catalog.available(f"*{word}*", args.offline)
         if rows:
-            print(f"note: no name matches '{args.pattern}'; these contain '{word}' ('{word}*' "
-                  "lists the names that start with it)", file=sys.stderr)  # fmt: skip
+            starts = f" ('{word}*' lists the names that start with it)" * (args.pattern != f"{word}*")  # fmt: skip
+            print(f"note: no name matches '{args.pattern}'; these contain '{word}'{starts}", file=sys.stderr)  # fmt: skip
     if not rows:
         own = (
             " (dcnn is transferlab's own CNN: it trains from scratch)"
