@@ -148,6 +148,10 @@ def test_json_names_a_file_not_named_in_utf8_so_strict_readers_take_it(trained_r
     out, err = capsys.readouterr()  # a skipped file was named bad\\udcff.png
     assert ",caf\\xe9.png,1," in out.replace(str(tmp_path / "in") + os.sep, ",") and out.encode().decode("utf-8")  # fmt: skip
     assert err.startswith("skipped: " + str(tmp_path / "in" / "bad\\xff.png") + " (not an image Pillow reads: another format, or damaged)\nnote: 1 file name(s)")  # fmt: skip
+    shutil.copy(images / "a.png", tmp_path / "in" / "caf\\xe9.png")  # a name of its own, alike
+    assert main(["--quiet", "predict", str(trained_run), str(tmp_path / "in"), "--csv"]) == 0
+    said = f"{tmp_path / 'in' / 'caf'}\\xe9.png is also the name of another file, so their rows read alike: rename one\n"  # fmt: skip
+    assert capsys.readouterr().err.endswith(said)  # (pass 56, 57: ambiguous rows, unsaid)
 
 
 def test_cli_errors_are_one_line(trained_run, images, tmp_path, capsys):

@@ -331,4 +331,6 @@ def escaped(rows: list[dict]) -> list[str]:
     from .outputs import not_utf8
 
     odd = [utf8(r["path"]) for r in rows if not_utf8(r["path"])]
-    return [f"note: {len(odd)} file name(s) hold bytes that are not UTF-8, each such byte written as \\xNN: {', '.join(odd[:3])}{', ...' * (len(odd) > 3)}"] * bool(odd)  # fmt: skip
+    clash = sorted(set(odd) & {r["path"] for r in rows})  # (pass 56, 57: `caf\\xe9.png` itself)
+    alike = f"; {clash[0]} is also the name of another file, so their rows read alike: rename one" if clash else ""  # fmt: skip
+    return [f"note: {len(odd)} file name(s) hold bytes that are not UTF-8, each such byte written as \\xNN: {', '.join(odd[:3])}{', ...' * (len(odd) > 3)}{alike}"] * bool(odd)  # fmt: skip
