@@ -425,7 +425,7 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "steps.0": "steps.N.KEY",
         "nope": "unknown config key 'nope'",
         # pass 54 (F6): "step 1", and the user fixed steps.1 (--set counts from 0)
-        "steps.0.learning_rate": r"^unknown key 'learning_rate' in step 1 \(train a; --set steps.0.learning_rate\)$",  # fmt: skip
+        "steps.0.learning_rate": r"^unknown key 'learning_rate' in step 1 \(train a; --set steps.0.learning_rate\) \(did you mean lr\?\)$",  # fmt: skip
         "out": "^--set out is empty: give a value, or leave it out$",  # (pass 44: "recipe key")
         "lr": "--set lr is empty",
     }.items():

@@ -80,6 +80,7 @@ def run(
     recipe["out"] = str(out)  # its recipe.yaml says where it ran (--out over the file's out:)
     out = out.expanduser()  # out: ~/runs/x made a folder named ~ here
     validate(recipe, out)
+    recipe.pop("_set", None)  # (validation's alone: recipe.yaml records the steps as they run)
     resolved = out / "recipe.yaml"
     if resolved.exists() and resolved.resolve() == Path(path).resolve():
         raise UserError(

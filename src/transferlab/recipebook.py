@@ -57,6 +57,7 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
             if parts[2] == "members" and isinstance(value, str):  # m1,m2 or [m1, m2]
                 value = [m.strip() for m in value.strip().strip("[]").split(",") if m.strip()]
             steps[index][parts[2]] = value
+            recipe.setdefault("_set", []).append(key)  # (its errors name the --set, not the file)
         elif key == "defaults.data":  # (every step trained on it; recipe.yaml said the other)
             raise UserError("--set defaults.data: the recipe's data is its top-level data: --set data=SPEC")  # fmt: skip
         elif key.startswith("defaults.") and isinstance(recipe.get("defaults") or {}, dict):
@@ -76,7 +77,7 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
 def validate(recipe: dict, out: Path | None = None) -> None:
     """Every key, type, step form, name and member reference, before any step runs; with
     `out`, members and parents are checked to exist (an earlier step or a run folder)."""
-    unknown = [k for k in recipe if k not in (*TOP_KEYS, "overrides")]
+    unknown = [k for k in recipe if k not in (*TOP_KEYS, "overrides", "_set")]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), TOP_KEYS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -135,7 +136,7 @@ def _refuse_blank(recipe: dict) -> None:
 def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: list[str],
                 kinds: dict[str, str], out: Path | None) -> None:  # fmt: skip
     """One step of `validate`: its keys, values, name and references."""
-    _check_keys(kind, name, keys, i)
+    _check_keys(kind, name, keys, i, recipe.get("_set", []))
     _check_values(kind, name, keys, i, out is not None)
     if kind != "report":
         if name in names:
@@ -243,16 +244,22 @@ NOT_RUNS = {  # steps a finetune's `from` or an ensemble's or soup's `members` c
 }
 
 
-def _check_keys(kind: str, name: str, keys: dict, index: int) -> None:
+ALIASES = {"learning_rate": "lr", "lrate": "lr", "epoch": "epochs", "bs": "batch_size", "wd": "weight_decay", "image_size": "input_size", "img_size": "input_size", "size": "input_size", "arch": "model", "backbone": "model"}  # fmt: skip
+
+
+def _check_keys(kind: str, name: str, keys: dict, index: int, set_keys: list = ()) -> None:
+    """`set_keys`: the --set steps.N.KEY given (a key of the recipe's file is mended there)."""
     allowed = set(EXTRA_KEYS.get(kind, ())) | (
         {*field_names(TrainConfig)} - {"data"} if kind in ("train", "finetune") else set()
     )
     allowed |= {"data"} if kind in ("train", "finetune", "ensemble", "soup", "auto") else set()
     for key in keys:
         if str(key).replace("-", "_") not in allowed:
-            close = ["members"] if key in ("runs", "run") and "members" in allowed else difflib.get_close_matches(str(key), sorted(allowed), n=2)  # fmt: skip
+            alias = ["members"] if key in ("runs", "run") else [ALIASES.get(str(key).lower(), "")]
+            close = [a for a in alias if a in allowed] or difflib.get_close_matches(str(key), sorted(allowed), n=2)  # fmt: skip
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"unknown key '{key}' in step {index} ({kind} {name}; --set steps.{index - 1}.{key}){hint}")  # fmt: skip
+            where = f"; --set steps.{index - 1}.{key}" * (f"steps.{index - 1}.{key}" in set_keys)
+            raise UserError(f"unknown key '{key}' in step {index} ({kind} {name}{where}){hint}")  # fmt: skip
 
 
 RESERVED = ("recipe.yaml", *outputs.REPORTS)  # files of the recipe's folder, not step names
