@@ -118,7 +118,7 @@ def _data_commands(p, Parser) -> None:
         epilog="example:\n  transferlab data shard folder:photos --out photos-wds\n"
         "  transferlab train --data wds:photos-wds --out runs/photos",
         description="Check every image, then write the splits as tar shards (webdataset's layout: "
-        "KEY.jpg + KEY.cls, shuffled so each shard holds every class) and shards.json. Train on "
+        "KEY.EXT, each image file as it is, its extension kept: jpg, png, ..., + KEY.cls; shuffled so each shard holds every class) and shards.json. Train on "
         "them with --data wds:DIR: images are read and decoded per batch, never cached.",
     )
     shard.add_argument("spec", help="a --data spec: folder:PATH, csv:FILE, tiny-imagenet:PATH, ...")
