@@ -744,7 +744,7 @@ def test_timing_stops_when_the_budget_is_spent(tmp_path, monkeypatch):
 
     def slow(c, ds, precision):
         time.sleep(10.5)  # of the 30 s budget, 20 s are the reserve: none left after one
-        return 1000.0, 0.0, 0.0
+        return np.float64(1000.0), 0.0, 0.0  # (as estimates are: pass 57's TypeError)
 
     monkeypatch.setattr(auto, "candidates", lambda ds, gpu: [_candidate("a", 0), _candidate("b", 0)])  # fmt: skip
     monkeypatch.setattr(auto, "estimate", slow)

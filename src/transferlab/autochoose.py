@@ -93,7 +93,7 @@ def finish(out: Path, ds: data.Dataset, cands: list[Candidate], log, quiet: bool
         began = "finished" if any(c.status == "stopped" for c in cands) else "fitted"
         need = spent + cheapest.cost() * SAFETY  # and the reserve of the budget that fits it
         need = max(need + reserve(need), need / 0.95)
-        fits = spent > 0 and cheapest.status == "skipped" and cheapest.estimate > 0
+        fits = bool(spent > 0 and cheapest.status == "skipped" and cheapest.estimate > 0)  # fmt: skip
         fits = f"; a budget of {math.ceil(need / 60)}m would fit it" * fits
         raise UserError(
             f"no candidate {began} within the budget (the cheapest, {cheapest.name}: "

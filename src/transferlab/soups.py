@@ -114,13 +114,13 @@ def make(
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     runs = [str(r) for r in runs]
     metas = [checkpoint.read_meta(r) for r in runs]
-    check_lineage(runs, metas)
     if len({str(Path(r).resolve()) for r in runs}) < len(runs):
         raise UserError("a run is listed twice among the soup's ingredients; list each once")
     outputs.refuse_overlap(out, runs, "ingredient run")
     outputs.refuse_overlap(out, leaks.lineage(runs), "an ancestor of the ingredients,")
     if (Path(out) / checkpoint.META).exists() and not overwrite:  # (then: --overwrite helps)
         raise UserError(f"{out} already holds a run: pass --overwrite to replace it, or choose another --out")  # fmt: skip
+    check_lineage(runs, metas)
     ds = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
     _check_classes(metas[0], ds, runs[0])  # before the folder is claimed
     if (apart := members.split_apart(runs, metas, data_spec)) and method != "uniform":
