@@ -140,6 +140,8 @@ def test_unknown_recipe_key(capsys, tmp_path):
     for kind in ("soup", "ensemble"):  # pass 51 (F8): as soup and ensemble (and the API) call them
         recipe.write_text(f"data: digits\nsteps:\n  - train: a\n  - {kind}: s\n    runs: [a]\n")
         assert_one_line_error(capsys, ["run", recipe], rf"unknown key 'runs' in step 2 \({kind} s\) \(did you mean members\?\)$")  # fmt: skip
+    recipe.write_text("data: digits\nsteps:\n  - reprot\n")  # pass 57 (F5): "a mapping like"
+    assert_one_line_error(capsys, ["run", recipe], r"step 1 must be a mapping like '- train: NAME', or '- report', got 'reprot' \(did you mean report\?\)$")  # fmt: skip
     recipe.write_text("data: digits\nsteps:\n  - trian: a\n")  # pass 55 (F4): no "did you mean"
     assert_one_line_error(capsys, ["run", recipe], r"step 1 needs exactly one of .*; got keys trian \(did you mean train\?\)$")  # fmt: skip
     recipe.write_text("data: digits\nsteps:\n  - train: a\n  - train: b\n    epochs: 0\n")

@@ -320,7 +320,8 @@ def parse_step(step, index: int) -> tuple[str, str, dict]:
     if step == "report":
         return "report", "report", {}
     if not isinstance(step, dict):
-        raise UserError(f"step {index} must be a mapping like '- train: NAME', got {step!r}"[:200])
+        bare = difflib.get_close_matches(str(step), ["report"], n=1) if isinstance(step, str) else []  # fmt: skip
+        raise UserError(f"step {index} must be a mapping like '- train: NAME', or '- report', got {step!r}"[:200] + (" (did you mean report?)" if bare else ""))  # fmt: skip
     kinds = [k for k in step if k in STEP_KINDS]
     if len(kinds) != 1:
         close = [m for k in step for m in difflib.get_close_matches(str(k), STEP_KINDS, n=1)]
