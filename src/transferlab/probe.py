@@ -181,7 +181,7 @@ def stage(
         loop.images if final else {s: loop.images[s] for s in ("train", "val")},
         loop.labels,
         loop.prep,
-        loop.precision,
+        evaluate.inference_precision(loop.precision),  # as evaluate computes its features here
         cfg.probe_l2,
         log,
         quiet,

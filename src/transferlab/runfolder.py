@@ -36,9 +36,8 @@ def predict_all(loop: Loop, images: np.ndarray) -> np.ndarray:
     d, n = loop.dist, len(images)
     mine = d.shard(n) if d.world > 1 else slice(None)
     model = evaluate.frozen(loop.model, loop.prep)  # as evaluate, predict and serve score it
-    part = evaluate.predict(
-        model, images[mine], loop.prep, loop.precision, loop.cfg.eval_batch_size
-    )
+    precision = evaluate.inference_precision(loop.precision)  # (bf16 where it is emulated: fp32)
+    part = evaluate.predict(model, images[mine], loop.prep, precision, loop.cfg.eval_batch_size)
     return d.gather(part, n)
 
 
