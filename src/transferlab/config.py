@@ -29,8 +29,7 @@ class EveryRank(UserError):
 
 
 class UnreadableImages(UserError):
-    """Images that cannot be decoded (`bad`: one line each, naming the file and why; `fix`:
-    what mends them)."""
+    """Images that cannot be decoded (`bad`: one line each, the file and why; `fix`: the mend)."""
 
     def __init__(self, message: str, bad: list[str], fix: str = "fix or remove them"):
         super().__init__(message)
@@ -77,6 +76,11 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else repr(c)[1:-1] for c in text)  # fmt: skip
 
 
+def few(items: list[str], most: int = 5) -> str:
+    """The first `most`, and how many more (pass 56: ten classes read as five)."""
+    return ", ".join(items[:most]) + f" (+{len(items) - most:,} more)" * (len(items) > most)
+
+
 def names_weights(name: str) -> bool:
     """A model name that names pretrained weights: arch.tag, hf-hub:ORG/NAME, local-dir:PATH."""
     return str(name or "").startswith(("hf-hub:", "local-dir:")) or "." in str(name or "")
@@ -92,8 +96,7 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def sigterm_stops(wanted: bool = True):
-    """SIGTERM raises Terminated in the block (the whole command; a training session inside
-    turns it into a stop at a step boundary, then gives it back)."""
+    """SIGTERM raises Terminated in the block (a training session inside stops at a step)."""
 
     def stop(signum, frame):
         raise Terminated
@@ -238,9 +241,7 @@ def _coerce(name: str, value: object, hint: object) -> object:
             return int(number)
         return number
     if isinstance(value, (list, dict, tuple, set)):
-        raise UserError(
-            f"{name} must be a single value, got {type(value).__name__} {value!r}"[:200]
-        )
+        raise UserError(f"{name} must be a single value, got {type(value).__name__} {value!r}"[:200])  # fmt: skip
     return str(value)
 
 
@@ -272,9 +273,8 @@ PROBE_IGNORES = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "sch
 def make_config(
     overrides: dict, base: TrainConfig | None = None, check_applies: bool | typing.Iterable = True
 ) -> TrainConfig:
-    """Apply a dict of overrides to a config; unknown keys and wrong types raise UserError,
-    and so does an option given for a setup it does not act in (see APPLIES; `check_applies`:
-    the keys to check, when not all: a recipe step's own, not the defaults every step shares)."""
+    """Overrides applied; unknown keys, wrong types and an option given where it does not act
+    (APPLIES; `check_applies`: the keys to check, when not all: a recipe step's own) refused."""
     base = base or TrainConfig()
     names = field_names(TrainConfig)
     hints = typing.get_type_hints(TrainConfig)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import batching, checkpoint, data, decoding, leaks, models
 from .bars import bar
-from .config import UnreadableImages, UserError
+from .config import UnreadableImages, UserError, few
 from .folds import load_as_run
 
 
@@ -359,8 +359,7 @@ def class_map(
             unknown.append(cid if cid == name else f"{cid} ({name})")
         out.append(idx)
     if unknown:
-        few = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        raise UserError(f"{who} does not know class(es) {few} of this dataset")
+        raise UserError(f"{who} does not know class(es) {few(unknown)} of this dataset")
     return np.array(out, dtype=np.int64)
 
 

@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint, data, evaluate, leaks
-from .config import UserError
+from .config import UserError, few
 from .folds import carving_on, load_as_run
 
 SPLITS = ("val", "test")
 
 
 def _some(names: list[str]) -> str:
-    """The first five, and how many more (pass 56: ten classes read as five), or none."""
-    return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "") or "none"
+    return few(names) or "none"
 
 
 def check_classes(metas: list[dict], runs: list[str]) -> list[np.ndarray]:

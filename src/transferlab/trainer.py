@@ -174,8 +174,9 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
     if not d.main:
         return
     if cfg.weights and Path(cfg.weights).expanduser().exists():  # fmt: skip
-        outputs.refuse_overlap(out, [cfg.weights, *leaks.lineage([cfg.weights])[:1]], "the run it starts from")  # fmt: skip
-        outputs.refuse_overlap(out, leaks.lineage([cfg.weights])[1:], "an ancestor of the run it starts from,")  # fmt: skip
+        start, *older = leaks.lineage([cfg.weights]) or [cfg.weights]
+        outputs.refuse_overlap(out, [cfg.weights, start], "the run it starts from")
+        outputs.refuse_overlap(out, older, "an ancestor of the run it starts from,")
     if log_json is not None:
         outputs.check_log_file(log_json, out)
         if cfg.data.partition(":")[0] in data.PATH_KINDS:  # (a file among the images)
@@ -195,9 +196,8 @@ def check_destination(cfg, out: Path, resume: bool, overwrite: bool, log_json, d
 
 @contextlib.contextmanager
 def claimed(out: Path, resume: bool, overwrite: bool, mark: dict, d):
-    """The run folder, locked and claimed (rank 0) with `mark` (its config and data's
-    fingerprint, what a resume must match), decided again under the lock: another process may
-    have been faster. Every rank waits until it is."""
+    """The run folder, locked and claimed (rank 0) with `mark` (config and data fingerprint, what
+    a resume must match), decided again under the lock (another process may have been faster)."""
     with outputs.lock(out) if d.main else contextlib.nullcontext():
         if d.main:
             action = outputs.check_out(out, "run", resume, overwrite)

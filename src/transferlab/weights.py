@@ -26,7 +26,7 @@ from timm.models import adapt_input_conv
 
 from . import checkpoint, models, packaged
 from .checkpoint import load_run_weights, load_state_dict_file, read_meta, state_sha256
-from .config import TrainConfig, UserError, names_weights
+from .config import TrainConfig, UserError, few, names_weights
 from .models import Architecture, Preprocessing
 from .packaged import OFFLINE_IMAGENET
 
@@ -361,10 +361,10 @@ def load_into(
     wrong = sorted(k for k in body if k in target and body[k].shape != target[k].shape)
     if missing or unexpected or wrong:
         parts = [
-            f"missing {_few(missing)}" if missing else "",
-            f"unexpected {_few(unexpected)}" if unexpected else "",
+            f"missing {few(missing, 4)}" if missing else "",
+            f"unexpected {few(unexpected, 4)}" if unexpected else "",
             "shape mismatch "
-            + _few([f"{k} {tuple(body[k].shape)} vs {tuple(target[k].shape)}" for k in wrong])
+            + few([f"{k} {tuple(body[k].shape)} vs {tuple(target[k].shape)}" for k in wrong], 4)
             if wrong
             else "",
         ]
@@ -415,10 +415,6 @@ def class_rows(
         if j is not None:
             out[i] = j
     return out
-
-
-def _few(items: list[str], n: int = 4) -> str:
-    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def imagenet_wnids() -> list[str]:
