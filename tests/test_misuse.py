@@ -426,13 +426,13 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "nope": "unknown config key 'nope'",
         # pass 54 (F6): "step 1", and the user fixed steps.1 (--set counts from 0)
         "steps.0.learning_rate": r"^unknown key 'learning_rate' in step 1 \(train a; --set steps.0.learning_rate\) \(did you mean lr\?\)$",  # fmt: skip
+        "steps.0.epochs": r"^step 1 \(train a; --set steps\.0\.epochs\): epochs must be a number, got 'ten'$",  # fmt: skip
         "out": "^--set out is empty: give a value, or leave it out$",  # (pass 44: "recipe key")
         "lr": "--set lr is empty",
     }.items():
         with pytest.raises(UserError, match=message):
-            recipe.run(
-                path, tmp_path / "out", {pair: "" if pair in ("out", "lr") else "1"}, quiet=True
-            )
+            given = {"out": "", "lr": "", "steps.0.epochs": "ten"}.get(pair, "1")
+            recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
     assert not (tmp_path / "out").exists()
 
 

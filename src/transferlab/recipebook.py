@@ -110,7 +110,7 @@ def validate(recipe: dict, out: Path | None = None) -> None:
     kinds: dict[str, str] = {}
     for i, step in enumerate(steps, 1):  # numbered as `run` prints them: step 1 is the first
         kind, name, keys = parse_step(step, i)
-        with _in_step(i, kind, name):  # a bad value says which step holds it
+        with _in_step(i, kind, name, recipe.get("_set", [])):  # a bad value: which step holds it
             _check_step(recipe, kind, name, keys, i, names, kinds, out)
     if out is not None:
         _refuse_out_in_data(recipe, out)
@@ -212,14 +212,16 @@ def _check_weights(recipe: dict, given: str | None, exists: bool) -> None:
 
 
 @contextlib.contextmanager
-def _in_step(i: int, kind: str, name: str):
-    """A value error inside step i names the step (key errors already do)."""
+def _in_step(i: int, kind: str, name: str, given=()):
+    """A value error inside step i names the step (key errors already do), and the --set that
+    gave the value (`given`: the --set addresses): step 1 was steps.0 there."""
     try:
         yield
     except UserError as err:
         if re.search(r"\bstep \d", str(err)) or type(err) is not UserError:
             raise
-        raise UserError(f"step {i} ({kind} {name}): {err}") from None
+        said = [k for k in given if k.startswith(f"steps.{i - 1}.") and str(err).startswith(k.split(".", 2)[2] + " ")]  # fmt: skip
+        raise UserError(f"step {i} ({kind} {name}{'; --set ' * bool(said)}{''.join(said[:1])}): {err}") from None  # fmt: skip
 
 
 def _refuse_out_in_data(recipe: dict, out: Path) -> None:
