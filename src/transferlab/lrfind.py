@@ -92,9 +92,10 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
     return min(finite)[1] / 10
 
 
-def find_lr(loop, out, quiet: bool) -> float:
+def find_lr(loop, out, quiet: bool, fallback: float | None = None) -> float:
     """The range test on the training split with the run's optimizer and augmentation; plots
-    it into `out` (lr_find.png, lr_find.json) and returns the suggested LR."""
+    it into `out` (lr_find.png, lr_find.json) and returns the suggested LR, or `fallback` (train
+    --lr auto's) where the loss had no minimum (pass 58: a range's end tenthed, 0.1, diverged)."""
     cfg, model = loop.cfg, loop.model
     widest = loop.stages[-1]
     lrs, losses = range_test(
@@ -121,6 +122,9 @@ def find_lr(loop, out, quiet: bool) -> float:
             f"a tenth of the range's end, not of a minimum: {len(loop.labels['train'])} "
             "training images may be too few for the test; try a fixed --lr"
         )
+        if fallback is not None:
+            found["note"] += f" (--lr auto trains at the default, {fallback:.3g}, instead)"
+            found["used_lr"] = lr = fallback
         print(f"[{out.name}] note: {found['note']}", file=sys.stderr, flush=True)
     checkpoint.write_json(out / "lr_find.json", found)
     return lr

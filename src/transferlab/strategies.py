@@ -266,10 +266,11 @@ def _found_lr(run) -> float:
     gone or damaged, the fine-tune started at 1e-4 without a word)."""
     path = Path(run) / "lr_find.json"
     try:
-        lr = float(json.loads(path.read_text())["suggested_lr"])
+        found = json.loads(path.read_text())
+        lr = float(found.get("used_lr", found["suggested_lr"]))  # (where no minimum: the default)
         if math.isfinite(lr) and lr > 0:
             return lr
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     raise UserError(f"{run} trained with --lr auto, and {path}, which holds the LR its range test found, is missing or damaged: give the fine-tune an --lr")  # fmt: skip
 
