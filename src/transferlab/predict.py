@@ -8,6 +8,7 @@ Unreadable files are reported and skipped; the rest are predicted.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 from pathlib import Path
@@ -107,7 +108,8 @@ def items(inputs: list) -> list:
     seen: set[str] = set()  # a file named twice, or named and inside a named folder: once
     once = [x for x in out if not isinstance(x, str) or not (_key(x) in seen or seen.add(_key(x)))]  # fmt: skip
     if len(once) < len(out):  # (its rows were repeated in the table, CSV and JSON)
-        print(f"note: {len(out) - len(once)} image(s) given more than once are predicted once", file=sys.stderr)  # fmt: skip
+        times = collections.Counter(_key(x) for x in out if isinstance(x, str))
+        print(f"note: {sum(n > 1 for n in times.values())} image(s) given more than once ({len(out) - len(once)} repeat(s) left out) are predicted once", file=sys.stderr)  # fmt: skip
     return once
 
 
