@@ -239,3 +239,8 @@ def test_a_fine_tune_of_a_probe_given_epochs_asks_for_a_strategy(trained_run, tm
     with pytest.raises(UserError, match="is a linear probe, and a fine-tune keeps its strategy unless told: pass --strategy full"):  # fmt: skip
         strategies.finetune_config(probe, {"epochs": 3})
     assert strategies.finetune_config(probe, {"epochs": 3, "strategy": "full"}).epochs == 3
+    # pass 59: told linear-probe with --epochs, a fine-tune of a run trained in full was told
+    # its parent "is a linear probe" and to pass --strategy full: what train says instead
+    for parent in (trained_run, probe):
+        with pytest.raises(UserError, match="^epochs has no effect with strategy linear-probe: it fits its head by L-BFGS"):  # fmt: skip
+            strategies.finetune_config(parent, {"epochs": 3, "strategy": "linear-probe"})

@@ -920,6 +920,13 @@ def test_resuming_a_finished_run_keeps_its_record(tmp_path, capsys):
     said = capsys.readouterr()
     assert said.out == "" and said.err.startswith("transferlab train: error: corrupt") and len(said.err.splitlines()) == 1  # fmt: skip
     assert files == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    # pass 59: killed after its last epoch, while writing its files, a run resumed saying
+    # "epoch 3, step 0" of its 2
+    (tmp_path / "r" / "meta.json").unlink()
+    assert main([*map(str, ["train", *tiny, "--out", tmp_path / "r", "--resume"])]) == 0
+    said = capsys.readouterr().out
+    assert "[r] resumed from last.pt: its training had ended; what is left: scoring it and writing its files\n" in said  # fmt: skip
+    assert "epoch 3" not in said and (tmp_path / "r" / "meta.json").is_file()
     probe, train = SimpleNamespace(probe=True, epochs=0), SimpleNamespace(probe=False, epochs=2)
 
     def at(stage, epoch, early=False):

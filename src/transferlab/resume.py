@@ -239,8 +239,9 @@ def restore(out: Path, loop: Loop, log) -> Progress | None:
     loop.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     p = Progress.from_state(state["progress"])
-    log(f"[{out.name}] resumed from {path.name}: epoch {p.epoch}, step {p.step}")
-    if state.get("processes", loop.dist.world) != loop.dist.world and not finished(loop.stages, p):  # (BatchNorm: shares differ)  # fmt: skip
+    done = finished(loop.stages, p)  # (killed while writing its files: "epoch 4" of 3, pass 59)
+    log(f"[{out.name}] resumed from {path.name}: " + ("its training had ended; what is left: scoring it and writing its files" if done else f"epoch {p.epoch}, step {p.step}"))  # fmt: skip
+    if state.get("processes", loop.dist.world) != loop.dist.world and not done:  # (BatchNorm: shares differ)  # fmt: skip
         loop.notes.append(f"trained in {state['processes']} process(es) to step {p.global_step}, then in {loop.dist.world}")  # fmt: skip
         log(f"[{out.name}] note: it {loop.notes[-1]}: any BatchNorm layers normalised other shares of each batch before, so it may equal neither", note=True)  # fmt: skip
     return p

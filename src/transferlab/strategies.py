@@ -256,7 +256,7 @@ def finetune_config(run, overrides: dict) -> TrainConfig:
                    snapshots=TrainConfig.snapshots)  # (the parent's schedule, not asked) # fmt: skip
     if overrides.get("strategy", base.strategy) != "linear-probe":  # a probe's mirrored views
         base = replace(base, mirror_features=False)  # do not carry into training
-    elif given := [k for k in overrides if k.replace("-", "_") in PROBE_IGNORES]:  # (inherited)
+    elif "strategy" not in overrides and (given := [k for k in overrides if k.replace("-", "_") in PROBE_IGNORES]):  # (inherited; told: make_config says it, pass 59)  # fmt: skip
         raise UserError(f"{run} is a linear probe, and a fine-tune keeps its strategy unless told: pass --strategy full (or lp-ft, head-first, ...) to train it with {given[0]}, or drop {given[0]}")  # fmt: skip
     return make_config(overrides, base)
 
