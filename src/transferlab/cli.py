@@ -40,7 +40,8 @@ EXAMPLES = {
     "  transferlab finetune --from runs/r50 --data folder:~/new --freeze backbone "
     "--out runs/r50-new",
     "lr-find": "transferlab lr-find --data digits --model resnet18 --input-size 32 --out runs/lrf\n"
-    "  transferlab train ... --lr auto   # runs the same test first and uses its suggestion",
+    "  transferlab train ... --lr auto   # the same test first, then trains at its suggestion\n"
+    "  (where the loss had no minimum, a guess: there it trains at the default, 1e-3, and says so)",
     "evaluate": "transferlab evaluate runs/r50 --split test --json",
     "ensemble": "transferlab ensemble runs/r50 runs/dcnn runs/lite0 --method weighted --out runs/ens",
     "predict": "transferlab predict runs/lite0 photo.jpg holiday/ --top-k 3\n"
@@ -266,8 +267,7 @@ def cmd_finetune(args) -> None:
 def cmd_lr_find(args) -> None:
     from . import lrfind
 
-    lr = lrfind.command(make_config(_overrides(args)), args.out, args.quiet)
-    print(f"suggested lr {lr:.3g}  (plot: {Path(args.out) / 'lr_find.png'})")
+    lrfind.command(make_config(_overrides(args)), args.out, args.quiet)  # (it prints the LR)
 
 
 TTA_HELP = "test-time augmentation per member: none | flip (mirror) | crops (ten-crop: corners and centre at 87.5%%, each mirrored; inputs >= 96 px)"  # fmt: skip

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import batching, checkpoint, data, evaluate, guards, models, plots, strategies
 from .bars import bar as progress_bar
-from .config import UserError
+from .config import TrainConfig, UserError
 
 
 def range_test(
@@ -92,10 +92,10 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
     return min(finite)[1] / 10
 
 
-def find_lr(loop, out, quiet: bool, fallback: float | None = None) -> float:
+def find_lr(loop, out, quiet: bool, auto: bool = False) -> float:
     """The range test on the training split with the run's optimizer and augmentation; plots
-    it into `out` (lr_find.png, lr_find.json) and returns the suggested LR, or `fallback` (train
-    --lr auto's) where the loss had no minimum (pass 58: a range's end tenthed, 0.1, diverged)."""
+    it into `out` (lr_find.png, lr_find.json) and returns the suggested LR; for --lr `auto`, the
+    default where the loss had no minimum (pass 58: the range's end tenthed, 0.1, diverged)."""
     cfg, model = loop.cfg, loop.model
     widest = loop.stages[-1]
     lrs, losses = range_test(
@@ -120,11 +120,11 @@ def find_lr(loop, out, quiet: bool, fallback: float | None = None) -> float:
         found["note"] = (
             f"the loss still fell at the end of the range (lr {lrs[-1]:.3g}), so {lr:.3g} is "
             f"a tenth of the range's end, not of a minimum: {len(loop.labels['train'])} "
-            "training images may be too few for the test; try a fixed --lr"
+            f"training images may be too few for the test; try a fixed --lr (train --lr auto "
+            f"trains at the default, {TrainConfig.lr:.3g}, instead)"
         )
-        if fallback is not None:
-            found["note"] += f" (--lr auto trains at the default, {fallback:.3g}, instead)"
-            found["used_lr"] = lr = fallback
+        if auto:
+            found["used_lr"] = lr = TrainConfig.lr
         print(f"[{out.name}] note: {found['note']}", file=sys.stderr, flush=True)
     checkpoint.write_json(out / "lr_find.json", found)
     return lr
@@ -170,4 +170,7 @@ def command(cfg, out: str | Path, quiet: bool = False) -> float:
     notes()  # (once no image is unreadable; decoded before --out is made, as train's: pass 52)
     with outputs.lock(out):
         outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", resume=True))
-        return find_lr(loop, out, quiet)
+        lr = find_lr(loop, out, quiet)
+    guess = "note" in json.loads((out / "lr_find.json").read_text())  # (pass 59: said as a fit)
+    print(f"suggested lr {lr:.3g}{' (no minimum: a guess, see the note)' * guess}  (plot: {out / 'lr_find.png'})")  # fmt: skip
+    return lr

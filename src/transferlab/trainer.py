@@ -259,7 +259,7 @@ def start_training(loop: Loop, out: Path, resuming: bool, log, quiet: bool) -> N
     loop.frozen = strategies.enter(model, widest)
     log(f"[{out.name}] strategy {cfg.strategy}: {len(loop.stages)} stage(s)")
     if cfg.lr == "auto" and not all(s.probe for s in loop.stages) and not resuming:
-        lr = loop.dist.broadcast(lrfind.find_lr(loop, out, quiet, TrainConfig.lr) if loop.dist.main else None)  # fmt: skip
+        lr = loop.dist.broadcast(lrfind.find_lr(loop, out, quiet, auto=True) if loop.dist.main else None)  # fmt: skip
         log(f"[{out.name}] lr-find: lr {lr:.3g} (plot: {out / 'lr_find.png'})")
     else:  # a resumed run's optimizer state carries its learning rates
         lr = cfg.lr if cfg.lr != "auto" else 1e-3
