@@ -163,6 +163,11 @@ def test_unknown_recipe_key(capsys, tmp_path):
     from transferlab import recipe as recipes
 
     recipes.validate(recipes.load(recipe), tmp_path / "f")
+    recipe.write_text(recipe.read_text() + "    strategy: head-first\n    epochs: 2\n")  # pass 59
+    assert_one_line_error(capsys, ["run", recipe, "--out", tmp_path / "f"],
+                          r"step 3 \(finetune c\): freeze 5 would leave strategy head-first only the head to train in every stage")  # fmt: skip
+    recipe.write_text(recipe.read_text().replace("freeze: 5", "freeze: 4"))
+    recipes.validate(recipes.load(recipe), tmp_path / "f")
     from transferlab import recipebook
 
     for given in ("a,b", "[a, b]"):  # it stayed the text 'a,b': "needs members: [A, B, ...]"

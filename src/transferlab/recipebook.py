@@ -173,7 +173,8 @@ def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: l
         if out is not None and kind in ("finetune", "ensemble", "soup"):
             _check_refs(kind, name, keys, names, out, i)
         if kind in ("train", "finetune") and (arch := _arch(recipe, kind, keys, i)):
-            strategies.check_freeze(arch, str(train_settings(recipe, keys, data=False).get("freeze", "none")))  # fmt: skip
+            own = train_settings(recipe, keys, data=False)
+            strategies.check_freeze(arch, str(own.get("freeze", "none")), str(own.get("strategy", "full")))  # fmt: skip
         refs = keys.get("members") if kind in ("ensemble", "soup") else [keys.get("from")]
         hit = next((kinds[str(r)] for r in refs or [] if kinds.get(str(r)) in NOT_RUNS), None)
         if hit:  # (it failed after every step before it had run)

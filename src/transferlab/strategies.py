@@ -77,7 +77,7 @@ def plan(cfg: TrainConfig, model: nn.Module) -> list[Stage]:
             )
             for k in range(1, last + 1)
         ]
-    trains = trainable(model, cfg.freeze)
+    trains = trainable(model, cfg.freeze, cfg.strategy)
     if cfg.strategy == "head-first":
         head_stage = Stage("head (the backbone frozen)", 1, head)
         rest = [Stage("train", cfg.epochs - 1, trains)] if cfg.epochs > 1 else []
@@ -174,20 +174,22 @@ def block_groups(model: nn.Module) -> list[list[str]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def trainable(model: nn.Module, freeze: str) -> frozenset[str]:
+def trainable(model: nn.Module, freeze: str, strategy: str = "full") -> frozenset[str]:
     """What --freeze leaves trainable: "none" (everything), "backbone" (the head) or N (all
     but the N lowest of timm's coarse block groups: stem, stages, ...). No gradient flows below
-    the lowest trainable layer, so freezing early high-resolution stages saves their backward."""
+    the lowest trainable layer, so freezing early high-resolution stages saves their backward.
+    With `strategy` lp-ft, head-first or layer-decay, N leaves more than the head (config
+    refuses freeze backbone there: pass 59, freeze 4 of the DCNN's 5 groups slipped past)."""
     if freeze == "none":
         return frozenset(n for n, _ in model.named_parameters())
     if freeze == "backbone":
         return frozenset(n for n, _ in named_head_params(model))
     groups, n = block_groups(model), int(freeze)
-    if n >= len(groups):
-        raise UserError(
-            f"freeze {n} would freeze everything: {type(model).__name__} has {len(groups)} "
-            f"block groups, the head last; use at most {len(groups) - 1}, or freeze backbone"
-        )
+    most = len(groups) - (2 if strategy in ("lp-ft", "head-first", "layer-decay") else 1)
+    if n > most:
+        whole = "freeze everything" if n >= len(groups) else f"leave strategy {strategy} only the head to train in every stage"  # fmt: skip
+        fix = f"use at most {most}" if most > 0 else "freeze none"
+        raise UserError(f"freeze {n} would {whole}: {type(model).__name__} has {len(groups)} block groups, the head last; {fix}, or " + ("freeze backbone" if n >= len(groups) and strategy not in ("lp-ft", "head-first", "layer-decay") else "strategy linear-probe (or full) for the head alone"))  # fmt: skip
     return frozenset(name for group in groups[n:] for name in group)
 
 
@@ -275,10 +277,10 @@ def _found_lr(run) -> float:
     raise UserError(f"{run} trained with --lr auto, and {path}, which holds the LR its range test found, is missing or damaged: give the fine-tune an --lr")  # fmt: skip
 
 
-def check_freeze(arch: str, freeze: str) -> None:
+def check_freeze(arch: str, freeze: str, strategy: str = "full") -> None:
     """`--freeze N` leaves something to train in `arch` (its blocks counted on the meta
     device, no memory): a recipe says so before step 1, not after the steps before it."""
     if not freeze.isdigit():
         return
     with torch.device("meta"):
-        trainable(models.create(arch, 2, 3), freeze)
+        trainable(models.create(arch, 2, 3), freeze, strategy)
