@@ -81,7 +81,7 @@ def test_lr_find_on_a_linear_probe_is_refused_and_a_range_without_a_minimum_says
     assert "the loss still fell at the end of the range (lr 1)" in said.err and "--lr" in said.err
     # pass 59: it ended "suggested lr 0.1", said as a fit, and train --lr auto trains at 0.001
     assert said.out == f"suggested lr 0.1 (no minimum: a guess, see the note)  (plot: {tmp_path / 'lrf' / 'lr_find.png'})\n"  # fmt: skip
-    assert "(train --lr auto trains at the default, 0.001, instead)" in said.err
+    assert "(--lr auto trains at 0.001, train's default LR, instead)" in said.err
     assert "not of a minimum" in (tmp_path / "lrf" / "lr_find.json").read_text()
     # pass 58: train --lr auto trained at that 0.1, which the note called unreliable, and
     # diverged (val loss 1309666): it trains at the default, and a fine-tune starts from that
@@ -90,7 +90,7 @@ def test_lr_find_on_a_linear_probe_is_refused_and_a_range_without_a_minimum_says
     used, make = [], strategies.make_optimizer
     monkeypatch.setattr(strategies, "make_optimizer", lambda c, g, lr: used.append(lr) or make(c, g, lr))  # fmt: skip
     trainer.fit(cfg, tmp_path / "fell", quiet=True)
-    assert used == [1e-3] and "(train --lr auto trains at the default, 0.001, instead)" in capsys.readouterr().err  # fmt: skip
+    assert used == [1e-3] and "(--lr auto trains at 0.001, train's default LR, instead)" in capsys.readouterr().err  # fmt: skip
     assert strategies.finetune_config(tmp_path / "fell", {}).lr == pytest.approx(1e-4)
     # it decoded val and test (Tiny ImageNet's 10,000 test images) and noted --limit's classes
     # without a test image, though a range test reads train only

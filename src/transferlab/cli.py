@@ -41,7 +41,7 @@ EXAMPLES = {
     "--out runs/r50-new",
     "lr-find": "transferlab lr-find --data digits --model resnet18 --input-size 32 --out runs/lrf\n"
     "  transferlab train ... --lr auto   # the same test first, then trains at its suggestion\n"
-    "  (where the loss had no minimum, a guess: there it trains at the default, 1e-3, and says so)",
+    "  (where the loss had no minimum, a guess: there it trains at train's default, 1e-3, and says so)",
     "evaluate": "transferlab evaluate runs/r50 --split test --json",
     "ensemble": "transferlab ensemble runs/r50 runs/dcnn runs/lite0 --method weighted --out runs/ens",
     "predict": "transferlab predict runs/lite0 photo.jpg holiday/ --top-k 3\n"

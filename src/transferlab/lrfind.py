@@ -120,8 +120,8 @@ def find_lr(loop, out, quiet: bool, auto: bool = False) -> float:
         found["note"] = (
             f"the loss still fell at the end of the range (lr {lrs[-1]:.3g}), so {lr:.3g} is "
             f"a tenth of the range's end, not of a minimum: {len(loop.labels['train'])} "
-            f"training images may be too few for the test; try a fixed --lr (train --lr auto "
-            f"trains at the default, {TrainConfig.lr:.3g}, instead)"
+            f"training images may be too few for the test; try a fixed --lr (--lr auto trains "
+            f"at {TrainConfig.lr:.3g}, train's default LR, instead)"
         )
         if auto:
             found["used_lr"] = lr = TrainConfig.lr
