@@ -434,6 +434,27 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
             given = {"out": "", "lr": "", "steps.0.epochs": "ten"}.get(pair, "1")
             recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
     assert not (tmp_path / "out").exists()
+    # pass 60: a value --set gave every step, or a step's other key, was said as the file's
+    path.write_text("data: digits\ndefaults: {model: dcnn}\nsteps: [{train: a, freeze: 2}, {finetune: b, from: a}]\n")  # fmt: skip
+    for pair, (given, message) in {
+        "freeze": ("7", r"^step 1 \(train a; --set freeze\): freeze 7 would freeze everything"),
+        "steps.0.strategy": (
+            "gradual",
+            r"^step 1 \(train a; --set steps\.0\.strategy\): freeze 2 does not combine",
+        ),
+        "steps.1.from": (
+            "nope",
+            r"^step 2 \(finetune b; --set steps\.1\.from\): 'nope' is neither",
+        ),
+        "lr": ("zz", r"^--set lr: lr must be a number or auto, got 'zz'$"),
+        "data": ("folder:nowhere", r"^step 1 \(train a; --set data\): .* nowhere$"),
+        "steps.1.lr": ("0", r"^step 2 \(finetune b; --set steps\.1\.lr\): lr must be"),
+    }.items():
+        with pytest.raises(UserError, match=message):
+            recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
+    with pytest.raises(UserError, match=r"^step 1 \(train a; --set strategy\): freeze 2 does not combine"):  # fmt: skip
+        recipe.run(path, tmp_path / "out", {"strategy": "gradual", "steps.1.lr": "0.1"}, quiet=True)  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_S31_resume_refuses_a_changed_config_naming_the_keys(capsys, tmp_path, folder_data):

@@ -64,7 +64,7 @@ def test_freeze_n_keeps_the_lowest_block_groups_fixed_and_trains_the_rest(folder
     top = str(len(groups) - 1)
     assert strategies.trainable(model, top) == frozenset(groups[-1])  # full: the head trains
     for strategy in ("lp-ft", "head-first", "layer-decay"):
-        with pytest.raises(UserError, match=rf"^freeze {top} would leave strategy {strategy} only the head to train in every stage: .*; use at most {len(groups) - 2}, or strategy linear-probe"):  # fmt: skip
+        with pytest.raises(UserError, match=rf"^freeze {top} would leave strategy {strategy} only the head to train in every stage: .*; use at most {len(groups) - 2}, or for the head alone: strategy full with freeze backbone, or linear-probe without freeze$"):  # fmt: skip
             trainer.fit(tiny_cfg(f"folder:{folder_data}", freeze=top, strategy=strategy, epochs=2), tmp_path / strategy, quiet=True)  # fmt: skip
         assert not (tmp_path / strategy).exists()
     for bad in ("0", "-1", "two", "stages"):

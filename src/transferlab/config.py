@@ -334,7 +334,7 @@ def validate(cfg: TrainConfig) -> None:
             "itself what is frozen; use strategy full, lp-ft, head-first or layer-decay with freeze"
         )
     if cfg.freeze == "backbone" and cfg.strategy in ("lp-ft", "head-first", "layer-decay"):
-        raise UserError(f"freeze backbone leaves strategy {cfg.strategy} only the head to train in every stage; use strategy linear-probe (or full) for the head alone, or freeze N to fine-tune the top of the backbone")  # fmt: skip
+        raise UserError(f"freeze backbone leaves strategy {cfg.strategy} only the head to train in every stage: freeze N to fine-tune the top of the backbone, or, for the head alone, strategy full with freeze backbone or linear-probe without freeze")  # fmt: skip
     if cfg.strategy in ("head-first", "gradual") and cfg.epochs < 2:  # (bit-identical, both)
         raise UserError(f"strategy {cfg.strategy} trains the head alone in its first epoch: with epochs {cfg.epochs} the backbone never trains; give epochs 2 or more, or use strategy linear-probe for the head alone")  # fmt: skip
     if cfg.fold != "none" and not _is_fold(cfg.fold):

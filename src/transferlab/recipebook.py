@@ -43,6 +43,7 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
             raise UserError(f"--set {key} is empty: give a value, or leave it out")  # (as lr's)
         if key in ("data", "out", "name"):
             recipe[key] = value
+            recipe.setdefault("_set", []).append(key)
         elif key.startswith("steps.") or key == "steps":
             parts = key.split(".", 2)
             steps = recipe.get("steps")
@@ -68,6 +69,7 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
                 raise UserError(f"--set {plain} is given twice, {recipe['overrides'][plain]!s} "
                                 f"and {value!s} ({key}): give it once")  # fmt: skip
             recipe["overrides"][plain] = value
+            recipe.setdefault("_set", []).append(plain)
     for key in (k for k in overrides if k.startswith("steps.") and k.count(".") == 2):  # pass 45:
         if (plain := key.split(".")[2]) in recipe["overrides"]:  # the step's was silently beaten
             raise UserError(f"--set {plain}={recipe['overrides'][plain]} sets every step, over --set {key}={overrides[key]}: give the steps theirs one by one (--set steps.N.{plain}=...), or one value for all")  # fmt: skip
@@ -105,12 +107,14 @@ def validate(recipe: dict, out: Path | None = None) -> None:
             first = next((k for k in recipe.get(key) or {} if str(k).replace("-", "_") not in field_names(TrainConfig)), None)  # fmt: skip
             owners = [kind for kind, keys in EXTRA_KEYS.items() if first in keys]
             where = f"; {' and '.join(owners)} steps take it: --set steps.N.{first}=... (N from 0)" if owners and key == "overrides" else ""  # fmt: skip
-            raise UserError(f"the recipe's {key}: {err}{where}") from None
+            bad = next((k for k in recipe.get(key) or {} if re.match(rf"(unknown config key ')?{re.escape(str(k))}\b", str(err))), None)  # fmt: skip
+            said = f"--set {bad}" if key == "overrides" and bad in recipe.get("_set", []) else f"the recipe's {key}"  # fmt: skip
+            raise UserError(f"{said}: {err}{where}") from None
     names: list[str] = []
     kinds: dict[str, str] = {}
     for i, step in enumerate(steps, 1):  # numbered as `run` prints them: step 1 is the first
         kind, name, keys = parse_step(step, i)
-        with _in_step(i, kind, name, recipe.get("_set", [])):  # a bad value: which step holds it
+        with _in_step(i, kind, name, recipe, keys):  # a bad value: which step (and --set) holds it
             _check_step(recipe, kind, name, keys, i, names, kinds, out)
     if out is not None:
         _refuse_out_in_data(recipe, out)
@@ -213,16 +217,35 @@ def _check_weights(recipe: dict, given: str | None, exists: bool) -> None:
 
 
 @contextlib.contextmanager
-def _in_step(i: int, kind: str, name: str, given=()):
-    """A value error inside step i names the step (key errors already do), and the --set that
-    gave the value (`given`: the --set addresses): step 1 was steps.0 there."""
+def _in_step(i: int, kind: str, name: str, recipe: dict, keys: dict):
+    """A value error inside step i names the step (key errors already do), and each --set
+    whose key or value it names (pass 60: a file without freeze 7 was read for it; step 1 is
+    steps.0 there)."""
     try:
         yield
     except UserError as err:
-        if re.search(r"\bstep \d", str(err)) or type(err) is not UserError:
+        text, here = str(err), f"step {i} ({kind} {name})"
+        if type(err) is not UserError or (re.search(r"\bstep \d", text) and not text.startswith(here)):  # fmt: skip
             raise
-        said = [k for k in given if k.startswith(f"steps.{i - 1}.") and str(err).startswith(k.split(".", 2)[2] + " ")]  # fmt: skip
-        raise UserError(f"step {i} ({kind} {name}{'; --set ' * bool(said)}{''.join(said[:1])}): {err}") from None  # fmt: skip
+        said = "; ".join(f"--set {a}" for a in _set_in(recipe, i, keys, text))
+        where = f"step {i} ({kind} {name}{'; ' * bool(said)}{said})"
+        raise UserError(text.replace(here, where, 1) if text.startswith(here) else f"{where}: {text}") from None  # fmt: skip
+
+
+def _set_in(recipe: dict, i: int, keys: dict, text: str) -> list[str]:
+    """The --set addresses (steps.N.KEY of step i, or a KEY of every step) that `text` names:
+    first, as `KEY VALUE`, its value quoted, or a data spec's path."""
+    found = []
+    for address in recipe.get("_set", []):
+        mine = address.startswith(f"steps.{i - 1}.")
+        if "." in address and not mine:
+            continue
+        key = address.split(".", 2)[2] if mine else address
+        value = keys.get(key) if mine else (recipe.get("overrides") or {}).get(key, recipe.get(key))
+        spec = isinstance(value, str) and ":" in value and f": {value.partition(':')[2]}" in text  # (data)  # fmt: skip
+        if text.startswith(f"{key} ") or f"{key} {value}" in text or f"'{value}'" in text or spec:
+            found.append(address)
+    return found
 
 
 def _refuse_out_in_data(recipe: dict, out: Path) -> None:

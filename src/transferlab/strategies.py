@@ -174,6 +174,9 @@ def block_groups(model: nn.Module) -> list[list[str]]:
     return [groups[k] for k in sorted(groups)]
 
 
+HEAD_ALONE = "for the head alone: strategy full with freeze backbone, or linear-probe without freeze"  # fmt: skip
+
+
 def trainable(model: nn.Module, freeze: str, strategy: str = "full") -> frozenset[str]:
     """What --freeze leaves trainable: "none" (everything), "backbone" (the head) or N (all
     but the N lowest of timm's coarse block groups: stem, stages, ...). No gradient flows below
@@ -189,7 +192,7 @@ def trainable(model: nn.Module, freeze: str, strategy: str = "full") -> frozense
     if n > most:
         whole = "freeze everything" if n >= len(groups) else f"leave strategy {strategy} only the head to train in every stage"  # fmt: skip
         fix = f"use at most {most}" if most > 0 else "freeze none"
-        raise UserError(f"freeze {n} would {whole}: {type(model).__name__} has {len(groups)} block groups, the head last; {fix}, or " + ("freeze backbone" if n >= len(groups) and strategy not in ("lp-ft", "head-first", "layer-decay") else "strategy linear-probe (or full) for the head alone"))  # fmt: skip
+        raise UserError(f"freeze {n} would {whole}: {type(model).__name__} has {len(groups)} block groups, the head last; {fix}, or " + ("freeze backbone" if n >= len(groups) and strategy not in ("lp-ft", "head-first", "layer-decay") else HEAD_ALONE))  # fmt: skip
     return frozenset(name for group in groups[n:] for name in group)
 
 
