@@ -128,3 +128,28 @@ def test_lr_find_under_torchrun_is_one_line_and_makes_no_folder(tmp_path, capsys
     err = capsys.readouterr().err
     assert "lr-find runs in one process: run it without torchrun" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "lrf").exists()
+
+
+def test_lr_auto_resumed_with_no_checkpoint_runs_its_range_test(folder_data, tmp_path, capsys, monkeypatch):  # fmt: skip
+    """Hostile pass 60 (F3): killed before its first checkpoint, a --lr auto run resumed said
+    "nothing to resume" after its range test; with state/ there but empty it trained at 1e-3."""
+    from transferlab import lrfind, trainer
+
+    from conftest import tiny_cfg
+
+    before = []  # what was said before each range test
+
+    def ranged(*a, **kw):
+        before.append(capsys.readouterr().err)
+        return [1e-3, 1e-2, 1e-1, 1.0], [2.0, 1.5, 1.0, 9.0]
+
+    monkeypatch.setattr(lrfind, "range_test", ranged)
+    used, make = [], strategies.make_optimizer
+    monkeypatch.setattr(strategies, "make_optimizer", lambda c, g, lr: used.append(lr) or make(c, g, lr))  # fmt: skip
+    cfg, out = tiny_cfg(f"folder:{folder_data}", lr="auto", epochs=1), tmp_path / "r"
+    trainer.fit(cfg, out, quiet=True)
+    for path in [out / "meta.json", *(out / "state").iterdir()]:  # killed before any checkpoint
+        path.unlink()
+    trainer.fit(cfg, out, resume=True)
+    assert used == [pytest.approx(1e-2)] * 2 and (out / "meta.json").is_file()
+    assert len(before) == 2 and "nothing to resume in" in before[1]

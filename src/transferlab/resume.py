@@ -228,8 +228,7 @@ def training_state(loop: Loop, progress: Progress) -> dict:
 def restore(out: Path, loop: Loop, log) -> Progress | None:
     """Load the newest valid checkpoint into the training objects; None when there is none."""
     found = checkpoint.newest_checkpoint(out / "state", trust_pickle=loop.cfg.trust_pickle)
-    if found is None:
-        log(f"[{out.name}] nothing to resume in {out / 'state'}: starting from scratch", note=True)
+    if found is None:  # (fit resumes only where state/ holds a checkpoint, and says so if not)
         return None
     state, path = found
     refuse_config_change(out, state.get("config"), loop.cfg)

@@ -111,8 +111,8 @@ def fit(
     loop.notes += skipped + leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))  # fmt: skip
     mark = {"config": to_dict(cfg), "data_fingerprint": loop.ds.fingerprint, "parent_sha256": loop.source.get("parent_sha256")}  # fmt: skip
     with claimed(out, resume, overwrite, mark, d):
-        start_training(loop, out, resume and (out / "state").exists(), log, quiet)
-        progress = (restore(out, loop, log) if resume else None) or Progress()
+        start_training(loop, out, resume, log, quiet)
+        progress = (restore(out, loop, log) if resume and has_checkpoint(out) else None) or Progress()  # fmt: skip
         for note in guards.advice(loop):  # (after every refusal: an error stays one line)
             log(f"[{out.name}] note: {note}", note=True)
         t_start, features = time.time() - progress.seconds, None
@@ -123,13 +123,10 @@ def fit(
                     break
                 stage = loop.stages[index]
                 loop.frozen = strategies.enter(loop.model, stage)
-                log(f"   stage {index + 1}/{len(loop.stages)} {stage.name}: "
-                    f"{models.describe(loop.model)}")  # fmt: skip
+                log(f"   stage {index + 1}/{len(loop.stages)} {stage.name}: {models.describe(loop.model)}")  # fmt: skip
                 if stage.probe:
                     final = index == len(loop.stages) - 1
-                    features = probe.stage(
-                        loop, progress, final, log, quiet, checkpoints.check_stop
-                    )
+                    features = probe.stage(loop, progress, final, log, quiet, checkpoints.check_stop)  # fmt: skip
                     for row in progress.history:  # each L2 strength fitted (lp-ft: the kept)
                         checkpoints.events.write(event="probe", **row)
                 last = strategies.end_epoch(loop.stages, index)
@@ -252,10 +249,13 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
                 notes=notes)  # fmt: skip
 
 
-def start_training(loop: Loop, out: Path, resuming: bool, log, quiet: bool) -> None:
+def start_training(loop: Loop, out: Path, resume: bool, log, quiet: bool) -> None:
     """The optimizer (holding what the plan's widest, last stage trains), scheduler, scaler and
-    the (DDP-wrapped, maybe compiled) training model; the LR found by a range test if asked."""
+    the (DDP-wrapped, maybe compiled) training model; the LR found by a range test if asked
+    (where no checkpoint is resumed: an empty state/ had it train at 1e-3, pass 60)."""
     cfg, model, widest = loop.cfg, loop.model, loop.stages[-1]
+    if (resuming := resume and has_checkpoint(out)) != resume:  # (said before a range test)
+        log(f"[{out.name}] nothing to resume in {out / 'state'}: starting from scratch", note=True)
     loop.frozen = strategies.enter(model, widest)
     log(f"[{out.name}] strategy {cfg.strategy}: {len(loop.stages)} stage(s)")
     if cfg.lr == "auto" and not all(s.probe for s in loop.stages) and not resuming:
