@@ -452,6 +452,20 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
     }.items():
         with pytest.raises(UserError, match=message):
             recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
+    # pass 61: --set defaults.KEY (step a has its own freeze), a report step written as a mapping
+    for pair, (given, message) in {
+        "defaults.lr": ("x", r"^--set defaults\.lr: lr must be a number or auto, got 'x'$"),
+        "defaults.freeze": ("7", r"^step 2 \(finetune b; --set defaults\.freeze\): freeze 7"),
+        "steps.2.epochs": ("1", r"^--set steps\.2\.epochs: steps\.2 is a report step, which"),
+    }.items():
+        path.write_text("data: digits\ndefaults: {model: dcnn}\nsteps: [{train: a, freeze: 2}, {finetune: b, from: a}, {report: {}}]\n")  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
+    path.write_text("data: digits\nsteps: [{train: a, schedule: sgd}]\n")  # pass 61: the file's
+    for pair in ("optimizer", "steps.0.optimizer"):  # value, blamed on a --set of that value
+        with pytest.raises(UserError, match=r"^step 1 \(train a\): schedule must be one of .*, got 'sgd'$"):  # fmt: skip
+            recipe.run(path, tmp_path / "out", {pair: "sgd"}, quiet=True)
+    path.write_text("data: digits\ndefaults: {model: dcnn}\nsteps: [{train: a, freeze: 2}, {finetune: b, from: a}]\n")  # fmt: skip
     with pytest.raises(UserError, match=r"^step 1 \(train a; --set strategy\): freeze 2 does not combine"):  # fmt: skip
         recipe.run(path, tmp_path / "out", {"strategy": "gradual", "steps.1.lr": "0.1"}, quiet=True)  # fmt: skip
     assert not (tmp_path / "out").exists()

@@ -244,3 +244,13 @@ def test_a_fine_tune_of_a_probe_given_epochs_asks_for_a_strategy(trained_run, tm
     for parent in (trained_run, probe):
         with pytest.raises(UserError, match="^epochs has no effect with strategy linear-probe: it fits its head by L-BFGS"):  # fmt: skip
             strategies.finetune_config(parent, {"epochs": 3, "strategy": "linear-probe"})
+    # pass 61: a recipe's probe fine-tune step refused the epochs its defaults (or --set) give
+    # every step, after the steps before it had trained; its own epochs are refused up front
+    told = {"epochs": 3, "strategy": "linear-probe"}
+    assert strategies.finetune_config(trained_run, told, {"strategy": "linear-probe"}).strategy == "linear-probe"  # fmt: skip
+    from transferlab import recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"steps: [{{finetune: c, from: {trained_run}, strategy: linear-probe, epochs: 2}}]\n")  # fmt: skip
+    with pytest.raises(UserError, match=r"^step 1 \(finetune c\): epochs has no effect with strategy linear-probe"):  # fmt: skip
+        recipe.validate(recipe.load(path))

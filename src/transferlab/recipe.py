@@ -152,7 +152,7 @@ def _finetune(recipe: dict, name: str, keys: dict, out: Path, quiet: bool) -> No
 def _finetune_config(recipe: dict, keys: dict, out: Path) -> TrainConfig:
     keys = dict(keys)
     parent = ref_path(keys.pop("from"), out)
-    return strategies.finetune_config(parent, train_settings(recipe, keys, data=False))
+    return strategies.finetune_config(parent, train_settings(recipe, keys, data=False), keys)
 
 
 def _refuse_another_recipe(recipe: dict, out: Path) -> None:

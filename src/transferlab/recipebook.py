@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from . import checkpoint, data, decoding, ensembles, evaluate, outputs, strategies, weights
-from .config import TrainConfig, UserError, field_names, make_config, names_weights
+from .config import PROBE_IGNORES, TrainConfig, UserError, field_names, make_config, names_weights
 from .recipefile import TOP_KEYS, load  # noqa: F401  (load: the recipe's API)
 
 STEP_KINDS = ("train", "finetune", "ensemble", "soup", "auto", "report")
@@ -53,7 +53,7 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
             if not isinstance(steps, list) or index >= len(steps):
                 raise UserError(f"--set {key}: no step {index} in this recipe (--set counts its steps from 0: steps.0 to steps.{len(steps) - 1})"  # fmt: skip
                                 if isinstance(steps, list) and steps else f"--set {key}: this recipe has no steps")  # fmt: skip
-            if not isinstance(steps[index], dict):
+            if not isinstance(steps[index], dict) or "report" in steps[index]:  # (- report: {})
                 raise UserError(f"--set {key}: steps.{index} is a report step, which takes no keys")
             if parts[2] == "members" and isinstance(value, str):  # m1,m2 or [m1, m2]
                 value = [m.strip() for m in value.strip().strip("[]").split(",") if m.strip()]
@@ -63,6 +63,7 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
             raise UserError("--set defaults.data: the recipe's data is its top-level data: --set data=SPEC")  # fmt: skip
         elif key.startswith("defaults.") and isinstance(recipe.get("defaults") or {}, dict):
             recipe["defaults"] = {**(recipe.get("defaults") or {}), key.removeprefix("defaults."): value}  # fmt: skip
+            recipe.setdefault("_set", []).append(key)
         else:
             plain = key.removeprefix("defaults.")
             if plain in recipe["overrides"] and recipe["overrides"][plain] != value:
@@ -108,7 +109,8 @@ def validate(recipe: dict, out: Path | None = None) -> None:
             owners = [kind for kind, keys in EXTRA_KEYS.items() if first in keys]
             where = f"; {' and '.join(owners)} steps take it: --set steps.N.{first}=... (N from 0)" if owners and key == "overrides" else ""  # fmt: skip
             bad = next((k for k in recipe.get(key) or {} if re.match(rf"(unknown config key ')?{re.escape(str(k))}\b", str(err))), None)  # fmt: skip
-            said = f"--set {bad}" if key == "overrides" and bad in recipe.get("_set", []) else f"the recipe's {key}"  # fmt: skip
+            address = bad if key == "overrides" else f"defaults.{bad}"  # (pass 61: defaults.lr)
+            said = f"--set {address}" if address in recipe.get("_set", []) else f"the recipe's {key}"  # fmt: skip
             raise UserError(f"{said}: {err}{where}") from None
     names: list[str] = []
     kinds: dict[str, str] = {}
@@ -170,7 +172,8 @@ def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: l
                         f"{key} does not apply to a fine-tune (step {i}, finetune {name}): "
                         "it starts from its 'from' run; set it on train steps only"
                     )
-            make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=False)
+            ignored = [k for k in keys if str(k).replace("-", "_") in PROBE_IGNORES] if settings.get("strategy") == "linear-probe" else []  # fmt: skip
+            make_config({k: v for k, v in settings.items() if k != "from"}, check_applies=ignored)  # (its own, told a probe: pass 61)  # fmt: skip
         if out is not None and kind in ("train", "finetune", "auto"):  # not after step 1
             own = keys if kind == "auto" else train_settings(recipe, keys, data=False)
             decoding.check_cache(own.get("cache_dir"), f"the cache_dir of step {i} ({kind} {name})")
@@ -233,17 +236,21 @@ def _in_step(i: int, kind: str, name: str, recipe: dict, keys: dict):
 
 
 def _set_in(recipe: dict, i: int, keys: dict, text: str) -> list[str]:
-    """The --set addresses (steps.N.KEY of step i, or a KEY of every step) that `text` names:
-    first, as `KEY VALUE`, its value quoted, or a data spec's path."""
+    """The --set addresses (steps.N.KEY of step i, KEY of every step, defaults.KEY where the
+    step has none of its own) that `text` names: first or as `KEY VALUE`; a reference (from,
+    members, data) by its key or a value (pass 61: a file's `schedule: sgd` was blamed on
+    --set optimizer=sgd, by its value alone)."""
     found = []
     for address in recipe.get("_set", []):
-        mine = address.startswith(f"steps.{i - 1}.")
-        if "." in address and not mine:
+        mine, default = address.startswith(f"steps.{i - 1}."), address.startswith("defaults.")
+        if ("." in address and not (mine or default)) or (default and address[9:] in keys):
             continue
-        key = address.split(".", 2)[2] if mine else address
-        value = keys.get(key) if mine else (recipe.get("overrides") or {}).get(key, recipe.get(key))
-        spec = isinstance(value, str) and ":" in value and f": {value.partition(':')[2]}" in text  # (data)  # fmt: skip
-        if text.startswith(f"{key} ") or f"{key} {value}" in text or f"'{value}'" in text or spec:
+        key = address.split(".", 2)[2] if mine else address.removeprefix("defaults.")
+        value = keys.get(key) if mine else (recipe.get("defaults" if default else "overrides") or {}).get(key, recipe.get(key))  # fmt: skip
+        named = text.startswith(f"{key} ") or f"{key} {value}" in text
+        values = [str(v) for v in (value if isinstance(value, list) else [value])]
+        ref = key in ("from", "members", "data") and (re.search(rf"\b{key}\b", text) or any(f"'{v}'" in text or f": {v.partition(':')[2] or v}" in text for v in values))  # fmt: skip
+        if named or ref:
             found.append(address)
     return found
 

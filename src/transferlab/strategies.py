@@ -241,8 +241,10 @@ def layer_decay_groups(
 # ----------------------------------------------------------------------------- fine-tune command
 
 
-def finetune_config(run, overrides: dict) -> TrainConfig:
-    """A config that continues from a run: its data, arch and preprocessing unless overridden."""
+def finetune_config(run, overrides: dict, own: dict | None = None) -> TrainConfig:
+    """A config that continues from a run: its data, arch and preprocessing unless overridden.
+    `own`: the options a recipe step names itself, the ones refused where they have no effect
+    (its defaults and --set are every step's: a probe step ignores their epochs, pass 61)."""
     meta = checkpoint.read_meta(run)
     for key in ("model", "weights"):
         if key in overrides:
@@ -261,9 +263,9 @@ def finetune_config(run, overrides: dict) -> TrainConfig:
                    snapshots=TrainConfig.snapshots)  # (the parent's schedule, not asked) # fmt: skip
     if overrides.get("strategy", base.strategy) != "linear-probe":  # a probe's mirrored views
         base = replace(base, mirror_features=False)  # do not carry into training
-    elif "strategy" not in overrides and (given := [k for k in overrides if k.replace("-", "_") in PROBE_IGNORES]):  # (inherited; told: make_config says it, pass 59)  # fmt: skip
+    elif "strategy" not in overrides and (given := [k for k in (overrides if own is None else own) if k.replace("-", "_") in PROBE_IGNORES]):  # (inherited; told: make_config says it, pass 59)  # fmt: skip
         raise UserError(f"{run} is a linear probe, and a fine-tune keeps its strategy unless told: pass --strategy full (or lp-ft, head-first, ...) to train it with {given[0]}, or drop {given[0]}")  # fmt: skip
-    return make_config(overrides, base)
+    return make_config(overrides, base, check_applies=True if own is None else own)
 
 
 def _found_lr(run) -> float:
