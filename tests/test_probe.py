@@ -246,6 +246,11 @@ def test_a_fine_tune_of_a_probe_given_epochs_asks_for_a_strategy(trained_run, tm
             strategies.finetune_config(parent, {"epochs": 3, "strategy": "linear-probe"})
     # pass 61: a recipe's probe fine-tune step refused the epochs its defaults (or --set) give
     # every step, after the steps before it had trained; its own epochs are refused up front
+    for extra, said in ({"momentum": 0.5}, r"momentum has no effect here: it needs an optimizer: strategy full \(or lp-ft, ...\) with optimizer sgd"), ({"snapshots": 2}, "snapshots need the cosine"):  # fmt: skip
+        with pytest.raises(
+            UserError, match=said
+        ):  # pass 61: "needs optimizer sgd", "divide epochs"
+            strategies.finetune_config(trained_run, {"strategy": "linear-probe", **extra})
     told = {"epochs": 3, "strategy": "linear-probe"}
     assert strategies.finetune_config(trained_run, told, {"strategy": "linear-probe"}).strategy == "linear-probe"  # fmt: skip
     from transferlab import recipe

@@ -248,7 +248,7 @@ def _coerce(name: str, value: object, hint: object) -> object:
 # Options that act only in some setups (key: condition on the final config, what it needs, or a function of the config saying which need failed): given elsewhere, silently ignored, so refused
 # fmt: off
 APPLIES = {
-    "momentum": (lambda c: c.optimizer == "sgd", "optimizer sgd"),
+    "momentum": (lambda c: c.optimizer == "sgd", lambda c: "optimizer sgd" if c.strategy != "linear-probe" else "an optimizer: strategy full (or lp-ft, ...) with optimizer sgd (linear-probe fits its head by L-BFGS)"),
     "crop_pad": (lambda c: c.crop == "pad", "crop pad"),
     "probe_l2": (lambda c: c.strategy in ("linear-probe", "lp-ft"), "strategy linear-probe or lp-ft"),
     "layer_decay": (lambda c: c.strategy == "layer-decay", "strategy layer-decay"),
@@ -368,15 +368,15 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(
             f"crop_pad ({cfg.crop_pad}) must be smaller than input_size ({cfg.input_size})"
         )
-    if cfg.snapshots:
-        if cfg.snapshots < 2 or cfg.epochs % cfg.snapshots:
-            raise UserError(
-                f"snapshots must be at least 2 and divide epochs ({cfg.epochs}), got {cfg.snapshots}"
-            )
+    if cfg.snapshots:  # (what they need first: a probe was told to divide epochs, pass 61)
         if cfg.schedule != "cosine" or cfg.patience or cfg.strategy == "linear-probe":
             raise UserError(
                 "snapshots need the cosine schedule, no early stopping (patience 0) and a "
                 "strategy that trains the network (not linear-probe)"
+            )
+        if cfg.snapshots < 2 or cfg.epochs % cfg.snapshots:
+            raise UserError(
+                f"snapshots must be at least 2 and divide epochs ({cfg.epochs}), got {cfg.snapshots}"
             )
 
 
