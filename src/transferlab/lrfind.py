@@ -92,10 +92,11 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
     return min(finite)[1] / 10
 
 
-def find_lr(loop, out, quiet: bool, auto: bool = False) -> float:
+def find_lr(loop, out, quiet: bool, auto: bool = False) -> tuple[float, bool]:
     """The range test on the training split with the run's optimizer and augmentation; plots
-    it into `out` (lr_find.png, lr_find.json) and returns the suggested LR; for --lr `auto`, the
-    default where the loss had no minimum (pass 58: the range's end tenthed, 0.1, diverged)."""
+    it into `out` (lr_find.png, lr_find.json) and returns the suggested LR (for --lr `auto`, the
+    default where the loss had no minimum: pass 58, the range's end tenthed, 0.1, diverged) and
+    whether it had none."""
     cfg, model = loop.cfg, loop.model
     widest = loop.stages[-1]
     lrs, losses = range_test(
@@ -127,7 +128,7 @@ def find_lr(loop, out, quiet: bool, auto: bool = False) -> float:
             found["used_lr"] = lr = TrainConfig.lr
         print(f"[{out.name}] note: {found['note']}", file=sys.stderr, flush=True)
     checkpoint.write_json(out / "lr_find.json", found)
-    return lr
+    return lr, "note" in found
 
 
 def _tested(cfg) -> dict:
@@ -170,7 +171,6 @@ def command(cfg, out: str | Path, quiet: bool = False) -> float:
     notes()  # (once no image is unreadable; decoded before --out is made, as train's: pass 52)
     with outputs.lock(out):
         outputs.claim(out, "lr-find", outputs.check_out(out, "lr-find", resume=True))
-        lr = find_lr(loop, out, quiet)
-    guess = "note" in json.loads((out / "lr_find.json").read_text())  # (pass 59: said as a fit)
+        lr, guess = find_lr(loop, out, quiet)  # (a guess was said as a fit: pass 59)
     print(f"suggested lr {lr:.3g}{' (no minimum: a guess, see the note)' * guess}  (plot: {out / 'lr_find.png'})")  # fmt: skip
     return lr

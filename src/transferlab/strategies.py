@@ -188,11 +188,12 @@ def trainable(model: nn.Module, freeze: str, strategy: str = "full") -> frozense
     if freeze == "backbone":
         return frozenset(n for n, _ in named_head_params(model))
     groups, n = block_groups(model), int(freeze)
-    most = len(groups) - (2 if strategy in ("lp-ft", "head-first", "layer-decay") else 1)
+    staged = strategy in ("lp-ft", "head-first", "layer-decay")  # (they train the head alone too)
+    most = len(groups) - (2 if staged else 1)
     if n > most:
         whole = "freeze everything" if n >= len(groups) else f"leave strategy {strategy} only the head to train in every stage"  # fmt: skip
         fix = f"use at most {most}" if most > 0 else "freeze none"
-        raise UserError(f"freeze {n} would {whole}: {type(model).__name__} has {len(groups)} block groups, the head last; {fix}, or " + ("freeze backbone" if n >= len(groups) and strategy not in ("lp-ft", "head-first", "layer-decay") else HEAD_ALONE))  # fmt: skip
+        raise UserError(f"freeze {n} would {whole}: {type(model).__name__} has {len(groups)} block groups, the head last; {fix}, or " + ("freeze backbone" if n >= len(groups) and not staged else HEAD_ALONE))  # fmt: skip
     return frozenset(name for group in groups[n:] for name in group)
 
 

@@ -111,8 +111,8 @@ def fit(
     loop.notes += skipped + leaks.part_of_test_notes(len(loop.labels["test"]), len(loop.ds.splits["test"]))  # fmt: skip
     mark = {"config": to_dict(cfg), "data_fingerprint": loop.ds.fingerprint, "parent_sha256": loop.source.get("parent_sha256")}  # fmt: skip
     with claimed(out, resume, overwrite, mark, d):
-        start_training(loop, out, resume, log, quiet)
-        progress = (restore(out, loop, log) if resume and has_checkpoint(out) else None) or Progress()  # fmt: skip
+        resuming = start_training(loop, out, resume, log, quiet)
+        progress = (restore(out, loop, log) if resuming else None) or Progress()
         for note in guards.advice(loop):  # (after every refusal: an error stays one line)
             log(f"[{out.name}] note: {note}", note=True)
         t_start, features = time.time() - progress.seconds, None
@@ -249,29 +249,28 @@ def setup(cfg: TrainConfig, out: Path, log, d: distributed.Dist, resume: bool = 
                 notes=notes)  # fmt: skip
 
 
-def start_training(loop: Loop, out: Path, resume: bool, log, quiet: bool) -> None:
+def start_training(loop: Loop, out: Path, resume: bool, log, quiet: bool) -> bool:
     """The optimizer (holding what the plan's widest, last stage trains), scheduler, scaler and
     the (DDP-wrapped, maybe compiled) training model; the LR found by a range test if asked
-    (where no checkpoint is resumed: an empty state/ had it train at 1e-3, pass 60)."""
+    where no checkpoint is resumed (an empty state/ had it train at 1e-3, pass 60); whether one is."""
     cfg, model, widest = loop.cfg, loop.model, loop.stages[-1]
     if (resuming := resume and has_checkpoint(out)) != resume:  # (said before a range test)
         log(f"[{out.name}] nothing to resume in {out / 'state'}: starting from scratch", note=True)
     loop.frozen = strategies.enter(model, widest)
     log(f"[{out.name}] strategy {cfg.strategy}: {len(loop.stages)} stage(s)")
     if cfg.lr == "auto" and not all(s.probe for s in loop.stages) and not resuming:
-        lr = loop.dist.broadcast(lrfind.find_lr(loop, out, quiet, auto=True) if loop.dist.main else None)  # fmt: skip
+        lr = loop.dist.broadcast(lrfind.find_lr(loop, out, quiet, auto=True)[0] if loop.dist.main else None)  # fmt: skip
         log(f"[{out.name}] lr-find: lr {lr:.3g} (plot: {out / 'lr_find.png'})")
     else:  # a resumed run's optimizer state carries its learning rates
         lr = cfg.lr if cfg.lr != "auto" else 1e-3
-    loop.optimizer = strategies.make_optimizer(
-        cfg, strategies.optimizer_groups(model, widest, lr), lr
-    )
+    loop.optimizer = strategies.make_optimizer(cfg, strategies.optimizer_groups(model, widest, lr), lr)  # fmt: skip
     steps = len(batching.EpochSampler(len(loop.labels["train"]), cfg.batch_size, 0, 0, True, world=loop.dist.world))  # fmt: skip
     loop.scheduler = strategies.make_scheduler(cfg, loop.optimizer, steps)
     loop.scaler = torch.amp.GradScaler(evaluate.device().type, enabled=loop.precision == "fp16")
     changing = len({s.trains for s in loop.stages if not s.probe}) > 1  # DDP: unused params
     forward = models.Forward(model, loop.precision)
     loop.ddp = compiled(distributed.wrap(forward, loop.dist, some_frozen=changing), cfg, log)
+    return resuming
 
 
 def epoch_batches(loop: Loop, train_images, progress: Progress, quiet: bool):
