@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import platform
+import re
 import warnings
 
 import numpy as np
@@ -22,9 +25,25 @@ def bf16_supported() -> bool:
     """bf16 autocast pays off only with native bf16 matmuls (AVX512-BF16/AMX, or CUDA)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return native_bf16(_cpuinfo(), platform.machine(), bool(onednn))
+
+
+def native_bf16(cpuinfo: str, machine: str, onednn: bool) -> bool:
+    """Whether the CPU computes bf16 itself: oneDNN says yes on any AVX-512 x86 CPU, where it
+    emulates bf16 without avx512_bf16 or amx_bf16 (an Ice Lake Xeon: bf16 0.92x fp32, which
+    --precision auto picked); other CPUs as oneDNN says."""
+    if machine.lower() not in ("x86_64", "amd64", "i386", "i686") or not cpuinfo:
+        return onednn
+    return onednn and re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    try:
+        return open("/proc/cpuinfo").read()
+    except OSError:  # (not Linux: oneDNN's word)
+        return ""
 
 
 def resolve_precision(precision: str) -> str:
