@@ -44,6 +44,10 @@ def test_folder_without_subsets_gets_seeded_split_and_hidden_dirs_are_not_classe
     assert ds.classes == ["cat", "dog"]
     assert len(ds.splits["test"]) == 4
     assert data.load(f"folder:{tmp_path}").splits["test"].paths == ds.splits["test"].paths
+    for i, ext in enumerate(("jfif", "JPE")):  # JPEG's other names (pass 62: "not images")
+        make_image(0, 90 + i).save(tmp_path / "cat" / f"x{i}.{ext}", format="JPEG")
+    ds = data.load(f"folder:{tmp_path}", val_fraction=0.0)
+    assert sum(len(split) for split in ds.splits.values()) == 22
 
 
 def test_folder_errors_name_the_problem(tmp_path):
@@ -271,6 +275,9 @@ def test_csv_data_reads_file_name_label_and_split_relative_to_the_file(tmp_path)
         ("file_name,label,label", ["img/0.png,a,b"], "column label appears twice \\(columns 2 and 3\\)"),
         ("file_name,label,split,Split", ["img/0.png,a,train,test"], "column split appears twice \\(columns 3 and 4\\)"),
         ("file_name;label", ["img/0.png;a"], "separate the columns with commas"),
+        ("file_name\tlabel", ["img/0.png\ta"], "separate the columns with commas"),  # (pass 63)
+        # a blank split is train, spaces too (pass 63: "split '' is not one of")
+        ("file_name,label,split", ["img/0.png,a, ", "img/1.png,b,test"], "line 3: label 'b' of a test row has no train rows"),
         ("file_name,label", ["img/0.png,a", " img/99.png,b"], "not found \\(spaces around a name are ignored\\)"),
         ("file_name,label", ["img/0.png,a", "img\\1.png,b"], "not found; separate folders with /"),
     ],
@@ -418,7 +425,9 @@ def test_hf_each_split_is_read_through_its_own_labels_and_split_names_as_dataset
         shutil.rmtree(tmp_path / "bad")
     numbers = datasets.Dataset.from_dict({"img": dd["train"]["img"], "n": [i % 12 for i in range(24)]})  # fmt: skip
     numbers.cast_column("img", datasets.Image()).save_to_disk(str(tmp_path / "numbers"))
-    assert data.load(f"hf:{tmp_path / 'numbers'}").classes == [str(i) for i in range(12)]
+    numbered = data.load(f"hf:{tmp_path / 'numbers'}")
+    assert numbered.classes == [str(i) for i in range(12)]
+    assert f"labels: column 'n' of {tmp_path / 'numbers'}, the one beside its images (12 classes)" in str(numbered.notes)  # fmt: skip
     twice = datasets.DatasetDict({"train": dd["train"], "val": dd["validation"], "validation": dd["validation"]})  # fmt: skip
     twice.save_to_disk(str(tmp_path / "twice"))  # one of them was dropped without a word
     with pytest.raises(UserError, match="has 2 val splits \\(val, validation\\): keep one"):
@@ -458,6 +467,33 @@ def test_hf_each_split_is_read_through_its_own_labels_and_split_names_as_dataset
     empty.save_to_disk(str(tmp_path / "empty"))  # datasets cannot load it back: IndexError
     with pytest.raises(UserError, match="test split holds no rows, which datasets cannot load"):
         data.load(f"hf:{tmp_path / 'empty'}")
+
+
+def test_hf_a_split_without_trains_columns_and_a_column_of_image_paths(tmp_path):
+    """Pass 63: a test split without the label column was a KeyError traceback; a column of
+    file paths, named by image= as the refusal advised, was then refused as "no images"."""
+    datasets = pytest.importorskip("datasets")
+    dd = _hf_dataset(tmp_path)
+    bare = datasets.DatasetDict({"train": dd["train"], "test": dd["test"].remove_columns("fine")})
+    bare.save_to_disk(str(tmp_path / "bare"))  # (a Kaggle test split: no labels)
+    ds = data.load(f"hf:{tmp_path / 'bare'}")
+    assert any("test split has no labels: a test split is held out of train" in n for n in ds.notes)
+    renamed = datasets.DatasetDict({"train": dd["train"], "test": dd["test"].rename_column("img", "photo")})  # fmt: skip
+    renamed.save_to_disk(str(tmp_path / "renamed"))
+    with pytest.raises(UserError, match="test split has no column 'img', train's images: name"):
+        data.load(f"hf:{tmp_path / 'renamed'}")
+    rows = dd["train"].cast_column("img", datasets.Image(decode=False))["img"]
+    (tmp_path / "files").mkdir()
+    for i, row in enumerate(rows):
+        (tmp_path / "files" / f"{i}.png").write_bytes(row["bytes"])
+    names = [f"../files/{i}.png" if i % 2 else str(tmp_path / "files" / f"{i}.png") for i in range(len(rows))]  # fmt: skip
+    features = datasets.Features({"img": datasets.Value("string"), "fine": dd["train"].features["fine"]})  # fmt: skip
+    datasets.Dataset.from_dict({"img": names, "fine": dd["train"]["fine"]}, features).save_to_disk(str(tmp_path / "paths"))  # fmt: skip
+    with pytest.raises(UserError, match="name them: .* \\(a column of image file paths is read when named image=\\)"):  # fmt: skip
+        data.load(f"hf:{tmp_path / 'paths'}")
+    ds = data.load(f"hf:{tmp_path / 'paths'},image=img")  # relative: to the dataset's folder
+    read = sorted(Path(p).read_bytes() for split in ds.splits.values() for p in split.paths)
+    assert read == sorted(row["bytes"] for row in rows)
 
 
 def test_hf_columns_named_in_the_spec_override_detection_and_mistakes_are_one_line(tmp_path):

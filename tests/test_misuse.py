@@ -1307,6 +1307,22 @@ def test_a_fine_tune_from_an_ensemble_says_it_is_an_ensemble(capsys, run_copy, t
     fail(capsys, "ensemble", run_copy, "--out", tmp_path / "e2", pattern="needs at least two runs$")  # fmt: skip
 
 
+def test_a_run_on_hf_data_is_counted_as_one_on_files_is(tmp_path, capsys):
+    """Pass 63: a run trained on hf: data was never compared: its score on a folder of the same
+    images read as held out, and a fitted ensemble took it (the other way round: counted)."""
+    datasets = pytest.importorskip("datasets")
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 3)
+    files = sorted(photos.rglob("*.png"))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})  # fmt: skip
+    labels = [int(p.parent.name == "dog") for p in files]
+    datasets.Dataset.from_dict({"image": [str(p) for p in files], "label": labels}, features).save_to_disk(str(tmp_path / "hf"))  # fmt: skip
+    small = ["--model", "dcnn", "--input-size", "16", "--epochs", "1", "--quiet"]
+    assert main(["train", "--data", f"hf:{tmp_path / 'hf'}", *small, "--out", str(tmp_path / "h")]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "h"), "--data", f"folder:{photos}"]) == 0
+    assert re.search(r"[1-6] of the 6 test images were among its training or validation images", capsys.readouterr().err)  # fmt: skip
+
+
 def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, capsys):
     """An ensemble of a run on a folder and a run on a CSV holding every image of it scored
     "100%" on the folder's test split with a "may be" note; evaluate said only the spec."""

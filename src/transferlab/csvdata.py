@@ -33,7 +33,7 @@ def source(file: str, notes: list[str]):
             )
         name, label = (row.get("file_name") or "").strip(), (row.get("label") or "").strip()
         label = unicodedata.normalize("NFC", label)  # café typed on macOS (NFD) and elsewhere
-        raw = (row.get("split") or "train").strip().lower()
+        raw = (row.get("split") or "").strip().lower() or "train"  # (" ": "split '' is not one of")
         if raw not in SPLIT_NAMES:
             raise UserError(f"{file} line {n}: split '{raw}' is not one of {', '.join(SPLIT_NAMES)}")  # fmt: skip
         if not name or not label:
@@ -92,7 +92,8 @@ def _read(path: Path, file: str) -> tuple[list[str], list[tuple[int, dict]]]:
     reader.fieldnames = columns = [c.lower() if c.lower() in COLUMNS else c for c in columns]
     missing = [c for c in ("file_name", "label") if c not in columns]
     if missing:
-        commas = "; separate the columns with commas" if ";" in "".join(columns) else ""
+        other = any(c in "".join(columns) for c in ";\t")  # (a tab: pass 63)
+        commas = "; separate the columns with commas" if other else ""
         raise UserError(
             f"{file}: no {' or '.join(missing)} column (found {', '.join(columns) or 'none'}); "
             f"a data CSV has columns file_name,label and optionally split{commas}"

@@ -22,7 +22,7 @@ from PIL import Image
 
 from .config import UserError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}  # fmt: skip
 SPLIT_SEED = 0  # splits never depend on a run's seed, so every run of a dataset shares them
 TEST_FRACTION = 0.2  # held-out share when a source has no test split of its own
 

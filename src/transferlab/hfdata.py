@@ -101,11 +101,15 @@ def source(arg: str, notes: list[str]):
         classes = list(feature.names)
     else:  # numbers in numeric order, as csv: orders them ("10" came before "2")
         classes = label_order({_named(v) for v in parts["train"][label_col]} - {None}, name)
+    if not by_index and label_col not in ("label", "labels", options.get("label")):  # (pass 63:
+        notes.append(f"labels: column '{label_col}' of {name}, the one beside its images ({len(classes)} classes); name another with ,label=COLUMN")  # a caption column trained on unsaid)  # fmt: skip
     folder = root(name, config)
     WRITTEN_FROM[str(folder)] = name  # its unreadable images named by row
     splits = {}
     for split, ds in parts.items():
-        labels = _labels(datasets, ds, label_col, classes, by_index)
+        if image_col not in ds.features:  # (a KeyError traceback; a test split without labels
+            raise UserError(f"{name}'s {split} split has no column '{image_col}', train's images: name its image column alike")  # fmt: skip
+        labels = _labels(datasets, ds, label_col, classes, by_index) if label_col in ds.features else [None] * len(ds)  # fmt: skip
         if split in ("test", "val") and all(v is None for v in labels):  # the Hub's "no label"
             notes.append(
                 f"{name}'s {split} split has {'no labels' if labels else 'no rows'}: a {split} split is "
@@ -119,7 +123,7 @@ def source(arg: str, notes: list[str]):
             value, f = ds[row][label_col], ds.features[label_col]
             shown = f.int2str(value) if isinstance(f, datasets.ClassLabel) and 0 <= value < f.num_classes else value  # fmt: skip
             raise UserError(f"{name} {split} row {row}: label {shown!r} is not a class of its train split ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")  # fmt: skip
-        paths = _files(datasets, ds, image_col, folder / split)
+        paths = _files(datasets, ds, image_col, folder / split, Path(name).expanduser())
         splits[split] = Split(np.array(labels, dtype=np.int64), paths=paths)
     return classes, classes, splits, None, 3
 
@@ -239,10 +243,8 @@ def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str
     for option, column in options.items():
         if column not in features:
             raise UserError(f"{name} has no column '{column}' ({option}=); its columns: {listed}")
-    if "image" in options and not _images(datasets, features[options["image"]]):
-        raise UserError(
-            f"{name}: column '{options['image']}' holds no images; its columns: {listed}"
-        )
+    if "image" in options and not _images(datasets, features[options["image"]], named=True):
+        raise UserError(f"{name}: column '{options['image']}' holds no images or file paths; its columns: {listed}")  # fmt: skip
     if "label" in options and _images(datasets, features[options["label"]]):
         raise UserError(
             f"{name}: column '{options['label']}' holds images, not labels; its columns: {listed}"
@@ -259,21 +261,24 @@ def _columns(datasets, ds, name: str, options: dict[str, str]) -> tuple[str, str
             and isinstance(features[c], datasets.Value)]
     )  # fmt: skip
     if len(images) != 1 or len(labels) != 1:
+        paths = " (a column of image file paths is read when named image=)" * (not images)
         raise UserError(
             f"{name}: cannot tell the image and label columns apart (columns: {listed}); name "
-            "them: hf:NAME,image=COLUMN,label=COLUMN"
+            f"them: hf:NAME,image=COLUMN,label=COLUMN{paths}"
         )
     if not isinstance(features[labels[0]], (datasets.ClassLabel, datasets.Value)):  # a list:
         raise UserError(f"{name}: column '{labels[0]}' holds {type(features[labels[0]]).__name__} values, several labels an image: transferlab trains one label an image; name another with label=COLUMN")  # fmt: skip
     return images[0], labels[0]
 
 
-def _images(datasets, feature) -> bool:
+def _images(datasets, feature, named: bool = False) -> bool:
     """An Image column, or one of image files' bytes without that type: `{bytes, path}` as Image
-    stores them, or bare bytes (a parquet pyarrow wrote: "holds no images" once named)."""
+    stores them, or bare bytes (a parquet pyarrow wrote: "holds no images" once named); `named`
+    by image=, a column of file paths too (pass 63: "name them" was followed, then refused)."""
     if isinstance(feature, dict) and set(feature) <= {"bytes", "path"}:
         feature = feature.get("bytes")
-    return isinstance(feature, datasets.Image) or getattr(feature, "dtype", "") in ("binary", "large_binary")  # fmt: skip
+    kinds = ("binary", "large_binary") + ("string", "large_string") * named
+    return isinstance(feature, datasets.Image) or getattr(feature, "dtype", "") in kinds
 
 
 def root(name: str, config: str) -> Path:
@@ -285,8 +290,10 @@ def root(name: str, config: str) -> Path:
     return cache / "hf" / hashlib.sha256(f"{where}|{config}".encode()).hexdigest()[:16]
 
 
-def _files(datasets, ds, column: str, folder: Path) -> list[str]:
-    """Each row's image as the file it was (its own bytes), written once into `folder`."""
+def _files(datasets, ds, column: str, folder: Path, local: Path) -> list[str]:
+    """Each row's image as the file it was (its own bytes), written once into `folder`; a path
+    relative to a `local` dataset's folder (as csv: reads its) or else to the current one."""
+    base = local if local.is_dir() else local.parent
     raw = ds.cast_column(column, datasets.Image(decode=False))
     paths = []
     folder.mkdir(parents=True, exist_ok=True)
@@ -294,7 +301,7 @@ def _files(datasets, ds, column: str, folder: Path) -> list[str]:
         data = (item or {}).get("bytes")
         if data is None and (item or {}).get("path"):
             try:
-                data = Path(item["path"]).read_bytes()
+                data = next((p for p in (base / item["path"], Path(item["path"])) if p.is_file()), base / item["path"]).read_bytes()  # fmt: skip
             except OSError:  # a path from the machine that made it
                 data = None
         # a row without an image: an empty file, named so, which decoding calls unreadable

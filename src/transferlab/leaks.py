@@ -215,7 +215,7 @@ def _sharded_from(spec: str) -> tuple[dict, data.Dataset] | None:
     """A wds: spec's shards.json and the data they were made from, split as `data shard` split
     it; None where that data has no files."""
     index = json.loads((Path(spec[4:]).expanduser() / "shards.json").read_text())
-    if index["source"].partition(":")[0] not in data.PATH_KINDS:
+    if index["source"].partition(":")[0] not in FILES:
         return None
     return index, data.load(index["source"], index["val_fraction"])
 
@@ -249,12 +249,16 @@ def _readable(path: str) -> bool:
     return True
 
 
+FILES = (*data.PATH_KINDS, "hf")  # the data whose images are files: hf:'s rows written out
+
+
 def _seen(meta: dict, used: tuple[str, ...]) -> set[str]:
     """The files of a run's `used` splits (none where its data have no files or are gone: the
     notes name them, unmeasured). A run on shards: the files they were made from (all but the
     test split's: a carving of train+val unknown here, so train alone is unmeasured; so is
-    anything under --limit)."""
-    if meta["data"].partition(":")[0] not in data.PATH_KINDS:
+    anything under --limit). A run on hf: data: its rows' images as written out (pass 63: never
+    compared, so a score on its own training images read as held out)."""
+    if meta["data"].partition(":")[0] not in FILES:
         return set()
     try:
         own = load_as_run(meta)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import checkpoint, combiners, data, decoding, ensembles, evaluate, members, models
 from .classfolders import hidden_name
-from .config import UnreadableImages, UserError, one_line
+from .config import UnreadableImages, UserError, few, one_line
 
 
 def image_files(inputs: list[str]) -> list[str]:
@@ -105,11 +105,14 @@ def items(inputs: list) -> list:
             out += [_pil(a) for a in arr] if batch else [_pil(arr)]
     if not out:
         raise UserError("nothing to predict: give image files, folders, PIL images or arrays")
-    seen: set[str] = set()  # a file named twice, or named and inside a named folder: once
-    once = [x for x in out if not isinstance(x, str) or not (_key(x) in seen or seen.add(_key(x)))]  # fmt: skip
-    if len(once) < len(out):  # (its rows were repeated in the table, CSV and JSON)
-        times = collections.Counter(_key(x) for x in out if isinstance(x, str))
-        print(f"note: {sum(n > 1 for n in times.values())} image(s) given more than once ({len(out) - len(once)} repeat(s) left out) are predicted once", file=sys.stderr)  # fmt: skip
+    first: dict[str, int] = {}  # a file named twice, or named and inside a named folder: once
+    kept = [i for i, x in enumerate(out) if not isinstance(x, str) or first.setdefault(_key(x), i) == i]  # fmt: skip
+    once = [out[i] for i in kept]
+    if len(once) < len(out):  # (its rows were repeated in the table, CSV and JSON; pass 62: a
+        times = collections.Counter(_key(x) for x in out if isinstance(x, str))  # link's row
+        was = {i: out[first[_key(out[i])]] for i in sorted(set(range(len(out))) - set(kept))}  # went unsaid)  # fmt: skip
+        left = [out[i] if os.path.normpath(out[i]) == os.path.normpath(f) else f"{out[i]} (as {f})" for i, f in was.items()]  # fmt: skip
+        print(f"note: {sum(n > 1 for n in times.values())} image(s) given more than once ({len(left)} repeat(s) left out: {few(left, 3)}) are predicted once, by the first name given", file=sys.stderr)  # fmt: skip
     return once
 
 
