@@ -461,6 +461,20 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         path.write_text("data: digits\ndefaults: {model: dcnn}\nsteps: [{train: a, freeze: 2}, {finetune: b, from: a}, {report: {}}]\n")  # fmt: skip
         with pytest.raises(UserError, match=message):
             recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
+    # pass 62: a step written as a mapping took --set steps.N.KEY beside its mapping, refused
+    # as "give its keys either inside or beside"; a short step's name was an "unknown key
+    # 'name'"; a --set budget or model was said as the file's
+    path.write_text("data: digits\ndefaults: {model: dcnn}\nsteps: [{train: {name: a, epochs: 1}}, {auto: c, budget: 1m}]\n")  # fmt: skip
+    for pair, (given, message) in {
+        "steps.0.lr": ("-1", r"^step 1 \(train a; --set steps\.0\.lr\): lr must be > 0"),
+        "steps.1.budget": ("0", r"^step 2 \(auto c; --set steps\.1\.budget\): budget: must be a"),
+        "steps.0.model": ("resnt50", r"^step 1 \(train a; --set steps\.0\.model\): unknown model"),
+        "steps.1.name": ("a", r"^step 2: the name 'a' is used by an earlier step$"),
+    }.items():
+        with pytest.raises(UserError, match=message):
+            recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
+    steps = recipe.apply_overrides(recipe.load(path), {"steps.0.lr": "0.1", "steps.1.name": "d"})["steps"]  # fmt: skip
+    assert steps == [{"train": {"name": "a", "epochs": 1, "lr": 0.1}}, {"auto": "d", "budget": "1m"}]  # fmt: skip
     path.write_text("data: digits\nsteps: [{train: a, schedule: sgd}]\n")  # pass 61: the file's
     for pair in ("optimizer", "steps.0.optimizer"):  # value, blamed on a --set of that value
         with pytest.raises(UserError, match=r"^step 1 \(train a\): schedule must be one of .*, got 'sgd'$"):  # fmt: skip

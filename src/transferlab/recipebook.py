@@ -57,7 +57,12 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
                 raise UserError(f"--set {key}: steps.{index} is a report step, which takes no keys")
             if parts[2] == "members" and isinstance(value, str):  # m1,m2 or [m1, m2]
                 value = [m.strip() for m in value.strip().strip("[]").split(",") if m.strip()]
-            steps[index][parts[2]] = value
+            step, kind = steps[index], next((k for k in STEP_KINDS if k in steps[index]), None)
+            if isinstance(step.get(kind), dict) and parts[2] not in STEP_KINDS:  # - train: {...}
+                step = step[kind]  # (pass 62: beside it, "give its keys either inside or beside")
+            elif parts[2] == "name" and isinstance(step.get(kind), str):  # - train: NAME
+                step, parts[2] = step, kind  # (its name: "unknown key 'name'")
+            step[parts[2]] = value
             recipe.setdefault("_set", []).append(key)  # (its errors name the --set, not the file)
         elif key == "defaults.data":  # (every step trained on it; recipe.yaml said the other)
             raise UserError("--set defaults.data: the recipe's data is its top-level data: --set data=SPEC")  # fmt: skip
@@ -247,7 +252,7 @@ def _set_in(recipe: dict, i: int, keys: dict, text: str) -> list[str]:
             continue
         key = address.split(".", 2)[2] if mine else address.removeprefix("defaults.")
         value = keys.get(key) if mine else (recipe.get("defaults" if default else "overrides") or {}).get(key, recipe.get(key))  # fmt: skip
-        named = text.startswith(f"{key} ") or f"{key} {value}" in text
+        named = text.startswith((f"{key} ", f"{key}:")) or f"{key} {value}" in text or (key == "model" and f"model '{value}'" in text)  # (budget:)  # fmt: skip
         values = [str(v) for v in (value if isinstance(value, list) else [value])]
         ref = key in ("from", "members", "data") and (re.search(rf"\b{key}\b", text) or any(f"'{v}'" in text or f": {v.partition(':')[2] or v}" in text for v in values))  # fmt: skip
         if named or ref:
