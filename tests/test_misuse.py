@@ -1337,6 +1337,27 @@ def test_a_run_on_hf_data_is_counted_as_one_on_files_is(tmp_path, capsys):
     assert re.search(r"[1-6] of the 6 test images were among its training or validation images", capsys.readouterr().err)  # fmt: skip
 
 
+def test_a_run_whose_data_moved_is_told_how_to_score_it_where_they_lie(tmp_path, capsys):
+    """Pass 62: evaluate said only "dataset path does not exist", the message of a typo."""
+    photos = make_folder(tmp_path / "photos", ["cat", "dog"], 3)
+    small = ["--model", "dcnn", "--input-size", "16", "--epochs", "1", "--quiet"]
+    for name, seed in (("a", "0"), ("b", "1")):
+        assert main(["train", "--data", f"folder:{photos}", *small, "--seed", seed, "--out", str(tmp_path / name)]) == 0  # fmt: skip
+    assert main(["ensemble", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "e"), "--quiet"]) == 0  # fmt: skip
+    for name, seed in (("f", "0"), ("g", "1")):  # a soup's ingredients
+        assert main(["finetune", "--from", str(tmp_path / "a"), "--epochs", "1", "--seed", seed, "--quiet", "--out", str(tmp_path / name)]) == 0  # fmt: skip
+    photos.rename(tmp_path / "moved")
+    said = f"dataset path does not exist: {photos}, where the run was trained: if the data moved, give --data folder:WHERE_THEY_ARE_NOW"  # fmt: skip
+    for argv in (["evaluate", tmp_path / "a"], ["evaluate", tmp_path / "e"],
+                 ["ensemble", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "e2"],
+                 ["soup", tmp_path / "f", tmp_path / "g", "--out", tmp_path / "s"]):  # fmt: skip
+        fail(capsys, *argv, pattern=re.escape(said))
+        followed = main([*map(str, argv), "--data", f"folder:{tmp_path / 'moved'}", "--quiet"])
+        assert followed == 0 or "does not exist" not in capsys.readouterr().err
+        capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "a"), "--data", f"folder:{tmp_path / 'moved'}"]) == 0
+
+
 def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, capsys):
     """An ensemble of a run on a folder and a run on a CSV holding every image of it scored
     "100%" on the folder's test split with a "may be" note; evaluate said only the spec."""

@@ -63,7 +63,7 @@ def build(
     t0 = time.time()
     runs = [str(r) for r in runs]
     metas = [checkpoint.read_meta(run) for run in runs]  # each a finished run, named if not
-    scored = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
+    scored = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]), scored=True)
     apart = split_apart(runs, metas, data_spec, scored)
     if apart and method in FITTED and not fitted:
         raise UserError(

@@ -241,7 +241,7 @@ def score_run(path, data_spec: str | None, split: str, quiet: bool = True, tta: 
     """
     meta = checkpoint.read_meta(path)
     spec = data.canonical(data_spec or meta["data"])
-    ds = load_as_run(meta, spec)
+    ds = load_as_run(meta, spec, scored=True)
     model = load_run_model(path, meta, scoring=True)
     loaded = len(ds.notes)
     logits = predict_split(model, meta, ds, split, f"run {path}", quiet, tta or "none")

@@ -74,7 +74,15 @@ def carving_on(meta: dict, spec: str | None = None) -> tuple:
     return val_fraction, limit, fold if own else "none"
 
 
-def load_as_run(meta: dict, spec: str | None = None) -> data.Dataset:
+def load_as_run(meta: dict, spec: str | None = None, scored: bool = False) -> data.Dataset:
     """A run's data split as it split them (its val carve, limit and `--fold`), or the data
-    `spec` split by its val fraction and limit."""
-    return data.load(meta["data"] if spec is None else spec, *carving_on(meta, spec), scoring=spec is not None)  # fmt: skip
+    `spec` split by its val fraction and limit. `scored` by a command that takes --data: its
+    own data gone, it is told how to score the run where they lie now (pass 62: it was not)."""
+    try:
+        return data.load(meta["data"] if spec is None else spec, *carving_on(meta, spec), scoring=spec is not None)  # fmt: skip
+    except UserError as err:
+        here = spec is None or data.canonical(spec) == data.canonical(meta["data"])
+        if not (scored and here and str(err).startswith("dataset path does not exist")):
+            raise
+        kind = str(meta["data"]).partition(":")[0]
+        raise UserError(f"{err}, where the run was trained: if the data moved, give --data {kind}:WHERE_THEY_ARE_NOW") from None  # fmt: skip

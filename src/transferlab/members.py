@@ -60,7 +60,7 @@ def member_logp(
     for run, meta in zip(runs, metas, strict=True):  # before any member spends time predicting
         evaluate.check_tta(tta, meta["preprocessing"]["input_size"], f"run {run}")
     spec = data.canonical(data_spec or metas[0]["data"])
-    ds = load_as_run(metas[0], spec) if ds is None else ds  # (`ds`: loaded already)
+    ds = load_as_run(metas[0], spec, scored=True) if ds is None else ds  # (`ds`: loaded)
     changed = leaks.changed_notes(split_alike(runs, metas, spec), ds)
     tested = [leak_note(runs, metas, ds), *leaks.own_copies(ds), *leaks.part_notes(ds)] if "test" in splits else []  # fmt: skip
     tested += evaluate.mirror_notes(tta, runs, metas)

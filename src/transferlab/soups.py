@@ -121,7 +121,7 @@ def make(
     if (Path(out) / checkpoint.META).exists() and not overwrite:  # (then: --overwrite helps)
         raise UserError(f"{out} already holds a run: pass --overwrite to replace it, or choose another --out")  # fmt: skip
     check_lineage(runs, metas)
-    ds = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]))
+    ds = load_as_run(metas[0], data.canonical(data_spec or metas[0]["data"]), scored=True)
     _check_classes(metas[0], ds, runs[0])  # before the folder is claimed
     if (apart := members.split_apart(runs, metas, data_spec)) and method != "uniform":
         raise UserError(
