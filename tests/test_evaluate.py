@@ -1,5 +1,6 @@
 """evaluate: metrics (golden values), test-time augmentation views."""
 
+import re
 import shutil
 
 import numpy as np
@@ -86,11 +87,22 @@ def test_an_unreadable_image_when_scoring_does_not_ask_for_a_flag_evaluate_lacks
     shutil.copytree(folder_data, tmp_path / "d")
     broken = sorted((tmp_path / "d" / "test").rglob("*.png"))[0]
     broken.write_bytes(b"")
+    sorted((tmp_path / "d" / "train").rglob("*.png"))[0].write_bytes(b"")  # never scored here
     argv = ["evaluate", str(trained_run), "--data", f"folder:{tmp_path / 'd'}", "--split", "test"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"1 unreadable image(s) in the test split run {trained_run} is scored on" in err
     assert broken.name in err and "--skip-bad-images" not in err and len(err.splitlines()) == 1
+    assert "carved" not in err  # a given test split: train's images never come into it
+    shutil.copytree(folder_data / "train", tmp_path / "flat")  # pass 62: removing those named
+    damaged = sorted((tmp_path / "flat").rglob("*.png"))[::10]  # carved others in, a round each
+    for path in damaged:
+        path.write_bytes(b"")
+    assert main(["evaluate", str(trained_run), "--data", f"folder:{tmp_path / 'flat'}"]) == 2
+    err = capsys.readouterr().err
+    counts = re.search(r"(\d+) unreadable image\(s\) in the test split .* scored on, and (\d+) in the splits it is carved with \(removing files carves them anew\)", err)  # fmt: skip
+    assert counts and int(counts[1]) + int(counts[2]) == len(damaged) and int(counts[2]) > 0, err
+    assert all(str(path) in err for path in damaged[:20]) and len(err.splitlines()) == 1, err
 
 
 def test_a_fine_tune_scored_on_images_its_parent_trained_on_says_so(
