@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -428,6 +429,9 @@ def test_output_cut_short_by_a_pipe_is_no_error():
     code = "from transferlab import cli, stops\ndef cmd(args):\n    stops.later('waited')\n    raise BrokenPipeError\ncli.COMMANDS['report'] = cmd\nraise SystemExit(cli.main(['report', '.']))"  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (141, "note: waited\n"), done
+    # pass 62: with its output closed (>&-), models and predict printed nothing and exited 0
+    shut = subprocess.run([sys.executable, "-m", "transferlab", "models"], stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert shut.returncode == 2 and shut.stderr == "transferlab models: error: its standard output is closed (>&-): what it prints would be lost; send it to a file, or to /dev/null\n", shut  # fmt: skip
 
 
 def test_finetune_help_shows_the_defaults_it_uses(capsys):
