@@ -469,7 +469,7 @@ def test_hf_each_split_is_read_through_its_own_labels_and_split_names_as_dataset
         data.load(f"hf:{tmp_path / 'empty'}")
 
 
-def test_hf_a_split_without_trains_columns_and_a_column_of_image_paths(tmp_path):
+def test_hf_a_split_without_trains_columns_and_a_column_of_image_paths(tmp_path, monkeypatch):
     """Pass 63: a test split without the label column was a KeyError traceback; a column of
     file paths, named by image= as the refusal advised, was then refused as "no images"."""
     datasets = pytest.importorskip("datasets")
@@ -494,6 +494,14 @@ def test_hf_a_split_without_trains_columns_and_a_column_of_image_paths(tmp_path)
     ds = data.load(f"hf:{tmp_path / 'paths'},image=img")  # relative: to the dataset's folder
     read = sorted(Path(p).read_bytes() for split in ds.splits.values() for p in split.paths)
     assert read == sorted(row["bytes"] for row in rows)
+    with pytest.raises(UserError, match="column 'img' holds another value in each of its 24 train rows, so not labels"):  # fmt: skip
+        data.load(f"hf:{tmp_path / 'paths'},image=img,label=img")  # (pass 64: 24 classes of 1)
+    monkeypatch.setenv("HOME", str(tmp_path))  # pass 64: ~ was not expanded; a missing file
+    names[:4] = ["~/files/0.png", "nowhere.png", "https://example.com/x.png", "../files"]  # fmt: skip
+    datasets.Dataset.from_dict({"img": names, "fine": dd["train"]["fine"]}, features).save_to_disk(str(tmp_path / "gone"))  # fmt: skip
+    with pytest.raises(UserError) as said:  # was "no image in its row"
+        data.load(f"hf:{tmp_path / 'gone'},image=img")
+    assert str(said.value) == f"{tmp_path / 'gone'} train: 3 row(s) name no image file here: row 1 'nowhere.png' (not found); row 2 'https://example.com/x.png' (a URL: download the images first); row 3 '../files' (a folder) (a relative path is read from the dataset's folder, then the current one)"  # fmt: skip
 
 
 def test_hf_columns_named_in_the_spec_override_detection_and_mistakes_are_one_line(tmp_path):

@@ -124,7 +124,7 @@ def test_a_fine_tune_scored_on_images_its_parent_trained_on_says_so(
                 )
     spec = f"folder:{child_data}"
     trainer.fit(tiny_cfg(spec, weights=str(trained_run), epochs=1), tmp_path / "ft")
-    said = "20 of the 20 test images were training images of the run its weights came from (tiny)"
+    said = "20 of the 20 test images were training or validation images of the run its weights came from (tiny)"
     assert said in capsys.readouterr().err
     *_, notes = evaluate.score_run(tmp_path / "ft", None, "test")
     assert any(said in note and "not a held-out test score" in note for note in notes)
@@ -163,7 +163,7 @@ def test_a_fine_tune_s_leak_is_said_from_any_folder_and_after_its_parent_moved(
                 shutil.copy(folder_data / "train" / c / f"{i}.png", child / subset / c)
     monkeypatch.chdir(tmp_path)
     trainer.fit(tiny_cfg(f"folder:{child}", weights="p", epochs=1), tmp_path / "ft", quiet=True)
-    said = "20 of the 20 test images were training images of the run its weights came from"
+    said = "20 of the 20 test images were training or validation images of the run its weights came from"
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     *_, notes = evaluate.score_run(tmp_path / "ft", None, "test")
@@ -193,7 +193,7 @@ def test_a_leak_is_counted_through_copies_ensemble_members_soup_ingredients_and_
             for i in ids:
                 shutil.copy(folder_data / "train" / c / f"{i}.png", child / subset / c)
     spec = f"folder:{child}"
-    said = "20 of the 20 test images were training images of the run its weights came from"
+    said = "20 of the 20 test images were training or validation images of the run its weights came from"
     for name in ("ft", "ft2"):
         trainer.fit(tiny_cfg(spec, weights=str(trained_run), epochs=1), tmp_path / name)
         assert said in capsys.readouterr().err  # a copy is the same image
@@ -217,7 +217,7 @@ def test_a_leak_is_counted_through_copies_ensemble_members_soup_ingredients_and_
     shards.write(f"folder:{folder_data}", tmp_path / "shards", quiet=True)
     trainer.fit(tiny_cfg(f"wds:{tmp_path / 'shards'}", epochs=1), tmp_path / "w", quiet=True)
     trainer.fit(tiny_cfg(spec, weights=str(tmp_path / "w"), epochs=1), tmp_path / "ftw")
-    assert "20 of the 20 test images were training images of the run its weights came from (w)" in capsys.readouterr().err  # fmt: skip
+    assert "20 of the 20 test images were training or validation images of the run its weights came from (w)" in capsys.readouterr().err  # fmt: skip
 
 
 def test_test_images_that_are_copies_of_its_own_training_images_are_counted(tmp_path, capsys):

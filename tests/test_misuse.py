@@ -379,7 +379,7 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "steps: [{report: x}]": "report takes no name",
         "steps: [{train: a, finetune: b}]": "exactly one of",
         "steps: [{train: a}, {train: a}]": "used by an earlier step",
-        "steps: [{train: a}, {ensemble: e, members: [a, ghost]}]": "'ghost' is neither",
+        "steps: [{train: a}, {ensemble: e, members: [a, ghost]}]": "'ghost' is neither an earlier step \\(a\\) nor a finished run folder \\(looked for in --out by name, else as a path from the current folder\\)$",  # fmt: skip
         "steps: [{finetune: f}]": "needs 'from: RUN'",
         "steps: [{train: a, lr: nan}]": "lr must be a finite number",
         "defaults: 5\nsteps: [report]": "'defaults' must be a mapping",
@@ -475,6 +475,11 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
             recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
     steps = recipe.apply_overrides(recipe.load(path), {"steps.0.lr": "0.1", "steps.1.name": "d"})["steps"]  # fmt: skip
     assert steps == [{"train": {"name": "a", "epochs": 1, "lr": 0.1}}, {"auto": "d", "budget": "1m"}]  # fmt: skip
+    # pass 64: steps.0.train=zz replaced the mapping (its lr went, unsaid); another kind's key
+    steps = recipe.apply_overrides(recipe.load(path), {"steps.0.train": "zz", "steps.1.auto": "y"})["steps"]  # fmt: skip
+    assert steps == [{"train": {"name": "zz", "epochs": 1}}, {"auto": "y", "budget": "1m"}]
+    with pytest.raises(UserError, match=r"^--set steps\.0\.finetune: steps\.0 is a train step; --set changes its keys, not its kind$"):  # fmt: skip
+        recipe.apply_overrides(recipe.load(path), {"steps.0.finetune": "x"})
     path.write_text("data: digits\nsteps: [{train: a, schedule: sgd}]\n")  # pass 61: the file's
     for pair in ("optimizer", "steps.0.optimizer"):  # value, blamed on a --set of that value
         with pytest.raises(UserError, match=r"^step 1 \(train a\): schedule must be one of .*, got 'sgd'$"):  # fmt: skip
@@ -1187,6 +1192,9 @@ def test_a_recipe_reuses_a_fine_tune_or_soup_only_if_made_from_its_runs_as_they_
     assert (
         f"note: {out} also holds s, which no step of this recipe makes" in capsys.readouterr().err
     )
+    renamed = recipe.apply_overrides(recipe.load(path), {"steps.0.name": "a2"})  # pass 64: its
+    recipe._refuse_another_recipe(renamed, out)  # fine-tunes read the old a, only the run said
+    assert capsys.readouterr().err == f"note: {out} also holds a, s, which no step of this recipe makes (renamed or removed?): its report lists them too; finetune ft reads a from there; finetune ft2 reads a from there\n"  # fmt: skip
 
 
 def test_a_recipe_s_errors_do_not_ask_for_flags_run_does_not_take(tmp_path):

@@ -63,6 +63,8 @@ def test_predict_a_run_on_a_folder_skips_unreadable_files(trained_run, images, c
     pil = Image.open(twice[0])  # given as files one at a time: each was kept (pass 37, F4)
     assert predict.items([twice[0], twice[0]]) == [twice[0]]  # (one str object, twice)
     capsys.readouterr()
+    predict.items([twice[3], twice[0], twice[3], twice[3]])  # a repeat said once (pass 64)
+    assert f"(3 repeat(s) left out: {twice[0]} (as {twice[3]}), {twice[3]}) are" in capsys.readouterr().err  # fmt: skip
     assert predict.items([*twice, pil, pil]) == [twice[0], str(images / "sub" / "gray.jpg"), pil, pil]  # fmt: skip
     # pass 58: one file given four times was "3 image(s) given more than once"; pass 62: the
     # paths left out went unnamed (a link's row was missing from the CSV without a word)

@@ -101,6 +101,8 @@ def source(arg: str, notes: list[str]):
         classes = list(feature.names)
     else:  # numbers in numeric order, as csv: orders them ("10" came before "2")
         classes = label_order({_named(v) for v in parts["train"][label_col]} - {None}, name)
+    if not by_index and len(classes) == len(parts["train"]) >= 10:  # (pass 64: paths, 1 a class)
+        raise UserError(f"{name}: column '{label_col}' holds another value in each of its {len(classes)} train rows, so not labels (ids, file paths, captions?): name the label column with ,label=COLUMN")  # fmt: skip
     if not by_index and label_col not in ("label", "labels", options.get("label")):  # (pass 63:
         notes.append(f"labels: column '{label_col}' of {name}, the one beside its images ({len(classes)} classes); name another with ,label=COLUMN")  # a caption column trained on unsaid)  # fmt: skip
     folder = root(name, config)
@@ -123,7 +125,7 @@ def source(arg: str, notes: list[str]):
             value, f = ds[row][label_col], ds.features[label_col]
             shown = f.int2str(value) if isinstance(f, datasets.ClassLabel) and 0 <= value < f.num_classes else value  # fmt: skip
             raise UserError(f"{name} {split} row {row}: label {shown!r} is not a class of its train split ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")  # fmt: skip
-        paths = _files(datasets, ds, image_col, folder / split, Path(name).expanduser())
+        paths = _files(datasets, ds, image_col, folder / split, Path(name).expanduser(), f"{name} {split}")  # fmt: skip
         splits[split] = Split(np.array(labels, dtype=np.int64), paths=paths)
     return classes, classes, splits, None, 3
 
@@ -290,20 +292,24 @@ def root(name: str, config: str) -> Path:
     return cache / "hf" / hashlib.sha256(f"{where}|{config}".encode()).hexdigest()[:16]
 
 
-def _files(datasets, ds, column: str, folder: Path, local: Path) -> list[str]:
+def _files(datasets, ds, column: str, folder: Path, local: Path, who: str) -> list[str]:
     """Each row's image as the file it was (its own bytes), written once into `folder`; a path
-    relative to a `local` dataset's folder (as csv: reads its) or else to the current one."""
-    base = local if local.is_dir() else local.parent
+    relative to a `local` dataset's folder (as csv: reads its) or else to the current one. A
+    column of paths names the rows whose file is not there, as csv: names its lines (pass 64:
+    "no image in its row")."""
+    base, strings = local if local.is_dir() else local.parent, not _images(datasets, ds.features[column])  # fmt: skip
     raw = ds.cast_column(column, datasets.Image(decode=False))
-    paths = []
+    paths, missing = [], []
     folder.mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(raw[column]):
-        data = (item or {}).get("bytes")
-        if data is None and (item or {}).get("path"):
+        data, given = (item or {}).get("bytes"), (item or {}).get("path")
+        if data is None and given:
+            where = (base / given, Path(given).expanduser())
             try:
-                data = next((p for p in (base / item["path"], Path(item["path"])) if p.is_file()), base / item["path"]).read_bytes()  # fmt: skip
-            except OSError:  # a path from the machine that made it
-                data = None
+                data = next(p for p in where if p.is_file()).read_bytes()
+            except (StopIteration, OSError):  # a path from the machine that made it
+                why = "a URL: download the images first" if re.match(r"[a-z]+://", given) else ("a folder" if any(p.is_dir() for p in where) else "not found")  # fmt: skip
+                missing.append(f"row {i} {given!r} ({why})")
         # a row without an image: an empty file, named so, which decoding calls unreadable
         # (--skip-bad-images leaves it out), where it was a traceback
         name = f"{i:07d}-{hashlib.sha256(data).hexdigest()[:16]}" if data else f"{i:07d}-no-image"
@@ -313,6 +319,8 @@ def _files(datasets, ds, column: str, folder: Path, local: Path) -> list[str]:
             tmp.write_bytes(data or b"")
             os.replace(tmp, path)
         paths.append(str(path))
+    if missing and strings:
+        raise UserError(f"{who}: {len(missing)} row(s) name no image file here: {'; '.join(missing[:10])}{'; ...' * (len(missing) > 10)} (a relative path is read from the dataset's folder, then the current one)")  # fmt: skip
     return paths
 
 

@@ -117,7 +117,7 @@ def new_run_notes(source: dict, ds: data.Dataset) -> list[str]:
     return inherited + own_copies(ds)
 
 
-INHERITED = "training images of the run its weights came from"  # inherited_note's
+INHERITED = "images of the run its weights came from"  # inherited_note's (and older notes')
 
 
 def inherited_note(meta: dict, ds: data.Dataset, split: str = "test") -> str:
@@ -127,7 +127,8 @@ def inherited_note(meta: dict, ds: data.Dataset, split: str = "test") -> str:
     if not n:
         return ""
     how = f" (counted when it trained: {', '.join(gone)} can no longer be read)" if gone else ""
-    return (f"{n} of the {len(ds.splits[split])} {split} images were {INHERITED} ({names}), so "
+    used = "training" if split == "val" else "training or validation"  # (`inherited`'s: pass 64)
+    return (f"{n} of the {len(ds.splits[split])} {split} images were {used} {INHERITED} ({names}), so "
             f"this is not a held-out {split} score{how}")  # fmt: skip
 
 

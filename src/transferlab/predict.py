@@ -112,7 +112,7 @@ def items(inputs: list) -> list:
         times = collections.Counter(_key(x) for x in out if isinstance(x, str))  # link's row
         was = {i: out[first[_key(out[i])]] for i in sorted(set(range(len(out))) - set(kept))}  # went unsaid)  # fmt: skip
         left = [out[i] if os.path.normpath(out[i]) == os.path.normpath(f) else f"{out[i]} (as {f})" for i, f in was.items()]  # fmt: skip
-        print(f"note: {sum(n > 1 for n in times.values())} image(s) given more than once ({len(left)} repeat(s) left out: {few(left, 3)}) are predicted once, by the first name given", file=sys.stderr)  # fmt: skip
+        print(f"note: {sum(n > 1 for n in times.values())} image(s) given more than once ({len(left)} repeat(s) left out: {few(list(dict.fromkeys(left)))}) are predicted once, by the first name given", file=sys.stderr)  # fmt: skip
     return once
 
 

@@ -169,8 +169,10 @@ def _refuse_another_recipe(recipe: dict, out: Path) -> None:
     if left := sorted(
         d.name for d in out.iterdir() if outputs.read_mark(d) and d.name not in names
     ):
+        read = [f"{kind} {name} reads {', '.join(sorted(refs))}" for i, step in enumerate(recipe["steps"], 1) for kind, name, keys in [parse_step(step, i)]
+                if (refs := {str(r) for r in [keys.get("from"), *(keys.get("members") or [])]} & set(left))]  # fmt: skip
         print(f"note: {out} also holds {', '.join(left)}, which no step of this recipe makes "
-              "(renamed or removed?): its report lists them too", file=sys.stderr)  # fmt: skip
+              f"(renamed or removed?): its report lists them too{''.join(f'; {r} from there' for r in read)}", file=sys.stderr)  # fmt: skip
 
 
 def _check_finished(recipe: dict, out: Path) -> None:

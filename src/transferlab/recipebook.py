@@ -58,10 +58,13 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
             if parts[2] == "members" and isinstance(value, str):  # m1,m2 or [m1, m2]
                 value = [m.strip() for m in value.strip().strip("[]").split(",") if m.strip()]
             step, kind = steps[index], next((k for k in STEP_KINDS if k in steps[index]), None)
-            if isinstance(step.get(kind), dict) and parts[2] not in STEP_KINDS:  # - train: {...}
+            if parts[2] in STEP_KINDS and parts[2] != kind:  # (pass 64: "step 1", not the --set)
+                raise UserError(f"--set {key}: steps.{index} is a {kind} step; --set changes its keys, not its kind")  # fmt: skip
+            parts[2] = "name" if parts[2] == kind else parts[2]  # steps.0.train=zz: its name (its
+            if isinstance(step.get(kind), dict):  # - train: {...}  (mapping went, unsaid: pass 64)
                 step = step[kind]  # (pass 62: beside it, "give its keys either inside or beside")
             elif parts[2] == "name" and isinstance(step.get(kind), str):  # - train: NAME
-                step, parts[2] = step, kind  # (its name: "unknown key 'name'")
+                parts[2] = kind  # (its name: "unknown key 'name'")
             step[parts[2]] = value
             recipe.setdefault("_set", []).append(key)  # (its errors name the --set, not the file)
         elif key == "defaults.data":  # (every step trained on it; recipe.yaml said the other)
@@ -342,8 +345,8 @@ def _check_refs(kind: str, name: str, keys: dict, earlier: list[str], out: Path,
         if str(ref) not in earlier and not checkpoint.is_run(ref_path(ref, out)):
             raise UserError(
                 f"step {i} ({kind} {name}): '{ref}' is neither an earlier step "
-                f"({', '.join(earlier) or 'none'}) nor a finished run folder (a path is read "
-                "from the current folder, not --out)"
+                f"({', '.join(earlier) or 'none'}) nor a finished run folder (looked for in --out "
+                "by name, else as a path from the current folder)"
             )
 
 
