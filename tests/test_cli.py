@@ -187,7 +187,7 @@ def test_unknown_recipe_key(capsys, tmp_path):
     # numbers as YAML holds them (recipe.yaml recorded epochs: '2'); names and data stay text
     got = recipebook.apply_overrides(book, {"lr": "1e-3", "seed": "-2", "name": "7", "steps.0.name": "8", "fold": "1/5"})  # fmt: skip
     assert got["overrides"] == {"lr": 0.001, "seed": -2, "fold": "1/5"} and got["name"] == "7"
-    assert got["steps"][0]["name"] == "8"
+    assert got["steps"][0]["train"] == "8"  # (its name: pass 62)
     from transferlab.config import UserError, parse_set
 
     got = recipebook.apply_overrides(book, parse_set(["lr='1e-3'", 'epochs="2"', "steps.1.model='dcnn'", "data=o'", "name=a'b"]))  # fmt: skip
