@@ -124,11 +124,12 @@ def test_cli_formats(trained_run, images, capsys):
     assert main(["--quiet", "predict", str(trained_run), str(images / "a.png"), "--csv"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "path,rank,class,name,prob"
     rows = [
-        {"path": p, "predictions": [{"name": "a", "prob": 0.5}]} for p in ("数字.png", "ab.png")
-    ]
+        {"path": p, "predictions": [{"name": "a", "prob": 0.5}]} for p in ("数字.png", "ab.png", "🐶é.png", "e\u0301.png")
+    ]  # fmt: skip
     lines = predict.table(rows).splitlines()  # wide characters take two columns: aligned
-    at = [predict._width(line[: line.index("a 0.500")]) for line in lines[1:]]  # columns
-    assert at == [10, 10] and lines[0].index("top-1") == 10
+    at = [predict.width(line[: line.index("a 0.500")]) for line in lines[1:]]  # columns
+    assert at == [10, 10, 10, 10] and lines[0].index("top-1") == 10
+    assert predict.width("🐶é.png") == 7 and predict.width("e\u0301.png") == 5  # (pass 62)
     rows = [{"path": "new\nline.png", "predictions": [{"name": "a", "prob": 0.5}]}]
     assert predict.table(rows).splitlines()[1].split() == ["new\\nline.png", "a", "0.500"]
 

@@ -283,18 +283,19 @@ def table(rows: list[dict]) -> str:
         + [f"{one_line(p['name'])} {p['prob']:.3f}" for p in row["predictions"]]
         for row in rows  # (a newline in a file name: escaped, the row kept whole)
     ]
-    widths = [max(_width(c[i]) for c in cells) for i in range(len(cells[0]))]
+    widths = [max(width(c[i]) for c in cells) for i in range(len(cells[0]))]
     return "\n".join(
-        "  ".join(c + " " * (w - _width(c)) for c, w in zip(r, widths, strict=True)).rstrip()
+        "  ".join(c + " " * (w - width(c)) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in cells
     )
 
 
-def _width(text: str) -> int:
-    """Columns on a terminal: wide (CJK) characters take two (len() counted one)."""
+def width(text: str) -> int:
+    """Columns on a terminal: wide (CJK, emoji) characters take two (len() counted one), a
+    combining accent none (é typed on macOS: e and its accent)."""
     import unicodedata
 
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)  # fmt: skip
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -36,6 +36,7 @@ from . import (
     ensembles,
     evaluate,
     outputs,
+    predict,
     report,
     resume,
     strategies,
@@ -350,7 +351,7 @@ def print_ensemble(info: dict) -> None:
     for m in info["members"]:
         t = m["test"]
         print(
-            f"   {Path(m['run']).name:<30} {t['top1']:>7.2%} {t['loss']:>7.4f} "
+            f"   {(n := Path(m['run']).name) + ' ' * (30 - predict.width(n))} {t['top1']:>7.2%} {t['loss']:>7.4f} "
             f"{t.get('ece', float('nan')):>6.3f} {m['weight']:>7.3f}"
         )
     t = info["metrics"]["test"]
