@@ -1364,6 +1364,19 @@ def test_a_run_whose_data_moved_is_told_how_to_score_it_where_they_lie(tmp_path,
         assert followed == 0 or "does not exist" not in capsys.readouterr().err
         capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "a"), "--data", f"folder:{tmp_path / 'moved'}"]) == 0
+    datasets = pytest.importorskip("datasets")  # pass 66: a CSV's or an hf: folder's run (the
+    files = sorted((tmp_path / "moved").rglob("*.png"))  # Hub was asked for the absolute path)
+    rows = [f"{p.relative_to(tmp_path / 'moved')},{p.parent.name}" for p in files]
+    (tmp_path / "moved" / "labels.csv").write_text("file_name,label\n" + "\n".join(rows) + "\n")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})  # fmt: skip
+    datasets.Dataset.from_dict({"image": [str(p) for p in files], "label": [int(p.parent.name == "dog") for p in files]}, features).save_to_disk(str(tmp_path / "hf"))  # fmt: skip
+    for kind, where, now in (("csv", tmp_path / "moved" / "labels.csv", tmp_path / "again" / "labels.csv"), ("hf", tmp_path / "hf", tmp_path / "hf2")):  # fmt: skip
+        assert main(["train", "--data", f"{kind}:{where}", *small, "--out", str(tmp_path / f"run-{kind}")]) == 0  # fmt: skip
+    (tmp_path / "moved").rename(tmp_path / "again"), (tmp_path / "hf").rename(tmp_path / "hf2")
+    capsys.readouterr()
+    for kind, said in (("csv", f"CSV file not found: {tmp_path / 'moved' / 'labels.csv'}"), ("hf", f"dataset path does not exist: {tmp_path / 'hf'}")):  # fmt: skip
+        fail(capsys, "evaluate", tmp_path / f"run-{kind}", pattern=re.escape(f"{said}, where the run was trained: if the data moved, give --data {kind}:WHERE_THEY_ARE_NOW"))  # fmt: skip
+    assert main(["evaluate", str(tmp_path / "run-hf"), "--data", f"hf:{tmp_path / 'hf2'}", "--quiet"]) == 0  # fmt: skip
 
 
 def test_members_trained_on_the_test_images_are_counted_not_guessed(tmp_path, capsys):

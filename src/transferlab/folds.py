@@ -82,7 +82,7 @@ def load_as_run(meta: dict, spec: str | None = None, scored: bool = False) -> da
         return data.load(meta["data"] if spec is None else spec, *carving_on(meta, spec), scoring=spec is not None)  # fmt: skip
     except UserError as err:
         here = spec is None or data.canonical(spec) == data.canonical(meta["data"])
-        if not (scored and here and str(err).startswith("dataset path does not exist")):
+        if not (scored and here and str(err).startswith(("dataset path does not exist", "CSV file not found"))):  # fmt: skip
             raise
         kind = str(meta["data"]).partition(":")[0]
         raise UserError(f"{err}, where the run was trained: if the data moved, give --data {kind}:WHERE_THEY_ARE_NOW") from None  # fmt: skip

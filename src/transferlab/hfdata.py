@@ -199,6 +199,8 @@ def _read(datasets, name: str, config: str | None):
             return datasets.load_dataset("parquet", data_files=_parquet_splits(files, name))  # fmt: skip
         if path.exists():
             raise UserError(f"{name} is neither a save_to_disk folder nor parquet")
+        if name.startswith(("/", "./", "../", "~")):  # a path, not a Hub name (pass 66: it was
+            raise UserError(f"dataset path does not exist: {name}")  # looked for on the Hub)
         why = weights.hub_unreachable()  # in 5 s; the hub client retries for half a minute
         with weights.cache_only(why is not None):
             try:
