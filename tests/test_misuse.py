@@ -1370,7 +1370,7 @@ def test_a_run_whose_data_moved_is_told_how_to_score_it_where_they_lie(tmp_path,
     (tmp_path / "moved" / "labels.csv").write_text("file_name,label\n" + "\n".join(rows) + "\n")
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})  # fmt: skip
     datasets.Dataset.from_dict({"image": [str(p) for p in files], "label": [int(p.parent.name == "dog") for p in files]}, features).save_to_disk(str(tmp_path / "hf"))  # fmt: skip
-    for kind, where, now in (("csv", tmp_path / "moved" / "labels.csv", tmp_path / "again" / "labels.csv"), ("hf", tmp_path / "hf", tmp_path / "hf2")):  # fmt: skip
+    for kind, where in (("csv", tmp_path / "moved" / "labels.csv"), ("hf", tmp_path / "hf")):
         assert main(["train", "--data", f"{kind}:{where}", *small, "--out", str(tmp_path / f"run-{kind}")]) == 0  # fmt: skip
     (tmp_path / "moved").rename(tmp_path / "again"), (tmp_path / "hf").rename(tmp_path / "hf2")
     capsys.readouterr()
