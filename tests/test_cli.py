@@ -417,7 +417,7 @@ def test_the_recipes_transferlab_comes_with_run_by_name_from_anywhere(tmp_path, 
     assert f"folder:{argv[argv.index('--to') + 1]}/cifar10" in line.partition("#")[2], line
 
 
-def test_output_cut_short_by_a_pipe_is_no_error():
+def test_output_cut_short_by_a_pipe_is_no_error(tmp_path):
     """`transferlab evaluate ... | head -c 10` said "error: Broken pipe" and exited 2."""
     proc = subprocess.Popen([sys.executable, "-m", "transferlab", "models"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
@@ -432,6 +432,12 @@ def test_output_cut_short_by_a_pipe_is_no_error():
     # pass 62: with its output closed (>&-), models and predict printed nothing and exited 0
     shut = subprocess.run([sys.executable, "-m", "transferlab", "models"], stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))  # fmt: skip
     assert shut.returncode == 2 and shut.stderr == "transferlab models: error: its standard output is closed (>&-): what it prints would be lost; send it to a file, or to /dev/null\n", shut  # fmt: skip
+    # pass 66: with stderr closed a bar's traceback went nowhere, exit 1 (the error: on stdout)
+    shut = subprocess.run([sys.executable, "-m", "transferlab", "evaluate", "nowhere"], stdout=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(2))  # fmt: skip
+    assert shut.returncode == 2 and shut.stdout == "transferlab evaluate: error: its standard error is closed (2>&-): its errors and notes would be lost; send it to a file, or to /dev/null\n", shut  # fmt: skip
+    quiet = ["--quiet", "train", "--data", "digits", "--model", "dcnn", "--input-size", "8", "--epochs", "1", "--limit", "60", "--out", str(tmp_path / "q")]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "transferlab", *quiet], stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert done.returncode == 0 and (tmp_path / "q" / "meta.json").exists(), done  # it prints nothing
 
 
 def test_finetune_help_shows_the_defaults_it_uses(capsys):

@@ -494,8 +494,12 @@ def test_hf_a_split_without_trains_columns_and_a_column_of_image_paths(tmp_path,
     ds = data.load(f"hf:{tmp_path / 'paths'},image=img")  # relative: to the dataset's folder
     read = sorted(Path(p).read_bytes() for split in ds.splits.values() for p in split.paths)
     assert read == sorted(row["bytes"] for row in rows)
-    with pytest.raises(UserError, match="column 'img' holds another value in each of its 24 train rows, so not labels"):  # fmt: skip
-        data.load(f"hf:{tmp_path / 'paths'},image=img,label=img")  # (pass 64: 24 classes of 1)
+    captions = datasets.Dataset.from_dict({"img": dd["train"]["img"], "caption": [f"photo {i}" for i in range(24)]})  # fmt: skip
+    captions.cast_column("img", datasets.Image()).save_to_disk(str(tmp_path / "captions"))
+    with pytest.raises(UserError, match="column 'caption' holds another value in each of its 24 train rows, so not labels"):  # fmt: skip
+        data.load(f"hf:{tmp_path / 'captions'}")  # (pass 64: 24 classes of 1, unsaid)
+    named = data.load(f"hf:{tmp_path / 'captions'},label=caption", val_fraction=0.0)
+    assert len(named.classes) == 24  # named: trusted (pass 66: the advice named it again)
     monkeypatch.setenv("HOME", str(tmp_path))  # pass 64: ~ was not expanded; a missing file
     names[:4] = ["~/files/0.png", "nowhere.png", "https://example.com/x.png", "../files"]  # fmt: skip
     datasets.Dataset.from_dict({"img": names, "fine": dd["train"]["fine"]}, features).save_to_disk(str(tmp_path / "gone"))  # fmt: skip
@@ -698,7 +702,7 @@ def test_a_split_with_other_classes_names_them_in_words(tmp_path):
     """It printed Python lists: "extra [], missing ['eel']"."""
     root = make_folder(tmp_path / "d", ["ant", "eel"], 2)
     shutil.rmtree(root / "test" / "eel")
-    with pytest.raises(UserError, match=r"different classes from train: missing eel: name its class folders as train's, or move it out of the data \(the split is then carved from train\)$"):  # fmt: skip
+    with pytest.raises(UserError, match=r"different classes from train: missing eel: add images of them, or move it out of the data \(the split is then carved from train\)$"):  # fmt: skip
         data.load(f"folder:{root}")  # (pass 62: "extra none;", and no way on)
     (root / "test" / "ant").rename(root / "test" / "ant ")  # pass 32: "extra ant ; missing ant"
     with pytest.raises(UserError, match=r"extra 'ant '; missing ant, eel: name its"):

@@ -103,6 +103,9 @@ def test_an_unreadable_image_when_scoring_does_not_ask_for_a_flag_evaluate_lacks
     counts = re.search(r"(\d+) unreadable image\(s\) in the test split .* scored on, and (\d+) in the splits it is carved with \(removing files carves them anew\)", err)  # fmt: skip
     assert counts and int(counts[1]) + int(counts[2]) == len(damaged) and int(counts[2]) > 0, err
     assert all(str(path) in err for path in damaged[:20]) and len(err.splitlines()) == 1, err
+    assert main(["evaluate", str(trained_run), "--data", f"folder:{tmp_path / 'flat'}", "--split", "train"]) == 2  # fmt: skip
+    counts = re.search(r"(\d+) unreadable image\(s\) in the train split .*, and (\d+) in the splits it is carved with", capsys.readouterr().err)  # fmt: skip
+    assert counts and int(counts[1]) + int(counts[2]) == len(damaged)  # (pass 66: train's alone)
 
 
 def test_a_fine_tune_scored_on_images_its_parent_trained_on_says_so(

@@ -15,3 +15,14 @@ def bar(*args, **kwargs) -> tqdm:
     notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
     logged = not notebook and not (hasattr(file, "isatty") and file.isatty())
     return tqdm(*args, **kwargs, leave=logged)
+
+
+def closed(command: str, quiet: bool) -> str:
+    """What is lost where the standard output or error is closed (>&-, 2>&-): printed into
+    nothing (a traceback of a bar's, said nowhere, with exit 1), or ""; a quiet train or
+    finetune prints nothing on stdout (pass 66)."""
+    if sys.stderr is None:
+        return "its standard error is closed (2>&-): its errors and notes would be lost; send it to a file, or to /dev/null"  # fmt: skip
+    if sys.stdout is None and not (quiet and command in ("train", "finetune")):
+        return "its standard output is closed (>&-): what it prints would be lost; send it to a file, or to /dev/null"  # fmt: skip
+    return ""

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import cli_ship
+from . import bars, cli_ship
 from .config import (
     EveryRank,
     Preempted,
@@ -401,8 +401,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     # as a user reads it, not Python's source line
     try:
         _refuse_blank(sys.argv[1:] if argv is None else argv, args)
-        if sys.stdout is None:  # (pass 62: what predict or models printed was lost, exit 0)
-            raise UserError("its standard output is closed (>&-): what it prints would be lost; send it to a file, or to /dev/null")  # fmt: skip
+        if lost := bars.closed(args.command, getattr(args, "quiet", False)):  # (pass 62, 66)
+            raise UserError(lost)
         if os.environ.get("WORLD_SIZE", "1") != "1" and args.command not in ("train", "finetune"):
             raise EveryRank(f"{args.command} runs in one process: run it without torchrun (train and finetune run under it{'; train --lr auto runs the range test itself' if args.command == 'lr-find' else ''})")  # fmt: skip
         with sigterm_stops(args.command != "serve"):  # (uvicorn stops serve by itself)

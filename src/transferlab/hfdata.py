@@ -101,7 +101,7 @@ def source(arg: str, notes: list[str]):
         classes = list(feature.names)
     else:  # numbers in numeric order, as csv: orders them ("10" came before "2")
         classes = label_order({_named(v) for v in parts["train"][label_col]} - {None}, name)
-    if not by_index and len(classes) == len(parts["train"]) >= 10:  # (pass 64: paths, 1 a class)
+    if not by_index and len(classes) == len(parts["train"]) >= 10 and "label" not in options:  # (pass 64: paths, 1 a class; 66: named, trusted)  # fmt: skip
         raise UserError(f"{name}: column '{label_col}' holds another value in each of its {len(classes)} train rows, so not labels (ids, file paths, captions?): name the label column with ,label=COLUMN")  # fmt: skip
     if not by_index and label_col not in ("label", "labels", options.get("label")):  # (pass 63:
         notes.append(f"labels: column '{label_col}' of {name}, the one beside its images ({len(classes)} classes); name another with ,label=COLUMN")  # a caption column trained on unsaid)  # fmt: skip
