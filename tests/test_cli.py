@@ -437,7 +437,7 @@ def test_output_cut_short_by_a_pipe_is_no_error(tmp_path):
     assert shut.returncode == 2 and shut.stdout == "transferlab evaluate: error: its standard error is closed (2>&-): its errors and notes would be lost; send it to a file, or to /dev/null\n", shut  # fmt: skip
     quiet = ["--quiet", "train", "--data", "digits", "--model", "dcnn", "--input-size", "8", "--epochs", "1", "--limit", "60", "--out", str(tmp_path / "q")]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "transferlab", *quiet], stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))  # fmt: skip
-    assert done.returncode == 0 and (tmp_path / "q" / "meta.json").exists(), done  # it prints nothing
+    assert done.returncode == 0 and (tmp_path / "q" / "meta.json").exists(), done  # fmt: skip
 
 
 def test_finetune_help_shows_the_defaults_it_uses(capsys):

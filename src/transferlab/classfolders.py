@@ -122,7 +122,7 @@ def _folder_split(root: Path, classes: list[str], notes: list[str]) -> Split:
         extra, missing = ([repr(c) if c != c.strip() else c for c in sorted(side)] for side in (set(found) - set(classes), set(classes) - set(found)))  # fmt: skip
         said = "; ".join([f"extra {', '.join(extra)}"] * bool(extra) + [f"missing {', '.join(missing)}"] * bool(missing))  # fmt: skip
         case = " (they differ only in case)" * ({c.casefold() for c in extra} == {c.casefold() for c in missing})  # fmt: skip
-        mend = "name its class folders as train's" if extra else "add images of them"  # (pass 66: an empty folder was "no images")
+        mend = "name its class folders as train's" if extra else "add images of them"  # (66)
         raise UserError(f"{root} has different classes from train: {said}{case}: {mend}, or move it out of the data (the split is then carved from train)")  # fmt: skip
     paths, labels = [], []
     left: dict[str, list[str]] = {"hidden": [], "other": [], "folder": []}  # what is not read
