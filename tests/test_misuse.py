@@ -469,7 +469,7 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "steps.0.lr": ("-1", r"^step 1 \(train a; --set steps\.0\.lr\): lr must be > 0"),
         "steps.1.budget": ("0", r"^step 2 \(auto c; --set steps\.1\.budget\): budget: must be a"),
         "steps.0.model": ("resnt50", r"^step 1 \(train a; --set steps\.0\.model\): unknown model"),
-        "steps.1.name": ("a", r"^step 2: the name 'a' is used by an earlier step$"),
+        "steps.1.name": ("a", r"^step 2: the name 'a' is used by an earlier step, step 1; --set"),
     }.items():
         with pytest.raises(UserError, match=message):
             recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
@@ -480,6 +480,8 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
     assert steps == [{"train": {"name": "zz", "epochs": 1}}, {"auto": "y", "budget": "1m"}]
     with pytest.raises(UserError, match=r"^--set steps\.0\.finetune: steps\.0 is a train step; --set changes its keys, not its kind$"):  # fmt: skip
         recipe.apply_overrides(recipe.load(path), {"steps.0.finetune": "x"})
+    with pytest.raises(UserError, match=r"^--set steps\.1\.train: steps\.1 is an auto step;"):
+        recipe.apply_overrides(recipe.load(path), {"steps.1.train": "x"})  # (pass 66: "a auto")
     path.write_text("data: digits\nsteps: [{train: a, schedule: sgd}]\n")  # pass 61: the file's
     for pair in ("optimizer", "steps.0.optimizer"):  # value, blamed on a --set of that value
         with pytest.raises(UserError, match=r"^step 1 \(train a\): schedule must be one of .*, got 'sgd'$"):  # fmt: skip

@@ -59,7 +59,7 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
                 value = [m.strip() for m in value.strip().strip("[]").split(",") if m.strip()]
             step, kind = steps[index], next((k for k in STEP_KINDS if k in steps[index]), None)
             if parts[2] in STEP_KINDS and parts[2] != kind:  # (pass 64: "step 1", not the --set)
-                raise UserError(f"--set {key}: steps.{index} is a {kind} step; --set changes its keys, not its kind")  # fmt: skip
+                raise UserError(f"--set {key}: steps.{index} is a{'n' * (kind[0] in 'aeiou')} {kind} step; --set changes its keys, not its kind")  # fmt: skip
             parts[2] = "name" if parts[2] == kind else parts[2]  # steps.0.train=zz: its name (its
             if isinstance(step.get(kind), dict):  # - train: {...}  (mapping went, unsaid: pass 64)
                 step = step[kind]  # (pass 62: beside it, "give its keys either inside or beside")
@@ -154,7 +154,9 @@ def _check_step(recipe: dict, kind: str, name: str, keys: dict, i: int, names: l
     _check_values(kind, name, keys, i, out is not None)
     if kind != "report":
         if name in names:
-            raise UserError(f"step {i}: the name '{name}' is used by an earlier step")
+            j = next(j for j, step in enumerate(recipe["steps"], 1) if parse_step(step, j)[1] == name)  # fmt: skip
+            renamed = [a for a in recipe.get("_set", []) if re.fullmatch(rf"steps\.({j - 1}|{i - 1})\.(name|{'|'.join(STEP_KINDS)})", a)]  # fmt: skip
+            raise UserError(f"step {i}: the name '{name}' is used by an earlier step, step {j}{''.join(f'; --set {a}' for a in renamed)}")  # fmt: skip
         if kind == "train":
             cfg = train_config(recipe, keys)  # bad values fail before any
             weights.check_model(cfg)  # step runs, a typo in a later step's model too
