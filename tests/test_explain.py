@@ -47,6 +47,19 @@ def test_gradcam_points_where_the_evidence_for_each_class_is():
     assert green[0, 10:, 10:].mean() > 0.9 and green[0, :6, :6].mean() < 0.1
 
 
+def test_a_feature_map_of_1x1_is_said_to_leave_every_map_blank(trained_run, folder_data, capsys):
+    """Pass 65: a ResNet at 16 px (1x1 at its last stage) wrote all-zero maps as explanations,
+    without a word."""
+    assert explain.blank(RedGreen(), models.Preprocessing.make(16, 3, (0, 0, 0), (1, 1, 1))) == ""
+    said = explain.blank(RedGreen(), models.Preprocessing.make(1, 3, (0, 0, 0), (1, 1, 1)))
+    assert said.startswith("its last feature map is 1x1 at 1 px, so Grad-CAM has nowhere to point and every map is blank")  # fmt: skip
+    image = str(next((folder_data / "test" / "a").iterdir()))  # test_resnet at 24 px: 1x1
+    maps, _ = explain.cams(models.create("test_resnet", 4, 3), models.Preprocessing.make(24, 3, (0, 0, 0), (1, 1, 1)), np.zeros((1, 24, 24, 3), np.uint8))  # fmt: skip
+    assert maps.max() == 0  # (what it drew)
+    explain.explain(trained_run, [image])
+    assert "note: its last feature map is 1x1 at 24 px" in capsys.readouterr().err
+
+
 def test_explain_writes_an_overlay_per_image_for_the_predicted_or_named_class(
     trained_run, folder_data, tmp_path, capsys
 ):

@@ -72,6 +72,7 @@ def test_gradcam_of_the_most_confidently_wrong_images(report_dir):
                                   report_dir / "tiny")  # fmt: skip
     assert 'alt="confidently wrong"' in part
     assert 'alt="Grad-CAM of the confidently wrong images"' in part
+    assert "Grad-CAM: its last feature map is 1x1 at 24 px" in part  # its maps: blank (pass 65)
     # it said "no wrong test images" of a model it did not name, and of a changed test split
     right = htmlreport._wrong_grid(meta["data"], meta, prob, prob.argmax(1), meta["class_names"], "t")  # fmt: skip
     assert "t, the best model on test, got every test image right" in right

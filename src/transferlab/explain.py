@@ -54,6 +54,20 @@ def cams(model: nn.Module, prep: models.Preprocessing, images: np.ndarray,
     return maps, prob
 
 
+def blank(model: nn.Module, prep: models.Preprocessing) -> str:
+    """Why every map is blank, or "": a last feature map of 1x1 (a ResNet at 32 px, the DCNN at
+    16) holds no where, and Grad-CAM drew a uniform tint as an explanation (pass 65)."""
+    shapes: list[tuple] = []
+    hook = target_layer(model).register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))  # fmt: skip
+    weight = next(model.parameters())
+    with torch.no_grad():
+        getattr(model.eval(), "forward_features", model)(weight.new_zeros(1, prep.channels, prep.input_size, prep.input_size))  # fmt: skip
+    hook.remove()
+    if not (shapes and len(shapes[0]) == 4 and shapes[0][2] * shapes[0][3] == 1):
+        return ""
+    return f"its last feature map is 1x1 at {prep.input_size} px, so Grad-CAM has nowhere to point and every map is blank: explain a run trained at a larger --input-size"  # fmt: skip
+
+
 def overlay(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
     """The heatmaps blended over the images: uint8 (N, H, W, 3)."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -98,8 +112,10 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
         raise UserError("no readable images: " + UnreadableImages.some(bad))
     for line in bad:  # as predict says them (they were left out without a word)
         print(f"skipped: {one_line(line)}", file=sys.stderr)
-    maps, prob = cams(evaluate.load_run_model(run, meta), prep, images,
-                      None if index is None else [index] * len(kept))  # fmt: skip
+    model = evaluate.load_run_model(run, meta)
+    if why := blank(model, prep):
+        print(f"note: {why}", file=sys.stderr)
+    maps, prob = cams(model, prep, images, None if index is None else [index] * len(kept))
     blended = overlay(images, maps)
     folder.mkdir(parents=True, exist_ok=True)
     if not outputs.inside(folder, run / "explain"):  # (there: the run's marker says it)

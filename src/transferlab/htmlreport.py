@@ -206,12 +206,14 @@ def _gradcam_grid(run: Path, split: data.Split, captions: list[str]) -> str:
         prep = models.Preprocessing.from_dict(meta["preprocessing"])
         images = decoding.decode(split, prep.input_size, prep.channels, prep.interpolation,
                                  quiet=True)  # fmt: skip
-        maps, _ = explain.cams(evaluate.load_run_model(run, meta), prep, images)
+        model = evaluate.load_run_model(run, meta)
+        maps, _ = explain.cams(model, prep, images)
     except UserError as err:  # grad-cam not installed, no convolution: the page still renders
         return f'<p class="note">Grad-CAM: {html.escape(str(err))}</p>'
     figure = plots.wrong_grid_figure(explain.overlay(images, maps), captions,
                                      f"Grad-CAM of {run.name}: where it looked for its wrong answer")  # fmt: skip
-    return _img(plots.png(figure), "Grad-CAM of the confidently wrong images")
+    blank = f'<p class="note">Grad-CAM: {html.escape(why)}</p>' if (why := explain.blank(model, prep)) else ""  # fmt: skip
+    return blank + _img(plots.png(figure), "Grad-CAM of the confidently wrong images")
 
 
 def write_html(root: Path, rows: list[dict], columns: list[str], left_out: list[str] = ()) -> Path:  # fmt: skip
