@@ -115,6 +115,8 @@ def test_bad_uploads_are_4xx_json_and_the_server_keeps_serving(server, folder_da
     for body, status, words in cases:
         got_status, got = call(url + "/predict", body)
         assert got_status == status and words in got["error"], (status, got)
+    got_status, got = call(url + "/predict", *multipart([("big.png", b"\x89PNG" + bytes(60_000))]))
+    assert got_status == 413 and "big.png is 0.06 MB; the limit is 0.05 MB" in got["error"], got  # fmt: skip
     assert call(url + "/predict?top_k=0", good)[0] == 422
     status, every = call(url + "/predict?top_k=99", good)  # all 4 classes, as predict --top-k 99
     assert status == 200 and len(every["results"][0]["predictions"]) == 4

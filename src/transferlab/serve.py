@@ -237,7 +237,7 @@ def image_of(name: str, body: bytes, max_mb: float) -> Image.Image:
     if not body:
         raise BadUpload(400, f"{name} is empty (0 bytes)")
     if len(body) > max_mb * 1e6:
-        raise BadUpload(413, f"{name} is {len(body) / 1e6:.1f} MB; the limit is {max_mb} MB")
+        raise BadUpload(413, f"{name} is {len(body) / 1e6:.3g} MB; the limit is {max_mb} MB")
     try:
         with Image.open(io.BytesIO(body)) as header:  # the size, before any pixel is decoded
             pixels, size = header.width * header.height, header.size
@@ -297,7 +297,7 @@ def app_for(path: str | Path, max_batch: int = 32, max_wait_ms: float = 5.0, max
         declared = int(request.headers.get("content-length") or 0)
         if declared > limit * 16:  # far over: refused before reading it
             raise BadUpload(
-                413, f"the request is {declared / 1e6:.1f} MB; the limit is {max_mb} MB"
+                413, f"the request is {declared / 1e6:.3g} MB; the limit is {max_mb} MB"
             )
         if other := sorted(set(request.query_params) - {"top_k"}):  # (?TOP_K=1 was ignored)
             raise BadUpload(400, f"unknown query parameter(s) {', '.join(other)}: the one read is top_k")  # fmt: skip
