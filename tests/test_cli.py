@@ -440,6 +440,15 @@ def test_output_cut_short_by_a_pipe_is_no_error(tmp_path):
     assert done.returncode == 0 and (tmp_path / "q" / "meta.json").exists(), done  # fmt: skip
 
 
+def test_version_is_printed(capsys):
+    """Pass 66: --version said "the following arguments are required: command"."""
+    import transferlab
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"transferlab {transferlab.__version__}\n"  # fmt: skip
+
+
 def test_finetune_help_shows_the_defaults_it_uses(capsys):
     """It showed train's: --data [digits], --lr [0.001]; a fine-tune takes the --from run's
     data and settings and a tenth of its learning rate."""

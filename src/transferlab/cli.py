@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import bars, cli_ship
+from . import __version__, bars, cli_ship
 from .config import (
     EveryRank,
     Preempted,
@@ -124,12 +124,10 @@ LR_FIND_SKIPS = ("lr", "epochs", "patience", "schedule", "warmup_epochs", "snaps
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="transferlab",
-        description="Train, fine-tune, evaluate and ensemble image classifiers; write the report.",
-        epilog="Start with `transferlab demo`; every command has --help with an example.",
-    )
+    parser = Parser(prog="transferlab", epilog="Start with `transferlab demo`; every command has --help with an example.",  # fmt: skip
+                    description="Train, fine-tune, evaluate and ensemble image classifiers; write the report.")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help=QUIET)
+    parser.add_argument("--version", action="version", version=f"transferlab {__version__}")  # (66)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _training_commands(sub)
     _result_commands(sub)
