@@ -95,6 +95,8 @@ def test_explain_writes_an_overlay_per_image_for_the_predicted_or_named_class(
     capsys.readouterr()  # a class named 2 is not index 2: it was taken without a word
     assert explain.explain(digits, files[:1], target="2")[0]["explained"] == "2"
     assert "note: --class 2 is the class named 2; index 2 is c" in capsys.readouterr().err
+    assert explain.explain(digits, files[:1], target="3")[0]["explained"] == "d"  # pass 65: no
+    assert "note: no class is named 3: --class 3 is index 3, the class named d" in capsys.readouterr().err  # fmt: skip
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="exists and is not empty"):

@@ -103,6 +103,8 @@ def explain(run: str | Path, inputs: list[str], out: str | Path | None = None,
         index = lookup[target]
         if target.isdigit() and index != int(target) < len(names):  # (digits: class names too)
             print(f"note: --class {target} is the class named {target}; index {target} is {names[int(target)]}", file=sys.stderr)  # fmt: skip
+        elif target not in {*meta["classes"], *names} and any(n.isdigit() for n in names):  # (65)
+            print(f"note: no class is named {target}: --class {target} is index {target}, the class named {names[index]}", file=sys.stderr)  # fmt: skip
     files = predict.items(inputs)
     folder = Path(out).expanduser() if out else run / "explain"
     _check_folder(folder, run)
