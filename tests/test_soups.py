@@ -122,6 +122,9 @@ def test_runs_from_different_starts_are_refused(snapshot_run, trained_run, folde
     trainer.fit(tiny_cfg(f"folder:{folder_data}", epochs=1, seed=1), other_seed, quiet=True)
     with pytest.raises(UserError, match="started from different weights"):
         soups.make([trained_run, other_seed], "uniform", tmp_path / "s", quiet=True)
+    assert main(["--quiet", "finetune", "--from", str(trained_run), "--epochs", "1", "--out", str(tmp_path / "ft")]) == 0  # fmt: skip
+    with pytest.raises(UserError, match=f"\\(.*ft was fine-tuned from {trained_run}: soup its fine-tunes with one another\\)"):  # fmt: skip
+        soups.make([trained_run, tmp_path / "ft"], "uniform", tmp_path / "s", quiet=True)  # (65)
     code = main(
         ["soup", str(snapshot_run), str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]
     )

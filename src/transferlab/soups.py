@@ -49,12 +49,11 @@ def check_lineage(runs: list[str], metas: list[dict]) -> None:
             "(source.init_sha256; runs trained before transferlab recorded lineage)"
         )
     if len(set(inits)) > 1:
-        other = runs[next(i for i, h in enumerate(inits) if h != inits[0])]
-        raise UserError(
-            f"cannot soup {other} with {runs[0]}: they started from different weights "
-            "(another seed's head, other pretrained weights or another parent run); "
-            "ensemble them instead"
-        )
+        i = next(i for i, h in enumerate(inits) if h != inits[0])
+        kin = [(a, b) for a, b, m in ((runs[0], runs[i], metas[i]), (runs[i], runs[0], metas[0]))
+               if Path(a).resolve() in {Path(x["_path"]).resolve() for x in leaks.ancestors(m)}]  # fmt: skip
+        why = f"{kin[0][1]} was fine-tuned from {kin[0][0]}: soup its fine-tunes with one another" if kin else "another seed's head, other pretrained weights or another parent run"  # fmt: skip
+        raise UserError(f"cannot soup {runs[i]} with {runs[0]}: they started from different weights ({why}); ensemble them instead")  # fmt: skip
 
 
 def average(states: list[dict]) -> dict:
