@@ -434,9 +434,17 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
             given = {"out": "", "lr": "", "steps.0.epochs": "ten"}.get(pair, "1")
             recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
     assert not (tmp_path / "out").exists()
+
+    def refused(text: str, cases: dict[str, tuple[str, str]]) -> None:
+        """Each --set PAIR=GIVEN refused with MESSAGE, the recipe being TEXT."""
+        path.write_text(text)
+        for pair, (given, message) in cases.items():
+            with pytest.raises(UserError, match=message):
+                recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
+
     # pass 60: a value --set gave every step, or a step's other key, was said as the file's
-    path.write_text("data: digits\ndefaults: {model: dcnn}\nsteps: [{train: a, freeze: 2}, {finetune: b, from: a}]\n")  # fmt: skip
-    for pair, (given, message) in {
+    two = "data: digits\ndefaults: {model: dcnn}\nsteps: [{train: a, freeze: 2}, {finetune: b, from: a}"  # fmt: skip
+    refused(two + "]\n", {
         "freeze": ("7", r"^step 1 \(train a; --set freeze\): freeze 7 would freeze everything"),
         "steps.0.strategy": (
             "gradual",
@@ -449,30 +457,22 @@ def test_S30_the_recipe_schema_is_strict(tmp_path):
         "lr": ("zz", r"^--set lr: lr must be a number or auto, got 'zz'$"),
         "data": ("folder:nowhere", r"^step 1 \(train a; --set data\): .* nowhere$"),
         "steps.1.lr": ("0", r"^step 2 \(finetune b; --set steps\.1\.lr\): lr must be"),
-    }.items():
-        with pytest.raises(UserError, match=message):
-            recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
+    })  # fmt: skip
     # pass 61: --set defaults.KEY (step a has its own freeze), a report step written as a mapping
-    for pair, (given, message) in {
+    refused(two + ", {report: {}}]\n", {
         "defaults.lr": ("x", r"^--set defaults\.lr: lr must be a number or auto, got 'x'$"),
         "defaults.freeze": ("7", r"^step 2 \(finetune b; --set defaults\.freeze\): freeze 7"),
         "steps.2.epochs": ("1", r"^--set steps\.2\.epochs: steps\.2 is a report step, which"),
-    }.items():
-        path.write_text("data: digits\ndefaults: {model: dcnn}\nsteps: [{train: a, freeze: 2}, {finetune: b, from: a}, {report: {}}]\n")  # fmt: skip
-        with pytest.raises(UserError, match=message):
-            recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
+    })  # fmt: skip
     # pass 62: a step written as a mapping took --set steps.N.KEY beside its mapping, refused
     # as "give its keys either inside or beside"; a short step's name was an "unknown key
     # 'name'"; a --set budget or model was said as the file's
-    path.write_text("data: digits\ndefaults: {model: dcnn}\nsteps: [{train: {name: a, epochs: 1}}, {auto: c, budget: 1m}]\n")  # fmt: skip
-    for pair, (given, message) in {
+    refused("data: digits\ndefaults: {model: dcnn}\nsteps: [{train: {name: a, epochs: 1}}, {auto: c, budget: 1m}]\n", {
         "steps.0.lr": ("-1", r"^step 1 \(train a; --set steps\.0\.lr\): lr must be > 0"),
         "steps.1.budget": ("0", r"^step 2 \(auto c; --set steps\.1\.budget\): budget: must be a"),
         "steps.0.model": ("resnt50", r"^step 1 \(train a; --set steps\.0\.model\): unknown model"),
         "steps.1.name": ("a", r"^step 2: the name 'a' is used by an earlier step, step 1; --set"),
-    }.items():
-        with pytest.raises(UserError, match=message):
-            recipe.run(path, tmp_path / "out", {pair: given}, quiet=True)
+    })  # fmt: skip
     steps = recipe.apply_overrides(recipe.load(path), {"steps.0.lr": "0.1", "steps.1.name": "d"})["steps"]  # fmt: skip
     assert steps == [{"train": {"name": "a", "epochs": 1, "lr": 0.1}}, {"auto": "d", "budget": "1m"}]  # fmt: skip
     # pass 64: steps.0.train=zz replaced the mapping (its lr went, unsaid); another kind's key
